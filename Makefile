@@ -1,0 +1,34 @@
+# One command to set up and run: `make run` (the pipeline) and `make test` (the suite). Both create .venv.
+# CONSTRAINTS pins torch==2.13.0 (a local CPU wheel on our build machines; an unpinned torch pulls a multi-GB
+# CUDA build). GPU users: `make test CONSTRAINTS=/dev/null` keeps pyproject.toml's torch range.
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= constraints.txt
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.v3kit-installed
+KERNEL := v3kit
+
+.PHONY: setup test run lab clean strip-notebooks bench
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e '.[notebooks,dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (v3kit)" >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+run: setup
+	$(BIN)/v3kit run $(ARGS)
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/
+
+strip-notebooks: setup
+	$(BIN)/python -m v3kit.notebook_tools strip notebooks/*.ipynb
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,115 @@
+"""Checkpoints: written atomically, read with ``weights_only=True``, validated with clear errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import ModelConfig, build_model
+
+FORMAT = "v3kit-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` via a temp file and ``os.replace`` so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, *, stage: str | None = None) -> dict[str, Any]:
+    """Load and sanity-check a v3kit checkpoint; ``stage`` (``sft``/``rce``/``grpo``) is checked when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a v3kit checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+            "re-create it (e.g. rerun the stage) or point to another file"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a v3kit checkpoint (no '{FORMAT}' marker); was it saved by v3kit?")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {ckpt.get('version')}, this v3kit reads {VERSION}")
+    if stage is not None and ckpt.get("stage") != stage:
+        raise CheckpointError(f"{path} is a {ckpt.get('stage')!r} checkpoint, expected a {stage!r} one")
+    return ckpt
+
+
+def model_payload(model_cfg: ModelConfig, query_dim: int, cand_dim: int) -> dict[str, Any]:
+    return {"model_config": dict(vars(model_cfg)), "query_dim": query_dim, "cand_dim": cand_dim}
+
+
+def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """``load_state_dict`` with an error that says which tensors mismatch instead of torch's wall of text."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}")
+        if wrong:
+            parts.append(
+                "shape mismatch " + ", ".join(f"{k}: ckpt {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                                              for k in wrong[:4])
+            )
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model ({'; '.join(parts)}); build the model with the checkpoint's "
+            "model config and the same feature dims as the data it was trained on"
+        )
+    model.load_state_dict(state)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> nn.Module:
+    """Rebuild the model a checkpoint was trained with and load its weights."""
+    try:
+        cfg = ModelConfig(**ckpt["model_config"])
+        model = build_model(cfg, ckpt["query_dim"], ckpt["cand_dim"])
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {path} lacks the field {e}; it was not written by v3kit's stage runners")
+    load_state_into(model, ckpt["model"], path)
+    return model
+
+
+_EPOCH_RE = re.compile(r"^(?P<stage>[a-z]+)_epoch(?P<epoch>\d+)\.pt$")
+
+
+def epoch_checkpoints(run_dir: str | Path, stage: str) -> list[tuple[int, Path]]:
+    """``[(epoch, path), ...]`` of ``{stage}_epoch{N}.pt`` files in ``run_dir``, sorted by epoch."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for p in run_dir.iterdir():
+        m = _EPOCH_RE.match(p.name)
+        if m and m["stage"] == stage:
+            found.append((int(m["epoch"]), p))
+    return sorted(found)

@@ -1,0 +1,315 @@
+"""The data contract: groups of (query, candidates) with a human label and a reward per candidate.
+
+In memory a dataset is a :class:`GroupData` of padded tensors; on disk it is a long-form table (one row per
+query-candidate pair) in Parquet or JSONL. See the README's "Data schema" section.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+REQUIRED_COLUMNS = ("query_id", "candidate_id", "query_features", "candidate_features", "reward", "is_label")
+OPTIONAL_COLUMNS = ("utility",)
+
+
+class DataValidationError(ValueError):
+    """Input data breaks the contract; the message names the row/field and the fix."""
+
+
+@dataclass
+class GroupData:
+    """Padded groups. ``cand_x[b, c]`` is candidate ``c`` of query ``b``; ``mask`` marks real candidates.
+
+    ``utility`` is the hidden true utility (synthetic world only; ``None`` for real data).
+    """
+
+    query_x: Tensor  # [N, Dq] float
+    cand_x: Tensor  # [N, G, Dc] float
+    mask: Tensor  # [N, G] bool
+    labels: Tensor  # [N] long, index of the human-labelled candidate
+    rewards: Tensor  # [N, G] float, 0 at padding
+    query_ids: list[str]
+    utility: Tensor | None = None  # [N, G] float
+
+    def __post_init__(self) -> None:
+        validate_tensors(self)
+
+    def __len__(self) -> int:
+        return self.query_x.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        return self.cand_x.shape[1]
+
+    @property
+    def query_dim(self) -> int:
+        return self.query_x.shape[1]
+
+    @property
+    def cand_dim(self) -> int:
+        return self.cand_x.shape[2]
+
+    def subset(self, index: Sequence[int] | Tensor) -> "GroupData":
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return GroupData(
+            query_x=self.query_x[idx],
+            cand_x=self.cand_x[idx],
+            mask=self.mask[idx],
+            labels=self.labels[idx],
+            rewards=self.rewards[idx],
+            query_ids=[self.query_ids[i] for i in idx.tolist()],
+            utility=None if self.utility is None else self.utility[idx],
+        )
+
+    def to(self, device: torch.device | str) -> "GroupData":
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in out.items():
+            if isinstance(v, Tensor):
+                out[k] = v.to(device)
+        return GroupData(**out)
+
+
+@dataclass
+class Batch:
+    """A mini-batch of groups plus their row indices in the parent dataset (to look up ``old_log_probs``)."""
+
+    index: Tensor
+    query_x: Tensor
+    cand_x: Tensor
+    mask: Tensor
+    labels: Tensor
+    rewards: Tensor
+    utility: Tensor | None
+
+
+def iterate_batches(
+    data: GroupData, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+) -> Iterator[Batch]:
+    """Yield :class:`Batch` objects; with ``shuffle`` the order comes from ``generator`` (seeded by the caller)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        yield Batch(
+            index=idx,
+            query_x=data.query_x[idx],
+            cand_x=data.cand_x[idx],
+            mask=data.mask[idx],
+            labels=data.labels[idx],
+            rewards=data.rewards[idx],
+            utility=None if data.utility is None else data.utility[idx],
+        )
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def _fail(msg: str) -> None:
+    raise DataValidationError(msg)
+
+
+def validate_tensors(d: GroupData) -> None:
+    """Check shapes and values of an in-memory dataset; raise :class:`DataValidationError` naming the field."""
+    n = d.query_x.shape[0] if d.query_x.dim() == 2 else -1
+    if d.query_x.dim() != 2:
+        _fail(f"query_x must be [N, Dq], got shape {tuple(d.query_x.shape)}")
+    if d.cand_x.dim() != 3 or d.cand_x.shape[0] != n:
+        _fail(f"cand_x must be [N, G, Dc] with N={n}, got shape {tuple(d.cand_x.shape)}")
+    g = d.cand_x.shape[1]
+    for name in ("mask", "rewards") + (("utility",) if d.utility is not None else ()):
+        t = getattr(d, name)
+        if tuple(t.shape) != (n, g):
+            _fail(f"{name} must be [N, G] = {(n, g)}, got shape {tuple(t.shape)}")
+    if tuple(d.labels.shape) != (n,):
+        _fail(f"labels must be [N] = ({n},), got shape {tuple(d.labels.shape)}")
+    if len(d.query_ids) != n:
+        _fail(f"query_ids has {len(d.query_ids)} entries for {n} groups")
+    if d.mask.dtype != torch.bool:
+        _fail(f"mask must be a bool tensor, got {d.mask.dtype}")
+    for name in ("query_x", "cand_x", "rewards") + (("utility",) if d.utility is not None else ()):
+        t = getattr(d, name)
+        if not torch.is_floating_point(t):
+            _fail(f"{name} must be a float tensor, got {t.dtype}")
+        bad = ~torch.isfinite(t)
+        if name in ("cand_x",):
+            bad = bad.any(dim=-1) & d.mask
+        elif name in ("rewards", "utility"):
+            bad = bad & d.mask
+        if bad.any():
+            row = bad.nonzero()[0].tolist()
+            _fail(f"{name} has a NaN/inf value at index {row}; clean or drop that query before training")
+    n_valid = d.mask.sum(dim=1)
+    if (n_valid < 2).any():
+        row = int((n_valid < 2).nonzero()[0])
+        _fail(
+            f"group {row} (query_id={d.query_ids[row]!r}) has {int(n_valid[row])} candidate(s); "
+            "a group needs at least 2 candidates to rank — drop it"
+        )
+    if ((d.labels < 0) | (d.labels >= g)).any():
+        row = int(((d.labels < 0) | (d.labels >= g)).nonzero()[0])
+        _fail(f"labels[{row}] = {int(d.labels[row])} is outside the group (0..{g - 1})")
+    on_pad = ~d.mask.gather(1, d.labels.long().unsqueeze(1)).squeeze(1)
+    if on_pad.any():
+        row = int(on_pad.nonzero()[0])
+        _fail(
+            f"labels[{row}] (query_id={d.query_ids[row]!r}) points at masked candidate {int(d.labels[row])}; "
+            "the label must be one of the group's real candidates"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- files
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a long-form Parquet (``.parquet``) or JSON-lines (``.jsonl``/``.json``) file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return pd.read_json(path, lines=True)
+    raise DataValidationError(f"data file {path}: unsupported extension {suffix!r}; use .parquet or .jsonl")
+
+
+def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
+    lengths = col.map(lambda v: len(v) if hasattr(v, "__len__") and not isinstance(v, str) else -1)
+    if (lengths < 0).any():
+        i = int(np.flatnonzero(lengths.to_numpy() < 0)[0])
+        _fail(f"row {df.index[i]}: {field} must be a list of floats, got {col.iloc[i]!r}")
+    if lengths.nunique() > 1:
+        common = int(lengths.mode().iloc[0])
+        i = int(np.flatnonzero(lengths.to_numpy() != common)[0])
+        _fail(
+            f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} has length {int(lengths.iloc[i])} "
+            f"but most rows have {common}; every {field} vector must have the same dimension"
+        )
+    mat = np.asarray(col.tolist(), dtype=np.float64)
+    bad = ~np.isfinite(mat).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} contains NaN/inf; clean or drop it")
+    return mat
+
+
+def from_long_frame(df: pd.DataFrame) -> GroupData:
+    """Build padded groups from a long-form frame (one row per query-candidate); validate on the way."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        _fail(
+            f"missing column(s) {missing}; a long-form table needs {list(REQUIRED_COLUMNS)} "
+            f"(optional: {list(OPTIONAL_COLUMNS)}); found {list(df.columns)}"
+        )
+    if len(df) == 0:
+        _fail("the data table is empty")
+    df = df.reset_index(drop=True)
+    for field in ("reward",) + (("utility",) if "utility" in df.columns else ()):
+        vals = pd.to_numeric(df[field], errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(vals)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]!r}; "
+                  f"every {field} must be a finite number")
+    q = _as_matrix(df["query_features"], "query_features", df)
+    c = _as_matrix(df["candidate_features"], "candidate_features", df)
+    is_label = df["is_label"].astype(bool).to_numpy()
+
+    qids = df["query_id"].astype(str).to_numpy()
+    codes, order = pd.factorize(qids)  # queries in first-seen order
+    by_code = pd.Series(np.arange(len(df))).groupby(codes).indices
+    groups = {qid: by_code[k] for k, qid in enumerate(order)}
+    g_max = max(len(r) for r in groups.values())
+    n = len(order)
+    query_x = np.zeros((n, q.shape[1]))
+    cand_x = np.zeros((n, g_max, c.shape[1]))
+    mask = np.zeros((n, g_max), dtype=bool)
+    rewards = np.zeros((n, g_max))
+    utility = np.zeros((n, g_max)) if "utility" in df.columns else None
+    labels = np.zeros(n, dtype=np.int64)
+    reward_col = df["reward"].to_numpy(dtype=np.float64)
+    util_col = df["utility"].to_numpy(dtype=np.float64) if utility is not None else None
+    for b, qid in enumerate(order):
+        rows = groups[qid]
+        if len(rows) < 2:
+            _fail(f"query_id={qid!r} has {len(rows)} candidate row(s); a group needs at least 2 candidates — drop it")
+        n_lab = int(is_label[rows].sum())
+        if n_lab != 1:
+            what = "no candidate" if n_lab == 0 else f"{n_lab} candidates"
+            _fail(f"query_id={qid!r} has {what} with is_label=true; mark exactly one candidate per query as the label")
+        if not np.allclose(q[rows], q[rows[0]]):
+            _fail(f"query_id={qid!r}: query_features differ between its rows; a query has one feature vector")
+        k = len(rows)
+        query_x[b] = q[rows[0]]
+        cand_x[b, :k] = c[rows]
+        mask[b, :k] = True
+        rewards[b, :k] = reward_col[rows]
+        labels[b] = int(np.flatnonzero(is_label[rows])[0])
+        if utility is not None:
+            utility[b, :k] = util_col[rows]
+    return GroupData(
+        query_x=torch.tensor(query_x, dtype=torch.float32),
+        cand_x=torch.tensor(cand_x, dtype=torch.float32),
+        mask=torch.tensor(mask),
+        labels=torch.tensor(labels),
+        rewards=torch.tensor(rewards, dtype=torch.float32),
+        query_ids=[str(x) for x in order],
+        utility=None if utility is None else torch.tensor(utility, dtype=torch.float32),
+    )
+
+
+def load_groups(path: str | Path) -> GroupData:
+    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData`."""
+    return from_long_frame(read_table(path))
+
+
+def to_long_frame(data: GroupData) -> pd.DataFrame:
+    """Inverse of :func:`from_long_frame` (used to export the synthetic world and in tests)."""
+    rows = []
+    for b in range(len(data)):
+        for c in torch.nonzero(data.mask[b]).flatten().tolist():
+            row = {
+                "query_id": data.query_ids[b],
+                "candidate_id": f"{data.query_ids[b]}/{c}",
+                "query_features": data.query_x[b].tolist(),
+                "candidate_features": data.cand_x[b, c].tolist(),
+                "reward": float(data.rewards[b, c]),
+                "is_label": bool(data.labels[b] == c),
+            }
+            if data.utility is not None:
+                row["utility"] = float(data.utility[b, c])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class Splits:
+    train: GroupData
+    val: GroupData
+    test: GroupData
+
+
+def split_by_query(data: GroupData, *, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0) -> Splits:
+    """Random split by query (a query's candidates never straddle splits)."""
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum to < 1")
+    n = len(data)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val, n_test = int(round(n * val_frac)), int(round(n * test_frac))
+    if n - n_val - n_test < 1 or (val_frac > 0 and n_val < 1) or (test_frac > 0 and n_test < 1):
+        raise DataValidationError(f"{n} queries are too few to split with val_frac={val_frac}, test_frac={test_frac}")
+    return Splits(
+        train=data.subset(perm[n_val + n_test :]),
+        val=data.subset(perm[:n_val]),
+        test=data.subset(perm[n_val : n_val + n_test]),
+    )

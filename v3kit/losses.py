@@ -1,0 +1,249 @@
+"""The losses of the v3 pipeline, vectorised over groups.
+
+Shapes: ``B`` groups (queries), ``G`` candidate slots per group, ``D`` embedding dim.
+``mask[b, c]`` is True for a real candidate and False for padding in a ragged group;
+masked entries never contribute to any sum, mean, softmax or statistic (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "group_log_probs",
+    "rce_targets",
+    "rce_loss",
+    "group_advantages",
+    "zero_std_groups",
+    "kl_penalty",
+    "grpo_loss",
+    "expected_advantage",
+]
+
+# exp() of a log-ratio beyond this overflows the useful range; clamping keeps a stale old policy from
+# producing inf ratios (and inf * 0 = NaN gradients) while leaving any realistic ratio untouched.
+_MAX_LOG_RATIO = 20.0
+_ADV_SCALES = ("group", "batch", "none")
+_KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
+
+
+def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask") -> Tensor:
+    """Return a boolean [B, G] mask (all True when None); raise a clear error on bad shapes."""
+    if mask is None:
+        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
+    if mask.shape != like.shape[:2]:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but must be [B, G] = {tuple(like.shape[:2])}")
+    mask = mask.to(torch.bool)
+    empty = ~mask.any(dim=1)
+    if empty.any():
+        rows = empty.nonzero().flatten()[:5].tolist()
+        raise ValueError(
+            f"{name} has groups with no valid candidate (rows {rows}); every group needs at least one "
+            "True entry — drop empty groups before batching"
+        )
+    return mask
+
+
+def _masked_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+    w = mask.to(x.dtype) if weights is None else torch.where(mask, weights.to(x.dtype), torch.zeros_like(x))
+    return (torch.where(mask, x, torch.zeros_like(x)) * w).sum() / w.sum().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def group_log_probs(
+    query_emb: Tensor, cand_emb: Tensor, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """``log softmax_c(<q, c> / temperature)`` over each group's valid candidates; masked entries are ``-inf``."""
+    if query_emb.dim() != 2 or cand_emb.dim() != 3:
+        raise ValueError(
+            f"query_emb must be [B, D] and cand_emb [B, G, D]; got {tuple(query_emb.shape)} and {tuple(cand_emb.shape)}"
+        )
+    if query_emb.shape[0] != cand_emb.shape[0] or query_emb.shape[1] != cand_emb.shape[2]:
+        raise ValueError(
+            f"cand_emb {tuple(cand_emb.shape)} does not match query_emb {tuple(query_emb.shape)}: "
+            "batch size and embedding dim must agree"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mask = _check_mask(mask, cand_emb)
+    logits = torch.einsum("bd,bgd->bg", query_emb, cand_emb) / temperature
+    logits = logits.masked_fill(~mask, float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
+
+
+def rce_targets(
+    labels: Tensor, rewards: Tensor, temperature: float, *, mask: Tensor | None = None, label_weight: float = 0.0
+) -> Tensor:
+    """RCE target distribution ``label_weight * onehot(label) + (1 - label_weight) * softmax(rewards / T)``."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= label_weight <= 1.0:
+        raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
+    mask = _check_mask(mask, rewards)
+    scaled = (rewards / temperature).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scaled, dim=-1)
+    onehot = torch.nn.functional.one_hot(labels.long(), rewards.shape[1]).to(weights.dtype)
+    return label_weight * onehot + (1.0 - label_weight) * weights
+
+
+def rce_loss(
+    query_emb: Tensor,
+    cand_emb: Tensor,
+    labels: Tensor,
+    rewards: Tensor,
+    temperature: float,
+    *,
+    mask: Tensor | None = None,
+    label_weight: float = 0.0,
+    sim_temperature: float = 1.0,
+) -> Tensor:
+    """Reward-weighted cross-entropy: ``-mean_b sum_c t[b, c] * logp[b, c]`` with ``t`` from :func:`rce_targets`.
+
+    ``temperature`` divides the rewards (sharpens the targets as it anneals down); ``sim_temperature`` divides
+    the similarities (the policy's own logit temperature).
+    """
+    logp = group_log_probs(query_emb, cand_emb, sim_temperature, mask)
+    valid = torch.isfinite(logp)
+    targets = rce_targets(labels, rewards, temperature, mask=valid, label_weight=label_weight)
+    # 0 * -inf is NaN, so masked slots are zeroed explicitly rather than multiplied.
+    per_entry = torch.where(valid, targets * logp, torch.zeros_like(logp))
+    return -per_entry.sum(dim=1).mean()
+
+
+def zero_std_groups(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
+    """True for groups that carry no ranking signal: < 2 valid candidates or all valid rewards equal."""
+    mask = _check_mask(mask, rewards)
+    big = torch.finfo(rewards.dtype).max
+    r_max = rewards.masked_fill(~mask, -big).amax(dim=1)
+    r_min = rewards.masked_fill(~mask, big).amin(dim=1)
+    return (mask.sum(dim=1) < 2) | (r_max == r_min)
+
+
+def group_advantages(
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    scale: str = "group",
+    eps: float = 1e-4,
+    baseline: float = 0.0,
+) -> Tensor:
+    """Group-relative advantages.
+
+    ``scale="group"``: ``(r - mean_g) / (std_g + eps)`` (GRPO, DeepSeekMath; Bessel std as in TRL);
+    ``"batch"``: centred per group, scaled by the std of all valid rewards in the batch (TRL ``scale_rewards="batch"``);
+    ``"none"``: ``r - mean_g`` (Dr. GRPO, Liu et al. 2025). Groups without signal (see :func:`zero_std_groups`)
+    and masked entries get exactly 0; ``baseline`` is then subtracted from the remaining entries (seed form).
+    """
+    if scale not in _ADV_SCALES:
+        raise ValueError(f"scale must be one of {_ADV_SCALES}, got {scale!r}")
+    mask = _check_mask(mask, rewards)
+    m = mask.to(rewards.dtype)
+    r = torch.where(mask, rewards, torch.zeros_like(rewards))
+    n = m.sum(dim=1, keepdim=True)
+    mean = r.sum(dim=1, keepdim=True) / n
+    centred = torch.where(mask, r - mean, torch.zeros_like(r))
+    if scale == "group":
+        var = (centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)
+        adv = centred / (var.sqrt() + eps)
+    elif scale == "batch":
+        flat = rewards[mask]
+        std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
+        adv = centred / (std + eps)
+    else:
+        adv = centred
+    signal = (~zero_std_groups(rewards, mask)).unsqueeze(1) & mask
+    return torch.where(signal, adv - baseline, torch.zeros_like(adv))
+
+
+def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
+    """Per-entry KL estimate between the policy and an anchor policy, with ``d = logp - anchor_logp``.
+
+    ``seed``: ``exp(d) - 1 - d`` (the seed's ``ratio - 1 - log ratio``); ``k1``: ``d``; ``k2``: ``d^2 / 2``;
+    ``k3``: ``exp(-d) - 1 + d`` (Schulman's k3, used by DeepSeekMath against the reference model).
+    Callers mask invalid entries; ``d`` is clamped so masked ``-inf - -inf`` never reaches ``exp``.
+    """
+    if estimator not in _KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {_KL_ESTIMATORS}, got {estimator!r}")
+    d = (logp - anchor_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    if estimator == "seed":
+        return torch.exp(d) - 1 - d
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d**2
+    return torch.exp(-d) - 1 + d
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    kl_beta: float = 0.1,
+    ref_logp: Tensor | None = None,
+    kl_estimator: str | None = None,
+    weights: Tensor | None = None,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO-clipped group-relative policy loss plus KL penalty, averaged over valid entries.
+
+    KL: against ``old_logp`` with the seed's estimator when ``ref_logp`` is None, else k3 against ``ref_logp``;
+    ``kl_estimator`` overrides the estimator. ``eps_high`` > ``eps_low`` is DAPO's clip-higher; ``dual_clip=c``
+    bounds the loss of negative-advantage entries at ``-c * A`` (Ye et al. 2020). ``weights`` turn the mean into a
+    weighted mean (the ``exact`` mode weights every candidate by its old-policy probability).
+    Returns the loss and float stats named as in TRL: ``pg_loss``, ``kl``, ``clip_ratio``, ``ratio_*``, ``entropy``.
+    """
+    if logp.shape != old_logp.shape or logp.shape != advantages.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages {tuple(advantages.shape)} "
+            "must have the same [B, G] shape"
+        )
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)}, expected {tuple(logp.shape)}")
+    eps_high = eps_low if eps_high is None else eps_high
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low} and {eps_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    mask = _check_mask(mask, logp)
+    zeros = torch.zeros_like(logp)
+
+    log_ratio = torch.where(mask, logp - old_logp, zeros).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(mask, advantages, zeros)
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    if dual_clip is not None:
+        surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
+    pg = -surrogate
+
+    if kl_estimator is None:
+        kl_estimator = "seed" if ref_logp is None else "k3"
+    anchor = old_logp if ref_logp is None else ref_logp
+    kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), kl_estimator)
+
+    loss = _masked_mean(pg + kl_beta * kl, mask, weights)
+
+    with torch.no_grad():
+        ratio_valid = ratio[mask]
+        clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+        probs_logp = torch.where(mask, torch.exp(logp) * logp, zeros)
+        stats = {
+            "pg_loss": _masked_mean(pg, mask, weights).item(),
+            "kl": _masked_mean(kl, mask, weights).item(),
+            "clip_ratio": clipped[mask].float().mean().item(),
+            "ratio_mean": ratio_valid.mean().item(),
+            "ratio_min": ratio_valid.min().item(),
+            "ratio_max": ratio_valid.max().item(),
+            "entropy": (-probs_logp.sum(dim=1)).mean().item(),
+        }
+    return loss, stats
+
+
+def expected_advantage(logp: Tensor, advantages: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-group ``sum_c pi(c) A(c)``: what sampling candidates from the policy estimates, without the noise."""
+    mask = _check_mask(mask, logp)
+    probs = torch.where(mask, torch.exp(logp), torch.zeros_like(logp))
+    return (probs * torch.where(mask, advantages, torch.zeros_like(advantages))).sum(dim=1)

@@ -1,0 +1,87 @@
+"""The whole v3 pipeline in one call: data -> SFT (or a given v2 checkpoint) -> stage 1 -> RCE -> GRPO."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .config import RunConfig, dump_config
+from .data import GroupData, Splits, load_groups, split_by_query
+from .grpo import run_grpo
+from .metrics import METRIC_NAMES, evaluate
+from .rce import final_logit_temperature, run_rce
+from .sft import Stage1, load_sft, train_sft
+from .synthetic import make_world
+from .training import StageResult
+
+
+def prepare_data(cfg: RunConfig) -> Splits:
+    """Load ``cfg.data.path`` (or generate the synthetic world) and split it by query with ``cfg.seed``."""
+    data: GroupData = load_groups(cfg.data.path) if cfg.data.path else make_world(cfg.data.synthetic)
+    return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
+
+
+def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (), resume: bool = True) -> Path:
+    """Path of the run's ``sft.pt``, training it first unless it already exists (and ``resume``)."""
+    path = Path(cfg.run_dir) / "sft.pt"
+    if not (resume and path.exists()):
+        train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=cfg.run_dir, callbacks=callbacks,
+                  progress=cfg.progress)
+    return path
+
+
+def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float) -> pd.DataFrame:
+    """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order."""
+    rows = {name: evaluate(m, data, temperature=temperature, reference=reference) for name, m in models.items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "stage"
+    return table[[c for c in METRIC_NAMES if c in table.columns]]
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    splits: Splits
+    stage1: Stage1
+    rce: StageResult
+    grpo: StageResult
+    table: pd.DataFrame  # rows sft / rce / grpo, held-out test metrics
+    models: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    *,
+    sft_checkpoint: str | Path | None = None,
+    splits: Splits | None = None,
+    callbacks: Sequence[Any] = (),
+    resume: bool = False,
+) -> PipelineResult:
+    """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table."""
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    splits = splits or prepare_data(cfg)
+    sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume)
+
+    stage1 = load_sft(sft_path, splits.train)
+    model_cfg = stage1.model_config
+    common = dict(seed=cfg.seed, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=cfg.progress)
+    rce = run_rce(stage1.policy, splits, cfg.rce, model_config=model_cfg, reference=stage1.reference, **common)
+    after_rce = copy.deepcopy(stage1.policy)
+    temperature = cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_cfg.sim_temperature))
+    grpo = run_grpo(stage1.policy, splits, stage1.old_log_probs, cfg.grpo, reference=stage1.reference,
+                    temperature=temperature, model_config=model_cfg, **common)
+
+    models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
+    table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature)
+    table.to_csv(run_dir / "summary.csv")
+    return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
+                          models=models)

@@ -1,0 +1,113 @@
+"""Stage 2: RCE warm-up (reward-weighted cross-entropy) with a linearly annealed temperature.
+
+Loss per group: ``-sum_c t[c] log pi(c | q)`` with ``t = label_weight * onehot(label) + (1 - label_weight) *
+softmax(rewards / T)``. ``T`` goes linearly from ``t_start`` (2.0, soft targets close to "every beam counts") to
+``t_end`` (0.5, targets concentrated on the best-reward beams) over all RCE steps.
+
+The seed does not say what ``T`` divides. ``temperature_target="rewards"`` (default) sharpens the targets and
+leaves the policy's logit scale alone; ``"logits"`` anneals the policy's own temperature instead (targets use the
+fixed ``reward_temperature``), which changes the log-prob scale GRPO's ratio later sees (DESIGN.md suspect 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import model_payload
+from .data import Batch, Splits
+from .losses import rce_loss
+from .model import ModelConfig
+from .training import StageResult, StepContext, fit
+
+TEMPERATURE_TARGETS = ("rewards", "logits")
+
+
+@dataclass
+class RCEConfig:
+    epochs: int = 3
+    lr: float = 1e-5
+    batch_size: int = 32
+    t_start: float = 2.0
+    t_end: float = 0.5
+    temperature_target: str = "rewards"  # "rewards" | "logits": what the annealed temperature divides
+    reward_temperature: float = 1.0  # target temperature when temperature_target == "logits"
+    label_weight: float = 0.0  # mix of the human label into the targets
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature_target not in TEMPERATURE_TARGETS:
+            raise ValueError(f"rce.temperature_target must be one of {TEMPERATURE_TARGETS}, got "
+                             f"{self.temperature_target!r}")
+        if not (self.t_start > 0 and self.t_end > 0 and self.reward_temperature > 0):
+            raise ValueError("rce.t_start, rce.t_end and rce.reward_temperature must be > 0")
+        if not 0.0 <= self.label_weight <= 1.0:
+            raise ValueError(f"rce.label_weight must be in [0, 1], got {self.label_weight}")
+
+
+def annealed_temperature(step: int, total_steps: int, t_start: float, t_end: float) -> float:
+    """Linear schedule over steps ``0 .. total_steps - 1``: ``t_start`` at the first step, ``t_end`` at the last.
+
+    A one-step schedule uses ``t_end`` (the temperature the stage is meant to finish at).
+    """
+    if total_steps <= 1:
+        return t_end
+    frac = min(max(step / (total_steps - 1), 0.0), 1.0)
+    return t_start + (t_end - t_start) * frac
+
+
+def final_logit_temperature(cfg: RCEConfig, sim_temperature: float) -> float:
+    """The logit temperature the policy ends RCE at (what ``grpo.logp_temperature="same_as_rce_end"`` uses)."""
+    if cfg.temperature_target == "logits" and cfg.epochs > 0:
+        return sim_temperature * cfg.t_end
+    return sim_temperature
+
+
+def run_rce(
+    policy: nn.Module,
+    splits: Splits,
+    cfg: RCEConfig | None = None,
+    *,
+    model_config: ModelConfig | None = None,
+    reference: nn.Module | None = None,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+) -> StageResult:
+    """Stage 2: train ``policy`` in place with RCE; saves ``rce_epoch{N}.pt`` per epoch in ``run_dir``."""
+    cfg = cfg or RCEConfig()
+    model_config = model_config or ModelConfig()
+    sim_t = model_config.sim_temperature
+    state = {"temperature": cfg.t_start}
+
+    def temperatures(step: int, total: int) -> tuple[float, float]:
+        """(reward temperature, logit temperature) at this step."""
+        t = annealed_temperature(step, total, cfg.t_start, cfg.t_end)
+        state["temperature"] = t
+        return (t, sim_t) if cfg.temperature_target == "rewards" else (cfg.reward_temperature, sim_t * t)
+
+    def step_fn(batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        reward_t, logit_t = temperatures(ctx.step, ctx.total_steps)
+        q = policy.encode_query(batch.query_x)
+        c = policy.encode_candidates(batch.cand_x)
+        loss = rce_loss(q, c, batch.labels, batch.rewards, reward_t, mask=batch.mask,
+                        label_weight=cfg.label_weight, sim_temperature=logit_t)
+        return loss, {"temperature": state["temperature"]}
+
+    def eval_temperature() -> float:
+        # Before training and after it the policy's logit temperature is the stage's current one.
+        return sim_t if cfg.temperature_target == "rewards" else sim_t * state["temperature"]
+
+    meta = {"config": asdict(cfg), **model_payload(model_config, splits.train.query_dim, splits.train.cand_dim)}
+    return fit(
+        stage="rce", model=policy, train=splits.train, val=splits.val, step_fn=step_fn, epochs=cfg.epochs,
+        lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=eval_temperature, reference=reference,
+        max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
+        checkpoint_meta=meta,
+    )

@@ -1,0 +1,118 @@
+"""SFT (the "v2" checkpoint) and stage 1 of v3: load it, freeze a reference copy, compute ``old_log_probs``."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, model_payload, save_checkpoint
+from .data import Batch, GroupData, Splits
+from .metrics import evaluate
+from .model import ModelConfig, build_model, compute_log_probs, policy_log_probs
+from .training import StageResult, StepContext, fit
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 15
+    lr: float = 1e-3
+    batch_size: int = 64
+    max_grad_norm: float | None = 1.0
+
+
+def train_sft(
+    splits: Splits,
+    model_cfg: ModelConfig,
+    cfg: SFTConfig | None = None,
+    *,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+) -> StageResult:
+    """Train the supervised ranker (CE on the human label) and save ``sft.pt`` in ``run_dir``."""
+    cfg = cfg or SFTConfig()
+    torch.manual_seed(seed)
+    model = build_model(model_cfg, splits.train.query_dim, splits.train.cand_dim)
+    temperature = model_cfg.sim_temperature
+
+    def step_fn(batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        logp = policy_log_probs(model, batch.query_x, batch.cand_x, batch.mask, temperature)
+        loss = -logp.gather(1, batch.labels.unsqueeze(1)).mean()
+        return loss, {}
+
+    meta = {"config": asdict(cfg), **model_payload(model_cfg, splits.train.query_dim, splits.train.cand_dim)}
+    result = fit(
+        stage="sft", model=model, train=splits.train, val=splits.val, step_fn=step_fn, epochs=cfg.epochs,
+        lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature,
+        max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
+        checkpoint_meta=meta,
+    )
+    if run_dir is not None:
+        path = save_checkpoint(Path(run_dir) / "sft.pt", {"stage": "sft", "epoch": cfg.epochs, "step": -1,
+                                                         "model": model.state_dict(), **meta})
+        result.info["checkpoint"] = path
+    return result
+
+
+@dataclass
+class Stage1:
+    """Output of stage 1: the trainable policy, its frozen SFT reference, and ``old_log_probs`` on train."""
+
+    policy: nn.Module
+    reference: nn.Module
+    old_log_probs: torch.Tensor  # [N_train, G], -inf at padding
+    temperature: float  # logit temperature the old log-probs were computed at
+    model_config: ModelConfig
+    checkpoint: Path | None = None
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def load_sft(
+    checkpoint: str | Path | nn.Module,
+    train: GroupData,
+    *,
+    temperature: float | None = None,
+    model_config: ModelConfig | None = None,
+) -> Stage1:
+    """Stage 1: load the v2 SFT checkpoint (or take a model), copy it frozen, and compute ``old_log_probs``.
+
+    ``temperature`` defaults to the checkpoint's ``model.sim_temperature``.
+    """
+    path = None
+    if isinstance(checkpoint, nn.Module):
+        policy = copy.deepcopy(checkpoint)
+        model_config = model_config or ModelConfig()
+    else:
+        path = Path(checkpoint)
+        ckpt = load_checkpoint(path)
+        policy = model_from_checkpoint(ckpt, path)
+        model_config = ModelConfig(**ckpt["model_config"])
+        if ckpt["query_dim"] != train.query_dim or ckpt["cand_dim"] != train.cand_dim:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on features of dim (query {ckpt['query_dim']}, candidate "
+                f"{ckpt['cand_dim']}) but the data has ({train.query_dim}, {train.cand_dim}); use the matching data"
+            )
+    temperature = model_config.sim_temperature if temperature is None else temperature
+    reference = freeze(policy)
+    old = compute_log_probs(reference, train, temperature)
+    return Stage1(policy=policy, reference=reference, old_log_probs=old, temperature=temperature,
+                  model_config=model_config, checkpoint=path)
+
+
+def sft_baseline(stage1: Stage1, data: GroupData) -> dict[str, float]:
+    """Held-out metrics of the SFT model itself (the line every later curve is compared with)."""
+    return evaluate(stage1.reference, data, temperature=stage1.temperature, reference=stage1.reference)

@@ -1,0 +1,225 @@
+"""The loop every stage shares: epochs of mini-batches, held-out evaluation before the first step and after each
+epoch, callbacks, ``metrics.csv``, atomic per-epoch checkpoints, and resume.
+
+A stage supplies only ``step_fn(batch, ctx) -> (loss, stats)``; the algorithm lives in the stage module
+(``sft.py``, ``rce.py``, ``grpo.py``), the plumbing here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import epoch_checkpoints, load_checkpoint, load_state_into, save_checkpoint
+from .data import Batch, GroupData, iterate_batches, num_batches
+from .metrics import evaluate
+
+
+class Callback:
+    """Hooks a notebook (live plots) or a script can implement; every method is optional."""
+
+    def on_stage_start(self, stage: str, total_steps: int, info: dict[str, Any]) -> None: ...
+
+    def on_step(self, row: dict[str, Any]) -> None: ...
+
+    def on_eval(self, row: dict[str, Any]) -> None: ...
+
+    def on_stage_end(self, stage: str, result: "StageResult") -> None: ...
+
+
+def _call(callbacks: Sequence[Any], method: str, *args: Any) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+class MetricsLog:
+    """Rows of ``metrics.csv``: one per training step (``split="train"``) and per evaluation (``split="val"``)."""
+
+    def __init__(self, run_dir: str | Path | None) -> None:
+        self.path = None if run_dir is None else Path(run_dir) / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        if self.path is not None and self.path.exists():
+            self.rows = pd.read_csv(self.path).to_dict("records")
+
+    def truncate(self, stage: str, after_epoch: int) -> None:
+        """Forget this stage's rows past ``after_epoch`` (a restarted or resumed stage rewrites them)."""
+        self.rows = [r for r in self.rows if not (r["stage"] == stage and r["epoch"] > after_epoch)]
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        if self.path is not None:
+            self.frame().to_csv(self.path, index=False)
+
+    def frame(self, stage: str | None = None) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows)
+        return df if stage is None or df.empty else df[df["stage"] == stage].reset_index(drop=True)
+
+
+@dataclass
+class StepContext:
+    """What ``step_fn`` may need besides the batch."""
+
+    epoch: int  # 1-based epoch in progress
+    step: int  # 0-based global step of this stage (number of optimizer steps done before this one)
+    total_steps: int
+    generator: torch.Generator  # seeded; use it for any sampling so runs are reproducible and resumable
+
+
+@dataclass
+class StageResult:
+    stage: str
+    model: nn.Module
+    history: pd.DataFrame  # this stage's rows of metrics.csv
+    final_metrics: dict[str, float]  # held-out metrics after the last epoch
+    checkpoints: list[Path] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_history(self) -> pd.DataFrame:
+        return self.history[self.history["split"] == "train"].reset_index(drop=True)
+
+    @property
+    def eval_history(self) -> pd.DataFrame:
+        return self.history[self.history["split"] == "val"].reset_index(drop=True)
+
+
+StepFn = Callable[[Batch, StepContext], "tuple[Tensor, dict[str, float]]"]
+
+
+def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+    return float(norm)
+
+
+def fit(
+    *,
+    stage: str,
+    model: nn.Module,
+    train: GroupData,
+    val: GroupData,
+    step_fn: StepFn,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    eval_temperature: float | Callable[[], float],
+    reference: nn.Module | None = None,
+    max_grad_norm: float | None = 1.0,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+    checkpoint_meta: dict[str, Any] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+    restore_extra: Callable[[dict[str, Any]], None] | None = None,
+    eval_extra: Callable[[int], dict[str, float]] | None = None,
+) -> StageResult:
+    """Train ``model`` in place for ``epochs`` with Adam at ``lr``; see the module docstring."""
+    if epochs < 0:
+        raise ValueError(f"{stage}.epochs must be >= 0, got {epochs}")
+    if not lr > 0:
+        raise ValueError(f"{stage}.lr must be > 0, got {lr}")
+    run_dir = None if run_dir is None else Path(run_dir)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    steps_per_epoch = num_batches(len(train), batch_size)
+    total_steps = steps_per_epoch * epochs
+    temperature = eval_temperature if callable(eval_temperature) else (lambda: eval_temperature)
+
+    def evaluate_now(epoch: int, step: int) -> dict[str, Any]:
+        metrics = evaluate(model, val, temperature=temperature(), reference=reference)
+        if eval_extra is not None:
+            metrics.update(eval_extra(epoch))
+        row = {"stage": stage, "split": "val", "epoch": epoch, "step": step, **metrics}
+        log.add(row)
+        _call(callbacks, "on_eval", row)
+        return metrics
+
+    start_epoch, step, checkpoints = 0, 0, []
+    done = epoch_checkpoints(run_dir, stage) if (resume and run_dir is not None) else []
+    if done:
+        epoch_found, path = done[-1]
+        ckpt = load_checkpoint(path, stage=stage)
+        load_state_into(model, ckpt["model"], path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["rng"]["generator"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if restore_extra is not None:
+            restore_extra(ckpt.get("extra", {}))
+        start_epoch, step = ckpt["epoch"], ckpt["step"]
+        checkpoints = [p for _, p in done]
+        log.truncate(stage, start_epoch)
+    else:
+        log.truncate(stage, -1)
+
+    info = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch}
+    _call(callbacks, "on_stage_start", stage, total_steps, info)
+    metrics = evaluate_now(0, 0) if start_epoch == 0 else {}
+    log.flush()
+
+    bar = tqdm(total=total_steps, initial=step, desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
+    for epoch in range(start_epoch + 1, epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        model.train()
+        for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
+            ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
+            loss, stats = step_fn(batch, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
+                grad_norm = _grad_norm(model.parameters(), max_grad_norm)
+                optimizer.step()
+            else:  # nothing to learn from this batch (e.g. every group dropped): skip, but log it
+                grad_norm = 0.0
+            step += 1
+            row = {"stage": stage, "split": "train", "epoch": epoch, "step": step, "loss": loss.item(),
+                   **stats, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
+            log.add(row)
+            _call(callbacks, "on_step", row)
+            bar.update(1)
+            if step % 10 == 0 or step == total_steps:
+                bar.set_postfix(loss=f"{row['loss']:.4f}", epoch=epoch)
+        metrics = evaluate_now(epoch, step)
+        if run_dir is not None:
+            payload = {
+                "stage": stage,
+                "epoch": epoch,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
+                "extra": extra_state() if extra_state is not None else {},
+                **(checkpoint_meta or {}),
+            }
+            checkpoints.append(save_checkpoint(run_dir / f"{stage}_epoch{epoch}.pt", payload))
+        log.flush()
+    bar.close()
+
+    history = log.frame(stage)
+    if not metrics:  # resumed a finished stage: report its last logged evaluation
+        last = history[history["split"] == "val"].iloc[-1]
+        metrics = {k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and pd.notna(v)}
+    result = StageResult(stage=stage, model=model, history=history, final_metrics=metrics,
+                         checkpoints=checkpoints, info=info)
+    _call(callbacks, "on_stage_end", stage, result)
+    return result
