@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -79,15 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    """Subcommands defined next to their logic (ablate, doctor); absent modules are simply skipped."""
+    """Subcommands defined next to their logic (``ablate``, ``doctor``), each module's ``register_cli``."""
     found = []
     for mod in ("ablate", "diagnose"):
         try:
-            module = __import__(f"v3kit.{mod}", fromlist=["register_cli"])
-        except ImportError:
+            module = importlib.import_module(f"v3kit.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"v3kit.{mod}":  # a real missing dependency inside the module must surface
+                raise
             continue
-        if hasattr(module, "register_cli"):
-            found.append(module.register_cli)
+        found.append(module.register_cli)
     return found
 
 

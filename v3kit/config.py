@@ -77,6 +77,11 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{path} expects an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} expects a number, got {value!r}")
         return float(value)
