@@ -219,7 +219,7 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
         bad = ~np.isfinite(vals)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]!r}; "
+            _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]}; "
                   f"every {field} must be a finite number")
     q = _as_matrix(df["query_features"], "query_features", df)
     c = _as_matrix(df["candidate_features"], "candidate_features", df)

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny synthetic world and config so end-to-end tests take seconds."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from v3kit.config import RunConfig, load_config
+
+TINY = [
+    "progress=false",
+    "data.synthetic.n_queries=240",
+    "sft.epochs=3",
+    "rce.epochs=2",
+    "grpo.epochs=3",
+]
+
+
+def tiny_config(run_dir, *overrides: str) -> RunConfig:
+    return load_config(None, [*TINY, f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return tiny_config(tmp_path / "run")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        yield

@@ -1,0 +1,66 @@
+"""Config: YAML + overrides, the seed preset, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from v3kit.config import ConfigError, RunConfig, load_config, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seed_preset_is_the_default_and_matches_the_seed_text():
+    cfg = load_config(ROOT / "configs" / "seed.yaml")
+    assert to_dict(cfg) == to_dict(RunConfig())
+    # SEED_zh.md: RCE 3 epochs, T 2.0 -> 0.5, lr 1e-5; GRPO 8 epochs, lr 1e-5, kl_beta 0.1; old = SFT, KL to old.
+    assert (cfg.rce.epochs, cfg.rce.t_start, cfg.rce.t_end, cfg.rce.lr) == (3, 2.0, 0.5, 1e-5)
+    assert (cfg.grpo.epochs, cfg.grpo.lr, cfg.grpo.kl_beta) == (8, 1e-5, 0.1)
+    assert (cfg.grpo.old_policy, cfg.grpo.kl_reference, cfg.grpo.samples) == ("sft", "old", "all")
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["grpo.kl_beta=0.01", "grpo.lr=1e-4", "rce.epochs=5", "model.hidden=[32, 16]",
+                             "grpo.eps_high=0.28", "grpo.logp_temperature=0.5", "data.synthetic.reward_bias=0"])
+    assert cfg.grpo.kl_beta == 0.01 and cfg.grpo.lr == 1e-4 and cfg.rce.epochs == 5
+    assert cfg.model.hidden == [32, 16] and cfg.grpo.eps_high == 0.28
+    assert cfg.grpo.logp_temperature == 0.5 and isinstance(cfg.data.synthetic.reward_bias, float)
+
+
+def test_yaml_file_with_exponent_floats(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("grpo:\n  lr: 3e-5\n  kl_beta: 0\nrce:\n  epochs: 10\n")
+    cfg = load_config(p)
+    assert cfg.grpo.lr == 3e-5 and cfg.grpo.kl_beta == 0.0 and cfg.rce.epochs == 10
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("grpo.kl_bta=0.1", r"unknown config key 'grpo.kl_bta'; did you mean 'grpo.kl_beta'\?"),
+        ("rce.epoch=3", r"unknown config key 'rce.epoch'; did you mean 'rce.epochs'\?"),
+        ("grpo.epochs=three", r"grpo.epochs expects an integer, got 'three'"),
+        ("grpo.old_policy=fresh", r"grpo.old_policy must be one of"),
+        ("grpo.samples=some", r"grpo.samples must be one of"),
+        ("rce.temperature_target=both", r"rce.temperature_target must be one of"),
+        ("grpo.logp_temperature=hot", r"grpo.logp_temperature must be 'same_as_rce_end' or a number"),
+        ("grpo.kl_beta=-1", r"grpo.kl_beta must be >= 0"),
+        ("kl_beta", r"must look like key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("grpo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    p.write_text("grpo:\n  klbeta: 0.2\n")
+    with pytest.raises(ConfigError, match="did you mean 'grpo.kl_beta'"):
+        load_config(p)
