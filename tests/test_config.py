@@ -64,3 +64,23 @@ def test_bad_files(tmp_path):
     p.write_text("grpo:\n  klbeta: 0.2\n")
     with pytest.raises(ConfigError, match="did you mean 'grpo.kl_beta'"):
         load_config(p)
+
+
+def test_readme_config_reference_lists_every_key():
+    import dataclasses
+
+    from v3kit.config import _field_types, all_keys
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Config reference", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| `")]
+    sections = {k for k in all_keys() if dataclasses.is_dataclass(_field_types(RunConfig).get(k))} | {
+        "data.synthetic"}
+    missing = []
+    for key in all_keys():
+        if key in sections:
+            continue
+        prefix, _, leaf = key.rpartition(".")
+        if not any(f"`{key}`" in r or (f"`{prefix}." in r and leaf in r) for r in rows):
+            missing.append(key)
+    assert missing == [], f"README config reference lacks {missing}"
