@@ -185,3 +185,12 @@ def test_cli_run_and_eval(tmp_path, capsys):
     assert "did you mean 'grpo.kl_beta'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "nope.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_refuses_another_config_and_fresh_runs_drop_stale_checkpoints(tmp_path):
+    run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=3"))
+    with pytest.raises(CheckpointError, match=r"cannot resume .*kl_beta: 0.1 -> 0.5"):
+        run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=3", "grpo.kl_beta=0.5"), resume=True)
+    # Without resume the run starts over, and the old run's extra epochs cannot leak into a later resume.
+    run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=1", "grpo.kl_beta=0.5"))
+    assert sorted(p.name for p in (tmp_path / "r").glob("grpo_epoch*.pt")) == ["grpo_epoch1.pt"]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import epoch_checkpoints, load_checkpoint, load_state_into, save_checkpoint
+from .checkpoint import CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, save_checkpoint
 from .data import Batch, GroupData, iterate_batches, num_batches
 from .metrics import evaluate
 
@@ -105,6 +105,21 @@ def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
     return float(norm)
 
 
+def _check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path) -> None:
+    """Resuming under another config would silently mix two experiments; only ``epochs`` may change."""
+    if not meta or "config" not in meta:
+        return
+    old = {k: v for k, v in ckpt.get("config", {}).items() if k != "epochs"}
+    new = {k: v for k, v in meta["config"].items() if k != "epochs"}
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+        raise CheckpointError(
+            f"cannot resume from {path}: it was trained with another config ({details}); "
+            "use a fresh run_dir or run without resume"
+        )
+
+
 def fit(
     *,
     stage: str,
@@ -155,10 +170,17 @@ def fit(
         return metrics
 
     start_epoch, step, checkpoints = 0, 0, []
-    done = epoch_checkpoints(run_dir, stage) if (resume and run_dir is not None) else []
+    existing = epoch_checkpoints(run_dir, stage) if run_dir is not None else []
+    if not resume:
+        # A fresh start owns the stage's checkpoints: stale ones from an earlier run must not be resumed later.
+        for _, path in existing:
+            path.unlink()
+        existing = []
+    done = [(e, p) for e, p in existing if e <= epochs]
     if done:
-        epoch_found, path = done[-1]
+        _, path = done[-1]
         ckpt = load_checkpoint(path, stage=stage)
+        _check_same_config(ckpt, checkpoint_meta, path)
         load_state_into(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["rng"]["generator"])
