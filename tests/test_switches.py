@@ -53,6 +53,7 @@ def test_refresh_each_epoch_resets_the_ratio_every_epoch(world):
     stale = grpo(world, old_policy="refresh_at_start", epochs=2, lr=3e-3)
     fresh = grpo(world, old_policy="refresh_each_epoch", epochs=2, lr=3e-3)
     first_of_epoch2 = lambda r: r.train_history[r.train_history.epoch == 2].iloc[0]  # noqa: E731
+    assert fresh.info["step0_ratio_min"] == fresh.info["step0_ratio_max"] == 1.0  # step 0 sees the refresh
     assert abs(first_of_epoch2(fresh)["ratio_max"] - 1) < 1e-4
     assert abs(first_of_epoch2(stale)["ratio_max"] - 1) > 1e-3
 

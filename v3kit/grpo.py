@@ -181,14 +181,14 @@ def run_grpo(
     def refresh() -> None:
         state["old"] = compute_log_probs(policy, train, temperature)
 
-    if cfg.old_policy == "refresh_at_start":
+    if cfg.old_policy != "sft":  # both refresh modes start from the policy GRPO starts with
         refresh()
     valid = train.mask
     step0 = torch.exp((compute_log_probs(policy, train, temperature) - state["old"])[valid].clamp(-20, 20))
     step0_summary = ratio_stats(step0, cfg.eps_low, cfg.eps_high)
 
     def on_epoch_start(epoch: int) -> None:
-        if cfg.old_policy == "refresh_each_epoch":
+        if cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed above
             refresh()
 
     def step_fn(batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
