@@ -155,7 +155,7 @@ def smooth(values: np.ndarray, window: int | None = None) -> np.ndarray:
 
 
 def _draw_panel(ax: Any, panel: Panel, train: pd.DataFrame, evals: pd.DataFrame,
-                baseline: Mapping[str, float] | None, epoch_steps: Sequence[int]) -> None:
+                baseline: Mapping[str, float] | None, epoch_steps: Sequence[int], baseline_label: str) -> None:
     ax.set_title(panel.title, fontsize=10)
     ax.set_ylabel(panel.ylabel or ", ".join(panel.keys), fontsize=9)
     ax.tick_params(labelsize=8)
@@ -168,7 +168,7 @@ def _draw_panel(ax: Any, panel: Panel, train: pd.DataFrame, evals: pd.DataFrame,
                 ax.plot(evals["epoch"], evals[key], "o-", color=_COLOURS.get(key), label=f"{key} (held-out)")
                 drawn = True
             if baseline is not None and key in baseline and pd.notna(baseline[key]):
-                ax.axhline(baseline[key], ls="--", color="k", lw=1, label=f"SFT baseline {baseline[key]:.3f}")
+                ax.axhline(baseline[key], ls="--", color="k", lw=1, label=f"{baseline_label} {baseline[key]:.3f}")
                 drawn = True
         if not drawn:
             ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="grey")
@@ -208,7 +208,7 @@ def _draw_panel(ax: Any, panel: Panel, train: pd.DataFrame, evals: pd.DataFrame,
 
 def draw_panels(fig: Figure, panels: Sequence[Panel], train: pd.DataFrame, evals: pd.DataFrame, *,
                 baseline: Mapping[str, float] | None = None, steps_per_epoch: int | None = None,
-                title: str = "") -> Figure:
+                title: str = "", baseline_label: str = "SFT baseline") -> Figure:
     """(Re)draw ``panels`` on ``fig`` from a stage's train and eval rows."""
     fig.clear()
     ncols = 2 if len(panels) == 4 else max(1, min(3, len(panels)))
@@ -222,7 +222,7 @@ def draw_panels(fig: Figure, panels: Sequence[Panel], train: pd.DataFrame, evals
     last = int(train["step"].max()) if "step" in train.columns and len(train) else 0
     epoch_steps = list(range(steps_per_epoch, last, steps_per_epoch)) if steps_per_epoch else []
     for ax, panel in zip(axes, panels):
-        _draw_panel(ax, panel, train, evals, baseline, epoch_steps)
+        _draw_panel(ax, panel, train, evals, baseline, epoch_steps, baseline_label)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if title:
@@ -250,6 +250,7 @@ class LivePlot:
     ``panels``: per-stage panels (a sequence, or a ``{stage: panels}`` mapping); default :data:`DEFAULT_PANELS`.
     ``baseline``: the held-out metrics drawn as dashed lines (``"epoch0"``: the stage's own first evaluation, i.e.
     the SFT model for RCE; or a mapping such as :func:`v3kit.sft.sft_baseline`'s output; or None).
+    ``baseline_label``: legend name of that line (default "SFT baseline", or "epoch 0" for SFT's own start).
     ``extras``: computes derived columns for each train row (e.g. :func:`rce_floor`).
     ``stages``: react only to these stages (the callback may be handed to a pipeline that runs several).
     ``live``: update in place while training (default :func:`live_default`); otherwise one figure at stage end.
@@ -261,6 +262,7 @@ class LivePlot:
         panels: Sequence[Panel] | Mapping[str, Sequence[Panel]] | None = None,
         *,
         baseline: Mapping[str, float] | str | None = "epoch0",
+        baseline_label: str | None = None,
         extras: Callable[[dict[str, Any]], dict[str, float]] | None = None,
         stages: Collection[str] | None = None,
         every_steps: int = 10,
@@ -273,6 +275,7 @@ class LivePlot:
     ) -> None:
         self.panels_arg = panels
         self.baseline_arg = baseline
+        self.baseline_label = baseline_label
         self.extras = extras
         self.stages = None if stages is None else set(stages)
         self.live = live_default() if live is None else live
@@ -339,7 +342,9 @@ class LivePlot:
         start = time.perf_counter()
         train, evals = self.frames()
         draw_panels(self.figure, self.panels(), train, evals, baseline=self.baseline(),
-                    steps_per_epoch=self.steps_per_epoch, title=self.title() if title is None else title)
+                    steps_per_epoch=self.steps_per_epoch, title=self.title() if title is None else title,
+                    baseline_label=self.baseline_label or ("epoch 0 (untrained)" if self.stage == "sft"
+                                                           else "SFT baseline"))
         self.redraws += 1
         self.draw_seconds += time.perf_counter() - start
         return self.figure
@@ -389,9 +394,8 @@ class LivePlot:
         self.figure = _new_figure()
         self._handle = None
         self._t0 = self.clock()
+        # No drawing yet: the first redraw waits for the throttle, so a short stage costs one figure in all.
         self.throttle.reset(0)
-        if self.live:  # show the (empty) panels at once so the cell visibly owns a live figure
-            self._refresh(0)
 
     def on_step(self, row: dict[str, Any]) -> None:
         if not self._active:

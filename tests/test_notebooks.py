@@ -1,0 +1,266 @@
+"""The notebooks, executed headless by papermill with smoke parameters, and the rules committed notebooks follow.
+
+Two executions run side by side (each in its own temp dir): the three notebooks *in order* in one shared run dir
+(live plotting on, as in JupyterLab), and ``03_grpo`` *standalone* in an empty run dir with ``V3KIT_LIVE=0``
+(the headless path), which must create the SFT checkpoint and RCE output itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from v3kit import notebook_tools
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ROOT = Path(__file__).resolve().parents[1]
+NB_DIR = ROOT / "notebooks"
+OURS = ("01_sft_load", "02_rce_warmup", "03_grpo")
+KL_BETAS = [0.0, 0.01, 0.1, 0.5]
+TIME_LIMIT_S = 90  # smoke notebooks take ~10-20 s on 2 idle cores; this only catches a size regression
+
+
+def kernel_name() -> str:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return "v3kit" if "v3kit" in KernelSpecManager().find_kernel_specs() else "python3"
+
+
+def _papermill(name: str, out_dir: Path, run_dir: Path, env: dict[str, str], **params) -> list[str]:
+    params = {"smoke": True, "run_dir": str(run_dir), **params}
+    return [sys.executable, "-m", "papermill", str(NB_DIR / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
+            "-k", kernel_name(), "--cwd", str(out_dir), "-y", json.dumps(params), "--no-progress-bar"]
+
+
+def _env(live: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MPLBACKEND", None)  # the kernel keeps its inline backend
+    if live:
+        env.pop("V3KIT_LIVE", None)
+    else:
+        env["V3KIT_LIVE"] = "0"
+    return env
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Run the chain 01 -> 02 -> 03 and a standalone 03 concurrently; return their dirs and wall times."""
+    chain_dir = tmp_path_factory.mktemp("chain")
+    alone_dir = tmp_path_factory.mktemp("standalone")
+    chain = [_papermill(n, chain_dir, chain_dir / "run", _env(live=True),
+                        **({"kl_betas": KL_BETAS} if n == "03_grpo" else {})) for n in OURS]
+    alone = _papermill("03_grpo", alone_dir, alone_dir / "run", _env(live=False), kl_betas=KL_BETAS[:2])
+    t0 = time.perf_counter()
+    standalone = subprocess.Popen(alone, env=_env(live=False), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+    logs, walls = {}, {}
+    for name, cmd in zip(OURS, chain):
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, env=_env(live=True), capture_output=True, text=True)
+        walls[name] = time.perf_counter() - start
+        logs[name] = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{name} failed:\n{logs[name][-4000:]}"
+    out, _ = standalone.communicate()
+    walls["03_grpo standalone"] = time.perf_counter() - t0
+    assert standalone.returncode == 0, f"standalone 03_grpo failed:\n{out[-4000:]}"
+    print("papermill wall times (s):", {k: round(v, 1) for k, v in walls.items()})
+    return {"chain": chain_dir, "alone": alone_dir, "walls": walls}
+
+
+def _read(path: Path) -> nbformat.NotebookNode:
+    return nbformat.read(str(path), as_version=4)
+
+
+def _code_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def _text(cell) -> str:
+    parts = []
+    for o in cell.outputs:
+        if o.output_type == "stream":
+            parts.append(o.text)
+        elif "data" in o:
+            parts.append(o.data.get("text/html", "") + o.data.get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def _check_executed(nb) -> None:
+    errors = [o for c in _code_cells(nb) for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"error output: {errors[0].ename}: {errors[0].evalue}"
+    plot_cells = [c for c in _code_cells(nb) if "plot" in c.metadata.get("tags", [])]
+    assert plot_cells
+    for c in plot_cells:
+        pngs = [o for o in c.outputs if "image/png" in o.get("data", {})]
+        # Exactly one: a live plot updates its own output in place instead of appending figures.
+        assert len(pngs) == 1, f"plot cell shows {len(pngs)} PNGs:\n{c.source[:200]}"
+    duration = nb.metadata.papermill.duration
+    assert duration < TIME_LIMIT_S, f"smoke notebook took {duration:.0f} s"
+
+
+def _epoch_loss(metrics: pd.DataFrame, stage: str) -> pd.Series:
+    rows = metrics[(metrics["stage"] == stage) & (metrics["split"] == "train")]
+    return rows.groupby("epoch")["loss"].mean()
+
+
+@pytest.mark.slow
+def test_notebooks_in_order_share_the_run_dir(executed):
+    d = executed["chain"]
+    nbs = {n: _read(d / f"{n}.ipynb") for n in OURS}
+    for nb in nbs.values():
+        _check_executed(nb)
+    run = d / "run"
+    for f in ("sft.pt", "metrics.csv", "rce_epoch1.pt", "rce_epoch2.pt", "grpo_epoch1.pt", "grpo_epoch2.pt"):
+        assert (run / f).is_file(), f
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert set(metrics["stage"]) == {"sft", "rce", "grpo"}
+    sft, rce = _epoch_loss(metrics, "sft"), _epoch_loss(metrics, "rce")
+    assert sft.iloc[-1] < sft.iloc[0], f"SFT loss did not fall: {sft.to_dict()}"
+    # RCE's raw loss must fall: its floor H(targets) drops as T anneals (notebook 02 explains why that alone
+    # does not prove learning).
+    assert rce.iloc[-1] < rce.iloc[0], f"RCE loss did not fall: {rce.to_dict()}"
+
+    setup02 = _text(_code_cells(nbs["02_rce_warmup"])[2])
+    assert "reusing" in setup02 and "sft.pt" in setup02  # in order: 02 reuses 01's checkpoint
+    setup03 = _text(_code_cells(nbs["03_grpo"])[2])
+    assert "reusing rce_epoch2.pt" in setup03 and "training" not in setup03
+    plateau = "\n".join(_text(c) for c in _code_cells(nbs["02_rce_warmup"]))
+    assert "loss - H(targets)" in plateau and "=>" in plateau
+    last = _code_cells(nbs["03_grpo"])[-1]
+    assert len(re.findall(r"<th>#\d+</th>", _text(last))) == len(KL_BETAS)  # one table row per kl_beta
+
+
+@pytest.mark.slow
+def test_grpo_notebook_standalone_creates_what_it_needs(executed):
+    d = executed["alone"]
+    nb = _read(d / "03_grpo.ipynb")
+    _check_executed(nb)
+    setup = _text(_code_cells(nb)[2])
+    assert "training SFT" in setup and "training RCE" in setup
+    run = d / "run"
+    assert sorted(p.name for p in run.glob("*_epoch*.pt") if not p.name.startswith("sft")) == [
+        "grpo_epoch1.pt", "grpo_epoch2.pt", "rce_epoch1.pt", "rce_epoch2.pt"]
+    last = _code_cells(nb)[-1]
+    assert len(re.findall(r"<th>#\d+</th>", _text(last))) == 2
+
+
+# ----------------------------------------------------------------------------------------------- committed files
+def test_committed_notebooks_are_stripped():
+    paths = sorted(NB_DIR.glob("*.ipynb"))
+    assert {p.stem for p in paths} >= set(OURS)
+    problems = [m for p in paths for m in notebook_tools.notebook_problems(p)]
+    assert not problems, "\n".join(problems) + "\nrun `make strip-notebooks`"
+
+
+def test_notebooks_match_their_generator(tmp_path):
+    spec = importlib.util.spec_from_file_location("nb_build", NB_DIR / "_build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for built in mod.build_all(tmp_path):
+        assert built.read_text() == (NB_DIR / built.name).read_text(), f"{built.name}: rerun notebooks/_build.py"
+
+
+def test_strip_and_check_round_trip(tmp_path):
+    nb = _read(NB_DIR / "01_sft_load.ipynb")
+    cell = _code_cells(nb)[1]
+    cell.execution_count = 3
+    cell.outputs = [nbformat.v4.new_output("stream", text="hi\n")]
+    cell.metadata["execution"] = {"iopub.status.idle": "2026-01-01"}
+    nb.metadata["widgets"] = {"state": {}}
+    path = tmp_path / "dirty.ipynb"
+    nbformat.write(nb, str(path))
+    problems = notebook_tools.notebook_problems(path)
+    assert any("output" in m for m in problems) and any("execution_count" in m for m in problems)
+    assert notebook_tools.main(["check", str(path)]) == 1
+    assert notebook_tools.main(["strip", str(path)]) == 0
+    assert notebook_tools.notebook_problems(path) == []
+    assert notebook_tools.strip([path]) == []  # idempotent
+    clean = _read(path)
+    assert "execution" not in _code_cells(clean)[1].metadata and "parameters" in _code_cells(clean)[0].metadata.tags
+
+
+def test_every_notebook_has_one_parameters_cell_with_smoke_and_run_dir():
+    for name in OURS:
+        nb = _read(NB_DIR / f"{name}.ipynb")
+        params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(params) == 1
+        names = set(re.findall(r"^(\w+)\s*=", params[0].source, flags=re.M))
+        assert {"smoke", "run_dir", "seed", "n_queries", "sft_epochs"} <= names, name
+    assert "sft_checkpoint" in _read(NB_DIR / "01_sft_load.ipynb").cells[1].source
+
+
+# ----------------------------------------------------------------------------------------------- stage reuse
+def test_ensure_stages_reuse_and_invalidate(tmp_path, capsys):
+    from v3kit.pipeline import prepare_data
+
+    kw = dict(run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1, rce_epochs=1)
+    cfg = notebook_tools.notebook_config(**kw)
+    splits = prepare_data(cfg)
+    stage1 = notebook_tools.ensure_stage1(cfg, splits)
+    notebook_tools.ensure_rce(cfg, splits, stage1)
+    assert (tmp_path / "rce_epoch1.pt").exists()
+    capsys.readouterr()
+
+    stage1 = notebook_tools.ensure_stage1(cfg, splits)
+    rce = notebook_tools.ensure_rce(cfg, splits, stage1)
+    out = capsys.readouterr().out
+    assert "reusing" in out and "training" not in out
+    assert rce.history["stage"].eq("rce").all() and len(rce.eval_history) == 2  # logged history comes back
+
+    cfg2 = notebook_tools.notebook_config(**{**kw, "sft_epochs": 2})  # another SFT: RCE output is stale
+    notebook_tools.ensure_stage1(cfg2, splits)
+    out = capsys.readouterr().out
+    assert "training SFT (data or SFT settings changed)" in out
+    assert not (tmp_path / "rce_epoch1.pt").exists()
+    assert "rce" not in set(pd.read_csv(tmp_path / "metrics.csv")["stage"])
+
+    # A given checkpoint is copied in and later notebooks (no sft_checkpoint) accept it.
+    other = tmp_path / "mine.pt"
+    other.write_bytes((tmp_path / "sft.pt").read_bytes())
+    notebook_tools.ensure_stage1(cfg, splits, sft_checkpoint=other)
+    notebook_tools.ensure_stage1(cfg, splits)
+    assert "reusing" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_notebook_config_smoke_defaults_and_validation():
+    cfg = notebook_tools.notebook_config(smoke=True, n_queries=123, grpo={"kl_beta": 0.0})
+    assert cfg.data.synthetic.n_queries == 123 and cfg.sft.epochs == notebook_tools.SMOKE["sft_epochs"]
+    assert cfg.grpo.kl_beta == 0.0 and cfg.progress is False
+    full = notebook_tools.notebook_config()
+    assert full.data.synthetic.n_queries == 3000 and full.grpo.epochs == 8 and full.rce.lr == 1e-5
+    with pytest.raises(ValueError, match="old_policy"):
+        notebook_tools.notebook_config(grpo={"old_policy": "stale"})
+
+
+# ----------------------------------------------------------------------------------------------- packaging
+def _name_spec(req: str) -> tuple[str, str]:
+    m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*(.*)$", req)
+    assert m, req
+    return m.group(1).lower().replace("_", "-"), m.group(2).replace(" ", "")
+
+
+def test_environment_yml_lists_the_notebooks_extra():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    extra = dict(_name_spec(r) for r in pyproject["project"]["optional-dependencies"]["notebooks"])
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = dict(_name_spec(d) for d in env["dependencies"] if isinstance(d, str))
+    assert {"python", "pip"} <= set(conda)
+    assert {k: v for k, v in conda.items() if k not in ("python", "pip")} == extra
+    pip = [d for d in env["dependencies"] if isinstance(d, dict)][0]["pip"]
+    assert any(re.fullmatch(r"-e\s+\.\[(.*)\]", p) and {"notebooks", "dev"} <= set(
+        re.fullmatch(r"-e\s+\.\[(.*)\]", p).group(1).split(",")) for p in pip)
