@@ -1,0 +1,179 @@
+"""The ablation runner: grid parsing and its errors, resumable runs, bootstrap summaries and generated conclusions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from v3kit import ablate
+from v3kit.ablate import GridError, bootstrap_mean_ci, conclusions, parse_grid, run_grid, summarize
+from v3kit.cli import main
+
+TINY_BASE = ["data.synthetic.n_queries=80", "sft.epochs=1", "rce.epochs=1", "grpo.epochs=1", "grpo.lr=1e-3"]
+
+
+def tiny_grid(**extra):
+    raw = {"name": "tiny", "base": list(TINY_BASE), "seeds": [0, 1], "reference": "seed",
+           "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": []}}
+    raw.update(extra)
+    return raw
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def test_grid_parses_and_resolves_each_variant():
+    spec = parse_grid(tiny_grid(variants={"seed": [], "kl0": ["grpo.kl_beta=0"]}))
+    assert spec.seeds == [0, 1] and list(spec.variants) == ["seed", "kl0"]
+    cfg = spec.resolve("default", "kl0", seed=1, run_dir="x")
+    assert cfg.grpo.kl_beta == 0.0 and cfg.seed == 1 and cfg.data.synthetic.n_queries == 80
+    assert spec.value("kl0", "grpo.kl_beta") == 0.0 and spec.value("seed", "grpo.kl_beta") == 0.1
+
+
+@pytest.mark.parametrize("raw, needles", [
+    (tiny_grid(variants={"seed": [], "typo": ["grpo.kl_bta=0.0"]}), ["typo", "grpo.kl_bta", "grpo.kl_beta"]),
+    (tiny_grid(variants={"seed": [], "bad": ["grpo.old_policy=fresh"]}), ["bad", "grpo.old_policy"]),
+    (tiny_grid(variants={"seed": [], "moves_sft": ["sft.epochs=3"]}), ["moves_sft", "sft.epochs", "base"]),
+    (tiny_grid(variants={"seed": [], "own_seed": ["seed=3"]}), ["own_seed", "seeds"]),
+    (tiny_grid(variants={"seed": [], "noeq": ["grpo.kl_beta"]}), ["noeq", "key=value"]),
+    (tiny_grid(seeds=[]), ["grid.seeds"]),
+    (tiny_grid(reference="nope"), ["reference", "nope"]),
+    (tiny_grid(varients={}), ["varients"]),
+    (tiny_grid(questions={"q": ["seed", "ghost"]}), ["q", "ghost"]),
+    (tiny_grid(worlds={"levels": {"b0": ["data.synthetic.reward_bais=0"]}, "variants": ["seed"]}),
+     ["b0", "reward_bais"]),
+    (tiny_grid(worlds={"levels": {"b0": ["data.synthetic.reward_bias=0"]}, "variants": ["ghost"]}), ["ghost"]),
+])
+def test_grid_errors_name_the_culprit(raw, needles):
+    with pytest.raises(GridError) as e:
+        parse_grid(raw)
+    for n in needles:
+        assert n in str(e.value)
+
+
+def test_shipped_grids_parse():
+    for path in ("configs/ablate_default.yaml", "configs/ablate_smoke.yaml"):
+        spec = ablate.load_grid(path)
+        assert len(spec.seeds) >= 2 and spec.reference in spec.variants
+    default = ablate.load_grid("configs/ablate_default.yaml")
+    assert len(default.seeds) >= 3 and default.worlds is not None
+    for needed in ("sft_only", "rce1_only", "rce3_only", "rce10_only", "seed", "grpo_no_rce", "grpo25"):
+        assert needed in default.variants
+
+
+# ------------------------------------------------------------------------------------------------ running
+def test_grid_runs_resumes_and_reruns_only_what_changed(tmp_path, capsys):
+    out = tmp_path / "grid"
+    res = run_grid(parse_grid(tiny_grid()), out, workers=2, progress=False)
+    assert (res.executed, res.skipped) == (4, 0)
+    f = res.frame
+    assert set(f["split"]) == {"val", "test"} and set(f["variant"]) == {"sft_only", "seed"}
+    for col in ("world", "variant", "seed", "stage", "epoch", "acc@1", "reward@1", "utility@1", "run_dir"):
+        assert col in f.columns
+    assert (out / "results.csv").exists() and (out / "results.parquet").exists() and (out / "summary.csv").exists()
+    assert (res.run_dir("seed", 1) / "metrics.csv").exists() and not list(res.run_dir("seed", 1).glob("*.pt"))
+    # The SFT checkpoint is shared: every run's SFT test row is the same.
+    sft_rows = f[(f["split"] == "test") & (f["stage"] == "sft")]
+    assert sft_rows["acc@1"].nunique() == 1 and len(sft_rows) == 4
+    # Per-query outcomes average to the pipeline's own test metrics.
+    payload = json.loads((res.run_dir("seed", 0) / "result.json").read_text())
+    final = f[(f["variant"] == "seed") & (f["seed"] == 0) & (f["split"] == "test") & (f["stage"] == "grpo")].iloc[0]
+    for m in ("acc@1", "mrr", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy"):
+        assert np.mean(payload["per_query"]["grpo"][m]) == pytest.approx(final[m], abs=1e-5), m
+
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("default/*/seed*/result.json")}
+    again = run_grid(parse_grid(tiny_grid()), out, workers=1, progress=False)
+    assert (again.executed, again.skipped) == (0, 4)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    pd.testing.assert_frame_equal(again.frame, res.frame)
+
+    # Changing one variant's overrides reruns exactly its runs (the result files carry a config hash).
+    changed = run_grid(parse_grid(tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"],
+                                                      "seed": ["grpo.kl_beta=0.0"]})), out, progress=False)
+    assert (changed.executed, changed.skipped) == (2, 2)
+
+    # The CLI on the finished grid executes nothing and prints the summary and the conclusions.
+    grid_file = tmp_path / "g.yaml"
+    import yaml
+
+    grid_file.write_text(yaml.safe_dump(tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"],
+                                                            "seed": ["grpo.kl_beta=0.0"]})))
+    assert main(["ablate", "--grid", str(grid_file), "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "0 run(s) executed, 4 skipped" in text and "difference to SFT" in text and "World 'default'" in text
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def _crafted(diffs: dict[str, list[float]], sft: float = 0.5) -> pd.DataFrame:
+    rows = []
+    for v, ds in diffs.items():
+        for seed, d in enumerate(ds):
+            for stage, val in (("sft", sft), ("grpo", sft + d)):
+                rows.append({"world": "default", "variant": v, "seed": seed, "split": "test", "stage": stage,
+                             "epoch": 1, "acc@1": val})
+    return pd.DataFrame(rows)
+
+
+def test_bootstrap_matches_a_hand_computed_one():
+    x = np.array([0.1, 0.4, -0.2, 0.3])
+    rng = np.random.default_rng(7)
+    idx = rng.integers(0, 4, (500, 4))
+    hand = [sum(x[i] for i in row) / 4 for row in idx]
+    lo, hi = np.quantile(hand, [0.025, 0.975])
+    assert bootstrap_mean_ci(x, n_boot=500, seed=7) == pytest.approx((lo, hi))
+
+    # Two levels: seeds drawn first, then the queries shared by the drawn seeds.
+    m = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    rng = np.random.default_rng(3)
+    s_idx, q_idx = rng.integers(0, 2, (300, 2)), rng.integers(0, 3, (300, 3))
+    hand2 = [np.mean([np.mean([m[s, q] for q in q_idx[b]]) for s in s_idx[b]]) for b in range(300)]
+    assert bootstrap_mean_ci(m, n_boot=300, seed=3) == pytest.approx(tuple(np.quantile(hand2, [0.025, 0.975])))
+
+
+def test_summarize_means_cis_and_paired_differences():
+    frame = _crafted({"seed": [0.0, 0.02, -0.02], "good": [0.10, 0.12, 0.11], "bad": [-0.2, -0.25, -0.22]})
+    s = summarize(frame, metrics=["acc@1"], reference="seed", n_boot=400, seed=1).set_index("variant")
+    good = s.loc["good"]
+    assert good["mean"] == pytest.approx(0.5 + 0.11) and good["diff"] == pytest.approx(0.11)
+    assert (good["diff_low"], good["diff_high"]) == pytest.approx(
+        bootstrap_mean_ci(np.array([0.10, 0.12, 0.11]), n_boot=400, seed=1))
+    for v in s.index:  # the interval contains the estimate
+        assert s.loc[v, "diff_low"] <= s.loc[v, "diff"] <= s.loc[v, "diff_high"]
+        assert s.loc[v, "ci_low"] <= s.loc[v, "mean"] <= s.loc[v, "ci_high"]
+    assert good["verdict"] == "better" and s.loc["bad", "verdict"] == "worse" and s.loc["seed", "verdict"] == "n.s."
+    # Against the reference, seed k of a variant is paired with seed k of the reference.
+    assert good["vs_ref"] == pytest.approx(np.mean([0.10, 0.10, 0.13]))
+    assert s.loc["bad", "vs_ref_verdict"] == "worse" and s.loc["seed", "vs_ref"] == 0.0
+    assert good["ci_method"] == "seeds"
+
+
+def test_summarize_resamples_queries_when_given_per_query_outcomes():
+    # Two seeds agree exactly, so a seeds-only CI would be a point; the query-level one is not.
+    frame = _crafted({"v": [0.25, 0.25]})
+    pq = []
+    for seed in (0, 1):
+        for stage, vals in (("sft", [1, 0, 0, 1]), ("grpo", [1, 1, 0, 1])):
+            pq += [{"world": "default", "variant": "v", "seed": seed, "stage": stage, "query": q, "acc@1": a}
+                   for q, a in enumerate(vals)]
+    s = summarize(frame, pd.DataFrame(pq), metrics=["acc@1"], n_boot=300, seed=0).iloc[0]
+    assert s["ci_method"] == "seeds x queries" and s["diff"] == pytest.approx(0.25)
+    assert s["diff_low"] == pytest.approx(0.0) and s["diff_high"] > 0.25  # 3 of 4 queries unchanged
+
+
+def test_conclusions_reflect_the_numbers():
+    frame = _crafted({"seed": [-0.05, -0.06, -0.04], "good": [0.10, 0.12, 0.11], "noisy": [0.3, -0.3, 0.01]})
+    s = summarize(frame, metrics=["acc@1"], reference="seed", n_boot=400)
+    text = conclusions(s, metrics=["acc@1"])
+    better = next(line for line in text.splitlines() if "significantly better than SFT" in line)
+    worse = next(line for line in text.splitlines() if "significantly worse than SFT" in line)
+    assert "good" in better and "noisy" not in better and "seed" not in better
+    assert "seed" in worse and "good" not in worse
+    assert "The reference 'seed' vs SFT: acc@1 0.450 vs SFT 0.500: -0.050" in text
+    better_ref = next(line for line in text.splitlines() if "significantly better than 'seed'" in line)
+    assert "good" in better_ref
+    # Flip the numbers and the text follows.
+    flipped = summarize(_crafted({"seed": [0.05, 0.06, 0.04], "good": [-0.10, -0.12, -0.11]}), metrics=["acc@1"],
+                        reference="seed", n_boot=400)
+    text2 = conclusions(flipped, metrics=["acc@1"])
+    assert "significantly worse than SFT: good" in text2 and "significantly better than SFT: seed" in text2
