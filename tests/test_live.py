@@ -13,6 +13,7 @@ import torch
 from v3kit.data import GroupData
 from v3kit.live import (
     LivePlot,
+    Panel,
     Throttle,
     add_rce_floor,
     explain_rce_loss,
@@ -79,15 +80,16 @@ def _drive(plot: LivePlot, clock: FakeClock, steps: int, dt: float, stage: str =
 
 
 def test_live_plot_redraws_at_most_every_n_steps_and_t_seconds():
+    one = (Panel("loss", ("loss",)), Panel("acc", ("acc@1",), "eval"))  # small figure: the test counts, not looks
     clock = FakeClock()
-    plot = LivePlot(grpo_panels(), live=True, display=False, every_steps=5, every_seconds=1.0, clock=clock)
+    plot = LivePlot(one, live=True, display=False, every_steps=5, every_seconds=1.0, clock=clock)
     _drive(plot, clock, steps=100, dt=0.1)  # 10 s of training: the 1 s limit binds, not the 5 steps
     # One per second of training (evals fall on those same moments, so they wait) + 1 final; none at start.
     assert 9 <= plot.redraws <= 11, plot.redraws
     assert len(plot.train_rows) == 100 and len(plot.eval_rows) == 3
 
     clock = FakeClock()
-    plot = LivePlot(grpo_panels(), live=True, display=False, every_steps=25, every_seconds=0.0, clock=clock)
+    plot = LivePlot(one, live=True, display=False, every_steps=25, every_seconds=0.0, clock=clock)
     _drive(plot, clock, steps=100, dt=0.1)  # now the step limit binds: redraws at steps 25, 50, 75, 100
     # steps 25/50/75/100 + final, and the three evals (no time limit here, and evals ignore the step one)
     assert plot.redraws == 4 + 1 + 3, plot.redraws

@@ -159,6 +159,28 @@ def test_grpo_notebook_standalone_creates_what_it_needs(executed):
     assert len(re.findall(r"<th>#\d+</th>", _text(last))) == 2
 
 
+def test_live_plot_updates_its_output_in_place_in_a_kernel():
+    """Many live redraws in a real kernel leave one PNG output (updated through its display id), not a pile."""
+    from nbclient import NotebookClient
+
+    code = """
+from v3kit.live import LivePlot, live_default
+assert live_default()  # in a kernel, live by default
+plot = LivePlot(every_steps=1, every_seconds=0.0, max_overhead=1.0)
+plot.on_stage_start("sft", 12, {"epochs": 1, "steps_per_epoch": 12})
+for s in range(1, 13):
+    plot.on_step({"stage": "sft", "split": "train", "epoch": 1, "step": s, "loss": 1.0 / s})
+plot.on_stage_end("sft", None)
+print("redraws", plot.redraws)
+"""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(nb, kernel_name=kernel_name(), timeout=120).execute(env=_env(live=True))
+    outputs = nb.cells[0].outputs
+    assert not [o for o in outputs if o.output_type == "error"], outputs
+    assert "redraws 13" in "".join(o.get("text", "") for o in outputs)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+
+
 # ----------------------------------------------------------------------------------------------- committed files
 def test_committed_notebooks_are_stripped():
     paths = sorted(NB_DIR.glob("*.ipynb"))
