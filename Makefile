@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.v3kit-installed
 KERNEL := v3kit
 
-.PHONY: setup test run lab clean strip-notebooks bench
+.PHONY: setup test run lab clean strip-notebooks
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
