@@ -28,6 +28,7 @@ from .grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
 from .live import Throttle, figure_png, live_default, smooth
 from .notebook_tools import grpo_temperature
 from .sft import Stage1, sft_baseline
+from .training import split_rows
 
 SETTINGS = ("kl_beta", "eps_low", "eps_high", "lr", "epochs", "old_policy", "kl_reference")
 KL_BETAS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)  # log-spaced, plus 0 (no KL penalty)
@@ -66,11 +67,11 @@ class CompareRun:
 
     @property
     def train(self) -> pd.DataFrame:
-        return self.history[self.history["split"] == "train"].reset_index(drop=True)
+        return split_rows(self.history, "train")
 
     @property
     def evals(self) -> pd.DataFrame:
-        return self.history[self.history["split"] == "val"].reset_index(drop=True)
+        return split_rows(self.history, "val")
 
 
 def _fmt(value: Any) -> str:

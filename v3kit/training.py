@@ -76,6 +76,11 @@ class StepContext:
     generator: torch.Generator  # seeded; use it for any sampling so runs are reproducible and resumable
 
 
+def split_rows(history: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The ``train`` (per step) or ``val`` (per epoch) rows of a metrics history."""
+    return history[history["split"] == split].reset_index(drop=True)
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -87,11 +92,11 @@ class StageResult:
 
     @property
     def train_history(self) -> pd.DataFrame:
-        return self.history[self.history["split"] == "train"].reset_index(drop=True)
+        return split_rows(self.history, "train")
 
     @property
     def eval_history(self) -> pd.DataFrame:
-        return self.history[self.history["split"] == "val"].reset_index(drop=True)
+        return split_rows(self.history, "val")
 
 
 StepFn = Callable[[Batch, StepContext], "tuple[Tensor, dict[str, float]]"]
