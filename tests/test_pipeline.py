@@ -176,6 +176,7 @@ def test_cli_run_and_eval(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "held-out test metrics by stage" in out and "GRPO step-0 ratio" in out
+    assert f"v3kit doctor {run_dir}" in out
     lines = [ln.split()[0] for ln in out.splitlines() if ln.split()]
     assert {"sft", "rce", "grpo"} <= set(lines)
     assert main(["eval", str(run_dir / "grpo_epoch1.pt")]) == 0

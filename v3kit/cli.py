@@ -30,6 +30,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     g = result.grpo.info
     print(f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
           f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}")
+    print(f"GRPO health report: v3kit doctor {result.run_dir}")
     return 0
 
 

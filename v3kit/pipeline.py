@@ -37,7 +37,12 @@ def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (),
 
 
 def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float) -> pd.DataFrame:
-    """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order."""
+    """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order.
+
+    Every stage is scored at the same ``temperature`` (the model's ``sim_temperature``), so ``entropy`` and
+    ``kl_to_sft`` compare like with like even when GRPO trained at another logit temperature; the per-epoch curves
+    in ``metrics.csv`` use each stage's own temperature. Ranking metrics do not depend on it.
+    """
     rows = {name: evaluate(m, data, temperature=temperature, reference=reference) for name, m in models.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
