@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from v3kit.data import iterate_batches
 from v3kit.grpo import GRPOConfig, grpo_step_loss, run_grpo
 from v3kit.losses import expected_advantage, group_advantages, grpo_loss
+from v3kit.model import policy_log_probs
 from v3kit.pipeline import prepare_data, run_pipeline
 from v3kit.rce import RCEConfig, final_logit_temperature, run_rce
 from v3kit.sft import load_sft, train_sft
@@ -149,3 +151,34 @@ def test_logits_temperature_target_shows_up_as_a_temperature_mismatch(tmp_path):
     assert mismatch.grpo.info["temperature"] == 0.5 and matched.grpo.info["temperature"] == 1.0
     # Old log-probs come from stage 1 at T=1; reading the policy at T=0.5 alone pushes ratios off 1.
     assert mismatch.grpo.info["step0_ratio_std"] > 10 * matched.grpo.info["step0_ratio_std"]
+
+
+def test_clip_higher_and_dual_clip_change_the_clipping_in_a_run(world):
+    base = grpo(world, old_policy="sft", lr=3e-3)
+    higher = grpo(world, old_policy="sft", lr=3e-3, eps_high=0.5)
+    # Same first batch, same ratios: a wider upper bound can only clip fewer entries there.
+    assert higher.train_history.iloc[0]["ratio_mean"] == base.train_history.iloc[0]["ratio_mean"]
+    assert higher.train_history.iloc[0]["clip_ratio"] < base.train_history.iloc[0]["clip_ratio"]
+    dual = grpo(world, old_policy="sft", lr=3e-3, dual_clip=1.5)
+    # Dual clip bounds the loss of negative-advantage entries with huge ratios, so the first loss drops.
+    assert dual.train_history.iloc[0]["pg_loss"] < base.train_history.iloc[0]["pg_loss"]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimator_switch_changes_the_logged_kl(world, estimator):
+    seed_form = grpo(world, old_policy="sft", kl_reference="old")
+    other = grpo(world, old_policy="sft", kl_reference="old", kl_estimator=estimator)
+    assert other.train_history.iloc[0]["kl"] != seed_form.train_history.iloc[0]["kl"]
+
+
+def test_rce_label_weight_one_is_supervised_ce(world):
+    splits, stage1, _ = world
+    policy = copy.deepcopy(stage1.policy)
+    r = run_rce(policy, splits, RCEConfig(epochs=1, label_weight=1.0), progress=False)
+    # With all target mass on the label the first RCE loss equals the SFT model's CE on that batch, whatever T.
+    gen = torch.Generator().manual_seed(0)
+    first = next(iterate_batches(splits.train, 32, shuffle=True, generator=gen))
+    with torch.no_grad():
+        logp = policy_log_probs(stage1.reference, first.query_x, first.cand_x, first.mask, 1.0)
+    ce = -logp.gather(1, first.labels.unsqueeze(1)).mean().item()
+    assert r.train_history.iloc[0]["loss"] == pytest.approx(ce, rel=1e-5)
