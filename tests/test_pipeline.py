@@ -195,3 +195,15 @@ def test_resume_refuses_another_config_and_fresh_runs_drop_stale_checkpoints(tmp
     # Without resume the run starts over, and the old run's extra epochs cannot leak into a later resume.
     run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=1", "grpo.kl_beta=0.5"))
     assert sorted(p.name for p in (tmp_path / "r").glob("grpo_epoch*.pt")) == ["grpo_epoch1.pt"]
+
+
+def test_pipeline_runs_on_a_users_parquet_file(tmp_path):
+    from v3kit.data import to_long_frame
+    from v3kit.synthetic import SyntheticConfig, make_world
+
+    frame = to_long_frame(make_world(SyntheticConfig(n_queries=200, seed=5))).drop(columns=["utility"])
+    frame.to_parquet(tmp_path / "mine.parquet")
+    r = run_pipeline(tiny_config(tmp_path / "r", f"data.path={tmp_path / 'mine.parquet'}", "grpo.epochs=1"))
+    assert list(r.table.index) == ["sft", "rce", "grpo"]
+    assert "utility@1" not in r.table.columns  # no hidden truth in real data
+    assert len(r.splits.train) + len(r.splits.val) + len(r.splits.test) == 200
