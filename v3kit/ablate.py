@@ -65,7 +65,7 @@ METRIC_DIRECTION: dict[str, int] = {
 }
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
 # Metrics computed per test query (so the bootstrap can resample queries); ndcg@5 falls back to seeds only.
-PER_QUERY_METRICS = ("acc@1", "mrr", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy")
+PER_QUERY_METRICS = ("acc@1", "mrr", "ndcg@5", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy")
 BASE_WORLD = "default"
 BEST = "@best"
 _RUN_INFO = ("step0_ratio_mean", "step0_ratio_std", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
@@ -303,33 +303,16 @@ def _atomic_frame(frame: pd.DataFrame, path: Path) -> None:
 
 
 def per_query_outcomes(model: Any, data: Any, temperature: float, reference: Any) -> dict[str, np.ndarray]:
-    """Per test query: the :data:`PER_QUERY_METRICS` of ``model``'s top-1 (their means are
-    :func:`v3kit.metrics.ranking_metrics`'s values; ties go to the lower index, as there)."""
-    import torch
-
+    """Per test query: the :data:`PER_QUERY_METRICS` of ``model`` (their means are
+    :func:`v3kit.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal)."""
+    from .metrics import per_group_metrics
     from .model import compute_log_probs
 
     logp = compute_log_probs(model, data, temperature)
     ref = compute_log_probs(reference, data, temperature)
-    mask = data.mask
-    top1 = logp.argmax(dim=1, keepdim=True)
-    label_score = logp.gather(1, data.labels.long().unsqueeze(1))
-    rank = 1 + ((logp > label_score) & mask).sum(dim=1)
-    r1 = data.rewards.gather(1, top1).squeeze(1)
-    best = data.rewards.masked_fill(~mask, float("-inf")).amax(dim=1)
-    p = logp.exp()
-    zero = torch.zeros_like(logp)
-    out = {
-        "acc@1": (top1.squeeze(1) == data.labels).double(),
-        "mrr": 1.0 / rank.double(),
-        "reward@1": r1.double(),
-        "regret@1": (best - r1).double(),
-        "kl_to_sft": torch.where(mask, p * (logp - ref), zero).sum(dim=1).double(),
-        "entropy": -torch.where(mask, p * logp, zero).sum(dim=1).double(),
-    }
-    if data.utility is not None:
-        out["utility@1"] = data.utility.gather(1, top1).squeeze(1).double()
-    return {k: v.numpy() for k, v in out.items()}
+    out = per_group_metrics(logp, data.labels, data.rewards, data.mask, utility=data.utility, logp=logp,
+                            ref_logp=ref)
+    return {k: v.double().numpy() for k, v in out.items() if k in PER_QUERY_METRICS}
 
 
 _SPLITS_CACHE: dict[str, Any] = {}
@@ -698,8 +681,15 @@ def bootstrap_mean_ci(x: np.ndarray, *, n_boot: int = 2000, ci: float = 0.95, se
     return float(lo), float(hi)
 
 
-def _verdict(lo: float, hi: float, direction: int) -> str:
+# A percentile bootstrap over a handful of runs is roughly [min, max] of the runs: on null differences with 3 seeds
+# it calls ~24% of them significant. Seeds-only intervals therefore get a verdict only from this many runs on.
+MIN_RUNS_FOR_SEEDS_ONLY_VERDICT = 10
+
+
+def _verdict(lo: float, hi: float, direction: int, method: str = "seeds x queries", n_runs: int = 0) -> str:
     if not (np.isfinite(lo) and np.isfinite(hi)) or direction == 0:
+        return ""
+    if method == "seeds" and n_runs < MIN_RUNS_FOR_SEEDS_ONLY_VERDICT:
         return ""
     if lo > 0:
         return "better" if direction > 0 else "worse"
@@ -722,8 +712,11 @@ class _PerQuery:
         key = (world, variant, stage, metric)
         if key not in self.cache:
             grp = self.groups.get((world, variant, stage))
-            ok = grp is not None and metric in grp.columns and grp[metric].notna().all()
-            self.cache[key] = grp[metric].unstack("query") if ok else None
+            mat = grp[metric].unstack("query") if grp is not None and metric in grp.columns else None
+            if mat is not None:
+                # Queries undefined for every run (ndcg@5 of all-equal rewards) carry nothing to compare.
+                mat = mat.dropna(axis=1, how="all")
+            self.cache[key] = mat if mat is not None and mat.size and mat.notna().all().all() else None
         return self.cache[key]
 
 
@@ -774,7 +767,8 @@ def summarize(
     With ``per_query`` the CI is a two-level bootstrap (resample seeds, then test queries, shared across the
     drawn seeds because all runs of a world share the test set); without it (or for ``ndcg@5``) seeds only.
     ``verdict`` is ``better``/``worse`` when the CI excludes 0 (direction from :data:`METRIC_DIRECTION`),
-    else ``n.s.``.
+    else ``n.s.``; a seeds-only CI from fewer than :data:`MIN_RUNS_FOR_SEEDS_ONLY_VERDICT` runs gets no verdict
+    (``""``), because a percentile bootstrap over 3 runs is about [min, max] and calls noise significant.
     """
     final = _final_table(frame)
     metrics = [m for m in (metrics or METRIC_DIRECTION) if m in final.columns]
@@ -792,15 +786,15 @@ def summarize(
             row = {"world": world, "variant": variant, "metric": m, "n_seeds": len(grp), "mean": level.mean(),
                    "ci_low": level_ci[0], "ci_high": level_ci[1], "sft": grp[f"sft_{m}"].mean(),
                    "diff": float(np.mean(vals)) if np.size(vals) else math.nan, "diff_low": lo, "diff_high": hi,
-                   "verdict": _verdict(lo, hi, d), "ci_method": method}
+                   "verdict": _verdict(lo, hi, d, method, len(vals)), "ci_method": method}
             if reference is not None:
                 if variant == reference:
                     row.update(vs_ref=0.0, vs_ref_low=0.0, vs_ref_high=0.0, vs_ref_verdict="")
                 elif (final["variant"] == reference).any():
-                    rv, _ = _paired(pq, final, world, variant, reference, m)
+                    rv, rmethod = _paired(pq, final, world, variant, reference, m)
                     rlo, rhi = bootstrap_mean_ci(rv, n_boot=n_boot, ci=ci, seed=seed)
                     row.update(vs_ref=float(np.mean(rv)) if np.size(rv) else math.nan, vs_ref_low=rlo,
-                               vs_ref_high=rhi, vs_ref_verdict=_verdict(rlo, rhi, d) if np.size(rv) else "")
+                               vs_ref_high=rhi, vs_ref_verdict=_verdict(rlo, rhi, d, rmethod, len(rv)))
             rows.append(row)
     out = pd.DataFrame(rows)
     if reference is not None and not out.empty:
@@ -823,7 +817,8 @@ def compare(frame: pd.DataFrame, per_query: pd.DataFrame | None, pairs: Mapping[
             lo, hi = bootstrap_mean_ci(vals, n_boot=n_boot, ci=ci, seed=seed)
             rows.append({"question": question, "a": a, "b": b, "metric": m,
                          "diff": float(np.mean(vals)) if np.size(vals) else math.nan, "low": lo, "high": hi,
-                         "verdict": _verdict(lo, hi, METRIC_DIRECTION[m]), "ci_method": method})
+                         "verdict": _verdict(lo, hi, METRIC_DIRECTION[m], method, len(vals)),
+                         "ci_method": method})
     return pd.DataFrame(rows)
 
 

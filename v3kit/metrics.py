@@ -13,6 +13,53 @@ from .model import compute_log_probs
 METRIC_NAMES = ("acc@1", "mrr", "ndcg@5", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy")
 
 
+def per_group_metrics(
+    scores: Tensor,
+    labels: Tensor,
+    rewards: Tensor,
+    mask: Tensor | None = None,
+    *,
+    k: int = 5,
+    utility: Tensor | None = None,
+    logp: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Every metric of :func:`ranking_metrics` per group ([B] tensors): the unit a paired bootstrap resamples.
+
+    ``ndcg@k`` is NaN for a group whose ideal DCG is 0 (all rewards equal: every ranking is ideal, nothing to
+    score); such groups depend only on the rewards, so they are NaN for every model alike.
+    """
+    mask = _check_mask(mask, scores)
+    s = torch.where(mask, scores, torch.tensor(float("-inf"), dtype=scores.dtype))
+    top1 = s.argmax(dim=1, keepdim=True)
+    out: dict[str, Tensor] = {"acc@1": (top1.squeeze(1) == labels).to(scores.dtype)}
+
+    label_score = s.gather(1, labels.long().unsqueeze(1))
+    rank = 1 + ((s > label_score) & mask).sum(dim=1)
+    out["mrr"] = 1.0 / rank.to(scores.dtype)
+
+    big = torch.finfo(rewards.dtype).max
+    gains = torch.where(mask, rewards - rewards.masked_fill(~mask, big).amin(dim=1, keepdim=True), 0.0)
+    kk = min(k, scores.shape[1])
+    discount = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=gains.dtype))
+    # Stable sort on -score keeps lower indices first among ties; masked entries sort last with gain 0.
+    order = torch.sort(-s, dim=1, stable=True).indices[:, :kk]
+    dcg = (gains.gather(1, order) * discount).sum(dim=1)
+    idcg = (torch.sort(gains, dim=1, descending=True).values[:, :kk] * discount).sum(dim=1)
+    out[f"ndcg@{k}"] = torch.where(idcg > 0, dcg / idcg.clamp_min(torch.finfo(gains.dtype).tiny), float("nan"))
+
+    r1 = rewards.gather(1, top1).squeeze(1)
+    out["reward@1"] = r1
+    out["regret@1"] = rewards.masked_fill(~mask, -big).amax(dim=1) - r1
+    if utility is not None:
+        out["utility@1"] = utility.gather(1, top1).squeeze(1)
+    if logp is not None:
+        out["entropy"] = -torch.where(mask, logp.exp() * logp, 0.0).sum(dim=1)
+        if ref_logp is not None:
+            out["kl_to_sft"] = torch.where(mask, logp.exp() * (logp - ref_logp), 0.0).sum(dim=1)
+    return out
+
+
 def ranking_metrics(
     scores: Tensor,
     labels: Tensor,
@@ -24,45 +71,17 @@ def ranking_metrics(
     logp: Tensor | None = None,
     ref_logp: Tensor | None = None,
 ) -> dict[str, float]:
-    """Label, reward and (optionally) utility and KL metrics of one scored set of groups.
+    """Label, reward and (optionally) utility and KL metrics of one scored set of groups, averaged over groups.
 
     ``ndcg@k`` uses ``reward - min(group reward)`` as gain so gains are non-negative; groups whose ideal DCG is 0
-    (all rewards equal) are left out of the mean. Ties in ``scores`` go to the lower index, as in ``argmax``.
+    (all rewards equal) are left out of its mean (1.0 if no group is left). Ties in ``scores`` go to the lower
+    index, as in ``argmax``.
     """
-    mask = _check_mask(mask, scores)
-    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype)
-    s = torch.where(mask, scores, neg_inf)
-    top1 = s.argmax(dim=1, keepdim=True)
-    out: dict[str, float] = {}
-    out["acc@1"] = (top1.squeeze(1) == labels).float().mean().item()
-
-    label_score = s.gather(1, labels.long().unsqueeze(1))
-    rank = 1 + ((s > label_score) & mask).sum(dim=1)
-    out["mrr"] = (1.0 / rank.to(scores.dtype)).mean().item()
-
-    big = torch.finfo(rewards.dtype).max
-    gains = torch.where(mask, rewards - rewards.masked_fill(~mask, big).amin(dim=1, keepdim=True), 0.0)
-    kk = min(k, scores.shape[1])
-    discount = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=gains.dtype))
-    # Stable sort on -score keeps lower indices first among ties; masked entries sort last with gain 0.
-    order = torch.sort(-s, dim=1, stable=True).indices[:, :kk]
-    dcg = (gains.gather(1, order) * discount).sum(dim=1)
-    ideal = torch.sort(gains, dim=1, descending=True).values[:, :kk]
-    idcg = (ideal * discount).sum(dim=1)
-    ok = idcg > 0
-    out[f"ndcg@{k}"] = (dcg[ok] / idcg[ok]).mean().item() if ok.any() else 1.0
-
-    r1 = rewards.gather(1, top1).squeeze(1)
-    out["reward@1"] = r1.mean().item()
-    out["regret@1"] = (rewards.masked_fill(~mask, -big).amax(dim=1) - r1).mean().item()
-    if utility is not None:
-        out["utility@1"] = utility.gather(1, top1).mean().item()
-    if logp is not None:
-        p_logp = torch.where(mask, logp.exp() * logp, 0.0)
-        out["entropy"] = (-p_logp.sum(dim=1)).mean().item()
-        if ref_logp is not None:
-            kl = torch.where(mask, logp.exp() * (logp - ref_logp), 0.0)
-            out["kl_to_sft"] = kl.sum(dim=1).mean().item()
+    per_group = per_group_metrics(scores, labels, rewards, mask, k=k, utility=utility, logp=logp, ref_logp=ref_logp)
+    out = {}
+    for name, values in per_group.items():
+        scored = values[~torch.isnan(values)]
+        out[name] = scored.mean().item() if scored.numel() else 1.0
     return out
 
 
