@@ -136,3 +136,31 @@ def test_synthetic_world_is_seeded_and_knobs_work():
     assert torch.equal(exact.labels, best)
     with pytest.raises(ValueError, match="min_group_size"):
         SyntheticConfig(min_group_size=1)
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda df: df.assign(is_label=["false", "false", "true", "true", "false"]),
+         r"row 0 .*is_label is 'false'; it must be true/false"),
+        (lambda df: df.assign(is_label=[None, False, True, True, False]), r"row 0 .*is_label is None"),
+        (lambda df: df.assign(query_features=[[]] * 5), r"row 0 .*query_features is empty"),
+        (lambda df: df.assign(candidate_features=[["a", "b", "c"]] + [[0.0, 0.5, -1.0]] * 4),
+         r"row 0 .*candidate_features must hold numbers"),
+    ],
+    ids=["string-labels", "null-label", "empty-features", "string-features"],
+)
+def test_more_bad_long_frames(mutate, needle):
+    with pytest.raises(DataValidationError, match=needle):
+        from_long_frame(mutate(long_frame()))
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "jsonl"])
+def test_unreadable_files_name_the_format(tmp_path, suffix):
+    good = tmp_path / f"good.{suffix}"
+    df = long_frame()
+    df.to_parquet(good) if suffix == "parquet" else df.to_json(good, orient="records", lines=True)
+    broken = tmp_path / f"broken.{suffix}"
+    broken.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(DataValidationError, match=r"could not be read as (Parquet|JSON lines)"):
+        load_groups(broken)

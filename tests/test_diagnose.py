@@ -334,3 +334,15 @@ def test_cli_doctor_missing_dir_or_metrics_gives_one_clear_line(tmp_path, capsys
     assert main(["doctor", str(empty)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(empty / "metrics.csv") in err
+
+
+def test_cli_doctor_on_an_empty_or_foreign_metrics_file(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.csv").write_text("")
+    assert main(["doctor", str(tmp_path / "empty")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "metrics.csv").write_text("a,b\n1,2\n")
+    assert main(["doctor", str(tmp_path / "foreign")]) == 2
+    err = capsys.readouterr().err
+    assert "not a v3kit metrics.csv" in err and "'stage'" in err

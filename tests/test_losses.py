@@ -772,3 +772,13 @@ def test_grpo_loss_end_to_end_grad_through_embeddings_no_nan():
     want, want_stats = ref_grpo_loss(logp.detach(), old, adv, mask, ref_logp=ref)
     assert_close(loss.detach(), torch.tensor(want, dtype=DT))
     _assert_stats(stats, want_stats)
+
+
+def test_group_advantages_treat_an_empty_group_as_no_signal():
+    rewards = torch.tensor([[1.0, 2.0, 4.0], [7.0, 7.0, 7.0]], dtype=DT)
+    mask = torch.tensor([[True, True, True], [False, False, False]])
+    for scale in ("group", "batch", "none"):
+        adv = L.group_advantages(rewards, mask, scale=scale, baseline=0.3)
+        assert torch.isfinite(adv).all() and (adv[1] == 0).all()
+        assert_close(adv[0], L.group_advantages(rewards[:1], mask[:1], scale=scale, baseline=0.3)[0])
+    assert L.zero_std_groups(rewards, mask).tolist() == [False, True]

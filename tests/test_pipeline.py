@@ -9,9 +9,10 @@ import torch
 from conftest import tiny_config
 from v3kit.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from v3kit.cli import main
+from v3kit.config import ConfigError
 from v3kit.model import ModelConfig, build_model
 from v3kit.pipeline import prepare_data, run_pipeline
-from v3kit.rce import annealed_temperature
+from v3kit.rce import RCEConfig, annealed_temperature, run_rce
 from v3kit.sft import load_sft, train_sft
 
 
@@ -190,8 +191,14 @@ def test_cli_run_and_eval(tmp_path, capsys):
 
 def test_resume_refuses_another_config_and_fresh_runs_drop_stale_checkpoints(tmp_path):
     run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=3"))
-    with pytest.raises(CheckpointError, match=r"cannot resume .*kl_beta: 0.1 -> 0.5"):
+    with pytest.raises(ConfigError, match=r"cannot resume .*grpo.kl_beta: 0.1 -> 0.5"):
         run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=3", "grpo.kl_beta=0.5"), resume=True)
+    for change in ("data.synthetic.reward_bias=2.0", "model.emb_dim=8", "seed=5", "rce.epochs=3", "sft.lr=0.01"):
+        with pytest.raises(ConfigError, match=r"cannot resume .*" + change.split("=")[0].replace(".", r"\.")):
+            run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=3", change), resume=True)
+    # The last stage may be extended: GRPO 3 -> 4 epochs resumes from grpo_epoch3.pt.
+    more = run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=4"), resume=True)
+    assert more.grpo.info["resumed_from_epoch"] == 3 and (tmp_path / "r" / "grpo_epoch4.pt").exists()
     # Without resume the run starts over, and the old run's extra epochs cannot leak into a later resume.
     run_pipeline(tiny_config(tmp_path / "r", "grpo.epochs=1", "grpo.kl_beta=0.5"))
     assert sorted(p.name for p in (tmp_path / "r").glob("grpo_epoch*.pt")) == ["grpo_epoch1.pt"]
@@ -207,3 +214,65 @@ def test_pipeline_runs_on_a_users_parquet_file(tmp_path):
     assert list(r.table.index) == ["sft", "rce", "grpo"]
     assert "utility@1" not in r.table.columns  # no hidden truth in real data
     assert len(r.splits.train) + len(r.splits.val) + len(r.splits.test) == 200
+
+
+def test_rce_resume_refuses_a_longer_schedule(tmp_path):
+    cfg = tiny_config(tmp_path / "r")
+    splits = prepare_data(cfg)
+    train_sft(splits, cfg.model, cfg.sft, run_dir=cfg.run_dir, progress=False)
+    stage1 = load_sft(tmp_path / "r" / "sft.pt", splits.train)
+    run_rce(stage1.policy, splits, RCEConfig(epochs=1), run_dir=cfg.run_dir, progress=False)
+    with pytest.raises(CheckpointError, match=r"cannot resume .*epochs: 1 -> 2"):
+        run_rce(stage1.policy, splits, RCEConfig(epochs=2), run_dir=cfg.run_dir, resume=True, progress=False)
+
+
+def test_interrupted_sft_resumes(tmp_path):
+    full = run_pipeline(tiny_config(tmp_path / "full", "grpo.epochs=1"))
+    cfg = tiny_config(tmp_path / "cut", "grpo.epochs=1")
+    with pytest.raises(Crash):
+        run_pipeline(cfg, callbacks=[CrashAfter("sft", 2)])
+    assert not (tmp_path / "cut" / "sft.pt").exists() and (tmp_path / "cut" / "sft_epoch2.pt").exists()
+    starts = {}
+
+    class Record:
+        def on_stage_start(self, stage, total_steps, info):
+            starts[stage] = info["resumed_from_epoch"]
+
+    resumed = run_pipeline(cfg, resume=True, callbacks=[Record()])
+    assert starts["sft"] == 2  # continued from sft_epoch2.pt, not retrained
+    sft_rows = pd.read_csv(tmp_path / "cut" / "metrics.csv").query("stage == 'sft' and split == 'val'")
+    assert sft_rows["epoch"].tolist() == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(full.table, resumed.table, check_exact=True)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("rce.epochs=-1", "rce.epochs must be >= 0"),
+        ("grpo.lr=0", "grpo.lr must be > 0"),
+        ("grpo.batch_size=0", "grpo.batch_size must be >= 1"),
+        ("data.val_frac=0", "data.val_frac"),
+        ("grpo.eps_low=1.5", "grpo.eps_low must be in"),
+        ("grpo.adv_eps=-1", "grpo.adv_eps must be >= 0"),
+        ("model.emb_dim=0", "model.emb_dim"),
+        ("data.synthetic.random_frac=2", "random_frac must be in"),
+        ("model.kwargs={a: 1}", "could not be built with query_dim, cand_dim and model.kwargs"),
+    ],
+)
+def test_cli_rejects_bad_values_before_training(tmp_path, capsys, override, needle):
+    assert main(["run", "--set", f"run_dir={tmp_path / 'r'}", "--set", "progress=false", "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "sft.pt").exists()  # failed fast: nothing trained
+
+
+def test_cli_eval_on_mismatched_or_foreign_checkpoints(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    cfg = tiny_config(run_dir)
+    train_sft(prepare_data(cfg), cfg.model, cfg.sft, run_dir=run_dir, progress=False)
+    assert main(["eval", str(run_dir / "sft.pt"), "--set", "data.synthetic.feature_dim=8",
+                 "--set", "data.synthetic.n_queries=240"]) == 2
+    assert "trained on features of dim (query 16, candidate 16)" in capsys.readouterr().err
+    (tmp_path / "notes.pt").write_text("hello")
+    assert main(["eval", str(tmp_path / "notes.pt")]) == 2
+    assert "corrupt or not a v3kit checkpoint" in capsys.readouterr().err

@@ -113,7 +113,7 @@ def test_exact_mode_matches_monte_carlo_expected_advantage():
     logp = torch.log_softmax((logits + 0.1 * torch.randn(3, 6, generator=gen, dtype=torch.float64))
                              .masked_fill(~mask, float("-inf")), -1)
     rewards = torch.randn(3, 6, generator=gen, dtype=torch.float64)
-    cfg = GRPOConfig(samples="exact", kl_beta=0.0, eps_low=10.0)  # clip out of the way: pure surrogate
+    cfg = GRPOConfig(samples="exact", kl_beta=0.0, eps_low=0.99, eps_high=10.0)  # clip out of the way
     loss, _ = grpo_step_loss(logp, old, rewards, mask, cfg)
     adv = group_advantages(rewards, mask)
     # Importance sampling: E_{c ~ old}[ratio(c) A(c)] = sum_c pi(c) A(c), the expected advantage under pi.
@@ -149,6 +149,8 @@ def test_logits_temperature_target_shows_up_as_a_temperature_mismatch(tmp_path):
     matched = run_pipeline(tiny_config(tmp_path / "b", "rce.temperature_target=logits", "rce.epochs=1",
                                        "grpo.logp_temperature=1.0"))
     assert mismatch.grpo.info["temperature"] == 0.5 and matched.grpo.info["temperature"] == 1.0
+    # RCE's epoch 0 reads the untouched SFT policy at SFT's own temperature: the curves start at the baseline.
+    assert mismatch.rce.eval_history.iloc[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-7)
     # Old log-probs come from stage 1 at T=1; reading the policy at T=0.5 alone pushes ratios off 1.
     assert mismatch.grpo.info["step0_ratio_std"] > 10 * matched.grpo.info["step0_ratio_std"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +45,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(cfg_path if cfg_path.exists() else None, args.set or [])
     splits = prepare_data(cfg)
     data = getattr(splits, args.split)
+    if (ckpt["query_dim"], ckpt["cand_dim"]) != (data.query_dim, data.cand_dim):
+        raise CheckpointError(
+            f"{args.checkpoint} was trained on features of dim (query {ckpt['query_dim']}, candidate "
+            f"{ckpt['cand_dim']}) but this config's data has ({data.query_dim}, {data.cand_dim}); pass the "
+            "config the checkpoint was trained with (--config)"
+        )
     reference = None
     ref_path = Path(args.reference) if args.reference else run_dir / "sft.pt"
     if ref_path.exists():
@@ -98,7 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DataValidationError, CheckpointError, FileNotFoundError, ValueError) as e:
+        # v3kit's errors name the field and the fix; a traceback would only bury that. V3KIT_DEBUG=1 shows it.
+        if os.environ.get("V3KIT_DEBUG"):
+            raise
         print(f"v3kit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

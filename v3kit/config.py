@@ -34,6 +34,12 @@ class DataConfig:
     test_frac: float = 0.15
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
+    def __post_init__(self) -> None:
+        # Both held-out splits are needed: val for the per-epoch curves, test for the stage table.
+        if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
+            raise ValueError(f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "
+                             "in (0, 1) and sum to < 1")
+
 
 @dataclass
 class RunConfig:

@@ -177,10 +177,16 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return pd.read_json(path, lines=True)
-    raise DataValidationError(f"data file {path}: unsupported extension {suffix!r}; use .parquet or .jsonl")
+        reader, kind = pd.read_parquet, "Parquet"
+    elif suffix in (".jsonl", ".json", ".ndjson"):
+        reader, kind = (lambda p: pd.read_json(p, lines=True)), "JSON lines (one object per line)"
+    else:
+        raise DataValidationError(f"data file {path}: unsupported extension {suffix!r}; use .parquet or .jsonl")
+    try:
+        return reader(path)
+    except Exception as e:  # pyarrow / pandas raise many types for truncated or foreign files
+        raise DataValidationError(f"data file {path} could not be read as {kind} ({type(e).__name__}: "
+                                  f"{str(e)[:200]}); check the file is complete and in that format") from None
 
 
 def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
@@ -195,12 +201,31 @@ def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
             f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} has length {int(lengths.iloc[i])} "
             f"but most rows have {common}; every {field} vector must have the same dimension"
         )
-    mat = np.asarray(col.tolist(), dtype=np.float64)
+    if (lengths == 0).any():
+        i = int(np.flatnonzero(lengths.to_numpy() == 0)[0])
+        _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} is empty; it needs at least one "
+              "feature")
+    try:
+        mat = np.asarray(col.tolist(), dtype=np.float64)
+    except (TypeError, ValueError):
+        i = next(i for i, v in enumerate(col) if not all(isinstance(x, (int, float, np.number)) for x in v))
+        _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} must hold numbers, got "
+              f"{list(col.iloc[i])[:4]!r}")
     bad = ~np.isfinite(mat).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} contains NaN/inf; clean or drop it")
     return mat
+
+
+def _as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
+    """``is_label`` as booleans; strings like "false" would all be truthy, so only bools and 0/1 are accepted."""
+    ok = col.map(lambda v: isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)))
+    if not ok.all():
+        i = int(np.flatnonzero(~ok.to_numpy())[0])
+        _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): is_label is {col.iloc[i]!r}; it must be true/false "
+              "(or 1/0), not a string or null")
+    return col.astype(bool).to_numpy()
 
 
 def from_long_frame(df: pd.DataFrame) -> GroupData:
@@ -223,7 +248,7 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
                   f"every {field} must be a finite number")
     q = _as_matrix(df["query_features"], "query_features", df)
     c = _as_matrix(df["candidate_features"], "candidate_features", df)
-    is_label = df["is_label"].astype(bool).to_numpy()
+    is_label = _as_bool(df["is_label"], df)
 
     qids = df["query_id"].astype(str).to_numpy()
     codes, order = pd.factorize(qids)  # queries in first-seen order

@@ -108,7 +108,14 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
             config = loaded if isinstance(loaded, dict) else {}
         except yaml.YAMLError:  # a broken config only costs the cause attribution, not the report
             config = {}
-    return pd.read_csv(path), config
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: the run wrote no metrics yet (did it start?)") from None
+    missing = [c for c in ("stage", "split", "epoch", "step") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}: it is not a v3kit metrics.csv (written by `v3kit run`)")
+    return frame, config
 
 
 def _get(config: dict[str, Any], key: str) -> Any:

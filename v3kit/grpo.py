@@ -34,7 +34,7 @@ from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import group_advantages, grpo_loss, zero_std_groups
 from .model import ModelConfig, compute_log_probs, policy_log_probs
-from .training import StageResult, StepContext, fit
+from .training import StageResult, StepContext, check_optim_fields, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
 KL_REFERENCES = ("old", "sft")
@@ -69,10 +69,15 @@ class GRPOConfig:
                               ("kl_estimator", KL_ESTIMATORS), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"grpo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_optim_fields("grpo", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
         if self.kl_beta < 0:
             raise ValueError(f"grpo.kl_beta must be >= 0, got {self.kl_beta}")
-        if self.eps_low < 0 or (self.eps_high is not None and self.eps_high < 0):
-            raise ValueError("grpo.eps_low and grpo.eps_high must be >= 0")
+        if not 0 <= self.eps_low < 1:
+            raise ValueError(f"grpo.eps_low must be in [0, 1) (the lower clip bound is 1 - eps_low), got {self.eps_low}")
+        if self.eps_high is not None and self.eps_high < 0:
+            raise ValueError(f"grpo.eps_high must be >= 0 or null (= eps_low), got {self.eps_high}")
+        if self.adv_eps < 0:
+            raise ValueError(f"grpo.adv_eps must be >= 0 (it is added to the std), got {self.adv_eps}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"grpo.dual_clip must be > 1 or null, got {self.dual_clip}")
         if self.num_samples < 2:

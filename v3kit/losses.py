@@ -28,15 +28,19 @@ _ADV_SCALES = ("group", "batch", "none")
 _KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
 
 
-def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask") -> Tensor:
-    """Return a boolean [B, G] mask (all True when None); raise a clear error on bad shapes."""
+def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
+    """Return a boolean [B, G] mask (all True when None); raise a clear error on bad shapes.
+
+    Empty groups are an error where a softmax needs a candidate; ``allow_empty`` lets statistics treat them as
+    groups without signal instead.
+    """
     if mask is None:
         return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
     if mask.shape != like.shape[:2]:
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but must be [B, G] = {tuple(like.shape[:2])}")
     mask = mask.to(torch.bool)
     empty = ~mask.any(dim=1)
-    if empty.any():
+    if empty.any() and not allow_empty:
         rows = empty.nonzero().flatten()[:5].tolist()
         raise ValueError(
             f"{name} has groups with no valid candidate (rows {rows}); every group needs at least one "
@@ -112,7 +116,7 @@ def rce_loss(
 
 def zero_std_groups(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     """True for groups that carry no ranking signal: < 2 valid candidates or all valid rewards equal."""
-    mask = _check_mask(mask, rewards)
+    mask = _check_mask(mask, rewards, allow_empty=True)
     big = torch.finfo(rewards.dtype).max
     r_max = rewards.masked_fill(~mask, -big).amax(dim=1)
     r_min = rewards.masked_fill(~mask, big).amin(dim=1)
@@ -136,11 +140,11 @@ def group_advantages(
     """
     if scale not in _ADV_SCALES:
         raise ValueError(f"scale must be one of {_ADV_SCALES}, got {scale!r}")
-    mask = _check_mask(mask, rewards)
+    mask = _check_mask(mask, rewards, allow_empty=True)
     m = mask.to(rewards.dtype)
     r = torch.where(mask, rewards, torch.zeros_like(rewards))
     n = m.sum(dim=1, keepdim=True)
-    mean = r.sum(dim=1, keepdim=True) / n
+    mean = r.sum(dim=1, keepdim=True) / n.clamp_min(1)
     centred = torch.where(mask, r - mean, torch.zeros_like(r))
     if scale == "group":
         var = (centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)

@@ -47,6 +47,9 @@ class ModelConfig:
             raise ValueError(f"model.target must look like 'package.module:ClassName', got {self.target!r}")
         if self.sim_temperature <= 0:
             raise ValueError(f"model.sim_temperature must be > 0, got {self.sim_temperature}")
+        if self.emb_dim < 1 or any(w < 1 for w in self.hidden):
+            raise ValueError(f"model.emb_dim and model.hidden widths must be >= 1, got {self.emb_dim} and "
+                             f"{self.hidden}")
 
 
 def _mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
@@ -97,7 +100,11 @@ def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
     kwargs = dict(cfg.kwargs)
     if cfg.target == DEFAULT_TARGET:
         kwargs.update(hidden=list(cfg.hidden), emb_dim=cfg.emb_dim, normalize=cfg.normalize)
-    model = cls(query_dim=query_dim, cand_dim=cand_dim, **kwargs)
+    try:
+        model = cls(query_dim=query_dim, cand_dim=cand_dim, **kwargs)
+    except TypeError as e:  # a wrong keyword in model.kwargs, or a constructor without query_dim/cand_dim
+        raise ValueError(f"model.target {cfg.target!r} could not be built with query_dim, cand_dim and "
+                         f"model.kwargs={cfg.kwargs}: {e}") from None
     if not isinstance(model, nn.Module) or not isinstance(model, RankerModel):
         raise TypeError(
             f"model.target {cfg.target!r} built a {type(model).__name__}, which is not an nn.Module with "

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .config import RunConfig, dump_config
+from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from .data import GroupData, Splits, load_groups, split_by_query
 from .grpo import run_grpo
 from .metrics import METRIC_NAMES, evaluate
@@ -28,12 +28,46 @@ def prepare_data(cfg: RunConfig) -> Splits:
 
 
 def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (), resume: bool = True) -> Path:
-    """Path of the run's ``sft.pt``, training it first unless it already exists (and ``resume``)."""
+    """Path of the run's ``sft.pt``: with ``resume`` an existing one is reused and an interrupted SFT continues
+    from its newest ``sft_epoch{N}.pt``; without, SFT is trained afresh."""
     path = Path(cfg.run_dir) / "sft.pt"
     if not (resume and path.exists()):
         train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=cfg.run_dir, callbacks=callbacks,
-                  progress=cfg.progress)
+                  progress=cfg.progress, resume=resume)
     return path
+
+
+# What a resumed run may change: GRPO is the last stage, so more GRPO epochs extend it without invalidating
+# anything. Every other change (data, model, SFT, RCE, seed) would make the saved checkpoints belong to
+# another experiment, and RCE's temperature schedule depends on its total number of steps.
+RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
+    """Refuse to resume ``run_dir`` under a config that differs from the one it was started with."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return
+    try:
+        old = to_dict(load_config(path))
+    except ConfigError as e:
+        raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not valid for this v3kit ({e})") from None
+    before, now = _flatten(old), _flatten(to_dict(cfg))
+    diff = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
+        raise ConfigError(f"cannot resume {run_dir} under another config ({details}); only {list(RESUMABLE_CHANGES)} "
+                          "may change on --resume: use a new run_dir, or drop --resume to start over")
 
 
 def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float) -> pd.DataFrame:
@@ -72,6 +106,8 @@ def run_pipeline(
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        check_resumable(cfg, run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     splits = splits or prepare_data(cfg)
     sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume)

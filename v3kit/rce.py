@@ -22,7 +22,7 @@ from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import rce_loss
 from .model import ModelConfig
-from .training import StageResult, StepContext, fit
+from .training import StageResult, StepContext, check_optim_fields, fit
 
 TEMPERATURE_TARGETS = ("rewards", "logits")
 
@@ -40,6 +40,7 @@ class RCEConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
+        check_optim_fields("rce", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
         if self.temperature_target not in TEMPERATURE_TARGETS:
             raise ValueError(f"rce.temperature_target must be one of {TEMPERATURE_TARGETS}, got "
                              f"{self.temperature_target!r}")
@@ -84,7 +85,7 @@ def run_rce(
     cfg = cfg or RCEConfig()
     model_config = model_config or ModelConfig()
     sim_t = model_config.sim_temperature
-    state = {"temperature": cfg.t_start}
+    state: dict[str, float | None] = {"temperature": None}  # None until the first RCE step
 
     def temperatures(step: int, total: int) -> tuple[float, float]:
         """(reward temperature, logit temperature) at this step."""
@@ -101,8 +102,11 @@ def run_rce(
         return loss, {"temperature": state["temperature"]}
 
     def eval_temperature() -> float:
-        # Before training and after it the policy's logit temperature is the stage's current one.
-        return sim_t if cfg.temperature_target == "rewards" else sim_t * state["temperature"]
+        # The policy is read at the logit temperature it was last trained at: SFT's before the first RCE step
+        # (so epoch 0 is the SFT baseline), the annealed one after, when RCE anneals the logits.
+        if cfg.temperature_target == "rewards" or state["temperature"] is None:
+            return sim_t
+        return sim_t * state["temperature"]
 
     meta = {"config": asdict(cfg), **model_payload(model_config, splits.train.query_dim, splits.train.cand_dim)}
     return fit(
@@ -110,4 +114,5 @@ def run_rce(
         lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=eval_temperature, reference=reference,
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
         checkpoint_meta=meta,
+        extendable=(),  # the temperature schedule spans all RCE steps: more epochs would change the past ones
     )

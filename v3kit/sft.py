@@ -14,7 +14,7 @@ from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint,
 from .data import Batch, GroupData, Splits
 from .metrics import evaluate
 from .model import ModelConfig, build_model, compute_log_probs, policy_log_probs
-from .training import StageResult, StepContext, fit
+from .training import StageResult, StepContext, check_optim_fields, fit
 
 
 @dataclass
@@ -23,6 +23,9 @@ class SFTConfig:
     lr: float = 1e-3
     batch_size: int = 64
     max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        check_optim_fields("sft", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
 
 
 def train_sft(

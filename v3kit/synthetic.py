@@ -40,9 +40,14 @@ class SyntheticConfig:
             raise ValueError(
                 f"synthetic.min_group_size ({self.min_group_size}) must be in [2, group_size={self.group_size}]"
             )
-        for name in ("obs_noise", "label_noise", "reward_noise", "reward_bias", "random_frac"):
+        for name in ("obs_noise", "label_noise", "reward_noise", "reward_bias"):
             if getattr(self, name) < 0:
                 raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.random_frac <= 1:
+            raise ValueError(f"synthetic.random_frac must be in [0, 1], got {self.random_frac}")
+        if self.feature_dim < 1 or self.latent_dim < 1:
+            raise ValueError(f"synthetic.feature_dim and synthetic.latent_dim must be >= 1, got "
+                             f"{self.feature_dim} and {self.latent_dim}")
 
 
 def make_world(cfg: SyntheticConfig | None = None) -> GroupData:

@@ -110,12 +110,25 @@ def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
     return float(norm)
 
 
-def _check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path) -> None:
-    """Resuming under another config would silently mix two experiments; only ``epochs`` may change."""
+def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, max_grad_norm: float | None) -> None:
+    """Validate a stage config's optimisation knobs at construction, long before any training runs."""
+    if epochs < 0:
+        raise ValueError(f"{section}.epochs must be >= 0 (0 skips the stage), got {epochs}")
+    if not lr > 0:
+        raise ValueError(f"{section}.lr must be > 0, got {lr}")
+    if batch_size < 1:
+        raise ValueError(f"{section}.batch_size must be >= 1, got {batch_size}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"{section}.max_grad_norm must be > 0 or null (no clipping), got {max_grad_norm}")
+
+
+def _check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path,
+                       extendable: Sequence[str]) -> None:
+    """Resuming under another config would silently mix two experiments; only ``extendable`` keys may change."""
     if not meta or "config" not in meta:
         return
-    old = {k: v for k, v in ckpt.get("config", {}).items() if k != "epochs"}
-    new = {k: v for k, v in meta["config"].items() if k != "epochs"}
+    old = {k: v for k, v in ckpt.get("config", {}).items() if k not in extendable}
+    new = {k: v for k, v in meta["config"].items() if k not in extendable}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
@@ -148,12 +161,13 @@ def fit(
     extra_state: Callable[[], dict[str, Any]] | None = None,
     restore_extra: Callable[[dict[str, Any]], None] | None = None,
     eval_extra: Callable[[int], dict[str, float]] | None = None,
+    extendable: Sequence[str] = ("epochs",),
 ) -> StageResult:
-    """Train ``model`` in place for ``epochs`` with Adam at ``lr``; see the module docstring."""
-    if epochs < 0:
-        raise ValueError(f"{stage}.epochs must be >= 0, got {epochs}")
-    if not lr > 0:
-        raise ValueError(f"{stage}.lr must be > 0, got {lr}")
+    """Train ``model`` in place for ``epochs`` with Adam at ``lr``; see the module docstring.
+
+    ``extendable``: config keys a resume may change (by default ``epochs``: train a finished stage further).
+    """
+    check_optim_fields(stage, epochs, lr, batch_size, max_grad_norm)
     run_dir = None if run_dir is None else Path(run_dir)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +199,7 @@ def fit(
     if done:
         _, path = done[-1]
         ckpt = load_checkpoint(path, stage=stage)
-        _check_same_config(ckpt, checkpoint_meta, path)
+        _check_same_config(ckpt, checkpoint_meta, path, extendable)
         load_state_into(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["rng"]["generator"])
