@@ -10,7 +10,8 @@ Switches (DESIGN.md "Why GRPO might underperform"):
   the policy GRPO starts from, as PPO does per rollout) | ``"refresh_each_epoch"`` (PPO's per-iteration refresh).
 * ``kl_reference``: ``"old"`` (seed) | ``"sft"`` (the frozen SFT copy, as in DeepSeekMath's GRPO);
   ``kl_estimator``: ``"seed"`` | ``"k1"`` | ``"k2"`` | ``"k3"`` (Schulman, "Approximating KL divergence");
-  ``None`` picks ``"seed"`` against old and ``"k3"`` against sft.
+  ``None`` picks ``"seed"`` against old and ``"k3"`` against sft. The SFT reference is read at GRPO's logit
+  temperature, so the penalty compares the two policies at one temperature (as ``kl_to_sft`` does).
 * ``adv_scale``: ``"group"`` (GRPO) | ``"batch"`` (TRL ``scale_rewards="batch"``) | ``"none"`` (Dr. GRPO);
   ``baseline`` (the seed's extra ``- baseline``); ``drop_zero_std_groups`` (DAPO's dynamic sampling, here: leave
   groups without reward spread out of the loss instead of diluting it).
