@@ -88,6 +88,15 @@ def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path) -
     model.load_state_dict(state)
 
 
+def check_feature_dims(ckpt: dict[str, Any], query_dim: int, cand_dim: int, path: str | Path, fix: str) -> None:
+    """A checkpoint scores only data with the feature dims it was trained on; say which dims differ and ``fix``."""
+    if (ckpt["query_dim"], ckpt["cand_dim"]) != (query_dim, cand_dim):
+        raise CheckpointError(
+            f"checkpoint {path} was trained on features of dim (query {ckpt['query_dim']}, candidate "
+            f"{ckpt['cand_dim']}) but the data has ({query_dim}, {cand_dim}); {fix}"
+        )
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> nn.Module:
     """Rebuild the model a checkpoint was trained with and load its weights."""
     try:

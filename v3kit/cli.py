@@ -11,7 +11,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .checkpoint import CheckpointError, check_feature_dims, load_checkpoint, model_from_checkpoint
 from .config import ConfigError, load_config
 from .data import DataValidationError
 from .metrics import evaluate
@@ -45,12 +45,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(cfg_path if cfg_path.exists() else None, args.set or [])
     splits = prepare_data(cfg)
     data = getattr(splits, args.split)
-    if (ckpt["query_dim"], ckpt["cand_dim"]) != (data.query_dim, data.cand_dim):
-        raise CheckpointError(
-            f"{args.checkpoint} was trained on features of dim (query {ckpt['query_dim']}, candidate "
-            f"{ckpt['cand_dim']}) but this config's data has ({data.query_dim}, {data.cand_dim}); pass the "
-            "config the checkpoint was trained with (--config)"
-        )
+    check_feature_dims(ckpt, data.query_dim, data.cand_dim, args.checkpoint,
+                       "pass the config the checkpoint was trained with (--config)")
     reference = None
     ref_path = Path(args.reference) if args.reference else run_dir / "sft.pt"
     if ref_path.exists():

@@ -187,10 +187,10 @@ def run_grpo(
     def refresh() -> None:
         state["old"] = compute_log_probs(policy, train, temperature)
 
+    current = compute_log_probs(policy, train, temperature)
     if cfg.old_policy != "sft":  # both refresh modes start from the policy GRPO starts with
-        refresh()
-    valid = train.mask
-    step0 = torch.exp((compute_log_probs(policy, train, temperature) - state["old"])[valid].clamp(-20, 20))
+        state["old"] = current
+    step0 = torch.exp((current - state["old"])[train.mask].clamp(-20, 20))
     step0_summary = ratio_stats(step0, cfg.eps_low, cfg.eps_high)
 
     def on_epoch_start(epoch: int) -> None:

@@ -18,7 +18,7 @@ from .metrics import METRIC_NAMES, evaluate
 from .rce import final_logit_temperature, run_rce
 from .sft import Stage1, load_sft, train_sft
 from .synthetic import make_world
-from .training import StageResult
+from .training import StageResult, config_changes
 
 
 def prepare_data(cfg: RunConfig) -> Splits:
@@ -62,10 +62,8 @@ def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
         old = to_dict(load_config(path))
     except ConfigError as e:
         raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not valid for this v3kit ({e})") from None
-    before, now = _flatten(old), _flatten(to_dict(cfg))
-    diff = sorted(k for k in set(before) | set(now) if k not in RESUMABLE_CHANGES and before.get(k) != now.get(k))
-    if diff:
-        details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:5])
+    details = config_changes(_flatten(old), _flatten(to_dict(cfg)), RESUMABLE_CHANGES)
+    if details:
         raise ConfigError(f"cannot resume {run_dir} under another config ({details}); only {list(RESUMABLE_CHANGES)} "
                           "may change on --resume: use a new run_dir, or drop --resume to start over")
 

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, model_payload, save_checkpoint
+from .checkpoint import check_feature_dims, load_checkpoint, model_from_checkpoint, model_payload, save_checkpoint
 from .data import Batch, GroupData, Splits
 from .metrics import evaluate
 from .model import ModelConfig, build_model, compute_log_probs, policy_log_probs
@@ -104,11 +104,7 @@ def load_sft(
         ckpt = load_checkpoint(path)
         policy = model_from_checkpoint(ckpt, path)
         model_config = ModelConfig(**ckpt["model_config"])
-        if ckpt["query_dim"] != train.query_dim or ckpt["cand_dim"] != train.cand_dim:
-            raise CheckpointError(
-                f"checkpoint {path} was trained on features of dim (query {ckpt['query_dim']}, candidate "
-                f"{ckpt['cand_dim']}) but the data has ({train.query_dim}, {train.cand_dim}); use the matching data"
-            )
+        check_feature_dims(ckpt, train.query_dim, train.cand_dim, path, "use the matching data")
     temperature = model_config.sim_temperature if temperature is None else temperature
     reference = freeze(policy)
     old = compute_log_probs(reference, train, temperature)

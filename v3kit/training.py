@@ -122,16 +122,19 @@ def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, ma
         raise ValueError(f"{section}.max_grad_norm must be > 0 or null (no clipping), got {max_grad_norm}")
 
 
+def config_changes(before: dict[str, Any], now: dict[str, Any], ignore: Sequence[str] = (), limit: int = 5) -> str:
+    """``"key: old -> new, ..."`` for the keys (outside ``ignore``) whose values differ; ``""`` when none do."""
+    diff = sorted(k for k in set(before) | set(now) if k not in ignore and before.get(k) != now.get(k))
+    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:limit])
+
+
 def _check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path,
                        extendable: Sequence[str]) -> None:
     """Resuming under another config would silently mix two experiments; only ``extendable`` keys may change."""
     if not meta or "config" not in meta:
         return
-    old = {k: v for k, v in ckpt.get("config", {}).items() if k not in extendable}
-    new = {k: v for k, v in meta["config"].items() if k not in extendable}
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if diff:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+    details = config_changes(ckpt.get("config", {}), meta["config"], extendable)
+    if details:
         raise CheckpointError(
             f"cannot resume from {path}: it was trained with another config ({details}); "
             "use a fresh run_dir or run without resume"
