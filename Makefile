@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.v3kit-installed
 KERNEL := v3kit
 
-.PHONY: setup test run lab clean strip-notebooks
+.PHONY: setup test run lab notebooks clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,17 @@ test: setup
 run: setup
 	$(BIN)/v3kit run $(ARGS)
 
-lab: setup
-	$(BIN)/jupyter lab notebooks/
+# JupyterLab refuses to start as root without --allow-root (containers, CI boxes): add it only there.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-strip-notebooks: setup
-	$(BIN)/python -m v3kit.notebook_tools strip notebooks/*.ipynb
+lab: notebooks
+	$(BIN)/jupyter lab $(LAB_ARGS) notebooks/
+
+# The notebooks' sources are notebooks/NN_name.py (jupytext py:percent); the .ipynb beside them are generated and
+# git-ignored. `make notebooks` creates missing .ipynb and syncs whichever side changed last into the other, so
+# edits saved in JupyterLab (with or without the jupytext extension) land in the .py; outputs never do.
+notebooks: setup
+	$(BIN)/jupytext --sync notebooks/[0-9][0-9]_*.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_seed_preset_is_the_default_and_matches_the_seed_text():
-    cfg = load_config(ROOT / "configs" / "seed.yaml")
+    cfg = load_config(ROOT / "v3kit" / "configs" / "seed.yaml")
     assert to_dict(cfg) == to_dict(RunConfig())
-    # SEED_zh.md: RCE 3 epochs, T 2.0 -> 0.5, lr 1e-5; GRPO 8 epochs, lr 1e-5, kl_beta 0.1; old = SFT, KL to old.
+    # The user's seed run: RCE 3 epochs, T 2.0 -> 0.5, lr 1e-5; GRPO 8 epochs, lr 1e-5, kl_beta 0.1; old = SFT, KL to old.
     assert (cfg.rce.epochs, cfg.rce.t_start, cfg.rce.t_end, cfg.rce.lr) == (3, 2.0, 0.5, 1e-5)
     assert (cfg.grpo.epochs, cfg.grpo.lr, cfg.grpo.kl_beta) == (8, 1e-5, 0.1)
     assert (cfg.grpo.old_policy, cfg.grpo.kl_reference, cfg.grpo.samples) == ("sft", "old", "all")

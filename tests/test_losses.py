@@ -7,7 +7,6 @@ the vectorised package code.
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch

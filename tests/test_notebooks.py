@@ -1,13 +1,14 @@
-"""The notebooks, executed headless by papermill with smoke parameters, and the rules committed notebooks follow.
+"""The notebooks, executed headless by papermill with smoke parameters, and the rules their sources follow.
 
-Two executions run side by side (each in its own temp dir): the three notebooks *in order* in one shared run dir
-(live plotting on, as in JupyterLab), and ``03_grpo`` *standalone* in an empty run dir with ``V3KIT_LIVE=0``
-(the headless path), which must create the SFT checkpoint and RCE output itself.
+Each notebook's source is ``notebooks/NN_name.py`` (jupytext py:percent); the tests build the ``.ipynb`` from it in
+a temp dir. Two executions run side by side: the three notebooks *in order* in one shared run dir (live plotting
+on, as in JupyterLab), and ``03_grpo`` *standalone* in an empty run dir with ``V3KIT_LIVE=0`` (the headless path),
+which must create the SFT checkpoint and RCE output itself. Assertions read the named results each notebook
+records (:func:`v3kit.notebook_tools.record`), never cell positions or printed text.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -43,8 +44,9 @@ def kernel_name() -> str:
 
 def _papermill(name: str, out_dir: Path, run_dir: Path, env: dict[str, str], **params) -> list[str]:
     params = {"smoke": True, "run_dir": str(run_dir), **params}
-    return [sys.executable, "-m", "papermill", str(NB_DIR / f"{name}.ipynb"), str(out_dir / f"{name}.ipynb"),
-            "-k", kernel_name(), "--cwd", str(out_dir), "-y", json.dumps(params), "--no-progress-bar"]
+    src = notebook_tools.to_ipynb(NB_DIR / f"{name}.py", out_dir / "src" / f"{name}.ipynb")
+    return [sys.executable, "-m", "papermill", str(src), str(out_dir / f"{name}.ipynb"),
+            "-k", kernel_name(), "--cwd", str(NB_DIR), "-y", json.dumps(params), "--no-progress-bar"]
 
 
 def _env(live: bool) -> dict[str, str]:
@@ -135,14 +137,16 @@ def test_notebooks_in_order_share_the_run_dir(executed):
     # does not prove learning).
     assert rce.iloc[-1] < rce.iloc[0], f"RCE loss did not fall: {rce.to_dict()}"
 
-    setup02 = _text(_code_cells(nbs["02_rce_warmup"])[2])
-    assert "reusing" in setup02 and "sft.pt" in setup02  # in order: 02 reuses 01's checkpoint
-    setup03 = _text(_code_cells(nbs["03_grpo"])[2])
-    assert "reusing rce_epoch2.pt" in setup03 and "training" not in setup03
-    plateau = "\n".join(_text(c) for c in _code_cells(nbs["02_rce_warmup"]))
-    assert "loss - H(targets)" in plateau and "=>" in plateau
-    last = _code_cells(nbs["03_grpo"])[-1]
-    assert len(re.findall(r"<th>#\d+</th>", _text(last))) == len(KL_BETAS)  # one table row per kl_beta
+    results = {n: notebook_tools.read_results(nb) for n, nb in nbs.items()}
+    assert results["01_sft_load"]["sft_origin"] == "trained"
+    assert results["02_rce_warmup"]["sft_origin"] == "reused"  # in order: 02 reuses 01's checkpoint
+    assert results["03_grpo"]["sft_origin"] == "reused" and results["03_grpo"]["rce_origin"] == "reused"
+    assert {results["02_rce_warmup"]["rce_raw_loss"], results["02_rce_warmup"]["rce_excess_loss"]} <= {
+        "falling", "plateau", "rising", "too short"}
+    assert 0 <= results["01_sft_load"]["stage1"]["label_is_top_reward"] <= 1
+    assert set(results["03_grpo"]["stage_table"]) == {"sft", "rce", "grpo"}
+    assert results["03_grpo"]["panel_runs"] == len(KL_BETAS)  # one table row per kl_beta
+    assert results["03_grpo"]["panel_settings"] == KL_BETAS
 
 
 @pytest.mark.slow
@@ -150,13 +154,12 @@ def test_grpo_notebook_standalone_creates_what_it_needs(executed):
     d = executed["alone"]
     nb = _read(d / "03_grpo.ipynb")
     _check_executed(nb)
-    setup = _text(_code_cells(nb)[2])
-    assert "training SFT" in setup and "training RCE" in setup
+    results = notebook_tools.read_results(nb)
+    assert results["sft_origin"] == "trained" and results["rce_origin"] == "trained"
     run = d / "run"
     assert sorted(p.name for p in run.glob("*_epoch*.pt") if not p.name.startswith("sft")) == [
         "grpo_epoch1.pt", "grpo_epoch2.pt", "rce_epoch1.pt", "rce_epoch2.pt"]
-    last = _code_cells(nb)[-1]
-    assert len(re.findall(r"<th>#\d+</th>", _text(last))) == 2
+    assert results["panel_runs"] == 2
 
 
 def test_live_plot_updates_its_output_in_place_in_a_kernel():
@@ -181,82 +184,114 @@ print("redraws", plot.redraws)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
 
 
-# ----------------------------------------------------------------------------------------------- committed files
-def test_committed_notebooks_are_stripped():
-    paths = sorted(NB_DIR.glob("*.ipynb"))
-    assert {p.stem for p in paths} >= set(OURS)
-    problems = [m for p in paths for m in notebook_tools.notebook_problems(p)]
-    assert not problems, "\n".join(problems) + "\nrun `make strip-notebooks`"
+# ----------------------------------------------------------------------------------------------- sources
+def _git_ls(*patterns: str) -> list[str]:
+    out = subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("not a git checkout")
+    return out.stdout.split()
 
 
-def test_notebooks_match_their_generator(tmp_path):
-    spec = importlib.util.spec_from_file_location("nb_build", NB_DIR / "_build.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for built in mod.build_all(tmp_path):
-        assert built.read_text() == (NB_DIR / built.name).read_text(), f"{built.name}: rerun notebooks/_build.py"
+def test_notebook_sources_are_py_percent_files_and_no_ipynb_is_tracked():
+    sources = notebook_tools.source_files(NB_DIR)
+    assert {p.stem for p in sources} >= {*OURS, "04_why_grpo_underperforms"}
+    problems = [m for p in sources for m in notebook_tools.source_problems(p)]
+    assert not problems, "\n".join(problems)
+    assert _git_ls("*.ipynb") == [], "generated .ipynb must not be committed (they are git-ignored)"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "notebooks/01_sft_load.ipynb"], cwd=ROOT)
+    assert ignored.returncode == 0, "notebooks/*.ipynb must be git-ignored"
 
 
-def test_strip_and_check_round_trip(tmp_path):
-    nb = _read(NB_DIR / "01_sft_load.ipynb")
-    cell = _code_cells(nb)[1]
-    cell.execution_count = 3
-    cell.outputs = [nbformat.v4.new_output("stream", text="hi\n")]
-    cell.metadata["execution"] = {"iopub.status.idle": "2026-01-01"}
-    nb.metadata["widgets"] = {"state": {}}
-    path = tmp_path / "dirty.ipynb"
-    nbformat.write(nb, str(path))
-    problems = notebook_tools.notebook_problems(path)
-    assert any("output" in m for m in problems) and any("execution_count" in m for m in problems)
-    assert notebook_tools.main(["check", str(path)]) == 1
-    assert notebook_tools.main(["strip", str(path)]) == 0
-    assert notebook_tools.notebook_problems(path) == []
-    assert notebook_tools.strip([path]) == []  # idempotent
-    clean = _read(path)
-    assert "execution" not in _code_cells(clean)[1].metadata and "parameters" in _code_cells(clean)[0].metadata.tags
+def test_saving_a_run_notebook_then_make_notebooks_changes_only_the_edited_code(tmp_path):
+    """What a JupyterLab user does: open the paired .ipynb, run it (outputs, counts, widget state), edit a line,
+    save. `make notebooks` (jupytext --sync) then carries the edit into the .py and nothing else: no outputs,
+    no run metadata, the same header."""
+    src = tmp_path / "01_sft_load.py"
+    src.write_text((NB_DIR / "01_sft_load.py").read_text())
+    jupytext = [sys.executable, "-m", "jupytext", "--sync", "--quiet"]
+    subprocess.run([*jupytext, str(src)], check=True)
+    ipynb = src.with_suffix(".ipynb")
+    nb = _read(ipynb)
+    code = _code_cells(nb)
+    for i, cell in enumerate(code):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("stream", text="trained\n"),
+                        nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="})]
+        cell.metadata["execution"] = {"iopub.status.idle": "2026-01-01T00:00:00Z"}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.2"}
+    code[0].source = code[0].source.replace("seed = 0", "seed = 7")
+    time.sleep(1.1)  # jupytext compares modification times
+    nbformat.write(nb, str(ipynb))
+    subprocess.run([*jupytext, str(ipynb)], check=True)
+    expected = (NB_DIR / "01_sft_load.py").read_text().replace("\nseed = 0\n", "\nseed = 7\n")
+    assert src.read_text() == expected
+    assert notebook_tools.source_problems(src) == []
+
+
+def test_record_and_read_results_round_trip():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x"), nbformat.v4.new_code_cell("y")])
+    nb.cells[0].outputs = [nbformat.v4.new_output(
+        "display_data", data={notebook_tools.RESULT_MIME: {"a": 1, "b": [1, 2]}, "text/plain": ""})]
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="noise"), nbformat.v4.new_output(
+        "display_data", data={notebook_tools.RESULT_MIME: {"a": 2}, "text/plain": ""})]
+    assert notebook_tools.read_results(nb) == {"a": 2, "b": [1, 2]}
+
+
+def test_check_command_flags_a_bad_source(tmp_path):
+    bad = tmp_path / "09_bad.py"
+    bad.write_text("# %%\nx = 1\n")
+    assert notebook_tools.main(["check", str(bad)]) == 1
+    assert notebook_tools.main(["check"]) == 0  # the repository's own sources
 
 
 def test_every_notebook_has_one_parameters_cell_with_smoke_and_run_dir():
+    import jupytext
+
     for name in OURS:
-        nb = _read(NB_DIR / f"{name}.ipynb")
+        nb = jupytext.read(NB_DIR / f"{name}.py")
         params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(params) == 1
         names = set(re.findall(r"^(\w+)\s*=", params[0].source, flags=re.M))
         assert {"smoke", "run_dir", "seed", "n_queries", "sft_epochs"} <= names, name
-    assert "sft_checkpoint" in _read(NB_DIR / "01_sft_load.ipynb").cells[1].source
+        if name == "01_sft_load":
+            assert "sft_checkpoint" in names
+
+
+def test_relative_run_dir_resolves_against_the_repository(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert notebook_tools.resolve_run_dir("runs/notebooks") == ROOT / "runs" / "notebooks"
+    assert notebook_tools.resolve_run_dir(tmp_path / "x") == tmp_path / "x"
+    assert notebook_tools.notebook_config(run_dir="runs/nb").run_dir == str(ROOT / "runs" / "nb")
 
 
 # ----------------------------------------------------------------------------------------------- stage reuse
-def test_ensure_stages_reuse_and_invalidate(tmp_path, capsys):
-    from v3kit.pipeline import prepare_data
+def test_ensure_stages_reuse_and_invalidate(tmp_path):
+    from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data
 
     kw = dict(run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1, rce_epochs=1)
     cfg = notebook_tools.notebook_config(**kw)
     splits = prepare_data(cfg)
-    stage1 = notebook_tools.ensure_stage1(cfg, splits)
-    notebook_tools.ensure_rce(cfg, splits, stage1)
+    stage1 = ensure_stage1(cfg, splits)
+    assert stage1.origin == "trained"
+    ensure_rce(cfg, splits, stage1)
     assert (tmp_path / "rce_epoch1.pt").exists()
-    capsys.readouterr()
 
-    stage1 = notebook_tools.ensure_stage1(cfg, splits)
-    rce = notebook_tools.ensure_rce(cfg, splits, stage1)
-    out = capsys.readouterr().out
-    assert "reusing" in out and "training" not in out
+    stage1 = ensure_stage1(cfg, splits)
+    rce = ensure_rce(cfg, splits, stage1)
+    assert stage1.origin == "reused" and rce.info["origin"] == "reused"
     assert rce.history["stage"].eq("rce").all() and len(rce.eval_history) == 2  # logged history comes back
 
     cfg2 = notebook_tools.notebook_config(**{**kw, "sft_epochs": 2})  # another SFT: RCE output is stale
-    notebook_tools.ensure_stage1(cfg2, splits)
-    out = capsys.readouterr().out
-    assert "training SFT (data or SFT settings changed)" in out
+    assert ensure_stage1(cfg2, splits).origin == "trained"
     assert not (tmp_path / "rce_epoch1.pt").exists()
     assert "rce" not in set(pd.read_csv(tmp_path / "metrics.csv")["stage"])
 
     # A given checkpoint is copied in and later notebooks (no sft_checkpoint) accept it.
     other = tmp_path / "mine.pt"
     other.write_bytes((tmp_path / "sft.pt").read_bytes())
-    notebook_tools.ensure_stage1(cfg, splits, sft_checkpoint=other)
-    notebook_tools.ensure_stage1(cfg, splits)
-    assert "reusing" in capsys.readouterr().out.splitlines()[-1]
+    assert ensure_stage1(cfg, splits, sft_checkpoint=other).origin == "given"
+    assert ensure_stage1(cfg, splits).origin == "reused"
 
 
 def test_notebook_config_smoke_defaults_and_validation():

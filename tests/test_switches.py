@@ -1,4 +1,4 @@
-"""Each GRPO/RCE switch does what it claims (DESIGN.md "Why GRPO might underperform")."""
+"""Each GRPO/RCE switch does what it claims (the suspects of docs/pipeline.md)."""
 
 from __future__ import annotations
 

@@ -163,13 +163,28 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return raw
 
 
+# The shipped configs and grids live inside the package (so a non-editable install has them too).
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_file(path: str | Path) -> Path:
+    """``path`` as given when it exists; else a shipped file, so ``configs/seed.yaml`` works from any directory."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    shipped = PACKAGED_CONFIGS.joinpath(*parts) if parts else PACKAGED_CONFIGS
+    return shipped if shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
     """Read a YAML config (or start from the defaults = the seed's settings) and apply overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config_file(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist (shipped configs: "
+                              f"{sorted(p.name for p in PACKAGED_CONFIGS.glob('*.yaml'))})")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -1,5 +1,5 @@
-"""GRPO health report ("doctor"): read a run's ``metrics.csv`` (and ``config.yaml``) and check the symptoms that
-DESIGN.md lists under "Why GRPO might underperform", each with the number behind it and a switch to try.
+"""GRPO health report ("doctor"): read a run's ``metrics.csv`` (and ``config.yaml``) and check the symptoms of
+the suspects in ``docs/pipeline.md`` ("Why GRPO might underperform"), each with the number behind it and a switch to try.
 
 Checks, in report order (``Finding.check``):
 

@@ -4,7 +4,7 @@ Seed form (the defaults): every beam candidate is a sample with equal weight, ad
 within the group, the PPO ratio is taken against ``old_log_probs`` computed once from SFT in stage 1, and the KL
 penalty is ``ratio - 1 - log ratio`` against that same old policy.
 
-Switches (DESIGN.md "Why GRPO might underperform"):
+Switches (the suspects of ``docs/pipeline.md``, "Why GRPO might underperform"):
 
 * ``old_policy``: ``"sft"`` (seed: stage-1 log-probs, stale after RCE) | ``"refresh_at_start"`` (recompute from
   the policy GRPO starts from, as PPO does per rollout) | ``"refresh_each_epoch"`` (PPO's per-iteration refresh).
@@ -33,14 +33,13 @@ from torch import Tensor, nn
 
 from .checkpoint import model_payload
 from .data import Batch, Splits
-from .losses import group_advantages, grpo_loss, zero_std_groups
+from .losses import ADV_SCALES, KL_ESTIMATORS, LOG_RATIO_CLAMP, group_advantages, grpo_loss, zero_std_groups
 from .model import ModelConfig, compute_log_probs, policy_log_probs
 from .training import StageResult, StepContext, check_optim_fields, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
 KL_REFERENCES = ("old", "sft")
-KL_ESTIMATORS = (None, "seed", "k1", "k2", "k3")
-ADV_SCALES = ("group", "batch", "none")
+KL_ESTIMATOR_CHOICES = (None, *KL_ESTIMATORS)  # None: "seed" against old, "k3" against sft
 SAMPLE_MODES = ("all", "sampled", "exact")
 
 
@@ -67,7 +66,7 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("old_policy", OLD_POLICIES), ("kl_reference", KL_REFERENCES),
-                              ("kl_estimator", KL_ESTIMATORS), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES)):
+                              ("kl_estimator", KL_ESTIMATOR_CHOICES), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"grpo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_optim_fields("grpo", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
@@ -125,7 +124,8 @@ def grpo_step_loss(
     stats["frac_reward_zero_std"] = zero.float().mean().item()
     keep = ~zero if cfg.drop_zero_std_groups else torch.ones_like(zero)
     if not keep.any():  # nothing in this batch carries signal: no update (the runner skips the step)
-        return logp.new_zeros(()), {**stats, "pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "adv_std": 0.0}
+        return logp.new_zeros(()), {**stats, "pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio/low_mean": 0.0,
+                                    "clip_ratio/high_mean": 0.0, "adv_std": 0.0}
     if not keep.all():
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
@@ -190,7 +190,7 @@ def run_grpo(
     current = compute_log_probs(policy, train, temperature)
     if cfg.old_policy != "sft":  # both refresh modes start from the policy GRPO starts with
         state["old"] = current
-    step0 = torch.exp((current - state["old"])[train.mask].clamp(-20, 20))
+    step0 = torch.exp((current - state["old"])[train.mask].clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     step0_summary = ratio_stats(step0, cfg.eps_low, cfg.eps_high)
 
     def on_epoch_start(epoch: int) -> None:

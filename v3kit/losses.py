@@ -2,7 +2,7 @@
 
 Shapes: ``B`` groups (queries), ``G`` candidate slots per group, ``D`` embedding dim.
 ``mask[b, c]`` is True for a real candidate and False for padding in a ragged group;
-masked entries never contribute to any sum, mean, softmax or statistic (see DESIGN.md).
+masked entries never contribute to any sum, mean, softmax or statistic (formulas: ``docs/pipeline.md``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ADV_SCALES",
+    "KL_ESTIMATORS",
+    "LOG_RATIO_CLAMP",
     "group_log_probs",
     "rce_targets",
     "rce_loss",
@@ -23,9 +26,9 @@ __all__ = [
 
 # exp() of a log-ratio beyond this overflows the useful range; clamping keeps a stale old policy from
 # producing inf ratios (and inf * 0 = NaN gradients) while leaving any realistic ratio untouched.
-_MAX_LOG_RATIO = 20.0
-_ADV_SCALES = ("group", "batch", "none")
-_KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
+LOG_RATIO_CLAMP = 20.0
+ADV_SCALES = ("group", "batch", "none")
+KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
 
 
 def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
@@ -138,8 +141,8 @@ def group_advantages(
     ``"none"``: ``r - mean_g`` (Dr. GRPO, Liu et al. 2025). Groups without signal (see :func:`zero_std_groups`)
     and masked entries get exactly 0; ``baseline`` is then subtracted from the remaining entries (seed form).
     """
-    if scale not in _ADV_SCALES:
-        raise ValueError(f"scale must be one of {_ADV_SCALES}, got {scale!r}")
+    if scale not in ADV_SCALES:
+        raise ValueError(f"scale must be one of {ADV_SCALES}, got {scale!r}")
     mask = _check_mask(mask, rewards, allow_empty=True)
     m = mask.to(rewards.dtype)
     r = torch.where(mask, rewards, torch.zeros_like(rewards))
@@ -166,9 +169,9 @@ def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
     ``k3``: ``exp(-d) - 1 + d`` (Schulman's k3, used by DeepSeekMath against the reference model).
     Callers mask invalid entries; ``d`` is clamped so masked ``-inf - -inf`` never reaches ``exp``.
     """
-    if estimator not in _KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {_KL_ESTIMATORS}, got {estimator!r}")
-    d = (logp - anchor_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+    d = (logp - anchor_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if estimator == "seed":
         return torch.exp(d) - 1 - d
     if estimator == "k1":
@@ -198,7 +201,9 @@ def grpo_loss(
     ``kl_estimator`` overrides the estimator. ``eps_high`` > ``eps_low`` is DAPO's clip-higher; ``dual_clip=c``
     bounds the loss of negative-advantage entries at ``-c * A`` (Ye et al. 2020). ``weights`` turn the mean into a
     weighted mean (the ``exact`` mode weights every candidate by its old-policy probability).
-    Returns the loss and float stats named as in TRL: ``pg_loss``, ``kl``, ``clip_ratio``, ``ratio_*``, ``entropy``.
+    Returns the loss and float stats: ``kl``, ``entropy``, ``clip_ratio`` (TRL's names; with the low and high
+    sides apart as ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, so clip-higher's effect shows), ``pg_loss``
+    (the clipped surrogate alone, verl's name) and ``ratio_mean``/``ratio_min``/``ratio_max``.
     """
     if logp.shape != old_logp.shape or logp.shape != advantages.shape:
         raise ValueError(
@@ -215,7 +220,7 @@ def grpo_loss(
     mask = _check_mask(mask, logp)
     zeros = torch.zeros_like(logp)
 
-    log_ratio = torch.where(mask, logp - old_logp, zeros).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    log_ratio = torch.where(mask, logp - old_logp, zeros).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     adv = torch.where(mask, advantages, zeros)
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
@@ -232,12 +237,16 @@ def grpo_loss(
 
     with torch.no_grad():
         ratio_valid = ratio[mask]
-        clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+        clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)
+        clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)
+        clipped = clipped_low | clipped_high
         probs_logp = torch.where(mask, torch.exp(logp) * logp, zeros)
         stats = {
             "pg_loss": _masked_mean(pg, mask, weights).item(),
             "kl": _masked_mean(kl, mask, weights).item(),
             "clip_ratio": clipped[mask].float().mean().item(),
+            "clip_ratio/low_mean": clipped_low[mask].float().mean().item(),
+            "clip_ratio/high_mean": clipped_high[mask].float().mean().item(),
             "ratio_mean": ratio_valid.mean().item(),
             "ratio_min": ratio_valid.min().item(),
             "ratio_max": ratio_valid.max().item(),

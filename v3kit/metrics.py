@@ -1,4 +1,4 @@
-"""Held-out ranking metrics (DESIGN.md "Metrics every run reports"), vectorised over groups."""
+"""Held-out ranking metrics (the table in ``docs/pipeline.md``), vectorised over groups."""
 
 from __future__ import annotations
 

@@ -1,34 +1,28 @@
-"""Support for the notebooks in ``notebooks/``: their shared config, reuse of earlier stages, output stripping.
+"""Support for the notebooks in ``notebooks/``: their shared config, named results for the tests, their sources.
 
-The three notebooks share one run directory (``runs/notebooks`` by default). Each can run alone or in order:
-:func:`ensure_stage1` and :func:`ensure_rce` reuse ``sft.pt`` / ``rce_epoch{N}.pt`` from an earlier notebook when
-they were made with the same data and settings (recorded in ``notebook_state.json``), and otherwise (re)make them,
-removing the later stages' outputs that were derived from the old ones.
+The notebooks' source of truth is a jupytext py:percent file per notebook (``notebooks/NN_name.py``); the
+``.ipynb`` beside it is generated (``make notebooks``), paired through jupytext and never committed, so running and
+saving a notebook in JupyterLab changes no tracked file except the code you edited. ``make lab`` syncs them first.
 
-Command line (``make strip-notebooks``)::
+Command line::
 
-    python -m v3kit.notebook_tools strip notebooks/*.ipynb   # drop outputs, execution counts, run metadata
-    python -m v3kit.notebook_tools check notebooks/*.ipynb   # exit 1 if any notebook is not clean
+    python -m v3kit.notebook_tools check   # exit 1 if a notebook source is not clean (one parameters cell, kernel)
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import pandas as pd
-
-from .config import RunConfig, from_dict, to_dict
-from .data import Splits
+from .config import RunConfig, from_dict
 from .model import ModelConfig
-from .rce import final_logit_temperature, run_rce
-from .sft import Stage1, load_sft, train_sft
-from .training import StageResult
+from .rce import final_logit_temperature
 
-STATE_FILE = "notebook_state.json"
+KERNEL = "v3kit"  # the Jupyter kernel `make lab` installs; the notebook sources name it
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository (for an editable install)
+
 
 # Sizes for smoke=True: each notebook runs in well under 30 s on 2 CPU cores.
 SMOKE = {"n_queries": 300, "sft_epochs": 4, "rce_epochs": 2, "grpo_epochs": 2}
@@ -57,7 +51,7 @@ def notebook_config(
     def pick(value: Any, name: str) -> Any:
         return value if value is not None else SMOKE.get(name) if smoke else None
 
-    raw: dict[str, Any] = {"run_dir": str(run_dir), "seed": int(seed), "progress": False,
+    raw: dict[str, Any] = {"run_dir": str(resolve_run_dir(run_dir)), "seed": int(seed), "progress": False,
                            "data": {"synthetic": {}}, "sft": {}, "rce": dict(rce or {}), "grpo": dict(grpo or {})}
     for section, key, value in (("synthetic", "n_queries", pick(n_queries, "n_queries")),
                                 ("sft", "epochs", pick(sft_epochs, "sft_epochs")),
@@ -70,161 +64,95 @@ def notebook_config(
     return from_dict(RunConfig, raw)
 
 
+def resolve_run_dir(run_dir: str | Path) -> Path:
+    """A relative ``run_dir`` is relative to the repository, not to the kernel's cwd (``notebooks/``), so the
+    notebooks write where the README says (``runs/notebooks``); outside a checkout, to the cwd."""
+    path = Path(run_dir).expanduser()
+    if path.is_absolute():
+        return path
+    root = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
+    return root / path
+
+
 def grpo_temperature(cfg: RunConfig, model_config: ModelConfig) -> float:
     """GRPO's logit temperature, resolved as the pipeline does (``same_as_rce_end`` follows RCE's schedule)."""
     return cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_config.sim_temperature))
 
 
-# ----------------------------------------------------------------------------------------------- stage reuse
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
+# ----------------------------------------------------------------------------------------------- results
+RESULT_MIME = "application/vnd.v3kit.result+json"
 
 
-def read_state(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
+def record(**values: Any) -> None:
+    """Attach named results to the running notebook's output (scrapbook-style glue), invisibly.
+
+    Tests read them back with :func:`read_results` instead of parsing printed text or counting cells, so rewording
+    a message or moving a cell breaks no test. Values must be JSON-serialisable (numbers, strings, lists, dicts).
+    """
+    from IPython.display import display
+
+    payload = json.loads(json.dumps(values, default=float))  # fail here, not in the test, on odd values
+    display({RESULT_MIME: payload, "text/plain": ""}, raw=True)
 
 
-def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
-
-
-def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> None:
-    """Remove outputs of ``stages`` (derived from an earlier stage that is being remade) and their log rows."""
-    removed = [p for s in stages for p in sorted(run_dir.glob(f"{s}_epoch*.pt"))]
-    for p in removed:
-        p.unlink()
-    metrics = run_dir / "metrics.csv"
-    if metrics.exists():
-        df = pd.read_csv(metrics)
-        if df["stage"].isin(stages).any():
-            df[~df["stage"].isin(stages)].to_csv(metrics, index=False)
-    for s in stages:
-        state.pop(s, None)
-    if removed:
-        print(f"removed {len(removed)} stale checkpoint(s) of {', '.join(stages)} made from the previous inputs")
-
-
-def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path | None = None,
-                  callbacks: Sequence[Any] = ()) -> Stage1:
-    """Stage 1 on ``cfg.run_dir/sft.pt``: copy ``sft_checkpoint`` there if given, else reuse the one an earlier
-    notebook made with the same data and SFT settings, else train SFT (``callbacks`` see that training)."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = read_state(run_dir)
-    sft_path = run_dir / "sft.pt"
-    data_sig = _jsonable({"seed": cfg.seed, "data": to_dict(cfg.data)})
-    sft_sig = _jsonable({"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)})
-    prev = state.get("stage1")
-    if sft_checkpoint is not None:
-        src = Path(sft_checkpoint).resolve()
-        want = {"data": data_sig, "sft": {"external": str(src)}}
-        if src != sft_path.resolve():
-            shutil.copyfile(src, sft_path)
-        print(f"using the given SFT checkpoint {src} (copied to {sft_path})")
-    elif (sft_path.exists() and prev is not None and prev.get("data") == data_sig
-          and (prev.get("sft") == sft_sig or "external" in prev.get("sft", {}))):
-        want = prev
-        print(f"reusing {sft_path} (same data and SFT settings as the notebook that made it)")
-    else:
-        want = {"data": data_sig, "sft": sft_sig}
-        why = "none in the run dir yet" if not sft_path.exists() else "data or SFT settings changed"
-        print(f"training SFT ({why}) -> {sft_path}")
-        _invalidate(run_dir, ("rce", "grpo"), state)
-        train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=run_dir, callbacks=callbacks,
-                  progress=cfg.progress)
-    if prev != want:
-        _invalidate(run_dir, ("rce", "grpo"), state)
-    state["stage1"] = want
-    _write_state(run_dir, state)
-    return load_sft(sft_path, splits.train)
-
-
-def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Sequence[Any] = (),
-               fresh: bool = False) -> StageResult:
-    """Stage 2 on ``stage1.policy`` (in place): reuse ``rce_epoch{epochs}.pt`` made from the same stage 1 with the
-    same RCE settings (unless ``fresh``), else train RCE. ``result.model`` is the post-RCE policy."""
-    run_dir = Path(cfg.run_dir)
-    state = read_state(run_dir)
-    want = _jsonable({"stage1": state.get("stage1"), "rce": to_dict(cfg.rce)})
-    last = run_dir / f"rce_epoch{cfg.rce.epochs}.pt"
-    reuse = not fresh and state.get("rce") == want and (cfg.rce.epochs == 0 or last.exists())
-    if reuse:
-        print(f"reusing {last.name} (same SFT and RCE settings as the notebook that made it)")
-    else:
-        print(f"training RCE for {cfg.rce.epochs} epoch(s) -> {run_dir}/rce_epoch*.pt")
-        _invalidate(run_dir, ("rce", "grpo"), state)
-    result = run_rce(stage1.policy, splits, cfg.rce, model_config=stage1.model_config, reference=stage1.reference,
-                     seed=cfg.seed, run_dir=run_dir, resume=reuse, callbacks=callbacks, progress=cfg.progress)
-    state["rce"] = want
-    _write_state(run_dir, state)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------- stripping
-def _nbformat() -> Any:
-    import nbformat
-
-    return nbformat
-
-
-def strip_notebook(nb: Any) -> bool:
-    """Drop outputs, execution counts and per-run metadata from ``nb`` in place; True if anything changed."""
-    before = json.dumps(nb, sort_keys=True, default=str)
-    for key in ("widgets", "papermill"):
-        nb.metadata.pop(key, None)
+def read_results(nb: Any) -> dict[str, Any]:
+    """Every value :func:`record` attached to an executed notebook (later records win)."""
+    found: dict[str, Any] = {}
     for cell in nb.cells:
-        for key in ("execution", "papermill", "scrolled", "collapsed"):
-            cell.metadata.pop(key, None)
-        if cell.cell_type == "code":
-            cell.outputs = []
-            cell.execution_count = None
-    return json.dumps(nb, sort_keys=True, default=str) != before
-
-
-def notebook_problems(path: str | Path) -> list[str]:
-    """Why a committed notebook is not clean: outputs, execution counts, run metadata, not one ``parameters`` cell."""
-    nb = _nbformat().read(str(path), as_version=4)
-    found = []
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "code":
-            continue
-        if cell.get("outputs"):
-            found.append(f"{path}: cell {i} has {len(cell.outputs)} output(s)")
-        if cell.get("execution_count") is not None:
-            found.append(f"{path}: cell {i} has execution_count {cell.execution_count}")
-        if "injected-parameters" in cell.metadata.get("tags", []):
-            found.append(f"{path}: cell {i} is papermill's injected-parameters cell")
-    if "widgets" in nb.metadata or "papermill" in nb.metadata:
-        found.append(f"{path}: notebook metadata holds run state (widgets/papermill)")
-    n_params = sum("parameters" in c.metadata.get("tags", []) for c in nb.cells)
-    if n_params != 1:
-        found.append(f"{path}: {n_params} cells tagged 'parameters' (papermill needs exactly one)")
+        for out in cell.get("outputs", []):
+            found.update(out.get("data", {}).get(RESULT_MIME, {}))
     return found
 
 
-def strip(paths: Sequence[str | Path]) -> list[Path]:
-    """Strip notebooks in place; return those that changed."""
-    nbf = _nbformat()
-    changed = []
-    for p in map(Path, paths):
-        nb = nbf.read(str(p), as_version=4)
-        if strip_notebook(nb):
-            nbf.write(nb, str(p))
-            changed.append(p)
-    return changed
+# ----------------------------------------------------------------------------------------------- sources
+def _jupytext() -> Any:
+    import jupytext
+
+    return jupytext
+
+
+def source_files(nb_dir: str | Path = PROJECT_ROOT / "notebooks") -> list[Path]:
+    """The notebooks' sources of truth: py:percent files ``NN_name.py`` (the ``.ipynb`` are generated)."""
+    return sorted(Path(nb_dir).glob("[0-9][0-9]_*.py"))
+
+
+def to_ipynb(source: str | Path, dest: str | Path, parameters: dict[str, Any] | None = None) -> Path:
+    """Write the notebook of a py:percent ``source`` to ``dest`` (no outputs), with ``parameters`` injected after
+    its ``parameters`` cell the way papermill does."""
+    nb = _jupytext().read(str(source))
+    if parameters:
+        from papermill.parameterize import parameterize_notebook
+
+        nb = parameterize_notebook(nb, parameters)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _jupytext().write(nb, str(dest), fmt="ipynb")
+    return dest
+
+
+def source_problems(path: str | Path) -> list[str]:
+    """Why a notebook source is not as committed sources must be: not exactly one ``parameters`` cell, papermill's
+    injected cell, or another kernel than the project's."""
+    nb = _jupytext().read(str(path))
+    found = []
+    n_params = sum("parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    if n_params != 1:
+        found.append(f"{path}: {n_params} cells tagged 'parameters' (papermill needs exactly one)")
+    if any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells):
+        found.append(f"{path}: holds papermill's injected-parameters cell; delete it")
+    kernel = nb.metadata.get("kernelspec", {}).get("name")
+    if kernel != KERNEL:
+        found.append(f"{path}: kernel {kernel!r}, expected {KERNEL!r} (the kernel `make lab` installs)")
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m v3kit.notebook_tools check [SOURCE.py ...]``: exit 1 if a notebook source is not clean."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 2 or args[0] not in ("strip", "check"):
-        print("usage: python -m v3kit.notebook_tools {strip|check} NOTEBOOK.ipynb ...", file=sys.stderr)
+    if not args or args[0] != "check":
+        print("usage: python -m v3kit.notebook_tools check [notebooks/NN_name.py ...]", file=sys.stderr)
         return 2
-    if args[0] == "strip":
-        for p in strip(args[1:]):
-            print(f"stripped {p}")
-        return 0
-    problems = [msg for p in args[1:] for msg in notebook_problems(p)]
+    problems = [msg for p in (args[1:] or source_files()) for msg in source_problems(p)]
     for msg in problems:
         print(msg, file=sys.stderr)
     return 1 if problems else 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -124,3 +126,101 @@ def run_pipeline(
     table.to_csv(run_dir / "summary.csv")
     return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
                           models=models)
+
+
+# ------------------------------------------------------------------------------------ stage reuse (notebooks)
+# The notebooks share one run directory and each can also run alone: ensure_stage1 / ensure_rce reuse sft.pt /
+# rce_epoch{N}.pt when an earlier notebook made them from the same data and settings (recorded in
+# notebook_state.json), and otherwise (re)make them, removing later stages' outputs derived from the old ones.
+STATE_FILE = "notebook_state.json"
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def read_state(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+
+
+def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> None:
+    """Remove outputs of ``stages`` (derived from an earlier stage that is being remade) and their log rows."""
+    removed = [p for s in stages for p in sorted(run_dir.glob(f"{s}_epoch*.pt"))]
+    for p in removed:
+        p.unlink()
+    metrics = run_dir / "metrics.csv"
+    if metrics.exists():
+        df = pd.read_csv(metrics)
+        if df["stage"].isin(stages).any():
+            df[~df["stage"].isin(stages)].to_csv(metrics, index=False)
+    for s in stages:
+        state.pop(s, None)
+    if removed:
+        print(f"removed {len(removed)} stale checkpoint(s) of {', '.join(stages)} made from the previous inputs")
+
+
+def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path | None = None,
+                  callbacks: Sequence[Any] = ()) -> Stage1:
+    """Stage 1 on ``cfg.run_dir/sft.pt``: copy ``sft_checkpoint`` there if given, else reuse the one an earlier
+    notebook made with the same data and SFT settings, else train SFT (``callbacks`` see that training)."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = read_state(run_dir)
+    sft_path = run_dir / "sft.pt"
+    data_sig = _jsonable({"seed": cfg.seed, "data": to_dict(cfg.data)})
+    sft_sig = _jsonable({"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)})
+    prev = state.get("stage1")
+    if sft_checkpoint is not None:
+        src = Path(sft_checkpoint).resolve()
+        want = {"data": data_sig, "sft": {"external": str(src)}}
+        if src != sft_path.resolve():
+            shutil.copyfile(src, sft_path)
+        print(f"using the given SFT checkpoint {src} (copied to {sft_path})")
+        origin = "given"
+    elif (sft_path.exists() and prev is not None and prev.get("data") == data_sig
+          and (prev.get("sft") == sft_sig or "external" in prev.get("sft", {}))):
+        want = prev
+        print(f"reusing {sft_path} (same data and SFT settings as the notebook that made it)")
+        origin = "reused"
+    else:
+        want = {"data": data_sig, "sft": sft_sig}
+        why = "none in the run dir yet" if not sft_path.exists() else "data or SFT settings changed"
+        print(f"training SFT ({why}) -> {sft_path}")
+        origin = "trained"
+        _invalidate(run_dir, ("rce", "grpo"), state)
+        train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=run_dir, callbacks=callbacks,
+                  progress=cfg.progress)
+    if prev != want:
+        _invalidate(run_dir, ("rce", "grpo"), state)
+    state["stage1"] = want
+    _write_state(run_dir, state)
+    stage1 = load_sft(sft_path, splits.train)
+    stage1.origin = origin
+    return stage1
+
+
+def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Sequence[Any] = (),
+               fresh: bool = False) -> StageResult:
+    """Stage 2 on ``stage1.policy`` (in place): reuse ``rce_epoch{epochs}.pt`` made from the same stage 1 with the
+    same RCE settings (unless ``fresh``), else train RCE. ``result.model`` is the post-RCE policy."""
+    run_dir = Path(cfg.run_dir)
+    state = read_state(run_dir)
+    want = _jsonable({"stage1": state.get("stage1"), "rce": to_dict(cfg.rce)})
+    last = run_dir / f"rce_epoch{cfg.rce.epochs}.pt"
+    reuse = not fresh and state.get("rce") == want and (cfg.rce.epochs == 0 or last.exists())
+    if reuse:
+        print(f"reusing {last.name} (same SFT and RCE settings as the notebook that made it)")
+    else:
+        print(f"training RCE for {cfg.rce.epochs} epoch(s) -> {run_dir}/rce_epoch*.pt")
+        _invalidate(run_dir, ("rce", "grpo"), state)
+    result = run_rce(stage1.policy, splits, cfg.rce, model_config=stage1.model_config, reference=stage1.reference,
+                     seed=cfg.seed, run_dir=run_dir, resume=reuse, callbacks=callbacks, progress=cfg.progress)
+    state["rce"] = want
+    _write_state(run_dir, state)
+    result.info["origin"] = "reused" if reuse else "trained"
+    return result

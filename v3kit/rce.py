@@ -6,7 +6,7 @@ softmax(rewards / T)``. ``T`` goes linearly from ``t_start`` (2.0, soft targets 
 
 The seed does not say what ``T`` divides. ``temperature_target="rewards"`` (default) sharpens the targets and
 leaves the policy's logit scale alone; ``"logits"`` anneals the policy's own temperature instead (targets use the
-fixed ``reward_temperature``), which changes the log-prob scale GRPO's ratio later sees (DESIGN.md suspect 5).
+fixed ``reward_temperature``), which changes the log-prob scale GRPO's ratio later sees (suspect 5 in ``docs/pipeline.md``).
 """
 
 from __future__ import annotations

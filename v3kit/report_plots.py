@@ -1,6 +1,7 @@
 """Figures for the ablation report (notebook 04): forest plots, training curves, sweeps, world knobs.
 
-Every function takes the frames that :mod:`v3kit.ablate` produces and returns a matplotlib ``Figure``; nothing
+Every function takes the frames that :mod:`v3kit.ablate` produces and returns a plain matplotlib ``Figure`` (show it with
+:func:`v3kit.plots.show`); nothing
 here computes a statistic that :func:`v3kit.ablate.summarize` does not already hold.
 """
 
@@ -18,10 +19,12 @@ from .config import parse_override
 _COLORS = {"better": "tab:green", "worse": "tab:red", "n.s.": "tab:gray", "": "tab:gray"}
 
 
-def _plt() -> Any:
-    import matplotlib.pyplot as plt  # imported lazily: the CLI and tests of ablate.py need no matplotlib
+def _subplots(nrows: int, ncols: int, *, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
+    """A plain ``Figure`` and its axes (the one plotting style of :mod:`v3kit.plots`: no pyplot state)."""
+    from matplotlib.figure import Figure  # imported lazily: the CLI and tests of the ablation need no matplotlib
 
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def forest_plot(
@@ -35,14 +38,13 @@ def forest_plot(
 ) -> Any:
     """One panel per metric: each variant's paired difference to SFT (``against="sft"``) or to the grid's reference
     (``"reference"``) with its 95% CI; green/red = significantly better/worse, grey = interval contains 0."""
-    plt = _plt()
     s = summary[summary["world"] == world]
     order = list(variants) if variants is not None else list(dict.fromkeys(s["variant"]))
     col, lo, hi, verdict = (("diff", "diff_low", "diff_high", "verdict") if against == "sft" else
                             ("vs_ref", "vs_ref_low", "vs_ref_high", "vs_ref_verdict"))
     if col not in s.columns:
         raise ValueError(f"summary has no {col!r} column; summarize(..., reference=...) adds the reference columns")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.28 * len(order) + 1.4), sharey=True,
+    fig, axes = _subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.28 * len(order) + 1.4), sharey=True,
                              squeeze=False)
     y = np.arange(len(order))[::-1]
     for ax, m in zip(axes[0], metrics):
@@ -82,7 +84,6 @@ def curves_plot(
 ) -> Any:
     """Held-out validation curves (mean over seeds, band = min..max) of some variants; x = epochs after SFT (RCE
     then GRPO) or, with ``stage="grpo"``, GRPO epochs only. ``mark`` draws a vertical line (e.g. the seed's 8)."""
-    plt = _plt()
     val = frame[(frame["split"] == "val") & (frame["world"] == world) & frame["variant"].isin(variants)].copy()
     if stage is not None:
         val = val[val["stage"] == stage]
@@ -96,7 +97,7 @@ def curves_plot(
         grpo = val["stage"] == "grpo"
         val = val[~(grpo & (val["epoch"] == 0) & (val["rce_epochs"] > 0))]
         val["x"] = val["epoch"] + np.where(val["stage"] == "grpo", val["rce_epochs"], 0)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
+    fig, axes = _subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for v in variants:
             g = val[val["variant"] == v].groupby("x")[m]
@@ -127,8 +128,7 @@ def train_curves_plot(
     smooth: int = 10,
 ) -> Any:
     """Per-step training logs (``metrics.csv``) of one stage for a few runs, side by side (rolling mean)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.0), squeeze=False)
+    fig, axes = _subplots(1, len(columns), figsize=(3.6 * len(columns), 3.0), squeeze=False)
     for label, rd in run_dirs.items():
         df = pd.read_csv(Path(rd) / "metrics.csv")
         tr = df[(df["stage"] == stage) & (df["split"] == "train")]
@@ -154,10 +154,9 @@ def sweep_plot(
     world: str = BASE_WORLD,
 ) -> Any:
     """Difference to SFT (95% CI) against the value of config ``key`` across ``variants`` (e.g. a kl_beta sweep)."""
-    plt = _plt()
     xs = {v: spec.value(v, key, world) for v in variants}
     s = summary[(summary["world"] == world) & summary["variant"].isin(variants)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.0), squeeze=False)
+    fig, axes = _subplots(1, len(metrics), figsize=(4 * len(metrics), 3.0), squeeze=False)
     positive = [x for x in xs.values() if x > 0]
     symlog = bool(positive) and min(xs.values()) >= 0 and max(xs.values()) / min(positive) > 20
     for ax, m in zip(axes[0], metrics):
@@ -205,13 +204,12 @@ def world_plot(
 ) -> Any:
     """Rows = world knobs (e.g. reward_bias, reward_noise), columns = metrics: each variant's difference to its
     world's own SFT (95% CI) against the knob's value. Above 0 the variant helps in that world, below it hurts."""
-    plt = _plt()
     knobs = world_knobs(spec)
     if not knobs:
         raise ValueError("the grid has no single-key worlds to plot; add 'worlds.levels' to the grid")
     if variants is None:
         variants = [v for v in dict.fromkeys(summary[summary["world"] != BASE_WORLD]["variant"])]
-    fig, axes = plt.subplots(len(knobs), len(metrics), figsize=(4 * len(metrics), 3.0 * len(knobs)), squeeze=False)
+    fig, axes = _subplots(len(knobs), len(metrics), figsize=(4 * len(metrics), 3.0 * len(knobs)), squeeze=False)
     for row, (knob, values) in zip(axes, knobs.items()):
         for ax, m in zip(row, metrics):
             for i, v in enumerate(variants):

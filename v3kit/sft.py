@@ -74,6 +74,7 @@ class Stage1:
     temperature: float  # logit temperature the old log-probs were computed at
     model_config: ModelConfig
     checkpoint: Path | None = None
+    origin: str = "loaded"  # how the run dir got its SFT checkpoint (notebooks): "trained" | "reused" | "given"
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -25,7 +25,8 @@ from torch import nn
 from .config import RunConfig
 from .data import Splits
 from .grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
-from .live import Throttle, figure_png, live_default, smooth
+from .live import Throttle
+from .plots import figure_png, live_default, smooth
 from .notebook_tools import grpo_temperature
 from .sft import Stage1, sft_baseline
 from .training import split_rows
@@ -127,8 +128,9 @@ class ComparePanel:
         self.button = w.Button(description="Run GRPO", button_style="primary", icon="play")
         self.button.on_click(self._on_click)
         self.status = w.HTML("set the knobs and press Run; every run starts from the same post-RCE policy")
-        self.image = w.Image(format="png")
-        self.table_html = w.HTML()
+        # Both scale to the notebook's width: a wide results table scrolls instead of overflowing the page.
+        self.image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
+        self.table_html = w.HTML(layout=w.Layout(width="100%", overflow_x="auto"))
         self.widget = w.VBox([
             w.HBox([self.kl_beta, self.lr]), w.HBox([self.eps_low, self.eps_high]),
             w.HBox([self.epochs, self.old_policy]), self.kl_reference, w.HBox([self.button, self.status]),

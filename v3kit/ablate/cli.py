@@ -1,0 +1,37 @@
+"""``v3kit ablate``: run a grid and print its summary and conclusions."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+
+from .grid import load_grid
+from .report import conclusions, format_summary
+from .runner import run_grid
+from .stats import compare
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    spec = load_grid(args.grid, args.set or [])
+    res = run_grid(spec, args.out, workers=args.workers, progress=not args.no_progress,
+                   keep_checkpoints=args.keep_checkpoints)
+    summary = res.summary()
+    print(f"\n{res.executed} run(s) executed, {res.skipped} skipped (already done) in {res.wall_s:.0f} s; "
+          f"results in {res.out_dir}")
+    print(format_summary(summary))
+    comparisons = compare(res.frame, res.per_query, spec.questions) if spec.questions else None
+    print("\n" + conclusions(summary, reference=spec.reference, comparisons=comparisons))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser("ablate", help="run a grid of variants x seeds from one SFT checkpoint; print the "
+                                             "summary with bootstrap CIs")
+    p.add_argument("--grid", required=True, help="grid YAML (e.g. configs/ablate_default.yaml)")
+    p.add_argument("--out", help="output directory (default: runs/ablate/<grid name>)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one torch thread each)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override added to the grid's base")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's per-epoch checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ablate)

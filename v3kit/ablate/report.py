@@ -1,0 +1,102 @@
+"""Text report of a grid: the summary table and the conclusions generated from its intervals."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import pandas as pd
+
+
+from .grid import BASE_WORLD, KEY_METRICS, METRIC_DIRECTION
+
+def _fmt_diff(d: float, lo: float, hi: float) -> str:
+    return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def conclusions(
+    summary: pd.DataFrame,
+    *,
+    metrics: Sequence[str] = KEY_METRICS,
+    reference: str | None = None,
+    world: str = BASE_WORLD,
+    comparisons: pd.DataFrame | None = None,
+    sft_variant: str | None = None,
+) -> str:
+    """A plain-text verdict generated from :func:`summarize`'s numbers (nothing hand-written that could go stale):
+    which variants are significantly better/worse than SFT and than ``reference`` on each metric, the answers to
+    the grid's questions, and, when the summary has several worlds, where the swept variants help or hurt.
+    ``sft_variant`` (the variant that is SFT itself; default: the one whose difference to SFT is exactly 0 on every
+    metric) is left out of the lists."""
+    reference = reference or summary.attrs.get("reference")
+    s = summary[(summary["world"] == world) & summary["metric"].isin(metrics)]
+    if s.empty:
+        return f"No results for world {world!r}."
+    if sft_variant is None:  # a variant identical to SFT on every metric (no RCE, no GRPO) is the baseline itself
+        same = s.groupby("variant")[["diff", "diff_low", "diff_high"]].apply(lambda g: bool((g == 0).all().all()))
+        sft_variant = next(iter(same[same].index), None)
+    n_seeds = int(s["n_seeds"].min())
+    method = ", ".join(sorted(s["ci_method"].unique()))
+    lines = [f"World '{world}': {s['variant'].nunique()} variants x {n_seeds}+ seeds; 95% bootstrap CIs over "
+             f"{method}; 'better'/'worse' = the CI of the paired difference excludes 0."]
+    n_tests = len(s)
+    lines.append(f"({n_tests} variant x metric comparisons at 95%: expect about {0.05 * n_tests:.0f} "
+                 "'significant' by chance; trust effects that are large or consistent across metrics.)")
+    if reference is not None and reference in set(s["variant"]):
+        ref = s[s["variant"] == reference].set_index("metric")
+        parts = [f"{m} {ref.loc[m, 'mean']:.3f} vs SFT {ref.loc[m, 'sft']:.3f}: "
+                 f"{_fmt_diff(ref.loc[m, 'diff'], ref.loc[m, 'diff_low'], ref.loc[m, 'diff_high'])} "
+                 f"({ref.loc[m, 'verdict']})" for m in metrics if m in ref.index]
+        lines.append(f"\nThe reference '{reference}' vs SFT: " + "; ".join(parts) + ".")
+    s = s[s["variant"] != sft_variant]
+    for m in metrics:
+        sm = s[s["metric"] == m]
+        if sm.empty:
+            continue
+        lines.append(f"\n{m}:")
+        for label, verdict in (("better than SFT", "better"), ("worse than SFT", "worse")):
+            hit = sm[sm["verdict"] == verdict].sort_values("diff", ascending=verdict == "worse")
+            items = ", ".join(f"{r.variant} {_fmt_diff(r.diff, r.diff_low, r.diff_high)}" for r in hit.itertuples())
+            lines.append(f"  significantly {label}: {items or 'none'}")
+        if reference is not None and "vs_ref_verdict" in sm.columns:
+            for label, verdict in (("better", "better"), ("worse", "worse")):
+                hit = sm[sm["vs_ref_verdict"] == verdict].sort_values("vs_ref", ascending=verdict == "worse")
+                items = ", ".join(f"{r.variant} {_fmt_diff(r.vs_ref, r.vs_ref_low, r.vs_ref_high)}"
+                                  for r in hit.itertuples())
+                lines.append(f"  significantly {label} than '{reference}': {items or 'none'}")
+        d = METRIC_DIRECTION[m]
+        top = sm.sort_values("diff", ascending=d < 0).iloc[0]
+        lines.append(f"  best mean: {top.variant} ({top['mean']:.3f}, vs SFT "
+                     f"{_fmt_diff(top['diff'], top.diff_low, top.diff_high)}, {top.verdict})")
+    if comparisons is not None and not comparisons.empty:
+        lines.append("\nQuestions (paired difference a - b):")
+        for q, grp in comparisons.groupby("question", sort=False):
+            a, b = grp.iloc[0]["a"], grp.iloc[0]["b"]
+            parts = [f"{r.metric} {_fmt_diff(r.diff, r.low, r.high)} {r.verdict}" for r in grp.itertuples()]
+            lines.append(f"  {q} ({a} - {b}): " + "; ".join(parts))
+    others = [w for w in summary["world"].unique() if w != world]
+    if others:
+        swept = list(dict.fromkeys(summary[summary["world"].isin(others)]["variant"]))
+        lines.append(f"\nAcross worlds (difference to each world's own SFT) for {', '.join(swept)}:")
+        sw = summary[summary["metric"].isin(metrics) & summary["variant"].isin(swept)]
+        for w in [world, *others]:
+            for v, grp in sw[sw["world"] == w].groupby("variant", sort=False):
+                parts = [f"{r.metric} {_fmt_diff(r.diff, r.diff_low, r.diff_high)} {r.verdict}"
+                         for r in grp.itertuples()]
+                lines.append(f"  {w} / {v}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS, world: str | None = None) -> str:
+    """A compact text table: per variant and metric, mean and the difference to SFT with its CI and verdict."""
+    s = summary[summary["metric"].isin(metrics)]
+    if world is not None:
+        s = s[s["world"] == world]
+    cells = s.assign(cell=[f"{r['mean']:.3f} {_fmt_diff(r['diff'], r['diff_low'], r['diff_high'])} {r['verdict']}"
+                           for _, r in s.iterrows()])
+    table = cells.pivot_table(index=["world", "variant"], columns="metric", values="cell", aggfunc="first",
+                              sort=False)
+    table = table[[m for m in metrics if m in table.columns]]
+    with pd.option_context("display.width", 250, "display.max_colwidth", 60, "display.max_rows", 500):
+        return "mean, difference to SFT [95% CI], verdict\n" + table.to_string()
+
+

@@ -1,0 +1,400 @@
+"""Running a grid: one SFT per world, every (variant, seed) run from it, resumable, in parallel workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import yaml
+from tqdm.auto import tqdm
+
+from ..config import RunConfig, to_dict
+
+from .grid import (_RUN_INFO, _RUNNER_KEYS, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS,
+                   GridError, GridSpec, load_grid)
+from .stats import summarize
+
+def _config_hash(cfg: RunConfig, extra: str = "") -> str:
+    d = to_dict(cfg)
+    for k in _RUNNER_KEYS:
+        d.pop(k, None)
+    d["seed"] = cfg.seed
+    return hashlib.sha1((json.dumps(d, sort_keys=True, default=str) + extra).encode()).hexdigest()[:16]
+
+
+def _sft_hash(cfg: RunConfig) -> str:
+    d = {k: to_dict(cfg)[k] for k in _SHARED_SECTIONS}
+    d["seed"] = cfg.seed
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_frame(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".parquet":
+        frame.to_parquet(tmp, index=False)
+    else:
+        frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def per_query_outcomes(model: Any, data: Any, temperature: float, reference: Any) -> dict[str, np.ndarray]:
+    """Per test query: the :data:`PER_QUERY_METRICS` of ``model`` (their means are
+    :func:`v3kit.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal)."""
+    from ..metrics import per_group_metrics
+    from ..model import compute_log_probs
+
+    logp = compute_log_probs(model, data, temperature)
+    ref = compute_log_probs(reference, data, temperature)
+    out = per_group_metrics(logp, data.labels, data.rewards, data.mask, utility=data.utility, logp=logp,
+                            ref_logp=ref)
+    return {k: v.double().numpy() for k, v in out.items() if k in PER_QUERY_METRICS}
+
+
+_SPLITS_CACHE: dict[str, Any] = {}
+
+
+def _splits_for(cfg: RunConfig) -> Any:
+    """The world's splits (cached per process: every run of a world in this worker reuses them)."""
+    from ..pipeline import prepare_data
+
+    key = json.dumps({"data": to_dict(cfg)["data"], "seed": cfg.seed}, sort_keys=True, default=str)
+    if key not in _SPLITS_CACHE:
+        _SPLITS_CACHE.clear()  # one world at a time is plenty; keeps memory flat
+        _SPLITS_CACHE[key] = prepare_data(cfg)
+    return _SPLITS_CACHE[key]
+
+
+@dataclass
+class _SFTTask:
+    world: str
+    cfg: RunConfig
+    path: Path
+    hash: str
+
+
+@dataclass
+class _RunTask:
+    world: str
+    variant: str
+    seed: int
+    cfg: RunConfig
+    split_cfg: RunConfig  # the world's SFT config: its seed fixes the split
+    sft_path: Path
+    result_path: Path
+    hash: str
+    keep_checkpoints: bool = False
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # N workers x 1 thread each: no oversubscription of the cores
+
+
+def _train_sft(task: _SFTTask) -> str:
+    from ..sft import train_sft
+
+    splits = _splits_for(task.cfg)
+    train_sft(splits, task.cfg.model, task.cfg.sft, seed=task.cfg.seed, run_dir=task.path.parent, progress=False)
+    for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
+        p.unlink()
+    _atomic_write(task.path.parent / "sft.hash", task.hash)
+    return task.world
+
+
+def _execute(task: _RunTask) -> dict[str, Any]:
+    """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
+    from ..pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    splits = _splits_for(task.split_cfg)
+    res = run_pipeline(task.cfg, sft_checkpoint=task.sft_path, splits=splits)
+    run_dir = Path(task.cfg.run_dir)
+    keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
+    info = {k: float(res.grpo.info[k]) for k in _RUN_INFO if k in res.grpo.info}
+    rows = []
+    for stage, hist in (("rce", res.rce.eval_history), ("grpo", res.grpo.eval_history)):
+        for rec in hist.to_dict("records"):
+            row = {**keys, "split": "val", "stage": stage, "epoch": int(rec["epoch"])}
+            row.update({m: rec[m] for m in METRIC_DIRECTION if m in rec and pd.notna(rec[m])})
+            rows.append(row)
+    epochs = {"sft": task.cfg.sft.epochs, "rce": task.cfg.rce.epochs, "grpo": task.cfg.grpo.epochs}
+    for stage, rec in res.table.iterrows():
+        rows.append({**keys, "split": "test", "stage": stage, "epoch": epochs[stage],
+                     **{k: float(v) for k, v in rec.items()}})
+    temperature = res.stage1.model_config.sim_temperature  # as pipeline.stage_table evaluates
+    test = splits.test
+    pq = {name: {k: v.tolist() for k, v in per_query_outcomes(res.models[name], test, temperature,
+                                                               res.models["sft"]).items()}
+          for name in ("sft", "grpo")}
+    wall = time.perf_counter() - t0
+    payload = {"hash": task.hash, **keys, "run_dir": str(run_dir), "wall_s": wall, "info": info, "rows": rows,
+               "per_query": pq, "query_ids": list(test.query_ids)}
+    if not task.keep_checkpoints:  # ~5 MB of per-epoch checkpoints per run; metrics.csv is what the doctor reads
+        for p in run_dir.glob("*_epoch*.pt"):
+            p.unlink()
+    _atomic_write(task.result_path, json.dumps(payload))
+    return {**keys, "wall_s": wall}
+
+
+
+@dataclass
+class GridResult:
+    spec: GridSpec
+    out_dir: Path
+    frame: pd.DataFrame  # tidy: world, variant, seed, split (val|test), stage, epoch, metrics, run info, run_dir
+    per_query: pd.DataFrame  # world, variant, seed, stage (sft|grpo), query, per-query metrics (test split)
+    best: str | None = None  # the variant '@best' resolved to
+    executed: int = 0
+    skipped: int = 0
+    wall_s: float = 0.0
+    _summaries: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)  # summary() cache
+
+    def run_dir(self, variant: str, seed: int | None = None, world: str = BASE_WORLD) -> Path:
+        """Where a run's ``metrics.csv``/``config.yaml`` live (what ``v3kit.diagnose`` reads)."""
+        return _run_dir(self.out_dir, world, variant, self.spec.seeds[0] if seed is None else seed)
+
+    def summary(self, *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0,
+                metrics: Sequence[str] | None = None) -> pd.DataFrame:
+        """:func:`summarize` of this grid with the grid's reference (cached per set of arguments)."""
+        key = json.dumps([n_boot, ci, seed, list(metrics or [])])
+        if key not in self._summaries:
+            self._summaries[key] = summarize(self.frame, self.per_query, reference=self.spec.reference,
+                                             n_boot=n_boot, ci=ci, seed=seed, metrics=metrics)
+        return self._summaries[key]
+
+
+def _run_dir(out: Path, world: str, variant: str, seed: int) -> Path:
+    return out / world / variant / f"seed{seed}"
+
+
+def _load_result(path: Path, expected_hash: str) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing or half-written by a killed older version: rerun
+    return payload if payload.get("hash") == expected_hash else None
+
+
+def _run_tasks(fn: Callable[[Any], Any], tasks: list[Any], workers: int, bar: Any, pool: Any,
+               errors: list[str]) -> None:
+    def label(t: Any) -> str:
+        return f"{t.world}/{getattr(t, 'variant', 'sft')}/seed{getattr(t, 'seed', t.cfg.seed)}"
+
+    if pool is None:
+        for t in tasks:
+            try:
+                fn(t)
+            except Exception:  # keep the other runs going; report them all at the end
+                errors.append(f"{label(t)}:\n{traceback.format_exc()}")
+            if bar is not None:
+                bar.update(1)
+        return
+    futures = {pool.submit(fn, t): t for t in tasks}
+    for fut in as_completed(futures):
+        try:
+            fut.result()
+        except Exception as e:
+            errors.append(f"{label(futures[fut])}: {type(e).__name__}: {e}")
+        if bar is not None:
+            bar.update(1)
+
+
+def run_grid(
+    spec: GridSpec | str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    keep_checkpoints: bool = False,
+    overrides: Sequence[str] = (),
+) -> GridResult:
+    """Run every (world, variant, seed) of ``spec`` (skipping finished runs) and collect the tidy results.
+
+    ``workers > 1`` runs that many spawned processes with one torch thread each. Outputs in ``out_dir``
+    (default ``runs/ablate/<grid name>``): ``results.{csv,parquet}``, ``per_query.parquet``, ``summary.csv`` and
+    one run directory per run (``<world>/<variant>/seed<k>/``).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(spec, GridSpec):
+        spec = load_grid(spec, overrides)
+    elif overrides:
+        spec = dataclasses.replace(spec, base=[*spec.base, *overrides])
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out = Path(out_dir) if out_dir is not None else Path("runs/ablate") / spec.name
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "grid.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False))
+
+    # SFT checkpoints, one per world (retrained only if the data/model/sft config changed).
+    sft_tasks, sft_cfgs = [], {}
+    for world in spec.world_names():
+        cfg = spec.base_config(world, [f"seed={spec.sft_seed}", f"run_dir={out / world / 'sft'}", "progress=false"])
+        sft_cfgs[world] = cfg
+        path, h = out / world / "sft" / "sft.pt", _sft_hash(cfg)
+        hash_file = path.parent / "sft.hash"
+        if not (path.exists() and hash_file.exists() and hash_file.read_text() == h):
+            sft_tasks.append(_SFTTask(world=world, cfg=cfg, path=path, hash=h))
+
+    def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
+        tasks, skipped = [], 0
+        sft_cfg = sft_cfgs[world]
+        for variant in variants:
+            for seed in seeds:
+                rd = _run_dir(out, world, variant, seed)
+                cfg = spec.resolve(world, variant, seed, rd)
+                h = _config_hash(cfg, _sft_hash(sft_cfg))
+                result_path = rd / "result.json"
+                if _load_result(result_path, h) is not None:
+                    skipped += 1
+                    continue
+                tasks.append(_RunTask(world=world, variant=variant, seed=seed, cfg=cfg, split_cfg=sft_cfg,
+                                      sft_path=out / world / "sft" / "sft.pt", result_path=result_path, hash=h,
+                                      keep_checkpoints=keep_checkpoints))
+        return tasks, skipped
+
+    base_tasks, skipped = plan(BASE_WORLD, spec.variants, spec.seeds)
+    n_world_runs = 0
+    if spec.worlds:
+        n_world_runs = len(spec.worlds.levels) * len(spec.worlds.variants) * len(spec.worlds.seeds)
+    total_runs = len(spec.variants) * len(spec.seeds) + n_world_runs
+    errors: list[str] = []
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init)
+    bar = tqdm(total=total_runs, desc=f"ablate {spec.name}", unit="run", disable=not progress, dynamic_ncols=True)
+    bar.update(skipped)
+    executed = 0
+    best = None
+    try:
+        if sft_tasks:
+            sft_bar = tqdm(total=len(sft_tasks), desc="SFT per world", disable=not progress, leave=False)
+            _run_tasks(_train_sft, sft_tasks, workers, sft_bar, pool, errors)
+            sft_bar.close()
+            if errors:
+                raise RuntimeError("SFT training failed, no variant can run:\n" + "\n".join(errors))
+        _run_tasks(_execute, base_tasks, workers, bar, pool, errors)
+        executed += len(base_tasks)
+        if spec.worlds:
+            world_variants = list(spec.worlds.variants)
+            if BEST in world_variants:
+                best = best_variant(collect(out, spec, worlds=[BASE_WORLD]), spec)
+                world_variants = list(dict.fromkeys(best if v == BEST else v for v in world_variants))
+                if len(world_variants) < len(spec.worlds.variants):  # @best coincided with a listed variant
+                    bar.total -= len(spec.worlds.levels) * len(spec.worlds.seeds)
+                    bar.refresh()
+            world_tasks = []
+            for world in spec.worlds.levels:
+                tasks, s = plan(world, world_variants, spec.worlds.seeds)
+                world_tasks += tasks
+                skipped += s
+                bar.update(s)
+            _run_tasks(_execute, world_tasks, workers, bar, pool, errors)
+            executed += len(world_tasks)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if errors:
+        raise RuntimeError(f"{len(errors)} run(s) failed (finished runs are saved; rerun to retry):\n"
+                           + "\n".join(errors))
+    frame, per_query = collect(out, spec, return_per_query=True)
+    _atomic_frame(frame, out / "results.csv")
+    _atomic_frame(frame, out / "results.parquet")
+    _atomic_frame(per_query, out / "per_query.parquet")
+    result = GridResult(spec=spec, out_dir=out, frame=frame, per_query=per_query, best=best,
+                        executed=executed - len(errors), skipped=skipped, wall_s=time.perf_counter() - t0)
+    _atomic_frame(result.summary(), out / "summary.csv")
+    _atomic_write(out / "timing.json", json.dumps({"wall_s": result.wall_s, "workers": workers,
+                                                    "executed": result.executed, "skipped": skipped}))
+    return result
+
+
+def _spec_dict(spec: GridSpec) -> dict[str, Any]:
+    d = {"name": spec.name, "config": spec.config, "base": spec.base, "seeds": spec.seeds, "sft_seed": spec.sft_seed,
+         "reference": spec.reference, "variants": spec.variants,
+         "questions": {q: list(p) for q, p in spec.questions.items()}}
+    if spec.worlds:
+        d["worlds"] = {"levels": spec.worlds.levels, "variants": spec.worlds.variants, "seeds": spec.worlds.seeds,
+                       "best_metric": spec.worlds.best_metric, "best_of": spec.worlds.best_of}
+    return d
+
+
+def collect(out_dir: str | Path, spec: GridSpec, *, worlds: Sequence[str] | None = None,
+            return_per_query: bool = False) -> Any:
+    """Read every ``result.json`` of the grid under ``out_dir`` into the tidy frame (and per-query frame)."""
+    out = Path(out_dir)
+    rows, pq_frames = [], []
+    for path in sorted(out.glob("*/*/seed*/result.json")):
+        world, variant = path.parts[-4], path.parts[-3]
+        if worlds is not None and world not in worlds:
+            continue
+        if variant not in spec.variants or (world != BASE_WORLD and world not in spec.world_names()):
+            continue  # left over from an older grid
+        payload = json.loads(path.read_text())
+        seed = payload["seed"]
+        if (world == BASE_WORLD and seed not in spec.seeds) or (
+                world != BASE_WORLD and spec.worlds and seed not in spec.worlds.seeds):
+            continue
+        run_cols = {**payload["info"], "wall_s": payload["wall_s"], "run_dir": payload["run_dir"]}
+        rows += [{**r, **run_cols} for r in payload["rows"]]
+        if return_per_query:
+            for stage, metrics in payload["per_query"].items():
+                f = pd.DataFrame(metrics)
+                f.insert(0, "query", np.arange(len(f)))
+                f.insert(0, "stage", stage)
+                f.insert(0, "seed", seed)
+                f.insert(0, "variant", variant)
+                f.insert(0, "world", world)
+                pq_frames.append(f)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        order = {v: i for i, v in enumerate(spec.variants)}
+        frame["_o"] = frame["variant"].map(order)
+        frame["_w"] = frame["world"].map({w: i for i, w in enumerate(spec.world_names())})
+        frame["_s"] = frame["stage"].map({"sft": 0, "rce": 1, "grpo": 2})
+        frame = frame.sort_values(["_w", "_o", "seed", "split", "_s", "epoch"]).drop(columns=["_o", "_w", "_s"])
+        frame = frame.reset_index(drop=True)
+    if not return_per_query:
+        return frame
+    per_query = pd.concat(pq_frames, ignore_index=True) if pq_frames else pd.DataFrame()
+    return frame, per_query
+
+
+def best_variant(frame: pd.DataFrame, spec: GridSpec, metric: str | None = None) -> str:
+    """The variant with the best mean final test ``metric`` on the base world, among ``worlds.best_of`` (default:
+    every variant that runs GRPO, except the reference)."""
+    metric = metric or (spec.worlds.best_metric if spec.worlds else "utility@1")
+    candidates = (spec.worlds.best_of if spec.worlds and spec.worlds.best_of else
+                  [v for v in spec.variants if v != spec.reference and spec.value(v, "grpo.epochs") > 0])
+    final = frame[(frame["world"] == BASE_WORLD) & (frame["split"] == "test") & (frame["stage"] == "grpo")]
+    means = final[final["variant"].isin(candidates)].groupby("variant")[metric].mean()
+    if means.empty:
+        raise GridError(f"no finished run among the @best candidates {candidates}")
+    return str(means.idxmax() if METRIC_DIRECTION[metric] >= 0 else means.idxmin())
+
+
