@@ -3,8 +3,11 @@ run records about the model and SFT checkpoint it started from (examples/my_rank
 
 from __future__ import annotations
 
+import io
 import runpy
+import shlex
 import shutil
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -214,26 +217,34 @@ def _table(out: str, first: str) -> list[str]:
     return lines[i + 1].split()
 
 
+def readme_commands(section: str, tmp: Path) -> list[list[str]]:
+    """The commands of the first ``bash`` block under README heading ``section``, outputs moved under ``tmp``."""
+    text = (REPO / "README.md").read_text().split(f"### {section}\n", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [shlex.split(line.replace("runs/my_ranker", str(tmp))) for line in block.splitlines() if line.strip()]
+
+
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
-    """The README's example: train_v2.py -> import-sft -> run --sft, on the tiny synthetic world."""
+    """The README's example, its own commands: train_v2.py -> import-sft -> run --sft -> doctor, on a tiny world."""
     tmp = tmp_path_factory.mktemp("my_ranker")
     sets = [a for s in TINY for a in ("--set", s)]
-    train_v2 = runpy.run_path(str(EXAMPLE / "train_v2.py"))["main"]
-    v2 = train_v2(["--config", str(EXAMPLE / "config.yaml"), *sets, "--epochs", "2", "--out", str(tmp / "v2.pt")])
-    assert set(torch.load(v2, weights_only=True)) == {"model", "epoch"}
-    sft = tmp / "imported" / "sft.pt"
-    rel_target = Path("examples/my_ranker/models.py:MyTwoTower")
-    assert main(["import-sft", "--target", str(rel_target), "--state-dict", str(v2), "--config",
-                 str(EXAMPLE / "config.yaml"), *sets, "--out", str(sft)]) == 0
-    run_dir = tmp / "run"
-    import io
-    from contextlib import redirect_stdout
-
-    buf = io.StringIO()
-    with redirect_stdout(buf):
-        assert main(["run", "--config", str(EXAMPLE / "config.yaml"), *sets, "--set", f"run_dir={run_dir}",
-                     "--sft", str(sft)]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)  # the README runs the example from the repo root (relative --target and --config)
+        train, imp = readme_commands("Your v2 checkpoint", tmp)
+        run, doctor = readme_commands("Run v3 from it and check its health", tmp)
+        assert train[:2] == ["python", "examples/my_ranker/train_v2.py"] and imp[:2] == ["v3kit", "import-sft"]
+        assert run[:2] == ["v3kit", "run"] and doctor[:2] == ["v3kit", "doctor"]
+        train_v2 = runpy.run_path(str(EXAMPLE / "train_v2.py"))["main"]
+        v2 = train_v2([*train[2:], *sets, "--epochs", "2"])
+        assert set(torch.load(v2, weights_only=True)) == {"model", "epoch"}
+        assert main([*imp[1:], *sets]) == 0
+        sft = tmp / "sft.pt"
+        run_dir = tmp / "run"
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert main([*run[1:], *sets, "--set", f"run_dir={run_dir}"]) == 0
+            assert main([*doctor[1:]]) == 0
     return {"tmp": tmp, "sft": sft, "run_dir": run_dir, "run_out": buf.getvalue(), "sets": sets}
 
 
@@ -246,6 +257,7 @@ def test_example_runs_to_completion_from_the_imported_checkpoint(example_run):
     run_dir = example_run["run_dir"]
     assert (run_dir / "grpo_epoch3.pt").exists() and (run_dir / "summary.csv").exists()
     assert "held-out test metrics by stage" in example_run["run_out"]
+    assert "GRPO health report: " + str(run_dir) in example_run["run_out"]  # doctor ran on it
     # config.yaml records the model that ran (the checkpoint's), not the default TwoTower
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["model"]["target"] == TARGET
@@ -289,3 +301,14 @@ def test_resume_with_the_same_sft_checkpoint_is_accepted(example_run, capsys):
     assert main(["run", "--config", str(EXAMPLE / "config.yaml"), *example_run["sets"], "--set",
                  f"run_dir={example_run['run_dir']}", "--sft", str(example_run["sft"]), "--resume"]) == 0
     assert "held-out test metrics" in capsys.readouterr().out
+
+
+def test_notebook_01_accepts_the_imported_checkpoint(example_run, tmp_path):
+    from conftest import tiny_config
+    from v3kit.notebook_tools import ensure_stage1
+    from v3kit.pipeline import prepare_data
+
+    cfg = tiny_config(tmp_path / "nb")
+    stage1 = ensure_stage1(cfg, prepare_data(cfg), sft_checkpoint=example_run["sft"])
+    assert type(stage1.policy).__name__ == "MyTwoTower"
+    assert_same_weights(stage1.reference, load_checkpoint(example_run["sft"])["model"])

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="config the checkpoint's data came from (default: config.yaml beside it)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE")
     ev.add_argument("--split", choices=("val", "test"), default="test")
-    ev.add_argument("--reference", metavar="CKPT", help="SFT checkpoint for kl_to_sft (default: the one the run recorded, else sft.pt beside it)")
+    ev.add_argument("--reference", metavar="CKPT",
+                    help="SFT checkpoint for kl_to_sft (default: the one the run recorded, else sft.pt beside it)")
     ev.set_defaults(func=cmd_eval)
 
     for register in _extra_commands():

@@ -66,8 +66,9 @@ def read_state_dict(path: str | Path) -> Any:
                 f"{path} holds pickled Python objects (e.g. a whole model saved with torch.save(model)), not just "
                 "tensors; save the weights instead: torch.save(model.state_dict(), 'v2.pt')"
             ) from None
+        first = text.splitlines()[0][:120] if text else ""
         raise CheckpointError(
-            f"{path} is not a PyTorch file torch.load can read ({type(e).__name__}: {text.splitlines()[0][:120] if text else ''}); "
+            f"{path} is not a PyTorch file torch.load can read ({type(e).__name__}: {first}); "
             "point --state-dict at the file your training saved with torch.save(model.state_dict(), ...)"
         ) from None
 
@@ -176,7 +177,8 @@ def fit_report(model: nn.Module, state: Mapping[str, Tensor], source: str | Path
     lines += [f"  shape mismatch: {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
     hints = _rename_hints(missing, unexpected)
     if hints:
-        lines.append("  fix: the names differ only in their first part; try " + " ".join(f"--rename {h}" for h in hints))
+        renames = " ".join(f"--rename {h}" for h in hints)
+        lines.append(f"  fix: the names differ only in their first part; try {renames}")
     elif mismatched:
         lines.append("  fix: build the model as it was trained: --query-dim/--cand-dim (or --config) and --kwargs")
     raise StateDictMismatch("\n".join(lines), missing, unexpected, mismatched)

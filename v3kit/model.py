@@ -53,8 +53,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if ":" not in self.target:
-            raise ValueError(f"model.target must look like 'package.module:ClassName' or 'path/to/models.py:ClassName', "
-                             f"got {self.target!r}")
+            raise ValueError("model.target must look like 'package.module:ClassName' or "
+                             f"'path/to/models.py:ClassName', got {self.target!r}")
         if self.sim_temperature <= 0:
             raise ValueError(f"model.sim_temperature must be > 0, got {self.sim_temperature}")
         if self.emb_dim < 1 or any(w < 1 for w in self.hidden):
