@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -13,7 +15,7 @@ from .model import compute_log_probs
 METRIC_NAMES = ("acc@1", "mrr", "ndcg@5", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy")
 
 
-def metric_order(names) -> list[str]:
+def metric_order(names: Iterable[str]) -> list[str]:
     """``names`` in :data:`METRIC_NAMES` order (``ndcg@k`` at ndcg@5's place, unknown names last), so every table
     (``run``, ``eval``, notebooks) shows the same column order."""
     def rank(name: str) -> int:
