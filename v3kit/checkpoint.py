@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import ModelConfig, build_model
+from .model import ModelConfig, build_model, resolve_target
 
 FORMAT = "v3kit-checkpoint"
 VERSION = 1
@@ -61,7 +61,11 @@ def load_checkpoint(path: str | Path, *, stage: str | None = None) -> dict[str, 
 
 
 def model_payload(model_cfg: ModelConfig, query_dim: int, cand_dim: int) -> dict[str, Any]:
-    return {"model_config": dict(vars(model_cfg)), "query_dim": query_dim, "cand_dim": cand_dim}
+    """The fields that rebuild the model. A file target is stored as an absolute path so the checkpoint loads from
+    any working directory (moving the model file afterwards breaks it, with an error that says so)."""
+    model_config = dict(vars(model_cfg))
+    model_config["target"] = resolve_target(model_cfg.target)
+    return {"model_config": model_config, "query_dim": query_dim, "cand_dim": cand_dim}
 
 
 def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:

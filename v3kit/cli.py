@@ -14,7 +14,7 @@ import pandas as pd
 from .checkpoint import CheckpointError, check_feature_dims, load_checkpoint, model_from_checkpoint
 from .config import ConfigError, load_config
 from .data import DataValidationError
-from .metrics import evaluate
+from .metrics import evaluate, metric_order
 
 
 def _fmt(table: pd.DataFrame) -> str:
@@ -47,16 +47,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = getattr(splits, args.split)
     check_feature_dims(ckpt, data.query_dim, data.cand_dim, args.checkpoint,
                        "pass the config the checkpoint was trained with (--config)")
-    reference = None
-    ref_path = Path(args.reference) if args.reference else run_dir / "sft.pt"
-    if ref_path.exists():
+    reference, why_missing = None, None
+    ref_path = _reference_path(args.reference, run_dir)
+    if isinstance(ref_path, str):
+        why_missing = ref_path
+    else:
         reference = model_from_checkpoint(load_checkpoint(ref_path), ref_path)
     temperature = float(ckpt.get("temperature", ckpt["model_config"]["sim_temperature"]))
     metrics = evaluate(model, data, temperature=temperature, reference=reference)
     table = pd.DataFrame([metrics], index=[f"{ckpt['stage']} epoch {ckpt['epoch']}"])
+    table = table[metric_order(table.columns)]
     print(f"{args.split} metrics of {args.checkpoint}")
     print(_fmt(table))
+    if why_missing:
+        print(f"kl_to_sft not shown: {why_missing}; pass the SFT checkpoint the run started from with --reference CKPT")
     return 0
+
+
+def _reference_path(given: str | None, run_dir: Path) -> Path | str:
+    """The SFT checkpoint ``kl_to_sft`` is measured against, or a string saying why there is none.
+
+    Order: ``--reference``; the one the run recorded in ``run_info.json`` (``run --sft`` may have started from a file
+    outside the run dir); ``sft.pt`` beside the checkpoint (run dirs written before runs recorded it).
+    """
+    from .pipeline import RUN_INFO, recorded_sft_checkpoint
+
+    if given:
+        return Path(given)  # a missing file fails in load_checkpoint with its own message
+    recorded = recorded_sft_checkpoint(run_dir)
+    if recorded is not None:
+        if recorded.is_file():
+            return recorded
+        return f"the run started from {recorded} (per {run_dir / RUN_INFO}), which no longer exists"
+    if (run_dir / "sft.pt").is_file():
+        return run_dir / "sft.pt"
+    return f"no {RUN_INFO} or sft.pt in {run_dir} says which SFT checkpoint this one started from"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="config the checkpoint's data came from (default: config.yaml beside it)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE")
     ev.add_argument("--split", choices=("val", "test"), default="test")
-    ev.add_argument("--reference", metavar="CKPT", help="SFT checkpoint for kl_to_sft (default: sft.pt beside it)")
+    ev.add_argument("--reference", metavar="CKPT",
+                    help="SFT checkpoint for kl_to_sft (default: the one the run recorded, else sft.pt beside it)")
     ev.set_defaults(func=cmd_eval)
 
     for register in _extra_commands():
@@ -84,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    """Subcommands defined next to their logic (``ablate``, ``doctor``), each module's ``register_cli``."""
+    """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``), each module's
+    ``register_cli``."""
     found = []
-    for mod in ("ablate", "diagnose"):
+    for mod in ("ablate", "diagnose", "import_sft"):
         try:
             module = importlib.import_module(f"v3kit.{mod}")
         except ModuleNotFoundError as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -11,6 +13,15 @@ from .model import compute_log_probs
 
 # Metric names in the order tables show them; utility@1 only exists when the data knows the true utility.
 METRIC_NAMES = ("acc@1", "mrr", "ndcg@5", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy")
+
+
+def metric_order(names: Iterable[str]) -> list[str]:
+    """``names`` in :data:`METRIC_NAMES` order (``ndcg@k`` at ndcg@5's place, unknown names last), so every table
+    (``run``, ``eval``, notebooks) shows the same column order."""
+    def rank(name: str) -> int:
+        key = "ndcg@5" if name.startswith("ndcg@") else name
+        return METRIC_NAMES.index(key) if key in METRIC_NAMES else len(METRIC_NAMES)
+    return sorted(names, key=rank)  # stable: unknown names keep their order
 
 
 def per_group_metrics(
@@ -79,7 +90,8 @@ def ranking_metrics(
     """
     per_group = per_group_metrics(scores, labels, rewards, mask, k=k, utility=utility, logp=logp, ref_logp=ref_logp)
     out = {}
-    for name, values in per_group.items():
+    for name in metric_order(per_group):
+        values = per_group[name]
         scored = values[~torch.isnan(values)]
         out[name] = scored.mean().item() if scored.numel() else 1.0
     return out

@@ -6,15 +6,22 @@ Any ``torch.nn.Module`` works in the stage runners if it has
 * ``encode_candidates(cand_x: Tensor[B, G, Dc]) -> Tensor[B, G, D]``
 
 and a constructor accepting ``query_dim=`` and ``cand_dim=`` keyword arguments (plus whatever ``model.kwargs``
-holds). Name it in the config as ``model.target: "mypkg.models:MyTwoTower"``. The policy over a group is
+holds). Name it in the config as ``model.target: "mypkg.models:MyTwoTower"`` (importable) or
+``model.target: "path/to/models.py:MyTwoTower"`` (a file). The policy over a group is
 ``softmax_c(<q, c> / model.sim_temperature)``; a model that L2-normalises its embeddings (cosine similarity)
 usually wants a small ``sim_temperature`` such as 0.05.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -35,7 +42,9 @@ class RankerModel(Protocol):
 
 @dataclass
 class ModelConfig:
-    target: str = DEFAULT_TARGET  # "module.path:ClassName"
+    # "package.module:ClassName" (importable: installed or on PYTHONPATH) or "path/to/models.py:ClassName" (a file,
+    # relative to the current directory; checkpoints record its absolute path)
+    target: str = DEFAULT_TARGET
     hidden: list[int] = field(default_factory=lambda: [64])  # hidden widths of each MLP tower
     emb_dim: int = 32
     normalize: bool = False  # L2-normalise embeddings (cosine similarity)
@@ -44,7 +53,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if ":" not in self.target:
-            raise ValueError(f"model.target must look like 'package.module:ClassName', got {self.target!r}")
+            raise ValueError("model.target must look like 'package.module:ClassName' or "
+                             f"'path/to/models.py:ClassName', got {self.target!r}")
         if self.sim_temperature <= 0:
             raise ValueError(f"model.sim_temperature must be > 0, got {self.sim_temperature}")
         if self.emb_dim < 1 or any(w < 1 for w in self.hidden):
@@ -82,12 +92,65 @@ class TwoTower(nn.Module):
         return self._out(self.cand_tower(cand_x))
 
 
-def import_object(target: str) -> Any:
-    module_name, _, attr = target.partition(":")
+def is_file_target(target: str) -> bool:
+    """``path/to/models.py:Cls`` names a file; ``pkg.models:Cls`` a module on the import path."""
+    module_part = target.rpartition(":")[0]
+    return module_part.endswith(".py") or "/" in module_part or os.sep in module_part
+
+
+def resolve_target(target: str) -> str:
+    """``target`` with a file path made absolute (against the current directory); module targets unchanged.
+
+    Checkpoints record the resolved form, so ``eval`` and ``run --sft`` work from any directory later.
+    """
+    if not is_file_target(target):
+        return target
+    file_part, _, attr = target.rpartition(":")
+    return f"{Path(file_part).expanduser().resolve()}:{attr}"
+
+
+def _import_file(target: str, file_part: str) -> ModuleType:
+    path = Path(file_part).expanduser().resolve()
+    if not path.is_file():
+        raise ValueError(
+            f"model.target {target!r}: file {path} does not exist (a relative path is read from the current "
+            f"directory, {Path.cwd()}; a checkpoint records the absolute path, so a moved model file must be "
+            "imported again with v3kit import-sft, or use an importable module path pkg.module:Class)"
+        )
+    # One module per file (keyed by its absolute path) so every build of the class shares one class object.
+    name = f"_v3kit_file_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"model.target {target!r}: {path} is not a Python file (it must end in .py)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look classes up through sys.modules
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"model.target {target!r}: cannot import module {module_name!r} ({e})") from None
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ValueError(f"model.target {target!r}: importing {path} failed ({type(e).__name__}: {e})") from None
+    return module
+
+
+def import_object(target: str) -> Any:
+    """The object ``target`` names: ``package.module:Name`` (importable) or ``path/to/file.py:Name``."""
+    module_name, _, attr = target.rpartition(":")
+    if is_file_target(target):
+        module = _import_file(target, module_name)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            missing = getattr(e, "name", None)
+            if missing and (module_name == missing or module_name.startswith(missing + ".")):
+                raise ValueError(
+                    f"model.target {target!r}: cannot import module {module_name!r} ({e}); put the directory that "
+                    f"holds {missing.split('.')[0]!r} on PYTHONPATH (e.g. PYTHONPATH=/path/to/project v3kit ...) "
+                    "or name the file instead: model.target: path/to/models.py:ClassName"
+                ) from None
+            raise ValueError(f"model.target {target!r}: importing module {module_name!r} failed ({e})") from None
     try:
         return getattr(module, attr)
     except AttributeError:

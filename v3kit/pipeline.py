@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -14,9 +15,11 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
+from .checkpoint import load_checkpoint
 from .data import GroupData, Splits, load_groups, split_by_query
 from .grpo import run_grpo
-from .metrics import METRIC_NAMES, evaluate
+from .model import ModelConfig
+from .metrics import evaluate, metric_order
 from .rce import final_logit_temperature, run_rce
 from .sft import Stage1, load_sft, train_sft
 from .synthetic import make_world
@@ -80,7 +83,32 @@ def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Mod
     rows = {name: evaluate(m, data, temperature=temperature, reference=reference) for name, m in models.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
-    return table[[c for c in METRIC_NAMES if c in table.columns]]
+    return table[metric_order(table.columns)]
+
+
+RUN_INFO = "run_info.json"  # beside config.yaml: what a run started from that the config does not say
+
+
+def record_sft_checkpoint(run_dir: str | Path, sft_path: str | Path) -> None:
+    """Remember which SFT checkpoint a run started from, so ``v3kit eval`` finds the ``kl_to_sft`` reference.
+
+    Stored relative to the run dir when inside it (the run dir may move), else as an absolute path.
+    """
+    run_dir, sft_path = Path(run_dir).resolve(), Path(sft_path).resolve()
+    rel = sft_path.relative_to(run_dir) if sft_path.is_relative_to(run_dir) else sft_path
+    (run_dir / RUN_INFO).write_text(json.dumps({"sft_checkpoint": str(rel)}, indent=1) + "\n")
+
+
+def recorded_sft_checkpoint(run_dir: str | Path) -> Path | None:
+    """The SFT checkpoint :func:`record_sft_checkpoint` stored for ``run_dir`` (None for runs that predate it)."""
+    path = Path(run_dir) / RUN_INFO
+    if not path.is_file():
+        return None
+    try:
+        recorded = json.loads(path.read_text()).get("sft_checkpoint")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return None if not recorded else Path(run_dir) / recorded  # an absolute path stays absolute
 
 
 @dataclass
@@ -105,12 +133,16 @@ def run_pipeline(
     """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
+    if sft_checkpoint:
+        # The given checkpoint's model is what runs, whatever cfg.model says: record that one in config.yaml.
+        cfg = dataclasses.replace(cfg, model=ModelConfig(**load_checkpoint(sft_checkpoint)["model_config"]))
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         check_resumable(cfg, run_dir)
     dump_config(cfg, run_dir / "config.yaml")
     splits = splits or prepare_data(cfg)
     sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume)
+    record_sft_checkpoint(run_dir, sft_path)
 
     stage1 = load_sft(sft_path, splits.train)
     model_cfg = stage1.model_config
