@@ -305,7 +305,7 @@ def test_resume_with_the_same_sft_checkpoint_is_accepted(example_run, capsys):
 
 def test_notebook_01_accepts_the_imported_checkpoint(example_run, tmp_path):
     from conftest import tiny_config
-    from v3kit.notebook_tools import ensure_stage1
+    from v3kit.pipeline import ensure_stage1
     from v3kit.pipeline import prepare_data
 
     cfg = tiny_config(tmp_path / "nb")

@@ -29,10 +29,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # long-form Parquet/JSONL file; None = the synthetic world
+    path: str | None = None
+    """Long-form Parquet/JSONL file (README: Data schema); null = the synthetic world."""
     val_frac: float = 0.15
+    """Share of queries held out for the per-epoch curves (split by query)."""
     test_frac: float = 0.15
+    """Share of queries held out for the stage table and the ablation's intervals."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The synthetic world, used when ``path`` is null."""
 
     def __post_init__(self) -> None:
         # Both held-out splits are needed: val for the per-epoch curves, test for the stage table.
@@ -44,13 +48,21 @@ class DataConfig:
 @dataclass
 class RunConfig:
     seed: int = 0
+    """Seeds the split, model init, batch order and sampling: same config + seed, same numbers."""
     run_dir: str = "runs/seed"
+    """Where checkpoints, ``metrics.csv``, ``summary.csv`` and ``config.yaml`` go."""
     progress: bool = True
+    """Show tqdm progress bars."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The data: a long-form file, or the synthetic world."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The ranker."""
     sft: SFTConfig = field(default_factory=SFTConfig)
+    """Training of the v2 SFT model (skipped with ``v3kit run --sft CKPT``)."""
     rce: RCEConfig = field(default_factory=RCEConfig)
+    """Stage 2, the RCE warm-up."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """Stage 3, GRPO."""
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

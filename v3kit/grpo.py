@@ -46,23 +46,46 @@ SAMPLE_MODES = ("all", "sampled", "exact")
 @dataclass
 class GRPOConfig:
     epochs: int = 8
+    """GRPO epochs (the seed ran 8)."""
     lr: float = 1e-5
+    """Adam learning rate (the seed: 1e-5)."""
     batch_size: int = 32
+    """Groups per step."""
     kl_beta: float = 0.1
+    """Weight of the KL penalty (the seed: 0.1)."""
     eps_low: float = 0.2
-    eps_high: float | None = None  # None = eps_low (symmetric clip)
+    """Lower clip bound ``1 - eps_low`` of the PPO ratio."""
+    eps_high: float | None = None
+    """Upper clip bound ``1 + eps_high``; > eps_low is DAPO's clip-higher; null = eps_low (symmetric)."""
     dual_clip: float | None = None
+    """Dual-clip constant c > 1: bounds the loss of negative-advantage entries at ``-c * A`` (Ye et al. 2020); null =
+    off."""
     old_policy: str = "sft"
+    """The ratio's old policy: ``sft`` (stage-1 log-probs, stale after RCE: the seed) | ``refresh_at_start`` |
+    ``refresh_each_epoch`` (PPO)."""
     kl_reference: str = "old"
+    """What the KL penalty anchors to: the ``old`` policy (the seed) or the frozen ``sft`` copy
+    (DeepSeekMath's GRPO)."""
     kl_estimator: str | None = None
+    """``seed`` (ratio - 1 - log ratio) | ``k1`` | ``k2`` | ``k3`` (Schulman's estimators); null = seed against old, k3
+    against sft."""
     adv_scale: str = "group"
+    """Advantage scale: ``group`` std (GRPO) | ``batch`` std (TRL's scale_rewards=batch) | ``none`` (Dr. GRPO)."""
     adv_eps: float = 1e-4
+    """Added to the std before dividing the advantages."""
     baseline: float = 0.0
+    """The seed's extra ``- baseline`` after normalising the advantages (0 = none)."""
     drop_zero_std_groups: bool = False
+    """Leave groups without reward spread out of the loss instead of diluting it (DAPO's dynamic sampling)."""
     samples: str = "all"
+    """Which candidates are GRPO's samples: ``all`` (every beam, equal weight: the seed) | ``sampled`` (``num_samples``
+    draws from the old policy) | ``exact`` (every candidate weighted by its old-policy probability)."""
     num_samples: int = 8
+    """Draws per group when ``samples: sampled``."""
     logp_temperature: Union[str, float] = "same_as_rce_end"
+    """Logit temperature of GRPO's log-probs: ``same_as_rce_end`` or a number."""
     max_grad_norm: float | None = 1.0
+    """Gradient-norm clipping; null = none."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("old_policy", OLD_POLICIES), ("kl_reference", KL_REFERENCES),

@@ -26,6 +26,7 @@ from .config import RunConfig
 from .data import Splits
 from .grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
 from .live import Throttle
+from .metrics import METRIC_NAMES
 from .plots import figure_png, live_default, smooth
 from .notebook_tools import grpo_temperature
 from .sft import Stage1, sft_baseline
@@ -35,7 +36,7 @@ SETTINGS = ("kl_beta", "eps_low", "eps_high", "lr", "epochs", "old_policy", "kl_
 KL_BETAS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)  # log-spaced, plus 0 (no KL penalty)
 LRS = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 TRAIN_CURVES = ("loss", "kl", "clip_ratio")
-TABLE_METRICS = ("acc@1", "mrr", "reward@1", "utility@1", "kl_to_sft", "entropy")
+TABLE_METRICS = tuple(m for m in METRIC_NAMES if m not in ("ndcg@5", "regret@1"))  # the panel's narrow table
 
 
 @dataclass

@@ -12,7 +12,12 @@ from .losses import _check_mask
 from .model import compute_log_probs
 
 # Metric names in the order tables show them; utility@1 only exists when the data knows the true utility.
-METRIC_NAMES = ("acc@1", "mrr", "ndcg@5", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy")
+# The one list of held-out metrics, in table order, with the direction that counts as better: +1 larger is better,
+# -1 smaller is better, 0 descriptive only. Tables, the ablation's verdicts and the notebooks' panels all read it.
+METRIC_DIRECTION: dict[str, int] = {
+    "acc@1": 1, "mrr": 1, "ndcg@5": 1, "reward@1": 1, "regret@1": -1, "utility@1": 1, "kl_to_sft": 0, "entropy": 0,
+}
+METRIC_NAMES = tuple(METRIC_DIRECTION)
 
 
 def metric_order(names: Iterable[str]) -> list[str]:

@@ -42,14 +42,19 @@ class RankerModel(Protocol):
 
 @dataclass
 class ModelConfig:
-    # "package.module:ClassName" (importable: installed or on PYTHONPATH) or "path/to/models.py:ClassName" (a file,
-    # relative to the current directory; checkpoints record its absolute path)
     target: str = DEFAULT_TARGET
-    hidden: list[int] = field(default_factory=lambda: [64])  # hidden widths of each MLP tower
+    """The ranker class: ``package.module:Class`` (importable: installed or on PYTHONPATH) or
+    ``path/to/models.py:Class`` (a file, relative to the cwd; checkpoints record its absolute path)."""
+    hidden: list[int] = field(default_factory=lambda: [64])
+    """Hidden widths of each MLP tower."""
     emb_dim: int = 32
-    normalize: bool = False  # L2-normalise embeddings (cosine similarity)
-    sim_temperature: float = 1.0  # divides similarities before the group softmax
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra constructor kwargs for a custom target
+    """Embedding dim D of both towers (the default ``TwoTower``)."""
+    normalize: bool = False
+    """L2-normalise embeddings (cosine similarity)."""
+    sim_temperature: float = 1.0
+    """Divides similarities before the group softmax."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor kwargs for a custom target."""
 
     def __post_init__(self) -> None:
         if ":" not in self.target:

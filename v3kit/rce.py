@@ -30,14 +30,23 @@ TEMPERATURE_TARGETS = ("rewards", "logits")
 @dataclass
 class RCEConfig:
     epochs: int = 3
+    """RCE epochs; 0 skips RCE (the seed ran 3)."""
     lr: float = 1e-5
+    """Adam learning rate (the seed: 1e-5)."""
     batch_size: int = 32
+    """Groups per step."""
     t_start: float = 2.0
+    """Annealed temperature at the first RCE step (soft targets: every beam counts)."""
     t_end: float = 0.5
-    temperature_target: str = "rewards"  # "rewards" | "logits": what the annealed temperature divides
-    reward_temperature: float = 1.0  # target temperature when temperature_target == "logits"
-    label_weight: float = 0.0  # mix of the human label into the targets
+    """Annealed temperature at the last RCE step (targets concentrated on the best beams)."""
+    temperature_target: str = "rewards"
+    """"rewards" | "logits": what the annealed temperature divides."""
+    reward_temperature: float = 1.0
+    """Target temperature when temperature_target == "logits"."""
+    label_weight: float = 0.0
+    """Mix of the human label into the targets."""
     max_grad_norm: float | None = 1.0
+    """Gradient-norm clipping; null = none."""
 
     def __post_init__(self) -> None:
         check_optim_fields("rce", self.epochs, self.lr, self.batch_size, self.max_grad_norm)

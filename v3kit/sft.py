@@ -20,9 +20,13 @@ from .training import StageResult, StepContext, check_optim_fields, fit
 @dataclass
 class SFTConfig:
     epochs: int = 15
+    """Epochs of supervised training (CE on the human label)."""
     lr: float = 1e-3
+    """Adam learning rate."""
     batch_size: int = 64
+    """Groups per step."""
     max_grad_norm: float | None = 1.0
+    """Gradient-norm clipping; null = none."""
 
     def __post_init__(self) -> None:
         check_optim_fields("sft", self.epochs, self.lr, self.batch_size, self.max_grad_norm)

@@ -22,16 +22,27 @@ from .data import GroupData
 @dataclass
 class SyntheticConfig:
     n_queries: int = 3000
-    group_size: int = 8  # G, the largest group
-    min_group_size: int = 4  # groups are ragged: sizes uniform in [min_group_size, group_size]
-    feature_dim: int = 16  # observed feature dim of queries and candidates
-    latent_dim: int = 8  # hidden intent dim
-    random_frac: float = 0.25  # share of each beam that is random rather than a variation of the query intent
-    obs_noise: float = 0.3  # noise on the observed features
-    label_noise: float = 1.0  # std of Gaussian noise on utility before the human picks the argmax
-    reward_noise: float = 0.3  # std of Gaussian noise on the reward
-    reward_bias: float = 0.5  # weight of the style latent in the reward (0 = reward agrees with utility)
+    """Queries (groups) in the world."""
+    group_size: int = 8
+    """G, the largest group."""
+    min_group_size: int = 4
+    """Groups are ragged: sizes uniform in [min_group_size, group_size]."""
+    feature_dim: int = 16
+    """Observed feature dim of queries and candidates."""
+    latent_dim: int = 8
+    """Hidden intent dim."""
+    random_frac: float = 0.25
+    """Share of each beam that is random rather than a variation of the query intent."""
+    obs_noise: float = 0.3
+    """Noise on the observed features."""
+    label_noise: float = 1.0
+    """Std of Gaussian noise on utility before the human picks the argmax."""
+    reward_noise: float = 0.3
+    """Std of Gaussian noise on the reward."""
+    reward_bias: float = 0.5
+    """Weight of the style latent in the reward (0 = reward agrees with utility)."""
     seed: int = 0
+    """World seed, independent of the run's ``seed``: the same world under every run seed."""
 
     def __post_init__(self) -> None:
         if self.n_queries < 10:

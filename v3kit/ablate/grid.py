@@ -9,15 +9,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from ..config import PACKAGED_CONFIGS, ConfigError, RunConfig, load_config, parse_override, resolve_config_file
+from ..metrics import METRIC_DIRECTION, METRIC_NAMES
 
-
-# Metrics where larger is better (+1), smaller is better (-1), or neither (0: descriptive only).
-METRIC_DIRECTION: dict[str, int] = {
-    "acc@1": 1, "mrr": 1, "ndcg@5": 1, "reward@1": 1, "utility@1": 1, "regret@1": -1, "kl_to_sft": 0, "entropy": 0,
-}
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
-# Metrics computed per test query (so the bootstrap can resample queries); ndcg@5 falls back to seeds only.
-PER_QUERY_METRICS = ("acc@1", "mrr", "ndcg@5", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy")
+# Every metric is computed per test query, so the bootstrap can resample queries (ndcg@5 is undefined for
+# queries whose rewards are all equal; those are dropped from its comparison).
+PER_QUERY_METRICS = METRIC_NAMES
 BASE_WORLD = "default"
 BEST = "@best"
 _RUN_INFO = ("step0_ratio_mean", "step0_ratio_std", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
