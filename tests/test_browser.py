@@ -1,0 +1,197 @@
+"""Notebook 03 in a real browser: JupyterLab driven by Playwright with the system's Chromium.
+
+What papermill cannot see: the live GRPO figure must change in the page *while* the cell trains, the widget panel
+must render (no "Error displaying widget"), and moving its kl_beta slider and pressing **Run GRPO** must add a run
+to the panel's table with the slider's value.
+
+Playwright cannot download its own browser here, so it drives ``$V3KIT_CHROMIUM`` or the ``chromium`` on PATH
+(Debian's package); the test is skipped only when there is no such browser or no Playwright.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from lab_server import LabServer, smoke_copy, start_lab
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+NOTEBOOK = "03_grpo"
+# Smoke sizes, but GRPO long enough (a few seconds) that the live plot redraws several times while it trains; the
+# panel's runs stay short. One kl_beta in the grid, so the panel already has a row before the click.
+GRPO_EPOCHS = 100
+PARAMETERS = {"smoke": True, "grpo_epochs": GRPO_EPOCHS, "compare_epochs": 2, "kl_betas": [0.0]}
+RUN_ALL_TIMEOUT_MS = 120_000
+CLICK_RUN_TIMEOUT_MS = 60_000
+
+
+def chromium() -> str | None:
+    path = os.environ.get("V3KIT_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    return path if path and os.access(path, os.X_OK) else None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(chromium() is None, reason="no Chromium: install Debian's `chromium` or set V3KIT_CHROMIUM"),
+]
+
+# ---- JavaScript run in the page (JupyterLab exposes its app as window.jupyterapp: --expose-app-in-browser)
+NOTEBOOK_READY = """() => {
+  const nb = window.jupyterapp?.shell.currentWidget;
+  const kernel = nb?.sessionContext?.session?.kernel;
+  return !!(nb?.content && kernel && kernel.status === 'idle');
+}"""
+
+# Record every distinct image the live-plot cell (the one making a LivePlot) shows, and whether the cell was still
+# running at that moment ("[*]" prompt).
+WATCH_LIVE_PLOT = """() => {
+  const cells = window.jupyterapp.shell.currentWidget.content.widgets;
+  const cell = cells.find(c => c.model.type === 'code' && c.model.sharedModel.getSource().includes('LivePlot('));
+  if (!cell) return false;
+  const seen = new Set();
+  window.__liveFrames = [];
+  const record = () => {
+    const running = (cell.promptNode?.textContent || '').includes('*');
+    for (const img of cell.node.querySelectorAll('.jp-OutputArea-output img')) {
+      if (img.src && !seen.has(img.src)) {
+        seen.add(img.src);
+        window.__liveFrames.push({t: performance.now(), running});
+      }
+    }
+  };
+  new MutationObserver(record).observe(cell.node, {subtree: true, childList: true, attributes: true,
+                                                   attributeFilter: ['src'], characterData: true});
+  return true;
+}"""
+
+# Done: kernel idle, nothing running or queued, and every code cell executed (or one failed, which stops Run All).
+ALL_EXECUTED = """() => {
+  const nb = window.jupyterapp.shell.currentWidget;
+  const kernel = nb.sessionContext.session?.kernel;
+  const cells = nb.content.widgets.filter(c => c.model.type === 'code');
+  const busy = cells.some(c => (c.promptNode?.textContent || '').includes('*'));
+  const failed = cells.some(c => c.model.outputs.toJSON().some(o => o.output_type === 'error'));
+  return kernel?.status === 'idle' && !busy && (failed || cells.every(c => c.model.executionCount !== null));
+}"""
+
+ERROR_OUTPUTS = """() => {
+  const nb = window.jupyterapp.shell.currentWidget;
+  const out = [];
+  nb.content.widgets.forEach((c, i) => {
+    if (c.model.type !== 'code') return;
+    for (const o of c.model.outputs.toJSON()) {
+      if (o.output_type === 'error') out.push(`cell ${i}: ${o.ename}: ${o.evalue}`);
+    }
+  });
+  for (const el of document.querySelectorAll(
+      '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"], .jp-RenderedText')) {
+    const text = el.textContent || '';
+    if (text.includes('Traceback') || /\\w*Error\\b/.test(text)) out.push(text.slice(0, 500));
+  }
+  return out;
+}"""
+
+
+@pytest.fixture
+def lab(tmp_path) -> LabServer:
+    root = tmp_path / "root"
+    root.mkdir()
+    smoke_copy(NOTEBOOK, root, {**PARAMETERS, "run_dir": str(root / "run")})
+    server = start_lab(tmp_path / "jupyter", root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def page(lab, tmp_path):
+    with sync_api.sync_playwright() as p:
+        # --no-sandbox: Chromium refuses to start its sandbox as root (CI containers).
+        browser = p.chromium.launch(executable_path=chromium(), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            yield page
+        finally:
+            browser.close()
+
+
+def _panel(page):
+    """The comparison panel: the widget box holding the Run GRPO button."""
+    return page.locator(".widget-vbox").filter(has=page.locator("button", has_text="Run GRPO")).last
+
+
+def _table_rows(panel) -> list[list[str]]:
+    rows = panel.locator(".widget-html-content table tbody tr")
+    return [[c.strip() for c in r.locator("th, td").all_inner_texts()] for r in rows.all()]
+
+
+def _header(panel) -> list[str]:
+    return [c.strip() for c in panel.locator(".widget-html-content table thead tr").first.locator("th").all_inner_texts()]
+
+
+def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
+    t0 = time.perf_counter()
+    try:
+        page.goto(lab.lab_url(f"{NOTEBOOK}.ipynb"))
+        page.wait_for_function(NOTEBOOK_READY, timeout=60_000)
+        assert page.evaluate(WATCH_LIVE_PLOT), "no cell makes a LivePlot in the notebook"
+
+        # ---- Run All, as a user would from the Run menu (the same command)
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_function(ALL_EXECUTED, timeout=RUN_ALL_TIMEOUT_MS, polling=250)
+        t_run = time.perf_counter()
+        page.screenshot(path=str(tmp_path / "after-run-all.png"), full_page=True)
+        errors = page.evaluate(ERROR_OUTPUTS)
+        assert not errors, "error output in the notebook:\n" + "\n".join(errors)
+        assert page.get_by_text("Error displaying widget").count() == 0
+
+        frames = page.evaluate("window.__liveFrames")
+        during = [f for f in frames if f["running"]]
+        # LivePlot shows its first image from a training step (after >= 1 s and 10 steps), so a second distinct
+        # image before the cell ends means the figure was updated in place while GRPO trained; the headless path
+        # (one figure at the stage's end) shows one.
+        assert len(during) >= 2, f"live plot showed {len(during)} distinct images while running: {frames}"
+
+        # ---- the panel: one row from the kl_beta grid; move kl_beta, press Run GRPO
+        panel = _panel(page)
+        panel.scroll_into_view_if_needed()
+        rows = _table_rows(panel)
+        assert len(rows) == len(PARAMETERS["kl_betas"]), rows
+        image_before = panel.locator("img").first.get_attribute("src")
+
+        slider = panel.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text="kl_beta")).first
+        readout = slider.locator(".widget-readout")
+        before = readout.inner_text().strip()
+        slider.locator(".noUi-handle").first.focus()
+        page.keyboard.press("End")  # the largest kl_beta: a run that differs visibly from the grid's
+        page.wait_for_function("([el, v]) => el.textContent.trim() !== v", arg=[readout.element_handle(), before])
+        chosen = float(readout.inner_text())
+        assert chosen > float(before)
+
+        panel.locator("button", has_text="Run GRPO").click()
+        done = f"#{len(rows) + 1} done"
+        panel.locator(".widget-html-content", has_text=done).wait_for(timeout=CLICK_RUN_TIMEOUT_MS)
+        page.wait_for_function(
+            "([p, n]) => p.querySelectorAll('.widget-html-content table tbody tr').length === n",
+            arg=[panel.element_handle(), len(rows) + 1], timeout=10_000)
+        page.screenshot(path=str(tmp_path / "after-click.png"), full_page=True)
+
+        new_rows = _table_rows(panel)
+        assert len(new_rows) == len(rows) + 1, new_rows
+        header = _header(panel)
+        new = dict(zip(header, new_rows[-1]))
+        assert new.get("", new_rows[-1][0]) == f"#{len(rows) + 1}"
+        assert float(new["kl_beta"]) == pytest.approx(chosen), (header, new_rows[-1])
+        assert panel.locator("img").first.get_attribute("src") != image_before, "the overlay figure did not change"
+        assert not page.evaluate(ERROR_OUTPUTS)
+        assert page.get_by_text("Error displaying widget").count() == 0
+    except BaseException:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        print(f"screenshot: {tmp_path / 'failure.png'}\njupyter lab log:\n{lab.log_tail()}")
+        raise
+    print(f"browser test: Run All {t_run - t0:.1f} s, total {time.perf_counter() - t0:.1f} s, "
+          f"{len(during)} live frames while training at {[round(f['t'] / 1000, 1) for f in frames]} s")
