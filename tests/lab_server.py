@@ -22,17 +22,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import nbformat
+from jupyter_core.paths import jupyter_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 START_TIMEOUT_S = 60.0
 
 
-def kernel_name() -> str:
+def kernelspec() -> dict[str, str]:
     """The ``v3kit`` kernel when it is registered (``make setup`` does that), else ``python3``."""
     from jupyter_client.kernelspec import KernelSpecManager
 
-    return "v3kit" if "v3kit" in KernelSpecManager().find_kernel_specs() else "python3"
+    manager = KernelSpecManager()
+    name = "v3kit" if "v3kit" in manager.find_kernel_specs() else "python3"
+    return {"name": name, "display_name": manager.get_kernel_spec(name).display_name, "language": "python"}
 
 
 def read_notebook(name: str) -> nbformat.NotebookNode:
@@ -47,19 +50,20 @@ def read_notebook(name: str) -> nbformat.NotebookNode:
 
 def smoke_copy(name: str, dest_dir: Path, parameters: Mapping[str, Any]) -> Path:
     """Write ``dest_dir/<name>.ipynb`` with ``parameters`` injected after its ``parameters`` cell (as papermill does)
-    and its kernel set to :func:`kernel_name`; return the path."""
+    and its kernel set to :func:`kernelspec`; return the path."""
     from papermill.parameterize import parameterize_notebook
 
     nb = read_notebook(name)
     if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells):
         raise ValueError(f"notebooks/{name} has no cell tagged 'parameters'; tag the cell that sets smoke/run_dir")
-    kernel = kernel_name()
-    nb.metadata["kernelspec"] = {"name": kernel, "display_name": kernel, "language": "python"}
+    spec = kernelspec()
+    nb.metadata["kernelspec"] = spec
+    nb.metadata.pop("jupytext", None)  # a plain .ipynb: nothing for Lab's jupytext extension to pair or sync
     nb.metadata.setdefault("language_info", {"name": "python"})
     for cell in nb.cells:
         cell.metadata.setdefault("tags", [])  # papermill reads every cell's tags and its own metadata
     nb.metadata["papermill"] = {}
-    nb = parameterize_notebook(nb, dict(parameters), kernel_name=kernel, language="python")
+    nb = parameterize_notebook(nb, dict(parameters), kernel_name=spec["name"], language="python")
     nb.metadata.pop("papermill", None)
     for cell in nb.cells:
         cell.metadata.pop("papermill", None)
@@ -127,6 +131,8 @@ def start_lab(base: Path, root_dir: Path) -> LabServer:
     dirs = {"JUPYTER_CONFIG_DIR": "config", "JUPYTER_DATA_DIR": "data", "JUPYTER_RUNTIME_DIR": "runtime",
             "IPYTHONDIR": "ipython", "JUPYTERLAB_SETTINGS_DIR": "lab-settings",
             "JUPYTERLAB_WORKSPACES_DIR": "lab-workspaces"}
+    # The user's own data dir stays on the search path: a `v3kit` kernel registered with --user must still be found.
+    env["JUPYTER_PATH"] = os.pathsep.join(p for p in (jupyter_data_dir(), env.get("JUPYTER_PATH", "")) if p)
     for var, sub in dirs.items():
         (base / sub).mkdir(parents=True, exist_ok=True)
         env[var] = str(base / sub)
