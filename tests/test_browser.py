@@ -10,11 +10,14 @@ Playwright cannot download its own browser here, so it drives ``$V3KIT_CHROMIUM`
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 import time
 from typing import Iterator
 
+import numpy as np
 import pytest
 
 from lab_server import LabServer, smoke_copy, start_lab
@@ -22,10 +25,11 @@ from lab_server import LabServer, smoke_copy, start_lab
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 NOTEBOOK = "03_grpo"
-# Smoke sizes, but GRPO long enough (a few seconds) that the live plot redraws several times while it trains; the
-# panel's runs stay short. One kl_beta in the grid, so the panel already has a row before the click.
+# Smoke sizes, but GRPO long enough (a few seconds; ~25 ms an epoch here) that the live plot redraws while it
+# trains (its first redraw waits >= 1 s); the panel's runs stay short. One kl_beta in the grid, so the panel already has a row before the click.
 GRPO_EPOCHS = 100
 PARAMETERS = {"smoke": True, "grpo_epochs": GRPO_EPOCHS, "compare_epochs": 2, "kl_betas": [0.0]}
+C1 = (255, 127, 14)  # matplotlib's second default colour (#ff7f0e)
 # Generous: a loaded CI box is several times slower than the ~30 s this takes on 2 idle cores.
 READY_TIMEOUT_MS = 120_000
 RUN_ALL_TIMEOUT_MS = 240_000
@@ -136,6 +140,14 @@ def _header(panel) -> list[str]:
     return [c.strip() for c in panel.locator(".widget-html-content table thead tr").first.locator("th").all_inner_texts()]
 
 
+def _colour_pixels(png: bytes, rgb: tuple[int, int, int], tol: int = 40) -> int:
+    """How many pixels of a screenshot are within ``tol`` of ``rgb`` on every channel."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int)
+    return int((np.abs(pixels - np.array(rgb)).max(axis=-1) <= tol).sum())
+
+
 def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
     t0 = time.perf_counter()
     try:
@@ -148,7 +160,6 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
         page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
         page.wait_for_function(ALL_EXECUTED, timeout=RUN_ALL_TIMEOUT_MS, polling=250)
         t_run = time.perf_counter()
-        page.screenshot(path=str(tmp_path / "after-run-all.png"), full_page=True)
         errors = page.evaluate(ERROR_OUTPUTS)
         assert not errors, "error output in the notebook:\n" + "\n".join(errors)
         assert page.get_by_text("Error displaying widget").count() == 0
@@ -165,7 +176,10 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
         panel.scroll_into_view_if_needed()
         rows = _table_rows(panel)
         assert len(rows) == len(PARAMETERS["kl_betas"]), rows
-        image_before = panel.locator("img").first.get_attribute("src")
+        overlay = panel.locator("img").first
+        image_before = overlay.get_attribute("src")
+        # Run #k is drawn in matplotlib's colour C{k-1}: the clicked run #2 in C1 (orange), absent before it.
+        orange_before = _colour_pixels(overlay.screenshot(), C1)
 
         slider = panel.locator(".widget-slider").filter(has=page.locator(".widget-label", has_text="kl_beta")).first
         readout = slider.locator(".widget-readout")
@@ -178,11 +192,12 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
 
         panel.locator("button", has_text="Run GRPO").click()
         done = f"#{len(rows) + 1} done"
-        panel.locator(".widget-html-content", has_text=done).wait_for(timeout=CLICK_RUN_TIMEOUT_MS)
+        status = panel.locator(".widget-html-content").filter(has_text=re.compile(f"{done}|failed:"))
+        status.wait_for(timeout=CLICK_RUN_TIMEOUT_MS)
+        assert done in status.inner_text(), status.inner_text()
         page.wait_for_function(
             "([p, n]) => p.querySelectorAll('.widget-html-content table tbody tr').length === n",
             arg=[panel.element_handle(), len(rows) + 1], timeout=10_000)
-        page.screenshot(path=str(tmp_path / "after-click.png"), full_page=True)
 
         new_rows = _table_rows(panel)
         assert len(new_rows) == len(rows) + 1, new_rows
@@ -190,7 +205,9 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
         new = dict(zip(header, new_rows[-1]))
         assert new_rows[-1][0] == f"#{len(rows) + 1}", new_rows
         assert float(new["kl_beta"]) == pytest.approx(chosen), (header, new_rows[-1])
-        assert panel.locator("img").first.get_attribute("src") != image_before, "the overlay figure did not change"
+        assert overlay.get_attribute("src") != image_before, "the overlay figure did not change"
+        orange_after = _colour_pixels(overlay.screenshot(), C1)
+        assert orange_after > 10 * (orange_before + 10), f"no new curve: {orange_before} -> {orange_after} px"
         assert not page.evaluate(ERROR_OUTPUTS)
         assert page.get_by_text("Error displaying widget").count() == 0
     except BaseException:
@@ -198,5 +215,5 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
         print(f"screenshot: {tmp_path / 'failure.png'}\njupyter lab log:\n{lab.log_tail()}")
         raise
     print(f"browser test: notebook open + kernel idle {t_ready - t0:.1f} s, Run All {t_run - t_ready:.1f} s, "
-          f"slider + Run {time.perf_counter() - t_run:.1f} s; "
+          f"slider + Run {time.perf_counter() - t_run:.1f} s; C1 pixels {orange_before} -> {orange_after}; "
           f"{len(during)} live frames while training at {[round(f['t'] / 1000, 1) for f in frames]} s")
