@@ -1,8 +1,8 @@
 """Notebook 03 in a real browser: JupyterLab driven by Playwright with the system's Chromium.
 
 What papermill cannot see: the live GRPO figure must change in the page *while* the cell trains, the widget panel
-must render (no "Error displaying widget"), and moving its kl_beta slider and pressing **Run GRPO** must add a run
-to the panel's table with the slider's value.
+must render (no "Error displaying widget"), and moving its kl_beta slider and pressing **Run GRPO** must add a
+curve to the panel's overlay and a row with the slider's value to its table.
 
 Playwright cannot download its own browser here, so it drives ``$V3KIT_CHROMIUM`` or the ``chromium`` on PATH
 (Debian's package); the test is skipped only when there is no such browser or no Playwright.
@@ -26,7 +26,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 NOTEBOOK = "03_grpo"
 # Smoke sizes, but GRPO long enough (a few seconds; ~25 ms an epoch here) that the live plot redraws while it
-# trains (its first redraw waits >= 1 s); the panel's runs stay short. One kl_beta in the grid, so the panel already has a row before the click.
+# trains (its first redraw waits >= 1 s); the panel's runs stay short. One kl_beta in the grid, so the panel
+# already has a row before the click.
 GRPO_EPOCHS = 100
 PARAMETERS = {"smoke": True, "grpo_epochs": GRPO_EPOCHS, "compare_epochs": 2, "kl_betas": [0.0]}
 C1 = (255, 127, 14)  # matplotlib's second default colour (#ff7f0e)
@@ -97,7 +98,7 @@ ERROR_OUTPUTS = """() => {
   for (const el of document.querySelectorAll(
       '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"], .jp-RenderedText')) {
     const text = el.textContent || '';
-    if (text.includes('Traceback') || /\\w*Error\\b/.test(text)) out.push(text.slice(0, 500));
+    if (text.includes('Traceback') || /Error\\b/.test(text)) out.push(text.slice(0, 500));
   }
   return out;
 }"""
@@ -114,7 +115,7 @@ def lab(tmp_path) -> Iterator[LabServer]:
 
 
 @pytest.fixture
-def page(lab, tmp_path):
+def page(lab):
     with sync_api.sync_playwright() as p:
         # --no-sandbox: Chromium refuses to start its sandbox as root (CI containers), whose /dev/shm is often tiny.
         browser = p.chromium.launch(executable_path=chromium(), headless=True,
@@ -137,7 +138,8 @@ def _table_rows(panel) -> list[list[str]]:
 
 
 def _header(panel) -> list[str]:
-    return [c.strip() for c in panel.locator(".widget-html-content table thead tr").first.locator("th").all_inner_texts()]
+    first_row = panel.locator(".widget-html-content table thead tr").first
+    return [c.strip() for c in first_row.locator("th").all_inner_texts()]
 
 
 def _colour_pixels(png: bytes, rgb: tuple[int, int, int], tol: int = 40) -> int:
