@@ -14,17 +14,22 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
+import nbformat
 import numpy as np
 import pytest
 
-from lab_server import LabServer, smoke_copy, start_lab
+from lab_server import NB_DIR, LabServer, smoke_copy, start_lab
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 
 NOTEBOOK = "03_grpo"
+PAIRED = "01_sft_load"  # the notebook the run-and-save test opens
 # Smoke sizes, but GRPO long enough (a few seconds; ~25 ms an epoch here) that the live plot redraws while it
 # trains (its first redraw waits >= 1 s); the panel's runs stay short. One kl_beta in the grid, so the panel
 # already has a row before the click.
@@ -115,7 +120,24 @@ def lab(tmp_path) -> Iterator[LabServer]:
 
 
 @pytest.fixture
-def page(lab):
+def paired_lab(tmp_path) -> Iterator[tuple[LabServer, Path]]:
+    """A root holding notebook 01's py:percent source (smoke-sized: only its parameter values edited) and the
+    ``.ipynb`` that ``make notebooks`` pairs with it, served by JupyterLab with its jupytext extension."""
+    root = tmp_path / "root"
+    root.mkdir()
+    text = (NB_DIR / f"{PAIRED}.py").read_text()
+    for old, new in (("\nsmoke = False ", "\nsmoke = True  "), ('\nrun_dir = "runs/notebooks"', f'\nrun_dir = "{root / "run"}"')):
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    (root / f"{PAIRED}.py").write_text(text)
+    subprocess.run([sys.executable, "-m", "jupytext", "--sync", "--quiet", str(root / f"{PAIRED}.py")], check=True)
+    server = start_lab(tmp_path / "jupyter", root)
+    yield server, root
+    server.stop()
+
+
+@pytest.fixture
+def page():
     with sync_api.sync_playwright() as p:
         # --no-sandbox: Chromium refuses to start its sandbox as root (CI containers), whose /dev/shm is often tiny.
         browser = p.chromium.launch(executable_path=chromium(), headless=True,
@@ -219,3 +241,31 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
     print(f"browser test: notebook open + kernel idle {t_ready - t0:.1f} s, Run All {t_run - t_ready:.1f} s, "
           f"slider + Run {time.perf_counter() - t_run:.1f} s; C1 pixels {orange_before} -> {orange_after}; "
           f"{len(during)} live frames while training at {[round(f['t'] / 1000, 1) for f in frames]} s")
+
+
+def test_run_and_save_in_jupyterlab_then_make_notebooks_leaves_the_source_as_it_was(paired_lab, page, tmp_path):
+    """The workflow that used to break `make test`: open a notebook in JupyterLab, Run All, save (outputs, kernel
+    state and all), then the documented `make notebooks` (jupytext --sync). The source must come out unchanged."""
+    server, root = paired_lab
+    source = root / f"{PAIRED}.py"
+    before = source.read_text()
+    ipynb = root / f"{PAIRED}.ipynb"
+    try:
+        page.goto(server.lab_url(ipynb.name))
+        page.wait_for_function(NOTEBOOK_READY, timeout=READY_TIMEOUT_MS)
+        page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        page.wait_for_function(ALL_EXECUTED, timeout=RUN_ALL_TIMEOUT_MS, polling=250)
+        assert not page.evaluate(ERROR_OUTPUTS)
+        saved_at = ipynb.stat().st_mtime
+        page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+        deadline = time.monotonic() + 30
+        while ipynb.stat().st_mtime == saved_at and time.monotonic() < deadline:
+            time.sleep(0.2)
+    except BaseException:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        print(f"screenshot: {tmp_path / 'failure.png'}\njupyter lab log:\n{server.log_tail()}")
+        raise
+    saved = nbformat.read(str(ipynb), as_version=4)
+    assert any(c.get("outputs") for c in saved.cells if c.cell_type == "code"), "the run was not saved"
+    subprocess.run([sys.executable, "-m", "jupytext", "--sync", "--quiet", str(ipynb)], check=True)
+    assert source.read_text() == before, "running and saving changed the notebook's source"
