@@ -23,7 +23,8 @@ from .metrics import evaluate, metric_order
 from .rce import final_logit_temperature, run_rce
 from .sft import Stage1, load_sft, train_sft
 from .synthetic import make_world
-from .training import StageResult, config_changes
+from .provenance import config_changes, flatten, signature
+from .training import StageResult
 
 
 def prepare_data(cfg: RunConfig) -> Splits:
@@ -48,16 +49,6 @@ def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (),
 RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
     """Refuse to resume ``run_dir`` under a config that differs from the one it was started with."""
     path = Path(run_dir) / "config.yaml"
@@ -67,7 +58,7 @@ def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
         old = to_dict(load_config(path))
     except ConfigError as e:
         raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not valid for this v3kit ({e})") from None
-    details = config_changes(_flatten(old), _flatten(to_dict(cfg)), RESUMABLE_CHANGES)
+    details = config_changes(flatten(old), flatten(to_dict(cfg)), RESUMABLE_CHANGES)
     if details:
         raise ConfigError(f"cannot resume {run_dir} under another config ({details}); only {list(RESUMABLE_CHANGES)} "
                           "may change on --resume: use a new run_dir, or drop --resume to start over")
@@ -167,10 +158,6 @@ def run_pipeline(
 STATE_FILE = "notebook_state.json"
 
 
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
 def read_state(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
@@ -204,8 +191,8 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
     run_dir.mkdir(parents=True, exist_ok=True)
     state = read_state(run_dir)
     sft_path = run_dir / "sft.pt"
-    data_sig = _jsonable({"seed": cfg.seed, "data": to_dict(cfg.data)})
-    sft_sig = _jsonable({"model": to_dict(cfg.model), "sft": to_dict(cfg.sft)})
+    data_sig = signature(cfg, "data")
+    sft_sig = signature(cfg, "model", "sft")
     prev = state.get("stage1")
     if sft_checkpoint is not None:
         src = Path(sft_checkpoint).resolve()
@@ -242,7 +229,7 @@ def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Seq
     same RCE settings (unless ``fresh``), else train RCE. ``result.model`` is the post-RCE policy."""
     run_dir = Path(cfg.run_dir)
     state = read_state(run_dir)
-    want = _jsonable({"stage1": state.get("stage1"), "rce": to_dict(cfg.rce)})
+    want = {"stage1": state.get("stage1"), "rce": signature(cfg, "rce")}
     last = run_dir / f"rce_epoch{cfg.rce.epochs}.pt"
     reuse = not fresh and state.get("rce") == want and (cfg.rce.epochs == 0 or last.exists())
     if reuse:

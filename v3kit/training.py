@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, save_checkpoint
 from .data import Batch, GroupData, iterate_batches, num_batches
 from .metrics import evaluate
+from .provenance import config_changes
 
 
 class Callback:
@@ -120,12 +121,6 @@ def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, ma
         raise ValueError(f"{section}.batch_size must be >= 1, got {batch_size}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"{section}.max_grad_norm must be > 0 or null (no clipping), got {max_grad_norm}")
-
-
-def config_changes(before: dict[str, Any], now: dict[str, Any], ignore: Sequence[str] = (), limit: int = 5) -> str:
-    """``"key: old -> new, ..."`` for the keys (outside ``ignore``) whose values differ; ``""`` when none do."""
-    diff = sorted(k for k in set(before) | set(now) if k not in ignore and before.get(k) != now.get(k))
-    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:limit])
 
 
 def _check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, to_dict
+from ..provenance import fingerprint, signature
 
 from .grid import (_RUN_INFO, _RUNNER_KEYS, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS,
                    GridError, GridSpec, load_grid)
@@ -31,13 +31,11 @@ def _config_hash(cfg: RunConfig, extra: str = "") -> str:
     for k in _RUNNER_KEYS:
         d.pop(k, None)
     d["seed"] = cfg.seed
-    return hashlib.sha1((json.dumps(d, sort_keys=True, default=str) + extra).encode()).hexdigest()[:16]
+    return fingerprint(d, extra)
 
 
 def _sft_hash(cfg: RunConfig) -> str:
-    d = {k: to_dict(cfg)[k] for k in _SHARED_SECTIONS}
-    d["seed"] = cfg.seed
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(signature(cfg, *_SHARED_SECTIONS))
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,0 +1,49 @@
+"""Is an artifact still valid for this config? One answer for checkpoints, run dirs, notebooks and ablations.
+
+Every artifact (an SFT checkpoint, an RCE/GRPO epoch checkpoint, a run dir, an ablation result) was made from some
+sections of the run config plus the seed. :func:`signature` extracts those sections, :func:`fingerprint` hashes a
+signature for file names and result files, and :func:`config_changes` names the keys that differ when a resume or
+a reuse must be refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Sequence
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def signature(cfg: Any, *sections: str) -> dict[str, Any]:
+    """``{"seed": cfg.seed, section: <section as a dict>, ...}``, JSON-normalised (tuples become lists, paths
+    strings), so it compares equal to a copy read back from a JSON or YAML file."""
+    out: dict[str, Any] = {"seed": cfg.seed}
+    for name in sections:
+        out[name] = dataclasses.asdict(getattr(cfg, name))
+    return _jsonable(out)
+
+
+def fingerprint(obj: Any, salt: str = "") -> str:
+    """A short stable hash of a JSON-able object (keys sorted), e.g. of a :func:`signature`."""
+    return hashlib.sha1((json.dumps(obj, sort_keys=True, default=str) + salt).encode()).hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> ``{"grpo.kl_beta": 0.1, ...}``; ``kwargs`` mappings stay whole (they are one value)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(before: dict[str, Any], now: dict[str, Any], ignore: Sequence[str] = (), limit: int = 5) -> str:
+    """``"key: old -> new, ..."`` for the keys (outside ``ignore``) whose values differ; ``""`` when none do."""
+    diff = sorted(k for k in set(before) | set(now) if k not in ignore and before.get(k) != now.get(k))
+    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:limit])
