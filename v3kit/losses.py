@@ -18,6 +18,7 @@ __all__ = [
     "zero_std_groups",
     "kl_penalty",
     "grpo_loss",
+    "grpo_loss_terms",
     "expected_advantage",
 ]
 
@@ -52,6 +53,30 @@ def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_
 def _masked_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
     w = mask.to(x.dtype) if weights is None else torch.where(mask, weights.to(x.dtype), torch.zeros_like(x))
     return (torch.where(mask, x, torch.zeros_like(x)) * w).sum() / w.sum().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def mean_over(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x``'s valid entries as a 0-d tensor (NaN when none).
+
+    On the CPU it is ``x[mask].mean()`` (the statistics logged so far, bit for bit); elsewhere a masked sum, since
+    boolean indexing would wait for the device on every step.
+    """
+    if x.device.type == "cpu":
+        return x[mask].mean()
+    m = mask.to(x.dtype)
+    return (torch.where(mask, x, torch.zeros_like(x)) * m).sum() / m.sum()
+
+
+def std_over(x: Tensor, mask: Tensor) -> Tensor:
+    """Bessel std of ``x``'s valid entries as a 0-d tensor, 0 when fewer than two (same CPU/device split as
+    :func:`mean_over`)."""
+    if x.device.type == "cpu":
+        v = x[mask]
+        return v.std() if v.numel() > 1 else x.new_zeros(())
+    n = mask.sum()
+    mean = mean_over(x, mask)
+    var = torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum() / (n - 1).clamp_min(1)
+    return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
 
 
 def group_log_probs(
@@ -194,12 +219,36 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO-clipped group-relative policy loss plus KL penalty, averaged over valid entries.
 
+    The statistics are python floats here; :func:`grpo_loss_terms` (same arguments) keeps them as 0-d tensors on
+    the device so a training loop need not wait for the device every step.
+
     KL: against ``old_logp`` with the seed's estimator when ``ref_logp`` is None, else k3 against ``ref_logp``;
     ``kl_estimator`` overrides the estimator. ``eps_high`` > ``eps_low`` is DAPO's clip-higher; ``dual_clip=c``
     bounds the loss of negative-advantage entries at ``-c * A`` (Ye et al. 2020). ``weights`` turn the mean into a
     weighted mean (the ``exact`` mode weights every candidate by its old-policy probability).
     Returns the loss and float stats named as in TRL: ``pg_loss``, ``kl``, ``clip_ratio``, ``ratio_*``, ``entropy``.
     """
+    loss, stats = grpo_loss_terms(logp, old_logp, advantages, mask=mask, eps_low=eps_low, eps_high=eps_high,
+                                  kl_beta=kl_beta, ref_logp=ref_logp, kl_estimator=kl_estimator, weights=weights,
+                                  dual_clip=dual_clip)
+    return loss, {k: v.item() for k, v in stats.items()}
+
+
+def grpo_loss_terms(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    kl_beta: float = 0.1,
+    ref_logp: Tensor | None = None,
+    kl_estimator: str | None = None,
+    weights: Tensor | None = None,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`grpo_loss` with its statistics left as detached 0-d tensors."""
     if logp.shape != old_logp.shape or logp.shape != advantages.shape:
         raise ValueError(
             f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages {tuple(advantages.shape)} "
@@ -231,17 +280,17 @@ def grpo_loss(
     loss = _masked_mean(pg + kl_beta * kl, mask, weights)
 
     with torch.no_grad():
-        ratio_valid = ratio[mask]
         clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
         probs_logp = torch.where(mask, torch.exp(logp) * logp, zeros)
+        inf = torch.full_like(ratio, float("inf"))
         stats = {
-            "pg_loss": _masked_mean(pg, mask, weights).item(),
-            "kl": _masked_mean(kl, mask, weights).item(),
-            "clip_ratio": clipped[mask].float().mean().item(),
-            "ratio_mean": ratio_valid.mean().item(),
-            "ratio_min": ratio_valid.min().item(),
-            "ratio_max": ratio_valid.max().item(),
-            "entropy": (-probs_logp.sum(dim=1)).mean().item(),
+            "pg_loss": _masked_mean(pg, mask, weights),
+            "kl": _masked_mean(kl, mask, weights),
+            "clip_ratio": mean_over(clipped.float(), mask),
+            "ratio_mean": mean_over(ratio, mask),
+            "ratio_min": torch.where(mask, ratio, inf).amin(),  # min/max are exact however they are reduced
+            "ratio_max": torch.where(mask, ratio, -inf).amax(),
+            "entropy": (-probs_logp.sum(dim=1)).mean(),
         }
     return loss, stats
 
