@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from v3kit.checkpoint import load_checkpoint, model_from_checkpoint
 # A checkpoint trained on the GPU loads on the CPU and holds only CPU tensors.
-ckpt = load_checkpoint(Path(sys.argv[1]) / "grpo_epoch8.pt")
-model_from_checkpoint(ckpt)
-devices = {t.device.type for t in ckpt["model"].values()}
+path = Path(sys.argv[1]) / "grpo_epoch8.pt"
+raw = torch.load(path, weights_only=True)  # no map_location: tensors come back where they were saved from
+devices = {t.device.type for t in raw["model"].values()} | {t.device.type for t in raw["optimizer"]["state"][0].values()}
+model_from_checkpoint(load_checkpoint(path))
 print(f"grpo_epoch8.pt tensors on {devices}; loads on the CPU: ok")
 assert devices == {"cpu"}
 PYEOF
