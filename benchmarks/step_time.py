@@ -5,7 +5,9 @@ B=32 groups of G=8, one CPU thread. A step's time is read between two held-out e
 ``--steps`` optimizer steps; the evaluation runs on 8 groups so it costs about one step), so it includes
 everything the loop does per step: the forward pass, the loss and its statistics, backward, clipping, Adam and
 the ``metrics.csv`` row. Stages are interleaved within each repeat; the number is the median over epochs and
-repeats (the first epoch of each run is a warm-up and is dropped).
+repeats (the first epoch of each run is a warm-up and is dropped). The clock is the process's CPU time
+(``time.process_time``) by default: with one thread it is the step's cost, and unlike wall time it barely moves
+when other jobs share the cores; ``--clock wall`` measures wall time instead.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/step_time.py [--steps 60 --epochs 4 --repeats 3]
 """
@@ -31,15 +33,16 @@ B = 32
 class EvalClock:
     """Timestamps of the held-out evaluations (epoch 0 = before the first step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock) -> None:
+        self.clock = clock
         self.times: list[float] = []
 
     def on_eval(self, row: dict) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(self.clock())
 
 
-def per_step(run, steps: int) -> list[float]:
-    clock = EvalClock()
+def per_step(run, steps: int, clock) -> list[float]:
+    clock = EvalClock(clock)
     run(clock)
     gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return [g / steps for g in gaps[1:]]  # drop the first epoch (warm-up)
@@ -51,6 +54,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,10 +89,10 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
         for name, run in runs.items():
-            times[name] += per_step(run, args.steps)
+            times[name] += per_step(run, args.steps, time.process_time if args.clock == "cpu" else time.perf_counter)
     sft = statistics.median(times["sft"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), B={B}, G=8, "
-          f"{args.steps} steps x {e - 1} timed epochs x {args.repeats} repeats")
+          f"{args.steps} steps x {e - 1} timed epochs x {args.repeats} repeats, {args.clock} time")
     print(f"{'stage':<24}{'ms/step':>9}{'x SFT':>8}")
     for name, t in times.items():
         m = statistics.median(t)

@@ -131,7 +131,8 @@ def grpo_step_loss(
     if keep is not None and not keep.all():
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
-    adv = group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline)
+    adv = group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline,
+                           no_signal=zero if keep is None else zero[keep])
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
     loss, loss_stats = grpo_loss_terms(
         logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=cfg.kl_beta,

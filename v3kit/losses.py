@@ -40,8 +40,10 @@ def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_
     if mask.shape != like.shape[:2]:
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but must be [B, G] = {tuple(like.shape[:2])}")
     mask = mask.to(torch.bool)
+    if allow_empty:  # nothing to check (and no host sync)
+        return mask
     empty = ~mask.any(dim=1)
-    if empty.any() and not allow_empty:
+    if empty.any():
         rows = empty.nonzero().flatten()[:5].tolist()
         raise ValueError(
             f"{name} has groups with no valid candidate (rows {rows}); every group needs at least one "
@@ -50,9 +52,16 @@ def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_
     return mask
 
 
-def _masked_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+def _mean_weights(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The per-entry weights of :func:`_masked_mean` and their clamped total (shareable by several means)."""
     w = mask.to(x.dtype) if weights is None else torch.where(mask, weights.to(x.dtype), torch.zeros_like(x))
-    return (torch.where(mask, x, torch.zeros_like(x)) * w).sum() / w.sum().clamp_min(torch.finfo(x.dtype).tiny)
+    return w, w.sum().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _masked_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None,
+                 shared: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    w, total = _mean_weights(x, mask, weights) if shared is None else shared
+    return (torch.where(mask, x, torch.zeros_like(x)) * w).sum() / total
 
 
 def mean_over(x: Tensor, mask: Tensor) -> Tensor:
@@ -155,6 +164,7 @@ def group_advantages(
     scale: str = "group",
     eps: float = 1e-4,
     baseline: float = 0.0,
+    no_signal: Tensor | None = None,
 ) -> Tensor:
     """Group-relative advantages.
 
@@ -162,6 +172,7 @@ def group_advantages(
     ``"batch"``: centred per group, scaled by the std of all valid rewards in the batch (TRL ``scale_rewards="batch"``);
     ``"none"``: ``r - mean_g`` (Dr. GRPO, Liu et al. 2025). Groups without signal (see :func:`zero_std_groups`)
     and masked entries get exactly 0; ``baseline`` is then subtracted from the remaining entries (seed form).
+    ``no_signal``: :func:`zero_std_groups` of the same rewards and mask when the caller has it already.
     """
     if scale not in _ADV_SCALES:
         raise ValueError(f"scale must be one of {_ADV_SCALES}, got {scale!r}")
@@ -180,8 +191,9 @@ def group_advantages(
         adv = centred / (std + eps)
     else:
         adv = centred
-    signal = (~zero_std_groups(rewards, mask)).unsqueeze(1) & mask
-    return torch.where(signal, adv - baseline, torch.zeros_like(adv))
+    no_signal = zero_std_groups(rewards, mask) if no_signal is None else no_signal
+    signal = (~no_signal).unsqueeze(1) & mask
+    return torch.where(signal, adv - baseline if baseline else adv, torch.zeros_like(adv))
 
 
 def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
@@ -277,22 +289,30 @@ def grpo_loss_terms(
     anchor = old_logp if ref_logp is None else ref_logp
     kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), kl_estimator)
 
-    loss = _masked_mean(pg + kl_beta * kl, mask, weights)
+    shared = _mean_weights(pg, mask, weights)
+    loss = _masked_mean(pg + kl_beta * kl, mask, shared=shared)
 
     with torch.no_grad():
         clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
         probs_logp = torch.where(mask, torch.exp(logp) * logp, zeros)
-        inf = torch.full_like(ratio, float("inf"))
         stats = {
-            "pg_loss": _masked_mean(pg, mask, weights),
-            "kl": _masked_mean(kl, mask, weights),
+            "pg_loss": _masked_mean(pg, mask, shared=shared),
+            "kl": _masked_mean(kl, mask, shared=shared),
             "clip_ratio": mean_over(clipped.float(), mask),
-            "ratio_mean": mean_over(ratio, mask),
-            "ratio_min": torch.where(mask, ratio, inf).amin(),  # min/max are exact however they are reduced
-            "ratio_max": torch.where(mask, ratio, -inf).amax(),
+            **_ratio_summary(ratio, mask),
             "entropy": (-probs_logp.sum(dim=1)).mean(),
         }
     return loss, stats
+
+
+def _ratio_summary(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """``ratio_mean`` / ``ratio_min`` / ``ratio_max`` over valid entries (CPU: one boolean index, as before)."""
+    if ratio.device.type == "cpu":
+        valid = ratio[mask]
+        return {"ratio_mean": valid.mean(), "ratio_min": valid.min(), "ratio_max": valid.max()}
+    inf = torch.full_like(ratio, float("inf"))  # min/max are exact however they are reduced
+    return {"ratio_mean": mean_over(ratio, mask), "ratio_min": torch.where(mask, ratio, inf).amin(),
+            "ratio_max": torch.where(mask, ratio, -inf).amax()}
 
 
 def expected_advantage(logp: Tensor, advantages: Tensor, mask: Tensor | None = None) -> Tensor:
