@@ -104,9 +104,12 @@ def grpo_step_loss(
     *,
     ref_logp: Tensor | None = None,
     generator: torch.Generator | None = None,
+    group_terms: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float | Tensor]]:
     """The GRPO objective of one batch of groups under ``cfg``'s switches (logp, old, ref: [B, G] full groups).
 
+    ``group_terms``: ``(no_signal [B], advantages [B, G])`` of these groups when the caller has them (see
+    :func:`per_group_terms`); only valid for switches under which a group's advantages depend on that group alone.
     The statistics are 0-d tensors on the batch's device (the runner reads them back in batches). ``generator``
     is a CPU generator: on another device the sampling probabilities are copied to the CPU to draw, so a run
     draws the same candidates on every device and CPU runs keep their numbers.
@@ -122,7 +125,10 @@ def grpo_step_loss(
         ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
         mask = torch.ones_like(idx, dtype=torch.bool)
         stats["entropy"] = entropy
-    zero = zero_std_groups(rewards, mask)
+    if group_terms is not None and not per_group_advantages(cfg):
+        raise ValueError(f"group_terms cannot be precomputed for samples={cfg.samples!r}, "
+                         f"adv_scale={cfg.adv_scale!r}: advantages depend on the batch")
+    zero = zero_std_groups(rewards, mask) if group_terms is None else group_terms[0]
     stats["frac_reward_zero_std"] = zero.float().mean()
     # Only drop_zero_std_groups needs to know (on the host) which groups to keep; the default path never waits.
     keep = ~zero if cfg.drop_zero_std_groups else None
@@ -131,8 +137,11 @@ def grpo_step_loss(
     if keep is not None and not keep.all():
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
-    adv = group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline,
-                           no_signal=zero if keep is None else zero[keep])
+    if group_terms is not None:
+        adv = group_terms[1] if keep is None else group_terms[1][keep]
+    else:
+        adv = group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline,
+                               no_signal=zero if keep is None else zero[keep])
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
     loss, loss_stats = grpo_loss_terms(
         logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=cfg.kl_beta,
@@ -142,6 +151,20 @@ def grpo_step_loss(
     with torch.no_grad():
         loss_stats["adv_std"] = std_over(adv, mask)
     return loss, loss_stats
+
+
+def per_group_advantages(cfg: GRPOConfig) -> bool:
+    """Whether a group's advantages depend on that group alone (not with ``samples="sampled"``, whose groups are
+    the draws, nor with ``adv_scale="batch"``, whose scale is the batch's)."""
+    return cfg.samples != "sampled" and cfg.adv_scale != "batch"
+
+
+def per_group_terms(rewards: Tensor, mask: Tensor, cfg: GRPOConfig) -> tuple[Tensor, Tensor]:
+    """``(no_signal, advantages)`` of every group at once: rewards never change during GRPO, so the runner reads
+    a batch's rows instead of recomputing them each step (row for row the same numbers)."""
+    zero = zero_std_groups(rewards, mask)
+    return zero, group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline,
+                                  no_signal=zero)
 
 
 def ratio_stats(ratios: Tensor, eps_low: float, eps_high: float | None) -> dict[str, float]:
@@ -211,6 +234,7 @@ def run_grpo(
     ref_all = None
     if cfg.kl_reference == "sft":
         ref_all = compute_log_probs(reference, train, temperature, precision=precision)
+    terms = per_group_terms(train.rewards.to(device), mask, cfg) if per_group_advantages(cfg) else None
 
     def on_epoch_start(epoch: int) -> None:
         if cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed above
@@ -219,8 +243,9 @@ def run_grpo(
     def step_fn(batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         logp = policy_log_probs(policy, batch.query_x, batch.cand_x, batch.mask, temperature)
         ref_logp = None if ref_all is None else ref_all[batch.index]
+        group_terms = None if terms is None else (terms[0][batch.index], terms[1][batch.index])
         loss, stats = grpo_step_loss(logp, state["old"][batch.index], batch.rewards, batch.mask, cfg,
-                                     ref_logp=ref_logp, generator=ctx.generator)
+                                     ref_logp=ref_logp, generator=ctx.generator, group_terms=group_terms)
         stats["temperature"] = temperature
         return loss, stats
 
