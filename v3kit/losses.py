@@ -32,15 +32,17 @@ _KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
 def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
     """Return a boolean [B, G] mask (all True when None); raise a clear error on bad shapes.
 
-    Empty groups are an error where a softmax needs a candidate; ``allow_empty`` lets statistics treat them as
-    groups without signal instead.
+    Empty groups are an error where a softmax needs a candidate (checked for CPU tensors); ``allow_empty`` lets
+    statistics treat them as groups without signal instead.
     """
     if mask is None:
         return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
     if mask.shape != like.shape[:2]:
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but must be [B, G] = {tuple(like.shape[:2])}")
     mask = mask.to(torch.bool)
-    if allow_empty:  # nothing to check (and no host sync)
+    # Off the CPU the emptiness check would make the host wait for the device on every call (every training step);
+    # there the data contract checks it instead, once, when the GroupData is built (every group has >= 2 candidates).
+    if allow_empty or mask.device.type != "cpu":
         return mask
     empty = ~mask.any(dim=1)
     if empty.any():
