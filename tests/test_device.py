@@ -220,3 +220,21 @@ def test_as_floats_matches_item_exactly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert D.as_floats([]) == []
+
+
+@pytest.mark.parametrize("switches", [{}, {"adv_scale": "none", "baseline": 0.5}, {"drop_zero_std_groups": True}])
+def test_advantages_read_once_equal_per_batch_computation(switches):
+    from v3kit.grpo import per_group_advantages, per_group_terms
+    from v3kit.losses import group_advantages, zero_std_groups
+
+    cfg = GRPOConfig(**switches)
+    assert per_group_advantages(cfg)
+    assert not per_group_advantages(GRPOConfig(adv_scale="batch"))
+    assert not per_group_advantages(GRPOConfig(samples="sampled"))
+    train = prepare_data(tiny_config("unused")).train
+    no_signal, adv = per_group_terms(train.rewards, train.mask, cfg)
+    for batch in iterate_batches(train, 32, shuffle=True, generator=torch.Generator().manual_seed(1)):
+        want = group_advantages(batch.rewards, batch.mask, scale=cfg.adv_scale, eps=cfg.adv_eps,
+                                baseline=cfg.baseline)
+        assert torch.equal(adv[batch.index], want)  # bit for bit: a group's advantages are its own business
+        assert torch.equal(no_signal[batch.index], zero_std_groups(batch.rewards, batch.mask))
