@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .device import to_cpu
 from .model import ModelConfig, build_model, resolve_target
 
 FORMAT = "v3kit-checkpoint"
@@ -22,10 +23,13 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` via a temp file and ``os.replace`` so a crash never leaves half a file."""
+    """Write ``payload`` to ``path`` via a temp file and ``os.replace`` so a crash never leaves half a file.
+
+    Tensors are stored on the CPU whatever device they come from, so any checkpoint loads on any machine.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "version": VERSION, **payload}
+    payload = {"format": FORMAT, "version": VERSION, **to_cpu(payload)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

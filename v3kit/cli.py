@@ -22,10 +22,12 @@ def _fmt(table: pd.DataFrame) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import prepare_data, resolve_runtime, run_pipeline
 
     cfg = load_config(args.config, args.set or [])
-    result = run_pipeline(cfg, sft_checkpoint=args.sft, resume=args.resume)
+    splits = prepare_data(cfg)
+    print(f"v3kit run: {resolve_runtime(cfg, splits, warn=False).describe()} (run dir: {cfg.run_dir})")
+    result = run_pipeline(cfg, sft_checkpoint=args.sft, resume=args.resume, splits=splits)
     print(f"\nheld-out test metrics by stage (run dir: {result.run_dir})")
     print(_fmt(result.table))
     g = result.grpo.info

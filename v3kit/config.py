@@ -12,10 +12,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
 
 import yaml
 
+from .device import check_device_setting, check_precision_setting, check_threads_setting
 from .grpo import GRPOConfig
 from .model import ModelConfig
 from .rce import RCEConfig
@@ -53,6 +54,18 @@ class RunConfig:
     """Where checkpoints, ``metrics.csv``, ``summary.csv`` and ``config.yaml`` go."""
     progress: bool = True
     """Show tqdm progress bars."""
+    device: str = "auto"
+    """Where the run computes: ``auto`` (cuda if available, else mps, else cpu) | ``cpu`` | ``cuda`` | ``cuda:N`` |
+    ``mps``. Checkpoints and ``metrics.csv`` are device-independent, so a run may resume on another device."""
+    precision: str = "fp32"
+    """``fp32`` | ``bf16``: bf16 = ``torch.autocast(bfloat16)`` for every forward pass on CUDA; ignored (fp32, with
+    a warning) elsewhere. Weights, gradients and optimizer state stay fp32."""
+    threads: Union[str, int] = "auto"
+    """Torch intra-op CPU threads, set at run start: ``auto`` = 1 on <= 2 cores, for small models (< 1M
+    parameters) or on a GPU, else min(cores, 8); or a number."""
+    log_every: int = 10
+    """Per-step statistics stay on the device and are copied to the host (one sync) every ``log_every`` steps and
+    at each epoch end; ``metrics.csv`` still gets one row per step, callbacks get them in batches."""
     data: DataConfig = field(default_factory=DataConfig)
     """The data: a long-form file, or the synthetic world."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -63,6 +76,14 @@ class RunConfig:
     """Stage 2, the RCE warm-up."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """Stage 3, GRPO."""
+
+    def __post_init__(self) -> None:
+        check_device_setting(self.device)
+        check_precision_setting(self.precision)
+        check_threads_setting(self.threads)
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1 (steps between host syncs of the step statistics), "
+                             f"got {self.log_every}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from .checkpoint import model_payload
 from .data import Batch, Splits
-from .losses import ADV_SCALES, KL_ESTIMATORS, LOG_RATIO_CLAMP, group_advantages, grpo_loss, zero_std_groups
+from .losses import (ADV_SCALES, KL_ESTIMATORS, LOG_RATIO_CLAMP, group_advantages, grpo_loss_terms, std_over,
+                     zero_std_groups)
 from .model import ModelConfig, compute_log_probs, policy_log_probs
 from .training import StageResult, StepContext, check_optim_fields, fit
 
@@ -117,11 +118,6 @@ class GRPOConfig:
         return rce_end_temperature if self.logp_temperature == "same_as_rce_end" else float(self.logp_temperature)
 
 
-def _masked_std(x: Tensor, mask: Tensor) -> float:
-    v = x[mask]
-    return float(v.std()) if v.numel() > 1 else 0.0
-
-
 def grpo_step_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -131,36 +127,68 @@ def grpo_step_loss(
     *,
     ref_logp: Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, dict[str, float]]:
-    """The GRPO objective of one batch of groups under ``cfg``'s switches (logp, old, ref: [B, G] full groups)."""
-    stats: dict[str, float] = {}
+    group_terms: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, dict[str, float | Tensor]]:
+    """The GRPO objective of one batch of groups under ``cfg``'s switches (logp, old, ref: [B, G] full groups).
+
+    ``group_terms``: ``(no_signal [B], advantages [B, G])`` of these groups when the caller has them (see
+    :func:`per_group_terms`); only valid for switches under which a group's advantages depend on that group alone.
+    The statistics are 0-d tensors on the batch's device (the runner reads them back in batches). ``generator``
+    is a CPU generator: on another device the sampling probabilities are copied to the CPU to draw, so a run
+    draws the same candidates on every device and CPU runs keep their numbers.
+    """
+    stats: dict[str, float | Tensor] = {}
     if cfg.samples == "sampled":
         # On-policy GRPO: K candidates drawn from the old policy form the group; advantages are relative to them.
         probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
-        idx = torch.multinomial(probs, cfg.num_samples, replacement=True, generator=generator)
-        entropy = -torch.where(mask, logp.exp() * logp, torch.zeros_like(logp)).sum(1).mean().item()
+        idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
+        with torch.no_grad():
+            entropy = -torch.where(mask, logp.exp() * logp, torch.zeros_like(logp)).sum(1).mean()
         logp, old_logp, rewards = logp.gather(1, idx), old_logp.gather(1, idx), rewards.gather(1, idx)
         ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
         mask = torch.ones_like(idx, dtype=torch.bool)
         stats["entropy"] = entropy
-    zero = zero_std_groups(rewards, mask)
-    stats["frac_reward_zero_std"] = zero.float().mean().item()
-    keep = ~zero if cfg.drop_zero_std_groups else torch.ones_like(zero)
-    if not keep.any():  # nothing in this batch carries signal: no update (the runner skips the step)
+    if group_terms is not None and not per_group_advantages(cfg):
+        raise ValueError(f"group_terms cannot be precomputed for samples={cfg.samples!r}, "
+                         f"adv_scale={cfg.adv_scale!r}: advantages depend on the batch")
+    zero = zero_std_groups(rewards, mask) if group_terms is None else group_terms[0]
+    stats["frac_reward_zero_std"] = zero.float().mean()
+    # Only drop_zero_std_groups needs to know (on the host) which groups to keep; the default path never waits.
+    keep = ~zero if cfg.drop_zero_std_groups else None
+    if keep is not None and not keep.any():  # nothing in this batch carries signal: no update (the runner skips)
         return logp.new_zeros(()), {**stats, "pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio/low_mean": 0.0,
                                     "clip_ratio/high_mean": 0.0, "adv_std": 0.0}
-    if not keep.all():
+    if keep is not None and not keep.all():
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
-    adv = group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline)
+    if group_terms is not None:
+        adv = group_terms[1] if keep is None else group_terms[1][keep]
+    else:
+        adv = group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline,
+                               no_signal=zero if keep is None else zero[keep])
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
-    loss, loss_stats = grpo_loss(
+    loss, loss_stats = grpo_loss_terms(
         logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=cfg.kl_beta,
         ref_logp=ref_logp, kl_estimator=cfg.kl_estimator, weights=weights, dual_clip=cfg.dual_clip,
     )
     loss_stats.update(stats)  # the full-group entropy wins over the entropy of the sampled sub-group
-    loss_stats["adv_std"] = _masked_std(adv, mask)
+    with torch.no_grad():
+        loss_stats["adv_std"] = std_over(adv, mask)
     return loss, loss_stats
+
+
+def per_group_advantages(cfg: GRPOConfig) -> bool:
+    """Whether a group's advantages depend on that group alone (not with ``samples="sampled"``, whose groups are
+    the draws, nor with ``adv_scale="batch"``, whose scale is the batch's)."""
+    return cfg.samples != "sampled" and cfg.adv_scale != "batch"
+
+
+def per_group_terms(rewards: Tensor, mask: Tensor, cfg: GRPOConfig) -> tuple[Tensor, Tensor]:
+    """``(no_signal, advantages)`` of every group at once: rewards never change during GRPO, so the runner reads
+    a batch's rows instead of recomputing them each step (row for row the same numbers)."""
+    zero = zero_std_groups(rewards, mask)
+    return zero, group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline,
+                                  no_signal=zero)
 
 
 def ratio_stats(ratios: Tensor, eps_low: float, eps_high: float | None) -> dict[str, float]:
@@ -189,12 +217,17 @@ def run_grpo(
     resume: bool = False,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    log_every: int = 10,
 ) -> StageResult:
     """Stage 3: train ``policy`` in place with GRPO; saves ``grpo_epoch{N}.pt`` per epoch in ``run_dir``.
 
     ``old_log_probs`` are stage 1's ([N_train, G]); ``temperature`` is GRPO's logit temperature (default: the
     model's ``sim_temperature``, i.e. what ``same_as_rce_end`` resolves to after a rewards-tempered RCE).
-    ``result.info["step0_ratios"]`` holds every valid ratio on the training set before the first update.
+    ``result.info["step0_ratios"]`` holds every valid ratio on the training set before the first update (CPU).
+    ``device`` / ``precision`` / ``log_every``: see :func:`v3kit.training.fit`; the policy, the reference and the
+    old log-probs are moved to ``device``.
     """
     cfg = cfg or GRPOConfig()
     model_config = model_config or ModelConfig()
@@ -205,16 +238,27 @@ def run_grpo(
     if cfg.kl_reference == "sft" and reference is None:
         raise ValueError("grpo.kl_reference='sft' needs the frozen SFT model: pass reference=stage1.reference")
     temperature = model_config.sim_temperature if temperature is None else temperature
-    state = {"old": old_log_probs.clone()}
+    device = torch.device(device)
+    policy.to(device)
+    if reference is not None:
+        reference.to(device)
+    state = {"old": old_log_probs.to(device).clone()}
+    mask = train.mask.to(device)
 
     def refresh() -> None:
-        state["old"] = compute_log_probs(policy, train, temperature)
+        state["old"] = compute_log_probs(policy, train, temperature, precision=precision)
 
-    current = compute_log_probs(policy, train, temperature)
+    current = compute_log_probs(policy, train, temperature, precision=precision)
     if cfg.old_policy != "sft":  # both refresh modes start from the policy GRPO starts with
         state["old"] = current
-    step0 = torch.exp((current - state["old"])[train.mask].clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    step0 = torch.exp((current - state["old"])[mask].clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).cpu()
     step0_summary = ratio_stats(step0, cfg.eps_low, cfg.eps_high)
+    # The frozen reference never changes, so its log-probs are read once (on the train split, at GRPO's
+    # temperature, like old_log_probs) and looked up by batch.index instead of a forward pass per step.
+    ref_all = None
+    if cfg.kl_reference == "sft":
+        ref_all = compute_log_probs(reference, train, temperature, precision=precision)
+    terms = per_group_terms(train.rewards.to(device), mask, cfg) if per_group_advantages(cfg) else None
 
     def on_epoch_start(epoch: int) -> None:
         if cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed above
@@ -222,12 +266,10 @@ def run_grpo(
 
     def step_fn(batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
         logp = policy_log_probs(policy, batch.query_x, batch.cand_x, batch.mask, temperature)
-        ref_logp = None
-        if cfg.kl_reference == "sft":
-            with torch.no_grad():
-                ref_logp = policy_log_probs(reference, batch.query_x, batch.cand_x, batch.mask, temperature)
+        ref_logp = None if ref_all is None else ref_all[batch.index]
+        group_terms = None if terms is None else (terms[0][batch.index], terms[1][batch.index])
         loss, stats = grpo_step_loss(logp, state["old"][batch.index], batch.rewards, batch.mask, cfg,
-                                     ref_logp=ref_logp, generator=ctx.generator)
+                                     ref_logp=ref_logp, generator=ctx.generator, group_terms=group_terms)
         stats["temperature"] = temperature
         return loss, stats
 
@@ -238,9 +280,10 @@ def run_grpo(
         batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature, reference=reference,
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
         checkpoint_meta=meta, on_epoch_start=on_epoch_start,
-        extra_state=lambda: {"old_log_probs": state["old"]},
-        restore_extra=lambda extra: state.update(old=extra["old_log_probs"]),
+        extra_state=lambda: {"old_log_probs": state["old"]},  # stored on the CPU by save_checkpoint
+        restore_extra=lambda extra: state.update(old=extra["old_log_probs"].to(device)),
         eval_extra=lambda epoch: step0_summary if epoch == 0 else {},
+        device=device, precision=precision, log_every=log_every,
     )
     result.info.update(step0_ratios=step0, temperature=temperature, **step0_summary)
     return result

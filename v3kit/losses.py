@@ -21,6 +21,7 @@ __all__ = [
     "zero_std_groups",
     "kl_penalty",
     "grpo_loss",
+    "grpo_loss_terms",
     "expected_advantage",
 ]
 
@@ -34,16 +35,20 @@ KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
 def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
     """Return a boolean [B, G] mask (all True when None); raise a clear error on bad shapes.
 
-    Empty groups are an error where a softmax needs a candidate; ``allow_empty`` lets statistics treat them as
-    groups without signal instead.
+    Empty groups are an error where a softmax needs a candidate (checked for CPU tensors); ``allow_empty`` lets
+    statistics treat them as groups without signal instead.
     """
     if mask is None:
         return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
     if mask.shape != like.shape[:2]:
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but must be [B, G] = {tuple(like.shape[:2])}")
     mask = mask.to(torch.bool)
+    # Off the CPU the emptiness check would make the host wait for the device on every call (every training step);
+    # there the data contract checks it instead, once, when the GroupData is built (every group has >= 2 candidates).
+    if allow_empty or mask.device.type != "cpu":
+        return mask
     empty = ~mask.any(dim=1)
-    if empty.any() and not allow_empty:
+    if empty.any():
         rows = empty.nonzero().flatten()[:5].tolist()
         raise ValueError(
             f"{name} has groups with no valid candidate (rows {rows}); every group needs at least one "
@@ -52,9 +57,40 @@ def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_
     return mask
 
 
-def _masked_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
+def _mean_weights(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The per-entry weights of :func:`_masked_mean` and their clamped total (shareable by several means)."""
     w = mask.to(x.dtype) if weights is None else torch.where(mask, weights.to(x.dtype), torch.zeros_like(x))
-    return (torch.where(mask, x, torch.zeros_like(x)) * w).sum() / w.sum().clamp_min(torch.finfo(x.dtype).tiny)
+    return w, w.sum().clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _masked_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None,
+                 shared: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    w, total = _mean_weights(x, mask, weights) if shared is None else shared
+    return (torch.where(mask, x, torch.zeros_like(x)) * w).sum() / total
+
+
+def mean_over(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x``'s valid entries as a 0-d tensor (NaN when none).
+
+    On the CPU it is ``x[mask].mean()`` (the statistics logged so far, bit for bit); elsewhere a masked sum, since
+    boolean indexing would wait for the device on every step.
+    """
+    if x.device.type == "cpu":
+        return x[mask].mean()
+    m = mask.to(x.dtype)
+    return (torch.where(mask, x, torch.zeros_like(x)) * m).sum() / m.sum()
+
+
+def std_over(x: Tensor, mask: Tensor) -> Tensor:
+    """Bessel std of ``x``'s valid entries as a 0-d tensor, 0 when fewer than two (same CPU/device split as
+    :func:`mean_over`)."""
+    if x.device.type == "cpu":
+        v = x[mask]
+        return v.std() if v.numel() > 1 else x.new_zeros(())
+    n = mask.sum()
+    mean = mean_over(x, mask)
+    var = torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum() / (n - 1).clamp_min(1)
+    return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
 
 
 def group_log_probs(
@@ -133,6 +169,7 @@ def group_advantages(
     scale: str = "group",
     eps: float = 1e-4,
     baseline: float = 0.0,
+    no_signal: Tensor | None = None,
 ) -> Tensor:
     """Group-relative advantages.
 
@@ -140,6 +177,7 @@ def group_advantages(
     ``"batch"``: centred per group, scaled by the std of all valid rewards in the batch (TRL ``scale_rewards="batch"``);
     ``"none"``: ``r - mean_g`` (Dr. GRPO, Liu et al. 2025). Groups without signal (see :func:`zero_std_groups`)
     and masked entries get exactly 0; ``baseline`` is then subtracted from the remaining entries (seed form).
+    ``no_signal``: :func:`zero_std_groups` of the same rewards and mask when the caller has it already.
     """
     if scale not in ADV_SCALES:
         raise ValueError(f"scale must be one of {ADV_SCALES}, got {scale!r}")
@@ -158,8 +196,9 @@ def group_advantages(
         adv = centred / (std + eps)
     else:
         adv = centred
-    signal = (~zero_std_groups(rewards, mask)).unsqueeze(1) & mask
-    return torch.where(signal, adv - baseline, torch.zeros_like(adv))
+    no_signal = zero_std_groups(rewards, mask) if no_signal is None else no_signal
+    signal = (~no_signal).unsqueeze(1) & mask
+    return torch.where(signal, adv - baseline if baseline else adv, torch.zeros_like(adv))
 
 
 def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
@@ -197,6 +236,9 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO-clipped group-relative policy loss plus KL penalty, averaged over valid entries.
 
+    The statistics are python floats here; :func:`grpo_loss_terms` (same arguments) keeps them as 0-d tensors on
+    the device so a training loop need not wait for the device every step.
+
     KL: against ``old_logp`` with the seed's estimator when ``ref_logp`` is None, else k3 against ``ref_logp``;
     ``kl_estimator`` overrides the estimator. ``eps_high`` > ``eps_low`` is DAPO's clip-higher; ``dual_clip=c``
     bounds the loss of negative-advantage entries at ``-c * A`` (Ye et al. 2020). ``weights`` turn the mean into a
@@ -205,6 +247,27 @@ def grpo_loss(
     sides apart as ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, so clip-higher's effect shows), ``pg_loss``
     (the clipped surrogate alone, verl's name) and ``ratio_mean``/``ratio_min``/``ratio_max``.
     """
+    loss, stats = grpo_loss_terms(logp, old_logp, advantages, mask=mask, eps_low=eps_low, eps_high=eps_high,
+                                  kl_beta=kl_beta, ref_logp=ref_logp, kl_estimator=kl_estimator, weights=weights,
+                                  dual_clip=dual_clip)
+    return loss, {k: v.item() for k, v in stats.items()}
+
+
+def grpo_loss_terms(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    *,
+    mask: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    kl_beta: float = 0.1,
+    ref_logp: Tensor | None = None,
+    kl_estimator: str | None = None,
+    weights: Tensor | None = None,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`grpo_loss` with its statistics left as detached 0-d tensors."""
     if logp.shape != old_logp.shape or logp.shape != advantages.shape:
         raise ValueError(
             f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages {tuple(advantages.shape)} "
@@ -233,26 +296,34 @@ def grpo_loss(
     anchor = old_logp if ref_logp is None else ref_logp
     kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), kl_estimator)
 
-    loss = _masked_mean(pg + kl_beta * kl, mask, weights)
+    shared = _mean_weights(pg, mask, weights)
+    loss = _masked_mean(pg + kl_beta * kl, mask, shared=shared)
 
     with torch.no_grad():
-        ratio_valid = ratio[mask]
         clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)
         clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)
         clipped = clipped_low | clipped_high
         probs_logp = torch.where(mask, torch.exp(logp) * logp, zeros)
         stats = {
-            "pg_loss": _masked_mean(pg, mask, weights).item(),
-            "kl": _masked_mean(kl, mask, weights).item(),
-            "clip_ratio": clipped[mask].float().mean().item(),
-            "clip_ratio/low_mean": clipped_low[mask].float().mean().item(),
-            "clip_ratio/high_mean": clipped_high[mask].float().mean().item(),
-            "ratio_mean": ratio_valid.mean().item(),
-            "ratio_min": ratio_valid.min().item(),
-            "ratio_max": ratio_valid.max().item(),
-            "entropy": (-probs_logp.sum(dim=1)).mean().item(),
+            "pg_loss": _masked_mean(pg, mask, shared=shared),
+            "kl": _masked_mean(kl, mask, shared=shared),
+            "clip_ratio": mean_over(clipped.float(), mask),
+            "clip_ratio/low_mean": mean_over(clipped_low.float(), mask),
+            "clip_ratio/high_mean": mean_over(clipped_high.float(), mask),
+            **_ratio_summary(ratio, mask),
+            "entropy": (-probs_logp.sum(dim=1)).mean(),
         }
     return loss, stats
+
+
+def _ratio_summary(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """``ratio_mean`` / ``ratio_min`` / ``ratio_max`` over valid entries (CPU: one boolean index, as before)."""
+    if ratio.device.type == "cpu":
+        valid = ratio[mask]
+        return {"ratio_mean": valid.mean(), "ratio_min": valid.min(), "ratio_max": valid.max()}
+    inf = torch.full_like(ratio, float("inf"))  # min/max are exact however they are reduced
+    return {"ratio_mean": mean_over(ratio, mask), "ratio_min": torch.where(mask, ratio, inf).amin(),
+            "ratio_max": torch.where(mask, ratio, -inf).amax()}
 
 
 def expected_advantage(logp: Tensor, advantages: Tensor, mask: Tensor | None = None) -> Tensor:

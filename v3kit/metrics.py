@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import GroupData
+from .device import module_device
 from .losses import _check_mask
 from .model import compute_log_probs
 
@@ -46,7 +47,7 @@ def per_group_metrics(
     score); such groups depend only on the rewards, so they are NaN for every model alike.
     """
     mask = _check_mask(mask, scores)
-    s = torch.where(mask, scores, torch.tensor(float("-inf"), dtype=scores.dtype))
+    s = torch.where(mask, scores, scores.new_tensor(float("-inf")))
     top1 = s.argmax(dim=1, keepdim=True)
     out: dict[str, Tensor] = {"acc@1": (top1.squeeze(1) == labels).to(scores.dtype)}
 
@@ -57,7 +58,7 @@ def per_group_metrics(
     big = torch.finfo(rewards.dtype).max
     gains = torch.where(mask, rewards - rewards.masked_fill(~mask, big).amin(dim=1, keepdim=True), 0.0)
     kk = min(k, scores.shape[1])
-    discount = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=gains.dtype))
+    discount = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=gains.dtype, device=gains.device))
     # Stable sort on -score keeps lower indices first among ties; masked entries sort last with gain 0.
     order = torch.sort(-s, dim=1, stable=True).indices[:, :kk]
     dcg = (gains.gather(1, order) * discount).sum(dim=1)
@@ -95,7 +96,7 @@ def ranking_metrics(
     """
     per_group = per_group_metrics(scores, labels, rewards, mask, k=k, utility=utility, logp=logp, ref_logp=ref_logp)
     out = {}
-    for name in metric_order(per_group):
+    for name in metric_order(per_group):  # a few host syncs per evaluation, none per training step
         values = per_group[name]
         scored = values[~torch.isnan(values)]
         out[name] = scored.mean().item() if scored.numel() else 1.0
@@ -109,10 +110,22 @@ def evaluate(
     temperature: float = 1.0,
     reference: nn.Module | None = None,
     k: int = 5,
+    device: torch.device | str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
-    """Score ``data`` with ``model`` and return :func:`ranking_metrics` (``kl_to_sft`` needs ``reference``)."""
-    logp = compute_log_probs(model, data, temperature)
-    ref_logp = None if reference is None else compute_log_probs(reference, data, temperature)
+    """Score ``data`` with ``model`` and return :func:`ranking_metrics` (``kl_to_sft`` needs ``reference``).
+
+    ``device``: where to compute (the model and the reference are moved there); ``None`` = where the model is.
+    """
+    if device is not None:
+        model.to(device)
+        if reference is not None:
+            reference.to(device)
+    device = module_device(model)
+    if data.query_x.device != device:
+        data = data.to(device)
+    logp = compute_log_probs(model, data, temperature, precision=precision)
+    ref_logp = None if reference is None else compute_log_probs(reference, data, temperature, precision=precision)
     # Ranking by log-prob equals ranking by similarity (monotone within a group).
     return ranking_metrics(logp, data.labels, data.rewards, data.mask, k=k, utility=data.utility,
                            logp=logp, ref_logp=ref_logp)

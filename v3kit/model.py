@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import GroupData, iterate_batches
+from .device import autocast, module_device
 from .losses import group_log_probs
 
 DEFAULT_TARGET = "v3kit.model:TwoTower"
@@ -194,10 +195,20 @@ def scores(model: nn.Module, query_x: Tensor, cand_x: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def compute_log_probs(model: nn.Module, data: GroupData, temperature: float, batch_size: int = 1024) -> Tensor:
-    """``log pi(c | q)`` for every group of ``data`` ([N, G], ``-inf`` at padding), in eval mode, no autograd."""
+def compute_log_probs(model: nn.Module, data: GroupData, temperature: float, batch_size: int = 1024, *,
+                      precision: str = "fp32") -> Tensor:
+    """``log pi(c | q)`` for every group of ``data`` ([N, G], ``-inf`` at padding), in eval mode, no autograd.
+
+    Computed on the model's device (``data`` may live elsewhere: batches are copied there) and returned there,
+    in fp32 (``precision="bf16"`` autocasts the towers on CUDA; the log-softmax stays fp32).
+    """
+    device = module_device(model)
     was_training = model.training
     model.eval()
-    out = [policy_log_probs(model, b.query_x, b.cand_x, b.mask, temperature) for b in iterate_batches(data, batch_size)]
+    out = []
+    with autocast(device, precision):
+        for b in iterate_batches(data, batch_size):
+            mask = b.mask.to(device)
+            out.append(policy_log_probs(model, b.query_x.to(device), b.cand_x.to(device), mask, temperature).float())
     model.train(was_training)
     return torch.cat(out)

@@ -17,9 +17,10 @@ from torch import nn
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from .checkpoint import load_checkpoint
 from .data import GroupData, Splits, load_groups, split_by_query
+from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
-from .model import ModelConfig
 from .metrics import evaluate, metric_order
+from .model import ModelConfig, build_model
 from .rce import final_logit_temperature, run_rce
 from .sft import Stage1, load_sft, train_sft
 from .synthetic import make_world
@@ -33,20 +34,48 @@ def prepare_data(cfg: RunConfig) -> Splits:
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
 
 
-def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (), resume: bool = True) -> Path:
+def _count_params(cfg: RunConfig, splits: Splits) -> int | None:
+    """Parameters of the configured model, built on the meta device (no memory, no draw from torch's RNG)."""
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model, splits.train.query_dim, splits.train.cand_dim)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # a custom model that cannot be built on meta: no size hint, auto treats it as large
+        return None
+    finally:
+        torch.set_rng_state(rng)
+
+
+def resolve_runtime(cfg: RunConfig, splits: Splits, *, warn: bool = True) -> Runtime:
+    """Device, precision and thread count ``cfg`` asks for on this machine; a missing device is a ConfigError."""
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    threads = resolve_threads(cfg.threads, device, _count_params(cfg, splits))
+    return Runtime(device=device, precision=resolve_precision(cfg.precision, device, warn=warn), threads=threads,
+                   requested_precision=cfg.precision)
+
+
+def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (), resume: bool = True,
+               runtime: Runtime | None = None) -> Path:
     """Path of the run's ``sft.pt``: with ``resume`` an existing one is reused and an interrupted SFT continues
     from its newest ``sft_epoch{N}.pt``; without, SFT is trained afresh."""
     path = Path(cfg.run_dir) / "sft.pt"
+    runtime = runtime or resolve_runtime(cfg, splits)
     if not (resume and path.exists()):
         train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=cfg.run_dir, callbacks=callbacks,
-                  progress=cfg.progress, resume=resume)
+                  progress=cfg.progress, resume=resume, device=runtime.device, precision=runtime.precision,
+                  log_every=cfg.log_every)
     return path
 
 
 # What a resumed run may change: GRPO is the last stage, so more GRPO epochs extend it without invalidating
 # anything. Every other change (data, model, SFT, RCE, seed) would make the saved checkpoints belong to
 # another experiment, and RCE's temperature schedule depends on its total number of steps.
-RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs")
+# Where and how fast a run computes is not part of the experiment: checkpoints are device-independent.
+RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs", "device", "threads", "log_every")
 
 
 def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
@@ -64,14 +93,16 @@ def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
                           "may change on --resume: use a new run_dir, or drop --resume to start over")
 
 
-def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float) -> pd.DataFrame:
+def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float, *,
+                precision: str = "fp32") -> pd.DataFrame:
     """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order.
 
     Every stage is scored at the same ``temperature`` (the model's ``sim_temperature``), so ``entropy`` and
     ``kl_to_sft`` compare like with like even when GRPO trained at another logit temperature; the per-epoch curves
     in ``metrics.csv`` use each stage's own temperature. Ranking metrics do not depend on it.
     """
-    rows = {name: evaluate(m, data, temperature=temperature, reference=reference) for name, m in models.items()}
+    rows = {name: evaluate(m, data, temperature=temperature, reference=reference, precision=precision)
+            for name, m in models.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
     return table[metric_order(table.columns)]
@@ -110,7 +141,8 @@ class PipelineResult:
     rce: StageResult
     grpo: StageResult
     table: pd.DataFrame  # rows sft / rce / grpo, held-out test metrics
-    models: dict[str, nn.Module] = field(default_factory=dict)
+    models: dict[str, nn.Module] = field(default_factory=dict)  # on runtime.device
+    runtime: Runtime | None = None
 
 
 def run_pipeline(
@@ -121,7 +153,11 @@ def run_pipeline(
     callbacks: Sequence[Any] = (),
     resume: bool = False,
 ) -> PipelineResult:
-    """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table."""
+    """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table.
+
+    ``cfg.device`` / ``cfg.precision`` / ``cfg.threads`` are resolved first (:func:`resolve_runtime`); the
+    thread count is set with ``torch.set_num_threads`` for the rest of the process.
+    """
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     if sft_checkpoint:
@@ -130,14 +166,19 @@ def run_pipeline(
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         check_resumable(cfg, run_dir)
-    dump_config(cfg, run_dir / "config.yaml")
     splits = splits or prepare_data(cfg)
-    sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume)
+    runtime = resolve_runtime(cfg, splits)  # before anything is written: a missing device fails cleanly
+    torch.set_num_threads(runtime.threads)
+    dump_config(cfg, run_dir / "config.yaml")
+    sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume,
+                                                                      runtime=runtime)
     record_sft_checkpoint(run_dir, sft_path)
 
-    stage1 = load_sft(sft_path, splits.train)
+    on = dict(device=runtime.device, precision=runtime.precision)
+    stage1 = load_sft(sft_path, splits.train, **on)
     model_cfg = stage1.model_config
-    common = dict(seed=cfg.seed, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=cfg.progress)
+    common = dict(seed=cfg.seed, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=cfg.progress,
+                  log_every=cfg.log_every, **on)
     rce = run_rce(stage1.policy, splits, cfg.rce, model_config=model_cfg, reference=stage1.reference, **common)
     after_rce = copy.deepcopy(stage1.policy)
     temperature = cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_cfg.sim_temperature))
@@ -145,10 +186,11 @@ def run_pipeline(
                     temperature=temperature, model_config=model_cfg, **common)
 
     models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
-    table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature)
+    table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature,
+                        precision=runtime.precision)
     table.to_csv(run_dir / "summary.csv")
     return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
-                          models=models)
+                          models=models, runtime=runtime)
 
 
 # ------------------------------------------------------------------------------------ stage reuse (notebooks)

@@ -89,8 +89,14 @@ def run_rce(
     resume: bool = False,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    log_every: int = 10,
 ) -> StageResult:
-    """Stage 2: train ``policy`` in place with RCE; saves ``rce_epoch{N}.pt`` per epoch in ``run_dir``."""
+    """Stage 2: train ``policy`` in place with RCE; saves ``rce_epoch{N}.pt`` per epoch in ``run_dir``.
+
+    ``device`` / ``precision`` / ``log_every``: see :func:`v3kit.training.fit` (the policy moves to ``device``).
+    """
     cfg = cfg or RCEConfig()
     model_config = model_config or ModelConfig()
     sim_t = model_config.sim_temperature
@@ -124,4 +130,5 @@ def run_rce(
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
         checkpoint_meta=meta,
         extendable=(),  # the temperature schedule spans all RCE steps: more epochs would change the past ones
+        device=device, precision=precision, log_every=log_every,
     )

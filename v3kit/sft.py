@@ -42,8 +42,14 @@ def train_sft(
     resume: bool = False,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    log_every: int = 10,
 ) -> StageResult:
-    """Train the supervised ranker (CE on the human label) and save ``sft.pt`` in ``run_dir``."""
+    """Train the supervised ranker (CE on the human label) and save ``sft.pt`` in ``run_dir``.
+
+    ``device`` / ``precision`` / ``log_every``: see :func:`v3kit.training.fit`; ``sft.pt`` holds CPU tensors.
+    """
     cfg = cfg or SFTConfig()
     torch.manual_seed(seed)
     model = build_model(model_cfg, splits.train.query_dim, splits.train.cand_dim)
@@ -59,7 +65,7 @@ def train_sft(
         stage="sft", model=model, train=splits.train, val=splits.val, step_fn=step_fn, epochs=cfg.epochs,
         lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature,
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
-        checkpoint_meta=meta,
+        checkpoint_meta=meta, device=device, precision=precision, log_every=log_every,
     )
     if run_dir is not None:
         path = save_checkpoint(Path(run_dir) / "sft.pt", {"stage": "sft", "epoch": cfg.epochs, "step": -1,
@@ -95,10 +101,14 @@ def load_sft(
     *,
     temperature: float | None = None,
     model_config: ModelConfig | None = None,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> Stage1:
     """Stage 1: load the v2 SFT checkpoint (or take a model), copy it frozen, and compute ``old_log_probs``.
 
-    ``temperature`` defaults to the checkpoint's ``model.sim_temperature``.
+    ``temperature`` defaults to the checkpoint's ``model.sim_temperature``. The policy, the reference and
+    ``old_log_probs`` are on ``device`` (a checkpoint is always read to the CPU first, so any device loads any
+    checkpoint).
     """
     path = None
     if isinstance(checkpoint, nn.Module):
@@ -111,8 +121,9 @@ def load_sft(
         model_config = ModelConfig(**ckpt["model_config"])
         check_feature_dims(ckpt, train.query_dim, train.cand_dim, path, "use the matching data")
     temperature = model_config.sim_temperature if temperature is None else temperature
+    policy.to(device)
     reference = freeze(policy)
-    old = compute_log_probs(reference, train, temperature)
+    old = compute_log_probs(reference, train, temperature, precision=precision)
     return Stage1(policy=policy, reference=reference, old_log_probs=old, temperature=temperature,
                   model_config=model_config, checkpoint=path)
 

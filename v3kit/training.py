@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, save_checkpoint
 from .data import Batch, GroupData, iterate_batches, num_batches
+from .device import as_floats, autocast
 from .metrics import evaluate
 from .provenance import config_changes
 
@@ -100,15 +101,16 @@ class StageResult:
         return split_rows(self.history, "val")
 
 
-StepFn = Callable[[Batch, StepContext], "tuple[Tensor, dict[str, float]]"]
+# ``stats`` values may be floats or 0-d tensors; tensors are read back to the host in batches (see ``log_every``).
+StepFn = Callable[[Batch, StepContext], "tuple[Tensor, dict[str, float | Tensor]]"]
 
 
-def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
+def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> Tensor | float:
+    """Clip and return the total gradient norm, as a 0-d tensor on the parameters' device (no host sync)."""
     params = [p for p in params if p.grad is not None]
     if not params:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
-    return float(norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
 
 
 def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, max_grad_norm: float | None) -> None:
@@ -160,12 +162,27 @@ def fit(
     restore_extra: Callable[[dict[str, Any]], None] | None = None,
     eval_extra: Callable[[int], dict[str, float]] | None = None,
     extendable: Sequence[str] = ("epochs",),
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    log_every: int = 10,
 ) -> StageResult:
     """Train ``model`` in place for ``epochs`` with Adam at ``lr``; see the module docstring.
 
     ``extendable``: config keys a resume may change (by default ``epochs``: train a finished stage further).
+    ``device``: where the model, the reference and the batches live (``train``/``val`` are copied there once);
+    ``precision="bf16"`` runs ``step_fn`` and the evaluations under CUDA autocast. ``log_every``: steps between
+    host reads of the per-step statistics (one sync each time, and at every epoch end); ``metrics.csv`` still
+    gets one row per step with the same values, and callbacks get every row, in batches.
     """
     check_optim_fields(stage, epochs, lr, batch_size, max_grad_norm)
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    device = torch.device(device)
+    model.to(device)
+    if reference is not None:
+        reference.to(device)
+    if device.type != "cpu":  # one copy up front instead of one per batch
+        train, val = train.to(device), val.to(device)
     run_dir = None if run_dir is None else Path(run_dir)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +195,7 @@ def fit(
     temperature = eval_temperature if callable(eval_temperature) else (lambda: eval_temperature)
 
     def evaluate_now(epoch: int, step: int) -> dict[str, Any]:
-        metrics = evaluate(model, val, temperature=temperature(), reference=reference)
+        metrics = evaluate(model, val, temperature=temperature(), reference=reference, precision=precision)
         if eval_extra is not None:
             metrics.update(eval_extra(epoch))
         row = {"stage": stage, "split": "val", "epoch": epoch, "step": step, **metrics}
@@ -216,13 +233,31 @@ def fit(
     log.flush()
 
     bar = tqdm(total=total_steps, initial=step, desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
+    pending: list[dict[str, Any]] = []  # train rows whose tensor values are not read back yet
+
+    def flush_rows() -> None:
+        """Read every pending tensor value back in one transfer, then log and announce the rows in order."""
+        if not pending:
+            return
+        slots = [(row, k) for row in pending for k, v in row.items() if isinstance(v, Tensor)]
+        for (row, k), value in zip(slots, as_floats([row[k] for row, k in slots])):
+            row[k] = value
+        for row in pending:
+            log.add(row)
+            _call(callbacks, "on_step", row)
+        bar.update(len(pending))
+        last = pending[-1]
+        bar.set_postfix(loss=f"{last['loss']:.4f}", epoch=last["epoch"])
+        pending.clear()
+
     for epoch in range(start_epoch + 1, epochs + 1):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         model.train()
         for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
             ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
-            loss, stats = step_fn(batch, ctx)
+            with autocast(device, precision):
+                loss, stats = step_fn(batch, ctx)
             optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
@@ -231,20 +266,18 @@ def fit(
             else:  # nothing to learn from this batch (e.g. every group dropped): skip, but log it
                 grad_norm = 0.0
             step += 1
-            row = {"stage": stage, "split": "train", "epoch": epoch, "step": step, "loss": loss.item(),
-                   **stats, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
-            log.add(row)
-            _call(callbacks, "on_step", row)
-            bar.update(1)
-            if step % 10 == 0 or step == total_steps:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", epoch=epoch)
+            pending.append({"stage": stage, "split": "train", "epoch": epoch, "step": step, "loss": loss.detach(),
+                            **stats, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]})
+            if len(pending) >= log_every:
+                flush_rows()
+        flush_rows()
         metrics = evaluate_now(epoch, step)
         if run_dir is not None:
             payload = {
                 "stage": stage,
                 "epoch": epoch,
                 "step": step,
-                "model": model.state_dict(),
+                "model": model.state_dict(),  # save_checkpoint stores every tensor on the CPU
                 "optimizer": optimizer.state_dict(),
                 "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
                 "extra": extra_state() if extra_state is not None else {},

@@ -26,10 +26,17 @@ from .grid import (_RUN_INFO, _RUNNER_KEYS, _SHARED_SECTIONS, BASE_WORLD, BEST, 
                    GridError, GridSpec, load_grid)
 from .stats import summarize
 
+# Where and how fast a run computes does not change what it is (fp32 is the precision every earlier result had,
+# so it is left out too and those results stay valid).
+_COMPUTE_KEYS = ("device", "threads", "log_every")
+
+
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
     d = to_dict(cfg)
-    for k in _RUNNER_KEYS:
+    for k in (*_RUNNER_KEYS, *_COMPUTE_KEYS):
         d.pop(k, None)
+    if d.get("precision") == "fp32":
+        d.pop("precision")
     d["seed"] = cfg.seed
     return fingerprint(d, extra)
 
@@ -107,9 +114,14 @@ class _RunTask:
     keep_checkpoints: bool = False
 
 
+_IN_WORKER = False
+
+
 def _worker_init() -> None:
     import torch
 
+    global _IN_WORKER
+    _IN_WORKER = True
     torch.set_num_threads(1)  # N workers x 1 thread each: no oversubscription of the cores
 
 
@@ -130,7 +142,8 @@ def _execute(task: _RunTask) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)
-    res = run_pipeline(task.cfg, sft_checkpoint=task.sft_path, splits=splits)
+    cfg = dataclasses.replace(task.cfg, threads=1) if _IN_WORKER else task.cfg  # run_pipeline sets the threads
+    res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits)
     run_dir = Path(task.cfg.run_dir)
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
     info = {k: float(res.grpo.info[k]) for k in _RUN_INFO if k in res.grpo.info}
