@@ -41,3 +41,77 @@ def test_non_finite_in_a_config_file_is_refused_too(tmp_path):
     with pytest.raises(ConfigError, match="grpo.kl_beta must be a finite number"):
         load_config(path)
     assert load_config(None, ["grpo.kl_beta=0.5", "grpo.lr=1e-4"]).grpo.lr == 1e-4  # finite values still load
+
+
+# ----------------------------------------------------------------------------------------------- CLI: one line
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    from v3kit.cli import main
+
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_cli_run_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, err = _cli(capsys, "run", "--set", f"run_dir={f}", "--set", "progress=false")
+    assert code == 2 and "is a file" in _one_line(err) and str(f) in err
+
+
+def test_cli_os_errors_name_the_file_and_fix(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import v3kit.pipeline
+
+    target = tmp_path / "run" / "config.yaml"
+    for no, fix in ((errno.ENOSPC, "free disk space"), (errno.EACCES, "writable"), (errno.EROFS, "writable")):
+        def boom(cfg, path, no=no):
+            raise OSError(no, __import__("os").strerror(no), str(target))
+        monkeypatch.setattr(v3kit.pipeline, "dump_config", boom)
+        code, err = _cli(capsys, "run", "--set", f"run_dir={tmp_path / 'run'}", "--set", "progress=false")
+        line = _one_line(err)
+        assert code == 2 and str(target) in line and fix in line, line
+
+
+@pytest.mark.parametrize("text", ["- 1\n- 2\n", "42\n", "just a string\n"])
+def test_cli_config_file_that_is_not_a_mapping(tmp_path, capsys, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    for extra in ([], ["--set", "grpo.kl_beta=0.1"]):
+        code, err = _cli(capsys, "run", "--config", str(path), *extra)
+        assert code == 2 and str(path) in _one_line(err) and "mapping" in err
+
+
+def _fake_checkpoint(tmp_path, **changes):
+    from v3kit.checkpoint import save_checkpoint
+    from v3kit.model import ModelConfig, build_model
+
+    cfg = ModelConfig()
+    payload = {"stage": "sft", "epoch": 1, "step": -1, "model_config": dict(vars(cfg)), "query_dim": 4,
+               "cand_dim": 4, "model": build_model(cfg, 4, 4).state_dict()}
+    payload.update(changes)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return save_checkpoint(tmp_path / "bad.pt", payload)
+
+
+def test_cli_checkpoint_without_model_key(tmp_path, capsys):
+    path = _fake_checkpoint(tmp_path, model=None)
+    code, err = _cli(capsys, "eval", str(path))
+    assert code == 2 and str(path) in _one_line(err) and "'model'" in err
+
+
+def test_cli_checkpoint_with_unknown_model_config_field(tmp_path, capsys):
+    from v3kit.model import ModelConfig
+
+    path = _fake_checkpoint(tmp_path, model_config={**vars(ModelConfig()), "n_heads_future": 3})
+    for argv in (["eval", str(path)], ["run", "--sft", str(path), "--set", f"run_dir={tmp_path / 'r'}",
+                                       "--set", "progress=false", "--set", "data.synthetic.n_queries=60"]):
+        code, err = _cli(capsys, *argv)
+        assert code == 2 and str(path) in _one_line(err) and "n_heads_future" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tempfile
@@ -97,13 +98,37 @@ def check_feature_dims(ckpt: dict[str, Any], query_dim: int, cand_dim: int, path
         )
 
 
+def require_fields(ckpt: dict[str, Any], path: str | Path, *names: str) -> None:
+    """A v3kit-marked file missing a field would otherwise surface as a bare ``KeyError``."""
+    missing = [n for n in names if n not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks the field(s) {missing}; it was not written by v3kit's stage "
+                              "runners (or is damaged): re-create it or point to another file")
+
+
+def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
+    """The checkpoint's ``ModelConfig``; a field this v3kit does not know is refused by name, not a TypeError."""
+    require_fields(ckpt, path, "model_config")
+    raw = ckpt["model_config"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"checkpoint {path}: model_config must be a mapping, got {type(raw).__name__}; "
+                              "re-create the checkpoint")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CheckpointError(f"checkpoint {path}: model_config has field(s) {unknown} this v3kit does not know "
+                              f"(known: {sorted(known)}); it was written by another v3kit version: use that version "
+                              "or re-create the checkpoint")
+    try:
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: invalid model_config ({e}); re-create the checkpoint") from None
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> nn.Module:
     """Rebuild the model a checkpoint was trained with and load its weights."""
-    try:
-        cfg = ModelConfig(**ckpt["model_config"])
-        model = build_model(cfg, ckpt["query_dim"], ckpt["cand_dim"])
-    except KeyError as e:
-        raise CheckpointError(f"checkpoint {path} lacks the field {e}; it was not written by v3kit's stage runners")
+    require_fields(ckpt, path, "model_config", "query_dim", "cand_dim", "model")
+    model = build_model(checkpoint_model_config(ckpt, path), ckpt["query_dim"], ckpt["cand_dim"])
     load_state_into(model, ckpt["model"], path)
     return model
 

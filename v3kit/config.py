@@ -197,6 +197,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys (e.g. 'grpo: {{kl_beta: 0.1}}'), "
+                              f"got a {type(raw).__name__}; see configs/seed.yaml")
     return from_dict(RunConfig, apply_overrides(raw, overrides))
 
 

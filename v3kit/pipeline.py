@@ -103,6 +103,8 @@ def run_pipeline(
     """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a directory; set run_dir to a directory path")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         check_resumable(cfg, run_dir)

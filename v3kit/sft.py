@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import check_feature_dims, load_checkpoint, model_from_checkpoint, model_payload, save_checkpoint
+from .checkpoint import (check_feature_dims, checkpoint_model_config, load_checkpoint, model_from_checkpoint,
+                         model_payload, save_checkpoint)
 from .data import Batch, GroupData, Splits
 from .metrics import evaluate
 from .model import ModelConfig, build_model, compute_log_probs, policy_log_probs
@@ -103,7 +104,7 @@ def load_sft(
         path = Path(checkpoint)
         ckpt = load_checkpoint(path)
         policy = model_from_checkpoint(ckpt, path)
-        model_config = ModelConfig(**ckpt["model_config"])
+        model_config = checkpoint_model_config(ckpt, path)
         check_feature_dims(ckpt, train.query_dim, train.cand_dim, path, "use the matching data")
     temperature = model_config.sim_temperature if temperature is None else temperature
     reference = freeze(policy)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, save_checkpoint
+from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
+                         save_checkpoint)
 from .data import Batch, GroupData, iterate_batches, num_batches
 from .metrics import evaluate
 
@@ -202,6 +203,7 @@ def fit(
     if done:
         _, path = done[-1]
         ckpt = load_checkpoint(path, stage=stage)
+        require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
         _check_same_config(ckpt, checkpoint_meta, path, extendable)
         load_state_into(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
