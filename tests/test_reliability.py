@@ -115,3 +115,61 @@ def test_cli_checkpoint_with_unknown_model_config_field(tmp_path, capsys):
                                        "--set", "progress=false", "--set", "data.synthetic.n_queries=60"]):
         code, err = _cli(capsys, *argv)
         assert code == 2 and str(path) in _one_line(err) and "n_heads_future" in err
+
+
+# ----------------------------------------------------------------------------------------------- data contract
+def _long_frame():
+    import pandas as pd
+
+    rows = []
+    for q in ("q0", "q1"):
+        for c in range(3):
+            rows.append({"query_id": q, "candidate_id": f"{q}c{c}", "query_features": [1.0, 0.5],
+                         "candidate_features": [0.1 * c, 1.0], "reward": float(c), "is_label": c == 0})
+    return pd.DataFrame(rows)
+
+
+def _refused(df, *needles: str) -> str:
+    from v3kit.data import DataValidationError, from_long_frame
+
+    with pytest.raises(DataValidationError) as info:
+        from_long_frame(df)
+    msg = str(info.value)
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+    return msg
+
+
+@pytest.mark.parametrize("reward", [2.0, 7.0])  # the same or a conflicting reward: both are refused
+def test_duplicate_query_candidate_pair_is_refused_naming_the_ids(reward):
+    df = _long_frame()
+    dup = df.iloc[[2]].assign(reward=reward, is_label=False)
+    import pandas as pd
+
+    _refused(pd.concat([df, dup], ignore_index=True), "'q0'", "'q0c2'", "[2, 6]", "duplicate")
+
+
+@pytest.mark.parametrize("col", ["query_id", "candidate_id"])
+def test_null_ids_are_refused_naming_the_row(col):
+    df = _long_frame()
+    df[col] = df[col].astype(object)
+    df.loc[4, col] = None
+    _refused(df, "row 4", f"{col} is null")
+
+
+@pytest.mark.parametrize("col", ["query_features", "candidate_features"])
+@pytest.mark.parametrize("value", [1e30, -2e6, float("nan"), float("inf")])
+def test_absurd_or_non_finite_features_are_refused_naming_row_and_field(col, value):
+    df = _long_frame()
+    df.at[3, col] = [value, 1.0]
+    if col == "query_features":  # a query's rows share one vector
+        for i in (4, 5):
+            df.at[i, col] = [value, 1.0]
+    _refused(df, "row 3", col)
+
+
+def test_features_at_the_limit_still_load():
+    from v3kit.data import MAX_FEATURE_ABS, from_long_frame
+
+    df = _long_frame()
+    df.at[1, "candidate_features"] = [MAX_FEATURE_ABS, -MAX_FEATURE_ABS]
+    assert float(from_long_frame(df).cand_x.abs().max()) == MAX_FEATURE_ABS
