@@ -173,3 +173,72 @@ def test_features_at_the_limit_still_load():
     df = _long_frame()
     df.at[1, "candidate_features"] = [MAX_FEATURE_ABS, -MAX_FEATURE_ABS]
     assert float(from_long_frame(df).cand_x.abs().max()) == MAX_FEATURE_ABS
+
+
+# ----------------------------------------------------------------------------------------------- metrics.csv
+def _sft(run_dir, resume: bool = False):
+    from conftest import tiny_config
+    from v3kit.pipeline import prepare_data
+    from v3kit.sft import train_sft
+
+    cfg = tiny_config(run_dir)
+    return train_sft(prepare_data(cfg), cfg.model, cfg.sft, seed=0, run_dir=run_dir, resume=resume, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sft_reference(tmp_path_factory):
+    """An uninterrupted tiny SFT run: its metrics.csv is what every repaired file must equal."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    _sft(run)
+    return run
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_metrics_csv_is_laid_out_as_pandas_writes_it(sft_reference):
+    import pandas as pd
+
+    text = (sft_reference / "metrics.csv").read_text()
+    frame = pd.read_csv(sft_reference / "metrics.csv")
+    assert frame.to_csv(index=False) == text
+    assert len(frame) == 1 + 3 * (3 + 1)  # epoch-0 eval + 3 epochs of (3 steps of 64 of 168 queries + 1 eval)
+
+
+def _damaged_resumes_to_reference(sft_reference, tmp_path, damage) -> None:
+    run = _copy(sft_reference, tmp_path / "run")
+    damage(run / "metrics.csv")
+    result = _sft(run, resume=True)
+    assert (run / "metrics.csv").read_text() == (sft_reference / "metrics.csv").read_text()
+    assert len(result.history) == len(__import__("pandas").read_csv(sft_reference / "metrics.csv"))
+
+
+def test_rows_lost_after_the_epoch_checkpoint_are_restored_on_resume(sft_reference, tmp_path):
+    # The kill window of a rewrite-after-checkpoint log: sft_epoch3.pt is in place, the file still ends at epoch 2.
+    def drop_last_epoch(path):
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not line.startswith(("sft,train,3,", "sft,val,3,"))]
+        assert len(kept) == len(lines) - 4
+        path.write_text("".join(kept))
+    _damaged_resumes_to_reference(sft_reference, tmp_path, drop_last_epoch)
+
+
+def test_empty_metrics_csv_is_repaired_on_resume(sft_reference, tmp_path):
+    _damaged_resumes_to_reference(sft_reference, tmp_path, lambda p: p.write_text(""))
+
+
+@pytest.mark.parametrize("cut", [1, 17, 200])
+def test_torn_tail_is_repaired_on_resume(sft_reference, tmp_path, cut):
+    _damaged_resumes_to_reference(sft_reference, tmp_path, lambda p: p.write_bytes(p.read_bytes()[:-cut]))
+
+
+def test_fresh_run_over_an_empty_metrics_csv(sft_reference, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("")
+    _sft(run)
+    assert (run / "metrics.csv").read_text() == (sft_reference / "metrics.csv").read_text()

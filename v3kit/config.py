@@ -204,4 +204,6 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .rundir import atomic_write_text  # a crash must not leave a half config.yaml that blocks --resume
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

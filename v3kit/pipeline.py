@@ -16,6 +16,7 @@ from .data import GroupData, Splits, load_groups, split_by_query
 from .grpo import run_grpo
 from .metrics import METRIC_NAMES, evaluate
 from .rce import final_logit_temperature, run_rce
+from .rundir import atomic_write_text
 from .sft import Stage1, load_sft, train_sft
 from .synthetic import make_world
 from .training import StageResult, config_changes
@@ -123,6 +124,6 @@ def run_pipeline(
 
     models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
     table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature)
-    table.to_csv(run_dir / "summary.csv")
+    atomic_write_text(run_dir / "summary.csv", table.to_csv())
     return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
                           models=models)

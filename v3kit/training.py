@@ -7,7 +7,11 @@ A stage supplies only ``step_fn(batch, ctx) -> (loss, stats)``; the algorithm li
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -21,6 +25,7 @@ from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, lo
                          save_checkpoint)
 from .data import Batch, GroupData, iterate_batches, num_batches
 from .metrics import evaluate
+from .rundir import atomic_write_text
 
 
 class Callback:
@@ -42,25 +47,129 @@ def _call(callbacks: Sequence[Any], method: str, *args: Any) -> None:
             fn(*args)
 
 
+def _cell(value: Any) -> str:
+    """One CSV cell exactly as ``DataFrame.to_csv`` writes it (floats by ``repr``, NaN/None empty)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _parse_cell(text: str) -> Any:
+    """Inverse of :func:`_cell` for the values v3kit logs (ints, floats, strings); empty is NaN."""
+    if text == "":
+        return math.nan
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars only (numpy/torch scalars -> ``.item()``), so rows can ride in a ``weights_only`` checkpoint."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+
 class MetricsLog:
-    """Rows of ``metrics.csv``: one per training step (``split="train"``) and per evaluation (``split="val"``)."""
+    """Rows of ``metrics.csv``: one per training step (``split="train"``) and per evaluation (``split="val"``).
+
+    Crash safety: the file is only appended to (a row per line, flushed as it is logged, fsynced before each
+    epoch checkpoint) or replaced whole through a temp file and a rename (when a row brings a new column, and when
+    a stage starts). Each epoch checkpoint also stores the stage's rows up to it (:meth:`stage_rows`); a resume
+    rebuilds the stage's rows from there (:meth:`start_stage`), so rows logged after that checkpoint, a torn last
+    line, or rows lost after the checkpoint was written are all put back exactly. Columns are the union of the
+    rows' keys in first-seen order, the layout ``DataFrame(rows).to_csv`` gives.
+    """
 
     def __init__(self, run_dir: str | Path | None) -> None:
         self.path = None if run_dir is None else Path(run_dir) / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
+        self._file: Any = None
         if self.path is not None and self.path.exists():
-            self.rows = pd.read_csv(self.path).to_dict("records")
+            self.columns, self.rows = self._read(self.path)
 
-    def truncate(self, stage: str, after_epoch: int) -> None:
-        """Forget this stage's rows past ``after_epoch`` (a restarted or resumed stage rewrites them)."""
-        self.rows = [r for r in self.rows if not (r["stage"] == stage and r["epoch"] > after_epoch)]
+    @staticmethod
+    def _read(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+        """Header and complete rows of ``path``; a torn last line (no newline, or the wrong number of fields, e.g.
+        after a kill or a full disk mid-append) is dropped: the resume restores it from the checkpoint."""
+        text = path.read_text(encoding="utf-8", errors="replace")
+        complete = text[: text.rfind("\n") + 1]
+        records = list(csv.reader(io.StringIO(complete)))
+        if not records or not records[0]:
+            return [], []
+        header = records[0]
+        if not {"stage", "split", "epoch", "step"} <= set(header):
+            raise ValueError(f"{path} is not a v3kit metrics.csv (header {header[:6]}); move it away or use "
+                                  "another run_dir")
+        rows = [{k: _parse_cell(v) for k, v in zip(header, rec)} for rec in records[1:] if len(rec) == len(header)]
+        return header, rows
+
+    def start_stage(self, stage: str, kept: list[dict[str, Any]] | None, after_epoch: int = 0) -> None:
+        """This stage's rows become ``kept`` (a checkpoint's rows; ``[]`` for a fresh start), in place of the ones
+        in the file; then the file is rewritten atomically. ``kept=None`` (a checkpoint from before rows were
+        stored in it) keeps the file's rows up to ``after_epoch``."""
+        if kept is None:
+            kept = [r for r in self.rows if r["stage"] == stage and r["epoch"] <= after_epoch]
+        out: list[dict[str, Any]] = []
+        for r in self.rows:
+            if r["stage"] != stage:
+                out.append(r)
+            elif kept:  # where the stage's rows were: the first of them takes the whole (rebuilt) block
+                out += kept
+                kept = []
+        self.rows = out + kept
+        columns: list[str] = []
+        for r in self.rows:
+            columns += [k for k in r if k not in columns]
+        self.columns = columns
+        self._rewrite()
+
+    def stage_rows(self, stage: str) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["stage"] == stage]
 
     def add(self, row: dict[str, Any]) -> None:
+        row = {k: _plain(v) for k, v in row.items()}
         self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns += new
+            self._rewrite()
+        elif self.path is not None:
+            self._open().write(self._line(row))
+            self._file.flush()
 
-    def flush(self) -> None:
-        if self.path is not None:
-            self.frame().to_csv(self.path, index=False)
+    def commit(self) -> None:
+        """Make every logged row durable (called before an epoch's checkpoint is written)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.commit()
+            self._file.close()
+            self._file = None
+
+    def _line(self, row: dict[str, Any]) -> str:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self.columns])
+        return buf.getvalue()
+
+    def _open(self) -> Any:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8", newline="")
+        return self._file
+
+    def _rewrite(self) -> None:
+        if self.path is None:
+            return
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        header = self._line({c: c for c in self.columns}) if self.columns else ""
+        atomic_write_text(self.path, header + "".join(self._line(r) for r in self.rows))
 
     def frame(self, stage: str | None = None) -> pd.DataFrame:
         df = pd.DataFrame(self.rows)
@@ -109,6 +218,13 @@ def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
     return float(norm)
+
+
+def _kill_point(name: str) -> None:
+    """Crash tests only: ``V3KIT_TEST_KILL_AT=<name>`` SIGKILLs the process here (e.g. ``grpo:epoch2:step7``,
+    ``rce:epoch1:before_checkpoint``, ``grpo:epoch2:after_checkpoint``), a deterministic stand-in for a crash."""
+    if os.environ.get("V3KIT_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, max_grad_norm: float | None) -> None:
@@ -213,14 +329,13 @@ def fit(
             restore_extra(ckpt.get("extra", {}))
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         checkpoints = [p for _, p in done]
-        log.truncate(stage, start_epoch)
+        log.start_stage(stage, ckpt.get("metrics_rows"), start_epoch)
     else:
-        log.truncate(stage, -1)
+        log.start_stage(stage, [])
 
     info = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch}
     _call(callbacks, "on_stage_start", stage, total_steps, info)
     metrics = evaluate_now(0, 0) if start_epoch == 0 else {}
-    log.flush()
 
     bar = tqdm(total=total_steps, initial=step, desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
     for epoch in range(start_epoch + 1, epochs + 1):
@@ -238,6 +353,7 @@ def fit(
             else:  # nothing to learn from this batch (e.g. every group dropped): skip, but log it
                 grad_norm = 0.0
             step += 1
+            _kill_point(f"{stage}:epoch{epoch}:step{step}")
             row = {"stage": stage, "split": "train", "epoch": epoch, "step": step, "loss": loss.item(),
                    **stats, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]}
             log.add(row)
@@ -247,6 +363,8 @@ def fit(
                 bar.set_postfix(loss=f"{row['loss']:.4f}", epoch=epoch)
         metrics = evaluate_now(epoch, step)
         if run_dir is not None:
+            log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
+            _kill_point(f"{stage}:epoch{epoch}:before_checkpoint")
             payload = {
                 "stage": stage,
                 "epoch": epoch,
@@ -255,11 +373,13 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
                 "extra": extra_state() if extra_state is not None else {},
+                "metrics_rows": log.stage_rows(stage),  # what a resume from here rebuilds metrics.csv with
                 **(checkpoint_meta or {}),
             }
             checkpoints.append(save_checkpoint(run_dir / f"{stage}_epoch{epoch}.pt", payload))
-        log.flush()
+            _kill_point(f"{stage}:epoch{epoch}:after_checkpoint")
     bar.close()
+    log.close()
 
     history = log.frame(stage)
     if not metrics:  # resumed a finished stage: report its last logged evaluation
