@@ -242,3 +242,109 @@ def test_fresh_run_over_an_empty_metrics_csv(sft_reference, tmp_path):
     (run / "metrics.csv").write_text("")
     _sft(run)
     assert (run / "metrics.csv").read_text() == (sft_reference / "metrics.csv").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- NaN guard
+def _tiny_splits(scale: float = 1.0):
+    import dataclasses
+
+    from conftest import tiny_config
+    from v3kit.pipeline import prepare_data
+
+    sp = prepare_data(tiny_config("unused"))
+    big = (lambda d: dataclasses.replace(d, cand_x=d.cand_x * scale)) if scale != 1.0 else (lambda d: d)
+    return type(sp)(train=big(sp.train), val=big(sp.val), test=big(sp.test))
+
+
+def test_huge_features_stop_the_stage_with_one_line_and_no_checkpoint(tmp_path, capsys, monkeypatch):
+    import v3kit.pipeline
+
+    splits = _tiny_splits(1e30)  # finite data, but the gradient overflows at the first step
+    monkeypatch.setattr(v3kit.pipeline, "prepare_data", lambda cfg: splits)
+    run = tmp_path / "run"
+    code, err = _cli(capsys, "run", "--set", f"run_dir={run}", "--set", "progress=false", "--set", "sft.epochs=2")
+    line = _one_line(err)
+    assert code == 2, line
+    assert "sft: non-finite gradient at epoch 1, step 1" in line and "last good checkpoint: none" in line
+    assert "sft.on_nonfinite=skip_batch" in line
+    assert not list(run.glob("*.pt"))  # nothing poisoned was saved
+
+
+def _fit_with(tmp_path, step_fn_factory, **kw):
+    import torch
+
+    from v3kit.model import ModelConfig, build_model
+    from v3kit.training import fit
+
+    splits = _tiny_splits()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), splits.train.query_dim, splits.train.cand_dim)
+    return model, fit(stage="sft", model=model, train=splits.train, val=splits.val,
+                      step_fn=step_fn_factory(model), epochs=3, lr=1e-3, batch_size=64, seed=0,
+                      eval_temperature=1.0, run_dir=tmp_path / "run", progress=False, **kw)
+
+
+def _nan_at(bad_steps, what="loss"):
+    import torch
+
+    from v3kit.model import policy_log_probs
+
+    def factory(model):
+        def step_fn(batch, ctx):
+            logp = policy_log_probs(model, batch.query_x, batch.cand_x, batch.mask, 1.0)
+            loss = -logp.gather(1, batch.labels.unsqueeze(1)).mean()
+            if ctx.step + 1 in bad_steps:
+                if what == "loss":
+                    loss = loss * float("nan")
+                else:  # poison a weight, outside autograd, after the loss was computed
+                    with torch.no_grad():
+                        next(model.parameters()).view(-1)[0] = float("inf")
+                    loss = loss.detach()
+            return loss, {}
+        return step_fn
+    return factory
+
+
+def test_nan_loss_mid_stage_names_epoch_step_and_last_checkpoint(tmp_path):
+    from v3kit.training import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=r"sft: non-finite loss at epoch 2, step 5; .*sft_epoch1\.pt"):
+        _fit_with(tmp_path, _nan_at({5}))
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == ["sft_epoch1.pt"]
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    from v3kit.training import NonFiniteError
+
+    for mode in ("stop", "skip_batch"):
+        with pytest.raises(NonFiniteError, match="non-finite weights at epoch 1, step 3"):
+            _fit_with(tmp_path / mode, _nan_at({3}, what="weights"), on_nonfinite=mode)
+        assert not list((tmp_path / mode / "run").glob("*.pt"))
+
+
+def test_skip_batch_leaves_the_batch_out_and_counts_it(tmp_path):
+    import torch
+
+    model, result = _fit_with(tmp_path, _nan_at({2, 7}), on_nonfinite="skip_batch")
+    train = result.train_history
+    assert train["skipped_nonfinite"].tolist() == [int(s in (2, 7)) for s in range(1, 10)]
+    assert result.info["skipped_batches"] == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.eval_history["mrr"].notna().all()
+
+
+def test_skip_batch_is_a_config_key_and_reaches_the_printout(tmp_path, capsys, monkeypatch):
+    import v3kit.pipeline
+
+    assert load_config(None, ["grpo.on_nonfinite=skip_batch"]).grpo.on_nonfinite == "skip_batch"
+    with pytest.raises(ConfigError, match="rce.on_nonfinite must be one of"):
+        load_config(None, ["rce.on_nonfinite=ignore"])
+    splits = _tiny_splits(1e30)
+    monkeypatch.setattr(v3kit.pipeline, "prepare_data", lambda cfg: splits)
+    code = __import__("v3kit.cli", fromlist=["main"]).main(
+        ["run", "--set", f"run_dir={tmp_path / 'run'}", "--set", "progress=false", "--set", "sft.epochs=1",
+         "--set", "rce.epochs=1", "--set", "grpo.epochs=1", "--set", "sft.on_nonfinite=skip_batch",
+         "--set", "rce.on_nonfinite=skip_batch", "--set", "grpo.on_nonfinite=skip_batch"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): sft 3, rce 6, grpo 6" in out

@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError, check_feature_dims, load_checkpoint, mo
 from .config import ConfigError, load_config
 from .data import DataValidationError
 from .metrics import evaluate
+from .training import NonFiniteError
 
 
 def _fmt(table: pd.DataFrame) -> str:
@@ -32,6 +33,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     g = result.grpo.info
     print(f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
           f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}")
+    if result.skipped_batches:
+        counts = ", ".join(f"{k} {v}" for k, v in result.skipped_batches.items())
+        print(f"batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): {counts}")
     print(f"GRPO health report: v3kit doctor {result.run_dir}")
     return 0
 
@@ -119,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError, CheckpointError, ValueError, OSError) as e:
+    except (ConfigError, DataValidationError, CheckpointError, NonFiniteError, ValueError, OSError) as e:
         # v3kit's errors name the field and the fix; a traceback would only bury that. V3KIT_DEBUG=1 shows it.
         if os.environ.get("V3KIT_DEBUG"):
             raise

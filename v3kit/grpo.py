@@ -35,7 +35,7 @@ from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import group_advantages, grpo_loss, zero_std_groups
 from .model import ModelConfig, compute_log_probs, policy_log_probs
-from .training import StageResult, StepContext, check_optim_fields, fit
+from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
 KL_REFERENCES = ("old", "sft")
@@ -64,6 +64,9 @@ class GRPOConfig:
     num_samples: int = 8
     logp_temperature: Union[str, float] = "same_as_rce_end"
     max_grad_norm: float | None = 1.0
+    # A NaN/inf loss or gradient: "stop" (raise, naming epoch/step and the last good checkpoint) or "skip_batch"
+    # (no optimizer step for that batch; counted in metrics.csv's skipped_nonfinite column and the run printout)
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         for name, allowed in (("old_policy", OLD_POLICIES), ("kl_reference", KL_REFERENCES),
@@ -71,6 +74,7 @@ class GRPOConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"grpo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_optim_fields("grpo", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
+        check_on_nonfinite("grpo", self.on_nonfinite)
         if self.kl_beta < 0:
             raise ValueError(f"grpo.kl_beta must be >= 0, got {self.kl_beta}")
         if not 0 <= self.eps_low < 1:
@@ -217,7 +221,7 @@ def run_grpo(
         checkpoint_meta=meta, on_epoch_start=on_epoch_start,
         extra_state=lambda: {"old_log_probs": state["old"]},
         restore_extra=lambda extra: state.update(old=extra["old_log_probs"]),
-        eval_extra=lambda epoch: step0_summary if epoch == 0 else {},
+        eval_extra=lambda epoch: step0_summary if epoch == 0 else {}, on_nonfinite=cfg.on_nonfinite,
     )
     result.info.update(step0_ratios=step0, temperature=temperature, **step0_summary)
     return result

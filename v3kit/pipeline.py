@@ -41,7 +41,8 @@ def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (),
 # What a resumed run may change: GRPO is the last stage, so more GRPO epochs extend it without invalidating
 # anything. Every other change (data, model, SFT, RCE, seed) would make the saved checkpoints belong to
 # another experiment, and RCE's temperature schedule depends on its total number of steps.
-RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs")
+RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs", "sft.on_nonfinite", "rce.on_nonfinite",
+                     "grpo.on_nonfinite")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -91,6 +92,20 @@ class PipelineResult:
     grpo: StageResult
     table: pd.DataFrame  # rows sft / rce / grpo, held-out test metrics
     models: dict[str, nn.Module] = field(default_factory=dict)
+    # batches left out for a NaN/inf loss or gradient, per stage run with on_nonfinite=skip_batch
+    skipped_batches: dict[str, int] = field(default_factory=dict)
+
+
+def skipped_batches(run_dir: str | Path) -> dict[str, int]:
+    """Per stage, the batches ``on_nonfinite=skip_batch`` skipped (the ``skipped_nonfinite`` column's sum)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return {}
+    df = pd.read_csv(path)
+    if "skipped_nonfinite" not in df.columns:
+        return {}
+    df = df[df["skipped_nonfinite"].notna()]
+    return {str(k): int(v) for k, v in df.groupby("stage", sort=False)["skipped_nonfinite"].sum().items()}
 
 
 def run_pipeline(
@@ -126,4 +141,4 @@ def run_pipeline(
     table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature)
     atomic_write_text(run_dir / "summary.csv", table.to_csv())
     return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
-                          models=models)
+                          models=models, skipped_batches=skipped_batches(run_dir))

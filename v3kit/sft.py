@@ -15,7 +15,7 @@ from .checkpoint import (check_feature_dims, checkpoint_model_config, load_check
 from .data import Batch, GroupData, Splits
 from .metrics import evaluate
 from .model import ModelConfig, build_model, compute_log_probs, policy_log_probs
-from .training import StageResult, StepContext, check_optim_fields, fit
+from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 
 @dataclass
@@ -24,9 +24,13 @@ class SFTConfig:
     lr: float = 1e-3
     batch_size: int = 64
     max_grad_norm: float | None = 1.0
+    # A NaN/inf loss or gradient: "stop" (raise, naming epoch/step and the last good checkpoint) or "skip_batch"
+    # (no optimizer step for that batch; counted in metrics.csv's skipped_nonfinite column and the run printout)
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         check_optim_fields("sft", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
+        check_on_nonfinite("sft", self.on_nonfinite)
 
 
 def train_sft(
@@ -56,7 +60,7 @@ def train_sft(
         stage="sft", model=model, train=splits.train, val=splits.val, step_fn=step_fn, epochs=cfg.epochs,
         lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature,
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
-        checkpoint_meta=meta,
+        checkpoint_meta=meta, on_nonfinite=cfg.on_nonfinite,
     )
     if run_dir is not None:
         path = save_checkpoint(Path(run_dir) / "sft.pt", {"stage": "sft", "epoch": cfg.epochs, "step": -1,

@@ -220,6 +220,46 @@ def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> float:
     return float(norm)
 
 
+ON_NONFINITE = ("stop", "skip_batch")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss, gradient or weight; the message names stage, epoch, step, quantity and the
+    last good checkpoint. Nothing non-finite is ever checkpointed."""
+
+
+def check_on_nonfinite(section: str, value: str) -> None:
+    if value not in ON_NONFINITE:
+        raise ValueError(f"{section}.on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
+
+
+def _nonfinite_step(loss: Tensor, grad_norm: float | Tensor | None) -> str | None:
+    """``None`` if the step is finite, else which quantity is not. One fused check (a single host sync); the grad
+    norm is the one ``clip_grad_norm_`` already computed, and is non-finite iff some gradient is."""
+    vals = loss.detach().reshape(()).float()
+    if grad_norm is not None:
+        vals = torch.stack([vals, torch.as_tensor(grad_norm, dtype=torch.float32)])
+    if bool(torch.isfinite(vals).all()):
+        return None
+    return "loss" if not math.isfinite(float(loss)) else "gradient"
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return not flags or bool(torch.stack(flags).all())
+
+
+def _nonfinite_error(stage: str, quantity: str, epoch: int, step: int, checkpoints: list[Path],
+                     run_dir: Path | None) -> NonFiniteError:
+    last = (str(checkpoints[-1]) if checkpoints else "none of this stage yet") if run_dir is not None else \
+        "none (no run_dir)"
+    return NonFiniteError(
+        f"{stage}: non-finite {quantity} at epoch {epoch}, step {step}; stopped without checkpointing it "
+        f"(last good checkpoint: {last}). Lower {stage}.lr, check the data's feature scale, or set "
+        f"{stage}.on_nonfinite=skip_batch to skip such batches"
+    )
+
+
 def _kill_point(name: str) -> None:
     """Crash tests only: ``V3KIT_TEST_KILL_AT=<name>`` SIGKILLs the process here (e.g. ``grpo:epoch2:step7``,
     ``rce:epoch1:before_checkpoint``, ``grpo:epoch2:after_checkpoint``), a deterministic stand-in for a crash."""
@@ -282,12 +322,18 @@ def fit(
     restore_extra: Callable[[dict[str, Any]], None] | None = None,
     eval_extra: Callable[[int], dict[str, float]] | None = None,
     extendable: Sequence[str] = ("epochs",),
+    on_nonfinite: str = "stop",
 ) -> StageResult:
     """Train ``model`` in place for ``epochs`` with Adam at ``lr``; see the module docstring.
 
     ``extendable``: config keys a resume may change (by default ``epochs``: train a finished stage further).
+    ``on_nonfinite``: ``"stop"`` raises :class:`NonFiniteError` at a NaN/inf loss or gradient; ``"skip_batch"``
+    leaves such a batch out (no optimizer step) and logs it in a ``skipped_nonfinite`` column (1 = skipped).
+    Non-finite weights at an epoch's end always stop (before its checkpoint).
     """
     check_optim_fields(stage, epochs, lr, batch_size, max_grad_norm)
+    check_on_nonfinite(stage, on_nonfinite)
+    extendable = (*extendable, "on_nonfinite")  # how bad batches are handled does not change the past ones
     run_dir = None if run_dir is None else Path(run_dir)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -349,9 +395,18 @@ def fit(
             if loss.requires_grad:
                 loss.backward()
                 grad_norm = _grad_norm(model.parameters(), max_grad_norm)
-                optimizer.step()
+                bad = _nonfinite_step(loss, grad_norm)
+                if bad is None:
+                    optimizer.step()
             else:  # nothing to learn from this batch (e.g. every group dropped): skip, but log it
                 grad_norm = 0.0
+                bad = _nonfinite_step(loss, None)
+            if bad is not None:
+                if on_nonfinite == "stop":
+                    raise _nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
+                optimizer.zero_grad(set_to_none=True)
+            if on_nonfinite == "skip_batch":
+                stats = {**stats, "skipped_nonfinite": int(bad is not None)}
             step += 1
             _kill_point(f"{stage}:epoch{epoch}:step{step}")
             row = {"stage": stage, "split": "train", "epoch": epoch, "step": step, "loss": loss.item(),
@@ -361,6 +416,8 @@ def fit(
             bar.update(1)
             if step % 10 == 0 or step == total_steps:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", epoch=epoch)
+        if not _weights_finite(model):
+            raise _nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
         metrics = evaluate_now(epoch, step)
         if run_dir is not None:
             log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
@@ -385,6 +442,8 @@ def fit(
     if not metrics:  # resumed a finished stage: report its last logged evaluation
         last = history[history["split"] == "val"].iloc[-1]
         metrics = {k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and pd.notna(v)}
+    if "skipped_nonfinite" in history.columns:
+        info["skipped_batches"] = int(history["skipped_nonfinite"].fillna(0).sum())
     result = StageResult(stage=stage, model=model, history=history, final_metrics=metrics,
                          checkpoints=checkpoints, info=info)
     _call(callbacks, "on_stage_end", stage, result)
