@@ -348,3 +348,51 @@ def test_skip_batch_is_a_config_key_and_reaches_the_printout(tmp_path, capsys, m
     out = capsys.readouterr().out
     assert code == 0
     assert "batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): sft 3, rce 6, grpo 6" in out
+
+
+# ----------------------------------------------------------------------------------------------- one run, one SFT
+def test_resume_with_another_sft_checkpoint_is_refused(tmp_path, capsys):
+    import torch
+
+    from v3kit.checkpoint import load_checkpoint, save_checkpoint
+
+    common = ["--set", "progress=false", "--set", "data.synthetic.n_queries=240", "--set", "sft.epochs=1",
+              "--set", "rce.epochs=1", "--set", "grpo.epochs=1"]
+    own = tmp_path / "own"
+    assert _cli(capsys, "run", "--set", f"run_dir={own}", *common)[0] == 0
+    sft_a = own / "sft.pt"
+    ckpt = load_checkpoint(sft_a)
+    ckpt["model"] = {k: v + 0.01 for k, v in ckpt["model"].items()}
+    sft_b = save_checkpoint(tmp_path / "other_sft.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    assert not torch.equal(load_checkpoint(sft_b)["model"][next(iter(ckpt["model"]))],
+                           load_checkpoint(sft_a)["model"][next(iter(ckpt["model"]))])
+
+    # a run that trained its own SFT model: resuming it from another --sft is refused
+    code, err = _cli(capsys, "run", "--set", f"run_dir={own}", "--resume", "--sft", str(sft_b), *common)
+    assert code == 2 and "sha256" in _one_line(err) and str(sft_b) in err
+    assert _cli(capsys, "run", "--set", f"run_dir={own}", "--resume", *common)[0] == 0
+
+    # a run started from --sft A: resuming with B, or without --sft (which would train a new SFT), is refused
+    ext = tmp_path / "ext"
+    assert _cli(capsys, "run", "--set", f"run_dir={ext}", "--sft", str(sft_a), *common)[0] == 0
+    code, err = _cli(capsys, "run", "--set", f"run_dir={ext}", "--resume", "--sft", str(sft_b), *common)
+    assert code == 2 and "sha256" in _one_line(err)
+    code, err = _cli(capsys, "run", "--set", f"run_dir={ext}", "--resume", *common)
+    assert code == 2 and "--sft" in _one_line(err) and str(sft_a.resolve()) in err
+    assert _cli(capsys, "run", "--set", f"run_dir={ext}", "--resume", "--sft", str(sft_a), *common)[0] == 0
+
+
+def test_a_held_run_dir_lock_refuses_a_second_writer_naming_the_pid(tmp_path, capsys):
+    import fcntl
+    import os
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "w") as f:  # what another live `v3kit run` holds
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("4242\n")
+        f.flush()
+        code, err = _cli(capsys, "run", "--set", f"run_dir={run}", "--set", "progress=false")
+    assert code == 2 and "PID 4242" in _one_line(err) and str(run) in err
+    assert not (run / "config.yaml").exists()  # refused before writing anything
+    assert os.path.getsize(run / ".lock") == 5

@@ -16,6 +16,7 @@ from .checkpoint import CheckpointError, check_feature_dims, load_checkpoint, mo
 from .config import ConfigError, load_config
 from .data import DataValidationError
 from .metrics import evaluate
+from .rundir import RunDirBusyError
 from .training import NonFiniteError
 
 
@@ -123,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError, CheckpointError, NonFiniteError, ValueError, OSError) as e:
+    except (ConfigError, DataValidationError, CheckpointError, NonFiniteError, RunDirBusyError, ValueError,
+            OSError) as e:
         # v3kit's errors name the field and the fix; a traceback would only bury that. V3KIT_DEBUG=1 shows it.
         if os.environ.get("V3KIT_DEBUG"):
             raise

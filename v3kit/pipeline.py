@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +17,7 @@ from .data import GroupData, Splits, load_groups, split_by_query
 from .grpo import run_grpo
 from .metrics import METRIC_NAMES, evaluate
 from .rce import final_logit_temperature, run_rce
-from .rundir import atomic_write_text
+from .rundir import RunLock, atomic_write_text, file_sha256
 from .sft import Stage1, load_sft, train_sft
 from .synthetic import make_world
 from .training import StageResult, config_changes
@@ -116,17 +117,58 @@ def run_pipeline(
     callbacks: Sequence[Any] = (),
     resume: bool = False,
 ) -> PipelineResult:
-    """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table."""
+    """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table.
+
+    Holds ``run_dir``'s writer lock throughout (a second concurrent run there is refused, naming this PID)."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {run_dir} is a file, not a directory; set run_dir to a directory path")
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _run_locked(cfg, run_dir, sft_checkpoint=sft_checkpoint, splits=splits, callbacks=callbacks,
+                           resume=resume)
+
+
+RUN_INFO = "run_info.json"  # which SFT checkpoint (path and sha256) the run's later stages were built on
+OWN_SFT = "sft.pt"  # run_info's name for the SFT model the run trained itself (relative: the run dir may move)
+
+
+def _check_same_sft(run_dir: Path, sft_checkpoint: str | Path | None) -> dict[str, Any] | None:
+    """On resume, the RCE/GRPO checkpoints belong to one SFT model: refuse to continue them from another one."""
+    path = run_dir / RUN_INFO
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        raise ConfigError(f"cannot resume {run_dir}: {path} is not valid JSON; delete it only if you are sure the "
+                          "SFT checkpoint is the one the run started from") from None
+    if sft_checkpoint is None and info.get("sft_checkpoint") != OWN_SFT:
+        raise ConfigError(f"cannot resume {run_dir}: it was started from --sft {info['sft_checkpoint']}; pass the "
+                          "same --sft to resume it")
+    return info
+
+
+def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | None, splits: Splits | None,
+                callbacks: Sequence[Any], resume: bool) -> PipelineResult:
+    recorded = None
     if resume:
         check_resumable(cfg, run_dir)
+        recorded = _check_same_sft(run_dir, sft_checkpoint)
     dump_config(cfg, run_dir / "config.yaml")
     splits = splits or prepare_data(cfg)
     sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume)
+    if sft_path.is_file():  # a missing one fails below with load_sft's message
+        digest = file_sha256(sft_path)
+        if recorded is not None and recorded.get("sft_sha256") != digest:
+            raise ConfigError(
+                f"cannot resume {run_dir}: it was started from the SFT checkpoint {recorded['sft_checkpoint']} "
+                f"(sha256 {str(recorded.get('sft_sha256'))[:12]}...), but {sft_path} has sha256 {digest[:12]}...; "
+                "resume with the same --sft, or use a new run_dir"
+            )
+        name = str(sft_path.resolve()) if sft_checkpoint else OWN_SFT
+        atomic_write_text(run_dir / RUN_INFO, json.dumps({"sft_checkpoint": name, "sft_sha256": digest}) + "\n")
 
     stage1 = load_sft(sft_path, splits.train)
     model_cfg = stage1.model_config
