@@ -57,8 +57,10 @@ def per_group_metrics(
     gains = torch.where(mask, rewards - rewards.masked_fill(~mask, big).amin(dim=1, keepdim=True), 0.0)
     kk = min(k, scores.shape[1])
     discount = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=gains.dtype))
-    # Stable sort on -score keeps lower indices first among ties; masked entries sort last with gain 0.
-    order = torch.sort(-s, dim=1, stable=True).indices[:, :kk]
+    # Stable sort on -score keeps lower indices first among ties. Masked entries must sort after every real one,
+    # also after real -inf/NaN scores they tie with: first put real candidates first, then sort stably by score.
+    real_first = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    order = real_first.gather(1, torch.sort((-s).gather(1, real_first), dim=1, stable=True).indices)[:, :kk]
     dcg = (gains.gather(1, order) * discount).sum(dim=1)
     idcg = (torch.sort(gains, dim=1, descending=True).values[:, :kk] * discount).sum(dim=1)
     out[f"ndcg@{k}"] = torch.where(idcg > 0, dcg / idcg.clamp_min(torch.finfo(gains.dtype).tiny), float("nan"))
