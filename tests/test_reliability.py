@@ -363,7 +363,8 @@ def test_resume_with_another_sft_checkpoint_is_refused(tmp_path, capsys):
     sft_a = own / "sft.pt"
     ckpt = load_checkpoint(sft_a)
     ckpt["model"] = {k: v + 0.01 for k, v in ckpt["model"].items()}
-    sft_b = save_checkpoint(tmp_path / "other_sft.pt", {k: v for k, v in ckpt.items() if k not in ("format", "version")})
+    payload = {k: v for k, v in ckpt.items() if k not in ("format", "version")}
+    sft_b = save_checkpoint(tmp_path / "other_sft.pt", payload)
     assert not torch.equal(load_checkpoint(sft_b)["model"][next(iter(ckpt["model"]))],
                            load_checkpoint(sft_a)["model"][next(iter(ckpt["model"]))])
 
