@@ -12,7 +12,8 @@ from typing import Sequence
 
 import pandas as pd
 
-from .checkpoint import CheckpointError, check_feature_dims, load_checkpoint, model_from_checkpoint
+from .checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_config, load_checkpoint,
+                         model_from_checkpoint)
 from .config import ConfigError, load_config
 from .data import DataValidationError
 from .metrics import evaluate
@@ -57,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ref_path = Path(args.reference) if args.reference else run_dir / "sft.pt"
     if ref_path.exists():
         reference = model_from_checkpoint(load_checkpoint(ref_path), ref_path)
-    temperature = float(ckpt.get("temperature", ckpt["model_config"]["sim_temperature"]))
+    temperature = float(ckpt.get("temperature", checkpoint_model_config(ckpt, args.checkpoint).sim_temperature))
     metrics = evaluate(model, data, temperature=temperature, reference=reference)
     table = pd.DataFrame([metrics], index=[f"{ckpt.get('stage')} epoch {ckpt.get('epoch')}"])
     print(f"{args.split} metrics of {args.checkpoint}")
