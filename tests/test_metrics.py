@@ -5,6 +5,7 @@ from the spec; hand-worked examples pin the exact numbers.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -28,27 +29,28 @@ def ref_ranking_metrics(scores, labels, rewards, mask=None, k=5, utility=None, l
     ndcgs = []
     for b in range(B):
         valid = [g for g in range(G) if m[b][g]]
-        top = valid[0]
-        for g in valid:
-            if s[b][g] > s[b][top]:  # strictly greater: first index wins ties
-                top = g
         y = lab[b]
-        acc += 1.0 if top == y else 0.0
-        rank = 1 + sum(1 for g in valid if s[b][g] > s[b][y])
-        mrr += 1.0 / rank
+        # Ties are broken uniformly at random: enumerate every order of the valid candidates that sorts the
+        # scores (NaN = -inf) non-increasingly; each is equally likely, so every top-1/rank metric is their mean.
+        key = [float("-inf") if math.isnan(x) else x for x in s[b]]
+        orders = [o for o in itertools.permutations(valid) if all(key[o[i]] >= key[o[i + 1]]
+                                                                    for i in range(len(o) - 1))]
+        acc += sum(o[0] == y for o in orders) / len(orders)
+        mrr += sum(1.0 / (1 + o.index(y)) for o in orders) / len(orders)
+        r_top = sum(r[b][o[0]] for o in orders) / len(orders)
         rmin = min(r[b][g] for g in valid)
         rmax = max(r[b][g] for g in valid)
         gain = {g: r[b][g] - rmin for g in valid}
-        order = sorted(valid, key=lambda g: (-s[b][g], g))
+        order = sorted(valid, key=lambda g: (-key[g], g))  # ndcg: ties go to the lower index
         dcg = sum(gain[g] / math.log2(i + 2) for i, g in enumerate(order[:k]))
         ideal = sorted(gain.values(), reverse=True)
         idcg = sum(v / math.log2(i + 2) for i, v in enumerate(ideal[:k]))
         if idcg > 0:
             ndcgs.append(dcg / idcg)
-        rew += r[b][top]
-        reg += rmax - r[b][top]
+        rew += r_top
+        reg += rmax - r_top
         if u is not None:
-            util += u[b][top]
+            util += sum(u[b][o[0]] for o in orders) / len(orders)
         if logp is not None and ref_logp is not None:
             lp, rl = logp.tolist(), ref_logp.tolist()
             kl += sum(math.exp(lp[b][g]) * (lp[b][g] - rl[b][g]) for g in valid)
@@ -111,9 +113,9 @@ def _hand_case():
 #   reward@1 = 1, max = 3 -> regret 2. gains = r - 0 = [0,1,3,2]; ranked by score: idx 1,2,3,0 -> gains 1,3,2,0
 #   DCG@5 = 1/1 + 3/log2(3) + 2/2 + 0 = 2 + 3/log2 3;  IDCG@5 = 3 + 2/log2 3 + 1/2 + 0 = 3.5 + 2/log2 3
 #   DCG@2 = 1 + 3/log2 3;  IDCG@2 = 3 + 2/log2 3
-# Group 1 (valid 0..2): scores tie 0.2, 0.2 -> top1 = 0 (first index), label 1 -> miss;
-#   label's rank = 1 + #(valid strictly greater than 0.2) = 1 -> RR 1.
-#   reward@1 = 1, max valid = 2 -> regret 1. gains = r - 1 = [0,1,1]; order 0,1,2 -> gains 0,1,1
+# Group 1 (valid 0..2): scores tie 0.2, 0.2 (candidates 0 and label 1): each is first half the time ->
+#   acc 1/2, RR (1 + 1/2) / 2 = 3/4, reward@1 = (1 + 2) / 2 = 1.5, max valid = 2 -> regret 0.5.
+#   ndcg breaks the tie by the lower index: gains = r - 1 = [0,1,1]; order 0,1,2 -> gains 0,1,1
 #   DCG@5 = 0 + 1/log2 3 + 1/2;  IDCG@5 = 1 + 1/log2 3 + 0.   @2: DCG = 1/log2 3, IDCG = 1 + 1/log2 3
 # Group 2 (valid 0..1): top1 = 1 = label -> hit, RR 1. reward 0.5, regret 0. all gains 0 -> IDCG 0 -> excluded.
 G0_NDCG5 = (2 + 3 / L2_3) / (3.5 + 2 / L2_3)
@@ -126,11 +128,11 @@ def test_hand_example_k5():
     scores, labels, rewards, mask = _hand_case()
     res = ranking_metrics(scores, labels, rewards, mask, k=5)
     want = {
-        "acc@1": 1 / 3,
-        "mrr": (0.5 + 1 + 1) / 3,
+        "acc@1": (0 + 0.5 + 1) / 3,
+        "mrr": (0.5 + 0.75 + 1) / 3,
         "ndcg@5": (G0_NDCG5 + G1_NDCG5) / 2,
-        "reward@1": (1 + 1 + 0.5) / 3,
-        "regret@1": (2 + 1 + 0) / 3,
+        "reward@1": (1 + 1.5 + 0.5) / 3,
+        "regret@1": (2 + 0.5 + 0) / 3,
     }
     _check(res, want)
     # the hand numbers agree with the loop reference
@@ -150,9 +152,9 @@ def test_hand_example_k2_and_default_k():
 def test_hand_example_utility_and_kl():
     scores, labels, rewards, mask = _hand_case()
     utility = torch.tensor([[9.0, 4.0, 1.0, 0.0], [2.0, 8.0, 8.0, 1e6], [1.0, 3.0, 1e6, 1e6]], dtype=DT)
-    # top-1 per group: 1, 0, 1 -> utilities 4, 2, 3 -> mean 3
+    # top-1 per group: 1, {0 or 1 tied}, 1 -> utilities 4, (2 + 8) / 2, 3 -> mean 4
     res = ranking_metrics(scores, labels, rewards, mask, utility=utility)
-    assert res["utility@1"] == pytest.approx(3.0, rel=1e-12)
+    assert res["utility@1"] == pytest.approx(4.0, rel=1e-12)
     assert "kl_to_sft" not in res
     # kl_to_sft = mean over groups of sum_{valid c} exp(lp)(lp - ref), masked entries -inf in both
     lp = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125],
@@ -190,16 +192,18 @@ def test_mask_none_equals_all_true():
     assert a["reward@1"] == pytest.approx((1 + 100 + 7) / 3, rel=1e-12)  # group 2 top1 = idx 2 (first of the 9s)
 
 
-def test_all_ties_ndcg_is_one_and_first_index_wins():
+def test_all_ties_are_broken_at_random_and_ndcg_is_one():
     scores = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 2.0]], dtype=DT)
     rewards = torch.tensor([[3.0, 3.0, 3.0], [4.0, 5.0, 6.0]], dtype=DT)
     mask = torch.tensor([[True, True, True], [True, False, True]])
     labels = torch.tensor([2, 2])
     res = ranking_metrics(scores, labels, rewards, mask)
-    # group 0: top1 = 0, label 2 -> miss, rank 1 (nothing strictly greater). IDCG 0 -> excluded.
+    # group 0: three tied -> the label is at position 1, 2 or 3 with equal odds: acc 1/3, RR (1 + 1/2 + 1/3) / 3,
+    #   reward 3, regret 0. IDCG 0 -> excluded.
     # group 1 (valid 0, 2): top1 = 2 = label -> hit, rank 1, reward 6, regret 0.
     #   gains [0, -, 2]; ranked 2, 0 -> DCG = 2 = IDCG -> ndcg 1
-    _check(res, {"acc@1": 0.5, "mrr": 1.0, "ndcg@5": 1.0, "reward@1": 4.5, "regret@1": 0.0})
+    _check(res, {"acc@1": (1 / 3 + 1) / 2, "mrr": ((1 + 1 / 2 + 1 / 3) / 3 + 1) / 2, "ndcg@5": 1.0,
+                 "reward@1": 4.5, "regret@1": 0.0})
     # every group has IDCG 0 -> ndcg is 1.0 by convention
     res = ranking_metrics(scores, labels, torch.full_like(rewards, 2.0), mask)
     assert _ndcg(res, 5) == 1.0
@@ -274,3 +278,30 @@ def test_random_full_batch_without_mask():
     # scoring by the rewards themselves is perfect on every reward metric
     res = ranking_metrics(rewards, labels, rewards, k=3)
     _check(res, {"ndcg@3": 1.0, "regret@1": 0.0, "reward@1": rewards.max(-1).values.mean().item()}, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# ties and NaN: a collapsed model is a random ranker, never a perfect one
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("G", [2, 3, 5, 8])
+@pytest.mark.parametrize("score", [0.0, float("nan")])
+def test_all_equal_or_nan_scores_score_as_a_random_ranker(G, score):
+    B = 4
+    scores = torch.full((B, G), score, dtype=DT)
+    labels = torch.arange(B) % G
+    rewards = torch.arange(B * G, dtype=DT).reshape(B, G)
+    res = ranking_metrics(scores, labels, rewards)
+    harmonic = sum(1 / i for i in range(1, G + 1))
+    _check(res, {"acc@1": 1 / G, "mrr": harmonic / G, "reward@1": rewards.mean().item(),
+                 "regret@1": (G - 1) / 2})
+
+
+def test_nan_label_score_ranks_below_every_real_score():
+    scores = torch.tensor([[float("nan"), 0.3, -5.0], [1.0, float("nan"), float("nan")]], dtype=DT)
+    rewards = torch.tensor([[9.0, 1.0, 0.0], [1.0, 2.0, 3.0]], dtype=DT)
+    labels = torch.tensor([0, 1])
+    res = ranking_metrics(scores, labels, rewards)
+    # group 0: label NaN -> last of 3 -> RR 1/3, top1 = candidate 1 (reward 1, regret 8)
+    # group 1: label NaN, tied with the other NaN below 1.0 -> position 2 or 3: RR (1/2 + 1/3) / 2; top1 = 0
+    _check(res, {"acc@1": 0.0, "mrr": (1 / 3 + (1 / 2 + 1 / 3) / 2) / 2, "reward@1": 1.0, "regret@1": 5.0})
+    _check(res, ref_ranking_metrics(scores, labels, rewards))

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from .device import to_cpu
+from .rundir import atomic_write
 from .model import ModelConfig, build_model, resolve_target
 
 FORMAT = "v3kit-checkpoint"
@@ -23,24 +23,15 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` to ``path`` via a temp file and ``os.replace`` so a crash never leaves half a file.
+    """Write ``payload`` to ``path`` atomically (:func:`v3kit.rundir.atomic_write`): a crash never leaves half a
+    file.
 
     Tensors are stored on the CPU whatever device they come from, so any checkpoint loads on any machine.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **to_cpu(payload)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path, *, stage: str | None = None) -> dict[str, Any]:
@@ -105,13 +96,37 @@ def check_feature_dims(ckpt: dict[str, Any], query_dim: int, cand_dim: int, path
         )
 
 
+def require_fields(ckpt: dict[str, Any], path: str | Path, *names: str) -> None:
+    """A v3kit-marked file missing a field would otherwise surface as a bare ``KeyError``."""
+    missing = [n for n in names if n not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks the field(s) {missing}; it was not written by v3kit's stage "
+                              "runners (or is damaged): re-create it or point to another file")
+
+
+def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
+    """The checkpoint's ``ModelConfig``; a field this v3kit does not know is refused by name, not a TypeError."""
+    require_fields(ckpt, path, "model_config")
+    raw = ckpt["model_config"]
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"checkpoint {path}: model_config must be a mapping, got {type(raw).__name__}; "
+                              "re-create the checkpoint")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise CheckpointError(f"checkpoint {path}: model_config has field(s) {unknown} this v3kit does not know "
+                              f"(known: {sorted(known)}); it was written by another v3kit version: use that version "
+                              "or re-create the checkpoint")
+    try:
+        return ModelConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: invalid model_config ({e}); re-create the checkpoint") from None
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> nn.Module:
     """Rebuild the model a checkpoint was trained with and load its weights."""
-    try:
-        cfg = ModelConfig(**ckpt["model_config"])
-        model = build_model(cfg, ckpt["query_dim"], ckpt["cand_dim"])
-    except KeyError as e:
-        raise CheckpointError(f"checkpoint {path} lacks the field {e}; it was not written by v3kit's stage runners")
+    require_fields(ckpt, path, "model_config", "query_dim", "cand_dim", "model")
+    model = build_model(checkpoint_model_config(ckpt, path), ckpt["query_dim"], ckpt["cand_dim"])
     load_state_into(model, ckpt["model"], path)
     return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -11,10 +12,13 @@ from typing import Sequence
 
 import pandas as pd
 
-from .checkpoint import CheckpointError, check_feature_dims, load_checkpoint, model_from_checkpoint
+from .checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_config, load_checkpoint,
+                         model_from_checkpoint)
 from .config import ConfigError, load_config
 from .data import DataValidationError
 from .metrics import evaluate, metric_order
+from .rundir import RunDirBusyError
+from .training import NonFiniteError
 
 
 def _fmt(table: pd.DataFrame) -> str:
@@ -33,6 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     g = result.grpo.info
     print(f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
           f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}")
+    if result.skipped_batches:
+        counts = ", ".join(f"{k} {v}" for k, v in result.skipped_batches.items())
+        print(f"batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): {counts}")
     print(f"GRPO health report: v3kit doctor {result.run_dir}")
     return 0
 
@@ -55,9 +62,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         why_missing = ref_path
     else:
         reference = model_from_checkpoint(load_checkpoint(ref_path), ref_path)
-    temperature = float(ckpt.get("temperature", ckpt["model_config"]["sim_temperature"]))
+    temperature = float(ckpt.get("temperature", checkpoint_model_config(ckpt, args.checkpoint).sim_temperature))
     metrics = evaluate(model, data, temperature=temperature, reference=reference)
-    table = pd.DataFrame([metrics], index=[f"{ckpt['stage']} epoch {ckpt['epoch']}"])
+    table = pd.DataFrame([metrics], index=[f"{ckpt.get('stage')} epoch {ckpt.get('epoch')}"])
     table = table[metric_order(table.columns)]
     print(f"{args.split} metrics of {args.checkpoint}")
     print(_fmt(table))
@@ -126,15 +133,34 @@ def _extra_commands() -> list:
     return found
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for a failed read/write (disk full, read-only dir, a file where a dir belongs): file, cause, fix."""
+    if e.filename is None:  # raised by v3kit itself with its own message
+        return str(e)
+    where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    cause = e.strerror or type(e).__name__
+    if e.errno == errno.ENOSPC:
+        fix = "free disk space (or point run_dir at another disk), then rerun with --resume"
+    elif isinstance(e, PermissionError) or e.errno == errno.EROFS:
+        fix = "make it writable or choose another run_dir"
+    elif isinstance(e, (FileExistsError, NotADirectoryError)):
+        fix = "a file is in the way of a directory: remove it or choose another run_dir"
+    else:
+        fix = "check the path exists, is a directory where one is expected, and is readable/writable"
+    return f"{where}: {cause}; {fix}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataValidationError, CheckpointError, NonFiniteError, RunDirBusyError, ValueError,
+            OSError) as e:
         # v3kit's errors name the field and the fix; a traceback would only bury that. V3KIT_DEBUG=1 shows it.
         if os.environ.get("V3KIT_DEBUG"):
             raise
-        print(f"v3kit {args.command}: error: {e}", file=sys.stderr)
+        msg = os_error_message(e) if isinstance(e, OSError) else str(e)
+        print(f"v3kit {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from .synthetic import SyntheticConfig
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
+
+
+class _NonFinite(ConfigError):
+    """A float key got NaN/inf: propagated out of a Union's alternatives so the message keeps the reason."""
 
 
 @dataclass
@@ -94,16 +99,34 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _finite(path: str, value: float) -> float:
+    """Every float key goes through here: NaN/inf would pass every later ``> 0`` check (NaN compares false both
+    ways, inf is > 0) and train to NaN weights, so they are refused at load time, naming the key."""
+    if not math.isfinite(value):
+        raise _NonFinite(f"{path} must be a finite number, got {value!r}; set a finite value")
+    return value
+
+
 def _check_value(path: str, value: Any, hint: Any) -> Any:
     """Light type check/coercion for YAML scalars; dataclass fields are built recursively by the caller."""
+    if isinstance(value, float):  # before the Union branch, whose fallback message would drop the reason
+        _finite(path, value)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if float in args and isinstance(value, str):  # "nan"/"inf" must not slip through as a str alternative
+            try:
+                _finite(path, float(value))
+            except ValueError as e:
+                if isinstance(e, _NonFinite):
+                    raise
         for a in (a for a in args if a is not type(None)):
             try:
                 return _check_value(path, value, a)
+            except _NonFinite:
+                raise
             except ConfigError:
                 continue
         raise ConfigError(f"{path}: {value!r} fits none of {[getattr(a, '__name__', str(a)) for a in args]}")
@@ -123,7 +146,7 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} expects a number, got {value!r}")
-        return float(value)
+        return _finite(path, float(value))
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path} expects a string, got {value!r}")
@@ -222,8 +245,13 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys (e.g. 'grpo: {{kl_beta: 0.1}}'), "
+                              f"got a {type(raw).__name__}; see configs/seed.yaml")
     return from_dict(RunConfig, apply_overrides(raw, overrides))
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .rundir import atomic_write_text  # a crash must not leave a half config.yaml that blocks --resume
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -16,6 +16,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+# Features beyond this magnitude are almost surely a unit or parsing error (and overflow float32 once squared in a
+# norm); real embeddings and standardised features sit many orders of magnitude below it.
+MAX_FEATURE_ABS = 1e6
+
 REQUIRED_COLUMNS = ("query_id", "candidate_id", "query_features", "candidate_features", "reward", "is_label")
 OPTIONAL_COLUMNS = ("utility",)
 
@@ -215,7 +219,32 @@ def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} contains NaN/inf; clean or drop it")
+    huge = (np.abs(mat) > MAX_FEATURE_ABS).any(axis=1)
+    if huge.any():
+        i = int(np.flatnonzero(huge)[0])
+        j = int(np.flatnonzero(np.abs(mat[i]) > MAX_FEATURE_ABS)[0])
+        _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field}[{j}] = {mat[i, j]:g} exceeds "
+              f"|x| <= {MAX_FEATURE_ABS:g}; rescale (e.g. standardise) the features")
     return mat
+
+
+def _check_ids(df: pd.DataFrame) -> None:
+    """Null ids would become the string 'None' (one bogus query); a repeated (query, candidate) pair would count one
+    candidate twice, possibly with two different rewards."""
+    for col in ("query_id", "candidate_id"):
+        null = df[col].isna().to_numpy()
+        if null.any():
+            i = int(np.flatnonzero(null)[0])
+            _fail(f"row {i}: {col} is null; every row needs a {col} (drop the row or fill it in)")
+    key = df[["query_id", "candidate_id"]].astype(str)
+    dup = key.duplicated(keep=False).to_numpy()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        q, c = key.iloc[i]
+        rows = np.flatnonzero(dup & (key["query_id"] == q).to_numpy() & (key["candidate_id"] == c).to_numpy())
+        rewards = df["reward"].iloc[rows].tolist()
+        _fail(f"query_id={q!r}, candidate_id={c!r} appears in rows {rows.tolist()} (rewards {rewards}); each "
+              "candidate may appear once per query: drop the duplicate rows")
 
 
 def _as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
@@ -239,6 +268,7 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
     if len(df) == 0:
         _fail("the data table is empty")
     df = df.reset_index(drop=True)
+    _check_ids(df)
     for field in ("reward",) + (("utility",) if "utility" in df.columns else ()):
         vals = pd.to_numeric(df[field], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(vals)

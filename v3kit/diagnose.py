@@ -30,6 +30,8 @@ from typing import Any, Iterable
 import pandas as pd
 import yaml
 
+from .rundir import atomic_write_frame
+
 __all__ = ["Finding", "Thresholds", "diagnose", "format_report", "report_frame", "register_cli", "load_run"]
 
 
@@ -617,7 +619,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     findings = diagnose(run)
     print(format_report(findings, title=f"GRPO health report: {run}"))
     if args.csv:
-        report_frame(findings).to_csv(args.csv, index=False)
+        atomic_write_frame(args.csv, report_frame(findings))
     return 0
 
 

@@ -36,7 +36,7 @@ from .data import Batch, Splits
 from .losses import (ADV_SCALES, KL_ESTIMATORS, LOG_RATIO_CLAMP, group_advantages, grpo_loss_terms, std_over,
                      zero_std_groups)
 from .model import ModelConfig, compute_log_probs, policy_log_probs
-from .training import StageResult, StepContext, check_optim_fields, fit
+from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
 KL_REFERENCES = ("old", "sft")
@@ -87,6 +87,10 @@ class GRPOConfig:
     """Logit temperature of GRPO's log-probs: ``same_as_rce_end`` or a number."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping; null = none."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
+    ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
+    ``metrics.csv`` and in the run printout)."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("old_policy", OLD_POLICIES), ("kl_reference", KL_REFERENCES),
@@ -94,6 +98,7 @@ class GRPOConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"grpo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_optim_fields("grpo", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
+        check_on_nonfinite("grpo", self.on_nonfinite)
         if self.kl_beta < 0:
             raise ValueError(f"grpo.kl_beta must be >= 0, got {self.kl_beta}")
         if not 0 <= self.eps_low < 1:
@@ -283,7 +288,7 @@ def run_grpo(
         extra_state=lambda: {"old_log_probs": state["old"]},  # stored on the CPU by save_checkpoint
         restore_extra=lambda extra: state.update(old=extra["old_log_probs"].to(device)),
         eval_extra=lambda epoch: step0_summary if epoch == 0 else {},
-        device=device, precision=precision, log_every=log_every,
+        device=device, precision=precision, log_every=log_every, on_nonfinite=cfg.on_nonfinite,
     )
     result.info.update(step0_ratios=step0, temperature=temperature, **step0_summary)
     return result

@@ -47,29 +47,46 @@ def per_group_metrics(
     score); such groups depend only on the rewards, so they are NaN for every model alike.
     """
     mask = _check_mask(mask, scores)
-    s = torch.where(mask, scores, scores.new_tensor(float("-inf")))
-    top1 = s.argmax(dim=1, keepdim=True)
-    out: dict[str, Tensor] = {"acc@1": (top1.squeeze(1) == labels).to(scores.dtype)}
+    neg_inf = scores.new_tensor(float("-inf"))
+    # NaN compares false with everything, so left as is it would never rank above the label (a NaN model would
+    # score mrr = 1). It is ranked as -inf: the worst score, tied only with other NaN/-inf candidates.
+    s = torch.where(mask & ~torch.isnan(scores), scores, neg_inf)
 
+    # Tie-aware ranks: tied candidates are ordered uniformly at random and every top-1/rank metric is its
+    # expectation over that order, so a model that scores all candidates equally is exactly a random ranker.
     label_score = s.gather(1, labels.long().unsqueeze(1))
-    rank = 1 + ((s > label_score) & mask).sum(dim=1)
-    out["mrr"] = 1.0 / rank.to(scores.dtype)
+    greater = ((s > label_score) & mask).sum(dim=1, keepdim=True)
+    ties = (((s == label_score) & mask).sum(dim=1, keepdim=True) - 1).clamp_min(0)  # excluding the label
+    # The label's position is 1 + greater + k, k uniform in 0..ties: average 1/position over that block.
+    pos = torch.arange(1, scores.shape[1] + 1, dtype=scores.dtype, device=scores.device).unsqueeze(0)
+    in_block = (pos > greater) & (pos <= greater + ties + 1)
+    block = (ties + 1).squeeze(1).to(scores.dtype)
+    out: dict[str, Tensor] = {"acc@1": (greater.squeeze(1) == 0).to(scores.dtype) / block}
+    out["mrr"] = torch.where(in_block, 1.0 / pos, 0.0).sum(dim=1) / block
+    # The top-1 pick is uniform over the candidates tied at the best score: its reward/utility are their mean.
+    top = (s == s.amax(dim=1, keepdim=True)) & mask
+    n_top = top.sum(dim=1).to(scores.dtype)
+
+    def at_top1(values: Tensor) -> Tensor:
+        return torch.where(top, values, 0.0).sum(dim=1) / n_top
 
     big = torch.finfo(rewards.dtype).max
     gains = torch.where(mask, rewards - rewards.masked_fill(~mask, big).amin(dim=1, keepdim=True), 0.0)
     kk = min(k, scores.shape[1])
     discount = 1.0 / torch.log2(torch.arange(2, kk + 2, dtype=gains.dtype, device=gains.device))
-    # Stable sort on -score keeps lower indices first among ties; masked entries sort last with gain 0.
-    order = torch.sort(-s, dim=1, stable=True).indices[:, :kk]
+    # Stable sort on -score keeps lower indices first among ties. Masked entries must sort after every real one,
+    # also after real -inf/NaN scores they tie with: first put real candidates first, then sort stably by score.
+    real_first = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    order = real_first.gather(1, torch.sort((-s).gather(1, real_first), dim=1, stable=True).indices)[:, :kk]
     dcg = (gains.gather(1, order) * discount).sum(dim=1)
     idcg = (torch.sort(gains, dim=1, descending=True).values[:, :kk] * discount).sum(dim=1)
     out[f"ndcg@{k}"] = torch.where(idcg > 0, dcg / idcg.clamp_min(torch.finfo(gains.dtype).tiny), float("nan"))
 
-    r1 = rewards.gather(1, top1).squeeze(1)
+    r1 = at_top1(rewards)
     out["reward@1"] = r1
     out["regret@1"] = rewards.masked_fill(~mask, -big).amax(dim=1) - r1
     if utility is not None:
-        out["utility@1"] = utility.gather(1, top1).squeeze(1)
+        out["utility@1"] = at_top1(utility)
     if logp is not None:
         out["entropy"] = -torch.where(mask, logp.exp() * logp, 0.0).sum(dim=1)
         if ref_logp is not None:
@@ -91,8 +108,13 @@ def ranking_metrics(
     """Label, reward and (optionally) utility and KL metrics of one scored set of groups, averaged over groups.
 
     ``ndcg@k`` uses ``reward - min(group reward)`` as gain so gains are non-negative; groups whose ideal DCG is 0
-    (all rewards equal) are left out of its mean (1.0 if no group is left). Ties in ``scores`` go to the lower
-    index, as in ``argmax``.
+    (all rewards equal) are left out of its mean (1.0 if no group is left).
+
+    Ties in ``scores`` are broken uniformly at random, in expectation: with ``g`` candidates scored above the label
+    and ``t`` others tied with it, ``acc@1 = [g == 0] / (t + 1)`` and ``mrr = mean_{k=0..t} 1 / (1 + g + k)``
+    (the expected reciprocal rank); ``reward@1``/``utility@1``/``regret@1`` average over the candidates tied at the
+    top. All-equal scores over ``G`` candidates thus give ``acc@1 = 1/G`` and ``mrr = H_G / G``, as a random
+    ranker. NaN scores rank as -inf. ``ndcg@k`` breaks ties by the lower index (a stable sort).
     """
     per_group = per_group_metrics(scores, labels, rewards, mask, k=k, utility=utility, logp=logp, ref_logp=ref_logp)
     out = {}

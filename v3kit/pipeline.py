@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_model_config, load_checkpoint
 from .data import GroupData, Splits, load_groups, split_by_query
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
 from .metrics import evaluate, metric_order
-from .model import ModelConfig, build_model
+from .model import build_model
 from .rce import final_logit_temperature, run_rce
+from .rundir import RunLock, atomic_write_text, file_sha256
 from .sft import Stage1, load_sft, train_sft
 from .synthetic import make_world
 from .provenance import config_changes, flatten, signature
@@ -75,7 +76,9 @@ def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (),
 # anything. Every other change (data, model, SFT, RCE, seed) would make the saved checkpoints belong to
 # another experiment, and RCE's temperature schedule depends on its total number of steps.
 # Where and how fast a run computes is not part of the experiment: checkpoints are device-independent.
-RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs", "device", "threads", "log_every")
+# What to do on a NaN/inf batch is a policy for the steps still to come, not part of what was trained.
+RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs", "device", "threads", "log_every", "sft.on_nonfinite",
+                     "rce.on_nonfinite", "grpo.on_nonfinite")
 
 
 def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
@@ -111,14 +114,39 @@ def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Mod
 RUN_INFO = "run_info.json"  # beside config.yaml: what a run started from that the config does not say
 
 
-def record_sft_checkpoint(run_dir: str | Path, sft_path: str | Path) -> None:
-    """Remember which SFT checkpoint a run started from, so ``v3kit eval`` finds the ``kl_to_sft`` reference.
+OWN_SFT = "sft.pt"  # run_info's name for the SFT model the run trained itself (relative: the run dir may move)
 
-    Stored relative to the run dir when inside it (the run dir may move), else as an absolute path.
-    """
-    run_dir, sft_path = Path(run_dir).resolve(), Path(sft_path).resolve()
-    rel = sft_path.relative_to(run_dir) if sft_path.is_relative_to(run_dir) else sft_path
-    (run_dir / RUN_INFO).write_text(json.dumps({"sft_checkpoint": str(rel)}, indent=1) + "\n")
+
+def _check_same_sft(run_dir: Path, sft_checkpoint: str | Path | None) -> dict[str, Any] | None:
+    """On resume, the RCE/GRPO checkpoints belong to one SFT model: refuse to continue them from another one."""
+    path = run_dir / RUN_INFO
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except ValueError:
+        raise ConfigError(f"cannot resume {run_dir}: {path} is not valid JSON; delete it only if you are sure the "
+                          "SFT checkpoint is the one the run started from") from None
+    if sft_checkpoint is None and info.get("sft_checkpoint") != OWN_SFT:
+        raise ConfigError(f"cannot resume {run_dir}: it was started from --sft {info['sft_checkpoint']}; pass the "
+                          "same --sft to resume it")
+    return info
+
+
+def record_sft_checkpoint(run_dir: Path, sft_path: Path, given: bool, recorded: dict[str, Any] | None) -> None:
+    """Remember which SFT checkpoint (path and sha256) the run's later stages are built on: ``v3kit eval`` finds
+    the ``kl_to_sft`` reference with it, and a resume from another SFT model is refused."""
+    if not sft_path.is_file():  # a missing one fails later with load_sft's message
+        return
+    digest = file_sha256(sft_path)
+    if recorded is not None and recorded.get("sft_sha256") != digest:
+        raise ConfigError(
+            f"cannot resume {run_dir}: it was started from the SFT checkpoint {recorded['sft_checkpoint']} "
+            f"(sha256 {str(recorded.get('sft_sha256'))[:12]}...), but {sft_path} has sha256 {digest[:12]}...; "
+            "resume with the same --sft, or use a new run_dir"
+        )
+    name = str(sft_path.resolve()) if given else OWN_SFT
+    atomic_write_text(run_dir / RUN_INFO, json.dumps({"sft_checkpoint": name, "sft_sha256": digest}) + "\n")
 
 
 def recorded_sft_checkpoint(run_dir: str | Path) -> Path | None:
@@ -143,6 +171,20 @@ class PipelineResult:
     table: pd.DataFrame  # rows sft / rce / grpo, held-out test metrics
     models: dict[str, nn.Module] = field(default_factory=dict)  # on runtime.device
     runtime: Runtime | None = None
+    # batches left out for a NaN/inf loss or gradient, per stage run with on_nonfinite=skip_batch
+    skipped_batches: dict[str, int] = field(default_factory=dict)
+
+
+def skipped_batches(run_dir: str | Path) -> dict[str, int]:
+    """Per stage, the batches ``on_nonfinite=skip_batch`` skipped (the ``skipped_nonfinite`` column's sum)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return {}
+    df = pd.read_csv(path)
+    if "skipped_nonfinite" not in df.columns:
+        return {}
+    df = df[df["skipped_nonfinite"].notna()]
+    return {str(k): int(v) for k, v in df.groupby("stage", sort=False)["skipped_nonfinite"].sum().items()}
 
 
 def run_pipeline(
@@ -156,23 +198,36 @@ def run_pipeline(
     """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table.
 
     ``cfg.device`` / ``cfg.precision`` / ``cfg.threads`` are resolved first (:func:`resolve_runtime`); the
-    thread count is set with ``torch.set_num_threads`` for the rest of the process.
+    thread count is set with ``torch.set_num_threads`` for the rest of the process. Holds ``run_dir``'s writer
+    lock throughout (a second concurrent run there is refused, naming this PID).
     """
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a directory; set run_dir to a directory path")
     if sft_checkpoint:
         # The given checkpoint's model is what runs, whatever cfg.model says: record that one in config.yaml.
-        cfg = dataclasses.replace(cfg, model=ModelConfig(**load_checkpoint(sft_checkpoint)["model_config"]))
+        ckpt = load_checkpoint(sft_checkpoint)
+        cfg = dataclasses.replace(cfg, model=checkpoint_model_config(ckpt, sft_checkpoint))
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):
+        return _run_locked(cfg, run_dir, sft_checkpoint=sft_checkpoint, splits=splits, callbacks=callbacks,
+                           resume=resume)
+
+
+def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | None, splits: Splits | None,
+                callbacks: Sequence[Any], resume: bool) -> PipelineResult:
+    recorded = None
     if resume:
         check_resumable(cfg, run_dir)
+        recorded = _check_same_sft(run_dir, sft_checkpoint)
     splits = splits or prepare_data(cfg)
     runtime = resolve_runtime(cfg, splits)  # before anything is written: a missing device fails cleanly
     torch.set_num_threads(runtime.threads)
     dump_config(cfg, run_dir / "config.yaml")
     sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume,
                                                                       runtime=runtime)
-    record_sft_checkpoint(run_dir, sft_path)
+    record_sft_checkpoint(run_dir, sft_path, given=bool(sft_checkpoint), recorded=recorded)
 
     on = dict(device=runtime.device, precision=runtime.precision)
     stage1 = load_sft(sft_path, splits.train, **on)
@@ -188,9 +243,9 @@ def run_pipeline(
     models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
     table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature,
                         precision=runtime.precision)
-    table.to_csv(run_dir / "summary.csv")
+    atomic_write_text(run_dir / "summary.csv", table.to_csv())
     return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
-                          models=models, runtime=runtime)
+                          models=models, runtime=runtime, skipped_batches=skipped_batches(run_dir))
 
 
 # ------------------------------------------------------------------------------------ stage reuse (notebooks)
@@ -206,7 +261,7 @@ def read_state(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
 
 
 def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> None:
@@ -218,7 +273,7 @@ def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> 
     if metrics.exists():
         df = pd.read_csv(metrics)
         if df["stage"].isin(stages).any():
-            df[~df["stage"].isin(stages)].to_csv(metrics, index=False)
+            atomic_write_text(metrics, df[~df["stage"].isin(stages)].to_csv(index=False))
     for s in stages:
         state.pop(s, None)
     if removed:

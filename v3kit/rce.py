@@ -22,7 +22,7 @@ from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import rce_loss
 from .model import ModelConfig
-from .training import StageResult, StepContext, check_optim_fields, fit
+from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 TEMPERATURE_TARGETS = ("rewards", "logits")
 
@@ -47,9 +47,14 @@ class RCEConfig:
     """Mix of the human label into the targets."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping; null = none."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
+    ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
+    ``metrics.csv`` and in the run printout)."""
 
     def __post_init__(self) -> None:
         check_optim_fields("rce", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
+        check_on_nonfinite("rce", self.on_nonfinite)
         if self.temperature_target not in TEMPERATURE_TARGETS:
             raise ValueError(f"rce.temperature_target must be one of {TEMPERATURE_TARGETS}, got "
                              f"{self.temperature_target!r}")
@@ -128,7 +133,7 @@ def run_rce(
         stage="rce", model=policy, train=splits.train, val=splits.val, step_fn=step_fn, epochs=cfg.epochs,
         lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=eval_temperature, reference=reference,
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
-        checkpoint_meta=meta,
+        checkpoint_meta=meta, on_nonfinite=cfg.on_nonfinite,
         extendable=(),  # the temperature schedule spans all RCE steps: more epochs would change the past ones
         device=device, precision=precision, log_every=log_every,
     )

@@ -10,11 +10,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import check_feature_dims, load_checkpoint, model_from_checkpoint, model_payload, save_checkpoint
+from .checkpoint import (check_feature_dims, checkpoint_model_config, load_checkpoint, model_from_checkpoint,
+                         model_payload, save_checkpoint)
 from .data import Batch, GroupData, Splits
 from .metrics import evaluate
 from .model import ModelConfig, build_model, compute_log_probs, policy_log_probs
-from .training import StageResult, StepContext, check_optim_fields, fit
+from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 
 @dataclass
@@ -27,9 +28,14 @@ class SFTConfig:
     """Groups per step."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping; null = none."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
+    ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
+    ``metrics.csv`` and in the run printout)."""
 
     def __post_init__(self) -> None:
         check_optim_fields("sft", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
+        check_on_nonfinite("sft", self.on_nonfinite)
 
 
 def train_sft(
@@ -66,6 +72,7 @@ def train_sft(
         lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature,
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
         checkpoint_meta=meta, device=device, precision=precision, log_every=log_every,
+        on_nonfinite=cfg.on_nonfinite,
     )
     if run_dir is not None:
         path = save_checkpoint(Path(run_dir) / "sft.pt", {"stage": "sft", "epoch": cfg.epochs, "step": -1,
@@ -118,7 +125,7 @@ def load_sft(
         path = Path(checkpoint)
         ckpt = load_checkpoint(path)
         policy = model_from_checkpoint(ckpt, path)
-        model_config = ModelConfig(**ckpt["model_config"])
+        model_config = checkpoint_model_config(ckpt, path)
         check_feature_dims(ckpt, train.query_dim, train.cand_dim, path, "use the matching data")
     temperature = model_config.sim_temperature if temperature is None else temperature
     policy.to(device)

@@ -7,7 +7,11 @@ A stage supplies only ``step_fn(batch, ctx) -> (loss, stats)``; the algorithm li
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -17,11 +21,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, save_checkpoint
+from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
+                         save_checkpoint)
 from .data import Batch, GroupData, iterate_batches, num_batches
 from .device import as_floats, autocast
 from .metrics import evaluate
 from .provenance import config_changes
+from .rundir import atomic_write_text
 
 
 class Callback:
@@ -43,25 +49,129 @@ def _call(callbacks: Sequence[Any], method: str, *args: Any) -> None:
             fn(*args)
 
 
+def _cell(value: Any) -> str:
+    """One CSV cell exactly as ``DataFrame.to_csv`` writes it (floats by ``repr``, NaN/None empty)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _parse_cell(text: str) -> Any:
+    """Inverse of :func:`_cell` for the values v3kit logs (ints, floats, strings); empty is NaN."""
+    if text == "":
+        return math.nan
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars only (numpy/torch scalars -> ``.item()``), so rows can ride in a ``weights_only`` checkpoint."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+
 class MetricsLog:
-    """Rows of ``metrics.csv``: one per training step (``split="train"``) and per evaluation (``split="val"``)."""
+    """Rows of ``metrics.csv``: one per training step (``split="train"``) and per evaluation (``split="val"``).
+
+    Crash safety: the file is only appended to (a row per line, flushed as it is logged, fsynced before each
+    epoch checkpoint) or replaced whole through a temp file and a rename (when a row brings a new column, and when
+    a stage starts). Each epoch checkpoint also stores the stage's rows up to it (:meth:`stage_rows`); a resume
+    rebuilds the stage's rows from there (:meth:`start_stage`), so rows logged after that checkpoint, a torn last
+    line, or rows lost after the checkpoint was written are all put back exactly. Columns are the union of the
+    rows' keys in first-seen order, the layout ``DataFrame(rows).to_csv`` gives.
+    """
 
     def __init__(self, run_dir: str | Path | None) -> None:
         self.path = None if run_dir is None else Path(run_dir) / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
+        self._file: Any = None
         if self.path is not None and self.path.exists():
-            self.rows = pd.read_csv(self.path).to_dict("records")
+            self.columns, self.rows = self._read(self.path)
 
-    def truncate(self, stage: str, after_epoch: int) -> None:
-        """Forget this stage's rows past ``after_epoch`` (a restarted or resumed stage rewrites them)."""
-        self.rows = [r for r in self.rows if not (r["stage"] == stage and r["epoch"] > after_epoch)]
+    @staticmethod
+    def _read(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+        """Header and complete rows of ``path``; a torn last line (no newline, or the wrong number of fields, e.g.
+        after a kill or a full disk mid-append) is dropped: the resume restores it from the checkpoint."""
+        text = path.read_text(encoding="utf-8", errors="replace")
+        complete = text[: text.rfind("\n") + 1]
+        records = list(csv.reader(io.StringIO(complete)))
+        if not records or not records[0]:
+            return [], []
+        header = records[0]
+        if not {"stage", "split", "epoch", "step"} <= set(header):
+            raise ValueError(f"{path} is not a v3kit metrics.csv (header {header[:6]}); move it away or use "
+                                  "another run_dir")
+        rows = [{k: _parse_cell(v) for k, v in zip(header, rec)} for rec in records[1:] if len(rec) == len(header)]
+        return header, rows
+
+    def start_stage(self, stage: str, kept: list[dict[str, Any]] | None, after_epoch: int = 0) -> None:
+        """This stage's rows become ``kept`` (a checkpoint's rows; ``[]`` for a fresh start), in place of the ones
+        in the file; then the file is rewritten atomically. ``kept=None`` (a checkpoint from before rows were
+        stored in it) keeps the file's rows up to ``after_epoch``."""
+        if kept is None:
+            kept = [r for r in self.rows if r["stage"] == stage and r["epoch"] <= after_epoch]
+        out: list[dict[str, Any]] = []
+        for r in self.rows:
+            if r["stage"] != stage:
+                out.append(r)
+            elif kept:  # where the stage's rows were: the first of them takes the whole (rebuilt) block
+                out += kept
+                kept = []
+        self.rows = out + kept
+        columns: list[str] = []
+        for r in self.rows:
+            columns += [k for k in r if k not in columns]
+        self.columns = columns
+        self._rewrite()
+
+    def stage_rows(self, stage: str) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["stage"] == stage]
 
     def add(self, row: dict[str, Any]) -> None:
+        row = {k: _plain(v) for k, v in row.items()}
         self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns += new
+            self._rewrite()
+        elif self.path is not None:
+            self._open().write(self._line(row))
+            self._file.flush()
 
-    def flush(self) -> None:
-        if self.path is not None:
-            self.frame().to_csv(self.path, index=False)
+    def commit(self) -> None:
+        """Make every logged row durable (called before an epoch's checkpoint is written)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self.commit()
+            self._file.close()
+            self._file = None
+
+    def _line(self, row: dict[str, Any]) -> str:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self.columns])
+        return buf.getvalue()
+
+    def _open(self) -> Any:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8", newline="")
+        return self._file
+
+    def _rewrite(self) -> None:
+        if self.path is None:
+            return
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        header = self._line({c: c for c in self.columns}) if self.columns else ""
+        atomic_write_text(self.path, header + "".join(self._line(r) for r in self.rows))
 
     def frame(self, stage: str | None = None) -> pd.DataFrame:
         df = pd.DataFrame(self.rows)
@@ -111,6 +221,53 @@ def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> Tensor
     if not params:
         return 0.0
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+
+
+ON_NONFINITE = ("stop", "skip_batch")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss, gradient or weight; the message names stage, epoch, step, quantity and the
+    last good checkpoint. Nothing non-finite is ever checkpointed."""
+
+
+def check_on_nonfinite(section: str, value: str) -> None:
+    if value not in ON_NONFINITE:
+        raise ValueError(f"{section}.on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
+
+
+def _nonfinite_step(loss: Tensor, grad_norm: float | Tensor | None) -> str | None:
+    """``None`` if the step is finite, else which quantity is not. One fused check (a single host sync); the grad
+    norm is the one ``clip_grad_norm_`` already computed, and is non-finite iff some gradient is."""
+    vals = loss.detach().reshape(()).float()
+    if grad_norm is not None:
+        vals = torch.stack([vals, torch.as_tensor(grad_norm, dtype=torch.float32)])
+    if bool(torch.isfinite(vals).all()):
+        return None
+    return "loss" if not math.isfinite(float(loss)) else "gradient"
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return not flags or bool(torch.stack(flags).all())
+
+
+def _nonfinite_error(stage: str, quantity: str, epoch: int, step: int, checkpoints: list[Path],
+                     run_dir: Path | None) -> NonFiniteError:
+    last = (str(checkpoints[-1]) if checkpoints else "none of this stage yet") if run_dir is not None else \
+        "none (no run_dir)"
+    return NonFiniteError(
+        f"{stage}: non-finite {quantity} at epoch {epoch}, step {step}; stopped without checkpointing it "
+        f"(last good checkpoint: {last}). Lower {stage}.lr, check the data's feature scale, or set "
+        f"{stage}.on_nonfinite=skip_batch to skip such batches"
+    )
+
+
+def _kill_point(name: str) -> None:
+    """Crash tests only: ``V3KIT_TEST_KILL_AT=<name>`` SIGKILLs the process here (e.g. ``grpo:epoch2:step7``,
+    ``rce:epoch1:before_checkpoint``, ``grpo:epoch2:after_checkpoint``), a deterministic stand-in for a crash."""
+    if os.environ.get("V3KIT_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, max_grad_norm: float | None) -> None:
@@ -165,6 +322,7 @@ def fit(
     device: torch.device | str = "cpu",
     precision: str = "fp32",
     log_every: int = 10,
+    on_nonfinite: str = "stop",
 ) -> StageResult:
     """Train ``model`` in place for ``epochs`` with Adam at ``lr``; see the module docstring.
 
@@ -173,8 +331,13 @@ def fit(
     ``precision="bf16"`` runs ``step_fn`` and the evaluations under CUDA autocast. ``log_every``: steps between
     host reads of the per-step statistics (one sync each time, and at every epoch end); ``metrics.csv`` still
     gets one row per step with the same values, and callbacks get every row, in batches.
+    ``on_nonfinite``: ``"stop"`` raises :class:`NonFiniteError` at a NaN/inf loss or gradient; ``"skip_batch"``
+    leaves such a batch out (no optimizer step) and logs it in a ``skipped_nonfinite`` column (1 = skipped).
+    Non-finite weights at an epoch's end always stop (before its checkpoint).
     """
     check_optim_fields(stage, epochs, lr, batch_size, max_grad_norm)
+    check_on_nonfinite(stage, on_nonfinite)
+    extendable = (*extendable, "on_nonfinite")  # how bad batches are handled does not change the past ones
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
     device = torch.device(device)
@@ -183,6 +346,11 @@ def fit(
         reference.to(device)
     if device.type != "cpu":  # one copy up front instead of one per batch
         train, val = train.to(device), val.to(device)
+    # The NaN/inf guard reads the loss and grad norm on the host. Per step on the CPU (free there) and whenever a
+    # bad batch must be skipped before its update; on an accelerator with on_nonfinite="stop" it runs on each
+    # batch of rows read back every log_every steps instead, so the step itself never waits for the device: a
+    # non-finite step still stops the stage before its weights can reach a checkpoint.
+    check_each_step = device.type == "cpu" or on_nonfinite == "skip_batch"
     run_dir = None if run_dir is None else Path(run_dir)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +382,7 @@ def fit(
     if done:
         _, path = done[-1]
         ckpt = load_checkpoint(path, stage=stage)
+        require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
         _check_same_config(ckpt, checkpoint_meta, path, extendable)
         load_state_into(model, ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -223,14 +392,13 @@ def fit(
             restore_extra(ckpt.get("extra", {}))
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         checkpoints = [p for _, p in done]
-        log.truncate(stage, start_epoch)
+        log.start_stage(stage, ckpt.get("metrics_rows"), start_epoch)
     else:
-        log.truncate(stage, -1)
+        log.start_stage(stage, [])
 
     info = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch}
     _call(callbacks, "on_stage_start", stage, total_steps, info)
     metrics = evaluate_now(0, 0) if start_epoch == 0 else {}
-    log.flush()
 
     bar = tqdm(total=total_steps, initial=step, desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
     pending: list[dict[str, Any]] = []  # train rows whose tensor values are not read back yet
@@ -242,6 +410,12 @@ def fit(
         slots = [(row, k) for row in pending for k, v in row.items() if isinstance(v, Tensor)]
         for (row, k), value in zip(slots, as_floats([row[k] for row, k in slots])):
             row[k] = value
+        if not check_each_step:  # the deferred guard: stop before any of these weights reach a checkpoint
+            for row in pending:
+                bad = next((q for q, key in (("loss", "loss"), ("gradient", "grad_norm"))
+                            if not math.isfinite(row[key])), None)
+                if bad is not None:
+                    raise _nonfinite_error(stage, bad, row["epoch"], row["step"], checkpoints, run_dir)
         for row in pending:
             log.add(row)
             _call(callbacks, "on_step", row)
@@ -262,17 +436,31 @@ def fit(
             if loss.requires_grad:
                 loss.backward()
                 grad_norm = _grad_norm(model.parameters(), max_grad_norm)
-                optimizer.step()
+                bad = _nonfinite_step(loss, grad_norm) if check_each_step else None
+                if bad is None:
+                    optimizer.step()
             else:  # nothing to learn from this batch (e.g. every group dropped): skip, but log it
                 grad_norm = 0.0
+                bad = _nonfinite_step(loss, None) if check_each_step else None
+            if bad is not None:
+                if on_nonfinite == "stop":
+                    raise _nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
+                optimizer.zero_grad(set_to_none=True)
+            if on_nonfinite == "skip_batch":
+                stats = {**stats, "skipped_nonfinite": int(bad is not None)}
             step += 1
+            _kill_point(f"{stage}:epoch{epoch}:step{step}")
             pending.append({"stage": stage, "split": "train", "epoch": epoch, "step": step, "loss": loss.detach(),
                             **stats, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]})
             if len(pending) >= log_every:
                 flush_rows()
         flush_rows()
+        if not _weights_finite(model):
+            raise _nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
         metrics = evaluate_now(epoch, step)
         if run_dir is not None:
+            log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
+            _kill_point(f"{stage}:epoch{epoch}:before_checkpoint")
             payload = {
                 "stage": stage,
                 "epoch": epoch,
@@ -281,16 +469,20 @@ def fit(
                 "optimizer": optimizer.state_dict(),
                 "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
                 "extra": extra_state() if extra_state is not None else {},
+                "metrics_rows": log.stage_rows(stage),  # what a resume from here rebuilds metrics.csv with
                 **(checkpoint_meta or {}),
             }
             checkpoints.append(save_checkpoint(run_dir / f"{stage}_epoch{epoch}.pt", payload))
-        log.flush()
+            _kill_point(f"{stage}:epoch{epoch}:after_checkpoint")
     bar.close()
+    log.close()
 
     history = log.frame(stage)
     if not metrics:  # resumed a finished stage: report its last logged evaluation
         last = history[history["split"] == "val"].iloc[-1]
         metrics = {k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and pd.notna(v)}
+    if "skipped_nonfinite" in history.columns:
+        info["skipped_batches"] = int(history["skipped_nonfinite"].fillna(0).sum())
     result = StageResult(stage=stage, model=model, history=history, final_metrics=metrics,
                          checkpoints=checkpoints, info=info)
     _call(callbacks, "on_stage_end", stage, result)

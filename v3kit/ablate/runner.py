@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -20,6 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, to_dict
+from ..rundir import atomic_write_frame, atomic_write_text
 from ..provenance import fingerprint, signature
 
 from .grid import (_RUN_INFO, _RUNNER_KEYS, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS,
@@ -43,27 +42,6 @@ def _config_hash(cfg: RunConfig, extra: str = "") -> str:
 
 def _sft_hash(cfg: RunConfig) -> str:
     return fingerprint(signature(cfg, *_SHARED_SECTIONS))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_frame(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".parquet":
-        frame.to_parquet(tmp, index=False)
-    else:
-        frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def per_query_outcomes(model: Any, data: Any, temperature: float, reference: Any) -> dict[str, np.ndarray]:
@@ -132,7 +110,7 @@ def _train_sft(task: _SFTTask) -> str:
     train_sft(splits, task.cfg.model, task.cfg.sft, seed=task.cfg.seed, run_dir=task.path.parent, progress=False)
     for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
         p.unlink()
-    _atomic_write(task.path.parent / "sft.hash", task.hash)
+    atomic_write_text(task.path.parent / "sft.hash", task.hash)
     return task.world
 
 
@@ -168,7 +146,7 @@ def _execute(task: _RunTask) -> dict[str, Any]:
     if not task.keep_checkpoints:  # ~5 MB of per-epoch checkpoints per run; metrics.csv is what the doctor reads
         for p in run_dir.glob("*_epoch*.pt"):
             p.unlink()
-    _atomic_write(task.result_path, json.dumps(payload))
+    atomic_write_text(task.result_path, json.dumps(payload))
     return {**keys, "wall_s": wall}
 
 
@@ -259,7 +237,7 @@ def run_grid(
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir) if out_dir is not None else Path("runs/ablate") / spec.name
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "grid.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False))
+    atomic_write_text(out / "grid.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False))
 
     # SFT checkpoints, one per world (retrained only if the data/model/sft config changed).
     sft_tasks, sft_cfgs = [], {}
@@ -334,13 +312,13 @@ def run_grid(
         raise RuntimeError(f"{len(errors)} run(s) failed (finished runs are saved; rerun to retry):\n"
                            + "\n".join(errors))
     frame, per_query = collect(out, spec, return_per_query=True)
-    _atomic_frame(frame, out / "results.csv")
-    _atomic_frame(frame, out / "results.parquet")
-    _atomic_frame(per_query, out / "per_query.parquet")
+    atomic_write_frame(out / "results.csv", frame)
+    atomic_write_frame(out / "results.parquet", frame)
+    atomic_write_frame(out / "per_query.parquet", per_query)
     result = GridResult(spec=spec, out_dir=out, frame=frame, per_query=per_query, best=best,
                         executed=executed - len(errors), skipped=skipped, wall_s=time.perf_counter() - t0)
-    _atomic_frame(result.summary(), out / "summary.csv")
-    _atomic_write(out / "timing.json", json.dumps({"wall_s": result.wall_s, "workers": workers,
+    atomic_write_frame(out / "summary.csv", result.summary())
+    atomic_write_text(out / "timing.json", json.dumps({"wall_s": result.wall_s, "workers": workers,
                                                     "executed": result.executed, "skipped": skipped}))
     return result
 
