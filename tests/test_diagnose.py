@@ -22,6 +22,9 @@ SEED_CFG: dict[str, Any] = {
 }
 
 
+BEST_REWARD = 3.0  # mean best reward of the crafted val groups
+
+
 def val_row(stage: str, epoch: int, **m: float) -> dict[str, Any]:
     base = {"acc@1": 0.36, "mrr": 0.58, "ndcg@5": 0.9, "reward@1": 2.40, "regret@1": 0.4, "utility@1": 2.40,
             "kl_to_sft": 0.0, "entropy": 1.40}
@@ -80,7 +83,9 @@ def frame(
                          "temperature": temperature})
         rows.append(val_row("grpo", e, step=step, kl_to_sft=kl_to_sft[e], entropy=entropy[e],
                             **{"reward@1": reward[e], "acc@1": acc[e]}))
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df["regret@1"] = BEST_REWARD - df["reward@1"]  # the groups' best reward is fixed: regret mirrors reward@1
+    return df
 
 
 def by_check(findings: list[Finding]) -> dict[str, Finding]:
@@ -225,27 +230,81 @@ def test_reward_vs_label_also_compares_against_the_sft_baseline():
 def test_rce_loss_still_falling_at_its_last_epoch_is_flagged():
     f = run(frame(rce_loss=[2.0, 1.8, 1.5]))["rce_converged"]
     assert f.triggered and f.value == pytest.approx(0.3 / 1.8)
-    assert f.suggestion.startswith("rce.epochs=6")
+    assert f.suggestion.startswith("rce.epochs=6") and f.switches == ["rce.epochs=6"]
     # an annealed temperature between the epochs is named as a confound
     g = run(frame(rce_loss=[2.0, 1.8, 1.5], rce_temperature=[1.75, 1.25, 0.75]))["rce_converged"]
     assert g.triggered and "overstates" in g.message
 
 
-def test_rce_in_a_run_dir_is_judged_at_a_fixed_temperature(tmp_path, monkeypatch):
-    import yaml
-    from v3kit import diagnose as doctor
+def test_reward_vs_label_is_invariant_to_a_shift_or_scaling_of_the_reward():
+    df = frame(reward=[2.4, 2.5, 2.6, 2.7, 2.8], acc=[0.36, 0.35, 0.34, 0.33, 0.32])
+    base = run(df)["reward_vs_label"]
+    assert base.triggered
+    for shift, scale in ((100.0, 1.0), (-2.4, 1.0), (-100.0, 1.0), (0.0, 0.01), (5.0, 50.0)):
+        moved = df.assign(**{"reward@1": scale * df["reward@1"] + shift, "regret@1": scale * df["regret@1"]})
+        f = run(moved)["reward_vs_label"]
+        assert (f.triggered, f.value) == (base.triggered, pytest.approx(base.value)), (shift, scale)
+    # without regret@1 the reward side is read off ndcg@5 (reward gains relative to the group minimum)
+    no_regret = df.drop(columns=["regret@1"]).assign(**{"ndcg@5": 0.5 + (df["reward@1"] - 2.4)})
+    assert run(no_regret)["reward_vs_label"].triggered
 
-    frame(rce_loss=[2.0, 1.8, 1.5]).to_csv(tmp_path / "metrics.csv", index=False)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**SEED_CFG, "rce": {"epochs": 3, "t_end": 0.5}}))
-    # the logged loss falls 17%, but the policies re-scored at the final temperature have flattened out
-    monkeypatch.setattr(doctor, "_rce_fixed_temperature_losses", lambda run_dir, cfg: {0: 1.5, 2: 1.401, 3: 1.4})
-    f = by_check(diagnose(tmp_path))["rce_converged"]
-    assert not f.triggered and f.value == pytest.approx(0.001 / 1.401) and "final temperature" in f.message
-    # a small fall that keeps its pace (a tiny lr) is still not converged
-    monkeypatch.setattr(doctor, "_rce_fixed_temperature_losses", lambda run_dir, cfg: {0: 1.5, 2: 1.47, 3: 1.455})
-    g = by_check(diagnose(tmp_path))["rce_converged"]
-    assert g.triggered and g.value == pytest.approx(0.015 / (0.045 / 3)) and g.threshold == 0.5
-    assert "rce.epochs=6" in g.suggestion
+
+def rce_frame(excess: list[float], kl: float, splits, steps_per_epoch: int = 10, t_start: float = 2.0,
+              t_end: float = 0.5) -> pd.DataFrame:
+    """A frame whose logged RCE loss is the true floor H(targets) of ``splits.train`` at an annealed temperature
+    plus an excess that goes linearly through ``excess`` (one value per epoch boundary, first = at SFT)."""
+    from v3kit.rce import annealed_temperature
+    from v3kit.rce_analysis import rce_target_entropy
+
+    n_epochs = len(excess) - 1
+    df = frame(rce_loss=[1.0] * n_epochs, steps_per_epoch=steps_per_epoch)
+    rows = df.index[(df["stage"] == "rce") & (df["split"] == "train")]
+    total = len(rows)
+    for i, idx in enumerate(rows):
+        t = annealed_temperature(i, total, t_start, t_end)
+        pos = i / steps_per_epoch  # epochs done before this step
+        e = int(min(pos, n_epochs - 1))
+        ex = excess[e] + (excess[e + 1] - excess[e]) * (pos - e)
+        df.loc[idx, ["temperature", "loss"]] = [t, rce_target_entropy(splits.train, t) + ex]
+    df.loc[(df["stage"] == "rce") & (df["split"] == "val") & (df["epoch"] > 0), "kl_to_sft"] = kl
+    return df
+
+
+@pytest.fixture(scope="module")
+def small_splits():
+    from v3kit.data import split_by_query
+    from v3kit.synthetic import SyntheticConfig, make_world
+
+    return split_by_query(make_world(SyntheticConfig(n_queries=200)), val_frac=0.2, test_frac=0.2, seed=0)
+
+
+RCE_CFG = {**SEED_CFG, "rce": {"epochs": 3, "lr": 1e-5, "t_start": 2.0, "t_end": 0.5}}
+
+
+def test_rce_that_barely_moved_the_policy_says_the_lr_is_too_small(small_splits):
+    # a tiny lr: the gap to the floor shrinks linearly by 0.1% and the policy moves 1.7e-5 nats
+    df = rce_frame([0.5, 0.49983, 0.49967, 0.4995], kl=1.7e-5, splits=small_splits)
+    f = by_check(diagnose(df, RCE_CFG, splits=small_splits))["rce_converged"]
+    assert f.triggered and "lr too small to move the policy" in f.message
+    assert f.suggestion.startswith("rce.lr=0.0001") and f.switches == ["rce.lr=0.0001"]
+    assert "rce.epochs" not in f.suggestion and f.value == pytest.approx(1.7e-5)
+    # without the data (no floor) the KL alone says the same
+    g = run(df, RCE_CFG)["rce_converged"]
+    assert g.triggered and "lr too small" in g.message
+
+
+def test_rce_is_judged_by_the_gap_to_its_floor_not_the_annealed_raw_loss(small_splits):
+    # the raw loss falls a lot (the temperature sharpens the targets) but the gap to the floor has flattened
+    flat = rce_frame([0.5, 0.2, 0.19, 0.189], kl=0.05, splits=small_splits)
+    raw = flat[(flat["stage"] == "rce") & (flat["split"] == "train")].groupby("epoch")["loss"].mean()
+    assert (raw.iloc[-2] - raw.iloc[-1]) / raw.iloc[-2] > 0.1  # the old check read this as "still falling"
+    f = by_check(diagnose(flat, RCE_CFG, splits=small_splits))["rce_converged"]
+    assert not f.triggered and "H(targets)" in f.message
+    assert f.value == pytest.approx((0.195 - 0.1895) / 0.5, abs=0.002)  # epoch means of a linear excess
+    # a gap that is still closing fast is flagged, with more epochs to test
+    falling = rce_frame([0.5, 0.4, 0.3, 0.2], kl=0.05, splits=small_splits)
+    g = by_check(diagnose(falling, RCE_CFG, splits=small_splits))["rce_converged"]
+    assert g.triggered and g.value == pytest.approx(0.2, abs=0.01) and g.switches == ["rce.epochs=6"]
 
 
 def test_rce_converged_single_epoch_and_no_rce():
@@ -280,10 +339,12 @@ def test_report_text_and_frame():
     flagged = next(ln for ln in lines if "zero_std_groups" in ln)
     assert flagged.startswith("⚠") and "value 0.5" in flagged and "threshold 0.2" in flagged
     assert next(ln for ln in lines if "clip_ratio" in ln).startswith("✔")
-    assert "-> try: grpo.drop_zero_std_groups=true" in text
-    assert lines[-1].startswith("1 of 8 checks flagged: zero_std_groups")
+    assert "-> test: grpo.drop_zero_std_groups=true" in text
+    assert "v3kit ablate --grid RUN_DIR/doctor_grid.yaml" in text and "drop_zero_std_groups_true" in text
+    assert lines[-2].startswith(f"1 of {len(CHECKS)} checks flagged: zero_std_groups")
+    assert "adopt a switch only once its ablation beats" in lines[-1]
     table = report_frame(found)
-    assert list(table.columns) == ["check", "triggered", "value", "threshold", "message", "suggestion"]
+    assert list(table.columns) == ["check", "triggered", "value", "threshold", "message", "suggestion", "switches"]
     assert table.set_index("check").loc["zero_std_groups", "triggered"]
     assert table["triggered"].sum() == 1
 
@@ -296,8 +357,9 @@ def real_run(tmp_path_factory):
     from v3kit.pipeline import run_pipeline
 
     d = tmp_path_factory.mktemp("doctor") / "run"
-    cfg = load_config(None, ["progress=false", "data.synthetic.n_queries=300", "sft.epochs=3", "rce.epochs=1",
-                             "grpo.epochs=2", f"run_dir={d}"])
+    # RCE at a tiny lr: the case where the doctor must say "lr too small" with or without the RCE checkpoints
+    cfg = load_config(None, ["progress=false", "data.synthetic.n_queries=300", "sft.epochs=3", "rce.epochs=2",
+                             "rce.lr=1e-7", "grpo.epochs=2", "grpo.lr=1e-3", f"run_dir={d}"])
     run_pipeline(cfg)
     return d
 
@@ -310,10 +372,47 @@ def test_real_run_end_to_end(real_run):
     assert found["step0_ratio"].value == pytest.approx(row0["step0_outside_clip"])
     grpo = metrics[(metrics["stage"] == "grpo") & (metrics["split"] == "train")]
     assert found["zero_std_groups"].value == pytest.approx(grpo["frac_reward_zero_std"].mean())
-    # RCE re-scored from its checkpoints at the final temperature: SFT (epoch 0) against the one RCE epoch
-    assert "policy after epoch 0 -> after epoch 1" in found["rce_converged"].message
+    rce = found["rce_converged"]
+    assert rce.triggered and "lr too small to move the policy" in rce.message and "H(targets)" in rce.message
+    assert rce.switches == ["rce.lr=1e-06"]
     # every check had what it needs in a real run: nothing skipped
     assert all(f.value is not None for f in found.values())
+
+
+def test_rce_verdict_is_the_same_without_the_per_epoch_checkpoints(real_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ablation_copy"  # what an ablation folder keeps: no per-epoch checkpoints
+    shutil.copytree(real_run, copy, ignore=shutil.ignore_patterns("*_epoch*.pt"))
+    assert list(real_run.glob("rce_epoch*.pt")) and not list(copy.glob("*_epoch*.pt"))
+    full, bare = by_check(diagnose(real_run)), by_check(diagnose(copy))
+    for name in ("rce_converged", "reward_vs_label"):
+        assert (bare[name].triggered, bare[name].value, bare[name].message) == (
+            full[name].triggered, full[name].value, full[name].message)
+
+
+def test_doctor_grid_tests_the_suggestions_against_the_run(real_run, tmp_path, capsys):
+    import yaml
+    from v3kit.ablate import load_grid, run_grid
+
+    assert main(["doctor", str(real_run), "--grid"]) == 0
+    out = capsys.readouterr().out
+    path = real_run / "doctor_grid.yaml"
+    assert f"wrote {path}" in out and f"v3kit ablate --grid {path}" in out
+    raw = yaml.safe_load(path.read_text())
+    assert raw["reference"] == "run" and raw["variants"]["run"] == [] and "sft_only" in raw["variants"]
+    assert raw["variants"]["lr_1e-06"] == ["rce.lr=1e-06"]  # rce_converged's switch
+    assert "rce.lr=1.0e-07" in raw["base"] and "data.synthetic.n_queries=300" in raw["base"]
+    assert not any(b.split("=")[0] in ("seed", "run_dir", "progress") for b in raw["base"])
+    spec = load_grid(path)
+    assert spec.resolve("default", "run", 0).rce.lr == 1e-7
+    # a tiny version of it runs
+    tiny = load_grid(path, ["data.synthetic.n_queries=60", "sft.epochs=1", "rce.epochs=1", "grpo.epochs=1"])
+    tiny.seeds = tiny.seeds[:1]
+    tiny.variants = {k: tiny.variants[k] for k in ("sft_only", "run", "lr_1e-06")}
+    tiny.questions = {}
+    res = run_grid(tiny, tmp_path / "abl", workers=1, progress=False)
+    assert res.executed == 3 and set(res.frame["variant"]) == {"sft_only", "run", "lr_1e-06"}
 
 
 def test_cli_doctor_prints_the_report(real_run, capsys):

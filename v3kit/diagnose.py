@@ -1,7 +1,7 @@
 """GRPO health report ("doctor"): read a run's ``metrics.csv`` (and ``config.yaml``) and check the symptoms of
 the suspects in ``docs/pipeline.md`` ("Why GRPO might underperform"), each with the number behind it and a switch to try.
 
-Checks, in report order (``Finding.check``):
+Each check is one function registered with ``@check(name)``; they run in registration order (``check_names()``):
 
 * ``step0_ratio``: the PPO ratio at GRPO step 0 is not ~1 (stale old policy or temperature mismatch).
 * ``clip_ratio``: the clip removes the gradient of many entries for long stretches (updates throttled).
@@ -9,10 +9,14 @@ Checks, in report order (``Finding.check``):
 * ``kl_growth``: KL to the SFT model still climbing at the end of GRPO and already large (nothing anchors it).
 * ``kl_pinned``: the KL penalty is ~0 throughout (the KL term does nothing).
 * ``entropy_collapse``: the policy's entropy fell by a large fraction during GRPO.
-* ``reward_vs_label``: reward@1 rose while label metrics (or, in the synthetic world, the hidden utility) fell.
-* ``rce_converged``: RCE loss was still falling at its last epoch when GRPO started. On a run dir with its
-  checkpoints the policies are re-scored at the final RCE temperature, because the logged loss falls with the
-  annealed temperature alone (sharper targets have lower entropy); on a bare frame the logged loss is used.
+* ``reward_vs_label``: the reward of the top pick rose (read off regret@1, so no constant shift or scaling of the
+  reward changes the verdict) while label metrics (acc@1, mrr; utility@1 where the data knows it) fell.
+* ``rce_converged``: did RCE move the policy (KL to SFT) and is it still closing its gap to the loss floor
+  H(targets)? Says "lr too small to move the policy" when it barely moved. Reads ``metrics.csv`` and the data only,
+  so a full run and an ablation folder without per-epoch checkpoints get the same verdict.
+
+Every flagged finding carries ``switches``: the config overrides to *test*. ``v3kit doctor RUN --grid`` writes
+``RUN/doctor_grid.yaml``, an ablation of those switches against the run itself (see ``doctor_grid.py``).
 
 A check whose stage or columns are missing is reported as skipped (``triggered=False``, ``value=None``) with the
 reason; the doctor never fails on a partial run.
@@ -23,9 +27,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import yaml
@@ -41,6 +46,9 @@ class Finding:
     threshold: float | None
     message: str
     suggestion: str
+    # The config overrides behind the suggestion, one variant each, that ``doctor --grid`` puts in a grid to test
+    # against the run itself (only rce.* / grpo.* switches: an ablation shares the run's data, model and SFT).
+    switches: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -77,17 +85,68 @@ class Thresholds:
     # ... while acc@1, mrr or utility@1 fall by more than this (relative; 1% of acc@1 ~ 0.36 on the default
     # 450-query val split is ~2 queries, so smaller moves are noise of a single run).
     label_drop: float = 0.01
-    # Relative fall of the epoch-mean RCE loss from the previous epoch to the last: >= 5% means another epoch would
-    # still move it, i.e. RCE stopped before it converged.
+    # RCE, judged by how far it moved the policy and how much of its gap to the loss floor it closed (the floor is
+    # H(targets), the entropy of RCE's own targets: loss - H(targets) = KL(targets || policy) is all it can learn).
+    # KL(RCE policy || SFT) below this (nats) = RCE did not move the policy (0.1% of the ~1.4 nats entropy of the
+    # default SFT policy over 8 candidates).
+    rce_min_kl: float = 1e-3
+    # ... and "did not move" also needs the gap closed over all of RCE below this share of the gap at its start.
+    rce_min_closed: float = 0.05
+    # The last RCE epoch still closed at least this share of the starting gap: another epoch would close more.
+    rce_still_closing: float = 0.05
+    # Without the data to compute the floor: relative fall of the epoch-mean logged loss, previous -> last epoch.
     rce_still_falling: float = 0.05
-    # With the checkpoints at hand, also: the last epoch's fall of the fixed-temperature loss as a multiple of RCE's
-    # average per-epoch fall. A converging curve flattens (last epoch well below average); >= 0.5x means it has not,
-    # however small the per-epoch change (a tiny lr makes every change small).
-    rce_pace: float = 0.5
 
 
-_CHECKS = ("step0_ratio", "clip_ratio", "zero_std_groups", "kl_growth", "kl_pinned", "entropy_collapse",
-           "reward_vs_label", "rce_converged")
+_Check = Callable[["RunContext"], Finding]
+_REGISTRY: dict[str, _Check] = {}
+
+
+def check(name: str) -> Callable[[_Check], _Check]:
+    """Register a doctor check under ``name``; :func:`diagnose` runs them in registration order."""
+    def register(fn: _Check) -> _Check:
+        if name in _REGISTRY:
+            raise ValueError(f"doctor check {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return register
+
+
+def check_names() -> list[str]:
+    """The registered checks, in report order."""
+    return list(_REGISTRY)
+
+
+@dataclass
+class RunContext:
+    """What a check reads: the metrics frame, the config, the thresholds and, for a run dir, its data and
+    checkpoints (loaded lazily, once, by the checks that need them)."""
+
+    df: pd.DataFrame
+    config: dict[str, Any]
+    th: Thresholds
+    run_dir: Path | None = None
+    splits: Any = None  # v3kit.data.Splits given by the caller (else built from the config of a run dir)
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def data(self) -> Any:
+        """The run's :class:`Splits`, or None (a bare frame, or data that cannot be rebuilt)."""
+        if self.splits is None and "splits" not in self._cache:
+            self._cache["splits"] = None
+            if self.run_dir is not None and self.config:
+                from .config import RunConfig, from_dict
+                from .pipeline import prepare_data
+                try:
+                    self._cache["splits"] = prepare_data(from_dict(RunConfig, self.config))
+                except Exception as e:  # noqa: BLE001 - a moved data file costs the data checks, not the report
+                    self._cache["data_error"] = f"{type(e).__name__}: {e}"
+        return self.splits if self.splits is not None else self._cache["splits"]
+
+    def data_missing(self) -> str:
+        """Why :meth:`data` is None, for a skip message."""
+        if "data_error" in self._cache:
+            return f"could not rebuild the run's data ({self._cache['data_error']})"
+        return "needs the run's data: run the doctor on a run dir (with its config.yaml)"
 
 
 # ---------------------------------------------------------------- input
@@ -158,6 +217,15 @@ def _g(x: float) -> str:
     return f"{x:.4g}"
 
 
+_SWITCH = re.compile(r"\b(?:rce|grpo)\.[a-z_]+=[^\s,;()]+")
+
+
+def switch_tokens(text: str) -> list[str]:
+    """The ``rce.*=`` / ``grpo.*=`` overrides written in a suggestion, in order, once each (what an ablation of
+    the same SFT checkpoint can test)."""
+    return list(dict.fromkeys(_SWITCH.findall(text)))
+
+
 def _skip(check: str, why: str, threshold: float | None = None) -> Finding:
     return Finding(check, False, None, threshold, f"skipped: {why}", "")
 
@@ -180,7 +248,9 @@ def _temperature_mismatch(config: dict[str, Any], grpo_train: pd.DataFrame) -> s
             f"model.sim_temperature={_g(float(sim_t))}")
 
 
-def check_step0_ratio(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("step0_ratio")
+def check_step0_ratio(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "step0_ratio"
     val0 = _rows(df, "grpo", "val")
     val0 = val0[val0["epoch"] == 0] if "epoch" in val0.columns else val0.iloc[0:0]
@@ -247,7 +317,9 @@ def _window_mean(values: pd.Series, frac: float, last: bool) -> float:
     return float(part.mean())
 
 
-def check_clip_ratio(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("clip_ratio")
+def check_clip_ratio(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "clip_ratio"
     clip = _col(_rows(df, "grpo", "train"), "clip_ratio")
     if clip.empty:
@@ -274,7 +346,9 @@ def check_clip_ratio(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -
     return Finding(name, True, value, th.clip_ratio, msg + " -> updates throttled", " or ".join(dict.fromkeys(fixes)))
 
 
-def check_zero_std(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("zero_std_groups")
+def check_zero_std(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "zero_std_groups"
     frac = _col(_rows(df, "grpo", "train"), "frac_reward_zero_std")
     if frac.empty:
@@ -293,7 +367,9 @@ def check_zero_std(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> 
     return Finding(name, True, value, th.zero_std_frac, msg, fix)
 
 
-def check_kl_growth(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("kl_growth")
+def check_kl_growth(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "kl_growth"
     series = _val_series(_rows(df, "grpo", "val"), "kl_to_sft")
     what = "KL(policy || SFT) on val"
@@ -327,7 +403,9 @@ def check_kl_growth(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) ->
     return Finding(name, True, end, th.kl_high, msg + " -> growing without bound", fix)
 
 
-def check_kl_pinned(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("kl_pinned")
+def check_kl_pinned(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "kl_pinned"
     kl = _col(_rows(df, "grpo", "train"), "kl")
     beta = _get(config, "grpo.kl_beta")
@@ -355,7 +433,9 @@ def check_kl_pinned(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) ->
                    msg + " -> pinned at ~0: the KL term does nothing (its reference moves with the policy)", fix)
 
 
-def check_entropy(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("entropy_collapse")
+def check_entropy(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "entropy_collapse"
     series, what = _val_series(_rows(df, "grpo", "val"), "entropy"), "val entropy"
     if len(series) < 2:
@@ -377,180 +457,195 @@ def check_entropy(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> F
 _LABEL_METRICS = ("acc@1", "mrr", "utility@1")
 
 
-def _changes(a: pd.Series, b: pd.Series) -> dict[str, tuple[float, float, float]]:
-    """metric -> (before, after, relative change) for the metrics both rows have."""
-    out = {}
-    for m in ("reward@1", *_LABEL_METRICS):
-        if m in a.index and m in b.index and pd.notna(a[m]) and pd.notna(b[m]) and a[m] != 0:
-            out[m] = (float(a[m]), float(b[m]), (float(b[m]) - float(a[m])) / abs(float(a[m])))
-    return out
+def _rel(a: pd.Series, b: pd.Series, m: str) -> tuple[float, float, float] | None:
+    """(before, after, relative change) of metric ``m``; None when either is missing or ``before`` is 0."""
+    if m in a.index and m in b.index and pd.notna(a[m]) and pd.notna(b[m]) and a[m] != 0:
+        return float(a[m]), float(b[m]), (float(b[m]) - float(a[m])) / abs(float(a[m]))
+    return None
 
 
-def check_reward_vs_label(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
-    name = "reward_vs_label"
+def _reward_gain(a: pd.Series, b: pd.Series) -> tuple[str, float] | None:
+    """How much the reward of the top-1 pick improved from row ``a`` to ``b``, as a share that no constant shift or
+    positive scaling of the reward can change: the relative fall of ``regret@1`` (best reward in the group minus
+    the top-1's), else the relative rise of ``ndcg@5`` (gains are rewards minus the group minimum). ``reward@1``'s
+    relative change is not used: adding a constant to every reward changes it at will."""
+    r = _rel(a, b, "regret@1")
+    if r is not None:
+        return f"regret@1 {_g(r[0])}->{_g(r[1])} ({-r[2]:+.1%} reward gain)", -r[2]
+    r = _rel(a, b, "ndcg@5")
+    if r is not None:
+        return f"ndcg@5 {_g(r[0])}->{_g(r[1])} ({r[2]:+.1%})", r[2]
+    return None
+
+
+def _disagreement(ctx: RunContext) -> str:
+    """The share of held-out groups whose highest-reward candidate is not the label (needs the data)."""
+    splits = ctx.data()
+    if splits is None:
+        return ""
+    from .reward_stats import label_reward_agreement
+    return (f"; the reward's top candidate is not the label in {1 - label_reward_agreement(splits.val):.0%} of the "
+            f"val groups")
+
+
+@check("reward_vs_label")
+def check_reward_vs_label(ctx: RunContext) -> Finding:
+    """Reward up while a label metric falls. The reward side is read off regret@1 (or ndcg@5), so the verdict does
+    not depend on the reward's offset or scale; label metrics are relative changes of acc@1 / mrr (/ utility@1
+    where the data has a true utility)."""
+    df, th, name = ctx.df, ctx.th, "reward_vs_label"
     grpo_val, rce_val = _rows(df, "grpo", "val"), _rows(df, "rce", "val")
-    if "reward@1" not in grpo_val.columns or len(grpo_val.dropna(subset=["reward@1"])) < 2:
-        return _skip(name, "needs reward@1 at the GRPO start and end (val rows)", th.label_drop)
-    grpo_val = grpo_val.dropna(subset=["reward@1"])
+    if len(grpo_val) < 2:
+        return _skip(name, "needs val rows at the GRPO start and end", th.label_drop)
     end = grpo_val.iloc[-1]
     windows = [("GRPO start -> end", grpo_val.iloc[0])]
     sft_rows = rce_val[rce_val["epoch"] == 0] if "epoch" in rce_val.columns else rce_val.iloc[0:0]
-    rce_epochs = _val_series(rce_val, "reward@1")
-    if len(sft_rows) and len(rce_epochs) > 1:  # with RCE the SFT baseline differs from the GRPO start
+    if len(sft_rows) and len(_val_series(rce_val, "acc@1")) > 1:  # with RCE the SFT baseline differs
         windows.insert(0, ("SFT -> GRPO end", sft_rows.iloc[-1]))
     parts, hits, drops_all, names = [], [], [], set()
     for label, start in windows:
-        ch = _changes(start, end)
-        if "reward@1" not in ch or not any(m in ch for m in _LABEL_METRICS):
+        gain = _reward_gain(start, end)
+        ch = {m: r for m in _LABEL_METRICS if (r := _rel(start, end, m)) is not None}
+        if gain is None or not ch:
             continue
         desc = ", ".join(f"{m}{' (hidden truth)' if m == 'utility@1' else ''} {_g(a)}->{_g(b)} ({r:+.1%})"
                          for m, (a, b, r) in ch.items())
-        drop = max(-r for m, (_, _, r) in ch.items() if m != "reward@1")  # largest relative fall of a label metric
-        fallen = [m for m, (_, _, r) in ch.items() if m != "reward@1" and -r > th.label_drop]
-        hit = ch["reward@1"][2] > th.reward_rise and bool(fallen)
+        drop = max(-r for (_, _, r) in ch.values())  # largest relative fall of a label metric
+        fallen = [m for m, (_, _, r) in ch.items() if -r > th.label_drop]
+        hit = gain[1] > th.reward_rise and bool(fallen)
         drops_all.append(drop)
         if hit:
             hits.append(drop)
             names.update(fallen)
-        parts.append(f"{label}: {desc}" + (f" [reward up, {'/'.join(fallen)} down]" if hit else ""))
+        parts.append(f"{label}: {gain[0]}, {desc}" + (f" [reward up, {'/'.join(fallen)} down]" if hit else ""))
     if not parts:
-        return _skip(name, "no label metric (acc@1 / mrr / utility@1) next to reward@1", th.label_drop)
-    msg = "; ".join(parts) + (f" (reward rise > {th.reward_rise:.1%} with a label fall > {th.label_drop:.1%} "
-                              f"flags)")
+        return _skip(name, "needs regret@1 (or ndcg@5) and a label metric (acc@1 / mrr) at the GRPO start and end",
+                     th.label_drop)
+    msg = "; ".join(parts) + (f" (a reward gain > {th.reward_rise:.0%} with a label fall > {th.label_drop:.0%} "
+                              f"flags){_disagreement(ctx)}")
     if not hits:
         return Finding(name, False, max(drops_all), th.label_drop, msg, "")
     return Finding(name, True, max(hits), th.label_drop,
                    msg + f" -> 'worse' depends on the metric: the reward disagrees with "
                    f"{'/'.join(m for m in _LABEL_METRICS if m in names)}",
-                   "data reward weights (make the reward agree with the labels), or rce.label_weight=0.5 to keep "
-                   "the labels in the targets; judge runs by the metric you ship")
+                   "rce.label_weight=0.5 (keep the labels in the RCE targets), or fix the data's reward weights so "
+                   "the reward agrees with the labels; judge runs by the metric you ship", ["rce.label_weight=0.5"])
 
 
-def _rce_fixed_temperature_losses(run_dir: Path, config: dict[str, Any]) -> dict[int, float] | None:
-    """epoch -> RCE loss on the training split of the policy after that RCE epoch (0 = ``sft.pt``), for the first
-    and the last two epochs, all at the *final* temperature; None when the run dir lacks what that needs.
-
-    The logged loss is ``H(targets_T) + KL(targets_T || policy)``, and annealing T sharpens the targets, lowering
-    ``H`` with no learning at all. Holding T fixed leaves only what the policy learnt.
-    """
-    from .checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
-    from .config import from_dict, RunConfig
-    from .losses import rce_targets
-    from .model import compute_log_probs
-    from .pipeline import prepare_data
-
-    ckpts = dict(epoch_checkpoints(run_dir, "rce"))
-    if (run_dir / "sft.pt").is_file():
-        ckpts.setdefault(0, run_dir / "sft.pt")
-    if len(ckpts) < 2 or not config:
+def _rce_floor(ctx: RunContext, rows: pd.DataFrame) -> pd.Series | None:
+    """H(targets) (the lowest RCE loss any policy can reach) at each logged RCE step's target temperature, on the
+    run's training split; None without the data."""
+    splits = ctx.data()
+    if splits is None:
         return None
-    epochs = sorted({min(ckpts), *sorted(ckpts)[-2:]})
-    cfg = from_dict(RunConfig, config)
-    train = prepare_data(cfg).train
-    rce = cfg.rce
-    losses = {}
-    for e in epochs:
-        ckpt = load_checkpoint(ckpts[e])
-        model = model_from_checkpoint(ckpt, ckpts[e])
-        sim_t = float(ckpt["model_config"]["sim_temperature"])
-        if rce.temperature_target == "rewards":
-            reward_t, logit_t = rce.t_end, sim_t
-        else:
-            reward_t, logit_t = rce.reward_temperature, sim_t * rce.t_end
-        logp = compute_log_probs(model, train, logit_t)
-        t = rce_targets(train.labels, train.rewards, reward_t, mask=train.mask, label_weight=rce.label_weight)
-        losses[e] = float(-(t * logp).masked_fill(~train.mask, 0.0).sum(1).mean())
-    return losses
+    from .rce_analysis import rce_target_entropy
+    get = lambda k, d: d if _get(ctx.config, f"rce.{k}") is None else _get(ctx.config, f"rce.{k}")  # noqa: E731
+    on_rewards = get("temperature_target", "rewards") == "rewards"
+    fixed_t = float(get("reward_temperature", 1.0))
+    label_weight, norm = float(get("label_weight", 0.0)), str(get("reward_norm", "none"))
+    cache: dict[float, float] = {}
+
+    def floor(t: float) -> float:
+        key = round(float(t), 4) if on_rewards else fixed_t
+        if key not in cache:
+            cache[key] = rce_target_entropy(splits.train, key, label_weight, norm)
+        return cache[key]
+
+    temps = rows["temperature"] if on_rewards and "temperature" in rows.columns else pd.Series(fixed_t, rows.index)
+    if temps.isna().any():
+        return None
+    return temps.map(floor)
 
 
-def _rce_logged_fall(rce: pd.DataFrame, loss: pd.Series) -> tuple[float, float, str, str] | None:
-    """(previous, last, description, temperature note) of the logged RCE loss."""
-    temps = _epoch_means(rce, "temperature")
-    if len(loss) >= 2:
-        prev, last = float(loss.iloc[-2]), float(loss.iloc[-1])
-        where = f"logged RCE loss, epoch {loss.index[-2]} -> {loss.index[-1]} means"
-        t_prev, t_last = ((float(temps.iloc[-2]), float(temps.iloc[-1])) if len(temps) >= 2 else (None, None))
-    else:  # one epoch: its first half against its second half
-        steps = rce.dropna(subset=["loss"])
-        half = len(steps) // 2
-        if half < 1:
-            return None
-        prev, last = float(steps["loss"].iloc[:half].mean()), float(steps["loss"].iloc[half:].mean())
-        where = "logged RCE loss, first -> second half of the only RCE epoch"
-        t = _col(steps, "temperature")
-        t_prev, t_last = ((float(t.iloc[:half].mean()), float(t.iloc[half:].mean())) if len(t) == len(steps)
-                          else (None, None))
-    note = ""
-    if t_prev is not None and not math.isclose(t_prev, t_last, rel_tol=1e-3):
-        note = f"temperature {_g(t_prev)} -> {_g(t_last)}"
-    return prev, last, where, note
+def _two_windows(values: pd.Series, epochs: pd.Series) -> tuple[float, float, str] | None:
+    """Mean of the previous and of the last RCE epoch (or the two halves of a single epoch)."""
+    means = values.groupby(epochs).mean().sort_index()
+    if len(means) >= 2:
+        return float(means.iloc[-2]), float(means.iloc[-1]), f"epoch {means.index[-2]} -> {means.index[-1]}"
+    half = len(values) // 2
+    if half < 1:
+        return None
+    return (float(values.iloc[:half].mean()), float(values.iloc[half:].mean()),
+            "first -> second half of the only RCE epoch")
 
 
-def check_rce_converged(df: pd.DataFrame, config: dict[str, Any], th: Thresholds,
-                        run_dir: Path | None = None) -> Finding:
-    name = "rce_converged"
+@check("rce_converged")
+def check_rce_converged(ctx: RunContext) -> Finding:
+    """Did RCE move the policy, and has it stopped closing its gap to the loss floor?
+
+    Judged from ``metrics.csv`` and the data alone (never the per-epoch checkpoints, which ablation folders delete),
+    so a full run and its ablation copy get the same verdict: KL(RCE policy || SFT) from the val rows, and the
+    logged loss minus its floor H(targets) at each step's temperature = KL(targets || policy), the part of the loss
+    RCE can reduce (the raw loss also falls as the annealed temperature sharpens the targets, learning or not).
+    At a tiny lr the progress per epoch is small but constant, so "the last epoch gained as much as the average"
+    says nothing; what counts is how much of the starting gap was closed, and how far the policy moved.
+    """
+    df, config, th, name = ctx.df, ctx.config, ctx.th, "rce_converged"
     rce = _rows(df, "rce", "train")
-    loss = _epoch_means(rce, "loss")
-    if loss.empty:
+    rce = rce.dropna(subset=["loss"]) if "loss" in rce.columns else rce.iloc[0:0]
+    if rce.empty:
         epochs = _get(config, "rce.epochs")
         why = "no RCE steps" + (f" (rce.epochs={epochs}): GRPO started from SFT" if epochs is not None else "")
-        return _skip(name, why, th.rce_still_falling)
-    logged = _rce_logged_fall(rce, loss)
-    fixed, logged_note = None, ""
-    if run_dir is not None:
-        try:
-            fixed = _rce_fixed_temperature_losses(run_dir, config)
-        except Exception as e:  # noqa: BLE001 - any failure (moved data file, old checkpoint) falls back on the log
-            logged_note = f" (could not re-score the RCE checkpoints: {type(e).__name__}: {e})"
-    pace = None
-    if fixed is not None:
-        e_first, e_prev, e_last = min(fixed), sorted(fixed)[-2], max(fixed)
-        prev, last = fixed[e_prev], fixed[e_last]
-        fall = (prev - last) / prev if prev > 0 else 0.0
-        t_end = _get(config, "rce.t_end")
-        msg = (f"RCE loss on the training split at the final temperature (T={_g(float(t_end))}), policy after epoch "
-               f"{e_prev} -> after epoch {e_last}: {_g(prev)} -> {_g(last)}, a {fall:.1%} fall")
-        total = fixed[e_first] - last
-        if e_first == 0 and e_last >= 2 and total > 0:
-            # Scale-free: a tiny lr makes every epoch's fall small, but a curve that has not flattened still makes
-            # its last epoch as large as its average one.
-            pace = (prev - last) / (total / e_last)
-            msg += (f"; the last epoch gained {pace:.2f}x RCE's average per-epoch gain ({_g(fixed[e_first])} at "
-                    f"SFT; 'not flattened' from {th.rce_pace:.2f}x)")
-        if logged is not None:
-            lp, ll, _, note = logged
-            logged_fall = (lp - ll) / lp if lp > 0 else 0.0
-            msg += f"; the logged loss fell {logged_fall:.1%}"
-            if note and logged_fall > 2 * fall:  # the gap between the two is the schedule, not learning
-                msg += f" with the {note}, most of it the targets sharpening, not learning"
-    elif logged is not None:
-        prev, last, where, note = logged
+        return _skip(name, why, th.rce_still_closing)
+    moved_s = _val_series(_rows(df, "rce", "val"), "kl_to_sft")
+    moved = float(moved_s.iloc[-1]) if len(moved_s) else None
+    n = _get(config, "rce.epochs")
+    n = int(n) if n is not None else int(rce["epoch"].max())
+    lr = _get(config, "rce.lr")
+    floor = _rce_floor(ctx, rce)
+    closed_total = closed_last = None
+    if floor is not None:
+        excess = rce["loss"] - floor
+        first_epoch = rce["epoch"] == rce["epoch"].min()
+        k = max(1, int(first_epoch.sum()) // 10)
+        gap0 = float(excess.iloc[:k].mean())  # ~the SFT policy's gap: the first steps come before much learning
+        windows = _two_windows(excess, rce["epoch"])
+        if windows is None:
+            return _skip(name, "a single RCE step: nothing to compare", th.rce_still_closing)
+        e_prev, e_last, where = windows
+        msg = (f"RCE loss above its floor H(targets) (= KL(targets || policy), what RCE can learn): "
+               f"{_g(gap0)} nats at the start, {_g(e_last)} at the end")
+        if gap0 > 0:
+            closed_total, closed_last = (gap0 - e_last) / gap0, (e_prev - e_last) / gap0
+            msg += (f": RCE closed {closed_total:.1%} of the gap, {closed_last:.1%} in the last window ({where}; "
+                    f"'still closing' from {th.rce_still_closing:.0%})")
+        else:
+            closed_total, closed_last = 1.0, 0.0
+            msg += " (the policy starts at the floor: nothing to learn)"
+    else:
+        windows = _two_windows(rce["loss"], rce["epoch"])
+        if windows is None:
+            return _skip(name, "a single RCE step: nothing to compare", th.rce_still_falling)
+        prev, last, where = windows
         if not prev > 0:
             return _skip(name, f"RCE loss {_g(prev)} is not positive: no relative change", th.rce_still_falling)
         fall = (prev - last) / prev
-        msg = f"{where}: {_g(prev)} -> {_g(last)}, a {fall:.1%} fall{logged_note}"
-        if note:
-            # The target temperature anneals, and sharper targets have lower entropy: part of the fall is the schedule.
-            msg += (f" ({note} between them: sharper targets lower the loss without any learning, so this overstates "
-                    f"it; run the doctor on the run dir, with its checkpoints, for the fixed-temperature comparison)")
-    else:
-        return _skip(name, "a single RCE step: nothing to compare", th.rce_still_falling)
-    moved = _val_series(_rows(df, "rce", "val"), "kl_to_sft")
-    if len(moved):
-        msg += f"; RCE moved the policy {_g(float(moved.iloc[-1]))} nats (KL) from SFT"
-    n = _get(config, "rce.epochs")
-    n = int(n) if n is not None else len(loss)
-    more = f"rce.epochs={max(5, 2 * n)} (more RCE), or a larger rce.lr"
+        msg = f"logged RCE loss, {where}: {_g(prev)} -> {_g(last)}, a {fall:.1%} fall"
+        temps = _col(rce, "temperature")
+        if len(temps) and not math.isclose(float(temps.iloc[0]), float(temps.iloc[-1]), rel_tol=1e-3):
+            msg += (" (the annealed temperature sharpens the targets, which lowers the loss without any learning, so "
+                    "this overstates it; on a run dir the doctor measures the loss above its floor H(targets))")
+    if moved is not None:
+        msg += f"; RCE moved the policy {_g(moved)} nats (KL to SFT, val)"
+    if moved is not None and moved < th.rce_min_kl and (closed_total is None or closed_total < th.rce_min_closed):
+        fix = f"rce.lr={10 * float(lr):g}" if lr is not None else "a 10x larger rce.lr"
+        more = ""
+        if closed_total is not None and closed_total > 0:
+            more = f" (at this pace closing half the gap would take ~{0.5 * n / closed_total:.0f} epochs)"
+        return Finding(name, True, moved, th.rce_min_kl,
+                       msg + f" -> lr too small to move the policy: RCE left it where SFT put it{more}; more epochs "
+                       f"at this lr will not help", fix, [fix] if lr is not None else [])
+    more_epochs = f"rce.epochs={max(5, 2 * n)}"
+    if closed_last is not None:
+        if closed_last >= th.rce_still_closing:
+            return Finding(name, True, closed_last, th.rce_still_closing,
+                           msg + " -> RCE was still closing its gap to the floor when GRPO started",
+                           more_epochs + " (more RCE)", [more_epochs])
+        return Finding(name, False, closed_last, th.rce_still_closing, msg, "")
     if fall > th.rce_still_falling:
-        return Finding(name, True, fall, th.rce_still_falling, msg + " -> RCE had not converged before GRPO", more)
-    if pace is not None and pace >= th.rce_pace:
-        return Finding(name, True, pace, th.rce_pace,
-                       msg + " -> RCE loss still falling at an undiminished pace: the curve has not flattened", more)
+        return Finding(name, True, fall, th.rce_still_falling, msg + " -> RCE had not converged before GRPO",
+                       more_epochs + " (more RCE)", [more_epochs])
     return Finding(name, False, fall, th.rce_still_falling, msg, "")
-
-
-_CHECK_FNS = (check_step0_ratio, check_clip_ratio, check_zero_std, check_kl_growth, check_kl_pinned, check_entropy,
-              check_reward_vs_label, check_rce_converged)
 
 
 # ---------------------------------------------------------------- public API
@@ -559,11 +654,15 @@ def diagnose(
     run: str | Path | pd.DataFrame,
     config: dict[str, Any] | None = None,
     thresholds: Thresholds | None = None,
+    *,
+    splits: Any = None,
 ) -> list[Finding]:
-    """Every check on a run dir (reads ``metrics.csv`` and ``config.yaml``) or on a metrics frame.
+    """Every registered check (see :func:`check_names`) on a run dir (reads ``metrics.csv`` and ``config.yaml``) or
+    on a metrics frame.
 
     ``config`` (nested dict as in ``config.yaml``, or a ``RunConfig``) overrides the run dir's; without one the
-    checks still run, but cause attribution and some suggestions are less specific.
+    checks still run, but cause attribution and some suggestions are less specific. The checks that need the data
+    (RCE's loss floor, the reward shortcut, the baselines) rebuild it from a run dir's config, or use ``splits``.
     """
     th = thresholds or Thresholds()
     if isinstance(run, pd.DataFrame):
@@ -573,14 +672,16 @@ def diagnose(
         run_dir = Path(run)
     if config is not None and dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
-    cfg = file_cfg if config is None else config
+    ctx = RunContext(df, file_cfg if config is None else config, th, run_dir, splits)
     findings = []
-    for fn, check in zip(_CHECK_FNS, _CHECKS):
+    for name, fn in _REGISTRY.items():
         try:
-            extra = {"run_dir": run_dir} if fn is check_rce_converged else {}
-            findings.append(fn(df, cfg, th, **extra))
+            f = fn(ctx)
+            if f.triggered and not f.switches:
+                f.switches = switch_tokens(f.suggestion)
+            findings.append(f)
         except (KeyError, ValueError, TypeError, IndexError) as e:  # malformed input: report, never crash
-            findings.append(_skip(check, f"could not evaluate ({type(e).__name__}: {e})"))
+            findings.append(_skip(name, f"could not evaluate ({type(e).__name__}: {e})"))
     return findings
 
 
@@ -590,11 +691,15 @@ def report_frame(findings: Iterable[Finding]) -> pd.DataFrame:
     return pd.DataFrame([dataclasses.asdict(f) for f in findings], columns=cols)
 
 
-def format_report(findings: Iterable[Finding], title: str | None = None) -> str:
-    """Readable text: one line per check (⚠ flagged, ✔ fine, – skipped) with its number and threshold, then the
-    suggested switch under each flagged check."""
+def format_report(findings: Iterable[Finding], title: str | None = None, run: str | Path | None = None) -> str:
+    """Readable text: one line per check (⚠ flagged, ✔ fine, – skipped) with its number and threshold, then, under
+    each flagged check, the switch to *test* and the ablation that tests it against the run (``run``: the run dir
+    the commands name)."""
+    from .doctor_grid import GRID_FILE, variant_name
+
     findings = list(findings)
     width = max((len(f.check) for f in findings), default=0)
+    where = str(run) if run is not None else "RUN_DIR"
     lines = [title or "GRPO health report"]
     for f in findings:
         mark = "⚠" if f.triggered else ("–" if f.value is None else "✔")
@@ -604,26 +709,39 @@ def format_report(findings: Iterable[Finding], title: str | None = None) -> str:
         lines.append(f"{mark} {f.check:<{width}}  {num}".rstrip())
         lines.append(f"    {f.message}")
         if f.triggered and f.suggestion:
-            lines.append(f"    -> try: {f.suggestion}")
+            lines.append(f"    -> test: {f.suggestion}")
+        if f.triggered and f.switches:
+            names = ", ".join(variant_name(s) for s in f.switches)
+            lines.append(f"       ablation: v3kit doctor {where} --grid && v3kit ablate --grid "
+                         f"{Path(where) / GRID_FILE}   (variants {names} vs 'run' and 'sft_only')")
     flagged = [f.check for f in findings if f.triggered]
     skipped = sum(f.value is None and not f.triggered for f in findings)
     summary = f"{len(flagged)} of {len(findings)} checks flagged" + (f": {', '.join(flagged)}" if flagged else "")
     lines.append(summary + (f"; {skipped} skipped" if skipped else ""))
+    if flagged:
+        lines.append("Suggestions are hypotheses from one run: adopt a switch only once its ablation beats 'run'.")
     return "\n".join(lines)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     findings = diagnose(run)
-    print(format_report(findings, title=f"GRPO health report: {run}"))
+    print(format_report(findings, title=f"GRPO health report: {run}", run=run))
     if args.csv:
         report_frame(findings).to_csv(args.csv, index=False)
+    if args.grid:
+        from .doctor_grid import write_doctor_grid
+        path = write_doctor_grid(run, findings)
+        print(f"wrote {path}: test the suggestions with `v3kit ablate --grid {path}`")
     return 0
 
 
 def register_cli(subparsers: Any) -> None:
-    """``v3kit doctor RUN_DIR``: the GRPO health report of a finished (or partial) run."""
-    p = subparsers.add_parser("doctor", help="GRPO health report of a run dir: what looks wrong and what to switch")
+    """``v3kit doctor RUN_DIR [--grid]``: the GRPO health report of a finished (or partial) run."""
+    p = subparsers.add_parser("doctor", help="GRPO health report of a run dir: what looks wrong and what to test")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir written by `v3kit run` (holds metrics.csv)")
     p.add_argument("--csv", metavar="PATH", help="also save the findings as a table")
+    p.add_argument("--grid", action="store_true",
+                   help="also write RUN_DIR/doctor_grid.yaml: an ablation grid that tests each suggested switch "
+                        "against the run's own config (run it with `v3kit ablate --grid`)")
     p.set_defaults(func=cmd_doctor)

@@ -15,6 +15,8 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOG_RATIO_CLAMP",
     "group_log_probs",
+    "REWARD_NORMS",
+    "normalize_rewards",
     "rce_targets",
     "rce_loss",
     "group_advantages",
@@ -29,6 +31,10 @@ __all__ = [
 LOG_RATIO_CLAMP = 20.0
 ADV_SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
+# Per-group reward normalisation before RCE's temperature softmax: "none" (raw rewards, the seed), "zscore"
+# ((r - mean_g) / std_g: targets then ignore the reward's scale and offset), "rank" (average within-group rank in
+# [0, 1]: targets depend only on the reward's order).
+REWARD_NORMS = ("none", "zscore", "rank")
 
 
 def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
@@ -78,15 +84,51 @@ def group_log_probs(
     return torch.log_softmax(logits, dim=-1)
 
 
+def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "none", eps: float = 1e-8) -> Tensor:
+    """Per-group reward normalisation (see :data:`REWARD_NORMS`); masked entries come back as 0.
+
+    ``zscore`` uses the Bessel std (as :func:`group_advantages`); a group without spread becomes all 0 (uniform
+    targets). ``rank`` gives each valid candidate ``(#lower + (#equal - 1) / 2) / (n - 1)``: 1 for the best, 0 for
+    the worst, ties share their average rank.
+    """
+    if how not in REWARD_NORMS:
+        raise ValueError(f"reward_norm must be one of {REWARD_NORMS}, got {how!r}")
+    mask = _check_mask(mask, rewards, allow_empty=True)
+    zeros = torch.zeros_like(rewards)
+    if how == "none":
+        return torch.where(mask, rewards, zeros)
+    m = mask.to(rewards.dtype)
+    n = m.sum(dim=1, keepdim=True)
+    if how == "zscore":
+        mean = torch.where(mask, rewards, zeros).sum(dim=1, keepdim=True) / n.clamp_min(1)
+        centred = torch.where(mask, rewards - mean, zeros)
+        std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+        return torch.where(std > eps, centred / std.clamp_min(eps), zeros)
+    pair = mask.unsqueeze(1) & mask.unsqueeze(2)  # [B, c, c']: both valid
+    lower = ((rewards.unsqueeze(2) > rewards.unsqueeze(1)) & pair).sum(dim=2).to(rewards.dtype)
+    equal = ((rewards.unsqueeze(2) == rewards.unsqueeze(1)) & pair).sum(dim=2).to(rewards.dtype)
+    rank = (lower + (equal - 1).clamp_min(0) / 2) / (n - 1).clamp_min(1)
+    return torch.where(mask, rank, zeros)
+
+
 def rce_targets(
-    labels: Tensor, rewards: Tensor, temperature: float, *, mask: Tensor | None = None, label_weight: float = 0.0
+    labels: Tensor,
+    rewards: Tensor,
+    temperature: float,
+    *,
+    mask: Tensor | None = None,
+    label_weight: float = 0.0,
+    reward_norm: str = "none",
 ) -> Tensor:
-    """RCE target distribution ``label_weight * onehot(label) + (1 - label_weight) * softmax(rewards / T)``."""
+    """RCE target distribution ``label_weight * onehot(label) + (1 - label_weight) * softmax(norm(rewards) / T)``
+    with ``norm`` from :func:`normalize_rewards` (``"none"``: the raw rewards)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= label_weight <= 1.0:
         raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
     mask = _check_mask(mask, rewards)
+    if reward_norm != "none":
+        rewards = normalize_rewards(rewards, mask, reward_norm)
     scaled = (rewards / temperature).masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scaled, dim=-1)
     onehot = torch.nn.functional.one_hot(labels.long(), rewards.shape[1]).to(weights.dtype)
@@ -103,6 +145,7 @@ def rce_loss(
     mask: Tensor | None = None,
     label_weight: float = 0.0,
     sim_temperature: float = 1.0,
+    reward_norm: str = "none",
 ) -> Tensor:
     """Reward-weighted cross-entropy: ``-mean_b sum_c t[b, c] * logp[b, c]`` with ``t`` from :func:`rce_targets`.
 
@@ -111,7 +154,7 @@ def rce_loss(
     """
     logp = group_log_probs(query_emb, cand_emb, sim_temperature, mask)
     valid = torch.isfinite(logp)
-    targets = rce_targets(labels, rewards, temperature, mask=valid, label_weight=label_weight)
+    targets = rce_targets(labels, rewards, temperature, mask=valid, label_weight=label_weight, reward_norm=reward_norm)
     # 0 * -inf is NaN, so masked slots are zeroed explicitly rather than multiplied.
     per_entry = torch.where(valid, targets * logp, torch.zeros_like(logp))
     return -per_entry.sum(dim=1).mean()

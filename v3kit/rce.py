@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import model_payload
 from .data import Batch, Splits
-from .losses import rce_loss
+from .losses import REWARD_NORMS, rce_loss
 from .model import ModelConfig
 from .training import StageResult, StepContext, check_optim_fields, fit
 
@@ -37,6 +37,10 @@ class RCEConfig:
     temperature_target: str = "rewards"  # "rewards" | "logits": what the annealed temperature divides
     reward_temperature: float = 1.0  # target temperature when temperature_target == "logits"
     label_weight: float = 0.0  # mix of the human label into the targets
+    # Per-group reward normalisation applied before the temperature softmax of the targets: "none" (seed: raw
+    # rewards, so how sharp the targets are depends on the reward's scale), "zscore" (units of the group's reward
+    # std: t_start/t_end then mean the same on any reward scale), "rank" (only the reward's order counts).
+    reward_norm: str = "none"
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
@@ -48,6 +52,8 @@ class RCEConfig:
             raise ValueError("rce.t_start, rce.t_end and rce.reward_temperature must be > 0")
         if not 0.0 <= self.label_weight <= 1.0:
             raise ValueError(f"rce.label_weight must be in [0, 1], got {self.label_weight}")
+        if self.reward_norm not in REWARD_NORMS:
+            raise ValueError(f"rce.reward_norm must be one of {REWARD_NORMS}, got {self.reward_norm!r}")
 
 
 def annealed_temperature(step: int, total_steps: int, t_start: float, t_end: float) -> float:
@@ -98,7 +104,7 @@ def run_rce(
         q = policy.encode_query(batch.query_x)
         c = policy.encode_candidates(batch.cand_x)
         loss = rce_loss(q, c, batch.labels, batch.rewards, reward_t, mask=batch.mask,
-                        label_weight=cfg.label_weight, sim_temperature=logit_t)
+                        label_weight=cfg.label_weight, sim_temperature=logit_t, reward_norm=cfg.reward_norm)
         return loss, {"temperature": state["temperature"]}
 
     def eval_temperature() -> float:
