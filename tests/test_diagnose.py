@@ -7,12 +7,15 @@ from typing import Any, Callable
 
 import pandas as pd
 import pytest
+import torch
 
 from v3kit.cli import main
 from v3kit.diagnose import Finding, Thresholds, diagnose, format_report, report_frame
 
-CHECKS = ["step0_ratio", "clip_ratio", "zero_std_groups", "kl_growth", "kl_pinned", "entropy_collapse",
-          "reward_vs_label", "rce_converged"]
+FRAME_CHECKS = ["step0_ratio", "clip_ratio", "zero_std_groups", "kl_growth", "kl_pinned", "entropy_collapse",
+                "reward_vs_label", "rce_converged"]
+DATA_CHECKS = ["reward_shortcut"]  # need the run's data: skipped on a bare frame
+CHECKS = FRAME_CHECKS + DATA_CHECKS
 
 SEED_CFG: dict[str, Any] = {
     "model": {"sim_temperature": 1.0},
@@ -100,8 +103,10 @@ def test_healthy_run_triggers_nothing_and_every_check_reports_its_number():
     found = diagnose(frame(), SEED_CFG)
     assert [f.check for f in found] == CHECKS
     assert [f.check for f in found if f.triggered] == []
-    assert all(f.value is not None and f.threshold is not None for f in found)
-    assert all(f.message and not f.message.startswith("skipped") for f in found)
+    frame_found = [f for f in found if f.check in FRAME_CHECKS]
+    assert all(f.value is not None and f.threshold is not None for f in frame_found)
+    assert all(f.message and not f.message.startswith("skipped") for f in frame_found)
+    assert all(f.value is None and "needs the run's data" in f.message for f in found if f.check in DATA_CHECKS)
 
 
 # ---------------------------------------------------------------- 1. step-0 ratio
@@ -249,25 +254,52 @@ def test_reward_vs_label_is_invariant_to_a_shift_or_scaling_of_the_reward():
     assert run(no_regret)["reward_vs_label"].triggered
 
 
-def rce_frame(excess: list[float], kl: float, splits, steps_per_epoch: int = 10, t_start: float = 2.0,
-              t_end: float = 0.5) -> pd.DataFrame:
-    """A frame whose logged RCE loss is the true floor H(targets) of ``splits.train`` at an annealed temperature
-    plus an excess that goes linearly through ``excess`` (one value per epoch boundary, first = at SFT)."""
-    from v3kit.rce import annealed_temperature
-    from v3kit.rce_analysis import rce_target_entropy
+def sft_terms(splits, sft, t: float) -> tuple[float, float]:
+    """(H(targets_T), KL(targets_T || SFT)) on the training split, written out with plain loops over groups."""
+    import math
 
-    n_epochs = len(excess) - 1
+    model, sim_t = sft
+    tr = splits.train
+    with torch.no_grad():
+        q, c = model.encode_query(tr.query_x), model.encode_candidates(tr.cand_x)
+    h_sum = kl_sum = 0.0
+    for b in range(len(tr)):
+        idx = [j for j in range(tr.group_size) if tr.mask[b, j]]
+        r = [float(tr.rewards[b, j]) / t for j in idx]
+        z = [float(q[b] @ c[b, j]) / sim_t for j in idx]
+        tg = [math.exp(x - max(r)) for x in r]
+        tg = [x / sum(tg) for x in tg]
+        lse = max(z) + math.log(sum(math.exp(x - max(z)) for x in z))
+        h_sum += -sum(p * math.log(p) for p in tg if p > 0)
+        kl_sum += sum(p * (math.log(p) - (x - lse)) for p, x in zip(tg, z) if p > 0)
+    return h_sum / len(tr), kl_sum / len(tr)
+
+
+def rce_frame(closed: list[float], kl: float, splits, sft, steps_per_epoch: int = 6) -> tuple[pd.DataFrame, list]:
+    """A frame whose logged RCE loss at each step is H(targets_T) + (1 - c) * KL(targets_T || SFT) under the default
+    annealed temperature, with the closed share c going linearly through ``closed`` (one value per epoch boundary,
+    the first = 0 at SFT); also returns (epoch, c, gap) per step."""
+    from v3kit.rce import annealed_temperature
+
+    n_epochs = len(closed) - 1
     df = frame(rce_loss=[1.0] * n_epochs, steps_per_epoch=steps_per_epoch)
     rows = df.index[(df["stage"] == "rce") & (df["split"] == "train")]
-    total = len(rows)
+    total, steps = len(rows), []
     for i, idx in enumerate(rows):
-        t = annealed_temperature(i, total, t_start, t_end)
-        pos = i / steps_per_epoch  # epochs done before this step
+        t = annealed_temperature(i, total, 2.0, 0.5)
+        pos = i / steps_per_epoch
         e = int(min(pos, n_epochs - 1))
-        ex = excess[e] + (excess[e + 1] - excess[e]) * (pos - e)
-        df.loc[idx, ["temperature", "loss"]] = [t, rce_target_entropy(splits.train, t) + ex]
+        c = closed[e] + (closed[e + 1] - closed[e]) * (pos - e)
+        h, gap = sft_terms(splits, sft, t)
+        df.loc[idx, ["temperature", "loss"]] = [t, h + (1 - c) * gap]
+        steps.append((e + 1, c, gap))
     df.loc[(df["stage"] == "rce") & (df["split"] == "val") & (df["epoch"] > 0), "kl_to_sft"] = kl
-    return df
+    return df, steps
+
+
+def expected_closed(steps: list, epoch: int) -> float:
+    sel = [(c, g) for e, c, g in steps if e == epoch]
+    return sum(c * g for c, g in sel) / sum(g for _, g in sel)
 
 
 @pytest.fixture(scope="module")
@@ -275,36 +307,46 @@ def small_splits():
     from v3kit.data import split_by_query
     from v3kit.synthetic import SyntheticConfig, make_world
 
-    return split_by_query(make_world(SyntheticConfig(n_queries=200)), val_frac=0.2, test_frac=0.2, seed=0)
+    return split_by_query(make_world(SyntheticConfig(n_queries=100)), val_frac=0.2, test_frac=0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_sft(small_splits):
+    from v3kit.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(), small_splits.train.query_dim, small_splits.train.cand_dim), 1.0
 
 
 RCE_CFG = {**SEED_CFG, "rce": {"epochs": 3, "lr": 1e-5, "t_start": 2.0, "t_end": 0.5}}
 
 
-def test_rce_that_barely_moved_the_policy_says_the_lr_is_too_small(small_splits):
-    # a tiny lr: the gap to the floor shrinks linearly by 0.1% and the policy moves 1.7e-5 nats
-    df = rce_frame([0.5, 0.49983, 0.49967, 0.4995], kl=1.7e-5, splits=small_splits)
-    f = by_check(diagnose(df, RCE_CFG, splits=small_splits))["rce_converged"]
+def test_rce_that_barely_moved_the_policy_says_the_lr_is_too_small(small_splits, small_sft):
+    # a tiny lr: a linear 0.1% of the gap closed and the policy moved 1.7e-5 nats. The old check called this
+    # "not converged, more epochs" (the last epoch gained as much as the average one).
+    df, _ = rce_frame([0.0, 0.0003, 0.0007, 0.001], kl=1.7e-5, splits=small_splits, sft=small_sft)
+    f = by_check(diagnose(df, RCE_CFG, splits=small_splits, sft=small_sft))["rce_converged"]
     assert f.triggered and "lr too small to move the policy" in f.message
     assert f.suggestion.startswith("rce.lr=0.0001") and f.switches == ["rce.lr=0.0001"]
     assert "rce.epochs" not in f.suggestion and f.value == pytest.approx(1.7e-5)
-    # without the data (no floor) the KL alone says the same
+    # without the data or the SFT model (no floor) the KL alone says the same
     g = run(df, RCE_CFG)["rce_converged"]
     assert g.triggered and "lr too small" in g.message
 
 
-def test_rce_is_judged_by_the_gap_to_its_floor_not_the_annealed_raw_loss(small_splits):
-    # the raw loss falls a lot (the temperature sharpens the targets) but the gap to the floor has flattened
-    flat = rce_frame([0.5, 0.2, 0.19, 0.189], kl=0.05, splits=small_splits)
+def test_rce_is_judged_by_the_gap_to_its_floor_not_the_annealed_raw_loss(small_splits, small_sft):
+    # the raw loss falls a lot (the temperature sharpens the targets) but RCE stopped closing its gap
+    flat, steps = rce_frame([0.0, 0.3, 0.33, 0.335], kl=0.05, splits=small_splits, sft=small_sft)
     raw = flat[(flat["stage"] == "rce") & (flat["split"] == "train")].groupby("epoch")["loss"].mean()
-    assert (raw.iloc[-2] - raw.iloc[-1]) / raw.iloc[-2] > 0.1  # the old check read this as "still falling"
-    f = by_check(diagnose(flat, RCE_CFG, splits=small_splits))["rce_converged"]
+    assert (raw.iloc[-2] - raw.iloc[-1]) / raw.iloc[-2] > 0.05  # the logged-loss rule reads this as "still falling"
+    f = by_check(diagnose(flat, RCE_CFG, splits=small_splits, sft=small_sft))["rce_converged"]
     assert not f.triggered and "H(targets)" in f.message
-    assert f.value == pytest.approx((0.195 - 0.1895) / 0.5, abs=0.002)  # epoch means of a linear excess
+    assert f.value == pytest.approx(expected_closed(steps, 3) - expected_closed(steps, 2), abs=1e-4)
     # a gap that is still closing fast is flagged, with more epochs to test
-    falling = rce_frame([0.5, 0.4, 0.3, 0.2], kl=0.05, splits=small_splits)
-    g = by_check(diagnose(falling, RCE_CFG, splits=small_splits))["rce_converged"]
-    assert g.triggered and g.value == pytest.approx(0.2, abs=0.01) and g.switches == ["rce.epochs=6"]
+    falling, steps = rce_frame([0.0, 0.2, 0.4, 0.6], kl=0.05, splits=small_splits, sft=small_sft)
+    g = by_check(diagnose(falling, RCE_CFG, splits=small_splits, sft=small_sft))["rce_converged"]
+    assert g.triggered and g.switches == ["rce.epochs=6"]
+    assert g.value == pytest.approx(expected_closed(steps, 3) - expected_closed(steps, 2), abs=1e-4)
 
 
 def test_rce_converged_single_epoch_and_no_rce():
@@ -341,7 +383,7 @@ def test_report_text_and_frame():
     assert next(ln for ln in lines if "clip_ratio" in ln).startswith("✔")
     assert "-> test: grpo.drop_zero_std_groups=true" in text
     assert "v3kit ablate --grid RUN_DIR/doctor_grid.yaml" in text and "drop_zero_std_groups_true" in text
-    assert lines[-2].startswith(f"1 of {len(CHECKS)} checks flagged: zero_std_groups")
+    assert lines[-2].startswith(f"1 of {len(CHECKS)} checks flagged: zero_std_groups; {len(DATA_CHECKS)} skipped")
     assert "adopt a switch only once its ablation beats" in lines[-1]
     table = report_frame(found)
     assert list(table.columns) == ["check", "triggered", "value", "threshold", "message", "suggestion", "switches"]

@@ -96,6 +96,10 @@ class Thresholds:
     rce_still_closing: float = 0.05
     # Without the data to compute the floor: relative fall of the epoch-mean logged loss, previous -> last epoch.
     rce_still_falling: float = 0.05
+    # Share of the within-group reward variance that the candidate features alone explain (cross-fitted, see
+    # v3kit/shortcut.py): with no shortcut it is ~0 (the default synthetic world with reward_bias=0 gives < 1%);
+    # 5% means a visible slice of what GRPO is paid for needs no reading of the query.
+    shortcut_share: float = 0.05
 
 
 _Check = Callable[["RunContext"], Finding]
@@ -127,7 +131,26 @@ class RunContext:
     th: Thresholds
     run_dir: Path | None = None
     splits: Any = None  # v3kit.data.Splits given by the caller (else built from the config of a run dir)
+    sft: Any = None  # (SFT model, its sim_temperature) given by the caller (else the run dir's SFT checkpoint)
     _cache: dict[str, Any] = field(default_factory=dict)
+
+    def sft_model(self) -> tuple[Any, float] | None:
+        """(the SFT model, its logit temperature), or None: from the caller, else the run dir's ``sft.pt`` or the
+        SFT checkpoint ``run_info.json`` records (ablation folders keep that one; only per-epoch ones go)."""
+        if self.sft is None and "sft" not in self._cache:
+            self._cache["sft"] = None
+            if self.run_dir is not None:
+                from .checkpoint import load_checkpoint, model_from_checkpoint
+                from .pipeline import recorded_sft_checkpoint
+                path = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
+                if Path(path).is_file():
+                    try:
+                        ckpt = load_checkpoint(path)
+                        self._cache["sft"] = (model_from_checkpoint(ckpt, path),
+                                              float(ckpt["model_config"]["sim_temperature"]))
+                    except Exception:  # noqa: BLE001 - an unreadable checkpoint costs those numbers only
+                        self._cache["sft"] = None
+        return self.sft if self.sft is not None else self._cache["sft"]
 
     def data(self) -> Any:
         """The run's :class:`Splits`, or None (a bare frame, or data that cannot be rebuilt)."""
@@ -532,29 +555,47 @@ def check_reward_vs_label(ctx: RunContext) -> Finding:
                    "the reward agrees with the labels; judge runs by the metric you ship", ["rce.label_weight=0.5"])
 
 
-def _rce_floor(ctx: RunContext, rows: pd.DataFrame) -> pd.Series | None:
-    """H(targets) (the lowest RCE loss any policy can reach) at each logged RCE step's target temperature, on the
-    run's training split; None without the data."""
-    splits = ctx.data()
-    if splits is None:
+def _rce_gaps(ctx: RunContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series] | None:
+    """Per logged RCE step: the loss floor H(targets) at that step's temperatures, and the gap the SFT policy has
+    to that floor there, KL(targets || pi_SFT), both on the run's training split; None without data or SFT.
+
+    The SFT gap is the yardstick: as the temperature anneals the targets sharpen, so both the floor and the gap of
+    any fixed policy change; ``1 - (loss - floor) / gap_SFT`` is the share of the gap RCE closed at that temperature.
+    """
+    splits, sft = ctx.data(), ctx.sft_model()
+    if splits is None or sft is None:
         return None
-    from .rce_analysis import rce_target_entropy
+    from .losses import rce_targets
+    from .model import compute_log_probs
+
     get = lambda k, d: d if _get(ctx.config, f"rce.{k}") is None else _get(ctx.config, f"rce.{k}")  # noqa: E731
     on_rewards = get("temperature_target", "rewards") == "rewards"
     fixed_t = float(get("reward_temperature", 1.0))
     label_weight, norm = float(get("label_weight", 0.0)), str(get("reward_norm", "none"))
-    cache: dict[float, float] = {}
+    model, sim_t = sft
+    train = splits.train
+    if "temperature" not in rows.columns or rows["temperature"].isna().any():
+        return None
+    cache: dict[float, tuple[float, float]] = {}
+    logp_cache: dict[float, Any] = {}
 
-    def floor(t: float) -> float:
-        key = round(float(t), 4) if on_rewards else fixed_t
+    def terms(t: float) -> tuple[float, float]:
+        key = round(float(t), 4)
         if key not in cache:
-            cache[key] = rce_target_entropy(splits.train, key, label_weight, norm)
+            reward_t, logit_t = (key, sim_t) if on_rewards else (fixed_t, sim_t * key)
+            if logit_t not in logp_cache:
+                logp_cache[logit_t] = compute_log_probs(model, train, logit_t)
+            logp = logp_cache[logit_t]
+            tg = rce_targets(train.labels, train.rewards, reward_t, mask=train.mask, label_weight=label_weight,
+                             reward_norm=norm)
+            keep = train.mask & (tg > 0)
+            h = float(-(tg * tg.clamp_min(1e-30).log()).masked_fill(~keep, 0.0).sum(1).mean())
+            ce = float(-(tg * logp).masked_fill(~keep, 0.0).sum(1).mean())
+            cache[key] = (h, ce - h)
         return cache[key]
 
-    temps = rows["temperature"] if on_rewards and "temperature" in rows.columns else pd.Series(fixed_t, rows.index)
-    if temps.isna().any():
-        return None
-    return temps.map(floor)
+    pairs = rows["temperature"].map(terms)
+    return pairs.map(lambda p: p[0]), pairs.map(lambda p: p[1])
 
 
 def _two_windows(values: pd.Series, epochs: pd.Series) -> tuple[float, float, str] | None:
@@ -592,26 +633,33 @@ def check_rce_converged(ctx: RunContext) -> Finding:
     n = _get(config, "rce.epochs")
     n = int(n) if n is not None else int(rce["epoch"].max())
     lr = _get(config, "rce.lr")
-    floor = _rce_floor(ctx, rce)
+    gaps = _rce_gaps(ctx, rce)
     closed_total = closed_last = None
-    if floor is not None:
+    if gaps is not None:
+        floor, gap_sft = gaps
         excess = rce["loss"] - floor
-        first_epoch = rce["epoch"] == rce["epoch"].min()
-        k = max(1, int(first_epoch.sum()) // 10)
-        gap0 = float(excess.iloc[:k].mean())  # ~the SFT policy's gap: the first steps come before much learning
-        windows = _two_windows(excess, rce["epoch"])
-        if windows is None:
-            return _skip(name, "a single RCE step: nothing to compare", th.rce_still_closing)
-        e_prev, e_last, where = windows
-        msg = (f"RCE loss above its floor H(targets) (= KL(targets || policy), what RCE can learn): "
-               f"{_g(gap0)} nats at the start, {_g(e_last)} at the end")
-        if gap0 > 0:
-            closed_total, closed_last = (gap0 - e_last) / gap0, (e_prev - e_last) / gap0
-            msg += (f": RCE closed {closed_total:.1%} of the gap, {closed_last:.1%} in the last window ({where}; "
-                    f"'still closing' from {th.rce_still_closing:.0%})")
+
+        def closed(sel: pd.Series) -> float:  # share of SFT's gap closed over the steps in sel
+            g = float(gap_sft[sel].sum())
+            return 1.0 - float(excess[sel].sum()) / g if g > 0 else 1.0
+
+        epochs = sorted(rce["epoch"].unique())
+        if len(epochs) >= 2:
+            prev_sel, last_sel = rce["epoch"] == epochs[-2], rce["epoch"] == epochs[-1]
+            where = f"epoch {epochs[-2]} -> {epochs[-1]}"
         else:
-            closed_total, closed_last = 1.0, 0.0
-            msg += " (the policy starts at the floor: nothing to learn)"
+            half = len(rce) // 2
+            if half < 1:
+                return _skip(name, "a single RCE step: nothing to compare", th.rce_still_closing)
+            pos = pd.Series(range(len(rce)), index=rce.index)
+            prev_sel, last_sel = pos < half, pos >= half
+            where = "first -> second half of the only RCE epoch"
+        closed_prev, closed_total = closed(prev_sel), closed(last_sel)
+        closed_last = closed_total - closed_prev
+        msg = (f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the same "
+               f"temperatures: RCE closed {closed_prev:.1%} of it by the previous window and {closed_total:.1%} by the "
+               f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
+               f"{th.rce_still_closing:.0%}; SFT's gap in the last window {_g(float(gap_sft[last_sel].mean()))} nats)")
     else:
         windows = _two_windows(rce["loss"], rce["epoch"])
         if windows is None:
@@ -648,6 +696,64 @@ def check_rce_converged(ctx: RunContext) -> Finding:
     return Finding(name, False, fall, th.rce_still_falling, msg, "")
 
 
+def _logit_change(ctx: RunContext, data: Any) -> tuple[Any, str] | None:
+    """``log pi_final - log pi_SFT`` on ``data`` from the run dir's checkpoints (the last GRPO, else RCE, epoch
+    against ``sft.pt`` or the recorded SFT checkpoint), and which policy it is; None when they are not there."""
+    if ctx.run_dir is None:
+        return None
+    from .checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
+    from .model import compute_log_probs
+    from .pipeline import recorded_sft_checkpoint
+
+    final = None
+    for stage in ("grpo", "rce"):
+        found = epoch_checkpoints(ctx.run_dir, stage)
+        if found:
+            final = (stage, *found[-1])
+            break
+    sft = recorded_sft_checkpoint(ctx.run_dir) or ctx.run_dir / "sft.pt"
+    if final is None or not Path(sft).is_file():
+        return None
+    stage, epoch, path = final
+    logps = []
+    for p in (path, sft):
+        ckpt = load_checkpoint(p)
+        logps.append(compute_log_probs(model_from_checkpoint(ckpt, p), data,
+                                       float(ckpt["model_config"]["sim_temperature"])))
+    return logps[0] - logps[1], f"{stage} epoch {epoch}"
+
+
+@check("reward_shortcut")
+def check_reward_shortcut(ctx: RunContext) -> Finding:
+    """How much of the within-group reward any query would give the candidate (v3kit/shortcut.py), and, with the
+    checkpoints, whether the policy's change from SFT followed that part rather than the label."""
+    th, name = ctx.th, "reward_shortcut"
+    splits = ctx.data()
+    if splits is None:
+        return _skip(name, ctx.data_missing(), th.shortcut_share)
+    from .shortcut import reward_shortcut
+
+    train = splits.train
+    change = _logit_change(ctx, train)
+    a = reward_shortcut(train, None if change is None else change[0])
+    msg = (f"candidate features alone (cross-fitted ridge, {a.k_folds} folds of queries) explain {a.explained_share:.1%} "
+           f"of the within-group reward variance on the training split; ranking by that query-independent part "
+           f"alone gives acc@1 {a.acc_shortcut:.3f} (the reward's own argmax: {a.acc_reward:.3f})")
+    if change is not None:
+        msg += (f"; the policy's change of logits from SFT ({change[1]}) correlates {a.corr_change_shortcut:+.2f} with "
+                f"the query-independent part, {a.corr_change_rest:+.2f} with the query-dependent rest and "
+                f"{a.corr_change_label:+.2f} with the label")
+    if not a.explained_share >= th.shortcut_share:
+        return Finding(name, False, a.explained_share, th.shortcut_share, msg, "")
+    followed = (change is not None and a.corr_change_shortcut is not None and a.corr_change_label is not None
+                and a.corr_change_shortcut > a.corr_change_label)
+    return Finding(name, True, a.explained_share, th.shortcut_share,
+                   msg + " -> the reward pays for something in the candidate whatever the query" +
+                   (", and the policy learnt that more than the label" if followed else ""),
+                   "rce.label_weight=0.5 (anchor the targets to the labels), or remove the query-independent part "
+                   "from the reward (e.g. subtract a per-candidate prior) before training")
+
+
 # ---------------------------------------------------------------- public API
 
 def diagnose(
@@ -656,13 +762,15 @@ def diagnose(
     thresholds: Thresholds | None = None,
     *,
     splits: Any = None,
+    sft: tuple[Any, float] | None = None,
 ) -> list[Finding]:
     """Every registered check (see :func:`check_names`) on a run dir (reads ``metrics.csv`` and ``config.yaml``) or
     on a metrics frame.
 
     ``config`` (nested dict as in ``config.yaml``, or a ``RunConfig``) overrides the run dir's; without one the
     checks still run, but cause attribution and some suggestions are less specific. The checks that need the data
-    (RCE's loss floor, the reward shortcut, the baselines) rebuild it from a run dir's config, or use ``splits``.
+    (RCE's loss floor, the reward shortcut, the baselines) rebuild it from a run dir's config, or use ``splits``;
+    ``sft`` = (SFT model, its logit temperature) stands in for the run dir's SFT checkpoint.
     """
     th = thresholds or Thresholds()
     if isinstance(run, pd.DataFrame):
@@ -672,7 +780,7 @@ def diagnose(
         run_dir = Path(run)
     if config is not None and dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
-    ctx = RunContext(df, file_cfg if config is None else config, th, run_dir, splits)
+    ctx = RunContext(df, file_cfg if config is None else config, th, run_dir, splits, sft)
     findings = []
     for name, fn in _REGISTRY.items():
         try:
