@@ -754,6 +754,43 @@ def check_reward_shortcut(ctx: RunContext) -> Finding:
                    "from the reward (e.g. subtract a per-candidate prior) before training")
 
 
+@check("baselines")
+def check_baselines(ctx: RunContext) -> Finding:
+    """SFT against trivial rankers on the val split (v3kit/baselines.py): random (expected), raw-feature cosine
+    (when the dims match) and the reward's own argmax; SFT below raw cosine means the v2 model is the weakest link."""
+    name = "baselines"
+    splits = ctx.data()
+    if splits is None:
+        return _skip(name, ctx.data_missing())
+    from .baselines import baseline_table
+
+    table = baseline_table(splits.val)
+    sft_rows = _rows(ctx.df, "rce", "val")
+    sft_rows = sft_rows[sft_rows["epoch"] == 0] if "epoch" in sft_rows.columns else sft_rows.iloc[0:0]
+    if sft_rows.empty:
+        sft_rows = _rows(ctx.df, "grpo", "val").iloc[:1]  # no RCE: GRPO's epoch 0 is SFT
+    metrics = [m for m in ("acc@1", "mrr") if m in table.columns]
+    parts = [f"{b}: " + ", ".join(f"{m} {table.loc[b, m]:.3f}" for m in metrics) for b in table.index]
+    oracle = table.loc["reward_oracle", "acc@1"]
+    msg = (f"val split, {'; '.join(parts)} (the reward's argmax is the label in {oracle:.0%} of groups: reward-label "
+           f"disagreement {1 - oracle:.0%})")
+    if sft_rows.empty or "acc@1" not in sft_rows.columns:
+        return Finding(name, False, None, None, msg + "; no SFT row in metrics.csv to compare", "")
+    sft = sft_rows.iloc[0]
+    msg = f"SFT acc@1 {float(sft['acc@1']):.3f}" + (f", mrr {float(sft['mrr']):.3f}" if "mrr" in sft.index else "") + \
+        f"; {msg}"
+    if "raw_cosine" not in table.index:
+        return Finding(name, False, float(sft["acc@1"]), float(table.loc["random", "acc@1"]),
+                       msg + " (no raw cosine: query and candidate features differ in dim)", "")
+    cos = float(table.loc["raw_cosine", "acc@1"])
+    value = float(sft["acc@1"])
+    if value >= cos:
+        return Finding(name, False, value, cos, msg, "")
+    return Finding(name, True, value, cos, msg + " -> SFT ranks below the raw-feature cosine: the v2 model itself "
+                   "is the weakest link", "improve the SFT model first (sft.epochs, sft.lr, model size, features); "
+                   "RCE/GRPO start from it")
+
+
 # ---------------------------------------------------------------- public API
 
 def diagnose(

@@ -73,8 +73,10 @@ def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
                           "may change on --resume: use a new run_dir, or drop --resume to start over")
 
 
-def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float) -> pd.DataFrame:
-    """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order.
+def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float,
+                *, baselines: bool = False) -> pd.DataFrame:
+    """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order; ``baselines`` appends the
+    trivial rankers of :mod:`v3kit.baselines` (random, raw cosine, reward oracle) for context.
 
     Every stage is scored at the same ``temperature`` (the model's ``sim_temperature``), so ``entropy`` and
     ``kl_to_sft`` compare like with like even when GRPO trained at another logit temperature; the per-epoch curves
@@ -83,6 +85,9 @@ def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Mod
     rows = {name: evaluate(m, data, temperature=temperature, reference=reference) for name, m in models.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
+    if baselines:
+        from .baselines import baseline_table
+        table = pd.concat([table, baseline_table(data)])
     return table[metric_order(table.columns)]
 
 
