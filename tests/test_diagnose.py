@@ -14,7 +14,7 @@ from v3kit.diagnose import Finding, Thresholds, diagnose, format_report, report_
 
 FRAME_CHECKS = ["step0_ratio", "clip_ratio", "zero_std_groups", "kl_growth", "kl_pinned", "entropy_collapse",
                 "reward_vs_label", "rce_converged"]
-DATA_CHECKS = ["reward_shortcut", "baselines"]  # need the run's data: skipped on a bare frame
+DATA_CHECKS = ["reward_shortcut", "rce_targets", "baselines"]  # need the run's data: skipped on a bare frame
 CHECKS = FRAME_CHECKS + DATA_CHECKS
 
 SEED_CFG: dict[str, Any] = {

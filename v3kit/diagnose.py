@@ -100,6 +100,11 @@ class Thresholds:
     # v3kit/shortcut.py): with no shortcut it is ~0 (the default synthetic world with reward_bias=0 gives < 1%);
     # 5% means a visible slice of what GRPO is paid for needs no reading of the query.
     shortcut_share: float = 0.05
+    # RCE target concentration: a group is "effectively one-hot" when its top target weight is at least this; when
+    # that holds for this share of groups at t_end, RCE is plain cross-entropy on the reward's argmax there and the
+    # temperature schedule says more about the reward's scale than about the intended softness.
+    one_hot_weight: float = 0.95
+    one_hot_share: float = 0.5
 
 
 _Check = Callable[["RunContext"], Finding]
@@ -752,6 +757,57 @@ def check_reward_shortcut(ctx: RunContext) -> Finding:
                    (", and the policy learnt that more than the label" if followed else ""),
                    "rce.label_weight=0.5 (anchor the targets to the labels), or remove the query-independent part "
                    "from the reward (e.g. subtract a per-candidate prior) before training")
+
+
+def target_concentration(data: Any, temperature: float, *, label_weight: float = 0.0, reward_norm: str = "none",
+                         one_hot_weight: float = 0.95) -> tuple[float, float]:
+    """(mean top-1 weight of RCE's targets, share of groups whose top-1 weight >= ``one_hot_weight``) at a reward
+    temperature on ``data``."""
+    from .losses import rce_targets
+
+    t = rce_targets(data.labels, data.rewards, temperature, mask=data.mask, label_weight=label_weight,
+                    reward_norm=reward_norm)
+    top = t.masked_fill(~data.mask, 0.0).amax(dim=1)
+    return float(top.mean()), float((top >= one_hot_weight).float().mean())
+
+
+@check("rce_targets")
+def check_rce_targets(ctx: RunContext) -> Finding:
+    """How concentrated RCE's targets are at t_start and t_end. The temperature divides the raw rewards (unless
+    ``rce.reward_norm`` normalises them per group), so its meaning is in units of the reward: the same t_end gives
+    near-uniform targets on a small-scale reward and one-hot ones on a large-scale reward."""
+    th, name = ctx.th, "rce_targets"
+    splits = ctx.data()
+    if splits is None:
+        return _skip(name, ctx.data_missing(), th.one_hot_share)
+    from .rce import RCEConfig
+    from .reward_stats import reward_spread
+
+    rce = RCEConfig(**{k: v for k, v in (_get(ctx.config, "rce") or {}).items()
+                       if k in {f.name for f in dataclasses.fields(RCEConfig)}})
+    train = splits.train
+    temps = ((rce.t_start, rce.t_end) if rce.temperature_target == "rewards"
+             else (rce.reward_temperature, rce.reward_temperature))
+    (top_s, hot_s), (top_e, hot_e) = (target_concentration(train, t, label_weight=rce.label_weight,
+                                                            reward_norm=rce.reward_norm,
+                                                            one_hot_weight=th.one_hot_weight) for t in temps)
+    n = train.mask.sum(1).float()
+    spread = float(reward_spread(train).median())
+    unit = ("raw reward units" if rce.reward_norm == "none" else
+            "units of the group's reward std" if rce.reward_norm == "zscore" else "within-group rank in [0, 1]")
+    msg = (f"RCE targets (reward_norm={rce.reward_norm}; T in {unit}; median within-group reward std "
+           f"{_g(spread)}): mean top-1 weight {top_s:.2f} at T={_g(temps[0])} and {top_e:.2f} at T={_g(temps[1])} "
+           f"(uniform: {float((1 / n).mean()):.2f}); effectively one-hot (top-1 >= {th.one_hot_weight:.0%}) in "
+           f"{hot_s:.0%} and {hot_e:.0%} of groups")
+    if _get(ctx.config, "rce.epochs") == 0:
+        return Finding(name, False, hot_e, th.one_hot_share, msg + " (RCE was off in this run)", "")
+    if hot_e < th.one_hot_share:
+        return Finding(name, False, hot_e, th.one_hot_share, msg, "")
+    fix = "rce.reward_norm=zscore" if rce.reward_norm == "none" else f"rce.t_end={_g(2 * rce.t_end)}"
+    return Finding(name, True, hot_e, th.one_hot_share,
+                   msg + " -> at t_end RCE mostly imitates the reward's argmax: the schedule is set by the reward's "
+                   "scale, not by the softness you chose", f"{fix} (softer targets at the same temperature schedule)",
+                   [fix])
 
 
 @check("baselines")
