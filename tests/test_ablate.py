@@ -207,3 +207,40 @@ def test_conclusions_reflect_the_numbers():
                         metrics=["acc@1"], reference="seed", n_boot=400)
     text2 = conclusions(flipped, metrics=["acc@1"])
     assert "significantly worse than SFT: good" in text2 and "significantly better than SFT: seed" in text2
+
+
+def test_summary_states_the_minimum_detectable_effect_and_warns_when_too_wide():
+    from v3kit.ablate import format_summary
+
+    rng = np.random.default_rng(0)
+    frame = _crafted({"v": [0.25, 0.25]})
+    frame["mrr"] = frame["acc@1"] * 0.9
+    frame["ndcg@5"] = frame["acc@1"] * 0.8
+    frame["reward@1"] = frame["acc@1"] + 1.0
+
+    def pq_rows(n_q: int, noise: float) -> pd.DataFrame:
+        """Paired outcomes: GRPO flips 5% of SFT's misses to hits (+ noise of this share of queries)."""
+        rows = []
+        sft = (rng.random(n_q) < 0.5).astype(float)
+        for seed in (0, 1):
+            grpo = np.where(rng.random(n_q) < 0.05 + noise, 1.0, sft)
+            for stage, vals in (("sft", sft), ("grpo", grpo)):
+                rows += [{"world": "default", "variant": "v", "seed": seed, "stage": stage, "query": q,
+                          "acc@1": a, "mrr": a, "ndcg@5": a, "reward@1": a} for q, a in enumerate(vals)]
+        return pd.DataFrame(rows)
+
+    small = summarize(frame, pq_rows(40, 0.0), n_boot=300, seed=0)
+    acc = small.set_index("metric").loc["acc@1"]
+    # MDE = (1.96 + 0.84) standard errors, the SE read off the 95% CI's half-width
+    assert acc["mde"] == pytest.approx(2.8 * (acc["diff_high"] - acc["diff_low"]) / 2 / 1.959964, rel=1e-4)
+    assert acc["n_queries"] == 40
+    text = format_summary(small)
+    header = text.splitlines()[1]
+    assert all(m in header for m in ("acc@1", "mrr", "ndcg@5", "reward@1")) and "utility@1" not in header
+    power = [ln for ln in text.splitlines() if ln.startswith("Power: acc@1")]
+    assert power and "40 test queries x 2+ seeds" in power[0] and "too wide to tell" in power[0]
+    # four times the queries halve the MDE (about): and with enough, no warning
+    big = summarize(frame, pq_rows(4000, 0.0), n_boot=300, seed=0).set_index("metric").loc["acc@1"]
+    assert big["mde"] < acc["mde"] / 5
+    assert "too wide" not in [ln for ln in format_summary(summarize(frame, pq_rows(4000, 0.0), n_boot=300))
+                              .splitlines() if ln.startswith("Power: acc@1")][0]

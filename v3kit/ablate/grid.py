@@ -16,6 +16,9 @@ METRIC_DIRECTION: dict[str, int] = {
     "acc@1": 1, "mrr": 1, "ndcg@5": 1, "reward@1": 1, "utility@1": 1, "regret@1": -1, "kl_to_sft": 0, "entropy": 0,
 }
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
+# The printed summary table: the label metrics (acc@1, mrr, ndcg@5), the reward, and the true utility where the data
+# has one (a metric absent from the results is left out, never shown as an empty column).
+SUMMARY_METRICS = ("acc@1", "mrr", "ndcg@5", "reward@1", "utility@1")
 # Metrics computed per test query (so the bootstrap can resample queries); ndcg@5 falls back to seeds only.
 PER_QUERY_METRICS = ("acc@1", "mrr", "ndcg@5", "reward@1", "regret@1", "utility@1", "kl_to_sft", "entropy")
 BASE_WORLD = "default"
