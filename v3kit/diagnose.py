@@ -370,7 +370,8 @@ def check_clip_ratio(ctx: RunContext) -> Finding:
             fixes.append("grpo.old_policy=refresh_each_epoch")
         else:
             msg += "; high at the end although the old policy is refreshed every epoch: each epoch moves too far"
-        fixes.append("a lower grpo.lr, or grpo.eps_high=0.28 (clip-higher)")
+        fixes.append("a lower grpo.lr, or grpo.eps_high=0.28 (clip-higher), or grpo.loss_type=cispo (clipped "
+                     "entries keep a gradient)")
     return Finding(name, True, value, th.clip_ratio, msg + " -> updates throttled", " or ".join(dict.fromkeys(fixes)))
 
 
@@ -478,8 +479,8 @@ def check_entropy(ctx: RunContext) -> Finding:
     if drop <= th.entropy_drop:
         return Finding(name, False, drop, th.entropy_drop, msg, "")
     return Finding(name, True, drop, th.entropy_drop, msg + " -> entropy collapse",
-                   "grpo.eps_high=0.28 (DAPO clip-higher), or grpo.kl_reference=sft with a larger grpo.kl_beta, "
-                   "or a lower grpo.lr")
+                   "grpo.eps_high=0.28 (DAPO clip-higher), or grpo.entropy_coef=0.01 (entropy bonus), or "
+                   "grpo.kl_reference=sft with a larger grpo.kl_beta, or a lower grpo.lr")
 
 
 _LABEL_METRICS = ("acc@1", "mrr", "utility@1")

@@ -20,6 +20,16 @@ Switches (the suspects of ``docs/pipeline.md``, "Why GRPO might underperform"):
   its old-policy probability: the exact expectation of the sampled surrogate, no sampling noise).
 * ``eps_low`` / ``eps_high`` (DAPO clip-higher) and ``dual_clip`` (Ye et al. 2020).
 * ``logp_temperature``: ``"same_as_rce_end"`` or a number: the logit temperature of GRPO's log-probs.
+
+Remedies (off by default, so the seed's numbers do not change):
+
+* ``entropy_coef``: entropy bonus ``- entropy_coef * mean_b H(pi_b)`` over full groups (against entropy collapse).
+* ``kl_target`` / ``kl_horizon``: adaptive KL coefficient (verl's ``AdaptiveKLController``): ``kl_beta`` is the
+  starting value and is rescaled after every step towards a penalty KL of ``kl_target``; logged as ``kl_beta``.
+* ``kl_estimator="exact"``: the whole-group ``KL(pi || anchor) = sum_c pi log(pi / anchor)``, exact for a ranker
+  that scores every candidate (no single-sample estimator).
+* ``loss_type="cispo"``: clipped, detached importance weight times the log-prob (CISPO), so clipped candidates keep
+  a gradient; ``adv_scale="rloo"``: leave-one-out baseline (each candidate against the mean of the others).
 """
 
 from __future__ import annotations
@@ -33,13 +43,14 @@ from torch import Tensor, nn
 
 from .checkpoint import model_payload
 from .data import Batch, Splits
-from .losses import ADV_SCALES, KL_ESTIMATORS, LOG_RATIO_CLAMP, group_advantages, grpo_loss, zero_std_groups
+from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
+                     group_advantages, group_entropy, grpo_loss, zero_std_groups)
 from .model import ModelConfig, compute_log_probs, policy_log_probs
 from .training import StageResult, StepContext, check_optim_fields, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
 KL_REFERENCES = ("old", "sft")
-KL_ESTIMATOR_CHOICES = (None, *KL_ESTIMATORS)  # None: "seed" against old, "k3" against sft
+KL_ESTIMATOR_CHOICES = (None, *KL_ESTIMATORS, EXACT_KL)  # None: "seed" against old, "k3" against sft
 SAMPLE_MODES = ("all", "sampled", "exact")
 
 
@@ -63,10 +74,20 @@ class GRPOConfig:
     num_samples: int = 8
     logp_temperature: Union[str, float] = "same_as_rce_end"
     max_grad_norm: float | None = 1.0
+    # Entropy bonus: subtract entropy_coef * mean group entropy of the policy from the loss (0 = off, the seed).
+    entropy_coef: float = 0.0
+    # Adaptive KL (verl's AdaptiveKLController): null = fixed kl_beta (the seed); a number = the penalty KL to aim at,
+    # kl_beta then starts at its configured value and is rescaled each step by 1 + clip(kl / kl_target - 1, +-0.2) *
+    # groups_in_batch / kl_horizon (logged as kl_beta).
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    # "ppo" (the seed: PPO's clipped surrogate) | "cispo" (clipped, detached importance weight x log-prob).
+    loss_type: str = "ppo"
 
     def __post_init__(self) -> None:
         for name, allowed in (("old_policy", OLD_POLICIES), ("kl_reference", KL_REFERENCES),
-                              ("kl_estimator", KL_ESTIMATOR_CHOICES), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES)):
+                              ("kl_estimator", KL_ESTIMATOR_CHOICES), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES),
+                              ("loss_type", LOSS_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"grpo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_optim_fields("grpo", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
@@ -83,6 +104,14 @@ class GRPOConfig:
         if self.num_samples < 2:
             raise ValueError(f"grpo.num_samples must be >= 2 (a group of one has no relative advantage), "
                              f"got {self.num_samples}")
+        if self.entropy_coef < 0:
+            raise ValueError(f"grpo.entropy_coef must be >= 0 (a bonus on entropy), got {self.entropy_coef}")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"grpo.kl_target must be > 0 or null (fixed kl_beta), got {self.kl_target}")
+        if self.kl_horizon < 1:
+            raise ValueError(f"grpo.kl_horizon must be >= 1, got {self.kl_horizon}")
+        if self.kl_target is not None and self.kl_beta == 0:
+            raise ValueError("grpo.kl_target needs grpo.kl_beta > 0 to start from (an adaptive 0 stays 0)")
         lt = self.logp_temperature
         if isinstance(lt, str):
             if lt != "same_as_rce_end":
@@ -108,9 +137,16 @@ def grpo_step_loss(
     *,
     ref_logp: Tensor | None = None,
     generator: torch.Generator | None = None,
+    kl_beta: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """The GRPO objective of one batch of groups under ``cfg``'s switches (logp, old, ref: [B, G] full groups)."""
+    """The GRPO objective of one batch of groups under ``cfg``'s switches (logp, old, ref: [B, G] full groups).
+
+    ``kl_beta`` overrides ``cfg.kl_beta`` (the adaptive controller's current value)."""
     stats: dict[str, float] = {}
+    kl_beta = cfg.kl_beta if kl_beta is None else kl_beta
+    bonus = None  # the entropy bonus is taken over the full groups, before any sampling
+    if cfg.entropy_coef and cfg.samples == "sampled":
+        bonus = cfg.entropy_coef * group_entropy(logp, mask)
     if cfg.samples == "sampled":
         # On-policy GRPO: K candidates drawn from the old policy form the group; advantages are relative to them.
         probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
@@ -132,9 +168,12 @@ def grpo_step_loss(
     adv = group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline)
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
     loss, loss_stats = grpo_loss(
-        logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=cfg.kl_beta,
+        logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=kl_beta,
         ref_logp=ref_logp, kl_estimator=cfg.kl_estimator, weights=weights, dual_clip=cfg.dual_clip,
+        loss_type=cfg.loss_type, entropy_coef=0.0 if bonus is not None else cfg.entropy_coef,
     )
+    if bonus is not None:
+        loss = loss - bonus
     loss_stats.update(stats)  # the full-group entropy wins over the entropy of the sampled sub-group
     loss_stats["adv_std"] = _masked_std(adv, mask)
     return loss, loss_stats
@@ -183,6 +222,7 @@ def run_grpo(
         raise ValueError("grpo.kl_reference='sft' needs the frozen SFT model: pass reference=stage1.reference")
     temperature = model_config.sim_temperature if temperature is None else temperature
     state = {"old": old_log_probs.clone()}
+    kl_ctl = None if cfg.kl_target is None else AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
 
     def refresh() -> None:
         state["old"] = compute_log_probs(policy, train, temperature)
@@ -192,6 +232,11 @@ def run_grpo(
         state["old"] = current
     step0 = torch.exp((current - state["old"])[train.mask].clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     step0_summary = ratio_stats(step0, cfg.eps_low, cfg.eps_high)
+
+    def _restore(extra: dict[str, Any]) -> None:
+        state.update(old=extra["old_log_probs"])
+        if kl_ctl is not None and "kl_beta" in extra:  # resume the adapted coefficient, not the starting one
+            kl_ctl.value = float(extra["kl_beta"])
 
     def on_epoch_start(epoch: int) -> None:
         if cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed above
@@ -203,9 +248,13 @@ def run_grpo(
         if cfg.kl_reference == "sft":
             with torch.no_grad():
                 ref_logp = policy_log_probs(reference, batch.query_x, batch.cand_x, batch.mask, temperature)
+        beta = None if kl_ctl is None else kl_ctl.value
         loss, stats = grpo_step_loss(logp, state["old"][batch.index], batch.rewards, batch.mask, cfg,
-                                     ref_logp=ref_logp, generator=ctx.generator)
+                                     ref_logp=ref_logp, generator=ctx.generator, kl_beta=beta)
         stats["temperature"] = temperature
+        if kl_ctl is not None:  # the coefficient this step used; the update applies from the next step on
+            stats["kl_beta"] = beta
+            kl_ctl.update(float(stats["kl"]), len(batch.index))
         return loss, stats
 
     meta = {"config": asdict(cfg), "temperature": temperature,
@@ -215,8 +264,8 @@ def run_grpo(
         batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature, reference=reference,
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
         checkpoint_meta=meta, on_epoch_start=on_epoch_start,
-        extra_state=lambda: {"old_log_probs": state["old"]},
-        restore_extra=lambda extra: state.update(old=extra["old_log_probs"]),
+        extra_state=lambda: {"old_log_probs": state["old"], **({"kl_beta": kl_ctl.value} if kl_ctl else {})},
+        restore_extra=lambda extra: _restore(extra),
         eval_extra=lambda epoch: step0_summary if epoch == 0 else {},
     )
     result.info.update(step0_ratios=step0, temperature=temperature, **step0_summary)
