@@ -98,3 +98,20 @@ def test_stage_table_can_show_the_baselines_beside_the_stages():
     assert list(both.index) == ["sft", "random", "raw_cosine", "reward_oracle"]
     pd.testing.assert_frame_equal(both.loc[["sft"]], plain, check_dtype=False)
     assert both.loc["reward_oracle", "acc@1"] == pytest.approx(label_reward_agreement(data))
+
+
+def test_plots_leave_out_utility_when_the_data_has_none():
+    from matplotlib.figure import Figure
+
+    from v3kit import report_plots
+    from v3kit.plots import DEFAULT_PANELS, draw_panels
+
+    evals = pd.DataFrame({"epoch": [0, 1], "acc@1": [0.3, 0.31], "reward@1": [1.0, 1.1]})
+    train = pd.DataFrame({"step": [1, 2], "loss": [1.0, 0.9]})
+    fig = draw_panels(Figure(), DEFAULT_PANELS["grpo"], train, evals)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert "held-out acc@1" in titles and not any("utility" in t for t in titles)
+    summary = pd.DataFrame([{"world": "default", "variant": v, "metric": m, "diff": 0.0, "diff_low": -0.1,
+                             "diff_high": 0.1, "verdict": "n.s."} for v in ("a", "b") for m in ("acc@1", "reward@1")])
+    fig = report_plots.forest_plot(summary)  # default metrics include utility@1: no empty panel for it
+    assert [ax.get_title().split(" - ")[0] for ax in fig.axes] == ["acc@1", "reward@1"]

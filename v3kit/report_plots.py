@@ -27,6 +27,15 @@ def _subplots(nrows: int, ncols: int, *, figsize: tuple[float, float], **kwargs:
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
+def _present(metrics: Sequence[str], have: Any) -> list[str]:
+    """The metrics the results hold (real data has no ``utility@1``): a plot never shows an empty panel."""
+    have = set(have)
+    out = [m for m in metrics if m in have]
+    if not out:
+        raise ValueError(f"none of the metrics {list(metrics)} is in the results (they have {sorted(have)})")
+    return out
+
+
 def forest_plot(
     summary: pd.DataFrame,
     metrics: Sequence[str] = KEY_METRICS,
@@ -39,6 +48,7 @@ def forest_plot(
     """One panel per metric: each variant's paired difference to SFT (``against="sft"``) or to the grid's reference
     (``"reference"``) with its 95% CI; green/red = significantly better/worse, grey = interval contains 0."""
     s = summary[summary["world"] == world]
+    metrics = _present(metrics, s["metric"])
     order = list(variants) if variants is not None else list(dict.fromkeys(s["variant"]))
     col, lo, hi, verdict = (("diff", "diff_low", "diff_high", "verdict") if against == "sft" else
                             ("vs_ref", "vs_ref_low", "vs_ref_high", "vs_ref_verdict"))
@@ -97,6 +107,7 @@ def curves_plot(
         grpo = val["stage"] == "grpo"
         val = val[~(grpo & (val["epoch"] == 0) & (val["rce_epochs"] > 0))]
         val["x"] = val["epoch"] + np.where(val["stage"] == "grpo", val["rce_epochs"], 0)
+    metrics = _present(metrics, [c for c in val.columns if val[c].notna().any()])
     fig, axes = _subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for v in variants:
@@ -156,6 +167,7 @@ def sweep_plot(
     """Difference to SFT (95% CI) against the value of config ``key`` across ``variants`` (e.g. a kl_beta sweep)."""
     xs = {v: spec.value(v, key, world) for v in variants}
     s = summary[(summary["world"] == world) & summary["variant"].isin(variants)]
+    metrics = _present(metrics, s["metric"])
     fig, axes = _subplots(1, len(metrics), figsize=(4 * len(metrics), 3.0), squeeze=False)
     positive = [x for x in xs.values() if x > 0]
     symlog = bool(positive) and min(xs.values()) >= 0 and max(xs.values()) / min(positive) > 20
@@ -209,6 +221,7 @@ def world_plot(
         raise ValueError("the grid has no single-key worlds to plot; add 'worlds.levels' to the grid")
     if variants is None:
         variants = [v for v in dict.fromkeys(summary[summary["world"] != BASE_WORLD]["variant"])]
+    metrics = _present(metrics, summary["metric"])
     fig, axes = _subplots(len(knobs), len(metrics), figsize=(4 * len(metrics), 3.0 * len(knobs)), squeeze=False)
     for row, (knob, values) in zip(axes, knobs.items()):
         for ax, m in zip(row, metrics):
