@@ -14,6 +14,14 @@ Each check is one function registered with ``@check(name)``; they run in registr
 * ``rce_converged``: did RCE move the policy (KL to SFT) and is it still closing its gap to the loss floor
   H(targets)? Says "lr too small to move the policy" when it barely moved. Reads ``metrics.csv`` and the data only,
   so a full run and an ablation folder without per-epoch checkpoints get the same verdict.
+* ``reward_shortcut``: the share of within-group reward variance that candidate features alone explain (the part
+  of the reward any query would give; ``v3kit/shortcut.py``), and what the policy's change from SFT followed.
+* ``rce_targets``: how concentrated RCE's targets are at t_start and t_end (the temperature is in reward units
+  unless ``rce.reward_norm`` normalises per group).
+* ``baselines``: SFT against random, raw-feature cosine and the reward's argmax (``v3kit/baselines.py``).
+
+The last three (and RCE's loss floor) need the data: on a run dir it is rebuilt from ``config.yaml``; on a bare frame
+pass ``splits=`` or they are skipped. None of them needs a true utility.
 
 Every flagged finding carries ``switches``: the config overrides to *test*. ``v3kit doctor RUN --grid`` writes
 ``RUN/doctor_grid.yaml``, an ablation of those switches against the run itself (see ``doctor_grid.py``).
