@@ -450,11 +450,20 @@ def test_doctor_grid_tests_the_suggestions_against_the_run(real_run, tmp_path, c
     assert spec.resolve("default", "run", 0).rce.lr == 1e-7
     # a tiny version of it runs
     tiny = load_grid(path, ["data.synthetic.n_queries=60", "sft.epochs=1", "rce.epochs=1", "grpo.epochs=1"])
-    tiny.seeds = tiny.seeds[:1]
+    tiny.seeds = [1]  # a run seed other than the shared SFT's (0)
     tiny.variants = {k: tiny.variants[k] for k in ("sft_only", "run", "lr_1e-06")}
     tiny.questions = {}
     res = run_grid(tiny, tmp_path / "abl", workers=1, progress=False)
     assert res.executed == 3 and set(res.frame["variant"]) == {"sft_only", "run", "lr_1e-06"}
+    # the doctor on an ablation run rebuilds the split it trained on (the shared SFT's), not one from its own seed
+    from v3kit.diagnose import RunContext, load_run
+    from v3kit.pipeline import prepare_data
+
+    run1 = res.run_dir("run", 1)
+    df, cfg = load_run(run1)
+    ctx = RunContext(df, cfg, Thresholds(), run1)
+    want = prepare_data(tiny.resolve("default", "run", 0)).train.query_ids
+    assert ctx.data().train.query_ids == want != prepare_data(tiny.resolve("default", "run", 1)).train.query_ids
 
 
 def test_cli_doctor_prints_the_report(real_run, capsys):

@@ -171,9 +171,13 @@ class RunContext:
             self._cache["splits"] = None
             if self.run_dir is not None and self.config:
                 from .config import RunConfig, from_dict
-                from .pipeline import prepare_data
+                from .pipeline import prepare_data, recorded_split_seed
                 try:
-                    self._cache["splits"] = prepare_data(from_dict(RunConfig, self.config))
+                    cfg = from_dict(RunConfig, self.config)
+                    split_seed = recorded_split_seed(self.run_dir)  # ablation runs use the shared SFT's split
+                    if split_seed is not None:
+                        cfg = dataclasses.replace(cfg, seed=split_seed)
+                    self._cache["splits"] = prepare_data(cfg)
                 except Exception as e:  # noqa: BLE001 - a moved data file costs the data checks, not the report
                     self._cache["data_error"] = f"{type(e).__name__}: {e}"
         return self.splits if self.splits is not None else self._cache["splits"]

@@ -104,6 +104,31 @@ def record_sft_checkpoint(run_dir: str | Path, sft_path: str | Path) -> None:
     (run_dir / RUN_INFO).write_text(json.dumps({"sft_checkpoint": str(rel)}, indent=1) + "\n")
 
 
+def update_run_info(run_dir: str | Path, **values: Any) -> None:
+    """Merge ``values`` into the run's ``run_info.json`` (e.g. ``split_seed`` of an ablation run, whose split comes
+    from the shared SFT's seed rather than its own)."""
+    path = Path(run_dir) / RUN_INFO
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    info.update(values)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def recorded_split_seed(run_dir: str | Path) -> int | None:
+    """The seed that split the run's data when it is not the run's own ``seed`` (ablation runs), else None."""
+    path = Path(run_dir) / RUN_INFO
+    try:
+        seed = json.loads(path.read_text()).get("split_seed") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) else None
+
+
 def recorded_sft_checkpoint(run_dir: str | Path) -> Path | None:
     """The SFT checkpoint :func:`record_sft_checkpoint` stored for ``run_dir`` (None for runs that predate it)."""
     path = Path(run_dir) / RUN_INFO

@@ -128,12 +128,13 @@ def _train_sft(task: _SFTTask) -> str:
 
 def _execute(task: _RunTask) -> dict[str, Any]:
     """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
-    from ..pipeline import run_pipeline
+    from ..pipeline import run_pipeline, update_run_info
 
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)
     res = run_pipeline(task.cfg, sft_checkpoint=task.sft_path, splits=splits)
     run_dir = Path(task.cfg.run_dir)
+    update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
     info = {k: float(res.grpo.info[k]) for k in _RUN_INFO if k in res.grpo.info}
     rows = []
