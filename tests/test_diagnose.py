@@ -67,7 +67,7 @@ def frame(
             t = rce_temperature[e - 1] if rce_temperature else 1.0
             rows.append({"stage": "rce", "split": "train", "epoch": e, "step": step, "loss": loss,
                          "temperature": t, "grad_norm": 1.0, "lr": 1e-5})
-        rows.append(val_row("rce", e, step=step, kl_to_sft=0.002))
+        rows.append(val_row("rce", e, step=step, kl_to_sft=0.02))
     s0 = {"step0_ratio_mean": 1.0, "step0_ratio_std": 0.01, "step0_ratio_min": 0.97, "step0_ratio_max": 1.03,
           "step0_outside_clip": 0.0, **(step0 or {})}
     rows.append(val_row("grpo", 0, kl_to_sft=kl_to_sft[0], entropy=entropy[0], **{"reward@1": reward[0]},
