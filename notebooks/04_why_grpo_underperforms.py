@@ -111,7 +111,7 @@ display(report_plots.step0_table(res.frame).round(3))
 # %%
 best = res.best or ablate.best_variant(res.frame, spec)
 shown = [v for v in dict.fromkeys([spec.reference, best]) if v]
-print("seed configuration:", spec.reference, "| best GRPO variant by utility@1:", best)
+print("seed configuration:", spec.reference, f"| best GRPO variant by {ablate.best_metric(res.frame, spec)}:", best)
 show(report_plots.curves_plot(res.frame, shown))
 show(report_plots.train_curves_plot({v: res.run_dir(v) for v in shown}))
 

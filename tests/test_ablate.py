@@ -244,3 +244,16 @@ def test_summary_states_the_minimum_detectable_effect_and_warns_when_too_wide():
     assert big["mde"] < acc["mde"] / 5
     assert "too wide" not in [ln for ln in format_summary(summarize(frame, pq_rows(4000, 0.0), n_boot=300))
                               .splitlines() if ln.startswith("Power: acc@1")][0]
+
+
+def test_best_variant_uses_acc_on_data_without_utility():
+    from v3kit.ablate import best_metric, best_variant
+
+    spec = parse_grid(tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": [],
+                                          "a": ["grpo.kl_beta=0"], "b": ["grpo.kl_beta=0.5"]}))
+    rows = [{"world": "default", "variant": v, "seed": 0, "split": "test", "stage": "grpo", "acc@1": acc}
+            for v, acc in (("a", 0.3), ("b", 0.4), ("seed", 0.9))]
+    frame = pd.DataFrame(rows)
+    assert best_metric(frame, spec) == "acc@1" and best_variant(frame, spec) == "b"  # the reference is left out
+    frame["utility@1"] = [2.0, 1.0, 0.0]
+    assert best_metric(frame, spec) == "utility@1" and best_variant(frame, spec) == "a"

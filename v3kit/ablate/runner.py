@@ -386,10 +386,19 @@ def collect(out_dir: str | Path, spec: GridSpec, *, worlds: Sequence[str] | None
     return frame, per_query
 
 
+def best_metric(frame: pd.DataFrame, spec: GridSpec) -> str:
+    """What "best" is judged by: the grid's ``worlds.best_metric``, else ``utility@1`` where the data has a true
+    utility, else the label metric ``acc@1`` (real data)."""
+    if spec.worlds:
+        return spec.worlds.best_metric
+    has_utility = "utility@1" in frame.columns and frame["utility@1"].notna().any()
+    return "utility@1" if has_utility else "acc@1"
+
+
 def best_variant(frame: pd.DataFrame, spec: GridSpec, metric: str | None = None) -> str:
-    """The variant with the best mean final test ``metric`` on the base world, among ``worlds.best_of`` (default:
-    every variant that runs GRPO, except the reference)."""
-    metric = metric or (spec.worlds.best_metric if spec.worlds else "utility@1")
+    """The variant with the best mean final test ``metric`` (default :func:`best_metric`) on the base world, among
+    ``worlds.best_of`` (default: every variant that runs GRPO, except the reference)."""
+    metric = metric or best_metric(frame, spec)
     candidates = (spec.worlds.best_of if spec.worlds and spec.worlds.best_of else
                   [v for v in spec.variants if v != spec.reference and spec.value(v, "grpo.epochs") > 0])
     final = frame[(frame["world"] == BASE_WORLD) & (frame["split"] == "test") & (frame["stage"] == "grpo")]
