@@ -257,3 +257,13 @@ def test_best_variant_uses_acc_on_data_without_utility():
     assert best_metric(frame, spec) == "acc@1" and best_variant(frame, spec) == "b"  # the reference is left out
     frame["utility@1"] = [2.0, 1.0, 0.0]
     assert best_metric(frame, spec) == "utility@1" and best_variant(frame, spec) == "a"
+
+
+def test_grid_sft_checkpoint_must_exist_and_excludes_worlds(tmp_path):
+    with pytest.raises(GridError, match="sft_checkpoint .* does not exist"):
+        parse_grid(tiny_grid(sft_checkpoint=str(tmp_path / "nope.pt")))
+    ckpt = tmp_path / "sft.pt"
+    ckpt.write_bytes(b"x")
+    assert parse_grid(tiny_grid(sft_checkpoint=str(ckpt))).sft_checkpoint == str(ckpt)
+    with pytest.raises(GridError, match="drop one of the two"):
+        parse_grid(tiny_grid(sft_checkpoint=str(ckpt), worlds={"variants": ["seed"], "levels": {"b": []}}))

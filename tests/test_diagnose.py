@@ -446,15 +446,20 @@ def test_doctor_grid_tests_the_suggestions_against_the_run(real_run, tmp_path, c
     assert raw["variants"]["lr_1e-06"] == ["rce.lr=1e-06"]  # rce_converged's switch
     assert "rce.lr=1.0e-07" in raw["base"] and "data.synthetic.n_queries=300" in raw["base"]
     assert not any(b.split("=")[0] in ("seed", "run_dir", "progress") for b in raw["base"])
+    assert raw["sft_checkpoint"] == str((real_run / "sft.pt").resolve())  # every variant starts from the run's SFT
     spec = load_grid(path)
     assert spec.resolve("default", "run", 0).rce.lr == 1e-7
     # a tiny version of it runs
-    tiny = load_grid(path, ["data.synthetic.n_queries=60", "sft.epochs=1", "rce.epochs=1", "grpo.epochs=1"])
+    tiny = load_grid(path, ["rce.epochs=1", "grpo.epochs=1"])
     tiny.seeds = [1]  # a run seed other than the shared SFT's (0)
     tiny.variants = {k: tiny.variants[k] for k in ("sft_only", "run", "lr_1e-06")}
     tiny.questions = {}
     res = run_grid(tiny, tmp_path / "abl", workers=1, progress=False)
     assert res.executed == 3 and set(res.frame["variant"]) == {"sft_only", "run", "lr_1e-06"}
+    assert not (tmp_path / "abl" / "default" / "sft").exists()  # no SFT trained: the run's own was used
+    sft_test = res.frame[(res.frame["split"] == "test") & (res.frame["stage"] == "sft")]
+    run_summary = pd.read_csv(real_run / "summary.csv", index_col=0)
+    assert sft_test["acc@1"].iloc[0] == pytest.approx(run_summary.loc["sft", "acc@1"])  # same SFT, same test split
     # the doctor on an ablation run rebuilds the split it trained on (the shared SFT's), not one from its own seed
     from v3kit.diagnose import RunContext, load_run
     from v3kit.pipeline import prepare_data

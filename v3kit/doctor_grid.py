@@ -39,8 +39,10 @@ def run_overrides(cfg: RunConfig) -> list[str]:
             if k not in _RUNNER_KEYS and default.get(k, object()) != v]
 
 
-def doctor_grid(cfg: RunConfig, findings: Iterable[Any], *, name: str = "doctor", n_seeds: int = 3) -> dict[str, Any]:
-    """The grid (as a YAML-ready mapping) testing each flagged finding's switches against ``cfg``."""
+def doctor_grid(cfg: RunConfig, findings: Iterable[Any], *, name: str = "doctor", n_seeds: int = 3,
+                sft_checkpoint: str | Path | None = None) -> dict[str, Any]:
+    """The grid (as a YAML-ready mapping) testing each flagged finding's switches against ``cfg``; with
+    ``sft_checkpoint`` every variant starts from that SFT model (the run's own), so ``run`` repeats the run."""
     variants: dict[str, list[str]] = {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "run": []}
     questions: dict[str, list[str]] = {}
     for f in findings:
@@ -60,6 +62,8 @@ def doctor_grid(cfg: RunConfig, findings: Iterable[Any], *, name: str = "doctor"
         "reference": "run",
         "variants": variants,
     }
+    if sft_checkpoint is not None:
+        grid["sft_checkpoint"] = str(Path(sft_checkpoint).resolve())
     if questions:
         grid["questions"] = questions
     return grid
@@ -75,7 +79,10 @@ def write_doctor_grid(run_dir: str | Path, findings: Iterable[Any], *, n_seeds: 
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: `doctor --grid` needs the run's config.yaml")
     cfg = load_config(cfg_path)
-    grid = doctor_grid(cfg, findings, name=f"doctor_{run_dir.name}", n_seeds=n_seeds)
+    from .pipeline import recorded_sft_checkpoint
+    sft = recorded_sft_checkpoint(run_dir) or run_dir / "sft.pt"  # the run's own SFT (an imported v2 model too)
+    grid = doctor_grid(cfg, findings, name=f"doctor_{run_dir.name}", n_seeds=n_seeds,
+                       sft_checkpoint=sft if Path(sft).is_file() else None)
     parse_grid(grid, name=grid["name"])  # fail here, naming the key, rather than in `v3kit ablate`
     path = run_dir / GRID_FILE
     header = (f"# Written by `v3kit doctor {run_dir} --grid`: tests the doctor's suggestions against this run.\n"

@@ -13,6 +13,7 @@ A *grid* (YAML) names variants, each a list of ``key=value`` config overrides ap
       sft_only: [rce.epochs=0, grpo.epochs=0]
       seed: []
       old_refresh_start: [grpo.old_policy=refresh_at_start]
+    sft_checkpoint: null          # optional: start every base-world run from this SFT checkpoint (no SFT training)
     questions:                    # optional: named pairwise comparisons the conclusions answer
       "More RCE (10 epochs) before GRPO?": [rce10_grpo8, seed]
     worlds:                       # optional: rerun a few variants in other synthetic worlds

@@ -256,10 +256,24 @@ def run_grid(
     for world in spec.world_names():
         cfg = spec.base_config(world, [f"seed={spec.sft_seed}", f"run_dir={out / world / 'sft'}", "progress=false"])
         sft_cfgs[world] = cfg
+        if world == BASE_WORLD and spec.sft_checkpoint is not None:
+            continue  # the grid's given SFT checkpoint: nothing to train
         path, h = out / world / "sft" / "sft.pt", _sft_hash(cfg)
         hash_file = path.parent / "sft.hash"
         if not (path.exists() and hash_file.exists() and hash_file.read_text() == h):
             sft_tasks.append(_SFTTask(world=world, cfg=cfg, path=path, hash=h))
+
+    def sft_path(world: str) -> Path:
+        if world == BASE_WORLD and spec.sft_checkpoint is not None:
+            return Path(spec.sft_checkpoint).resolve()
+        return out / world / "sft" / "sft.pt"
+
+    def sft_key(world: str) -> str:
+        """What a run's result depends on of its SFT: its config, or the given checkpoint's path, size and mtime."""
+        if world == BASE_WORLD and spec.sft_checkpoint is not None:
+            st = sft_path(world).stat()
+            return f"{sft_path(world)}:{st.st_size}:{st.st_mtime_ns}:{_sft_hash(sft_cfgs[world])}"
+        return _sft_hash(sft_cfgs[world])
 
     def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
         tasks, skipped = [], 0
@@ -268,13 +282,13 @@ def run_grid(
             for seed in seeds:
                 rd = _run_dir(out, world, variant, seed)
                 cfg = spec.resolve(world, variant, seed, rd)
-                h = _config_hash(cfg, _sft_hash(sft_cfg))
+                h = _config_hash(cfg, sft_key(world))
                 result_path = rd / "result.json"
                 if _load_result(result_path, h) is not None:
                     skipped += 1
                     continue
                 tasks.append(_RunTask(world=world, variant=variant, seed=seed, cfg=cfg, split_cfg=sft_cfg,
-                                      sft_path=out / world / "sft" / "sft.pt", result_path=result_path, hash=h,
+                                      sft_path=sft_path(world), result_path=result_path, hash=h,
                                       keep_checkpoints=keep_checkpoints))
         return tasks, skipped
 
@@ -339,6 +353,8 @@ def _spec_dict(spec: GridSpec) -> dict[str, Any]:
     d = {"name": spec.name, "config": spec.config, "base": spec.base, "seeds": spec.seeds, "sft_seed": spec.sft_seed,
          "reference": spec.reference, "variants": spec.variants,
          "questions": {q: list(p) for q, p in spec.questions.items()}}
+    if spec.sft_checkpoint is not None:
+        d["sft_checkpoint"] = spec.sft_checkpoint
     if spec.worlds:
         d["worlds"] = {"levels": spec.worlds.levels, "variants": spec.worlds.variants, "seeds": spec.worlds.seeds,
                        "best_metric": spec.worlds.best_metric, "best_of": spec.worlds.best_of}
