@@ -501,3 +501,32 @@ def test_cli_doctor_on_an_empty_or_foreign_metrics_file(tmp_path, capsys):
     assert main(["doctor", str(tmp_path / "foreign")]) == 2
     err = capsys.readouterr().err
     assert "not a v3kit metrics.csv" in err and "'stage'" in err
+
+
+def test_every_check_ignores_a_constant_reward_shift_and_names_its_scale(small_splits, small_sft):
+    import dataclasses
+
+    from v3kit.data import Splits
+
+    def moved(splits, a: float, c: float):
+        return Splits(*[dataclasses.replace(p, rewards=torch.where(p.mask, a * p.rewards + c, 0.0))
+                        for p in (splits.train, splits.val, splits.test)])
+
+    df, _ = rce_frame([0.0, 0.2, 0.3, 0.35], kl=0.05, splits=small_splits, sft=small_sft)
+    df = df.assign(**{"reward@1": df["reward@1"] + 0.1 * df["epoch"], "regret@1": df["regret@1"] - 0.1 * df["epoch"]})
+
+    def verdicts(a: float, c: float) -> dict[str, tuple]:
+        d = df.assign(**{"reward@1": a * df["reward@1"] + c, "regret@1": a * df["regret@1"]})
+        found = diagnose(d, RCE_CFG, splits=moved(small_splits, a, c), sft=small_sft)
+        return {f.check: (f.triggered, None if f.value is None else round(f.value, 4)) for f in found}
+
+    base = verdicts(1.0, 0.0)
+    assert all(v[1] is not None for v in base.values())  # every check ran
+    assert verdicts(1.0, 100.0) == base and verdicts(1.0, -7.0) == base
+    scaled = verdicts(30.0, 5.0)
+    # RCE's targets are a softmax of reward / T: their checks depend on the reward's scale, and say so
+    assert {k: v for k, v in scaled.items() if k not in ("rce_targets", "rce_converged")} == {
+        k: v for k, v in base.items() if k not in ("rce_targets", "rce_converged")}
+    found = {f.check: f for f in diagnose(df, RCE_CFG, splits=small_splits, sft=small_sft)}
+    assert "T in raw reward units" in found["rce_targets"].message
+    assert "T in raw reward units" in found["rce_converged"].message

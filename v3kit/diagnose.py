@@ -675,8 +675,10 @@ def check_rce_converged(ctx: RunContext) -> Finding:
             where = "first -> second half of the only RCE epoch"
         closed_prev, closed_total = closed(prev_sel), closed(last_sel)
         closed_last = closed_total - closed_prev
+        norm = _get(ctx.config, "rce.reward_norm") or "none"
+        unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
         msg = (f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the same "
-               f"temperatures: RCE closed {closed_prev:.1%} of it by the previous window and {closed_total:.1%} by the "
+               f"temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and {closed_total:.1%} by the "
                f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
                f"{th.rce_still_closing:.0%}; SFT's gap in the last window {_g(float(gap_sft[last_sel].mean()))} nats)")
     else:
