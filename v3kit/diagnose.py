@@ -677,8 +677,9 @@ def check_rce_converged(ctx: RunContext) -> Finding:
         closed_last = closed_total - closed_prev
         norm = _get(ctx.config, "rce.reward_norm") or "none"
         unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
-        msg = (f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the same "
-               f"temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and {closed_total:.1%} by the "
+        msg = (f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
+               f"same temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and "
+               f"{closed_total:.1%} by the "
                f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
                f"{th.rce_still_closing:.0%}; SFT's gap in the last window {_g(float(gap_sft[last_sel].mean()))} nats)")
     else:
@@ -757,8 +758,8 @@ def check_reward_shortcut(ctx: RunContext) -> Finding:
     train = splits.train
     change = _logit_change(ctx, train)
     a = reward_shortcut(train, None if change is None else change[0])
-    msg = (f"candidate features alone (cross-fitted ridge, {a.k_folds} folds of queries) explain {a.explained_share:.1%} "
-           f"of the within-group reward variance on the training split; ranking by that query-independent part "
+    msg = (f"candidate features alone (cross-fitted ridge, {a.k_folds} folds of queries) explain "
+           f"{a.explained_share:.1%} of the within-group reward variance on the training split; ranking by that query-independent part "
            f"alone gives acc@1 {a.acc_shortcut:.3f} (the reward's own argmax: {a.acc_reward:.3f})")
     if change is not None:
         msg += (f"; the policy's change of logits from SFT ({change[1]}) correlates {a.corr_change_shortcut:+.2f} with "

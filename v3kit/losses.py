@@ -189,7 +189,8 @@ def group_advantages(
     ``scale="group"``: ``(r - mean_g) / (std_g + eps)`` (GRPO, DeepSeekMath; Bessel std as in TRL);
     ``"batch"``: centred per group, scaled by the std of all valid rewards in the batch (TRL ``scale_rewards="batch"``);
     ``"none"``: ``r - mean_g`` (Dr. GRPO, Liu et al. 2025); ``"rloo"``: ``r - mean of the *other* valid rewards
-    of the group`` = ``n / (n - 1) * (r - mean_g)`` (leave-one-out baseline, Ahmadian et al. 2024). Groups without signal (see :func:`zero_std_groups`)
+    of the group`` = ``n / (n - 1) * (r - mean_g)`` (leave-one-out baseline, Ahmadian et al. 2024). Groups
+    without signal (see :func:`zero_std_groups`)
     and masked entries get exactly 0; ``baseline`` is then subtracted from the remaining entries (seed form).
     """
     if scale not in ADV_SCALES:
