@@ -111,7 +111,7 @@ display(report_plots.step0_table(res.frame).round(3))
 # %%
 best = res.best or ablate.best_variant(res.frame, spec)
 shown = [v for v in dict.fromkeys([spec.reference, best]) if v]
-print("seed configuration:", spec.reference, "| best GRPO variant by utility@1:", best)
+print("seed configuration:", spec.reference, f"| best GRPO variant by {ablate.best_metric(res.frame, spec)}:", best)
 show(report_plots.curves_plot(res.frame, shown))
 show(report_plots.train_curves_plot({v: res.run_dir(v) for v in shown}))
 
@@ -120,7 +120,8 @@ show(report_plots.train_curves_plot({v: res.run_dir(v) for v in shown}))
 #
 # `v3kit doctor RUN_DIR` reads a run's `metrics.csv` and checks the usual symptoms of a GRPO run gone wrong (step-0
 # ratio, clipping, zero-std groups, KL, entropy, reward vs label, RCE convergence; see `docs/pipeline.md`), each with
-# the number behind it and a switch to try. A single run's heuristics; the grid above is what says whether a switch matters.
+# the number behind it and a switch to *test*: a single run's heuristics. `v3kit doctor RUN --grid` writes the grid
+# that tests its suggestions against the run itself.
 
 # %%
 doctor = {}
@@ -130,6 +131,23 @@ for v in shown:
     print(diagnose.format_report(findings, title=f"GRPO health report: {v}, seed {spec.seeds[0]} ({res.run_dir(v)})"))
     print()
 record(doctor_flags=doctor)
+
+# %% [markdown]
+# ### Reward shortcut
+#
+# Within a group GRPO only sees the reward relative to the other candidates. Part of that may be paid whatever the
+# query asked: ridge regression from the candidate's features alone (cross-fitted over folds of queries) predicts
+# it. A large query-independent share means the policy can raise its reward without reading the query; in the
+# synthetic worlds it is the style latent that `reward_bias` weights. (`v3kit doctor` reports the same per run,
+# with the correlation of the policy's change from SFT with each part where the run kept its checkpoints.)
+
+# %%
+from v3kit import shortcut
+
+shortcuts = shortcut.world_shortcuts(spec)
+show(report_plots.shortcut_plot(shortcuts))
+record(shortcut_share={w: round(a.explained_share, 4) for w, a in shortcuts.items()})
+display(shortcut.shortcut_frame(shortcuts))
 
 # %% [markdown]
 # ## 6 · The user's proposed knobs: `kl_beta`, and GRPO epochs (the seed's 8 vs 25)

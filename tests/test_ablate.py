@@ -207,3 +207,63 @@ def test_conclusions_reflect_the_numbers():
                         metrics=["acc@1"], reference="seed", n_boot=400)
     text2 = conclusions(flipped, metrics=["acc@1"])
     assert "significantly worse than SFT: good" in text2 and "significantly better than SFT: seed" in text2
+
+
+def test_summary_states_the_minimum_detectable_effect_and_warns_when_too_wide():
+    from v3kit.ablate import format_summary
+
+    rng = np.random.default_rng(0)
+    frame = _crafted({"v": [0.25, 0.25]})
+    frame["mrr"] = frame["acc@1"] * 0.9
+    frame["ndcg@5"] = frame["acc@1"] * 0.8
+    frame["reward@1"] = frame["acc@1"] + 1.0
+
+    def pq_rows(n_q: int, noise: float) -> pd.DataFrame:
+        """Paired outcomes: GRPO flips 5% of SFT's misses to hits (+ noise of this share of queries)."""
+        rows = []
+        sft = (rng.random(n_q) < 0.5).astype(float)
+        for seed in (0, 1):
+            grpo = np.where(rng.random(n_q) < 0.05 + noise, 1.0, sft)
+            for stage, vals in (("sft", sft), ("grpo", grpo)):
+                rows += [{"world": "default", "variant": "v", "seed": seed, "stage": stage, "query": q,
+                          "acc@1": a, "mrr": a, "ndcg@5": a, "reward@1": a} for q, a in enumerate(vals)]
+        return pd.DataFrame(rows)
+
+    small = summarize(frame, pq_rows(40, 0.0), n_boot=300, seed=0)
+    acc = small.set_index("metric").loc["acc@1"]
+    # MDE = (1.96 + 0.84) standard errors, the SE read off the 95% CI's half-width
+    assert acc["mde"] == pytest.approx(2.8 * (acc["diff_high"] - acc["diff_low"]) / 2 / 1.959964, rel=1e-4)
+    assert acc["n_queries"] == 40
+    text = format_summary(small)
+    header = text.splitlines()[1]
+    assert all(m in header for m in ("acc@1", "mrr", "ndcg@5", "reward@1")) and "utility@1" not in header
+    power = [ln for ln in text.splitlines() if ln.startswith("Power: acc@1")]
+    assert power and "40 test queries x 2+ seeds" in power[0] and "too wide to tell" in power[0]
+    # four times the queries halve the MDE (about): and with enough, no warning
+    big = summarize(frame, pq_rows(4000, 0.0), n_boot=300, seed=0).set_index("metric").loc["acc@1"]
+    assert big["mde"] < acc["mde"] / 5
+    assert "too wide" not in [ln for ln in format_summary(summarize(frame, pq_rows(4000, 0.0), n_boot=300))
+                              .splitlines() if ln.startswith("Power: acc@1")][0]
+
+
+def test_best_variant_uses_acc_on_data_without_utility():
+    from v3kit.ablate import best_metric, best_variant
+
+    spec = parse_grid(tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": [],
+                                          "a": ["grpo.kl_beta=0"], "b": ["grpo.kl_beta=0.5"]}))
+    rows = [{"world": "default", "variant": v, "seed": 0, "split": "test", "stage": "grpo", "acc@1": acc}
+            for v, acc in (("a", 0.3), ("b", 0.4), ("seed", 0.9))]
+    frame = pd.DataFrame(rows)
+    assert best_metric(frame, spec) == "acc@1" and best_variant(frame, spec) == "b"  # the reference is left out
+    frame["utility@1"] = [2.0, 1.0, 0.0]
+    assert best_metric(frame, spec) == "utility@1" and best_variant(frame, spec) == "a"
+
+
+def test_grid_sft_checkpoint_must_exist_and_excludes_worlds(tmp_path):
+    with pytest.raises(GridError, match="sft_checkpoint .* does not exist"):
+        parse_grid(tiny_grid(sft_checkpoint=str(tmp_path / "nope.pt")))
+    ckpt = tmp_path / "sft.pt"
+    ckpt.write_bytes(b"x")
+    assert parse_grid(tiny_grid(sft_checkpoint=str(ckpt))).sft_checkpoint == str(ckpt)
+    with pytest.raises(GridError, match="drop one of the two"):
+        parse_grid(tiny_grid(sft_checkpoint=str(ckpt), worlds={"variants": ["seed"], "levels": {"b": []}}))

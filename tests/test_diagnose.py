@@ -7,12 +7,15 @@ from typing import Any, Callable
 
 import pandas as pd
 import pytest
+import torch
 
 from v3kit.cli import main
 from v3kit.diagnose import Finding, Thresholds, diagnose, format_report, report_frame
 
-CHECKS = ["step0_ratio", "clip_ratio", "zero_std_groups", "kl_growth", "kl_pinned", "entropy_collapse",
-          "reward_vs_label", "rce_converged"]
+FRAME_CHECKS = ["step0_ratio", "clip_ratio", "zero_std_groups", "kl_growth", "kl_pinned", "entropy_collapse",
+                "reward_vs_label", "rce_converged"]
+DATA_CHECKS = ["reward_shortcut", "rce_targets", "baselines"]  # need the run's data: skipped on a bare frame
+CHECKS = FRAME_CHECKS + DATA_CHECKS
 
 SEED_CFG: dict[str, Any] = {
     "model": {"sim_temperature": 1.0},
@@ -20,6 +23,9 @@ SEED_CFG: dict[str, Any] = {
     "grpo": {"eps_low": 0.2, "eps_high": None, "old_policy": "sft", "kl_reference": "old", "kl_beta": 0.1,
              "drop_zero_std_groups": False},
 }
+
+
+BEST_REWARD = 3.0  # mean best reward of the crafted val groups
 
 
 def val_row(stage: str, epoch: int, **m: float) -> dict[str, Any]:
@@ -61,7 +67,7 @@ def frame(
             t = rce_temperature[e - 1] if rce_temperature else 1.0
             rows.append({"stage": "rce", "split": "train", "epoch": e, "step": step, "loss": loss,
                          "temperature": t, "grad_norm": 1.0, "lr": 1e-5})
-        rows.append(val_row("rce", e, step=step, kl_to_sft=0.002))
+        rows.append(val_row("rce", e, step=step, kl_to_sft=0.02))
     s0 = {"step0_ratio_mean": 1.0, "step0_ratio_std": 0.01, "step0_ratio_min": 0.97, "step0_ratio_max": 1.03,
           "step0_outside_clip": 0.0, **(step0 or {})}
     rows.append(val_row("grpo", 0, kl_to_sft=kl_to_sft[0], entropy=entropy[0], **{"reward@1": reward[0]},
@@ -80,7 +86,9 @@ def frame(
                          "temperature": temperature})
         rows.append(val_row("grpo", e, step=step, kl_to_sft=kl_to_sft[e], entropy=entropy[e],
                             **{"reward@1": reward[e], "acc@1": acc[e]}))
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    df["regret@1"] = BEST_REWARD - df["reward@1"]  # the groups' best reward is fixed: regret mirrors reward@1
+    return df
 
 
 def by_check(findings: list[Finding]) -> dict[str, Finding]:
@@ -95,8 +103,10 @@ def test_healthy_run_triggers_nothing_and_every_check_reports_its_number():
     found = diagnose(frame(), SEED_CFG)
     assert [f.check for f in found] == CHECKS
     assert [f.check for f in found if f.triggered] == []
-    assert all(f.value is not None and f.threshold is not None for f in found)
-    assert all(f.message and not f.message.startswith("skipped") for f in found)
+    frame_found = [f for f in found if f.check in FRAME_CHECKS]
+    assert all(f.value is not None and f.threshold is not None for f in frame_found)
+    assert all(f.message and not f.message.startswith("skipped") for f in frame_found)
+    assert all(f.value is None and "needs the run's data" in f.message for f in found if f.check in DATA_CHECKS)
 
 
 # ---------------------------------------------------------------- 1. step-0 ratio
@@ -225,27 +235,118 @@ def test_reward_vs_label_also_compares_against_the_sft_baseline():
 def test_rce_loss_still_falling_at_its_last_epoch_is_flagged():
     f = run(frame(rce_loss=[2.0, 1.8, 1.5]))["rce_converged"]
     assert f.triggered and f.value == pytest.approx(0.3 / 1.8)
-    assert f.suggestion.startswith("rce.epochs=6")
+    assert f.suggestion.startswith("rce.epochs=6") and f.switches == ["rce.epochs=6"]
     # an annealed temperature between the epochs is named as a confound
     g = run(frame(rce_loss=[2.0, 1.8, 1.5], rce_temperature=[1.75, 1.25, 0.75]))["rce_converged"]
     assert g.triggered and "overstates" in g.message
 
 
-def test_rce_in_a_run_dir_is_judged_at_a_fixed_temperature(tmp_path, monkeypatch):
-    import yaml
-    from v3kit import diagnose as doctor
+def test_reward_vs_label_is_invariant_to_a_shift_or_scaling_of_the_reward():
+    df = frame(reward=[2.4, 2.5, 2.6, 2.7, 2.8], acc=[0.36, 0.35, 0.34, 0.33, 0.32])
+    base = run(df)["reward_vs_label"]
+    assert base.triggered
+    for shift, scale in ((100.0, 1.0), (-2.4, 1.0), (-100.0, 1.0), (0.0, 0.01), (5.0, 50.0)):
+        moved = df.assign(**{"reward@1": scale * df["reward@1"] + shift, "regret@1": scale * df["regret@1"]})
+        f = run(moved)["reward_vs_label"]
+        assert (f.triggered, f.value) == (base.triggered, pytest.approx(base.value)), (shift, scale)
+    # without regret@1 the reward side is read off ndcg@5 (reward gains relative to the group minimum)
+    no_regret = df.drop(columns=["regret@1"]).assign(**{"ndcg@5": 0.5 + (df["reward@1"] - 2.4)})
+    assert run(no_regret)["reward_vs_label"].triggered
 
-    frame(rce_loss=[2.0, 1.8, 1.5]).to_csv(tmp_path / "metrics.csv", index=False)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**SEED_CFG, "rce": {"epochs": 3, "t_end": 0.5}}))
-    # the logged loss falls 17%, but the policies re-scored at the final temperature have flattened out
-    monkeypatch.setattr(doctor, "_rce_fixed_temperature_losses", lambda run_dir, cfg: {0: 1.5, 2: 1.401, 3: 1.4})
-    f = by_check(diagnose(tmp_path))["rce_converged"]
-    assert not f.triggered and f.value == pytest.approx(0.001 / 1.401) and "final temperature" in f.message
-    # a small fall that keeps its pace (a tiny lr) is still not converged
-    monkeypatch.setattr(doctor, "_rce_fixed_temperature_losses", lambda run_dir, cfg: {0: 1.5, 2: 1.47, 3: 1.455})
-    g = by_check(diagnose(tmp_path))["rce_converged"]
-    assert g.triggered and g.value == pytest.approx(0.015 / (0.045 / 3)) and g.threshold == 0.5
-    assert "rce.epochs=6" in g.suggestion
+
+def sft_terms(splits, sft, t: float) -> tuple[float, float]:
+    """(H(targets_T), KL(targets_T || SFT)) on the training split, written out with plain loops over groups."""
+    import math
+
+    model, sim_t = sft
+    tr = splits.train
+    with torch.no_grad():
+        q, c = model.encode_query(tr.query_x), model.encode_candidates(tr.cand_x)
+    h_sum = kl_sum = 0.0
+    for b in range(len(tr)):
+        idx = [j for j in range(tr.group_size) if tr.mask[b, j]]
+        r = [float(tr.rewards[b, j]) / t for j in idx]
+        z = [float(q[b] @ c[b, j]) / sim_t for j in idx]
+        tg = [math.exp(x - max(r)) for x in r]
+        tg = [x / sum(tg) for x in tg]
+        lse = max(z) + math.log(sum(math.exp(x - max(z)) for x in z))
+        h_sum += -sum(p * math.log(p) for p in tg if p > 0)
+        kl_sum += sum(p * (math.log(p) - (x - lse)) for p, x in zip(tg, z) if p > 0)
+    return h_sum / len(tr), kl_sum / len(tr)
+
+
+def rce_frame(closed: list[float], kl: float, splits, sft, steps_per_epoch: int = 6) -> tuple[pd.DataFrame, list]:
+    """A frame whose logged RCE loss at each step is H(targets_T) + (1 - c) * KL(targets_T || SFT) under the default
+    annealed temperature, with the closed share c going linearly through ``closed`` (one value per epoch boundary,
+    the first = 0 at SFT); also returns (epoch, c, gap) per step."""
+    from v3kit.rce import annealed_temperature
+
+    n_epochs = len(closed) - 1
+    df = frame(rce_loss=[1.0] * n_epochs, steps_per_epoch=steps_per_epoch)
+    rows = df.index[(df["stage"] == "rce") & (df["split"] == "train")]
+    total, steps = len(rows), []
+    for i, idx in enumerate(rows):
+        t = annealed_temperature(i, total, 2.0, 0.5)
+        pos = i / steps_per_epoch
+        e = int(min(pos, n_epochs - 1))
+        c = closed[e] + (closed[e + 1] - closed[e]) * (pos - e)
+        h, gap = sft_terms(splits, sft, t)
+        df.loc[idx, ["temperature", "loss"]] = [t, h + (1 - c) * gap]
+        steps.append((e + 1, c, gap))
+    df.loc[(df["stage"] == "rce") & (df["split"] == "val") & (df["epoch"] > 0), "kl_to_sft"] = kl
+    return df, steps
+
+
+def expected_closed(steps: list, epoch: int) -> float:
+    sel = [(c, g) for e, c, g in steps if e == epoch]
+    return sum(c * g for c, g in sel) / sum(g for _, g in sel)
+
+
+@pytest.fixture(scope="module")
+def small_splits():
+    from v3kit.data import split_by_query
+    from v3kit.synthetic import SyntheticConfig, make_world
+
+    return split_by_query(make_world(SyntheticConfig(n_queries=100)), val_frac=0.2, test_frac=0.2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_sft(small_splits):
+    from v3kit.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    return build_model(ModelConfig(), small_splits.train.query_dim, small_splits.train.cand_dim), 1.0
+
+
+RCE_CFG = {**SEED_CFG, "rce": {"epochs": 3, "lr": 1e-5, "t_start": 2.0, "t_end": 0.5}}
+
+
+def test_rce_that_barely_moved_the_policy_says_the_lr_is_too_small(small_splits, small_sft):
+    # a tiny lr: a linear 0.1% of the gap closed and the policy moved 1.7e-5 nats. The old check called this
+    # "not converged, more epochs" (the last epoch gained as much as the average one).
+    df, _ = rce_frame([0.0, 0.0003, 0.0007, 0.001], kl=1.7e-5, splits=small_splits, sft=small_sft)
+    f = by_check(diagnose(df, RCE_CFG, splits=small_splits, sft=small_sft))["rce_converged"]
+    assert f.triggered and "lr too small to move the policy" in f.message
+    assert f.suggestion.startswith("rce.lr=0.0001") and f.switches == ["rce.lr=0.0001"]
+    assert "rce.epochs" not in f.suggestion and f.value == pytest.approx(1.7e-5)
+    # without the data or the SFT model (no floor) the KL alone says the same
+    g = run(df, RCE_CFG)["rce_converged"]
+    assert g.triggered and "lr too small" in g.message
+
+
+def test_rce_is_judged_by_the_gap_to_its_floor_not_the_annealed_raw_loss(small_splits, small_sft):
+    # the raw loss falls a lot (the temperature sharpens the targets) but RCE stopped closing its gap
+    flat, steps = rce_frame([0.0, 0.3, 0.33, 0.335], kl=0.05, splits=small_splits, sft=small_sft)
+    raw = flat[(flat["stage"] == "rce") & (flat["split"] == "train")].groupby("epoch")["loss"].mean()
+    assert (raw.iloc[-2] - raw.iloc[-1]) / raw.iloc[-2] > 0.05  # the logged-loss rule reads this as "still falling"
+    f = by_check(diagnose(flat, RCE_CFG, splits=small_splits, sft=small_sft))["rce_converged"]
+    assert not f.triggered and "H(targets)" in f.message
+    assert f.value == pytest.approx(expected_closed(steps, 3) - expected_closed(steps, 2), abs=1e-4)
+    # a gap that is still closing fast is flagged, with more epochs to test
+    falling, steps = rce_frame([0.0, 0.2, 0.4, 0.6], kl=0.05, splits=small_splits, sft=small_sft)
+    g = by_check(diagnose(falling, RCE_CFG, splits=small_splits, sft=small_sft))["rce_converged"]
+    assert g.triggered and g.switches == ["rce.epochs=6"]
+    assert g.value == pytest.approx(expected_closed(steps, 3) - expected_closed(steps, 2), abs=1e-4)
 
 
 def test_rce_converged_single_epoch_and_no_rce():
@@ -280,10 +381,12 @@ def test_report_text_and_frame():
     flagged = next(ln for ln in lines if "zero_std_groups" in ln)
     assert flagged.startswith("⚠") and "value 0.5" in flagged and "threshold 0.2" in flagged
     assert next(ln for ln in lines if "clip_ratio" in ln).startswith("✔")
-    assert "-> try: grpo.drop_zero_std_groups=true" in text
-    assert lines[-1].startswith("1 of 8 checks flagged: zero_std_groups")
+    assert "-> test: grpo.drop_zero_std_groups=true" in text
+    assert "v3kit ablate --grid RUN_DIR/doctor_grid.yaml" in text and "drop_zero_std_groups_true" in text
+    assert lines[-2].startswith(f"1 of {len(CHECKS)} checks flagged: zero_std_groups; {len(DATA_CHECKS)} skipped")
+    assert "adopt a switch only once its ablation beats" in lines[-1]
     table = report_frame(found)
-    assert list(table.columns) == ["check", "triggered", "value", "threshold", "message", "suggestion"]
+    assert list(table.columns) == ["check", "triggered", "value", "threshold", "message", "suggestion", "switches"]
     assert table.set_index("check").loc["zero_std_groups", "triggered"]
     assert table["triggered"].sum() == 1
 
@@ -296,8 +399,9 @@ def real_run(tmp_path_factory):
     from v3kit.pipeline import run_pipeline
 
     d = tmp_path_factory.mktemp("doctor") / "run"
-    cfg = load_config(None, ["progress=false", "data.synthetic.n_queries=300", "sft.epochs=3", "rce.epochs=1",
-                             "grpo.epochs=2", f"run_dir={d}"])
+    # RCE at a tiny lr: the case where the doctor must say "lr too small" with or without the RCE checkpoints
+    cfg = load_config(None, ["progress=false", "data.synthetic.n_queries=300", "sft.epochs=3", "rce.epochs=2",
+                             "rce.lr=1e-7", "grpo.epochs=2", "grpo.lr=1e-3", f"run_dir={d}"])
     run_pipeline(cfg)
     return d
 
@@ -310,10 +414,61 @@ def test_real_run_end_to_end(real_run):
     assert found["step0_ratio"].value == pytest.approx(row0["step0_outside_clip"])
     grpo = metrics[(metrics["stage"] == "grpo") & (metrics["split"] == "train")]
     assert found["zero_std_groups"].value == pytest.approx(grpo["frac_reward_zero_std"].mean())
-    # RCE re-scored from its checkpoints at the final temperature: SFT (epoch 0) against the one RCE epoch
-    assert "policy after epoch 0 -> after epoch 1" in found["rce_converged"].message
+    rce = found["rce_converged"]
+    assert rce.triggered and "lr too small to move the policy" in rce.message and "H(targets)" in rce.message
+    assert rce.switches == ["rce.lr=1e-06"]
     # every check had what it needs in a real run: nothing skipped
     assert all(f.value is not None for f in found.values())
+
+
+def test_rce_verdict_is_the_same_without_the_per_epoch_checkpoints(real_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ablation_copy"  # what an ablation folder keeps: no per-epoch checkpoints
+    shutil.copytree(real_run, copy, ignore=shutil.ignore_patterns("*_epoch*.pt"))
+    assert list(real_run.glob("rce_epoch*.pt")) and not list(copy.glob("*_epoch*.pt"))
+    full, bare = by_check(diagnose(real_run)), by_check(diagnose(copy))
+    for name in ("rce_converged", "reward_vs_label"):
+        assert (bare[name].triggered, bare[name].value, bare[name].message) == (
+            full[name].triggered, full[name].value, full[name].message)
+
+
+def test_doctor_grid_tests_the_suggestions_against_the_run(real_run, tmp_path, capsys):
+    import yaml
+    from v3kit.ablate import load_grid, run_grid
+
+    assert main(["doctor", str(real_run), "--grid"]) == 0
+    out = capsys.readouterr().out
+    path = real_run / "doctor_grid.yaml"
+    assert f"wrote {path}" in out and f"v3kit ablate --grid {path}" in out
+    raw = yaml.safe_load(path.read_text())
+    assert raw["reference"] == "run" and raw["variants"]["run"] == [] and "sft_only" in raw["variants"]
+    assert raw["variants"]["lr_1e-06"] == ["rce.lr=1e-06"]  # rce_converged's switch
+    assert "rce.lr=1.0e-07" in raw["base"] and "data.synthetic.n_queries=300" in raw["base"]
+    assert not any(b.split("=")[0] in ("seed", "run_dir", "progress") for b in raw["base"])
+    assert raw["sft_checkpoint"] == str((real_run / "sft.pt").resolve())  # every variant starts from the run's SFT
+    spec = load_grid(path)
+    assert spec.resolve("default", "run", 0).rce.lr == 1e-7
+    # a tiny version of it runs
+    tiny = load_grid(path, ["rce.epochs=1", "grpo.epochs=1"])
+    tiny.seeds = [1]  # a run seed other than the shared SFT's (0)
+    tiny.variants = {k: tiny.variants[k] for k in ("sft_only", "run", "lr_1e-06")}
+    tiny.questions = {}
+    res = run_grid(tiny, tmp_path / "abl", workers=1, progress=False)
+    assert res.executed == 3 and set(res.frame["variant"]) == {"sft_only", "run", "lr_1e-06"}
+    assert not (tmp_path / "abl" / "default" / "sft").exists()  # no SFT trained: the run's own was used
+    sft_test = res.frame[(res.frame["split"] == "test") & (res.frame["stage"] == "sft")]
+    run_summary = pd.read_csv(real_run / "summary.csv", index_col=0)
+    assert sft_test["acc@1"].iloc[0] == pytest.approx(run_summary.loc["sft", "acc@1"])  # same SFT, same test split
+    # the doctor on an ablation run rebuilds the split it trained on (the shared SFT's), not one from its own seed
+    from v3kit.diagnose import RunContext, load_run
+    from v3kit.pipeline import prepare_data
+
+    run1 = res.run_dir("run", 1)
+    df, cfg = load_run(run1)
+    ctx = RunContext(df, cfg, Thresholds(), run1)
+    want = prepare_data(tiny.resolve("default", "run", 0)).train.query_ids
+    assert ctx.data().train.query_ids == want != prepare_data(tiny.resolve("default", "run", 1)).train.query_ids
 
 
 def test_cli_doctor_prints_the_report(real_run, capsys):
@@ -346,3 +501,32 @@ def test_cli_doctor_on_an_empty_or_foreign_metrics_file(tmp_path, capsys):
     assert main(["doctor", str(tmp_path / "foreign")]) == 2
     err = capsys.readouterr().err
     assert "not a v3kit metrics.csv" in err and "'stage'" in err
+
+
+def test_every_check_ignores_a_constant_reward_shift_and_names_its_scale(small_splits, small_sft):
+    import dataclasses
+
+    from v3kit.data import Splits
+
+    def moved(splits, a: float, c: float):
+        return Splits(*[dataclasses.replace(p, rewards=torch.where(p.mask, a * p.rewards + c, 0.0))
+                        for p in (splits.train, splits.val, splits.test)])
+
+    df, _ = rce_frame([0.0, 0.2, 0.3, 0.35], kl=0.05, splits=small_splits, sft=small_sft)
+    df = df.assign(**{"reward@1": df["reward@1"] + 0.1 * df["epoch"], "regret@1": df["regret@1"] - 0.1 * df["epoch"]})
+
+    def verdicts(a: float, c: float) -> dict[str, tuple]:
+        d = df.assign(**{"reward@1": a * df["reward@1"] + c, "regret@1": a * df["regret@1"]})
+        found = diagnose(d, RCE_CFG, splits=moved(small_splits, a, c), sft=small_sft)
+        return {f.check: (f.triggered, None if f.value is None else round(f.value, 4)) for f in found}
+
+    base = verdicts(1.0, 0.0)
+    assert all(v[1] is not None for v in base.values())  # every check ran
+    assert verdicts(1.0, 100.0) == base and verdicts(1.0, -7.0) == base
+    scaled = verdicts(30.0, 5.0)
+    # RCE's targets are a softmax of reward / T: their checks depend on the reward's scale, and say so
+    assert {k: v for k, v in scaled.items() if k not in ("rce_targets", "rce_converged")} == {
+        k: v for k, v in base.items() if k not in ("rce_targets", "rce_converged")}
+    found = {f.check: f for f in diagnose(df, RCE_CFG, splits=small_splits, sft=small_sft)}
+    assert "T in raw reward units" in found["rce_targets"].message
+    assert "T in raw reward units" in found["rce_converged"].message

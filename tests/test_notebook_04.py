@@ -39,10 +39,12 @@ def test_notebook_04_runs_with_smoke_params(tmp_path):
     errors = [o for o in outputs if o.get("output_type") == "error"]
     assert not errors, errors
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(pngs) >= 7  # forest x2, curves x2, kl_beta, epochs x2, worlds
+    assert len(pngs) >= 8  # forest x2, curves x2, shortcut, kl_beta, epochs x2, worlds
     results = notebook_tools.read_results(nbformat.read(str(out), as_version=4))
     assert "World 'default'" in results["conclusions"]  # the generated conclusion
     assert "significantly better than SFT" in results["conclusions"]
     assert set(results["doctor_flags"]) >= {"seed"}  # the doctor ran on the seed run
+    shares = results["shortcut_share"]  # the smoke grid's worlds: reward_bias 0.5 (default) and 0.0
+    assert shares["default"] > shares["bias_0.0"]
     assert results["runs_executed"] > 0
     assert (tmp_path / "grid" / "results.parquet").exists()

@@ -1,7 +1,7 @@
 """GRPO health report ("doctor"): read a run's ``metrics.csv`` (and ``config.yaml``) and check the symptoms of
 the suspects in ``docs/pipeline.md`` ("Why GRPO might underperform"), each with the number behind it and a switch to try.
 
-Checks, in report order (``Finding.check``):
+Each check is one function registered with ``@check(name)``; they run in registration order (``check_names()``):
 
 * ``step0_ratio``: the PPO ratio at GRPO step 0 is not ~1 (stale old policy or temperature mismatch).
 * ``clip_ratio``: the clip removes the gradient of many entries for long stretches (updates throttled).
@@ -9,10 +9,22 @@ Checks, in report order (``Finding.check``):
 * ``kl_growth``: KL to the SFT model still climbing at the end of GRPO and already large (nothing anchors it).
 * ``kl_pinned``: the KL penalty is ~0 throughout (the KL term does nothing).
 * ``entropy_collapse``: the policy's entropy fell by a large fraction during GRPO.
-* ``reward_vs_label``: reward@1 rose while label metrics (or, in the synthetic world, the hidden utility) fell.
-* ``rce_converged``: RCE loss was still falling at its last epoch when GRPO started. On a run dir with its
-  checkpoints the policies are re-scored at the final RCE temperature, because the logged loss falls with the
-  annealed temperature alone (sharper targets have lower entropy); on a bare frame the logged loss is used.
+* ``reward_vs_label``: the reward of the top pick rose (read off regret@1, so no constant shift or scaling of the
+  reward changes the verdict) while label metrics (acc@1, mrr; utility@1 where the data knows it) fell.
+* ``rce_converged``: did RCE move the policy (KL to SFT) and is it still closing its gap to the loss floor
+  H(targets)? Says "lr too small to move the policy" when it barely moved. Reads ``metrics.csv`` and the data only,
+  so a full run and an ablation folder without per-epoch checkpoints get the same verdict.
+* ``reward_shortcut``: the share of within-group reward variance that candidate features alone explain (the part
+  of the reward any query would give; ``v3kit/shortcut.py``), and what the policy's change from SFT followed.
+* ``rce_targets``: how concentrated RCE's targets are at t_start and t_end (the temperature is in reward units
+  unless ``rce.reward_norm`` normalises per group).
+* ``baselines``: SFT against random, raw-feature cosine and the reward's argmax (``v3kit/baselines.py``).
+
+The last three (and RCE's loss floor) need the data: on a run dir it is rebuilt from ``config.yaml``; on a bare frame
+pass ``splits=`` or they are skipped. None of them needs a true utility.
+
+Every flagged finding carries ``switches``: the config overrides to *test*. ``v3kit doctor RUN --grid`` writes
+``RUN/doctor_grid.yaml``, an ablation of those switches against the run itself (see ``doctor_grid.py``).
 
 A check whose stage or columns are missing is reported as skipped (``triggered=False``, ``value=None``) with the
 reason; the doctor never fails on a partial run.
@@ -23,9 +35,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import yaml
@@ -43,6 +56,9 @@ class Finding:
     threshold: float | None
     message: str
     suggestion: str
+    # The config overrides behind the suggestion, one variant each, that ``doctor --grid`` puts in a grid to test
+    # against the run itself (only rce.* / grpo.* switches: an ablation shares the run's data, model and SFT).
+    switches: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,22 +90,106 @@ class Thresholds:
     # Relative entropy drop from the GRPO start to its end: losing a quarter of the starting entropy in GRPO alone
     # is the collapse DAPO's clip-higher was introduced against.
     entropy_drop: float = 0.25
-    # reward@1 must rise by more than this (relative) ...
+    # The top pick's reward must gain more than this share of its regret (regret@1 = best reward in the group minus
+    # the top pick's: its relative fall is the same for any shift or positive scaling of the reward) ...
     reward_rise: float = 0.005
     # ... while acc@1, mrr or utility@1 fall by more than this (relative; 1% of acc@1 ~ 0.36 on the default
     # 450-query val split is ~2 queries, so smaller moves are noise of a single run).
     label_drop: float = 0.01
-    # Relative fall of the epoch-mean RCE loss from the previous epoch to the last: >= 5% means another epoch would
-    # still move it, i.e. RCE stopped before it converged.
+    # RCE, judged by how far it moved the policy and how much of its gap to the loss floor it closed (the floor is
+    # H(targets), the entropy of RCE's own targets: loss - H(targets) = KL(targets || policy) is all it can learn).
+    # "lr too small to move the policy": KL(RCE policy || SFT) below this (nats; 0.7% of the ~1.4 nats entropy of
+    # the default SFT policy over 8 candidates; the seed's RCE at lr 1e-5 moves it ~0.003, at lr 1e-3 ~0.06) ...
+    rce_min_kl: float = 1e-2
+    # ... and less than this share of SFT's gap to the floor closed by the end of RCE (at lr 1e-3 RCE closes ~1/3).
+    rce_min_closed: float = 0.2
+    # The last RCE epoch still closed at least this share of the starting gap: another epoch would close more.
+    rce_still_closing: float = 0.05
+    # Without the data to compute the floor: relative fall of the epoch-mean logged loss, previous -> last epoch.
     rce_still_falling: float = 0.05
-    # With the checkpoints at hand, also: the last epoch's fall of the fixed-temperature loss as a multiple of RCE's
-    # average per-epoch fall. A converging curve flattens (last epoch well below average); >= 0.5x means it has not,
-    # however small the per-epoch change (a tiny lr makes every change small).
-    rce_pace: float = 0.5
+    # Share of the within-group reward variance that the candidate features alone explain (cross-fitted, see
+    # v3kit/shortcut.py): with no shortcut it is ~0 (the default synthetic world with reward_bias=0 gives < 1%);
+    # 5% means a visible slice of what GRPO is paid for needs no reading of the query.
+    shortcut_share: float = 0.05
+    # RCE target concentration: a group is "effectively one-hot" when its top target weight is at least this; when
+    # that holds for this share of groups at t_end, RCE is plain cross-entropy on the reward's argmax there and the
+    # temperature schedule says more about the reward's scale than about the intended softness.
+    one_hot_weight: float = 0.95
+    one_hot_share: float = 0.5
 
 
-_CHECKS = ("step0_ratio", "clip_ratio", "zero_std_groups", "kl_growth", "kl_pinned", "entropy_collapse",
-           "reward_vs_label", "rce_converged")
+_Check = Callable[["RunContext"], Finding]
+_REGISTRY: dict[str, _Check] = {}
+
+
+def check(name: str) -> Callable[[_Check], _Check]:
+    """Register a doctor check under ``name``; :func:`diagnose` runs them in registration order."""
+    def register(fn: _Check) -> _Check:
+        if name in _REGISTRY:
+            raise ValueError(f"doctor check {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return register
+
+
+def check_names() -> list[str]:
+    """The registered checks, in report order."""
+    return list(_REGISTRY)
+
+
+@dataclass
+class RunContext:
+    """What a check reads: the metrics frame, the config, the thresholds and, for a run dir, its data and
+    checkpoints (loaded lazily, once, by the checks that need them)."""
+
+    df: pd.DataFrame
+    config: dict[str, Any]
+    th: Thresholds
+    run_dir: Path | None = None
+    splits: Any = None  # v3kit.data.Splits given by the caller (else built from the config of a run dir)
+    sft: Any = None  # (SFT model, its sim_temperature) given by the caller (else the run dir's SFT checkpoint)
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def sft_model(self) -> tuple[Any, float] | None:
+        """(the SFT model, its logit temperature), or None: from the caller, else the run dir's ``sft.pt`` or the
+        SFT checkpoint ``run_info.json`` records (ablation folders keep that one; only per-epoch ones go)."""
+        if self.sft is None and "sft" not in self._cache:
+            self._cache["sft"] = None
+            if self.run_dir is not None:
+                from .checkpoint import load_checkpoint, model_from_checkpoint
+                from .pipeline import recorded_sft_checkpoint
+                path = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
+                if Path(path).is_file():
+                    try:
+                        ckpt = load_checkpoint(path)
+                        self._cache["sft"] = (model_from_checkpoint(ckpt, path),
+                                              float(ckpt["model_config"]["sim_temperature"]))
+                    except Exception:  # noqa: BLE001 - an unreadable checkpoint costs those numbers only
+                        self._cache["sft"] = None
+        return self.sft if self.sft is not None else self._cache["sft"]
+
+    def data(self) -> Any:
+        """The run's :class:`Splits`, or None (a bare frame, or data that cannot be rebuilt)."""
+        if self.splits is None and "splits" not in self._cache:
+            self._cache["splits"] = None
+            if self.run_dir is not None and self.config:
+                from .config import RunConfig, from_dict
+                from .pipeline import prepare_data, recorded_split_seed
+                try:
+                    cfg = from_dict(RunConfig, self.config)
+                    split_seed = recorded_split_seed(self.run_dir)  # ablation runs use the shared SFT's split
+                    if split_seed is not None:
+                        cfg = dataclasses.replace(cfg, seed=split_seed)
+                    self._cache["splits"] = prepare_data(cfg)
+                except Exception as e:  # noqa: BLE001 - a moved data file costs the data checks, not the report
+                    self._cache["data_error"] = f"{type(e).__name__}: {e}"
+        return self.splits if self.splits is not None else self._cache["splits"]
+
+    def data_missing(self) -> str:
+        """Why :meth:`data` is None, for a skip message."""
+        if "data_error" in self._cache:
+            return f"could not rebuild the run's data ({self._cache['data_error']})"
+        return "needs the run's data: run the doctor on a run dir (with its config.yaml)"
 
 
 # ---------------------------------------------------------------- input
@@ -160,6 +260,15 @@ def _g(x: float) -> str:
     return f"{x:.4g}"
 
 
+_SWITCH = re.compile(r"\b(?:rce|grpo)\.[a-z_]+=[^\s,;()]+")
+
+
+def switch_tokens(text: str) -> list[str]:
+    """The ``rce.*=`` / ``grpo.*=`` overrides written in a suggestion, in order, once each (what an ablation of
+    the same SFT checkpoint can test)."""
+    return list(dict.fromkeys(_SWITCH.findall(text)))
+
+
 def _skip(check: str, why: str, threshold: float | None = None) -> Finding:
     return Finding(check, False, None, threshold, f"skipped: {why}", "")
 
@@ -182,7 +291,9 @@ def _temperature_mismatch(config: dict[str, Any], grpo_train: pd.DataFrame) -> s
             f"model.sim_temperature={_g(float(sim_t))}")
 
 
-def check_step0_ratio(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("step0_ratio")
+def check_step0_ratio(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "step0_ratio"
     val0 = _rows(df, "grpo", "val")
     val0 = val0[val0["epoch"] == 0] if "epoch" in val0.columns else val0.iloc[0:0]
@@ -249,7 +360,9 @@ def _window_mean(values: pd.Series, frac: float, last: bool) -> float:
     return float(part.mean())
 
 
-def check_clip_ratio(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("clip_ratio")
+def check_clip_ratio(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "clip_ratio"
     clip = _col(_rows(df, "grpo", "train"), "clip_ratio")
     if clip.empty:
@@ -272,11 +385,14 @@ def check_clip_ratio(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -
             fixes.append("grpo.old_policy=refresh_each_epoch")
         else:
             msg += "; high at the end although the old policy is refreshed every epoch: each epoch moves too far"
-        fixes.append("a lower grpo.lr, or grpo.eps_high=0.28 (clip-higher)")
+        fixes.append("a lower grpo.lr, or grpo.eps_high=0.28 (clip-higher), or grpo.loss_type=cispo (clipped "
+                     "entries keep a gradient)")
     return Finding(name, True, value, th.clip_ratio, msg + " -> updates throttled", " or ".join(dict.fromkeys(fixes)))
 
 
-def check_zero_std(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("zero_std_groups")
+def check_zero_std(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "zero_std_groups"
     frac = _col(_rows(df, "grpo", "train"), "frac_reward_zero_std")
     if frac.empty:
@@ -295,7 +411,9 @@ def check_zero_std(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> 
     return Finding(name, True, value, th.zero_std_frac, msg, fix)
 
 
-def check_kl_growth(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("kl_growth")
+def check_kl_growth(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "kl_growth"
     series = _val_series(_rows(df, "grpo", "val"), "kl_to_sft")
     what = "KL(policy || SFT) on val"
@@ -329,7 +447,9 @@ def check_kl_growth(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) ->
     return Finding(name, True, end, th.kl_high, msg + " -> growing without bound", fix)
 
 
-def check_kl_pinned(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("kl_pinned")
+def check_kl_pinned(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "kl_pinned"
     kl = _col(_rows(df, "grpo", "train"), "kl")
     beta = _get(config, "grpo.kl_beta")
@@ -357,7 +477,9 @@ def check_kl_pinned(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) ->
                    msg + " -> pinned at ~0: the KL term does nothing (its reference moves with the policy)", fix)
 
 
-def check_entropy(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
+@check("entropy_collapse")
+def check_entropy(ctx: RunContext) -> Finding:
+    df, config, th = ctx.df, ctx.config, ctx.th
     name = "entropy_collapse"
     series, what = _val_series(_rows(df, "grpo", "val"), "entropy"), "val entropy"
     if len(series) < 2:
@@ -372,187 +494,376 @@ def check_entropy(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> F
     if drop <= th.entropy_drop:
         return Finding(name, False, drop, th.entropy_drop, msg, "")
     return Finding(name, True, drop, th.entropy_drop, msg + " -> entropy collapse",
-                   "grpo.eps_high=0.28 (DAPO clip-higher), or grpo.kl_reference=sft with a larger grpo.kl_beta, "
-                   "or a lower grpo.lr")
+                   "grpo.eps_high=0.28 (DAPO clip-higher), or grpo.entropy_coef=0.01 (entropy bonus), or "
+                   "grpo.kl_reference=sft with a larger grpo.kl_beta, or a lower grpo.lr")
 
 
 _LABEL_METRICS = ("acc@1", "mrr", "utility@1")
 
 
-def _changes(a: pd.Series, b: pd.Series) -> dict[str, tuple[float, float, float]]:
-    """metric -> (before, after, relative change) for the metrics both rows have."""
-    out = {}
-    for m in ("reward@1", *_LABEL_METRICS):
-        if m in a.index and m in b.index and pd.notna(a[m]) and pd.notna(b[m]) and a[m] != 0:
-            out[m] = (float(a[m]), float(b[m]), (float(b[m]) - float(a[m])) / abs(float(a[m])))
-    return out
+def _rel(a: pd.Series, b: pd.Series, m: str) -> tuple[float, float, float] | None:
+    """(before, after, relative change) of metric ``m``; None when either is missing or ``before`` is 0."""
+    if m in a.index and m in b.index and pd.notna(a[m]) and pd.notna(b[m]) and a[m] != 0:
+        return float(a[m]), float(b[m]), (float(b[m]) - float(a[m])) / abs(float(a[m]))
+    return None
 
 
-def check_reward_vs_label(df: pd.DataFrame, config: dict[str, Any], th: Thresholds) -> Finding:
-    name = "reward_vs_label"
+def _reward_gain(a: pd.Series, b: pd.Series) -> tuple[str, float] | None:
+    """How much the reward of the top-1 pick improved from row ``a`` to ``b``, as a share that no constant shift or
+    positive scaling of the reward can change: the relative fall of ``regret@1`` (best reward in the group minus
+    the top-1's), else the relative rise of ``ndcg@5`` (gains are rewards minus the group minimum). ``reward@1``'s
+    relative change is not used: adding a constant to every reward changes it at will."""
+    r = _rel(a, b, "regret@1")
+    if r is not None:
+        return f"regret@1 {_g(r[0])}->{_g(r[1])} ({-r[2]:+.1%} reward gain)", -r[2]
+    r = _rel(a, b, "ndcg@5")
+    if r is not None:
+        return f"ndcg@5 {_g(r[0])}->{_g(r[1])} ({r[2]:+.1%})", r[2]
+    return None
+
+
+def _disagreement(ctx: RunContext) -> str:
+    """The share of held-out groups whose highest-reward candidate is not the label (needs the data)."""
+    splits = ctx.data()
+    if splits is None:
+        return ""
+    from .reward_stats import label_reward_agreement
+    return (f"; the reward's top candidate is not the label in {1 - label_reward_agreement(splits.val):.0%} of the "
+            f"val groups")
+
+
+@check("reward_vs_label")
+def check_reward_vs_label(ctx: RunContext) -> Finding:
+    """Reward up while a label metric falls. The reward side is read off regret@1 (or ndcg@5), so the verdict does
+    not depend on the reward's offset or scale; label metrics are relative changes of acc@1 / mrr (/ utility@1
+    where the data has a true utility)."""
+    df, th, name = ctx.df, ctx.th, "reward_vs_label"
     grpo_val, rce_val = _rows(df, "grpo", "val"), _rows(df, "rce", "val")
-    if "reward@1" not in grpo_val.columns or len(grpo_val.dropna(subset=["reward@1"])) < 2:
-        return _skip(name, "needs reward@1 at the GRPO start and end (val rows)", th.label_drop)
-    grpo_val = grpo_val.dropna(subset=["reward@1"])
+    if len(grpo_val) < 2:
+        return _skip(name, "needs val rows at the GRPO start and end", th.label_drop)
     end = grpo_val.iloc[-1]
     windows = [("GRPO start -> end", grpo_val.iloc[0])]
     sft_rows = rce_val[rce_val["epoch"] == 0] if "epoch" in rce_val.columns else rce_val.iloc[0:0]
-    rce_epochs = _val_series(rce_val, "reward@1")
-    if len(sft_rows) and len(rce_epochs) > 1:  # with RCE the SFT baseline differs from the GRPO start
+    if len(sft_rows) and len(_val_series(rce_val, "acc@1")) > 1:  # with RCE the SFT baseline differs
         windows.insert(0, ("SFT -> GRPO end", sft_rows.iloc[-1]))
     parts, hits, drops_all, names = [], [], [], set()
     for label, start in windows:
-        ch = _changes(start, end)
-        if "reward@1" not in ch or not any(m in ch for m in _LABEL_METRICS):
+        gain = _reward_gain(start, end)
+        ch = {m: r for m in _LABEL_METRICS if (r := _rel(start, end, m)) is not None}
+        if gain is None or not ch:
             continue
         desc = ", ".join(f"{m}{' (hidden truth)' if m == 'utility@1' else ''} {_g(a)}->{_g(b)} ({r:+.1%})"
                          for m, (a, b, r) in ch.items())
-        drop = max(-r for m, (_, _, r) in ch.items() if m != "reward@1")  # largest relative fall of a label metric
-        fallen = [m for m, (_, _, r) in ch.items() if m != "reward@1" and -r > th.label_drop]
-        hit = ch["reward@1"][2] > th.reward_rise and bool(fallen)
+        drop = max(-r for (_, _, r) in ch.values())  # largest relative fall of a label metric
+        fallen = [m for m, (_, _, r) in ch.items() if -r > th.label_drop]
+        hit = gain[1] > th.reward_rise and bool(fallen)
         drops_all.append(drop)
         if hit:
             hits.append(drop)
             names.update(fallen)
-        parts.append(f"{label}: {desc}" + (f" [reward up, {'/'.join(fallen)} down]" if hit else ""))
+        parts.append(f"{label}: {gain[0]}, {desc}" + (f" [reward up, {'/'.join(fallen)} down]" if hit else ""))
     if not parts:
-        return _skip(name, "no label metric (acc@1 / mrr / utility@1) next to reward@1", th.label_drop)
-    msg = "; ".join(parts) + (f" (reward rise > {th.reward_rise:.1%} with a label fall > {th.label_drop:.1%} "
-                              f"flags)")
+        return _skip(name, "needs regret@1 (or ndcg@5) and a label metric (acc@1 / mrr) at the GRPO start and end",
+                     th.label_drop)
+    msg = "; ".join(parts) + (f" (a reward gain > {th.reward_rise:.1%} with a label fall > {th.label_drop:.1%} "
+                              f"flags){_disagreement(ctx)}")
     if not hits:
         return Finding(name, False, max(drops_all), th.label_drop, msg, "")
     return Finding(name, True, max(hits), th.label_drop,
                    msg + f" -> 'worse' depends on the metric: the reward disagrees with "
                    f"{'/'.join(m for m in _LABEL_METRICS if m in names)}",
-                   "data reward weights (make the reward agree with the labels), or rce.label_weight=0.5 to keep "
-                   "the labels in the targets; judge runs by the metric you ship")
+                   "rce.label_weight=0.5 (keep the labels in the RCE targets), or fix the data's reward weights so "
+                   "the reward agrees with the labels; judge runs by the metric you ship", ["rce.label_weight=0.5"])
 
 
-def _rce_fixed_temperature_losses(run_dir: Path, config: dict[str, Any]) -> dict[int, float] | None:
-    """epoch -> RCE loss on the training split of the policy after that RCE epoch (0 = ``sft.pt``), for the first
-    and the last two epochs, all at the *final* temperature; None when the run dir lacks what that needs.
+def _rce_gaps(ctx: RunContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series] | None:
+    """Per logged RCE step: the loss floor H(targets) at that step's temperatures, and the gap the SFT policy has
+    to that floor there, KL(targets || pi_SFT), both on the run's training split; None without data or SFT.
 
-    The logged loss is ``H(targets_T) + KL(targets_T || policy)``, and annealing T sharpens the targets, lowering
-    ``H`` with no learning at all. Holding T fixed leaves only what the policy learnt.
+    The SFT gap is the yardstick: as the temperature anneals the targets sharpen, so both the floor and the gap of
+    any fixed policy change; ``1 - (loss - floor) / gap_SFT`` is the share of the gap RCE closed at that temperature.
     """
-    from .checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
-    from .config import from_dict, RunConfig
+    splits, sft = ctx.data(), ctx.sft_model()
+    if splits is None or sft is None:
+        return None
     from .losses import rce_targets
     from .model import compute_log_probs
-    from .pipeline import prepare_data
 
-    ckpts = dict(epoch_checkpoints(run_dir, "rce"))
-    if (run_dir / "sft.pt").is_file():
-        ckpts.setdefault(0, run_dir / "sft.pt")
-    if len(ckpts) < 2 or not config:
+    get = lambda k, d: d if _get(ctx.config, f"rce.{k}") is None else _get(ctx.config, f"rce.{k}")  # noqa: E731
+    on_rewards = get("temperature_target", "rewards") == "rewards"
+    fixed_t = float(get("reward_temperature", 1.0))
+    label_weight, norm = float(get("label_weight", 0.0)), str(get("reward_norm", "none"))
+    model, sim_t = sft
+    train = splits.train
+    if "temperature" not in rows.columns or rows["temperature"].isna().any():
         return None
-    epochs = sorted({min(ckpts), *sorted(ckpts)[-2:]})
-    cfg = from_dict(RunConfig, config)
-    train = prepare_data(cfg).train
-    rce = cfg.rce
-    losses = {}
-    for e in epochs:
-        ckpt = load_checkpoint(ckpts[e])
-        model = model_from_checkpoint(ckpt, ckpts[e])
-        sim_t = float(ckpt["model_config"]["sim_temperature"])
-        if rce.temperature_target == "rewards":
-            reward_t, logit_t = rce.t_end, sim_t
-        else:
-            reward_t, logit_t = rce.reward_temperature, sim_t * rce.t_end
-        logp = compute_log_probs(model, train, logit_t)
-        t = rce_targets(train.labels, train.rewards, reward_t, mask=train.mask, label_weight=rce.label_weight)
-        losses[e] = float(-(t * logp).masked_fill(~train.mask, 0.0).sum(1).mean())
-    return losses
+    cache: dict[float, tuple[float, float]] = {}
+    logp_cache: dict[float, Any] = {}
+
+    def terms(t: float) -> tuple[float, float]:
+        key = round(float(t), 4)
+        if key not in cache:
+            reward_t, logit_t = (key, sim_t) if on_rewards else (fixed_t, sim_t * key)
+            if logit_t not in logp_cache:
+                logp_cache[logit_t] = compute_log_probs(model, train, logit_t)
+            logp = logp_cache[logit_t]
+            tg = rce_targets(train.labels, train.rewards, reward_t, mask=train.mask, label_weight=label_weight,
+                             reward_norm=norm)
+            keep = train.mask & (tg > 0)
+            h = float(-(tg * tg.clamp_min(1e-30).log()).masked_fill(~keep, 0.0).sum(1).mean())
+            ce = float(-(tg * logp).masked_fill(~keep, 0.0).sum(1).mean())
+            cache[key] = (h, ce - h)
+        return cache[key]
+
+    pairs = rows["temperature"].map(terms)
+    return pairs.map(lambda p: p[0]), pairs.map(lambda p: p[1])
 
 
-def _rce_logged_fall(rce: pd.DataFrame, loss: pd.Series) -> tuple[float, float, str, str] | None:
-    """(previous, last, description, temperature note) of the logged RCE loss."""
-    temps = _epoch_means(rce, "temperature")
-    if len(loss) >= 2:
-        prev, last = float(loss.iloc[-2]), float(loss.iloc[-1])
-        where = f"logged RCE loss, epoch {loss.index[-2]} -> {loss.index[-1]} means"
-        t_prev, t_last = ((float(temps.iloc[-2]), float(temps.iloc[-1])) if len(temps) >= 2 else (None, None))
-    else:  # one epoch: its first half against its second half
-        steps = rce.dropna(subset=["loss"])
-        half = len(steps) // 2
-        if half < 1:
-            return None
-        prev, last = float(steps["loss"].iloc[:half].mean()), float(steps["loss"].iloc[half:].mean())
-        where = "logged RCE loss, first -> second half of the only RCE epoch"
-        t = _col(steps, "temperature")
-        t_prev, t_last = ((float(t.iloc[:half].mean()), float(t.iloc[half:].mean())) if len(t) == len(steps)
-                          else (None, None))
-    note = ""
-    if t_prev is not None and not math.isclose(t_prev, t_last, rel_tol=1e-3):
-        note = f"temperature {_g(t_prev)} -> {_g(t_last)}"
-    return prev, last, where, note
+def _two_windows(values: pd.Series, epochs: pd.Series) -> tuple[float, float, str] | None:
+    """Mean of the previous and of the last RCE epoch (or the two halves of a single epoch)."""
+    means = values.groupby(epochs).mean().sort_index()
+    if len(means) >= 2:
+        return float(means.iloc[-2]), float(means.iloc[-1]), f"epoch {means.index[-2]} -> {means.index[-1]}"
+    half = len(values) // 2
+    if half < 1:
+        return None
+    return (float(values.iloc[:half].mean()), float(values.iloc[half:].mean()),
+            "first -> second half of the only RCE epoch")
 
 
-def check_rce_converged(df: pd.DataFrame, config: dict[str, Any], th: Thresholds,
-                        run_dir: Path | None = None) -> Finding:
-    name = "rce_converged"
+@check("rce_converged")
+def check_rce_converged(ctx: RunContext) -> Finding:
+    """Did RCE move the policy, and has it stopped closing its gap to the loss floor?
+
+    Judged from ``metrics.csv`` and the data alone (never the per-epoch checkpoints, which ablation folders delete),
+    so a full run and its ablation copy get the same verdict: KL(RCE policy || SFT) from the val rows, and the
+    logged loss minus its floor H(targets) at each step's temperature = KL(targets || policy), the part of the loss
+    RCE can reduce (the raw loss also falls as the annealed temperature sharpens the targets, learning or not).
+    At a tiny lr the progress per epoch is small but constant, so "the last epoch gained as much as the average"
+    says nothing; what counts is how much of the starting gap was closed, and how far the policy moved.
+    """
+    df, config, th, name = ctx.df, ctx.config, ctx.th, "rce_converged"
     rce = _rows(df, "rce", "train")
-    loss = _epoch_means(rce, "loss")
-    if loss.empty:
+    rce = rce.dropna(subset=["loss"]) if "loss" in rce.columns else rce.iloc[0:0]
+    if rce.empty:
         epochs = _get(config, "rce.epochs")
         why = "no RCE steps" + (f" (rce.epochs={epochs}): GRPO started from SFT" if epochs is not None else "")
-        return _skip(name, why, th.rce_still_falling)
-    logged = _rce_logged_fall(rce, loss)
-    fixed, logged_note = None, ""
-    if run_dir is not None:
-        try:
-            fixed = _rce_fixed_temperature_losses(run_dir, config)
-        except Exception as e:  # noqa: BLE001 - any failure (moved data file, old checkpoint) falls back on the log
-            logged_note = f" (could not re-score the RCE checkpoints: {type(e).__name__}: {e})"
-    pace = None
-    if fixed is not None:
-        e_first, e_prev, e_last = min(fixed), sorted(fixed)[-2], max(fixed)
-        prev, last = fixed[e_prev], fixed[e_last]
-        fall = (prev - last) / prev if prev > 0 else 0.0
-        t_end = _get(config, "rce.t_end")
-        msg = (f"RCE loss on the training split at the final temperature (T={_g(float(t_end))}), policy after epoch "
-               f"{e_prev} -> after epoch {e_last}: {_g(prev)} -> {_g(last)}, a {fall:.1%} fall")
-        total = fixed[e_first] - last
-        if e_first == 0 and e_last >= 2 and total > 0:
-            # Scale-free: a tiny lr makes every epoch's fall small, but a curve that has not flattened still makes
-            # its last epoch as large as its average one.
-            pace = (prev - last) / (total / e_last)
-            msg += (f"; the last epoch gained {pace:.2f}x RCE's average per-epoch gain ({_g(fixed[e_first])} at "
-                    f"SFT; 'not flattened' from {th.rce_pace:.2f}x)")
-        if logged is not None:
-            lp, ll, _, note = logged
-            logged_fall = (lp - ll) / lp if lp > 0 else 0.0
-            msg += f"; the logged loss fell {logged_fall:.1%}"
-            if note and logged_fall > 2 * fall:  # the gap between the two is the schedule, not learning
-                msg += f" with the {note}, most of it the targets sharpening, not learning"
-    elif logged is not None:
-        prev, last, where, note = logged
+        return _skip(name, why, th.rce_still_closing)
+    moved_s = _val_series(_rows(df, "rce", "val"), "kl_to_sft")
+    moved = float(moved_s.iloc[-1]) if len(moved_s) else None
+    n = _get(config, "rce.epochs")
+    n = int(n) if n is not None else int(rce["epoch"].max())
+    lr = _get(config, "rce.lr")
+    gaps = _rce_gaps(ctx, rce)
+    closed_total = closed_last = None
+    if gaps is not None:
+        floor, gap_sft = gaps
+        excess = rce["loss"] - floor
+
+        def closed(sel: pd.Series) -> float:  # share of SFT's gap closed over the steps in sel
+            g = float(gap_sft[sel].sum())
+            return 1.0 - float(excess[sel].sum()) / g if g > 0 else 1.0
+
+        epochs = sorted(rce["epoch"].unique())
+        if len(epochs) >= 2:
+            prev_sel, last_sel = rce["epoch"] == epochs[-2], rce["epoch"] == epochs[-1]
+            where = f"epoch {epochs[-2]} -> {epochs[-1]}"
+        else:
+            half = len(rce) // 2
+            if half < 1:
+                return _skip(name, "a single RCE step: nothing to compare", th.rce_still_closing)
+            pos = pd.Series(range(len(rce)), index=rce.index)
+            prev_sel, last_sel = pos < half, pos >= half
+            where = "first -> second half of the only RCE epoch"
+        closed_prev, closed_total = closed(prev_sel), closed(last_sel)
+        closed_last = closed_total - closed_prev
+        norm = _get(ctx.config, "rce.reward_norm") or "none"
+        unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
+        msg = (f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
+               f"same temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and "
+               f"{closed_total:.1%} by the "
+               f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
+               f"{th.rce_still_closing:.0%}; SFT's gap in the last window {_g(float(gap_sft[last_sel].mean()))} nats)")
+    else:
+        windows = _two_windows(rce["loss"], rce["epoch"])
+        if windows is None:
+            return _skip(name, "a single RCE step: nothing to compare", th.rce_still_falling)
+        prev, last, where = windows
         if not prev > 0:
             return _skip(name, f"RCE loss {_g(prev)} is not positive: no relative change", th.rce_still_falling)
         fall = (prev - last) / prev
-        msg = f"{where}: {_g(prev)} -> {_g(last)}, a {fall:.1%} fall{logged_note}"
-        if note:
-            # The target temperature anneals, and sharper targets have lower entropy: part of the fall is the schedule.
-            msg += (f" ({note} between them: sharper targets lower the loss without any learning, so this overstates "
-                    f"it; run the doctor on the run dir, with its checkpoints, for the fixed-temperature comparison)")
-    else:
-        return _skip(name, "a single RCE step: nothing to compare", th.rce_still_falling)
-    moved = _val_series(_rows(df, "rce", "val"), "kl_to_sft")
-    if len(moved):
-        msg += f"; RCE moved the policy {_g(float(moved.iloc[-1]))} nats (KL) from SFT"
-    n = _get(config, "rce.epochs")
-    n = int(n) if n is not None else len(loss)
-    more = f"rce.epochs={max(5, 2 * n)} (more RCE), or a larger rce.lr"
+        msg = f"logged RCE loss, {where}: {_g(prev)} -> {_g(last)}, a {fall:.1%} fall"
+        temps = _col(rce, "temperature")
+        if len(temps) and not math.isclose(float(temps.iloc[0]), float(temps.iloc[-1]), rel_tol=1e-3):
+            msg += (" (the annealed temperature sharpens the targets, which lowers the loss without any learning, so "
+                    "this overstates it; on a run dir the doctor measures the loss above its floor H(targets))")
+    if moved is not None:
+        msg += f"; RCE moved the policy {_g(moved)} nats (KL to SFT, val)"
+    if moved is not None and moved < th.rce_min_kl and (closed_total is None or closed_total < th.rce_min_closed):
+        fix = f"rce.lr={10 * float(lr):g}" if lr is not None else "a 10x larger rce.lr"
+        more = ""
+        if closed_total is not None and closed_total > 0:
+            more = f" (at this pace closing half the gap would take ~{0.5 * n / closed_total:.0f} epochs)"
+        return Finding(name, True, moved, th.rce_min_kl,
+                       msg + f" -> lr too small to move the policy: RCE left it about where SFT put it{more}; a larger "
+                       f"lr is the test, not more epochs", fix, [fix] if lr is not None else [])
+    more_epochs = f"rce.epochs={max(5, 2 * n)}"
+    if closed_last is not None:
+        if closed_last >= th.rce_still_closing:
+            return Finding(name, True, closed_last, th.rce_still_closing,
+                           msg + " -> RCE was still closing its gap to the floor when GRPO started",
+                           more_epochs + " (more RCE)", [more_epochs])
+        return Finding(name, False, closed_last, th.rce_still_closing, msg, "")
     if fall > th.rce_still_falling:
-        return Finding(name, True, fall, th.rce_still_falling, msg + " -> RCE had not converged before GRPO", more)
-    if pace is not None and pace >= th.rce_pace:
-        return Finding(name, True, pace, th.rce_pace,
-                       msg + " -> RCE loss still falling at an undiminished pace: the curve has not flattened", more)
+        return Finding(name, True, fall, th.rce_still_falling, msg + " -> RCE had not converged before GRPO",
+                       more_epochs + " (more RCE)", [more_epochs])
     return Finding(name, False, fall, th.rce_still_falling, msg, "")
 
 
-_CHECK_FNS = (check_step0_ratio, check_clip_ratio, check_zero_std, check_kl_growth, check_kl_pinned, check_entropy,
-              check_reward_vs_label, check_rce_converged)
+def _logit_change(ctx: RunContext, data: Any) -> tuple[Any, str] | None:
+    """``log pi_final - log pi_SFT`` on ``data`` from the run dir's checkpoints (the last GRPO, else RCE, epoch
+    against ``sft.pt`` or the recorded SFT checkpoint), and which policy it is; None when they are not there."""
+    if ctx.run_dir is None:
+        return None
+    from .checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
+    from .model import compute_log_probs
+    from .pipeline import recorded_sft_checkpoint
+
+    final = None
+    for stage in ("grpo", "rce"):
+        found = epoch_checkpoints(ctx.run_dir, stage)
+        if found:
+            final = (stage, *found[-1])
+            break
+    sft = recorded_sft_checkpoint(ctx.run_dir) or ctx.run_dir / "sft.pt"
+    if final is None or not Path(sft).is_file():
+        return None
+    stage, epoch, path = final
+    logps = []
+    for p in (path, sft):
+        ckpt = load_checkpoint(p)
+        logps.append(compute_log_probs(model_from_checkpoint(ckpt, p), data,
+                                       float(ckpt["model_config"]["sim_temperature"])))
+    return logps[0] - logps[1], f"{stage} epoch {epoch}"
+
+
+@check("reward_shortcut")
+def check_reward_shortcut(ctx: RunContext) -> Finding:
+    """How much of the within-group reward any query would give the candidate (v3kit/shortcut.py), and, with the
+    checkpoints, whether the policy's change from SFT followed that part rather than the label."""
+    th, name = ctx.th, "reward_shortcut"
+    splits = ctx.data()
+    if splits is None:
+        return _skip(name, ctx.data_missing(), th.shortcut_share)
+    from .shortcut import reward_shortcut
+
+    train = splits.train
+    change = _logit_change(ctx, train)
+    a = reward_shortcut(train, None if change is None else change[0])
+    msg = (f"candidate features alone (cross-fitted ridge, {a.k_folds} folds of queries) explain "
+           f"{a.explained_share:.1%} of the within-group reward variance on the training split; ranking by that query-independent part "
+           f"alone gives acc@1 {a.acc_shortcut:.3f} (the reward's own argmax: {a.acc_reward:.3f})")
+    if change is not None:
+        msg += (f"; the policy's change of logits from SFT ({change[1]}) correlates {a.corr_change_shortcut:+.2f} with "
+                f"the query-independent part, {a.corr_change_rest:+.2f} with the query-dependent rest and "
+                f"{a.corr_change_label:+.2f} with the label")
+    if not a.explained_share >= th.shortcut_share:
+        return Finding(name, False, a.explained_share, th.shortcut_share, msg, "")
+    followed = (change is not None and a.corr_change_shortcut is not None and a.corr_change_label is not None
+                and a.corr_change_shortcut > a.corr_change_label)
+    return Finding(name, True, a.explained_share, th.shortcut_share,
+                   msg + " -> the reward pays for something in the candidate whatever the query" +
+                   (", and the policy learnt that more than the label" if followed else ""),
+                   "rce.label_weight=0.5 (anchor the targets to the labels), or remove the query-independent part "
+                   "from the reward (e.g. subtract a per-candidate prior) before training")
+
+
+def target_concentration(data: Any, temperature: float, *, label_weight: float = 0.0, reward_norm: str = "none",
+                         one_hot_weight: float = 0.95) -> tuple[float, float]:
+    """(mean top-1 weight of RCE's targets, share of groups whose top-1 weight >= ``one_hot_weight``) at a reward
+    temperature on ``data``."""
+    from .losses import rce_targets
+
+    t = rce_targets(data.labels, data.rewards, temperature, mask=data.mask, label_weight=label_weight,
+                    reward_norm=reward_norm)
+    top = t.masked_fill(~data.mask, 0.0).amax(dim=1)
+    return float(top.mean()), float((top >= one_hot_weight).float().mean())
+
+
+@check("rce_targets")
+def check_rce_targets(ctx: RunContext) -> Finding:
+    """How concentrated RCE's targets are at t_start and t_end. The temperature divides the raw rewards (unless
+    ``rce.reward_norm`` normalises them per group), so its meaning is in units of the reward: the same t_end gives
+    near-uniform targets on a small-scale reward and one-hot ones on a large-scale reward."""
+    th, name = ctx.th, "rce_targets"
+    splits = ctx.data()
+    if splits is None:
+        return _skip(name, ctx.data_missing(), th.one_hot_share)
+    from .rce import RCEConfig
+    from .reward_stats import reward_spread
+
+    rce = RCEConfig(**{k: v for k, v in (_get(ctx.config, "rce") or {}).items()
+                       if k in {f.name for f in dataclasses.fields(RCEConfig)}})
+    train = splits.train
+    temps = ((rce.t_start, rce.t_end) if rce.temperature_target == "rewards"
+             else (rce.reward_temperature, rce.reward_temperature))
+    (top_s, hot_s), (top_e, hot_e) = (target_concentration(train, t, label_weight=rce.label_weight,
+                                                            reward_norm=rce.reward_norm,
+                                                            one_hot_weight=th.one_hot_weight) for t in temps)
+    n = train.mask.sum(1).float()
+    spread = float(reward_spread(train).median())
+    unit = ("raw reward units" if rce.reward_norm == "none" else
+            "units of the group's reward std" if rce.reward_norm == "zscore" else "within-group rank in [0, 1]")
+    msg = (f"RCE targets (reward_norm={rce.reward_norm}; T in {unit}; median within-group reward std "
+           f"{_g(spread)}): mean top-1 weight {top_s:.2f} at T={_g(temps[0])} and {top_e:.2f} at T={_g(temps[1])} "
+           f"(uniform: {float((1 / n).mean()):.2f}); effectively one-hot (top-1 >= {th.one_hot_weight:.0%}) in "
+           f"{hot_s:.0%} and {hot_e:.0%} of groups")
+    if _get(ctx.config, "rce.epochs") == 0:
+        return Finding(name, False, hot_e, th.one_hot_share, msg + " (RCE was off in this run)", "")
+    if hot_e < th.one_hot_share:
+        return Finding(name, False, hot_e, th.one_hot_share, msg, "")
+    fix = "rce.reward_norm=zscore" if rce.reward_norm == "none" else f"rce.t_end={_g(2 * rce.t_end)}"
+    return Finding(name, True, hot_e, th.one_hot_share,
+                   msg + " -> at t_end RCE mostly imitates the reward's argmax: the schedule is set by the reward's "
+                   "scale, not by the softness you chose", f"{fix} (softer targets at the same temperature schedule)",
+                   [fix])
+
+
+@check("baselines")
+def check_baselines(ctx: RunContext) -> Finding:
+    """SFT against trivial rankers on the val split (v3kit/baselines.py): random (expected), raw-feature cosine
+    (when the dims match) and the reward's own argmax; SFT below raw cosine means the v2 model is the weakest link."""
+    name = "baselines"
+    splits = ctx.data()
+    if splits is None:
+        return _skip(name, ctx.data_missing())
+    from .baselines import baseline_table
+
+    table = baseline_table(splits.val)
+    sft_rows = _rows(ctx.df, "rce", "val")
+    sft_rows = sft_rows[sft_rows["epoch"] == 0] if "epoch" in sft_rows.columns else sft_rows.iloc[0:0]
+    if sft_rows.empty:
+        sft_rows = _rows(ctx.df, "grpo", "val").iloc[:1]  # no RCE: GRPO's epoch 0 is SFT
+    metrics = [m for m in ("acc@1", "mrr") if m in table.columns]
+    parts = [f"{b}: " + ", ".join(f"{m} {table.loc[b, m]:.3f}" for m in metrics) for b in table.index]
+    oracle = table.loc["reward_oracle", "acc@1"]
+    msg = (f"val split, {'; '.join(parts)} (the reward's argmax is the label in {oracle:.0%} of groups: reward-label "
+           f"disagreement {1 - oracle:.0%})")
+    if sft_rows.empty or "acc@1" not in sft_rows.columns:
+        return Finding(name, False, None, None, msg + "; no SFT row in metrics.csv to compare", "")
+    sft = sft_rows.iloc[0]
+    msg = f"SFT acc@1 {float(sft['acc@1']):.3f}" + (f", mrr {float(sft['mrr']):.3f}" if "mrr" in sft.index else "") + \
+        f"; {msg}"
+    if "raw_cosine" not in table.index:
+        return Finding(name, False, float(sft["acc@1"]), float(table.loc["random", "acc@1"]),
+                       msg + " (no raw cosine: query and candidate features differ in dim)", "")
+    cos = float(table.loc["raw_cosine", "acc@1"])
+    value = float(sft["acc@1"])
+    if value >= cos:
+        return Finding(name, False, value, cos, msg, "")
+    return Finding(name, True, value, cos, msg + " -> SFT ranks below the raw-feature cosine: the v2 model itself "
+                   "is the weakest link", "improve the SFT model first (sft.epochs, sft.lr, model size, features); "
+                   "RCE/GRPO start from it")
 
 
 # ---------------------------------------------------------------- public API
@@ -561,11 +872,17 @@ def diagnose(
     run: str | Path | pd.DataFrame,
     config: dict[str, Any] | None = None,
     thresholds: Thresholds | None = None,
+    *,
+    splits: Any = None,
+    sft: tuple[Any, float] | None = None,
 ) -> list[Finding]:
-    """Every check on a run dir (reads ``metrics.csv`` and ``config.yaml``) or on a metrics frame.
+    """Every registered check (see :func:`check_names`) on a run dir (reads ``metrics.csv`` and ``config.yaml``) or
+    on a metrics frame.
 
     ``config`` (nested dict as in ``config.yaml``, or a ``RunConfig``) overrides the run dir's; without one the
-    checks still run, but cause attribution and some suggestions are less specific.
+    checks still run, but cause attribution and some suggestions are less specific. The checks that need the data
+    (RCE's loss floor, the reward shortcut, the baselines) rebuild it from a run dir's config, or use ``splits``;
+    ``sft`` = (SFT model, its logit temperature) stands in for the run dir's SFT checkpoint.
     """
     th = thresholds or Thresholds()
     if isinstance(run, pd.DataFrame):
@@ -575,14 +892,16 @@ def diagnose(
         run_dir = Path(run)
     if config is not None and dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
-    cfg = file_cfg if config is None else config
+    ctx = RunContext(df, file_cfg if config is None else config, th, run_dir, splits, sft)
     findings = []
-    for fn, check in zip(_CHECK_FNS, _CHECKS):
+    for name, fn in _REGISTRY.items():
         try:
-            extra = {"run_dir": run_dir} if fn is check_rce_converged else {}
-            findings.append(fn(df, cfg, th, **extra))
+            f = fn(ctx)
+            if f.triggered and not f.switches:
+                f.switches = switch_tokens(f.suggestion)
+            findings.append(f)
         except (KeyError, ValueError, TypeError, IndexError) as e:  # malformed input: report, never crash
-            findings.append(_skip(check, f"could not evaluate ({type(e).__name__}: {e})"))
+            findings.append(_skip(name, f"could not evaluate ({type(e).__name__}: {e})"))
     return findings
 
 
@@ -592,11 +911,15 @@ def report_frame(findings: Iterable[Finding]) -> pd.DataFrame:
     return pd.DataFrame([dataclasses.asdict(f) for f in findings], columns=cols)
 
 
-def format_report(findings: Iterable[Finding], title: str | None = None) -> str:
-    """Readable text: one line per check (⚠ flagged, ✔ fine, – skipped) with its number and threshold, then the
-    suggested switch under each flagged check."""
+def format_report(findings: Iterable[Finding], title: str | None = None, run: str | Path | None = None) -> str:
+    """Readable text: one line per check (⚠ flagged, ✔ fine, – skipped) with its number and threshold, then, under
+    each flagged check, the switch to *test* and the ablation that tests it against the run (``run``: the run dir
+    the commands name)."""
+    from .doctor_grid import GRID_FILE, variant_name
+
     findings = list(findings)
     width = max((len(f.check) for f in findings), default=0)
+    where = str(run) if run is not None else "RUN_DIR"
     lines = [title or "GRPO health report"]
     for f in findings:
         mark = "⚠" if f.triggered else ("–" if f.value is None else "✔")
@@ -606,26 +929,39 @@ def format_report(findings: Iterable[Finding], title: str | None = None) -> str:
         lines.append(f"{mark} {f.check:<{width}}  {num}".rstrip())
         lines.append(f"    {f.message}")
         if f.triggered and f.suggestion:
-            lines.append(f"    -> try: {f.suggestion}")
+            lines.append(f"    -> test: {f.suggestion}")
+        if f.triggered and f.switches:
+            names = ", ".join(variant_name(s) for s in f.switches)
+            lines.append(f"       ablation: v3kit doctor {where} --grid && v3kit ablate --grid "
+                         f"{Path(where) / GRID_FILE}   (variants {names} vs 'run' and 'sft_only')")
     flagged = [f.check for f in findings if f.triggered]
     skipped = sum(f.value is None and not f.triggered for f in findings)
     summary = f"{len(flagged)} of {len(findings)} checks flagged" + (f": {', '.join(flagged)}" if flagged else "")
     lines.append(summary + (f"; {skipped} skipped" if skipped else ""))
+    if flagged:
+        lines.append("Suggestions are hypotheses from one run: adopt a switch only once its ablation beats 'run'.")
     return "\n".join(lines)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
     findings = diagnose(run)
-    print(format_report(findings, title=f"GRPO health report: {run}"))
+    print(format_report(findings, title=f"GRPO health report: {run}", run=run))
     if args.csv:
         atomic_write_frame(args.csv, report_frame(findings))
+    if args.grid:
+        from .doctor_grid import write_doctor_grid
+        path = write_doctor_grid(run, findings)
+        print(f"wrote {path}: test the suggestions with `v3kit ablate --grid {path}`")
     return 0
 
 
 def register_cli(subparsers: Any) -> None:
-    """``v3kit doctor RUN_DIR``: the GRPO health report of a finished (or partial) run."""
-    p = subparsers.add_parser("doctor", help="GRPO health report of a run dir: what looks wrong and what to switch")
+    """``v3kit doctor RUN_DIR [--grid]``: the GRPO health report of a finished (or partial) run."""
+    p = subparsers.add_parser("doctor", help="GRPO health report of a run dir: what looks wrong and what to test")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir written by `v3kit run` (holds metrics.csv)")
     p.add_argument("--csv", metavar="PATH", help="also save the findings as a table")
+    p.add_argument("--grid", action="store_true",
+                   help="also write RUN_DIR/doctor_grid.yaml: an ablation grid that tests each suggested switch "
+                        "against the run's own config (run it with `v3kit ablate --grid`)")
     p.set_defaults(func=cmd_doctor)

@@ -20,6 +20,16 @@ Switches (the suspects of ``docs/pipeline.md``, "Why GRPO might underperform"):
   its old-policy probability: the exact expectation of the sampled surrogate, no sampling noise).
 * ``eps_low`` / ``eps_high`` (DAPO clip-higher) and ``dual_clip`` (Ye et al. 2020).
 * ``logp_temperature``: ``"same_as_rce_end"`` or a number: the logit temperature of GRPO's log-probs.
+
+Remedies (off by default, so the seed's numbers do not change):
+
+* ``entropy_coef``: entropy bonus ``- entropy_coef * mean_b H(pi_b)`` over full groups (against entropy collapse).
+* ``kl_target`` / ``kl_horizon``: adaptive KL coefficient (verl's ``AdaptiveKLController``): ``kl_beta`` is the
+  starting value and is rescaled after every step towards a penalty KL of ``kl_target``; logged as ``kl_beta``.
+* ``kl_estimator="exact"``: the whole-group ``KL(pi || anchor) = sum_c pi log(pi / anchor)``, exact for a ranker
+  that scores every candidate (no single-sample estimator).
+* ``loss_type="cispo"``: clipped, detached importance weight times the log-prob (CISPO), so clipped candidates keep
+  a gradient; ``adv_scale="rloo"``: leave-one-out baseline (each candidate against the mean of the others).
 """
 
 from __future__ import annotations
@@ -33,14 +43,14 @@ from torch import Tensor, nn
 
 from .checkpoint import model_payload
 from .data import Batch, Splits
-from .losses import (ADV_SCALES, KL_ESTIMATORS, LOG_RATIO_CLAMP, group_advantages, grpo_loss_terms, std_over,
-                     zero_std_groups)
+from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
+                     group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
 from .model import ModelConfig, compute_log_probs, policy_log_probs
 from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
 KL_REFERENCES = ("old", "sft")
-KL_ESTIMATOR_CHOICES = (None, *KL_ESTIMATORS)  # None: "seed" against old, "k3" against sft
+KL_ESTIMATOR_CHOICES = (None, *KL_ESTIMATORS, EXACT_KL)  # None: "seed" against old, "k3" against sft
 SAMPLE_MODES = ("all", "sampled", "exact")
 
 
@@ -91,10 +101,23 @@ class GRPOConfig:
     """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
     ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
     ``metrics.csv`` and in the run printout)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: subtract ``entropy_coef`` x the mean group entropy of the policy from the loss (0 = off, the
+    seed; verl's and TRL's entropy coefficient)."""
+    kl_target: float | None = None
+    """Adaptive KL (verl's AdaptiveKLController): null = fixed ``kl_beta`` (the seed); a number = the penalty KL to
+    aim at: ``kl_beta`` starts at its configured value and is rescaled each step by
+    ``1 + clip(kl / kl_target - 1, +-0.2) * groups_in_batch / kl_horizon`` (logged as ``kl_beta``)."""
+    kl_horizon: int = 10000
+    """Horizon (in groups) of the adaptive KL controller: how fast ``kl_beta`` adapts."""
+    loss_type: str = "ppo"
+    """``ppo`` (the seed: PPO's clipped surrogate) | ``cispo`` (clipped, detached importance weight x log-prob, so
+    clipped candidates keep a gradient)."""
 
     def __post_init__(self) -> None:
         for name, allowed in (("old_policy", OLD_POLICIES), ("kl_reference", KL_REFERENCES),
-                              ("kl_estimator", KL_ESTIMATOR_CHOICES), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES)):
+                              ("kl_estimator", KL_ESTIMATOR_CHOICES), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES),
+                              ("loss_type", LOSS_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"grpo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_optim_fields("grpo", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
@@ -112,6 +135,14 @@ class GRPOConfig:
         if self.num_samples < 2:
             raise ValueError(f"grpo.num_samples must be >= 2 (a group of one has no relative advantage), "
                              f"got {self.num_samples}")
+        if self.entropy_coef < 0:
+            raise ValueError(f"grpo.entropy_coef must be >= 0 (a bonus on entropy), got {self.entropy_coef}")
+        if self.kl_target is not None and not self.kl_target > 0:
+            raise ValueError(f"grpo.kl_target must be > 0 or null (fixed kl_beta), got {self.kl_target}")
+        if self.kl_horizon < 1:
+            raise ValueError(f"grpo.kl_horizon must be >= 1, got {self.kl_horizon}")
+        if self.kl_target is not None and self.kl_beta == 0:
+            raise ValueError("grpo.kl_target needs grpo.kl_beta > 0 to start from (an adaptive 0 stays 0)")
         lt = self.logp_temperature
         if isinstance(lt, str):
             if lt != "same_as_rce_end":
@@ -133,6 +164,7 @@ def grpo_step_loss(
     ref_logp: Tensor | None = None,
     generator: torch.Generator | None = None,
     group_terms: tuple[Tensor, Tensor] | None = None,
+    kl_beta: float | None = None,
 ) -> tuple[Tensor, dict[str, float | Tensor]]:
     """The GRPO objective of one batch of groups under ``cfg``'s switches (logp, old, ref: [B, G] full groups).
 
@@ -140,9 +172,14 @@ def grpo_step_loss(
     :func:`per_group_terms`); only valid for switches under which a group's advantages depend on that group alone.
     The statistics are 0-d tensors on the batch's device (the runner reads them back in batches). ``generator``
     is a CPU generator: on another device the sampling probabilities are copied to the CPU to draw, so a run
-    draws the same candidates on every device and CPU runs keep their numbers.
+    draws the same candidates on every device and CPU runs keep their numbers. ``kl_beta`` overrides
+    ``cfg.kl_beta`` (the adaptive controller's current value).
     """
     stats: dict[str, float | Tensor] = {}
+    kl_beta = cfg.kl_beta if kl_beta is None else kl_beta
+    bonus = None  # the entropy bonus is taken over the full groups, before any sampling
+    if cfg.entropy_coef and cfg.samples == "sampled":
+        bonus = cfg.entropy_coef * group_entropy(logp, mask)
     if cfg.samples == "sampled":
         # On-policy GRPO: K candidates drawn from the old policy form the group; advantages are relative to them.
         probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
@@ -173,9 +210,12 @@ def grpo_step_loss(
                                no_signal=zero if keep is None else zero[keep])
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
     loss, loss_stats = grpo_loss_terms(
-        logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=cfg.kl_beta,
+        logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=kl_beta,
         ref_logp=ref_logp, kl_estimator=cfg.kl_estimator, weights=weights, dual_clip=cfg.dual_clip,
+        loss_type=cfg.loss_type, entropy_coef=0.0 if bonus is not None else cfg.entropy_coef,
     )
+    if bonus is not None:
+        loss = loss - bonus
     loss_stats.update(stats)  # the full-group entropy wins over the entropy of the sampled sub-group
     with torch.no_grad():
         loss_stats["adv_std"] = std_over(adv, mask)
@@ -249,6 +289,7 @@ def run_grpo(
         reference.to(device)
     state = {"old": old_log_probs.to(device).clone()}
     mask = train.mask.to(device)
+    kl_ctl = None if cfg.kl_target is None else AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
 
     def refresh() -> None:
         state["old"] = compute_log_probs(policy, train, temperature, precision=precision)
@@ -265,6 +306,11 @@ def run_grpo(
         ref_all = compute_log_probs(reference, train, temperature, precision=precision)
     terms = per_group_terms(train.rewards.to(device), mask, cfg) if per_group_advantages(cfg) else None
 
+    def restore(extra: dict[str, Any]) -> None:
+        state.update(old=extra["old_log_probs"].to(device))
+        if kl_ctl is not None and "kl_beta" in extra:  # resume the adapted coefficient, not the starting one
+            kl_ctl.value = float(extra["kl_beta"])
+
     def on_epoch_start(epoch: int) -> None:
         if cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed above
             refresh()
@@ -273,9 +319,14 @@ def run_grpo(
         logp = policy_log_probs(policy, batch.query_x, batch.cand_x, batch.mask, temperature)
         ref_logp = None if ref_all is None else ref_all[batch.index]
         group_terms = None if terms is None else (terms[0][batch.index], terms[1][batch.index])
+        beta = None if kl_ctl is None else kl_ctl.value
         loss, stats = grpo_step_loss(logp, state["old"][batch.index], batch.rewards, batch.mask, cfg,
-                                     ref_logp=ref_logp, generator=ctx.generator, group_terms=group_terms)
+                                     ref_logp=ref_logp, generator=ctx.generator, group_terms=group_terms,
+                                     kl_beta=beta)
         stats["temperature"] = temperature
+        if kl_ctl is not None:  # the coefficient this step used; the update applies from the next step on
+            stats["kl_beta"] = beta
+            kl_ctl.update(float(stats["kl"]), len(batch.index))  # a host read per step, only with kl_target
         return loss, stats
 
     meta = {"config": asdict(cfg), "temperature": temperature,
@@ -285,8 +336,9 @@ def run_grpo(
         batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature, reference=reference,
         max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
         checkpoint_meta=meta, on_epoch_start=on_epoch_start,
-        extra_state=lambda: {"old_log_probs": state["old"]},  # stored on the CPU by save_checkpoint
-        restore_extra=lambda extra: state.update(old=extra["old_log_probs"].to(device)),
+        # stored on the CPU by save_checkpoint
+        extra_state=lambda: {"old_log_probs": state["old"], **({"kl_beta": kl_ctl.value} if kl_ctl else {})},
+        restore_extra=restore,
         eval_extra=lambda epoch: step0_summary if epoch == 0 else {},
         device=device, precision=precision, log_every=log_every, on_nonfinite=cfg.on_nonfinite,
     )

@@ -13,8 +13,15 @@ from torch import Tensor
 __all__ = [
     "ADV_SCALES",
     "KL_ESTIMATORS",
+    "EXACT_KL",
+    "LOSS_TYPES",
+    "AdaptiveKLController",
+    "group_entropy",
+    "exact_group_kl",
     "LOG_RATIO_CLAMP",
     "group_log_probs",
+    "REWARD_NORMS",
+    "normalize_rewards",
     "rce_targets",
     "rce_loss",
     "group_advantages",
@@ -28,8 +35,14 @@ __all__ = [
 # exp() of a log-ratio beyond this overflows the useful range; clamping keeps a stale old policy from
 # producing inf ratios (and inf * 0 = NaN gradients) while leaving any realistic ratio untouched.
 LOG_RATIO_CLAMP = 20.0
-ADV_SCALES = ("group", "batch", "none")
+ADV_SCALES = ("group", "batch", "none", "rloo")
+LOSS_TYPES = ("ppo", "cispo")  # see grpo_loss
+EXACT_KL = "exact"  # kl_estimator of the whole-group KL(pi || anchor) = sum_c pi log(pi / anchor)
 KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
+# Per-group reward normalisation before RCE's temperature softmax: "none" (raw rewards, the seed), "zscore"
+# ((r - mean_g) / std_g: targets then ignore the reward's scale and offset), "rank" (average within-group rank in
+# [0, 1]: targets depend only on the reward's order).
+REWARD_NORMS = ("none", "zscore", "rank")
 
 
 def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
@@ -114,15 +127,51 @@ def group_log_probs(
     return torch.log_softmax(logits, dim=-1)
 
 
+def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "none", eps: float = 1e-8) -> Tensor:
+    """Per-group reward normalisation (see :data:`REWARD_NORMS`); masked entries come back as 0.
+
+    ``zscore`` uses the Bessel std (as :func:`group_advantages`); a group without spread becomes all 0 (uniform
+    targets). ``rank`` gives each valid candidate ``(#lower + (#equal - 1) / 2) / (n - 1)``: 1 for the best, 0 for
+    the worst, ties share their average rank.
+    """
+    if how not in REWARD_NORMS:
+        raise ValueError(f"reward_norm must be one of {REWARD_NORMS}, got {how!r}")
+    mask = _check_mask(mask, rewards, allow_empty=True)
+    zeros = torch.zeros_like(rewards)
+    if how == "none":
+        return torch.where(mask, rewards, zeros)
+    m = mask.to(rewards.dtype)
+    n = m.sum(dim=1, keepdim=True)
+    if how == "zscore":
+        mean = torch.where(mask, rewards, zeros).sum(dim=1, keepdim=True) / n.clamp_min(1)
+        centred = torch.where(mask, rewards - mean, zeros)
+        std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+        return torch.where(std > eps, centred / std.clamp_min(eps), zeros)
+    pair = mask.unsqueeze(1) & mask.unsqueeze(2)  # [B, c, c']: both valid
+    lower = ((rewards.unsqueeze(2) > rewards.unsqueeze(1)) & pair).sum(dim=2).to(rewards.dtype)
+    equal = ((rewards.unsqueeze(2) == rewards.unsqueeze(1)) & pair).sum(dim=2).to(rewards.dtype)
+    rank = (lower + (equal - 1).clamp_min(0) / 2) / (n - 1).clamp_min(1)
+    return torch.where(mask, rank, zeros)
+
+
 def rce_targets(
-    labels: Tensor, rewards: Tensor, temperature: float, *, mask: Tensor | None = None, label_weight: float = 0.0
+    labels: Tensor,
+    rewards: Tensor,
+    temperature: float,
+    *,
+    mask: Tensor | None = None,
+    label_weight: float = 0.0,
+    reward_norm: str = "none",
 ) -> Tensor:
-    """RCE target distribution ``label_weight * onehot(label) + (1 - label_weight) * softmax(rewards / T)``."""
+    """RCE target distribution ``label_weight * onehot(label) + (1 - label_weight) * softmax(norm(rewards) / T)``
+    with ``norm`` from :func:`normalize_rewards` (``"none"``: the raw rewards)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= label_weight <= 1.0:
         raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
     mask = _check_mask(mask, rewards)
+    if reward_norm != "none":
+        rewards = normalize_rewards(rewards, mask, reward_norm)
     scaled = (rewards / temperature).masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scaled, dim=-1)
     onehot = torch.nn.functional.one_hot(labels.long(), rewards.shape[1]).to(weights.dtype)
@@ -139,6 +188,7 @@ def rce_loss(
     mask: Tensor | None = None,
     label_weight: float = 0.0,
     sim_temperature: float = 1.0,
+    reward_norm: str = "none",
 ) -> Tensor:
     """Reward-weighted cross-entropy: ``-mean_b sum_c t[b, c] * logp[b, c]`` with ``t`` from :func:`rce_targets`.
 
@@ -147,7 +197,7 @@ def rce_loss(
     """
     logp = group_log_probs(query_emb, cand_emb, sim_temperature, mask)
     valid = torch.isfinite(logp)
-    targets = rce_targets(labels, rewards, temperature, mask=valid, label_weight=label_weight)
+    targets = rce_targets(labels, rewards, temperature, mask=valid, label_weight=label_weight, reward_norm=reward_norm)
     # 0 * -inf is NaN, so masked slots are zeroed explicitly rather than multiplied.
     per_entry = torch.where(valid, targets * logp, torch.zeros_like(logp))
     return -per_entry.sum(dim=1).mean()
@@ -175,7 +225,9 @@ def group_advantages(
 
     ``scale="group"``: ``(r - mean_g) / (std_g + eps)`` (GRPO, DeepSeekMath; Bessel std as in TRL);
     ``"batch"``: centred per group, scaled by the std of all valid rewards in the batch (TRL ``scale_rewards="batch"``);
-    ``"none"``: ``r - mean_g`` (Dr. GRPO, Liu et al. 2025). Groups without signal (see :func:`zero_std_groups`)
+    ``"none"``: ``r - mean_g`` (Dr. GRPO, Liu et al. 2025); ``"rloo"``: ``r - mean of the *other* valid rewards
+    of the group`` = ``n / (n - 1) * (r - mean_g)`` (leave-one-out baseline, Ahmadian et al. 2024). Groups
+    without signal (see :func:`zero_std_groups`)
     and masked entries get exactly 0; ``baseline`` is then subtracted from the remaining entries (seed form).
     ``no_signal``: :func:`zero_std_groups` of the same rewards and mask when the caller has it already.
     """
@@ -194,6 +246,8 @@ def group_advantages(
         flat = rewards[mask]
         std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
         adv = centred / (std + eps)
+    elif scale == "rloo":
+        adv = centred * n / (n - 1).clamp_min(1)
     else:
         adv = centred
     no_signal = zero_std_groups(rewards, mask) if no_signal is None else no_signal
@@ -220,6 +274,40 @@ def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
     return torch.exp(-d) - 1 + d
 
 
+def group_entropy(logp: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean over groups of the policy's entropy ``-sum_c pi log pi`` over the valid candidates (differentiable)."""
+    mask = _check_mask(mask, logp)
+    return -torch.where(mask, logp.exp() * logp, torch.zeros_like(logp)).sum(dim=1).mean()
+
+
+def exact_group_kl(logp: Tensor, anchor_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-group ``KL(pi || anchor) = sum_c pi(c) (log pi(c) - log anchor(c))`` over the valid candidates ([B]).
+
+    A ranker scores every candidate of the group, so it can take this sum exactly instead of estimating it from the
+    sampled entries (k1/k2/k3 are single-sample estimators of it)."""
+    mask = _check_mask(mask, logp)
+    d = torch.where(mask, logp - anchor_logp, torch.zeros_like(logp)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return torch.where(mask, logp.exp() * d, torch.zeros_like(logp)).sum(dim=1)
+
+
+class AdaptiveKLController:
+    """verl's ``AdaptiveKLController`` (after Ziegler et al. 2019): after each step the KL coefficient is multiplied
+    by ``1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``, so it rises while the KL is above ``target``
+    and falls while below, by at most 20% per ``horizon`` samples."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        if not target > 0 or horizon < 1:
+            raise ValueError(f"kl target must be > 0 and horizon >= 1, got {target} and {horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -233,6 +321,8 @@ def grpo_loss(
     kl_estimator: str | None = None,
     weights: Tensor | None = None,
     dual_clip: float | None = None,
+    loss_type: str = "ppo",
+    entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """PPO-clipped group-relative policy loss plus KL penalty, averaged over valid entries.
 
@@ -243,13 +333,19 @@ def grpo_loss(
     ``kl_estimator`` overrides the estimator. ``eps_high`` > ``eps_low`` is DAPO's clip-higher; ``dual_clip=c``
     bounds the loss of negative-advantage entries at ``-c * A`` (Ye et al. 2020). ``weights`` turn the mean into a
     weighted mean (the ``exact`` mode weights every candidate by its old-policy probability).
+    ``kl_estimator="exact"`` adds ``kl_beta * mean_b KL_b`` with the whole-group KL of :func:`exact_group_kl`
+    instead of a per-entry estimate. ``loss_type="cispo"`` replaces the clipped surrogate by
+    ``-sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * logp`` (MiniMax-M1's CISPO): the importance weight is clipped
+    and detached, so a clipped entry keeps the gradient ``-w * A`` of its log-prob instead of losing it.
+    ``entropy_coef`` subtracts ``entropy_coef * mean_b H(pi_b)`` (entropy bonus; full groups, see
+    :func:`group_entropy`).
     Returns the loss and float stats: ``kl``, ``entropy``, ``clip_ratio`` (TRL's names; with the low and high
     sides apart as ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, so clip-higher's effect shows), ``pg_loss``
     (the clipped surrogate alone, verl's name) and ``ratio_mean``/``ratio_min``/``ratio_max``.
     """
     loss, stats = grpo_loss_terms(logp, old_logp, advantages, mask=mask, eps_low=eps_low, eps_high=eps_high,
                                   kl_beta=kl_beta, ref_logp=ref_logp, kl_estimator=kl_estimator, weights=weights,
-                                  dual_clip=dual_clip)
+                                  dual_clip=dual_clip, loss_type=loss_type, entropy_coef=entropy_coef)
     return loss, {k: v.item() for k, v in stats.items()}
 
 
@@ -266,6 +362,8 @@ def grpo_loss_terms(
     kl_estimator: str | None = None,
     weights: Tensor | None = None,
     dual_clip: float | None = None,
+    loss_type: str = "ppo",
+    entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`grpo_loss` with its statistics left as detached 0-d tensors."""
     if logp.shape != old_logp.shape or logp.shape != advantages.shape:
@@ -280,24 +378,36 @@ def grpo_loss_terms(
         raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low} and {eps_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     mask = _check_mask(mask, logp)
     zeros = torch.zeros_like(logp)
 
     log_ratio = torch.where(mask, logp - old_logp, zeros).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     adv = torch.where(mask, advantages, zeros)
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
-    if dual_clip is not None:
-        surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
+    if loss_type == "cispo":
+        w = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high).detach()
+        surrogate = w * adv * torch.where(mask, logp, zeros)
+    else:
+        surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+        if dual_clip is not None:
+            surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
     pg = -surrogate
 
     if kl_estimator is None:
         kl_estimator = "seed" if ref_logp is None else "k3"
     anchor = old_logp if ref_logp is None else ref_logp
-    kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), kl_estimator)
-
     shared = _mean_weights(pg, mask, weights)
-    loss = _masked_mean(pg + kl_beta * kl, mask, shared=shared)
+    if kl_estimator == EXACT_KL:
+        kl_groups = exact_group_kl(logp, anchor, mask)
+        kl = kl_groups.unsqueeze(1).expand_as(logp)  # per entry: its group's KL (stats only)
+        loss = _masked_mean(pg, mask, shared=shared) + kl_beta * kl_groups.mean()
+    else:
+        kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), kl_estimator)
+        loss = _masked_mean(pg + kl_beta * kl, mask, shared=shared)
+    if entropy_coef:
+        loss = loss - entropy_coef * group_entropy(logp, mask)
 
     with torch.no_grad():
         clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)
@@ -306,7 +416,7 @@ def grpo_loss_terms(
         probs_logp = torch.where(mask, torch.exp(logp) * logp, zeros)
         stats = {
             "pg_loss": _masked_mean(pg, mask, shared=shared),
-            "kl": _masked_mean(kl, mask, shared=shared),
+            "kl": kl_groups.mean() if kl_estimator == EXACT_KL else _masked_mean(kl, mask, shared=shared),
             "clip_ratio": mean_over(clipped.float(), mask),
             "clip_ratio/low_mean": mean_over(clipped_low.float(), mask),
             "clip_ratio/high_mean": mean_over(clipped_high.float(), mask),

@@ -97,8 +97,9 @@ def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
 
 
 def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float, *,
-                precision: str = "fp32") -> pd.DataFrame:
-    """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order.
+                precision: str = "fp32", baselines: bool = False) -> pd.DataFrame:
+    """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order; ``baselines`` appends the
+    trivial rankers of :mod:`v3kit.baselines` (random, raw cosine, reward oracle) for context.
 
     Every stage is scored at the same ``temperature`` (the model's ``sim_temperature``), so ``entropy`` and
     ``kl_to_sft`` compare like with like even when GRPO trained at another logit temperature; the per-epoch curves
@@ -108,6 +109,9 @@ def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Mod
             for name, m in models.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
+    if baselines:
+        from .baselines import baseline_table
+        table = pd.concat([table, baseline_table(data)])
     return table[metric_order(table.columns)]
 
 
@@ -147,6 +151,29 @@ def record_sft_checkpoint(run_dir: Path, sft_path: Path, given: bool, recorded: 
         )
     name = str(sft_path.resolve()) if given else OWN_SFT
     atomic_write_text(run_dir / RUN_INFO, json.dumps({"sft_checkpoint": name, "sft_sha256": digest}) + "\n")
+
+
+def update_run_info(run_dir: str | Path, **values: Any) -> None:
+    """Merge ``values`` into the run's ``run_info.json`` (e.g. ``split_seed`` of an ablation run, whose split comes
+    from the shared SFT's seed rather than its own)."""
+    path = Path(run_dir) / RUN_INFO
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    info.update(values)
+    atomic_write_text(path, json.dumps(info, indent=1) + "\n")
+
+
+def recorded_split_seed(run_dir: str | Path) -> int | None:
+    """The seed that split the run's data when it is not the run's own ``seed`` (ablation runs), else None."""
+    path = Path(run_dir) / RUN_INFO
+    try:
+        seed = json.loads(path.read_text()).get("split_seed") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return seed if isinstance(seed, int) else None
 
 
 def recorded_sft_checkpoint(run_dir: str | Path) -> Path | None:

@@ -73,6 +73,9 @@ class Panel:
     kind: str = "train"
     ylabel: str = ""
     hlines: tuple[float, ...] = ()
+    # Shown only when the data has it: once held-out rows exist without any of ``keys`` (real data has no
+    # utility@1), the panel is left out instead of staying empty.
+    optional: bool = False
 
 
 SFT_PANELS = (
@@ -86,7 +89,7 @@ RCE_PANELS = (
     Panel("reward temperature T", ("temperature",), ylabel="T"),
     Panel("held-out acc@1", ("acc@1",), "eval", "acc@1"),
     Panel("held-out reward@1", ("reward@1",), "eval", "reward@1"),
-    Panel("held-out utility@1 (hidden truth)", ("utility@1",), "eval", "utility@1"),
+    Panel("held-out utility@1 (hidden truth)", ("utility@1",), "eval", "utility@1", optional=True),
 )
 
 
@@ -102,7 +105,7 @@ def grpo_panels(eps_low: float = 0.2, eps_high: float | None = None) -> tuple[Pa
         Panel("policy entropy", ("entropy",), ylabel="nats"),
         Panel("held-out acc@1", ("acc@1",), "eval", "acc@1"),
         Panel("held-out reward@1", ("reward@1",), "eval", "reward@1"),
-        Panel("held-out utility@1 (hidden truth)", ("utility@1",), "eval", "utility@1"),
+        Panel("held-out utility@1 (hidden truth)", ("utility@1",), "eval", "utility@1", optional=True),
     )
 
 
@@ -172,6 +175,9 @@ def draw_panels(fig: Figure, panels: Sequence[Panel], train: pd.DataFrame, evals
                 baseline: Mapping[str, float] | None = None, steps_per_epoch: int | None = None,
                 title: str = "", baseline_label: str = "SFT baseline") -> Figure:
     """(Re)draw ``panels`` on ``fig`` from a stage's train and eval rows."""
+    if len(evals):
+        panels = [p for p in panels if not p.optional or any(k in evals.columns and evals[k].notna().any()
+                                                              for k in p.keys)]
     fig.clear()
     ncols = 2 if len(panels) == 4 else max(1, min(3, len(panels)))
     nrows = math.ceil(len(panels) / ncols)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import model_payload
 from .data import Batch, Splits
-from .losses import rce_loss
+from .losses import REWARD_NORMS, rce_loss
 from .model import ModelConfig
 from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
@@ -45,6 +45,10 @@ class RCEConfig:
     """Target temperature when temperature_target == "logits"."""
     label_weight: float = 0.0
     """Mix of the human label into the targets."""
+    reward_norm: str = "none"
+    """Per-group reward normalisation applied before the temperature softmax of the targets: ``none`` (the seed:
+    raw rewards, so how sharp the targets are depends on the reward's scale), ``zscore`` (units of the group's
+    reward std: t_start/t_end then mean the same on any reward scale), ``rank`` (only the reward's order counts)."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping; null = none."""
     on_nonfinite: str = "stop"
@@ -62,6 +66,8 @@ class RCEConfig:
             raise ValueError("rce.t_start, rce.t_end and rce.reward_temperature must be > 0")
         if not 0.0 <= self.label_weight <= 1.0:
             raise ValueError(f"rce.label_weight must be in [0, 1], got {self.label_weight}")
+        if self.reward_norm not in REWARD_NORMS:
+            raise ValueError(f"rce.reward_norm must be one of {REWARD_NORMS}, got {self.reward_norm!r}")
 
 
 def annealed_temperature(step: int, total_steps: int, t_start: float, t_end: float) -> float:
@@ -118,7 +124,7 @@ def run_rce(
         q = policy.encode_query(batch.query_x)
         c = policy.encode_candidates(batch.cand_x)
         loss = rce_loss(q, c, batch.labels, batch.rewards, reward_t, mask=batch.mask,
-                        label_weight=cfg.label_weight, sim_temperature=logit_t)
+                        label_weight=cfg.label_weight, sim_temperature=logit_t, reward_norm=cfg.reward_norm)
         return loss, {"temperature": state["temperature"]}
 
     def eval_temperature() -> float:

@@ -16,11 +16,13 @@ import torch
 
 from .data import GroupData
 from .losses import rce_targets
-def rce_target_entropy(train: GroupData, reward_temperature: float, label_weight: float = 0.0) -> float:
+def rce_target_entropy(train: GroupData, reward_temperature: float, label_weight: float = 0.0,
+                       reward_norm: str = "none") -> float:
     """Mean entropy of RCE's target distribution over ``train`` at a reward temperature: the lowest loss any
     policy can reach. As T anneals down the targets sharpen and this floor drops, so the raw RCE loss falls even
     when the policy learns nothing; ``loss - H(targets)`` (= KL(targets || policy)) is what training reduces."""
-    t = rce_targets(train.labels, train.rewards, reward_temperature, mask=train.mask, label_weight=label_weight)
+    t = rce_targets(train.labels, train.rewards, reward_temperature, mask=train.mask, label_weight=label_weight,
+                    reward_norm=reward_norm)
     plogp = torch.where(train.mask & (t > 0), t * torch.log(t.clamp_min(1e-30)), torch.zeros_like(t))
     return float(-plogp.sum(dim=1).mean())
 
@@ -36,7 +38,8 @@ def rce_floor(train: GroupData, rce_cfg: Any) -> Callable[[dict[str, Any]], dict
             temp = float(rce_cfg.reward_temperature)
         key = round(temp, 4)
         if key not in cache:
-            cache[key] = rce_target_entropy(train, key, rce_cfg.label_weight)
+            cache[key] = rce_target_entropy(train, key, rce_cfg.label_weight,
+                                            getattr(rce_cfg, "reward_norm", "none"))
         return {"target_entropy": cache[key], "excess_loss": float(row["loss"]) - cache[key]}
 
     return extras

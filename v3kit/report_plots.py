@@ -27,6 +27,15 @@ def _subplots(nrows: int, ncols: int, *, figsize: tuple[float, float], **kwargs:
     return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
+def _present(metrics: Sequence[str], have: Any) -> list[str]:
+    """The metrics the results hold (real data has no ``utility@1``): a plot never shows an empty panel."""
+    have = set(have)
+    out = [m for m in metrics if m in have]
+    if not out:
+        raise ValueError(f"none of the metrics {list(metrics)} is in the results (they have {sorted(have)})")
+    return out
+
+
 def forest_plot(
     summary: pd.DataFrame,
     metrics: Sequence[str] = KEY_METRICS,
@@ -39,6 +48,7 @@ def forest_plot(
     """One panel per metric: each variant's paired difference to SFT (``against="sft"``) or to the grid's reference
     (``"reference"``) with its 95% CI; green/red = significantly better/worse, grey = interval contains 0."""
     s = summary[summary["world"] == world]
+    metrics = _present(metrics, s["metric"])
     order = list(variants) if variants is not None else list(dict.fromkeys(s["variant"]))
     col, lo, hi, verdict = (("diff", "diff_low", "diff_high", "verdict") if against == "sft" else
                             ("vs_ref", "vs_ref_low", "vs_ref_high", "vs_ref_verdict"))
@@ -97,6 +107,7 @@ def curves_plot(
         grpo = val["stage"] == "grpo"
         val = val[~(grpo & (val["epoch"] == 0) & (val["rce_epochs"] > 0))]
         val["x"] = val["epoch"] + np.where(val["stage"] == "grpo", val["rce_epochs"], 0)
+    metrics = _present(metrics, [c for c in val.columns if val[c].notna().any()])
     fig, axes = _subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for v in variants:
@@ -156,6 +167,7 @@ def sweep_plot(
     """Difference to SFT (95% CI) against the value of config ``key`` across ``variants`` (e.g. a kl_beta sweep)."""
     xs = {v: spec.value(v, key, world) for v in variants}
     s = summary[(summary["world"] == world) & summary["variant"].isin(variants)]
+    metrics = _present(metrics, s["metric"])
     fig, axes = _subplots(1, len(metrics), figsize=(4 * len(metrics), 3.0), squeeze=False)
     positive = [x for x in xs.values() if x > 0]
     symlog = bool(positive) and min(xs.values()) >= 0 and max(xs.values()) / min(positive) > 20
@@ -209,6 +221,7 @@ def world_plot(
         raise ValueError("the grid has no single-key worlds to plot; add 'worlds.levels' to the grid")
     if variants is None:
         variants = [v for v in dict.fromkeys(summary[summary["world"] != BASE_WORLD]["variant"])]
+    metrics = _present(metrics, summary["metric"])
     fig, axes = _subplots(len(knobs), len(metrics), figsize=(4 * len(metrics), 3.0 * len(knobs)), squeeze=False)
     for row, (knob, values) in zip(axes, knobs.items()):
         for ax, m in zip(row, metrics):
@@ -242,3 +255,44 @@ def step0_table(frame: pd.DataFrame, variants: Sequence[str] | None = None, worl
         t = t[t["variant"].isin(variants)]
     out = t.groupby("variant", sort=False)[cols].mean()
     return out.reindex([v for v in (variants or out.index) if v in out.index])
+
+
+def shortcut_plot(analyses: Mapping[str, Any], *, title: str | None = None) -> Any:
+    """The reward shortcut analysis (:mod:`v3kit.shortcut`) of named datasets or runs, side by side: the share of the
+    within-group reward variance that candidate features alone explain; acc@1 of ranking by that query-independent
+    part vs by the reward itself; and, where a policy's change from SFT is known, its correlation with each part
+    and with the label."""
+    names = list(analyses)
+    has_change = any(a.corr_change_shortcut is not None for a in analyses.values())
+    fig, axes = _subplots(1, 3 if has_change else 2, figsize=(4.2 * (3 if has_change else 2), 3.2), squeeze=False)
+    ax = axes[0]
+    x = np.arange(len(names))
+    share = [min(max(analyses[n].explained_share, 0.0), 1.0) for n in names]  # cross-fitted: may dip below 0
+    ax[0].bar(x, share, color="tab:orange", label="query-independent")
+    ax[0].bar(x, [1 - s for s in share], bottom=share, color="tab:blue", alpha=0.5, label="query-dependent")
+    ax[0].set_title("within-group reward variance", fontsize=10)
+    ax[0].set_ylim(0, 1)
+    ax[0].legend(fontsize=8)
+    w = 0.38
+    ax[1].bar(x - w / 2, [analyses[n].acc_shortcut for n in names], w, color="tab:orange",
+              label="rank by query-independent part")
+    ax[1].bar(x + w / 2, [analyses[n].acc_reward for n in names], w, color="tab:gray", label="rank by reward")
+    ax[1].set_title("acc@1 (label) of each ranking", fontsize=10)
+    ax[1].legend(fontsize=8)
+    if has_change:
+        parts = (("corr_change_shortcut", "query-independent", "tab:orange"),
+                 ("corr_change_rest", "query-dependent", "tab:blue"), ("corr_change_label", "label", "tab:green"))
+        w3 = 0.27
+        for i, (attr, label, color) in enumerate(parts):
+            vals = [getattr(analyses[n], attr) if getattr(analyses[n], attr) is not None else np.nan for n in names]
+            ax[2].bar(x + (i - 1) * w3, vals, w3, color=color, label=label)
+        ax[2].axhline(0, color="black", lw=0.8)
+        ax[2].set_ylim(-1, 1)
+        ax[2].set_title("corr(policy - SFT logit change, part)", fontsize=10)
+        ax[2].legend(fontsize=8)
+    for a in ax:
+        a.set_xticks(x, names, fontsize=8, rotation=20)
+        a.grid(axis="y", alpha=0.3)
+    fig.suptitle(title or "Reward shortcut: what any query would pay for a candidate", fontsize=11)
+    fig.tight_layout()
+    return fig

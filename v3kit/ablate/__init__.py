@@ -13,6 +13,7 @@ A *grid* (YAML) names variants, each a list of ``key=value`` config overrides ap
       sft_only: [rce.epochs=0, grpo.epochs=0]
       seed: []
       old_refresh_start: [grpo.old_policy=refresh_at_start]
+    sft_checkpoint: null          # optional: start every base-world run from this SFT checkpoint (no SFT training)
     questions:                    # optional: named pairwise comparisons the conclusions answer
       "More RCE (10 epochs) before GRPO?": [rce10_grpo8, seed]
     worlds:                       # optional: rerun a few variants in other synthetic worlds
@@ -42,12 +43,12 @@ from .cli import cmd_ablate, register_cli
 from .grid import (BASE_WORLD, BEST, KEY_METRICS, METRIC_DIRECTION, PER_QUERY_METRICS, GridError, GridSpec, WorldSweep,
                    find_grid, load_grid, parse_grid, single_key_variants)
 from .report import conclusions, format_summary
-from .runner import GridResult, best_variant, collect, per_query_outcomes, run_grid
-from .stats import MIN_RUNS_FOR_SEEDS_ONLY_VERDICT, bootstrap_mean_ci, compare, summarize
+from .runner import GridResult, best_metric, best_variant, collect, per_query_outcomes, run_grid
+from .stats import MIN_RUNS_FOR_SEEDS_ONLY_VERDICT, bootstrap_mean_ci, compare, min_detectable_effect, summarize
 
 __all__ = [
     "BASE_WORLD", "BEST", "KEY_METRICS", "METRIC_DIRECTION", "MIN_RUNS_FOR_SEEDS_ONLY_VERDICT", "PER_QUERY_METRICS",
-    "GridError", "GridResult", "GridSpec", "WorldSweep", "best_variant", "bootstrap_mean_ci", "cmd_ablate", "collect",
+    "GridError", "GridResult", "GridSpec", "WorldSweep", "best_metric", "best_variant", "bootstrap_mean_ci", "cmd_ablate", "collect",
     "compare", "conclusions", "find_grid", "format_summary", "load_grid", "parse_grid", "per_query_outcomes",
-    "register_cli", "run_grid", "single_key_variants", "summarize",
+    "min_detectable_effect", "register_cli", "run_grid", "single_key_variants", "summarize",
 ]

@@ -12,6 +12,9 @@ from ..config import PACKAGED_CONFIGS, ConfigError, RunConfig, load_config, pars
 from ..metrics import METRIC_DIRECTION, METRIC_NAMES
 
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
+# The printed summary table: the label metrics (acc@1, mrr, ndcg@5), the reward, and the true utility where the data
+# has one (a metric absent from the results is left out, never shown as an empty column).
+SUMMARY_METRICS = ("acc@1", "mrr", "ndcg@5", "reward@1", "utility@1")
 # Every metric is computed per test query, so the bootstrap can resample queries (ndcg@5 is undefined for
 # queries whose rewards are all equal; those are dropped from its comparison).
 PER_QUERY_METRICS = METRIC_NAMES
@@ -48,6 +51,9 @@ class GridSpec:
     questions: dict[str, tuple[str, str]] = field(default_factory=dict)
     worlds: WorldSweep | None = None
     name: str = "grid"
+    # A given SFT checkpoint for the base world (e.g. your imported v2 model, or the SFT of the run a doctor grid
+    # tests) instead of one trained by the grid; its split still comes from data.* with sft_seed.
+    sft_checkpoint: str | None = None
 
     def base_config(self, world: str = BASE_WORLD, extra: Sequence[str] = ()) -> RunConfig:
         return load_config(self.config, [*self.base, *self.world_overrides(world), *extra])
@@ -111,7 +117,18 @@ def parse_grid(raw: Mapping[str, Any], *, name: str = "grid", extra_base: Sequen
     if not isinstance(raw, Mapping):
         raise GridError(f"a grid must be a mapping with 'variants' and 'seeds', got {type(raw).__name__}")
     _check_keys(raw, ("name", "config", "base", "seeds", "sft_seed", "reference", "variants", "questions",
-                      "worlds"), "grid")
+                      "worlds", "sft_checkpoint"), "grid")
+    sft_checkpoint = raw.get("sft_checkpoint")
+    if sft_checkpoint is not None:
+        if not isinstance(sft_checkpoint, str):
+            raise GridError(f"grid.sft_checkpoint must be a path, got {sft_checkpoint!r}")
+        if not Path(sft_checkpoint).exists() and base_dir is not None and (Path(base_dir) / sft_checkpoint).exists():
+            sft_checkpoint = str(Path(base_dir) / sft_checkpoint)  # relative to the grid file
+        if not Path(sft_checkpoint).is_file():
+            raise GridError(f"grid.sft_checkpoint {sft_checkpoint} does not exist (a path from the cwd or the grid file)")
+        if raw.get("worlds"):
+            raise GridError("grid.sft_checkpoint fixes the base world's SFT; 'worlds' change the data and need their own "
+                            "SFT: drop one of the two")
     config = raw.get("config")
     if config is not None and base_dir is not None and not Path(config).exists():
         config = str(Path(base_dir) / config)  # relative to the grid file when not relative to the cwd
@@ -170,7 +187,7 @@ def parse_grid(raw: Mapping[str, Any], *, name: str = "grid", extra_base: Sequen
                             best_metric=best_metric, best_of=best_of)
     spec = GridSpec(variants=variants, seeds=seeds, base=[*_str_list(raw.get("base"), "grid.base"), *extra_base],
                     config=config, reference=reference, sft_seed=sft_seed, questions=questions, worlds=worlds,
-                    name=str(raw.get("name", name)))
+                    name=str(raw.get("name", name)), sft_checkpoint=sft_checkpoint)
     for world in spec.world_names():  # resolve everything now: fail fast, naming the culprit
         try:
             spec.base_config(world)

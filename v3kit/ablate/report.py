@@ -7,7 +7,7 @@ from typing import Sequence
 import pandas as pd
 
 
-from .grid import BASE_WORLD, KEY_METRICS, METRIC_DIRECTION
+from .grid import BASE_WORLD, KEY_METRICS, METRIC_DIRECTION, SUMMARY_METRICS
 
 def _fmt_diff(d: float, lo: float, hi: float) -> str:
     return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
@@ -38,6 +38,7 @@ def conclusions(
     method = ", ".join(sorted(s["ci_method"].unique()))
     lines = [f"World '{world}': {s['variant'].nunique()} variants x {n_seeds}+ seeds; 95% bootstrap CIs over "
              f"{method}; 'better'/'worse' = the CI of the paired difference excludes 0."]
+    lines += power_lines(s, metrics)
     n_tests = len(s)
     lines.append(f"({n_tests} variant x metric comparisons at 95%: expect about {0.05 * n_tests:.0f} "
                  "'significant' by chance; trust effects that are large or consistent across metrics.)")
@@ -86,8 +87,36 @@ def conclusions(
     return "\n".join(lines)
 
 
-def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS, world: str | None = None) -> str:
-    """A compact text table: per variant and metric, mean and the difference to SFT with its CI and verdict."""
+# A CI counts as "too wide to tell" when its minimum detectable effect exceeds this share of the SFT level: on acc@1
+# ~0.36 that is ~0.018, about the gains the switches of an ablation grid are expected to make.
+WIDE_MDE_REL = 0.05
+
+
+def power_lines(summary: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """Per metric: the minimum detectable effect (median over variants) at this test size and seed count, with a
+    warning when it is too wide to tell the effects an ablation looks for from noise."""
+    if "mde" not in summary.columns:
+        return []
+    out = []
+    for m in metrics:
+        sm = summary[summary["metric"] == m]
+        if sm.empty or sm["mde"].isna().all():
+            continue
+        mde = float(sm["mde"].median())
+        nq = int(sm["n_queries"].max()) if "n_queries" in sm.columns else 0
+        design = f"{nq} test queries x {int(sm['n_seeds'].min())}+ seeds" if nq else f"{int(sm['n_seeds'].min())}+ seeds"
+        line = f"Power: {m} differences smaller than ~{mde:.3f} go undetected (80% power at 5%; {design})"
+        sft = float(sm["sft"].abs().median())
+        if sft > 0 and mde > WIDE_MDE_REL * sft:
+            line += (f" -- too wide to tell effects under {mde / sft:.0%} of SFT's {sft:.3f}: raise data.test_frac "
+                     f"(e.g. --set data.test_frac=0.3) or the seeds")
+        out.append(line + ".")
+    return out
+
+
+def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS, world: str | None = None) -> str:
+    """A compact text table: per variant and metric, mean and the difference to SFT with its CI and verdict, then
+    the minimum detectable effect per metric (:func:`power_lines`). Metrics absent from ``summary`` are left out."""
     s = summary[summary["metric"].isin(metrics)]
     if world is not None:
         s = s[s["world"] == world]
@@ -97,6 +126,8 @@ def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = KEY_METRICS, 
                               sort=False)
     table = table[[m for m in metrics if m in table.columns]]
     with pd.option_context("display.width", 250, "display.max_colwidth", 60, "display.max_rows", 500):
-        return "mean, difference to SFT [95% CI], verdict\n" + table.to_string()
+        text = "mean, difference to SFT [95% CI], verdict\n" + table.to_string()
+    power = power_lines(s, [m for m in metrics if m in table.columns])
+    return text + ("\n" + "\n".join(power) if power else "")
 
 

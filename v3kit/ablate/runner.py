@@ -116,13 +116,14 @@ def _train_sft(task: _SFTTask) -> str:
 
 def _execute(task: _RunTask) -> dict[str, Any]:
     """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
-    from ..pipeline import run_pipeline
+    from ..pipeline import run_pipeline, update_run_info
 
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)
     cfg = dataclasses.replace(task.cfg, threads=1) if _IN_WORKER else task.cfg  # run_pipeline sets the threads
     res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits)
     run_dir = Path(task.cfg.run_dir)
+    update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
     info = {k: float(res.grpo.info[k]) for k in _RUN_INFO if k in res.grpo.info}
     rows = []
@@ -244,10 +245,24 @@ def run_grid(
     for world in spec.world_names():
         cfg = spec.base_config(world, [f"seed={spec.sft_seed}", f"run_dir={out / world / 'sft'}", "progress=false"])
         sft_cfgs[world] = cfg
+        if world == BASE_WORLD and spec.sft_checkpoint is not None:
+            continue  # the grid's given SFT checkpoint: nothing to train
         path, h = out / world / "sft" / "sft.pt", _sft_hash(cfg)
         hash_file = path.parent / "sft.hash"
         if not (path.exists() and hash_file.exists() and hash_file.read_text() == h):
             sft_tasks.append(_SFTTask(world=world, cfg=cfg, path=path, hash=h))
+
+    def sft_path(world: str) -> Path:
+        if world == BASE_WORLD and spec.sft_checkpoint is not None:
+            return Path(spec.sft_checkpoint).resolve()
+        return out / world / "sft" / "sft.pt"
+
+    def sft_key(world: str) -> str:
+        """What a run's result depends on of its SFT: its config, or the given checkpoint's path, size and mtime."""
+        if world == BASE_WORLD and spec.sft_checkpoint is not None:
+            st = sft_path(world).stat()
+            return f"{sft_path(world)}:{st.st_size}:{st.st_mtime_ns}:{_sft_hash(sft_cfgs[world])}"
+        return _sft_hash(sft_cfgs[world])
 
     def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
         tasks, skipped = [], 0
@@ -256,13 +271,13 @@ def run_grid(
             for seed in seeds:
                 rd = _run_dir(out, world, variant, seed)
                 cfg = spec.resolve(world, variant, seed, rd)
-                h = _config_hash(cfg, _sft_hash(sft_cfg))
+                h = _config_hash(cfg, sft_key(world))
                 result_path = rd / "result.json"
                 if _load_result(result_path, h) is not None:
                     skipped += 1
                     continue
                 tasks.append(_RunTask(world=world, variant=variant, seed=seed, cfg=cfg, split_cfg=sft_cfg,
-                                      sft_path=out / world / "sft" / "sft.pt", result_path=result_path, hash=h,
+                                      sft_path=sft_path(world), result_path=result_path, hash=h,
                                       keep_checkpoints=keep_checkpoints))
         return tasks, skipped
 
@@ -327,6 +342,8 @@ def _spec_dict(spec: GridSpec) -> dict[str, Any]:
     d = {"name": spec.name, "config": spec.config, "base": spec.base, "seeds": spec.seeds, "sft_seed": spec.sft_seed,
          "reference": spec.reference, "variants": spec.variants,
          "questions": {q: list(p) for q, p in spec.questions.items()}}
+    if spec.sft_checkpoint is not None:
+        d["sft_checkpoint"] = spec.sft_checkpoint
     if spec.worlds:
         d["worlds"] = {"levels": spec.worlds.levels, "variants": spec.worlds.variants, "seeds": spec.worlds.seeds,
                        "best_metric": spec.worlds.best_metric, "best_of": spec.worlds.best_of}
@@ -374,10 +391,19 @@ def collect(out_dir: str | Path, spec: GridSpec, *, worlds: Sequence[str] | None
     return frame, per_query
 
 
+def best_metric(frame: pd.DataFrame, spec: GridSpec) -> str:
+    """What "best" is judged by: the grid's ``worlds.best_metric``, else ``utility@1`` where the data has a true
+    utility, else the label metric ``acc@1`` (real data)."""
+    if spec.worlds:
+        return spec.worlds.best_metric
+    has_utility = "utility@1" in frame.columns and frame["utility@1"].notna().any()
+    return "utility@1" if has_utility else "acc@1"
+
+
 def best_variant(frame: pd.DataFrame, spec: GridSpec, metric: str | None = None) -> str:
-    """The variant with the best mean final test ``metric`` on the base world, among ``worlds.best_of`` (default:
-    every variant that runs GRPO, except the reference)."""
-    metric = metric or (spec.worlds.best_metric if spec.worlds else "utility@1")
+    """The variant with the best mean final test ``metric`` (default :func:`best_metric`) on the base world, among
+    ``worlds.best_of`` (default: every variant that runs GRPO, except the reference)."""
+    metric = metric or best_metric(frame, spec)
     candidates = (spec.worlds.best_of if spec.worlds and spec.worlds.best_of else
                   [v for v in spec.variants if v != spec.reference and spec.value(v, "grpo.epochs") > 0])
     final = frame[(frame["world"] == BASE_WORLD) & (frame["split"] == "test") & (frame["stage"] == "grpo")]

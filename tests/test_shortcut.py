@@ -1,0 +1,73 @@
+"""Reward shortcut analysis: finds the synthetic world's style shortcut, and its numbers match plain recomputations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from v3kit.data import GroupData, split_by_query
+from v3kit.diagnose import diagnose
+from v3kit.shortcut import reward_shortcut
+from v3kit.synthetic import SyntheticConfig, make_world
+
+
+def world(bias: float, n: int = 400) -> GroupData:
+    return make_world(SyntheticConfig(n_queries=n, reward_bias=bias))
+
+
+def test_the_style_shortcut_is_found_and_grows_with_reward_bias():
+    shares = [reward_shortcut(world(b)).explained_share for b in (0.0, 0.5, 1.0, 2.0)]
+    assert abs(shares[0]) < 0.03  # no shortcut: candidate features alone predict ~nothing within a group
+    assert shares == sorted(shares) and shares[-1] > 0.4
+
+
+def test_a_reward_of_the_candidate_alone_is_all_shortcut_and_a_query_reward_is_none():
+    g = torch.Generator().manual_seed(0)
+    n, G, d = 300, 6, 5
+    q, c = torch.randn(n, d, generator=g), torch.randn(n, G, d, generator=g)
+    mask = torch.ones(n, G, dtype=torch.bool)
+    w = torch.randn(d, generator=g)
+    labels = torch.randint(0, G, (n,), generator=g)
+    ids = [str(i) for i in range(n)]
+    only_cand = reward_shortcut(GroupData(q, c, mask, labels, c @ w, ids))
+    assert only_cand.explained_share > 0.99
+    assert only_cand.acc_shortcut == pytest.approx(only_cand.acc_reward)
+    only_query = reward_shortcut(GroupData(q, c, mask, labels, torch.einsum("nd,ngd->ng", q, c), ids))
+    assert abs(only_query.explained_share) < 0.05
+
+
+def test_policy_change_correlations_match_a_plain_recomputation():
+    data = world(1.0, n=200)
+    g = torch.Generator().manual_seed(1)
+    change = torch.randn(data.mask.shape, generator=g) + 2 * data.rewards
+    a = reward_shortcut(data, change)
+    m = data.mask.numpy()
+    rows = []
+    for b in range(len(data)):  # centre within each group by hand, then correlate over all valid entries
+        idx = np.flatnonzero(m[b])
+        d = change[b, idx].double().numpy()
+        r = data.rewards[b, idx].double().numpy()
+        lab = (idx == int(data.labels[b])).astype(float)
+        s = a.shortcut[b, idx].double().numpy()
+        rows.append((d - d.mean(), s, (r - r.mean()) - s, lab - lab.mean()))
+    d, s, rest, lab = (np.concatenate(x) for x in zip(*rows))
+    assert a.corr_change_shortcut == pytest.approx(np.corrcoef(d, s)[0, 1], abs=1e-4)
+    assert a.corr_change_rest == pytest.approx(np.corrcoef(d, rest)[0, 1], abs=1e-4)
+    assert a.corr_change_label == pytest.approx(np.corrcoef(d, lab)[0, 1], abs=1e-4)
+    # acc@1 of the shortcut ranking, by a loop
+    acc = np.mean([int(np.argmax(np.where(m[b], a.shortcut[b].numpy(), -np.inf))) == int(data.labels[b])
+                   for b in range(len(data))])
+    assert a.acc_shortcut == pytest.approx(acc)
+
+
+def test_doctor_flags_the_shortcut_only_in_a_biased_world():
+    import pandas as pd
+
+    found = {}
+    for bias in (0.0, 1.5):
+        splits = split_by_query(world(bias), val_frac=0.2, test_frac=0.2, seed=0)
+        found[bias] = {f.check: f for f in diagnose(pd.DataFrame(), splits=splits)}["reward_shortcut"]
+    assert not found[0.0].triggered and found[0.0].value < 0.05
+    assert found[1.5].triggered and "whatever the query" in found[1.5].message
+    assert "rce.label_weight=0.5" in found[1.5].switches
