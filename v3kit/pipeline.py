@@ -12,18 +12,38 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
-from .data import GroupData, Splits, load_groups, split_by_query
+from .data import GroupData, Splits, from_long_frame, read_table, split_by_query
 from .grpo import run_grpo
 from .metrics import METRIC_NAMES, evaluate
 from .rce import final_logit_temperature, run_rce
 from .sft import Stage1, load_sft, train_sft
+from .stdlib_search import builtin_table
 from .synthetic import make_world
+from .text import default_cache_dir, embed_texts
 from .training import StageResult, config_changes
 
 
+def load_data(cfg: RunConfig) -> GroupData:
+    """All groups of ``cfg.data``: the synthetic world, a built-in table, or a file; text columns without feature
+    vectors are embedded with ``data.text_encoder`` (cached) unless ``data.text_mode`` is ``end_to_end``."""
+    d = cfg.data
+    if not d.path:
+        return make_world(d.synthetic)
+    cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+
+    def embed(texts: list[str]):
+        return embed_texts(texts, encoder_name=d.text_encoder, cache_dir=cache / "embeddings", progress=cfg.progress)
+
+    if d.path == "builtin:stdlib_search":
+        frame = builtin_table(d.stdlib_search, cache / "tables")
+    else:
+        frame = read_table(d.path)
+    return from_long_frame(frame, embed=embed, text_mode=d.text_mode)
+
+
 def prepare_data(cfg: RunConfig) -> Splits:
-    """Load ``cfg.data.path`` (or generate the synthetic world) and split it by query with ``cfg.seed``."""
-    data: GroupData = load_groups(cfg.data.path) if cfg.data.path else make_world(cfg.data.synthetic)
+    """Load ``cfg.data`` (see :func:`load_data`) and split it by query with ``cfg.seed``."""
+    data = load_data(cfg)
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
 
 
