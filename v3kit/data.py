@@ -257,7 +257,9 @@ def _as_texts(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
     ok = col.map(lambda v: isinstance(v, str) and v.strip() != "")
     if not ok.all():
         i = int(np.flatnonzero(~ok.to_numpy())[0])
-        _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {col.iloc[i]!r}; every {field} must be a "
+        v = col.iloc[i]
+        what = "null" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(v)
+        _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {what}; every {field} must be a "
               "non-empty string (fill it in or drop the row)")
     return col.to_numpy(dtype=object)
 

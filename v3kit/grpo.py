@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import group_advantages, grpo_loss, zero_std_groups
-from .model import ModelConfig, compute_log_probs, policy_log_probs
+from .model import ModelConfig, compute_log_probs, model_inputs, policy_log_probs
 from .training import StageResult, StepContext, check_optim_fields, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
@@ -198,11 +198,11 @@ def run_grpo(
             refresh()
 
     def step_fn(batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
-        logp = policy_log_probs(policy, batch.query_x, batch.cand_x, batch.mask, temperature)
+        logp = policy_log_probs(policy, *model_inputs(policy, batch), batch.mask, temperature)
         ref_logp = None
         if cfg.kl_reference == "sft":
             with torch.no_grad():
-                ref_logp = policy_log_probs(reference, batch.query_x, batch.cand_x, batch.mask, temperature)
+                ref_logp = policy_log_probs(reference, *model_inputs(reference, batch), batch.mask, temperature)
         loss, stats = grpo_step_loss(logp, state["old"][batch.index], batch.rewards, batch.mask, cfg,
                                      ref_logp=ref_logp, generator=ctx.generator)
         stats["temperature"] = temperature

@@ -32,7 +32,8 @@ def load_data(cfg: RunConfig) -> GroupData:
     cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
 
     def embed(texts: list[str]):
-        return embed_texts(texts, encoder_name=d.text_encoder, cache_dir=cache / "embeddings", progress=cfg.progress)
+        return embed_texts(texts, encoder_name=d.text_encoder, max_tokens=d.text_max_tokens,
+                           cache_dir=cache / "embeddings", progress=cfg.progress)
 
     if d.path == "builtin:stdlib_search":
         frame = builtin_table(d.stdlib_search, cache / "tables")

@@ -1,6 +1,7 @@
 """A real-text example that builds offline: code search over the installed Python's standard library.
 
-* query: a function's docstring summary line (the first paragraph), skipping short or shared summaries;
+* query: a function's docstring summary line (the first paragraph), skipping short, shared or signature-like
+  summaries and those the rest of the docstring repeats;
 * candidate text: ``module.Qualified.name(signature)`` plus the REST of its docstring (without the summary,
   which would make the match trivial);
 * group: the true function plus the ``group_size - 1`` other functions a BM25 retriever over candidate texts
@@ -54,6 +55,7 @@ MODULES = (
 
 _WORD = re.compile(r"[a-z]+|[0-9]+")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # reprs of default values carry memory addresses: not reproducible
+_SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)\s*(->.*)?$")  # C docstrings often start with their signature
 _STOP = frozenset("a an and are as at be by for from if in is it its of on or that the this to with".split())
 
 
@@ -180,7 +182,8 @@ def build_table(cfg: StdlibSearchConfig | None = None, functions: list[Function]
     counts = Counter(f.summary.lower() for f in functions)
     queries = [i for i, f in enumerate(functions)
                if len(words(f.summary)) >= cfg.min_words and counts[f.summary.lower()] == 1
-               and len(f.summary.split()) <= 40]
+               and len(f.summary.split()) <= 40 and not _SIGNATURE_LINE.match(f.summary)
+               and f.summary not in texts[i]]
     rng = np.random.default_rng(cfg.seed)
     if len(queries) > cfg.max_queries:
         queries = sorted(rng.choice(queries, size=cfg.max_queries, replace=False).tolist())

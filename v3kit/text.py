@@ -52,7 +52,7 @@ def encoder_path(name: str) -> str:
     return str(module.get_model_path())
 
 
-def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu"):
+def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu", max_tokens: int | None = None):
     """A ``sentence_transformers.SentenceTransformer`` for ``name`` (lazy import, clear error when missing)."""
     try:
         from sentence_transformers import SentenceTransformer
@@ -60,21 +60,25 @@ def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu"):
         raise ImportError(f"text columns need sentence-transformers to embed them; {INSTALL_HINT}") from None
     path = encoder_path(name)
     try:
-        return SentenceTransformer(path, device=device)
+        model = SentenceTransformer(path, device=device)
+        if max_tokens is not None:
+            model.max_seq_length = max_tokens
+        return model
     except Exception as e:  # missing files, no network for a hub id, ...
         raise ValueError(f"data.text_encoder {name!r} could not be loaded from {path} ({type(e).__name__}: "
                          f"{str(e)[:200]}); use {DEFAULT_ENCODER!r} or a local sentence-transformers directory") \
             from None
 
 
-def sentence_encoder(name: str = DEFAULT_ENCODER, batch_size: int = 64) -> Encode:
-    """``encode(texts) -> float32 [N, D]`` with the named encoder, loaded on first use."""
+def sentence_encoder(name: str = DEFAULT_ENCODER, batch_size: int = 64, max_tokens: int | None = None) -> Encode:
+    """``encode(texts) -> float32 [N, D]`` with the named encoder, loaded on first use; texts longer than
+    ``max_tokens`` word pieces are truncated (None: the encoder's own limit)."""
     model = None
 
     def encode(texts: list[str]) -> np.ndarray:
         nonlocal model
         if model is None:
-            model = load_sentence_encoder(name)
+            model = load_sentence_encoder(name, max_tokens=max_tokens)
         return model.encode(texts, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
 
     return encode
@@ -139,23 +143,24 @@ def embed_texts(
     encoder_name: str = DEFAULT_ENCODER,
     cache_dir: str | Path | None = None,
     encode: Encode | None = None,
+    max_tokens: int | None = None,
     batch_size: int = 256,
     progress: bool = True,
 ) -> np.ndarray:
     """Vectors [len(texts), D] of ``texts`` (float32), embedding only texts the cache lacks.
 
-    ``encode`` defaults to the sentence-transformers model ``encoder_name``; pass any ``list[str] -> [N, D]``
-    function (the cache is still keyed by ``encoder_name``). ``cache_dir=None`` uses
+    ``encode`` defaults to the sentence-transformers model ``encoder_name`` truncating at ``max_tokens``; pass any
+    ``list[str] -> [N, D]`` function (the cache is still keyed by ``encoder_name`` and ``max_tokens``). ``cache_dir=None`` uses
     ``default_cache_dir()/embeddings``. Missing texts are embedded in hash order, in chunks of ``batch_size``
     (one cache shard per chunk, so an interrupted run keeps what it finished).
     """
-    cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else default_cache_dir() / "embeddings",
-                           encoder_name)
+    key = encoder_name if max_tokens is None else f"{encoder_name}@{max_tokens}"
+    cache = EmbeddingCache(Path(cache_dir) if cache_dir is not None else default_cache_dir() / "embeddings", key)
     hashes = [text_hash(t) for t in texts]
     found = cache.get(hashes)
     todo = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
     if todo:
-        encode = encode or sentence_encoder(encoder_name)
+        encode = encode or sentence_encoder(encoder_name, max_tokens=max_tokens)
         bar = tqdm(total=len(todo), desc=f"embedding with {encoder_name}", unit="text", disable=not progress,
                    leave=False, dynamic_ncols=True)
         for start in range(0, len(todo), batch_size):
