@@ -127,7 +127,7 @@ def test_stdlib_pipeline_frozen_minilm(tmp_path, capsys, monkeypatch):
     from v3kit.pipeline import load_data
 
     args = ["progress=false", f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.path=builtin:stdlib_search", "data.stdlib_search.max_queries=40", "data.text_max_tokens=32",
+            "data.path=builtin:stdlib_search", "data.stdlib_search.max_queries=20", "data.text_max_tokens=32",
             "model.normalize=true", "model.sim_temperature=0.05", "sft.epochs=2", "rce.epochs=1", "grpo.epochs=1"]
     assert main(["run", *sum((["--set", a] for a in args), [])]) == 0
     out = capsys.readouterr().out

@@ -101,8 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError, CheckpointError, FileNotFoundError, ValueError) as e:
-        # v3kit's errors name the field and the fix; a traceback would only bury that. V3KIT_DEBUG=1 shows it.
+    except (ConfigError, DataValidationError, CheckpointError, FileNotFoundError, ValueError, ImportError) as e:
+        # v3kit's errors name the field and the fix (ImportError: which extra to install); a traceback would only
+        # bury that. V3KIT_DEBUG=1 shows it.
         if os.environ.get("V3KIT_DEBUG"):
             raise
         print(f"v3kit {args.command}: error: {e}", file=sys.stderr)

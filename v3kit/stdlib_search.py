@@ -232,6 +232,7 @@ def builtin_table(cfg: StdlibSearchConfig, cache_dir: str | Path) -> pd.DataFram
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
+        os.chmod(tmp, 0o644)  # mkstemp creates it private; a cache is fine to share
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
