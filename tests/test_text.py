@@ -62,6 +62,19 @@ def test_cache_embeds_each_text_once_across_calls(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # shards are renamed into place
 
 
+def test_missing_text_extra_says_what_to_install(monkeypatch, tmp_path):
+    import sys
+
+    from v3kit.text import load_sentence_encoder
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[text\]'"):
+        load_sentence_encoder()
+    # ... and the error comes only when a text actually needs embedding: a cached text needs no encoder.
+    embed_texts(["x"], encoder_name="all-MiniLM-L6-v2", cache_dir=tmp_path, encode=SpyEncoder(), progress=False)
+    assert embed_texts(["x"], encoder_name="all-MiniLM-L6-v2", cache_dir=tmp_path, progress=False).shape == (1, 4)
+
+
 def test_frozen_mode_embeds_distinct_texts_once(tmp_path):
     spy = SpyEncoder()
     d = from_long_frame(text_frame(), embed=lambda t: embed_texts(t, encoder_name="spy", cache_dir=tmp_path,

@@ -1,7 +1,9 @@
 """The data contract: groups of (query, candidates) with a human label and a reward per candidate.
 
 In memory a dataset is a :class:`GroupData` of padded tensors; on disk it is a long-form table (one row per
-query-candidate pair) in Parquet or JSONL. See the README's "Data schema" section.
+query-candidate pair) in Parquet or JSONL. See the README's "Data schema" section. Queries and candidates come as
+feature vectors or as text (``query_text`` / ``candidate_text``); text is embedded by a frozen encoder (the
+``embed`` argument, see ``v3kit.text``) or carried to a text model (``text_mode="end_to_end"``).
 """
 
 from __future__ import annotations
