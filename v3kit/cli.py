@@ -155,8 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataValidationError, CheckpointError, NonFiniteError, RunDirBusyError, ValueError,
-            OSError) as e:
-        # v3kit's errors name the field and the fix; a traceback would only bury that. V3KIT_DEBUG=1 shows it.
+            OSError, ImportError) as e:
+        # v3kit's errors name the field and the fix (ImportError: which extra to install); a traceback would only
+        # bury that. V3KIT_DEBUG=1 shows it.
         if os.environ.get("V3KIT_DEBUG"):
             raise
         msg = os_error_message(e) if isinstance(e, OSError) else str(e)

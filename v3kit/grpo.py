@@ -45,7 +45,7 @@ from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
                      group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
-from .model import ModelConfig, compute_log_probs, policy_log_probs
+from .model import ModelConfig, compute_log_probs, model_inputs, policy_log_probs
 from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
@@ -316,7 +316,7 @@ def run_grpo(
             refresh()
 
     def step_fn(batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
-        logp = policy_log_probs(policy, batch.query_x, batch.cand_x, batch.mask, temperature)
+        logp = policy_log_probs(policy, *model_inputs(policy, batch), batch.mask, temperature)
         ref_logp = None if ref_all is None else ref_all[batch.index]
         group_terms = None if terms is None else (terms[0][batch.index], terms[1][batch.index])
         beta = None if kl_ctl is None else kl_ctl.value

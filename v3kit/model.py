@@ -10,6 +10,11 @@ holds). Name it in the config as ``model.target: "mypkg.models:MyTwoTower"`` (im
 ``model.target: "path/to/models.py:MyTwoTower"`` (a file). The policy over a group is
 ``softmax_c(<q, c> / model.sim_temperature)``; a model that L2-normalises its embeddings (cosine similarity)
 usually wants a small ``sim_temperature`` such as 0.05.
+
+A model MAY also define ``featurize(batch) -> (query_input, cand_input)`` to build its own inputs from a
+:class:`~v3kit.data.Batch` (e.g. tokenised ``batch.query_text`` / ``batch.cand_text``, see
+``v3kit.text_model.TextTwoTower``); those are then what ``encode_query`` / ``encode_candidates`` receive.
+Without it they receive the feature tensors. Every stage feeds models through :func:`model_inputs`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .data import GroupData, iterate_batches
+from .data import Batch, GroupData, iterate_batches
 from .device import autocast, module_device
 from .losses import group_log_probs
 
@@ -179,13 +184,27 @@ def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
             f"model.target {cfg.target!r} built a {type(model).__name__}, which is not an nn.Module with "
             "encode_query(query_x) and encode_candidates(cand_x) methods"
         )
+    if min(query_dim, cand_dim) == 0 and getattr(model, "featurize", None) is None:
+        raise ValueError(f"the data has no feature vectors (text only, data.text_mode: end_to_end) but model.target "
+                         f"{cfg.target!r} reads features; use model.target: v3kit.text_model:TextTwoTower or "
+                         "data.text_mode: frozen")
     return model
 
 
+def model_inputs(model: nn.Module, batch: Batch) -> tuple[Any, Any]:
+    """What ``model.encode_query`` / ``encode_candidates`` take for ``batch``: ``model.featurize(batch)`` when the
+    model defines it (e.g. tokenised text), else the feature tensors ``(batch.query_x, batch.cand_x)``; on the
+    model's device."""
+    featurize = getattr(model, "featurize", None)
+    inputs = (batch.query_x, batch.cand_x) if featurize is None else featurize(batch)
+    device = module_device(model)  # a batch (or a featurizer's tokens) may live elsewhere, e.g. on the CPU
+    return tuple(x.to(device) if hasattr(x, "to") else x for x in inputs)  # type: ignore[return-value]
+
+
 def policy_log_probs(
-    model: nn.Module, query_x: Tensor, cand_x: Tensor, mask: Tensor, temperature: float
+    model: nn.Module, query_x: Any, cand_x: Any, mask: Tensor, temperature: float
 ) -> Tensor:
-    """Group log-probs ``log pi(c | q)`` of a ranker at a logit temperature."""
+    """Group log-probs ``log pi(c | q)`` of a ranker at a logit temperature (inputs: see :func:`model_inputs`)."""
     return group_log_probs(model.encode_query(query_x), model.encode_candidates(cand_x), temperature, mask)
 
 
@@ -209,6 +228,6 @@ def compute_log_probs(model: nn.Module, data: GroupData, temperature: float, bat
     with autocast(device, precision):
         for b in iterate_batches(data, batch_size):
             mask = b.mask.to(device)
-            out.append(policy_log_probs(model, b.query_x.to(device), b.cand_x.to(device), mask, temperature).float())
+            out.append(policy_log_probs(model, *model_inputs(model, b), mask, temperature).float())
     model.train(was_training)
     return torch.cat(out)

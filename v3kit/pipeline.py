@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from .checkpoint import checkpoint_model_config, load_checkpoint
-from .data import GroupData, Splits, load_groups, split_by_query
+from .data import GroupData, Splits, from_long_frame, read_table, split_by_query
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
 from .metrics import evaluate, metric_order
@@ -24,14 +24,35 @@ from .model import build_model
 from .rce import final_logit_temperature, run_rce
 from .rundir import RunLock, atomic_write_text, file_sha256
 from .sft import Stage1, load_sft, train_sft
+from .stdlib_search import builtin_table
 from .synthetic import make_world
 from .provenance import config_changes, flatten, signature
+from .text import default_cache_dir, embed_texts
 from .training import StageResult
 
 
+def load_data(cfg: RunConfig) -> GroupData:
+    """All groups of ``cfg.data``: the synthetic world, a built-in table, or a file; text columns without feature
+    vectors are embedded with ``data.text_encoder`` (cached) unless ``data.text_mode`` is ``end_to_end``."""
+    d = cfg.data
+    if not d.path:
+        return make_world(d.synthetic)
+    cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+
+    def embed(texts: list[str]):
+        return embed_texts(texts, encoder_name=d.text_encoder, max_tokens=d.text_max_tokens,
+                           cache_dir=cache / "embeddings", progress=cfg.progress)
+
+    if d.path == "builtin:stdlib_search":
+        frame = builtin_table(d.stdlib_search, cache / "tables")
+    else:
+        frame = read_table(d.path)
+    return from_long_frame(frame, embed=embed, text_mode=d.text_mode)
+
+
 def prepare_data(cfg: RunConfig) -> Splits:
-    """Load ``cfg.data.path`` (or generate the synthetic world) and split it by query with ``cfg.seed``."""
-    data: GroupData = load_groups(cfg.data.path) if cfg.data.path else make_world(cfg.data.synthetic)
+    """Load ``cfg.data`` (see :func:`load_data`) and split it by query with ``cfg.seed``."""
+    data = load_data(cfg)
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
 
 

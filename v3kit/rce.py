@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import REWARD_NORMS, rce_loss
-from .model import ModelConfig
+from .model import ModelConfig, model_inputs
 from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 TEMPERATURE_TARGETS = ("rewards", "logits")
@@ -121,8 +121,8 @@ def run_rce(
 
     def step_fn(batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         reward_t, logit_t = temperatures(ctx.step, ctx.total_steps)
-        q = policy.encode_query(batch.query_x)
-        c = policy.encode_candidates(batch.cand_x)
+        query_in, cand_in = model_inputs(policy, batch)
+        q, c = policy.encode_query(query_in), policy.encode_candidates(cand_in)
         loss = rce_loss(q, c, batch.labels, batch.rewards, reward_t, mask=batch.mask,
                         label_weight=cfg.label_weight, sim_temperature=logit_t, reward_norm=cfg.reward_norm)
         return loss, {"temperature": state["temperature"]}

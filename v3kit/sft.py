@@ -14,7 +14,7 @@ from .checkpoint import (check_feature_dims, checkpoint_model_config, load_check
                          model_payload, save_checkpoint)
 from .data import Batch, GroupData, Splits
 from .metrics import evaluate
-from .model import ModelConfig, build_model, compute_log_probs, policy_log_probs
+from .model import ModelConfig, build_model, compute_log_probs, model_inputs, policy_log_probs
 from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
 
 
@@ -62,7 +62,7 @@ def train_sft(
     temperature = model_cfg.sim_temperature
 
     def step_fn(batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        logp = policy_log_probs(model, batch.query_x, batch.cand_x, batch.mask, temperature)
+        logp = policy_log_probs(model, *model_inputs(model, batch), batch.mask, temperature)
         loss = -logp.gather(1, batch.labels.unsqueeze(1)).mean()
         return loss, {}
 
