@@ -270,18 +270,24 @@ def test_huge_features_stop_the_stage_with_one_line_and_no_checkpoint(tmp_path, 
     assert not list(run.glob("*.pt"))  # nothing poisoned was saved
 
 
-def _fit_with(tmp_path, step_fn_factory, **kw):
+def _fit_with(tmp_path, step_fn_factory, on_nonfinite="stop"):
     import torch
 
     from v3kit.model import ModelConfig, build_model
-    from v3kit.training import fit
+    from v3kit.sft import SFTConfig
+    from v3kit.training import RunContext, Stage, fit
 
     splits = _tiny_splits()
     torch.manual_seed(0)
     model = build_model(ModelConfig(), splits.train.query_dim, splits.train.cand_dim)
-    return model, fit(stage="sft", model=model, train=splits.train, val=splits.val,
-                      step_fn=step_fn_factory(model), epochs=3, lr=1e-3, batch_size=64, seed=0,
-                      eval_temperature=1.0, run_dir=tmp_path / "run", progress=False, **kw)
+
+    class FnStage(Stage):
+        name = "sft"
+        step = staticmethod(step_fn_factory(model))
+
+    cfg = SFTConfig(epochs=3, lr=1e-3, batch_size=64, on_nonfinite=on_nonfinite)
+    stage = FnStage(model, splits.train, splits.val, cfg, temperature=1.0)
+    return model, fit(stage, RunContext(seed=0, run_dir=tmp_path / "run", progress=False))
 
 
 def _nan_at(bad_steps, what="loss"):

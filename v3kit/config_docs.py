@@ -21,7 +21,16 @@ DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """``{field: docstring}`` of a dataclass: the string literal right below each annotated field."""
+    """``{field: docstring}`` of a dataclass: the string literal right below each annotated field. A subclass that
+    only changes a default keeps its base class's docstring (``SFTConfig.lr`` documents ``OptimConfig.lr``)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_docs(klass))
+    return docs
+
+
+def _own_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}

@@ -46,7 +46,7 @@ from .data import Batch, Splits
 from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
                      group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
 from .model import ModelConfig, compute_log_probs, model_inputs, policy_log_probs
-from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
+from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
 KL_REFERENCES = ("old", "sft")
@@ -55,13 +55,11 @@ SAMPLE_MODES = ("all", "sampled", "exact")
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(OptimConfig):
     epochs: int = 8
     """GRPO epochs (the seed ran 8)."""
     lr: float = 1e-5
     """Adam learning rate (the seed: 1e-5)."""
-    batch_size: int = 32
-    """Groups per step."""
     kl_beta: float = 0.1
     """Weight of the KL penalty (the seed: 0.1)."""
     eps_low: float = 0.2
@@ -95,12 +93,6 @@ class GRPOConfig:
     """Draws per group when ``samples: sampled``."""
     logp_temperature: Union[str, float] = "same_as_rce_end"
     """Logit temperature of GRPO's log-probs: ``same_as_rce_end`` or a number."""
-    max_grad_norm: float | None = 1.0
-    """Gradient-norm clipping; null = none."""
-    on_nonfinite: str = "stop"
-    """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
-    ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
-    ``metrics.csv`` and in the run printout)."""
     entropy_coef: float = 0.0
     """Entropy bonus: subtract ``entropy_coef`` x the mean group entropy of the policy from the loss (0 = off, the
     seed; verl's and TRL's entropy coefficient)."""
@@ -114,14 +106,15 @@ class GRPOConfig:
     """``ppo`` (the seed: PPO's clipped surrogate) | ``cispo`` (clipped, detached importance weight x log-prob, so
     clipped candidates keep a gradient)."""
 
+    section = "grpo"
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name, allowed in (("old_policy", OLD_POLICIES), ("kl_reference", KL_REFERENCES),
                               ("kl_estimator", KL_ESTIMATOR_CHOICES), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES),
                               ("loss_type", LOSS_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"grpo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        check_optim_fields("grpo", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
-        check_on_nonfinite("grpo", self.on_nonfinite)
         if self.kl_beta < 0:
             raise ValueError(f"grpo.kl_beta must be >= 0, got {self.kl_beta}")
         if not 0 <= self.eps_low < 1:
@@ -248,6 +241,72 @@ def ratio_stats(ratios: Tensor, eps_low: float, eps_high: float | None) -> dict[
     }
 
 
+class GRPOStage(Stage):
+    """GRPO on groups of candidates (the module docstring lists the switches). Everything that never changes
+    during GRPO is computed once here: the old policy's log-probs (unless refreshed), the frozen reference's
+    log-probs, the per-group advantages, and the step-0 ratio summary."""
+
+    name = "grpo"
+
+    def __init__(self, policy: nn.Module, splits: Splits, old_log_probs: Tensor, cfg: GRPOConfig,
+                 model_config: ModelConfig, *, reference: nn.Module | None, temperature: float,
+                 device: torch.device | str, precision: str) -> None:
+        train = splits.train
+        meta = {"config": asdict(cfg), "temperature": temperature,
+                **model_payload(model_config, train.query_dim, train.cand_dim)}
+        super().__init__(policy, train, splits.val, cfg, reference=reference, temperature=temperature, meta=meta)
+        self.device, self.precision = torch.device(device), precision
+        policy.to(self.device)
+        if reference is not None:
+            reference.to(self.device)
+        mask = train.mask.to(self.device)
+        self.old = old_log_probs.to(self.device).clone()
+        current = compute_log_probs(policy, train, temperature, precision=precision)
+        if cfg.old_policy != "sft":  # both refresh modes start from the policy GRPO starts with
+            self.old = current
+        log_ratio = (current - self.old)[mask].clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        self.step0_ratios = torch.exp(log_ratio).cpu()  # every valid ratio before the first update
+        self.step0_summary = ratio_stats(self.step0_ratios, cfg.eps_low, cfg.eps_high)
+        # The frozen reference never changes: its log-probs are read once (on the train split, at GRPO's
+        # temperature, like old_log_probs) and looked up by batch.index instead of a forward pass per step.
+        self.ref = None if cfg.kl_reference != "sft" else compute_log_probs(reference, train, temperature,
+                                                                           precision=precision)
+        # Rewards never change either: when a group's advantages depend on that group alone, compute them once.
+        self.terms = per_group_terms(train.rewards.to(self.device), mask, cfg) if per_group_advantages(cfg) else None
+        self.kl_ctl = None if cfg.kl_target is None else AdaptiveKLController(cfg.kl_beta, cfg.kl_target,
+                                                                               cfg.kl_horizon)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed in __init__
+            self.old = compute_log_probs(self.model, self.train, self.temperature, precision=self.precision)
+
+    def step(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
+        logp = policy_log_probs(self.model, *model_inputs(self.model, batch), batch.mask, self.temperature)
+        ref_logp = None if self.ref is None else self.ref[batch.index]
+        group_terms = None if self.terms is None else (self.terms[0][batch.index], self.terms[1][batch.index])
+        beta = None if self.kl_ctl is None else self.kl_ctl.value
+        loss, stats = grpo_step_loss(logp, self.old[batch.index], batch.rewards, batch.mask, self.cfg,
+                                     ref_logp=ref_logp, generator=ctx.generator, group_terms=group_terms,
+                                     kl_beta=beta)
+        stats["temperature"] = self.temperature
+        if self.kl_ctl is not None:  # the coefficient this step used; the update applies from the next step on
+            stats["kl_beta"] = beta
+            self.kl_ctl.update(float(stats["kl"]), len(batch.index))  # a host read per step, only with kl_target
+        return loss, stats
+
+    def extra_state(self) -> dict[str, Any]:
+        # stored on the CPU by save_checkpoint
+        return {"old_log_probs": self.old, **({"kl_beta": self.kl_ctl.value} if self.kl_ctl else {})}
+
+    def restore_extra(self, extra: dict[str, Any]) -> None:
+        self.old = extra["old_log_probs"].to(self.device)
+        if self.kl_ctl is not None and "kl_beta" in extra:  # resume the adapted coefficient, not the starting one
+            self.kl_ctl.value = float(extra["kl_beta"])
+
+    def eval_extra(self, epoch: int) -> dict[str, float]:
+        return self.step0_summary if epoch == 0 else {}
+
+
 def run_grpo(
     policy: nn.Module,
     splits: Splits,
@@ -271,8 +330,8 @@ def run_grpo(
     ``old_log_probs`` are stage 1's ([N_train, G]); ``temperature`` is GRPO's logit temperature (default: the
     model's ``sim_temperature``, i.e. what ``same_as_rce_end`` resolves to after a rewards-tempered RCE).
     ``result.info["step0_ratios"]`` holds every valid ratio on the training set before the first update (CPU).
-    ``device`` / ``precision`` / ``log_every``: see :func:`v3kit.training.fit`; the policy, the reference and the
-    old log-probs are moved to ``device``.
+    The keyword arguments after ``model_config`` are a :class:`v3kit.training.RunContext`'s; the policy, the
+    reference and the old log-probs are moved to ``device``.
     """
     cfg = cfg or GRPOConfig()
     model_config = model_config or ModelConfig()
@@ -283,64 +342,9 @@ def run_grpo(
     if cfg.kl_reference == "sft" and reference is None:
         raise ValueError("grpo.kl_reference='sft' needs the frozen SFT model: pass reference=stage1.reference")
     temperature = model_config.sim_temperature if temperature is None else temperature
-    device = torch.device(device)
-    policy.to(device)
-    if reference is not None:
-        reference.to(device)
-    state = {"old": old_log_probs.to(device).clone()}
-    mask = train.mask.to(device)
-    kl_ctl = None if cfg.kl_target is None else AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
-
-    def refresh() -> None:
-        state["old"] = compute_log_probs(policy, train, temperature, precision=precision)
-
-    current = compute_log_probs(policy, train, temperature, precision=precision)
-    if cfg.old_policy != "sft":  # both refresh modes start from the policy GRPO starts with
-        state["old"] = current
-    step0 = torch.exp((current - state["old"])[mask].clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).cpu()
-    step0_summary = ratio_stats(step0, cfg.eps_low, cfg.eps_high)
-    # The frozen reference never changes, so its log-probs are read once (on the train split, at GRPO's
-    # temperature, like old_log_probs) and looked up by batch.index instead of a forward pass per step.
-    ref_all = None
-    if cfg.kl_reference == "sft":
-        ref_all = compute_log_probs(reference, train, temperature, precision=precision)
-    terms = per_group_terms(train.rewards.to(device), mask, cfg) if per_group_advantages(cfg) else None
-
-    def restore(extra: dict[str, Any]) -> None:
-        state.update(old=extra["old_log_probs"].to(device))
-        if kl_ctl is not None and "kl_beta" in extra:  # resume the adapted coefficient, not the starting one
-            kl_ctl.value = float(extra["kl_beta"])
-
-    def on_epoch_start(epoch: int) -> None:
-        if cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed above
-            refresh()
-
-    def step_fn(batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
-        logp = policy_log_probs(policy, *model_inputs(policy, batch), batch.mask, temperature)
-        ref_logp = None if ref_all is None else ref_all[batch.index]
-        group_terms = None if terms is None else (terms[0][batch.index], terms[1][batch.index])
-        beta = None if kl_ctl is None else kl_ctl.value
-        loss, stats = grpo_step_loss(logp, state["old"][batch.index], batch.rewards, batch.mask, cfg,
-                                     ref_logp=ref_logp, generator=ctx.generator, group_terms=group_terms,
-                                     kl_beta=beta)
-        stats["temperature"] = temperature
-        if kl_ctl is not None:  # the coefficient this step used; the update applies from the next step on
-            stats["kl_beta"] = beta
-            kl_ctl.update(float(stats["kl"]), len(batch.index))  # a host read per step, only with kl_target
-        return loss, stats
-
-    meta = {"config": asdict(cfg), "temperature": temperature,
-            **model_payload(model_config, train.query_dim, train.cand_dim)}
-    result = fit(
-        stage="grpo", model=policy, train=train, val=splits.val, step_fn=step_fn, epochs=cfg.epochs, lr=cfg.lr,
-        batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature, reference=reference,
-        max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
-        checkpoint_meta=meta, on_epoch_start=on_epoch_start,
-        # stored on the CPU by save_checkpoint
-        extra_state=lambda: {"old_log_probs": state["old"], **({"kl_beta": kl_ctl.value} if kl_ctl else {})},
-        restore_extra=restore,
-        eval_extra=lambda epoch: step0_summary if epoch == 0 else {},
-        device=device, precision=precision, log_every=log_every, on_nonfinite=cfg.on_nonfinite,
-    )
-    result.info.update(step0_ratios=step0, temperature=temperature, **step0_summary)
+    stage = GRPOStage(policy, splits, old_log_probs, cfg, model_config, reference=reference,
+                      temperature=temperature, device=device, precision=precision)
+    result = fit(stage, RunContext(seed=seed, run_dir=run_dir, resume=resume, callbacks=callbacks,
+                                   progress=progress, device=device, precision=precision, log_every=log_every))
+    result.info.update(step0_ratios=stage.step0_ratios, temperature=temperature, **stage.step0_summary)
     return result

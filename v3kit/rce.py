@@ -22,43 +22,37 @@ from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import REWARD_NORMS, rce_loss
 from .model import ModelConfig, model_inputs
-from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
+from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
 TEMPERATURE_TARGETS = ("rewards", "logits")
 
 
 @dataclass
-class RCEConfig:
+class RCEConfig(OptimConfig):
     epochs: int = 3
     """RCE epochs; 0 skips RCE (the seed ran 3)."""
     lr: float = 1e-5
     """Adam learning rate (the seed: 1e-5)."""
-    batch_size: int = 32
-    """Groups per step."""
     t_start: float = 2.0
     """Annealed temperature at the first RCE step (soft targets: every beam counts)."""
     t_end: float = 0.5
     """Annealed temperature at the last RCE step (targets concentrated on the best beams)."""
     temperature_target: str = "rewards"
-    """"rewards" | "logits": what the annealed temperature divides."""
+    """What the annealed temperature divides: ``rewards`` (sharpens the targets) | ``logits`` (the policy's own
+    temperature; GRPO must then read log-probs at the temperature RCE ended at)."""
     reward_temperature: float = 1.0
-    """Target temperature when temperature_target == "logits"."""
+    """Target temperature when ``temperature_target`` is ``logits``."""
     label_weight: float = 0.0
     """Mix of the human label into the targets."""
     reward_norm: str = "none"
     """Per-group reward normalisation applied before the temperature softmax of the targets: ``none`` (the seed:
     raw rewards, so how sharp the targets are depends on the reward's scale), ``zscore`` (units of the group's
     reward std: t_start/t_end then mean the same on any reward scale), ``rank`` (only the reward's order counts)."""
-    max_grad_norm: float | None = 1.0
-    """Gradient-norm clipping; null = none."""
-    on_nonfinite: str = "stop"
-    """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
-    ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
-    ``metrics.csv`` and in the run printout)."""
+
+    section = "rce"
 
     def __post_init__(self) -> None:
-        check_optim_fields("rce", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
-        check_on_nonfinite("rce", self.on_nonfinite)
+        super().__post_init__()
         if self.temperature_target not in TEMPERATURE_TARGETS:
             raise ValueError(f"rce.temperature_target must be one of {TEMPERATURE_TARGETS}, got "
                              f"{self.temperature_target!r}")
@@ -88,6 +82,41 @@ def final_logit_temperature(cfg: RCEConfig, sim_temperature: float) -> float:
     return sim_temperature
 
 
+class RCEStage(Stage):
+    """Reward-weighted cross-entropy towards ``softmax(rewards / T)`` with ``T`` annealed linearly per step."""
+
+    name = "rce"
+    extendable = ()  # the temperature schedule spans all RCE steps: more epochs would change the past ones
+
+    def __init__(self, policy: nn.Module, splits: Splits, cfg: RCEConfig, model_config: ModelConfig, *,
+                 reference: nn.Module | None = None) -> None:
+        meta = {"config": asdict(cfg), **model_payload(model_config, splits.train.query_dim, splits.train.cand_dim)}
+        super().__init__(policy, splits.train, splits.val, cfg, reference=reference,
+                         temperature=model_config.sim_temperature, meta=meta)
+        self.annealed: float | None = None  # T of the latest step; None until the first RCE step
+
+    def step(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, sim_t = self.cfg, self.temperature
+        self.annealed = annealed_temperature(ctx.step, ctx.total_steps, cfg.t_start, cfg.t_end)
+        # (reward temperature, logit temperature): the annealed T divides one of them (docs/pipeline.md).
+        if cfg.temperature_target == "rewards":
+            reward_t, logit_t = self.annealed, sim_t
+        else:
+            reward_t, logit_t = cfg.reward_temperature, sim_t * self.annealed
+        query_in, cand_in = model_inputs(self.model, batch)
+        q, c = self.model.encode_query(query_in), self.model.encode_candidates(cand_in)
+        loss = rce_loss(q, c, batch.labels, batch.rewards, reward_t, mask=batch.mask,
+                        label_weight=cfg.label_weight, sim_temperature=logit_t, reward_norm=cfg.reward_norm)
+        return loss, {"temperature": self.annealed}
+
+    def eval_temperature(self) -> float:
+        # The policy is read at the logit temperature it was last trained at: SFT's before the first RCE step
+        # (so epoch 0 is the SFT baseline), the annealed one after, when RCE anneals the logits.
+        if self.cfg.temperature_target == "rewards" or self.annealed is None:
+            return self.temperature
+        return self.temperature * self.annealed
+
+
 def run_rce(
     policy: nn.Module,
     splits: Splits,
@@ -106,40 +135,9 @@ def run_rce(
 ) -> StageResult:
     """Stage 2: train ``policy`` in place with RCE; saves ``rce_epoch{N}.pt`` per epoch in ``run_dir``.
 
-    ``device`` / ``precision`` / ``log_every``: see :func:`v3kit.training.fit` (the policy moves to ``device``).
+    The keyword arguments after ``reference`` are a :class:`v3kit.training.RunContext`'s (the policy moves to
+    ``device``).
     """
-    cfg = cfg or RCEConfig()
-    model_config = model_config or ModelConfig()
-    sim_t = model_config.sim_temperature
-    state: dict[str, float | None] = {"temperature": None}  # None until the first RCE step
-
-    def temperatures(step: int, total: int) -> tuple[float, float]:
-        """(reward temperature, logit temperature) at this step."""
-        t = annealed_temperature(step, total, cfg.t_start, cfg.t_end)
-        state["temperature"] = t
-        return (t, sim_t) if cfg.temperature_target == "rewards" else (cfg.reward_temperature, sim_t * t)
-
-    def step_fn(batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        reward_t, logit_t = temperatures(ctx.step, ctx.total_steps)
-        query_in, cand_in = model_inputs(policy, batch)
-        q, c = policy.encode_query(query_in), policy.encode_candidates(cand_in)
-        loss = rce_loss(q, c, batch.labels, batch.rewards, reward_t, mask=batch.mask,
-                        label_weight=cfg.label_weight, sim_temperature=logit_t, reward_norm=cfg.reward_norm)
-        return loss, {"temperature": state["temperature"]}
-
-    def eval_temperature() -> float:
-        # The policy is read at the logit temperature it was last trained at: SFT's before the first RCE step
-        # (so epoch 0 is the SFT baseline), the annealed one after, when RCE anneals the logits.
-        if cfg.temperature_target == "rewards" or state["temperature"] is None:
-            return sim_t
-        return sim_t * state["temperature"]
-
-    meta = {"config": asdict(cfg), **model_payload(model_config, splits.train.query_dim, splits.train.cand_dim)}
-    return fit(
-        stage="rce", model=policy, train=splits.train, val=splits.val, step_fn=step_fn, epochs=cfg.epochs,
-        lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=eval_temperature, reference=reference,
-        max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
-        checkpoint_meta=meta, on_nonfinite=cfg.on_nonfinite,
-        extendable=(),  # the temperature schedule spans all RCE steps: more epochs would change the past ones
-        device=device, precision=precision, log_every=log_every,
-    )
+    stage = RCEStage(policy, splits, cfg or RCEConfig(), model_config or ModelConfig(), reference=reference)
+    return fit(stage, RunContext(seed=seed, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
+                                 device=device, precision=precision, log_every=log_every))

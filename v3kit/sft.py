@@ -15,27 +15,27 @@ from .checkpoint import (check_feature_dims, checkpoint_model_config, load_check
 from .data import Batch, GroupData, Splits
 from .metrics import evaluate
 from .model import ModelConfig, build_model, compute_log_probs, model_inputs, policy_log_probs
-from .training import StageResult, StepContext, check_on_nonfinite, check_optim_fields, fit
+from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(OptimConfig):
     epochs: int = 15
     """Epochs of supervised training (CE on the human label)."""
     lr: float = 1e-3
-    """Adam learning rate."""
     batch_size: int = 64
-    """Groups per step."""
-    max_grad_norm: float | None = 1.0
-    """Gradient-norm clipping; null = none."""
-    on_nonfinite: str = "stop"
-    """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
-    ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
-    ``metrics.csv`` and in the run printout)."""
 
-    def __post_init__(self) -> None:
-        check_optim_fields("sft", self.epochs, self.lr, self.batch_size, self.max_grad_norm)
-        check_on_nonfinite("sft", self.on_nonfinite)
+    section = "sft"
+
+
+class SFTStage(Stage):
+    """The supervised ("v2") ranker: cross-entropy on the human label, ``-log pi(label | q)``."""
+
+    name = "sft"
+
+    def step(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        logp = policy_log_probs(self.model, *model_inputs(self.model, batch), batch.mask, self.temperature)
+        return -logp.gather(1, batch.labels.unsqueeze(1)).mean(), {}
 
 
 def train_sft(
@@ -54,26 +54,15 @@ def train_sft(
 ) -> StageResult:
     """Train the supervised ranker (CE on the human label) and save ``sft.pt`` in ``run_dir``.
 
-    ``device`` / ``precision`` / ``log_every``: see :func:`v3kit.training.fit`; ``sft.pt`` holds CPU tensors.
+    The keyword arguments are a :class:`v3kit.training.RunContext`'s; ``sft.pt`` holds CPU tensors.
     """
     cfg = cfg or SFTConfig()
     torch.manual_seed(seed)
     model = build_model(model_cfg, splits.train.query_dim, splits.train.cand_dim)
-    temperature = model_cfg.sim_temperature
-
-    def step_fn(batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        logp = policy_log_probs(model, *model_inputs(model, batch), batch.mask, temperature)
-        loss = -logp.gather(1, batch.labels.unsqueeze(1)).mean()
-        return loss, {}
-
     meta = {"config": asdict(cfg), **model_payload(model_cfg, splits.train.query_dim, splits.train.cand_dim)}
-    result = fit(
-        stage="sft", model=model, train=splits.train, val=splits.val, step_fn=step_fn, epochs=cfg.epochs,
-        lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, eval_temperature=temperature,
-        max_grad_norm=cfg.max_grad_norm, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
-        checkpoint_meta=meta, device=device, precision=precision, log_every=log_every,
-        on_nonfinite=cfg.on_nonfinite,
-    )
+    stage = SFTStage(model, splits.train, splits.val, cfg, temperature=model_cfg.sim_temperature, meta=meta)
+    result = fit(stage, RunContext(seed=seed, run_dir=run_dir, resume=resume, callbacks=callbacks,
+                                   progress=progress, device=device, precision=precision, log_every=log_every))
     if run_dir is not None:
         path = save_checkpoint(Path(run_dir) / "sft.pt", {"stage": "sft", "epoch": cfg.epochs, "step": -1,
                                                          "model": model.state_dict(), **meta})

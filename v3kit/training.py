@@ -1,8 +1,9 @@
 """The loop every stage shares: epochs of mini-batches, held-out evaluation before the first step and after each
 epoch, callbacks, ``metrics.csv``, atomic per-epoch checkpoints, and resume.
 
-A stage supplies only ``step_fn(batch, ctx) -> (loss, stats)``; the algorithm lives in the stage module
-(``sft.py``, ``rce.py``, ``grpo.py``), the plumbing here.
+A stage is a :class:`Stage` subclass that implements ``step(batch, ctx) -> (loss, stats)``; the algorithm lives in
+its stage module (``sft.py``, ``rce.py``, ``grpo.py``), the plumbing here. :class:`OptimConfig` holds the knobs
+every stage has, :class:`RunContext` where and how a run trains.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -212,7 +213,6 @@ class StageResult:
 
 
 # ``stats`` values may be floats or 0-d tensors; tensors are read back to the host in batches (see ``log_every``).
-StepFn = Callable[[Batch, StepContext], "tuple[Tensor, dict[str, float | Tensor]]"]
 
 
 def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> Tensor | float:
@@ -295,49 +295,104 @@ def _check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: 
         )
 
 
-def fit(
-    *,
-    stage: str,
-    model: nn.Module,
-    train: GroupData,
-    val: GroupData,
-    step_fn: StepFn,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    eval_temperature: float | Callable[[], float],
-    reference: nn.Module | None = None,
-    max_grad_norm: float | None = 1.0,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    callbacks: Sequence[Any] = (),
-    progress: bool = True,
-    checkpoint_meta: dict[str, Any] | None = None,
-    on_epoch_start: Callable[[int], None] | None = None,
-    extra_state: Callable[[], dict[str, Any]] | None = None,
-    restore_extra: Callable[[dict[str, Any]], None] | None = None,
-    eval_extra: Callable[[int], dict[str, float]] | None = None,
-    extendable: Sequence[str] = ("epochs",),
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    log_every: int = 10,
-    on_nonfinite: str = "stop",
-) -> StageResult:
-    """Train ``model`` in place for ``epochs`` with Adam at ``lr``; see the module docstring.
+@dataclass
+class OptimConfig:
+    """The optimisation knobs every stage has; ``SFTConfig``, ``RCEConfig`` and ``GRPOConfig`` extend it with their
+    own defaults and switches. ``section`` names the config section in error messages."""
 
-    ``extendable``: config keys a resume may change (by default ``epochs``: train a finished stage further).
-    ``device``: where the model, the reference and the batches live (``train``/``val`` are copied there once);
-    ``precision="bf16"`` runs ``step_fn`` and the evaluations under CUDA autocast. ``log_every``: steps between
-    host reads of the per-step statistics (one sync each time, and at every epoch end); ``metrics.csv`` still
-    gets one row per step with the same values, and callbacks get every row, in batches.
-    ``on_nonfinite``: ``"stop"`` raises :class:`NonFiniteError` at a NaN/inf loss or gradient; ``"skip_batch"``
+    epochs: int = 1
+    """Epochs of this stage; 0 skips it."""
+    lr: float = 1e-5
+    """Adam learning rate."""
+    batch_size: int = 32
+    """Groups per optimizer step."""
+    max_grad_norm: float | None = 1.0
+    """Gradient-norm clipping; null = none."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
+    ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
+    ``metrics.csv`` and in the run printout)."""
+
+    section = "stage"  # a plain class attribute (not a field): the config section, for messages
+
+    def __post_init__(self) -> None:
+        check_optim_fields(self.section, self.epochs, self.lr, self.batch_size, self.max_grad_norm)
+        check_on_nonfinite(self.section, self.on_nonfinite)
+
+
+@dataclass
+class RunContext:
+    """Where and how the stages of a run train: the same for every stage, so the runners pass one of these."""
+
+    seed: int = 0  # seeds the batch order, any sampling, and torch's global RNG at the stage's start
+    run_dir: str | Path | None = None  # None: nothing is written (metrics stay in memory)
+    resume: bool = False  # continue from the stage's newest epoch checkpoint in run_dir
+    callbacks: Sequence[Any] = ()  # Callback objects (live plots) that see every logged row
+    progress: bool = True  # tqdm progress bar
+    device: torch.device | str = "cpu"  # where the model, the reference and the batches live
+    precision: str = "fp32"  # "bf16": CUDA autocast of the forward passes
+    log_every: int = 10  # steps between host reads of the per-step statistics
+
+
+class Stage:
+    """One training algorithm on the shared loop of :func:`fit`. A subclass sets :attr:`name`, passes its model,
+    data and :class:`OptimConfig` to ``__init__``, and implements :meth:`step`; the other methods are optional
+    hooks (their defaults do nothing). The algorithm then reads top to bottom in one class, as in CleanRL."""
+
+    name = "stage"
+    extendable: tuple[str, ...] = ("epochs",)  # config keys a resume may change (train a finished stage further)
+
+    def __init__(self, model: nn.Module, train: GroupData, val: GroupData, cfg: OptimConfig, *,
+                 reference: nn.Module | None = None, temperature: float = 1.0,
+                 meta: dict[str, Any] | None = None) -> None:
+        self.model, self.train, self.val, self.cfg = model, train, val, cfg
+        self.reference = reference  # frozen SFT copy: kl_to_sft in every evaluation
+        self.temperature = temperature  # logit temperature of the evaluations
+        self.meta = meta or {}  # stored in every epoch checkpoint (config, model config, feature dims)
+
+    def step(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Any]]:
+        """The loss of one batch and its statistics (floats or 0-d tensors, read back in batches)."""
+        raise NotImplementedError
+
+    def eval_temperature(self) -> float:
+        """The logit temperature the held-out evaluation reads the policy at."""
+        return self.temperature
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch's first step (1-based ``epoch``)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Stage state beyond the model and optimizer that a checkpoint must hold for a bit-identical resume."""
+        return {}
+
+    def restore_extra(self, extra: dict[str, Any]) -> None:
+        """Load what :meth:`extra_state` saved."""
+
+    def eval_extra(self, epoch: int) -> dict[str, float]:
+        """Values added to the held-out evaluation row of ``epoch`` (0 = before the first step)."""
+        return {}
+
+
+def fit(stage_obj: Stage, run: RunContext) -> StageResult:
+    """Train ``stage_obj.model`` in place for ``cfg.epochs`` with Adam at ``cfg.lr``; see the module docstring.
+
+    ``run.device``: where the model, the reference and the batches live (``train``/``val`` are copied there once);
+    ``run.precision="bf16"`` runs the steps and the evaluations under CUDA autocast. ``run.log_every``: steps
+    between host reads of the per-step statistics (one sync each time, and at every epoch end); ``metrics.csv``
+    still gets one row per step with the same values, and callbacks get every row, in batches.
+    ``cfg.on_nonfinite``: ``"stop"`` raises :class:`NonFiniteError` at a NaN/inf loss or gradient; ``"skip_batch"``
     leaves such a batch out (no optimizer step) and logs it in a ``skipped_nonfinite`` column (1 = skipped).
     Non-finite weights at an epoch's end always stop (before its checkpoint).
     """
+    cfg, stage, model, reference = stage_obj.cfg, stage_obj.name, stage_obj.model, stage_obj.reference
+    train, val, checkpoint_meta = stage_obj.train, stage_obj.val, stage_obj.meta
+    epochs, lr, batch_size, max_grad_norm, on_nonfinite = (cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_grad_norm,
+                                                          cfg.on_nonfinite)
+    seed, run_dir, resume, callbacks, progress = run.seed, run.run_dir, run.resume, run.callbacks, run.progress
+    device, precision, log_every = run.device, run.precision, run.log_every
     check_optim_fields(stage, epochs, lr, batch_size, max_grad_norm)
     check_on_nonfinite(stage, on_nonfinite)
-    extendable = (*extendable, "on_nonfinite")  # how bad batches are handled does not change the past ones
+    extendable = (*stage_obj.extendable, "on_nonfinite")  # how bad batches are handled does not change the past
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
     device = torch.device(device)
@@ -360,12 +415,11 @@ def fit(
     torch.manual_seed(seed)
     steps_per_epoch = num_batches(len(train), batch_size)
     total_steps = steps_per_epoch * epochs
-    temperature = eval_temperature if callable(eval_temperature) else (lambda: eval_temperature)
 
     def evaluate_now(epoch: int, step: int) -> dict[str, Any]:
-        metrics = evaluate(model, val, temperature=temperature(), reference=reference, precision=precision)
-        if eval_extra is not None:
-            metrics.update(eval_extra(epoch))
+        metrics = evaluate(model, val, temperature=stage_obj.eval_temperature(), reference=reference,
+                           precision=precision)
+        metrics.update(stage_obj.eval_extra(epoch))
         row = {"stage": stage, "split": "val", "epoch": epoch, "step": step, **metrics}
         log.add(row)
         _call(callbacks, "on_eval", row)
@@ -388,8 +442,7 @@ def fit(
         optimizer.load_state_dict(ckpt["optimizer"])
         generator.set_state(ckpt["rng"]["generator"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if restore_extra is not None:
-            restore_extra(ckpt.get("extra", {}))
+        stage_obj.restore_extra(ckpt.get("extra", {}))
         start_epoch, step = ckpt["epoch"], ckpt["step"]
         checkpoints = [p for _, p in done]
         log.start_stage(stage, ckpt.get("metrics_rows"), start_epoch)
@@ -425,13 +478,12 @@ def fit(
         pending.clear()
 
     for epoch in range(start_epoch + 1, epochs + 1):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
+        stage_obj.on_epoch_start(epoch)
         model.train()
         for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
             ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
             with autocast(device, precision):
-                loss, stats = step_fn(batch, ctx)
+                loss, stats = stage_obj.step(batch, ctx)
             optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
@@ -468,7 +520,7 @@ def fit(
                 "model": model.state_dict(),  # save_checkpoint stores every tensor on the CPU
                 "optimizer": optimizer.state_dict(),
                 "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
-                "extra": extra_state() if extra_state is not None else {},
+                "extra": stage_obj.extra_state(),
                 "metrics_rows": log.stage_rows(stage),  # what a resume from here rebuilds metrics.csv with
                 **(checkpoint_meta or {}),
             }
