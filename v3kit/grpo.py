@@ -35,8 +35,7 @@ Remedies (off by default, so the seed's numbers do not change):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -316,22 +315,15 @@ def run_grpo(
     reference: nn.Module | None = None,
     temperature: float | None = None,
     model_config: ModelConfig | None = None,
-    seed: int = 0,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    callbacks: Sequence[Any] = (),
-    progress: bool = True,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    log_every: int = 10,
+    **run: Any,
 ) -> StageResult:
     """Stage 3: train ``policy`` in place with GRPO; saves ``grpo_epoch{N}.pt`` per epoch in ``run_dir``.
 
     ``old_log_probs`` are stage 1's ([N_train, G]); ``temperature`` is GRPO's logit temperature (default: the
     model's ``sim_temperature``, i.e. what ``same_as_rce_end`` resolves to after a rewards-tempered RCE).
     ``result.info["step0_ratios"]`` holds every valid ratio on the training set before the first update (CPU).
-    The keyword arguments after ``model_config`` are a :class:`v3kit.training.RunContext`'s; the policy, the
-    reference and the old log-probs are moved to ``device``.
+    ``run``: the fields of a :class:`v3kit.training.RunContext` (seed, run_dir, resume, callbacks, progress,
+    device, precision, log_every); the policy, the reference and the old log-probs move to ``device``.
     """
     cfg = cfg or GRPOConfig()
     model_config = model_config or ModelConfig()
@@ -342,9 +334,9 @@ def run_grpo(
     if cfg.kl_reference == "sft" and reference is None:
         raise ValueError("grpo.kl_reference='sft' needs the frozen SFT model: pass reference=stage1.reference")
     temperature = model_config.sim_temperature if temperature is None else temperature
+    context = RunContext(**run)
     stage = GRPOStage(policy, splits, old_log_probs, cfg, model_config, reference=reference,
-                      temperature=temperature, device=device, precision=precision)
-    result = fit(stage, RunContext(seed=seed, run_dir=run_dir, resume=resume, callbacks=callbacks,
-                                   progress=progress, device=device, precision=precision, log_every=log_every))
+                      temperature=temperature, device=context.device, precision=context.precision)
+    result = fit(stage, context)
     result.info.update(step0_ratios=stage.step0_ratios, temperature=temperature, **stage.step0_summary)
     return result

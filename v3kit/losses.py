@@ -7,6 +7,8 @@ masked entries never contribute to any sum, mean, softmax or statistic (formulas
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -308,44 +310,9 @@ class AdaptiveKLController:
         return self.value
 
 
-def grpo_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    *,
-    mask: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float | None = None,
-    kl_beta: float = 0.1,
-    ref_logp: Tensor | None = None,
-    kl_estimator: str | None = None,
-    weights: Tensor | None = None,
-    dual_clip: float | None = None,
-    loss_type: str = "ppo",
-    entropy_coef: float = 0.0,
-) -> tuple[Tensor, dict[str, float]]:
-    """PPO-clipped group-relative policy loss plus KL penalty, averaged over valid entries.
-
-    The statistics are python floats here; :func:`grpo_loss_terms` (same arguments) keeps them as 0-d tensors on
-    the device so a training loop need not wait for the device every step.
-
-    KL: against ``old_logp`` with the seed's estimator when ``ref_logp`` is None, else k3 against ``ref_logp``;
-    ``kl_estimator`` overrides the estimator. ``eps_high`` > ``eps_low`` is DAPO's clip-higher; ``dual_clip=c``
-    bounds the loss of negative-advantage entries at ``-c * A`` (Ye et al. 2020). ``weights`` turn the mean into a
-    weighted mean (the ``exact`` mode weights every candidate by its old-policy probability).
-    ``kl_estimator="exact"`` adds ``kl_beta * mean_b KL_b`` with the whole-group KL of :func:`exact_group_kl`
-    instead of a per-entry estimate. ``loss_type="cispo"`` replaces the clipped surrogate by
-    ``-sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * logp`` (MiniMax-M1's CISPO): the importance weight is clipped
-    and detached, so a clipped entry keeps the gradient ``-w * A`` of its log-prob instead of losing it.
-    ``entropy_coef`` subtracts ``entropy_coef * mean_b H(pi_b)`` (entropy bonus; full groups, see
-    :func:`group_entropy`).
-    Returns the loss and float stats: ``kl``, ``entropy``, ``clip_ratio`` (TRL's names; with the low and high
-    sides apart as ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, so clip-higher's effect shows), ``pg_loss``
-    (the clipped surrogate alone, verl's name) and ``ratio_mean``/``ratio_min``/``ratio_max``.
-    """
-    loss, stats = grpo_loss_terms(logp, old_logp, advantages, mask=mask, eps_low=eps_low, eps_high=eps_high,
-                                  kl_beta=kl_beta, ref_logp=ref_logp, kl_estimator=kl_estimator, weights=weights,
-                                  dual_clip=dual_clip, loss_type=loss_type, entropy_coef=entropy_coef)
+def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, **options: Any) -> tuple[Tensor, dict[str, float]]:
+    """:func:`grpo_loss_terms` (same arguments and options) with its statistics as python floats."""
+    loss, stats = grpo_loss_terms(logp, old_logp, advantages, **options)
     return loss, {k: v.item() for k, v in stats.items()}
 
 
@@ -365,7 +332,25 @@ def grpo_loss_terms(
     loss_type: str = "ppo",
     entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """:func:`grpo_loss` with its statistics left as detached 0-d tensors."""
+    """PPO-clipped group-relative policy loss plus KL penalty, averaged over valid entries.
+
+    The statistics are 0-d tensors on the device (a training loop reads them back in batches, never waiting for
+    the device every step); :func:`grpo_loss` returns them as python floats.
+
+    KL: against ``old_logp`` with the seed's estimator when ``ref_logp`` is None, else k3 against ``ref_logp``;
+    ``kl_estimator`` overrides the estimator. ``eps_high`` > ``eps_low`` is DAPO's clip-higher; ``dual_clip=c``
+    bounds the loss of negative-advantage entries at ``-c * A`` (Ye et al. 2020). ``weights`` turn the mean into a
+    weighted mean (the ``exact`` mode weights every candidate by its old-policy probability).
+    ``kl_estimator="exact"`` adds ``kl_beta * mean_b KL_b`` with the whole-group KL of :func:`exact_group_kl`
+    instead of a per-entry estimate. ``loss_type="cispo"`` replaces the clipped surrogate by
+    ``-sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * logp`` (MiniMax-M1's CISPO): the importance weight is clipped
+    and detached, so a clipped entry keeps the gradient ``-w * A`` of its log-prob instead of losing it.
+    ``entropy_coef`` subtracts ``entropy_coef * mean_b H(pi_b)`` (entropy bonus; full groups, see
+    :func:`group_entropy`).
+    Returns the loss and the stats: ``kl``, ``entropy``, ``clip_ratio`` (TRL's names; with the low and high
+    sides apart as ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, so clip-higher's effect shows), ``pg_loss``
+    (the clipped surrogate alone, verl's name) and ``ratio_mean``/``ratio_min``/``ratio_max``.
+    """
     if logp.shape != old_logp.shape or logp.shape != advantages.shape:
         raise ValueError(
             f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages {tuple(advantages.shape)} "

@@ -12,8 +12,7 @@ fixed ``reward_temperature``), which changes the log-prob scale GRPO's ratio lat
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,20 +123,12 @@ def run_rce(
     *,
     model_config: ModelConfig | None = None,
     reference: nn.Module | None = None,
-    seed: int = 0,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    callbacks: Sequence[Any] = (),
-    progress: bool = True,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    log_every: int = 10,
+    **run: Any,
 ) -> StageResult:
     """Stage 2: train ``policy`` in place with RCE; saves ``rce_epoch{N}.pt`` per epoch in ``run_dir``.
 
-    The keyword arguments after ``reference`` are a :class:`v3kit.training.RunContext`'s (the policy moves to
-    ``device``).
+    ``run``: the fields of a :class:`v3kit.training.RunContext` (seed, run_dir, resume, callbacks, progress,
+    device, precision, log_every); the policy moves to ``device``.
     """
     stage = RCEStage(policy, splits, cfg or RCEConfig(), model_config or ModelConfig(), reference=reference)
-    return fit(stage, RunContext(seed=seed, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=progress,
-                                 device=device, precision=precision, log_every=log_every))
+    return fit(stage, RunContext(**run))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,30 +42,23 @@ def train_sft(
     splits: Splits,
     model_cfg: ModelConfig,
     cfg: SFTConfig | None = None,
-    *,
-    seed: int = 0,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    callbacks: Sequence[Any] = (),
-    progress: bool = True,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    log_every: int = 10,
+    **run: Any,
 ) -> StageResult:
     """Train the supervised ranker (CE on the human label) and save ``sft.pt`` in ``run_dir``.
 
-    The keyword arguments are a :class:`v3kit.training.RunContext`'s; ``sft.pt`` holds CPU tensors.
+    ``run``: the fields of a :class:`v3kit.training.RunContext` (seed, run_dir, resume, callbacks, progress,
+    device, precision, log_every); ``sft.pt`` holds CPU tensors.
     """
     cfg = cfg or SFTConfig()
-    torch.manual_seed(seed)
+    context = RunContext(**run)
+    torch.manual_seed(context.seed)
     model = build_model(model_cfg, splits.train.query_dim, splits.train.cand_dim)
     meta = {"config": asdict(cfg), **model_payload(model_cfg, splits.train.query_dim, splits.train.cand_dim)}
     stage = SFTStage(model, splits.train, splits.val, cfg, temperature=model_cfg.sim_temperature, meta=meta)
-    result = fit(stage, RunContext(seed=seed, run_dir=run_dir, resume=resume, callbacks=callbacks,
-                                   progress=progress, device=device, precision=precision, log_every=log_every))
-    if run_dir is not None:
-        path = save_checkpoint(Path(run_dir) / "sft.pt", {"stage": "sft", "epoch": cfg.epochs, "step": -1,
-                                                         "model": model.state_dict(), **meta})
+    result = fit(stage, context)
+    if context.run_dir is not None:
+        payload = {"stage": "sft", "epoch": cfg.epochs, "step": -1, "model": model.state_dict(), **meta}
+        path = save_checkpoint(Path(context.run_dir) / "sft.pt", payload)
         result.info["checkpoint"] = path
     return result
 
