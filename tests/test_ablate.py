@@ -267,3 +267,16 @@ def test_grid_sft_checkpoint_must_exist_and_excludes_worlds(tmp_path):
     assert parse_grid(tiny_grid(sft_checkpoint=str(ckpt))).sft_checkpoint == str(ckpt)
     with pytest.raises(GridError, match="drop one of the two"):
         parse_grid(tiny_grid(sft_checkpoint=str(ckpt), worlds={"variants": ["seed"], "levels": {"b": []}}))
+
+
+def test_conclusions_on_data_without_utility_read_the_label_metrics_and_the_disagreement_rate():
+    n = MIN_RUNS_FOR_SEEDS_ONLY_VERDICT
+    frame = _crafted({"seed": [-0.05 + 0.01 * (i % 3) for i in range(n)], "good": [0.1] * n})
+    frame["mrr"] = frame["acc@1"] / 2 + 0.4  # a second label metric, as real data has
+    frame["reward_label_agreement"] = 0.625
+    s = summarize(frame, metrics=["acc@1", "mrr"], reference="seed", n_boot=200)
+    assert s.attrs["reward_label_agreement"] == {"default": 0.625}
+    text = conclusions(s)  # the default metrics name utility@1, which this data lacks
+    assert "label in 62% of queries (reward-label disagreement 38%)" in text
+    assert "No true utility in this data" in text
+    assert "\nmrr:" in text and "utility@1" not in text

@@ -28,6 +28,10 @@ def conclusions(
     ``sft_variant`` (the variant that is SFT itself; default: the one whose difference to SFT is exactly 0 on every
     metric) is left out of the lists."""
     reference = reference or summary.attrs.get("reference")
+    agreement = summary.attrs.get("reward_label_agreement", {}).get(world)
+    has_utility = "utility@1" in set(summary["metric"])
+    if not has_utility and tuple(metrics) == KEY_METRICS:  # real data: the label metrics carry the verdict
+        metrics = ("acc@1", "mrr", "reward@1")
     s = summary[(summary["world"] == world) & summary["metric"].isin(metrics)]
     if s.empty:
         return f"No results for world {world!r}."
@@ -38,6 +42,13 @@ def conclusions(
     method = ", ".join(sorted(s["ci_method"].unique()))
     lines = [f"World '{world}': {s['variant'].nunique()} variants x {n_seeds}+ seeds; 95% bootstrap CIs over "
              f"{method}; 'better'/'worse' = the CI of the paired difference excludes 0."]
+    if agreement is not None:
+        lines.append(f"Reward vs label on the test split: the highest-reward candidate is the human label in "
+                     f"{agreement:.0%} of queries (reward-label disagreement {1 - agreement:.0%}); where they "
+                     "disagree, raising reward@1 can lower acc@1 and mrr.")
+    if not has_utility:
+        lines.append("No true utility in this data: the verdicts read the label metrics (acc@1, mrr) against the "
+                     "reward (reward@1).")
     lines += power_lines(s, metrics)
     n_tests = len(s)
     lines.append(f"({n_tests} variant x metric comparisons at 95%: expect about {0.05 * n_tests:.0f} "

@@ -117,6 +117,7 @@ def _train_sft(task: _SFTTask) -> str:
 def _execute(task: _RunTask) -> dict[str, Any]:
     """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
     from ..pipeline import run_pipeline, update_run_info
+    from ..reward_stats import label_reward_agreement
 
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)
@@ -126,6 +127,9 @@ def _execute(task: _RunTask) -> dict[str, Any]:
     update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
     info = {k: float(res.grpo.info[k]) for k in _RUN_INFO if k in res.grpo.info}
+    # How often the reward's top candidate is the label on the test split: what the conclusions read label metrics
+    # against, above all on real data without a true utility.
+    info["reward_label_agreement"] = label_reward_agreement(splits.test)
     rows = []
     for stage, hist in (("rce", res.rce.eval_history), ("grpo", res.grpo.eval_history)):
         for rec in hist.to_dict("records"):

@@ -189,6 +189,9 @@ def summarize(
     out = pd.DataFrame(rows)
     if reference is not None and not out.empty:
         out.attrs["reference"] = reference
+    if "reward_label_agreement" in frame.columns:
+        agreement = frame.groupby("world")["reward_label_agreement"].mean().dropna()
+        out.attrs["reward_label_agreement"] = {str(w): float(v) for w, v in agreement.items()}
     return out
 
 
