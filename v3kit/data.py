@@ -18,6 +18,7 @@ from torch import Tensor
 
 REQUIRED_COLUMNS = ("query_id", "candidate_id", "query_features", "candidate_features", "reward", "is_label")
 OPTIONAL_COLUMNS = ("utility",)
+FEATURE_COLUMNS = ("query_features", "candidate_features")  # list-valued; packed by v3kit.ingest
 
 
 class DataValidationError(ValueError):
@@ -120,6 +121,15 @@ def _fail(msg: str) -> None:
     raise DataValidationError(msg)
 
 
+def _nonfinite(t: Tensor, rows: int = 4096) -> Tensor:
+    """Where ``t`` is NaN/inf (for a 3-d tensor: any over the last dim), a few rows at a time: ``isfinite`` of a
+    whole feature tensor would allocate several times its size."""
+    if t.dim() < 3:
+        return ~torch.isfinite(t)
+    return torch.cat([~torch.isfinite(t[s : s + rows]).all(dim=-1) for s in range(0, t.shape[0], rows)]) \
+        if t.shape[0] else torch.zeros(t.shape[:2], dtype=torch.bool)
+
+
 def validate_tensors(d: GroupData) -> None:
     """Check shapes and values of an in-memory dataset; raise :class:`DataValidationError` naming the field."""
     n = d.query_x.shape[0] if d.query_x.dim() == 2 else -1
@@ -142,9 +152,9 @@ def validate_tensors(d: GroupData) -> None:
         t = getattr(d, name)
         if not torch.is_floating_point(t):
             _fail(f"{name} must be a float tensor, got {t.dtype}")
-        bad = ~torch.isfinite(t)
+        bad = _nonfinite(t)
         if name in ("cand_x",):
-            bad = bad.any(dim=-1) & d.mask
+            bad = bad & d.mask
         elif name in ("rewards", "utility"):
             bad = bad & d.mask
         if bad.any():
@@ -228,73 +238,45 @@ def _as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
     return col.astype(bool).to_numpy()
 
 
-def from_long_frame(df: pd.DataFrame) -> GroupData:
-    """Build padded groups from a long-form frame (one row per query-candidate); validate on the way."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+def check_long_frame(df: pd.DataFrame, columns: Sequence[str], n_rows: int) -> None:
+    """The table-level checks (columns, emptiness, finite rewards) on ``df``'s scalar columns."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         _fail(
             f"missing column(s) {missing}; a long-form table needs {list(REQUIRED_COLUMNS)} "
-            f"(optional: {list(OPTIONAL_COLUMNS)}); found {list(df.columns)}"
+            f"(optional: {list(OPTIONAL_COLUMNS)}); found {list(columns)}"
         )
-    if len(df) == 0:
+    if n_rows == 0:
         _fail("the data table is empty")
-    df = df.reset_index(drop=True)
-    for field in ("reward",) + (("utility",) if "utility" in df.columns else ()):
+    for field in ("reward",) + (("utility",) if "utility" in columns else ()):
         vals = pd.to_numeric(df[field], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(vals)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]}; "
                   f"every {field} must be a finite number")
-    q = _as_matrix(df["query_features"], "query_features", df)
-    c = _as_matrix(df["candidate_features"], "candidate_features", df)
-    is_label = _as_bool(df["is_label"], df)
 
-    qids = df["query_id"].astype(str).to_numpy()
-    codes, order = pd.factorize(qids)  # queries in first-seen order
-    by_code = pd.Series(np.arange(len(df))).groupby(codes).indices
-    groups = {qid: by_code[k] for k, qid in enumerate(order)}
-    g_max = max(len(r) for r in groups.values())
-    n = len(order)
-    query_x = np.zeros((n, q.shape[1]))
-    cand_x = np.zeros((n, g_max, c.shape[1]))
-    mask = np.zeros((n, g_max), dtype=bool)
-    rewards = np.zeros((n, g_max))
-    utility = np.zeros((n, g_max)) if "utility" in df.columns else None
-    labels = np.zeros(n, dtype=np.int64)
-    reward_col = df["reward"].to_numpy(dtype=np.float64)
-    util_col = df["utility"].to_numpy(dtype=np.float64) if utility is not None else None
-    for b, qid in enumerate(order):
-        rows = groups[qid]
-        if len(rows) < 2:
-            _fail(f"query_id={qid!r} has {len(rows)} candidate row(s); a group needs at least 2 candidates — drop it")
-        n_lab = int(is_label[rows].sum())
-        if n_lab != 1:
-            what = "no candidate" if n_lab == 0 else f"{n_lab} candidates"
-            _fail(f"query_id={qid!r} has {what} with is_label=true; mark exactly one candidate per query as the label")
-        if not np.allclose(q[rows], q[rows[0]]):
-            _fail(f"query_id={qid!r}: query_features differ between its rows; a query has one feature vector")
-        k = len(rows)
-        query_x[b] = q[rows[0]]
-        cand_x[b, :k] = c[rows]
-        mask[b, :k] = True
-        rewards[b, :k] = reward_col[rows]
-        labels[b] = int(np.flatnonzero(is_label[rows])[0])
-        if utility is not None:
-            utility[b, :k] = util_col[rows]
-    return GroupData(
-        query_x=torch.tensor(query_x, dtype=torch.float32),
-        cand_x=torch.tensor(cand_x, dtype=torch.float32),
-        mask=torch.tensor(mask),
-        labels=torch.tensor(labels),
-        rewards=torch.tensor(rewards, dtype=torch.float32),
-        query_ids=[str(x) for x in order],
-        utility=None if utility is None else torch.tensor(utility, dtype=torch.float32),
-    )
+
+def from_long_frame(df: pd.DataFrame) -> GroupData:
+    """Build padded groups from a long-form frame (one row per query-candidate); validate on the way.
+
+    Queries keep their first-seen order and candidates their row order; the packing is vectorised
+    (:mod:`v3kit.ingest`).
+    """
+    from .ingest import pack_frame  # ingest builds on this module
+
+    df = df.reset_index(drop=True)
+    check_long_frame(df, list(df.columns), len(df))
+    return pack_frame(df)
 
 
 def load_groups(path: str | Path) -> GroupData:
-    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData`."""
+    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData` (Parquet is streamed)."""
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq") and path.exists():
+        from .ingest import load_parquet
+
+        return load_parquet(path)
     return from_long_frame(read_table(path))
 
 
