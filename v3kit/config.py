@@ -33,12 +33,20 @@ class DataConfig:
     val_frac: float = 0.15
     test_frac: float = 0.15
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # Keep a packed, memory-mapped copy of `path` in `<path>.v3kit-cache/` (rebuilt when the file changes), so a
+    # second load is near-instant and features are paged in as batches touch them. See v3kit/cache.py.
+    cache: bool = False
+    # Storage dtype of the query/candidate features in memory and in the cache: float32 | float16 (half the
+    # memory; batches are cast back to float32; values beyond ±65504 are refused).
+    feature_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         # Both held-out splits are needed: val for the per-epoch curves, test for the stage table.
         if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "
                              "in (0, 1) and sum to < 1")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ValueError(f"data.feature_dtype must be 'float32' or 'float16', got {self.feature_dtype!r}")
 
 
 @dataclass

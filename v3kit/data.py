@@ -103,8 +103,10 @@ def iterate_batches(
         idx = order[start : start + batch_size]
         yield Batch(
             index=idx,
-            query_x=data.query_x[idx],
-            cand_x=data.cand_x[idx],
+            # Features may be stored as float16 (data.feature_dtype); models always see float32. Gathering copies,
+            # so a batch of a memory-mapped dataset is an ordinary tensor.
+            query_x=data.query_x[idx].float(),
+            cand_x=data.cand_x[idx].float(),
             mask=data.mask[idx],
             labels=data.labels[idx],
             rewards=data.rewards[idx],
@@ -270,9 +272,29 @@ def from_long_frame(df: pd.DataFrame) -> GroupData:
     return pack_frame(df)
 
 
-def load_groups(path: str | Path) -> GroupData:
-    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData` (Parquet is streamed)."""
-    path = Path(path)
+def load_groups(path: str | Path, *, cache: bool = False, feature_dtype: str = "float32") -> GroupData:
+    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData` (Parquet is streamed).
+
+    ``cache``: go through the packed, memory-mapped cache next to the file (:mod:`v3kit.cache`); a second load
+    then reads almost nothing. ``feature_dtype``: ``"float16"`` stores query/candidate features at half the memory
+    (batches are cast back to float32).
+    """
+    if cache:
+        from .cache import load_cached
+
+        return load_cached(path, feature_dtype)
+    if feature_dtype not in ("float32", "float16"):
+        raise ValueError(f"data.feature_dtype must be 'float32' or 'float16', got {feature_dtype!r}")
+    data = _load_uncached(Path(path))
+    if feature_dtype == "float16":
+        from .cache import to_feature_dtype
+
+        data.query_x = torch.from_numpy(to_feature_dtype(data.query_x, feature_dtype, "query_x", path))
+        data.cand_x = torch.from_numpy(to_feature_dtype(data.cand_x, feature_dtype, "cand_x", path))
+    return data
+
+
+def _load_uncached(path: Path) -> GroupData:
     if path.suffix.lower() in (".parquet", ".pq") and path.exists():
         from .ingest import load_parquet
 

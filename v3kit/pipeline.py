@@ -28,7 +28,8 @@ from .training import StageResult, config_changes
 
 def prepare_data(cfg: RunConfig) -> Splits:
     """Load ``cfg.data.path`` (or generate the synthetic world) and split it by query with ``cfg.seed``."""
-    data: GroupData = load_groups(cfg.data.path) if cfg.data.path else make_world(cfg.data.synthetic)
+    data: GroupData = (load_groups(cfg.data.path, cache=cfg.data.cache, feature_dtype=cfg.data.feature_dtype)
+                       if cfg.data.path else make_world(cfg.data.synthetic))
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
 
 
