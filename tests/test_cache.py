@@ -85,3 +85,24 @@ def test_training_on_cached_data_matches_in_memory(data_file):
         return r.train_history["loss"].to_numpy()
 
     np.testing.assert_array_equal(run(load_groups(data_file, cache=True)), run(load_groups(data_file)))
+
+
+def test_cached_splits_equal_split_by_query(data_file):
+    from v3kit.cache import cached_splits
+
+    ref = split_by_query(load_groups(data_file), val_frac=0.2, test_frac=0.1, seed=3)
+    for _ in range(2):  # built, then reopened
+        got = cached_splits(data_file, val_frac=0.2, test_frac=0.1, seed=3)
+        for part in ("train", "val", "test"):
+            same(getattr(got, part), getattr(ref, part))
+    assert cached_splits(data_file, seed=4).val.query_ids != got.val.query_ids
+
+
+def test_pipeline_data_through_the_cache(data_file):
+    from v3kit.config import load_config
+    from v3kit.pipeline import prepare_data
+
+    plain = prepare_data(load_config(None, [f"data.path={data_file}"]))
+    cached = prepare_data(load_config(None, [f"data.path={data_file}", "data.cache=true"]))
+    for part in ("train", "val", "test"):
+        same(getattr(cached, part), getattr(plain, part))

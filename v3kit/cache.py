@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataValidationError, GroupData
+from .data import DataValidationError, GroupData, Splits, split_indices
 
 CACHE_VERSION = 1
 FEATURE_DTYPES = ("float32", "float16")
@@ -117,11 +117,12 @@ def build_cache(path: str | Path, feature_dtype: str = "float32") -> Path:
     return where
 
 
-def open_cache(where: Path) -> GroupData:
+def open_cache(where: Path, prefix: str = "") -> GroupData:
     """The cached arrays as a :class:`GroupData` over copy-on-write memory maps (not re-validated)."""
-    arrays = {n: np.load(where / f"{n}.npy", mmap_mode="c") for n in _FIELDS if (where / f"{n}.npy").exists()}
+    arrays = {n: np.load(where / f"{prefix}{n}.npy", mmap_mode="c") for n in _FIELDS
+              if (where / f"{prefix}{n}.npy").exists()}
     fields = {n: torch.from_numpy(a) for n, a in arrays.items()}
-    fields["query_ids"] = np.load(where / "query_ids.npy").tolist()
+    fields["query_ids"] = np.load(where / f"{prefix}query_ids.npy").tolist()
     for f in dataclasses.fields(GroupData):  # optional fields the cache does not hold keep their defaults
         if f.name not in fields and f.default is not dataclasses.MISSING:
             fields[f.name] = f.default
@@ -147,3 +148,42 @@ def load_cached(path: str | Path, feature_dtype: str = "float32") -> GroupData:
 
             return load_groups(path, feature_dtype=feature_dtype)
     return open_cache(where)
+
+
+def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac: float = 0.15,
+                  test_frac: float = 0.15, seed: int = 0, rows: int = 4096) -> Splits:
+    """:func:`~v3kit.data.split_by_query` of the cached data, itself cached as memory-mapped arrays.
+
+    ``split_by_query`` would gather every split into memory; here each split is gathered once, a few rows at a
+    time, into ``.npy`` files beside the cache (removed with it when the data file changes), so training holds in
+    memory only what its batches touch. Same rows, same order as ``split_by_query``.
+    """
+    data = load_cached(path, feature_dtype)
+    where = cache_dir(path, feature_dtype) / f"split-seed{seed}-val{val_frac!r}-test{test_frac!r}"
+    parts = dict(zip(("train", "val", "test"),
+                     split_indices(len(data), val_frac=val_frac, test_frac=test_frac, seed=seed)))
+    if not (where / "done").exists():
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=where.parent))
+        try:
+            for part, idx in parts.items():
+                idx = idx.numpy()
+                for name in _FIELDS:
+                    t = getattr(data, name)
+                    if t is None:
+                        continue
+                    src = t.numpy()
+                    out = np.lib.format.open_memmap(tmp / f"{part}_{name}.npy", mode="w+", dtype=src.dtype,
+                                                    shape=(len(idx),) + src.shape[1:])
+                    for s in range(0, len(idx), rows):
+                        out[s : s + rows] = src[idx[s : s + rows]]
+                    out.flush()
+                    del out
+                np.save(tmp / f"{part}_query_ids.npy", np.asarray(data.query_ids, dtype=str)[idx])
+            (tmp / "done").write_text("")
+            if where.exists():
+                shutil.rmtree(where)
+            os.replace(tmp, where)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return Splits(**{part: open_cache(where, f"{part}_") for part in parts})

@@ -328,17 +328,19 @@ class Splits:
     test: GroupData
 
 
-def split_by_query(data: GroupData, *, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0) -> Splits:
-    """Random split by query (a query's candidates never straddle splits)."""
+def split_indices(n: int, *, val_frac: float = 0.15, test_frac: float = 0.15,
+                  seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(train, val, test) row indices of :func:`split_by_query` for ``n`` queries."""
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum to < 1")
-    n = len(data)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val, n_test = int(round(n * val_frac)), int(round(n * test_frac))
     if n - n_val - n_test < 1 or (val_frac > 0 and n_val < 1) or (test_frac > 0 and n_test < 1):
         raise DataValidationError(f"{n} queries are too few to split with val_frac={val_frac}, test_frac={test_frac}")
-    return Splits(
-        train=data.subset(perm[n_val + n_test :]),
-        val=data.subset(perm[:n_val]),
-        test=data.subset(perm[n_val : n_val + n_test]),
-    )
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+def split_by_query(data: GroupData, *, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0) -> Splits:
+    """Random split by query (a query's candidates never straddle splits)."""
+    train, val, test = split_indices(len(data), val_frac=val_frac, test_frac=test_frac, seed=seed)
+    return Splits(train=data.subset(train), val=data.subset(val), test=data.subset(test))

@@ -28,7 +28,12 @@ from .training import StageResult, config_changes
 
 def prepare_data(cfg: RunConfig) -> Splits:
     """Load ``cfg.data.path`` (or generate the synthetic world) and split it by query with ``cfg.seed``."""
-    data: GroupData = (load_groups(cfg.data.path, cache=cfg.data.cache, feature_dtype=cfg.data.feature_dtype)
+    if cfg.data.path and cfg.data.cache:  # memory-mapped splits: memory holds what the batches touch
+        from .cache import cached_splits
+
+        return cached_splits(cfg.data.path, cfg.data.feature_dtype, val_frac=cfg.data.val_frac,
+                             test_frac=cfg.data.test_frac, seed=cfg.seed)
+    data: GroupData = (load_groups(cfg.data.path, feature_dtype=cfg.data.feature_dtype)
                        if cfg.data.path else make_world(cfg.data.synthetic))
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
 
