@@ -152,65 +152,80 @@ def mm_rate(shapes: list[tuple[int, int, int]], repeats: int) -> float:
 
 
 def bench_steps(quick: bool) -> None:
+    """Per-step cost of every stage and switch. The variants run round-robin for several rounds and each figure is
+    the median over all rounds, so load from other processes on the machine falls on all of them alike."""
+    try:
+        from v3kit.live import LivePlot
+    except ImportError:  # plotting extras missing
+        LivePlot = None
+    names = ["sft", "rce", *GRPO_VARIANTS]
+    rounds = 3 if quick else 5
     for size in SIZES:
-        n_steps = (6 if quick else 20) if size == "realistic" else (20 if quick else 60)
+        steps_per_epoch = (3 if quick else 8) if size == "realistic" else (10 if quick else 40)
         b = SIZES[size][0]
-        splits = world(size, b * n_steps)
-        fb = forward_backward(size, splits, 5 if size == "realistic" else 20)
+        splits = world(size, b * steps_per_epoch)
+        fb_reps = 3 if size == "realistic" else 20
+        times: dict[str, list[float]] = {n: [] for n in names + ["live off", "live on"]}
+        fbs: list[float] = []
+        rates: list[float] = []
         flops, shapes = model_flops(size)
-        rate = mm_rate(shapes, 5 if size == "realistic" else 20)
-        sft_step = None
-        for name in ["sft", "rce", *GRPO_VARIANTS]:
-            timer = stage_steps(size, name, splits, [])
-            step = statistics.median(timer.steps)
-            sft_step = step if name == "sft" else sft_step
-            note = "per-epoch refresh not in step: see old_log_probs row" if "refresh" in name else ""
-            add(f"step {size}", f"{name} step time", step * 1e3, "ms", len(timer.steps), note)
-            add(f"step {size}", f"{name} share outside fwd/bwd", max(0.0, 1 - fb / step), "frac", len(timer.steps),
-                "policy fwd+bwd of one batch vs the whole step")
-        add(f"step {size}", "policy fwd+bwd (one batch)", fb * 1e3, "ms", 5 if size == "realistic" else 20)
-        add(f"step {size}", "SFT model FLOP/s / torch.mm FLOP/s", flops / sft_step / rate, "frac",
-            len(timer.steps), f"tower linears {flops / 1e9:.2f} GFLOP/step; mm {rate / 1e9:.1f} GFLOP/s")
-        # old_log_probs (stage 1 / refresh) and the reference pass: inference throughput vs training throughput
+        for _ in range(rounds):
+            for name in names:
+                times[name] += stage_steps(size, name, splits, []).steps
+            fbs.append(forward_backward(size, splits, fb_reps))
+            rates.append(mm_rate(shapes, fb_reps))
+            if LivePlot is not None:
+                times["live off"] += stage_steps(size, "sft", splits, []).steps
+                times["live on"] += stage_steps(size, "sft", splits, [LivePlot(display=False, live=True)]).steps
+        fb, rate = statistics.median(fbs), statistics.median(rates)
+        sec = f"step {size}"
+        for name in names:
+            step = statistics.median(times[name])
+            note = "per-epoch refresh is extra: see old_log_probs" if "refresh" in name else ""
+            add(sec, f"{name} step time", step * 1e3, "ms", len(times[name]), note)
+            add(sec, f"{name} share outside policy fwd/bwd", 1 - fb / step, "frac", len(times[name]))
+        sft_step = statistics.median(times["sft"])
+        add(sec, "policy fwd+bwd (one batch)", fb * 1e3, "ms", rounds * fb_reps)
+        add(sec, "SFT model FLOP/s / torch.mm FLOP/s", flops / sft_step / rate, "frac", len(times["sft"]),
+            f"tower linears {flops / 1e9:.3f} GFLOP/step; mm {rate / 1e9:.1f} GFLOP/s")
+        # old_log_probs (stage 1, refreshes) and the reference pass: inference vs training throughput
         model = build_model(model_cfg(size), splits.train.query_dim, splits.train.cand_dim)
         t = median_time(lambda: compute_log_probs(model, splits.train, 1.0), 3)
-        add(f"step {size}", "old_log_probs throughput", len(splits.train) / t, "groups/s", 3,
-            f"SFT training: {b / sft_step:.0f} groups/s")
-        # live plot on vs off (display disabled: measures the callback's own drawing work)
-        try:
-            from v3kit.live import LivePlot
-        except ImportError as e:  # plotting extras missing
-            add(f"step {size}", "live-plot overhead", float("nan"), "frac", 0, f"skipped: {e}")
+        add(sec, "old_log_probs throughput", len(splits.train) / t, "groups/s", 3,
+            f"SFT training {b / sft_step:,.0f} groups/s")
+        if LivePlot is None:
+            add(sec, "live-plot overhead", float("nan"), "frac", 0, "skipped: plotting extras not installed")
             continue
-        off = stage_steps(size, "sft", splits, [])
-        on = stage_steps(size, "sft", splits, [LivePlot(display=False, live=True)])
-        t_on = sum(on.steps) / len(on.steps)  # mean: the plot redraws every few steps, a median would miss it
-        t_off = sum(off.steps) / len(off.steps)
-        add(f"step {size}", "live-plot overhead (SFT, mean step)", t_on / t_off - 1, "frac", len(on.steps),
+        # The plot redraws every few steps: compare mean step times (a median would skip the redraws).
+        t_on, t_off = statistics.fmean(times["live on"]), statistics.fmean(times["live off"])
+        add(sec, "live-plot overhead (SFT, mean step)", t_on / t_off - 1, "frac", len(times["live on"]),
             f"on {t_on * 1e3:.2f} ms vs off {t_off * 1e3:.2f} ms")
 
 
 # ----------------------------------------------------------------------------------- subprocess measurements
 PROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
-def rss():
+{setup}
+def status(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
-base = rss()
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) now that the imports are done
+base = status("VmRSS")
 t0 = time.perf_counter()
 {body}
 out["seconds"] = out.get("seconds", time.perf_counter() - t0)
-out["peak_rss_growth"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+out["peak_rss_growth"] = status("VmHWM") - base
+out["anon_rss_end"] = status("RssAnon")
 print(json.dumps(out))
 """
 
 
-def probe(body: str) -> dict[str, float]:
-    code = PROBE.format(root=str(ROOT), body=body)
+def probe(body: str, setup: str = "") -> dict[str, float]:
+    code = PROBE.format(root=str(ROOT), body=body, setup=setup)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     if res.returncode:
@@ -218,8 +233,8 @@ def probe(body: str) -> dict[str, float]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def median_probe(body: str, repeats: int) -> dict[str, float]:
-    runs = [probe(body) for _ in range(repeats)]
+def median_probe(body: str, repeats: int, setup: str = "") -> dict[str, float]:
+    runs = [probe(body, setup) for _ in range(repeats)]
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
@@ -227,30 +242,37 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from make_table import write_table
 
-    n_q, g, d = (5000 if quick else 20000), 16, 384
+    n_q, g, d = (2000 if quick else 20000), 16, 384
     path = tmp / "ingest.parquet"
     rows = write_table(path, n_q, g, d)
     payload = n_q * g * d * 4 + n_q * d * 4
     reps = 3
-    load = median_probe(f"from v3kit.data import load_groups\nd = load_groups({str(path)!r})\nout = {{}}", reps)
-    section = f"ingest {n_q // 1000}k x {g} x {d}-d"
-    add(section, "Parquet -> GroupData", rows / load["seconds"], "rows/s", reps, f"{rows} rows")
-    add(section, "peak RSS growth / float32 payload", load["peak_rss_growth"] / payload, "x", reps,
-        f"payload {payload / 1e9:.2f} GB")
+    setup = ("import shutil\nimport v3kit.ingest\nfrom v3kit.data import load_groups, split_by_query\n"
+             "from v3kit.cache import cache_dir, cached_splits, load_cached\n"
+             "from v3kit.model import ModelConfig\nfrom v3kit.sft import SFTConfig, train_sft\n")
+    load = median_probe(f"d = load_groups({str(path)!r})\nout = {{}}", reps, setup)
+    section = f"ingest {n_q:,} x {g} x {d}-d"
+    add(section, "Parquet -> GroupData", rows / load["seconds"], "rows/s", reps, f"{rows:,} rows")
+    add(section, "Parquet -> GroupData: peak RSS growth / payload", load["peak_rss_growth"] / payload, "x", reps,
+        f"{load['peak_rss_growth'] / 1e9:.2f} GB for a float32 payload of {payload / 1e9:.2f} GB")
     for dtype in ("float32", "float16"):
-        build = median_probe(
-            "import shutil\nfrom v3kit.cache import cache_dir, load_cached\n"
-            f"shutil.rmtree(cache_dir({str(path)!r}, {dtype!r}), ignore_errors=True)\n"
-            f"t = time.perf_counter(); d = load_cached({str(path)!r}, {dtype!r})\n"
-            "out = {'seconds': time.perf_counter() - t}", reps)
-        again = median_probe(
-            "from v3kit.cache import load_cached\n"
-            f"t = time.perf_counter(); d = load_cached({str(path)!r}, {dtype!r})\n"
-            "out = {'seconds': time.perf_counter() - t}", reps)
+        build = median_probe(f"d = load_cached({str(path)!r}, {dtype!r})\nout = {{}}", reps,
+                             setup + f"shutil.rmtree(cache_dir({str(path)!r}, {dtype!r}), ignore_errors=True)\n")
+        again = median_probe(f"d = load_cached({str(path)!r}, {dtype!r})\nout = {{}}", reps, setup)
         add(section, f"cache build ({dtype})", rows / build["seconds"], "rows/s", reps, "first load: parse + write")
         add(section, f"cached load ({dtype})", rows / again["seconds"], "rows/s", reps,
             f"{again['seconds'] * 1e3:.1f} ms; memory-mapped")
-        add(section, f"cached load peak RSS growth ({dtype})", again["peak_rss_growth"] / 1e6, "MB", reps)
+        add(section, f"cached load ({dtype}): peak RSS growth", again["peak_rss_growth"] / 1e6, "MB", reps)
+    # One SFT epoch (tiny towers, B=64) over this data: in memory vs memory-mapped float16 splits.
+    train = ("r = train_sft(s, ModelConfig(), SFTConfig(epochs=1), progress=False)\n"
+             "out = {'anon': 0}\n")
+    for label, make in (("in memory (float32)", f"s = split_by_query(load_groups({str(path)!r}))\n"),
+                        ("cached splits (float16)", f"s = cached_splits({str(path)!r}, 'float16')\n")):
+        r = median_probe(make + train, reps, setup + (f"cached_splits({str(path)!r}, 'float16')\n"
+                                                       if "cached" in label else ""))
+        add(section, f"load + SFT epoch, {label}: peak RSS growth / payload", r["peak_rss_growth"] / payload, "x",
+            reps, f"{r['peak_rss_growth'] / 1e9:.2f} GB; anonymous RSS at end {r['anon_rss_end'] / 1e9:.2f} GB; "
+            f"{r['seconds']:.1f} s")
     path.unlink()
 
 
@@ -258,7 +280,7 @@ def bench_epochs(quick: bool) -> None:
     sizes = [10_000, 100_000] + ([] if quick else [1_000_000])
     b, g, d, hidden, emb = SIZES["tiny"]
     for n in sizes:
-        body = f"""
+        setup = f"""
 from v3kit.data import GroupData, Splits
 from v3kit.model import ModelConfig
 from v3kit.sft import SFTConfig, train_sft
@@ -272,15 +294,18 @@ splits = Splits(groups({n}), groups(200), groups(200))
 class T:
     def on_stage_start(self, *a): self.t = time.perf_counter()
     def on_step(self, row): self.end = time.perf_counter()
+"""
+        body = f"""
 t = T()
 train_sft(splits, ModelConfig(hidden={hidden}, emb_dim={emb}), SFTConfig(epochs=1), callbacks=[t], progress=False)
 out = {{"seconds": t.end - t.t, "payload": ({g} * {d} + {d} + 2 * {g}) * 4 * {n}}}
 """
         reps = 3 if n < 1_000_000 else 1
-        r = median_probe(body, reps)
-        add(f"SFT epoch (tiny, B=64)", f"{n:,} groups: epoch time", r["seconds"], "s", reps)
-        add(f"SFT epoch (tiny, B=64)", f"{n:,} groups: peak RSS growth", r["peak_rss_growth"] / 1e6, "MB", reps,
-            f"data {r['payload'] / 1e6:.0f} MB")
+        r = median_probe(body, reps, setup)
+        sec = f"SFT epoch (tiny, {g} x {d}-d)"
+        add(sec, f"{n:,} groups: epoch time", r["seconds"], "s", reps, f"{n / r['seconds']:,.0f} groups/s")
+        add(sec, f"{n:,} groups: peak RSS growth in the epoch", r["peak_rss_growth"] / 1e6, "MB", reps,
+            f"data in memory {r['payload'] / 1e6:.0f} MB")
 
 
 def machine() -> dict[str, Any]:
