@@ -164,7 +164,7 @@ def bench_steps(quick: bool) -> None:
         steps_per_epoch = (3 if quick else 8) if size == "realistic" else (10 if quick else 40)
         b = SIZES[size][0]
         splits = world(size, b * steps_per_epoch)
-        fb_reps = 3 if size == "realistic" else 20
+        fb_reps = 6 if size == "realistic" else 20
         times: dict[str, list[float]] = {n: [] for n in names + ["live off", "live on"]}
         fbs: list[float] = []
         rates: list[float] = []
