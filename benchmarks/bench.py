@@ -12,7 +12,6 @@ subprocesses for memory); the ``n`` column says how many. Torch runs on 1 thread
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import os
@@ -31,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from v3kit.data import GroupData, Splits, split_by_query  # noqa: E402
+from v3kit.data import Splits, split_by_query  # noqa: E402
 from v3kit.grpo import GRPOConfig, run_grpo  # noqa: E402
 from v3kit.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
 from v3kit.rce import RCEConfig, run_rce  # noqa: E402
@@ -346,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         if "epochs" in parts:
             bench_epochs(args.quick)
     info["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"v3kit benchmarks, {info['date']}, {info['cpu']} ({info['cores']} cores, load {info['load_avg_at_start']:.1f}), "
+    print(f"v3kit benchmarks, {info['date']}, {info['cpu']} ({info['cores']} cores, "
+          f"load {info['load_avg_at_start']:.1f}), "
           f"torch {info['torch']} on 1 thread{', --quick' if args.quick else ''}; {info['seconds']} s")
     print(table(ROWS))
     Path(args.out).write_text(json.dumps({"machine": info, "rows": ROWS}, indent=1) + "\n")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from v3kit import cache, ingest
+from v3kit import ingest
 from v3kit.data import DataValidationError, Splits, iterate_batches, load_groups, split_by_query, to_long_frame
 from v3kit.model import ModelConfig
 from v3kit.sft import SFTConfig, train_sft

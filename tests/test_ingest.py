@@ -22,7 +22,8 @@ def ragged_frame(seed: int, n_queries: int = 40, dq: int = 3, dc: int = 5, shuff
         qf = rng.normal(size=dq).tolist()
         label = int(rng.integers(k))
         for c in range(k):
-            rows.append({"query_id": q * 7 if mixed_ids and q % 3 == 0 else f"q{q}", "candidate_id": f"{q}/{c}", "query_features": qf,
+            qid = q * 7 if mixed_ids and q % 3 == 0 else f"q{q}"
+            rows.append({"query_id": qid, "candidate_id": f"{q}/{c}", "query_features": qf,
                          "candidate_features": rng.normal(size=dc).tolist(), "reward": float(rng.normal()),
                          "is_label": c == label, "utility": float(rng.normal())})
     df = pd.DataFrame(rows)
@@ -96,11 +97,13 @@ def test_streamed_parquet_matches_slow_loop(tmp_path, monkeypatch, layout):
     [
         (lambda df: df.assign(candidate_features=[[0.0, 1.0, 2.0, 3.0, 4.0]] * 3 + [[1.0, np.nan, 0, 0, 0]]
                               + [[0.0] * 5] * (len(df) - 4)), r"row 3 .*candidate_features contains NaN"),
-        (lambda df: df.assign(query_features=[[1.0, 2.0, 3.0]] * 20 + [[1.0, 2.0]] + [[1.0, 2.0, 3.0]] * (len(df) - 21)),
+        (lambda df: df.assign(query_features=[[1.0, 2.0, 3.0]] * 20 + [[1.0, 2.0]]
+                              + [[1.0, 2.0, 3.0]] * (len(df) - 21)),
          r"row 20 .*query_features has length 2 but most rows have 3"),
         (lambda df: df.assign(candidate_features=[None] + list(df["candidate_features"][1:])),
          r"row 0: candidate_features must be a list of floats, got None"),
-        (lambda df: df.assign(candidate_features=[["a"] * 5] * len(df)), r"row 0 .*candidate_features must hold numbers"),
+        (lambda df: df.assign(candidate_features=[["a"] * 5] * len(df)),
+         r"row 0 .*candidate_features must hold numbers"),
     ],
     ids=["nan", "length", "null-list", "strings"],
 )
