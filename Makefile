@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.v3kit-installed
 KERNEL := v3kit
 
-.PHONY: setup test run lab notebooks clean
+.PHONY: setup test run lab notebooks clean bench bench-quick
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ lab: notebooks
 # edits saved in JupyterLab (with or without the jupytext extension) land in the .py; outputs never do.
 notebooks: setup
 	$(BIN)/jupytext --sync notebooks/[0-9][0-9]_*.py
+
+# Performance table (benchmarks/bench.py): prints one table, writes benchmarks/results.json. bench-quick: < 3 min.
+bench: setup
+	$(BIN)/python benchmarks/bench.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/bench.py --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -64,6 +64,12 @@ class DataConfig:
     are cached; null = ``$V3KIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/v3kit``, else ``~/.cache/v3kit``."""
     stdlib_search: StdlibSearchConfig = field(default_factory=StdlibSearchConfig)
     """The built-in code-search table (``path: builtin:stdlib_search``)."""
+    cache: bool = False
+    """Keep a packed, memory-mapped copy of ``path`` in ``<path>.v3kit-cache/`` (rebuilt when the file changes),
+    so a second load is near-instant and features are paged in as batches touch them (feature tables)."""
+    feature_dtype: str = "float32"
+    """Storage dtype of the query/candidate features in memory and in the cache: ``float32`` | ``float16`` (half
+    the memory; batches are cast back to float32; values beyond +-65504 are refused)."""
 
     def __post_init__(self) -> None:
         if self.text_mode not in TEXT_MODES:
@@ -76,6 +82,8 @@ class DataConfig:
         if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "
                              "in (0, 1) and sum to < 1")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ValueError(f"data.feature_dtype must be 'float32' or 'float16', got {self.feature_dtype!r}")
 
 
 @dataclass

@@ -31,6 +31,7 @@ TEXT_MODES = ("frozen", "end_to_end")
 
 # Embeds distinct texts: list of N strings -> float array [N, D] (see v3kit.text.embed_texts).
 Embedder = Callable[[list[str]], np.ndarray]
+FEATURE_COLUMNS = ("query_features", "candidate_features")  # list-valued; packed by v3kit.ingest
 
 
 class DataValidationError(ValueError):
@@ -126,8 +127,10 @@ def iterate_batches(
         idx = order[start : start + batch_size]
         yield Batch(
             index=idx,
-            query_x=data.query_x[idx],
-            cand_x=data.cand_x[idx],
+            # Features may be stored as float16 (data.feature_dtype); models always see float32. Gathering copies,
+            # so a batch of a memory-mapped dataset is an ordinary tensor.
+            query_x=data.query_x[idx].float(),
+            cand_x=data.cand_x[idx].float(),
             mask=data.mask[idx],
             labels=data.labels[idx],
             rewards=data.rewards[idx],
@@ -144,6 +147,15 @@ def num_batches(n: int, batch_size: int) -> int:
 # ----------------------------------------------------------------------------------------------- validation
 def _fail(msg: str) -> None:
     raise DataValidationError(msg)
+
+
+def _nonfinite(t: Tensor, rows: int = 4096) -> Tensor:
+    """Where ``t`` is NaN/inf (for a 3-d tensor: any over the last dim), a few rows at a time: ``isfinite`` of a
+    whole feature tensor would allocate several times its size."""
+    if t.dim() < 3:
+        return ~torch.isfinite(t)
+    return torch.cat([~torch.isfinite(t[s : s + rows]).all(dim=-1) for s in range(0, t.shape[0], rows)]) \
+        if t.shape[0] else torch.zeros(t.shape[:2], dtype=torch.bool)
 
 
 def validate_tensors(d: GroupData) -> None:
@@ -172,9 +184,9 @@ def validate_tensors(d: GroupData) -> None:
         t = getattr(d, name)
         if not torch.is_floating_point(t):
             _fail(f"{name} must be a float tensor, got {t.dtype}")
-        bad = ~torch.isfinite(t)
+        bad = _nonfinite(t)
         if name in ("cand_x",):
-            bad = bad.any(dim=-1) & d.mask
+            bad = bad & d.mask
         elif name in ("rewards", "utility"):
             bad = bad & d.mask
         if bad.any():
@@ -306,34 +318,41 @@ def _embed_distinct(texts: list[np.ndarray], embed: Embedder) -> list[np.ndarray
     return [vecs[[where[x] for x in t]] for t in texts]
 
 
-def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mode: str = "frozen") -> GroupData:
-    """Build padded groups from a long-form frame (one row per query-candidate); validate on the way.
-
-    A side given only as text (``query_text`` / ``candidate_text``) gets its features from ``embed`` (called
-    once with every distinct text) in ``text_mode="frozen"``; in ``"end_to_end"`` it gets zero-width features
-    and the texts travel in :attr:`GroupData.query_text` / :attr:`GroupData.cand_text` for a text model.
-    """
-    if text_mode not in TEXT_MODES:
-        raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    missing += [" or ".join(cols) for cols in SIDE_COLUMNS.values() if not any(c in df.columns for c in cols)]
+def check_long_frame(df: pd.DataFrame, columns: Sequence[str], n_rows: int) -> None:
+    """The table-level checks on ``df``'s scalar columns (``columns``: every column of the table, also list-valued
+    ones ``df`` may not hold): required columns, emptiness, ids, finite rewards."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    missing += [" or ".join(cols) for cols in SIDE_COLUMNS.values() if not any(c in columns for c in cols)]
     if missing:
         _fail(
             f"missing column(s) {missing}; a long-form table needs {list(REQUIRED_COLUMNS)} plus query_features "
             f"and/or query_text, candidate_features and/or candidate_text (optional: {list(OPTIONAL_COLUMNS)}); "
-            f"found {list(df.columns)}"
+            f"found {list(columns)}"
         )
-    if len(df) == 0:
+    if n_rows == 0:
         _fail("the data table is empty")
-    df = df.reset_index(drop=True)
     _check_ids(df)
-    for field in ("reward",) + (("utility",) if "utility" in df.columns else ()):
+    for field in ("reward",) + (("utility",) if "utility" in columns else ()):
         vals = pd.to_numeric(df[field], errors="coerce").to_numpy(dtype=np.float64)
         bad = ~np.isfinite(vals)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]}; "
                   f"every {field} must be a finite number")
+
+
+def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mode: str = "frozen") -> GroupData:
+    """Build padded groups from a long-form frame (one row per query-candidate); validate on the way.
+
+    A side given only as text (``query_text`` / ``candidate_text``) gets its features from ``embed`` (called
+    once with every distinct text) in ``text_mode="frozen"``; in ``"end_to_end"`` it gets zero-width features
+    and the texts travel in :attr:`GroupData.query_text` / :attr:`GroupData.cand_text` for a text model.
+    Feature-only Parquet files take the streamed, vectorised path of :func:`load_groups` instead.
+    """
+    if text_mode not in TEXT_MODES:
+        raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
+    df = df.reset_index(drop=True)
+    check_long_frame(df, list(df.columns), len(df))
     feats: dict[str, np.ndarray | None] = {}
     texts: dict[str, np.ndarray | None] = {}
     for side, (feat_col, text_col) in SIDE_COLUMNS.items():
@@ -407,9 +426,48 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     )
 
 
-def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: str = "frozen") -> GroupData:
-    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData` (text: see from_long_frame)."""
-    return from_long_frame(read_table(path), embed=embed, text_mode=text_mode)
+def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: str = "frozen", cache: bool = False,
+                feature_dtype: str = "float32") -> GroupData:
+    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData`.
+
+    A Parquet file with both feature columns is streamed column by column into float32 arrays
+    (:mod:`v3kit.ingest`); text-only sides and JSONL go through :func:`from_long_frame` (``embed``,
+    ``text_mode``). ``cache``: go through the packed, memory-mapped cache next to the file (:mod:`v3kit.cache`;
+    feature tables); a second load then reads almost nothing. ``feature_dtype``: ``"float16"`` stores the
+    features at half the memory (batches are cast back to float32).
+    """
+    if feature_dtype not in ("float32", "float16"):
+        raise ValueError(f"data.feature_dtype must be 'float32' or 'float16', got {feature_dtype!r}")
+    path = Path(path)
+    if cache:
+        from .cache import load_cached
+
+        return load_cached(path, feature_dtype)
+    if text_mode != "end_to_end" and _parquet_with_features(path):
+        from .ingest import load_parquet
+
+        data = load_parquet(path)
+    else:
+        data = from_long_frame(read_table(path), embed=embed, text_mode=text_mode)
+    if feature_dtype == "float16":
+        from .cache import to_feature_dtype
+
+        data.query_x = torch.from_numpy(to_feature_dtype(data.query_x, feature_dtype, "query_x", path))
+        data.cand_x = torch.from_numpy(to_feature_dtype(data.cand_x, feature_dtype, "cand_x", path))
+    return data
+
+
+def _parquet_with_features(path: Path) -> bool:
+    """A Parquet file whose schema has both feature columns (the streamed path needs no text encoder)."""
+    if path.suffix.lower() not in (".parquet", ".pq") or not path.is_file():
+        return False
+    try:
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+    except Exception:  # unreadable: the general path names the file and the problem
+        return False
+    return all(c in names for c in FEATURE_COLUMNS)
 
 
 def to_long_frame(data: GroupData) -> pd.DataFrame:
@@ -442,17 +500,19 @@ class Splits:
     test: GroupData
 
 
-def split_by_query(data: GroupData, *, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0) -> Splits:
-    """Random split by query (a query's candidates never straddle splits)."""
+def split_indices(n: int, *, val_frac: float = 0.15, test_frac: float = 0.15,
+                  seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(train, val, test) row indices of :func:`split_by_query` for ``n`` queries."""
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum to < 1")
-    n = len(data)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val, n_test = int(round(n * val_frac)), int(round(n * test_frac))
     if n - n_val - n_test < 1 or (val_frac > 0 and n_val < 1) or (test_frac > 0 and n_test < 1):
         raise DataValidationError(f"{n} queries are too few to split with val_frac={val_frac}, test_frac={test_frac}")
-    return Splits(
-        train=data.subset(perm[n_val + n_test :]),
-        val=data.subset(perm[:n_val]),
-        test=data.subset(perm[n_val : n_val + n_test]),
-    )
+    return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
+
+
+def split_by_query(data: GroupData, *, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0) -> Splits:
+    """Random split by query (a query's candidates never straddle splits)."""
+    train, val, test = split_indices(len(data), val_frac=val_frac, test_frac=test_frac, seed=seed)
+    return Splits(train=data.subset(train), val=data.subset(val), test=data.subset(test))

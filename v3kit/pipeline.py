@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from .checkpoint import checkpoint_model_config, load_checkpoint
-from .data import GroupData, Splits, from_long_frame, read_table, split_by_query
+from .data import GroupData, Splits, from_long_frame, load_groups, split_by_query
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
 from .metrics import evaluate, metric_order
@@ -44,14 +44,18 @@ def load_data(cfg: RunConfig) -> GroupData:
                            cache_dir=cache / "embeddings", progress=cfg.progress)
 
     if d.path == "builtin:stdlib_search":
-        frame = builtin_table(d.stdlib_search, cache / "tables")
-    else:
-        frame = read_table(d.path)
-    return from_long_frame(frame, embed=embed, text_mode=d.text_mode)
+        return from_long_frame(builtin_table(d.stdlib_search, cache / "tables"), embed=embed, text_mode=d.text_mode)
+    return load_groups(d.path, embed=embed, text_mode=d.text_mode, feature_dtype=d.feature_dtype)
 
 
 def prepare_data(cfg: RunConfig) -> Splits:
     """Load ``cfg.data`` (see :func:`load_data`) and split it by query with ``cfg.seed``."""
+    d = cfg.data
+    if d.path and d.cache and d.text_mode != "end_to_end" and not d.path.startswith("builtin:"):
+        # memory-mapped splits of a feature table: memory holds what the batches touch
+        from .cache import cached_splits
+
+        return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac, seed=cfg.seed)
     data = load_data(cfg)
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
 
