@@ -44,7 +44,7 @@ run_dir = "runs/notebooks05"   # relative to the repository
 seed = 0
 data_path = "builtin:stdlib_search"  # or path/to/your_table.parquet | .jsonl (relative: to the repository)
 config = "configs/stdlib_search.yaml"  # the run's settings; data_path and the sizes below override it
-max_queries = None             # size of the built-in table; None: the config's 2000 (80 when smoke)
+max_queries = None             # size of the built-in table; None: the config's 2000 (60 when smoke)
 v2_target = "examples/my_ranker/models.py:MyTwoTower"  # your ranker class; None: v3kit trains its own SFT model
 v2_state_dict = None           # your v2 weights file; None: examples/my_ranker/train_v2.py trains MyTwoTower now
 v2_kwargs = {}                 # constructor arguments of v2_target beyond query_dim / cand_dim
@@ -74,7 +74,7 @@ from v3kit.pipeline import load_table, prepare_data, run_pipeline
 from v3kit.plots import show
 from v3kit.stdlib_search import reward_label_agreement
 
-SMALL = dict(max_queries=80, v2_epochs=30, sft_epochs=3, rce_epochs=2, grpo_epochs=2, ablation_seeds=2)
+SMALL = dict(max_queries=60, v2_epochs=30, sft_epochs=3, rce_epochs=2, grpo_epochs=2, ablation_seeds=2)
 
 
 def size(value, name, default=None):

@@ -14,7 +14,7 @@ from v3kit import notebook_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "notebooks" / "05_your_own_data.py"
-TIME_LIMIT_S = 90  # ~25 s on 2 idle cores with an empty cache (MiniLM embeds ~700 texts); catches size regressions
+TIME_LIMIT_S = 120  # measured: 49 s for the whole test at load average 7 on 2 cores, empty cache; catches size regressions
 
 papermill = pytest.importorskip("papermill")
 pytest.importorskip("sentence_transformers")  # the stdlib table is text: the frozen encoder embeds it
@@ -52,7 +52,7 @@ def test_notebook_05_runs_with_smoke_params(tmp_path, monkeypatch):
     table = pd.read_parquet(table_file)
     top = table.loc[table.groupby("query_id")["reward"].idxmax()]
     assert results["agreement"] == pytest.approx(top["is_label"].mean(), abs=1e-4)
-    assert results["n_queries"] == table["query_id"].nunique() <= 80
+    assert results["n_queries"] == table["query_id"].nunique() <= 60
     assert {"query_text", "candidate_text", "reward", "is_label"} <= set(results["columns"])
 
     # The v2 model was imported (not trained by v3kit), and the run started from it.
