@@ -327,7 +327,9 @@ def test_cli_reads_the_dims_of_a_text_table_from_its_embeddings(tmp_path, monkey
             for q in range(3) for c in range(2)]
     pd.DataFrame(rows).to_json(tmp_path / "table.jsonl", orient="records", lines=True)
     texts = sorted({r["query_text"] for r in rows} | {r["candidate_text"] for r in rows})
-    fake = lambda batch: np.stack([np.full(3, len(t), dtype=np.float32) for t in batch])  # 3-d "embeddings"
+    def fake(batch: list[str]) -> np.ndarray:  # 3-d "embeddings"
+        return np.stack([np.full(3, len(t), dtype=np.float32) for t in batch])
+
     embed_texts(texts, cache_dir=tmp_path / "cache" / "embeddings", encode=fake, max_tokens=128, progress=False)
 
     def no_encoder(*a, **k):

@@ -3,10 +3,10 @@ import of the example v2 class, RCE + GRPO, the doctor, its grid and the ablatio
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 
@@ -14,7 +14,8 @@ from v3kit import notebook_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "notebooks" / "05_your_own_data.py"
-TIME_LIMIT_S = 120  # measured: 49 s for the whole test at load average 7 on 2 cores, empty cache; catches size regressions
+# Measured: 49 s for the whole test at load average 7 on 2 cores, empty cache. Only catches size regressions.
+TIME_LIMIT_S = 120
 
 papermill = pytest.importorskip("papermill")
 pytest.importorskip("sentence_transformers")  # the stdlib table is text: the frozen encoder embeds it
@@ -46,8 +47,6 @@ def test_notebook_05_runs_with_smoke_params(tmp_path, monkeypatch):
     results = notebook_tools.read_results(nb)
 
     # The table: its agreement is recomputed here from the cached table file, not taken from the notebook.
-    import pandas as pd
-
     [table_file] = (tmp_path / "cache" / "tables").glob("stdlib_search-*.parquet")
     table = pd.read_parquet(table_file)
     top = table.loc[table.groupby("query_id")["reward"].idxmax()]
