@@ -312,3 +312,37 @@ def test_notebook_01_accepts_the_imported_checkpoint(example_run, tmp_path):
     stage1 = ensure_stage1(cfg, prepare_data(cfg), sft_checkpoint=example_run["sft"])
     assert type(stage1.policy).__name__ == "MyTwoTower"
     assert_same_weights(stage1.reference, load_checkpoint(example_run["sft"])["model"])
+
+
+def test_cli_reads_the_dims_of_a_text_table_from_its_embeddings(tmp_path, monkeypatch):
+    """`--config`/`--set` with a text-only table: the dims are the encoder's, read from the embedding cache the
+    run will use (a plain file read would find no feature columns)."""
+    import numpy as np
+    import pandas as pd
+
+    from v3kit.text import embed_texts
+
+    rows = [{"query_id": f"q{q}", "candidate_id": f"q{q}c{c}", "query_text": f"query {q}",
+             "candidate_text": f"candidate {q} {c}", "reward": float(c), "is_label": c == 0}
+            for q in range(3) for c in range(2)]
+    pd.DataFrame(rows).to_json(tmp_path / "table.jsonl", orient="records", lines=True)
+    texts = sorted({r["query_text"] for r in rows} | {r["candidate_text"] for r in rows})
+    def fake(batch: list[str]) -> np.ndarray:  # 3-d "embeddings"
+        return np.stack([np.full(3, len(t), dtype=np.float32) for t in batch])
+
+    embed_texts(texts, cache_dir=tmp_path / "cache" / "embeddings", encode=fake, max_tokens=128, progress=False)
+
+    def no_encoder(*a, **k):
+        raise AssertionError("every text is cached; no encoder may load")
+
+    monkeypatch.setattr("v3kit.text.sentence_encoder", no_encoder)
+    torch.manual_seed(0)
+    v2 = import_object(TARGET)(query_dim=3, cand_dim=3, dim=4, hidden=6)
+    torch.save(v2.state_dict(), tmp_path / "v2.pt")
+    rc = main(["import-sft", "--target", TARGET, "--state-dict", str(tmp_path / "v2.pt"), "--kwargs",
+               '{"dim": 4, "hidden": 6}', "--set", f"data.path={tmp_path / 'table.jsonl'}",
+               "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.text_max_tokens=128",
+               "--out", str(tmp_path / "sft.pt")])
+    assert rc == 0
+    ckpt = load_checkpoint(tmp_path / "sft.pt")
+    assert (ckpt["query_dim"], ckpt["cand_dim"]) == (3, 3)

@@ -194,7 +194,7 @@ def _git_ls(*patterns: str) -> list[str]:
 
 def test_notebook_sources_are_py_percent_files_and_no_ipynb_is_tracked():
     sources = notebook_tools.source_files(NB_DIR)
-    assert {p.stem for p in sources} >= {*OURS, "04_why_grpo_underperforms"}
+    assert {p.stem for p in sources} >= {*OURS, "04_why_grpo_underperforms", "05_your_own_data"}
     problems = [m for p in sources for m in notebook_tools.source_problems(p)]
     assert not problems, "\n".join(problems)
     assert _git_ls("*.ipynb") == [], "generated .ipynb must not be committed (they are git-ignored)"
@@ -263,6 +263,11 @@ def test_relative_run_dir_resolves_against_the_repository(monkeypatch, tmp_path)
     assert notebook_tools.resolve_run_dir("runs/notebooks") == ROOT / "runs" / "notebooks"
     assert notebook_tools.resolve_run_dir(tmp_path / "x") == tmp_path / "x"
     assert notebook_tools.notebook_config(run_dir="runs/nb").run_dir == str(ROOT / "runs" / "nb")
+    # Notebook 05's data file and model class: a file target's path resolves too, a module target stays as given.
+    assert notebook_tools.resolve_path("data/t.parquet") == ROOT / "data" / "t.parquet"
+    assert notebook_tools.resolve_target("examples/m.py:Net") == f"{ROOT / 'examples' / 'm.py'}:Net"
+    assert notebook_tools.resolve_target(f"{tmp_path}/m.py:Net") == f"{tmp_path}/m.py:Net"
+    assert notebook_tools.resolve_target("mypkg.models:Net") == "mypkg.models:Net"
 
 
 # ----------------------------------------------------------------------------------------------- stage reuse

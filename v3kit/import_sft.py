@@ -257,12 +257,11 @@ def _parse_rename(text: str) -> tuple[str, str]:
 
 def _dims_from_config(args: argparse.Namespace) -> tuple[int, int, ModelConfig]:
     from .config import load_config
-    from .data import load_groups
-    from .synthetic import make_world
+    from .pipeline import load_data
 
     cfg = load_config(args.config, args.set or [])
-    # The feature dims are the data's: read the file (or build the synthetic world) the run will use.
-    data = load_groups(cfg.data.path) if cfg.data.path else make_world(cfg.data.synthetic)
+    # The feature dims are the data's: load (and embed, for text) exactly what the run will use, built-in tables too.
+    data = load_data(cfg)
     return data.query_dim, data.cand_dim, cfg.model
 
 

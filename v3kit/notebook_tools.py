@@ -67,11 +67,26 @@ def notebook_config(
 def resolve_run_dir(run_dir: str | Path) -> Path:
     """A relative ``run_dir`` is relative to the repository, not to the kernel's cwd (``notebooks/``), so the
     notebooks write where the README says (``runs/notebooks``); outside a checkout, to the cwd."""
-    path = Path(run_dir).expanduser()
+    return resolve_path(run_dir)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path given to a notebook (run dir, data file, checkpoint) is relative to the repository, whatever
+    the kernel's cwd; outside a checkout, to the cwd. Absolute paths are returned as they are."""
+    path = Path(path).expanduser()
     if path.is_absolute():
         return path
     root = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
     return root / path
+
+
+def resolve_target(target: str) -> str:
+    """A model class ``path/to/models.py:Class`` with its file resolved like :func:`resolve_path`; an importable
+    ``pkg.module:Class`` is returned unchanged."""
+    module, sep, cls = target.rpartition(":")
+    if not sep or not module.endswith(".py"):
+        return target
+    return f"{resolve_path(module)}:{cls}"
 
 
 def grpo_temperature(cfg: RunConfig, model_config: ModelConfig) -> float:

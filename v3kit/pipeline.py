@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from .checkpoint import checkpoint_model_config, load_checkpoint
-from .data import GroupData, Splits, from_long_frame, load_groups, split_by_query
+from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
 from .metrics import evaluate, metric_order
@@ -31,20 +31,35 @@ from .text import default_cache_dir, embed_texts
 from .training import StageResult
 
 
+def _cache_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+
+
+def load_table(cfg: RunConfig) -> pd.DataFrame:
+    """The long-form table of ``cfg.data`` as read (one row per query-candidate pair, before validation and
+    embedding): a built-in table (built and cached on first use), a file, or the synthetic world exported."""
+    d = cfg.data
+    if not d.path:
+        return to_long_frame(make_world(d.synthetic))
+    if d.path == "builtin:stdlib_search":
+        return builtin_table(d.stdlib_search, _cache_dir(cfg) / "tables")
+    return read_table(d.path)
+
+
 def load_data(cfg: RunConfig) -> GroupData:
     """All groups of ``cfg.data``: the synthetic world, a built-in table, or a file; text columns without feature
     vectors are embedded with ``data.text_encoder`` (cached) unless ``data.text_mode`` is ``end_to_end``."""
     d = cfg.data
     if not d.path:
         return make_world(d.synthetic)
-    cache = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    cache = _cache_dir(cfg)
 
     def embed(texts: list[str]):
         return embed_texts(texts, encoder_name=d.text_encoder, max_tokens=d.text_max_tokens,
                            cache_dir=cache / "embeddings", progress=cfg.progress)
 
     if d.path == "builtin:stdlib_search":
-        return from_long_frame(builtin_table(d.stdlib_search, cache / "tables"), embed=embed, text_mode=d.text_mode)
+        return from_long_frame(load_table(cfg), embed=embed, text_mode=d.text_mode)
     return load_groups(d.path, embed=embed, text_mode=d.text_mode, feature_dtype=d.feature_dtype)
 
 
