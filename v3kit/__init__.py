@@ -2,21 +2,23 @@
 
 from .config import RunConfig, load_config
 from .data import GroupData, Splits, load_groups, split_by_query
-from .grpo import GRPOConfig, run_grpo
+from .grpo import GRPOConfig, GRPOStage, run_grpo
+from .import_sft import import_sft
 from .losses import group_advantages, group_log_probs, grpo_loss, rce_loss
 from .metrics import evaluate, ranking_metrics
 from .model import ModelConfig, TwoTower, build_model
 from .pipeline import prepare_data, run_pipeline
-from .rce import RCEConfig, run_rce
-from .sft import SFTConfig, Stage1, load_sft, train_sft
+from .rce import RCEConfig, RCEStage, run_rce
+from .sft import SFTConfig, SFTStage, Stage1, load_sft, train_sft
 from .synthetic import SyntheticConfig, make_world
-from .training import Callback, StageResult
+from .training import Callback, OptimConfig, RunContext, Stage, StageResult, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Callback", "GRPOConfig", "GroupData", "ModelConfig", "RCEConfig", "RunConfig", "SFTConfig", "Splits",
-    "Stage1", "StageResult", "SyntheticConfig", "TwoTower", "build_model", "evaluate", "group_advantages",
-    "group_log_probs", "grpo_loss", "load_config", "load_groups", "load_sft", "make_world", "prepare_data",
-    "ranking_metrics", "rce_loss", "run_grpo", "run_pipeline", "run_rce", "split_by_query", "train_sft",
+    "Callback", "GRPOConfig", "GRPOStage", "GroupData", "ModelConfig", "OptimConfig", "RCEConfig", "RCEStage",
+    "RunConfig", "RunContext", "SFTConfig", "SFTStage", "Splits", "Stage", "Stage1", "StageResult", "SyntheticConfig",
+    "TwoTower", "build_model", "evaluate", "fit", "group_advantages", "group_log_probs", "grpo_loss", "import_sft",
+    "load_config", "load_groups", "load_sft", "make_world", "prepare_data", "ranking_metrics", "rce_loss", "run_grpo",
+    "run_pipeline", "run_rce", "split_by_query", "train_sft",
 ]
