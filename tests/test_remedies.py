@@ -43,6 +43,25 @@ def test_entropy_bonus_subtracts_coef_times_mean_group_entropy():
     assert float(l0 - l1) == pytest.approx(0.05 * ent, rel=1e-5)
 
 
+def test_entropy_bonus_gradient_is_finite_with_padding():
+    """Padded groups (-inf log-probs) once made the bonus's gradient NaN; it must equal dH/dlogits by hand."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[0, 3] = mask[1, 2:] = False
+    logits = torch.randn(3, 4, generator=g).requires_grad_(True)
+    logp = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), 1)
+    from v3kit.losses import group_entropy
+    group_entropy(logp, mask).backward()
+    assert torch.isfinite(logits.grad).all()
+    for b in range(3):  # dH/dz_c = -p_c (log p_c + H) for one group's softmax, over the mean of 3 groups
+        cs = [c for c in range(4) if mask[b, c]]
+        p = [math.exp(float(logp[b, c])) for c in cs]
+        h = -sum(pi * math.log(pi) for pi in p)
+        for c, pi in zip(cs, p):
+            assert float(logits.grad[b, c]) == pytest.approx(-pi * (math.log(pi) + h) / 3, abs=1e-6)
+        assert all(float(logits.grad[b, c]) == 0.0 for c in range(4) if not mask[b, c])
+
+
 def test_exact_kl_is_the_whole_group_sum():
     logp, old, rewards, mask = batch()
     kl = exact_group_kl(logp, old, mask)

@@ -279,7 +279,10 @@ def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
 def group_entropy(logp: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean over groups of the policy's entropy ``-sum_c pi log pi`` over the valid candidates (differentiable)."""
     mask = _check_mask(mask, logp)
-    return -torch.where(mask, logp.exp() * logp, torch.zeros_like(logp)).sum(dim=1).mean()
+    # Padding is -inf: exp(-inf) * -inf is NaN, and torch.where's backward multiplies that branch's 0 gradient by
+    # the NaN derivative, so the padding is set to 0 *before* the product (0 * log 1 = 0, finite gradient).
+    lp = torch.where(mask, logp, torch.zeros_like(logp))
+    return -torch.where(mask, lp.exp() * lp, torch.zeros_like(logp)).sum(dim=1).mean()
 
 
 def exact_group_kl(logp: Tensor, anchor_logp: Tensor, mask: Tensor | None = None) -> Tensor:
