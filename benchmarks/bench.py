@@ -91,7 +91,9 @@ def stage_steps(size: str, name: str, splits: Splits, callbacks: list[Any]) -> S
     mc = model_cfg(size)
     torch.manual_seed(0)
     policy = build_model(mc, splits.train.query_dim, splits.train.cand_dim)
-    common = dict(seed=0, run_dir=None, callbacks=cbs, progress=False)
+    # log_every=1: each step's row reaches the callbacks right after the step, so the timer sees every step (on
+    # the CPU the per-step read costs what the batched one does).
+    common = dict(seed=0, run_dir=None, callbacks=cbs, progress=False, log_every=1)
     if name == "sft":
         train_sft(splits, mc, SFTConfig(epochs=2, batch_size=b), **common)
     elif name == "rce":

@@ -143,7 +143,7 @@ def page():
         browser = p.chromium.launch(executable_path=chromium(), headless=True,
                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})  # the width the overflow was seen at
             yield page
         finally:
             browser.close()
@@ -234,6 +234,12 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
         assert orange_after > 10 * (orange_before + 10), f"no new curve: {orange_before} -> {orange_after} px"
         assert not page.evaluate(ERROR_OUTPUTS)
         assert page.get_by_text("Error displaying widget").count() == 0
+        # The results table stays inside the notebook's width (it scrolls sideways instead of overflowing).
+        overflow = page.evaluate(
+            """(p) => { const w = p.querySelector('.widget-html-content table').parentElement;
+                        return w.getBoundingClientRect().right - p.getBoundingClientRect().right; }""",
+            panel.element_handle())
+        assert overflow <= 1, f"the results table sticks out of the panel by {overflow:.0f} px"
     except BaseException:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
         print(f"screenshot: {tmp_path / 'failure.png'}\njupyter lab log:\n{lab.log_tail()}")

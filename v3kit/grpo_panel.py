@@ -131,7 +131,7 @@ class ComparePanel:
         self.status = w.HTML("set the knobs and press Run; every run starts from the same post-RCE policy")
         # Both scale to the notebook's width: a wide results table scrolls instead of overflowing the page.
         self.image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
-        self.table_html = w.HTML(layout=w.Layout(width="100%", overflow_x="auto"))
+        self.table_html = w.HTML(layout=w.Layout(width="100%", overflow="auto"))
         self.widget = w.VBox([
             w.HBox([self.kl_beta, self.lr]), w.HBox([self.eps_low, self.eps_high]),
             w.HBox([self.epochs, self.old_policy]), self.kl_reference, w.HBox([self.button, self.status]),
@@ -258,7 +258,9 @@ class ComparePanel:
         fig.suptitle(f"GRPO runs from the same post-RCE policy ({len(self.runs)} done)", fontsize=11)
         self.image.value = figure_png(fig, self.dpi)
         table = self.table
-        self.table_html.value = table.to_html(float_format=lambda x: f"{x:.4f}") if len(table) else ""
+        html = table.to_html(float_format=lambda x: f"{x:.4f}") if len(table) else ""
+        # The scrolling div keeps a table wider than the notebook inside it (it scrolls sideways).
+        self.table_html.value = f'<div style="max-width:100%; overflow-x:auto">{html}</div>' if html else ""
         return fig
 
 
