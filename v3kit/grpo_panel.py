@@ -258,9 +258,7 @@ class ComparePanel:
         fig.suptitle(f"GRPO runs from the same post-RCE policy ({len(self.runs)} done)", fontsize=11)
         self.image.value = figure_png(fig, self.dpi)
         table = self.table
-        html = table.to_html(float_format=lambda x: f"{x:.4f}") if len(table) else ""
-        # The scrolling div keeps a table wider than the notebook inside it (it scrolls sideways).
-        self.table_html.value = f'<div style="max-width:100%; overflow-x:auto">{html}</div>' if html else ""
+        self.table_html.value = table.to_html(float_format=lambda x: f"{x:.4f}") if len(table) else ""
         return fig
 
 
