@@ -31,3 +31,13 @@ def _quiet_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         yield
+
+
+def kernel_name() -> str:
+    """The project's Jupyter kernel when `make setup` registered it, else the interpreter's own python3."""
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        return "v3kit" if "v3kit" in KernelSpecManager().find_kernel_specs() else "python3"
+    except Exception:
+        return "python3"

@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from conftest import kernel_name
 from v3kit import notebook_tools
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,14 +17,6 @@ SOURCE = ROOT / "notebooks" / "04_why_grpo_underperforms.py"
 papermill = pytest.importorskip("papermill")
 
 
-def _kernel() -> str:
-    """The project's kernel when `make setup` registered it, else the interpreter's own python3."""
-    try:
-        from jupyter_client.kernelspec import KernelSpecManager
-
-        return "v3kit" if "v3kit" in KernelSpecManager().find_kernel_specs() else "python3"
-    except Exception:
-        return "python3"
 
 
 @pytest.mark.slow
@@ -32,7 +25,7 @@ def test_notebook_04_runs_with_smoke_params(tmp_path):
     notebook = notebook_tools.to_ipynb(SOURCE, tmp_path / "src.ipynb")
     papermill.execute_notebook(
         str(notebook), str(out), parameters={"smoke": True, "out_dir": str(tmp_path / "grid"), "n_boot": 500},
-        kernel_name=_kernel(), cwd=str(tmp_path), progress_bar=False,
+        kernel_name=kernel_name(), cwd=str(tmp_path), progress_bar=False,
     )
     nb = json.loads(out.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import kernel_name
 from v3kit import notebook_tools
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +22,6 @@ papermill = pytest.importorskip("papermill")
 pytest.importorskip("sentence_transformers")  # the stdlib table is text: the frozen encoder embeds it
 
 
-def _kernel() -> str:
-    try:
-        from jupyter_client.kernelspec import KernelSpecManager
-
-        return "v3kit" if "v3kit" in KernelSpecManager().find_kernel_specs() else "python3"
-    except Exception:
-        return "python3"
 
 
 @pytest.mark.slow
@@ -38,7 +32,7 @@ def test_notebook_05_runs_with_smoke_params(tmp_path, monkeypatch):
     out = tmp_path / "out.ipynb"
     notebook = notebook_tools.to_ipynb(SOURCE, tmp_path / "src.ipynb")
     papermill.execute_notebook(str(notebook), str(out), parameters={"smoke": True, "run_dir": str(tmp_path / "run")},
-                               kernel_name=_kernel(), cwd=str(tmp_path), progress_bar=False)
+                               kernel_name=kernel_name(), cwd=str(tmp_path), progress_bar=False)
     nb = nbformat.read(str(out), as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors

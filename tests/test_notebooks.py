@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import kernel_name
 from v3kit import notebook_tools
 
 try:
@@ -34,12 +35,6 @@ NB_DIR = ROOT / "notebooks"
 OURS = ("01_sft_load", "02_rce_warmup", "03_grpo")
 KL_BETAS = [0.0, 0.01, 0.1, 0.5]
 TIME_LIMIT_S = 90  # smoke notebooks take ~10-20 s on 2 idle cores; this only catches a size regression
-
-
-def kernel_name() -> str:
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    return "v3kit" if "v3kit" in KernelSpecManager().find_kernel_specs() else "python3"
 
 
 def _papermill(name: str, out_dir: Path, run_dir: Path, env: dict[str, str], **params) -> list[str]:

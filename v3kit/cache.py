@@ -108,12 +108,9 @@ def build_cache(path: str | Path, feature_dtype: str = "float32") -> Path:
             np.save(tmp / f"{name}.npy", arr)
         np.save(tmp / "query_ids.npy", np.asarray(data.query_ids, dtype=str))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if where.exists():
-            shutil.rmtree(where)
-        os.replace(tmp, where)
+        _publish(tmp, where)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
     return where
 
 
@@ -180,10 +177,20 @@ def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac:
                     del out
                 np.save(tmp / f"{part}_query_ids.npy", np.asarray(data.query_ids, dtype=str)[idx])
             (tmp / "done").write_text("")
-            if where.exists():
-                shutil.rmtree(where)
-            os.replace(tmp, where)
+            _publish(tmp, where)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            _discard(tmp)
     return Splits(**{part: open_cache(where, f"{part}_") for part in parts})
+
+
+def _publish(tmp: Path, where: Path) -> None:
+    """Put a finished cache directory in place with one rename (readers see the old one or the new one)."""
+    if where.exists():
+        shutil.rmtree(where)
+    os.replace(tmp, where)
+
+
+def _discard(tmp: Path) -> None:
+    """Remove what an interrupted build left behind."""
+    if tmp.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
