@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from v3kit.config import load_config
-from v3kit.data import DataValidationError, GroupData, Splits, from_long_frame, iterate_batches
+from v3kit.data import DataValidationError, Splits, from_long_frame, iterate_batches
 from v3kit.model import ModelConfig, model_inputs
 from v3kit.stdlib_search import StdlibSearchConfig, build_table, reward_label_agreement
 from v3kit.text import embed_texts

@@ -479,7 +479,7 @@ def check_kl_pinned(ctx: RunContext) -> Finding:
 
 @check("entropy_collapse")
 def check_entropy(ctx: RunContext) -> Finding:
-    df, config, th = ctx.df, ctx.config, ctx.th
+    df, th = ctx.df, ctx.th
     name = "entropy_collapse"
     series, what = _val_series(_rows(df, "grpo", "val"), "entropy"), "val entropy"
     if len(series) < 2:
