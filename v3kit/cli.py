@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib
 import os
@@ -28,10 +29,22 @@ def _fmt(table: pd.DataFrame) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import prepare_data, resolve_runtime, run_pipeline
 
+    from . import distributed
+
     cfg = load_config(args.config, args.set or [])
     splits = prepare_data(cfg)
-    print(f"v3kit run: {resolve_runtime(cfg, splits, warn=False).describe()} (run dir: {cfg.run_dir})")
+    runtime = resolve_runtime(cfg, splits, warn=False)
+    ranks = distributed.init_from_env(runtime.device)  # torchrun: join the process group; else one process
+    if ranks.world > 1:
+        # One CPU thread per rank: N ranks x N threads would oversubscribe the cores.
+        cfg = dataclasses.replace(cfg, progress=cfg.progress and ranks.main, threads=1 if runtime.device.type
+                                  == "cpu" else cfg.threads)
+    if ranks.main:
+        ranks_note = f", {ranks.world} ranks (torchrun)" if ranks.world > 1 else ""
+        print(f"v3kit run: {resolve_runtime(cfg, splits, warn=False).describe()}{ranks_note} (run dir: {cfg.run_dir})")
     result = run_pipeline(cfg, sft_checkpoint=args.sft, resume=args.resume, splits=splits)
+    if not ranks.main:
+        return 0
     print(f"\nheld-out test metrics by stage (run dir: {result.run_dir})")
     print(_fmt(result.table))
     g = result.grpo.info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
+from . import distributed
 from .checkpoint import checkpoint_model_config, load_checkpoint
 from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
@@ -277,7 +279,8 @@ def run_pipeline(
         ckpt = load_checkpoint(sft_checkpoint)
         cfg = dataclasses.replace(cfg, model=checkpoint_model_config(ckpt, sft_checkpoint))
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
+    # Under torchrun rank 0 is the run dir's one writer (the other ranks write nothing).
+    with RunLock(run_dir) if distributed.current().main else contextlib.nullcontext():
         return _run_locked(cfg, run_dir, sft_checkpoint=sft_checkpoint, splits=splits, callbacks=callbacks,
                            resume=resume)
 
@@ -291,10 +294,14 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     splits = splits or prepare_data(cfg)
     runtime = resolve_runtime(cfg, splits)  # before anything is written: a missing device fails cleanly
     torch.set_num_threads(runtime.threads)
-    dump_config(cfg, run_dir / "config.yaml")
+    main = distributed.current().main
+    if main:
+        dump_config(cfg, run_dir / "config.yaml")
     sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume,
                                                                       runtime=runtime)
-    record_sft_checkpoint(run_dir, sft_path, given=bool(sft_checkpoint), recorded=recorded)
+    if main:
+        record_sft_checkpoint(run_dir, sft_path, given=bool(sft_checkpoint), recorded=recorded)
+    distributed.barrier()
 
     on = dict(device=runtime.device, precision=runtime.precision)
     stage1 = load_sft(sft_path, splits.train, **on)
@@ -310,7 +317,9 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
     table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature,
                         precision=runtime.precision)
-    atomic_write_text(run_dir / "summary.csv", table.to_csv())
+    if main:
+        atomic_write_text(run_dir / "summary.csv", table.to_csv())
+    distributed.barrier()
     return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
                           models=models, runtime=runtime, skipped_batches=skipped_batches(run_dir))
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import (check_feature_dims, checkpoint_model_config, load_checkpoint, model_from_checkpoint,
                          model_payload, save_checkpoint)
 from .data import Batch, GroupData, Splits
@@ -57,8 +58,11 @@ def train_sft(
     stage = SFTStage(model, splits.train, splits.val, cfg, temperature=model_cfg.sim_temperature, meta=meta)
     result = fit(stage, context)
     if context.run_dir is not None:
-        payload = {"stage": "sft", "epoch": cfg.epochs, "step": -1, "model": model.state_dict(), **meta}
-        path = save_checkpoint(Path(context.run_dir) / "sft.pt", payload)
+        path = Path(context.run_dir) / "sft.pt"
+        if distributed.current().main:  # under torchrun every rank holds the same model; rank 0 writes it
+            payload = {"stage": "sft", "epoch": cfg.epochs, "step": -1, "model": model.state_dict(), **meta}
+            save_checkpoint(path, payload)
+        distributed.barrier()
         result.info["checkpoint"] = path
     return result
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
                          save_checkpoint)
 from .data import Batch, GroupData, iterate_batches, num_batches
+from . import distributed
 from .device import as_floats, autocast
 from .metrics import evaluate
 from .provenance import config_changes
@@ -409,7 +410,11 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     run_dir = None if run_dir is None else Path(run_dir)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir)
+    # Under torchrun every rank trains the same model (see v3kit/distributed.py); only rank 0 writes files.
+    ranks = distributed.current()
+    writes = run_dir if ranks.main else None
+    train_model = distributed.SlicedGrad(model, ranks) if ranks.world > 1 else model
+    log = MetricsLog(writes)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -429,7 +434,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     existing = epoch_checkpoints(run_dir, stage) if run_dir is not None else []
     if not resume:
         # A fresh start owns the stage's checkpoints: stale ones from an earlier run must not be resumed later.
-        for _, path in existing:
+        for _, path in existing if writes is not None else []:
             path.unlink()
         existing = []
     done = [(e, p) for e, p in existing if e <= epochs]
@@ -482,11 +487,17 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         model.train()
         for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
             ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
-            with autocast(device, precision):
-                loss, stats = stage_obj.step(batch, ctx)
+            stage_obj.model = train_model  # the rank's rows keep autograd; the same model with one process
+            try:
+                with autocast(device, precision):
+                    loss, stats = stage_obj.step(batch, ctx)
+            finally:
+                stage_obj.model = model
             optimizer.zero_grad(set_to_none=True)
             if loss.requires_grad:
                 loss.backward()
+                if ranks.world > 1:  # the sum of the ranks' row gradients is the whole batch's gradient
+                    distributed.all_reduce_grads(model.parameters())
                 grad_norm = _grad_norm(model.parameters(), max_grad_norm)
                 bad = _nonfinite_step(loss, grad_norm) if check_each_step else None
                 if bad is None:
@@ -510,7 +521,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         if not _weights_finite(model):
             raise _nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
         metrics = evaluate_now(epoch, step)
-        if run_dir is not None:
+        if writes is not None:
             log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
             _kill_point(f"{stage}:epoch{epoch}:before_checkpoint")
             payload = {
@@ -528,6 +539,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
             _kill_point(f"{stage}:epoch{epoch}:after_checkpoint")
     bar.close()
     log.close()
+    distributed.barrier()  # rank 0's files are complete before any rank reads them
 
     history = log.frame(stage)
     if not metrics:  # resumed a finished stage: report its last logged evaluation
