@@ -195,38 +195,34 @@ def record_sft_checkpoint(run_dir: Path, sft_path: Path, given: bool, recorded: 
     atomic_write_text(run_dir / RUN_INFO, json.dumps({"sft_checkpoint": name, "sft_sha256": digest}) + "\n")
 
 
-def update_run_info(run_dir: str | Path, **values: Any) -> None:
-    """Merge ``values`` into the run's ``run_info.json`` (e.g. ``split_seed`` of an ablation run, whose split comes
-    from the shared SFT's seed rather than its own)."""
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``run_info.json`` as a dict; ``{}`` when it is missing or unreadable (runs that predate it).
+    A resume reads it strictly instead (:func:`_check_same_sft`): there a damaged file must not pass silently."""
     path = Path(run_dir) / RUN_INFO
     try:
         info = json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError:
-        info = {}
-    info = info if isinstance(info, dict) else {}
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def update_run_info(run_dir: str | Path, **values: Any) -> None:
+    """Merge ``values`` into the run's ``run_info.json`` (e.g. ``split_seed`` of an ablation run, whose split comes
+    from the shared SFT's seed rather than its own)."""
+    info = read_run_info(run_dir)
     info.update(values)
-    atomic_write_text(path, json.dumps(info, indent=1) + "\n")
+    atomic_write_text(Path(run_dir) / RUN_INFO, json.dumps(info, indent=1) + "\n")
 
 
 def recorded_split_seed(run_dir: str | Path) -> int | None:
     """The seed that split the run's data when it is not the run's own ``seed`` (ablation runs), else None."""
-    path = Path(run_dir) / RUN_INFO
-    try:
-        seed = json.loads(path.read_text()).get("split_seed") if path.is_file() else None
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    seed = read_run_info(run_dir).get("split_seed")
     return seed if isinstance(seed, int) else None
 
 
 def recorded_sft_checkpoint(run_dir: str | Path) -> Path | None:
     """The SFT checkpoint :func:`record_sft_checkpoint` stored for ``run_dir`` (None for runs that predate it)."""
-    path = Path(run_dir) / RUN_INFO
-    if not path.is_file():
-        return None
-    try:
-        recorded = json.loads(path.read_text()).get("sft_checkpoint")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    recorded = read_run_info(run_dir).get("sft_checkpoint")
     return None if not recorded else Path(run_dir) / recorded  # an absolute path stays absolute
 
 
