@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from v3kit.data import Splits, split_by_query  # noqa: E402
-from v3kit.grpo import GRPOConfig, run_grpo  # noqa: E402
+from v3kit.grpo import GRPOConfig, grpo_step_loss, per_group_terms, run_grpo  # noqa: E402
 from v3kit.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
 from v3kit.rce import RCEConfig, run_rce  # noqa: E402
 from v3kit.sft import SFTConfig, load_sft, train_sft  # noqa: E402
@@ -118,18 +118,31 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def forward_backward(size: str, splits: Splits, repeats: int) -> float:
-    """One policy forward + backward on a training batch: the part of a step that is the model's own compute."""
+def forward_backward(size: str, splits: Splits, repeats: int, objective: str = "sft") -> float:
+    """One policy forward + backward on a training batch: the part of a step that is the model's own compute.
+
+    ``objective="grpo"``: the same pass through the default GRPO objective (``grpo_step_loss`` with its per-step
+    statistics, old policy = the current one) instead of SFT's cross-entropy: the difference is what the GRPO
+    objective itself adds to a step."""
     b = SIZES[size][0]
     mc = model_cfg(size)
     model = build_model(mc, splits.train.query_dim, splits.train.cand_dim)
     d = splits.train
     qx, cx, mask, labels = d.query_x[:b].float(), d.cand_x[:b].float(), d.mask[:b], d.labels[:b]
+    cfg = GRPOConfig()
+    rewards = d.rewards[:b]
+    with torch.no_grad():
+        old = policy_log_probs(model, qx, cx, mask, 1.0)
+    terms = per_group_terms(rewards, mask, cfg)
 
     def fb() -> None:
         model.zero_grad(set_to_none=True)
         logp = policy_log_probs(model, qx, cx, mask, 1.0)
-        (-logp.gather(1, labels.unsqueeze(1)).mean()).backward()
+        if objective == "sft":
+            loss = -logp.gather(1, labels.unsqueeze(1)).mean()
+        else:
+            loss = grpo_step_loss(logp, old, rewards, mask, cfg, group_terms=terms)[0]
+        loss.backward()
 
     return median_time(fb, repeats)
 
@@ -168,12 +181,14 @@ def bench_steps(quick: bool) -> None:
         fb_reps = 6 if size == "realistic" else 20
         times: dict[str, list[float]] = {n: [] for n in names + ["live off", "live on"]}
         fbs: list[float] = []
+        fbs_grpo: list[float] = []
         rates: list[float] = []
         flops, shapes = model_flops(size)
         for _ in range(rounds):
             for name in names:
                 times[name] += stage_steps(size, name, splits, []).steps
             fbs.append(forward_backward(size, splits, fb_reps))
+            fbs_grpo.append(forward_backward(size, splits, fb_reps, "grpo"))
             rates.append(mm_rate(shapes, fb_reps))
             if LivePlot is not None:
                 times["live off"] += stage_steps(size, "sft", splits, []).steps
@@ -187,6 +202,9 @@ def bench_steps(quick: bool) -> None:
             add(sec, f"{name} share outside policy fwd/bwd", 1 - fb / step, "frac", len(times[name]))
         sft_step = statistics.median(times["sft"])
         add(sec, "policy fwd+bwd (one batch)", fb * 1e3, "ms", rounds * fb_reps)
+        fb_grpo = statistics.median(fbs_grpo)
+        add(sec, "policy fwd+bwd through the GRPO objective", fb_grpo * 1e3, "ms", rounds * fb_reps,
+            f"+{(fb_grpo - fb) * 1e3:.3f} ms over SFT's loss (objective, its backward, statistics)")
         add(sec, "SFT model FLOP/s / torch.mm FLOP/s", flops / sft_step / rate, "frac", len(times["sft"]),
             f"tower linears {flops / 1e9:.3f} GFLOP/step; mm {rate / 1e9:.1f} GFLOP/s")
         # old_log_probs (stage 1, refreshes) and the reference pass: inference vs training throughput
