@@ -164,3 +164,19 @@ def test_unreadable_files_name_the_format(tmp_path, suffix):
     broken.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(DataValidationError, match=r"could not be read as (Parquet|JSON lines)"):
         load_groups(broken)
+
+
+def test_iterate_batches_over_a_share_of_the_rows_is_that_slice_in_order():
+    """A torchrun rank's share: the groups of ``rows`` in order, in batches, and every rank's shares together are
+    the whole dataset once."""
+    from v3kit.data import iterate_batches
+    from v3kit.distributed import Dist
+
+    data = make_world(SyntheticConfig(n_queries=23, seed=1))
+    got = torch.cat([b.index for b in iterate_batches(data, 4, rows=slice(5, 16))])
+    assert got.tolist() == list(range(5, 16))
+    shares = [Dist(r, 3).rows(len(data)) for r in range(3)]
+    seen = [i for s in shares for b in iterate_batches(data, 5, rows=s) for i in b.index.tolist()]
+    assert seen == list(range(len(data)))
+    with pytest.raises(ValueError, match="shuffle"):
+        next(iterate_batches(data, 4, shuffle=True, rows=slice(0, 3)))

@@ -116,13 +116,20 @@ def _take(items: list | None, idx: Tensor) -> list | None:
 
 
 def iterate_batches(
-    data: GroupData, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
+    data: GroupData, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+    rows: slice | None = None,
 ) -> Iterator[Batch]:
-    """Yield :class:`Batch` objects; with ``shuffle`` the order comes from ``generator`` (seeded by the caller)."""
+    """Yield :class:`Batch` objects; with ``shuffle`` the order comes from ``generator`` (seeded by the caller).
+    ``rows``: only these groups, in order (a rank's share under torchrun; not with ``shuffle``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(data)
+    if rows is not None and shuffle:
+        raise ValueError("iterate_batches: rows= selects groups in order; it cannot be combined with shuffle")
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if rows is not None:
+        order = order[rows]
+        n = len(order)
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         yield Batch(

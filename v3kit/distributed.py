@@ -1,13 +1,14 @@
 """More than one process (``torchrun --nproc_per_node N -m v3kit run ...``): exact data parallelism.
 
 Every rank reads the same global batch (the same seeded shuffle, the same sampling draws, the same batch-wide
-statistics), runs the towers with autograd only on its own contiguous slice of the batch's rows (the other rows
-are computed without a graph), evaluates the loss of the whole batch exactly as one process would, and backpropagates
-through its slice alone. The gradient of the batch loss is the sum of those per-slice gradients, so after an
-all-reduce (sum) every rank holds the single-process gradient and takes the same optimizer step. Nothing about
-the loss, its normaliser or its statistics has to know about ranks, which is why every switch (``adv_scale:
-batch``, ``samples: sampled``, the exact group KL, ...) stays exact. Only rank 0 writes files; checkpoints do not
-depend on the world size, so a run resumes under another one.
+statistics) and runs the towers, with autograd, on its own contiguous slice of the batch's rows only. The ranks
+then all-gather the slices' embeddings, so each holds the whole batch's embeddings (its own rows with their graph,
+the others' as constants) and evaluates the loss of the whole batch exactly as one process would, then
+backpropagates: the gradient reaches its own rows alone. The gradient of the batch loss is the sum of those
+per-slice gradients, so after an all-reduce (sum) every rank holds the single-process gradient and takes the same
+optimizer step. Nothing about the loss, its normaliser or its statistics has to know about ranks, which is why
+every switch (``adv_scale: batch``, ``samples: sampled``, the exact group KL, ...) stays exact. Only rank 0 writes
+files; checkpoints do not depend on the world size, so a run resumes under another one.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def all_reduce_grads(params: Iterable[nn.Parameter]) -> None:
 
 
 class SlicedGrad(nn.Module):
-    """A ranker whose towers keep autograd only for this rank's rows of a batch (see the module docstring)."""
+    """A ranker that encodes only this rank's rows of a batch and all-gathers the rest (see the module docstring)."""
 
     def __init__(self, model: nn.Module, dist: Dist) -> None:
         super().__init__()
@@ -85,15 +86,26 @@ class SlicedGrad(nn.Module):
         if not isinstance(x, Tensor):
             raise ValueError("torchrun needs models whose inputs are tensors (a model with featurize() runs in one "
                              "process)")
-        own = self.dist.rows(x.shape[0])
-        with torch.no_grad():
-            out = encode(x)
-        if own.stop > own.start:
-            out = torch.cat([out[: own.start], encode(x[own]), out[own.stop :]])
-        return out
+        n = x.shape[0]
+        own = encode(x[self.dist.rows(n)])
+        return gather_rows(own, n, self.dist)
 
     def encode_query(self, query_x: Tensor) -> Tensor:
         return self._sliced(self.model.encode_query, query_x)
 
     def encode_candidates(self, cand_x: Tensor) -> Tensor:
         return self._sliced(self.model.encode_candidates, cand_x)
+
+
+def gather_rows(own: Tensor, n: int, dist: Dist) -> Tensor:
+    """The ``n`` rows of a batch from every rank's contiguous share (``own`` is this rank's, and keeps its graph;
+    the other ranks' rows arrive as constants). Shares may differ by a row, so each is padded to the largest."""
+    sizes = [len(range(n)[Dist(r, dist.world).rows(n)]) for r in range(dist.world)]
+    width = max(sizes)
+    sent = own.detach()
+    if sent.shape[0] < width:
+        sent = torch.cat([sent, sent.new_zeros((width - sent.shape[0], *sent.shape[1:]))])
+    parts = [torch.empty_like(sent) for _ in range(dist.world)]
+    tdist.all_gather(parts, sent.contiguous())
+    pieces = [own if r == dist.rank else parts[r][: sizes[r]] for r in range(dist.world)]
+    return torch.cat(pieces)

@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .data import Batch, GroupData, iterate_batches
 from .device import autocast, module_device
 from .losses import group_log_probs
@@ -219,15 +220,19 @@ def compute_log_probs(model: nn.Module, data: GroupData, temperature: float, bat
     """``log pi(c | q)`` for every group of ``data`` ([N, G], ``-inf`` at padding), in eval mode, no autograd.
 
     Computed on the model's device (``data`` may live elsewhere: batches are copied there) and returned there,
-    in fp32 (``precision="bf16"`` autocasts the towers on CUDA; the log-softmax stays fp32).
+    in fp32 (``precision="bf16"`` autocasts the towers on CUDA; the log-softmax stays fp32). Under torchrun each
+    rank computes its contiguous share of the groups and the shares are all-gathered, so every rank must call it
+    (every rank runs the same code path) and gets the whole result.
     """
     device = module_device(model)
+    ranks = distributed.current()
     was_training = model.training
     model.eval()
-    out = []
+    out = [torch.empty((0, data.group_size), device=device)]
     with autocast(device, precision):
-        for b in iterate_batches(data, batch_size):
+        for b in iterate_batches(data, batch_size, rows=ranks.rows(len(data))):
             mask = b.mask.to(device)
             out.append(policy_log_probs(model, *model_inputs(model, b), mask, temperature).float())
     model.train(was_training)
-    return torch.cat(out)
+    logp = torch.cat(out)
+    return distributed.gather_rows(logp, len(data), ranks) if ranks.world > 1 else logp
