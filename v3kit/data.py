@@ -174,8 +174,10 @@ def _nonfinite(t: Tensor, elements: int = 1 << 22) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(t.shape[:2], dtype=torch.bool)
 
 
-def validate_tensors(d: GroupData) -> None:
-    """Check shapes and values of an in-memory dataset; raise :class:`DataValidationError` naming the field."""
+def validate_tensors(d: GroupData, *, features: bool = True) -> None:
+    """Check shapes and values of an in-memory dataset; raise :class:`DataValidationError` naming the field.
+    ``features=False`` skips the NaN/inf scan of ``query_x`` / ``cand_x`` (for a loader that has just checked
+    every value it wrote)."""
     n = d.query_x.shape[0] if d.query_x.dim() == 2 else -1
     if d.query_x.dim() != 2:
         _fail(f"query_x must be [N, Dq], got shape {tuple(d.query_x.shape)}")
@@ -200,6 +202,8 @@ def validate_tensors(d: GroupData) -> None:
         t = getattr(d, name)
         if not torch.is_floating_point(t):
             _fail(f"{name} must be a float tensor, got {t.dtype}")
+        if not features and name in ("query_x", "cand_x"):
+            continue
         bad = _nonfinite(t)
         if name in ("cand_x",):
             bad = bad & d.mask

@@ -18,6 +18,7 @@ slowly to name the exact row.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .data import (FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData, _as_bool, _as_matrix,
-                   check_long_frame)
+                   check_long_frame, validate_tensors)
 
 # Rows converted at a time: bounds the transient memory beside the packed arrays (Arrow's Parquet decoder holds
 # a few times one batch; 4096 rows of 384-d float32 are 6 MB).
@@ -224,19 +225,18 @@ class _Ipc:
 
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         """The record batches restricted to ``columns`` (fully validated: a corrupt offset must not crash)."""
+        # Whole batches, then a selection: zero-copy (IpcReadOptions.included_fields would copy the columns).
         try:
-            opts = pa.ipc.IpcReadOptions(included_fields=[self.schema.get_field_index(c) for c in columns],
-                                         use_threads=False)
             if self.stream:
-                reader = pa.ipc.open_stream(self.buf, options=opts)
+                reader = iter(pa.ipc.open_stream(self.buf))
             else:
-                reader = pa.ipc.open_file(self.buf, options=opts)
-                reader = (reader.get_batch(i) for i in range(reader.num_record_batches))
+                file = pa.ipc.open_file(self.buf)
+                reader = (file.get_batch(i) for i in range(file.num_record_batches))
         except Exception as e:
             raise _unreadable(self.path, e, ARROW_KIND) from None
         while True:
             try:
-                batch = next(reader)
+                batch = next(reader).select(columns)
                 batch.validate(full=True)
             except StopIteration:
                 return
@@ -262,6 +262,23 @@ class _Ipc:
         lo, hi = -(-lo // page) * page, hi // page * page  # whole pages inside the range only
         if 0 <= lo < hi <= len(self.buf):
             self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zero float32 array whose pages are mapped up front (Linux ``MAP_POPULATE``) when it is large.
+
+    Every page of a packed array is written once; letting each first write fault its page in costs several
+    times more (and varies more) than one populating ``mmap`` call. The array owns its mapping through its base.
+    """
+    nbytes = int(np.prod(shape)) * 4
+    flags = getattr(mmap, "MAP_POPULATE", 0)
+    if not flags or nbytes < 1 << 24:
+        return np.zeros(shape, dtype=np.float32)
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    except (OSError, ValueError):  # e.g. no address space left: the ordinary allocation says so
+        return np.zeros(shape, dtype=np.float32)
+    return np.frombuffer(region, dtype=np.float32).reshape(shape)
 
 
 def _unreadable(path: Path, e: Exception, kind: str = "Parquet") -> DataValidationError:
@@ -319,10 +336,9 @@ def _is_label(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
 
 def pack(meta: pd.DataFrame, source) -> GroupData:
     """Pack a validated long-form table: ``meta`` holds the scalar columns (index 0..R-1), ``source`` the features."""
-    qids = meta["query_id"].astype(str).to_numpy()
-    codes, order = pd.factorize(qids)  # queries in first-seen order
+    codes, order = pd.factorize(meta["query_id"].astype(str))  # queries in first-seen order; ids compare as str
     codes = codes.astype(np.int64)
-    n, n_rows = len(order), len(qids)
+    n, n_rows = len(order), len(meta)
     counts = np.bincount(codes, minlength=n)
     # Slot of a row = how many rows of its query come before it (a stable sort keeps file order within a query).
     by_query = np.argsort(codes, kind="stable")
@@ -337,20 +353,31 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
 
     def put_query(rows: slice, mat: np.ndarray) -> None:
         if "query_x" not in box:
-            box["query_x"] = np.zeros((n, mat.shape[1]), dtype=np.float32)
+            box["query_x"] = _zeros((n, mat.shape[1]))
         query_x, c = box["query_x"], codes[rows]
         first = first_row[c] == np.arange(rows.start, rows.stop)
         query_x[c[first]] = mat[first]
-        ref = query_x[c]
-        differ = np.flatnonzero((mat != ref).any(axis=1))  # usually none: the rows repeat one vector exactly
+        # A row equal to the row before it, of the same query, compares with the query's first row exactly as that
+        # row did; so only the others (usually the first row of the chunk) are compared, and no [rows, D] copy of
+        # the reference vectors is made.
+        check = ~first
+        if len(c) > 1:
+            check[1:] &= ~((c[1:] == c[:-1]) & (mat[1:] == mat[:-1]).all(axis=1))
+        idx = np.flatnonzero(check)
+        ref, sub = query_x[c[idx]], mat[idx]
+        differ = np.flatnonzero((sub != ref).any(axis=1))  # usually none: the rows repeat one vector exactly
         # np.allclose against the query's first row, as the checks always did
-        same = np.isclose(mat[differ], ref[differ], rtol=1e-5, atol=1e-8).all(axis=1)
-        q_differs[c[differ[~same]]] = True
+        same = np.isclose(sub[differ], ref[differ], rtol=1e-5, atol=1e-8).all(axis=1)
+        q_differs[c[idx[differ[~same]]]] = True
 
     def put_cand(rows: slice, mat: np.ndarray) -> None:
         if "cand_x" not in box:
-            box["cand_x"] = np.zeros((n, g_max, mat.shape[1]), dtype=np.float32)
-        box["cand_x"][codes[rows], slot[rows]] = mat
+            box["cand_x"] = _zeros((n, g_max, mat.shape[1]))
+        cand_x, at = box["cand_x"], codes[rows] * g_max + slot[rows]
+        if (np.diff(at) == 1).all():  # consecutive slots (full groups in file order): one block copy
+            cand_x.reshape(n * g_max, -1)[at[0] : at[0] + len(at)] = mat
+        else:
+            cand_x[codes[rows], slot[rows]] = mat
 
     _feature_passes(source, {"query_features": put_query, "candidate_features": put_cand})
     is_label = _is_label(meta["is_label"], meta)
@@ -381,7 +408,7 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
         out[codes, slot] = meta[col].to_numpy(dtype=np.float64)  # float64 -> float32 rounds once, as before
         return out
 
-    return GroupData(
+    out = dict(
         query_x=torch.from_numpy(box["query_x"]),
         cand_x=torch.from_numpy(box["cand_x"]),
         mask=torch.from_numpy(mask),
@@ -390,6 +417,12 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
         query_ids=[str(x) for x in order],
         utility=torch.from_numpy(grid("utility")) if "utility" in meta.columns else None,
     )
+    for f in dataclasses.fields(GroupData):  # the text fields keep their defaults
+        out.setdefault(f.name, f.default)
+    data = object.__new__(GroupData)  # GroupData(...) would scan the features for NaN/inf once more
+    data.__dict__.update(out)
+    validate_tensors(data, features=False)  # every feature value was checked chunk by chunk above
+    return data
 
 
 def pack_frame(df: pd.DataFrame) -> GroupData:
