@@ -136,6 +136,12 @@ BAD = {  # name: (mutation of a 40-query frame in query order, the message it mu
     "query-error-wins": (lambda df: _set(_set(df, "candidate_features", 2, [np.nan] * 5), "query_features", 31,
                                          [np.inf] * 3),
                          r"^row 31 \(query_id='q\d+'\): query_features contains NaN/inf"),
+    # the scalar checks run beside the feature passes, yet their errors still come first
+    "duplicate-wins": (lambda df: _set(_set(df, "candidate_id", 1, df["candidate_id"][0]), "query_features", 0,
+                                       [np.nan] * 3),
+                       r"^query_id='q0', candidate_id='0/0' appears in rows \[0, 1\] \(rewards \[.*\]\); each "),
+    "reward-wins": (lambda df: _set(_set(df, "reward", 35, np.inf), "candidate_features", 1, [np.nan] * 5),
+                    r"^row 35 \(query_id='q\d+'\): reward is inf; every reward must be a finite number$"),
 }
 
 
