@@ -91,6 +91,8 @@ def test_arrow_goes_through_the_cache_and_the_config(tmp_path, monkeypatch):
     monkeypatch.undo()
     # end_to_end skips the streamed path: the whole-table reader must read Arrow too (features win for training)
     same_data(load_groups(path, text_mode="end_to_end"), plain)
+    df.to_feather(tmp_path / "pandas.arrow", compression="uncompressed")  # the README's recipe
+    same_data(load_groups(tmp_path / "pandas.arrow"), plain)
     assert load_config(None, [f"data.path={path}"]).data.path == str(path)
     with pytest.raises(ConfigError, match=r"data.path '.*t\.csv': unsupported extension '\.csv'; use \.parquet or "
                                           r"\.jsonl, or Arrow IPC / Feather v2 \(\.arrow, \.feather, \.ipc\)"):
