@@ -241,16 +241,17 @@ SUFFIX_HINT = "use .parquet or .jsonl, or Arrow IPC / Feather v2 (.arrow, .feath
 
 
 def read_arrow_ipc(source) -> "pa.Table":
-    """An Arrow IPC file (Feather v2) or, failing that, an Arrow IPC stream, as a table (zero-copy from a
-    buffer or memory map)."""
+    """An Arrow IPC file (Feather v2) or, failing that, an Arrow IPC stream, from a seekable pyarrow file
+    (zero-copy from a memory map)."""
     import pyarrow as pa
 
     try:
-        reader = pa.ipc.open_file(source)
-        return reader.read_all()
-    except pa.ArrowInvalid:  # no file footer: maybe the stream format
-        if hasattr(source, "seek"):
-            source.seek(0)
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid:  # no file footer: the stream format, unless the file format's magic says truncated
+        source.seek(0)
+        if source.read(6) == b"ARROW1":
+            raise
+        source.seek(0)
         return pa.ipc.open_stream(source).read_all()
 
 

@@ -41,7 +41,7 @@ ARROW_KIND = "Arrow IPC / Feather v2"
 
 
 class _Problem(Exception):
-    """A feature chunk failed a fast check; ``kind`` in notlist/length/empty/numbers/nan, ``row`` in the table."""
+    """A feature chunk failed a fast check; ``kind`` in notlist/length/empty/numbers/nan/huge, ``row`` in the table."""
 
     def __init__(self, kind: str, row: int) -> None:
         super().__init__(kind, row)
