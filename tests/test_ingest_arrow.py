@@ -138,7 +138,9 @@ BAD = {  # name: (mutation of a 40-query frame in query order, the message it mu
     "query-error-wins": (lambda df: _set(_set(df, "candidate_features", 2, [np.nan] * 5), "query_features", 31,
                                          [np.inf] * 3),
                          r"^row 31 \(query_id='q\d+'\): query_features contains NaN/inf"),
-    # the scalar checks run beside the feature passes, yet their errors still come first
+    "empty-table": (lambda df: df.iloc[:0], r"^the data table is empty$"),
+    "missing-column": (lambda df: df.drop(columns=["is_label"]), r"^missing column\(s\) \['is_label'\]; a long-form "),
+    # the scalar checks' errors come before the feature errors, as they always did
     "duplicate-wins": (lambda df: _set(_set(df, "candidate_id", 1, df["candidate_id"][0]), "query_features", 0,
                                        [np.nan] * 3),
                        r"^query_id='q0', candidate_id='0/0' appears in rows \[0, 1\] \(rewards \[.*\]\); each "),

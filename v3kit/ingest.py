@@ -462,7 +462,10 @@ def load_arrow(path: Path) -> GroupData:
         raise
     except Exception as e:
         raise _unreadable(path, e, ARROW_KIND) from None
-    return _pack_file(meta, names, table.num_rows, _ArrowSource(Path(path), meta, ipc))
+    try:
+        return _pack_file(meta, names, table.num_rows, _ArrowSource(Path(path), meta, ipc))
+    finally:
+        pa.default_memory_pool().release_unused()  # freed Arrow buffers (the meta columns' conversion)
 
 
 def _pack_file(meta: pd.DataFrame, names: list[str], n_rows: int, source: _FileSource) -> GroupData:
