@@ -67,6 +67,7 @@ def test_arrow_matches_parquet_and_the_frame(tmp_path, monkeypatch, layout):
     frame = from_long_frame(df)
     same_data(frame, from_parquet)
     assert_same(frame, slow_pack(df))  # and the obvious loop agrees
+    same_data(ingest.pack_frame(df), frame)  # the vectorised packing of the frame itself
     variants = {"file": {}, "stream": {"stream": True}}
     if pa.Codec.is_available("zstd"):
         variants["zstd"] = {"compression": "zstd"}
