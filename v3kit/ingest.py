@@ -308,19 +308,24 @@ def _feature_pass(source, field: str, each: Callable[[slice, np.ndarray], None],
 def _feature_passes(source, put: dict[str, Callable[[slice, np.ndarray], None]]) -> None:
     """Both feature passes, one thread each; the first column's error wins, as when they ran one after the other
     (a failed query pass stops the candidate pass; a failed candidate pass lets the query pass finish)."""
-    stop = threading.Event()
+    stops = {field: threading.Event() for field in FEATURE_COLUMNS}
 
     def run(field: str) -> None:
         try:
-            _feature_pass(source, field, put[field], stop if field != FEATURE_COLUMNS[0] else None)
+            _feature_pass(source, field, put[field], stops[field])
         except BaseException:
             if field == FEATURE_COLUMNS[0]:
-                stop.set()
+                stops[FEATURE_COLUMNS[1]].set()
             raise
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="v3kit-ingest") as pool:
         futures = [pool.submit(run, field) for field in FEATURE_COLUMNS]
-        errors = [f.exception() for f in futures]
+        try:
+            errors = [f.exception() for f in futures]
+        except BaseException:  # e.g. Ctrl-C while waiting: stop both passes at their next chunk
+            for stop in stops.values():
+                stop.set()
+            raise
     for e in errors:
         if e is not None:
             raise e
