@@ -264,16 +264,21 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     n_q, g, d = (2000 if quick else 20000), 16, 384
     path = tmp / "ingest.parquet"
     rows = write_table(path, n_q, g, d)
+    arrow = tmp / "ingest.arrow"  # the same rows as an uncompressed Arrow IPC file (Feather v2)
+    write_table(arrow, n_q, g, d)
     payload = n_q * g * d * 4 + n_q * d * 4
     reps = 3
     setup = ("import shutil\nimport v3kit.ingest\nfrom v3kit.data import load_groups, split_by_query\n"
              "from v3kit.cache import cache_dir, cached_splits, load_cached\n"
              "from v3kit.model import ModelConfig\nfrom v3kit.sft import SFTConfig, train_sft\n")
-    load = median_probe(f"d = load_groups({str(path)!r})\nout = {{}}", reps, setup)
     section = f"ingest {n_q:,} x {g} x {d}-d"
-    add(section, "Parquet -> GroupData", rows / load["seconds"], "rows/s", reps, f"{rows:,} rows")
-    add(section, "Parquet -> GroupData: peak RSS growth / payload", load["peak_rss_growth"] / payload, "x", reps,
-        f"{load['peak_rss_growth'] / 1e9:.2f} GB for a float32 payload of {payload / 1e9:.2f} GB")
+    for fmt, file in (("Parquet", path), ("Arrow IPC", arrow)):
+        load = median_probe(f"d = load_groups({str(file)!r})\nout = {{}}", reps, setup)
+        size = f"{file.stat().st_size / 1e9:.2f} GB file"
+        add(section, f"{fmt} -> GroupData", rows / load["seconds"], "rows/s", reps, f"{rows:,} rows; {size}")
+        add(section, f"{fmt} -> GroupData: peak RSS growth / payload", load["peak_rss_growth"] / payload, "x", reps,
+            f"{load['peak_rss_growth'] / 1e9:.2f} GB for a float32 payload of {payload / 1e9:.2f} GB")
+    arrow.unlink()
     for dtype in ("float32", "float16"):
         build = median_probe(f"d = load_cached({str(path)!r}, {dtype!r})\nout = {{}}", reps,
                              setup + f"shutil.rmtree(cache_dir({str(path)!r}, {dtype!r}), ignore_errors=True)\n")

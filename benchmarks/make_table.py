@@ -1,24 +1,41 @@
-"""Write a random long-form Parquet table in chunks (bounded memory), for the ingest and epoch benchmarks."""
+"""Write a random long-form table in chunks (bounded memory), for the ingest and epoch benchmarks.
+
+    python benchmarks/make_table.py PATH N_QUERIES GROUP DIM [--format parquet|arrow]
+
+The format follows the suffix unless given: ``.parquet`` (Parquet, snappy) or ``.arrow`` / ``.feather`` /
+``.ipc`` (an uncompressed Arrow IPC file, i.e. Feather v2, which the kit memory-maps without copying).
+"""
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+FORMATS = ("parquet", "arrow")
+
+
+def table_format(path: str | Path) -> str:
+    return "arrow" if Path(path).suffix.lower() in (".arrow", ".feather", ".ipc") else "parquet"
+
 
 def write_table(path: str | Path, n_queries: int, group: int, dim: int, *, seed: int = 0,
-                queries_per_chunk: int = 4096) -> int:
-    """``n_queries`` groups of ``group`` candidates with ``dim``-d float32 query and candidate features."""
+                queries_per_chunk: int = 4096, fmt: str | None = None) -> int:
+    """``n_queries`` groups of ``group`` candidates with ``dim``-d float32 query and candidate features; the
+    same rows whatever the format (``fmt``: ``parquet`` | ``arrow``; default from the suffix)."""
+    fmt = fmt or table_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     rng = np.random.default_rng(seed)
     schema = pa.schema([("query_id", pa.string()), ("candidate_id", pa.string()),
                         ("query_features", pa.list_(pa.float32())), ("candidate_features", pa.list_(pa.float32())),
                         ("reward", pa.float64()), ("is_label", pa.bool_())])
     rows = 0
-    with pq.ParquetWriter(path, schema) as writer:
+    writer = pq.ParquetWriter(path, schema) if fmt == "parquet" else pa.ipc.new_file(str(path), schema)
+    with writer:
         for q0 in range(0, n_queries, queries_per_chunk):
             nq = min(queries_per_chunk, n_queries - q0)
             r = nq * group
@@ -39,4 +56,11 @@ def write_table(path: str | Path, n_queries: int, group: int, dim: int, *, seed:
 
 
 if __name__ == "__main__":
-    write_table(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("path")
+    ap.add_argument("n_queries", type=int)
+    ap.add_argument("group", type=int)
+    ap.add_argument("dim", type=int)
+    ap.add_argument("--format", choices=FORMATS, default=None, help="default: from the path's suffix")
+    a = ap.parse_args()
+    write_table(a.path, a.n_queries, a.group, a.dim, fmt=a.format)

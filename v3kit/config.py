@@ -17,7 +17,7 @@ from typing import Any, Iterable, Union
 
 import yaml
 
-from .data import TEXT_MODES
+from .data import SUFFIX_HINT, TABLE_SUFFIXES, TEXT_MODES
 from .device import check_device_setting, check_precision_setting, check_threads_setting
 from .grpo import GRPOConfig
 from .model import ModelConfig
@@ -41,8 +41,10 @@ class _NonFinite(ConfigError):
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Long-form Parquet/JSONL file (README: Data schema); null = the synthetic world; ``builtin:stdlib_search`` =
-    the code-search table built from this Python's standard library (options in ``data.stdlib_search``)."""
+    """Long-form table file (README: Data schema): Parquet (``.parquet``), JSON lines (``.jsonl``) or Arrow IPC /
+    Feather v2 (``.arrow``, ``.feather``, ``.ipc``; memory-mapped, the fastest to load); null = the synthetic world;
+    ``builtin:stdlib_search`` = the code-search table built from this Python's standard library (options in
+    ``data.stdlib_search``)."""
     val_frac: float = 0.15
     """Share of queries held out for the per-epoch curves (split by query)."""
     test_frac: float = 0.15
@@ -78,6 +80,10 @@ class DataConfig:
             raise ValueError(f"data.text_max_tokens must be >= 8, got {self.text_max_tokens}")
         if self.path is not None and self.path.startswith("builtin:") and self.path not in BUILTIN_TABLES:
             raise ValueError(f"data.path {self.path!r} is not a built-in table; use one of {BUILTIN_TABLES}")
+        if self.path is not None and not self.path.startswith("builtin:") \
+                and Path(self.path).suffix.lower() not in TABLE_SUFFIXES:
+            raise ValueError(f"data.path {self.path!r}: unsupported extension {Path(self.path).suffix!r}; "
+                             f"{SUFFIX_HINT}")
         # Both held-out splits are needed: val for the per-epoch curves, test for the stage table.
         if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "

@@ -1,9 +1,10 @@
 """The data contract: groups of (query, candidates) with a human label and a reward per candidate.
 
 In memory a dataset is a :class:`GroupData` of padded tensors; on disk it is a long-form table (one row per
-query-candidate pair) in Parquet or JSONL. See the README's "Data schema" section. Queries and candidates come as
-feature vectors or as text (``query_text`` / ``candidate_text``); text is embedded by a frozen encoder (the
-``embed`` argument, see ``v3kit.text``) or carried to a text model (``text_mode="end_to_end"``).
+query-candidate pair) in Parquet, Arrow IPC / Feather v2 or JSONL. See the README's "Data schema" section.
+Queries and candidates come as feature vectors or as text (``query_text`` / ``candidate_text``); text is embedded
+by a frozen encoder (the ``embed`` argument, see ``v3kit.text``) or carried to a text model
+(``text_mode="end_to_end"``).
 """
 
 from __future__ import annotations
@@ -156,17 +157,34 @@ def _fail(msg: str) -> None:
     raise DataValidationError(msg)
 
 
-def _nonfinite(t: Tensor, rows: int = 4096) -> Tensor:
-    """Where ``t`` is NaN/inf (for a 3-d tensor: any over the last dim), a few rows at a time: ``isfinite`` of a
-    whole feature tensor would allocate several times its size."""
+def _nonfinite(t: Tensor, elements: int = 1 << 22) -> Tensor:
+    """Where ``t`` is NaN/inf (for a 3-d tensor: any over the last dim), a block of rows at a time.
+
+    A block whose min and max are finite has no NaN/inf (NaN propagates through both), so the usual all-finite
+    tensor costs one read and no temporaries; ``isfinite`` of a whole feature tensor would allocate several times
+    its size (torch computes it through ``abs``). Only a block that fails is examined element by element.
+    """
+    def exact(block: Tensor) -> Tensor:
+        return ~torch.isfinite(block) if block.dim() < 3 else ~torch.isfinite(block).all(dim=-1)
+
+    def clean(block: Tensor) -> bool:
+        if block.numel() == 0:
+            return True
+        lo, hi = torch.aminmax(block)
+        return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
     if t.dim() < 3:
-        return ~torch.isfinite(t)
-    return torch.cat([~torch.isfinite(t[s : s + rows]).all(dim=-1) for s in range(0, t.shape[0], rows)]) \
-        if t.shape[0] else torch.zeros(t.shape[:2], dtype=torch.bool)
+        return torch.zeros(t.shape, dtype=torch.bool) if clean(t) else exact(t)
+    rows = max(1, elements // max(1, t.shape[1] * t.shape[2]))
+    parts = [torch.zeros(block.shape[:2], dtype=torch.bool) if clean(block) else exact(block)
+             for block in (t[s : s + rows] for s in range(0, t.shape[0], rows))]
+    return torch.cat(parts) if parts else torch.zeros(t.shape[:2], dtype=torch.bool)
 
 
-def validate_tensors(d: GroupData) -> None:
-    """Check shapes and values of an in-memory dataset; raise :class:`DataValidationError` naming the field."""
+def validate_tensors(d: GroupData, *, features: bool = True) -> None:
+    """Check shapes and values of an in-memory dataset; raise :class:`DataValidationError` naming the field.
+    ``features=False`` skips the NaN/inf scan of ``query_x`` / ``cand_x`` (for a loader that has just checked
+    every value it wrote)."""
     n = d.query_x.shape[0] if d.query_x.dim() == 2 else -1
     if d.query_x.dim() != 2:
         _fail(f"query_x must be [N, Dq], got shape {tuple(d.query_x.shape)}")
@@ -191,6 +209,8 @@ def validate_tensors(d: GroupData) -> None:
         t = getattr(d, name)
         if not torch.is_floating_point(t):
             _fail(f"{name} must be a float tensor, got {t.dtype}")
+        if not features and name in ("query_x", "cand_x"):
+            continue
         bad = _nonfinite(t)
         if name in ("cand_x",):
             bad = bad & d.mask
@@ -219,18 +239,49 @@ def validate_tensors(d: GroupData) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- files
+# Suffixes of the long-form table formats (lower case); data.path is checked against them.
+PARQUET_SUFFIXES = (".parquet", ".pq")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")  # Arrow IPC file (= Feather v2) or stream format
+TABLE_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + ARROW_SUFFIXES
+SUFFIX_HINT = "use .parquet or .jsonl, or Arrow IPC / Feather v2 (.arrow, .feather, .ipc)"
+
+
+def read_arrow_ipc(source) -> "pa.Table":
+    """An Arrow IPC file (Feather v2) or, failing that, an Arrow IPC stream, from a seekable pyarrow file
+    (zero-copy from a memory map)."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid:  # no file footer: the stream format, unless the file format's magic says truncated
+        source.seek(0)
+        if source.read(6) == b"ARROW1":
+            raise
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all()
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a long-form Parquet (``.parquet``) or JSON-lines (``.jsonl``/``.json``) file."""
+    """Read a long-form Parquet (``.parquet``), JSON-lines (``.jsonl``/``.json``) or Arrow IPC / Feather v2
+    (``.arrow``/``.feather``/``.ipc``) file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
+    if suffix in PARQUET_SUFFIXES:
         reader, kind = pd.read_parquet, "Parquet"
-    elif suffix in (".jsonl", ".json", ".ndjson"):
+    elif suffix in JSONL_SUFFIXES:
         reader, kind = (lambda p: pd.read_json(p, lines=True)), "JSON lines (one object per line)"
+    elif suffix in ARROW_SUFFIXES:
+        import pyarrow as pa
+
+        def reader(p: Path) -> pd.DataFrame:
+            return read_arrow_ipc(pa.memory_map(str(p))).to_pandas()
+
+        kind = "Arrow IPC / Feather v2"
     else:
-        raise DataValidationError(f"data file {path}: unsupported extension {suffix!r}; use .parquet or .jsonl")
+        raise DataValidationError(f"data file {path}: unsupported extension {suffix!r}; {SUFFIX_HINT}")
     try:
         return reader(path)
     except Exception as e:  # pyarrow / pandas raise many types for truncated or foreign files
@@ -435,13 +486,14 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
 
 def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: str = "frozen", cache: bool = False,
                 feature_dtype: str = "float32") -> GroupData:
-    """Load and validate a long-form Parquet/JSONL file into :class:`GroupData`.
+    """Load and validate a long-form Parquet, Arrow IPC / Feather v2 or JSONL file into :class:`GroupData`.
 
-    A Parquet file with both feature columns is streamed column by column into float32 arrays
-    (:mod:`v3kit.ingest`); text-only sides and JSONL go through :func:`from_long_frame` (``embed``,
-    ``text_mode``). ``cache``: go through the packed, memory-mapped cache next to the file (:mod:`v3kit.cache`;
-    feature tables); a second load then reads almost nothing. ``feature_dtype``: ``"float16"`` stores the
-    features at half the memory (batches are cast back to float32).
+    A Parquet or Arrow IPC file with both feature columns is streamed column by column into float32 arrays
+    (:mod:`v3kit.ingest`; an Arrow IPC file is memory-mapped and read without copies, the fastest input);
+    text-only sides and JSONL go through :func:`from_long_frame` (``embed``, ``text_mode``). ``cache``: go
+    through the packed, memory-mapped cache next to the file (:mod:`v3kit.cache`; feature tables); a second load
+    then reads almost nothing. ``feature_dtype``: ``"float16"`` stores the features at half the memory (batches are
+    cast back to float32).
     """
     if feature_dtype not in ("float32", "float16"):
         raise ValueError(f"data.feature_dtype must be 'float32' or 'float16', got {feature_dtype!r}")
@@ -450,10 +502,15 @@ def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: s
         from .cache import load_cached
 
         return load_cached(path, feature_dtype)
-    if text_mode != "end_to_end" and _parquet_with_features(path):
+    kind = _feature_table(path) if text_mode != "end_to_end" else None
+    if kind == "parquet":
         from .ingest import load_parquet
 
         data = load_parquet(path)
+    elif kind == "arrow":
+        from .ingest import load_arrow
+
+        data = load_arrow(path)
     else:
         data = from_long_frame(read_table(path), embed=embed, text_mode=text_mode)
     if feature_dtype == "float16":
@@ -464,17 +521,24 @@ def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: s
     return data
 
 
-def _parquet_with_features(path: Path) -> bool:
-    """A Parquet file whose schema has both feature columns (the streamed path needs no text encoder)."""
-    if path.suffix.lower() not in (".parquet", ".pq") or not path.is_file():
-        return False
+def _feature_table(path: Path) -> str | None:
+    """``"parquet"`` / ``"arrow"`` for a file of that format whose schema has both feature columns (the streamed
+    path needs no text encoder), else None."""
+    suffix = path.suffix.lower()
+    if suffix not in PARQUET_SUFFIXES + ARROW_SUFFIXES or not path.is_file():
+        return None
     try:
-        import pyarrow.parquet as pq
+        if suffix in PARQUET_SUFFIXES:
+            import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
+            names, kind = pq.read_schema(path).names, "parquet"
+        else:
+            from .ingest import arrow_schema
+
+            names, kind = arrow_schema(path).names, "arrow"
     except Exception:  # unreadable: the general path names the file and the problem
-        return False
-    return all(c in names for c in FEATURE_COLUMNS)
+        return None
+    return kind if all(c in names for c in FEATURE_COLUMNS) else None
 
 
 def to_long_frame(data: GroupData) -> pd.DataFrame:

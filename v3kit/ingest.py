@@ -3,15 +3,25 @@
 Vectorised and lean: query ids are factorised once (first-seen order), every row gets its (group, slot) position
 with numpy, and the list-valued feature columns are read as Arrow list arrays chunk by chunk, validated, cast to
 float32 and scattered straight into preallocated ``[N, G, D]`` arrays. No per-query Python loop and no float64 or
-Python-list copy of the features, so peak memory is about the packed payload plus one chunk. Parquet files are
-streamed row group by row group (:func:`load_parquet`); an in-memory frame goes through the same packing.
+Python-list copy of the features, so peak memory is about the packed payload plus a few chunks. The two feature
+columns are converted concurrently, one thread each (Arrow decoding and numpy's copies run without the GIL).
 
-Every check of the slow reference implementation is kept, with the same messages: a column that fails the fast
-checks is re-examined slowly to name the exact row.
+Inputs: Parquet files are streamed batch by batch (:func:`load_parquet`); Arrow IPC / Feather v2 files are
+memory-mapped and their columns sliced without copying (:func:`load_arrow`), so the only copy of a feature is the
+one into the packed array; an in-memory frame goes through the same packing (:func:`pack_frame`).
+
+Every check of the slow reference implementation is kept, with the same messages. The fast checks look at a
+chunk's min and max only (NaN propagates through both, so a finite, in-range min and max clear the whole chunk
+with no temporary array); a chunk that fails is searched row by row, and a column that fails is re-examined
+slowly to name the exact row.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import mmap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,13 +32,16 @@ import pyarrow.parquet as pq
 import torch
 
 from .data import (FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData, _as_bool, _as_matrix,
-                   check_long_frame)
+                   check_long_frame, validate_tensors)
 
-CHUNK_ROWS = 16384  # rows converted at a time: bounds the transient memory beside the packed arrays
+# Rows converted at a time: bounds the transient memory beside the packed arrays (Arrow's Parquet decoder holds
+# a few times one batch; 4096 rows of 384-d float32 are 6 MB).
+CHUNK_ROWS = 4096
+ARROW_KIND = "Arrow IPC / Feather v2"
 
 
 class _Problem(Exception):
-    """A feature chunk failed a fast check; ``kind`` in notlist/length/empty/numbers/nan, ``row`` in the table."""
+    """A feature chunk failed a fast check; ``kind`` in notlist/length/empty/numbers/nan/huge, ``row`` in the table."""
 
     def __init__(self, kind: str, row: int) -> None:
         super().__init__(kind, row)
@@ -62,14 +75,21 @@ def _chunk_matrix(arr: pa.Array, start: int, dims: dict[str, int], field: str) -
     if not (pa.types.is_floating(vt) or pa.types.is_integer(vt) or pa.types.is_boolean(vt)):
         raise _Problem("numbers", start)
     flat = values.to_numpy(zero_copy_only=False)  # nulls inside a list come back as NaN
-    mat = np.asarray(flat, dtype=np.float32).reshape(n, dim)
+    mat = np.asarray(flat, dtype=np.float32).reshape(n, dim)  # no copy when the values are float32 already
+    # NaN fails both comparisons and inf one of them, so this clears a chunk with two reads and no temporary.
+    if mat.size and not (mat.min() >= -MAX_FEATURE_ABS and mat.max() <= MAX_FEATURE_ABS):
+        _find_bad_row(mat, start)
+    return mat
+
+
+def _find_bad_row(mat: np.ndarray, start: int) -> None:
+    """The exact check of a chunk that failed the min/max test: NaN/inf rows first, then too large values."""
     bad = ~np.isfinite(mat).all(axis=1)
     if bad.any():
         raise _Problem("nan", start + int(np.flatnonzero(bad)[0]))
     huge = (np.abs(mat) > MAX_FEATURE_ABS).any(axis=1)
     if huge.any():
         raise _Problem("huge", start + int(np.flatnonzero(huge)[0]))
-    return mat
 
 
 class _FrameSource:
@@ -91,24 +111,17 @@ class _FrameSource:
         raise DataValidationError(f"row {problem.row}: {field} is not a list of numbers of one length")
 
 
-class _ParquetSource:
-    """Feature chunks streamed from a Parquet file, one column at a time."""
+class _FileSource:
+    """Feature chunks read from a file one column at a time (:meth:`chunks`, one reader per call, so the two
+    columns can be read on two threads); :meth:`explain` re-reads a column to name the exact offending row."""
 
-    def __init__(self, path: Path, pf: pq.ParquetFile, meta: pd.DataFrame) -> None:
-        self.path, self.pf, self.meta = path, pf, meta
+    kind = ""  # the format, for messages
+
+    def __init__(self, path: Path, meta: pd.DataFrame) -> None:
+        self.path, self.meta = path, meta
 
     def chunks(self, field: str) -> Iterator[tuple[int, pa.Array]]:
-        start = 0
-        batches = self.pf.iter_batches(batch_size=CHUNK_ROWS, columns=[field])
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except Exception as e:  # a truncated or corrupt row group
-                raise _unreadable(self.path, e) from None
-            yield start, batch.column(0)
-            start += batch.num_rows
+        raise NotImplementedError
 
     def _value(self, field: str, row: int) -> object:
         for s, arr in self.chunks(field):
@@ -143,20 +156,179 @@ class _ParquetSource:
         raise DataValidationError(f"{where}: {field} contains NaN/inf; clean or drop it")
 
 
-def _unreadable(path: Path, e: Exception) -> DataValidationError:
-    return DataValidationError(f"data file {path} could not be read as Parquet ({type(e).__name__}: {str(e)[:200]}); "
+class _ParquetSource(_FileSource):
+    """Feature chunks streamed from a Parquet file."""
+
+    kind = "Parquet"
+
+    def chunks(self, field: str) -> Iterator[tuple[int, pa.Array]]:
+        start = 0
+        try:
+            # Buffered column reads instead of pre-buffering whole row groups: several times less transient memory.
+            pf = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=1 << 22)
+            batches = pf.iter_batches(batch_size=CHUNK_ROWS, columns=[field], use_threads=False)
+        except Exception as e:
+            raise _unreadable(self.path, e, self.kind) from None
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as e:  # a truncated or corrupt row group
+                raise _unreadable(self.path, e, self.kind) from None
+            yield start, batch.column(0)
+            start += batch.num_rows
+
+
+class _ArrowSource(_FileSource):
+    """Feature chunks sliced, without copying, from a memory-mapped Arrow IPC file or stream.
+
+    The pages of a chunk are handed back to the kernel once the chunk is packed (``MADV_DONTNEED``; they stay in
+    the page cache and a later read maps them again), so the mapping does not add the file's size to the
+    process's resident memory.
+    """
+
+    kind = ARROW_KIND
+
+    def __init__(self, path: Path, meta: pd.DataFrame, ipc: "_Ipc") -> None:
+        super().__init__(path, meta)
+        self.ipc = ipc
+
+    def chunks(self, field: str) -> Iterator[tuple[int, pa.Array]]:
+        start = 0
+        for batch in self.ipc.batches([field]):
+            col = batch.column(0)
+            for s in range(0, len(col), CHUNK_ROWS):
+                piece = col.slice(s, CHUNK_ROWS)
+                yield start + s, piece
+                self.ipc.release(piece)
+            start += len(col)
+
+
+class _Ipc:
+    """An Arrow IPC file (Feather v2) or stream, memory-mapped; :meth:`batches` reads only the named columns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.buf = pa.py_buffer(self.map)  # a zero-copy view: batches read from it are slices of the mapping
+            try:
+                self.schema, self.stream = pa.ipc.open_file(self.buf).schema, False
+            except pa.ArrowInvalid as e:  # no file footer: an IPC stream, or a truncated file
+                if self.buf[:6].to_pybytes() == b"ARROW1":
+                    raise e
+                self.schema, self.stream = pa.ipc.open_stream(self.buf).schema, True
+        except Exception as e:  # pyarrow raises many types for truncated or foreign files
+            raise _unreadable(path, e, ARROW_KIND) from None
+
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        """The record batches restricted to ``columns`` (fully validated: a corrupt offset must not crash)."""
+        # Whole batches, then a selection: zero-copy (IpcReadOptions.included_fields would copy the columns).
+        try:
+            if self.stream:
+                reader = iter(pa.ipc.open_stream(self.buf))
+            else:
+                file = pa.ipc.open_file(self.buf)
+                reader = (file.get_batch(i) for i in range(file.num_record_batches))
+        except Exception as e:
+            raise _unreadable(self.path, e, ARROW_KIND) from None
+        while True:
+            try:
+                batch = next(reader).select(columns)
+                batch.validate(full=True)
+            except StopIteration:
+                return
+            except Exception as e:  # a truncated stream or a corrupt batch
+                raise _unreadable(self.path, e, ARROW_KIND) from None
+            yield batch
+
+    def release(self, arr: pa.Array) -> None:
+        """Drop the mapped pages that hold ``arr``'s list values from the resident set (no-op elsewhere)."""
+        if not hasattr(self.map, "madvise") or not _is_list(arr.type):
+            return
+        values = arr.flatten()
+        try:
+            width = values.type.bit_width
+        except ValueError:
+            return
+        if width % 8 or len(values) == 0:
+            return
+        data = values.buffers()[-1]
+        lo = data.address + values.offset * width // 8 - self.buf.address
+        hi = lo + len(values) * width // 8
+        page = mmap.PAGESIZE
+        lo, hi = -(-lo // page) * page, hi // page * page  # whole pages inside the range only
+        if 0 <= lo < hi <= len(self.buf):
+            self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """A zero float32 array whose pages are mapped up front (Linux ``MAP_POPULATE``) when it is large.
+
+    Every page of a packed array is written once; letting each first write fault its page in costs several
+    times more (and varies more) than one populating ``mmap`` call. The array owns its mapping through its base.
+    """
+    nbytes = int(np.prod(shape)) * 4
+    flags = getattr(mmap, "MAP_POPULATE", 0)
+    if not flags or nbytes < 1 << 24:
+        return np.zeros(shape, dtype=np.float32)
+    try:
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    except (OSError, ValueError):  # e.g. no address space left: the ordinary allocation says so
+        return np.zeros(shape, dtype=np.float32)
+    return np.frombuffer(region, dtype=np.float32).reshape(shape)
+
+
+def _unreadable(path: Path, e: Exception, kind: str = "Parquet") -> DataValidationError:
+    return DataValidationError(f"data file {path} could not be read as {kind} ({type(e).__name__}: {str(e)[:200]}); "
                                "check the file is complete and in that format")
 
 
-def _feature_pass(source, field: str, each: Callable[[slice, np.ndarray], None]) -> None:
+def arrow_schema(path: str | Path) -> pa.Schema:
+    """The schema of an Arrow IPC file or stream (raises :class:`DataValidationError` when unreadable)."""
+    return _Ipc(Path(path)).schema
+
+
+def _feature_pass(source, field: str, each: Callable[[slice, np.ndarray], None],
+                  stop: threading.Event | None = None) -> None:
     """Convert ``field`` chunk by chunk and hand each float32 matrix (with its row slice) to ``each``."""
     dims: dict[str, int] = {}
     for start, arr in source.chunks(field):
+        if stop is not None and stop.is_set():
+            return
         try:
             mat = _chunk_matrix(arr, start, dims, field)
         except _Problem as p:
             source.explain(field, p)
         each(slice(start, start + mat.shape[0]), mat)
+
+
+def _feature_passes(source, put: dict[str, Callable[[slice, np.ndarray], None]]) -> None:
+    """Both feature passes, one thread each; the first column's error wins, as when they ran one after the other
+    (a failed query pass stops the candidate pass; a failed candidate pass lets the query pass finish)."""
+    stops = {field: threading.Event() for field in FEATURE_COLUMNS}
+
+    def run(field: str) -> None:
+        try:
+            _feature_pass(source, field, put[field], stops[field])
+        except BaseException:
+            if field == FEATURE_COLUMNS[0]:
+                stops[FEATURE_COLUMNS[1]].set()
+            raise
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="v3kit-ingest") as pool:
+        futures = [pool.submit(run, field) for field in FEATURE_COLUMNS]
+        try:
+            errors = [f.exception() for f in futures]
+        except BaseException:  # e.g. Ctrl-C while waiting: stop both passes at their next chunk
+            for stop in stops.values():
+                stop.set()
+            raise
+    for e in errors:
+        if e is not None:
+            raise e
 
 
 def _is_label(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
@@ -169,10 +341,9 @@ def _is_label(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
 
 def pack(meta: pd.DataFrame, source) -> GroupData:
     """Pack a validated long-form table: ``meta`` holds the scalar columns (index 0..R-1), ``source`` the features."""
-    qids = meta["query_id"].astype(str).to_numpy()
-    codes, order = pd.factorize(qids)  # queries in first-seen order
+    codes, order = pd.factorize(meta["query_id"].astype(str))  # queries in first-seen order; ids compare as str
     codes = codes.astype(np.int64)
-    n, n_rows = len(order), len(qids)
+    n, n_rows = len(order), len(meta)
     counts = np.bincount(codes, minlength=n)
     # Slot of a row = how many rows of its query come before it (a stable sort keeps file order within a query).
     by_query = np.argsort(codes, kind="stable")
@@ -187,23 +358,33 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
 
     def put_query(rows: slice, mat: np.ndarray) -> None:
         if "query_x" not in box:
-            box["query_x"] = np.zeros((n, mat.shape[1]), dtype=np.float32)
+            box["query_x"] = _zeros((n, mat.shape[1]))
         query_x, c = box["query_x"], codes[rows]
         first = first_row[c] == np.arange(rows.start, rows.stop)
         query_x[c[first]] = mat[first]
-        ref = query_x[c]
-        differ = np.flatnonzero((mat != ref).any(axis=1))  # usually none: the rows repeat one vector exactly
+        # A row equal to the row before it, of the same query, compares with the query's first row exactly as that
+        # row did; so only the others (usually the first row of the chunk) are compared, and no [rows, D] copy of
+        # the reference vectors is made.
+        check = ~first
+        if len(c) > 1:
+            check[1:] &= ~((c[1:] == c[:-1]) & (mat[1:] == mat[:-1]).all(axis=1))
+        idx = np.flatnonzero(check)
+        ref, sub = query_x[c[idx]], mat[idx]
+        differ = np.flatnonzero((sub != ref).any(axis=1))  # usually none: the rows repeat one vector exactly
         # np.allclose against the query's first row, as the checks always did
-        same = np.isclose(mat[differ], ref[differ], rtol=1e-5, atol=1e-8).all(axis=1)
-        q_differs[c[differ[~same]]] = True
+        same = np.isclose(sub[differ], ref[differ], rtol=1e-5, atol=1e-8).all(axis=1)
+        q_differs[c[idx[differ[~same]]]] = True
 
     def put_cand(rows: slice, mat: np.ndarray) -> None:
         if "cand_x" not in box:
-            box["cand_x"] = np.zeros((n, g_max, mat.shape[1]), dtype=np.float32)
-        box["cand_x"][codes[rows], slot[rows]] = mat
+            box["cand_x"] = _zeros((n, g_max, mat.shape[1]))
+        cand_x, at = box["cand_x"], codes[rows] * g_max + slot[rows]
+        if (np.diff(at) == 1).all():  # consecutive slots (full groups in file order): one block copy
+            cand_x.reshape(n * g_max, -1)[at[0] : at[0] + len(at)] = mat
+        else:
+            cand_x[codes[rows], slot[rows]] = mat
 
-    _feature_pass(source, "query_features", put_query)
-    _feature_pass(source, "candidate_features", put_cand)
+    _feature_passes(source, {"query_features": put_query, "candidate_features": put_cand})
     is_label = _is_label(meta["is_label"], meta)
 
     n_lab = np.bincount(codes, weights=is_label, minlength=n).astype(np.int64)
@@ -232,7 +413,7 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
         out[codes, slot] = meta[col].to_numpy(dtype=np.float64)  # float64 -> float32 rounds once, as before
         return out
 
-    return GroupData(
+    out = dict(
         query_x=torch.from_numpy(box["query_x"]),
         cand_x=torch.from_numpy(box["cand_x"]),
         mask=torch.from_numpy(mask),
@@ -241,6 +422,12 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
         query_ids=[str(x) for x in order],
         utility=torch.from_numpy(grid("utility")) if "utility" in meta.columns else None,
     )
+    for f in dataclasses.fields(GroupData):  # the text fields keep their defaults
+        out.setdefault(f.name, f.default)
+    data = object.__new__(GroupData)  # GroupData(...) would scan the features for NaN/inf once more
+    data.__dict__.update(out)
+    validate_tensors(data, features=False)  # every feature value was checked chunk by chunk above
+    return data
 
 
 def pack_frame(df: pd.DataFrame) -> GroupData:
@@ -251,14 +438,44 @@ def pack_frame(df: pd.DataFrame) -> GroupData:
 def load_parquet(path: Path) -> GroupData:
     """Stream a long-form Parquet file into :class:`GroupData` without materialising its feature lists."""
     try:
-        # Buffered column reads instead of pre-buffering whole row groups: several times less transient memory.
-        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 22)
+        pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
         scalar = [c for c in names if c not in FEATURE_COLUMNS]
         meta = pf.read(columns=scalar, use_pandas_metadata=True).to_pandas().reset_index(drop=True)
+        n_rows = pf.metadata.num_rows
     except Exception as e:  # pyarrow raises many types for truncated or foreign files
         raise _unreadable(path, e) from None
+    try:
+        return _pack_file(meta, names, n_rows, _ParquetSource(path, meta))
+    finally:
+        pa.default_memory_pool().release_unused()  # the decoder's freed buffers, kept by the pool otherwise
+
+
+def load_arrow(path: Path) -> GroupData:
+    """A long-form Arrow IPC file (Feather v2) or stream into :class:`GroupData`: memory-mapped, each feature
+    column sliced chunk by chunk without a copy, validated and packed like :func:`load_parquet` (same checks, same
+    messages). List, large-list and fixed-size-list feature columns of any numeric type; uncompressed files are
+    read zero-copy, compressed ones are decompressed one record batch at a time."""
+    ipc = _Ipc(Path(path))
+    names = ipc.schema.names
+    scalar = [c for c in names if c not in FEATURE_COLUMNS]
+    try:
+        table = pa.Table.from_batches(list(ipc.batches(scalar)), schema=pa.schema(
+            [ipc.schema.field(c) for c in scalar], metadata=ipc.schema.metadata))
+        meta = table.to_pandas().reset_index(drop=True)
+    except DataValidationError:
+        raise
+    except Exception as e:
+        raise _unreadable(path, e, ARROW_KIND) from None
+    try:
+        return _pack_file(meta, names, table.num_rows, _ArrowSource(Path(path), meta, ipc))
+    finally:
+        pa.default_memory_pool().release_unused()  # freed Arrow buffers (the meta columns' conversion)
+
+
+def _pack_file(meta: pd.DataFrame, names: list[str], n_rows: int, source: _FileSource) -> GroupData:
+    """The table-level checks on the scalar columns, then :func:`pack`."""
     present = set(meta.columns) | (set(FEATURE_COLUMNS) & set(names))
     columns = [c for c in names if c in present]
-    check_long_frame(meta, columns, pf.metadata.num_rows)
-    return pack(meta, _ParquetSource(path, pf, meta))
+    check_long_frame(meta, columns, n_rows)
+    return pack(meta, source)
