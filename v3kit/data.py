@@ -10,9 +10,9 @@ by a frozen encoder (the ``embed`` argument, see ``v3kit.text``) or carried to a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,9 +56,12 @@ class GroupData:
     utility: Tensor | None = None  # [N, G] float
     query_text: list[str] | None = None  # [N]
     cand_text: list[list[str]] | None = None  # [N][G], "" at padding
+    # A loader that has just checked every feature value it wrote (v3kit.ingest) passes True to skip a second
+    # NaN/inf scan of the features; every other check still runs. Not stored.
+    features_checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
-        validate_tensors(self)
+    def __post_init__(self, features_checked: bool) -> None:
+        validate_tensors(self, features=not features_checked)
 
     def __len__(self) -> int:
         return self.query_x.shape[0]
@@ -247,7 +250,7 @@ TABLE_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + ARROW_SUFFIXES
 SUFFIX_HINT = "use .parquet or .jsonl, or Arrow IPC / Feather v2 (.arrow, .feather, .ipc)"
 
 
-def read_arrow_ipc(source) -> "pa.Table":
+def read_arrow_ipc(source: Any) -> Any:
     """An Arrow IPC file (Feather v2) or, failing that, an Arrow IPC stream, from a seekable pyarrow file
     (zero-copy from a memory map)."""
     import pyarrow as pa

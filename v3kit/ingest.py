@@ -18,7 +18,6 @@ slowly to name the exact row.
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .data import (FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData, _as_bool, _as_matrix,
-                   check_long_frame, validate_tensors)
+                   check_long_frame)
 
 # Rows converted at a time: bounds the transient memory beside the packed arrays (Arrow's Parquet decoder holds
 # a few times one batch; 4096 rows of 384-d float32 are 6 MB).
@@ -422,12 +421,7 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
         query_ids=[str(x) for x in order],
         utility=torch.from_numpy(grid("utility")) if "utility" in meta.columns else None,
     )
-    for f in dataclasses.fields(GroupData):  # the text fields keep their defaults
-        out.setdefault(f.name, f.default)
-    data = object.__new__(GroupData)  # GroupData(...) would scan the features for NaN/inf once more
-    data.__dict__.update(out)
-    validate_tensors(data, features=False)  # every feature value was checked chunk by chunk above
-    return data
+    return GroupData(**out, features_checked=True)  # every feature value was checked chunk by chunk above
 
 
 def pack_frame(df: pd.DataFrame) -> GroupData:
