@@ -7,6 +7,7 @@ the vectorised package code.
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -78,8 +79,7 @@ def ref_group_advantages(rewards, mask=None, scale="group", eps=1e-4, baseline=0
     sb = None
     if scale == "batch":
         allv = [rl[b][g] for b in range(B) for g in range(G) if m[b][g]]
-        mu = sum(allv) / len(allv)
-        sb = math.sqrt(sum((v - mu) ** 2 for v in allv) / (len(allv) - 1))
+        sb = statistics.stdev(allv)  # exact (rational arithmetic): no underflow for tiny spreads
     zs = ref_zero_std(rewards, mask)
     out = []
     for b in range(B):
@@ -92,7 +92,7 @@ def ref_group_advantages(rewards, mask=None, scale="group", eps=1e-4, baseline=0
         n = len(vals)
         mu = sum(vals) / n
         if scale == "group":
-            den = math.sqrt(sum((v - mu) ** 2 for v in vals) / (n - 1)) + eps
+            den = statistics.stdev(vals) + eps
         elif scale == "none":
             den = 1.0
         else:
@@ -781,3 +781,15 @@ def test_group_advantages_treat_an_empty_group_as_no_signal():
         assert torch.isfinite(adv).all() and (adv[1] == 0).all()
         assert_close(adv[0], L.group_advantages(rewards[:1], mask[:1], scale=scale, baseline=0.3)[0])
     assert L.zero_std_groups(rewards, mask).tolist() == [False, True]
+
+
+@pytest.mark.parametrize("dtype, d", [(torch.float64, 2.66e-174), (torch.float32, 1e-25)])
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_advantages_of_a_spread_whose_square_underflows(dtype, d, scale):
+    """Two rewards d apart, d so small that d**2 underflows to 0: at eps=0 the z-scores are still -+1/sqrt(2)
+    (hand-derived: centred -+d/2, Bessel std d/sqrt(2)), not -+inf."""
+    rewards = torch.tensor([[0.0, d], [1.0, 1.0]], dtype=dtype)
+    mask = torch.tensor([[True, True], [False, False]])
+    adv = L.group_advantages(rewards, mask, scale=scale, eps=0.0)
+    want = torch.tensor([[-(0.5**0.5), 0.5**0.5], [0.0, 0.0]], dtype=dtype)
+    assert_close(adv, want)

@@ -243,11 +243,11 @@ def group_advantages(
     centred = torch.where(mask, r - mean, torch.zeros_like(r))
     if scale == "group":
         var = (centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)
-        adv = centred / (var.sqrt() + eps)
+        adv = centred / (_nonzero_std(var.sqrt(), centred, n, dim=1) + eps)
     elif scale == "batch":
         flat = rewards[mask]
         std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
-        adv = centred / (std + eps)
+        adv = centred / (_nonzero_std(std, flat - flat.mean(), flat.new_tensor(flat.numel())) + eps)
     elif scale == "rloo":
         adv = centred * n / (n - 1).clamp_min(1)
     else:
@@ -255,6 +255,19 @@ def group_advantages(
     no_signal = zero_std_groups(rewards, mask) if no_signal is None else no_signal
     signal = (~no_signal).unsqueeze(1) & mask
     return torch.where(signal, adv - baseline if baseline else adv, torch.zeros_like(adv))
+
+
+def _nonzero_std(std: Tensor, centred: Tensor, count: Tensor, dim: int | None = None) -> Tensor:
+    """``std`` where it is > 0, else the Bessel std of ``centred`` computed at unit scale.
+
+    A spread whose square underflows (differences below ~1e-154 in float64, ~1e-19 in float32) gives ``std = 0``
+    although the rewards differ, and at ``eps = 0`` infinite advantages; dividing by the largest deviation first
+    keeps the squares representable. Ordinary rewards never take this branch, so their numbers do not change."""
+    reduce = {"dim": dim, "keepdim": True} if dim is not None else {}
+    unit = (centred.abs().amax(**reduce) if centred.numel() else centred.new_zeros(()))
+    unit = unit.clamp_min(torch.finfo(centred.dtype).tiny)
+    rescaled = unit * (((centred / unit) ** 2).sum(**reduce) / (count - 1).clamp_min(1)).sqrt()
+    return torch.where(std > 0, std, rescaled)
 
 
 def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
