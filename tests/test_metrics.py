@@ -305,3 +305,12 @@ def test_nan_label_score_ranks_below_every_real_score():
     # group 1: label NaN, tied with the other NaN below 1.0 -> position 2 or 3: RR (1/2 + 1/3) / 2; top1 = 0
     _check(res, {"acc@1": 0.0, "mrr": (1 / 3 + (1 / 2 + 1 / 3) / 2) / 2, "reward@1": 1.0, "regret@1": 5.0})
     _check(res, ref_ranking_metrics(scores, labels, rewards))
+
+
+def test_ndcg_with_a_subnormal_ideal_dcg():
+    """Rewards 2.2e-313 apart (found by the property tests): the ideal DCG is subnormal but > 0, and a ranking that
+    puts the better candidate first (the tie goes to the lower index) is ideal, so ndcg@1 = 1."""
+    scores = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    rewards = torch.tensor([[0.0, -2.2250738585e-313]], dtype=torch.float64)
+    got = ranking_metrics(scores, torch.tensor([0]), rewards, k=1)
+    assert got["ndcg@1"] == 1.0

@@ -80,7 +80,9 @@ def per_group_metrics(
     order = real_first.gather(1, torch.sort((-s).gather(1, real_first), dim=1, stable=True).indices)[:, :kk]
     dcg = (gains.gather(1, order) * discount).sum(dim=1)
     idcg = (torch.sort(gains, dim=1, descending=True).values[:, :kk] * discount).sum(dim=1)
-    out[f"ndcg@{k}"] = torch.where(idcg > 0, dcg / idcg.clamp_min(torch.finfo(gains.dtype).tiny), float("nan"))
+    # The ideal DCG may be subnormal (rewards ~1e-310 apart) but still > 0: divide by it as it is; only the
+    # groups without an ideal DCG (NaN) get a placeholder denominator.
+    out[f"ndcg@{k}"] = torch.where(idcg > 0, dcg / torch.where(idcg > 0, idcg, torch.ones_like(idcg)), float("nan"))
 
     r1 = at_top1(rewards)
     out["reward@1"] = r1
