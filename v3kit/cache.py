@@ -18,7 +18,6 @@ batch touches, not the size of the data. The data was validated when the cache w
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from .data import DataValidationError, GroupData, Splits, split_indices
+from .rundir import file_sha256
 
 CACHE_VERSION = 1
 FEATURE_DTYPES = ("float32", "float16")
@@ -39,14 +39,6 @@ _FIELDS = ("query_x", "cand_x", "mask", "labels", "rewards", "utility")
 def cache_dir(path: str | Path, feature_dtype: str = "float32") -> Path:
     path = Path(path)
     return path.with_name(path.name + ".v3kit-cache") / feature_dtype
-
-
-def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stat(path: Path) -> dict[str, int]:
