@@ -402,6 +402,19 @@ def check_long_frame(df: pd.DataFrame, columns: Sequence[str], n_rows: int) -> N
                   f"every {field} must be a finite number")
 
 
+def check_group(qid: str, n_rows: int, n_labels: int, query_features_differ: bool) -> None:
+    """The rules one query's rows must meet, in the order they are reported (the frame loop and the vectorised
+    packing of :mod:`v3kit.ingest` both raise through here): at least 2 candidates, exactly one label, one query
+    feature vector."""
+    if n_rows < 2:
+        _fail(f"query_id={qid!r} has {n_rows} candidate row(s); a group needs at least 2 candidates — drop it")
+    if n_labels != 1:
+        what = "no candidate" if n_labels == 0 else f"{n_labels} candidates"
+        _fail(f"query_id={qid!r} has {what} with is_label=true; mark exactly one candidate per query as the label")
+    if query_features_differ:
+        _fail(f"query_id={qid!r}: query_features differ between its rows; a query has one feature vector")
+
+
 def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mode: str = "frozen") -> GroupData:
     """Build padded groups from a long-form frame (one row per query-candidate); validate on the way.
 
@@ -430,14 +443,8 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     n = len(order)
     for qid in order:  # validate every group before the (possibly slow) embedding
         rows = groups[qid]
-        if len(rows) < 2:
-            _fail(f"query_id={qid!r} has {len(rows)} candidate row(s); a group needs at least 2 candidates — drop it")
-        n_lab = int(is_label[rows].sum())
-        if n_lab != 1:
-            what = "no candidate" if n_lab == 0 else f"{n_lab} candidates"
-            _fail(f"query_id={qid!r} has {what} with is_label=true; mark exactly one candidate per query as the label")
-        if feats["query"] is not None and not np.allclose(feats["query"][rows], feats["query"][rows[0]]):
-            _fail(f"query_id={qid!r}: query_features differ between its rows; a query has one feature vector")
+        check_group(qid, len(rows), int(is_label[rows].sum()),
+                    feats["query"] is not None and not np.allclose(feats["query"][rows], feats["query"][rows[0]]))
         if q_text is not None and (q_text[rows] != q_text[rows[0]]).any():
             i = int(rows[np.flatnonzero(q_text[rows] != q_text[rows[0]])[0]])
             _fail(f"row {i} (query_id={qid!r}): query_text differs from the query's first row; a query has one "

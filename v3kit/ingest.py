@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .data import (FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData, _as_bool, _as_matrix,
-                   check_long_frame)
+                   check_group, check_long_frame)
 
 # Rows converted at a time: bounds the transient memory beside the packed arrays (Arrow's Parquet decoder holds
 # a few times one batch; 4096 rows of 384-d float32 are 6 MB).
@@ -390,16 +390,7 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
     bad = (counts < 2) | (n_lab != 1) | q_differs
     if bad.any():  # the first failing query in first-seen order, checks in the slow loop's order
         b = int(np.flatnonzero(bad)[0])
-        qid = order[b]
-        if counts[b] < 2:
-            raise DataValidationError(f"query_id={qid!r} has {counts[b]} candidate row(s); a group needs at least 2 "
-                                      "candidates — drop it")
-        if n_lab[b] != 1:
-            what = "no candidate" if n_lab[b] == 0 else f"{n_lab[b]} candidates"
-            raise DataValidationError(f"query_id={qid!r} has {what} with is_label=true; mark exactly one candidate "
-                                      "per query as the label")
-        raise DataValidationError(f"query_id={qid!r}: query_features differ between its rows; a query has one "
-                                  "feature vector")
+        check_group(order[b], int(counts[b]), int(n_lab[b]), bool(q_differs[b]))
 
     mask = np.zeros((n, g_max), dtype=bool)
     mask[codes, slot] = True
