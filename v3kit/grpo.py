@@ -177,7 +177,7 @@ def grpo_step_loss(
         probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
         idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
         with torch.no_grad():
-            entropy = -torch.where(mask, logp.exp() * logp, torch.zeros_like(logp)).sum(1).mean()
+            entropy = group_entropy(logp, mask)  # of the full groups, before they are replaced by the draws
         logp, old_logp, rewards = logp.gather(1, idx), old_logp.gather(1, idx), rewards.gather(1, idx)
         ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
         mask = torch.ones_like(idx, dtype=torch.bool)

@@ -291,7 +291,11 @@ def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
 
 def group_entropy(logp: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean over groups of the policy's entropy ``-sum_c pi log pi`` over the valid candidates (differentiable)."""
-    mask = _check_mask(mask, logp)
+    return _entropy(logp, _check_mask(mask, logp))
+
+
+def _entropy(logp: Tensor, mask: Tensor) -> Tensor:
+    """:func:`group_entropy` for a mask already checked (also the logged ``entropy`` statistic)."""
     # Padding is -inf: exp(-inf) * -inf is NaN, and torch.where's backward multiplies that branch's 0 gradient by
     # the NaN derivative, so the padding is set to 0 *before* the product (0 * log 1 = 0, finite gradient).
     lp = torch.where(mask, logp, torch.zeros_like(logp))
@@ -414,7 +418,6 @@ def grpo_loss_terms(
         clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)
         clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)
         clipped = clipped_low | clipped_high
-        probs_logp = torch.where(mask, torch.exp(logp) * logp, zeros)
         stats = {
             "pg_loss": _masked_mean(pg, mask, shared=shared),
             "kl": kl_groups.mean() if kl_estimator == EXACT_KL else _masked_mean(kl, mask, shared=shared),
@@ -422,7 +425,7 @@ def grpo_loss_terms(
             "clip_ratio/low_mean": mean_over(clipped_low.float(), mask),
             "clip_ratio/high_mean": mean_over(clipped_high.float(), mask),
             **_ratio_summary(ratio, mask),
-            "entropy": (-probs_logp.sum(dim=1)).mean(),
+            "entropy": _entropy(logp, mask),
         }
     return loss, stats
 
