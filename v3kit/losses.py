@@ -129,6 +129,20 @@ def group_log_probs(
     return torch.log_softmax(logits, dim=-1)
 
 
+def _centred(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Rewards minus their group's mean over the valid entries (0 at padding), and each group's valid count
+    ([B, 1]): the group statistics both RCE's ``zscore`` and GRPO's advantages start from."""
+    r = torch.where(mask, rewards, torch.zeros_like(rewards))
+    n = mask.to(rewards.dtype).sum(dim=1, keepdim=True)
+    mean = r.sum(dim=1, keepdim=True) / n.clamp_min(1)
+    return torch.where(mask, r - mean, torch.zeros_like(r)), n
+
+
+def _bessel_var(centred: Tensor, n: Tensor) -> Tensor:
+    """Per-group Bessel variance ([B, 1]) of :func:`_centred`'s output."""
+    return (centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)
+
+
 def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "none", eps: float = 1e-8) -> Tensor:
     """Per-group reward normalisation (see :data:`REWARD_NORMS`); masked entries come back as 0.
 
@@ -142,13 +156,11 @@ def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "n
     zeros = torch.zeros_like(rewards)
     if how == "none":
         return torch.where(mask, rewards, zeros)
-    m = mask.to(rewards.dtype)
-    n = m.sum(dim=1, keepdim=True)
     if how == "zscore":
-        mean = torch.where(mask, rewards, zeros).sum(dim=1, keepdim=True) / n.clamp_min(1)
-        centred = torch.where(mask, rewards - mean, zeros)
-        std = ((centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)).sqrt()
+        centred, n = _centred(rewards, mask)
+        std = _bessel_var(centred, n).sqrt()
         return torch.where(std > eps, centred / std.clamp_min(eps), zeros)
+    n = mask.to(rewards.dtype).sum(dim=1, keepdim=True)
     pair = mask.unsqueeze(1) & mask.unsqueeze(2)  # [B, c, c']: both valid
     lower = ((rewards.unsqueeze(2) > rewards.unsqueeze(1)) & pair).sum(dim=2).to(rewards.dtype)
     equal = ((rewards.unsqueeze(2) == rewards.unsqueeze(1)) & pair).sum(dim=2).to(rewards.dtype)
@@ -236,14 +248,9 @@ def group_advantages(
     if scale not in ADV_SCALES:
         raise ValueError(f"scale must be one of {ADV_SCALES}, got {scale!r}")
     mask = _check_mask(mask, rewards, allow_empty=True)
-    m = mask.to(rewards.dtype)
-    r = torch.where(mask, rewards, torch.zeros_like(rewards))
-    n = m.sum(dim=1, keepdim=True)
-    mean = r.sum(dim=1, keepdim=True) / n.clamp_min(1)
-    centred = torch.where(mask, r - mean, torch.zeros_like(r))
+    centred, n = _centred(rewards, mask)
     if scale == "group":
-        var = (centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)
-        adv = centred / (_nonzero_std(var.sqrt(), centred, n, dim=1) + eps)
+        adv = centred / (_nonzero_std(_bessel_var(centred, n).sqrt(), centred, n, dim=1) + eps)
     elif scale == "batch":
         flat = rewards[mask]
         std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
