@@ -180,3 +180,20 @@ def test_iterate_batches_over_a_share_of_the_rows_is_that_slice_in_order():
     assert seen == list(range(len(data)))
     with pytest.raises(ValueError, match="shuffle"):
         next(iterate_batches(data, 4, shuffle=True, rows=slice(0, 3)))
+
+
+def test_groupdata_check_levels():
+    """``checks="none"`` (the packed cache) builds without validating; the default validates; an unknown level is
+    refused."""
+    d = make_world(SyntheticConfig(n_queries=12, seed=0))
+    bad = d.rewards.clone()
+    bad[0, 0] = float("nan")
+    fields = dict(query_x=d.query_x, cand_x=d.cand_x, mask=d.mask, labels=d.labels, rewards=bad,
+                  query_ids=d.query_ids)
+    with pytest.raises(DataValidationError, match="rewards"):
+        GroupData(**fields)
+    with pytest.raises(DataValidationError, match="rewards"):
+        GroupData(**fields, checks="no_feature_scan")  # only the feature scan is skipped
+    assert GroupData(**fields, checks="none").rewards is bad
+    with pytest.raises(ValueError, match="checks"):
+        GroupData(**fields, checks="some")

@@ -17,7 +17,6 @@ batch touches, not the size of the data. The data was validated when the cache w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -112,12 +111,7 @@ def open_cache(where: Path, prefix: str = "") -> GroupData:
               if (where / f"{prefix}{n}.npy").exists()}
     fields = {n: torch.from_numpy(a) for n, a in arrays.items()}
     fields["query_ids"] = np.load(where / f"{prefix}query_ids.npy").tolist()
-    for f in dataclasses.fields(GroupData):  # optional fields the cache does not hold keep their defaults
-        if f.name not in fields and f.default is not dataclasses.MISSING:
-            fields[f.name] = f.default
-    data = object.__new__(GroupData)  # skip __post_init__: validated at build time, and checking reads every page
-    data.__dict__.update(fields)
-    return data
+    return GroupData(**fields, checks="none")  # validated when the cache was built; checking reads every page
 
 
 def load_cached(path: str | Path, feature_dtype: str = "float32") -> GroupData:

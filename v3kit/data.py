@@ -35,6 +35,9 @@ Embedder = Callable[[list[str]], np.ndarray]
 FEATURE_COLUMNS = ("query_features", "candidate_features")  # list-valued; packed by v3kit.ingest
 
 
+CHECK_LEVELS = ("all", "no_feature_scan", "none")  # see GroupData.checks
+
+
 class DataValidationError(ValueError):
     """Input data breaks the contract; the message names the row/field and the fix."""
 
@@ -56,12 +59,16 @@ class GroupData:
     utility: Tensor | None = None  # [N, G] float
     query_text: list[str] | None = None  # [N]
     cand_text: list[list[str]] | None = None  # [N][G], "" at padding
-    # A loader that has just checked every feature value it wrote (v3kit.ingest) passes True to skip a second
-    # NaN/inf scan of the features; every other check still runs. Not stored.
-    features_checked: InitVar[bool] = False
+    # How much of validate_tensors runs (not stored): "all"; "no_feature_scan" for a loader that has just checked
+    # every feature value it wrote (v3kit.ingest), so only the NaN/inf scan of the features is skipped; "none" for
+    # the packed cache, validated when it was built (checking would read every memory-mapped page).
+    checks: InitVar[str] = "all"
 
-    def __post_init__(self, features_checked: bool) -> None:
-        validate_tensors(self, features=not features_checked)
+    def __post_init__(self, checks: str) -> None:
+        if checks not in CHECK_LEVELS:
+            raise ValueError(f"GroupData checks must be one of {CHECK_LEVELS}, got {checks!r}")
+        if checks != "none":
+            validate_tensors(self, features=checks == "all")
 
     def __len__(self) -> int:
         return self.query_x.shape[0]

@@ -412,7 +412,7 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
         query_ids=[str(x) for x in order],
         utility=torch.from_numpy(grid("utility")) if "utility" in meta.columns else None,
     )
-    return GroupData(**out, features_checked=True)  # every feature value was checked chunk by chunk above
+    return GroupData(**out, checks="no_feature_scan")  # every feature value was checked chunk by chunk above
 
 
 def pack_frame(df: pd.DataFrame) -> GroupData:
