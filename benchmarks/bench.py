@@ -129,11 +129,11 @@ def forward_backward(size: str, splits: Splits, repeats: int, objective: str = "
     model = build_model(mc, splits.train.query_dim, splits.train.cand_dim)
     d = splits.train
     qx, cx, mask, labels = d.query_x[:b].float(), d.cand_x[:b].float(), d.mask[:b], d.labels[:b]
-    cfg = GRPOConfig()
-    rewards = d.rewards[:b]
-    with torch.no_grad():
-        old = policy_log_probs(model, qx, cx, mask, 1.0)
-    terms = per_group_terms(rewards, mask, cfg)
+    if objective == "grpo":
+        cfg, rewards = GRPOConfig(), d.rewards[:b]
+        with torch.no_grad():
+            old = policy_log_probs(model, qx, cx, mask, 1.0)
+        terms = per_group_terms(rewards, mask, cfg)
 
     def fb() -> None:
         model.zero_grad(set_to_none=True)

@@ -100,7 +100,8 @@ class SlicedGrad(nn.Module):
 def gather_rows(own: Tensor, n: int, dist: Dist) -> Tensor:
     """The ``n`` rows of a batch from every rank's contiguous share (``own`` is this rank's, and keeps its graph;
     the other ranks' rows arrive as constants). Shares may differ by a row, so each is padded to the largest."""
-    sizes = [len(range(n)[Dist(r, dist.world).rows(n)]) for r in range(dist.world)]
+    shares = [Dist(r, dist.world).rows(n) for r in range(dist.world)]
+    sizes = [share.stop - share.start for share in shares]
     width = max(sizes)
     sent = own.detach()
     if sent.shape[0] < width:
