@@ -22,16 +22,16 @@ import hashlib
 import importlib
 import inspect
 import json
-import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .rundir import atomic_write_frame
 
 BUILDER_VERSION = 2  # bump when the table a config produces changes
 
@@ -233,14 +233,5 @@ def builtin_table(cfg: StdlibSearchConfig, cache_dir: str | Path) -> pd.DataFram
         except Exception:  # damaged cache file: rebuild it
             pass
     df = build_table(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.chmod(tmp, 0o644)  # mkstemp creates it private; a cache is fine to share
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_frame(path, df)
     return df

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .rundir import atomic_write
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # Encoders shipped as Python packages (loadable offline); any other name goes to sentence-transformers as is
@@ -120,18 +121,8 @@ class EmbeddingCache:
         """Write one new shard atomically (temp file + rename)."""
         if not hashes:
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".shard-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, hashes=np.asarray(hashes), vectors=np.asarray(vectors, dtype=np.float32))
-                f.flush()
-                os.fsync(f.fileno())
-            path = self.dir / f"shard-{text_hash(''.join(hashes))[:16]}.npz"
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        path = atomic_write(self.dir / f"shard-{text_hash(''.join(hashes))[:16]}.npz", lambda f: np.savez(
+            f, hashes=np.asarray(hashes), vectors=np.asarray(vectors, dtype=np.float32)))
         self._vectors.update(zip(hashes, np.asarray(vectors, dtype=np.float32)))
         self._loaded.add(path)
         return path
