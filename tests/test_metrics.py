@@ -314,3 +314,27 @@ def test_ndcg_with_a_subnormal_ideal_dcg():
     rewards = torch.tensor([[0.0, -2.2250738585e-313]], dtype=torch.float64)
     got = ranking_metrics(scores, torch.tensor([0]), rewards, k=1)
     assert got["ndcg@1"] == 1.0
+
+
+def test_a_frozen_reference_is_scored_once(monkeypatch):
+    """evaluate() reuses the model's log-probs when the reference is the model itself, and the stage table scores
+    the reference once for every stage; the metrics are those of scoring it every time."""
+    from v3kit import metrics as M
+    from v3kit import pipeline as P
+    from v3kit.model import ModelConfig, build_model
+    from v3kit.synthetic import SyntheticConfig, make_world
+
+    data = make_world(SyntheticConfig(n_queries=40, seed=3))
+    torch.manual_seed(0)
+    sft, other = (build_model(ModelConfig(), data.query_dim, data.cand_dim) for _ in range(2))
+    want = {name: M.evaluate(m, data, reference=sft) for name, m in (("sft", sft), ("rce", other))}
+    calls = []
+    real = M.compute_log_probs
+    monkeypatch.setattr(M, "compute_log_probs", lambda model, *a, **k: calls.append(model) or real(model, *a, **k))
+    monkeypatch.setattr(P, "compute_log_probs", M.compute_log_probs)
+    assert M.evaluate(sft, data, reference=sft) == want["sft"] and calls == [sft]
+    calls.clear()
+    table = P.stage_table({"sft": sft, "rce": other}, data, sft, 1.0)
+    assert sum(m is sft for m in calls) == 2  # the reference once, plus the "sft" row's own model pass
+    for name in want:
+        assert table.loc[name].to_dict() == pytest.approx(want[name], rel=0, abs=0)

@@ -136,10 +136,13 @@ def evaluate(
     k: int = 5,
     device: torch.device | str | None = None,
     precision: str = "fp32",
+    ref_logp: Tensor | None = None,
 ) -> dict[str, float]:
     """Score ``data`` with ``model`` and return :func:`ranking_metrics` (``kl_to_sft`` needs ``reference``).
 
     ``device``: where to compute (the model and the reference are moved there); ``None`` = where the model is.
+    ``ref_logp``: the frozen reference's log-probs of ``data`` at ``temperature`` when the caller has them already
+    (a reference that never changes need not be re-scored for every evaluation).
     """
     if device is not None:
         model.to(device)
@@ -149,7 +152,9 @@ def evaluate(
     if data.query_x.device != device:
         data = data.to(device)
     logp = compute_log_probs(model, data, temperature, precision=precision)
-    ref_logp = None if reference is None else compute_log_probs(reference, data, temperature, precision=precision)
+    if ref_logp is None and reference is not None:
+        ref_logp = logp if reference is model else compute_log_probs(reference, data, temperature,
+                                                                      precision=precision)
     # Ranking by log-prob equals ranking by similarity (monotone within a group).
     return ranking_metrics(logp, data.labels, data.rewards, data.mask, k=k, utility=data.utility,
                            logp=logp, ref_logp=ref_logp)

@@ -22,7 +22,7 @@ from .data import GroupData, Splits, from_long_frame, load_groups, read_table, s
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
 from .metrics import evaluate, metric_order
-from .model import build_model
+from .model import build_model, compute_log_probs
 from .rce import final_logit_temperature, run_rce
 from .rundir import RunLock, atomic_write_text, file_sha256
 from .sft import Stage1, load_sft, train_sft
@@ -147,8 +147,9 @@ def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Mod
     ``kl_to_sft`` compare like with like even when GRPO trained at another logit temperature; the per-epoch curves
     in ``metrics.csv`` use each stage's own temperature. Ranking metrics do not depend on it.
     """
-    rows = {name: evaluate(m, data, temperature=temperature, reference=reference, precision=precision)
-            for name, m in models.items()}
+    ref_logp = compute_log_probs(reference, data, temperature, precision=precision)  # once for every stage
+    rows = {name: evaluate(m, data, temperature=temperature, reference=reference, ref_logp=ref_logp,
+                           precision=precision) for name, m in models.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
     if baselines:

@@ -28,6 +28,7 @@ from .data import Batch, GroupData, iterate_batches, num_batches
 from . import distributed
 from .device import as_floats, autocast
 from .metrics import evaluate
+from .model import compute_log_probs
 from .provenance import config_changes
 from .rundir import atomic_write_text
 
@@ -421,9 +422,14 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     steps_per_epoch = num_batches(len(train), batch_size)
     total_steps = steps_per_epoch * epochs
 
+    ref_logps: dict[float, Tensor] = {}  # the frozen reference's val log-probs, per eval temperature: scored once
+
     def evaluate_now(epoch: int, step: int) -> dict[str, Any]:
-        metrics = evaluate(model, val, temperature=stage_obj.eval_temperature(), reference=reference,
-                           precision=precision)
+        temperature = stage_obj.eval_temperature()
+        if reference is not None and temperature not in ref_logps:
+            ref_logps[temperature] = compute_log_probs(reference, val, temperature, precision=precision)
+        metrics = evaluate(model, val, temperature=temperature, reference=reference,
+                           ref_logp=ref_logps.get(temperature), precision=precision)
         metrics.update(stage_obj.eval_extra(epoch))
         row = {"stage": stage, "split": "val", "epoch": epoch, "step": step, **metrics}
         log.add(row)
