@@ -170,18 +170,21 @@ def grpo_step_loss(
     stats: dict[str, float | Tensor] = {}
     kl_beta = cfg.kl_beta if kl_beta is None else kl_beta
     bonus = None  # the entropy bonus is taken over the full groups, before any sampling
-    if cfg.entropy_coef and cfg.samples == "sampled":
-        bonus = cfg.entropy_coef * group_entropy(logp, mask)
     if cfg.samples == "sampled":
+        # The entropy of the full groups, before they are replaced by the draws: logged, and the bonus if any.
+        if cfg.entropy_coef:
+            entropy = group_entropy(logp, mask)
+            bonus = cfg.entropy_coef * entropy
+        else:
+            with torch.no_grad():
+                entropy = group_entropy(logp, mask)
+        stats["entropy"] = entropy.detach()
         # On-policy GRPO: K candidates drawn from the old policy form the group; advantages are relative to them.
         probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
         idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
-        with torch.no_grad():
-            entropy = group_entropy(logp, mask)  # of the full groups, before they are replaced by the draws
         logp, old_logp, rewards = logp.gather(1, idx), old_logp.gather(1, idx), rewards.gather(1, idx)
         ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
         mask = torch.ones_like(idx, dtype=torch.bool)
-        stats["entropy"] = entropy
     if group_terms is not None and not per_group_advantages(cfg):
         raise ValueError(f"group_terms cannot be precomputed for samples={cfg.samples!r}, "
                          f"adv_scale={cfg.adv_scale!r}: advantages depend on the batch")
