@@ -30,9 +30,9 @@ import torch
 from .data import DataValidationError, GroupData, Splits, split_indices
 from .rundir import file_sha256
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: cand_ids
 FEATURE_DTYPES = ("float32", "float16")
-_FIELDS = ("query_x", "cand_x", "mask", "labels", "rewards", "utility")
+_FIELDS = ("query_x", "cand_x", "mask", "labels", "rewards", "utility", "cand_ids")
 
 
 def cache_dir(path: str | Path, feature_dtype: str = "float32") -> Path:
