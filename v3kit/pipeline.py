@@ -319,10 +319,8 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     stage1 = load_sft(sft_path, splits.train, **on)
     model_cfg = stage1.model_config
     rl_splits, debias = debias_splits(splits, cfg.reward, seed=cfg.seed)  # RCE and GRPO's rewards only
-    if debias is not None:
-        if main:
-            print(debias.line())
-            update_run_info(run_dir, **debias.as_dict())
+    if debias is not None and main:
+        update_run_info(run_dir, **debias.as_dict())
     common = dict(seed=cfg.seed, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=cfg.progress,
                   log_every=cfg.log_every, **on)
     rce = run_rce(stage1.policy, rl_splits, cfg.rce, model_config=model_cfg, reference=stage1.reference, **common)
@@ -371,8 +369,6 @@ def _select(cfg: RunConfig, run_dir: Path, models: dict[str, nn.Module], splits:
         model = models[stage]  # the end of the last stage: already in memory
     else:
         model = model_from_checkpoint(load_checkpoint(sel.checkpoint), sel.checkpoint).to(runtime.device)
-    if distributed.current().main:
-        print(sel.line())
     return sel, model
 
 
