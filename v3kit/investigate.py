@@ -162,7 +162,7 @@ class Investigation:
     """One investigation's grid, its sequential seeds and its verdict (resumable: the run dirs are the ledger)."""
 
     def __init__(self, run_dir: str | Path, *, metric: str = "acc@1", out: str | Path | None = None,
-                 budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 2, max_seeds: int = 8,
+                 budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
                  seed_step: int = 2, progress: bool = True, smoke: Sequence[str] = ()) -> None:
         from .diagnose import diagnose
         from .pipeline import recorded_sft_checkpoint, recorded_split_seed
@@ -422,7 +422,7 @@ def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
 
 
 def investigate(run_dir: str | Path, *, metric: str = "acc@1", out: str | Path | None = None,
-                budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 2, max_seeds: int = 8,
+                budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
                 progress: bool = True, smoke: Sequence[str] = ()) -> Verdict:
     """Doctor, grid, sequential seeds and verdict for ``run_dir``; writes ``verdict.md``/``verdict.json`` (plus the
     recommended config and ``effects.png``) to ``out`` (default ``RUN_DIR/investigate``). ``smoke``: overrides
@@ -484,7 +484,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--budget-minutes", type=float, default=30.0, help="stop adding seeds when this is spent")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one torch thread each)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/investigate)")
-    p.add_argument("--initial-seeds", type=int, default=2, help="seeds of the first round (>= 2)")
+    p.add_argument("--initial-seeds", type=int, default=3, help="seeds of the first round (>= 2)")
     p.add_argument("--max-seeds", type=int, default=8, help="most seeds any variant gets")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override added to every run of the grid (e.g. fewer epochs for a quick look)")

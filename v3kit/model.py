@@ -200,15 +200,15 @@ def import_object(target: str) -> Any:
 
 def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
     """Instantiate ``cfg.target`` and check it follows the ranker protocol."""
+    if cfg.residual and cfg.target != DEFAULT_TARGET:
+        raise ValueError(f"model.residual applies to the built-in {DEFAULT_TARGET} only, not {cfg.target!r}; build "
+                         "the residual into your own towers, or set model.residual=false")
     cls = import_object(cfg.target)
     kwargs = dict(cfg.kwargs)
     if cfg.target == DEFAULT_TARGET:
         kwargs.update(hidden=list(cfg.hidden), emb_dim=cfg.emb_dim, normalize=cfg.normalize)
         if cfg.residual:  # only when set: checkpoints of earlier versions rebuild with the same arguments
             kwargs["residual"] = True
-    elif cfg.residual:
-        raise ValueError(f"model.residual applies to the built-in {DEFAULT_TARGET} only, not {cfg.target!r}; build "
-                         "the residual into your own towers, or set model.residual=false")
     try:
         model = cls(query_dim=query_dim, cand_dim=cand_dim, **kwargs)
     except TypeError as e:  # a wrong keyword in model.kwargs, or a constructor without query_dim/cand_dim
