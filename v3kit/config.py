@@ -136,7 +136,7 @@ class RunConfig:
     ``selected`` row, and a run whose shipped model is below SFT on val says so."""
     select_metric: str = "acc@1"
     """The val metric ``select: best_val`` maximises (regret@1 is minimised); a metric the data lacks (utility@1 on
-    real data) is an error at the end of SFT."""
+    real data) is refused when the run starts."""
 
     def __post_init__(self) -> None:
         if self.select not in SELECT_MODES:

@@ -472,7 +472,20 @@ def cmd_investigate(args: argparse.Namespace) -> int:
     write_verdict(v, inv.run_dir, inv.out)
     print(verdict_markdown(v, inv.run_dir, inv.out))
     print(f"wrote {inv.out / VERDICT_MD} and {inv.out / VERDICT_JSON}")
+    if args.reproduce:
+        seeds = [REPRODUCE_SEED0 + i for i in range(args.reproduce)]
+        rep = reproduce(inv.out, seeds, progress=not args.no_progress)
+        data = json.loads((inv.out / VERDICT_JSON).read_text())
+        data["reproduced"] = {"seeds": seeds, **rep}
+        atomic_write_text(inv.out / VERDICT_JSON, json.dumps(data, indent=1) + "\n")
+        lo, hi = rep["interval"]
+        print(f"reproduce: retrained {data['config']} with fresh seeds {seeds}: effect vs the run's SFT "
+              f"{', '.join(f'{e:+.4f}' for e in rep['effects'])} (mean {rep['mean']:+.4f}), "
+              f"{'inside' if rep['inside'] else 'OUTSIDE'} the verdict's interval [{lo:+.4f}, {hi:+.4f}]")
     return 0
+
+
+REPRODUCE_SEED0 = 1000  # fresh seeds, never among a grid's (which count from 0)
 
 
 def register_cli(subparsers: Any) -> None:
@@ -488,5 +501,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-seeds", type=int, default=8, help="most seeds any variant gets")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override added to every run of the grid (e.g. fewer epochs for a quick look)")
+    p.add_argument("--reproduce", type=int, default=0, metavar="K",
+                   help="then retrain the recommended config with K fresh seeds and check that its effect vs SFT "
+                        "falls inside the verdict's interval (recorded in verdict.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_investigate)

@@ -305,6 +305,9 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     splits = splits or prepare_data(cfg)
     runtime = resolve_runtime(cfg, splits)  # before anything is written: a missing device fails cleanly
     check_debias(cfg.reward, splits.train)  # before SFT: data that cannot support it fails in one line now
+    if cfg.select_metric == "utility@1" and splits.val.utility is None:
+        raise ConfigError("select_metric=utility@1 needs a true utility, which this data does not have; use a label "
+                          "metric such as select_metric=acc@1")
     torch.set_num_threads(runtime.threads)
     main = distributed.current().main
     if main:
@@ -352,9 +355,6 @@ def _select(cfg: RunConfig, run_dir: Path, models: dict[str, nn.Module], splits:
             runtime: Runtime) -> tuple[Selection, nn.Module]:
     """The model ``cfg.select`` ships (see :mod:`v3kit.selection`) and its :class:`Selection`."""
     metric = cfg.select_metric
-    if metric == "utility@1" and splits.val.utility is None:
-        raise ConfigError("select_metric=utility@1 needs a true utility, which this data does not have; use a label "
-                          "metric such as select_metric=acc@1")
     metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame(
         columns=["stage", "split", "epoch"])
 

@@ -26,6 +26,16 @@ _WORLD_SECTIONS = ("data",)  # fixed per world: every run of a world shares its 
 _RUNNER_KEYS = ("seed", "run_dir", "progress")  # set by the runner for every run
 
 
+# What a variant of a grid may change, for the config reference (docs/config.md): one home, next to the rule.
+VARIANT_RULES = (
+    "A grid's variants (`v3kit ablate`, `v3kit doctor --grid`, `v3kit investigate`) may set any key but `data.*` "
+    "and the runner's (`seed`, `run_dir`, `progress`): every run of a world shares its split and test queries. A "
+    "variant that changes `model.*` or `sft.*` (e.g. `model.residual=true`) gets the SFT model of its own settings, "
+    "trained once per distinct setting and shared by every variant and seed that has it; the others start from the "
+    "world's SFT (or the grid's `sft_checkpoint`)."
+)
+
+
 class GridError(ConfigError):
     """A grid spec is invalid; the message names the variant/world and the key."""
 
