@@ -192,3 +192,16 @@ def test_doctor_grid_switch_with_two_overrides_is_one_variant():
     assert grid["variants"]["old_policy_refresh_at_start+kl_reference_sft"] == [
         "grpo.old_policy=refresh_at_start", "grpo.kl_reference=sft"]
     yaml.safe_dump(grid)
+
+
+def test_power_advice_reads_the_design():
+    from v3kit.ablate.report import power_lines
+
+    s = pd.DataFrame({"metric": ["acc@1"], "mde": [0.05], "n_queries": [300], "n_seeds": [3], "sft": [0.3]})
+    s.attrs["test_frac"] = 0.4
+    [line] = power_lines(s, ["acc@1"])
+    assert "already 0.4" in line and "test_frac=0.3" not in line
+    s.attrs["test_frac"] = 0.1
+    assert "now 0.1" in power_lines(s, ["acc@1"])[0]
+    s["mde"] = 0.0004  # small effects print with their digits, not as ~0.000
+    assert "~0.0004 go undetected" in power_lines(s, ["acc@1"])[0]

@@ -230,8 +230,10 @@ class GridResult:
         """:func:`summarize` of this grid with the grid's reference (cached per set of arguments)."""
         key = json.dumps([n_boot, ci, seed, list(metrics or [])])
         if key not in self._summaries:
-            self._summaries[key] = summarize(self.frame, self.per_query, reference=self.spec.reference,
-                                             n_boot=n_boot, ci=ci, seed=seed, metrics=metrics)
+            out = summarize(self.frame, self.per_query, reference=self.spec.reference, n_boot=n_boot, ci=ci,
+                            seed=seed, metrics=metrics)
+            out.attrs["test_frac"] = self.spec.base_config().data.test_frac  # the power advice reads the design
+            self._summaries[key] = out
         return self._summaries[key]
 
 
