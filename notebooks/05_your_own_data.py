@@ -255,7 +255,8 @@ from IPython.display import Markdown
 from v3kit.investigate import investigate
 
 verdict = investigate(run_dir, metric="acc@1", out=run_dir / "investigate", budget_minutes=verdict_minutes,
-                      workers=workers, initial_seeds=2, max_seeds=2 if smoke else 8, progress=False)
+                      workers=workers, initial_seeds=2, max_seeds=2 if smoke else 8, progress=False,
+                      only=["rce_only", "rce_moving"] if smoke else None)  # smoke: a quick look
 record(verdict={k: verdict.as_json()[k] for k in ("recommendation", "variant", "config", "effect_vs_sft",
                                                   "effect_vs_run", "metric")})
 display(Markdown((run_dir / "investigate" / "verdict.md").read_text().replace("![effects](effects.png)", "")))

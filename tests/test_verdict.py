@@ -171,8 +171,12 @@ def test_investigate_writes_a_verdict_that_trains(verdict_dir):
     res = run_pipeline(cfg)
     run_split = json.loads((root / "out" / "default" / "run" / "seed0" / "result.json").read_text())["query_ids"]
     assert list(res.splits.test.query_ids) == run_split
-    if data["recommendation"] == "keep_sft":
-        assert cfg.rce.epochs == 0 and cfg.grpo.epochs == 0
+    if data["recommendation"] == "keep_sft":  # the run trained its own SFT: the config trains that SFT alone
+        assert cfg.rce.epochs == 0 and cfg.grpo.epochs == 0 and cfg.sft.checkpoint is None
+        before = pd.read_csv(root / "run" / "summary.csv", index_col=0).loc["sft"]
+        pd.testing.assert_series_equal(res.table.loc["sft"], before, check_names=False)  # the same SFT model
+    else:
+        assert cfg.sft.checkpoint == str((root / "run" / "sft.pt").resolve())
 
 
 def test_investigate_cli_refuses_bad_input(tmp_path, capsys):

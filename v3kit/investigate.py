@@ -143,12 +143,14 @@ class Verdict:
     wall_s: float = 0.0
     power: str = ""
     sft: str = ""  # the run's SFT checkpoint, every effect_vs_sft's baseline
+    run_seconds: float = 0.0  # the runs' own wall times added up (all rounds, also those of earlier invocations)
 
     def as_json(self) -> dict[str, Any]:
         return {"metric": self.metric, "recommendation": self.recommendation, "variant": self.variant,
                 "config": self.config, "effect_vs_sft": self.effect_vs_sft, "effect_vs_run": self.effect_vs_run,
                 "causes": self.causes, "why": self.why, "references": self.references, "runs": self.runs,
-                "wall_s": round(self.wall_s, 1), "power": self.power, "sft": self.sft,
+                "wall_s": round(self.wall_s, 1), "run_seconds": round(self.run_seconds, 1), "power": self.power,
+                "sft": self.sft,
                 "variants": json.loads(self.table.to_json(orient="records"))}
 
 
@@ -163,7 +165,8 @@ class Investigation:
 
     def __init__(self, run_dir: str | Path, *, metric: str = "acc@1", out: str | Path | None = None,
                  budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
-                 seed_step: int = 2, progress: bool = True, smoke: Sequence[str] = ()) -> None:
+                 seed_step: int = 2, progress: bool = True, smoke: Sequence[str] = (),
+                 only: Sequence[str] | None = None) -> None:
         from .diagnose import diagnose
         from .pipeline import recorded_sft_checkpoint, recorded_split_seed
 
@@ -184,6 +187,7 @@ class Investigation:
         if not Path(sft).is_file():
             raise ConfigError(f"the run's SFT checkpoint {sft} is missing: investigate compares every variant with it")
         self.sft = Path(sft).resolve()
+        self.sft_is_own = self.sft == (self.run_dir / "sft.pt").resolve()  # trained by the run, not imported
         self.split_seed = recorded_split_seed(self.run_dir)
         if self.split_seed is None:
             self.split_seed = self.cfg.seed if self.cfg.data.split_seed is None else self.cfg.data.split_seed
@@ -203,6 +207,12 @@ class Investigation:
                         and self.splits.train.query_dim == self.splits.train.cand_dim)
         self.variants = build_variants(self.cfg, self.findings, metric, can_prior=can_prior,
                                        can_residual=can_residual)
+        if only is not None:  # a quick look: these variants (and the two references) only
+            unknown = sorted(set(only) - {v.name for v in self.variants})
+            if unknown:
+                raise ConfigError(f"--only names {unknown}, which this investigation does not build; it has "
+                                  f"{[v.name for v in self.variants]}")
+            self.variants = [v for v in self.variants if v.name in {*only, RUN, SFT_ONLY}]
         base = [o for o in run_overrides(self.cfg) if not o.startswith(("data.split_seed=", "sft.checkpoint="))]
         base += [f"data.split_seed={self.split_seed}", *smoke]
         raw = {"name": f"investigate_{self.run_dir.name}", "base": base, "seeds": [0, 1], "sft_seed": self.split_seed,
@@ -252,7 +262,6 @@ class Investigation:
         seeds = list(range(self.initial_seeds))
         self._run(names, seeds)
         per_round = time.perf_counter() - t0
-        rounds = 1
         while True:
             frame, pq = self.frames()
             leader, open_ = self.leader_and_open(frame, pq)
@@ -267,7 +276,6 @@ class Investigation:
             if elapsed + est > self.budget_s:
                 break
             self._run(todo, new)
-            rounds += 1
         self.wall_s = time.perf_counter() - t0
         return self.verdict()
 
@@ -328,8 +336,10 @@ class Investigation:
             float(vs_sft.loc[vs_sft.index[0], "low"]), float(vs_sft.loc[vs_sft.index[0], "high"]))
         power = self._power_line(mde)
         runs = int(final[["variant", "seed"]].drop_duplicates().shape[0])
+        self.run_seconds = float(final.drop_duplicates(["variant", "seed"])["wall_s"].sum()) if "wall_s" in \
+            final.columns else 0.0
         return Verdict(self.metric, rec, best, str(config_path), eff_sft, eff_run, causes, why, table, references,
-                       runs, self.wall_s, power, str(self.sft))
+                       runs, self.wall_s, power, str(self.sft), self.run_seconds)
 
     def _power_line(self, mde: float) -> str:
         n_test = len(self.splits.test)
@@ -345,11 +355,14 @@ class Investigation:
     def write_config(self, variant: str) -> Path:
         """The complete YAML of ``variant`` that ``v3kit run --config`` trains as is: the run's data and test split
         (``data.split_seed``), and the run's SFT checkpoint (``sft.checkpoint``) unless the variant trains its own."""
-        cfg = self.spec.resolve(BASE_WORLD, variant, 0, self.out / "recommended_run")
-        own_sft = self.spec.value(variant, "model.residual") or any(
-            o.startswith(("sft.", "model.")) for o in self.spec.variants[variant])
+        own_sft = any(o.startswith(("sft.", "model.")) for o in self.spec.variants[variant])
+        retrain = own_sft or (variant == SFT_ONLY and self.sft_is_own)
+        # keep_sft of a run that trained its SFT itself: the config trains that SFT alone (same seed, same split:
+        # the same model); otherwise the config starts from the run's SFT checkpoint, the model you have
+        seed = self.cfg.seed if variant == SFT_ONLY else 0
+        cfg = self.spec.resolve(BASE_WORLD, variant, seed, self.out / "recommended_run")
         cfg = dataclasses.replace(cfg, progress=True, sft=dataclasses.replace(
-            cfg.sft, checkpoint=None if own_sft else str(self.sft)))
+            cfg.sft, checkpoint=None if retrain else str(self.sft)))
         path = self.out / RECOMMENDED
         self.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, path)
@@ -366,7 +379,8 @@ def verdict_markdown(v: Verdict, run_dir: Path, out: Path) -> str:
               f"{v.effect_vs_sft[0]:+.4f} [{v.effect_vs_sft[1]:+.4f}, {v.effect_vs_sft[2]:+.4f}], vs the run "
               f"{v.effect_vs_run[0]:+.4f} [{v.effect_vs_run[1]:+.4f}, {v.effect_vs_run[2]:+.4f}]",
               f"- train it: `v3kit run --config {v.config}`",
-              f"- {v.runs} runs in {v.wall_s / 60:.1f} min; intervals: 95% paired bootstrap over seeds x test queries",
+              f"- {v.runs} runs ({v.run_seconds / 60:.1f} run-minutes), {v.wall_s / 60:.1f} min of wall time in this "
+              "invocation; intervals: 95% paired bootstrap over seeds x test queries",
               f"- {v.power}", ""]
     lines += ["## Variants (the shipped model of each run, vs SFT)", "", "| variant | kind | seeds | "
               f"{v.metric} | vs SFT [95% CI] | verdict | what it tests |", "|---|---|---|---|---|---|---|"]
@@ -423,12 +437,12 @@ def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
 
 def investigate(run_dir: str | Path, *, metric: str = "acc@1", out: str | Path | None = None,
                 budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
-                progress: bool = True, smoke: Sequence[str] = ()) -> Verdict:
+                progress: bool = True, smoke: Sequence[str] = (), only: Sequence[str] | None = None) -> Verdict:
     """Doctor, grid, sequential seeds and verdict for ``run_dir``; writes ``verdict.md``/``verdict.json`` (plus the
     recommended config and ``effects.png``) to ``out`` (default ``RUN_DIR/investigate``). ``smoke``: overrides
     added to every run (e.g. fewer epochs, for tests)."""
     inv = Investigation(run_dir, metric=metric, out=out, budget_minutes=budget_minutes, workers=workers,
-                        initial_seeds=initial_seeds, max_seeds=max_seeds, progress=progress, smoke=smoke)
+                        initial_seeds=initial_seeds, max_seeds=max_seeds, progress=progress, smoke=smoke, only=only)
     v = inv.run()
     write_verdict(v, inv.run_dir, inv.out)
     return v
@@ -465,7 +479,8 @@ def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) 
 def cmd_investigate(args: argparse.Namespace) -> int:
     inv = Investigation(args.run_dir, metric=args.metric, out=args.out, budget_minutes=args.budget_minutes,
                         workers=args.workers, initial_seeds=args.initial_seeds, max_seeds=args.max_seeds,
-                        progress=not args.no_progress, smoke=args.set or [])
+                        progress=not args.no_progress, smoke=args.set or [],
+                        only=args.only.split(",") if args.only else None)
     print(f"investigating {inv.run_dir}: {len(inv.variants)} variants, {args.initial_seeds} seeds to start, "
           f"budget {args.budget_minutes:g} min, {args.workers} worker(s) -> {inv.out}")
     v = inv.run()
@@ -501,6 +516,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-seeds", type=int, default=8, help="most seeds any variant gets")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override added to every run of the grid (e.g. fewer epochs for a quick look)")
+    p.add_argument("--only", metavar="V1,V2", help="build only these variants (plus 'run' and 'sft_only'), e.g. "
+                                                    "rce_moving,rce_grpo_anchored for a quick look")
     p.add_argument("--reproduce", type=int, default=0, metavar="K",
                    help="then retrain the recommended config with K fresh seeds and check that its effect vs SFT "
                         "falls inside the verdict's interval (recorded in verdict.json)")
