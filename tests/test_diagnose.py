@@ -465,12 +465,12 @@ def test_doctor_grid_tests_the_suggestions_against_the_run(real_run, tmp_path, c
     run_summary = pd.read_csv(real_run / "summary.csv", index_col=0)
     assert sft_test["acc@1"].iloc[0] == pytest.approx(run_summary.loc["sft", "acc@1"])  # same SFT, same test split
     # the doctor on an ablation run rebuilds the split it trained on (the shared SFT's), not one from its own seed
-    from v3kit.diagnose import RunContext, load_run
+    from v3kit.diagnose import DoctorContext, load_run
     from v3kit.pipeline import prepare_data
 
     run1 = res.run_dir("run", 1)
     df, cfg = load_run(run1)
-    ctx = RunContext(df, cfg, Thresholds(), run1)
+    ctx = DoctorContext(df, cfg, Thresholds(), run1)
     want = prepare_data(tiny.resolve("default", "run", 0)).train.query_ids
     assert ctx.data().train.query_ids == want != prepare_data(tiny.resolve("default", "run", 1)).train.query_ids
 

@@ -1,0 +1,147 @@
+"""Running the doctor (:func:`diagnose`), its text report (wrapped, suggestions ordered by evidence) and its CLI."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import textwrap
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from ..rundir import atomic_write_frame
+from . import grpo_checks  # noqa: F401, I001 - registers the checks: the GRPO-log checks first ...
+from . import data_checks  # noqa: F401, I001 - ... then those that need the data (the report's order)
+from .context import _REGISTRY, DoctorContext, Finding, Thresholds, _g, _skip, load_run, switch_tokens
+
+# ---------------------------------------------------------------- public API
+
+def diagnose(
+    run: str | Path | pd.DataFrame,
+    config: dict[str, Any] | None = None,
+    thresholds: Thresholds | None = None,
+    *,
+    splits: Any = None,
+    sft: tuple[Any, float] | None = None,
+) -> list[Finding]:
+    """Every registered check (see :func:`check_names`) on a run dir (reads ``metrics.csv`` and ``config.yaml``) or
+    on a metrics frame.
+
+    ``config`` (nested dict as in ``config.yaml``, or a ``RunConfig``) overrides the run dir's; without one the
+    checks still run, but cause attribution and some suggestions are less specific. The checks that need the data
+    (RCE's loss floor, the reward shortcut, the baselines) rebuild it from a run dir's config, or use ``splits``;
+    ``sft`` = (SFT model, its logit temperature) stands in for the run dir's SFT checkpoint.
+    """
+    th = thresholds or Thresholds()
+    if isinstance(run, pd.DataFrame):
+        df, file_cfg, run_dir = run, {}, None
+    else:
+        df, file_cfg = load_run(run)
+        run_dir = Path(run)
+    if config is not None and dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    ctx = DoctorContext(df, file_cfg if config is None else config, th, run_dir, splits, sft)
+    findings = []
+    for name, fn in _REGISTRY.items():
+        try:
+            ctx.check = name  # @check's registration is the one place a check's name is written
+            f = fn(ctx)
+            if f.triggered and not f.switches:
+                f.switches = switch_tokens(f.suggestion)
+            findings.append(f)
+        except (KeyError, ValueError, TypeError, IndexError) as e:  # malformed input: report, never crash
+            findings.append(_skip(name, f"could not evaluate ({type(e).__name__}: {e})"))
+    return findings
+
+
+def report_frame(findings: Iterable[Finding]) -> pd.DataFrame:
+    """One row per finding; columns as the :class:`Finding` fields."""
+    cols = [f.name for f in dataclasses.fields(Finding)]
+    return pd.DataFrame([dataclasses.asdict(f) for f in findings], columns=cols)
+
+
+def format_report(findings: Iterable[Finding], title: str | None = None, run: str | Path | None = None) -> str:
+    """Readable text: one line per check (⚠ flagged, ✔ fine, – skipped) with its number and threshold, then, under
+    each flagged check, the switch to *test* and the ablation that tests it against the run (``run``: the run dir
+    the commands name)."""
+    from ..doctor_grid import GRID_FILE
+
+    findings = list(findings)
+    width = max((len(f.check) for f in findings), default=0)
+    where = str(run) if run is not None else "RUN_DIR"
+    lines = [title or "GRPO health report"]
+
+    def add(text: str, indent: str = "", more: str | None = None) -> None:
+        lines.extend(textwrap.wrap(text, REPORT_WIDTH, initial_indent=indent,
+                                   subsequent_indent=indent if more is None else more, break_on_hyphens=False)
+                     or [indent])
+
+    for f in findings:
+        mark = "⚠" if f.triggered else ("–" if f.value is None else "✔")
+        num = "" if f.value is None else f"value {_g(f.value)}"
+        if f.threshold is not None and f.value is not None:
+            num += f" (threshold {_g(f.threshold)})"
+        lines.append(f"{mark} {f.check:<{width}}  {num}".rstrip())
+        add(f.message, "    ")
+        if f.triggered and f.suggestion:
+            add(f"-> test: {f.suggestion}", "    ", "       ")
+    flagged = [f for f in findings if f.triggered]
+    skipped = sum(f.value is None and not f.triggered for f in findings)
+    summary = f"{len(flagged)} of {len(findings)} checks flagged" + (
+        f": {', '.join(f.check for f in flagged)}" if flagged else "")
+    add(summary + (f"; {skipped} skipped" if skipped else ""))
+    ordered = [f for f in evidence_order(flagged) if f.switches]
+    if ordered:
+        add("What to test, strongest evidence first (checks against the labels and the data before "
+            "training-mechanics checks; then by how far past its threshold):")
+        for i, f in enumerate(ordered, 1):
+            add(f"{i}. {f.check}: " + " | ".join(f.switches), "  ", "     ")
+        add(f"Test them against the run: v3kit investigate {where} (a verdict: what to ship), or v3kit doctor "
+            f"{where} --grid && v3kit ablate --grid {Path(where) / GRID_FILE}")
+    if flagged:
+        add("Suggestions are hypotheses from one run: adopt a switch only once its ablation beats 'run'.")
+    return "\n".join(lines)
+
+
+REPORT_WIDTH = 100  # report lines wrap here (terminals, notebooks and the README transcript)
+
+# Checks that compare the run with the labels or the data itself: their evidence is about what the shipped metric
+# loses, so they are tested before the checks of GRPO's mechanics (ratios, clipping, KL, entropy).
+_DATA_CHECKS = ("baselines", "reward_vs_label", "reward_shortcut", "rce_converged")
+
+
+def evidence(f: Finding) -> float:
+    """How far a flagged finding is past its threshold, as a factor >= 1 (either direction); 1 when unknown."""
+    if f.value is None or f.threshold is None or f.value <= 0 or f.threshold <= 0:
+        return 1.0
+    return max(f.value / f.threshold, f.threshold / f.value)
+
+
+def evidence_order(findings: Iterable[Finding]) -> list[Finding]:
+    """Flagged findings, data checks first, each tier by :func:`evidence` (strongest first)."""
+    return sorted(findings, key=lambda f: (f.check not in _DATA_CHECKS, -evidence(f)))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    run = Path(args.run_dir)
+    findings = diagnose(run)
+    print(format_report(findings, title=f"GRPO health report: {run}", run=run))
+    if args.csv:
+        atomic_write_frame(args.csv, report_frame(findings))
+    if args.grid:
+        from ..doctor_grid import write_doctor_grid
+        path = write_doctor_grid(run, findings)
+        print(f"wrote {path}: test the suggestions with `v3kit ablate --grid {path}`")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """``v3kit doctor RUN_DIR [--grid]``: the GRPO health report of a finished (or partial) run."""
+    p = subparsers.add_parser("doctor", help="GRPO health report of a run dir: what looks wrong and what to test")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir written by `v3kit run` (holds metrics.csv)")
+    p.add_argument("--csv", metavar="PATH", help="also save the findings as a table")
+    p.add_argument("--grid", action="store_true",
+                   help="also write RUN_DIR/doctor_grid.yaml: an ablation grid that tests each suggested switch "
+                        "against the run's own config (run it with `v3kit ablate --grid`)")
+    p.set_defaults(func=cmd_doctor)
