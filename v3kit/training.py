@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .bounds import check_max
 from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
                          save_checkpoint)
 from .data import Batch, GroupData, iterate_batches, num_batches
@@ -272,10 +273,20 @@ def _kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Every epoch writes a checkpoint: 10,000 epochs is already far past any run of this kit (the seed ran 15/3/8),
+# while a typo such as 1e20 would fill the disk with them. A batch of a million groups is past any dataset that fits
+# in memory; a larger value is a typo, not a full-batch request.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 1_000_000
+
+
 def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, max_grad_norm: float | None) -> None:
     """Validate a stage config's optimisation knobs at construction, long before any training runs."""
     if epochs < 0:
         raise ValueError(f"{section}.epochs must be >= 0 (0 skips the stage), got {epochs}")
+    check_max(f"{section}.epochs", epochs, MAX_EPOCHS, "each epoch writes a checkpoint; is the value a typo?")
+    check_max(f"{section}.batch_size", batch_size, MAX_BATCH_SIZE,
+              "more groups than any in-memory dataset; use a smaller batch")
     if not lr > 0:
         raise ValueError(f"{section}.lr must be > 0, got {lr}")
     if batch_size < 1:
@@ -303,11 +314,11 @@ class OptimConfig:
     own defaults and switches. ``section`` names the config section in error messages."""
 
     epochs: int = 1
-    """Epochs of this stage; 0 skips it."""
+    """Epochs of this stage; 0 skips it; at most 10,000 (``MAX_EPOCHS``)."""
     lr: float = 1e-5
     """Adam learning rate."""
     batch_size: int = 32
-    """Groups per optimizer step."""
+    """Groups per optimizer step; at most 1,000,000 (``MAX_BATCH_SIZE``)."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping; null = none."""
     on_nonfinite: str = "stop"
