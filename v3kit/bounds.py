@@ -5,7 +5,7 @@ one line naming the key, not fill a disk with checkpoints or die in a 256 TB all
 beside the field it limits (documented in that field's docstring) and is far above any run this kit is meant for;
 the memory check then refuses a combination of in-bound values that still cannot be allocated.
 
-Nothing here imports the rest of v3kit (the config modules import it).
+Imports nothing of v3kit but ``rundir`` at load time (the config modules import it).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 from typing import Iterable
 
 import torch
+
+from .rundir import human_bytes
 
 
 def check_max(key: str, value: int, bound: int, why: str) -> None:
@@ -25,14 +27,6 @@ def check_max(key: str, value: int, bound: int, why: str) -> None:
 def check_all_max(key: str, values: Iterable[int], bound: int, why: str) -> None:
     for v in values:
         check_max(key, v, bound, why)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1024 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def available_memory(device: torch.device | str = "cpu") -> int | None:

@@ -31,7 +31,19 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **to_cpu(payload)}
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    return atomic_write(path, lambda f: torch.save(payload, f), size_hint=payload_bytes(payload))
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts/lists): about what ``torch.save`` writes, for a full disk's
+    message."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | Path, *, stage: str | None = None) -> dict[str, Any]:
