@@ -279,7 +279,7 @@ def safe_load_bounded(text: str, source: str, error: type[Exception] = None) -> 
         size = _expanded_nodes(node, {}, set())
         if size > MAX_YAML_NODES:
             what = "refers to itself through an alias" if math.isinf(size) else \
-                f"expands to {size:.3g} nodes through its aliases"
+                f"expands to {int(size):_} nodes through its aliases"
             raise error(f"{source} {what} (at most {MAX_YAML_NODES:_} allowed: a config is a few hundred); "
                         "write the values out instead of nesting aliases")
         return loader.construct_document(node)
