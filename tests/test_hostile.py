@@ -321,6 +321,17 @@ def test_cli_run_over_a_damaged_cache_trains_on_the_rebuilt_data(data_file, tmp_
     assert (tmp_path / "a" / "summary.csv").read_text() == (tmp_path / "b" / "summary.csv").read_text()
 
 
+def test_a_killed_cache_build_is_cleaned_up_by_the_next_build_not_a_live_one(data_file):
+    parent = _cache(data_file).parent
+    parent.mkdir()
+    dead, live = parent / ".building-999999999-abc", parent / f".building-{os.getpid()}-xyz"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "cand_x.npy").write_bytes(b"half")
+    _splits(data_file, cache=True)
+    assert not dead.exists() and live.exists()
+
+
 def test_checksum_is_written_with_each_array_and_matches_an_independent_crc(data_file):
     import json
     import zlib
@@ -539,3 +550,25 @@ def test_embedding_cache_on_a_full_disk_keeps_the_vectors_for_the_run(tmp_path, 
     assert got.shape == (2, 6)
     assert "not cached" in one_line(capsys.readouterr().err)
     assert not leftovers(tmp_path) and not list(tmp_path.rglob("shard-*"))
+
+
+# ============================================================================================== the docs' table
+def test_every_test_the_reliability_page_names_exists():
+    """docs/reliability.md cites tests by name (``tests/file.py::name``, then ``::name`` in the same cell): each
+    must exist, so the table never vouches with a test that was renamed away."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "reliability.md").read_text()
+    cited = 0
+    for row in (r for r in text.splitlines() if r.startswith("| ")):
+        current = None
+        for file, name in re.findall(r"`(?:(tests/[\w/]+\.py))?::(\w+)", row):
+            current = file or current
+            assert current is not None, row
+            tree = ast.parse((root / current).read_text())
+            names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+            assert name in names, f"{current}::{name} is cited in docs/reliability.md but does not exist"
+            cited += 1
+    assert cited >= 15

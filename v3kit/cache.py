@@ -156,7 +156,7 @@ def build_cache(path: str | Path, feature_dtype: str = "float32") -> Path:
     where.parent.mkdir(parents=True, exist_ok=True)
     meta = {"version": CACHE_VERSION, "feature_dtype": feature_dtype, **_stat(path), "sha256": file_sha256(path),
             "groups": len(data), "group_size": data.group_size}
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=where.parent))
+    tmp = Path(_building_dir(where.parent))
     try:
         written = []
         for name in _FIELDS:
@@ -279,7 +279,7 @@ def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac:
 
         return split_by_query(data, val_frac=val_frac, test_frac=test_frac, seed=seed)
     index = dict(zip(parts, split_indices(len(data), val_frac=val_frac, test_frac=test_frac, seed=seed)))
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=where.parent))
+    tmp = Path(_building_dir(where.parent))
     try:
         written = []
         for part, idx in index.items():
@@ -309,6 +309,27 @@ def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac:
     finally:
         _discard(tmp)
     return Splits(**{part: open_cache(where, f"{part}_", listing, verify=False) for part in parts})
+
+
+def _building_dir(parent: Path) -> str:
+    """A fresh ``.building-<pid>-*`` directory in ``parent``, after removing those of builders that died (a killed
+    build leaves one; a live one, of another process sharing the cache, is left alone)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.glob(".building-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=parent)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _publish(tmp: Path, where: Path) -> None:
