@@ -6,6 +6,7 @@ one-line note. CLI cases run ``v3kit.cli.main`` in-process (a subprocess would c
 
 from __future__ import annotations
 
+import builtins
 import errno
 import os
 import shutil
@@ -413,6 +414,9 @@ class FullDisk:
             def __getattr__(self, name):
                 return getattr(self._f, name)
 
+            def __iter__(self):
+                return iter(self._f)
+
             def __enter__(self):
                 return self
 
@@ -428,8 +432,15 @@ class FullDisk:
                 return real_write(fd, data)
             return self.take(len(data), lambda n: real_write(fd, bytes(memoryview(data)[:n])), partial=True)
 
+        real_open = builtins.open
+
+        def open_(file, mode="r", *a, **kw):  # np.save, open_memmap, json dumps to a path
+            f = real_open(file, mode, *a, **kw)
+            return File(f) if any(c in mode for c in "wax+") and self._hit(f.fileno()) else f
+
         monkeypatch.setattr(os, "fdopen", fdopen)
         monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(builtins, "open", open_)
 
     def _hit(self, fd: int) -> bool:
         try:
@@ -501,6 +512,17 @@ def test_full_disk_ends_in_one_line_leaves_nothing_partial_and_resumes(tmp_path,
         assert text.endswith("\n") and len({len(r.split(",")) for r in text.splitlines()}) == 1
     monkeypatch.undo()  # space freed
     _assert_resumes_to_reference(capsys, run, reference_run)
+
+
+@needs_proc
+def test_a_data_cache_on_a_full_disk_loads_without_it_with_a_note(data_file, capsys, monkeypatch):
+    reference = _splits(data_file, cache=False)
+    FullDisk(monkeypatch, data_file.parent, 10_000)  # the first arrays fit, then the disk is full
+    got = _splits(data_file, cache=True)
+    note = one_line(capsys.readouterr().err)
+    assert note.startswith("v3kit: note: cannot write the data cache") and "without it" in note, note
+    _same_splits(got, reference)
+    assert not leftovers(data_file.parent)
 
 
 def test_temp_files_of_a_killed_run_are_removed_at_the_next_start(tmp_path, capsys):
