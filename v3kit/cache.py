@@ -94,7 +94,7 @@ def _valid(path: Path, where: Path, feature_dtype: str) -> bool:
     return True
 
 
-class CacheDamaged(Exception):
+class CacheDamaged(ValueError):
     """A cached file is missing, truncated or edited (its size or CRC-32 differs from what was written)."""
 
 
