@@ -23,7 +23,8 @@
 # 2. import your v2 ranker (your class, your `state_dict` file) as v3kit's SFT checkpoint;
 # 3. run RCE and GRPO from it, live, and compare the stages on the held-out test split;
 # 4. run the doctor on the run and write the ablation grid that tests its suggestions;
-# 5. run that grid (several seeds, one shared SFT: yours) and read its bootstrap intervals.
+# 5. run that grid (several seeds, one shared SFT: yours) and read its bootstrap intervals;
+# 6. get the verdict: which model to ship (SFT, RCE only, or a remedy), with the config that trains it.
 #
 # By default everything runs on a real-text example that ships with v3kit: **code search over the Python standard
 # library** (`builtin:stdlib_search`, `configs/stdlib_search.yaml`). Each query is a function's docstring summary;
@@ -56,6 +57,7 @@ grpo_epochs = None             # None: the config's (2 when smoke)
 ablation_seeds = None          # seeds per variant of the doctor's grid; None: 3 (2 when smoke)
 workers = 1                    # parallel processes for the ablation runs
 n_boot = 1000                  # bootstrap replicates of the ablation summary
+verdict_minutes = 15           # budget of section 6's investigation (it stops adding seeds when spent)
 
 # %%
 import subprocess
@@ -235,3 +237,30 @@ show(report_plots.forest_plot(summary))
 text = ablate.conclusions(summary, comparisons=comparisons)
 record(conclusions=text)
 print(text)
+
+# %% [markdown]
+# ## 6 · The verdict: what to ship
+#
+# The ablation above tests one switch at a time against the run. `v3kit investigate RUN_DIR` goes one step
+# further: it also combines the remedies the doctor flagged (an lr that moves the policy with label-anchored RCE
+# targets, GRPO anchored to SFT by an exact KL, de-biased rewards, towers that start at the raw cosine), runs them
+# with sequential seeds until the intervals separate or the budget is spent, and recommends **keep SFT**, **RCE
+# only** or **a variant**, only when its 95% interval against SFT excludes 0. Each remedy ships its best val epoch
+# (`select: best_val`), so a remedy that hurts falls back to SFT instead of shipping a regression. The
+# recommended config trains as is: `v3kit run --config RUN_DIR/investigate/recommended.yaml`.
+
+# %%
+from IPython.display import Markdown
+
+from v3kit.investigate import investigate
+
+verdict = investigate(run_dir, metric="acc@1", out=run_dir / "investigate", budget_minutes=verdict_minutes,
+                      workers=workers, initial_seeds=2, max_seeds=2 if smoke else 8, progress=False)
+record(verdict={k: verdict.as_json()[k] for k in ("recommendation", "variant", "config", "effect_vs_sft",
+                                                  "effect_vs_run", "metric")})
+display(Markdown((run_dir / "investigate" / "verdict.md").read_text().replace("![effects](effects.png)", "")))
+
+# %% tags=["plot"]
+from IPython.display import Image
+
+Image(filename=str(run_dir / "investigate" / "effects.png"))

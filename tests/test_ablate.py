@@ -42,7 +42,7 @@ def test_grid_parses_and_resolves_each_variant():
 @pytest.mark.parametrize("raw, needles", [
     (tiny_grid(variants={"seed": [], "typo": ["grpo.kl_bta=0.0"]}), ["typo", "grpo.kl_bta", "grpo.kl_beta"]),
     (tiny_grid(variants={"seed": [], "bad": ["grpo.old_policy=fresh"]}), ["bad", "grpo.old_policy"]),
-    (tiny_grid(variants={"seed": [], "moves_sft": ["sft.epochs=3"]}), ["moves_sft", "sft.epochs", "base"]),
+    (tiny_grid(variants={"seed": [], "moves_data": ["data.val_frac=0.2"]}), ["moves_data", "data.val_frac", "base"]),
     (tiny_grid(variants={"seed": [], "own_seed": ["seed=3"]}), ["own_seed", "seeds"]),
     (tiny_grid(variants={"seed": [], "noeq": ["grpo.kl_beta"]}), ["noeq", "key=value"]),
     (tiny_grid(seeds=[]), ["grid.seeds"]),

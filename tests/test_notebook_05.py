@@ -55,7 +55,7 @@ def test_notebook_05_runs_with_smoke_params(tmp_path, monkeypatch):
     assert run_cfg["model"]["target"].endswith("models.py:MyTwoTower")
 
     table_rows = results["stage_table"]
-    assert set(table_rows) == {"sft", "rce", "grpo"}
+    assert set(table_rows) == {"sft", "rce", "grpo", "selected"}
     assert all("acc@1" in row and "utility@1" not in row for row in table_rows.values())  # real data: no utility
 
     # The doctor ran every check, and its grid holds run, sft_only and one variant per flagged switch.
@@ -74,3 +74,9 @@ def test_notebook_05_runs_with_smoke_params(tmp_path, monkeypatch):
         for seed in grid["seeds"]:
             assert (tmp_path / "run" / "ablation" / "default" / variant / f"seed{seed}" / "result.json").is_file()
     assert results["conclusions"]
+
+    # The notebook ends with the verdict, whose config trains as is.
+    v = results["verdict"]
+    assert v["recommendation"] in ("keep_sft", "rce_only", "variant") and v["metric"] == "acc@1"
+    assert Path(v["config"]).is_file() and (tmp_path / "run" / "investigate" / "verdict.md").is_file()
+    assert v["effect_vs_sft"][1] <= v["effect_vs_sft"][0] <= v["effect_vs_sft"][2]

@@ -22,7 +22,7 @@ def test_same_config_and_seed_give_bit_identical_numbers(tmp_path):
     pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
     ma, mb = pd.read_csv(tmp_path / "a" / "metrics.csv"), pd.read_csv(tmp_path / "b" / "metrics.csv")
     pd.testing.assert_frame_equal(ma, mb, check_exact=True)
-    assert list(a.table.index) == ["sft", "rce", "grpo"]
+    assert list(a.table.index) == ["sft", "rce", "grpo", "selected"]
     # ... and the seed matters: another seed gives other numbers.
     c = run_pipeline(tiny_config(tmp_path / "c", "seed=1"))
     assert not a.table.equals(c.table)
@@ -211,7 +211,7 @@ def test_pipeline_runs_on_a_users_parquet_file(tmp_path):
     frame = to_long_frame(make_world(SyntheticConfig(n_queries=200, seed=5))).drop(columns=["utility"])
     frame.to_parquet(tmp_path / "mine.parquet")
     r = run_pipeline(tiny_config(tmp_path / "r", f"data.path={tmp_path / 'mine.parquet'}", "grpo.epochs=1"))
-    assert list(r.table.index) == ["sft", "rce", "grpo"]
+    assert list(r.table.index) == ["sft", "rce", "grpo", "selected"]
     assert "utility@1" not in r.table.columns  # no hidden truth in real data
     assert len(r.splits.train) + len(r.splits.val) + len(r.splits.test) == 200
 

@@ -146,7 +146,7 @@ def test_stdlib_pipeline_frozen_minilm(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "acc@1" in out and "utility@1" not in out
     summary = pd.read_csv(tmp_path / "run" / "summary.csv", index_col=0)
-    assert list(summary.index) == ["sft", "rce", "grpo"] and np.isfinite(summary.to_numpy()).all()
+    assert list(summary.index) == ["sft", "rce", "grpo", "selected"] and np.isfinite(summary.to_numpy()).all()
     # The second load embeds nothing: every vector comes from the cache (loading an encoder would fail here).
     def no_encoder(*a, **k):
         raise AssertionError("the second run tried to embed")

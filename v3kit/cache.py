@@ -36,9 +36,9 @@ import torch
 from .data import DataValidationError, GroupData, Splits, split_indices
 from .rundir import file_sha256
 
-CACHE_VERSION = 2  # 2: per-file CRC-32 in meta.json / done
+CACHE_VERSION = 3  # 2: cand_ids; 3: per-file CRC-32 in meta.json / done
 FEATURE_DTYPES = ("float32", "float16")
-_FIELDS = ("query_x", "cand_x", "mask", "labels", "rewards", "utility")
+_FIELDS = ("query_x", "cand_x", "mask", "labels", "rewards", "utility", "cand_ids")
 
 
 def cache_dir(path: str | Path, feature_dtype: str = "float32") -> Path:

@@ -45,8 +45,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(cfg, sft_checkpoint=args.sft, resume=args.resume, splits=splits)
     if not ranks.main:
         return 0
+    if result.debias is not None:
+        print(result.debias.line())
     print(f"\nheld-out test metrics by stage (run dir: {result.run_dir})")
     print(_fmt(result.table))
+    if result.selection is not None:
+        print(result.selection.line())
     g = result.grpo.info
     print(f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
           f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}")
@@ -135,7 +139,7 @@ def _extra_commands() -> list:
     """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``), each module's
     ``register_cli``."""
     found = []
-    for mod in ("ablate", "diagnose", "import_sft"):
+    for mod in ("ablate", "diagnose", "import_sft", "investigate"):
         try:
             module = importlib.import_module(f"v3kit.{mod}")
         except ModuleNotFoundError as e:

@@ -19,7 +19,9 @@ import yaml
 
 from .data import SUFFIX_HINT, TABLE_SUFFIXES, TEXT_MODES
 from .device import check_device_setting, check_precision_setting, check_threads_setting
+from .debias import RewardConfig
 from .grpo import GRPOConfig
+from .metrics import METRIC_DIRECTION
 from .model import ModelConfig
 from .rce import RCEConfig
 from .sft import SFTConfig
@@ -28,6 +30,7 @@ from .synthetic import SyntheticConfig
 
 
 BUILTIN_TABLES = ("builtin:stdlib_search",)
+SELECT_MODES = ("last", "best_val")
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,9 @@ class DataConfig:
     """Share of queries held out for the per-epoch curves (split by query)."""
     test_frac: float = 0.15
     """Share of queries held out for the stage table and the ablation's intervals."""
+    split_seed: int | None = None
+    """Seed of the train/val/test split by query; null = the run's ``seed``. Set it to keep one test split while
+    the training seed changes (``v3kit investigate`` writes it into the configs it recommends)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """The synthetic world, used when ``path`` is null."""
     text_mode: str = "frozen"
@@ -122,8 +128,22 @@ class RunConfig:
     """Stage 2, the RCE warm-up."""
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     """Stage 3, GRPO."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """What RCE and GRPO are paid with: the training rewards, optionally de-biased."""
+    select: str = "last"
+    """Which model the run ships: ``last`` (the end of the last stage that ran) | ``best_val`` (the checkpoint with
+    the best ``select_metric`` on val across SFT and every RCE/GRPO epoch). Either way the stage table gets a
+    ``selected`` row, and a run whose shipped model is below SFT on val says so."""
+    select_metric: str = "acc@1"
+    """The val metric ``select: best_val`` maximises (regret@1 is minimised); a metric the data lacks (utility@1 on
+    real data) is refused when the run starts."""
 
     def __post_init__(self) -> None:
+        if self.select not in SELECT_MODES:
+            raise ValueError(f"select must be one of {SELECT_MODES}, got {self.select!r}")
+        if METRIC_DIRECTION.get(self.select_metric, 0) == 0:
+            raise ValueError(f"select_metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, "
+                             f"got {self.select_metric!r}")
         check_device_setting(self.device)
         check_precision_setting(self.precision)
         check_threads_setting(self.threads)

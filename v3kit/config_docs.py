@@ -96,6 +96,9 @@ def render() -> str:
         "| --- | --- | --- |",
     ]
     lines += [f"| `{k}` | `{d}` | {doc.replace('|', '&#124;')} |" for k, d, doc in reference()]
+    from .ablate.grid import VARIANT_RULES
+
+    lines += ["", "## Grid variants", "", *textwrap.wrap(VARIANT_RULES, 116, break_on_hyphens=False)]
     return "\n".join(lines) + "\n"
 
 

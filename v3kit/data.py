@@ -59,6 +59,9 @@ class GroupData:
     utility: Tensor | None = None  # [N, G] float
     query_text: list[str] | None = None  # [N]
     cand_text: list[list[str]] | None = None  # [N][G], "" at padding
+    # [N, G] long: the table's candidate_id as a code shared by every row with the same id (-1 at padding), so a
+    # candidate that recurs across queries can be recognised (reward de-biasing by a per-candidate prior).
+    cand_ids: Tensor | None = None
     # How much of validate_tensors runs (not stored): "all"; "no_feature_scan" for a loader that has just checked
     # every feature value it wrote (v3kit.ingest), so only the NaN/inf scan of the features is skipped; "none" for
     # the packed cache, validated when it was built (checking would read every memory-mapped page).
@@ -97,7 +100,14 @@ class GroupData:
             utility=None if self.utility is None else self.utility[idx],
             query_text=_take(self.query_text, idx),
             cand_text=_take(self.cand_text, idx),
+            cand_ids=None if self.cand_ids is None else self.cand_ids[idx],
         )
+
+    def with_rewards(self, rewards: Tensor) -> "GroupData":
+        """The same groups with other rewards (0 at padding), e.g. de-biased ones; nothing else is copied."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["rewards"] = torch.where(self.mask, rewards.to(self.rewards.dtype), torch.zeros((), dtype=self.rewards.dtype))
+        return GroupData(**out, checks="none")
 
     def to(self, device: torch.device | str) -> "GroupData":
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -209,6 +219,8 @@ def validate_tensors(d: GroupData, *, features: bool = True) -> None:
         _fail(f"labels must be [N] = ({n},), got shape {tuple(d.labels.shape)}")
     if len(d.query_ids) != n:
         _fail(f"query_ids has {len(d.query_ids)} entries for {n} groups")
+    if d.cand_ids is not None and (tuple(d.cand_ids.shape) != (n, g) or d.cand_ids.dtype != torch.long):
+        _fail(f"cand_ids must be a long tensor [N, G] = {(n, g)}, got {d.cand_ids.dtype} {tuple(d.cand_ids.shape)}")
     if d.query_text is not None and len(d.query_text) != n:
         _fail(f"query_text has {len(d.query_text)} entries for {n} groups")
     if d.cand_text is not None and (len(d.cand_text) != n or any(len(t) != g for t in d.cand_text)):
@@ -474,6 +486,8 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     utility = np.zeros((n, g_max)) if "utility" in df.columns else None
     labels = np.zeros(n, dtype=np.int64)
     cand_text = [[""] * g_max for _ in range(n)] if c_text is not None else None
+    cand_codes = pd.factorize(df["candidate_id"].astype(str))[0]
+    cand_ids = np.full((n, g_max), -1, dtype=np.int64)
     reward_col = df["reward"].to_numpy(dtype=np.float64)
     util_col = df["utility"].to_numpy(dtype=np.float64) if utility is not None else None
     for b, qid in enumerate(order):
@@ -483,6 +497,7 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
         cand_x[b, :k] = c[rows]
         mask[b, :k] = True
         rewards[b, :k] = reward_col[rows]
+        cand_ids[b, :k] = cand_codes[rows]
         labels[b] = int(np.flatnonzero(is_label[rows])[0])
         if utility is not None:
             utility[b, :k] = util_col[rows]
@@ -498,6 +513,7 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
         utility=None if utility is None else torch.tensor(utility, dtype=torch.float32),
         query_text=None if q_text is None else [str(q_text[groups[qid][0]]) for qid in order],
         cand_text=cand_text,
+        cand_ids=torch.from_numpy(cand_ids),
     )
 
 
@@ -565,7 +581,8 @@ def to_long_frame(data: GroupData) -> pd.DataFrame:
         for c in torch.nonzero(data.mask[b]).flatten().tolist():
             row = {
                 "query_id": data.query_ids[b],
-                "candidate_id": f"{data.query_ids[b]}/{c}",
+                "candidate_id": (f"{data.query_ids[b]}/{c}" if data.cand_ids is None
+                                 else f"c{int(data.cand_ids[b, c])}"),
                 "query_features": data.query_x[b].tolist(),
                 "candidate_features": data.cand_x[b, c].tolist(),
                 "reward": float(data.rewards[b, c]),

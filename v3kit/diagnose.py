@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -87,8 +88,14 @@ class Thresholds:
     kl_still_rising: float = 0.1
     # Mean penalty KL over GRPO below this (nats) = pinned at 0: the penalty and its gradient are negligible.
     kl_pinned: float = 1e-4
-    # Relative entropy drop from the GRPO start to its end: losing a quarter of the starting entropy in GRPO alone
-    # is the collapse DAPO's clip-higher was introduced against.
+    # ... above this (nats) = exploding: 1 nat means the policy's log-probs sit, on average, a factor e from the
+    # penalty's reference; a KL between two distributions over a group of 8 has that scale only when one of them
+    # has nearly left the other's support (the uniform group's whole entropy is log 8 = 2.1 nats). A sampled
+    # estimator (k3 = ratio - 1 - log ratio) grows like the ratio itself, so a stale old policy makes it explode.
+    kl_explode: float = 1.0
+    # Relative entropy drop from SFT's entropy to GRPO's end (SFT is what the run started from: an RCE warm-up
+    # that raised the entropy, followed by GRPO bringing it back, is no collapse): losing a quarter of it is the
+    # collapse DAPO's clip-higher was introduced against.
     entropy_drop: float = 0.25
     # The top pick's reward must gain more than this share of its regret (regret@1 = best reward in the group minus
     # the top pick's: its relative fall is the same for any shift or positive scaling of the reward) ...
@@ -116,6 +123,10 @@ class Thresholds:
     # temperature schedule says more about the reward's scale than about the intended softness.
     one_hot_weight: float = 0.95
     one_hot_share: float = 0.5
+    # A reward de-biasing is suggested only if the val reward-label agreement after it is at most this much below
+    # the agreement before (one group in 100): removing a pure shortcut leaves the agreement where it was or
+    # raises it, while an estimate that carries label signal lowers it.
+    debias_agreement_drop: float = 0.01
 
 
 _Check = Callable[["RunContext"], Finding]
@@ -260,12 +271,12 @@ def _g(x: float) -> str:
     return f"{x:.4g}"
 
 
-_SWITCH = re.compile(r"\b(?:rce|grpo)\.[a-z_]+=[^\s,;()]+")
+_SWITCH = re.compile(r"\b(?:rce|grpo|reward|model|sft)\.[a-z_]+=[^\s,;()]+")
 
 
 def switch_tokens(text: str) -> list[str]:
-    """The ``rce.*=`` / ``grpo.*=`` overrides written in a suggestion, in order, once each (what an ablation of
-    the same SFT checkpoint can test)."""
+    """The ``rce.*=`` / ``grpo.*=`` / ``reward.*=`` / ``model.*=`` / ``sft.*=`` overrides written in a suggestion,
+    in order, once each (each one variant of an ablation against the run)."""
     return list(dict.fromkeys(_SWITCH.findall(text)))
 
 
@@ -340,18 +351,27 @@ def check_step0_ratio(ctx: RunContext) -> Finding:
     causes, fixes = [], []
     if old_policy == "sft" and (rce_epochs is None or rce_epochs > 0):
         causes.append("stale old policy: old_log_probs come from SFT and RCE has moved the policy since")
-        fixes.append("grpo.old_policy=refresh_at_start")
+        if _get(config, "grpo.kl_reference") in ("old", None):
+            # The stale SFT old policy is also the run's only anchor: the clip and the KL both hold GRPO near SFT.
+            # Refreshing alone removes that trust region, so test it with the KL moved onto SFT.
+            causes.append("but that stale SFT old policy is also the run's trust region (clip and KL both measure "
+                          "against SFT), so refresh only with the KL anchored to SFT")
+            fixes.append("grpo.old_policy=refresh_at_start grpo.kl_reference=sft")
+        else:
+            fixes.append("grpo.old_policy=refresh_at_start")
     if mismatch:
         causes.append(mismatch)
         sim_t = _get(config, "model.sim_temperature")
         fixes.append(f"grpo.logp_temperature={_g(float(sim_t))}")
-        if "grpo.old_policy=refresh_at_start" not in fixes:
+        if not any(f.startswith("grpo.old_policy=refresh_at_start") for f in fixes):
             fixes.append("grpo.old_policy=refresh_at_start")
     if not causes:
         causes.append("stale old policy or logit-temperature mismatch" + (" (no config to tell which)"
                                                                           if not config else ""))
         fixes += ["grpo.old_policy=refresh_at_start", "check grpo.logp_temperature against model.sim_temperature"]
-    return Finding(name, True, value, threshold, f"{msg}. Likely cause: {'; '.join(causes)}", " or ".join(fixes))
+    switches = [f for f in fixes if "=" in f and not f.startswith("check ")]
+    return Finding(name, True, value, threshold, f"{msg}. Likely cause: {'; '.join(causes)}", " or ".join(fixes),
+                   switches)
 
 
 def _window_mean(values: pd.Series, frac: float, last: bool) -> float:
@@ -426,8 +446,9 @@ def check_kl_growth(ctx: RunContext) -> Finding:
     j = min(max(round(n * 2 / 3), 0), n - 1)  # the point a third of the way back from the end
     start, end, mid = float(series.iloc[0]), float(series.iloc[-1]), float(series.iloc[j])
     rise_frac = (end - mid) / end if end > 0 else 0.0
-    msg = (f"{what}: {_g(start)} -> {_g(end)} nats over GRPO; since epoch {series.index[j]} it rose by "
-           f"{_g(end - mid)} ({rise_frac:.0%} of its final value; 'still climbing' from {th.kl_still_rising:.0%})")
+    change = f"rose by {_g(end - mid)}" if end >= mid else f"fell by {_g(mid - end)}"
+    msg = (f"{what}: {_g(start)} -> {_g(end)} nats over GRPO; since epoch {series.index[j]} it {change} "
+           f"({rise_frac:+.0%} of its final value; 'still climbing' from {th.kl_still_rising:.0%})")
     triggered = end >= th.kl_high and rise_frac >= th.kl_still_rising
     if what.startswith("KL(policy") and len(train_kl) >= 2:
         msg += f"; the penalty's own KL went {_g(float(train_kl.iloc[0]))} -> {_g(float(train_kl.iloc[-1]))}"
@@ -460,6 +481,18 @@ def check_kl_pinned(ctx: RunContext) -> Finding:
     if beta is not None:
         msg += f", kl_beta {_g(float(beta))}"
     off = beta is not None and float(beta) == 0.0
+    if value > th.kl_explode and not off:
+        est = _get(config, "grpo.kl_estimator")
+        fixes = []
+        if est != "exact":
+            fixes.append("grpo.kl_estimator=exact")  # the whole-group KL is bounded by the policies, not the ratio
+        if _get(config, "grpo.old_policy") == "sft" and (_get(config, "rce.epochs") or 0) > 0:
+            fixes.append("grpo.old_policy=refresh_at_start grpo.kl_reference=sft")
+        return Finding(name, True, value, th.kl_explode,
+                       msg + f" -> the KL penalty explodes (mean above {_g(th.kl_explode)} nats): its estimate follows "
+                       "the PPO ratio, so a policy far from the penalty's reference makes the KL term, not the "
+                       "reward, drive the updates", " or ".join(fixes) or "a lower grpo.lr",
+                       fixes or [])
     if value >= th.kl_pinned and not off:
         return Finding(name, False, value, th.kl_pinned, msg, "")
     if off:
@@ -487,10 +520,16 @@ def check_entropy(ctx: RunContext) -> Finding:
     if len(series) < 2:
         return _skip(name, "needs entropy at two or more GRPO points (val or train)", th.entropy_drop)
     start, end = float(series.iloc[0]), float(series.iloc[-1])
-    if not start > 0:
-        return _skip(name, f"GRPO starts at entropy {_g(start)}: no relative drop to measure", th.entropy_drop)
-    drop = (start - end) / start
-    msg = f"{what}: {_g(start)} -> {_g(end)} nats over GRPO, a {drop:.1%} drop"
+    sft_h = _val_series(_rows(df, "rce", "val"), "entropy")
+    sft_start = float(sft_h.iloc[0]) if len(sft_h) and 0 in sft_h.index and what == "val entropy" else None
+    ref, ref_name = (sft_start, "SFT") if sft_start is not None else (start, "the GRPO start")
+    if not ref > 0:
+        return _skip(name, f"{ref_name} has entropy {_g(ref)}: no relative drop to measure", th.entropy_drop)
+    drop = (ref - end) / ref
+    msg = f"{what}: {_g(start)} -> {_g(end)} nats over GRPO"
+    if sft_start is not None:
+        msg += f" (SFT: {_g(sft_start)})"
+    msg += f", {abs(drop):.1%} {'below' if drop >= 0 else 'above'} {ref_name}'s"
     if drop <= th.entropy_drop:
         return Finding(name, False, drop, th.entropy_drop, msg, "")
     return Finding(name, True, drop, th.entropy_drop, msg + " -> entropy collapse",
@@ -515,7 +554,8 @@ def _reward_gain(a: pd.Series, b: pd.Series) -> tuple[str, float] | None:
     relative change is not used: adding a constant to every reward changes it at will."""
     r = _rel(a, b, "regret@1")
     if r is not None:
-        return f"regret@1 {_g(r[0])}->{_g(r[1])} ({-r[2]:+.1%} reward gain)", -r[2]
+        how = f"reward gain {-r[2]:.1%}" if r[2] <= 0 else f"reward loss {r[2]:.1%}"
+        return f"regret@1 {_g(r[0])}->{_g(r[1])} ({how} of the regret)", -r[2]
     r = _rel(a, b, "ndcg@5")
     if r is not None:
         return f"ndcg@5 {_g(r[0])}->{_g(r[1])} ({r[2]:+.1%})", r[2]
@@ -771,11 +811,36 @@ def check_reward_shortcut(ctx: RunContext) -> Finding:
         return Finding(name, False, a.explained_share, th.shortcut_share, msg, "")
     followed = (change is not None and a.corr_change_shortcut is not None and a.corr_change_label is not None
                 and a.corr_change_shortcut > a.corr_change_label)
+    debias_msg, debias_switches = _debias_options(splits, ctx.th)
+    switches = [*debias_switches, "rce.label_weight=0.5"]
     return Finding(name, True, a.explained_share, th.shortcut_share,
                    msg + " -> the reward pays for something in the candidate whatever the query" +
-                   (", and the policy learnt that more than the label" if followed else ""),
-                   "rce.label_weight=0.5 (anchor the targets to the labels), or remove the query-independent part "
-                   "from the reward (e.g. subtract a per-candidate prior) before training")
+                   (", and the policy learnt that more than the label" if followed else "") + "; " + debias_msg,
+                   " or ".join([*(f"{d} (de-bias the training rewards)" for d in debias_switches),
+                                "rce.label_weight=0.5 (anchor the RCE targets to the labels)"]), switches)
+
+
+def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
+    """Which reward de-biasing keeps the reward's label agreement on val (v3kit/debias.py): the methods that do,
+    best first, as switches, and a sentence with both methods' numbers. A method that lowers the agreement by more
+    than ``th.debias_agreement_drop`` is named as one *not* to use: its estimate carries label signal."""
+    from .debias import DebiasError, RewardConfig, debias_report
+
+    parts, keep = [], []
+    for method in ("candidate_prior", "candidate_features"):
+        try:
+            _, rep = debias_report(method, splits, RewardConfig(debias=method))
+        except DebiasError as e:
+            parts.append(f"{method}: unavailable ({str(e).split(':')[0].replace('reward.debias=', '')})")
+            continue
+        ok = rep.agreement_after >= rep.agreement_before - th.debias_agreement_drop
+        parts.append(f"{method} removes {rep.removed_share:.0%} of the reward variance, val label agreement "
+                     f"{rep.agreement_before:.3f} -> {rep.agreement_after:.3f}"
+                     + ("" if ok else " (lowers it: its estimate carries label signal, do not use it)"))
+        if ok:
+            keep.append((rep.agreement_after, f"reward.debias={method}"))
+    keep.sort(key=lambda t: -t[0])
+    return "de-biasing: " + "; ".join(parts), [k for _, k in keep]
 
 
 def target_concentration(data: Any, temperature: float, *, label_weight: float = 0.0, reward_norm: str = "none",
@@ -861,9 +926,19 @@ def check_baselines(ctx: RunContext) -> Finding:
     value = float(sft["acc@1"])
     if value >= cos:
         return Finding(name, False, value, cos, msg, "")
+    from .model import DEFAULT_TARGET
+    target = _get(ctx.config, "model.target")
+    if target in (None, DEFAULT_TARGET):
+        switch = "model.residual=true model.sim_temperature=0.1"
+        fix = (f"{switch} (towers that start as the raw-feature cosine and learn a correction, so SFT cannot start "
+               "below it), then RCE/GRPO from that SFT")
+        switches = [switch]
+    else:
+        fix = ("start your towers at the raw features and learn a residual correction (x + f(x), f's last layer "
+               "zero-initialised), or improve SFT (epochs, lr, size); RCE/GRPO start from it")
+        switches = []
     return Finding(name, True, value, cos, msg + " -> SFT ranks below the raw-feature cosine: the v2 model itself "
-                   "is the weakest link", "improve the SFT model first (sft.epochs, sft.lr, model size, features); "
-                   "RCE/GRPO start from it")
+                   "is the weakest link", fix, switches)
 
 
 # ---------------------------------------------------------------- public API
@@ -915,32 +990,62 @@ def format_report(findings: Iterable[Finding], title: str | None = None, run: st
     """Readable text: one line per check (⚠ flagged, ✔ fine, – skipped) with its number and threshold, then, under
     each flagged check, the switch to *test* and the ablation that tests it against the run (``run``: the run dir
     the commands name)."""
-    from .doctor_grid import GRID_FILE, variant_name
+    from .doctor_grid import GRID_FILE
 
     findings = list(findings)
     width = max((len(f.check) for f in findings), default=0)
     where = str(run) if run is not None else "RUN_DIR"
     lines = [title or "GRPO health report"]
+
+    def add(text: str, indent: str = "", more: str | None = None) -> None:
+        lines.extend(textwrap.wrap(text, REPORT_WIDTH, initial_indent=indent,
+                                   subsequent_indent=indent if more is None else more, break_on_hyphens=False)
+                     or [indent])
+
     for f in findings:
         mark = "⚠" if f.triggered else ("–" if f.value is None else "✔")
         num = "" if f.value is None else f"value {_g(f.value)}"
         if f.threshold is not None and f.value is not None:
             num += f" (threshold {_g(f.threshold)})"
         lines.append(f"{mark} {f.check:<{width}}  {num}".rstrip())
-        lines.append(f"    {f.message}")
+        add(f.message, "    ")
         if f.triggered and f.suggestion:
-            lines.append(f"    -> test: {f.suggestion}")
-        if f.triggered and f.switches:
-            names = ", ".join(variant_name(s) for s in f.switches)
-            lines.append(f"       ablation: v3kit doctor {where} --grid && v3kit ablate --grid "
-                         f"{Path(where) / GRID_FILE}   (variants {names} vs 'run' and 'sft_only')")
-    flagged = [f.check for f in findings if f.triggered]
+            add(f"-> test: {f.suggestion}", "    ", "       ")
+    flagged = [f for f in findings if f.triggered]
     skipped = sum(f.value is None and not f.triggered for f in findings)
-    summary = f"{len(flagged)} of {len(findings)} checks flagged" + (f": {', '.join(flagged)}" if flagged else "")
-    lines.append(summary + (f"; {skipped} skipped" if skipped else ""))
+    summary = f"{len(flagged)} of {len(findings)} checks flagged" + (
+        f": {', '.join(f.check for f in flagged)}" if flagged else "")
+    add(summary + (f"; {skipped} skipped" if skipped else ""))
+    ordered = [f for f in evidence_order(flagged) if f.switches]
+    if ordered:
+        add("What to test, strongest evidence first (checks against the labels and the data before "
+            "training-mechanics checks; then by how far past its threshold):")
+        for i, f in enumerate(ordered, 1):
+            add(f"{i}. {f.check}: " + " | ".join(f.switches), "  ", "     ")
+        add(f"Test them against the run: v3kit investigate {where} (a verdict: what to ship), or v3kit doctor "
+            f"{where} --grid && v3kit ablate --grid {Path(where) / GRID_FILE}")
     if flagged:
-        lines.append("Suggestions are hypotheses from one run: adopt a switch only once its ablation beats 'run'.")
+        add("Suggestions are hypotheses from one run: adopt a switch only once its ablation beats 'run'.")
     return "\n".join(lines)
+
+
+REPORT_WIDTH = 100  # report lines wrap here (terminals, notebooks and the README transcript)
+
+# Checks that compare the run with the labels or the data itself: their evidence is about what the shipped metric
+# loses, so they are tested before the checks of GRPO's mechanics (ratios, clipping, KL, entropy).
+_DATA_CHECKS = ("baselines", "reward_vs_label", "reward_shortcut", "rce_converged")
+
+
+def evidence(f: Finding) -> float:
+    """How far a flagged finding is past its threshold, as a factor >= 1 (either direction); 1 when unknown."""
+    if f.value is None or f.threshold is None or f.value <= 0 or f.threshold <= 0:
+        return 1.0
+    return max(f.value / f.threshold, f.threshold / f.value)
+
+
+def evidence_order(findings: Iterable[Finding]) -> list[Finding]:
+    """Flagged findings, data checks first, each tier by :func:`evidence` (strongest first)."""
+    return sorted(findings, key=lambda f: (f.check not in _DATA_CHECKS, -evidence(f)))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

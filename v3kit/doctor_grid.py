@@ -24,9 +24,18 @@ _RUNNER_KEYS = ("seed", "run_dir", "progress")  # the ablation runner sets these
 
 
 def variant_name(switch: str) -> str:
-    """``grpo.old_policy=refresh_at_start`` -> ``old_policy_refresh_at_start`` (a readable variant name)."""
-    key, _, value = switch.partition("=")
-    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", f"{key.rsplit('.', 1)[-1]}_{value}").strip("_")
+    """``grpo.old_policy=refresh_at_start`` -> ``old_policy_refresh_at_start`` (a readable variant name); a switch
+    of several space-separated overrides joins their names with ``+``."""
+    names = []
+    for part in switch.split():
+        key, _, value = part.partition("=")
+        names.append(re.sub(r"[^A-Za-z0-9_.@-]+", "_", f"{key.rsplit('.', 1)[-1]}_{value}").strip("_"))
+    return "+".join(names)
+
+
+def switch_overrides(switch: str) -> list[str]:
+    """The ``key=value`` overrides of a switch (one, or several separated by spaces: tested together)."""
+    return switch.split()
 
 
 def _yaml_value(value: Any) -> str:
@@ -54,7 +63,7 @@ def doctor_grid(cfg: RunConfig, findings: Iterable[Any], *, name: str = "doctor"
             v = variant_name(switch)
             if v in variants:
                 continue
-            variants[v] = [switch]
+            variants[v] = switch_overrides(switch)
             questions[f"{f.check}: does {switch} beat the run?"] = [v, "run"]
     grid: dict[str, Any] = {
         "name": name,

@@ -411,8 +411,16 @@ def pack(meta: pd.DataFrame, source) -> GroupData:
         rewards=torch.from_numpy(grid("reward")),
         query_ids=[str(x) for x in order],
         utility=torch.from_numpy(grid("utility")) if "utility" in meta.columns else None,
+        cand_ids=torch.from_numpy(_cand_codes(meta, codes, slot, n, g_max)),
     )
     return GroupData(**out, checks="no_feature_scan")  # every feature value was checked chunk by chunk above
+
+
+def _cand_codes(meta: pd.DataFrame, codes: np.ndarray, slot: np.ndarray, n: int, g_max: int) -> np.ndarray:
+    """[N, G] codes of ``candidate_id`` (equal ids, equal codes; -1 at padding), as :func:`from_long_frame` makes."""
+    out = np.full((n, g_max), -1, dtype=np.int64)
+    out[codes, slot] = pd.factorize(meta["candidate_id"].astype(str))[0]
+    return out
 
 
 def pack_frame(df: pd.DataFrame) -> GroupData:

@@ -67,6 +67,11 @@ class ModelConfig:
     """Divides similarities before the group softmax."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra constructor kwargs for a custom target."""
+    residual: bool = False
+    """Built-in ``TwoTower`` only: each tower is ``normalize(x + f(x))`` with f an MLP (``hidden``) whose last layer
+    starts at zero, so the untrained model *is* the raw-feature cosine ranker and training learns a correction to
+    it. Needs query and candidate features of one dim; ``emb_dim`` and ``normalize`` are then unused. Cosine scores
+    lie in [-1, 1]: pair it with a small ``sim_temperature`` (e.g. 0.05-0.1) so the policy is not near uniform."""
 
     def __post_init__(self) -> None:
         if ":" not in self.target:
@@ -91,16 +96,40 @@ def _mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ResidualTower(nn.Module):
+    """``normalize(x + f(x))``: f's last layer is zero-initialised, so the tower starts as the identity on the
+    direction of ``x`` (the raw features' cosine) and learns a correction."""
+
+    def __init__(self, dim: int, hidden: list[int]) -> None:
+        super().__init__()
+        self.f = _mlp(dim, hidden, dim)
+        last = self.f[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.normalize(x + self.f(x), dim=-1)
+
+
 class TwoTower(nn.Module):
-    """Query tower and candidate tower, each an MLP, scored by dot product (cosine if ``normalize``)."""
+    """Query tower and candidate tower, each an MLP, scored by dot product (cosine if ``normalize``); with
+    ``residual`` each tower is a :class:`ResidualTower` (cosine of the corrected raw features)."""
 
     def __init__(
-        self, query_dim: int, cand_dim: int, hidden: list[int] = (64,), emb_dim: int = 32, normalize: bool = False
+        self, query_dim: int, cand_dim: int, hidden: list[int] = (64,), emb_dim: int = 32, normalize: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__()
-        self.query_tower = _mlp(query_dim, list(hidden), emb_dim)
-        self.cand_tower = _mlp(cand_dim, list(hidden), emb_dim)
-        self.normalize = normalize
+        if residual:
+            if query_dim != cand_dim:
+                raise ValueError(f"model.residual needs query and candidate features of one dim, got {query_dim} and "
+                                 f"{cand_dim}; set model.residual=false")
+            self.query_tower: nn.Module = ResidualTower(query_dim, list(hidden))
+            self.cand_tower: nn.Module = ResidualTower(cand_dim, list(hidden))
+        else:
+            self.query_tower = _mlp(query_dim, list(hidden), emb_dim)
+            self.cand_tower = _mlp(cand_dim, list(hidden), emb_dim)
+        self.normalize = normalize and not residual  # a residual tower already normalises
 
     def _out(self, x: Tensor) -> Tensor:
         return nn.functional.normalize(x, dim=-1) if self.normalize else x
@@ -179,10 +208,15 @@ def import_object(target: str) -> Any:
 
 def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
     """Instantiate ``cfg.target`` and check it follows the ranker protocol."""
+    if cfg.residual and cfg.target != DEFAULT_TARGET:
+        raise ValueError(f"model.residual applies to the built-in {DEFAULT_TARGET} only, not {cfg.target!r}; build "
+                         "the residual into your own towers, or set model.residual=false")
     cls = import_object(cfg.target)
     kwargs = dict(cfg.kwargs)
     if cfg.target == DEFAULT_TARGET:
         kwargs.update(hidden=list(cfg.hidden), emb_dim=cfg.emb_dim, normalize=cfg.normalize)
+        if cfg.residual:  # only when set: checkpoints of earlier versions rebuild with the same arguments
+            kwargs["residual"] = True
     try:
         model = cls(query_dim=query_dim, cand_dim=cand_dim, **kwargs)
     except TypeError as e:  # a wrong keyword in model.kwargs, or a constructor without query_dim/cand_dim

@@ -18,7 +18,8 @@ from torch import nn
 from .bounds import check_model_fits
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from . import distributed
-from .checkpoint import check_finite_checkpoint, checkpoint_model_config, load_checkpoint
+from .checkpoint import check_finite_checkpoint, checkpoint_model_config, load_checkpoint, model_from_checkpoint
+from .debias import DebiasReport, check_debias, debias_splits
 from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
@@ -26,6 +27,7 @@ from .metrics import evaluate, metric_order
 from .model import build_model, compute_log_probs
 from .rce import final_logit_temperature, run_rce
 from .rundir import RunLock, atomic_write_text, file_sha256
+from .selection import Selection, select_model, write_selection
 from .sft import Stage1, load_sft, train_sft
 from .stdlib_search import builtin_table
 from .synthetic import make_world
@@ -67,15 +69,21 @@ def load_data(cfg: RunConfig) -> GroupData:
 
 
 def prepare_data(cfg: RunConfig) -> Splits:
-    """Load ``cfg.data`` (see :func:`load_data`) and split it by query with ``cfg.seed``."""
+    """Load ``cfg.data`` (see :func:`load_data`) and split it by query with :func:`split_seed`."""
     d = cfg.data
     if d.path and d.cache and d.text_mode != "end_to_end" and not d.path.startswith("builtin:"):
         # memory-mapped splits of a feature table: memory holds what the batches touch
         from .cache import cached_splits
 
-        return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac, seed=cfg.seed)
+        return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac,
+                             seed=split_seed(cfg))
     data = load_data(cfg)
-    return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
+    return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=split_seed(cfg))
+
+
+def split_seed(cfg: RunConfig) -> int:
+    """The seed of ``cfg``'s train/val/test split: ``data.split_seed``, else the run's ``seed``."""
+    return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
 
 
 def _count_params(cfg: RunConfig, splits: Splits) -> int | None:
@@ -240,6 +248,8 @@ class PipelineResult:
     runtime: Runtime | None = None
     # batches left out for a NaN/inf loss or gradient, per stage run with on_nonfinite=skip_batch
     skipped_batches: dict[str, int] = field(default_factory=dict)
+    selection: Selection | None = None  # which model the run ships (the table's ``selected`` row)
+    debias: DebiasReport | None = None  # what reward.debias did to the training rewards
 
 
 def skipped_batches(run_dir: str | Path) -> dict[str, int]:
@@ -272,6 +282,10 @@ def run_pipeline(
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {run_dir} is a file, not a directory; set run_dir to a directory path")
+    sft_checkpoint = sft_checkpoint or cfg.sft.checkpoint
+    if sft_checkpoint and not Path(sft_checkpoint).is_file():
+        raise ConfigError(f"sft.checkpoint / --sft {sft_checkpoint} does not exist; give the path of a v2 SFT "
+                          "checkpoint (v3kit import-sft makes one from your own model)")
     if sft_checkpoint:
         # The given checkpoint's model is what runs, whatever cfg.model says: record that one in config.yaml.
         ckpt = load_checkpoint(sft_checkpoint)
@@ -293,6 +307,10 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     splits = splits or prepare_data(cfg)
     runtime = resolve_runtime(cfg, splits)  # before anything is written: a missing device fails cleanly
     check_model_fits(cfg.model, splits.train.query_dim, splits.train.cand_dim, runtime.device)  # a model too big
+    check_debias(cfg.reward, splits.train)  # before SFT: data that cannot support it fails in one line now
+    if cfg.select_metric == "utility@1" and splits.val.utility is None:
+        raise ConfigError("select_metric=utility@1 needs a true utility, which this data does not have; use a label "
+                          "metric such as select_metric=acc@1")
     torch.set_num_threads(runtime.threads)
     main = distributed.current().main
     if main:
@@ -306,22 +324,55 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     on = dict(device=runtime.device, precision=runtime.precision)
     stage1 = load_sft(sft_path, splits.train, **on)
     model_cfg = stage1.model_config
+    rl_splits, debias = debias_splits(splits, cfg.reward, seed=cfg.seed)  # RCE and GRPO's rewards only
+    if debias is not None and main:
+        update_run_info(run_dir, **debias.as_dict())
     common = dict(seed=cfg.seed, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=cfg.progress,
                   log_every=cfg.log_every, **on)
-    rce = run_rce(stage1.policy, splits, cfg.rce, model_config=model_cfg, reference=stage1.reference, **common)
+    rce = run_rce(stage1.policy, rl_splits, cfg.rce, model_config=model_cfg, reference=stage1.reference, **common)
     after_rce = copy.deepcopy(stage1.policy)
     temperature = cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_cfg.sim_temperature))
-    grpo = run_grpo(stage1.policy, splits, stage1.old_log_probs, cfg.grpo, reference=stage1.reference,
+    grpo = run_grpo(stage1.policy, rl_splits, stage1.old_log_probs, cfg.grpo, reference=stage1.reference,
                     temperature=temperature, model_config=model_cfg, **common)
 
     models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
+    distributed.barrier()  # rank 0's metrics.csv is complete
+    selection, models["selected"] = _select(cfg, run_dir, models, splits, runtime)
     table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature,
                         precision=runtime.precision)
     if main:
         atomic_write_text(run_dir / "summary.csv", table.to_csv())
+        write_selection(run_dir, selection)
     distributed.barrier()
     return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
-                          models=models, runtime=runtime, skipped_batches=skipped_batches(run_dir))
+                          models=models, runtime=runtime, skipped_batches=skipped_batches(run_dir),
+                          selection=selection, debias=debias)
+
+
+def last_stage(cfg: RunConfig) -> str:
+    """The last stage that trains under ``cfg`` (``sft`` when RCE and GRPO are off)."""
+    return "grpo" if cfg.grpo.epochs > 0 else "rce" if cfg.rce.epochs > 0 else "sft"
+
+
+def _select(cfg: RunConfig, run_dir: Path, models: dict[str, nn.Module], splits: Splits,
+            runtime: Runtime) -> tuple[Selection, nn.Module]:
+    """The model ``cfg.select`` ships (see :mod:`v3kit.selection`) and its :class:`Selection`."""
+    metric = cfg.select_metric
+    metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame(
+        columns=["stage", "split", "epoch"])
+
+    def sft_val() -> float:
+        return float(evaluate(models["sft"], splits.val, temperature=1.0, precision=runtime.precision)[metric])
+
+    stage = last_stage(cfg)
+    sel = select_model(run_dir, metrics, metric, cfg.select, stage, sft_val)
+    if sel.stage == "sft":
+        model = models["sft"]
+    elif sel.stage == stage and sel.epoch == getattr(cfg, stage).epochs:
+        model = models[stage]  # the end of the last stage: already in memory
+    else:
+        model = model_from_checkpoint(load_checkpoint(sel.checkpoint), sel.checkpoint).to(runtime.device)
+    return sel, model
 
 
 # ------------------------------------------------------------------------------------ stage reuse (notebooks)
@@ -402,7 +453,7 @@ def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Seq
     same RCE settings (unless ``fresh``), else train RCE. ``result.model`` is the post-RCE policy."""
     run_dir = Path(cfg.run_dir)
     state = read_state(run_dir)
-    want = {"stage1": state.get("stage1"), "rce": signature(cfg, "rce")}
+    want = {"stage1": state.get("stage1"), "rce": signature(cfg, "rce", "reward")}
     last = run_dir / f"rce_epoch{cfg.rce.epochs}.pt"
     reuse = not fresh and state.get("rce") == want and (cfg.rce.epochs == 0 or last.exists())
     if reuse:
@@ -410,6 +461,7 @@ def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Seq
     else:
         print(f"training RCE for {cfg.rce.epochs} epoch(s) -> {run_dir}/rce_epoch*.pt")
         _invalidate(run_dir, ("rce", "grpo"), state)
+    splits, _ = debias_splits(splits, cfg.reward, seed=cfg.seed)  # as run_pipeline: RCE's rewards only
     result = run_rce(stage1.policy, splits, cfg.rce, model_config=stage1.model_config, reference=stage1.reference,
                      seed=cfg.seed, run_dir=run_dir, resume=reuse, callbacks=callbacks, progress=cfg.progress)
     state["rce"] = want

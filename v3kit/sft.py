@@ -25,6 +25,10 @@ class SFTConfig(OptimConfig):
     """Epochs of supervised training (CE on the human label); at most 10,000."""
     lr: float = 1e-3
     batch_size: int = 64
+    checkpoint: str | None = None
+    """A v2 SFT checkpoint to start from instead of training one (the same as ``v3kit run --sft CKPT``; its model
+    replaces ``model.*``). ``v3kit investigate`` writes it into the configs it recommends, so they start from the
+    SFT model you have."""
 
     section = "sft"
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .data import GroupData
 
-__all__ = ["ShortcutAnalysis", "centre_in_group", "reward_shortcut", "shortcut_frame"]
+__all__ = ["ShortcutAnalysis", "centre_in_group", "centred_features", "fit_ridge", "reward_shortcut", "shortcut_frame"]
 
 
 def centre_in_group(x: Tensor, mask: Tensor) -> Tensor:
@@ -35,6 +35,23 @@ def centre_in_group(x: Tensor, mask: Tensor) -> Tensor:
     xm = torch.where(mask, x, torch.zeros_like(x))
     mean = xm.sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp_min(1)
     return torch.where(mask, x - mean, torch.zeros_like(x))
+
+
+def centred_features(data: GroupData) -> Tensor:
+    """[N, G, Dc] the candidate features minus their group's mean (float64; 0 at padding): the reward is compared
+    within groups, so only how a candidate differs from its group-mates can explain it."""
+    x = data.cand_x.double()
+    m = data.mask.unsqueeze(-1).to(x.dtype)
+    return torch.where(data.mask.unsqueeze(-1),
+                       x - (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1), torch.zeros_like(x))
+
+
+def fit_ridge(xc: Tensor, y: Tensor, fit: Tensor, ridge: float) -> Tensor:
+    """Ridge weights [Dc] from the entries ``fit`` ([N, G] bool) of ``xc`` to ``y`` (no intercept: both are centred
+    per group)."""
+    xf, yf = xc[fit], y[fit]
+    eye = torch.eye(xc.shape[-1], dtype=xc.dtype)
+    return torch.linalg.solve(xf.T @ xf + ridge * eye, xf.T @ yf)
 
 
 def _corr(a: Tensor, b: Tensor, mask: Tensor) -> float:
@@ -84,17 +101,11 @@ def reward_shortcut(
         raise ValueError(f"reward_shortcut needs at least k_folds={k_folds} groups, got {n}")
     mask = data.mask
     y = centre_in_group(data.rewards.double(), mask)
-    x = data.cand_x.double()
-    m = mask.unsqueeze(-1).to(x.dtype)
-    xc = torch.where(mask.unsqueeze(-1), x - (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1),
-                     torch.zeros_like(x))
+    xc = centred_features(data)
     folds = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % k_folds
     pred = torch.zeros_like(y)
-    eye = torch.eye(x.shape[-1], dtype=x.dtype)
     for k in range(k_folds):
-        fit = (folds != k).unsqueeze(1) & mask
-        xf, yf = xc[fit], y[fit]
-        w = torch.linalg.solve(xf.T @ xf + ridge * eye, xf.T @ yf)
+        w = fit_ridge(xc, y, (folds != k).unsqueeze(1) & mask, ridge)
         held = folds == k
         pred[held] = xc[held] @ w
     pred = torch.where(mask, pred, torch.zeros_like(pred))

@@ -116,13 +116,24 @@ def power_lines(summary: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
         mde = float(sm["mde"].median())
         nq = int(sm["n_queries"].max()) if "n_queries" in sm.columns else 0
         design = f"{nq} test queries x {int(sm['n_seeds'].min())}+ seeds" if nq else f"{int(sm['n_seeds'].min())}+ seeds"
-        line = f"Power: {m} differences smaller than ~{mde:.3f} go undetected (80% power at 5%; {design})"
+        line = f"Power: {m} differences smaller than ~{mde:.3g} go undetected (80% power at 5%; {design})"
         sft = float(sm["sft"].abs().median())
         if sft > 0 and mde > WIDE_MDE_REL * sft:
-            line += (f" -- too wide to tell effects under {mde / sft:.0%} of SFT's {sft:.3f}: raise data.test_frac "
-                     f"(e.g. --set data.test_frac=0.3) or the seeds")
+            line += f" -- too wide to tell effects under {mde / sft:.0%} of SFT's {sft:.3g}: " + _more_power(
+                summary.attrs.get("test_frac"))
         out.append(line + ".")
     return out
+
+
+def _more_power(test_frac: float | None) -> str:
+    """What narrows the intervals of *this* design: a larger test split only while it is still small (the grid's
+    ``data.test_frac``, when the summary knows it), else more seeds or more labelled queries."""
+    if test_frac is None:
+        return "raise data.test_frac (e.g. --set data.test_frac=0.3) or the seeds"
+    if test_frac < 0.3:
+        return f"raise data.test_frac (now {test_frac:g}; e.g. --set data.test_frac=0.3) or the seeds"
+    return (f"data.test_frac is already {test_frac:g}: add seeds for the seed part of the noise, or more labelled "
+            "queries for the test part")
 
 
 def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS, world: str | None = None) -> str:

@@ -130,13 +130,19 @@ def _execute(task: _RunTask) -> dict[str, Any]:
     # How often the reward's top candidate is the label on the test split: what the conclusions read label metrics
     # against, above all on real data without a true utility.
     info["reward_label_agreement"] = label_reward_agreement(splits.test)
+    if res.debias is not None:
+        info.update({k: v for k, v in res.debias.as_dict().items() if isinstance(v, float)})
+    if res.selection is not None:
+        info["selected_stage"] = res.selection.stage
+        info["selected_epoch"] = float(res.selection.epoch)
     rows = []
     for stage, hist in (("rce", res.rce.eval_history), ("grpo", res.grpo.eval_history)):
         for rec in hist.to_dict("records"):
             row = {**keys, "split": "val", "stage": stage, "epoch": int(rec["epoch"])}
             row.update({m: rec[m] for m in METRIC_DIRECTION if m in rec and pd.notna(rec[m])})
             rows.append(row)
-    epochs = {"sft": task.cfg.sft.epochs, "rce": task.cfg.rce.epochs, "grpo": task.cfg.grpo.epochs}
+    epochs = {"sft": task.cfg.sft.epochs, "rce": task.cfg.rce.epochs, "grpo": task.cfg.grpo.epochs,
+              "selected": res.selection.epoch if res.selection is not None else task.cfg.grpo.epochs}
     for stage, rec in res.table.iterrows():
         rows.append({**keys, "split": "test", "stage": stage, "epoch": epochs[stage],
                      **{k: float(v) for k, v in rec.items()}})
@@ -144,7 +150,7 @@ def _execute(task: _RunTask) -> dict[str, Any]:
     test = splits.test
     pq = {name: {k: v.tolist() for k, v in per_query_outcomes(res.models[name], test, temperature,
                                                                res.models["sft"]).items()}
-          for name in ("sft", "grpo")}
+          for name in ("sft", "grpo", "selected") if name in res.models}
     wall = time.perf_counter() - t0
     payload = {"hash": task.hash, **keys, "run_dir": str(run_dir), "wall_s": wall, "info": info, "rows": rows,
                "per_query": pq, "query_ids": list(test.query_ids)}
@@ -154,6 +160,53 @@ def _execute(task: _RunTask) -> dict[str, Any]:
     atomic_write_text(task.result_path, json.dumps(payload))
     return {**keys, "wall_s": wall}
 
+
+
+class _SFTPlan:
+    """Which SFT checkpoint each run starts from, and the SFT trainings still to do.
+
+    A run whose model/sft settings equal its world's base starts from the world's SFT (``<world>/sft/sft.pt``, or
+    the grid's ``sft_checkpoint`` in the base world); a variant that changes ``model.*`` or ``sft.*`` gets the SFT of
+    its own settings (``<world>/sft-<hash>/sft.pt``), shared by every variant and seed with the same settings; a
+    run with ``sft.checkpoint`` starts from that file.
+    """
+
+    def __init__(self, out: Path, spec: GridSpec, sft_cfgs: dict[str, RunConfig]) -> None:
+        self.out, self.spec, self.sft_cfgs = out, spec, sft_cfgs
+        self.pending: dict[Path, _SFTTask] = {}
+
+    def _given(self, path: Path, cfg: RunConfig) -> tuple[Path, str]:
+        """A given checkpoint: what the result depends on is its path, size and mtime."""
+        st = path.stat()
+        return path, f"{path}:{st.st_size}:{st.st_mtime_ns}:{_sft_hash(cfg)}"
+
+    def sft_for(self, world: str, variant: str, cfg: RunConfig) -> tuple[Path, str]:
+        """(the SFT checkpoint the run starts from, the key its result depends on of that SFT)."""
+        if cfg.sft.checkpoint:
+            return self._given(Path(cfg.sft.checkpoint).resolve(), cfg)
+        base = self.sft_cfgs[world]
+        sft_cfg = dataclasses.replace(base, model=cfg.model, sft=cfg.sft)
+        h = _sft_hash(sft_cfg)
+        if h == _sft_hash(base):
+            if world == BASE_WORLD and self.spec.sft_checkpoint is not None:
+                return self._given(Path(self.spec.sft_checkpoint).resolve(), base)
+            folder = self.out / world / "sft"
+        else:
+            folder = self.out / world / f"sft-{h[:12]}"
+            sft_cfg = dataclasses.replace(sft_cfg, run_dir=str(folder))
+        path = folder / "sft.pt"
+        hash_file = folder / "sft.hash"
+        if not (path.exists() and hash_file.exists() and hash_file.read_text() == h) and path not in self.pending:
+            self.pending[path] = _SFTTask(world=world, cfg=sft_cfg, path=path, hash=h)
+        return path, h
+
+    def tasks_for(self, runs: Iterable[_RunTask]) -> list[_SFTTask]:
+        """The SFT trainings ``runs`` still need (each handed out once)."""
+        need = {r.sft_path for r in runs}
+        out = [t for p, t in self.pending.items() if p in need]
+        for t in out:
+            del self.pending[t.path]
+        return out
 
 
 @dataclass
@@ -177,8 +230,10 @@ class GridResult:
         """:func:`summarize` of this grid with the grid's reference (cached per set of arguments)."""
         key = json.dumps([n_boot, ci, seed, list(metrics or [])])
         if key not in self._summaries:
-            self._summaries[key] = summarize(self.frame, self.per_query, reference=self.spec.reference,
-                                             n_boot=n_boot, ci=ci, seed=seed, metrics=metrics)
+            out = summarize(self.frame, self.per_query, reference=self.spec.reference, n_boot=n_boot, ci=ci,
+                            seed=seed, metrics=metrics)
+            out.attrs["test_frac"] = self.spec.base_config().data.test_frac  # the power advice reads the design
+            self._summaries[key] = out
         return self._summaries[key]
 
 
@@ -244,48 +299,31 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grid.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False))
 
-    # SFT checkpoints, one per world (retrained only if the data/model/sft config changed).
-    sft_tasks, sft_cfgs = [], {}
-    for world in spec.world_names():
-        cfg = spec.base_config(world, [f"seed={spec.sft_seed}", f"run_dir={out / world / 'sft'}", "progress=false"])
-        sft_cfgs[world] = cfg
-        if world == BASE_WORLD and spec.sft_checkpoint is not None:
-            continue  # the grid's given SFT checkpoint: nothing to train
-        path, h = out / world / "sft" / "sft.pt", _sft_hash(cfg)
-        hash_file = path.parent / "sft.hash"
-        if not (path.exists() and hash_file.exists() and hash_file.read_text() == h):
-            sft_tasks.append(_SFTTask(world=world, cfg=cfg, path=path, hash=h))
-
-    def sft_path(world: str) -> Path:
-        if world == BASE_WORLD and spec.sft_checkpoint is not None:
-            return Path(spec.sft_checkpoint).resolve()
-        return out / world / "sft" / "sft.pt"
-
-    def sft_key(world: str) -> str:
-        """What a run's result depends on of its SFT: its config, or the given checkpoint's path, size and mtime."""
-        if world == BASE_WORLD and spec.sft_checkpoint is not None:
-            st = sft_path(world).stat()
-            return f"{sft_path(world)}:{st.st_size}:{st.st_mtime_ns}:{_sft_hash(sft_cfgs[world])}"
-        return _sft_hash(sft_cfgs[world])
+    # SFT checkpoints: one per world and distinct SFT (data/model/sft settings; variants may change model.* and
+    # sft.*), each trained once and shared by its variants and seeds; retrained only when its settings change.
+    sft_cfgs = {w: spec.base_config(w, [f"seed={spec.sft_seed}", f"run_dir={out / w / 'sft'}", "progress=false"])
+                for w in spec.world_names()}
+    sft_plan = _SFTPlan(out, spec, sft_cfgs)
 
     def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
         tasks, skipped = [], 0
-        sft_cfg = sft_cfgs[world]
         for variant in variants:
             for seed in seeds:
                 rd = _run_dir(out, world, variant, seed)
                 cfg = spec.resolve(world, variant, seed, rd)
-                h = _config_hash(cfg, sft_key(world))
+                path, key = sft_plan.sft_for(world, variant, cfg)
+                h = _config_hash(cfg, key)
                 result_path = rd / "result.json"
                 if _load_result(result_path, h) is not None:
                     skipped += 1
                     continue
-                tasks.append(_RunTask(world=world, variant=variant, seed=seed, cfg=cfg, split_cfg=sft_cfg,
-                                      sft_path=sft_path(world), result_path=result_path, hash=h,
+                tasks.append(_RunTask(world=world, variant=variant, seed=seed, cfg=cfg, split_cfg=sft_cfgs[world],
+                                      sft_path=path, result_path=result_path, hash=h,
                                       keep_checkpoints=keep_checkpoints))
         return tasks, skipped
 
     base_tasks, skipped = plan(BASE_WORLD, spec.variants, spec.seeds)
+    sft_tasks = sft_plan.tasks_for(base_tasks)
     n_world_runs = 0
     if spec.worlds:
         n_world_runs = len(spec.worlds.levels) * len(spec.worlds.variants) * len(spec.worlds.seeds)
@@ -321,6 +359,11 @@ def run_grid(
                 world_tasks += tasks
                 skipped += s
                 bar.update(s)
+            world_sft = sft_plan.tasks_for(world_tasks)
+            if world_sft:
+                _run_tasks(_train_sft, world_sft, workers, None, pool, errors)
+                if errors:
+                    raise RuntimeError("SFT training failed, no variant can run:\n" + "\n".join(errors))
             _run_tasks(_execute, world_tasks, workers, bar, pool, errors)
             executed += len(world_tasks)
     finally:
@@ -386,7 +429,7 @@ def collect(out_dir: str | Path, spec: GridSpec, *, worlds: Sequence[str] | None
         order = {v: i for i, v in enumerate(spec.variants)}
         frame["_o"] = frame["variant"].map(order)
         frame["_w"] = frame["world"].map({w: i for i, w in enumerate(spec.world_names())})
-        frame["_s"] = frame["stage"].map({"sft": 0, "rce": 1, "grpo": 2})
+        frame["_s"] = frame["stage"].map({"sft": 0, "rce": 1, "grpo": 2, "selected": 3})
         frame = frame.sort_values(["_w", "_o", "seed", "split", "_s", "epoch"]).drop(columns=["_o", "_w", "_s"])
         frame = frame.reset_index(drop=True)
     if not return_per_query:

@@ -108,11 +108,12 @@ class _PerQuery:
 
 
 def _paired(pq: _PerQuery, final: pd.DataFrame, world: str, a: str, b: str | None, metric: str,
-            ) -> tuple[np.ndarray, str]:
+            stage: str = "grpo") -> tuple[np.ndarray, str]:
     """The paired difference ``a - b`` per run (b=None: a's own SFT), as [runs, queries] when per-query outcomes
-    exist for the metric, else [runs]; and the name of the method."""
-    a_mat = pq.matrix(world, a, "grpo", metric)
-    b_mat = pq.matrix(world, a, "sft", metric) if b is None else pq.matrix(world, b, "grpo", metric)
+    exist for the metric, else [runs]; and the name of the method. ``stage``: which model of a run is its final
+    one (``grpo``: the end of the pipeline; ``selected``: the model ``select`` kept)."""
+    a_mat = pq.matrix(world, a, stage, metric)
+    b_mat = pq.matrix(world, a, "sft", metric) if b is None else pq.matrix(world, b, stage, metric)
     if a_mat is not None and b_mat is not None:
         seeds = a_mat.index.intersection(b_mat.index)
         if len(seeds):
@@ -125,11 +126,12 @@ def _paired(pq: _PerQuery, final: pd.DataFrame, world: str, a: str, b: str | Non
     return (fa.loc[seeds, metric] - fb.loc[seeds, metric]).dropna().to_numpy(), "seeds"
 
 
-def _final_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: the final (after GRPO) test metrics plus ``sft_<metric>`` of the same run's SFT row."""
+def _final_table(frame: pd.DataFrame, stage: str = "grpo") -> pd.DataFrame:
+    """One row per run: the final (``stage``: after GRPO, or the selected model) test metrics plus ``sft_<metric>``
+    of the same run's SFT row."""
     test = frame[frame["split"] == "test"]
     keys = ["world", "variant", "seed"]
-    final = test[test["stage"] == "grpo"].set_index(keys)
+    final = test[test["stage"] == stage].set_index(keys)
     sft = test[test["stage"] == "sft"].set_index(keys)
     metrics = [m for m in METRIC_DIRECTION if m in final.columns]
     out = final[metrics].join(sft[metrics].add_prefix("sft_"))
@@ -145,6 +147,7 @@ def summarize(
     n_boot: int = 2000,
     ci: float = 0.95,
     seed: int = 0,
+    stage: str = "grpo",
 ) -> pd.DataFrame:
     """Mean and bootstrap CI of every final test metric per (world, variant), the paired difference to SFT with its
     CI and verdict, and (with ``reference``) the paired difference to the reference variant.
@@ -157,7 +160,7 @@ def summarize(
     else ``n.s.``; a seeds-only CI from fewer than :data:`MIN_RUNS_FOR_SEEDS_ONLY_VERDICT` runs gets no verdict
     (``""``), because a percentile bootstrap over 3 runs is about [min, max] and calls noise significant.
     """
-    final = _final_table(frame)
+    final = _final_table(frame, stage)
     # a metric the data does not have (utility@1 on real data) is left out rather than summarised as NaN
     metrics = [m for m in (metrics or METRIC_DIRECTION) if m in final.columns and final[m].notna().any()]
     pq = _PerQuery(per_query)
@@ -165,9 +168,9 @@ def summarize(
     for (world, variant), grp in final.groupby(["world", "variant"], sort=False):
         for m in metrics:
             d = METRIC_DIRECTION[m]
-            vals, method = _paired(pq, final, world, variant, None, m)
+            vals, method = _paired(pq, final, world, variant, None, m, stage)
             level = grp[m].to_numpy(dtype=float)
-            level_mat = pq.matrix(world, variant, "grpo", m)
+            level_mat = pq.matrix(world, variant, stage, m)
             level_ci = bootstrap_mean_ci(level_mat.to_numpy() if level_mat is not None else level,
                                          n_boot=n_boot, ci=ci, seed=seed)
             lo, hi = bootstrap_mean_ci(vals, n_boot=n_boot, ci=ci, seed=seed)
@@ -181,7 +184,7 @@ def summarize(
                 if variant == reference:
                     row.update(vs_ref=0.0, vs_ref_low=0.0, vs_ref_high=0.0, vs_ref_verdict="")
                 elif (final["variant"] == reference).any():
-                    rv, rmethod = _paired(pq, final, world, variant, reference, m)
+                    rv, rmethod = _paired(pq, final, world, variant, reference, m, stage)
                     rlo, rhi = bootstrap_mean_ci(rv, n_boot=n_boot, ci=ci, seed=seed)
                     row.update(vs_ref=float(np.mean(rv)) if np.size(rv) else math.nan, vs_ref_low=rlo,
                                vs_ref_high=rhi, vs_ref_verdict=_verdict(rlo, rhi, d, rmethod, len(rv)))
@@ -197,16 +200,16 @@ def summarize(
 
 def compare(frame: pd.DataFrame, per_query: pd.DataFrame | None, pairs: Mapping[str, tuple[str, str]], *,
             metrics: Sequence[str] = KEY_METRICS, world: str = BASE_WORLD, n_boot: int = 2000, ci: float = 0.95,
-            seed: int = 0) -> pd.DataFrame:
+            seed: int = 0, stage: str = "grpo") -> pd.DataFrame:
     """Paired differences ``a - b`` (with CI and verdict) for named pairs of variants, e.g. the grid's questions."""
-    final = _final_table(frame)
+    final = _final_table(frame, stage)
     pq = _PerQuery(per_query)
     rows = []
     for question, (a, b) in pairs.items():
         for m in metrics:
             if m not in final.columns:
                 continue
-            vals, method = _paired(pq, final, world, a, b, m)
+            vals, method = _paired(pq, final, world, a, b, m, stage)
             lo, hi = bootstrap_mean_ci(vals, n_boot=n_boot, ci=ci, seed=seed)
             rows.append({"question": question, "a": a, "b": b, "metric": m,
                          "diff": float(np.mean(vals)) if np.size(vals) else math.nan, "low": lo, "high": hi,
