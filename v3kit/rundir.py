@@ -41,6 +41,7 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes as ``"24.8 KB"`` (binary units) for one-line messages."""
     for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
         if abs(n) < 1024 or unit == "PB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
