@@ -392,6 +392,24 @@ def test_damaged_embedding_shard_is_rebuilt_with_a_note(tmp_path, capsys, damage
     assert capsys.readouterr().err == ""  # the rebuilt shard is good
 
 
+def test_many_bad_shards_make_one_note(tmp_path, capsys):
+    from v3kit.text import embed_texts
+
+    texts = ["a", "bb", "ccc"]
+    want = embed_texts(texts, encoder_name="enc", cache_dir=tmp_path, encode=Encoder(), batch_size=1,
+                       progress=False)
+    shards = sorted((tmp_path / "enc").glob("shard-*.npz"))
+    assert len(shards) == 3
+    for shard in shards:  # as an older v3kit wrote them: no checksum
+        with np.load(shard) as z:
+            np.savez(shard, hashes=z["hashes"], vectors=z["vectors"])
+    capsys.readouterr()
+    got = embed_texts(texts, encoder_name="enc", cache_dir=tmp_path, encode=Encoder(), progress=False)
+    note = one_line(capsys.readouterr().err)
+    assert "no checksum: written by an older v3kit" in note and "and 2 more" in note, note
+    np.testing.assert_array_equal(got, want)
+
+
 # ============================================================================================== full disk
 class FullDisk:
     """A filesystem under ``root`` with ``budget`` bytes left for files whose name ``counts``: a write past it writes

@@ -106,17 +106,20 @@ class EmbeddingCache:
     def _refresh(self) -> None:
         if not self.dir.is_dir():
             return
+        bad: list[tuple[Path, str]] = []
         for path in sorted(self.dir.glob("shard-*.npz")):
             if path in self._loaded:
                 continue
             try:
                 with np.load(path) as z:
+                    if "checksum" not in z.files:
+                        raise KeyError("no checksum: written by an older v3kit")
                     hashes, vectors, checksum = z["hashes"], z["vectors"], z["checksum"]
                 problem = shard_problem(hashes, vectors, checksum)
             except Exception as e:  # not an npz, truncated, a missing entry: the same remedy
-                problem = f"unreadable ({type(e).__name__})"
+                problem = f"unreadable ({type(e).__name__}: {str(e)[:80]})"
             if problem:
-                _note(f"embedding cache shard {path} is {problem}; removing it, its texts are embedded again")
+                bad.append((path, problem))
                 try:
                     path.unlink()
                 except OSError:  # a read-only cache: skip the shard without removing it
@@ -124,6 +127,9 @@ class EmbeddingCache:
                 continue
             self._vectors.update(zip(hashes.tolist(), vectors))
             self._loaded.add(path)
+        if bad:  # one line however many shards (an upgrade from an unchecksummed cache drops them all)
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            _note(f"embedding cache shard {bad[0][0]} is {bad[0][1]}{more}; removed, their texts are embedded again")
 
     def get(self, hashes: list[str]) -> dict[str, np.ndarray]:
         self._refresh()
