@@ -47,18 +47,18 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         if self.n_queries < 10:
-            raise ValueError(f"synthetic.n_queries must be >= 10, got {self.n_queries}")
+            raise ValueError(f"data.synthetic.n_queries must be >= 10, got {self.n_queries}")
         if not 2 <= self.min_group_size <= self.group_size:
             raise ValueError(
-                f"synthetic.min_group_size ({self.min_group_size}) must be in [2, group_size={self.group_size}]"
+                f"data.synthetic.min_group_size ({self.min_group_size}) must be in [2, group_size={self.group_size}]"
             )
         for name in ("obs_noise", "label_noise", "reward_noise", "reward_bias"):
             if getattr(self, name) < 0:
-                raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"data.synthetic.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.random_frac <= 1:
-            raise ValueError(f"synthetic.random_frac must be in [0, 1], got {self.random_frac}")
+            raise ValueError(f"data.synthetic.random_frac must be in [0, 1], got {self.random_frac}")
         if self.feature_dim < 1 or self.latent_dim < 1:
-            raise ValueError(f"synthetic.feature_dim and synthetic.latent_dim must be >= 1, got "
+            raise ValueError(f"data.synthetic.feature_dim and data.synthetic.latent_dim must be >= 1, got "
                              f"{self.feature_dim} and {self.latent_dim}")
         # Generous per-field bounds that catch typos; a world that is in bounds but too big for this machine is
         # refused by make_world's memory check before anything is allocated.
