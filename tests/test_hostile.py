@@ -161,6 +161,17 @@ def test_memory_check_uses_the_exact_parameter_count(monkeypatch):
         check_model_fits(cfg, 16, 12)
 
 
+def test_memory_check_on_cuda_reads_the_devices_free_memory(monkeypatch):
+    from v3kit.bounds import available_memory, require_memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 << 30, 8 << 30))  # no GPU needed
+    assert available_memory("cuda:0") == 3 << 30
+    require_memory(3 << 30, "x", "fix", "cuda:0")
+    with pytest.raises(ValueError, match=r"^x needs about 3\.0 GB of memory but cuda has 3\.0 GB available; fix$"):
+        require_memory((3 << 30) + 1, "x", "fix", "cuda:0")
+    assert available_memory("mps") is None  # unknown: never refused on a guess
+
+
 def test_a_synthetic_world_too_big_for_memory_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("V3KIT_TEST_AVAILABLE_MEMORY", str(1 << 30))
     code, _, err = cli(capsys, "run", "--set", "data.synthetic.n_queries=10000000", "--set",

@@ -42,18 +42,34 @@ def available_memory(device: torch.device | str = "cpu") -> int | None:
         return None
     if os.environ.get("V3KIT_TEST_AVAILABLE_MEMORY"):  # tests: a machine of a given size
         return int(os.environ["V3KIT_TEST_AVAILABLE_MEMORY"])
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except OSError:
-        pass
-    try:
-        import psutil
+        try:
+            import psutil
 
-        return int(psutil.virtual_memory().available)
-    except Exception:
+            free = int(psutil.virtual_memory().available)
+        except Exception:
+            pass
+    limit = _cgroup_headroom()  # a container's limit is often far below the host's free memory
+    return limit if free is None else free if limit is None else min(free, limit)
+
+
+def _cgroup_headroom() -> int | None:
+    """``memory.max - memory.current`` of this process's cgroup (v2), None without a limit."""
+    try:
+        root = "/sys/fs/cgroup"
+        with open(f"{root}/memory.max") as f:
+            cap = f.read().strip()
+        if cap == "max":
+            return None
+        with open(f"{root}/memory.current") as f:
+            return max(0, int(cap) - int(f.read().strip()))
+    except (OSError, ValueError):
         return None
 
 
