@@ -287,6 +287,13 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
         add(section, f"cached load ({dtype})", rows / again["seconds"], "rows/s", reps,
             f"{again['seconds'] * 1e3:.1f} ms; memory-mapped")
         add(section, f"cached load ({dtype}): peak RSS growth", again["peak_rss_growth"] / 1e6, "MB", reps)
+        # What verifying the cache costs: the same load with the per-file CRC-32 check skipped (open_cache without
+        # the file listing reads no page), side by side with the verified load above.
+        unchecked = median_probe(f"from v3kit.cache import open_cache\nd = open_cache(cache_dir({str(path)!r}, "
+                                 f"{dtype!r}))\nout = {{}}", reps, setup)
+        add(section, f"cached load ({dtype}) without the CRC-32 check", rows / unchecked["seconds"], "rows/s", reps,
+            f"{unchecked['seconds'] * 1e3:.1f} ms; the check costs {(again['seconds'] - unchecked['seconds']) * 1e3:.1f}"
+            " ms per load")
     # One SFT epoch (tiny towers, B=64) over this data: in memory vs memory-mapped float16 splits.
     train = ("r = train_sft(s, ModelConfig(), SFTConfig(epochs=1), progress=False)\n"
              "out = {'anon': 0}\n")

@@ -71,7 +71,7 @@ def test_cli_os_errors_name_the_file_and_fix(tmp_path, capsys, monkeypatch):
     import v3kit.pipeline
 
     target = tmp_path / "run" / "config.yaml"
-    for no, fix in ((errno.ENOSPC, "free disk space"), (errno.EACCES, "writable"), (errno.EROFS, "writable")):
+    for no, fix in ((errno.ENOSPC, "free space, then `--resume`"), (errno.EACCES, "writable"), (errno.EROFS, "writable")):
         def boom(cfg, path, no=no):
             raise OSError(no, __import__("os").strerror(no), str(target))
         monkeypatch.setattr(v3kit.pipeline, "dump_config", boom)

@@ -31,7 +31,19 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **to_cpu(payload)}
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    return atomic_write(path, lambda f: torch.save(payload, f), size_hint=payload_bytes(payload))
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts/lists): about what ``torch.save`` writes, for a full disk's
+    message."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: str | Path, *, stage: str | None = None) -> dict[str, Any]:
@@ -123,11 +135,51 @@ def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConf
         raise CheckpointError(f"checkpoint {path}: invalid model_config ({e}); re-create the checkpoint") from None
 
 
+def nonfinite_tensors(state: Any, names: set[str] | None = None) -> list[str]:
+    """Names of the floating-point tensors of ``state`` (a state dict) holding NaN or +-inf; ``names`` limits the
+    check to those entries (a model's parameters: a buffer may hold -inf on purpose, e.g. an attention mask)."""
+    if not isinstance(state, dict):
+        return []
+    return [k for k, v in state.items() if (names is None or k in names) and isinstance(v, torch.Tensor)
+            and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite_weights(state: Any, path: str | Path, names: set[str] | None = None,
+                         fix: str = "re-create it from a finite model, or use an earlier checkpoint") -> None:
+    """Refuse weights with NaN/inf, naming the first tensors and how many there are: a NaN model evaluates to
+    random-level metrics and trains to NaN, both without any other error. The one check every path that reads
+    weights from outside a run uses (``eval``, ``run --sft``, ``import-sft``)."""
+    bad = nonfinite_tensors(state, names)
+    if bad:
+        shown = ", ".join(bad[:4]) + (f", ... ({len(bad)} tensors)" if len(bad) > 4 else "")
+        raise CheckpointError(f"{path} has non-finite weights (NaN/inf) in {shown}; {fix}")
+
+
+def check_finite_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
+    """:func:`check_finite_weights` of a v3kit checkpoint's parameters (their names read off the model built on
+    the meta device: no memory), before anything is built or written from it."""
+    require_fields(ckpt, path, "model_config", "query_dim", "cand_dim", "model")
+    names = None
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            model = build_model(checkpoint_model_config(ckpt, path), ckpt["query_dim"], ckpt["cand_dim"])
+        names = {k for k, _ in model.named_parameters()}
+    except CheckpointError:
+        raise
+    except Exception:  # a model that cannot be built on meta: check every floating tensor
+        names = None
+    finally:
+        torch.set_rng_state(rng)
+    check_finite_weights(ckpt["model"], path, names)
+
+
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>") -> nn.Module:
-    """Rebuild the model a checkpoint was trained with and load its weights."""
+    """Rebuild the model a checkpoint was trained with and load its weights (refused when any is NaN/inf)."""
     require_fields(ckpt, path, "model_config", "query_dim", "cand_dim", "model")
     model = build_model(checkpoint_model_config(ckpt, path), ckpt["query_dim"], ckpt["cand_dim"])
     load_state_into(model, ckpt["model"], path)
+    check_finite_weights(ckpt["model"], path, {k for k, _ in model.named_parameters()})
     return model
 
 

@@ -18,7 +18,7 @@ from .checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_c
 from .config import ConfigError, load_config
 from .data import DataValidationError
 from .metrics import evaluate, metric_order
-from .rundir import RunDirBusyError
+from .rundir import DISK_FULL_ERRNOS, DiskFullError, RunDirBusyError, free_bytes
 from .training import NonFiniteError
 
 
@@ -150,15 +150,23 @@ def _extra_commands() -> list:
     return found
 
 
-def os_error_message(e: OSError) -> str:
+RESUME_HINTS = {  # how each command continues after a full disk was freed
+    "run": "free space, then `--resume` (or point run_dir at another disk)",
+    "ablate": "free space, then rerun the same command (finished runs are kept)",
+}
+
+
+def os_error_message(e: OSError, command: str = "run") -> str:
     """One line for a failed read/write (disk full, read-only dir, a file where a dir belongs): file, cause, fix."""
+    if e.errno in DISK_FULL_ERRNOS:
+        full = e if isinstance(e, DiskFullError) else DiskFullError(e.filename or "<unknown file>",
+                                                                     free=free_bytes(e.filename or "."))
+        return f"{full}; {RESUME_HINTS.get(command, 'free space, then rerun')}"
     if e.filename is None:  # raised by v3kit itself with its own message
         return str(e)
     where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
     cause = e.strerror or type(e).__name__
-    if e.errno == errno.ENOSPC:
-        fix = "free disk space (or point run_dir at another disk), then rerun with --resume"
-    elif isinstance(e, PermissionError) or e.errno == errno.EROFS:
+    if isinstance(e, PermissionError) or e.errno == errno.EROFS:
         fix = "make it writable or choose another run_dir"
     elif isinstance(e, (FileExistsError, NotADirectoryError)):
         fix = "a file is in the way of a directory: remove it or choose another run_dir"
@@ -177,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bury that. V3KIT_DEBUG=1 shows it.
         if os.environ.get("V3KIT_DEBUG"):
             raise
-        msg = os_error_message(e) if isinstance(e, OSError) else str(e)
+        msg = os_error_message(e, args.command) if isinstance(e, OSError) else str(e)
         print(f"v3kit {args.command}: error: {msg}", file=sys.stderr)
         return 2
 

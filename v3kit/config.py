@@ -260,11 +260,62 @@ def from_dict(cls: type, raw: dict[str, Any] | None, prefix: str = "") -> Any:
         raise ConfigError(str(e)) from None
 
 
+# A config or grid is a few hundred YAML nodes. Aliases are allowed (anchors are handy in grids), but a "billion
+# laughs" of nested aliases expands to 10^9 nodes as soon as anything copies it (dataclasses.asdict, the resume
+# check): counted before anything is constructed, its expanded size is refused in one line, in microseconds.
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_nodes(node: yaml.Node, sizes: dict[int, float], open_: set[int]) -> float:
+    """Nodes ``node`` stands for once every alias is expanded (an alias shares its target's node object, so each
+    distinct node is counted once and reused: linear in the file); a node that contains itself is infinite."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        return math.inf
+    open_.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    total = 1.0 + sum(_expanded_nodes(c, sizes, open_) for c in children)
+    open_.discard(key)
+    sizes[key] = total
+    return total
+
+
+def safe_load_bounded(text: str, source: str, error: type[Exception] = None) -> Any:  # type: ignore[assignment]
+    """``yaml.safe_load`` that refuses, in one line naming ``source``, a document whose aliases expand to more than
+    :data:`MAX_YAML_NODES` nodes or refer to themselves (``error``: the exception class, ConfigError by default).
+    Syntax errors raise ``yaml.YAMLError`` as ``safe_load`` does."""
+    error = error or ConfigError
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_nodes(node, {}, set())
+        if size > MAX_YAML_NODES:
+            what = "refers to itself through an alias" if math.isinf(size) else \
+                f"expands to {int(size):_} nodes through its aliases"
+            raise error(f"{source} {what} (at most {MAX_YAML_NODES:_} allowed: a config is a few hundred); "
+                        "write the values out instead of nesting aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. grpo.kl_beta=0.01")
     key, _, raw = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = safe_load_bounded(raw, f"override {key.strip()!r}")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -303,9 +354,9 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             raise ConfigError(f"config file {path} does not exist (shipped configs: "
                               f"{sorted(p.name for p in PACKAGED_CONFIGS.glob('*.yaml'))})")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = safe_load_bounded(path.read_text(), f"config file {path}") or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys (e.g. 'grpo: {{kl_beta: 0.1}}'), "
                               f"got a {type(raw).__name__}; see configs/seed.yaml")

@@ -40,6 +40,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from .bounds import check_max
 from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
@@ -56,7 +57,7 @@ SAMPLE_MODES = ("all", "sampled", "exact")
 @dataclass
 class GRPOConfig(OptimConfig):
     epochs: int = 8
-    """GRPO epochs (the seed ran 8)."""
+    """GRPO epochs (the seed ran 8); at most 10,000."""
     lr: float = 1e-5
     """Adam learning rate (the seed: 1e-5)."""
     kl_beta: float = 0.1
@@ -89,7 +90,8 @@ class GRPOConfig(OptimConfig):
     """Which candidates are GRPO's samples: ``all`` (every beam, equal weight: the seed) | ``sampled`` (``num_samples``
     draws from the old policy) | ``exact`` (every candidate weighted by its old-policy probability)."""
     num_samples: int = 8
-    """Draws per group when ``samples: sampled``."""
+    """Draws per group when ``samples: sampled``; at most 100,000 (draws cost memory per group, a group holds far
+    fewer candidates)."""
     logp_temperature: Union[str, float] = "same_as_rce_end"
     """Logit temperature of GRPO's log-probs: ``same_as_rce_end`` or a number."""
     entropy_coef: float = 0.0
@@ -127,6 +129,7 @@ class GRPOConfig(OptimConfig):
         if self.num_samples < 2:
             raise ValueError(f"grpo.num_samples must be >= 2 (a group of one has no relative advantage), "
                              f"got {self.num_samples}")
+        check_max("grpo.num_samples", self.num_samples, 100_000, "draws cost memory per group; is it a typo?")
         if self.entropy_coef < 0:
             raise ValueError(f"grpo.entropy_coef must be >= 0 (a bonus on entropy), got {self.entropy_coef}")
         if self.kl_target is not None and not self.kl_target > 0:

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, model_payload, save_checkpoint
+from .checkpoint import CheckpointError, check_finite_weights, model_payload, save_checkpoint
 from .model import ModelConfig, build_model
 
 __all__ = ["StateDictMismatch", "import_sft", "read_state_dict", "unwrap_state_dict", "apply_renames",
@@ -234,6 +234,8 @@ def import_sft(
     state = unwrap_state_dict(raw, key=key, model_keys=list(model.state_dict()), source=state_dict)
     state = apply_renames(state, renames)
     fit_report(model, state, state_dict, target)
+    check_finite_weights(state, state_dict, {k for k, _ in model.named_parameters()}, "nothing was written; "
+                         "export the weights of a model that trained without NaN/inf")
     model.load_state_dict(state)
     _check_forward(model, query_dim, cand_dim, target)
     payload = {

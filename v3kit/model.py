@@ -33,11 +33,16 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
+from .bounds import check_all_max, check_max
 from .data import Batch, GroupData, iterate_batches
 from .device import autocast, module_device
 from .losses import group_log_probs
 
 DEFAULT_TARGET = "v3kit.model:TwoTower"
+# A layer 1,000,000 wide already holds 4 MB per input unit; wider is a typo (1e12 asked torch for 256 TB). What is
+# in bounds but still too big for the machine is refused by the memory check before training (v3kit.bounds).
+MAX_WIDTH = 1_000_000
+WIDTH_WHY = "wider layers cannot be trained on one machine; is the value a typo?"
 
 
 @runtime_checkable
@@ -53,9 +58,9 @@ class ModelConfig:
     """The ranker class: ``package.module:Class`` (importable: installed or on PYTHONPATH) or
     ``path/to/models.py:Class`` (a file, relative to the cwd; checkpoints record its absolute path)."""
     hidden: list[int] = field(default_factory=lambda: [64])
-    """Hidden widths of each MLP tower."""
+    """Hidden widths of each MLP tower; each at most 1,000,000 (``MAX_WIDTH``), at most 1,000 layers."""
     emb_dim: int = 32
-    """Embedding dim D of both towers (the default ``TwoTower``)."""
+    """Embedding dim D of both towers (the default ``TwoTower``); at most 1,000,000 (``MAX_WIDTH``)."""
     normalize: bool = False
     """L2-normalise embeddings (cosine similarity)."""
     sim_temperature: float = 1.0
@@ -77,6 +82,9 @@ class ModelConfig:
         if self.emb_dim < 1 or any(w < 1 for w in self.hidden):
             raise ValueError(f"model.emb_dim and model.hidden widths must be >= 1, got {self.emb_dim} and "
                              f"{self.hidden}")
+        check_max("model.emb_dim", self.emb_dim, MAX_WIDTH, WIDTH_WHY)
+        check_all_max("model.hidden", self.hidden, MAX_WIDTH, WIDTH_WHY)
+        check_max("model.hidden (number of layers)", len(self.hidden), 1_000, WIDTH_WHY)
 
 
 def _mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:

@@ -15,9 +15,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .bounds import check_model_fits
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from . import distributed
-from .checkpoint import checkpoint_model_config, load_checkpoint, model_from_checkpoint
+from .checkpoint import check_finite_checkpoint, checkpoint_model_config, load_checkpoint, model_from_checkpoint
 from .debias import DebiasReport, check_debias, debias_splits
 from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
@@ -288,6 +289,7 @@ def run_pipeline(
     if sft_checkpoint:
         # The given checkpoint's model is what runs, whatever cfg.model says: record that one in config.yaml.
         ckpt = load_checkpoint(sft_checkpoint)
+        check_finite_checkpoint(ckpt, sft_checkpoint)  # before anything is written: refuse NaN/inf weights
         cfg = dataclasses.replace(cfg, model=checkpoint_model_config(ckpt, sft_checkpoint))
     run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun rank 0 is the run dir's one writer (the other ranks write nothing).
@@ -304,6 +306,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
         recorded = _check_same_sft(run_dir, sft_checkpoint)
     splits = splits or prepare_data(cfg)
     runtime = resolve_runtime(cfg, splits)  # before anything is written: a missing device fails cleanly
+    check_model_fits(cfg.model, splits.train.query_dim, splits.train.cand_dim, runtime.device)  # a model too big
     check_debias(cfg.reward, splits.train)  # before SFT: data that cannot support it fails in one line now
     if cfg.select_metric == "utility@1" and splits.val.utility is None:
         raise ConfigError("select_metric=utility@1 needs a true utility, which this data does not have; use a label "

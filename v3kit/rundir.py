@@ -3,8 +3,10 @@ identity of the SFT checkpoint a run started from (``file_sha256``)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -35,30 +37,123 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes as ``"24.8 KB"`` (binary units) for one-line messages."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1024 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+class DiskFullError(OSError):
+    """A write ran out of disk space (or quota). Names the file, the bytes the write needed when known and the
+    bytes free; nothing partial of it is left behind (the writer removed its temp file or truncated its append).
+    The CLI adds the fix (free space, then ``--resume``)."""
+
+    def __init__(self, path: str | Path, needed: int | None = None, free: int | None = None) -> None:
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        self.needed, self.free = needed, free
+
+    def __str__(self) -> str:
+        sizes = [f"needs about {human_bytes(self.needed)}" if self.needed else "",
+                 f"{human_bytes(self.free)} free" if self.free is not None else ""]
+        detail = ", ".join(x for x in sizes if x)
+        return f"{self.filename}: no space left on device" + (f" ({detail})" if detail else "")
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Bytes free for an unprivileged writer on the filesystem holding ``path`` (None when it cannot be read)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        return None
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """``exc`` or an exception it was raised from is ENOSPC/EDQUOT (torch.save turns the OSError of its writer into
+    ``RuntimeError: ... unexpected pos``, keeping the OSError as the context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def disk_full_error(exc: BaseException, path: str | Path, needed: int | None = None) -> BaseException:
+    """A :class:`DiskFullError` naming ``path`` when ``exc`` says the disk is full (or, for a foreign exception,
+    the disk has less than ``needed`` bytes free), else ``exc`` itself."""
+    if isinstance(exc, DiskFullError):
+        return exc
+    free = free_bytes(Path(path).parent)
+    if _is_disk_full(exc) or (needed and isinstance(exc, RuntimeError) and free is not None and free < needed):
+        return DiskFullError(path, needed, free)
+    return exc
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], size_hint: int | None = None) -> Path:
     """Replace ``path`` by what ``write(f)`` writes to a binary file, via a fsynced temp file in the same directory
     and ``os.replace``: a reader (or a resume after a crash) sees the old file or the new one, never a mix. The one
-    way v3kit writes any file it may read back (checkpoints, configs, tables, results)."""
+    way v3kit writes any file it may read back (checkpoints, configs, tables, results).
+
+    A full disk raises :class:`DiskFullError` naming ``path`` (and ``size_hint``, the bytes the write needs, when
+    given); the temp file is removed on any failure. A temp file a killed process left (``.<name>.*.tmp``) is removed
+    by :func:`remove_temp_files` when the next run takes the run dir's lock."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file should look like any other
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        err = disk_full_error(e, path, size_hint) if isinstance(e, Exception) else e
+        if err is not e:
+            raise err from None
         raise
     fsync_dir(path.parent)
     return path
 
 
+TEMP_FILE = re.compile(r"^\..+\.tmp$")  # atomic_write's temp files: ".<name>.<random>.tmp"
+
+
+def remove_temp_files(directory: str | Path) -> list[Path]:
+    """Remove the temp files a killed writer left in ``directory`` (only call it while holding the directory's
+    :class:`RunLock`: then no live writer owns one). Returns what was removed."""
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        if TEMP_FILE.match(p.name) and p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """:func:`atomic_write` of a text (UTF-8, newlines as given)."""
-    return atomic_write(path, lambda f: f.write(text.encode()))
+    data = text.encode()
+    return atomic_write(path, lambda f: f.write(data), size_hint=len(data))
 
 
 def atomic_write_frame(path: str | Path, frame: Any) -> Path:
@@ -95,9 +190,14 @@ class RunLock:
                 f"run_dir {self.run_dir} is being written by another v3kit process (PID {holder}, holding "
                 f"{self.path}); wait for it to finish or stop it, or use another run_dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # a full disk: name the file (os.write's error has no file name)
+            self.__exit__()
+            raise disk_full_error(e, self.path, 16) if e.errno in DISK_FULL_ERRNOS else e
+        remove_temp_files(self.run_dir)  # we are the one writer: any temp file is a killed run's leftover
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,7 @@ from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, 
 @dataclass
 class SFTConfig(OptimConfig):
     epochs: int = 15
-    """Epochs of supervised training (CE on the human label)."""
+    """Epochs of supervised training (CE on the human label); at most 10,000."""
     lr: float = 1e-3
     batch_size: int = 64
     checkpoint: str | None = None

@@ -16,21 +16,22 @@ from dataclasses import dataclass
 
 import torch
 
+from .bounds import check_max, require_memory
 from .data import GroupData
 
 
 @dataclass
 class SyntheticConfig:
     n_queries: int = 3000
-    """Queries (groups) in the world."""
+    """Queries (groups) in the world; at most 100,000,000."""
     group_size: int = 8
-    """G, the largest group."""
+    """G, the largest group; at most 100,000."""
     min_group_size: int = 4
     """Groups are ragged: sizes uniform in [min_group_size, group_size]."""
     feature_dim: int = 16
-    """Observed feature dim of queries and candidates."""
+    """Observed feature dim of queries and candidates; at most 1,000,000."""
     latent_dim: int = 8
-    """Hidden intent dim."""
+    """Hidden intent dim; at most 1,000,000."""
     random_frac: float = 0.25
     """Share of each beam that is random rather than a variation of the query intent."""
     obs_noise: float = 0.3
@@ -46,24 +47,39 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         if self.n_queries < 10:
-            raise ValueError(f"synthetic.n_queries must be >= 10, got {self.n_queries}")
+            raise ValueError(f"data.synthetic.n_queries must be >= 10, got {self.n_queries}")
         if not 2 <= self.min_group_size <= self.group_size:
             raise ValueError(
-                f"synthetic.min_group_size ({self.min_group_size}) must be in [2, group_size={self.group_size}]"
+                f"data.synthetic.min_group_size ({self.min_group_size}) must be in [2, group_size={self.group_size}]"
             )
         for name in ("obs_noise", "label_noise", "reward_noise", "reward_bias"):
             if getattr(self, name) < 0:
-                raise ValueError(f"synthetic.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"data.synthetic.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.random_frac <= 1:
-            raise ValueError(f"synthetic.random_frac must be in [0, 1], got {self.random_frac}")
+            raise ValueError(f"data.synthetic.random_frac must be in [0, 1], got {self.random_frac}")
         if self.feature_dim < 1 or self.latent_dim < 1:
-            raise ValueError(f"synthetic.feature_dim and synthetic.latent_dim must be >= 1, got "
+            raise ValueError(f"data.synthetic.feature_dim and data.synthetic.latent_dim must be >= 1, got "
                              f"{self.feature_dim} and {self.latent_dim}")
+        # Generous per-field bounds that catch typos; a world that is in bounds but too big for this machine is
+        # refused by make_world's memory check before anything is allocated.
+        for name, bound in (("n_queries", 100_000_000), ("group_size", 100_000), ("feature_dim", 1_000_000),
+                            ("latent_dim", 1_000_000)):
+            check_max(f"data.synthetic.{name}", getattr(self, name), bound, "is the value a typo?")
+
+
+def world_bytes(cfg: SyntheticConfig) -> int:
+    """Peak bytes :func:`make_world` allocates, an upper estimate counted from its float32 temporaries: per
+    (query, candidate) pair about four latent-sized and three feature-sized arrays plus a dozen scalars."""
+    n, G, k, d = cfg.n_queries, cfg.group_size, cfg.latent_dim, cfg.feature_dim
+    return 4 * (n * G * (4 * (k + 1) + 3 * d + 12) + n * (2 * k + 2 * d))
 
 
 def make_world(cfg: SyntheticConfig | None = None) -> GroupData:
     """Generate the synthetic dataset (with ``utility``) deterministically from ``cfg.seed``."""
     cfg = cfg or SyntheticConfig()
+    require_memory(world_bytes(cfg), f"data.synthetic (n_queries {cfg.n_queries:_} x group_size {cfg.group_size:_} "
+                   f"x feature_dim {cfg.feature_dim:_}, latent_dim {cfg.latent_dim:_})",
+                   "lower data.synthetic.n_queries, group_size or feature_dim")
     g = torch.Generator().manual_seed(cfg.seed)
     n, G, k, d = cfg.n_queries, cfg.group_size, cfg.latent_dim, cfg.feature_dim
 

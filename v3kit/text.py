@@ -2,9 +2,11 @@
 
 Every distinct text is embedded once; vectors are cached per encoder under ``<cache_dir>/<encoder>/`` keyed by the
 sha256 of the text, so a second run (or another config on the same table) embeds nothing. The cache is a set of
-append-only shard files ``shard-*.npz`` (each holds ``hashes`` [K] and ``vectors`` [K, D]), each written to a
-temporary file and renamed into place, so an interrupted run never leaves a half-written shard and two runs can
-share the directory.
+append-only shard files ``shard-*.npz`` (each holds ``hashes`` [K], ``vectors`` [K, D] float32 and ``checksum``, a
+CRC-32 of both with their shapes and dtypes), each written to a temporary file and renamed into place, so an
+interrupted run never leaves a half-written shard and two runs can share the directory. A shard that is unreadable,
+of the wrong shape or dtype, or whose checksum does not match (damaged, edited, or written by an older v3kit) is
+removed with a one-line note, and its texts are embedded again: vectors are verified, not trusted.
 
 sentence-transformers is an optional dependency (``pip install -e '.[text]'``); it is imported only when a text
 actually has to be embedded.
@@ -15,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -102,30 +106,74 @@ class EmbeddingCache:
     def _refresh(self) -> None:
         if not self.dir.is_dir():
             return
+        bad: list[tuple[Path, str]] = []
         for path in sorted(self.dir.glob("shard-*.npz")):
             if path in self._loaded:
                 continue
             try:
                 with np.load(path) as z:
-                    hashes, vectors = z["hashes"], z["vectors"]
-            except Exception:  # a foreign or damaged file: ignore it, its texts are simply embedded again
+                    if "checksum" not in z.files:
+                        raise KeyError("no checksum: written by an older v3kit")
+                    hashes, vectors, checksum = z["hashes"], z["vectors"], z["checksum"]
+                problem = shard_problem(hashes, vectors, checksum)
+            except Exception as e:  # not an npz, truncated, a missing entry: the same remedy
+                problem = f"unreadable ({type(e).__name__}: {str(e)[:80]})"
+            if problem:
+                bad.append((path, problem))
+                try:
+                    path.unlink()
+                except OSError:  # a read-only cache: skip the shard without removing it
+                    pass
                 continue
             self._vectors.update(zip(hashes.tolist(), vectors))
             self._loaded.add(path)
+        if bad:  # one line however many shards (an upgrade from an unchecksummed cache drops them all)
+            more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+            _note(f"embedding cache shard {bad[0][0]} is {bad[0][1]}{more}; removed, their texts are embedded again")
 
     def get(self, hashes: list[str]) -> dict[str, np.ndarray]:
         self._refresh()
         return {h: self._vectors[h] for h in hashes if h in self._vectors}
 
     def add(self, hashes: list[str], vectors: np.ndarray) -> Path | None:
-        """Write one new shard atomically (temp file + rename)."""
+        """Write one new shard atomically (temp file + rename); on a full disk (or a read-only cache) the vectors
+        are kept for this run only, with a note."""
         if not hashes:
             return None
-        path = atomic_write(self.dir / f"shard-{text_hash(''.join(hashes))[:16]}.npz", lambda f: np.savez(
-            f, hashes=np.asarray(hashes), vectors=np.asarray(vectors, dtype=np.float32)))
-        self._vectors.update(zip(hashes, np.asarray(vectors, dtype=np.float32)))
-        self._loaded.add(path)
+        hash_arr, vectors = np.asarray(hashes), np.asarray(vectors, dtype=np.float32)
+        path = self.dir / f"shard-{text_hash(''.join(hashes))[:16]}.npz"
+        try:
+            atomic_write(path, lambda f: np.savez(f, hashes=hash_arr, vectors=vectors,
+                                                  checksum=shard_checksum(hash_arr, vectors)))
+            self._loaded.add(path)
+        except OSError as e:
+            _note(f"cannot write the embedding cache shard {path} ({e}); these vectors are not cached")
+            path = None
+        self._vectors.update(zip(hashes, vectors))
         return path
+
+
+def shard_checksum(hashes: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """CRC-32 of a shard's arrays, their shapes and dtypes (as a 0-d int64 array, storable in the npz)."""
+    crc = zlib.crc32(f"{hashes.shape}{hashes.dtype.str}{vectors.shape}{vectors.dtype.str}".encode())
+    crc = zlib.crc32(np.ascontiguousarray(hashes).tobytes(), crc)
+    return np.asarray(zlib.crc32(np.ascontiguousarray(vectors).tobytes(), crc), dtype=np.int64)
+
+
+def shard_problem(hashes: np.ndarray, vectors: np.ndarray, checksum: np.ndarray) -> str | None:
+    """Why a shard cannot be used (wrong shape or dtype, checksum mismatch), or None."""
+    if hashes.ndim != 1 or hashes.dtype.kind != "U":
+        return f"of the wrong shape or dtype (hashes {hashes.shape} {hashes.dtype})"
+    if vectors.ndim != 2 or vectors.shape[0] != len(hashes) or vectors.dtype != np.float32:
+        return (f"of the wrong shape or dtype (vectors {vectors.shape} {vectors.dtype} for {len(hashes)} texts; "
+                "float32 [texts, dim] expected)")
+    if checksum.shape != () or int(checksum) != int(shard_checksum(hashes, vectors)):
+        return "damaged or edited (checksum mismatch)"
+    return None
+
+
+def _note(message: str) -> None:
+    print(f"v3kit: note: {message}", file=sys.stderr, flush=True)
 
 
 def embed_texts(

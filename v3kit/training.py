@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .bounds import check_max
 from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
                          save_checkpoint)
 from .data import Batch, GroupData, iterate_batches, num_batches
@@ -30,7 +31,7 @@ from .device import as_floats, autocast
 from .metrics import evaluate
 from .model import compute_log_probs
 from .provenance import config_changes
-from .rundir import atomic_write_text
+from .rundir import DISK_FULL_ERRNOS, atomic_write_text, disk_full_error
 
 
 class Callback:
@@ -91,7 +92,7 @@ class MetricsLog:
         self.path = None if run_dir is None else Path(run_dir) / "metrics.csv"
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
-        self._file: Any = None
+        self._fd: int | None = None  # the append descriptor (raw writes: a failed one can be cut back exactly)
         if self.path is not None and self.path.exists():
             self.columns, self.rows = self._read(self.path)
 
@@ -142,37 +143,58 @@ class MetricsLog:
             self.columns += new
             self._rewrite()
         elif self.path is not None:
-            self._open().write(self._line(row))
-            self._file.flush()
+            self._append(self._line(row).encode("utf-8"))
+
+    def _append(self, data: bytes) -> None:
+        """Append one row; on a full disk (or any write error) cut the file back to where it was, so no torn line
+        is left, and raise naming the file (os.write's own error names none)."""
+        fd = self._open()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            err = disk_full_error(e, self.path, len(data))
+            raise err if err is not e else OSError(e.errno, e.strerror, str(self.path)) from None
 
     def commit(self) -> None:
         """Make every logged row durable (called before an epoch's checkpoint is written)."""
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise disk_full_error(e, self.path) if e.errno in DISK_FULL_ERRNOS else \
+                    OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
-        if self._file is not None:
-            self.commit()
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            try:
+                self.commit()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def _line(self, row: dict[str, Any]) -> str:
         buf = io.StringIO()
         csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self.columns])
         return buf.getvalue()
 
-    def _open(self) -> Any:
-        if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8", newline="")
-        return self._file
+    def _open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        return self._fd
 
     def _rewrite(self) -> None:
         if self.path is None:
             return
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         header = self._line({c: c for c in self.columns}) if self.columns else ""
         atomic_write_text(self.path, header + "".join(self._line(r) for r in self.rows))
 
@@ -272,10 +294,20 @@ def _kill_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+# Every epoch writes a checkpoint: 10,000 epochs is already far past any run of this kit (the seed ran 15/3/8),
+# while a typo such as 1e20 would fill the disk with them. A batch of a million groups is past any dataset that fits
+# in memory; a larger value is a typo, not a full-batch request.
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 1_000_000
+
+
 def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, max_grad_norm: float | None) -> None:
     """Validate a stage config's optimisation knobs at construction, long before any training runs."""
     if epochs < 0:
         raise ValueError(f"{section}.epochs must be >= 0 (0 skips the stage), got {epochs}")
+    check_max(f"{section}.epochs", epochs, MAX_EPOCHS, "each epoch writes a checkpoint; is the value a typo?")
+    check_max(f"{section}.batch_size", batch_size, MAX_BATCH_SIZE,
+              "more groups than any in-memory dataset; use a smaller batch")
     if not lr > 0:
         raise ValueError(f"{section}.lr must be > 0, got {lr}")
     if batch_size < 1:
@@ -303,11 +335,11 @@ class OptimConfig:
     own defaults and switches. ``section`` names the config section in error messages."""
 
     epochs: int = 1
-    """Epochs of this stage; 0 skips it."""
+    """Epochs of this stage; 0 skips it; at most 10,000 (``MAX_EPOCHS``)."""
     lr: float = 1e-5
     """Adam learning rate."""
     batch_size: int = 32
-    """Groups per optimizer step."""
+    """Groups per optimizer step; at most 1,000,000 (``MAX_BATCH_SIZE``)."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping; null = none."""
     on_nonfinite: str = "stop"

@@ -8,7 +8,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from ..config import PACKAGED_CONFIGS, ConfigError, RunConfig, load_config, parse_override, resolve_config_file
+from ..config import (PACKAGED_CONFIGS, ConfigError, RunConfig, load_config, parse_override, resolve_config_file,
+                      safe_load_bounded)
 from ..metrics import METRIC_DIRECTION, METRIC_NAMES
 
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
@@ -214,7 +215,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> GridSpec:
     """Read a grid YAML; ``overrides`` (``--set``) are appended to its ``base``."""
     path = find_grid(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = safe_load_bounded(path.read_text(), f"grid file {path}", GridError)  # refuses YAML bombs
     except yaml.YAMLError as e:
         raise GridError(f"grid file {path} is not valid YAML: {e}") from None
     return parse_grid(raw, name=path.stem, extra_base=overrides, base_dir=path.parent)

@@ -1,0 +1,114 @@
+"""Upper bounds on sizes a config may ask for, and the memory check that runs before anything is built.
+
+A typo such as ``sft.epochs=100000000000000000000`` or ``model.emb_dim=1000000000000`` must fail at load time with
+one line naming the key, not fill a disk with checkpoints or die in a 256 TB allocation. Each bound is a constant
+beside the field it limits (documented in that field's docstring) and is far above any run this kit is meant for;
+the memory check then refuses a combination of in-bound values that still cannot be allocated.
+
+Imports nothing of v3kit but ``rundir`` at load time (the config modules import it).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from .rundir import human_bytes
+
+
+def check_max(key: str, value: int, bound: int, why: str) -> None:
+    """One line naming ``key``, its ``bound`` and ``why`` the bound is there, when ``value`` exceeds it."""
+    if value > bound:
+        raise ValueError(f"{key} must be <= {bound:_}, got {value:_}; {why}")
+
+
+def check_all_max(key: str, values: Iterable[int], bound: int, why: str) -> None:
+    for v in values:
+        check_max(key, v, bound, why)
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes free for new allocations on ``device`` (CPU: ``MemAvailable`` of ``/proc/meminfo``, or psutil); None
+    when unknown (the check is then skipped: a wrong refusal would be worse than a late failure)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:
+            return None
+    if device.type != "cpu":
+        return None
+    if os.environ.get("V3KIT_TEST_AVAILABLE_MEMORY"):  # tests: a machine of a given size
+        return int(os.environ["V3KIT_TEST_AVAILABLE_MEMORY"])
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            import psutil
+
+            free = int(psutil.virtual_memory().available)
+        except Exception:
+            pass
+    limit = _cgroup_headroom()  # a container's limit is often far below the host's free memory
+    return limit if free is None else free if limit is None else min(free, limit)
+
+
+def _cgroup_headroom() -> int | None:
+    """``memory.max - memory.current`` of this process's cgroup (v2), None without a limit."""
+    try:
+        root = "/sys/fs/cgroup"
+        with open(f"{root}/memory.max") as f:
+            cap = f.read().strip()
+        if cap == "max":
+            return None
+        with open(f"{root}/memory.current") as f:
+            return max(0, int(cap) - int(f.read().strip()))
+    except (OSError, ValueError):
+        return None
+
+
+def require_memory(needed: int, what: str, fix: str, device: torch.device | str = "cpu") -> None:
+    """Refuse, in one line, a build of ``needed`` bytes that ``device`` cannot hold (``what`` names the keys)."""
+    free = available_memory(device)
+    if free is not None and needed > free:
+        raise ValueError(f"{what} needs about {human_bytes(needed)} of memory but {torch.device(device).type} has "
+                         f"{human_bytes(free)} available; {fix}")
+
+
+# Training keeps, per parameter, fp32 weights, a gradient, Adam's two moments, the frozen SFT reference and the
+# post-RCE copy of the stage table: 6 x 4 bytes.
+TRAIN_BYTES_PER_PARAM = 24
+
+
+def count_params(model_cfg: object, query_dim: int, cand_dim: int) -> int | None:
+    """Parameters of ``model_cfg``'s model, built on the meta device (no memory, no draw from torch's RNG); None
+    when the model cannot be built there (a custom class that allocates real tensors in its constructor)."""
+    from .model import build_model  # here, not at the top: the config modules import this one
+
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            model = build_model(model_cfg, query_dim, cand_dim)  # type: ignore[arg-type]
+        return sum(p.numel() for p in model.parameters())
+    except Exception:
+        return None
+    finally:
+        torch.set_rng_state(rng)
+
+
+def check_model_fits(model_cfg: object, query_dim: int, cand_dim: int, device: torch.device | str = "cpu") -> None:
+    """Refuse, before anything is built for real, a model whose training state cannot be allocated on ``device``:
+    one line with its parameter count and the keys that size it."""
+    n = count_params(model_cfg, query_dim, cand_dim)
+    if n is None:
+        return
+    keys = ("model.hidden / model.emb_dim" if getattr(model_cfg, "target", "").endswith(":TwoTower")
+            else "model.kwargs")
+    require_memory(n * TRAIN_BYTES_PER_PARAM, f"the model ({keys}: {n:.3g} parameters on features of dim "
+                   f"{query_dim}/{cand_dim}, {TRAIN_BYTES_PER_PARAM} bytes each to train)", f"lower {keys}", device)
