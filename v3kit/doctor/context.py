@@ -180,10 +180,12 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     config: dict[str, Any] = {}
     cfg_path = run / "config.yaml"
     if cfg_path.is_file():
+        from ..config import ConfigError, safe_load_bounded
+
         try:
-            loaded = yaml.safe_load(cfg_path.read_text())
+            loaded = safe_load_bounded(cfg_path.read_text(), f"config file {cfg_path}")
             config = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:  # a broken config only costs the cause attribution, not the report
+        except (yaml.YAMLError, ConfigError):  # a broken config only costs the cause attribution, not the report
             config = {}
     try:
         frame = pd.read_csv(path)
