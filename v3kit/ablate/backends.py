@@ -248,9 +248,11 @@ class RayBackend:
                     done()
         finally:
             if pending:  # interrupted (Ctrl-C): stop the runs in flight; finished ones are in their run dirs
-                for ref in pending:
+                for ref in pending:  # a KeyboardInterrupt in each task: its run-dir lock is released, its worker kept
+                    ray.cancel(ref)
+                _, stuck = ray.wait(pending, num_returns=len(pending), timeout=10)
+                for ref in stuck:  # deaf to the interrupt (inside a long C call): kill its worker
                     ray.cancel(ref, force=True)
-                ray.wait(pending, num_returns=len(pending), timeout=10)  # their run-dir locks are released
 
     def close(self) -> None:
         if self._call is not None:
