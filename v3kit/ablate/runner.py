@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
+from .. import trackers
 from ..config import RunConfig, to_dict
 from ..rundir import atomic_write_frame, atomic_write_text
 from ..provenance import fingerprint, signature
@@ -88,6 +89,7 @@ class _RunTask:
     result_path: Path
     hash: str
     keep_checkpoints: bool = False
+    tracking: dict[str, Any] | None = None  # report_to: the tracked run's tags and default MLflow store
 
 
 def _train_sft(task: _SFTTask) -> str:
@@ -109,7 +111,7 @@ def _execute(task: _RunTask) -> dict[str, Any]:
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)
     cfg = worker_config(task.cfg)  # one thread in a worker, and its GPU; run_pipeline sets the threads
-    res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits)
+    res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits, tracking=task.tracking)
     run_dir = Path(task.cfg.run_dir)
     update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
@@ -245,6 +247,20 @@ def run_grid(
             return f"{sft_path(world)}:{st.st_size}:{st.st_mtime_ns}:{_sft_hash(sft_cfgs[world])}"
         return _sft_hash(sft_cfgs[world])
 
+    # report_to: the extras are checked here, before anything trains; every run of the grid goes to one MLflow store.
+    report_to = sft_cfgs[BASE_WORLD].report_to
+    trackers.require(report_to)
+    store = trackers.mlflow_uri(out) if "mlflow" in report_to else None
+    if store is not None:
+        trackers.open_mlflow_store(store)
+
+    def tracking(world: str, variant: str, seed: int) -> dict[str, Any] | None:
+        if not report_to:
+            return None
+        tags = {"grid": spec.name, "world": world, "variant": variant, "seed": seed,
+                "run": f"{spec.name}/{world}/{variant}/seed{seed}"}
+        return {"tags": tags, "mlflow_uri": store}
+
     def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
         tasks, skipped = [], 0
         sft_cfg = sft_cfgs[world]
@@ -259,7 +275,7 @@ def run_grid(
                     continue
                 tasks.append(_RunTask(world=world, variant=variant, seed=seed, cfg=cfg, split_cfg=sft_cfg,
                                       sft_path=sft_path(world), result_path=result_path, hash=h,
-                                      keep_checkpoints=keep_checkpoints))
+                                      keep_checkpoints=keep_checkpoints, tracking=tracking(world, variant, seed)))
         return tasks, skipped
 
     base_tasks, skipped = plan(BASE_WORLD, spec.variants, spec.seeds)
