@@ -160,6 +160,10 @@ def test_grid_runs_are_tracked_runs_tagged_with_grid_variant_and_seed(tmp_path, 
     for _, r in runs.iterrows():
         want = final[(final["variant"] == r["tags.variant"]) & (final["seed"] == int(r["tags.seed"]))]["acc@1"]
         assert r["metrics.grpo/test/acc_at_1"] == want.item()
+    # report_to is not part of a run's identity: the grid without it has nothing left to run.
+    plain = parse_grid({"name": "tiny", "base": [*TINY[:-1], "grpo.epochs=1"], "seeds": [0, 1], "reference": "seed",
+                        "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": []}})
+    assert run_grid(plain, tmp_path / "g", progress=False).executed == 0
 
 
 def test_report_to_is_checked_and_a_missing_tracker_fails_before_training(tmp_path, monkeypatch, capsys):
