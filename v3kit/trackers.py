@@ -133,7 +133,7 @@ class _TensorBoard:
         from torch.utils.tensorboard.summary import hparams
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        for summary in hparams({k: v for k, v in {**params, **tags}.items()}, {}):
+        for summary in hparams({**params, **tags}, {}):
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
         if tags:
