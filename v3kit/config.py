@@ -27,6 +27,7 @@ from .rce import RCEConfig
 from .sft import SFTConfig
 from .stdlib_search import StdlibSearchConfig
 from .synthetic import SyntheticConfig
+from .trackers import check_report_to
 
 
 BUILTIN_TABLES = ("builtin:stdlib_search",)
@@ -118,6 +119,12 @@ class RunConfig:
     log_every: int = 10
     """Per-step statistics stay on the device and are copied to the host (one sync) every ``log_every`` steps and
     at each epoch end; ``metrics.csv`` still gets one row per step, callbacks get them in batches."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every ``metrics.csv`` row (as ``<stage>/<split>/<column>``), the config and the
+    stage table: any of ``tensorboard`` (event files in ``<run_dir>/tensorboard/``), ``mlflow``
+    (``$MLFLOW_TRACKING_URI``, default ``./mlruns``; a grid's ``<out>/mlruns``) and ``wandb`` (offline unless logged
+    in); e.g. ``report_to=[tensorboard,mlflow]``. Each is an optional extra (``pip install -e '.[mlflow]'``); see
+    docs/tracking.md."""
     data: DataConfig = field(default_factory=DataConfig)
     """The data: a long-form file, or the synthetic world."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -147,6 +154,7 @@ class RunConfig:
         check_device_setting(self.device)
         check_precision_setting(self.precision)
         check_threads_setting(self.threads)
+        check_report_to(self.report_to)
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1 (steps between host syncs of the step statistics), "
                              f"got {self.log_every}")

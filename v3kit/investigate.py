@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .ablate.cli import add_backend_args
 from .ablate.grid import BASE_WORLD, GridSpec, parse_grid
 from .ablate.runner import collect, run_grid
 from .ablate.stats import compare, min_detectable_effect
@@ -166,7 +167,7 @@ class Investigation:
     def __init__(self, run_dir: str | Path, *, metric: str = "acc@1", out: str | Path | None = None,
                  budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
                  seed_step: int = 2, progress: bool = True, smoke: Sequence[str] = (),
-                 only: Sequence[str] | None = None) -> None:
+                 only: Sequence[str] | None = None, backend: str = "local", address: str | None = None) -> None:
         from .diagnose import diagnose
         from .pipeline import recorded_sft_checkpoint, recorded_split_seed
 
@@ -180,6 +181,7 @@ class Investigation:
         if initial_seeds < 2:
             raise ConfigError(f"--initial-seeds must be >= 2 (an interval needs two runs), got {initial_seeds}")
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
+        self.backend, self.address = backend, address
         self.initial_seeds, self.max_seeds, self.seed_step = initial_seeds, max(max_seeds, initial_seeds), seed_step
         self.cfg = load_config(cfg_path)
         self.out = Path(out) if out is not None else self.run_dir / "investigate"
@@ -229,7 +231,8 @@ class Investigation:
             self.seeds[v] = sorted(set(self.seeds[v]) | set(seeds))
         sub = dataclasses.replace(self.spec, variants={v: self.spec.variants[v] for v in variants},
                                   seeds=list(seeds), reference=None, questions={})
-        run_grid(sub, self.out, workers=self.workers, progress=self.progress)
+        run_grid(sub, self.out, workers=self.workers, progress=self.progress, backend=self.backend,
+                 address=self.address)
 
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         seeds = sorted({s for ss in self.seeds.values() for s in ss})
@@ -437,12 +440,14 @@ def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
 
 def investigate(run_dir: str | Path, *, metric: str = "acc@1", out: str | Path | None = None,
                 budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
-                progress: bool = True, smoke: Sequence[str] = (), only: Sequence[str] | None = None) -> Verdict:
+                progress: bool = True, smoke: Sequence[str] = (), only: Sequence[str] | None = None,
+                backend: str = "local", address: str | None = None) -> Verdict:
     """Doctor, grid, sequential seeds and verdict for ``run_dir``; writes ``verdict.md``/``verdict.json`` (plus the
     recommended config and ``effects.png``) to ``out`` (default ``RUN_DIR/investigate``). ``smoke``: overrides
     added to every run (e.g. fewer epochs, for tests)."""
     inv = Investigation(run_dir, metric=metric, out=out, budget_minutes=budget_minutes, workers=workers,
-                        initial_seeds=initial_seeds, max_seeds=max_seeds, progress=progress, smoke=smoke, only=only)
+                        initial_seeds=initial_seeds, max_seeds=max_seeds, progress=progress, smoke=smoke, only=only,
+                        backend=backend, address=address)
     v = inv.run()
     write_verdict(v, inv.run_dir, inv.out)
     return v
@@ -480,7 +485,8 @@ def cmd_investigate(args: argparse.Namespace) -> int:
     inv = Investigation(args.run_dir, metric=args.metric, out=args.out, budget_minutes=args.budget_minutes,
                         workers=args.workers, initial_seeds=args.initial_seeds, max_seeds=args.max_seeds,
                         progress=not args.no_progress, smoke=args.set or [],
-                        only=args.only.split(",") if args.only else None)
+                        only=args.only.split(",") if args.only else None, backend=args.backend,
+                        address=args.address)
     print(f"investigating {inv.run_dir}: {len(inv.variants)} variants, {args.initial_seeds} seeds to start, "
           f"budget {args.budget_minutes:g} min, {args.workers} worker(s) -> {inv.out}")
     v = inv.run()
@@ -516,6 +522,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--max-seeds", type=int, default=8, help="most seeds any variant gets")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override added to every run of the grid (e.g. fewer epochs for a quick look)")
+    add_backend_args(p)
     p.add_argument("--only", metavar="V1,V2", help="build only these variants (plus 'run' and 'sft_only'), e.g. "
                                                     "rce_moving,rce_grpo_anchored for a quick look")
     p.add_argument("--reproduce", type=int, default=0, metavar="K",

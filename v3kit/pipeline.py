@@ -9,7 +9,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 
 from .bounds import check_model_fits
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
-from . import distributed
+from . import distributed, trackers
 from .checkpoint import check_finite_checkpoint, checkpoint_model_config, load_checkpoint, model_from_checkpoint
 from .debias import DebiasReport, check_debias, debias_splits
 from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
@@ -129,7 +129,7 @@ def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (),
 # Where and how fast a run computes is not part of the experiment: checkpoints are device-independent.
 # What to do on a NaN/inf batch is a policy for the steps still to come, not part of what was trained.
 RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs", "device", "threads", "log_every", "sft.on_nonfinite",
-                     "rce.on_nonfinite", "grpo.on_nonfinite")
+                     "rce.on_nonfinite", "grpo.on_nonfinite", "report_to")
 
 
 def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
@@ -271,12 +271,15 @@ def run_pipeline(
     splits: Splits | None = None,
     callbacks: Sequence[Any] = (),
     resume: bool = False,
+    tracking: Mapping[str, Any] | None = None,
 ) -> PipelineResult:
     """Run SFT (unless ``sft_checkpoint``) -> stage 1 -> RCE -> GRPO in ``cfg.run_dir``; return the stage table.
 
     ``cfg.device`` / ``cfg.precision`` / ``cfg.threads`` are resolved first (:func:`resolve_runtime`); the
     thread count is set with ``torch.set_num_threads`` for the rest of the process. Holds ``run_dir``'s writer
-    lock throughout (a second concurrent run there is refused, naming this PID).
+    lock throughout (a second concurrent run there is refused, naming this PID). ``cfg.report_to``'s trackers see
+    every logged row and the stage table (``tracking``: their tags and default store, see
+    :func:`v3kit.trackers.start`).
     """
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
@@ -292,10 +295,14 @@ def run_pipeline(
         check_finite_checkpoint(ckpt, sft_checkpoint)  # before anything is written: refuse NaN/inf weights
         cfg = dataclasses.replace(cfg, model=checkpoint_model_config(ckpt, sft_checkpoint))
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Under torchrun rank 0 is the run dir's one writer (the other ranks write nothing).
-    with RunLock(run_dir) if distributed.current().main else contextlib.nullcontext():
-        return _run_locked(cfg, run_dir, sft_checkpoint=sft_checkpoint, splits=splits, callbacks=callbacks,
-                           resume=resume)
+    # Under torchrun rank 0 is the run dir's one writer (the other ranks write nothing) and its one reporter.
+    main = distributed.current().main
+    with RunLock(run_dir) if main else contextlib.nullcontext():
+        with trackers.reporting(cfg, run_dir, resume=resume, tracking=tracking, active=main) as reporter:
+            result = _run_locked(cfg, run_dir, sft_checkpoint=sft_checkpoint, splits=splits,
+                                 callbacks=[*callbacks, *reporter.callbacks()], resume=resume)
+            reporter.finish(result.table, run_dir)
+            return result
 
 
 def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | None, splits: Splits | None,

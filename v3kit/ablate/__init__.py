@@ -1,7 +1,8 @@
 """Seeded ablations of the v3 pipeline: named variants x seeds (x synthetic worlds), with bootstrap intervals.
 
-Modules: ``grid`` (the spec), ``runner`` (running, resuming, collecting), ``stats`` (intervals), ``report``
-(tables and generated conclusions), ``cli`` (``v3kit ablate``).
+Modules: ``grid`` (the spec), ``runner`` (running, resuming, collecting), ``backends`` (where the tasks run:
+local processes or Ray), ``stats`` (intervals), ``report`` (tables and generated conclusions), ``cli``
+(``v3kit ablate``).
 
 A *grid* (YAML) names variants, each a list of ``key=value`` config overrides applied on top of ``base``::
 

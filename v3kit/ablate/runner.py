@@ -5,10 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -17,17 +14,19 @@ import pandas as pd
 import yaml
 from tqdm.auto import tqdm
 
+from .. import trackers
 from ..config import RunConfig, to_dict
 from ..rundir import atomic_write_frame, atomic_write_text
 from ..provenance import fingerprint, signature
 
+from .backends import make_backend, worker_config
 from .grid import (_RUN_INFO, _RUNNER_KEYS, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS,
                    GridError, GridSpec, load_grid)
 from .stats import summarize
 
 # Where and how fast a run computes does not change what it is (fp32 is the precision every earlier result had,
 # so it is left out too and those results stay valid).
-_COMPUTE_KEYS = ("device", "threads", "log_every")
+_COMPUTE_KEYS = ("device", "threads", "log_every", "report_to")
 
 
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
@@ -90,24 +89,21 @@ class _RunTask:
     result_path: Path
     hash: str
     keep_checkpoints: bool = False
-
-
-_IN_WORKER = False
-
-
-def _worker_init() -> None:
-    import torch
-
-    global _IN_WORKER
-    _IN_WORKER = True
-    torch.set_num_threads(1)  # N workers x 1 thread each: no oversubscription of the cores
+    tracking: dict[str, Any] | None = None  # report_to: the tracked run's tags and default MLflow store
 
 
 def _train_sft(task: _SFTTask) -> str:
+    import torch
+
+    from ..pipeline import resolve_runtime
     from ..sft import train_sft
 
     splits = _splits_for(task.cfg)
-    train_sft(splits, task.cfg.model, task.cfg.sft, seed=task.cfg.seed, run_dir=task.path.parent, progress=False)
+    cfg = worker_config(task.cfg)  # the worker's thread count and device, as its runs get
+    runtime = resolve_runtime(cfg, splits, warn=False)
+    torch.set_num_threads(runtime.threads)
+    train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=task.path.parent, progress=False,
+              device=runtime.device, precision=runtime.precision)
     for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
         p.unlink()
     atomic_write_text(task.path.parent / "sft.hash", task.hash)
@@ -121,8 +117,8 @@ def _execute(task: _RunTask) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)
-    cfg = dataclasses.replace(task.cfg, threads=1) if _IN_WORKER else task.cfg  # run_pipeline sets the threads
-    res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits)
+    cfg = worker_config(task.cfg)  # one thread in a worker, and its GPU; run_pipeline sets the threads
+    res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits, tracking=task.tracking)
     run_dir = Path(task.cfg.run_dir)
     update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
@@ -249,28 +245,11 @@ def _load_result(path: Path, expected_hash: str) -> dict[str, Any] | None:
     return payload if payload.get("hash") == expected_hash else None
 
 
-def _run_tasks(fn: Callable[[Any], Any], tasks: list[Any], workers: int, bar: Any, pool: Any,
-               errors: list[str]) -> None:
+def _run_tasks(fn: Callable[[Any], Any], tasks: list[Any], bar: Any, backend: Any, errors: list[str]) -> None:
     def label(t: Any) -> str:
         return f"{t.world}/{getattr(t, 'variant', 'sft')}/seed{getattr(t, 'seed', t.cfg.seed)}"
 
-    if pool is None:
-        for t in tasks:
-            try:
-                fn(t)
-            except Exception:  # keep the other runs going; report them all at the end
-                errors.append(f"{label(t)}:\n{traceback.format_exc()}")
-            if bar is not None:
-                bar.update(1)
-        return
-    futures = {pool.submit(fn, t): t for t in tasks}
-    for fut in as_completed(futures):
-        try:
-            fut.result()
-        except Exception as e:
-            errors.append(f"{label(futures[fut])}: {type(e).__name__}: {e}")
-        if bar is not None:
-            bar.update(1)
+    backend.run(fn, tasks, label, (lambda: bar.update(1)) if bar is not None else (lambda: None), errors)
 
 
 def run_grid(
@@ -281,10 +260,15 @@ def run_grid(
     progress: bool = True,
     keep_checkpoints: bool = False,
     overrides: Sequence[str] = (),
+    backend: str = "local",
+    address: str | None = None,
 ) -> GridResult:
     """Run every (world, variant, seed) of ``spec`` (skipping finished runs) and collect the tidy results.
 
-    ``workers > 1`` runs that many spawned processes with one torch thread each. Outputs in ``out_dir``
+    ``backend="local"``: ``workers > 1`` runs that many spawned processes with one torch thread each (worker k on
+    ``cuda:(k mod G)`` when there are G >= 2 GPUs). ``backend="ray"``: every SFT and run is a Ray task on the
+    cluster at ``address`` (None: a local Ray; see :mod:`v3kit.ablate.backends`, which also says why ``out_dir``
+    must be on a filesystem every node shares). Either backend resumes a grid the other started. Outputs in ``out_dir``
     (default ``runs/ablate/<grid name>``): ``results.{csv,parquet}``, ``per_query.parquet``, ``summary.csv`` and
     one run directory per run (``<world>/<variant>/seed<k>/``).
     """
@@ -296,6 +280,8 @@ def run_grid(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out = Path(out_dir) if out_dir is not None else Path("runs/ablate") / spec.name
+    if backend == "ray":
+        out = out.resolve()  # workers elsewhere do not share this process's working directory
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "grid.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False))
 
@@ -304,6 +290,20 @@ def run_grid(
     sft_cfgs = {w: spec.base_config(w, [f"seed={spec.sft_seed}", f"run_dir={out / w / 'sft'}", "progress=false"])
                 for w in spec.world_names()}
     sft_plan = _SFTPlan(out, spec, sft_cfgs)
+
+    # report_to: the extras are checked here, before anything trains; every run of the grid goes to one MLflow store.
+    report_to = sft_cfgs[BASE_WORLD].report_to
+    trackers.require(report_to)
+    store = trackers.mlflow_uri(out) if "mlflow" in report_to else None
+    if store is not None:
+        trackers.open_mlflow_store(store)
+
+    def tracking(world: str, variant: str, seed: int) -> dict[str, Any] | None:
+        if not report_to:
+            return None
+        tags = {"grid": spec.name, "world": world, "variant": variant, "seed": seed,
+                "run": f"{spec.name}/{world}/{variant}/seed{seed}"}
+        return {"tags": tags, "mlflow_uri": store}
 
     def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
         tasks, skipped = [], 0
@@ -319,7 +319,7 @@ def run_grid(
                     continue
                 tasks.append(_RunTask(world=world, variant=variant, seed=seed, cfg=cfg, split_cfg=sft_cfgs[world],
                                       sft_path=path, result_path=result_path, hash=h,
-                                      keep_checkpoints=keep_checkpoints))
+                                      keep_checkpoints=keep_checkpoints, tracking=tracking(world, variant, seed)))
         return tasks, skipped
 
     base_tasks, skipped = plan(BASE_WORLD, spec.variants, spec.seeds)
@@ -329,9 +329,8 @@ def run_grid(
         n_world_runs = len(spec.worlds.levels) * len(spec.worlds.variants) * len(spec.worlds.seeds)
     total_runs = len(spec.variants) * len(spec.seeds) + n_world_runs
     errors: list[str] = []
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init)
+    runner = make_backend(backend, workers=workers, out_dir=out, address=address,
+                          device=sft_cfgs[BASE_WORLD].device)
     bar = tqdm(total=total_runs, desc=f"ablate {spec.name}", unit="run", disable=not progress, dynamic_ncols=True)
     bar.update(skipped)
     executed = 0
@@ -339,11 +338,11 @@ def run_grid(
     try:
         if sft_tasks:
             sft_bar = tqdm(total=len(sft_tasks), desc="SFT per world", disable=not progress, leave=False)
-            _run_tasks(_train_sft, sft_tasks, workers, sft_bar, pool, errors)
+            _run_tasks(_train_sft, sft_tasks, sft_bar, runner, errors)
             sft_bar.close()
             if errors:
                 raise RuntimeError("SFT training failed, no variant can run:\n" + "\n".join(errors))
-        _run_tasks(_execute, base_tasks, workers, bar, pool, errors)
+        _run_tasks(_execute, base_tasks, bar, runner, errors)
         executed += len(base_tasks)
         if spec.worlds:
             world_variants = list(spec.worlds.variants)
@@ -361,15 +360,14 @@ def run_grid(
                 bar.update(s)
             world_sft = sft_plan.tasks_for(world_tasks)
             if world_sft:
-                _run_tasks(_train_sft, world_sft, workers, None, pool, errors)
+                _run_tasks(_train_sft, world_sft, None, runner, errors)
                 if errors:
                     raise RuntimeError("SFT training failed, no variant can run:\n" + "\n".join(errors))
-            _run_tasks(_execute, world_tasks, workers, bar, pool, errors)
+            _run_tasks(_execute, world_tasks, bar, runner, errors)
             executed += len(world_tasks)
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        runner.close()
     if errors:
         raise RuntimeError(f"{len(errors)} run(s) failed (finished runs are saved; rerun to retry):\n"
                            + "\n".join(errors))
@@ -381,7 +379,8 @@ def run_grid(
                         executed=executed - len(errors), skipped=skipped, wall_s=time.perf_counter() - t0)
     atomic_write_frame(out / "summary.csv", result.summary())
     atomic_write_text(out / "timing.json", json.dumps({"wall_s": result.wall_s, "workers": workers,
-                                                    "executed": result.executed, "skipped": skipped}))
+                                                    "backend": backend, "executed": result.executed,
+                                                    "skipped": skipped}))
     return result
 
 
