@@ -93,17 +93,14 @@ class _RunTask:
 
 
 def _train_sft(task: _SFTTask) -> str:
-    import torch
-
-    from ..pipeline import resolve_runtime
+    from ..device import resolve_device, resolve_precision
     from ..sft import train_sft
 
     splits = _splits_for(task.cfg)
-    cfg = worker_config(task.cfg)  # the worker's thread count and device, as its runs get
-    runtime = resolve_runtime(cfg, splits, warn=False)
-    torch.set_num_threads(runtime.threads)
+    cfg = worker_config(task.cfg)  # the worker's device, as its runs get
+    device = resolve_device(cfg.device)
     train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=task.path.parent, progress=False,
-              device=runtime.device, precision=runtime.precision)
+              device=device, precision=resolve_precision(cfg.precision, device, warn=False))
     for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
         p.unlink()
     atomic_write_text(task.path.parent / "sft.hash", task.hash)
