@@ -132,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``), each module's
+    """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``, ``notebook``), each module's
     ``register_cli``."""
     found = []
-    for mod in ("ablate", "diagnose", "import_sft"):
+    for mod in ("ablate", "diagnose", "import_sft", "notebook_tools"):
         try:
             module = importlib.import_module(f"v3kit.{mod}")
         except ModuleNotFoundError as e:

@@ -101,6 +101,15 @@ def resolve_runtime(cfg: RunConfig, splits: Splits, *, warn: bool = True) -> Run
                    requested_precision=cfg.precision)
 
 
+def stage_options(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
+    """What ``v3kit run`` gives every stage runner from ``cfg``: ``device`` and ``precision`` resolved on this
+    machine, and ``log_every``; also sets torch's CPU threads (``cfg.threads``) for the process, as a run does. The
+    notebooks and the GRPO panel pass these to the stage runners, so the config's device holds there too."""
+    runtime = resolve_runtime(cfg, splits)
+    torch.set_num_threads(runtime.threads)
+    return dict(device=runtime.device, precision=runtime.precision, log_every=cfg.log_every)
+
+
 def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (), resume: bool = True,
                runtime: Runtime | None = None) -> Path:
     """Path of the run's ``sft.pt``: with ``resume`` an existing one is reused and an interrupted SFT continues
@@ -359,6 +368,7 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
     notebook made with the same data and SFT settings, else train SFT (``callbacks`` see that training)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    options = stage_options(cfg, splits)  # device / precision / threads as in `v3kit run`
     state = read_state(run_dir)
     sft_path = run_dir / "sft.pt"
     data_sig = signature(cfg, "data")
@@ -383,12 +393,12 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
         origin = "trained"
         _invalidate(run_dir, ("rce", "grpo"), state)
         train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=run_dir, callbacks=callbacks,
-                  progress=cfg.progress)
+                  progress=cfg.progress, **options)
     if prev != want:
         _invalidate(run_dir, ("rce", "grpo"), state)
     state["stage1"] = want
     _write_state(run_dir, state)
-    stage1 = load_sft(sft_path, splits.train)
+    stage1 = load_sft(sft_path, splits.train, device=options["device"], precision=options["precision"])
     stage1.origin = origin
     return stage1
 
@@ -408,7 +418,8 @@ def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Seq
         print(f"training RCE for {cfg.rce.epochs} epoch(s) -> {run_dir}/rce_epoch*.pt")
         _invalidate(run_dir, ("rce", "grpo"), state)
     result = run_rce(stage1.policy, splits, cfg.rce, model_config=stage1.model_config, reference=stage1.reference,
-                     seed=cfg.seed, run_dir=run_dir, resume=reuse, callbacks=callbacks, progress=cfg.progress)
+                     seed=cfg.seed, run_dir=run_dir, resume=reuse, callbacks=callbacks, progress=cfg.progress,
+                     **stage_options(cfg, splits))
     state["rce"] = want
     _write_state(run_dir, state)
     result.info["origin"] = "reused" if reuse else "trained"
