@@ -49,12 +49,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(_fmt(result.table))
     g = result.grpo.info
     print(f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
-          f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}")
+          f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}"
+          f"{step0_ratio_note(g['step0_ratio_mean'])}")
     if result.skipped_batches:
         counts = ", ".join(f"{k} {v}" for k, v in result.skipped_batches.items())
         print(f"batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): {counts}")
     print(f"GRPO health report: v3kit doctor {result.run_dir}")
     return 0
+
+
+def step0_ratio_note(mean: float) -> str:
+    """What a step-0 ratio mean far from 1 says (empty when it is near 1: the policy GRPO starts from is the old
+    policy, up to what RCE moved)."""
+    if 0.5 <= mean <= 2.0:
+        return ""
+    return (f"\n  a step-0 ratio mean of {mean:.4g} (1 = GRPO starts from the old policy) says the old policy is stale "
+            "(RCE moved the policy far from SFT: test grpo.old_policy=refresh_at_start) or the log-probs are read at "
+            "another temperature than stage 1's (grpo.logp_temperature, rce.temperature_target=logits); v3kit doctor "
+            "tells which")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
