@@ -280,3 +280,44 @@ def test_step0_ratio_mean_far_from_one_is_explained(capsys):
 
     assert "old policy is stale" in step0_ratio_note(278928.0) and "temperature" in step0_ratio_note(278928.0)
     assert step0_ratio_note(1.0) == ""
+
+
+def test_power_line_formats_small_minimum_detectable_effects():
+    from v3kit.ablate.report import power_lines
+
+    def frame(mde: float) -> pd.DataFrame:
+        return pd.DataFrame({"metric": ["acc@1"], "mde": [mde], "n_queries": [40], "n_seeds": [1], "sft": [0.3]})
+
+    assert "~0.032 go undetected" in power_lines(frame(0.0321), ["acc@1"])[0]
+    assert "~0.00042 go undetected" in power_lines(frame(0.000421), ["acc@1"])[0]
+    zero = power_lines(frame(0.0), ["acc@1"])[0]
+    assert "~0.000" not in zero and "not measurable" in zero
+
+
+def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from custom_models import BilinearRanker
+    from v3kit.import_sft import import_sft
+
+    torch.save(BilinearRanker(QD, CD).state_dict(), tmp_path / "v2.pt")
+    import_sft("custom_models:BilinearRanker", tmp_path / "v2.pt", tmp_path / "sft.pt", query_dim=QD, cand_dim=CD)
+    rows = [{"query_id": f"q{q}", "candidate_id": f"q{q}c{c}", "query_text": f"query {q}",
+             "candidate_text": f"candidate {q} {c}", "reward": float(c), "is_label": c == 0}
+            for q in range(30) for c in range(3)]
+    pd.DataFrame(rows).to_json(tmp_path / "table.jsonl", orient="records", lines=True)
+    seen: list[str] = []
+
+    def fake_encoder(name, max_tokens=None):
+        def encode(texts):
+            seen.extend(texts)
+            return np.ones((len(texts), 3), dtype=np.float32)  # 3-d embeddings: the checkpoint wants 16
+        return encode
+
+    monkeypatch.setattr("v3kit.text.sentence_encoder", fake_encoder)
+    code = main(["run", "--sft", str(tmp_path / "sft.pt"), "--set", f"data.path={tmp_path / 'table.jsonl'}",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"run_dir={tmp_path / 'run'}",
+                 "--set", "progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "takes features of dim (query 16, candidate 16)" in err and "gives 3-dim embeddings" in err
+    assert len(seen) == 1  # one text, not the 120 distinct ones

@@ -32,7 +32,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import distributed
 
     cfg = load_config(args.config, args.set or [])
-    splits = prepare_data(cfg)
+    splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.sft) if args.sft else None)
     runtime = resolve_runtime(cfg, splits, warn=False)
     ranks = distributed.init_from_env(runtime.device)  # torchrun: join the process group; else one process
     if ranks.world > 1:
@@ -58,6 +58,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_dims(path: str) -> tuple[int, int, str] | None:
+    """The feature dims a checkpoint takes, read before the data is embedded (None when it lacks them: the
+    checkpoint's own loader reports that)."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("query_dim"), int) or not isinstance(ckpt.get("cand_dim"), int):
+        return None
+    return ckpt["query_dim"], ckpt["cand_dim"], str(path)
+
+
 def step0_ratio_note(mean: float) -> str:
     """What a step-0 ratio mean far from 1 says (empty when it is near 1: the policy GRPO starts from is the old
     policy, up to what RCE moved)."""
@@ -77,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.checkpoint).parent
     cfg_path = Path(args.config) if args.config else run_dir / "config.yaml"
     cfg = load_config(cfg_path if cfg_path.exists() else None, args.set or [])
-    splits = prepare_data(cfg)
+    splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.checkpoint))
     data = getattr(splits, args.split)
     check_feature_dims(ckpt, data.query_dim, data.cand_dim, args.checkpoint,
                        "pass the config the checkpoint was trained with (--config)")

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from . import distributed
-from .checkpoint import checkpoint_model_config, load_checkpoint
+from .checkpoint import CheckpointError, checkpoint_model_config, load_checkpoint
 from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
@@ -48,32 +48,46 @@ def load_table(cfg: RunConfig) -> pd.DataFrame:
     return read_table(d.path)
 
 
-def load_data(cfg: RunConfig) -> GroupData:
+def load_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = None) -> GroupData:
     """All groups of ``cfg.data``: the synthetic world, a built-in table, or a file; text columns without feature
-    vectors are embedded with ``data.text_encoder`` (cached) unless ``data.text_mode`` is ``end_to_end``."""
+    vectors are embedded with ``data.text_encoder`` (cached) unless ``data.text_mode`` is ``end_to_end``.
+
+    ``expect_dims``: ``(query_dim, cand_dim, checkpoint)`` of a checkpoint that will score the data; the encoder's
+    dim is checked on one text first, so a mismatch is reported before every text is embedded."""
     d = cfg.data
     if not d.path:
         return make_world(d.synthetic)
     cache = _cache_dir(cfg)
 
-    def embed(texts: list[str]):
+    def embed_some(texts: list[str]):
         return embed_texts(texts, encoder_name=d.text_encoder, max_tokens=d.text_max_tokens,
                            cache_dir=cache / "embeddings", progress=cfg.progress)
+
+    def embed(texts: list[str]):
+        if expect_dims is not None and len(texts) > 1:
+            dim = int(embed_some(texts[:1]).shape[1])
+            if dim not in expect_dims[:2]:
+                raise CheckpointError(
+                    f"checkpoint {expect_dims[2]} takes features of dim (query {expect_dims[0]}, candidate "
+                    f"{expect_dims[1]}) but data.text_encoder {d.text_encoder!r} gives {dim}-dim embeddings (checked "
+                    f"on one text before embedding all {len(texts)}); use the encoder the checkpoint was trained "
+                    "with, or import it again for these features")
+        return embed_some(texts)
 
     if d.path == "builtin:stdlib_search":
         return from_long_frame(load_table(cfg), embed=embed, text_mode=d.text_mode)
     return load_groups(d.path, embed=embed, text_mode=d.text_mode, feature_dtype=d.feature_dtype)
 
 
-def prepare_data(cfg: RunConfig) -> Splits:
-    """Load ``cfg.data`` (see :func:`load_data`) and split it by query with ``cfg.seed``."""
+def prepare_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = None) -> Splits:
+    """Load ``cfg.data`` (see :func:`load_data`, also for ``expect_dims``) and split it by query with ``cfg.seed``."""
     d = cfg.data
     if d.path and d.cache and d.text_mode != "end_to_end" and not d.path.startswith("builtin:"):
         # memory-mapped splits of a feature table: memory holds what the batches touch
         from .cache import cached_splits
 
         return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac, seed=cfg.seed)
-    data = load_data(cfg)
+    data = load_data(cfg, expect_dims=expect_dims)
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=cfg.seed)
 
 
