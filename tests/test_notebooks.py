@@ -388,3 +388,53 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
         assert torch.get_num_threads() == 1  # threads=auto off the CPU: 1, as `v3kit run` sets it
     assert [n for n, _ in seen] == ["train_sft", "load_sft", "run_rce", "run_grpo"]
     assert all(device == fake for _, device in seen), seen
+
+
+@pytest.mark.slow
+def test_first_panel_click_after_run_all_costs_what_later_clicks_cost(tmp_path):
+    """Notebook 03 in a kernel started as JupyterLab starts it (no OMP_NUM_THREADS: torch would take one thread
+    per core), every cell run in order, then the panel's Run button clicked twice through its widget comm. The
+    kit sets the config's threads (``auto``: 1 on <= 2 cores or for a small model); with torch's default instead,
+    a loaded 2-core machine made the first click 25 s against 2-3.5 s later."""
+    from jupyter_client.manager import start_new_kernel
+
+    from v3kit.device import resolve_threads
+
+    params = {"smoke": True, "run_dir": str(tmp_path / "run"), "n_queries": 120, "sft_epochs": 1, "rce_epochs": 1,
+              "kl_betas": [0.0]}
+    env = _env(live=True)
+    env.pop("OMP_NUM_THREADS", None)
+    km, kc = start_new_kernel(kernel_name=kernel_name(), env=env, cwd=str(NB_DIR))
+    try:
+        def execute(code: str, **kw) -> dict:
+            reply = kc.execute_interactive(code, timeout=300, output_hook=lambda msg: None, **kw)
+            assert reply["content"]["status"] == "ok", reply["content"]
+            return reply["content"]
+
+        def value(expr: str) -> str:
+            return execute("", user_expressions={"v": expr})["user_expressions"]["v"]["data"]["text/plain"]
+
+        nb = notebook_tools._jupytext().read(str(NB_DIR / "03_grpo.py"))
+        for cell in _code_cells(nb):
+            extra = "".join(f"\n{k} = {v!r}" for k, v in params.items()) if "parameters" in cell.metadata.get(
+                "tags", []) else ""
+            execute(cell.source + extra)
+        button = value("panel.button.model_id").strip("'")
+        seconds = []
+        for _ in range(2):
+            n = int(value("len(panel.runs)"))
+            kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": button, "data": {
+                "method": "custom", "content": {"event": "click"}}}))
+            deadline = time.monotonic() + 300
+            while int(value("len(panel.runs)")) == n:
+                assert time.monotonic() < deadline, "the click never finished a run"
+                time.sleep(0.05)
+            seconds.append(float(value("panel.runs[-1].seconds")))
+        threads = int(value("__import__('torch').get_num_threads()"))
+        grid = float(value("panel.runs[0].seconds"))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert threads == resolve_threads("auto", __import__("torch").device("cpu"), 10_000)  # a small model: 1
+    first, second = seconds
+    assert first <= 3 * max(second, grid) + 2.0, f"first click {first:.1f} s, second {second:.1f} s, grid {grid:.1f} s"
