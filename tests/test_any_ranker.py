@@ -273,6 +273,13 @@ def test_printed_next_command_runs_as_printed_in_a_fresh_shell(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "held-out test metrics by stage" in run.stdout
     assert (project / "out" / "summary.csv").exists()
+    # ... and the hint that run prints: the doctor rebuilds the user's model from the checkpoints, from the cwd
+    hint = next(x for x in run.stdout.splitlines() if x.startswith("GRPO health report: "))
+    doctor = shlex.split(hint[len("GRPO health report: "):])
+    assert doctor[:2] == ["v3kit", "doctor"]
+    report = subprocess.run([*v3kit, *doctor[1:]], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    assert "checks flagged" in report.stdout, report.stdout[-500:]
 
 
 def test_step0_ratio_mean_far_from_one_is_explained(capsys):
