@@ -328,3 +328,20 @@ def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(
     err = capsys.readouterr().err
     assert code == 2 and "takes features of dim (query 16, candidate 16)" in err and "gives 3-dim embeddings" in err
     assert len(seen) == 1  # one text, not the 120 distinct ones
+
+
+def test_disable_dropout_covers_modules_and_attention_probabilities():
+    from v3kit.model import disable_dropout
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention_dropout = 0.1  # read at call time, as Hugging Face attention does
+            self.mha = nn.MultiheadAttention(8, 2, dropout=0.2)
+            self.drop = nn.Dropout(0.3)
+            self.size = 0.5  # not a dropout: untouched
+
+    m = Attn()
+    assert disable_dropout(m) == 3  # drop.p, attention_dropout, mha.dropout
+    assert m.attention_dropout == 0.0 and m.mha.dropout == 0.0 and m.drop.p == 0.0 and m.size == 0.5
+    assert disable_dropout(m) == 0

@@ -307,14 +307,21 @@ def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
 
 
 def disable_dropout(model: nn.Module) -> int:
-    """Set every dropout probability in ``model`` to 0 (``nn.Dropout*`` modules and attention's ``dropout``), as
-    TRL's GRPO does; returns how many were changed. A dropout called as a function with a fixed p is not seen."""
+    """Set every dropout probability in ``model`` to 0, as TRL's GRPO does; returns how many were changed.
+
+    Covers ``nn.Dropout*`` modules and float attributes whose name contains ``dropout`` (``nn.MultiheadAttention``'s
+    ``dropout``, Hugging Face attention's ``dropout_prob`` / ``attention_dropout``, read at call time). A dropout
+    called as a function with a literal ``p`` is not seen."""
     changed = 0
     for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p != 0:
-            m.p, changed = 0.0, changed + 1
-        elif isinstance(m, nn.MultiheadAttention) and m.dropout != 0:
-            m.dropout, changed = 0.0, changed + 1
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            if m.p != 0:
+                m.p, changed = 0.0, changed + 1
+            continue
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and isinstance(value, float) and 0 < value < 1:
+                setattr(m, name, 0.0)
+                changed += 1
     return changed
 
 
