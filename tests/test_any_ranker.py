@@ -345,3 +345,22 @@ def test_disable_dropout_covers_modules_and_attention_probabilities():
     assert disable_dropout(m) == 3  # drop.p, attention_dropout, mha.dropout
     assert m.attention_dropout == 0.0 and m.mha.dropout == 0.0 and m.drop.p == 0.0 and m.size == 0.5
     assert disable_dropout(m) == 0
+
+
+def test_a_model_handed_to_stage_one_uses_the_configs_method_names():
+    torch.manual_seed(0)
+    splits = split_by_query(make_world(SyntheticConfig(n_queries=60)), val_frac=0.2, test_frac=0.2, seed=0)
+    sys.path.insert(0, str(REPO / "examples" / "any_ranker"))
+    try:
+        import models
+    finally:
+        sys.path.remove(str(REPO / "examples" / "any_ranker"))
+    model = models.RenamedTowers(splits.train.query_dim, splits.train.cand_dim)
+    mc = ModelConfig(methods={"query": "encode_q", "candidates": "encode_docs"})
+    stage1 = load_sft(model, splits.train, model_config=mc)
+    b = next(iter(__import__("v3kit.data", fromlist=["iterate_batches"]).iterate_batches(splits.train, 4)))
+    expected = torch.log_softmax(model.score(b.query_x, b.cand_x).masked_fill(~b.mask, float("-inf")), dim=-1)
+    with torch.no_grad():
+        got = policy_log_probs(stage1.policy, *model_inputs(stage1.policy, b), b.mask, 1.0)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(stage1.old_log_probs[b.index], expected)

@@ -279,6 +279,13 @@ def interface_of(model: nn.Module) -> Interface:
     return found if isinstance(found, Interface) else resolve_interface(model)
 
 
+def attach_interface(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """Record on ``model`` how :func:`scores` reads it under ``cfg.interface`` / ``cfg.methods`` (a model built
+    elsewhere and handed to a stage runner); returns ``model``."""
+    object.__setattr__(model, INTERFACE_ATTR, resolve_interface(model, cfg.interface, cfg.methods, cfg.target))
+    return model
+
+
 def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
     """Instantiate ``cfg.target`` and check it is a ranker (towers or scorer, :func:`resolve_interface`)."""
     cls = import_object(cfg.target)
@@ -298,7 +305,7 @@ def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
                          "--kwargs / model.kwargs, e.g. '{\"cfg\": {...}}'") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"model.target {cfg.target!r} built a {type(model).__name__}, which is not an nn.Module")
-    object.__setattr__(model, INTERFACE_ATTR, resolve_interface(model, cfg.interface, cfg.methods, cfg.target))
+    attach_interface(model, cfg)
     if min(query_dim, cand_dim) == 0 and getattr(model, "featurize", None) is None:
         raise ValueError(f"the data has no feature vectors (text only, data.text_mode: end_to_end) but model.target "
                          f"{cfg.target!r} reads features; use model.target: v3kit.text_model:TextTwoTower or "

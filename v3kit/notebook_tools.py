@@ -179,7 +179,7 @@ def notebook_source(name: str | Path, nb_dir: str | Path = PROJECT_ROOT / "noteb
 def parse_parameter(value: str) -> Any:
     """A ``-p`` value as papermill's command line reads it (``True``/``False``/``None``, ints, floats, else a
     string), plus YAML lists and mappings (``[0.0, 0.1]``, ``{kl_beta: 0.1}``)."""
-    from papermill.cli import _resolve_type
+    from papermill.cli import _resolve_type  # papermill's own -p parser, so both read a value alike
 
     resolved = _resolve_type(value)
     if isinstance(resolved, str) and resolved.strip()[:1] in ("[", "{"):
@@ -210,7 +210,10 @@ def run_notebook(name: str | Path, parameters: dict[str, Any] | None = None, out
     injects ``parameters`` and runs it with the notebooks' directory as cwd); writes the executed ``.ipynb`` to
     ``out`` (default ``runs/notebooks/executed/NN_name.ipynb``). A failing cell raises papermill's
     ``PapermillExecutionError``; the written notebook then shows the error."""
-    import papermill
+    try:
+        import papermill
+    except ImportError:
+        raise ImportError("v3kit notebook needs papermill and jupytext: pip install -e '.[notebooks]'") from None
 
     src = notebook_source(name)
     params = dict(parameters or {})
@@ -242,7 +245,10 @@ def cmd_notebook(args: Any) -> int:
     params: dict[str, Any] = {}
     for key, value in args.parameters or []:
         params[key] = parse_parameter(value)
-    from papermill.exceptions import PapermillExecutionError
+    try:
+        from papermill.exceptions import PapermillExecutionError
+    except ImportError:
+        raise ImportError("v3kit notebook needs papermill and jupytext: pip install -e '.[notebooks]'") from None
 
     try:
         out = run_notebook(args.name, params, args.out, kernel=args.kernel)
