@@ -21,13 +21,14 @@ from conftest import TINY, tiny_config
 from v3kit.cli import main
 from v3kit.data import split_by_query, to_long_frame
 from v3kit.grpo import GRPOConfig, run_grpo
-from v3kit.model import (ModelConfig, build_model, constructor_dims, interface_of, model_inputs, policy_log_probs,
-                         scores)
+from v3kit.model import (ModelConfig, build_model, constructor_dims, import_object, interface_of, model_inputs,
+                         policy_log_probs, scores)
 from v3kit.sft import load_sft
 from v3kit.synthetic import SyntheticConfig, make_world
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "your_model.md"
+MODELS = REPO / "examples" / "any_ranker" / "models.py"
 QD = CD = 16
 
 
@@ -134,7 +135,8 @@ def test_constructor_gets_the_dims_only_when_it_names_them():
     assert constructor_dims(Cfg, 4, 5) == {}
     assert constructor_dims(Dims, 4, 5) == {"query_dim": 4, "cand_dim": 5}
     assert constructor_dims(Kw, 4, 5) == {}
-    with pytest.raises(ValueError, match=r"could not be built with no feature dims .*its constructor is CfgRanker\(cfg"):
+    with pytest.raises(ValueError,
+                       match=r"could not be built with no feature dims .*its constructor is CfgRanker\(cfg"):
         build_model(ModelConfig(target="examples/any_ranker/models.py:CfgRanker"), QD, CD)
 
 
@@ -233,7 +235,8 @@ def test_dropout_model_step0_ratio_is_exactly_one_with_a_fresh_old_policy(disabl
 def test_cross_encoder_runs_all_three_stages_on_a_small_table(tmp_path):
     table = tmp_path / "table.jsonl"
     to_long_frame(make_world(SyntheticConfig(n_queries=150))).to_json(table, orient="records", lines=True)
-    cfg = tiny_config(tmp_path / "run", f"data.path={table}", f"model.target={REPO}/examples/any_ranker/models.py:CrossEncoder",
+    target = f"{REPO}/examples/any_ranker/models.py:CrossEncoder"
+    cfg = tiny_config(tmp_path / "run", f"data.path={table}", f"model.target={target}",
                       "sft.epochs=2", "rce.epochs=1", "grpo.epochs=1")
     from v3kit.pipeline import run_pipeline
 
@@ -256,12 +259,7 @@ def test_printed_next_command_runs_as_printed_in_a_fresh_shell(tmp_path):
              "from v3kit.cli import main; sys.exit(main())"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     torch.manual_seed(0)
-    sys.path.insert(0, str(REPO / "examples" / "any_ranker"))
-    try:
-        import models
-        torch.save(models.CrossEncoder(QD, CD).state_dict(), project / "v2.pt")
-    finally:
-        sys.path.remove(str(REPO / "examples" / "any_ranker"))
+    torch.save(import_object(f"{MODELS}:CrossEncoder")(QD, CD).state_dict(), project / "v2.pt")
     imp = subprocess.run([*v3kit, "import-sft", "--target", "mypkg.models:CrossEncoder", "--state-dict", "v2.pt",
                           "--config", "run.yaml", "--out", "sft.pt"], cwd=project, env=env, capture_output=True,
                          text=True, timeout=300)
@@ -350,12 +348,7 @@ def test_disable_dropout_covers_modules_and_attention_probabilities():
 def test_a_model_handed_to_stage_one_uses_the_configs_method_names():
     torch.manual_seed(0)
     splits = split_by_query(make_world(SyntheticConfig(n_queries=60)), val_frac=0.2, test_frac=0.2, seed=0)
-    sys.path.insert(0, str(REPO / "examples" / "any_ranker"))
-    try:
-        import models
-    finally:
-        sys.path.remove(str(REPO / "examples" / "any_ranker"))
-    model = models.RenamedTowers(splits.train.query_dim, splits.train.cand_dim)
+    model = import_object(f"{MODELS}:RenamedTowers")(splits.train.query_dim, splits.train.cand_dim)
     mc = ModelConfig(methods={"query": "encode_q", "candidates": "encode_docs"})
     stage1 = load_sft(model, splits.train, model_config=mc)
     b = next(iter(__import__("v3kit.data", fromlist=["iterate_batches"]).iterate_batches(splits.train, 4)))

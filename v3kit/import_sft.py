@@ -372,7 +372,8 @@ def cmd_import_sft(args: argparse.Namespace) -> int:
     t = ckpt["model_config"]["sim_temperature"]
     kind = ckpt["model_config"]["interface"]
     model = model_from_checkpoint(ckpt, path)
-    print(f"wrote {path}: {args.target} (interface {interface_of(model).kind}{'' if kind != 'auto' else ', recognised from the class'}) with "
+    how = f"interface {interface_of(model).kind}" + (", recognised from the class" if kind == "auto" else "")
+    print(f"wrote {path}: {args.target} ({how}) with "
           f"the weights of {args.state_dict} (query_dim {query_dim}, cand_dim {cand_dim}, sim_temperature {t:g}"
           f"{f' read from {args.temperature_attr}' if args.temperature_attr else ''})")
     if data is not None:

@@ -43,7 +43,6 @@ from torch import Tensor, nn
 from . import distributed
 from .data import Batch, GroupData, iterate_batches
 from .device import autocast, module_device
-from .losses import group_log_probs
 
 DEFAULT_TARGET = "v3kit.model:TwoTower"
 INTERFACES = ("auto", "towers", "scorer")

@@ -8,6 +8,7 @@ saves a plain ``state_dict``. v3kit never wrote this file.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -15,11 +16,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # models.py beside this script
-import models  # noqa: E402
+from v3kit.config import load_config
+from v3kit.pipeline import prepare_data
 
-from v3kit.config import load_config  # noqa: E402
-from v3kit.pipeline import prepare_data  # noqa: E402
+# models.py beside this script, loaded by path under its own name (examples/my_ranker has a models.py too)
+_spec = importlib.util.spec_from_file_location("any_ranker_models", Path(__file__).resolve().parent / "models.py")
+models = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = models
+_spec.loader.exec_module(models)
 
 
 def build(name: str, query_dim: int, cand_dim: int) -> tuple[nn.Module, object]:
