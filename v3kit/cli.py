@@ -32,7 +32,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import distributed
 
     cfg = load_config(args.config, args.set or [])
-    splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.sft) if args.sft else None)
+    # With --sft the checkpoint's dims are checked on the first embedded text, before the rest is embedded.
+    splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.sft)) if args.sft else prepare_data(cfg)
     runtime = resolve_runtime(cfg, splits, warn=False)
     ranks = distributed.init_from_env(runtime.device)  # torchrun: join the process group; else one process
     if ranks.world > 1:
