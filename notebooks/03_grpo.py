@@ -63,7 +63,7 @@ from v3kit.grpo import run_grpo
 from v3kit.grpo_panel import ComparePanel, GRPOStart
 from v3kit.live import LivePlot
 from v3kit.notebook_tools import grpo_temperature, notebook_config, record
-from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data, stage_table
+from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data, stage_options, stage_table
 from v3kit.plots import grpo_panels, plot_ratio_hist, show
 from v3kit.sft import sft_baseline
 
@@ -86,7 +86,8 @@ record(sft_origin=stage1.origin, rce_origin=rce.info["origin"])
 live = LivePlot(grpo_panels(cfg.grpo.eps_low, cfg.grpo.eps_high), baseline=sft_baseline(stage1, splits.val))
 grpo = run_grpo(copy.deepcopy(rce.model), splits, stage1.old_log_probs, cfg.grpo, reference=stage1.reference,
                 temperature=grpo_temperature(cfg, stage1.model_config), model_config=stage1.model_config,
-                seed=cfg.seed, run_dir=cfg.run_dir, callbacks=[live], progress=False)
+                seed=cfg.seed, run_dir=cfg.run_dir, callbacks=[live], progress=False,
+                **stage_options(cfg, splits))  # the config's device, precision and threads, as `v3kit run`
 # grpo_epoch{N}.pt are now in run_dir
 
 # %% [markdown]

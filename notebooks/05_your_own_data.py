@@ -135,8 +135,9 @@ print(f"train / val / test queries: {len(splits.train)} / {len(splits.val)} / {l
 # %% [markdown]
 # ## 2 · Your v2 model as the SFT checkpoint
 #
-# v3kit needs your class (constructor with `query_dim=` / `cand_dim=`, methods `encode_query` /
-# `encode_candidates`) and its weights as saved by `torch.save(model.state_dict(), ...)`, wrapped or not.
+# v3kit needs your class (two towers, or a scorer whose `forward(query_x, cand_x)` returns scores [B, G]; any
+# method names and constructor: see `docs/your_model.md`) and its weights as saved by
+# `torch.save(model.state_dict(), ...)`, wrapped or not.
 # `import_sft` builds the class, unwraps the file (`{"model": ...}`, a `module.` prefix, ...), refuses weights that
 # do not fit (listing every mismatched key, writing nothing) and writes a v3kit SFT checkpoint. Same from a shell:
 #

@@ -321,3 +321,120 @@ def test_environment_yml_lists_the_notebooks_extra():
     pip = [d for d in env["dependencies"] if isinstance(d, dict)][0]["pip"]
     assert any(re.fullmatch(r"-e\s+\.\[(.*)\]", p) and {"notebooks", "dev"} <= set(
         re.fullmatch(r"-e\s+\.\[(.*)\]", p).group(1).split(",")) for p in pip)
+
+
+def test_notebook_command_runs_a_py_source_with_parameters(tmp_path):
+    """docs/your_model.md's CI command, verbatim plus smoke sizes: papermill runs notebook 03 from its .py."""
+    import shlex
+
+    from v3kit.checkpoint import load_checkpoint
+    from v3kit.cli import main
+
+    doc = (ROOT / "docs" / "your_model.md").read_text()
+    line = next(x for x in doc.splitlines() if x.startswith("v3kit notebook "))
+    cmd = shlex.split(line.replace("runs/any_ranker", str(tmp_path)))
+    assert cmd[:3] == ["v3kit", "notebook", "03_grpo"] and ["-p", "kl_beta", "0.01"] == cmd[6:9]
+    run_dir = tmp_path / "run"
+    fast = ["-p", "run_dir", str(run_dir), "-p", "n_queries", "120", "-p", "sft_epochs", "1", "-p", "rce_epochs", "1",
+            "-p", "grpo_epochs", "1", "-p", "kl_betas", "[0.0]", "-k", kernel_name()]
+    assert main([*cmd[1:], *fast]) == 0
+    nb = _read(tmp_path / "03_grpo.ipynb")
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "kl_beta = 0.01" in injected[0].source and "kl_betas = [0.0]" in injected[0].source
+    assert load_checkpoint(run_dir / "grpo_epoch1.pt")["config"]["kl_beta"] == 0.01  # the value reached GRPO
+
+
+def test_notebook_command_parses_values_as_papermill_and_names_unknown_parameters(tmp_path):
+    parse = notebook_tools.parse_parameter
+    assert [parse(v) for v in ("True", "0.01", "None", "3", "abc", "[0.0, 0.1]")] == [
+        True, 0.01, None, 3, "abc", [0.0, 0.1]]
+    with pytest.raises(ValueError, match=r"has no parameter\(s\) \['kl_bta'\]"):
+        notebook_tools.run_notebook("03", {"kl_bta": 0.1}, tmp_path / "x.ipynb")
+    with pytest.raises(ValueError, match="no notebook '99_nope'"):
+        notebook_tools.notebook_source("99_nope")
+
+
+def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monkeypatch):
+    """ensure_stage1 / ensure_rce / the GRPO panel resolve cfg.device as `v3kit run` does (a fake device here)."""
+    import torch
+
+    import v3kit.grpo_panel as gp
+    import v3kit.pipeline as pl
+    from v3kit.device import num_threads
+
+    fake = torch.device("cuda", 3)
+    monkeypatch.setattr(pl, "resolve_device", lambda setting: fake)
+    seen = []
+
+    def spy(module, name):
+        real = getattr(module, name)
+
+        def run_on_cpu(*args, **kwargs):
+            seen.append((name, kwargs.get("device")))
+            return real(*args, **{**kwargs, "device": "cpu"})
+
+        monkeypatch.setattr(module, name, run_on_cpu)
+
+    for module, name in ((pl, "train_sft"), (pl, "load_sft"), (pl, "run_rce"), (gp, "run_grpo")):
+        spy(module, name)
+    cfg = notebook_tools.notebook_config(run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1,
+                                         rce_epochs=1, grpo_epochs=1)
+    with num_threads(2):
+        splits = pl.prepare_data(cfg)
+        stage1 = pl.ensure_stage1(cfg, splits)
+        rce = pl.ensure_rce(cfg, splits, stage1)
+        panel = gp.ComparePanel(gp.GRPOStart.from_stages(cfg, splits, stage1, rce.model), live=False)
+        panel.run()
+        assert torch.get_num_threads() == 1  # threads=auto off the CPU: 1, as `v3kit run` sets it
+    assert [n for n, _ in seen] == ["train_sft", "load_sft", "run_rce", "run_grpo"]
+    assert all(device == fake for _, device in seen), seen
+
+
+@pytest.mark.slow
+def test_first_panel_click_after_run_all_costs_what_later_clicks_cost(tmp_path):
+    """Notebook 03 in a kernel started as JupyterLab starts it (no OMP_NUM_THREADS: torch would take one thread
+    per core), every cell run in order, then the panel's Run button clicked twice through its widget comm. The
+    kit sets the config's threads (``auto``: 1 on <= 2 cores or for a small model); with torch's default instead,
+    a loaded 2-core machine made the first click 25 s against 2-3.5 s later."""
+    from jupyter_client.manager import start_new_kernel
+
+    from v3kit.device import resolve_threads
+
+    params = {"smoke": True, "run_dir": str(tmp_path / "run"), "n_queries": 120, "sft_epochs": 1, "rce_epochs": 1,
+              "kl_betas": [0.0]}
+    env = _env(live=True)
+    env.pop("OMP_NUM_THREADS", None)
+    km, kc = start_new_kernel(kernel_name=kernel_name(), env=env, cwd=str(NB_DIR))
+    try:
+        def execute(code: str, **kw) -> dict:
+            reply = kc.execute_interactive(code, timeout=300, output_hook=lambda msg: None, **kw)
+            assert reply["content"]["status"] == "ok", reply["content"]
+            return reply["content"]
+
+        def value(expr: str) -> str:
+            return execute("", user_expressions={"v": expr})["user_expressions"]["v"]["data"]["text/plain"]
+
+        nb = notebook_tools._jupytext().read(str(NB_DIR / "03_grpo.py"))
+        for cell in _code_cells(nb):
+            extra = "".join(f"\n{k} = {v!r}" for k, v in params.items()) if "parameters" in cell.metadata.get(
+                "tags", []) else ""
+            execute(cell.source + extra)
+        button = value("panel.button.model_id").strip("'")
+        seconds = []
+        for _ in range(2):
+            n = int(value("len(panel.runs)"))
+            kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": button, "data": {
+                "method": "custom", "content": {"event": "click"}}}))
+            deadline = time.monotonic() + 300
+            while int(value("len(panel.runs)")) == n:
+                assert time.monotonic() < deadline, "the click never finished a run"
+                time.sleep(0.05)
+            seconds.append(float(value("panel.runs[-1].seconds")))
+        threads = int(value("__import__('torch').get_num_threads()"))
+        grid = float(value("panel.runs[0].seconds"))
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert threads == resolve_threads("auto", __import__("torch").device("cpu"), 10_000)  # a small model: 1
+    first, second = seconds
+    assert first <= 3 * max(second, grid) + 2.0, f"first click {first:.1f} s, second {second:.1f} s, grid {grid:.1f} s"

@@ -161,7 +161,7 @@ def test_custom_model_by_import_string(tmp_path):
     r = run_pipeline(tiny_config(tmp_path / "r", "model.target=custom_models:BilinearRanker",
                                  "model.kwargs={emb_dim: 4}"))
     assert type(r.stage1.policy).__name__ == "BilinearRanker" and r.stage1.policy.q.out_features == 4
-    with pytest.raises(TypeError, match="not an nn.Module with encode_query"):
+    with pytest.raises(TypeError, match=r"not an nn.Module with tower methods \(encode_query"):
         build_model(ModelConfig(target="custom_models:NotARanker"), 4, 4)
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.models'"):
         build_model(ModelConfig(target="no_such_pkg.models:X"), 4, 4)

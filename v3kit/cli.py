@@ -32,7 +32,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import distributed
 
     cfg = load_config(args.config, args.set or [])
-    splits = prepare_data(cfg)
+    # With --sft the checkpoint's dims are checked on the first embedded text, before the rest is embedded.
+    splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.sft)) if args.sft else prepare_data(cfg)
     runtime = resolve_runtime(cfg, splits, warn=False)
     ranks = distributed.init_from_env(runtime.device)  # torchrun: join the process group; else one process
     if ranks.world > 1:
@@ -53,12 +54,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(result.selection.line())
     g = result.grpo.info
     print(f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
-          f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}")
+          f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}"
+          f"{step0_ratio_note(g['step0_ratio_mean'])}")
     if result.skipped_batches:
         counts = ", ".join(f"{k} {v}" for k, v in result.skipped_batches.items())
         print(f"batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): {counts}")
     print(f"GRPO health report: v3kit doctor {result.run_dir}")
     return 0
+
+
+def _checkpoint_dims(path: str) -> tuple[int, int, str] | None:
+    """The feature dims a checkpoint takes, read before the data is embedded (None when it lacks them: the
+    checkpoint's own loader reports that)."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt.get("query_dim"), int) or not isinstance(ckpt.get("cand_dim"), int):
+        return None
+    return ckpt["query_dim"], ckpt["cand_dim"], str(path)
+
+
+def step0_ratio_note(mean: float) -> str:
+    """What a step-0 ratio mean far from 1 says (empty when it is near 1: the policy GRPO starts from is the old
+    policy, up to what RCE moved)."""
+    if 0.5 <= mean <= 2.0:
+        return ""
+    return (f"\n  a step-0 ratio mean of {mean:.4g} (1 = GRPO starts from the old policy) says the old policy is stale "
+            "(RCE moved the policy far from SFT: test grpo.old_policy=refresh_at_start) or the log-probs are read at "
+            "another temperature than stage 1's (grpo.logp_temperature, rce.temperature_target=logits); v3kit doctor "
+            "tells which")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -69,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_dir = Path(args.checkpoint).parent
     cfg_path = Path(args.config) if args.config else run_dir / "config.yaml"
     cfg = load_config(cfg_path if cfg_path.exists() else None, args.set or [])
-    splits = prepare_data(cfg)
+    splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.checkpoint))
     data = getattr(splits, args.split)
     check_feature_dims(ckpt, data.query_dim, data.cand_dim, args.checkpoint,
                        "pass the config the checkpoint was trained with (--config)")
@@ -136,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands() -> list:
-    """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``), each module's
+    """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``, ``notebook``), each module's
     ``register_cli``."""
     found = []
-    for mod in ("ablate", "diagnose", "import_sft", "investigate"):
+    for mod in ("ablate", "diagnose", "import_sft", "investigate", "notebook_tools"):
         try:
             module = importlib.import_module(f"v3kit.{mod}")
         except ModuleNotFoundError as e:

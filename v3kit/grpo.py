@@ -45,7 +45,7 @@ from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
                      group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
-from .model import ModelConfig, compute_log_probs, model_inputs, policy_log_probs
+from .model import ModelConfig, compute_log_probs, disable_dropout, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
 OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
@@ -259,6 +259,8 @@ class GRPOStage(Stage):
         train = splits.train
         meta = {"config": asdict(cfg), "temperature": temperature,
                 **model_payload(model_config, train.query_dim, train.cand_dim)}
+        if model_config.disable_dropout:  # before any log-prob: old, current and reference computed alike
+            disable_dropout(policy)
         super().__init__(policy, train, splits.val, cfg, reference=reference, temperature=temperature, meta=meta)
         self.device, self.precision = torch.device(device), precision
         policy.to(self.device)

@@ -50,12 +50,15 @@ class GRPOStart:
     temperature: float  # GRPO's logit temperature
     seed: int
     sft_metrics: dict[str, float] = field(default_factory=dict)  # held-out (val) metrics of the SFT model
+    options: dict[str, Any] = field(default_factory=dict)  # device / precision / log_every, as `v3kit run` has them
 
     @classmethod
     def from_stages(cls, cfg: RunConfig, splits: Splits, stage1: Stage1, rce_model: nn.Module) -> "GRPOStart":
+        from .pipeline import stage_options
+
         return cls(splits=splits, stage1=stage1, model=copy.deepcopy(rce_model), base=cfg.grpo,
                    temperature=grpo_temperature(cfg, stage1.model_config), seed=cfg.seed,
-                   sft_metrics=sft_baseline(stage1, splits.val))
+                   sft_metrics=sft_baseline(stage1, splits.val), options=stage_options(cfg, splits))
 
 
 @dataclass
@@ -177,7 +180,7 @@ class ComparePanel:
             result = run_grpo(copy.deepcopy(s.model), s.splits, s.stage1.old_log_probs, cfg,
                               reference=s.stage1.reference, temperature=s.temperature,
                               model_config=s.stage1.model_config, seed=s.seed, run_dir=run_dir,
-                              callbacks=[_Overlay(self)], progress=False)
+                              callbacks=[_Overlay(self)], progress=False, **s.options)
         finally:
             self._partial = None
         seconds = time.perf_counter() - t0

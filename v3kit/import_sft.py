@@ -13,14 +13,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import shlex
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, check_finite_weights, model_payload, save_checkpoint
-from .model import ModelConfig, build_model
+from .checkpoint import (CheckpointError, check_finite_weights, load_checkpoint, model_from_checkpoint, model_payload,
+                         save_checkpoint)
+from .data import GroupData
+from .model import INTERFACES, ModelConfig, build_model, compute_log_probs, interface_of, scores
 
 __all__ = ["StateDictMismatch", "import_sft", "read_state_dict", "unwrap_state_dict", "apply_renames",
            "fit_report", "register_cli"]
@@ -188,14 +192,60 @@ def _check_forward(model: nn.Module, query_dim: int, cand_dim: int, target: str)
     """One forward pass on zeros, so a model that cannot score this data's features fails here, not mid-run."""
     try:
         with torch.no_grad():
-            q = model.encode_query(torch.zeros(1, query_dim))
-            c = model.encode_candidates(torch.zeros(1, 2, cand_dim))
+            out = scores(model, torch.zeros(1, query_dim), torch.zeros(1, 2, cand_dim))
     except Exception as e:
         raise CheckpointError(f"{target} with the imported weights fails on features of dim (query {query_dim}, "
-                              f"candidate {cand_dim}): {type(e).__name__}: {str(e)[:200]}") from None
-    if q.ndim != 2 or c.ndim != 3 or q.shape[-1] != c.shape[-1]:
-        raise CheckpointError(f"{target}: encode_query gave shape {tuple(q.shape)} and encode_candidates "
-                              f"{tuple(c.shape)} for 1 query / 2 candidates; expected [1, D] and [1, 2, D]")
+                              f"candidate {cand_dim}) through its {interface_of(model).kind} interface: "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+    if not bool(torch.isfinite(out).all()):
+        raise CheckpointError(f"{target} with the imported weights gives non-finite scores on zero features")
+
+
+TEMPERATURE_FORMS = ("temperature", "scale", "log_scale")
+
+
+def read_temperature(model: nn.Module, attr: str, form: str = "temperature") -> float:
+    """The logit temperature a model holds as attribute, buffer or parameter ``attr`` (dotted for a submodule's):
+    ``form`` ``temperature`` (scores are divided by it), ``scale`` (multiplied by it: T = 1 / value) or
+    ``log_scale`` (multiplied by exp(value), CLIP's ``logit_scale``: T = exp(-value))."""
+    if form not in TEMPERATURE_FORMS:
+        raise ValueError(f"--temperature-form must be one of {TEMPERATURE_FORMS}, got {form!r}")
+    node: Any = model
+    for part in attr.split("."):
+        if not hasattr(node, part):
+            names = sorted(n for n, _ in [*model.named_parameters(), *model.named_buffers()] if "." not in n)
+            raise ValueError(f"--temperature-attr {attr!r}: {type(model).__name__} has no attribute {part!r} "
+                             f"(its own parameters and buffers: {names})")
+        node = getattr(node, part)
+    if isinstance(node, Tensor):
+        if node.numel() != 1:
+            raise ValueError(f"--temperature-attr {attr!r} is a tensor of shape {tuple(node.shape)}, not one number")
+        value = float(node.detach().reshape(()))
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        value = float(node)
+    else:
+        raise ValueError(f"--temperature-attr {attr!r} is a {type(node).__name__}, not a number or a 1-element tensor")
+    t = {"temperature": value, "scale": 1.0 / value if value else float("inf"),
+         "log_scale": math.exp(-value) if value > -700 else float("inf")}[form]
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"--temperature-attr {attr!r} = {value} (form {form}) gives the temperature {t}, which is "
+                         "not a positive number; check --temperature-form")
+    return t
+
+
+def entropy_share(model: nn.Module, data: GroupData, temperature: float, max_groups: int = 2048) -> float:
+    """Mean entropy of the model's group policy as a share of the mean log G (1 = uniform), on up to
+    ``max_groups`` groups of ``data``."""
+    if len(data) > max_groups:
+        data = data.subset(list(range(max_groups)))
+    logp = compute_log_probs(model, data, temperature)
+    valid = torch.isfinite(logp)
+    h = -torch.where(valid, logp.exp() * logp, torch.zeros_like(logp)).sum(dim=1)
+    log_g = valid.sum(dim=1).clamp_min(1).double().log()
+    return float(h.double().mean() / log_g.mean()) if float(log_g.mean()) > 0 else 0.0
+
+
+NEAR_UNIFORM = 0.95  # entropy share above which the imported policy is reported as nearly uniform
 
 
 def import_sft(
@@ -209,19 +259,31 @@ def import_sft(
     key: str | None = None,
     renames: Sequence[tuple[str, str]] = (),
     sim_temperature: float | None = None,
+    temperature_attr: str | None = None,
+    temperature_form: str = "temperature",
+    interface: str | None = None,
+    methods: Mapping[str, str] | None = None,
     model_config: ModelConfig | None = None,
 ) -> Path:
     """Write a v3kit SFT checkpoint at ``out`` from the plain state dict file ``state_dict`` of class ``target``.
 
-    ``target`` is ``pkg.module:Class`` or ``path/to/models.py:Class``; the class is built with ``query_dim``,
-    ``cand_dim`` and ``kwargs``. ``model_config`` supplies the other model fields (``hidden``/``emb_dim``/
-    ``normalize`` for v3kit's own ``TwoTower``); ``sim_temperature`` overrides its logit temperature. Nothing is
-    written unless every tensor fits. Returns ``out``.
+    ``target`` is ``pkg.module:Class`` or ``path/to/models.py:Class``; the class is built with ``kwargs`` (and
+    ``query_dim`` / ``cand_dim`` when its constructor names them). ``interface`` / ``methods`` are
+    ``model.interface`` / ``model.methods`` (towers under other names, or a scorer). ``model_config`` supplies the
+    other model fields (``hidden``/``emb_dim``/``normalize`` for v3kit's own ``TwoTower``); ``sim_temperature``
+    overrides its logit temperature, or ``temperature_attr`` reads it from the loaded model
+    (:func:`read_temperature`). Nothing is written unless every tensor fits. Returns ``out``.
     """
+    if sim_temperature is not None and temperature_attr is not None:
+        raise ValueError("give either --sim-temperature or --temperature-attr, not both")
     base = model_config or ModelConfig()
     changes: dict[str, Any] = {"target": target, "kwargs": dict(kwargs if kwargs is not None else base.kwargs)}
     if sim_temperature is not None:
         changes["sim_temperature"] = float(sim_temperature)
+    if interface is not None:
+        changes["interface"] = interface
+    if methods is not None:
+        changes["methods"] = dict(methods)
     cfg = dataclasses.replace(base, **changes)  # re-runs ModelConfig's validation
     for name, dim in (("query_dim", query_dim), ("cand_dim", cand_dim)):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -237,6 +299,8 @@ def import_sft(
     check_finite_weights(state, state_dict, {k for k, _ in model.named_parameters()}, "nothing was written; "
                          "export the weights of a model that trained without NaN/inf")
     model.load_state_dict(state)
+    if temperature_attr is not None:
+        cfg = dataclasses.replace(cfg, sim_temperature=read_temperature(model, temperature_attr, temperature_form))
     _check_forward(model, query_dim, cand_dim, target)
     payload = {
         "stage": "sft", "epoch": 0, "step": -1, "model": model.state_dict(),
@@ -257,28 +321,44 @@ def _parse_rename(text: str) -> tuple[str, str]:
     return old, new
 
 
-def _dims_from_config(args: argparse.Namespace) -> tuple[int, int, ModelConfig]:
+def _data_from_config(args: argparse.Namespace) -> tuple[GroupData, ModelConfig]:
     from .config import load_config
     from .pipeline import load_data
 
     cfg = load_config(args.config, args.set or [])
     # The feature dims are the data's: load (and embed, for text) exactly what the run will use, built-in tables too.
-    data = load_data(cfg)
-    return data.query_dim, data.cand_dim, cfg.model
+    return load_data(cfg), cfg.model
+
+
+def _json_object(flag: str, text: str | None, example: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not valid JSON ({e}); e.g. {flag} '{example}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, e.g. {flag} '{example}', got {text!r}")
+    return value
+
+
+def next_run_command(out: str | Path, args: argparse.Namespace) -> str:
+    """The ``v3kit run`` command that trains from the written checkpoint on the same data, quoted for a shell."""
+    cmd = ["v3kit", "run", "--sft", str(out)]
+    if args.config is not None:
+        cmd += ["--config", str(args.config)]
+    for item in args.set or []:
+        cmd += ["--set", item]
+    return shlex.join(cmd)
 
 
 def cmd_import_sft(args: argparse.Namespace) -> int:
-    kwargs = None
-    if args.kwargs is not None:
-        try:
-            kwargs = json.loads(args.kwargs)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--kwargs is not valid JSON ({e}); e.g. --kwargs '{{\"dim\": 32}}'") from None
-        if not isinstance(kwargs, dict):
-            raise ValueError(f"--kwargs must be a JSON object of constructor arguments, got {args.kwargs!r}")
-    query_dim, cand_dim, model_cfg = args.query_dim, args.cand_dim, None
+    kwargs = _json_object("--kwargs", args.kwargs, '{"dim": 32}')
+    methods = _json_object("--methods", args.methods, '{"query": "encode_q", "candidates": "encode_docs"}')
+    query_dim, cand_dim, model_cfg, data = args.query_dim, args.cand_dim, None, None
     if args.config is not None or args.set:
-        q, c, model_cfg = _dims_from_config(args)
+        data, model_cfg = _data_from_config(args)
+        q, c = data.query_dim, data.cand_dim
         for flag, given, found in (("--query-dim", query_dim, q), ("--cand-dim", cand_dim, c)):
             if given is not None and given != found:
                 raise ValueError(f"{flag} {given} disagrees with the data of the config ({found}); drop {flag}")
@@ -288,9 +368,26 @@ def cmd_import_sft(args: argparse.Namespace) -> int:
                          "of the run so they are read from its data")
     path = import_sft(args.target, args.state_dict, args.out, query_dim=query_dim, cand_dim=cand_dim, kwargs=kwargs,
                       key=args.key, renames=[_parse_rename(r) for r in args.rename or []],
-                      sim_temperature=args.sim_temperature, model_config=model_cfg)
-    print(f"wrote {path}: {args.target} with the weights of {args.state_dict} "
-          f"(query_dim {query_dim}, cand_dim {cand_dim}); next: v3kit run --sft {path}")
+                      sim_temperature=args.sim_temperature, temperature_attr=args.temperature_attr,
+                      temperature_form=args.temperature_form, interface=args.interface, methods=methods,
+                      model_config=model_cfg)
+    ckpt = load_checkpoint(path)
+    t = ckpt["model_config"]["sim_temperature"]
+    kind = ckpt["model_config"]["interface"]
+    model = model_from_checkpoint(ckpt, path)
+    how = f"interface {interface_of(model).kind}" + (", recognised from the class" if kind == "auto" else "")
+    print(f"wrote {path}: {args.target} ({how}) with "
+          f"the weights of {args.state_dict} (query_dim {query_dim}, cand_dim {cand_dim}, sim_temperature {t:g}"
+          f"{f' read from {args.temperature_attr}' if args.temperature_attr else ''})")
+    if data is not None:
+        share = entropy_share(model, data, t)
+        print(f"imported policy on the data: mean entropy {share:.0%} of log G (100% = uniform) at sim_temperature "
+              f"{t:g}")
+        if share > NEAR_UNIFORM:
+            print("warning: the imported policy is nearly uniform over each group: if your model divides its scores "
+                  "by a temperature (or multiplies by a logit scale), set --sim-temperature T or --temperature-attr "
+                  "NAME, else RCE and GRPO start from a policy much flatter than your model's")
+    print(f"next: {next_run_command(path, args)}")
     return 0
 
 
@@ -298,7 +395,8 @@ def register_cli(subparsers: Any) -> None:
     """``v3kit import-sft``: a plain state dict of your own class -> a v3kit ``sft.pt``."""
     p = subparsers.add_parser("import-sft", help="make a v3kit SFT checkpoint from your own model's state_dict file")
     p.add_argument("--target", required=True, metavar="MODULE:CLASS",
-                   help="your ranker class: pkg.module:Class (on PYTHONPATH) or path/to/models.py:Class")
+                   help="your ranker class: pkg.module:Class (importable from the current directory or PYTHONPATH) "
+                        "or path/to/models.py:Class")
     p.add_argument("--state-dict", required=True, metavar="FILE", help="torch.save(model.state_dict()) output")
     p.add_argument("--out", required=True, metavar="FILE", help="the v3kit SFT checkpoint to write (e.g. sft.pt)")
     p.add_argument("--query-dim", type=int, help="query feature dim (or read it from the data with --config)")
@@ -309,4 +407,16 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--key", help="entry (or key prefix) that holds the weights, e.g. ema or model.backbone")
     p.add_argument("--rename", action="append", metavar="OLD=NEW", help="rename a key prefix (repeatable)")
     p.add_argument("--sim-temperature", type=float, help="model.sim_temperature of the policy (default 1.0)")
+    p.add_argument("--temperature-attr", metavar="NAME",
+                   help="read model.sim_temperature from this attribute, buffer or parameter of your model "
+                        "(e.g. temperature, logit_scale); see --temperature-form")
+    p.add_argument("--temperature-form", choices=TEMPERATURE_FORMS, default="temperature",
+                   help="what --temperature-attr holds: temperature (scores / T), scale (scores * s) or log_scale "
+                        "(scores * exp(s), CLIP's logit_scale)")
+    p.add_argument("--interface", choices=INTERFACES,
+                   help="model.interface: towers (two embedding methods) | scorer (forward(query_x, cand_x) -> "
+                        "scores [B, G]) | auto (default: recognised from the class)")
+    p.add_argument("--methods", metavar="JSON",
+                   help="model.methods: your method names, e.g. '{\"query\": \"encode_q\", \"candidates\": "
+                        "\"encode_docs\"}' or '{\"score\": \"score\"}'")
     p.set_defaults(func=cmd_import_sft)

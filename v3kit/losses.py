@@ -210,6 +210,13 @@ def rce_loss(
     the similarities (the policy's own logit temperature).
     """
     logp = group_log_probs(query_emb, cand_emb, sim_temperature, mask)
+    return rce_cross_entropy(logp, labels, rewards, temperature, label_weight=label_weight, reward_norm=reward_norm)
+
+
+def rce_cross_entropy(logp: Tensor, labels: Tensor, rewards: Tensor, temperature: float, *,
+                      label_weight: float = 0.0, reward_norm: str = "none") -> Tensor:
+    """:func:`rce_loss` on the policy's group log-probs ``logp`` ([B, G], ``-inf`` at padding), whatever model
+    produced them (towers or a scorer)."""
     valid = torch.isfinite(logp)
     targets = rce_targets(labels, rewards, temperature, mask=valid, label_weight=label_weight, reward_norm=reward_norm)
     # 0 * -inf is NaN, so masked slots are zeroed explicitly rather than multiplied.

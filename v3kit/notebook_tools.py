@@ -7,6 +7,7 @@ saving a notebook in JupyterLab changes no tracked file except the code you edit
 Command line::
 
     python -m v3kit.notebook_tools check   # exit 1 if a notebook source is not clean (one parameters cell, kernel)
+    v3kit notebook 03_grpo -p smoke True -p kl_beta 0.01 --out out.ipynb   # run one headless (CI), see run_notebook
 """
 
 from __future__ import annotations
@@ -159,6 +160,116 @@ def source_problems(path: str | Path) -> list[str]:
     if kernel != KERNEL:
         found.append(f"{path}: kernel {kernel!r}, expected {KERNEL!r} (the kernel `make lab` installs)")
     return found
+
+
+# ----------------------------------------------------------------------------------------------- headless runs
+def notebook_source(name: str | Path, nb_dir: str | Path = PROJECT_ROOT / "notebooks") -> Path:
+    """The py:percent source a notebook name means: ``03_grpo``, ``03``, ``03_grpo.py`` or a path to a ``.py``."""
+    path = Path(name)
+    if path.suffix == ".py" and path.is_file():
+        return path
+    stem = path.stem if path.suffix in (".py", ".ipynb") else str(name)
+    found = [p for p in source_files(nb_dir) if p.stem == stem or p.stem.split("_", 1)[0] == stem]
+    if len(found) != 1:
+        names = [p.stem for p in source_files(nb_dir)]
+        raise ValueError(f"no notebook {str(name)!r} in {nb_dir}; one of {names} (or a path to a jupytext .py)")
+    return found[0]
+
+
+def parse_parameter(value: str) -> Any:
+    """A ``-p`` value as papermill's command line reads it (``True``/``False``/``None``, ints, floats, else a
+    string), plus YAML lists and mappings (``[0.0, 0.1]``, ``{kl_beta: 0.1}``)."""
+    from papermill.cli import _resolve_type  # papermill's own -p parser, so both read a value alike
+
+    resolved = _resolve_type(value)
+    if isinstance(resolved, str) and resolved.strip()[:1] in ("[", "{"):
+        import yaml
+
+        try:
+            return yaml.safe_load(resolved)
+        except yaml.YAMLError as e:
+            raise ValueError(f"-p value {value!r} looks like a YAML list/mapping but does not parse ({e})") from None
+    return resolved
+
+
+def default_kernel(nb: Any) -> str:
+    """The notebook's own kernel (``v3kit``, registered by ``make lab``) when installed, else ``python3``."""
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        specs = KernelSpecManager().find_kernel_specs()
+    except Exception:
+        return "python3"
+    own = nb.metadata.get("kernelspec", {}).get("name", KERNEL)
+    return own if own in specs else "python3"
+
+
+def run_notebook(name: str | Path, parameters: dict[str, Any] | None = None, out: str | Path | None = None, *,
+                 kernel: str | None = None, timeout: float | None = None) -> Path:
+    """Execute notebook ``name`` headless from its py:percent source (jupytext converts it in memory, papermill
+    injects ``parameters`` and runs it with the notebooks' directory as cwd); writes the executed ``.ipynb`` to
+    ``out`` (default ``runs/notebooks/executed/NN_name.ipynb``). A failing cell raises papermill's
+    ``PapermillExecutionError``; the written notebook then shows the error."""
+    try:
+        import papermill
+    except ImportError:
+        raise ImportError("v3kit notebook needs papermill and jupytext: pip install -e '.[notebooks]'") from None
+
+    src = notebook_source(name)
+    params = dict(parameters or {})
+    nb = _jupytext().read(str(src))
+    declared = _parameter_names(nb)
+    unknown = sorted(set(params) - declared)
+    if unknown:
+        raise ValueError(f"{src.name} has no parameter(s) {unknown}; its parameters: {sorted(declared)}")
+    out = Path(out) if out is not None else Path("runs/notebooks/executed") / f"{src.stem}.ipynb"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(nb, str(out), parameters=params, kernel_name=kernel or default_kernel(nb),
+                               cwd=str(src.parent), progress_bar=False, execution_timeout=timeout)
+    return out
+
+
+def _parameter_names(nb: Any) -> set[str]:
+    import ast
+
+    names: set[str] = set()
+    for cell in nb.cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            for node in ast.parse(cell.source).body:
+                if isinstance(node, ast.Assign):
+                    names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def cmd_notebook(args: Any) -> int:
+    params: dict[str, Any] = {}
+    for key, value in args.parameters or []:
+        params[key] = parse_parameter(value)
+    try:
+        from papermill.exceptions import PapermillExecutionError
+    except ImportError:
+        raise ImportError("v3kit notebook needs papermill and jupytext: pip install -e '.[notebooks]'") from None
+
+    try:
+        out = run_notebook(args.name, params, args.out, kernel=args.kernel)
+    except PapermillExecutionError as e:
+        where = args.out or f"runs/notebooks/executed/{notebook_source(args.name).stem}.ipynb"
+        print(f"v3kit notebook: {args.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+              f"(the executed notebook with the traceback: {where})", file=sys.stderr)
+        return 1
+    print(f"executed {out}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """``v3kit notebook NN_name [-p KEY VALUE ...] [--out PATH]``: run a notebook headless (CI)."""
+    p = subparsers.add_parser("notebook", help="run a notebook headless from its .py source through papermill (CI)")
+    p.add_argument("name", help="notebook: 03_grpo, 03, or a path to a jupytext .py")
+    p.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="a parameter, read as papermill -p reads it (True, 0.01, None, text; also [0.0, 0.1])")
+    p.add_argument("--out", help="the executed .ipynb (default runs/notebooks/executed/NN_name.ipynb)")
+    p.add_argument("-k", "--kernel", help="Jupyter kernel (default: the notebook's, v3kit, else python3)")
+    p.set_defaults(func=cmd_notebook)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from torch import nn
 from .bounds import check_model_fits
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from . import distributed, trackers
-from .checkpoint import check_finite_checkpoint, checkpoint_model_config, load_checkpoint, model_from_checkpoint
+from .checkpoint import (CheckpointError, check_finite_checkpoint, checkpoint_model_config, load_checkpoint,
+                         model_from_checkpoint)
 from .debias import DebiasReport, check_debias, debias_splits
 from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
@@ -51,25 +52,40 @@ def load_table(cfg: RunConfig) -> pd.DataFrame:
     return read_table(d.path)
 
 
-def load_data(cfg: RunConfig) -> GroupData:
+def load_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = None) -> GroupData:
     """All groups of ``cfg.data``: the synthetic world, a built-in table, or a file; text columns without feature
-    vectors are embedded with ``data.text_encoder`` (cached) unless ``data.text_mode`` is ``end_to_end``."""
+    vectors are embedded with ``data.text_encoder`` (cached) unless ``data.text_mode`` is ``end_to_end``.
+
+    ``expect_dims``: ``(query_dim, cand_dim, checkpoint)`` of a checkpoint that will score the data; the encoder's
+    dim is checked on one text first, so a mismatch is reported before every text is embedded."""
     d = cfg.data
     if not d.path:
         return make_world(d.synthetic)
     cache = _cache_dir(cfg)
 
-    def embed(texts: list[str]):
+    def embed_some(texts: list[str]):
         return embed_texts(texts, encoder_name=d.text_encoder, max_tokens=d.text_max_tokens,
                            cache_dir=cache / "embeddings", progress=cfg.progress)
+
+    def embed(texts: list[str]):
+        if expect_dims is not None and len(texts) > 1:
+            dim = int(embed_some(texts[:1]).shape[1])
+            if dim not in expect_dims[:2]:
+                raise CheckpointError(
+                    f"checkpoint {expect_dims[2]} takes features of dim (query {expect_dims[0]}, candidate "
+                    f"{expect_dims[1]}) but data.text_encoder {d.text_encoder!r} gives {dim}-dim embeddings (checked "
+                    f"on one text before embedding all {len(texts)}); use the encoder the checkpoint was trained "
+                    "with, or import it again for these features")
+        return embed_some(texts)
 
     if d.path == "builtin:stdlib_search":
         return from_long_frame(load_table(cfg), embed=embed, text_mode=d.text_mode)
     return load_groups(d.path, embed=embed, text_mode=d.text_mode, feature_dtype=d.feature_dtype)
 
 
-def prepare_data(cfg: RunConfig) -> Splits:
-    """Load ``cfg.data`` (see :func:`load_data`) and split it by query with :func:`split_seed`."""
+def prepare_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = None) -> Splits:
+    """Load ``cfg.data`` (see :func:`load_data`, also for ``expect_dims``) and split it by query with
+    :func:`split_seed`."""
     d = cfg.data
     if d.path and d.cache and d.text_mode != "end_to_end" and not d.path.startswith("builtin:"):
         # memory-mapped splits of a feature table: memory holds what the batches touch
@@ -77,7 +93,7 @@ def prepare_data(cfg: RunConfig) -> Splits:
 
         return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac,
                              seed=split_seed(cfg))
-    data = load_data(cfg)
+    data = load_data(cfg, expect_dims=expect_dims)
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=split_seed(cfg))
 
 
@@ -108,6 +124,15 @@ def resolve_runtime(cfg: RunConfig, splits: Splits, *, warn: bool = True) -> Run
     threads = resolve_threads(cfg.threads, device, _count_params(cfg, splits))
     return Runtime(device=device, precision=resolve_precision(cfg.precision, device, warn=warn), threads=threads,
                    requested_precision=cfg.precision)
+
+
+def stage_options(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
+    """What ``v3kit run`` gives every stage runner from ``cfg``: ``device`` and ``precision`` resolved on this
+    machine, and ``log_every``; also sets torch's CPU threads (``cfg.threads``) for the process, as a run does. The
+    notebooks and the GRPO panel pass these to the stage runners, so the config's device holds there too."""
+    runtime = resolve_runtime(cfg, splits)
+    torch.set_num_threads(runtime.threads)
+    return dict(device=runtime.device, precision=runtime.precision, log_every=cfg.log_every)
 
 
 def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (), resume: bool = True,
@@ -420,6 +445,7 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
     notebook made with the same data and SFT settings, else train SFT (``callbacks`` see that training)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    options = stage_options(cfg, splits)  # device / precision / threads as in `v3kit run`
     state = read_state(run_dir)
     sft_path = run_dir / "sft.pt"
     data_sig = signature(cfg, "data")
@@ -444,12 +470,12 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
         origin = "trained"
         _invalidate(run_dir, ("rce", "grpo"), state)
         train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=run_dir, callbacks=callbacks,
-                  progress=cfg.progress)
+                  progress=cfg.progress, **options)
     if prev != want:
         _invalidate(run_dir, ("rce", "grpo"), state)
     state["stage1"] = want
     _write_state(run_dir, state)
-    stage1 = load_sft(sft_path, splits.train)
+    stage1 = load_sft(sft_path, splits.train, device=options["device"], precision=options["precision"])
     stage1.origin = origin
     return stage1
 
@@ -470,7 +496,8 @@ def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Seq
         _invalidate(run_dir, ("rce", "grpo"), state)
     splits, _ = debias_splits(splits, cfg.reward, seed=cfg.seed)  # as run_pipeline: RCE's rewards only
     result = run_rce(stage1.policy, splits, cfg.rce, model_config=stage1.model_config, reference=stage1.reference,
-                     seed=cfg.seed, run_dir=run_dir, resume=reuse, callbacks=callbacks, progress=cfg.progress)
+                     seed=cfg.seed, run_dir=run_dir, resume=reuse, callbacks=callbacks, progress=cfg.progress,
+                     **stage_options(cfg, splits))
     state["rce"] = want
     _write_state(run_dir, state)
     result.info["origin"] = "reused" if reuse else "trained"

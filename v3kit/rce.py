@@ -19,8 +19,8 @@ from torch import nn
 
 from .checkpoint import model_payload
 from .data import Batch, Splits
-from .losses import REWARD_NORMS, rce_loss
-from .model import ModelConfig, model_inputs
+from .losses import REWARD_NORMS, rce_cross_entropy
+from .model import ModelConfig, disable_dropout, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
 TEMPERATURE_TARGETS = ("rewards", "logits")
@@ -90,6 +90,8 @@ class RCEStage(Stage):
     def __init__(self, policy: nn.Module, splits: Splits, cfg: RCEConfig, model_config: ModelConfig, *,
                  reference: nn.Module | None = None) -> None:
         meta = {"config": asdict(cfg), **model_payload(model_config, splits.train.query_dim, splits.train.cand_dim)}
+        if model_config.disable_dropout:
+            disable_dropout(policy)
         super().__init__(policy, splits.train, splits.val, cfg, reference=reference,
                          temperature=model_config.sim_temperature, meta=meta)
         self.annealed: float | None = None  # T of the latest step; None until the first RCE step
@@ -102,10 +104,9 @@ class RCEStage(Stage):
             reward_t, logit_t = self.annealed, sim_t
         else:
             reward_t, logit_t = cfg.reward_temperature, sim_t * self.annealed
-        query_in, cand_in = model_inputs(self.model, batch)
-        q, c = self.model.encode_query(query_in), self.model.encode_candidates(cand_in)
-        loss = rce_loss(q, c, batch.labels, batch.rewards, reward_t, mask=batch.mask,
-                        label_weight=cfg.label_weight, sim_temperature=logit_t, reward_norm=cfg.reward_norm)
+        logp = policy_log_probs(self.model, *model_inputs(self.model, batch), batch.mask, logit_t)
+        loss = rce_cross_entropy(logp, batch.labels, batch.rewards, reward_t, label_weight=cfg.label_weight,
+                                 reward_norm=cfg.reward_norm)
         return loss, {"temperature": self.annealed}
 
     def eval_temperature(self) -> float:

@@ -15,7 +15,7 @@ from .checkpoint import (check_feature_dims, checkpoint_model_config, load_check
                          model_payload, save_checkpoint)
 from .data import Batch, GroupData, Splits
 from .metrics import evaluate
-from .model import ModelConfig, build_model, compute_log_probs, model_inputs, policy_log_probs
+from .model import ModelConfig, attach_interface, build_model, compute_log_probs, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
 
@@ -111,6 +111,8 @@ def load_sft(
     if isinstance(checkpoint, nn.Module):
         policy = copy.deepcopy(checkpoint)
         model_config = model_config or ModelConfig()
+        if model_config.interface != "auto" or model_config.methods:  # a model built outside build_model
+            attach_interface(policy, model_config)
     else:
         path = Path(checkpoint)
         ckpt = load_checkpoint(path)

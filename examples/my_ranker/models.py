@@ -1,6 +1,6 @@
 """A user's own two-tower ranker, written without v3kit (its layer names are not v3kit's ``query_tower`` /
-``cand_tower``). v3kit needs only ``encode_query`` / ``encode_candidates`` and ``query_dim=`` / ``cand_dim=``
-constructor arguments."""
+``cand_tower``). It uses v3kit's default tower method names ``encode_query`` / ``encode_candidates``; other names,
+other constructors and scorers (cross-encoders) are in ``examples/any_ranker`` and ``docs/your_model.md``."""
 
 import torch
 from torch import nn

@@ -116,7 +116,12 @@ def power_lines(summary: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
         mde = float(sm["mde"].median())
         nq = int(sm["n_queries"].max()) if "n_queries" in sm.columns else 0
         design = f"{nq} test queries x {int(sm['n_seeds'].min())}+ seeds" if nq else f"{int(sm['n_seeds'].min())}+ seeds"
-        line = f"Power: {m} differences smaller than ~{mde:.3g} go undetected (80% power at 5%; {design})"
+        if not mde > 0:  # zero-width CIs (e.g. a smoke grid whose variants never moved): no power to report
+            out.append(f"Power: {m} not measurable ({design}: every difference's CI has zero width).")
+            continue
+        # 3 decimals, or 2 significant digits for an MDE under 0.01 (never "~0.000")
+        line = (f"Power: {m} differences smaller than ~{mde:.3f}" if mde >= 0.01 else
+                f"Power: {m} differences smaller than ~{mde:.2g}") + f" go undetected (80% power at 5%; {design})"
         sft = float(sm["sft"].abs().median())
         if sft > 0 and mde > WIDE_MDE_REL * sft:
             line += f" -- too wide to tell effects under {mde / sft:.0%} of SFT's {sft:.3g}: " + _more_power(
