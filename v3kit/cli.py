@@ -8,6 +8,7 @@ import errno
 import importlib
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -51,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nheld-out test metrics by stage (run dir: {result.run_dir})")
     print(_fmt(result.table))
     if result.selection is not None:
-        print(result.selection.line())
+        print(textwrap.fill(result.selection.line(), 100, break_on_hyphens=False))
     g = result.grpo.info
     print(f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
           f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}"
@@ -60,6 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         counts = ", ".join(f"{k} {v}" for k, v in result.skipped_batches.items())
         print(f"batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): {counts}")
     print(f"GRPO health report: v3kit doctor {result.run_dir}")
+    print(f"What to ship instead: v3kit investigate {result.run_dir}")
     return 0
 
 

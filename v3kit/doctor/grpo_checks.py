@@ -138,7 +138,11 @@ def check_clip_ratio(ctx: DoctorContext) -> Finding:
             msg += "; high at the end although the old policy is refreshed every epoch: each epoch moves too far"
         fixes.append("a lower grpo.lr, or grpo.eps_high=0.28 (clip-higher), or grpo.loss_type=cispo (clipped "
                      "entries keep a gradient)")
-    return Finding(name, True, value, th.clip_ratio, msg + " -> updates throttled", " or ".join(dict.fromkeys(fixes)))
+    switches = [f for f in fixes if not f.startswith("a lower")]  # a refresh switch is one variant, even with two keys
+    if late > th.clip_ratio:
+        switches += ["grpo.eps_high=0.28", "grpo.loss_type=cispo"]
+    return Finding(name, True, value, th.clip_ratio, msg + " -> updates throttled", " or ".join(dict.fromkeys(fixes)),
+                   list(dict.fromkeys(switches)))
 
 
 @check("zero_std_groups")
