@@ -268,7 +268,8 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     write_table(arrow, n_q, g, d)
     payload = n_q * g * d * 4 + n_q * d * 4
     reps = 3
-    setup = ("import shutil\nimport v3kit.ingest\nfrom v3kit.data import load_groups, split_by_query\n"
+    setup = ("import shutil\nimport v3kit.ingest\nfrom v3kit.data import split_by_query\n"
+             "from v3kit.tables import load_groups\n"
              "from v3kit.cache import cache_dir, cached_splits, load_cached\n"
              "from v3kit.model import ModelConfig\nfrom v3kit.sft import SFTConfig, train_sft\n")
     section = f"ingest {n_q:,} x {g} x {d}-d"

@@ -20,7 +20,7 @@ from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from . import distributed
 from .checkpoint import check_finite_checkpoint, checkpoint_model_config, load_checkpoint, model_from_checkpoint
 from .debias import DebiasReport, check_debias, debias_splits
-from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
+from .data import GroupData, Splits, from_long_frame, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
 from .metrics import evaluate, metric_order
@@ -31,6 +31,7 @@ from .selection import Selection, select_model, write_selection
 from .sft import Stage1, load_sft, train_sft
 from .stdlib_search import builtin_table
 from .synthetic import make_world
+from .tables import load_groups, read_table
 from .provenance import config_changes, flatten, signature
 from .text import default_cache_dir, embed_texts
 from .training import StageResult
