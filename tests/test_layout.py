@@ -118,8 +118,8 @@ def test_the_cycle_finder_finds_cycles_and_lazy_imports_do_not_count(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
     src = tmp_path / "m.py"
-    src.write_text("from typing import TYPE_CHECKING\nfrom . import x\ntry:\n    from .y import z\nexcept ImportError:\n"
-                   "    pass\nif TYPE_CHECKING:\n    from . import w\nclass C:\n    from . import v\n"
-                   "def f():\n    from . import lazy\n")
+    src.write_text("from typing import TYPE_CHECKING\nfrom . import x\ntry:\n    from .y import z\n"
+                   "except ImportError:\n    pass\nif TYPE_CHECKING:\n    from . import w\n"
+                   "class C:\n    from . import v\ndef f():\n    from . import lazy\n")
     got = {(n.module, tuple(a.name for a in n.names)) for n in _module_level(ast.parse(src.read_text()).body)}
     assert got == {("typing", ("TYPE_CHECKING",)), (None, ("x",)), ("y", ("z",)), (None, ("v",))}

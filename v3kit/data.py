@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import InitVar, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
