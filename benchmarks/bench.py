@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from v3kit.data import Splits, split_by_query  # noqa: E402
+from v3kit.data import FEATURE_DTYPES, Splits, split_by_query  # noqa: E402
 from v3kit.grpo import GRPOConfig, grpo_step_loss, per_group_terms, run_grpo  # noqa: E402
 from v3kit.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
 from v3kit.rce import RCEConfig, run_rce  # noqa: E402
@@ -268,7 +268,8 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     write_table(arrow, n_q, g, d)
     payload = n_q * g * d * 4 + n_q * d * 4
     reps = 3
-    setup = ("import shutil\nimport v3kit.ingest\nfrom v3kit.data import load_groups, split_by_query\n"
+    setup = ("import shutil\nimport v3kit.ingest\nfrom v3kit.data import split_by_query\n"
+             "from v3kit.tables import load_groups\n"
              "from v3kit.cache import cache_dir, cached_splits, load_cached\n"
              "from v3kit.model import ModelConfig\nfrom v3kit.sft import SFTConfig, train_sft\n")
     section = f"ingest {n_q:,} x {g} x {d}-d"
@@ -279,7 +280,7 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
         add(section, f"{fmt} -> GroupData: peak RSS growth / payload", load["peak_rss_growth"] / payload, "x", reps,
             f"{load['peak_rss_growth'] / 1e9:.2f} GB for a float32 payload of {payload / 1e9:.2f} GB")
     arrow.unlink()
-    for dtype in ("float32", "float16"):
+    for dtype in FEATURE_DTYPES:
         build = median_probe(f"d = load_cached({str(path)!r}, {dtype!r})\nout = {{}}", reps,
                              setup + f"shutil.rmtree(cache_dir({str(path)!r}, {dtype!r}), ignore_errors=True)\n")
         again = median_probe(f"d = load_cached({str(path)!r}, {dtype!r})\nout = {{}}", reps, setup)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from v3kit import ingest
-from v3kit.data import DataValidationError, Splits, iterate_batches, load_groups, split_by_query, to_long_frame
+from v3kit.data import DataValidationError, Splits, iterate_batches, split_by_query, to_long_frame
+from v3kit.tables import load_groups
 from v3kit.model import ModelConfig
 from v3kit.sft import SFTConfig, train_sft
 from v3kit.synthetic import SyntheticConfig, make_world

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from v3kit.data import DataValidationError, GroupData, from_long_frame, load_groups, split_by_query, to_long_frame
+from v3kit.data import DataValidationError, GroupData, from_long_frame, split_by_query, to_long_frame
+from v3kit.tables import load_groups
 from v3kit.synthetic import SyntheticConfig, make_world
 
 

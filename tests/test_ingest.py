@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from v3kit import ingest
-from v3kit.data import DataValidationError, from_long_frame, load_groups
+from v3kit.data import DataValidationError, from_long_frame
+from v3kit.tables import load_groups
 
 
 def ragged_frame(seed: int, n_queries: int = 40, dq: int = 3, dc: int = 5, shuffle: bool = True,

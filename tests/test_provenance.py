@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -34,3 +35,23 @@ def test_flatten_and_config_changes_name_the_differing_keys():
     assert config_changes(before, now) == "grpo.epochs: 8 -> 9, grpo.kl_beta: 0.1 -> 0.2"
     assert config_changes(before, now, ignore=("grpo.epochs",)) == "grpo.kl_beta: 0.1 -> 0.2"
     assert config_changes(before, dict(before)) == ""
+
+
+def test_the_keys_outside_the_experiment_are_config_fields_and_every_copy_derives_from_them():
+    from v3kit.ablate.runner import _config_hash
+    from v3kit.config import RunConfig
+    from v3kit.doctor_grid import run_overrides
+    from v3kit.pipeline import RESUMABLE_CHANGES
+    from v3kit.provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS
+
+    top = {f.name for f in dataclasses.fields(RunConfig)}
+    assert set(NOT_EXPERIMENT_KEYS) <= top and set(RUNNER_KEYS) <= top  # a renamed field fails here
+    assert set(NOT_EXPERIMENT_KEYS) <= set(RESUMABLE_CHANGES)
+    other = {"run_dir": "run_dir=elsewhere", "progress": "progress=false", "device": "device=cpu",
+             "threads": "threads=3", "log_every": "log_every=1", "seed": "seed=7"}
+    assert set(other) == set(NOT_EXPERIMENT_KEYS) | set(RUNNER_KEYS)
+    base = load_config(None, [])
+    for key, override in other.items():
+        cfg = load_config(None, [override])
+        assert (_config_hash(cfg) == _config_hash(base)) == (key != "seed"), key  # only the seed is in the hash
+        assert (key in RUNNER_KEYS) == (run_overrides(cfg) == []), key  # a doctor grid's base leaves runner keys out

@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataValidationError, GroupData, Splits, split_indices
+from .data import GroupData, Splits, check_feature_dtype, split_by_query, split_indices, to_feature_dtype
 from .rundir import file_sha256
+from .tables import load_groups
 
 CACHE_VERSION = 3  # 2: cand_ids; 3: per-file CRC-32 in meta.json / done
-FEATURE_DTYPES = ("float32", "float16")
 _FIELDS = ("query_x", "cand_x", "mask", "labels", "rewards", "utility", "cand_ids")
 
 
@@ -131,25 +131,8 @@ def verify_files(where: Path, files: dict[str, dict[str, int]], verify: bool = T
             raise CacheDamaged(f"{p} was changed after it was written (checksum mismatch)")
 
 
-def to_feature_dtype(t: torch.Tensor, feature_dtype: str, name: str, path: str | Path, rows: int = 4096) -> np.ndarray:
-    """``t`` as a numpy array of ``feature_dtype``; float16 overflow is refused (naming the field), not made inf."""
-    out = t.numpy()
-    if feature_dtype == "float32":
-        return out
-    half = np.empty(out.shape, dtype=np.float16)
-    for s in range(0, out.shape[0], rows):  # a few rows at a time: no second full-size temporary
-        with np.errstate(over="ignore"):
-            half[s : s + rows] = out[s : s + rows]
-        if not np.isfinite(half[s : s + rows]).all():
-            raise DataValidationError(f"data file {path}: {name} has values beyond float16's range (|x| > 65504); "
-                                      "set data.feature_dtype: float32")
-    return half
-
-
 def build_cache(path: str | Path, feature_dtype: str = "float32") -> Path:
     """Load ``path`` (validated), write its packed arrays to the cache directory and return that directory."""
-    from .data import load_groups
-
     path = Path(path)
     data = load_groups(path)
     where = cache_dir(path, feature_dtype)
@@ -206,17 +189,14 @@ def _meta(where: Path) -> dict:
 
 
 def _without_cache(path: Path, where: Path, feature_dtype: str, e: OSError) -> GroupData:
-    from .data import load_groups
-
     note(f"cannot write the data cache {where} ({e}); loading {path} without it")
     return load_groups(path, feature_dtype=feature_dtype)
 
 
 def load_cached(path: str | Path, feature_dtype: str = "float32") -> GroupData:
-    """:func:`~v3kit.data.load_groups` through the cache: (re)build it when missing, stale or damaged (with a note),
+    """:func:`~v3kit.tables.load_groups` through the cache: (re)build it when missing, stale or damaged (with a note),
     then memory-map it."""
-    if feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(f"data.feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+    check_feature_dtype(feature_dtype)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -256,8 +236,7 @@ def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac:
     memory only what its batches touch. Same rows, same order as ``split_by_query``. A finished split is opened
     without touching the packed arrays; a damaged one is rebuilt from them (with a note).
     """
-    if feature_dtype not in FEATURE_DTYPES:
-        raise ValueError(f"data.feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+    check_feature_dtype(feature_dtype)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
@@ -275,8 +254,6 @@ def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac:
             note(f"data cache damaged: {e}; rebuilding the split from the packed arrays")
     data = _load_cached(path, feature_dtype, valid)
     if not base.is_dir():  # loaded without the cache (it could not be written): split in memory
-        from .data import split_by_query
-
         return split_by_query(data, val_frac=val_frac, test_frac=test_frac, seed=seed)
     index = dict(zip(parts, split_indices(len(data), val_frac=val_frac, test_frac=test_frac, seed=seed)))
     tmp = Path(_building_dir(where.parent))
@@ -302,8 +279,6 @@ def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac:
         (tmp / "done").write_text(json.dumps({"files": listing}, indent=1))
         _publish(tmp, where)
     except OSError as e:  # a full disk: train on the in-memory split instead
-        from .data import split_by_query
-
         note(f"cannot write the split cache {where} ({e}); splitting {path} in memory")
         return split_by_query(data, val_frac=val_frac, test_frac=test_frac, seed=seed)
     finally:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Union
 
 import yaml
 
-from .data import SUFFIX_HINT, TABLE_SUFFIXES, TEXT_MODES
+from .data import TEXT_MODES, check_feature_dtype
 from .device import check_device_setting, check_precision_setting, check_threads_setting
 from .debias import RewardConfig
 from .grpo import GRPOConfig
@@ -28,6 +28,7 @@ from .sft import SFTConfig
 from .stdlib_search import StdlibSearchConfig
 from .synthetic import SyntheticConfig
 from .trackers import check_report_to
+from .tables import SUFFIX_HINT, TABLE_SUFFIXES
 
 
 BUILTIN_TABLES = ("builtin:stdlib_search",)
@@ -95,8 +96,7 @@ class DataConfig:
         if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
             raise ValueError(f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "
                              "in (0, 1) and sum to < 1")
-        if self.feature_dtype not in ("float32", "float16"):
-            raise ValueError(f"data.feature_dtype must be 'float32' or 'float16', got {self.feature_dtype!r}")
+        check_feature_dtype(self.feature_dtype)
 
 
 @dataclass

@@ -1,10 +1,15 @@
 """The data contract: groups of (query, candidates) with a human label and a reward per candidate.
 
 In memory a dataset is a :class:`GroupData` of padded tensors; on disk it is a long-form table (one row per
-query-candidate pair) in Parquet, Arrow IPC / Feather v2 or JSONL. See the README's "Data schema" section.
+query-candidate pair) whose schema and per-row rules are here (:func:`from_long_frame` / :func:`to_long_frame`);
+reading the Parquet, Arrow IPC / Feather v2 or JSONL files is :mod:`v3kit.tables`'s job. See the README's
+"Data schema" section.
 Queries and candidates come as feature vectors or as text (``query_text`` / ``candidate_text``); text is embedded
 by a frozen encoder (the ``embed`` argument, see ``v3kit.text``) or carried to a text model
 (``text_mode="end_to_end"``).
+
+This module imports nothing else of the package: reading (:mod:`v3kit.tables`), fast packing
+(:mod:`v3kit.ingest`) and the packed cache (:mod:`v3kit.cache`) all build on it.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import InitVar, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,6 +34,8 @@ REQUIRED_COLUMNS = ("query_id", "candidate_id", "reward", "is_label")
 SIDE_COLUMNS = {"query": ("query_features", "query_text"), "candidate": ("candidate_features", "candidate_text")}
 OPTIONAL_COLUMNS = ("utility",)
 TEXT_MODES = ("frozen", "end_to_end")
+# How the query/candidate features are stored in memory and in the cache (data.feature_dtype); batches are float32.
+FEATURE_DTYPES = ("float32", "float16")
 
 # Embeds distinct texts: list of N strings -> float array [N, D] (see v3kit.text.embed_texts).
 Embedder = Callable[[list[str]], np.ndarray]
@@ -260,57 +267,7 @@ def validate_tensors(d: GroupData, *, features: bool = True) -> None:
         )
 
 
-# ----------------------------------------------------------------------------------------------- files
-# Suffixes of the long-form table formats (lower case); data.path is checked against them.
-PARQUET_SUFFIXES = (".parquet", ".pq")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-ARROW_SUFFIXES = (".arrow", ".feather", ".ipc")  # Arrow IPC file (= Feather v2) or stream format
-TABLE_SUFFIXES = PARQUET_SUFFIXES + JSONL_SUFFIXES + ARROW_SUFFIXES
-SUFFIX_HINT = "use .parquet or .jsonl, or Arrow IPC / Feather v2 (.arrow, .feather, .ipc)"
-
-
-def read_arrow_ipc(source: Any) -> Any:
-    """An Arrow IPC file (Feather v2) or, failing that, an Arrow IPC stream, from a seekable pyarrow file
-    (zero-copy from a memory map)."""
-    import pyarrow as pa
-
-    try:
-        return pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid:  # no file footer: the stream format, unless the file format's magic says truncated
-        source.seek(0)
-        if source.read(6) == b"ARROW1":
-            raise
-        source.seek(0)
-        return pa.ipc.open_stream(source).read_all()
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a long-form Parquet (``.parquet``), JSON-lines (``.jsonl``/``.json``) or Arrow IPC / Feather v2
-    (``.arrow``/``.feather``/``.ipc``) file."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in PARQUET_SUFFIXES:
-        reader, kind = pd.read_parquet, "Parquet"
-    elif suffix in JSONL_SUFFIXES:
-        reader, kind = (lambda p: pd.read_json(p, lines=True)), "JSON lines (one object per line)"
-    elif suffix in ARROW_SUFFIXES:
-        import pyarrow as pa
-
-        def reader(p: Path) -> pd.DataFrame:
-            return read_arrow_ipc(pa.memory_map(str(p))).to_pandas()
-
-        kind = "Arrow IPC / Feather v2"
-    else:
-        raise DataValidationError(f"data file {path}: unsupported extension {suffix!r}; {SUFFIX_HINT}")
-    try:
-        return reader(path)
-    except Exception as e:  # pyarrow / pandas raise many types for truncated or foreign files
-        raise DataValidationError(f"data file {path} could not be read as {kind} ({type(e).__name__}: "
-                                  f"{str(e)[:200]}); check the file is complete and in that format") from None
-
-
+# ----------------------------------------------------------------------------------------------- long-form tables
 def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
     lengths = col.map(lambda v: len(v) if hasattr(v, "__len__") and not isinstance(v, str) else -1)
     if (lengths < 0).any():
@@ -440,7 +397,7 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     A side given only as text (``query_text`` / ``candidate_text``) gets its features from ``embed`` (called
     once with every distinct text) in ``text_mode="frozen"``; in ``"end_to_end"`` it gets zero-width features
     and the texts travel in :attr:`GroupData.query_text` / :attr:`GroupData.cand_text` for a text model.
-    Feature-only Parquet files take the streamed, vectorised path of :func:`load_groups` instead.
+    Feature-only Parquet files take the streamed, vectorised path of :func:`v3kit.tables.load_groups` instead.
     """
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")
@@ -517,61 +474,24 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     )
 
 
-def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: str = "frozen", cache: bool = False,
-                feature_dtype: str = "float32") -> GroupData:
-    """Load and validate a long-form Parquet, Arrow IPC / Feather v2 or JSONL file into :class:`GroupData`.
-
-    A Parquet or Arrow IPC file with both feature columns is streamed column by column into float32 arrays
-    (:mod:`v3kit.ingest`; an Arrow IPC file is memory-mapped and read without copies, the fastest input);
-    text-only sides and JSONL go through :func:`from_long_frame` (``embed``, ``text_mode``). ``cache``: go
-    through the packed, memory-mapped cache next to the file (:mod:`v3kit.cache`; feature tables); a second load
-    then reads almost nothing. ``feature_dtype``: ``"float16"`` stores the features at half the memory (batches are
-    cast back to float32).
-    """
-    if feature_dtype not in ("float32", "float16"):
-        raise ValueError(f"data.feature_dtype must be 'float32' or 'float16', got {feature_dtype!r}")
-    path = Path(path)
-    if cache:
-        from .cache import load_cached
-
-        return load_cached(path, feature_dtype)
-    kind = _feature_table(path) if text_mode != "end_to_end" else None
-    if kind == "parquet":
-        from .ingest import load_parquet
-
-        data = load_parquet(path)
-    elif kind == "arrow":
-        from .ingest import load_arrow
-
-        data = load_arrow(path)
-    else:
-        data = from_long_frame(read_table(path), embed=embed, text_mode=text_mode)
-    if feature_dtype == "float16":
-        from .cache import to_feature_dtype
-
-        data.query_x = torch.from_numpy(to_feature_dtype(data.query_x, feature_dtype, "query_x", path))
-        data.cand_x = torch.from_numpy(to_feature_dtype(data.cand_x, feature_dtype, "cand_x", path))
-    return data
+def check_feature_dtype(feature_dtype: str) -> None:
+    if feature_dtype not in FEATURE_DTYPES:
+        raise ValueError(f"data.feature_dtype must be {' or '.join(map(repr, FEATURE_DTYPES))}, got {feature_dtype!r}")
 
 
-def _feature_table(path: Path) -> str | None:
-    """``"parquet"`` / ``"arrow"`` for a file of that format whose schema has both feature columns (the streamed
-    path needs no text encoder), else None."""
-    suffix = path.suffix.lower()
-    if suffix not in PARQUET_SUFFIXES + ARROW_SUFFIXES or not path.is_file():
-        return None
-    try:
-        if suffix in PARQUET_SUFFIXES:
-            import pyarrow.parquet as pq
-
-            names, kind = pq.read_schema(path).names, "parquet"
-        else:
-            from .ingest import arrow_schema
-
-            names, kind = arrow_schema(path).names, "arrow"
-    except Exception:  # unreadable: the general path names the file and the problem
-        return None
-    return kind if all(c in names for c in FEATURE_COLUMNS) else None
+def to_feature_dtype(t: Tensor, feature_dtype: str, name: str, path: str | Path, rows: int = 4096) -> np.ndarray:
+    """``t`` as a numpy array of ``feature_dtype``; float16 overflow is refused (naming the field), not made inf."""
+    out = t.numpy()
+    if feature_dtype == "float32":
+        return out
+    half = np.empty(out.shape, dtype=np.float16)
+    for s in range(0, out.shape[0], rows):  # a few rows at a time: no second full-size temporary
+        with np.errstate(over="ignore"):
+            half[s : s + rows] = out[s : s + rows]
+        if not np.isfinite(half[s : s + rows]).all():
+            raise DataValidationError(f"data file {path}: {name} has values beyond float16's range (|x| > 65504); "
+                                      "set data.feature_dtype: float32")
+    return half
 
 
 def to_long_frame(data: GroupData) -> pd.DataFrame:

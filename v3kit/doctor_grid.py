@@ -17,10 +17,9 @@ import yaml
 from .rundir import atomic_write_text
 
 from .config import RunConfig, load_config, to_dict
-from .provenance import flatten
+from .provenance import RUNNER_KEYS, flatten
 
 GRID_FILE = "doctor_grid.yaml"
-_RUNNER_KEYS = ("seed", "run_dir", "progress")  # the ablation runner sets these per run
 
 
 def variant_name(switch: str) -> str:
@@ -47,7 +46,7 @@ def run_overrides(cfg: RunConfig) -> list[str]:
     """``key=value`` for every setting of ``cfg`` that differs from the defaults (runner keys left out)."""
     ours, default = flatten(to_dict(cfg)), flatten(to_dict(RunConfig()))
     return [f"{k}={_yaml_value(v)}" for k, v in ours.items()
-            if k not in _RUNNER_KEYS and default.get(k, object()) != v]
+            if k not in RUNNER_KEYS and default.get(k, object()) != v]
 
 
 def doctor_grid(cfg: RunConfig, findings: Iterable[Any], *, name: str = "doctor", n_seeds: int = 3,

@@ -21,7 +21,7 @@ from . import distributed, trackers
 from .checkpoint import (CheckpointError, check_finite_checkpoint, checkpoint_model_config, load_checkpoint,
                          model_from_checkpoint)
 from .debias import DebiasReport, check_debias, debias_splits
-from .data import GroupData, Splits, from_long_frame, load_groups, read_table, split_by_query, to_long_frame
+from .data import GroupData, Splits, from_long_frame, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
 from .metrics import evaluate, metric_order
@@ -32,7 +32,8 @@ from .selection import Selection, select_model, write_selection
 from .sft import Stage1, load_sft, train_sft
 from .stdlib_search import builtin_table
 from .synthetic import make_world
-from .provenance import config_changes, flatten, signature
+from .tables import load_groups, read_table
+from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten, signature
 from .text import default_cache_dir, embed_texts
 from .training import StageResult
 
@@ -151,10 +152,9 @@ def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (),
 # What a resumed run may change: GRPO is the last stage, so more GRPO epochs extend it without invalidating
 # anything. Every other change (data, model, SFT, RCE, seed) would make the saved checkpoints belong to
 # another experiment, and RCE's temperature schedule depends on its total number of steps.
-# Where and how fast a run computes is not part of the experiment: checkpoints are device-independent.
+# The keys that are not part of the experiment (provenance.NOT_EXPERIMENT_KEYS) may change too.
 # What to do on a NaN/inf batch is a policy for the steps still to come, not part of what was trained.
-RESUMABLE_CHANGES = ("progress", "run_dir", "grpo.epochs", "device", "threads", "log_every", "sft.on_nonfinite",
-                     "rce.on_nonfinite", "grpo.on_nonfinite", "report_to")
+RESUMABLE_CHANGES = (*NOT_EXPERIMENT_KEYS, "grpo.epochs", "sft.on_nonfinite", "rce.on_nonfinite", "grpo.on_nonfinite")
 
 
 def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:

@@ -13,6 +13,22 @@ import hashlib
 import json
 from typing import Any, Sequence
 
+# The top-level config keys that are not part of the experiment: where a run writes and where and how fast it
+# computes. A resume may change them (pipeline.RESUMABLE_CHANGES) and an ablation's result hash leaves them out
+# (ablate.runner), so results made with other values of these keys stay valid.
+NOT_EXPERIMENT_KEYS = (
+    "run_dir",  # where the outputs go; the same experiment may be (re)run anywhere
+    "progress",  # tqdm bars only
+    "device",  # where it computes: checkpoints and metrics.csv are device-independent
+    "threads",  # CPU threads: how fast, not what is trained (at most float rounding differs)
+    "log_every",  # how often per-step statistics are copied to the host; metrics.csv still has every step
+    "report_to",  # which experiment trackers also get the logged rows; metrics.csv is the same
+)
+# The keys the ablation runner sets for every run, so a grid's variant may not set them and a doctor grid's base
+# leaves them out: the seed comes from the grid's seeds (it IS part of the experiment and of every result hash),
+# run_dir and progress are the runner's (above).
+RUNNER_KEYS = ("seed", "run_dir", "progress")
+
 
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))

@@ -11,6 +11,7 @@ import yaml
 from ..config import (PACKAGED_CONFIGS, ConfigError, RunConfig, load_config, parse_override, resolve_config_file,
                       safe_load_bounded)
 from ..metrics import METRIC_DIRECTION, METRIC_NAMES
+from ..provenance import RUNNER_KEYS
 
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
 # The printed summary table: the label metrics (acc@1, mrr, ndcg@5), the reward, and the true utility where the data
@@ -24,13 +25,13 @@ BEST = "@best"
 _RUN_INFO = ("step0_ratio_mean", "step0_ratio_std", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
 _SHARED_SECTIONS = ("data", "model", "sft")  # what an SFT checkpoint depends on (its hash)
 _WORLD_SECTIONS = ("data",)  # fixed per world: every run of a world shares its split and test queries
-_RUNNER_KEYS = ("seed", "run_dir", "progress")  # set by the runner for every run
 
 
 # What a variant of a grid may change, for the config reference (docs/config.md): one home, next to the rule.
 VARIANT_RULES = (
     "A grid's variants (`v3kit ablate`, `v3kit doctor --grid`, `v3kit investigate`) may set any key but `data.*` "
-    "and the runner's (`seed`, `run_dir`, `progress`): every run of a world shares its split and test queries. A "
+    "and the runner's (" + ", ".join(f"`{k}`" for k in RUNNER_KEYS) + "): every run of a world shares its split "
+    "and test queries. A "
     "variant that changes `model.*` or `sft.*` (e.g. `model.residual=true`) gets the SFT model of its own settings, "
     "trained once per distinct setting and shared by every variant and seed that has it; the others start from the "
     "world's SFT (or the grid's `sft_checkpoint`)."
@@ -158,7 +159,7 @@ def parse_grid(raw: Mapping[str, Any], *, name: str = "grid", extra_base: Sequen
                 raise GridError(f"variant {vname!r} sets '{'.'.join(keys)}', but data.* is fixed per world (every run "
                                 "of a world is compared on the same test queries); move it to 'base' or to a world "
                                 "in 'worlds.levels'")
-            if keys[0] in _RUNNER_KEYS:
+            if keys[0] in RUNNER_KEYS:
                 raise GridError(f"variant {vname!r} sets '{keys[0]}', which the runner sets for every run; use "
                                 "the grid's 'seeds' (or 'sft_seed') instead")
     seeds = _seed_list(raw.get("seeds"), "grid.seeds")

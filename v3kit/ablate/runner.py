@@ -17,21 +17,19 @@ from tqdm.auto import tqdm
 from .. import trackers
 from ..config import RunConfig, to_dict
 from ..rundir import atomic_write_frame, atomic_write_text
-from ..provenance import fingerprint, signature
+from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint, signature
 
 from .backends import make_backend, worker_config
-from .grid import (_RUN_INFO, _RUNNER_KEYS, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS,
+from .grid import (_RUN_INFO, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS,
                    GridError, GridSpec, load_grid)
 from .stats import summarize
 
-# Where and how fast a run computes does not change what it is (fp32 is the precision every earlier result had,
-# so it is left out too and those results stay valid).
-_COMPUTE_KEYS = ("device", "threads", "log_every", "report_to")
-
 
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
+    """The result hash of a run: its config without the keys that are not part of the experiment (fp32 is the
+    precision every earlier result had, so it is left out too and those results stay valid); the seed is kept."""
     d = to_dict(cfg)
-    for k in (*_RUNNER_KEYS, *_COMPUTE_KEYS):
+    for k in (*RUNNER_KEYS, *NOT_EXPERIMENT_KEYS):
         d.pop(k, None)
     if d.get("precision") == "fp32":
         d.pop("precision")

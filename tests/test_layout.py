@@ -1,0 +1,125 @@
+"""The package's import graph has no cycle among module-level imports.
+
+Every module of ``v3kit`` is parsed with :mod:`ast` (nothing is imported). Counted as module-level: imports in the
+module body and in the bodies of classes, ``if`` / ``try`` / ``with`` blocks there, since they all run when the
+module is imported. Not counted: imports inside a function (lazy by design: they run on the first call, once every
+module is loaded, e.g. a heavy optional dependency or a command's implementation) and imports under
+``if TYPE_CHECKING:`` (never run). Importing ``a.b.c`` also runs the ``__init__`` of the packages ``a.b`` above it,
+so those count too, except a module's own ancestors (Python has already started them when it reaches the module).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "v3kit"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _module_level(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements that run when a module with this body is imported (see the module docstring)."""
+    out: list[ast.Import | ast.ImportFrom] = []
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.append(node)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            out += _module_level(node.orelse)
+        else:  # class bodies and compound statements run at import time
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                out += _module_level([n for n in getattr(node, field, []) if isinstance(n, ast.AST)])
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules that importing ``name`` runs at module level (its own ancestors left out)."""
+    is_package = path.name == "__init__.py"
+    targets: set[str] = set()
+    for node in _module_level(ast.parse(path.read_text(), str(path)).body):
+        if isinstance(node, ast.Import):
+            targets |= {a.name for a in node.names}
+            continue
+        if node.level:  # relative: from the module's package, one level up per extra dot
+            base = name.split(".") if is_package else name.split(".")[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            source = ".".join(base + ([node.module] if node.module else []))
+        else:
+            source = node.module or ""
+        targets.add(source)
+        targets |= {f"{source}.{a.name}" for a in node.names}  # `from pkg import submodule`
+    ancestors = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)} | {name}
+    out: set[str] = set()
+    for t in targets:
+        parts = t.split(".")
+        for i in range(1, len(parts) + 1):  # a module and the packages above it
+            prefix = ".".join(parts[:i])
+            if prefix in known and prefix not in ancestors:
+                out.add(prefix)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """One cycle (``[a, b, ..., a]``) of the directed graph, or None; depth-first search with colours."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle_among_module_level_imports():
+    edges = graph()
+    assert len(edges) > 30 and "v3kit.data" in edges  # the walk found the package
+    cycle = find_cycle(edges)
+    assert cycle is None, ("module-level import cycle: " + " -> ".join(cycle or [])
+                           + "; break it by moving the shared code down a layer (or, for a heavy or rarely used "
+                           "import, import it inside the function that needs it)")
+
+
+def test_the_data_contract_imports_nothing_of_the_package():
+    # Everything that reads tables, packs or caches builds on the contract, never the reverse.
+    mods = modules()
+    assert imports("v3kit.data", mods["v3kit.data"], set(mods)) == set()
+    lazy = {n.module for n in ast.walk(ast.parse(mods["v3kit.data"].read_text()))
+            if isinstance(n, ast.ImportFrom) and n.level}
+    assert lazy == set(), f"v3kit.data imports {lazy} (even lazily); it holds only the data contract"
+
+
+def test_the_cycle_finder_finds_cycles_and_lazy_imports_do_not_count(tmp_path):
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
+    src = tmp_path / "m.py"
+    src.write_text("from typing import TYPE_CHECKING\nfrom . import x\ntry:\n    from .y import z\n"
+                   "except ImportError:\n    pass\nif TYPE_CHECKING:\n    from . import w\n"
+                   "class C:\n    from . import v\ndef f():\n    from . import lazy\n")
+    got = {(n.module, tuple(a.name for a in n.names)) for n in _module_level(ast.parse(src.read_text()).body)}
+    assert got == {("typing", ("TYPE_CHECKING",)), (None, ("x",)), ("y", ("z",)), (None, ("v",))}
