@@ -79,7 +79,7 @@ def test_every_recipe_of_the_doc_imports_and_trains_without_a_subclass(doc_runs)
     for name, kind in (("towers", "towers"), ("cfg", "scorer"), ("cross", "scorer"), ("cross_import", "scorer")):
         run_dir = tmp / name
         summary = pd.read_csv(run_dir / "summary.csv", index_col=0)
-        assert list(summary.index) == ["sft", "rce", "grpo"], name
+        assert list(summary.index) == ["sft", "rce", "grpo", "selected"], name
         assert summary.notna().all().all(), name
         from v3kit.checkpoint import load_checkpoint, model_from_checkpoint
         ckpt = load_checkpoint(run_dir / "grpo_epoch3.pt")
@@ -241,7 +241,7 @@ def test_cross_encoder_runs_all_three_stages_on_a_small_table(tmp_path):
     from v3kit.pipeline import run_pipeline
 
     r = run_pipeline(cfg)
-    assert list(r.table.index) == ["sft", "rce", "grpo"] and r.table.notna().all().all()
+    assert list(r.table.index) == ["sft", "rce", "grpo", "selected"] and r.table.notna().all().all()
     assert type(r.models["grpo"]).__name__ == "CrossEncoder"
     assert r.table.loc["grpo", "kl_to_sft"] > 0  # RCE and GRPO moved the scorer
 

@@ -248,10 +248,10 @@ class RayBackend:
                     done()
         finally:
             if pending:  # interrupted (Ctrl-C): stop the runs in flight; finished ones are in their run dirs
-                for ref in pending:  # a KeyboardInterrupt in each task: its run-dir lock is released, its worker kept
-                    ray.cancel(ref)
-                _, stuck = ray.wait(pending, num_returns=len(pending), timeout=10)
-                for ref in stuck:  # deaf to the interrupt (inside a long C call): kill its worker
+                # Kill their workers rather than interrupt them: an interrupt can land inside an import (torch
+                # imports sympy lazily) and leave a half-initialised module in a worker that Ray would reuse for
+                # the next grid. A killed worker's run-dir lock is released by the OS.
+                for ref in pending:
                     ray.cancel(ref, force=True)
 
     def close(self) -> None:
