@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from v3kit.config import ConfigError, RunConfig, load_config, to_dict
 
@@ -12,8 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_seed_preset_is_the_default_and_matches_the_seed_text():
-    cfg = load_config(ROOT / "v3kit" / "configs" / "seed.yaml")
+    path = ROOT / "v3kit" / "configs" / "seed.yaml"
+    cfg = load_config(path)
     assert to_dict(cfg) == to_dict(RunConfig())
+    # The file spells out *every* default (a missing key would load as its default and pass the check above): its
+    # own keys and values are the full default config, and its header says how to regenerate it.
+    text = path.read_text()
+    regenerate = "dump_config(RunConfig(), 'v3kit/configs/seed.yaml')"
+    assert text.startswith("# The seed's v3 settings") and regenerate in text.split("\nseed:", 1)[0]
+    assert yaml.safe_load(text) == to_dict(RunConfig()), "regenerate it with the command in its header"
     # The user's seed run: RCE 3 epochs, T 2.0 -> 0.5, lr 1e-5; GRPO 8 epochs, lr 1e-5, kl_beta 0.1; old = SFT, KL to old.
     assert (cfg.rce.epochs, cfg.rce.t_start, cfg.rce.t_end, cfg.rce.lr) == (3, 2.0, 0.5, 1e-5)
     assert (cfg.grpo.epochs, cfg.grpo.lr, cfg.grpo.kl_beta) == (8, 1e-5, 0.1)

@@ -27,7 +27,8 @@ Remedies (off by default, so the seed's numbers do not change):
 * ``kl_target`` / ``kl_horizon``: adaptive KL coefficient (verl's ``AdaptiveKLController``): ``kl_beta`` is the
   starting value and is rescaled after every step towards a penalty KL of ``kl_target``; logged as ``kl_beta``.
 * ``kl_estimator="exact"``: the whole-group ``KL(pi || anchor) = sum_c pi log(pi / anchor)``, exact for a ranker
-  that scores every candidate (no single-sample estimator).
+  that scores every candidate (no single-sample estimator); with ``samples="sampled"`` it is taken on the full
+  groups, like the entropy bonus.
 * ``loss_type="cispo"``: clipped, detached importance weight times the log-prob (CISPO), so clipped candidates keep
   a gradient; ``adv_scale="rloo"``: leave-one-out baseline (each candidate against the mean of the others).
 """
@@ -44,7 +45,7 @@ from .bounds import check_max
 from .checkpoint import model_payload
 from .data import Batch, Splits
 from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
-                     group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
+                     exact_group_kl, group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
 from .model import ModelConfig, compute_log_probs, disable_dropout, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
@@ -76,8 +77,9 @@ class GRPOConfig(OptimConfig):
     """What the KL penalty anchors to: the ``old`` policy (the seed) or the frozen ``sft`` copy
     (DeepSeekMath's GRPO)."""
     kl_estimator: str | None = None
-    """``seed`` (ratio - 1 - log ratio) | ``k1`` | ``k2`` | ``k3`` (Schulman's estimators); null = seed against old, k3
-    against sft."""
+    """``seed`` (ratio - 1 - log ratio) | ``k1`` | ``k2`` | ``k3`` (Schulman's estimators) | ``exact`` (the whole-group
+    sum ``sum_c pi log(pi / anchor)``; with ``samples: sampled`` taken on the full groups, not the draws); null = seed
+    against old, k3 against sft."""
     adv_scale: str = "group"
     """Advantage scale: ``group`` std (GRPO) | ``batch`` std (TRL's scale_rewards=batch) | ``none`` (Dr. GRPO)."""
     adv_eps: float = 1e-4
@@ -96,13 +98,15 @@ class GRPOConfig(OptimConfig):
     """Logit temperature of GRPO's log-probs: ``same_as_rce_end`` or a number."""
     entropy_coef: float = 0.0
     """Entropy bonus: subtract ``entropy_coef`` x the mean group entropy of the policy from the loss (0 = off, the
-    seed; verl's and TRL's entropy coefficient)."""
+    seed; verl's and TRL's entropy coefficient). Every group weighs the same in that mean; verl and TRL weigh every
+    token (here: candidate), so on ragged groups their bonus leans towards the larger groups."""
     kl_target: float | None = None
     """Adaptive KL (verl's AdaptiveKLController): null = fixed ``kl_beta`` (the seed); a number = the penalty KL to
     aim at: ``kl_beta`` starts at its configured value and is rescaled each step by
     ``1 + clip(kl / kl_target - 1, +-0.2) * groups_in_batch / kl_horizon`` (logged as ``kl_beta``)."""
     kl_horizon: int = 10000
-    """Horizon (in groups) of the adaptive KL controller: how fast ``kl_beta`` adapts."""
+    """Horizon (in groups) of the adaptive KL controller: how fast ``kl_beta`` adapts. With ``kl_target`` set it
+    must exceed ``batch_size / 5``, or a step could scale ``kl_beta`` by a factor <= 0."""
     loss_type: str = "ppo"
     """``ppo`` (the seed: PPO's clipped surrogate) | ``cispo`` (clipped, detached importance weight x log-prob, so
     clipped candidates keep a gradient)."""
@@ -136,6 +140,10 @@ class GRPOConfig(OptimConfig):
             raise ValueError(f"grpo.kl_target must be > 0 or null (fixed kl_beta), got {self.kl_target}")
         if self.kl_horizon < 1:
             raise ValueError(f"grpo.kl_horizon must be >= 1, got {self.kl_horizon}")
+        if self.kl_target is not None and 5 * self.kl_horizon <= self.batch_size:
+            # a step multiplies kl_beta by 1 + clip(err, +-0.2) * batch_size / kl_horizon: 0 or negative at ratio >= 5
+            raise ValueError(f"grpo.kl_horizon must be > grpo.batch_size / 5 = {self.batch_size / 5:g} with "
+                             f"grpo.kl_target set (else kl_beta can turn <= 0), got {self.kl_horizon}")
         if self.kl_target is not None and self.kl_beta == 0:
             raise ValueError("grpo.kl_target needs grpo.kl_beta > 0 to start from (an adaptive 0 stays 0)")
         lt = self.logp_temperature
@@ -173,6 +181,7 @@ def grpo_step_loss(
     stats: dict[str, float | Tensor] = {}
     kl_beta = cfg.kl_beta if kl_beta is None else kl_beta
     bonus = None  # the entropy bonus is taken over the full groups, before any sampling
+    full_kl = None  # likewise the exact KL, a sum over the whole group
     if cfg.samples == "sampled":
         # The entropy of the full groups, before they are replaced by the draws: logged, and the bonus if any.
         if cfg.entropy_coef:
@@ -182,6 +191,11 @@ def grpo_step_loss(
             with torch.no_grad():
                 entropy = group_entropy(logp, mask)
         stats["entropy"] = entropy.detach()
+        if cfg.kl_estimator == EXACT_KL:
+            # Over the K draws the sum would count repeated candidates twice and miss the undrawn ones (it can even
+            # go negative), so the exact KL covers the full groups, as the entropy bonus does.
+            full_kl = exact_group_kl(logp, old_logp if ref_logp is None else ref_logp, mask).mean()
+            stats["kl"] = full_kl.detach()
         # On-policy GRPO: K candidates drawn from the old policy form the group; advantages are relative to them.
         probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
         idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
@@ -208,13 +222,16 @@ def grpo_step_loss(
                                no_signal=zero if keep is None else zero[keep])
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
     loss, loss_stats = grpo_loss_terms(
-        logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, kl_beta=kl_beta,
+        logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+        kl_beta=kl_beta if full_kl is None else 0.0,  # the full groups' KL is added below instead
         ref_logp=ref_logp, kl_estimator=cfg.kl_estimator, weights=weights, dual_clip=cfg.dual_clip,
         loss_type=cfg.loss_type, entropy_coef=0.0 if bonus is not None else cfg.entropy_coef,
     )
+    if full_kl is not None:
+        loss = loss + kl_beta * full_kl
     if bonus is not None:
         loss = loss - bonus
-    loss_stats.update(stats)  # the full-group entropy wins over the entropy of the sampled sub-group
+    loss_stats.update(stats)  # full-group entropy and exact KL win over those of the sampled sub-group
     with torch.no_grad():
         loss_stats["adv_std"] = std_over(adv, mask)
     return loss, loss_stats

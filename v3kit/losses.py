@@ -304,7 +304,9 @@ def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
 
 
 def group_entropy(logp: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean over groups of the policy's entropy ``-sum_c pi log pi`` over the valid candidates (differentiable)."""
+    """Mean over groups of the policy's entropy ``-sum_c pi log pi`` over the valid candidates (differentiable).
+
+    Every group weighs the same whatever its number of candidates (verl and TRL weigh each token, i.e. candidate)."""
     return _entropy(logp, _check_mask(mask, logp))
 
 
@@ -313,6 +315,9 @@ def _entropy(logp: Tensor, mask: Tensor) -> Tensor:
     # Padding is -inf: exp(-inf) * -inf is NaN, and torch.where's backward multiplies that branch's 0 gradient by
     # the NaN derivative, so the padding is set to 0 *before* the product (0 * log 1 = 0, finite gradient).
     lp = torch.where(mask, logp, torch.zeros_like(logp))
+    # Groups weigh equally: mean_b H_b, each query being one ranking decision. verl and TRL average the entropy over
+    # tokens (here: candidates), sum_b n_b H_b / sum_b n_b, which would let large groups dominate on ragged data
+    # (groups of 4 and 1 uniform candidates: log(4) / 2 = 0.693 here, 4 log(4) / 5 = 1.109 there).
     return -torch.where(mask, lp.exp() * lp, torch.zeros_like(logp)).sum(dim=1).mean()
 
 
@@ -320,16 +325,22 @@ def exact_group_kl(logp: Tensor, anchor_logp: Tensor, mask: Tensor | None = None
     """Per-group ``KL(pi || anchor) = sum_c pi(c) (log pi(c) - log anchor(c))`` over the valid candidates ([B]).
 
     A ranker scores every candidate of the group, so it can take this sum exactly instead of estimating it from the
-    sampled entries (k1/k2/k3 are single-sample estimators of it)."""
+    sampled entries (k1/k2/k3 are single-sample estimators of it). Both are log-softmaxes, finite on the valid
+    candidates, so each term is finite and the log-ratio is not clamped (a clamp would cap a large KL and its
+    gradient). Padding (``-inf``) is set to 0 *before* the arithmetic: ``-inf - -inf`` would be NaN in the value,
+    and through ``torch.where``'s backward in the gradient too."""
     mask = _check_mask(mask, logp)
-    d = torch.where(mask, logp - anchor_logp, torch.zeros_like(logp)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return torch.where(mask, logp.exp() * d, torch.zeros_like(logp)).sum(dim=1)
+    zeros = torch.zeros_like(logp)
+    lp, la = torch.where(mask, logp, zeros), torch.where(mask, anchor_logp, zeros)
+    return torch.where(mask, lp.exp() * (lp - la), zeros).sum(dim=1)
 
 
 class AdaptiveKLController:
     """verl's ``AdaptiveKLController`` (after Ziegler et al. 2019): after each step the KL coefficient is multiplied
     by ``1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``, so it rises while the KL is above ``target``
-    and falls while below, by at most 20% per ``horizon`` samples."""
+    and falls while below, by at most 20% per ``horizon`` samples. A step of ``n_steps >= 5 * horizon`` samples is
+    refused: its factor ``1 - 0.2 * n_steps / horizon`` could reach 0 or turn the coefficient negative (verl does not
+    check; ``GRPOConfig`` refuses such a ``kl_horizon`` up front)."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
         if not target > 0 or horizon < 1:
@@ -339,6 +350,9 @@ class AdaptiveKLController:
         self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
+        if n_steps >= 5 * self.horizon:
+            raise ValueError(f"an adaptive KL step of {n_steps} samples needs horizon > {n_steps / 5:g} (got "
+                             f"{self.horizon}): the coefficient would be scaled by a factor <= 0")
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value

@@ -44,7 +44,7 @@ class GridError(ConfigError):
 
 @dataclass
 class WorldSweep:
-    """Issue 4 part 5: the key comparison rerun in other synthetic worlds (``levels``: name -> overrides)."""
+    """The key comparison rerun in other synthetic worlds (``levels``: name -> overrides)."""
 
     levels: dict[str, list[str]]
     variants: list[str]
