@@ -96,7 +96,9 @@ def _assert_golden(case: str, run_dir: Path, table: pd.DataFrame | None = None) 
         assert math.isclose(l1, want_l1, rel_tol=RTOL) and math.isclose(l2, want_l2, rel_tol=RTOL), (name, l1, l2)
     if table is not None:
         got = {stage: {k: float(v) for k, v in row.items()} for stage, row in table.iterrows()}
-        assert set(got) == set(gold["table"]) and all(set(got[s]) == set(gold["table"][s]) for s in got)
+        # 'selected' (the model the run ships) came later; with the default select=last it is the GRPO row
+        assert set(got) == set(gold["table"]) | {"selected"} and got["selected"] == got["grpo"]
+        assert all(set(got[s]) == set(gold["table"][s]) for s in gold["table"])
         columns = {k: [got[s][k] for s in gold["table"]] for k in gold["table"]["sft"]}
         gold_columns = {k: [gold["table"][s][k] for s in gold["table"]] for k in gold["table"]["sft"]}
         _assert_columns_close(columns, gold_columns, f"{case} stage table")
