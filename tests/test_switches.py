@@ -184,3 +184,16 @@ def test_rce_label_weight_one_is_supervised_ce(world):
         logp = policy_log_probs(stage1.reference, first.query_x, first.cand_x, first.mask, 1.0)
     ce = -logp.gather(1, first.labels.unsqueeze(1)).mean().item()
     assert r.train_history.iloc[0]["loss"] == pytest.approx(ce, rel=1e-5)
+
+
+def test_rce_temperature_rule_has_one_home():
+    from v3kit.rce import RCEConfig, final_logit_temperature, rce_config_from
+
+    on_rewards = RCEConfig()
+    assert on_rewards.temperatures(0.7, 0.05) == (0.7, 0.05)  # T sharpens the targets; the policy keeps its own
+    on_logits = RCEConfig(temperature_target="logits", reward_temperature=2.0)
+    assert on_logits.temperatures(0.5, 0.1) == (2.0, 0.1 * 0.5)  # T scales the logits; the targets keep theirs
+    assert final_logit_temperature(on_logits, 0.1) == 0.1 * on_logits.t_end
+    assert final_logit_temperature(RCEConfig(temperature_target="logits", epochs=0), 0.1) == 0.1  # RCE off
+    assert final_logit_temperature(on_rewards, 0.1) == 0.1
+    assert rce_config_from({"t_end": 0.25, "not_a_key": 1}).t_end == 0.25 and rce_config_from(None) == RCEConfig()

@@ -11,7 +11,7 @@ fixed ``reward_temperature``), which changes the log-prob scale GRPO's ratio lat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -62,6 +62,22 @@ class RCEConfig(OptimConfig):
         if self.reward_norm not in REWARD_NORMS:
             raise ValueError(f"rce.reward_norm must be one of {REWARD_NORMS}, got {self.reward_norm!r}")
 
+    def temperatures(self, annealed: float, sim_temperature: float) -> tuple[float, float]:
+        """(reward temperature, logit temperature) of the targets and the policy at annealed temperature
+        ``annealed``: the one home of the rule. The annealed T divides the rewards (``temperature_target:
+        rewards``: the policy keeps ``sim_temperature``) or the logits (``logits``: the targets keep the fixed
+        ``reward_temperature``); docs/pipeline.md."""
+        if self.temperature_target == "rewards":
+            return annealed, sim_temperature
+        return self.reward_temperature, sim_temperature * annealed
+
+
+def rce_config_from(raw: dict[str, Any] | None) -> RCEConfig:
+    """The :class:`RCEConfig` of a run's ``config.yaml`` section (keys this version does not know are ignored, a
+    missing key takes its default), for readers of finished runs such as the doctor."""
+    known = {f.name for f in fields(RCEConfig)}
+    return RCEConfig(**{k: v for k, v in (raw or {}).items() if k in known})
+
 
 def annealed_temperature(step: int, total_steps: int, t_start: float, t_end: float) -> float:
     """Linear schedule over steps ``0 .. total_steps - 1``: ``t_start`` at the first step, ``t_end`` at the last.
@@ -76,9 +92,7 @@ def annealed_temperature(step: int, total_steps: int, t_start: float, t_end: flo
 
 def final_logit_temperature(cfg: RCEConfig, sim_temperature: float) -> float:
     """The logit temperature the policy ends RCE at (what ``grpo.logp_temperature="same_as_rce_end"`` uses)."""
-    if cfg.temperature_target == "logits" and cfg.epochs > 0:
-        return sim_temperature * cfg.t_end
-    return sim_temperature
+    return cfg.temperatures(cfg.t_end, sim_temperature)[1] if cfg.epochs > 0 else sim_temperature
 
 
 class RCEStage(Stage):
@@ -99,11 +113,7 @@ class RCEStage(Stage):
     def step(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, sim_t = self.cfg, self.temperature
         self.annealed = annealed_temperature(ctx.step, ctx.total_steps, cfg.t_start, cfg.t_end)
-        # (reward temperature, logit temperature): the annealed T divides one of them (docs/pipeline.md).
-        if cfg.temperature_target == "rewards":
-            reward_t, logit_t = self.annealed, sim_t
-        else:
-            reward_t, logit_t = cfg.reward_temperature, sim_t * self.annealed
+        reward_t, logit_t = cfg.temperatures(self.annealed, sim_t)
         logp = policy_log_probs(self.model, *model_inputs(self.model, batch), batch.mask, logit_t)
         loss = rce_cross_entropy(logp, batch.labels, batch.rewards, reward_t, label_weight=cfg.label_weight,
                                  reward_norm=cfg.reward_norm)
@@ -112,9 +122,9 @@ class RCEStage(Stage):
     def eval_temperature(self) -> float:
         # The policy is read at the logit temperature it was last trained at: SFT's before the first RCE step
         # (so epoch 0 is the SFT baseline), the annealed one after, when RCE anneals the logits.
-        if self.cfg.temperature_target == "rewards" or self.annealed is None:
+        if self.annealed is None:
             return self.temperature
-        return self.temperature * self.annealed
+        return self.cfg.temperatures(self.annealed, self.temperature)[1]
 
 
 def run_rce(

@@ -32,11 +32,8 @@ def rce_floor(train: GroupData, rce_cfg: Any) -> Callable[[dict[str, Any]], dict
     cache: dict[float, float] = {}
 
     def extras(row: dict[str, Any]) -> dict[str, float]:
-        if rce_cfg.temperature_target == "rewards":
-            temp = float(row.get("temperature", rce_cfg.t_start))
-        else:  # the annealed T divides the logits; the targets keep the fixed reward temperature
-            temp = float(rce_cfg.reward_temperature)
-        key = round(temp, 4)
+        temp = rce_cfg.temperatures(float(row.get("temperature", rce_cfg.t_start)), 1.0)[0]  # the targets' T
+        key = round(float(temp), 4)
         if key not in cache:
             cache[key] = rce_target_entropy(train, key, rce_cfg.label_weight,
                                             getattr(rce_cfg, "reward_norm", "none"))

@@ -3,7 +3,6 @@ against its loss floor, the reward's query-independent shortcut, RCE target shar
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,10 @@ def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Ser
     from ..losses import rce_targets
     from ..model import compute_log_probs
 
-    get = lambda k, d: d if _get(ctx.config, f"rce.{k}") is None else _get(ctx.config, f"rce.{k}")  # noqa: E731
-    on_rewards = get("temperature_target", "rewards") == "rewards"
-    fixed_t = float(get("reward_temperature", 1.0))
-    label_weight, norm = float(get("label_weight", 0.0)), str(get("reward_norm", "none"))
+    from ..rce import rce_config_from
+
+    rce = rce_config_from(_get(ctx.config, "rce"))
+    label_weight, norm = rce.label_weight, rce.reward_norm
     model, sim_t = sft
     train = splits.train
     if "temperature" not in rows.columns or rows["temperature"].isna().any():
@@ -39,7 +38,7 @@ def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Ser
     def terms(t: float) -> tuple[float, float]:
         key = round(float(t), 4)
         if key not in cache:
-            reward_t, logit_t = (key, sim_t) if on_rewards else (fixed_t, sim_t * key)
+            reward_t, logit_t = rce.temperatures(key, sim_t)
             if logit_t not in logp_cache:
                 logp_cache[logit_t] = compute_log_probs(model, train, logit_t)
             logp = logp_cache[logit_t]
@@ -260,14 +259,12 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
     splits = ctx.data()
     if splits is None:
         return _skip(name, ctx.data_missing(), th.one_hot_share)
-    from ..rce import RCEConfig
+    from ..rce import rce_config_from
     from ..reward_stats import reward_spread
 
-    rce = RCEConfig(**{k: v for k, v in (_get(ctx.config, "rce") or {}).items()
-                       if k in {f.name for f in dataclasses.fields(RCEConfig)}})
+    rce = rce_config_from(_get(ctx.config, "rce"))
     train = splits.train
-    temps = ((rce.t_start, rce.t_end) if rce.temperature_target == "rewards"
-             else (rce.reward_temperature, rce.reward_temperature))
+    temps = tuple(rce.temperatures(t, 1.0)[0] for t in (rce.t_start, rce.t_end))  # the targets' T
     (top_s, hot_s), (top_e, hot_e) = (target_concentration(train, t, label_weight=rce.label_weight,
                                                             reward_norm=rce.reward_norm,
                                                             one_hot_weight=th.one_hot_weight) for t in temps)
