@@ -54,7 +54,8 @@ import pandas as pd
 from v3kit.live import LivePlot
 from v3kit.notebook_tools import notebook_config, record
 from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data
-from v3kit.rce_analysis import add_rce_floor, explain_rce_loss, plateau_check, rce_floor
+from v3kit.diagnose import diagnose
+from v3kit.rce_analysis import add_rce_floor, plateau_check, rce_floor
 
 cfg = notebook_config(run_dir=run_dir, seed=seed, smoke=smoke, n_queries=n_queries, sft_epochs=sft_epochs,
                       rce_epochs=rce_epochs, rce_lr=rce_lr,
@@ -80,8 +81,13 @@ raw = plateau_check(h["loss"], k=plateau_k, rel_tol=plateau_tol)
 above_floor = plateau_check(h["excess_loss"], k=plateau_k, rel_tol=plateau_tol)
 print("raw RCE loss:        ", raw)
 print("loss - H(targets):   ", above_floor)
-print("=>", explain_rce_loss(raw, above_floor))
-record(rce_raw_loss=raw.status, rce_excess_loss=above_floor.status)
+# The verdict is the doctor's rce_converged check (one home for "did RCE converge?"): how far RCE moved the policy
+# and how much of its gap to the loss floor it closed, against the SFT policy's own gap at the same temperatures.
+[verdict] = diagnose(rce.history, cfg, splits=splits, sft=(stage1.reference, stage1.model_config.sim_temperature),
+                     only=["rce_converged"])
+print("=>", ("⚠ " if verdict.triggered else "✔ ") + verdict.message + (f" -> test: {verdict.suggestion}"
+                                                                       if verdict.triggered else ""))
+record(rce_raw_loss=raw.status, rce_excess_loss=above_floor.status, rce_converged=verdict.triggered)
 
 # %% [markdown]
 # ## Held-out metrics per epoch

@@ -534,3 +534,11 @@ def test_every_check_ignores_a_constant_reward_shift_and_names_its_scale(small_s
     found = {f.check: f for f in diagnose(df, RCE_CFG, splits=small_splits, sft=small_sft)}
     assert "T in raw reward units" in found["rce_targets"].message
     assert "T in raw reward units" in found["rce_converged"].message
+
+
+def test_only_runs_the_named_checks_and_refuses_unknown_names():
+    found = diagnose(frame(zero_std=lambda t: 0.5), SEED_CFG, only=["zero_std_groups", "clip_ratio"])
+    assert [f.check for f in found] == ["clip_ratio", "zero_std_groups"]  # in report order
+    assert found[1].triggered
+    with pytest.raises(ValueError, match="unknown doctor check"):
+        diagnose(frame(), SEED_CFG, only=["rce_convergence"])

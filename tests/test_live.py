@@ -13,7 +13,7 @@ import torch
 from v3kit.data import GroupData
 from v3kit.live import LivePlot, Throttle, plot_history
 from v3kit.plots import Panel, grpo_panels, plot_ratio_hist, plot_stage1
-from v3kit.rce_analysis import add_rce_floor, explain_rce_loss, plateau_check, rce_target_entropy
+from v3kit.rce_analysis import add_rce_floor, plateau_check, rce_target_entropy
 from v3kit.reward_stats import label_reward_agreement, label_reward_rank, reward_spread
 
 
@@ -135,16 +135,6 @@ def test_plateau_check_falling_plateau_rising():
     assert "->" in str(falling) and "+-1.0%" in str(falling)
 
 
-def test_explain_rce_loss_names_the_floor_effect():
-    falling = plateau_check([2.0] * 4 + [1.0] * 4, k=4)
-    rising = plateau_check([1.0] * 4 + [2.0] * 4, k=4)
-    flat = plateau_check([1.0] * 8, k=4)
-    assert "sharpens the targets" in explain_rce_loss(falling, rising)
-    assert "still fitting" in explain_rce_loss(falling, falling)
-    assert "converged" in explain_rce_loss(flat, flat)
-
-
-# ----------------------------------------------------------------------------------------------- data helpers
 def _groups() -> GroupData:
     rewards = torch.tensor([[3.0, 1.0, 2.0, 0.0], [1.0, 5.0, 0.0, 0.0], [2.0, 2.0, 2.0, 0.0]])
     mask = torch.tensor([[True, True, True, True], [True, True, True, False], [True, True, True, False]])
@@ -171,11 +161,10 @@ def test_rce_target_entropy_is_the_loss_floor():
     assert rce_target_entropy(d, 2.0) > rce_target_entropy(d, 0.5)
     assert rce_target_entropy(d, 0.5, label_weight=1.0) == pytest.approx(0.0, abs=1e-6)
 
-    class Cfg:
-        temperature_target, t_start, reward_temperature, label_weight = "rewards", 2.0, 1.0, 0.0
+    from v3kit.rce import RCEConfig
 
     hist = pd.DataFrame({"split": ["train", "train", "val"], "loss": [2.0, 1.5, np.nan], "temperature": [2.0, 0.5, np.nan]})
-    out = add_rce_floor(hist, d, Cfg())
+    out = add_rce_floor(hist, d, RCEConfig())
     assert len(out) == 2
     assert out["excess_loss"].tolist() == pytest.approx([2.0 - rce_target_entropy(d, 2.0), 1.5 - rce_target_entropy(d, 0.5)])
 

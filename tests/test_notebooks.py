@@ -138,6 +138,7 @@ def test_notebooks_in_order_share_the_run_dir(executed):
     assert results["03_grpo"]["sft_origin"] == "reused" and results["03_grpo"]["rce_origin"] == "reused"
     assert {results["02_rce_warmup"]["rce_raw_loss"], results["02_rce_warmup"]["rce_excess_loss"]} <= {
         "falling", "plateau", "rising", "too short"}
+    assert isinstance(results["02_rce_warmup"]["rce_converged"], bool)  # the doctor's verdict, shown by the notebook
     assert 0 <= results["01_sft_load"]["stage1"]["label_is_top_reward"] <= 1
     assert set(results["03_grpo"]["stage_table"]) == {"sft", "rce", "grpo"}
     assert results["03_grpo"]["panel_runs"] == len(KL_BETAS)  # one table row per kl_beta

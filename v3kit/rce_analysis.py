@@ -1,5 +1,8 @@
 """Did RCE learn? Its loss floor H(targets) under the annealed temperature, and a plateau check on a loss curve.
 
+The verdict "did RCE converge" has one home, the doctor's ``rce_converged`` check (``v3kit/doctor/``), which
+notebook 02 shows; this module holds the curves it and the live plot read.
+
 The raw RCE loss falls as the temperature anneals even when the policy learns nothing (sharper targets have lower
 entropy); ``loss - H(targets)`` = KL(targets || policy) is the part training reduces.
 """
@@ -87,21 +90,3 @@ def plateau_check(values: Sequence[float] | np.ndarray | pd.Series, k: int | Non
     rel = (last - prev) / max(abs(prev), 1e-12)
     status = "falling" if rel < -rel_tol else "rising" if rel > rel_tol else "plateau"
     return PlateauCheck(prev, last, rel, k, rel_tol, status)
-
-
-def explain_rce_loss(raw: PlateauCheck, excess: PlateauCheck) -> str:
-    """One-line reading of the two plateau checks of the RCE loss (raw, and above the target-entropy floor)."""
-    if "too short" in (raw.status, excess.status):
-        return "too few RCE steps to judge; run more epochs"
-    if excess.still_falling:
-        return ("RCE is still fitting its targets (loss above the floor still falling): more RCE epochs should "
-                "help.")
-    floor = ("the raw loss falls only because the annealed temperature sharpens the targets (their entropy "
-             "drops); " if raw.still_falling else "")
-    if excess.status == "rising":
-        return (f"{floor}the policy falls further behind its sharpening targets (loss above the floor rising): "
-                f"raise the lr, add epochs or anneal more slowly.")
-    return (f"{floor}the loss above the floor is flat: RCE has converged at this lr; more epochs are unlikely to "
-            f"help.")
-
-

@@ -24,6 +24,7 @@ def diagnose(
     *,
     splits: Any = None,
     sft: tuple[Any, float] | None = None,
+    only: Iterable[str] | None = None,
 ) -> list[Finding]:
     """Every registered check (see :func:`check_names`) on a run dir (reads ``metrics.csv`` and ``config.yaml``) or
     on a metrics frame.
@@ -31,9 +32,14 @@ def diagnose(
     ``config`` (nested dict as in ``config.yaml``, or a ``RunConfig``) overrides the run dir's; without one the
     checks still run, but cause attribution and some suggestions are less specific. The checks that need the data
     (RCE's loss floor, the reward shortcut, the baselines) rebuild it from a run dir's config, or use ``splits``;
-    ``sft`` = (SFT model, its logit temperature) stands in for the run dir's SFT checkpoint.
+    ``sft`` = (SFT model, its logit temperature) stands in for the run dir's SFT checkpoint. ``only``: run just
+    these checks (e.g. notebook 02 shows ``rce_converged``, the one RCE-convergence verdict).
     """
     th = thresholds or Thresholds()
+    wanted = list(_REGISTRY) if only is None else list(only)
+    unknown = sorted(set(wanted) - set(_REGISTRY))
+    if unknown:
+        raise ValueError(f"unknown doctor check(s) {unknown}; the checks are {list(_REGISTRY)}")
     if isinstance(run, pd.DataFrame):
         df, file_cfg, run_dir = run, {}, None
     else:
@@ -44,6 +50,8 @@ def diagnose(
     ctx = DoctorContext(df, file_cfg if config is None else config, th, run_dir, splits, sft)
     findings = []
     for name, fn in _REGISTRY.items():
+        if name not in wanted:
+            continue
         try:
             ctx.check = name  # @check's registration is the one place a check's name is written
             f = fn(ctx)
