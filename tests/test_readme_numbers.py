@@ -17,6 +17,7 @@ import pytest
 from v3kit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("sft", "rce", "grpo", "selected")  # the table's rows: the stages, and the model the run ships
 
 
 def _readme_table() -> dict[str, dict[str, str]]:
@@ -27,7 +28,7 @@ def _readme_table() -> dict[str, dict[str, str]]:
     rows = {}
     for ln in lines[1:]:
         parts = ln.split()
-        if parts[0] in ("sft", "rce", "grpo"):
+        if parts[0] in STAGES:
             rows[parts[0]] = dict(zip(header, parts[1:]))
     return rows
 
@@ -35,12 +36,12 @@ def _readme_table() -> dict[str, dict[str, str]]:
 @pytest.mark.slow
 def test_make_run_prints_the_readme_stage_table(tmp_path, capsys):
     expected = _readme_table()
-    assert set(expected) == {"sft", "rce", "grpo"} and len(expected["grpo"]) >= 7
+    assert set(expected) == set(STAGES) and len(expected["grpo"]) >= 7
     assert main(["run", "--set", f"run_dir={tmp_path / 'seed'}", "--set", "progress=false"]) == 0
     out = capsys.readouterr().out
     printed = {}
     for ln in out.splitlines():
-        m = re.match(r"^(sft|rce|grpo)\s+(.*)$", ln)
+        m = re.match(r"^(sft|rce|grpo|selected)\s+(-?\d.*)$", ln)  # a row of numbers, not the selection line
         if m:
             printed[m.group(1)] = m.group(2).split()
     header = out.split("held-out test metrics by stage", 1)[1].splitlines()[1].split()
