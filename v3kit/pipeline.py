@@ -127,13 +127,23 @@ def resolve_runtime(cfg: RunConfig, splits: Splits, *, warn: bool = True) -> Run
                    requested_precision=cfg.precision)
 
 
+def run_context(cfg: RunConfig, runtime: Runtime, *, callbacks: Sequence[Any] = (), resume: bool = False,
+                run_dir: str | Path | None = None) -> dict[str, Any]:
+    """The :class:`v3kit.training.RunContext` fields every stage runner gets from ``cfg`` (as keyword arguments):
+    the one place a run context is built, by ``v3kit run``, the notebooks, the GRPO panel and the grids alike."""
+    return dict(seed=cfg.seed, run_dir=cfg.run_dir if run_dir is None else run_dir, resume=resume,
+                callbacks=callbacks, progress=cfg.progress, device=runtime.device, precision=runtime.precision,
+                log_every=cfg.log_every)
+
+
 def stage_options(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
-    """What ``v3kit run`` gives every stage runner from ``cfg``: ``device`` and ``precision`` resolved on this
-    machine, and ``log_every``; also sets torch's CPU threads (``cfg.threads``) for the process, as a run does. The
-    notebooks and the GRPO panel pass these to the stage runners, so the config's device holds there too."""
+    """The machine-dependent part of :func:`run_context` (``device``, ``precision``, ``log_every``) for code that
+    calls a stage runner with its own seed and callbacks (notebook 03, the GRPO panel); also sets torch's CPU
+    threads (``cfg.threads``) for the process, as a run does, so the config's device and threads hold there too."""
     runtime = resolve_runtime(cfg, splits)
     torch.set_num_threads(runtime.threads)
-    return dict(device=runtime.device, precision=runtime.precision, log_every=cfg.log_every)
+    ctx = run_context(cfg, runtime)
+    return {k: ctx[k] for k in ("device", "precision", "log_every")}
 
 
 def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (), resume: bool = True,
@@ -143,9 +153,7 @@ def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (),
     path = Path(cfg.run_dir) / "sft.pt"
     runtime = runtime or resolve_runtime(cfg, splits)
     if not (resume and path.exists()):
-        train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=cfg.run_dir, callbacks=callbacks,
-                  progress=cfg.progress, resume=resume, device=runtime.device, precision=runtime.precision,
-                  log_every=cfg.log_every)
+        train_sft(splits, cfg.model, cfg.sft, **run_context(cfg, runtime, callbacks=callbacks, resume=resume))
     return path
 
 
@@ -359,8 +367,7 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     rl_splits, debias = debias_splits(splits, cfg.reward, seed=cfg.seed)  # RCE and GRPO's rewards only
     if debias is not None and main:
         update_run_info(run_dir, **debias.as_dict())
-    common = dict(seed=cfg.seed, run_dir=run_dir, resume=resume, callbacks=callbacks, progress=cfg.progress,
-                  log_every=cfg.log_every, **on)
+    common = run_context(cfg, runtime, callbacks=callbacks, resume=resume, run_dir=run_dir)
     rce = run_rce(stage1.policy, rl_splits, cfg.rce, model_config=model_cfg, reference=stage1.reference, **common)
     after_rce = copy.deepcopy(stage1.policy)
     temperature = cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_cfg.sim_temperature))
@@ -445,7 +452,8 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
     notebook made with the same data and SFT settings, else train SFT (``callbacks`` see that training)."""
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    options = stage_options(cfg, splits)  # device / precision / threads as in `v3kit run`
+    runtime = resolve_runtime(cfg, splits)  # device / precision / threads as in `v3kit run`
+    torch.set_num_threads(runtime.threads)
     state = read_state(run_dir)
     sft_path = run_dir / "sft.pt"
     data_sig = signature(cfg, "data")
@@ -469,13 +477,12 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
         print(f"training SFT ({why}) -> {sft_path}")
         origin = "trained"
         _invalidate(run_dir, ("rce", "grpo"), state)
-        train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=run_dir, callbacks=callbacks,
-                  progress=cfg.progress, **options)
+        train_sft(splits, cfg.model, cfg.sft, **run_context(cfg, runtime, callbacks=callbacks, run_dir=run_dir))
     if prev != want:
         _invalidate(run_dir, ("rce", "grpo"), state)
     state["stage1"] = want
     _write_state(run_dir, state)
-    stage1 = load_sft(sft_path, splits.train, device=options["device"], precision=options["precision"])
+    stage1 = load_sft(sft_path, splits.train, device=runtime.device, precision=runtime.precision)
     stage1.origin = origin
     return stage1
 
@@ -494,10 +501,11 @@ def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Seq
     else:
         print(f"training RCE for {cfg.rce.epochs} epoch(s) -> {run_dir}/rce_epoch*.pt")
         _invalidate(run_dir, ("rce", "grpo"), state)
+    runtime = resolve_runtime(cfg, splits)
+    torch.set_num_threads(runtime.threads)
     splits, _ = debias_splits(splits, cfg.reward, seed=cfg.seed)  # as run_pipeline: RCE's rewards only
     result = run_rce(stage1.policy, splits, cfg.rce, model_config=stage1.model_config, reference=stage1.reference,
-                     seed=cfg.seed, run_dir=run_dir, resume=reuse, callbacks=callbacks, progress=cfg.progress,
-                     **stage_options(cfg, splits))
+                     **run_context(cfg, runtime, callbacks=callbacks, resume=reuse, run_dir=run_dir))
     state["rce"] = want
     _write_state(run_dir, state)
     result.info["origin"] = "reused" if reuse else "trained"
