@@ -542,3 +542,16 @@ def test_only_runs_the_named_checks_and_refuses_unknown_names():
     assert found[1].triggered
     with pytest.raises(ValueError, match="unknown doctor check"):
         diagnose(frame(), SEED_CFG, only=["rce_convergence"])
+
+
+def test_suggestions_are_ordered_by_evidence():
+    from v3kit.diagnose import evidence_order
+
+    def f(check, value, threshold):
+        return Finding(check, True, value, threshold, "", "", [f"x.{check}=1"])
+
+    found = [f("clip_ratio", 0.9, 0.2), f("reward_shortcut", 0.4, 0.05), f("baselines", 0.39, 0.45),
+             f("kl_pinned", 100.0, 1.0), f("rce_converged", 0.001, 0.01)]
+    # label metric first, then the data checks by how far past their threshold, then GRPO's mechanics
+    assert [x.check for x in evidence_order(found)] == ["baselines", "rce_converged", "reward_shortcut",
+                                                         "kl_pinned", "clip_ratio"]

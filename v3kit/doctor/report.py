@@ -101,8 +101,8 @@ def format_report(findings: Iterable[Finding], title: str | None = None, run: st
     add(summary + (f"; {skipped} skipped" if skipped else ""))
     ordered = [f for f in evidence_order(flagged) if f.switches]
     if ordered:
-        add("What to test, strongest evidence first (checks against the labels and the data before "
-            "training-mechanics checks; then by how far past its threshold):")
+        add("What to test, strongest evidence first (checks measured on the label metric, then on the data, then "
+            "on GRPO's mechanics; within each, by how far past its threshold):")
         for i, f in enumerate(ordered, 1):
             add(f"{i}. {f.check}: " + " | ".join(f.switches), "  ", "     ")
         add(f"Test them against the run: v3kit investigate {where} (a verdict: what to ship), or v3kit doctor "
@@ -114,9 +114,12 @@ def format_report(findings: Iterable[Finding], title: str | None = None, run: st
 
 REPORT_WIDTH = 100  # report lines wrap here (terminals, notebooks and the README transcript)
 
-# Checks that compare the run with the labels or the data itself: their evidence is about what the shipped metric
-# loses, so they are tested before the checks of GRPO's mechanics (ratios, clipping, KL, entropy).
-_DATA_CHECKS = ("baselines", "reward_vs_label", "reward_shortcut", "rce_converged")
+# The evidence behind a flagged check, strongest first: a check measured on the label metric itself (SFT below a
+# trivial ranker, a label metric that fell while the reward rose) says directly what the shipped model loses; a check
+# on the data or RCE's fit (a reward shortcut, an RCE that did not move) says why it might; the checks of GRPO's
+# mechanics (ratios, clipping, KL, entropy) describe how the run trained. Within a tier, by how far past its threshold.
+_EVIDENCE_TIERS = {"baselines": 0, "reward_vs_label": 0, "reward_shortcut": 1, "rce_converged": 1}
+_MECHANICS = 2
 
 
 def evidence(f: Finding) -> float:
@@ -127,8 +130,9 @@ def evidence(f: Finding) -> float:
 
 
 def evidence_order(findings: Iterable[Finding]) -> list[Finding]:
-    """Flagged findings, data checks first, each tier by :func:`evidence` (strongest first)."""
-    return sorted(findings, key=lambda f: (f.check not in _DATA_CHECKS, -evidence(f)))
+    """Flagged findings by tier of evidence (label metric, then data, then GRPO's mechanics), each tier by
+    :func:`evidence` (strongest first)."""
+    return sorted(findings, key=lambda f: (_EVIDENCE_TIERS.get(f.check, _MECHANICS), -evidence(f)))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
