@@ -407,6 +407,83 @@ class Stage:
         return {}
 
 
+def _restore(stage_obj: Stage, run_dir: Path | None, resume: bool, writes: bool, optimizer: Any, generator: Any,
+             log: Any, extendable: tuple[str, ...]) -> tuple[int, int, list[Path]]:
+    """(start epoch, step, checkpoints so far) of a stage: on ``resume`` its newest epoch checkpoint is loaded into
+    the model, the optimizer, the RNGs and the metrics log; a fresh start removes the stage's stale checkpoints."""
+    stage, epochs = stage_obj.name, stage_obj.cfg.epochs
+    existing = epoch_checkpoints(run_dir, stage) if run_dir is not None else []
+    if not resume:
+        # A fresh start owns the stage's checkpoints: stale ones from an earlier run must not be resumed later.
+        for _, path in existing if writes else []:
+            path.unlink()
+        existing = []
+    done = [(e, p) for e, p in existing if e <= epochs]
+    if not done:
+        log.start_stage(stage, [])
+        return 0, 0, []
+    _, path = done[-1]
+    ckpt = load_checkpoint(path, stage=stage)
+    require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
+    _check_same_config(ckpt, stage_obj.meta, path, extendable)
+    load_state_into(stage_obj.model, ckpt["model"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    generator.set_state(ckpt["rng"]["generator"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    stage_obj.restore_extra(ckpt.get("extra", {}))
+    log.start_stage(stage, ckpt.get("metrics_rows"), ckpt["epoch"])
+    return ckpt["epoch"], ckpt["step"], [p for _, p in done]
+
+
+def _optimizer_step(stage_obj: Stage, train_model: nn.Module, batch: Any, ctx: StepContext, optimizer: Any,
+                    ranks: Any, max_grad_norm: float | None, check_each_step: bool, device: torch.device,
+                    precision: str) -> tuple[Tensor, dict[str, Any], Tensor | float, str | None]:
+    """One step of ``stage_obj``: its loss, backward, the ranks' gradient all-reduce, clipping and Adam; returns
+    (loss, statistics, gradient norm, what was non-finite or None). A non-finite step takes no optimizer step."""
+    model = stage_obj.model
+    stage_obj.model = train_model  # the rank's rows keep autograd; the same model with one process
+    try:
+        with autocast(device, precision):
+            loss, stats = stage_obj.step(batch, ctx)
+    finally:
+        stage_obj.model = model
+    optimizer.zero_grad(set_to_none=True)
+    if loss.requires_grad:
+        loss.backward()
+        if ranks.world > 1:  # the sum of the ranks' row gradients is the whole batch's gradient
+            distributed.all_reduce_grads(model.parameters())
+        grad_norm = _grad_norm(model.parameters(), max_grad_norm)
+        bad = _nonfinite_step(loss, grad_norm) if check_each_step else None
+        if bad is None:
+            optimizer.step()
+    else:  # nothing to learn from this batch (e.g. every group dropped): skip, but log it
+        grad_norm = 0.0
+        bad = _nonfinite_step(loss, None) if check_each_step else None
+    return loss, stats, grad_norm, bad
+
+
+def _save_epoch(stage_obj: Stage, run_dir: Path, epoch: int, step: int, optimizer: Any, generator: Any,
+                log: Any) -> Path:
+    """Commit the epoch's metrics rows, then write ``{stage}_epoch{epoch}.pt`` (all a resume needs)."""
+    stage = stage_obj.name
+    log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
+    _kill_point(f"{stage}:epoch{epoch}:before_checkpoint")
+    payload = {
+        "stage": stage,
+        "epoch": epoch,
+        "step": step,
+        "model": stage_obj.model.state_dict(),  # save_checkpoint stores every tensor on the CPU
+        "optimizer": optimizer.state_dict(),
+        "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
+        "extra": stage_obj.extra_state(),
+        "metrics_rows": log.stage_rows(stage),  # what a resume from here rebuilds metrics.csv with
+        **(stage_obj.meta or {}),
+    }
+    path = save_checkpoint(run_dir / f"{stage}_epoch{epoch}.pt", payload)
+    _kill_point(f"{stage}:epoch{epoch}:after_checkpoint")
+    return path
+
+
 def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     """Train ``stage_obj.model`` in place for ``cfg.epochs`` with Adam at ``cfg.lr``; see the module docstring.
 
@@ -419,7 +496,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     Non-finite weights at an epoch's end always stop (before its checkpoint).
     """
     cfg, stage, model, reference = stage_obj.cfg, stage_obj.name, stage_obj.model, stage_obj.reference
-    train, val, checkpoint_meta = stage_obj.train, stage_obj.val, stage_obj.meta
+    train, val = stage_obj.train, stage_obj.val
     epochs, lr, batch_size, max_grad_norm, on_nonfinite = (cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_grad_norm,
                                                           cfg.on_nonfinite)
     seed, run_dir, resume, callbacks, progress = run.seed, run.run_dir, run.resume, run.callbacks, run.progress
@@ -468,29 +545,8 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         _call(callbacks, "on_eval", row)
         return metrics
 
-    start_epoch, step, checkpoints = 0, 0, []
-    existing = epoch_checkpoints(run_dir, stage) if run_dir is not None else []
-    if not resume:
-        # A fresh start owns the stage's checkpoints: stale ones from an earlier run must not be resumed later.
-        for _, path in existing if writes is not None else []:
-            path.unlink()
-        existing = []
-    done = [(e, p) for e, p in existing if e <= epochs]
-    if done:
-        _, path = done[-1]
-        ckpt = load_checkpoint(path, stage=stage)
-        require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
-        _check_same_config(ckpt, checkpoint_meta, path, extendable)
-        load_state_into(model, ckpt["model"], path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        generator.set_state(ckpt["rng"]["generator"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        stage_obj.restore_extra(ckpt.get("extra", {}))
-        start_epoch, step = ckpt["epoch"], ckpt["step"]
-        checkpoints = [p for _, p in done]
-        log.start_stage(stage, ckpt.get("metrics_rows"), start_epoch)
-    else:
-        log.start_stage(stage, [])
+    start_epoch, step, checkpoints = _restore(stage_obj, run_dir, resume, writes is not None, optimizer, generator,
+                                              log, extendable)
 
     info = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch}
     _call(callbacks, "on_stage_start", stage, total_steps, info)
@@ -525,24 +581,8 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         model.train()
         for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
             ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
-            stage_obj.model = train_model  # the rank's rows keep autograd; the same model with one process
-            try:
-                with autocast(device, precision):
-                    loss, stats = stage_obj.step(batch, ctx)
-            finally:
-                stage_obj.model = model
-            optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-                if ranks.world > 1:  # the sum of the ranks' row gradients is the whole batch's gradient
-                    distributed.all_reduce_grads(model.parameters())
-                grad_norm = _grad_norm(model.parameters(), max_grad_norm)
-                bad = _nonfinite_step(loss, grad_norm) if check_each_step else None
-                if bad is None:
-                    optimizer.step()
-            else:  # nothing to learn from this batch (e.g. every group dropped): skip, but log it
-                grad_norm = 0.0
-                bad = _nonfinite_step(loss, None) if check_each_step else None
+            loss, stats, grad_norm, bad = _optimizer_step(stage_obj, train_model, batch, ctx, optimizer, ranks,
+                                                          max_grad_norm, check_each_step, device, precision)
             if bad is not None:
                 if on_nonfinite == "stop":
                     raise _nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
@@ -560,21 +600,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
             raise _nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
         metrics = evaluate_now(epoch, step)
         if writes is not None:
-            log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
-            _kill_point(f"{stage}:epoch{epoch}:before_checkpoint")
-            payload = {
-                "stage": stage,
-                "epoch": epoch,
-                "step": step,
-                "model": model.state_dict(),  # save_checkpoint stores every tensor on the CPU
-                "optimizer": optimizer.state_dict(),
-                "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
-                "extra": stage_obj.extra_state(),
-                "metrics_rows": log.stage_rows(stage),  # what a resume from here rebuilds metrics.csv with
-                **(checkpoint_meta or {}),
-            }
-            checkpoints.append(save_checkpoint(run_dir / f"{stage}_epoch{epoch}.pt", payload))
-            _kill_point(f"{stage}:epoch{epoch}:after_checkpoint")
+            checkpoints.append(_save_epoch(stage_obj, run_dir, epoch, step, optimizer, generator, log))
     bar.close()
     log.close()
     distributed.barrier()  # rank 0's files are complete before any rank reads them
