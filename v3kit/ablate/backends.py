@@ -253,6 +253,9 @@ class RayBackend:
                 # the next grid. A killed worker's run-dir lock is released by the OS.
                 for ref in pending:
                     ray.cancel(ref, force=True)
+                # Return once they are gone: a run dir's lock is free only when its worker has exited, and the
+                # caller may rerun the grid (with either backend) right away.
+                ray.wait(pending, num_returns=len(pending), timeout=60)
 
     def close(self) -> None:
         if self._call is not None:

@@ -355,9 +355,11 @@ def run_grid(
                 bar.update(s)
             world_sft = sft_plan.tasks_for(world_tasks)
             if world_sft:
-                _run_tasks(_train_sft, world_sft, None, runner, errors)
-                if errors:
-                    raise RuntimeError("SFT training failed, no variant can run:\n" + "\n".join(errors))
+                sft_errors: list[str] = []
+                _run_tasks(_train_sft, world_sft, None, runner, sft_errors)
+                if sft_errors:
+                    raise RuntimeError("SFT training failed, no variant of the other worlds can run:\n"
+                                       + "\n".join(errors + sft_errors))
             _run_tasks(_execute, world_tasks, bar, runner, errors)
             executed += len(world_tasks)
     finally:
