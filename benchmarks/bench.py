@@ -35,7 +35,7 @@ from v3kit.grpo import GRPOConfig, grpo_step_loss, per_group_terms, run_grpo  # 
 from v3kit.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
 from v3kit.rce import RCEConfig, run_rce  # noqa: E402
 from v3kit.sft import SFTConfig, load_sft, train_sft  # noqa: E402
-from v3kit.synthetic import SyntheticConfig, make_world  # noqa: E402
+from v3kit.data.synthetic import SyntheticConfig, make_world  # noqa: E402
 
 SIZES = {  # name: (batch B, group G, feature dim, tower hidden widths, embedding dim)
     "tiny": (32, 8, 16, [64], 32),
@@ -268,9 +268,9 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     write_table(arrow, n_q, g, d)
     payload = n_q * g * d * 4 + n_q * d * 4
     reps = 3
-    setup = ("import shutil\nimport v3kit.ingest\nfrom v3kit.data import split_by_query\n"
-             "from v3kit.tables import load_groups\n"
-             "from v3kit.cache import cache_dir, cached_splits, load_cached\n"
+    setup = ("import shutil\nimport v3kit.data.ingest\nfrom v3kit.data import split_by_query\n"
+             "from v3kit.data.tables import load_groups\n"
+             "from v3kit.data.cache import cache_dir, cached_splits, load_cached\n"
              "from v3kit.model import ModelConfig\nfrom v3kit.sft import SFTConfig, train_sft\n")
     section = f"ingest {n_q:,} x {g} x {d}-d"
     for fmt, file in (("Parquet", path), ("Arrow IPC", arrow)):
@@ -290,7 +290,7 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
         add(section, f"cached load ({dtype}): peak RSS growth", again["peak_rss_growth"] / 1e6, "MB", reps)
         # What verifying the cache costs: the same load with the per-file CRC-32 check skipped (open_cache without
         # the file listing reads no page), side by side with the verified load above.
-        unchecked = median_probe(f"from v3kit.cache import open_cache\nd = open_cache(cache_dir({str(path)!r}, "
+        unchecked = median_probe(f"from v3kit.data.cache import open_cache\nd = open_cache(cache_dir({str(path)!r}, "
                                  f"{dtype!r}))\nout = {{}}", reps, setup)
         add(section, f"cached load ({dtype}) without the CRC-32 check", rows / unchecked["seconds"], "rows/s", reps,
             f"{unchecked['seconds'] * 1e3:.1f} ms; the check costs {(again['seconds'] - unchecked['seconds']) * 1e3:.1f}"

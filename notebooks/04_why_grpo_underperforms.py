@@ -142,7 +142,7 @@ record(doctor_flags=doctor)
 # with the correlation of the policy's change from SFT with each part where the run kept its checkpoints.)
 
 # %%
-from v3kit import shortcut
+from v3kit.data import shortcut
 
 shortcuts = shortcut.world_shortcuts(spec)
 show(report_plots.shortcut_plot(shortcuts))

@@ -74,7 +74,7 @@ from v3kit.live import LivePlot
 from v3kit.notebook_tools import record, resolve_path, resolve_run_dir, resolve_target
 from v3kit.pipeline import load_table, prepare_data, run_pipeline
 from v3kit.plots import show
-from v3kit.stdlib_search import reward_label_agreement
+from v3kit.data.stdlib_search import reward_label_agreement
 
 SMALL = dict(max_queries=60, v2_epochs=30, sft_epochs=3, rce_epochs=2, grpo_epochs=2, ablation_seeds=2)
 

@@ -24,7 +24,7 @@ from v3kit.grpo import GRPOConfig, run_grpo
 from v3kit.model import (ModelConfig, build_model, constructor_dims, import_object, interface_of, model_inputs,
                          policy_log_probs, scores)
 from v3kit.sft import load_sft
-from v3kit.synthetic import SyntheticConfig, make_world
+from v3kit.data.synthetic import SyntheticConfig, make_world
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "your_model.md"
@@ -319,7 +319,7 @@ def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(
             return np.ones((len(texts), 3), dtype=np.float32)  # 3-d embeddings: the checkpoint wants 16
         return encode
 
-    monkeypatch.setattr("v3kit.text.sentence_encoder", fake_encoder)
+    monkeypatch.setattr("v3kit.data.text.sentence_encoder", fake_encoder)
     code = main(["run", "--sft", str(tmp_path / "sft.pt"), "--set", f"data.path={tmp_path / 'table.jsonl'}",
                  "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"run_dir={tmp_path / 'run'}",
                  "--set", "progress=false"])

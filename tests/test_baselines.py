@@ -15,7 +15,7 @@ from v3kit.baselines import baseline_metrics, baseline_table, random_expected_me
 from v3kit.data import GroupData, split_by_query
 from v3kit.diagnose import diagnose
 from v3kit.metrics import per_group_metrics
-from v3kit.reward_stats import label_reward_agreement
+from v3kit.data.reward_stats import label_reward_agreement
 
 
 def small_data(n: int = 12, G: int = 4, dq: int = 3, dc: int = 3, seed: int = 0) -> GroupData:

@@ -305,7 +305,7 @@ def expected_closed(steps: list, epoch: int) -> float:
 @pytest.fixture(scope="module")
 def small_splits():
     from v3kit.data import split_by_query
-    from v3kit.synthetic import SyntheticConfig, make_world
+    from v3kit.data.synthetic import SyntheticConfig, make_world
 
     return split_by_query(make_world(SyntheticConfig(n_queries=100)), val_frac=0.2, test_frac=0.2, seed=0)
 

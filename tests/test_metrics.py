@@ -322,7 +322,7 @@ def test_a_frozen_reference_is_scored_once(monkeypatch):
     from v3kit import metrics as M
     from v3kit import pipeline as P
     from v3kit.model import ModelConfig, build_model
-    from v3kit.synthetic import SyntheticConfig, make_world
+    from v3kit.data.synthetic import SyntheticConfig, make_world
 
     data = make_world(SyntheticConfig(n_queries=40, seed=3))
     torch.manual_seed(0)

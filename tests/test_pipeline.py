@@ -206,7 +206,7 @@ def test_resume_refuses_another_config_and_fresh_runs_drop_stale_checkpoints(tmp
 
 def test_pipeline_runs_on_a_users_parquet_file(tmp_path):
     from v3kit.data import to_long_frame
-    from v3kit.synthetic import SyntheticConfig, make_world
+    from v3kit.data.synthetic import SyntheticConfig, make_world
 
     frame = to_long_frame(make_world(SyntheticConfig(n_queries=200, seed=5))).drop(columns=["utility"])
     frame.to_parquet(tmp_path / "mine.parquet")

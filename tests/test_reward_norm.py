@@ -13,7 +13,7 @@ from v3kit.config import ConfigError, load_config
 from v3kit.data import split_by_query
 from v3kit.diagnose import diagnose
 from v3kit.losses import normalize_rewards, rce_targets
-from v3kit.synthetic import SyntheticConfig, make_world
+from v3kit.data.synthetic import SyntheticConfig, make_world
 
 
 def ragged(seed: int = 0, n: int = 20, G: int = 6):

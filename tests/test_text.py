@@ -12,8 +12,8 @@ import torch
 from v3kit.config import load_config
 from v3kit.data import DataValidationError, Splits, from_long_frame, iterate_batches
 from v3kit.model import ModelConfig, model_inputs
-from v3kit.stdlib_search import StdlibSearchConfig, build_table, reward_label_agreement
-from v3kit.text import embed_texts
+from v3kit.data.stdlib_search import StdlibSearchConfig, build_table, reward_label_agreement
+from v3kit.data.text import embed_texts
 
 
 class SpyEncoder:
@@ -65,7 +65,7 @@ def test_cache_embeds_each_text_once_across_calls(tmp_path):
 def test_missing_text_extra_says_what_to_install(monkeypatch, tmp_path):
     import sys
 
-    from v3kit.text import load_sentence_encoder
+    from v3kit.data.text import load_sentence_encoder
 
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install -e '\.\[text\]'"):
@@ -151,7 +151,7 @@ def test_stdlib_pipeline_frozen_minilm(tmp_path, capsys, monkeypatch):
     def no_encoder(*a, **k):
         raise AssertionError("the second run tried to embed")
 
-    monkeypatch.setattr("v3kit.text.sentence_encoder", no_encoder)
+    monkeypatch.setattr("v3kit.data.text.sentence_encoder", no_encoder)
     data = load_data(load_config(None, args))
     assert data.query_x.shape[1] == 384
     norms = data.cand_x[data.mask].norm(dim=-1)

@@ -17,7 +17,7 @@ import pandas as pd
 from .checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_config, load_checkpoint,
                          model_from_checkpoint)
 from .config import ConfigError, load_config
-from .data import DataValidationError
+from .data.contract import DataValidationError
 from .metrics import evaluate, metric_order
 from .rundir import DISK_FULL_ERRNOS, DiskFullError, RunDirBusyError, free_bytes
 from .training import NonFiniteError

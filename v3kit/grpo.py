@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .bounds import check_max
 from .checkpoint import model_payload
-from .data import Batch, Splits
+from .data.contract import Batch, Splits
 from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
                      exact_group_kl, group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
 from .model import ModelConfig, compute_log_probs, disable_dropout, model_inputs, policy_log_probs

@@ -23,7 +23,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import nn
 
 from .config import RunConfig
-from .data import Splits
+from .data.contract import Splits
 from .grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
 from .live import Throttle
 from .metrics import METRIC_NAMES

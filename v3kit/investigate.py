@@ -201,7 +201,7 @@ class Investigation:
         if metric == "utility@1" and self.splits.test.utility is None:
             raise ConfigError("--metric utility@1 needs a true utility (the synthetic world); this data has none: "
                               "use acc@1 or mrr")
-        from .debias import recurring_share
+        from .data.debias import recurring_share
         from .model import DEFAULT_TARGET
 
         can_prior = recurring_share(self.splits.train) > 0

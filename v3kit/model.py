@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .bounds import check_all_max, check_max
-from .data import Batch, GroupData, iterate_batches
+from .data.contract import Batch, GroupData, iterate_batches
 from .device import autocast, module_device
 
 DEFAULT_TARGET = "v3kit.model:TwoTower"

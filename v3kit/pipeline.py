@@ -20,8 +20,8 @@ from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from . import distributed, trackers
 from .checkpoint import (CheckpointError, check_finite_checkpoint, checkpoint_model_config, load_checkpoint,
                          model_from_checkpoint)
-from .debias import DebiasReport, check_debias, debias_splits
-from .data import GroupData, Splits, from_long_frame, split_by_query, to_long_frame
+from .data.debias import DebiasReport, check_debias, debias_splits
+from .data.contract import GroupData, Splits, from_long_frame, split_by_query, to_long_frame
 from .device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .grpo import run_grpo
 from .metrics import evaluate, metric_order
@@ -30,11 +30,11 @@ from .rce import final_logit_temperature, run_rce
 from .rundir import RunLock, atomic_write_text, file_sha256
 from .selection import Selection, select_model, write_selection
 from .sft import Stage1, load_sft, train_sft
-from .stdlib_search import builtin_table
-from .synthetic import make_world
-from .tables import load_groups, read_table
+from .data.stdlib_search import builtin_table
+from .data.synthetic import make_world
+from .data.tables import load_groups, read_table
 from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten, signature
-from .text import default_cache_dir, embed_texts
+from .data.text import default_cache_dir, embed_texts
 from .training import StageResult
 
 
@@ -90,7 +90,7 @@ def prepare_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = N
     d = cfg.data
     if d.path and d.cache and d.text_mode != "end_to_end" and not d.path.startswith("builtin:"):
         # memory-mapped splits of a feature table: memory holds what the batches touch
-        from .cache import cached_splits
+        from .data.cache import cached_splits
 
         return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac,
                              seed=split_seed(cfg))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import model_payload
-from .data import Batch, Splits
+from .data.contract import Batch, Splits
 from .losses import REWARD_NORMS, rce_cross_entropy
 from .model import ModelConfig, disable_dropout, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import GroupData
+from .data.contract import GroupData
 from .losses import rce_targets
 def rce_target_entropy(train: GroupData, reward_temperature: float, label_weight: float = 0.0,
                        reward_norm: str = "none") -> float:

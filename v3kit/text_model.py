@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .data import Batch
-from .text import DEFAULT_ENCODER, INSTALL_HINT, encoder_path
+from .data.contract import Batch
+from .data.text import DEFAULT_ENCODER, INSTALL_HINT, encoder_path
 
 
 @functools.lru_cache(maxsize=4)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .bounds import check_max
 from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
                          save_checkpoint)
-from .data import Batch, GroupData, iterate_batches, num_batches
+from .data.contract import Batch, GroupData, iterate_batches, num_batches
 from . import distributed
 from .device import as_floats, autocast
 from .metrics import evaluate

@@ -108,7 +108,7 @@ def _train_sft(task: _SFTTask) -> str:
 def _execute(task: _RunTask) -> dict[str, Any]:
     """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
     from ..pipeline import run_pipeline, update_run_info
-    from ..reward_stats import label_reward_agreement
+    from ..data.reward_stats import label_reward_agreement
 
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)

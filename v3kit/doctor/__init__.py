@@ -15,7 +15,7 @@ Each check is one function registered with ``@check(name)``; they run in registr
   H(targets)? Says "lr too small to move the policy" when it barely moved. Reads ``metrics.csv`` and the data only,
   so a full run and an ablation folder without per-epoch checkpoints get the same verdict.
 * ``reward_shortcut``: the share of within-group reward variance that candidate features alone explain (the part
-  of the reward any query would give; ``v3kit/shortcut.py``), and what the policy's change from SFT followed.
+  of the reward any query would give; ``v3kit/data/shortcut.py``), and what the policy's change from SFT followed.
 * ``rce_targets``: how concentrated RCE's targets are at t_start and t_end (the temperature is in reward units
   unless ``rce.reward_norm`` normalises per group).
 * ``baselines``: SFT against random, raw-feature cosine and the reward's argmax (``v3kit/baselines.py``).

@@ -185,13 +185,13 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
 
 @check("reward_shortcut")
 def check_reward_shortcut(ctx: DoctorContext) -> Finding:
-    """How much of the within-group reward any query would give the candidate (v3kit/shortcut.py), and, with the
+    """How much of the within-group reward any query would give the candidate (v3kit/data/shortcut.py), and, with the
     checkpoints, whether the policy's change from SFT followed that part rather than the label."""
     th, name = ctx.th, ctx.check
     splits = ctx.data()
     if splits is None:
         return _skip(name, ctx.data_missing(), th.shortcut_share)
-    from ..shortcut import reward_shortcut
+    from ..data.shortcut import reward_shortcut
 
     train = splits.train
     change = _logit_change(ctx, train)
@@ -217,10 +217,10 @@ def check_reward_shortcut(ctx: DoctorContext) -> Finding:
 
 
 def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
-    """Which reward de-biasing keeps the reward's label agreement on val (v3kit/debias.py): the methods that do,
+    """Which reward de-biasing keeps the reward's label agreement on val (v3kit/data/debias.py): the methods that do,
     best first, as switches, and a sentence with both methods' numbers. A method that lowers the agreement by more
     than ``th.debias_agreement_drop`` is named as one *not* to use: its estimate carries label signal."""
-    from ..debias import DebiasError, RewardConfig, debias_report
+    from ..data.debias import DebiasError, RewardConfig, debias_report
 
     parts, keep = [], []
     for method in ("candidate_prior", "candidate_features"):
@@ -261,7 +261,7 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
     if splits is None:
         return _skip(name, ctx.data_missing(), th.one_hot_share)
     from ..rce import RCEConfig
-    from ..reward_stats import reward_spread
+    from ..data.reward_stats import reward_spread
 
     rce = RCEConfig(**{k: v for k, v in (_get(ctx.config, "rce") or {}).items()
                        if k in {f.name for f in dataclasses.fields(RCEConfig)}})

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .data import GroupData
+from .contract import GroupData
 
 __all__ = ["ShortcutAnalysis", "centre_in_group", "centred_features", "fit_ridge", "reward_shortcut", "shortcut_frame"]
 
@@ -134,7 +134,7 @@ def shortcut_frame(analyses: dict[str, ShortcutAnalysis]) -> pd.DataFrame:
 def world_shortcuts(spec: "object", *, k_folds: int = 5) -> dict[str, ShortcutAnalysis]:
     """:func:`reward_shortcut` of the training split of every world of an ablation grid (the split every run of the
     world trains on: the shared SFT's, seeded with ``spec.sft_seed``)."""
-    from .pipeline import prepare_data
+    from ..pipeline import prepare_data
 
     out = {}
     for w in spec.world_names():

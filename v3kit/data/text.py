@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .rundir import atomic_write
+from ..rundir import atomic_write
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 # Encoders shipped as Python packages (loadable offline); any other name goes to sentence-transformers as is

@@ -2,14 +2,14 @@
 
 In memory a dataset is a :class:`GroupData` of padded tensors; on disk it is a long-form table (one row per
 query-candidate pair) whose schema and per-row rules are here (:func:`from_long_frame` / :func:`to_long_frame`);
-reading the Parquet, Arrow IPC / Feather v2 or JSONL files is :mod:`v3kit.tables`'s job. See the README's
+reading the Parquet, Arrow IPC / Feather v2 or JSONL files is :mod:`v3kit.data.tables`'s job. See the README's
 "Data schema" section.
 Queries and candidates come as feature vectors or as text (``query_text`` / ``candidate_text``); text is embedded
-by a frozen encoder (the ``embed`` argument, see ``v3kit.text``) or carried to a text model
+by a frozen encoder (the ``embed`` argument, see ``v3kit.data.text``) or carried to a text model
 (``text_mode="end_to_end"``).
 
-This module imports nothing else of the package: reading (:mod:`v3kit.tables`), fast packing
-(:mod:`v3kit.ingest`) and the packed cache (:mod:`v3kit.cache`) all build on it.
+This module imports nothing else of the package: reading (:mod:`v3kit.data.tables`), fast packing
+(:mod:`v3kit.data.ingest`) and the packed cache (:mod:`v3kit.data.cache`) all build on it.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ TEXT_MODES = ("frozen", "end_to_end")
 # How the query/candidate features are stored in memory and in the cache (data.feature_dtype); batches are float32.
 FEATURE_DTYPES = ("float32", "float16")
 
-# Embeds distinct texts: list of N strings -> float array [N, D] (see v3kit.text.embed_texts).
+# Embeds distinct texts: list of N strings -> float array [N, D] (see v3kit.data.text.embed_texts).
 Embedder = Callable[[list[str]], np.ndarray]
-FEATURE_COLUMNS = ("query_features", "candidate_features")  # list-valued; packed by v3kit.ingest
+FEATURE_COLUMNS = ("query_features", "candidate_features")  # list-valued; packed by v3kit.data.ingest
 
 
 CHECK_LEVELS = ("all", "no_feature_scan", "none")  # see GroupData.checks
@@ -70,7 +70,7 @@ class GroupData:
     # candidate that recurs across queries can be recognised (reward de-biasing by a per-candidate prior).
     cand_ids: Tensor | None = None
     # How much of validate_tensors runs (not stored): "all"; "no_feature_scan" for a loader that has just checked
-    # every feature value it wrote (v3kit.ingest), so only the NaN/inf scan of the features is skipped; "none" for
+    # every feature value it wrote (v3kit.data.ingest), so only the NaN/inf scan of the features is skipped; "none" for
     # the packed cache, validated when it was built (checking would read every memory-mapped page).
     checks: InitVar[str] = "all"
 
@@ -380,7 +380,7 @@ def check_long_frame(df: pd.DataFrame, columns: Sequence[str], n_rows: int) -> N
 
 def check_group(qid: str, n_rows: int, n_labels: int, query_features_differ: bool) -> None:
     """The rules one query's rows must meet, in the order they are reported (the frame loop and the vectorised
-    packing of :mod:`v3kit.ingest` both raise through here): at least 2 candidates, exactly one label, one query
+    packing of :mod:`v3kit.data.ingest` both raise through here): at least 2 candidates, exactly one label, one query
     feature vector."""
     if n_rows < 2:
         _fail(f"query_id={qid!r} has {n_rows} candidate row(s); a group needs at least 2 candidates — drop it")
@@ -397,7 +397,7 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     A side given only as text (``query_text`` / ``candidate_text``) gets its features from ``embed`` (called
     once with every distinct text) in ``text_mode="frozen"``; in ``"end_to_end"`` it gets zero-width features
     and the texts travel in :attr:`GroupData.query_text` / :attr:`GroupData.cand_text` for a text model.
-    Feature-only Parquet files take the streamed, vectorised path of :func:`v3kit.tables.load_groups` instead.
+    Feature-only Parquet files take the streamed, vectorised path of :func:`v3kit.data.tables.load_groups` instead.
     """
     if text_mode not in TEXT_MODES:
         raise ValueError(f"text_mode must be one of {TEXT_MODES}, got {text_mode!r}")

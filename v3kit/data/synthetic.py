@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .bounds import check_max, require_memory
-from .data import GroupData
+from ..bounds import check_max, require_memory
+from .contract import GroupData
 
 
 @dataclass

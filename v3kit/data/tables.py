@@ -1,8 +1,8 @@
 """Reading long-form data files: Parquet, Arrow IPC / Feather v2 and JSON lines, into :class:`~v3kit.data.GroupData`.
 
-:func:`load_groups` is the entry point: feature tables are streamed into packed arrays by :mod:`v3kit.ingest`,
+:func:`load_groups` is the entry point: feature tables are streamed into packed arrays by :mod:`v3kit.data.ingest`,
 everything else (text columns, JSONL) is read whole (:func:`read_table`) and packed by
-:func:`v3kit.data.from_long_frame`; ``cache=True`` goes through the memory-mapped cache of :mod:`v3kit.cache`,
+:func:`v3kit.data.from_long_frame`; ``cache=True`` goes through the memory-mapped cache of :mod:`v3kit.data.cache`,
 which itself loads the file through this module.
 """
 
@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import ingest
-from .data import (FEATURE_COLUMNS, DataValidationError, Embedder, GroupData, check_feature_dtype, from_long_frame,
+from .contract import (FEATURE_COLUMNS, DataValidationError, Embedder, GroupData, check_feature_dtype, from_long_frame,
                    to_feature_dtype)
 
 # Suffixes of the long-form table formats (lower case); data.path is checked against them.
@@ -71,9 +71,9 @@ def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: s
     """Load and validate a long-form Parquet, Arrow IPC / Feather v2 or JSONL file into :class:`GroupData`.
 
     A Parquet or Arrow IPC file with both feature columns is streamed column by column into float32 arrays
-    (:mod:`v3kit.ingest`; an Arrow IPC file is memory-mapped and read without copies, the fastest input);
+    (:mod:`v3kit.data.ingest`; an Arrow IPC file is memory-mapped and read without copies, the fastest input);
     text-only sides and JSONL go through :func:`from_long_frame` (``embed``, ``text_mode``). ``cache``: go
-    through the packed, memory-mapped cache next to the file (:mod:`v3kit.cache`; feature tables); a second load
+    through the packed, memory-mapped cache next to the file (:mod:`v3kit.data.cache`; feature tables); a second load
     then reads almost nothing. ``feature_dtype``: ``"float16"`` stores the features at half the memory (batches are
     cast back to float32).
     """

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .data import (FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData, _as_bool, _as_matrix,
+from .contract import (FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData, _as_bool, _as_matrix,
                    check_group, check_long_frame)
 
 # Rows converted at a time: bounds the transient memory beside the packed arrays (Arrow's Parquet decoder holds

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .rundir import atomic_write_frame
+from ..rundir import atomic_write_frame
 
 BUILDER_VERSION = 2  # bump when the table a config produces changes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import GroupData
+from .contract import GroupData
 def label_reward_rank(data: GroupData) -> torch.Tensor:
     """Rank (1 = highest) of the human label's reward within its group, per group; ties count in its favour."""
     r = data.rewards.masked_fill(~data.mask, float("-inf"))

@@ -10,7 +10,7 @@ query-independent part, each subtracted from the training split's rewards (``rew
   folds of queries: a query's own rewards never enter the prior subtracted from them, so the de-biasing cannot
   erase the query's own signal. Needs ``candidate_id`` values that recur across queries.
 * ``candidate_features``: a ridge regression from the candidate's features (centred per group) to the
-  within-group-centred reward (:mod:`v3kit.shortcut`), cross-fitted the same way. Features also carry what makes
+  within-group-centred reward (:mod:`v3kit.data.shortcut`), cross-fitted the same way. Features also carry what makes
   a candidate relevant in general, so this estimate can hold label signal: check the reward-label agreement the
   run logs before and after (the doctor's ``reward_shortcut`` check compares both methods on val).
 
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import GroupData, Splits
+from .contract import GroupData, Splits
 from .reward_stats import label_reward_agreement
 from .shortcut import centre_in_group, centred_features, fit_ridge
 
