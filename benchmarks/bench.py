@@ -31,10 +31,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from v3kit.data import FEATURE_DTYPES, Splits, split_by_query  # noqa: E402
-from v3kit.grpo import GRPOConfig, grpo_step_loss, per_group_terms, run_grpo  # noqa: E402
-from v3kit.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
-from v3kit.rce import RCEConfig, run_rce  # noqa: E402
-from v3kit.sft import SFTConfig, load_sft, train_sft  # noqa: E402
+from v3kit.train.grpo import GRPOConfig, grpo_step_loss, per_group_terms, run_grpo  # noqa: E402
+from v3kit.train.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
+from v3kit.train.rce import RCEConfig, run_rce  # noqa: E402
+from v3kit.train.sft import SFTConfig, load_sft, train_sft  # noqa: E402
 from v3kit.data.synthetic import SyntheticConfig, make_world  # noqa: E402
 
 SIZES = {  # name: (batch B, group G, feature dim, tower hidden widths, embedding dim)
@@ -271,7 +271,7 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     setup = ("import shutil\nimport v3kit.data.ingest\nfrom v3kit.data import split_by_query\n"
              "from v3kit.data.tables import load_groups\n"
              "from v3kit.data.cache import cache_dir, cached_splits, load_cached\n"
-             "from v3kit.model import ModelConfig\nfrom v3kit.sft import SFTConfig, train_sft\n")
+             "from v3kit.train.model import ModelConfig\nfrom v3kit.train.sft import SFTConfig, train_sft\n")
     section = f"ingest {n_q:,} x {g} x {d}-d"
     for fmt, file in (("Parquet", path), ("Arrow IPC", arrow)):
         load = median_probe(f"d = load_groups({str(file)!r})\nout = {{}}", reps, setup)
@@ -314,8 +314,8 @@ def bench_epochs(quick: bool) -> None:
     for n in sizes:
         setup = f"""
 from v3kit.data import GroupData, Splits
-from v3kit.model import ModelConfig
-from v3kit.sft import SFTConfig, train_sft
+from v3kit.train.model import ModelConfig
+from v3kit.train.sft import SFTConfig, train_sft
 gen = torch.Generator().manual_seed(0)
 def groups(n):
     mask = torch.ones(n, {g}, dtype=torch.bool)

@@ -20,8 +20,8 @@ import torch
 
 from v3kit.data.cache import open_cache
 from v3kit.data import GroupData, Splits
-from v3kit.model import ModelConfig
-from v3kit.sft import SFTConfig, train_sft
+from v3kit.train.model import ModelConfig
+from v3kit.train.sft import SFTConfig, train_sft
 
 G, DIM, CHUNK = 16, 384, 4_000
 

@@ -18,7 +18,7 @@ import time
 import torch
 
 from v3kit.data import from_long_frame, iterate_batches
-from v3kit.model import ModelConfig, build_model, model_inputs, policy_log_probs
+from v3kit.train.model import ModelConfig, build_model, model_inputs, policy_log_probs
 from v3kit.data.stdlib_search import StdlibSearchConfig, build_table
 from v3kit.data.text import embed_texts
 

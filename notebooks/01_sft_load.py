@@ -47,7 +47,7 @@ from v3kit.notebook_tools import notebook_config, record
 from v3kit.pipeline import ensure_stage1, prepare_data
 from v3kit.plots import plot_stage1, show
 from v3kit.data.reward_stats import stage1_summary
-from v3kit.sft import sft_baseline
+from v3kit.train.sft import sft_baseline
 
 cfg = notebook_config(run_dir=run_dir, seed=seed, smoke=smoke, n_queries=n_queries, sft_epochs=sft_epochs)
 splits = prepare_data(cfg)

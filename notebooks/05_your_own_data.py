@@ -69,7 +69,7 @@ from IPython.display import display
 from v3kit import ablate, diagnose, report_plots
 from v3kit.config import load_config, resolve_config_file
 from v3kit.doctor_grid import write_doctor_grid
-from v3kit.import_sft import import_sft
+from v3kit.train.import_sft import import_sft
 from v3kit.live import LivePlot
 from v3kit.notebook_tools import record, resolve_path, resolve_run_dir, resolve_target
 from v3kit.pipeline import load_table, prepare_data, run_pipeline

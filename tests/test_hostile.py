@@ -147,7 +147,7 @@ def test_a_model_too_big_for_memory_fails_before_training_naming_the_keys(tmp_pa
 
 def test_memory_check_uses_the_exact_parameter_count(monkeypatch):
     from v3kit.bounds import TRAIN_BYTES_PER_PARAM, check_model_fits, count_params
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.model import ModelConfig, build_model
 
     cfg = ModelConfig(hidden=[64, 48], emb_dim=32)
     n = sum(p.numel() for p in build_model(cfg, 16, 12).parameters())
@@ -188,7 +188,7 @@ def _nan_state(model: torch.nn.Module, names=None) -> dict:
 
 
 def test_import_sft_refuses_nan_weights_naming_them_and_writes_nothing(tmp_path, capsys):
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(), 4, 4)
     torch.save(_nan_state(model), tmp_path / "nan_sd.pt")
@@ -209,8 +209,8 @@ def test_import_sft_refuses_nan_weights_naming_them_and_writes_nothing(tmp_path,
 
 
 def _nan_checkpoint(tmp_path: Path, names=None) -> Path:
-    from v3kit.checkpoint import model_payload, save_checkpoint
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.checkpoint import model_payload, save_checkpoint
+    from v3kit.train.model import ModelConfig, build_model
 
     cfg = ModelConfig()
     model = build_model(cfg, 16, 16)
@@ -236,7 +236,7 @@ def test_run_sft_refuses_nan_weights_before_writing_anything(tmp_path, capsys):
 
 
 def test_a_minus_inf_buffer_is_not_a_non_finite_weight():
-    from v3kit.checkpoint import nonfinite_tensors
+    from v3kit.train.checkpoint import nonfinite_tensors
 
     state = {"w": torch.ones(2), "mask": torch.tensor([0.0, float("-inf")]), "steps": torch.tensor(3)}
     assert nonfinite_tensors(state) == ["mask"]

@@ -123,3 +123,26 @@ def test_the_cycle_finder_finds_cycles_and_lazy_imports_do_not_count(tmp_path):
                    "class C:\n    from . import v\ndef f():\n    from . import lazy\n")
     got = {(n.module, tuple(a.name for a in n.names)) for n in _module_level(ast.parse(src.read_text()).body)}
     assert got == {("typing", ("TYPE_CHECKING",)), (None, ("x",)), ("y", ("z",)), (None, ("v",))}
+
+
+def test_the_old_public_model_paths_still_load(tmp_path):
+    # Configs and checkpoints record ``model.target``; the documented targets keep their pre-layout module paths.
+    import torch
+
+    from v3kit.model import DEFAULT_TARGET
+    from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint, model_payload, save_checkpoint
+    from v3kit.train.model import ModelConfig, TwoTower, build_model, import_object
+    from v3kit.train.text_model import TextTwoTower
+
+    assert DEFAULT_TARGET == "v3kit.model:TwoTower" and ModelConfig().target == DEFAULT_TARGET
+    assert import_object("v3kit.model:TwoTower") is TwoTower
+    assert import_object("v3kit.text_model:TextTwoTower") is TextTwoTower
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden=[8], emb_dim=4)
+    model = build_model(cfg, 3, 5)
+    payload = model_payload(cfg, 3, 5)
+    assert payload["model_config"]["target"] == "v3kit.model:TwoTower"  # what every checkpoint so far recorded
+    path = save_checkpoint(tmp_path / "old.pt", {**payload, "model": model.state_dict()})
+    loaded = model_from_checkpoint(load_checkpoint(path), path)
+    assert type(loaded) is TwoTower
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -327,7 +327,7 @@ def test_notebook_command_runs_a_py_source_with_parameters(tmp_path):
     """docs/your_model.md's CI command, verbatim plus smoke sizes: papermill runs notebook 03 from its .py."""
     import shlex
 
-    from v3kit.checkpoint import load_checkpoint
+    from v3kit.train.checkpoint import load_checkpoint
     from v3kit.cli import main
 
     doc = (ROOT / "docs" / "your_model.md").read_text()
@@ -360,7 +360,7 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
 
     import v3kit.grpo_panel as gp
     import v3kit.pipeline as pl
-    from v3kit.device import num_threads
+    from v3kit.train.device import num_threads
 
     fake = torch.device("cuda", 3)
     monkeypatch.setattr(pl, "resolve_device", lambda setting: fake)
@@ -398,7 +398,7 @@ def test_first_panel_click_after_run_all_costs_what_later_clicks_cost(tmp_path):
     a loaded 2-core machine made the first click 25 s against 2-3.5 s later."""
     from jupyter_client.manager import start_new_kernel
 
-    from v3kit.device import resolve_threads
+    from v3kit.train.device import resolve_threads
 
     params = {"smoke": True, "run_dir": str(tmp_path / "run"), "n_queries": 120, "sft_epochs": 1, "rce_epochs": 1,
               "kl_betas": [0.0]}

@@ -14,8 +14,8 @@ from conftest import tiny_config
 from v3kit.ablate.grid import parse_grid
 from v3kit.ablate.runner import run_grid
 from v3kit.config import ConfigError, load_config
-from v3kit.model import ModelConfig, TwoTower, build_model
-from v3kit.selection import choose, select_model, val_scores
+from v3kit.train.model import ModelConfig, TwoTower, build_model
+from v3kit.train.selection import choose, select_model, val_scores
 
 
 # ---------------------------------------------------------------- model.residual
@@ -63,8 +63,8 @@ def test_val_scores_read_the_metrics_rows():
 
 
 def test_pipeline_ships_the_best_val_checkpoint(tmp_path):
-    from v3kit.checkpoint import load_checkpoint, model_from_checkpoint
-    from v3kit.metrics import evaluate
+    from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from v3kit.train.metrics import evaluate
     from v3kit.pipeline import run_pipeline
 
     res = run_pipeline(tiny_config(tmp_path / "r", "select=best_val", "rce.lr=1e-3", "grpo.lr=1e-3"))

@@ -31,12 +31,12 @@ from .ablate.runner import collect, run_grid
 from .ablate.stats import compare, min_detectable_effect
 from .config import ConfigError, RunConfig, dump_config, load_config
 from .doctor_grid import run_overrides, switch_overrides, variant_name
-from .metrics import METRIC_DIRECTION
+from .train.metrics import METRIC_DIRECTION
 from .rundir import atomic_write_text
 
 VERDICT_MD, VERDICT_JSON, RECOMMENDED = "verdict.md", "verdict.json", "recommended.yaml"
 RECOMMENDATIONS = ("keep_sft", "rce_only", "variant")
-# Stage of a run that is compared: the model it ships (``select``), see v3kit/selection.py.
+# Stage of a run that is compared: the model it ships (``select``), see v3kit/train/selection.py.
 SHIPPED = "selected"
 SFT_ONLY, RUN = "sft_only", "run"
 
@@ -202,7 +202,7 @@ class Investigation:
             raise ConfigError("--metric utility@1 needs a true utility (the synthetic world); this data has none: "
                               "use acc@1 or mrr")
         from .data.debias import recurring_share
-        from .model import DEFAULT_TARGET
+        from .train.model import DEFAULT_TARGET
 
         can_prior = recurring_share(self.splits.train) > 0
         can_residual = (self.cfg.model.target == DEFAULT_TARGET
@@ -331,7 +331,7 @@ class Investigation:
             "vs_sft_high": float(vs_sft.loc[v.name, "high"]) if v.name in vs_sft.index else 0.0,
             "verdict": str(vs_sft.loc[v.name, "verdict"]) if v.name in vs_sft.index else "",
         } for v in self.variants])
-        from .baselines import baseline_table
+        from .train.baselines import baseline_table
 
         refs = baseline_table(self.splits.test)
         references = {str(k): float(v) for k, v in refs[self.metric].items()} if self.metric in refs else {}
@@ -456,8 +456,8 @@ def investigate(run_dir: str | Path, *, metric: str = "acc@1", out: str | Path |
 def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) -> dict[str, Any]:
     """Retrain ``verdict.json``'s config with ``seeds`` and measure its shipped model against the run's SFT on the
     same test split: the check that the verdict's ``effect_vs_sft`` holds for runs it never saw."""
-    from .checkpoint import load_checkpoint, model_from_checkpoint
-    from .metrics import evaluate
+    from .train.checkpoint import load_checkpoint, model_from_checkpoint
+    from .train.metrics import evaluate
     from .pipeline import prepare_data, run_pipeline
 
     out = Path(out)

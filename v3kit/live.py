@@ -1,4 +1,4 @@
-"""Live training plots for the notebooks: :class:`LivePlot`, a :class:`v3kit.training.Callback`.
+"""Live training plots for the notebooks: :class:`LivePlot`, a :class:`v3kit.train.training.Callback`.
 
 In a Jupyter kernel it displays one figure per stage and updates it in place (an ``IPython.display`` handle),
 redrawing at most once every ``every_steps`` steps *and* at most once every ``every_seconds`` seconds, and never
@@ -54,7 +54,7 @@ class LivePlot:
 
     ``panels``: per-stage panels (a sequence, or a ``{stage: panels}`` mapping); default :data:`DEFAULT_PANELS`.
     ``baseline``: the held-out metrics drawn as dashed lines (``"epoch0"``: the stage's own first evaluation, i.e.
-    the SFT model for RCE; or a mapping such as :func:`v3kit.sft.sft_baseline`'s output; or None).
+    the SFT model for RCE; or a mapping such as :func:`v3kit.train.sft.sft_baseline`'s output; or None).
     ``baseline_label``: legend name of that line (default "SFT baseline", or "epoch 0" for SFT's own start).
     ``extras``: computes derived columns for each train row (e.g. :func:`rce_floor`).
     ``stages``: react only to these stages (the callback may be handed to a pipeline that runs several).

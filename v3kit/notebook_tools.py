@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .config import RunConfig, from_dict
-from .model import ModelConfig
-from .rce import final_logit_temperature
+from .train.model import ModelConfig
+from .train.rce import final_logit_temperature
 
 KERNEL = "v3kit"  # the Jupyter kernel `make lab` installs; the notebook sources name it
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository (for an editable install)

@@ -10,7 +10,7 @@ import yaml
 
 from ..config import (PACKAGED_CONFIGS, ConfigError, RunConfig, load_config, parse_override, resolve_config_file,
                       safe_load_bounded)
-from ..metrics import METRIC_DIRECTION, METRIC_NAMES
+from ..train.metrics import METRIC_DIRECTION, METRIC_NAMES
 from ..provenance import RUNNER_KEYS
 
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")

@@ -43,9 +43,9 @@ def _sft_hash(cfg: RunConfig) -> str:
 
 def per_query_outcomes(model: Any, data: Any, temperature: float, reference: Any) -> dict[str, np.ndarray]:
     """Per test query: the :data:`PER_QUERY_METRICS` of ``model`` (their means are
-    :func:`v3kit.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal)."""
-    from ..metrics import per_group_metrics
-    from ..model import compute_log_probs
+    :func:`v3kit.train.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal)."""
+    from ..train.metrics import per_group_metrics
+    from ..train.model import compute_log_probs
 
     logp = compute_log_probs(model, data, temperature)
     ref = compute_log_probs(reference, data, temperature)
@@ -91,8 +91,8 @@ class _RunTask:
 
 
 def _train_sft(task: _SFTTask) -> str:
-    from ..device import resolve_device, resolve_precision
-    from ..sft import train_sft
+    from ..train.device import resolve_device, resolve_precision
+    from ..train.sft import train_sft
 
     splits = _splits_for(task.cfg)
     cfg = worker_config(task.cfg)  # the worker's device, as its runs get

@@ -18,7 +18,7 @@ Each check is one function registered with ``@check(name)``; they run in registr
   of the reward any query would give; ``v3kit/data/shortcut.py``), and what the policy's change from SFT followed.
 * ``rce_targets``: how concentrated RCE's targets are at t_start and t_end (the temperature is in reward units
   unless ``rce.reward_norm`` normalises per group).
-* ``baselines``: SFT against random, raw-feature cosine and the reward's argmax (``v3kit/baselines.py``).
+* ``baselines``: SFT against random, raw-feature cosine and the reward's argmax (``v3kit/train/baselines.py``).
 
 The last three (and RCE's loss floor) need the data: on a run dir it is rebuilt from ``config.yaml``; on a bare frame
 pass ``splits=`` or they are skipped. None of them needs a true utility.

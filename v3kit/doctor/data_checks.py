@@ -22,8 +22,8 @@ def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Ser
     splits, sft = ctx.data(), ctx.sft_model()
     if splits is None or sft is None:
         return None
-    from ..losses import rce_targets
-    from ..model import compute_log_probs
+    from ..train.losses import rce_targets
+    from ..train.model import compute_log_probs
 
     get = lambda k, d: d if _get(ctx.config, f"rce.{k}") is None else _get(ctx.config, f"rce.{k}")  # noqa: E731
     on_rewards = get("temperature_target", "rewards") == "rewards"
@@ -161,8 +161,8 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
     against ``sft.pt`` or the recorded SFT checkpoint), and which policy it is; None when they are not there."""
     if ctx.run_dir is None:
         return None
-    from ..checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
-    from ..model import compute_log_probs
+    from ..train.checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
+    from ..train.model import compute_log_probs
     from ..pipeline import recorded_sft_checkpoint
 
     final = None
@@ -243,7 +243,7 @@ def target_concentration(data: Any, temperature: float, *, label_weight: float =
                          one_hot_weight: float = 0.95) -> tuple[float, float]:
     """(mean top-1 weight of RCE's targets, share of groups whose top-1 weight >= ``one_hot_weight``) at a reward
     temperature on ``data``."""
-    from ..losses import rce_targets
+    from ..train.losses import rce_targets
 
     t = rce_targets(data.labels, data.rewards, temperature, mask=data.mask, label_weight=label_weight,
                     reward_norm=reward_norm)
@@ -260,7 +260,7 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
     splits = ctx.data()
     if splits is None:
         return _skip(name, ctx.data_missing(), th.one_hot_share)
-    from ..rce import RCEConfig
+    from ..train.rce import RCEConfig
     from ..data.reward_stats import reward_spread
 
     rce = RCEConfig(**{k: v for k, v in (_get(ctx.config, "rce") or {}).items()
@@ -292,13 +292,13 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
 
 @check("baselines")
 def check_baselines(ctx: DoctorContext) -> Finding:
-    """SFT against trivial rankers on the val split (v3kit/baselines.py): random (expected), raw-feature cosine
+    """SFT against trivial rankers on the val split (v3kit/train/baselines.py): random (expected), raw-feature cosine
     (when the dims match) and the reward's own argmax; SFT below raw cosine means the v2 model is the weakest link."""
     name = ctx.check
     splits = ctx.data()
     if splits is None:
         return _skip(name, ctx.data_missing())
-    from ..baselines import baseline_table
+    from ..train.baselines import baseline_table
 
     table = baseline_table(splits.val)
     sft_rows = _rows(ctx.df, "rce", "val")
@@ -322,7 +322,7 @@ def check_baselines(ctx: DoctorContext) -> Finding:
     value = float(sft["acc@1"])
     if value >= cos:
         return Finding(name, False, value, cos, msg, "")
-    from ..model import DEFAULT_TARGET
+    from ..train.model import DEFAULT_TARGET
     target = _get(ctx.config, "model.target")
     if target in (None, DEFAULT_TARGET):
         switch = "model.residual=true model.sim_temperature=0.1"

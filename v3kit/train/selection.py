@@ -97,7 +97,7 @@ def select_model(run_dir: Path, metrics: pd.DataFrame, metric: str, mode: str, l
 
 
 def write_selection(run_dir: Path, selection: Selection) -> None:
-    from .rundir import atomic_write_text
+    from ..rundir import atomic_write_text
 
     atomic_write_text(Path(run_dir) / SELECTED_FILE, json.dumps(selection.as_dict(), indent=1) + "\n")
 

@@ -13,7 +13,7 @@ from torch import nn
 from . import distributed
 from .checkpoint import (check_feature_dims, checkpoint_model_config, load_checkpoint, model_from_checkpoint,
                          model_payload, save_checkpoint)
-from .data.contract import Batch, GroupData, Splits
+from ..data.contract import Batch, GroupData, Splits
 from .metrics import evaluate
 from .model import ModelConfig, attach_interface, build_model, compute_log_probs, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
@@ -51,7 +51,7 @@ def train_sft(
 ) -> StageResult:
     """Train the supervised ranker (CE on the human label) and save ``sft.pt`` in ``run_dir``.
 
-    ``run``: the fields of a :class:`v3kit.training.RunContext` (seed, run_dir, resume, callbacks, progress,
+    ``run``: the fields of a :class:`v3kit.train.training.RunContext` (seed, run_dir, resume, callbacks, progress,
     device, precision, log_every); ``sft.pt`` holds CPU tensors.
     """
     cfg = cfg or SFTConfig()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .device import to_cpu
-from .rundir import atomic_write
+from ..rundir import atomic_write
 from .model import ModelConfig, build_model, resolve_target
 
 FORMAT = "v3kit-checkpoint"

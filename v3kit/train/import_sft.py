@@ -3,8 +3,8 @@
 Your v2 training code saved ``torch.save(model.state_dict(), "v2.pt")`` (maybe wrapped as ``{"model": sd}`` or
 ``{"state_dict": sd, "epoch": ...}``, maybe with DDP's ``module.`` prefix). v3kit checkpoints also record how to
 rebuild the model (``model_config``) and the feature dims, which a bare state dict lacks. This module builds your
-class through :func:`v3kit.model.build_model`, loads the weights into it with every mismatch reported at once,
-and writes ``sft.pt`` in the same shape :func:`v3kit.sft.train_sft` does, so ``v3kit run --sft`` and notebook 01's
+class through :func:`v3kit.train.model.build_model`, loads the weights into it with every mismatch reported at once,
+and writes ``sft.pt`` in the same shape :func:`v3kit.train.sft.train_sft` does, so ``v3kit run --sft`` and notebook 01's
 ``sft_checkpoint`` accept it.
 """
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .checkpoint import (CheckpointError, check_finite_weights, load_checkpoint, model_from_checkpoint, model_payload,
                          save_checkpoint)
-from .data.contract import GroupData
+from ..data.contract import GroupData
 from .model import INTERFACES, ModelConfig, build_model, compute_log_probs, interface_of, scores
 
 __all__ = ["StateDictMismatch", "import_sft", "read_state_dict", "unwrap_state_dict", "apply_renames",
@@ -322,8 +322,8 @@ def _parse_rename(text: str) -> tuple[str, str]:
 
 
 def _data_from_config(args: argparse.Namespace) -> tuple[GroupData, ModelConfig]:
-    from .config import load_config
-    from .pipeline import load_data
+    from ..config import load_config
+    from ..pipeline import load_data
 
     cfg = load_config(args.config, args.set or [])
     # The feature dims are the data's: load (and embed, for text) exactly what the run will use, built-in tables too.

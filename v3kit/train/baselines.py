@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 import torch
 
-from .data.contract import GroupData
+from ..data.contract import GroupData
 from .metrics import metric_order, ranking_metrics
 
 __all__ = ["BASELINES", "baseline_metrics", "baseline_table", "random_expected_metrics"]

@@ -41,9 +41,9 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from .bounds import check_max
+from ..bounds import check_max
 from .checkpoint import model_payload
-from .data.contract import Batch, Splits
+from ..data.contract import Batch, Splits
 from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
                      exact_group_kl, group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
 from .model import ModelConfig, compute_log_probs, disable_dropout, model_inputs, policy_log_probs
@@ -347,7 +347,7 @@ def run_grpo(
     ``old_log_probs`` are stage 1's ([N_train, G]); ``temperature`` is GRPO's logit temperature (default: the
     model's ``sim_temperature``, i.e. what ``same_as_rce_end`` resolves to after a rewards-tempered RCE).
     ``result.info["step0_ratios"]`` holds every valid ratio on the training set before the first update (CPU).
-    ``run``: the fields of a :class:`v3kit.training.RunContext` (seed, run_dir, resume, callbacks, progress,
+    ``run``: the fields of a :class:`v3kit.train.training.RunContext` (seed, run_dir, resume, callbacks, progress,
     device, precision, log_every); the policy, the reference and the old log-probs move to ``device``.
     """
     cfg = cfg or GRPOConfig()

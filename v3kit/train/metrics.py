@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from .data.contract import GroupData
+from ..data.contract import GroupData
 from .device import module_device
 from .losses import _check_mask
 from .model import compute_log_probs

@@ -22,16 +22,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .bounds import check_max
+from ..bounds import check_max
 from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
                          save_checkpoint)
-from .data.contract import Batch, GroupData, iterate_batches, num_batches
+from ..data.contract import Batch, GroupData, iterate_batches, num_batches
 from . import distributed
 from .device import as_floats, autocast
 from .metrics import evaluate
 from .model import compute_log_probs
-from .provenance import config_changes
-from .rundir import DISK_FULL_ERRNOS, atomic_write_text, disk_full_error
+from ..provenance import config_changes
+from ..rundir import DISK_FULL_ERRNOS, atomic_write_text, disk_full_error
 
 
 class Callback:
@@ -443,7 +443,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     run_dir = None if run_dir is None else Path(run_dir)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
-    # Under torchrun every rank trains the same model (see v3kit/distributed.py); only rank 0 writes files.
+    # Under torchrun every rank trains the same model (see v3kit/train/distributed.py); only rank 0 writes files.
     ranks = distributed.current()
     writes = run_dir if ranks.main else None
     train_model = distributed.SlicedGrad(model, ranks) if ranks.world > 1 else model

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import model_payload
-from .data.contract import Batch, Splits
+from ..data.contract import Batch, Splits
 from .losses import REWARD_NORMS, rce_cross_entropy
 from .model import ModelConfig, disable_dropout, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
@@ -128,7 +128,7 @@ def run_rce(
 ) -> StageResult:
     """Stage 2: train ``policy`` in place with RCE; saves ``rce_epoch{N}.pt`` per epoch in ``run_dir``.
 
-    ``run``: the fields of a :class:`v3kit.training.RunContext` (seed, run_dir, resume, callbacks, progress,
+    ``run``: the fields of a :class:`v3kit.train.training.RunContext` (seed, run_dir, resume, callbacks, progress,
     device, precision, log_every); the policy moves to ``device``.
     """
     stage = RCEStage(policy, splits, cfg or RCEConfig(), model_config or ModelConfig(), reference=reference)
