@@ -68,7 +68,7 @@ from IPython.display import display
 
 from v3kit import ablate, diagnose, report_plots
 from v3kit.config import load_config, resolve_config_file
-from v3kit.doctor_grid import write_doctor_grid
+from v3kit.doctor.grid import write_doctor_grid
 from v3kit.train.import_sft import import_sft
 from v3kit.live import LivePlot
 from v3kit.notebook_tools import record, resolve_path, resolve_run_dir, resolve_target
@@ -253,7 +253,7 @@ print(text)
 # %%
 from IPython.display import Markdown
 
-from v3kit.investigate import investigate
+from v3kit.doctor.investigate import investigate
 
 verdict = investigate(run_dir, metric="acc@1", out=run_dir / "investigate", budget_minutes=verdict_minutes,
                       workers=workers, initial_seeds=2, max_seeds=2 if smoke else 8, progress=False,

@@ -13,7 +13,7 @@ import torch
 from v3kit.data import GroupData
 from v3kit.live import LivePlot, Throttle, plot_history
 from v3kit.plots import Panel, grpo_panels, plot_ratio_hist, plot_stage1
-from v3kit.rce_analysis import add_rce_floor, explain_rce_loss, plateau_check, rce_target_entropy
+from v3kit.doctor.rce_analysis import add_rce_floor, explain_rce_loss, plateau_check, rce_target_entropy
 from v3kit.data.reward_stats import label_reward_agreement, label_reward_rank, reward_spread
 
 

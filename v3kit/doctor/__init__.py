@@ -24,10 +24,16 @@ The last three (and RCE's loss floor) need the data: on a run dir it is rebuilt 
 pass ``splits=`` or they are skipped. None of them needs a true utility.
 
 Every flagged finding carries ``switches``: the config overrides to *test*. ``v3kit doctor RUN --grid`` writes
-``RUN/doctor_grid.yaml``, an ablation of those switches against the run itself (see ``doctor_grid.py``).
+``RUN/doctor_grid.yaml``, an ablation of those switches against the run itself (see ``grid.py``).
 
 A check whose stage or columns are missing is reported as skipped (``triggered=False``, ``value=None``) with the
 reason; the doctor never fails on a partial run.
+
+The diagnosis floor: besides the checks (``context``, ``grpo_checks``, ``data_checks``, ``report``) it holds
+``rce_analysis`` (did RCE learn: its loss floor and plateau), ``grid`` (``doctor --grid``: the ablation of the
+suggested switches) and ``investigate`` (``v3kit investigate``: from a run to a verdict). It may import every floor
+below it: the data, the training stages, the run config and pipeline, and the ablation runner
+(``tests/test_layout.py`` checks it); never the notebook helpers.
 """
 
 from .context import DoctorContext, Finding, Thresholds, check, check_names, load_run, switch_tokens

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data.contract import GroupData
-from .train.losses import rce_targets
+from ..data.contract import GroupData
+from ..train.losses import rce_targets
 def rce_target_entropy(train: GroupData, reward_temperature: float, label_weight: float = 0.0,
                        reward_norm: str = "none") -> float:
     """Mean entropy of RCE's target distribution over ``train`` at a reward temperature: the lowest loss any

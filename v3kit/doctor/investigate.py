@@ -25,14 +25,14 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .ablate.cli import add_backend_args
-from .ablate.grid import BASE_WORLD, GridSpec, parse_grid
-from .ablate.runner import collect, run_grid
-from .ablate.stats import compare, min_detectable_effect
-from .config import ConfigError, RunConfig, dump_config, load_config
-from .doctor_grid import run_overrides, switch_overrides, variant_name
-from .train.metrics import METRIC_DIRECTION
-from .rundir import atomic_write_text
+from ..ablate.cli import add_backend_args
+from ..ablate.grid import BASE_WORLD, GridSpec, parse_grid
+from ..ablate.runner import collect, run_grid
+from ..ablate.stats import compare, min_detectable_effect
+from ..config import ConfigError, RunConfig, dump_config, load_config
+from .grid import run_overrides, switch_overrides, variant_name
+from ..train.metrics import METRIC_DIRECTION
+from ..rundir import atomic_write_text
 
 VERDICT_MD, VERDICT_JSON, RECOMMENDED = "verdict.md", "verdict.json", "recommended.yaml"
 RECOMMENDATIONS = ("keep_sft", "rce_only", "variant")
@@ -168,8 +168,8 @@ class Investigation:
                  budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
                  seed_step: int = 2, progress: bool = True, smoke: Sequence[str] = (),
                  only: Sequence[str] | None = None, backend: str = "local", address: str | None = None) -> None:
-        from .diagnose import diagnose
-        from .pipeline import recorded_sft_checkpoint, recorded_split_seed
+        from .report import diagnose
+        from ..pipeline import recorded_sft_checkpoint, recorded_split_seed
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / "config.yaml"
@@ -194,15 +194,15 @@ class Investigation:
         if self.split_seed is None:
             self.split_seed = self.cfg.seed if self.cfg.data.split_seed is None else self.cfg.data.split_seed
         self.findings = diagnose(self.run_dir)
-        from .pipeline import prepare_data
+        from ..pipeline import prepare_data
 
         split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
         self.splits = prepare_data(split_cfg)
         if metric == "utility@1" and self.splits.test.utility is None:
             raise ConfigError("--metric utility@1 needs a true utility (the synthetic world); this data has none: "
                               "use acc@1 or mrr")
-        from .data.debias import recurring_share
-        from .train.model import DEFAULT_TARGET
+        from ..data.debias import recurring_share
+        from ..train.model import DEFAULT_TARGET
 
         can_prior = recurring_share(self.splits.train) > 0
         can_residual = (self.cfg.model.target == DEFAULT_TARGET
@@ -331,7 +331,7 @@ class Investigation:
             "vs_sft_high": float(vs_sft.loc[v.name, "high"]) if v.name in vs_sft.index else 0.0,
             "verdict": str(vs_sft.loc[v.name, "verdict"]) if v.name in vs_sft.index else "",
         } for v in self.variants])
-        from .train.baselines import baseline_table
+        from ..train.baselines import baseline_table
 
         refs = baseline_table(self.splits.test)
         references = {str(k): float(v) for k, v in refs[self.metric].items()} if self.metric in refs else {}
@@ -456,9 +456,9 @@ def investigate(run_dir: str | Path, *, metric: str = "acc@1", out: str | Path |
 def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) -> dict[str, Any]:
     """Retrain ``verdict.json``'s config with ``seeds`` and measure its shipped model against the run's SFT on the
     same test split: the check that the verdict's ``effect_vs_sft`` holds for runs it never saw."""
-    from .train.checkpoint import load_checkpoint, model_from_checkpoint
-    from .train.metrics import evaluate
-    from .pipeline import prepare_data, run_pipeline
+    from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+    from ..train.metrics import evaluate
+    from ..pipeline import prepare_data, run_pipeline
 
     out = Path(out)
     v = json.loads((out / VERDICT_JSON).read_text())
