@@ -169,7 +169,7 @@ def bench_steps(quick: bool) -> None:
     """Per-step cost of every stage and switch. The variants run round-robin for several rounds and each figure is
     the median over all rounds, so load from other processes on the machine falls on all of them alike."""
     try:
-        from v3kit.live import LivePlot
+        from v3kit.notebook.live import LivePlot
     except ImportError:  # plotting extras missing
         LivePlot = None
     names = ["sft", "rce", *GRPO_VARIANTS]

@@ -46,9 +46,10 @@ n_boot = 2000  # bootstrap replicates
 # %%
 from IPython.display import display
 
-from v3kit import ablate, diagnose, report_plots
-from v3kit.notebook_tools import record, resolve_run_dir
-from v3kit.plots import show
+from v3kit import ablate, diagnose
+from v3kit.notebook import report_plots
+from v3kit.notebook.tools import record, resolve_run_dir
+from v3kit.notebook.plots import show
 
 if smoke:
     grid, workers = "configs/ablate_smoke.yaml", 1

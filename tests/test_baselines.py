@@ -103,8 +103,8 @@ def test_stage_table_can_show_the_baselines_beside_the_stages():
 def test_plots_leave_out_utility_when_the_data_has_none():
     from matplotlib.figure import Figure
 
-    from v3kit import report_plots
-    from v3kit.plots import DEFAULT_PANELS, draw_panels
+    from v3kit.notebook import report_plots
+    from v3kit.notebook.plots import DEFAULT_PANELS, draw_panels
 
     evals = pd.DataFrame({"epoch": [0, 1], "acc@1": [0.3, 0.31], "reward@1": [1.0, 1.1]})
     train = pd.DataFrame({"step": [1, 2], "loss": [1.0, 0.9]})

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from v3kit.data import GroupData
-from v3kit.live import LivePlot, Throttle, plot_history
-from v3kit.plots import Panel, grpo_panels, plot_ratio_hist, plot_stage1
+from v3kit.notebook.live import LivePlot, Throttle, plot_history
+from v3kit.notebook.plots import Panel, grpo_panels, plot_ratio_hist, plot_stage1
 from v3kit.doctor.rce_analysis import add_rce_floor, explain_rce_loss, plateau_check, rce_target_entropy
 from v3kit.data.reward_stats import label_reward_agreement, label_reward_rank, reward_spread
 
@@ -195,8 +195,8 @@ def test_diagnostic_figures_have_labels():
 # ----------------------------------------------------------------------------------------------- compare panel
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    from v3kit.grpo_panel import GRPOStart
-    from v3kit.notebook_tools import notebook_config
+    from v3kit.notebook.grpo_panel import GRPOStart
+    from v3kit.notebook.tools import notebook_config
     from v3kit.pipeline import ensure_rce, ensure_stage1
     from v3kit.pipeline import prepare_data
 
@@ -209,7 +209,7 @@ def start(tmp_path_factory):
 
 
 def test_compare_panel_click_adds_a_curve_and_a_row(start):
-    from v3kit.grpo_panel import ComparePanel
+    from v3kit.notebook.grpo_panel import ComparePanel
 
     panel = ComparePanel(start, live=False)
     before = {k: v.clone() for k, v in start.model.state_dict().items()}
@@ -237,7 +237,7 @@ def test_compare_panel_click_adds_a_curve_and_a_row(start):
 
 
 def test_compare_panel_runs_are_reproducible_and_grid_uses_the_same_path(start):
-    from v3kit.grpo_panel import ComparePanel
+    from v3kit.notebook.grpo_panel import ComparePanel
 
     panel = ComparePanel(start, live=True, every_seconds=0.0)  # live redraws during the run must not break it
     runs = panel.run_grid(kl_beta=[0.1, 0.1, 0.003])  # 0.003 is on the slider; runs 1 and 2 are identical

@@ -4,7 +4,7 @@ Each notebook's source is ``notebooks/NN_name.py`` (jupytext py:percent); the te
 a temp dir. Two executions run side by side: the three notebooks *in order* in one shared run dir (live plotting
 on, as in JupyterLab), and ``03_grpo`` *standalone* in an empty run dir with ``V3KIT_LIVE=0`` (the headless path),
 which must create the SFT checkpoint and RCE output itself. Assertions read the named results each notebook
-records (:func:`v3kit.notebook_tools.record`), never cell positions or printed text.
+records (:func:`v3kit.notebook.tools.record`), never cell positions or printed text.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import kernel_name
-from v3kit import notebook_tools
+from v3kit.notebook import tools as notebook_tools
 
 try:
     import tomllib
@@ -162,7 +162,7 @@ def test_live_plot_updates_its_output_in_place_in_a_kernel():
     from nbclient import NotebookClient
 
     code = """
-from v3kit.live import LivePlot, live_default
+from v3kit.notebook.live import LivePlot, live_default
 assert live_default()  # in a kernel, live by default
 plot = LivePlot(every_steps=1, every_seconds=0.0, max_overhead=1.0)
 plot.on_stage_start("sft", 12, {"epochs": 1, "steps_per_epoch": 12})
@@ -358,7 +358,7 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
     """ensure_stage1 / ensure_rce / the GRPO panel resolve cfg.device as `v3kit run` does (a fake device here)."""
     import torch
 
-    import v3kit.grpo_panel as gp
+    import v3kit.notebook.grpo_panel as gp
     import v3kit.pipeline as pl
     from v3kit.train.device import num_threads
 

@@ -163,7 +163,7 @@ def _extra_commands() -> list:
     """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``, ``notebook``), each module's
     ``register_cli``."""
     found = []
-    for mod in ("ablate", "doctor", "train.import_sft", "doctor.investigate", "notebook_tools"):
+    for mod in ("ablate", "doctor", "train.import_sft", "doctor.investigate", "notebook.tools"):
         try:
             module = importlib.import_module(f"v3kit.{mod}")
         except ModuleNotFoundError as e:

@@ -4,7 +4,7 @@ In a Jupyter kernel it displays one figure per stage and updates it in place (an
 redrawing at most once every ``every_steps`` steps *and* at most once every ``every_seconds`` seconds, and never
 more often than keeps drawing under ``max_overhead`` of the wall time; so plotting never dominates training.
 Headless (no kernel, or ``V3KIT_LIVE=0``) it draws nothing while training and one static figure at the end of the
-stage. The figures themselves are drawn by :mod:`v3kit.plots`.
+stage. The figures themselves are drawn by :mod:`v3kit.notebook.plots`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ saving a notebook in JupyterLab changes no tracked file except the code you edit
 
 Command line::
 
-    python -m v3kit.notebook_tools check   # exit 1 if a notebook source is not clean (one parameters cell, kernel)
+    python -m v3kit.notebook.tools check   # exit 1 if a notebook source is not clean (one parameters cell, kernel)
     v3kit notebook 03_grpo -p smoke True -p kl_beta 0.01 --out out.ipynb   # run one headless (CI), see run_notebook
 """
 
@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import RunConfig, from_dict
-from .train.model import ModelConfig
-from .train.rce import final_logit_temperature
+from ..config import RunConfig, from_dict
+from ..train.model import ModelConfig
+from ..train.rce import final_logit_temperature
 
 KERNEL = "v3kit"  # the Jupyter kernel `make lab` installs; the notebook sources name it
-PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the repository (for an editable install)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository (for an editable install)
 
 
 # Sizes for smoke=True: each notebook runs in well under 30 s on 2 CPU cores.
@@ -273,10 +273,10 @@ def register_cli(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m v3kit.notebook_tools check [SOURCE.py ...]``: exit 1 if a notebook source is not clean."""
+    """``python -m v3kit.notebook.tools check [SOURCE.py ...]``: exit 1 if a notebook source is not clean."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "check":
-        print("usage: python -m v3kit.notebook_tools check [notebooks/NN_name.py ...]", file=sys.stderr)
+        print("usage: python -m v3kit.notebook.tools check [notebooks/NN_name.py ...]", file=sys.stderr)
         return 2
     problems = [msg for p in (args[1:] or source_files()) for msg in source_problems(p)]
     for msg in problems:

@@ -22,15 +22,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from torch import nn
 
-from .config import RunConfig
-from .data.contract import Splits
-from .train.grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
+from ..config import RunConfig
+from ..data.contract import Splits
+from ..train.grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
 from .live import Throttle
-from .train.metrics import METRIC_NAMES
+from ..train.metrics import METRIC_NAMES
 from .plots import figure_png, live_default, smooth
-from .notebook_tools import grpo_temperature
-from .train.sft import Stage1, sft_baseline
-from .train.training import split_rows
+from .tools import grpo_temperature
+from ..train.sft import Stage1, sft_baseline
+from ..train.training import split_rows
 
 SETTINGS = ("kl_beta", "eps_low", "eps_high", "lr", "epochs", "old_policy", "kl_reference")
 KL_BETAS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)  # log-spaced, plus 0 (no KL penalty)
@@ -54,7 +54,7 @@ class GRPOStart:
 
     @classmethod
     def from_stages(cls, cfg: RunConfig, splits: Splits, stage1: Stage1, rce_model: nn.Module) -> "GRPOStart":
-        from .pipeline import stage_options
+        from ..pipeline import stage_options
 
         return cls(splits=splits, stage1=stage1, model=copy.deepcopy(rce_model), base=cfg.grpo,
                    temperature=grpo_temperature(cfg, stage1.model_config), seed=cfg.seed,
@@ -266,7 +266,7 @@ class ComparePanel:
 
 
 class _Overlay:
-    """Callback that redraws the panel during a run, throttled like :class:`v3kit.live.LivePlot`."""
+    """Callback that redraws the panel during a run, throttled like :class:`v3kit.notebook.live.LivePlot`."""
 
     def __init__(self, panel: ComparePanel) -> None:
         self.panel = panel

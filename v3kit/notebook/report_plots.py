@@ -1,7 +1,7 @@
 """Figures for the ablation report (notebook 04): forest plots, training curves, sweeps, world knobs.
 
 Every function takes the frames that :mod:`v3kit.ablate` produces and returns a plain matplotlib ``Figure`` (show it with
-:func:`v3kit.plots.show`); nothing
+:func:`v3kit.notebook.plots.show`); nothing
 here computes a statistic that :func:`v3kit.ablate.summarize` does not already hold.
 """
 
@@ -13,14 +13,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .ablate import BASE_WORLD, KEY_METRICS, METRIC_DIRECTION, GridSpec
-from .config import parse_override
+from ..ablate import BASE_WORLD, KEY_METRICS, METRIC_DIRECTION, GridSpec
+from ..config import parse_override
 
 _COLORS = {"better": "tab:green", "worse": "tab:red", "n.s.": "tab:gray", "": "tab:gray"}
 
 
 def _subplots(nrows: int, ncols: int, *, figsize: tuple[float, float], **kwargs: Any) -> tuple[Any, Any]:
-    """A plain ``Figure`` and its axes (the one plotting style of :mod:`v3kit.plots`: no pyplot state)."""
+    """A plain ``Figure`` and its axes (the one plotting style of :mod:`v3kit.notebook.plots`: no pyplot state)."""
     from matplotlib.figure import Figure  # imported lazily: the CLI and tests of the ablation need no matplotlib
 
     fig = Figure(figsize=figsize)

@@ -19,9 +19,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from .data.contract import GroupData
+from ..data.contract import GroupData
 
-from .data.reward_stats import label_reward_rank, reward_spread, stage1_summary
+from ..data.reward_stats import label_reward_rank, reward_spread, stage1_summary
 
 LIVE_ENV = "V3KIT_LIVE"  # "0" forces the headless path (one final figure), "1" forces live updates
 
