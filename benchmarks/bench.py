@@ -31,11 +31,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from v3kit.data import FEATURE_DTYPES, Splits, split_by_query  # noqa: E402
+from v3kit.data.synthetic import SyntheticConfig, make_world  # noqa: E402
 from v3kit.train.grpo import GRPOConfig, grpo_step_loss, per_group_terms, run_grpo  # noqa: E402
 from v3kit.train.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
 from v3kit.train.rce import RCEConfig, run_rce  # noqa: E402
 from v3kit.train.sft import SFTConfig, load_sft, train_sft  # noqa: E402
-from v3kit.data.synthetic import SyntheticConfig, make_world  # noqa: E402
 
 SIZES = {  # name: (batch B, group G, feature dim, tower hidden widths, embedding dim)
     "tiny": (32, 8, 16, [64], 32),

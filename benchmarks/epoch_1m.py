@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from v3kit.data.cache import open_cache
 from v3kit.data import GroupData, Splits
+from v3kit.data.cache import open_cache
 from v3kit.train.model import ModelConfig
 from v3kit.train.sft import SFTConfig, train_sft
 

@@ -48,8 +48,8 @@ from IPython.display import display
 
 from v3kit import ablate, diagnose
 from v3kit.notebook import report_plots
-from v3kit.notebook.tools import record, resolve_run_dir
 from v3kit.notebook.plots import show
+from v3kit.notebook.tools import record, resolve_run_dir
 
 if smoke:
     grid, workers = "configs/ablate_smoke.yaml", 1

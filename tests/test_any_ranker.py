@@ -20,11 +20,11 @@ from torch import nn
 from conftest import TINY, tiny_config
 from v3kit.cli import main
 from v3kit.data import split_by_query, to_long_frame
+from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.train.grpo import GRPOConfig, run_grpo
 from v3kit.train.model import (ModelConfig, build_model, constructor_dims, import_object, interface_of, model_inputs,
-                         policy_log_probs, scores)
+                               policy_log_probs, scores)
 from v3kit.train.sft import load_sft
-from v3kit.data.synthetic import SyntheticConfig, make_world
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "your_model.md"

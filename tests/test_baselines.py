@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from v3kit.train.baselines import baseline_metrics, baseline_table, random_expected_metrics
 from v3kit.data import GroupData, split_by_query
-from v3kit.diagnose import diagnose
-from v3kit.train.metrics import per_group_metrics
 from v3kit.data.reward_stats import label_reward_agreement
+from v3kit.diagnose import diagnose
+from v3kit.train.baselines import baseline_metrics, baseline_table, random_expected_metrics
+from v3kit.train.metrics import per_group_metrics
 
 
 def small_data(n: int = 12, G: int = 4, dq: int = 3, dc: int = 3, seed: int = 0) -> GroupData:
@@ -88,8 +88,8 @@ def test_doctor_says_the_v2_model_is_the_weakest_link_when_sft_is_below_raw_cosi
 
 
 def test_stage_table_can_show_the_baselines_beside_the_stages():
-    from v3kit.train.model import ModelConfig, build_model
     from v3kit.pipeline import stage_table
+    from v3kit.train.model import ModelConfig, build_model
 
     data = small_data()
     model = build_model(ModelConfig(), data.query_dim, data.cand_dim)

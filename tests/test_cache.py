@@ -10,10 +10,10 @@ import torch
 
 from v3kit.data import ingest
 from v3kit.data import DataValidationError, Splits, iterate_batches, split_by_query, to_long_frame
+from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.data.tables import load_groups
 from v3kit.train.model import ModelConfig
 from v3kit.train.sft import SFTConfig, train_sft
-from v3kit.data.synthetic import SyntheticConfig, make_world
 
 
 @pytest.fixture()

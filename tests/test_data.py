@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from v3kit.data import DataValidationError, GroupData, from_long_frame, split_by_query, to_long_frame
-from v3kit.data.tables import load_groups
 from v3kit.data.synthetic import SyntheticConfig, make_world
+from v3kit.data.tables import load_groups
 
 
 def long_frame() -> pd.DataFrame:

@@ -22,14 +22,14 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_config
-from v3kit.train import device as D
-from v3kit.train.checkpoint import load_checkpoint, save_checkpoint
 from v3kit.cli import main
 from v3kit.config import ConfigError, load_config
 from v3kit.data import iterate_batches
+from v3kit.pipeline import prepare_data, resolve_runtime, run_pipeline
+from v3kit.train import device as D
+from v3kit.train.checkpoint import load_checkpoint, save_checkpoint
 from v3kit.train.grpo import GRPOConfig, run_grpo
 from v3kit.train.model import ModelConfig, build_model, compute_log_probs, policy_log_probs
-from v3kit.pipeline import prepare_data, resolve_runtime, run_pipeline
 from v3kit.train.sft import freeze
 
 DATA = Path(__file__).parent / "data"

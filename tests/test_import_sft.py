@@ -16,8 +16,8 @@ import yaml
 from torch import nn
 
 from conftest import TINY
-from v3kit.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from v3kit.cli import main
+from v3kit.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from v3kit.train.import_sft import StateDictMismatch, import_sft
 from v3kit.train.metrics import METRIC_NAMES
 from v3kit.train.model import ModelConfig, build_model, import_object

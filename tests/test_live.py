@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from v3kit.data import GroupData
+from v3kit.data.reward_stats import label_reward_agreement, label_reward_rank, reward_spread
+from v3kit.doctor.rce_analysis import add_rce_floor, explain_rce_loss, plateau_check, rce_target_entropy
 from v3kit.notebook.live import LivePlot, Throttle, plot_history
 from v3kit.notebook.plots import Panel, grpo_panels, plot_ratio_hist, plot_stage1
-from v3kit.doctor.rce_analysis import add_rce_floor, explain_rce_loss, plateau_check, rce_target_entropy
-from v3kit.data.reward_stats import label_reward_agreement, label_reward_rank, reward_spread
 
 
 class FakeClock:

@@ -327,8 +327,8 @@ def test_notebook_command_runs_a_py_source_with_parameters(tmp_path):
     """docs/your_model.md's CI command, verbatim plus smoke sizes: papermill runs notebook 03 from its .py."""
     import shlex
 
-    from v3kit.train.checkpoint import load_checkpoint
     from v3kit.cli import main
+    from v3kit.train.checkpoint import load_checkpoint
 
     doc = (ROOT / "docs" / "your_model.md").read_text()
     line = next(x for x in doc.splitlines() if x.startswith("v3kit notebook "))

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from v3kit.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from v3kit.cli import main
 from v3kit.config import ConfigError
-from v3kit.train.model import ModelConfig, build_model
 from v3kit.pipeline import prepare_data, run_pipeline
+from v3kit.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from v3kit.train.model import ModelConfig, build_model
 from v3kit.train.rce import RCEConfig, annealed_temperature, run_rce
 from v3kit.train.sft import load_sft, train_sft
 

@@ -11,9 +11,9 @@ import torch
 
 from v3kit.config import ConfigError, load_config
 from v3kit.data import split_by_query
+from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.diagnose import diagnose
 from v3kit.train.losses import normalize_rewards, rce_targets
-from v3kit.data.synthetic import SyntheticConfig, make_world
 
 
 def ragged(seed: int = 0, n: int = 20, G: int = 6):

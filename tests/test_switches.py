@@ -9,10 +9,10 @@ import torch
 
 from conftest import tiny_config
 from v3kit.data import iterate_batches
+from v3kit.pipeline import prepare_data, run_pipeline
 from v3kit.train.grpo import GRPOConfig, grpo_step_loss, run_grpo
 from v3kit.train.losses import expected_advantage, group_advantages, grpo_loss
 from v3kit.train.model import policy_log_probs
-from v3kit.pipeline import prepare_data, run_pipeline
 from v3kit.train.rce import RCEConfig, final_logit_temperature, run_rce
 from v3kit.train.sft import load_sft, train_sft
 

@@ -11,9 +11,9 @@ import torch
 
 from v3kit.config import load_config
 from v3kit.data import DataValidationError, Splits, from_long_frame, iterate_batches
-from v3kit.train.model import ModelConfig, model_inputs
 from v3kit.data.stdlib_search import StdlibSearchConfig, build_table, reward_label_agreement
 from v3kit.data.text import embed_texts
+from v3kit.train.model import ModelConfig, model_inputs
 
 
 class SpyEncoder:

@@ -63,9 +63,9 @@ def test_val_scores_read_the_metrics_rows():
 
 
 def test_pipeline_ships_the_best_val_checkpoint(tmp_path):
+    from v3kit.pipeline import run_pipeline
     from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
     from v3kit.train.metrics import evaluate
-    from v3kit.pipeline import run_pipeline
 
     res = run_pipeline(tiny_config(tmp_path / "r", "select=best_val", "rce.lr=1e-3", "grpo.lr=1e-3"))
     sel = json.loads((tmp_path / "r" / "selected.json").read_text())

@@ -2,16 +2,16 @@
 
 from .config import RunConfig, load_config
 from .data.contract import GroupData, Splits, split_by_query
+from .data.synthetic import SyntheticConfig, make_world
+from .data.tables import load_groups
+from .pipeline import prepare_data, run_pipeline
 from .train.grpo import GRPOConfig, GRPOStage, run_grpo
 from .train.import_sft import import_sft
 from .train.losses import group_advantages, group_log_probs, grpo_loss, rce_loss
 from .train.metrics import evaluate, ranking_metrics
 from .train.model import ModelConfig, TwoTower, build_model
-from .pipeline import prepare_data, run_pipeline
 from .train.rce import RCEConfig, RCEStage, run_rce
 from .train.sft import SFTConfig, SFTStage, Stage1, load_sft, train_sft
-from .data.synthetic import SyntheticConfig, make_world
-from .data.tables import load_groups
 from .train.training import Callback, OptimConfig, RunContext, Stage, StageResult, fit
 
 __version__ = "0.1.0"

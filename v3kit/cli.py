@@ -14,12 +14,12 @@ from typing import Sequence
 
 import pandas as pd
 
-from .train.checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_config, load_checkpoint,
-                         model_from_checkpoint)
 from .config import ConfigError, load_config
 from .data.contract import DataValidationError
-from .train.metrics import evaluate, metric_order
 from .rundir import DISK_FULL_ERRNOS, DiskFullError, RunDirBusyError, free_bytes
+from .train.checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_config, load_checkpoint,
+                               model_from_checkpoint)
+from .train.metrics import evaluate, metric_order
 from .train.training import NonFiniteError
 
 

@@ -18,17 +18,17 @@ from typing import Any, Iterable, Union
 import yaml
 
 from .data.contract import TEXT_MODES, check_feature_dtype
-from .train.device import check_device_setting, check_precision_setting, check_threads_setting
 from .data.debias import RewardConfig
+from .data.stdlib_search import StdlibSearchConfig
+from .data.synthetic import SyntheticConfig
+from .data.tables import SUFFIX_HINT, TABLE_SUFFIXES
+from .trackers import check_report_to
+from .train.device import check_device_setting, check_precision_setting, check_threads_setting
 from .train.grpo import GRPOConfig
 from .train.metrics import METRIC_DIRECTION
 from .train.model import ModelConfig
 from .train.rce import RCEConfig
 from .train.sft import SFTConfig
-from .data.stdlib_search import StdlibSearchConfig
-from .data.synthetic import SyntheticConfig
-from .trackers import check_report_to
-from .data.tables import SUFFIX_HINT, TABLE_SUFFIXES
 
 
 BUILTIN_TABLES = ("builtin:stdlib_search",)

@@ -15,27 +15,27 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import trackers
 from .bounds import check_model_fits
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
-from .train import distributed
-from . import trackers
-from .train.checkpoint import (CheckpointError, check_finite_checkpoint, checkpoint_model_config, load_checkpoint,
-                         model_from_checkpoint)
-from .data.debias import DebiasReport, check_debias, debias_splits
 from .data.contract import GroupData, Splits, from_long_frame, split_by_query, to_long_frame
+from .data.debias import DebiasReport, check_debias, debias_splits
+from .data.stdlib_search import builtin_table
+from .data.synthetic import make_world
+from .data.tables import load_groups, read_table
+from .data.text import default_cache_dir, embed_texts
+from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten, signature
+from .rundir import RunLock, atomic_write_text, file_sha256
+from .train import distributed
+from .train.checkpoint import (CheckpointError, check_finite_checkpoint, checkpoint_model_config, load_checkpoint,
+                               model_from_checkpoint)
 from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .train.grpo import run_grpo
 from .train.metrics import evaluate, metric_order
 from .train.model import build_model, compute_log_probs
 from .train.rce import final_logit_temperature, run_rce
-from .rundir import RunLock, atomic_write_text, file_sha256
 from .train.selection import Selection, select_model, write_selection
 from .train.sft import Stage1, load_sft, train_sft
-from .data.stdlib_search import builtin_table
-from .data.synthetic import make_world
-from .data.tables import load_groups, read_table
-from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten, signature
-from .data.text import default_cache_dir, embed_texts
 from .train.training import StageResult
 
 

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from .. import trackers
 from ..config import RunConfig, to_dict
-from ..rundir import atomic_write_frame, atomic_write_text
 from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint, signature
+from ..rundir import atomic_write_frame, atomic_write_text
 
 from .backends import make_backend, worker_config
-from .grid import (_RUN_INFO, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS,
-                   GridError, GridSpec, load_grid)
+from .grid import (_RUN_INFO, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS, GridError,
+                   GridSpec, load_grid)
 from .stats import summarize
 
 
@@ -107,8 +107,8 @@ def _train_sft(task: _SFTTask) -> str:
 
 def _execute(task: _RunTask) -> dict[str, Any]:
     """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
-    from ..pipeline import run_pipeline, update_run_info
     from ..data.reward_stats import label_reward_agreement
+    from ..pipeline import run_pipeline, update_run_info
 
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .contract import GroupData, Splits, check_feature_dtype, split_by_query, split_indices, to_feature_dtype
 from ..rundir import file_sha256
+from .contract import GroupData, Splits, check_feature_dtype, split_by_query, split_indices, to_feature_dtype
 from .tables import load_groups
 
 CACHE_VERSION = 3  # 2: cand_ids; 3: per-file CRC-32 in meta.json / done
@@ -194,8 +194,8 @@ def _without_cache(path: Path, where: Path, feature_dtype: str, e: OSError) -> G
 
 
 def load_cached(path: str | Path, feature_dtype: str = "float32") -> GroupData:
-    """:func:`~v3kit.data.tables.load_groups` through the cache: (re)build it when missing, stale or damaged (with a note),
-    then memory-map it."""
+    """:func:`~v3kit.data.tables.load_groups` through the cache: (re)build it when missing, stale or damaged (with a
+    note), then memory-map it."""
     check_feature_dtype(feature_dtype)
     path = Path(path)
     if not path.exists():

@@ -131,8 +131,8 @@ class DoctorContext:
         if self.sft is None and "sft" not in self._cache:
             self._cache["sft"] = None
             if self.run_dir is not None:
-                from ..train.checkpoint import load_checkpoint, model_from_checkpoint
                 from ..pipeline import recorded_sft_checkpoint
+                from ..train.checkpoint import load_checkpoint, model_from_checkpoint
                 path = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
                 if Path(path).is_file():
                     try:

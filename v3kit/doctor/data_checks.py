@@ -161,9 +161,9 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
     against ``sft.pt`` or the recorded SFT checkpoint), and which policy it is; None when they are not there."""
     if ctx.run_dir is None:
         return None
+    from ..pipeline import recorded_sft_checkpoint
     from ..train.checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
     from ..train.model import compute_log_probs
-    from ..pipeline import recorded_sft_checkpoint
 
     final = None
     for stage in ("grpo", "rce"):
@@ -260,8 +260,8 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
     splits = ctx.data()
     if splits is None:
         return _skip(name, ctx.data_missing(), th.one_hot_share)
-    from ..train.rce import RCEConfig
     from ..data.reward_stats import reward_spread
+    from ..train.rce import RCEConfig
 
     rce = RCEConfig(**{k: v for k, v in (_get(ctx.config, "rce") or {}).items()
                        if k in {f.name for f in dataclasses.fields(RCEConfig)}})

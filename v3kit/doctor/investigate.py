@@ -30,9 +30,9 @@ from ..ablate.grid import BASE_WORLD, GridSpec, parse_grid
 from ..ablate.runner import collect, run_grid
 from ..ablate.stats import compare, min_detectable_effect
 from ..config import ConfigError, RunConfig, dump_config, load_config
-from .grid import run_overrides, switch_overrides, variant_name
-from ..train.metrics import METRIC_DIRECTION
 from ..rundir import atomic_write_text
+from ..train.metrics import METRIC_DIRECTION
+from .grid import run_overrides, switch_overrides, variant_name
 
 VERDICT_MD, VERDICT_JSON, RECOMMENDED = "verdict.md", "verdict.json", "recommended.yaml"
 RECOMMENDATIONS = ("keep_sft", "rce_only", "variant")
@@ -168,8 +168,8 @@ class Investigation:
                  budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
                  seed_step: int = 2, progress: bool = True, smoke: Sequence[str] = (),
                  only: Sequence[str] | None = None, backend: str = "local", address: str | None = None) -> None:
-        from .report import diagnose
         from ..pipeline import recorded_sft_checkpoint, recorded_split_seed
+        from .report import diagnose
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / "config.yaml"
@@ -456,9 +456,9 @@ def investigate(run_dir: str | Path, *, metric: str = "acc@1", out: str | Path |
 def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) -> dict[str, Any]:
     """Retrain ``verdict.json``'s config with ``seeds`` and measure its shipped model against the run's SFT on the
     same test split: the check that the verdict's ``effect_vs_sft`` holds for runs it never saw."""
+    from ..pipeline import prepare_data, run_pipeline
     from ..train.checkpoint import load_checkpoint, model_from_checkpoint
     from ..train.metrics import evaluate
-    from ..pipeline import prepare_data, run_pipeline
 
     out = Path(out)
     v = json.loads((out / VERDICT_JSON).read_text())

@@ -25,12 +25,12 @@ from torch import nn
 from ..config import RunConfig
 from ..data.contract import Splits
 from ..train.grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
-from .live import Throttle
 from ..train.metrics import METRIC_NAMES
-from .plots import figure_png, live_default, smooth
-from .tools import grpo_temperature
 from ..train.sft import Stage1, sft_baseline
 from ..train.training import split_rows
+from .live import Throttle
+from .plots import figure_png, live_default, smooth
+from .tools import grpo_temperature
 
 SETTINGS = ("kl_beta", "eps_low", "eps_high", "lr", "epochs", "old_policy", "kl_reference")
 KL_BETAS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)  # log-spaced, plus 0 (no KL penalty)

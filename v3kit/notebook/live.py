@@ -16,9 +16,9 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .plots import DEFAULT_PANELS, SFT_PANELS, Panel, _new_figure, draw_panels, figure_png, in_kernel, live_default
 
-from .plots import (DEFAULT_PANELS, SFT_PANELS, Panel, _new_figure, draw_panels, figure_png, in_kernel,
-                    live_default)
+
 class Throttle:
     """Decides when a redraw is due: at least ``every_steps`` steps *and* ``every_seconds`` seconds since the last
     one, and at least ``cost * (1 / max_overhead - 1)`` seconds when the last redraw took ``cost`` seconds (so

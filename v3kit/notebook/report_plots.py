@@ -258,10 +258,10 @@ def step0_table(frame: pd.DataFrame, variants: Sequence[str] | None = None, worl
 
 
 def shortcut_plot(analyses: Mapping[str, Any], *, title: str | None = None) -> Any:
-    """The reward shortcut analysis (:mod:`v3kit.data.shortcut`) of named datasets or runs, side by side: the share of the
-    within-group reward variance that candidate features alone explain; acc@1 of ranking by that query-independent
-    part vs by the reward itself; and, where a policy's change from SFT is known, its correlation with each part
-    and with the label."""
+    """The reward shortcut analysis (:mod:`v3kit.data.shortcut`) of named datasets or runs, side by side: the share of
+    the within-group reward variance that candidate features alone explain; acc@1 of ranking by that
+    query-independent part vs by the reward itself; and, where a policy's change from SFT is known, its correlation
+    with each part and with the label."""
     names = list(analyses)
     has_change = any(a.corr_change_shortcut is not None for a in analyses.values())
     fig, axes = _subplots(1, 3 if has_change else 2, figsize=(4.2 * (3 if has_change else 2), 3.2), squeeze=False)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .device import to_cpu
 from ..rundir import atomic_write
+from .device import to_cpu
 from .model import ModelConfig, build_model, resolve_target
 
 FORMAT = "v3kit-checkpoint"

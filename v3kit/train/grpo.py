@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from ..bounds import check_max
-from .checkpoint import model_payload
 from ..data.contract import Batch, Splits
+from .checkpoint import model_payload
 from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
                      exact_group_kl, group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
 from .model import ModelConfig, compute_log_probs, disable_dropout, model_inputs, policy_log_probs

@@ -21,9 +21,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..data.contract import GroupData
 from .checkpoint import (CheckpointError, check_finite_weights, load_checkpoint, model_from_checkpoint, model_payload,
                          save_checkpoint)
-from ..data.contract import GroupData
 from .model import INTERFACES, ModelConfig, build_model, compute_log_probs, interface_of, scores
 
 __all__ = ["StateDictMismatch", "import_sft", "read_state_dict", "unwrap_state_dict", "apply_renames",

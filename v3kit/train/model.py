@@ -40,9 +40,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from . import distributed
 from ..bounds import check_all_max, check_max
 from ..data.contract import Batch, GroupData, iterate_batches
+from . import distributed
 from .device import autocast, module_device
 
 DEFAULT_TARGET = "v3kit.model:TwoTower"

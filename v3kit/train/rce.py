@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import model_payload
 from ..data.contract import Batch, Splits
+from .checkpoint import model_payload
 from .losses import REWARD_NORMS, rce_cross_entropy
 from .model import ModelConfig, disable_dropout, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit

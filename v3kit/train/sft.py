@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.contract import Batch, GroupData, Splits
 from . import distributed
 from .checkpoint import (check_feature_dims, checkpoint_model_config, load_checkpoint, model_from_checkpoint,
                          model_payload, save_checkpoint)
-from ..data.contract import Batch, GroupData, Splits
 from .metrics import evaluate
 from .model import ModelConfig, attach_interface, build_model, compute_log_probs, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit

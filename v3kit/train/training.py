@@ -23,15 +23,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..bounds import check_max
+from ..data.contract import Batch, GroupData, iterate_batches, num_batches
+from ..provenance import config_changes
+from ..rundir import DISK_FULL_ERRNOS, atomic_write_text, disk_full_error
+from . import distributed
 from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
                          save_checkpoint)
-from ..data.contract import Batch, GroupData, iterate_batches, num_batches
-from . import distributed
 from .device import as_floats, autocast
 from .metrics import evaluate
 from .model import compute_log_probs
-from ..provenance import config_changes
-from ..rundir import DISK_FULL_ERRNOS, atomic_write_text, disk_full_error
 
 
 class Callback:
