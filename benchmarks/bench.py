@@ -31,11 +31,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from v3kit.data import FEATURE_DTYPES, Splits, split_by_query  # noqa: E402
-from v3kit.grpo import GRPOConfig, grpo_step_loss, per_group_terms, run_grpo  # noqa: E402
-from v3kit.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
-from v3kit.rce import RCEConfig, run_rce  # noqa: E402
-from v3kit.sft import SFTConfig, load_sft, train_sft  # noqa: E402
-from v3kit.synthetic import SyntheticConfig, make_world  # noqa: E402
+from v3kit.data.synthetic import SyntheticConfig, make_world  # noqa: E402
+from v3kit.train.grpo import GRPOConfig, grpo_step_loss, per_group_terms, run_grpo  # noqa: E402
+from v3kit.train.model import ModelConfig, build_model, compute_log_probs, policy_log_probs  # noqa: E402
+from v3kit.train.rce import RCEConfig, run_rce  # noqa: E402
+from v3kit.train.sft import SFTConfig, load_sft, train_sft  # noqa: E402
 
 SIZES = {  # name: (batch B, group G, feature dim, tower hidden widths, embedding dim)
     "tiny": (32, 8, 16, [64], 32),
@@ -169,7 +169,7 @@ def bench_steps(quick: bool) -> None:
     """Per-step cost of every stage and switch. The variants run round-robin for several rounds and each figure is
     the median over all rounds, so load from other processes on the machine falls on all of them alike."""
     try:
-        from v3kit.live import LivePlot
+        from v3kit.notebook.live import LivePlot
     except ImportError:  # plotting extras missing
         LivePlot = None
     names = ["sft", "rce", *GRPO_VARIANTS]
@@ -268,10 +268,10 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     write_table(arrow, n_q, g, d)
     payload = n_q * g * d * 4 + n_q * d * 4
     reps = 3
-    setup = ("import shutil\nimport v3kit.ingest\nfrom v3kit.data import split_by_query\n"
-             "from v3kit.tables import load_groups\n"
-             "from v3kit.cache import cache_dir, cached_splits, load_cached\n"
-             "from v3kit.model import ModelConfig\nfrom v3kit.sft import SFTConfig, train_sft\n")
+    setup = ("import shutil\nimport v3kit.data.ingest\nfrom v3kit.data import split_by_query\n"
+             "from v3kit.data.tables import load_groups\n"
+             "from v3kit.data.cache import cache_dir, cached_splits, load_cached\n"
+             "from v3kit.train.model import ModelConfig\nfrom v3kit.train.sft import SFTConfig, train_sft\n")
     section = f"ingest {n_q:,} x {g} x {d}-d"
     for fmt, file in (("Parquet", path), ("Arrow IPC", arrow)):
         load = median_probe(f"d = load_groups({str(file)!r})\nout = {{}}", reps, setup)
@@ -290,7 +290,7 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
         add(section, f"cached load ({dtype}): peak RSS growth", again["peak_rss_growth"] / 1e6, "MB", reps)
         # What verifying the cache costs: the same load with the per-file CRC-32 check skipped (open_cache without
         # the file listing reads no page), side by side with the verified load above.
-        unchecked = median_probe(f"from v3kit.cache import open_cache\nd = open_cache(cache_dir({str(path)!r}, "
+        unchecked = median_probe(f"from v3kit.data.cache import open_cache\nd = open_cache(cache_dir({str(path)!r}, "
                                  f"{dtype!r}))\nout = {{}}", reps, setup)
         add(section, f"cached load ({dtype}) without the CRC-32 check", rows / unchecked["seconds"], "rows/s", reps,
             f"{unchecked['seconds'] * 1e3:.1f} ms; the check costs {(again['seconds'] - unchecked['seconds']) * 1e3:.1f}"
@@ -314,8 +314,8 @@ def bench_epochs(quick: bool) -> None:
     for n in sizes:
         setup = f"""
 from v3kit.data import GroupData, Splits
-from v3kit.model import ModelConfig
-from v3kit.sft import SFTConfig, train_sft
+from v3kit.train.model import ModelConfig
+from v3kit.train.sft import SFTConfig, train_sft
 gen = torch.Generator().manual_seed(0)
 def groups(n):
     mask = torch.ones(n, {g}, dtype=torch.bool)

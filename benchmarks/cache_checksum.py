@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from make_table import write_table  # noqa: E402
-from v3kit.cache import cache_dir, load_cached, open_cache  # noqa: E402
+from v3kit.data.cache import cache_dir, load_cached, open_cache  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

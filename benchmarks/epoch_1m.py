@@ -2,7 +2,7 @@
 
 The long-form Parquet file of that size would be ~49 GB (the query vector repeats on every row), so this script
 writes the packed cache arrays directly, in chunks (float16 features: 12.3 GB), opens them the way
-``data.cache: true`` does (:func:`v3kit.cache.open_cache`) and trains one SFT epoch through ``train_sft``.
+``data.cache: true`` does (:func:`v3kit.data.cache.open_cache`) and trains one SFT epoch through ``train_sft``.
 It prints the epoch time, the peak RSS and the anonymous (non file-backed) RSS at the end.
 
     python benchmarks/epoch_1m.py --dir /tmp/v3kit_1m [--groups 1000000] [--keep]
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from v3kit.cache import open_cache
 from v3kit.data import GroupData, Splits
-from v3kit.model import ModelConfig
-from v3kit.sft import SFTConfig, train_sft
+from v3kit.data.cache import open_cache
+from v3kit.train.model import ModelConfig
+from v3kit.train.sft import SFTConfig, train_sft
 
 G, DIM, CHUNK = 16, 384, 4_000
 
@@ -46,7 +46,7 @@ def _write_npy(path: Path, shape: tuple[int, ...], dtype: type, chunks) -> None:
 
 
 def write_cache(where: Path, n: int, seed: int = 0) -> None:
-    """The arrays of a cached dataset (v3kit.cache's layout), random features, one label per group."""
+    """The arrays of a cached dataset (v3kit.data.cache's layout), random features, one label per group."""
     where.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     np.save(where / "mask.npy", np.ones((n, G), dtype=bool))

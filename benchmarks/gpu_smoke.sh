@@ -23,7 +23,7 @@ time "$PY" -m v3kit run --set device=cuda --set precision=bf16 --set progress=fa
 import sys
 from pathlib import Path
 import torch
-from v3kit.checkpoint import load_checkpoint, model_from_checkpoint
+from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
 # A checkpoint trained on the GPU loads on the CPU and holds only CPU tensors.
 path = Path(sys.argv[1]) / "grpo_epoch8.pt"
 raw = torch.load(path, weights_only=True)  # no map_location: tensors come back where they were saved from

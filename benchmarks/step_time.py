@@ -22,11 +22,11 @@ import time
 import torch
 
 from v3kit.data import Splits
-from v3kit.grpo import GRPOConfig, run_grpo
-from v3kit.model import ModelConfig, build_model, compute_log_probs
-from v3kit.rce import RCEConfig, run_rce
-from v3kit.sft import SFTConfig, freeze, train_sft
-from v3kit.synthetic import SyntheticConfig, make_world
+from v3kit.data.synthetic import SyntheticConfig, make_world
+from v3kit.train.grpo import GRPOConfig, run_grpo
+from v3kit.train.model import ModelConfig, build_model, compute_log_probs
+from v3kit.train.rce import RCEConfig, run_rce
+from v3kit.train.sft import SFTConfig, freeze, train_sft
 
 B = 32
 

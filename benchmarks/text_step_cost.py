@@ -18,9 +18,9 @@ import time
 import torch
 
 from v3kit.data import from_long_frame, iterate_batches
-from v3kit.model import ModelConfig, build_model, model_inputs, policy_log_probs
-from v3kit.stdlib_search import StdlibSearchConfig, build_table
-from v3kit.text import embed_texts
+from v3kit.data.stdlib_search import StdlibSearchConfig, build_table
+from v3kit.data.text import embed_texts
+from v3kit.train.model import ModelConfig, build_model, model_inputs, policy_log_probs
 
 
 def median_step_seconds(models: list[tuple[torch.nn.Module, object]], batch: int, steps: int) -> list[float]:

@@ -59,13 +59,13 @@ import copy
 
 import pandas as pd
 
-from v3kit.grpo import run_grpo
-from v3kit.grpo_panel import ComparePanel, GRPOStart
-from v3kit.live import LivePlot
-from v3kit.notebook_tools import grpo_temperature, notebook_config, record
+from v3kit.notebook.grpo_panel import ComparePanel, GRPOStart
+from v3kit.notebook.live import LivePlot
+from v3kit.notebook.plots import grpo_panels, plot_ratio_hist, show
+from v3kit.notebook.tools import grpo_temperature, notebook_config, record
 from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data, stage_options, stage_table
-from v3kit.plots import grpo_panels, plot_ratio_hist, show
-from v3kit.sft import sft_baseline
+from v3kit.train.grpo import run_grpo
+from v3kit.train.sft import sft_baseline
 
 cfg = notebook_config(run_dir=run_dir, seed=seed, smoke=smoke, n_queries=n_queries, sft_epochs=sft_epochs,
                       rce_epochs=rce_epochs, rce_lr=rce_lr, grpo_epochs=grpo_epochs, grpo_lr=grpo_lr,

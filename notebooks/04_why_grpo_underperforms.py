@@ -46,9 +46,10 @@ n_boot = 2000  # bootstrap replicates
 # %%
 from IPython.display import display
 
-from v3kit import ablate, diagnose, report_plots
-from v3kit.notebook_tools import record, resolve_run_dir
-from v3kit.plots import show
+from v3kit import ablate, diagnose
+from v3kit.notebook import report_plots
+from v3kit.notebook.plots import show
+from v3kit.notebook.tools import record, resolve_run_dir
 
 if smoke:
     grid, workers = "configs/ablate_smoke.yaml", 1
@@ -142,7 +143,7 @@ record(doctor_flags=doctor)
 # with the correlation of the policy's change from SFT with each part where the run kept its checkpoints.)
 
 # %%
-from v3kit import shortcut
+from v3kit.data import shortcut
 
 shortcuts = shortcut.world_shortcuts(spec)
 show(report_plots.shortcut_plot(shortcuts))

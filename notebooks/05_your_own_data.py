@@ -66,15 +66,16 @@ import sys
 import pandas as pd
 from IPython.display import display
 
-from v3kit import ablate, diagnose, report_plots
+from v3kit import ablate, diagnose
 from v3kit.config import load_config, resolve_config_file
-from v3kit.doctor_grid import write_doctor_grid
-from v3kit.import_sft import import_sft
-from v3kit.live import LivePlot
-from v3kit.notebook_tools import record, resolve_path, resolve_run_dir, resolve_target
+from v3kit.data.stdlib_search import reward_label_agreement
+from v3kit.doctor.grid import write_doctor_grid
+from v3kit.notebook import report_plots
+from v3kit.notebook.live import LivePlot
+from v3kit.notebook.plots import show
+from v3kit.notebook.tools import record, resolve_path, resolve_run_dir, resolve_target
 from v3kit.pipeline import load_table, prepare_data, run_pipeline
-from v3kit.plots import show
-from v3kit.stdlib_search import reward_label_agreement
+from v3kit.train.import_sft import import_sft
 
 SMALL = dict(max_queries=60, v2_epochs=30, sft_epochs=3, rce_epochs=2, grpo_epochs=2, ablation_seeds=2)
 
@@ -253,7 +254,7 @@ print(text)
 # %%
 from IPython.display import Markdown
 
-from v3kit.investigate import investigate
+from v3kit.doctor.investigate import investigate
 
 verdict = investigate(run_dir, metric="acc@1", out=run_dir / "investigate", budget_minutes=verdict_minutes,
                       workers=workers, initial_seeds=2, max_seeds=2 if smoke else 8, progress=False,

@@ -20,11 +20,11 @@ from torch import nn
 from conftest import TINY, tiny_config
 from v3kit.cli import main
 from v3kit.data import split_by_query, to_long_frame
-from v3kit.grpo import GRPOConfig, run_grpo
-from v3kit.model import (ModelConfig, build_model, constructor_dims, import_object, interface_of, model_inputs,
-                         policy_log_probs, scores)
-from v3kit.sft import load_sft
-from v3kit.synthetic import SyntheticConfig, make_world
+from v3kit.data.synthetic import SyntheticConfig, make_world
+from v3kit.train.grpo import GRPOConfig, run_grpo
+from v3kit.train.model import (ModelConfig, build_model, constructor_dims, import_object, interface_of, model_inputs,
+                               policy_log_probs, scores)
+from v3kit.train.sft import load_sft
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "your_model.md"
@@ -81,7 +81,7 @@ def test_every_recipe_of_the_doc_imports_and_trains_without_a_subclass(doc_runs)
         summary = pd.read_csv(run_dir / "summary.csv", index_col=0)
         assert list(summary.index) == ["sft", "rce", "grpo", "selected"], name
         assert summary.notna().all().all(), name
-        from v3kit.checkpoint import load_checkpoint, model_from_checkpoint
+        from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
         ckpt = load_checkpoint(run_dir / "grpo_epoch3.pt")
         assert interface_of(model_from_checkpoint(ckpt)).kind == kind, name
     cfg_ckpt = torch.load(tmp / "cfg_sft.pt", weights_only=True)
@@ -93,7 +93,7 @@ def test_scorer_and_towers_give_the_same_policy_for_the_same_scores():
     """A scorer whose forward is the towers' dot product: identical log-probs to the towers interface, and both
     equal a float64 softmax computed by hand."""
     from custom_models import BilinearRanker
-    from v3kit.model import INTERFACE_ATTR, resolve_interface
+    from v3kit.train.model import INTERFACE_ATTR, resolve_interface
 
     class DotScorer(BilinearRanker):
         def forward(self, q, c):
@@ -303,7 +303,7 @@ def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(
     import numpy as np
 
     from custom_models import BilinearRanker
-    from v3kit.import_sft import import_sft
+    from v3kit.train.import_sft import import_sft
 
     torch.save(BilinearRanker(QD, CD).state_dict(), tmp_path / "v2.pt")
     import_sft("custom_models:BilinearRanker", tmp_path / "v2.pt", tmp_path / "sft.pt", query_dim=QD, cand_dim=CD)
@@ -319,7 +319,7 @@ def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(
             return np.ones((len(texts), 3), dtype=np.float32)  # 3-d embeddings: the checkpoint wants 16
         return encode
 
-    monkeypatch.setattr("v3kit.text.sentence_encoder", fake_encoder)
+    monkeypatch.setattr("v3kit.data.text.sentence_encoder", fake_encoder)
     code = main(["run", "--sft", str(tmp_path / "sft.pt"), "--set", f"data.path={tmp_path / 'table.jsonl'}",
                  "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"run_dir={tmp_path / 'run'}",
                  "--set", "progress=false"])
@@ -329,7 +329,7 @@ def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(
 
 
 def test_disable_dropout_covers_modules_and_attention_probabilities():
-    from v3kit.model import disable_dropout
+    from v3kit.train.model import disable_dropout
 
     class Attn(nn.Module):
         def __init__(self) -> None:

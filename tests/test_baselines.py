@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from v3kit.baselines import baseline_metrics, baseline_table, random_expected_metrics
 from v3kit.data import GroupData, split_by_query
+from v3kit.data.reward_stats import label_reward_agreement
 from v3kit.diagnose import diagnose
-from v3kit.metrics import per_group_metrics
-from v3kit.reward_stats import label_reward_agreement
+from v3kit.train.baselines import baseline_metrics, baseline_table, random_expected_metrics
+from v3kit.train.metrics import per_group_metrics
 
 
 def small_data(n: int = 12, G: int = 4, dq: int = 3, dc: int = 3, seed: int = 0) -> GroupData:
@@ -88,8 +88,8 @@ def test_doctor_says_the_v2_model_is_the_weakest_link_when_sft_is_below_raw_cosi
 
 
 def test_stage_table_can_show_the_baselines_beside_the_stages():
-    from v3kit.model import ModelConfig, build_model
     from v3kit.pipeline import stage_table
+    from v3kit.train.model import ModelConfig, build_model
 
     data = small_data()
     model = build_model(ModelConfig(), data.query_dim, data.cand_dim)
@@ -103,8 +103,8 @@ def test_stage_table_can_show_the_baselines_beside_the_stages():
 def test_plots_leave_out_utility_when_the_data_has_none():
     from matplotlib.figure import Figure
 
-    from v3kit import report_plots
-    from v3kit.plots import DEFAULT_PANELS, draw_panels
+    from v3kit.notebook import report_plots
+    from v3kit.notebook.plots import DEFAULT_PANELS, draw_panels
 
     evals = pd.DataFrame({"epoch": [0, 1], "acc@1": [0.3, 0.31], "reward@1": [1.0, 1.1]})
     train = pd.DataFrame({"step": [1, 2], "loss": [1.0, 0.9]})

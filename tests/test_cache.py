@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from v3kit import ingest
+from v3kit.data import ingest
 from v3kit.data import DataValidationError, Splits, iterate_batches, split_by_query, to_long_frame
-from v3kit.tables import load_groups
-from v3kit.model import ModelConfig
-from v3kit.sft import SFTConfig, train_sft
-from v3kit.synthetic import SyntheticConfig, make_world
+from v3kit.data.synthetic import SyntheticConfig, make_world
+from v3kit.data.tables import load_groups
+from v3kit.train.model import ModelConfig
+from v3kit.train.sft import SFTConfig, train_sft
 
 
 @pytest.fixture()
@@ -89,7 +89,7 @@ def test_training_on_cached_data_matches_in_memory(data_file):
 
 
 def test_cached_splits_equal_split_by_query(data_file):
-    from v3kit.cache import cached_splits
+    from v3kit.data.cache import cached_splits
 
     ref = split_by_query(load_groups(data_file), val_frac=0.2, test_frac=0.1, seed=3)
     for _ in range(2):  # built, then reopened

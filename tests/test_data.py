@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from v3kit.data import DataValidationError, GroupData, from_long_frame, split_by_query, to_long_frame
-from v3kit.tables import load_groups
-from v3kit.synthetic import SyntheticConfig, make_world
+from v3kit.data.synthetic import SyntheticConfig, make_world
+from v3kit.data.tables import load_groups
 
 
 def long_frame() -> pd.DataFrame:
@@ -171,7 +171,7 @@ def test_iterate_batches_over_a_share_of_the_rows_is_that_slice_in_order():
     """A torchrun rank's share: the groups of ``rows`` in order, in batches, and every rank's shares together are
     the whole dataset once."""
     from v3kit.data import iterate_batches
-    from v3kit.distributed import Dist
+    from v3kit.train.distributed import Dist
 
     data = make_world(SyntheticConfig(n_queries=23, seed=1))
     got = torch.cat([b.index for b in iterate_batches(data, 4, rows=slice(5, 16))])

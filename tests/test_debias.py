@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from v3kit.data import GroupData, Splits
-from v3kit.debias import (DebiasError, RewardConfig, _folds, candidate_prior, candidate_prior_from, debias_splits,
-                          feature_estimate, recurring_share)
+from v3kit.data.debias import (DebiasError, RewardConfig, _folds, candidate_prior, candidate_prior_from, debias_splits,
+                               feature_estimate, recurring_share)
 
 
 def groups(rewards, ids, labels=None, feats=None) -> GroupData:

@@ -22,15 +22,15 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_config
-from v3kit import device as D
-from v3kit.checkpoint import load_checkpoint, save_checkpoint
 from v3kit.cli import main
 from v3kit.config import ConfigError, load_config
 from v3kit.data import iterate_batches
-from v3kit.grpo import GRPOConfig, run_grpo
-from v3kit.model import ModelConfig, build_model, compute_log_probs, policy_log_probs
 from v3kit.pipeline import prepare_data, resolve_runtime, run_pipeline
-from v3kit.sft import freeze
+from v3kit.train import device as D
+from v3kit.train.checkpoint import load_checkpoint, save_checkpoint
+from v3kit.train.grpo import GRPOConfig, run_grpo
+from v3kit.train.model import ModelConfig, build_model, compute_log_probs, policy_log_probs
+from v3kit.train.sft import freeze
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = json.loads((DATA / "device_golden.json").read_text())
@@ -307,8 +307,8 @@ def test_as_floats_matches_item_exactly():
 
 @pytest.mark.parametrize("switches", [{}, {"adv_scale": "none", "baseline": 0.5}, {"drop_zero_std_groups": True}])
 def test_advantages_read_once_equal_per_batch_computation(switches):
-    from v3kit.grpo import per_group_advantages, per_group_terms
-    from v3kit.losses import group_advantages, zero_std_groups
+    from v3kit.train.grpo import per_group_advantages, per_group_terms
+    from v3kit.train.losses import group_advantages, zero_std_groups
 
     cfg = GRPOConfig(**switches)
     assert per_group_advantages(cfg)

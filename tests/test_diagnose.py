@@ -279,7 +279,7 @@ def rce_frame(closed: list[float], kl: float, splits, sft, steps_per_epoch: int 
     """A frame whose logged RCE loss at each step is H(targets_T) + (1 - c) * KL(targets_T || SFT) under the default
     annealed temperature, with the closed share c going linearly through ``closed`` (one value per epoch boundary,
     the first = 0 at SFT); also returns (epoch, c, gap) per step."""
-    from v3kit.rce import annealed_temperature
+    from v3kit.train.rce import annealed_temperature
 
     n_epochs = len(closed) - 1
     df = frame(rce_loss=[1.0] * n_epochs, steps_per_epoch=steps_per_epoch)
@@ -305,14 +305,14 @@ def expected_closed(steps: list, epoch: int) -> float:
 @pytest.fixture(scope="module")
 def small_splits():
     from v3kit.data import split_by_query
-    from v3kit.synthetic import SyntheticConfig, make_world
+    from v3kit.data.synthetic import SyntheticConfig, make_world
 
     return split_by_query(make_world(SyntheticConfig(n_queries=100)), val_frac=0.2, test_frac=0.2, seed=0)
 
 
 @pytest.fixture(scope="module")
 def small_sft(small_splits):
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     return build_model(ModelConfig(), small_splits.train.query_dim, small_splits.train.cand_dim), 1.0

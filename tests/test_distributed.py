@@ -56,8 +56,8 @@ GAUGE = "cand_tower.2.bias"  # the default TwoTower's candidate output bias (see
 
 
 def _policy(path: Path) -> torch.nn.Module:
-    from v3kit.checkpoint import load_checkpoint
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.checkpoint import load_checkpoint
+    from v3kit.train.model import ModelConfig, build_model
 
     ck = load_checkpoint(path)
     model = build_model(ModelConfig(**ck["model_config"]), ck["query_dim"], ck["cand_dim"])
@@ -66,7 +66,7 @@ def _policy(path: Path) -> torch.nn.Module:
 
 
 def _log_probs(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
-    from v3kit.model import policy_log_probs
+    from v3kit.train.model import policy_log_probs
 
     g = torch.Generator().manual_seed(seed)
     qx = torch.randn(64, model.query_tower[0].in_features, generator=g)
@@ -78,13 +78,13 @@ def _log_probs(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
 def test_the_candidate_output_bias_is_invisible_to_the_policy():
     """Why one bias is exempt from the 1e-5 weight check: in float64 its gradient is zero and shifting it changes no
     log-prob, while every other parameter has a real gradient."""
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.model import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(), 16, 16).double()
     qx, cx = torch.randn(32, 16, dtype=torch.float64), torch.randn(32, 8, 16, dtype=torch.float64)
     mask = torch.ones(32, 8, dtype=torch.bool)
-    from v3kit.model import policy_log_probs
+    from v3kit.train.model import policy_log_probs
 
     logp = policy_log_probs(model, qx, cx, mask, 1.0)
     target = torch.softmax(torch.randn(32, 8, dtype=torch.float64), -1)

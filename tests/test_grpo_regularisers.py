@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from v3kit.config import ConfigError, load_config
-from v3kit.grpo import GRPOConfig, grpo_step_loss
-from v3kit.losses import AdaptiveKLController, exact_group_kl, group_advantages, group_entropy, grpo_loss
+from v3kit.train.grpo import GRPOConfig, grpo_step_loss
+from v3kit.train.losses import AdaptiveKLController, exact_group_kl, group_advantages, group_entropy, grpo_loss
 
 F64 = torch.float64
 

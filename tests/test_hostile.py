@@ -147,7 +147,7 @@ def test_a_model_too_big_for_memory_fails_before_training_naming_the_keys(tmp_pa
 
 def test_memory_check_uses_the_exact_parameter_count(monkeypatch):
     from v3kit.bounds import TRAIN_BYTES_PER_PARAM, check_model_fits, count_params
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.model import ModelConfig, build_model
 
     cfg = ModelConfig(hidden=[64, 48], emb_dim=32)
     n = sum(p.numel() for p in build_model(cfg, 16, 12).parameters())
@@ -188,7 +188,7 @@ def _nan_state(model: torch.nn.Module, names=None) -> dict:
 
 
 def test_import_sft_refuses_nan_weights_naming_them_and_writes_nothing(tmp_path, capsys):
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.model import ModelConfig, build_model
 
     model = build_model(ModelConfig(), 4, 4)
     torch.save(_nan_state(model), tmp_path / "nan_sd.pt")
@@ -209,8 +209,8 @@ def test_import_sft_refuses_nan_weights_naming_them_and_writes_nothing(tmp_path,
 
 
 def _nan_checkpoint(tmp_path: Path, names=None) -> Path:
-    from v3kit.checkpoint import model_payload, save_checkpoint
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.checkpoint import model_payload, save_checkpoint
+    from v3kit.train.model import ModelConfig, build_model
 
     cfg = ModelConfig()
     model = build_model(cfg, 16, 16)
@@ -236,7 +236,7 @@ def test_run_sft_refuses_nan_weights_before_writing_anything(tmp_path, capsys):
 
 
 def test_a_minus_inf_buffer_is_not_a_non_finite_weight():
-    from v3kit.checkpoint import nonfinite_tensors
+    from v3kit.train.checkpoint import nonfinite_tensors
 
     state = {"w": torch.ones(2), "mask": torch.tensor([0.0, float("-inf")]), "steps": torch.tensor(3)}
     assert nonfinite_tensors(state) == ["mask"]
@@ -247,7 +247,7 @@ def test_a_minus_inf_buffer_is_not_a_non_finite_weight():
 @pytest.fixture()
 def data_file(tmp_path):
     from v3kit.data import to_long_frame
-    from v3kit.synthetic import SyntheticConfig, make_world
+    from v3kit.data.synthetic import SyntheticConfig, make_world
 
     path = tmp_path / "data.parquet"
     to_long_frame(make_world(SyntheticConfig(n_queries=240, seed=4))).to_parquet(path)
@@ -371,7 +371,7 @@ class Encoder:
 @pytest.mark.parametrize("damage", ["10-d vectors", "float64 vectors", "one vector short", "edited value",
                                     "not an npz", "no checksum"])
 def test_damaged_embedding_shard_is_rebuilt_with_a_note(tmp_path, capsys, damage):
-    from v3kit.text import embed_texts
+    from v3kit.data.text import embed_texts
 
     texts = ["sort a list", "read a file", "join two paths"]
     want = embed_texts(texts, encoder_name="enc", cache_dir=tmp_path, encode=Encoder(), progress=False)
@@ -403,7 +403,7 @@ def test_damaged_embedding_shard_is_rebuilt_with_a_note(tmp_path, capsys, damage
 
 
 def test_many_bad_shards_make_one_note(tmp_path, capsys):
-    from v3kit.text import embed_texts
+    from v3kit.data.text import embed_texts
 
     texts = ["a", "bb", "ccc"]
     want = embed_texts(texts, encoder_name="enc", cache_dir=tmp_path, encode=Encoder(), batch_size=1,
@@ -593,7 +593,7 @@ def test_a_real_full_tmpfs_run_dir(tmp_path, capsys, reference_run):
 
 
 def test_embedding_cache_on_a_full_disk_keeps_the_vectors_for_the_run(tmp_path, capsys, monkeypatch):
-    from v3kit.text import embed_texts
+    from v3kit.data.text import embed_texts
 
     FullDisk(monkeypatch, tmp_path, 0)
     got = embed_texts(["a", "bb"], encoder_name="enc", cache_dir=tmp_path, encode=Encoder(), progress=False)

@@ -16,11 +16,11 @@ import yaml
 from torch import nn
 
 from conftest import TINY
-from v3kit.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from v3kit.cli import main
-from v3kit.import_sft import StateDictMismatch, import_sft
-from v3kit.metrics import METRIC_NAMES
-from v3kit.model import ModelConfig, build_model, import_object
+from v3kit.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from v3kit.train.import_sft import StateDictMismatch, import_sft
+from v3kit.train.metrics import METRIC_NAMES
+from v3kit.train.model import ModelConfig, build_model, import_object
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "my_ranker"
@@ -320,7 +320,7 @@ def test_cli_reads_the_dims_of_a_text_table_from_its_embeddings(tmp_path, monkey
     import numpy as np
     import pandas as pd
 
-    from v3kit.text import embed_texts
+    from v3kit.data.text import embed_texts
 
     rows = [{"query_id": f"q{q}", "candidate_id": f"q{q}c{c}", "query_text": f"query {q}",
              "candidate_text": f"candidate {q} {c}", "reward": float(c), "is_label": c == 0}
@@ -335,7 +335,7 @@ def test_cli_reads_the_dims_of_a_text_table_from_its_embeddings(tmp_path, monkey
     def no_encoder(*a, **k):
         raise AssertionError("every text is cached; no encoder may load")
 
-    monkeypatch.setattr("v3kit.text.sentence_encoder", no_encoder)
+    monkeypatch.setattr("v3kit.data.text.sentence_encoder", no_encoder)
     torch.manual_seed(0)
     v2 = import_object(TARGET)(query_dim=3, cand_dim=3, dim=4, hidden=6)
     torch.save(v2.state_dict(), tmp_path / "v2.pt")

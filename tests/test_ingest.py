@@ -1,4 +1,4 @@
-"""Vectorised ingest (v3kit.ingest) against a slow obvious loop, for frames and streamed Parquet files."""
+"""Vectorised ingest (v3kit.data.ingest) against a slow obvious loop, for frames and streamed Parquet files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from v3kit import ingest
+from v3kit.data import ingest
 from v3kit.data import DataValidationError, from_long_frame
-from v3kit.tables import load_groups
+from v3kit.data.tables import load_groups
 
 
 def ragged_frame(seed: int, n_queries: int = 40, dq: int = 3, dc: int = 5, shuffle: bool = True,

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from test_ingest import assert_same, ragged_frame, slow_pack
-from v3kit import ingest
 from v3kit.config import ConfigError, load_config
-from v3kit.data import MAX_FEATURE_ABS, DataValidationError, _nonfinite, from_long_frame
-from v3kit.tables import load_groups
+from v3kit.data import ingest
+from v3kit.data.contract import MAX_FEATURE_ABS, DataValidationError, _nonfinite, from_long_frame
+from v3kit.data.tables import load_groups
 
 LAYOUTS = {  # how a feature column of dimension d is stored
     "list-float64": lambda d: pa.list_(pa.float64()),

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from v3kit.data import GroupData
-from v3kit.live import LivePlot, Throttle, plot_history
-from v3kit.plots import Panel, grpo_panels, plot_ratio_hist, plot_stage1
-from v3kit.rce_analysis import add_rce_floor, plateau_check, rce_target_entropy
-from v3kit.reward_stats import label_reward_agreement, label_reward_rank, reward_spread
+from v3kit.data.reward_stats import label_reward_agreement, label_reward_rank, reward_spread
+from v3kit.doctor.rce_analysis import add_rce_floor, plateau_check, rce_target_entropy
+from v3kit.notebook.live import LivePlot, Throttle, plot_history
+from v3kit.notebook.plots import Panel, grpo_panels, plot_ratio_hist, plot_stage1
 
 
 class FakeClock:
@@ -161,7 +161,7 @@ def test_rce_target_entropy_is_the_loss_floor():
     assert rce_target_entropy(d, 2.0) > rce_target_entropy(d, 0.5)
     assert rce_target_entropy(d, 0.5, label_weight=1.0) == pytest.approx(0.0, abs=1e-6)
 
-    from v3kit.rce import RCEConfig
+    from v3kit.train.rce import RCEConfig
 
     hist = pd.DataFrame({"split": ["train", "train", "val"], "loss": [2.0, 1.5, np.nan], "temperature": [2.0, 0.5, np.nan]})
     out = add_rce_floor(hist, d, RCEConfig())
@@ -184,8 +184,8 @@ def test_diagnostic_figures_have_labels():
 # ----------------------------------------------------------------------------------------------- compare panel
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
-    from v3kit.grpo_panel import GRPOStart
-    from v3kit.notebook_tools import notebook_config
+    from v3kit.notebook.grpo_panel import GRPOStart
+    from v3kit.notebook.tools import notebook_config
     from v3kit.pipeline import ensure_rce, ensure_stage1
     from v3kit.pipeline import prepare_data
 
@@ -198,7 +198,7 @@ def start(tmp_path_factory):
 
 
 def test_compare_panel_click_adds_a_curve_and_a_row(start):
-    from v3kit.grpo_panel import ComparePanel
+    from v3kit.notebook.grpo_panel import ComparePanel
 
     panel = ComparePanel(start, live=False)
     before = {k: v.clone() for k, v in start.model.state_dict().items()}
@@ -226,7 +226,7 @@ def test_compare_panel_click_adds_a_curve_and_a_row(start):
 
 
 def test_compare_panel_runs_are_reproducible_and_grid_uses_the_same_path(start):
-    from v3kit.grpo_panel import ComparePanel
+    from v3kit.notebook.grpo_panel import ComparePanel
 
     panel = ComparePanel(start, live=True, every_seconds=0.0)  # live redraws during the run must not break it
     runs = panel.run_grid(kl_beta=[0.1, 0.1, 0.003])  # 0.003 is on the slider; runs 1 and 2 are identical

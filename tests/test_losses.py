@@ -1,4 +1,4 @@
-"""Independent reference tests for ``v3kit.losses``.
+"""Independent reference tests for ``v3kit.train.losses``.
 
 Every reference below is a deliberately slow, pure-Python loop over groups and
 candidates (python floats + ``math``), written from the spec and compared with
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from v3kit import losses as L
+from v3kit.train import losses as L
 
 NEG_INF = float("-inf")
 DT = torch.float64

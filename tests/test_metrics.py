@@ -1,4 +1,4 @@
-"""Independent reference tests for ``v3kit.metrics.ranking_metrics``.
+"""Independent reference tests for ``v3kit.train.metrics.ranking_metrics``.
 
 The reference is a slow pure-Python loop over groups and candidates written
 from the spec; hand-worked examples pin the exact numbers.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from v3kit.metrics import ranking_metrics
+from v3kit.train.metrics import ranking_metrics
 
 DT = torch.float64
 L2_3 = math.log2(3.0)  # log2(i + 2) for i = 1
@@ -319,10 +319,10 @@ def test_ndcg_with_a_subnormal_ideal_dcg():
 def test_a_frozen_reference_is_scored_once(monkeypatch):
     """evaluate() reuses the model's log-probs when the reference is the model itself, and the stage table scores
     the reference once for every stage; the metrics are those of scoring it every time."""
-    from v3kit import metrics as M
     from v3kit import pipeline as P
-    from v3kit.model import ModelConfig, build_model
-    from v3kit.synthetic import SyntheticConfig, make_world
+    from v3kit.data.synthetic import SyntheticConfig, make_world
+    from v3kit.train import metrics as M
+    from v3kit.train.model import ModelConfig, build_model
 
     data = make_world(SyntheticConfig(n_queries=40, seed=3))
     torch.manual_seed(0)

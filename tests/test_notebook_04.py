@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 from conftest import kernel_name
-from v3kit import notebook_tools
+from v3kit.notebook import tools as notebook_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "notebooks" / "04_why_grpo_underperforms.py"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import kernel_name
-from v3kit import notebook_tools
+from v3kit.notebook import tools as notebook_tools
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "notebooks" / "05_your_own_data.py"

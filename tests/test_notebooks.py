@@ -4,7 +4,7 @@ Each notebook's source is ``notebooks/NN_name.py`` (jupytext py:percent); the te
 a temp dir. Two executions run side by side: the three notebooks *in order* in one shared run dir (live plotting
 on, as in JupyterLab), and ``03_grpo`` *standalone* in an empty run dir with ``V3KIT_LIVE=0`` (the headless path),
 which must create the SFT checkpoint and RCE output itself. Assertions read the named results each notebook
-records (:func:`v3kit.notebook_tools.record`), never cell positions or printed text.
+records (:func:`v3kit.notebook.tools.record`), never cell positions or printed text.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from conftest import kernel_name
-from v3kit import notebook_tools
+from v3kit.notebook import tools as notebook_tools
 
 try:
     import tomllib
@@ -163,7 +163,7 @@ def test_live_plot_updates_its_output_in_place_in_a_kernel():
     from nbclient import NotebookClient
 
     code = """
-from v3kit.live import LivePlot, live_default
+from v3kit.notebook.live import LivePlot, live_default
 assert live_default()  # in a kernel, live by default
 plot = LivePlot(every_steps=1, every_seconds=0.0, max_overhead=1.0)
 plot.on_stage_start("sft", 12, {"epochs": 1, "steps_per_epoch": 12})
@@ -328,8 +328,8 @@ def test_notebook_command_runs_a_py_source_with_parameters(tmp_path):
     """docs/your_model.md's CI command, verbatim plus smoke sizes: papermill runs notebook 03 from its .py."""
     import shlex
 
-    from v3kit.checkpoint import load_checkpoint
     from v3kit.cli import main
+    from v3kit.train.checkpoint import load_checkpoint
 
     doc = (ROOT / "docs" / "your_model.md").read_text()
     line = next(x for x in doc.splitlines() if x.startswith("v3kit notebook "))
@@ -359,9 +359,9 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
     """ensure_stage1 / ensure_rce / the GRPO panel resolve cfg.device as `v3kit run` does (a fake device here)."""
     import torch
 
-    import v3kit.grpo_panel as gp
+    import v3kit.notebook.grpo_panel as gp
     import v3kit.pipeline as pl
-    from v3kit.device import num_threads
+    from v3kit.train.device import num_threads
 
     fake = torch.device("cuda", 3)
     monkeypatch.setattr(pl, "resolve_device", lambda setting: fake)
@@ -399,7 +399,7 @@ def test_first_panel_click_after_run_all_costs_what_later_clicks_cost(tmp_path):
     a loaded 2-core machine made the first click 25 s against 2-3.5 s later."""
     from jupyter_client.manager import start_new_kernel
 
-    from v3kit.device import resolve_threads
+    from v3kit.train.device import resolve_threads
 
     params = {"smoke": True, "run_dir": str(tmp_path / "run"), "n_queries": 120, "sft_epochs": 1, "rce_epochs": 1,
               "kl_betas": [0.0]}

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from v3kit.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from v3kit.cli import main
 from v3kit.config import ConfigError
-from v3kit.model import ModelConfig, build_model
 from v3kit.pipeline import prepare_data, run_pipeline
-from v3kit.rce import RCEConfig, annealed_temperature, run_rce
-from v3kit.sft import load_sft, train_sft
+from v3kit.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from v3kit.train.model import ModelConfig, build_model
+from v3kit.train.rce import RCEConfig, annealed_temperature, run_rce
+from v3kit.train.sft import load_sft, train_sft
 
 
 def test_same_config_and_seed_give_bit_identical_numbers(tmp_path):
@@ -206,7 +206,7 @@ def test_resume_refuses_another_config_and_fresh_runs_drop_stale_checkpoints(tmp
 
 def test_pipeline_runs_on_a_users_parquet_file(tmp_path):
     from v3kit.data import to_long_frame
-    from v3kit.synthetic import SyntheticConfig, make_world
+    from v3kit.data.synthetic import SyntheticConfig, make_world
 
     frame = to_long_frame(make_world(SyntheticConfig(n_queries=200, seed=5))).drop(columns=["utility"])
     frame.to_parquet(tmp_path / "mine.parquet")

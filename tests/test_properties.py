@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from test_losses import (ref_group_advantages, ref_group_log_probs, ref_grpo_loss, ref_rce_loss,
                          ref_zero_std)
 from test_metrics import ref_ranking_metrics
-from v3kit import losses as L
-from v3kit.metrics import per_group_metrics, ranking_metrics
+from v3kit.train import losses as L
+from v3kit.train.metrics import per_group_metrics, ranking_metrics
 
 DT = torch.float64
 # `make test` and CI draw the same examples every run (derandomize), so a failure is reproducible rather than a

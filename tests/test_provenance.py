@@ -40,7 +40,7 @@ def test_flatten_and_config_changes_name_the_differing_keys():
 def test_the_keys_outside_the_experiment_are_config_fields_and_every_copy_derives_from_them():
     from v3kit.ablate.runner import _config_hash
     from v3kit.config import RunConfig
-    from v3kit.doctor_grid import run_overrides
+    from v3kit.doctor.grid import run_overrides
     from v3kit.pipeline import RESUMABLE_CHANGES
     from v3kit.provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS
 

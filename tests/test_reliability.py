@@ -90,8 +90,8 @@ def test_cli_config_file_that_is_not_a_mapping(tmp_path, capsys, text):
 
 
 def _fake_checkpoint(tmp_path, **changes):
-    from v3kit.checkpoint import save_checkpoint
-    from v3kit.model import ModelConfig, build_model
+    from v3kit.train.checkpoint import save_checkpoint
+    from v3kit.train.model import ModelConfig, build_model
 
     cfg = ModelConfig()
     payload = {"stage": "sft", "epoch": 1, "step": -1, "model_config": dict(vars(cfg)), "query_dim": 4,
@@ -108,7 +108,7 @@ def test_cli_checkpoint_without_model_key(tmp_path, capsys):
 
 
 def test_cli_checkpoint_with_unknown_model_config_field(tmp_path, capsys):
-    from v3kit.model import ModelConfig
+    from v3kit.train.model import ModelConfig
 
     path = _fake_checkpoint(tmp_path, model_config={**vars(ModelConfig()), "n_heads_future": 3})
     for argv in (["eval", str(path)], ["run", "--sft", str(path), "--set", f"run_dir={tmp_path / 'r'}",
@@ -179,7 +179,7 @@ def test_features_at_the_limit_still_load():
 def _sft(run_dir, resume: bool = False):
     from conftest import tiny_config
     from v3kit.pipeline import prepare_data
-    from v3kit.sft import train_sft
+    from v3kit.train.sft import train_sft
 
     cfg = tiny_config(run_dir)
     return train_sft(prepare_data(cfg), cfg.model, cfg.sft, seed=0, run_dir=run_dir, resume=resume, progress=False)
@@ -273,9 +273,9 @@ def test_huge_features_stop_the_stage_with_one_line_and_no_checkpoint(tmp_path, 
 def _fit_with(tmp_path, step_fn_factory, on_nonfinite="stop"):
     import torch
 
-    from v3kit.model import ModelConfig, build_model
-    from v3kit.sft import SFTConfig
-    from v3kit.training import RunContext, Stage, fit
+    from v3kit.train.model import ModelConfig, build_model
+    from v3kit.train.sft import SFTConfig
+    from v3kit.train.training import RunContext, Stage, fit
 
     splits = _tiny_splits()
     torch.manual_seed(0)
@@ -293,7 +293,7 @@ def _fit_with(tmp_path, step_fn_factory, on_nonfinite="stop"):
 def _nan_at(bad_steps, what="loss"):
     import torch
 
-    from v3kit.model import policy_log_probs
+    from v3kit.train.model import policy_log_probs
 
     def factory(model):
         def step_fn(batch, ctx):
@@ -312,7 +312,7 @@ def _nan_at(bad_steps, what="loss"):
 
 
 def test_nan_loss_mid_stage_names_epoch_step_and_last_checkpoint(tmp_path):
-    from v3kit.training import NonFiniteError
+    from v3kit.train.training import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=r"sft: non-finite loss at epoch 2, step 5; .*sft_epoch1\.pt"):
         _fit_with(tmp_path, _nan_at({5}))
@@ -320,7 +320,7 @@ def test_nan_loss_mid_stage_names_epoch_step_and_last_checkpoint(tmp_path):
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
-    from v3kit.training import NonFiniteError
+    from v3kit.train.training import NonFiniteError
 
     for mode in ("stop", "skip_batch"):
         with pytest.raises(NonFiniteError, match="non-finite weights at epoch 1, step 3"):
@@ -360,7 +360,7 @@ def test_skip_batch_is_a_config_key_and_reaches_the_printout(tmp_path, capsys, m
 def test_resume_with_another_sft_checkpoint_is_refused(tmp_path, capsys):
     import torch
 
-    from v3kit.checkpoint import load_checkpoint, save_checkpoint
+    from v3kit.train.checkpoint import load_checkpoint, save_checkpoint
 
     common = ["--set", "progress=false", "--set", "data.synthetic.n_queries=240", "--set", "sft.epochs=1",
               "--set", "rce.epochs=1", "--set", "grpo.epochs=1"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from v3kit.config import ConfigError, load_config
-from v3kit.grpo import GRPOConfig, grpo_step_loss
-from v3kit.losses import AdaptiveKLController, exact_group_kl, group_advantages, grpo_loss
+from v3kit.train.grpo import GRPOConfig, grpo_step_loss
+from v3kit.train.losses import AdaptiveKLController, exact_group_kl, group_advantages, grpo_loss
 
 
 def batch(seed: int = 0, B: int = 5, G: int = 4):
@@ -50,7 +50,7 @@ def test_entropy_bonus_gradient_is_finite_with_padding():
     mask[0, 3] = mask[1, 2:] = False
     logits = torch.randn(3, 4, generator=g).requires_grad_(True)
     logp = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), 1)
-    from v3kit.losses import group_entropy
+    from v3kit.train.losses import group_entropy
     group_entropy(logp, mask).backward()
     assert torch.isfinite(logits.grad).all()
     for b in range(3):  # dH/dz_c = -p_c (log p_c + H) for one group's softmax, over the mean of 3 groups

@@ -11,9 +11,9 @@ import torch
 
 from v3kit.config import ConfigError, load_config
 from v3kit.data import split_by_query
+from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.diagnose import diagnose
-from v3kit.losses import normalize_rewards, rce_targets
-from v3kit.synthetic import SyntheticConfig, make_world
+from v3kit.train.losses import normalize_rewards, rce_targets
 
 
 def ragged(seed: int = 0, n: int = 20, G: int = 6):
@@ -81,8 +81,8 @@ def test_doctor_reports_target_concentration_and_offers_zscore_on_a_large_reward
 def test_rce_with_zscore_trains_the_same_policy_on_a_rescaled_reward():
     """The switch's effect in training: under zscore RCE learns the same policy from 20 * reward + 3 as from the
     reward (raw rewards give another one: their targets are sharper)."""
-    from v3kit.model import ModelConfig, build_model, compute_log_probs
-    from v3kit.rce import RCEConfig, run_rce
+    from v3kit.train.model import ModelConfig, build_model, compute_log_probs
+    from v3kit.train.rce import RCEConfig, run_rce
 
     splits = split_by_query(make_world(SyntheticConfig(n_queries=80)), val_frac=0.2, test_frac=0.2, seed=0)
     moved = type(splits)(*[dataclasses.replace(part, rewards=torch.where(part.mask, 20 * part.rewards + 3, 0.0))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from v3kit.data import GroupData, split_by_query
+from v3kit.data.shortcut import reward_shortcut
+from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.diagnose import diagnose
-from v3kit.shortcut import reward_shortcut
-from v3kit.synthetic import SyntheticConfig, make_world
 
 
 def world(bias: float, n: int = 400) -> GroupData:

@@ -9,12 +9,12 @@ import torch
 
 from conftest import tiny_config
 from v3kit.data import iterate_batches
-from v3kit.grpo import GRPOConfig, grpo_step_loss, run_grpo
-from v3kit.losses import expected_advantage, group_advantages, grpo_loss
-from v3kit.model import policy_log_probs
 from v3kit.pipeline import prepare_data, run_pipeline
-from v3kit.rce import RCEConfig, final_logit_temperature, run_rce
-from v3kit.sft import load_sft, train_sft
+from v3kit.train.grpo import GRPOConfig, grpo_step_loss, run_grpo
+from v3kit.train.losses import expected_advantage, group_advantages, grpo_loss
+from v3kit.train.model import policy_log_probs
+from v3kit.train.rce import RCEConfig, final_logit_temperature, run_rce
+from v3kit.train.sft import load_sft, train_sft
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_rce_label_weight_one_is_supervised_ce(world):
 
 
 def test_rce_temperature_rule_has_one_home():
-    from v3kit.rce import RCEConfig, final_logit_temperature, rce_config_from
+    from v3kit.train.rce import RCEConfig, final_logit_temperature, rce_config_from
 
     on_rewards = RCEConfig()
     assert on_rewards.temperatures(0.7, 0.05) == (0.7, 0.05)  # T sharpens the targets; the policy keeps its own

@@ -11,9 +11,9 @@ import torch
 
 from v3kit.config import load_config
 from v3kit.data import DataValidationError, Splits, from_long_frame, iterate_batches
-from v3kit.model import ModelConfig, model_inputs
-from v3kit.stdlib_search import StdlibSearchConfig, build_table, reward_label_agreement
-from v3kit.text import embed_texts
+from v3kit.data.stdlib_search import StdlibSearchConfig, build_table, reward_label_agreement
+from v3kit.data.text import embed_texts
+from v3kit.train.model import ModelConfig, model_inputs
 
 
 class SpyEncoder:
@@ -65,7 +65,7 @@ def test_cache_embeds_each_text_once_across_calls(tmp_path):
 def test_missing_text_extra_says_what_to_install(monkeypatch, tmp_path):
     import sys
 
-    from v3kit.text import load_sentence_encoder
+    from v3kit.data.text import load_sentence_encoder
 
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install -e '\.\[text\]'"):
@@ -105,7 +105,7 @@ def test_text_validation_names_row_and_fix(corrupt, pattern):
 def test_text_without_encoder_or_text_model_fails_clearly():
     with pytest.raises(DataValidationError, match="need a text encoder"):
         from_long_frame(text_frame())
-    from v3kit.model import build_model
+    from v3kit.train.model import build_model
     with pytest.raises(ValueError, match="v3kit.text_model:TextTwoTower"):
         build_model(ModelConfig(), 0, 0)
 
@@ -151,7 +151,7 @@ def test_stdlib_pipeline_frozen_minilm(tmp_path, capsys, monkeypatch):
     def no_encoder(*a, **k):
         raise AssertionError("the second run tried to embed")
 
-    monkeypatch.setattr("v3kit.text.sentence_encoder", no_encoder)
+    monkeypatch.setattr("v3kit.data.text.sentence_encoder", no_encoder)
     data = load_data(load_config(None, args))
     assert data.query_x.shape[1] == 384
     norms = data.cand_x[data.mask].norm(dim=-1)
@@ -159,9 +159,9 @@ def test_stdlib_pipeline_frozen_minilm(tmp_path, capsys, monkeypatch):
 
 
 def test_end_to_end_tower_trains_only_its_top_layers(tmp_path):
-    from v3kit.checkpoint import load_checkpoint, model_from_checkpoint
-    from v3kit.sft import SFTConfig, train_sft
-    from v3kit.text_model import TextTwoTower
+    from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from v3kit.train.sft import SFTConfig, train_sft
+    from v3kit.train.text_model import TextTwoTower
 
     d = from_long_frame(text_frame(), text_mode="end_to_end")
     assert d.query_x.shape == (2, 0)

@@ -14,8 +14,8 @@ from conftest import tiny_config
 from v3kit.ablate.grid import parse_grid
 from v3kit.ablate.runner import run_grid
 from v3kit.config import ConfigError, load_config
-from v3kit.model import ModelConfig, TwoTower, build_model
-from v3kit.selection import choose, select_model, val_scores
+from v3kit.train.model import ModelConfig, TwoTower, build_model
+from v3kit.train.selection import choose, select_model, val_scores
 
 
 # ---------------------------------------------------------------- model.residual
@@ -63,9 +63,9 @@ def test_val_scores_read_the_metrics_rows():
 
 
 def test_pipeline_ships_the_best_val_checkpoint(tmp_path):
-    from v3kit.checkpoint import load_checkpoint, model_from_checkpoint
-    from v3kit.metrics import evaluate
     from v3kit.pipeline import run_pipeline
+    from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from v3kit.train.metrics import evaluate
 
     res = run_pipeline(tiny_config(tmp_path / "r", "select=best_val", "rce.lr=1e-3", "grpo.lr=1e-3"))
     sel = json.loads((tmp_path / "r" / "selected.json").read_text())
@@ -122,7 +122,7 @@ def test_grid_variants_of_sft_and_model_train_each_distinct_sft_once(tmp_path):
 # ---------------------------------------------------------------- investigate
 
 def test_decide_needs_an_interval_that_excludes_zero():
-    from v3kit.investigate import decide
+    from v3kit.doctor.investigate import decide
 
     vs = pd.DataFrame({"diff": [0.05, 0.02, 0.08], "verdict": ["better", "better", "n.s."]},
                       index=["a", "b", "c"])
@@ -137,7 +137,7 @@ SMOKE = ["data.synthetic.n_queries=160", "sft.epochs=2", "rce.epochs=1", "grpo.e
 
 @pytest.fixture(scope="module")
 def verdict_dir(tmp_path_factory):
-    from v3kit.investigate import investigate
+    from v3kit.doctor.investigate import investigate
     from v3kit.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("inv")
@@ -148,7 +148,7 @@ def verdict_dir(tmp_path_factory):
 
 
 def test_investigate_writes_a_verdict_that_trains(verdict_dir):
-    from v3kit.investigate import RECOMMENDATIONS
+    from v3kit.doctor.investigate import RECOMMENDATIONS
     from v3kit.pipeline import run_pipeline
 
     root, v = verdict_dir
@@ -189,7 +189,7 @@ def test_investigate_cli_refuses_bad_input(tmp_path, capsys):
 def test_doctor_grid_switch_with_two_overrides_is_one_variant():
     from v3kit.config import RunConfig
     from v3kit.diagnose import Finding
-    from v3kit.doctor_grid import doctor_grid
+    from v3kit.doctor.grid import doctor_grid
 
     f = Finding("step0_ratio", True, 0.3, 0.05, "m", "s", ["grpo.old_policy=refresh_at_start grpo.kl_reference=sft"])
     grid = doctor_grid(RunConfig(), [f])

@@ -89,7 +89,7 @@ TRAIN_BYTES_PER_PARAM = 24
 def count_params(model_cfg: object, query_dim: int, cand_dim: int) -> int | None:
     """Parameters of ``model_cfg``'s model, built on the meta device (no memory, no draw from torch's RNG); None
     when the model cannot be built there (a custom class that allocates real tensors in its constructor)."""
-    from .model import build_model  # here, not at the top: the config modules import this one
+    from .train.model import build_model  # here, not at the top: the config modules import this one
 
     rng = torch.get_rng_state()
     try:

@@ -14,13 +14,13 @@ from typing import Sequence
 
 import pandas as pd
 
-from .checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_config, load_checkpoint,
-                         model_from_checkpoint)
 from .config import ConfigError, load_config
-from .data import DataValidationError
-from .metrics import evaluate, metric_order
+from .data.contract import DataValidationError
 from .rundir import DISK_FULL_ERRNOS, DiskFullError, RunDirBusyError, free_bytes
-from .training import NonFiniteError
+from .train.checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_config, load_checkpoint,
+                               model_from_checkpoint)
+from .train.metrics import evaluate, metric_order
+from .train.training import NonFiniteError
 
 
 def _fmt(table: pd.DataFrame) -> str:
@@ -30,7 +30,7 @@ def _fmt(table: pd.DataFrame) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import prepare_data, resolve_runtime, run_pipeline
 
-    from . import distributed
+    from .train import distributed
 
     cfg = load_config(args.config, args.set or [])
     # With --sft the checkpoint's dims are checked on the first embedded text, before the rest is embedded.
@@ -163,7 +163,7 @@ def _extra_commands() -> list:
     """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``, ``notebook``), each module's
     ``register_cli``."""
     found = []
-    for mod in ("ablate", "diagnose", "import_sft", "investigate", "notebook_tools"):
+    for mod in ("ablate", "doctor", "train.import_sft", "doctor.investigate", "notebook.tools"):
         try:
             module = importlib.import_module(f"v3kit.{mod}")
         except ModuleNotFoundError as e:

@@ -17,18 +17,18 @@ from typing import Any, Iterable, Union
 
 import yaml
 
-from .data import TEXT_MODES, check_feature_dtype
-from .device import check_device_setting, check_precision_setting, check_threads_setting
-from .debias import RewardConfig
-from .grpo import GRPOConfig
-from .metrics import METRIC_DIRECTION
-from .model import ModelConfig
-from .rce import RCEConfig
-from .sft import SFTConfig
-from .stdlib_search import StdlibSearchConfig
-from .synthetic import SyntheticConfig
+from .data.contract import TEXT_MODES, check_feature_dtype
+from .data.debias import RewardConfig
+from .data.stdlib_search import StdlibSearchConfig
+from .data.synthetic import SyntheticConfig
+from .data.tables import SUFFIX_HINT, TABLE_SUFFIXES
 from .trackers import check_report_to
-from .tables import SUFFIX_HINT, TABLE_SUFFIXES
+from .train.device import check_device_setting, check_precision_setting, check_threads_setting
+from .train.grpo import GRPOConfig
+from .train.metrics import METRIC_DIRECTION
+from .train.model import ModelConfig
+from .train.rce import RCEConfig
+from .train.sft import SFTConfig
 
 
 BUILTIN_TABLES = ("builtin:stdlib_search",)

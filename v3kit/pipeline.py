@@ -15,27 +15,28 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import trackers
 from .bounds import check_model_fits
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
-from . import distributed, trackers
-from .checkpoint import (CheckpointError, check_finite_checkpoint, checkpoint_model_config, load_checkpoint,
-                         model_from_checkpoint)
-from .debias import DebiasReport, check_debias, debias_splits
-from .data import GroupData, Splits, from_long_frame, split_by_query, to_long_frame
-from .device import Runtime, resolve_device, resolve_precision, resolve_threads
-from .grpo import run_grpo
-from .metrics import evaluate, metric_order
-from .model import build_model, compute_log_probs
-from .rce import final_logit_temperature, run_rce
-from .rundir import RunLock, atomic_write_text, file_sha256
-from .selection import Selection, select_model, write_selection
-from .sft import Stage1, load_sft, train_sft
-from .stdlib_search import builtin_table
-from .synthetic import make_world
-from .tables import load_groups, read_table
+from .data.contract import GroupData, Splits, from_long_frame, split_by_query, to_long_frame
+from .data.debias import DebiasReport, check_debias, debias_splits
+from .data.stdlib_search import builtin_table
+from .data.synthetic import make_world
+from .data.tables import load_groups, read_table
+from .data.text import default_cache_dir, embed_texts
 from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten, signature
-from .text import default_cache_dir, embed_texts
-from .training import StageResult
+from .rundir import RunLock, atomic_write_text, file_sha256
+from .train import distributed
+from .train.checkpoint import (CheckpointError, check_finite_checkpoint, checkpoint_model_config, load_checkpoint,
+                               model_from_checkpoint)
+from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
+from .train.grpo import run_grpo
+from .train.metrics import evaluate, metric_order
+from .train.model import build_model, compute_log_probs
+from .train.rce import final_logit_temperature, run_rce
+from .train.selection import Selection, select_model, write_selection
+from .train.sft import Stage1, load_sft, train_sft
+from .train.training import StageResult
 
 
 def _cache_dir(cfg: RunConfig) -> Path:
@@ -90,7 +91,7 @@ def prepare_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = N
     d = cfg.data
     if d.path and d.cache and d.text_mode != "end_to_end" and not d.path.startswith("builtin:"):
         # memory-mapped splits of a feature table: memory holds what the batches touch
-        from .cache import cached_splits
+        from .data.cache import cached_splits
 
         return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac,
                              seed=split_seed(cfg))
@@ -129,7 +130,7 @@ def resolve_runtime(cfg: RunConfig, splits: Splits, *, warn: bool = True) -> Run
 
 def run_context(cfg: RunConfig, runtime: Runtime, *, callbacks: Sequence[Any] = (), resume: bool = False,
                 run_dir: str | Path | None = None) -> dict[str, Any]:
-    """The :class:`v3kit.training.RunContext` fields every stage runner gets from ``cfg`` (as keyword arguments):
+    """The :class:`v3kit.train.training.RunContext` fields every stage runner gets from ``cfg`` (as keyword arguments):
     the one place a run context is built, by ``v3kit run``, the notebooks, the GRPO panel and the grids alike."""
     return dict(seed=cfg.seed, run_dir=cfg.run_dir if run_dir is None else run_dir, resume=resume,
                 callbacks=callbacks, progress=cfg.progress, device=runtime.device, precision=runtime.precision,
@@ -183,7 +184,7 @@ def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
 def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float, *,
                 precision: str = "fp32", baselines: bool = False) -> pd.DataFrame:
     """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order; ``baselines`` appends the
-    trivial rankers of :mod:`v3kit.baselines` (random, raw cosine, reward oracle) for context.
+    trivial rankers of :mod:`v3kit.train.baselines` (random, raw cosine, reward oracle) for context.
 
     Every stage is scored at the same ``temperature`` (the model's ``sim_temperature``), so ``entropy`` and
     ``kl_to_sft`` compare like with like even when GRPO trained at another logit temperature; the per-epoch curves
@@ -195,7 +196,7 @@ def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Mod
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
     if baselines:
-        from .baselines import baseline_table
+        from .train.baselines import baseline_table
         table = pd.concat([table, baseline_table(data)])
     return table[metric_order(table.columns)]
 
@@ -395,7 +396,7 @@ def last_stage(cfg: RunConfig) -> str:
 
 def _select(cfg: RunConfig, run_dir: Path, models: dict[str, nn.Module], splits: Splits,
             runtime: Runtime) -> tuple[Selection, nn.Module]:
-    """The model ``cfg.select`` ships (see :mod:`v3kit.selection`) and its :class:`Selection`."""
+    """The model ``cfg.select`` ships (see :mod:`v3kit.train.selection`) and its :class:`Selection`."""
     metric = cfg.select_metric
     metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame(
         columns=["stage", "split", "epoch"])

@@ -278,7 +278,8 @@ class _WandB:
 
 # ------------------------------------------------------------------------------------------------ the callback
 class Reporter:
-    """A :class:`v3kit.training.Callback` that sends every logged row to the run's trackers (none: does nothing)."""
+    """A :class:`v3kit.train.training.Callback` that sends every logged row to the run's trackers (none: does
+    nothing)."""
 
     def __init__(self, trackers: Sequence[Any] = (), ids_path: Path | None = None,
                  ids: dict[str, Any] | None = None) -> None:

@@ -4,6 +4,10 @@ Modules: ``grid`` (the spec), ``runner`` (running, resuming, collecting), ``back
 local processes or Ray), ``stats`` (intervals), ``report`` (tables and generated conclusions), ``cli``
 (``v3kit ablate``).
 
+The ablation floor sits on the run config and pipeline: it may import them and every floor below (the training
+stages, the data, the infrastructure), never the doctor or the notebook helpers, which build on it
+(``tests/test_layout.py`` checks it).
+
 A *grid* (YAML) names variants, each a list of ``key=value`` config overrides applied on top of ``base``::
 
     config: null                  # optional base config file (default: the seed settings)

@@ -10,8 +10,8 @@ import yaml
 
 from ..config import (PACKAGED_CONFIGS, ConfigError, RunConfig, load_config, parse_override, resolve_config_file,
                       safe_load_bounded)
-from ..metrics import METRIC_DIRECTION, METRIC_NAMES
 from ..provenance import RUNNER_KEYS
+from ..train.metrics import METRIC_DIRECTION, METRIC_NAMES
 
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
 # The printed summary table: the label metrics (acc@1, mrr, ndcg@5), the reward, and the true utility where the data

@@ -16,12 +16,12 @@ from tqdm.auto import tqdm
 
 from .. import trackers
 from ..config import RunConfig, to_dict
-from ..rundir import atomic_write_frame, atomic_write_text
 from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint, signature
+from ..rundir import atomic_write_frame, atomic_write_text
 
 from .backends import make_backend, worker_config
-from .grid import (_RUN_INFO, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS,
-                   GridError, GridSpec, load_grid)
+from .grid import (_RUN_INFO, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS, GridError,
+                   GridSpec, load_grid)
 from .stats import summarize
 
 
@@ -43,9 +43,9 @@ def _sft_hash(cfg: RunConfig) -> str:
 
 def per_query_outcomes(model: Any, data: Any, temperature: float, reference: Any) -> dict[str, np.ndarray]:
     """Per test query: the :data:`PER_QUERY_METRICS` of ``model`` (their means are
-    :func:`v3kit.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal)."""
-    from ..metrics import per_group_metrics
-    from ..model import compute_log_probs
+    :func:`v3kit.train.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal)."""
+    from ..train.metrics import per_group_metrics
+    from ..train.model import compute_log_probs
 
     logp = compute_log_probs(model, data, temperature)
     ref = compute_log_probs(reference, data, temperature)
@@ -91,8 +91,8 @@ class _RunTask:
 
 
 def _train_sft(task: _SFTTask) -> str:
-    from ..device import resolve_device, resolve_precision
-    from ..sft import train_sft
+    from ..train.device import resolve_device, resolve_precision
+    from ..train.sft import train_sft
 
     splits = _splits_for(task.cfg)
     cfg = worker_config(task.cfg)  # the worker's device, as its runs get
@@ -107,8 +107,8 @@ def _train_sft(task: _SFTTask) -> str:
 
 def _execute(task: _RunTask) -> dict[str, Any]:
     """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
+    from ..data.reward_stats import label_reward_agreement
     from ..pipeline import run_pipeline, update_run_info
-    from ..reward_stats import label_reward_agreement
 
     t0 = time.perf_counter()
     splits = _splits_for(task.split_cfg)

@@ -15,19 +15,25 @@ Each check is one function registered with ``@check(name)``; they run in registr
   H(targets)? Says "lr too small to move the policy" when it barely moved. Reads ``metrics.csv`` and the data only,
   so a full run and an ablation folder without per-epoch checkpoints get the same verdict.
 * ``reward_shortcut``: the share of within-group reward variance that candidate features alone explain (the part
-  of the reward any query would give; ``v3kit/shortcut.py``), and what the policy's change from SFT followed.
+  of the reward any query would give; ``v3kit/data/shortcut.py``), and what the policy's change from SFT followed.
 * ``rce_targets``: how concentrated RCE's targets are at t_start and t_end (the temperature is in reward units
   unless ``rce.reward_norm`` normalises per group).
-* ``baselines``: SFT against random, raw-feature cosine and the reward's argmax (``v3kit/baselines.py``).
+* ``baselines``: SFT against random, raw-feature cosine and the reward's argmax (``v3kit/train/baselines.py``).
 
 The last three (and RCE's loss floor) need the data: on a run dir it is rebuilt from ``config.yaml``; on a bare frame
 pass ``splits=`` or they are skipped. None of them needs a true utility.
 
 Every flagged finding carries ``switches``: the config overrides to *test*. ``v3kit doctor RUN --grid`` writes
-``RUN/doctor_grid.yaml``, an ablation of those switches against the run itself (see ``doctor_grid.py``).
+``RUN/doctor_grid.yaml``, an ablation of those switches against the run itself (see ``grid.py``).
 
 A check whose stage or columns are missing is reported as skipped (``triggered=False``, ``value=None``) with the
 reason; the doctor never fails on a partial run.
+
+The diagnosis floor: besides the checks (``context``, ``grpo_checks``, ``data_checks``, ``report``) it holds
+``rce_analysis`` (did RCE learn: its loss floor and plateau), ``grid`` (``doctor --grid``: the ablation of the
+suggested switches) and ``investigate`` (``v3kit investigate``: from a run to a verdict). It may import every floor
+below it: the data, the training stages, the run config and pipeline, and the ablation runner
+(``tests/test_layout.py`` checks it); never the notebook helpers.
 """
 
 from .context import DoctorContext, Finding, Thresholds, check, check_names, load_run, switch_tokens

@@ -78,7 +78,7 @@ class Thresholds:
     # Without the data to compute the floor: relative fall of the epoch-mean logged loss, previous -> last epoch.
     rce_still_falling: float = 0.05
     # Share of the within-group reward variance that the candidate features alone explain (cross-fitted, see
-    # v3kit/shortcut.py): with no shortcut it is ~0 (the default synthetic world with reward_bias=0 gives < 1%);
+    # v3kit/data/shortcut.py): with no shortcut it is ~0 (the default synthetic world with reward_bias=0 gives < 1%);
     # 5% means a visible slice of what GRPO is paid for needs no reading of the query.
     shortcut_share: float = 0.05
     # RCE target concentration: a group is "effectively one-hot" when its top target weight is at least this; when
@@ -131,8 +131,8 @@ class DoctorContext:
         if self.sft is None and "sft" not in self._cache:
             self._cache["sft"] = None
             if self.run_dir is not None:
-                from ..checkpoint import load_checkpoint, model_from_checkpoint
                 from ..pipeline import recorded_sft_checkpoint
+                from ..train.checkpoint import load_checkpoint, model_from_checkpoint
                 path = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
                 if Path(path).is_file():
                     try:

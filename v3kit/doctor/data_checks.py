@@ -21,10 +21,10 @@ def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Ser
     splits, sft = ctx.data(), ctx.sft_model()
     if splits is None or sft is None:
         return None
-    from ..losses import rce_targets
-    from ..model import compute_log_probs
+    from ..train.losses import rce_targets
+    from ..train.model import compute_log_probs
 
-    from ..rce import rce_config_from
+    from ..train.rce import rce_config_from
 
     rce = rce_config_from(_get(ctx.config, "rce"))
     label_weight, norm = rce.label_weight, rce.reward_norm
@@ -160,9 +160,9 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
     against ``sft.pt`` or the recorded SFT checkpoint), and which policy it is; None when they are not there."""
     if ctx.run_dir is None:
         return None
-    from ..checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
-    from ..model import compute_log_probs
     from ..pipeline import recorded_sft_checkpoint
+    from ..train.checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
+    from ..train.model import compute_log_probs
 
     final = None
     for stage in ("grpo", "rce"):
@@ -184,13 +184,13 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
 
 @check("reward_shortcut")
 def check_reward_shortcut(ctx: DoctorContext) -> Finding:
-    """How much of the within-group reward any query would give the candidate (v3kit/shortcut.py), and, with the
+    """How much of the within-group reward any query would give the candidate (v3kit/data/shortcut.py), and, with the
     checkpoints, whether the policy's change from SFT followed that part rather than the label."""
     th, name = ctx.th, ctx.check
     splits = ctx.data()
     if splits is None:
         return _skip(name, ctx.data_missing(), th.shortcut_share)
-    from ..shortcut import reward_shortcut
+    from ..data.shortcut import reward_shortcut
 
     train = splits.train
     change = _logit_change(ctx, train)
@@ -216,10 +216,10 @@ def check_reward_shortcut(ctx: DoctorContext) -> Finding:
 
 
 def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
-    """Which reward de-biasing keeps the reward's label agreement on val (v3kit/debias.py): the methods that do,
+    """Which reward de-biasing keeps the reward's label agreement on val (v3kit/data/debias.py): the methods that do,
     best first, as switches, and a sentence with both methods' numbers. A method that lowers the agreement by more
     than ``th.debias_agreement_drop`` is named as one *not* to use: its estimate carries label signal."""
-    from ..debias import DebiasError, RewardConfig, debias_report
+    from ..data.debias import DebiasError, RewardConfig, debias_report
 
     parts, keep = [], []
     for method in ("candidate_prior", "candidate_features"):
@@ -242,7 +242,7 @@ def target_concentration(data: Any, temperature: float, *, label_weight: float =
                          one_hot_weight: float = 0.95) -> tuple[float, float]:
     """(mean top-1 weight of RCE's targets, share of groups whose top-1 weight >= ``one_hot_weight``) at a reward
     temperature on ``data``."""
-    from ..losses import rce_targets
+    from ..train.losses import rce_targets
 
     t = rce_targets(data.labels, data.rewards, temperature, mask=data.mask, label_weight=label_weight,
                     reward_norm=reward_norm)
@@ -259,8 +259,8 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
     splits = ctx.data()
     if splits is None:
         return _skip(name, ctx.data_missing(), th.one_hot_share)
-    from ..rce import rce_config_from
-    from ..reward_stats import reward_spread
+    from ..data.reward_stats import reward_spread
+    from ..train.rce import rce_config_from
 
     rce = rce_config_from(_get(ctx.config, "rce"))
     train = splits.train
@@ -289,13 +289,13 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
 
 @check("baselines")
 def check_baselines(ctx: DoctorContext) -> Finding:
-    """SFT against trivial rankers on the val split (v3kit/baselines.py): random (expected), raw-feature cosine
+    """SFT against trivial rankers on the val split (v3kit/train/baselines.py): random (expected), raw-feature cosine
     (when the dims match) and the reward's own argmax; SFT below raw cosine means the v2 model is the weakest link."""
     name = ctx.check
     splits = ctx.data()
     if splits is None:
         return _skip(name, ctx.data_missing())
-    from ..baselines import baseline_table
+    from ..train.baselines import baseline_table
 
     table = baseline_table(splits.val)
     sft_rows = _rows(ctx.df, "rce", "val")
@@ -319,7 +319,7 @@ def check_baselines(ctx: DoctorContext) -> Finding:
     value = float(sft["acc@1"])
     if value >= cos:
         return Finding(name, False, value, cos, msg, "")
-    from ..model import DEFAULT_TARGET
+    from ..train.model import DEFAULT_TARGET
     target = _get(ctx.config, "model.target")
     if target in (None, DEFAULT_TARGET):
         switch = "model.residual=true model.sim_temperature=0.1"

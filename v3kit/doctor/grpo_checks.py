@@ -302,7 +302,7 @@ def _disagreement(ctx: DoctorContext) -> str:
     splits = ctx.data()
     if splits is None:
         return ""
-    from ..reward_stats import label_reward_agreement
+    from ..data.reward_stats import label_reward_agreement
     return (f"; the reward's top candidate is not the label in {1 - label_reward_agreement(splits.val):.0%} of the "
             f"val groups")
 

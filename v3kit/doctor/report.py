@@ -73,7 +73,7 @@ def format_report(findings: Iterable[Finding], title: str | None = None, run: st
     """Readable text: one line per check (⚠ flagged, ✔ fine, – skipped) with its number and threshold, then, under
     each flagged check, the switch to *test* and the ablation that tests it against the run (``run``: the run dir
     the commands name)."""
-    from ..doctor_grid import GRID_FILE
+    from .grid import GRID_FILE
 
     findings = list(findings)
     width = max((len(f.check) for f in findings), default=0)
@@ -142,7 +142,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.csv:
         atomic_write_frame(args.csv, report_frame(findings))
     if args.grid:
-        from ..doctor_grid import write_doctor_grid
+        from .grid import write_doctor_grid
         path = write_doctor_grid(run, findings)
         print(f"wrote {path}: test the suggestions with `v3kit ablate --grid {path}`")
     return 0

@@ -1,0 +1,422 @@
+"""``v3kit import-sft``: turn a plain PyTorch ``state_dict`` of your own ranker into a v3kit SFT checkpoint.
+
+Your v2 training code saved ``torch.save(model.state_dict(), "v2.pt")`` (maybe wrapped as ``{"model": sd}`` or
+``{"state_dict": sd, "epoch": ...}``, maybe with DDP's ``module.`` prefix). v3kit checkpoints also record how to
+rebuild the model (``model_config``) and the feature dims, which a bare state dict lacks. This module builds your
+class through :func:`v3kit.train.model.build_model`, loads the weights into it with every mismatch reported at once,
+and writes ``sft.pt`` in the same shape :func:`v3kit.train.sft.train_sft` does, so ``v3kit run --sft`` and notebook 01's
+``sft_checkpoint`` accept it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..data.contract import GroupData
+from .checkpoint import (CheckpointError, check_finite_weights, load_checkpoint, model_from_checkpoint, model_payload,
+                         save_checkpoint)
+from .model import INTERFACES, ModelConfig, build_model, compute_log_probs, interface_of, scores
+
+__all__ = ["StateDictMismatch", "import_sft", "read_state_dict", "unwrap_state_dict", "apply_renames",
+           "fit_report", "register_cli"]
+
+# Keys under which training scripts commonly nest the weights, tried in this order (Lightning, HF Trainer-style
+# dicts, hand-written {"model": sd, "optimizer": ..., "epoch": ...}).
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network")
+# Prefixes every key gets from a wrapper module: DistributedDataParallel / DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class StateDictMismatch(CheckpointError):
+    """The state dict does not fit the model: ``missing``, ``unexpected`` and ``mismatched`` list every key."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        keys = [str(k) for k in obj][:8]
+        return f"a dict with keys {keys}{' ...' if len(obj) > 8 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def read_state_dict(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never arbitrary pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"state dict file {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for foreign files
+        text = str(e)
+        if "weights_only" in text or "Unsupported global" in text:
+            raise CheckpointError(
+                f"{path} holds pickled Python objects (e.g. a whole model saved with torch.save(model)), not just "
+                "tensors; save the weights instead: torch.save(model.state_dict(), 'v2.pt')"
+            ) from None
+        first = text.splitlines()[0][:120] if text else ""
+        raise CheckpointError(
+            f"{path} is not a PyTorch file torch.load can read ({type(e).__name__}: {first}); "
+            "point --state-dict at the file your training saved with torch.save(model.state_dict(), ...)"
+        ) from None
+
+
+def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items()}
+
+
+def unwrap_state_dict(obj: Any, *, key: str | None = None, model_keys: Sequence[str] = (),
+                      source: str | Path = "<state dict>") -> dict[str, Tensor]:
+    """The flat ``{name: tensor}`` inside ``obj``.
+
+    ``key`` picks a nested entry (``"ema"``, or a dotted path ``"checkpoint.model"``), or, when no such entry exists,
+    the keys of a flat dict that start with ``key + "."`` (prefix stripped). Without ``key``, wrappers in
+    :data:`WRAPPER_KEYS` are unwrapped. Then a prefix in :data:`WRAPPER_PREFIXES` shared by every key is stripped
+    unless the model's own keys (``model_keys``) carry it too.
+    """
+    if key:
+        obj = _select(obj, key, source)
+    while not _is_state_dict(obj):
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{source} holds {_describe(obj)}, not a state dict of tensors; save "
+                                  "model.state_dict() instead")
+        inner = next((k for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+        if inner is None:
+            raise CheckpointError(
+                f"{source} holds {_describe(obj)}, which is not a state dict of tensors and has none of the usual "
+                f"wrapper keys {list(WRAPPER_KEYS)}; name the entry that holds the weights with --key"
+            )
+        obj = obj[inner]
+    state = dict(obj)
+    own_prefixed = bool(model_keys)
+    for prefix in WRAPPER_PREFIXES:
+        while all(k.startswith(prefix) for k in state) and not (
+                own_prefixed and all(k.startswith(prefix) for k in model_keys)):
+            state = _strip_prefix(state, prefix)
+    return state
+
+
+def _select(obj: Any, key: str, source: str | Path) -> Any:
+    if isinstance(obj, Mapping) and key in obj:
+        return obj[key]
+    node = obj
+    for part in key.split("."):
+        if not (isinstance(node, Mapping) and part in node):
+            break
+        node = node[part]
+    else:
+        return node
+    # A prefix of a flat state dict: {"model.encoder.weight": ...} with --key model.
+    if _is_state_dict(obj):
+        picked = {k[len(key) + 1:]: v for k, v in obj.items() if k.startswith(key + ".")}
+        if picked:
+            return picked
+    raise CheckpointError(f"--key {key!r}: {source} has no such entry or key prefix (it holds {_describe(obj)})")
+
+
+def apply_renames(state: dict[str, Tensor], renames: Sequence[tuple[str, str]]) -> dict[str, Tensor]:
+    """Rename key prefixes in order: ``(old, new)`` turns ``old`` and ``old.*`` into ``new`` and ``new.*``.
+
+    A rename that matches no key is an error (a typo would otherwise surface as a confusing missing-key report).
+    """
+    for old, new in renames:
+        out: dict[str, Tensor] = {}
+        hit = False
+        for k, v in state.items():
+            if k == old or k.startswith(old + "."):
+                k, hit = new + k[len(old):], True
+            if k in out:
+                raise CheckpointError(f"--rename {old}={new} makes two tensors named {k!r}; rename more narrowly")
+            out[k] = v
+        if not hit:
+            tops = sorted({k.split(".")[0] for k in state})
+            raise CheckpointError(f"--rename {old}={new}: no key is {old!r} or starts with {old + '.'!r} "
+                                  f"(the top-level names are {tops})")
+        state = out
+    return state
+
+
+def _rename_hints(missing: list[str], unexpected: list[str]) -> list[str]:
+    """``old=new`` for top-level names whose sub-keys match exactly: the usual cause is a renamed attribute."""
+    def groups(keys: list[str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for k in keys:
+            head, _, rest = k.partition(".")
+            out.setdefault(head, set()).add(rest)
+        return out
+
+    miss, unexp = groups(missing), groups(unexpected)
+    return [f"{u}={m}" for u, us in unexp.items() for m, ms in miss.items() if us == ms]
+
+
+def fit_report(model: nn.Module, state: Mapping[str, Tensor], source: str | Path, target: str) -> None:
+    """Raise :class:`StateDictMismatch` listing every missing, unexpected and shape-mismatched key (summary first)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if not (missing or unexpected or mismatched):
+        return
+    counts = ", ".join(f"{n} {what}" for n, what in ((len(missing), "missing"), (len(unexpected), "unexpected"),
+                                                      (len(mismatched), "shape-mismatched")) if n)
+    lines = [f"{source} does not fit {target} ({counts} key(s)); nothing was written"]
+    lines += [f"  missing (in the model, not in the file): {k} {tuple(own[k].shape)}" for k in missing]
+    lines += [f"  unexpected (in the file, not in the model): {k} {tuple(state[k].shape)}" for k in unexpected]
+    lines += [f"  shape mismatch: {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched]
+    hints = _rename_hints(missing, unexpected)
+    if hints:
+        renames = " ".join(f"--rename {h}" for h in hints)
+        lines.append(f"  fix: the names differ only in their first part; try {renames}")
+    elif mismatched:
+        lines.append("  fix: build the model as it was trained: --query-dim/--cand-dim (or --config) and --kwargs")
+    raise StateDictMismatch("\n".join(lines), missing, unexpected, mismatched)
+
+
+def _check_forward(model: nn.Module, query_dim: int, cand_dim: int, target: str) -> None:
+    """One forward pass on zeros, so a model that cannot score this data's features fails here, not mid-run."""
+    try:
+        with torch.no_grad():
+            out = scores(model, torch.zeros(1, query_dim), torch.zeros(1, 2, cand_dim))
+    except Exception as e:
+        raise CheckpointError(f"{target} with the imported weights fails on features of dim (query {query_dim}, "
+                              f"candidate {cand_dim}) through its {interface_of(model).kind} interface: "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+    if not bool(torch.isfinite(out).all()):
+        raise CheckpointError(f"{target} with the imported weights gives non-finite scores on zero features")
+
+
+TEMPERATURE_FORMS = ("temperature", "scale", "log_scale")
+
+
+def read_temperature(model: nn.Module, attr: str, form: str = "temperature") -> float:
+    """The logit temperature a model holds as attribute, buffer or parameter ``attr`` (dotted for a submodule's):
+    ``form`` ``temperature`` (scores are divided by it), ``scale`` (multiplied by it: T = 1 / value) or
+    ``log_scale`` (multiplied by exp(value), CLIP's ``logit_scale``: T = exp(-value))."""
+    if form not in TEMPERATURE_FORMS:
+        raise ValueError(f"--temperature-form must be one of {TEMPERATURE_FORMS}, got {form!r}")
+    node: Any = model
+    for part in attr.split("."):
+        if not hasattr(node, part):
+            names = sorted(n for n, _ in [*model.named_parameters(), *model.named_buffers()] if "." not in n)
+            raise ValueError(f"--temperature-attr {attr!r}: {type(model).__name__} has no attribute {part!r} "
+                             f"(its own parameters and buffers: {names})")
+        node = getattr(node, part)
+    if isinstance(node, Tensor):
+        if node.numel() != 1:
+            raise ValueError(f"--temperature-attr {attr!r} is a tensor of shape {tuple(node.shape)}, not one number")
+        value = float(node.detach().reshape(()))
+    elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        value = float(node)
+    else:
+        raise ValueError(f"--temperature-attr {attr!r} is a {type(node).__name__}, not a number or a 1-element tensor")
+    t = {"temperature": value, "scale": 1.0 / value if value else float("inf"),
+         "log_scale": math.exp(-value) if value > -700 else float("inf")}[form]
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"--temperature-attr {attr!r} = {value} (form {form}) gives the temperature {t}, which is "
+                         "not a positive number; check --temperature-form")
+    return t
+
+
+def entropy_share(model: nn.Module, data: GroupData, temperature: float, max_groups: int = 2048) -> float:
+    """Mean entropy of the model's group policy as a share of the mean log G (1 = uniform), on up to
+    ``max_groups`` groups of ``data``."""
+    if len(data) > max_groups:
+        data = data.subset(list(range(max_groups)))
+    logp = compute_log_probs(model, data, temperature)
+    valid = torch.isfinite(logp)
+    h = -torch.where(valid, logp.exp() * logp, torch.zeros_like(logp)).sum(dim=1)
+    log_g = valid.sum(dim=1).clamp_min(1).double().log()
+    return float(h.double().mean() / log_g.mean()) if float(log_g.mean()) > 0 else 0.0
+
+
+NEAR_UNIFORM = 0.95  # entropy share above which the imported policy is reported as nearly uniform
+
+
+def import_sft(
+    target: str,
+    state_dict: str | Path,
+    out: str | Path,
+    *,
+    query_dim: int,
+    cand_dim: int,
+    kwargs: Mapping[str, Any] | None = None,
+    key: str | None = None,
+    renames: Sequence[tuple[str, str]] = (),
+    sim_temperature: float | None = None,
+    temperature_attr: str | None = None,
+    temperature_form: str = "temperature",
+    interface: str | None = None,
+    methods: Mapping[str, str] | None = None,
+    model_config: ModelConfig | None = None,
+) -> Path:
+    """Write a v3kit SFT checkpoint at ``out`` from the plain state dict file ``state_dict`` of class ``target``.
+
+    ``target`` is ``pkg.module:Class`` or ``path/to/models.py:Class``; the class is built with ``kwargs`` (and
+    ``query_dim`` / ``cand_dim`` when its constructor names them). ``interface`` / ``methods`` are
+    ``model.interface`` / ``model.methods`` (towers under other names, or a scorer). ``model_config`` supplies the
+    other model fields (``hidden``/``emb_dim``/``normalize`` for v3kit's own ``TwoTower``); ``sim_temperature``
+    overrides its logit temperature, or ``temperature_attr`` reads it from the loaded model
+    (:func:`read_temperature`). Nothing is written unless every tensor fits. Returns ``out``.
+    """
+    if sim_temperature is not None and temperature_attr is not None:
+        raise ValueError("give either --sim-temperature or --temperature-attr, not both")
+    base = model_config or ModelConfig()
+    changes: dict[str, Any] = {"target": target, "kwargs": dict(kwargs if kwargs is not None else base.kwargs)}
+    if sim_temperature is not None:
+        changes["sim_temperature"] = float(sim_temperature)
+    if interface is not None:
+        changes["interface"] = interface
+    if methods is not None:
+        changes["methods"] = dict(methods)
+    cfg = dataclasses.replace(base, **changes)  # re-runs ModelConfig's validation
+    for name, dim in (("query_dim", query_dim), ("cand_dim", cand_dim)):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{name} must be a positive integer, got {dim!r}")
+    try:
+        model = build_model(cfg, query_dim, cand_dim)
+    except TypeError as e:  # not a ranker: a one-line message, not a traceback
+        raise ValueError(str(e)) from None
+    raw = read_state_dict(state_dict)
+    state = unwrap_state_dict(raw, key=key, model_keys=list(model.state_dict()), source=state_dict)
+    state = apply_renames(state, renames)
+    fit_report(model, state, state_dict, target)
+    check_finite_weights(state, state_dict, {k for k, _ in model.named_parameters()}, "nothing was written; "
+                         "export the weights of a model that trained without NaN/inf")
+    model.load_state_dict(state)
+    if temperature_attr is not None:
+        cfg = dataclasses.replace(cfg, sim_temperature=read_temperature(model, temperature_attr, temperature_form))
+    _check_forward(model, query_dim, cand_dim, target)
+    payload = {
+        "stage": "sft", "epoch": 0, "step": -1, "model": model.state_dict(),
+        **model_payload(cfg, query_dim, cand_dim),
+        # Provenance only; nothing reads it back.
+        "imported_from": {"path": str(Path(state_dict).resolve()), "key": key, "renames": [list(r) for r in renames]},
+    }
+    return save_checkpoint(out, payload)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_rename(text: str) -> tuple[str, str]:
+    old, sep, new = text.partition("=")
+    if not sep or not old or not new:
+        raise ValueError(f"--rename {text!r} must look like OLD=NEW, e.g. --rename query_net=query_encoder")
+    return old, new
+
+
+def _data_from_config(args: argparse.Namespace) -> tuple[GroupData, ModelConfig]:
+    from ..config import load_config
+    from ..pipeline import load_data
+
+    cfg = load_config(args.config, args.set or [])
+    # The feature dims are the data's: load (and embed, for text) exactly what the run will use, built-in tables too.
+    return load_data(cfg), cfg.model
+
+
+def _json_object(flag: str, text: str | None, example: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} is not valid JSON ({e}); e.g. {flag} '{example}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object, e.g. {flag} '{example}', got {text!r}")
+    return value
+
+
+def next_run_command(out: str | Path, args: argparse.Namespace) -> str:
+    """The ``v3kit run`` command that trains from the written checkpoint on the same data, quoted for a shell."""
+    cmd = ["v3kit", "run", "--sft", str(out)]
+    if args.config is not None:
+        cmd += ["--config", str(args.config)]
+    for item in args.set or []:
+        cmd += ["--set", item]
+    return shlex.join(cmd)
+
+
+def cmd_import_sft(args: argparse.Namespace) -> int:
+    kwargs = _json_object("--kwargs", args.kwargs, '{"dim": 32}')
+    methods = _json_object("--methods", args.methods, '{"query": "encode_q", "candidates": "encode_docs"}')
+    query_dim, cand_dim, model_cfg, data = args.query_dim, args.cand_dim, None, None
+    if args.config is not None or args.set:
+        data, model_cfg = _data_from_config(args)
+        q, c = data.query_dim, data.cand_dim
+        for flag, given, found in (("--query-dim", query_dim, q), ("--cand-dim", cand_dim, c)):
+            if given is not None and given != found:
+                raise ValueError(f"{flag} {given} disagrees with the data of the config ({found}); drop {flag}")
+        query_dim, cand_dim = q, c
+    if query_dim is None or cand_dim is None:
+        raise ValueError("the feature dims are unknown: pass --query-dim and --cand-dim, or --config (and --set) "
+                         "of the run so they are read from its data")
+    path = import_sft(args.target, args.state_dict, args.out, query_dim=query_dim, cand_dim=cand_dim, kwargs=kwargs,
+                      key=args.key, renames=[_parse_rename(r) for r in args.rename or []],
+                      sim_temperature=args.sim_temperature, temperature_attr=args.temperature_attr,
+                      temperature_form=args.temperature_form, interface=args.interface, methods=methods,
+                      model_config=model_cfg)
+    ckpt = load_checkpoint(path)
+    t = ckpt["model_config"]["sim_temperature"]
+    kind = ckpt["model_config"]["interface"]
+    model = model_from_checkpoint(ckpt, path)
+    how = f"interface {interface_of(model).kind}" + (", recognised from the class" if kind == "auto" else "")
+    print(f"wrote {path}: {args.target} ({how}) with "
+          f"the weights of {args.state_dict} (query_dim {query_dim}, cand_dim {cand_dim}, sim_temperature {t:g}"
+          f"{f' read from {args.temperature_attr}' if args.temperature_attr else ''})")
+    if data is not None:
+        share = entropy_share(model, data, t)
+        print(f"imported policy on the data: mean entropy {share:.0%} of log G (100% = uniform) at sim_temperature "
+              f"{t:g}")
+        if share > NEAR_UNIFORM:
+            print("warning: the imported policy is nearly uniform over each group: if your model divides its scores "
+                  "by a temperature (or multiplies by a logit scale), set --sim-temperature T or --temperature-attr "
+                  "NAME, else RCE and GRPO start from a policy much flatter than your model's")
+    print(f"next: {next_run_command(path, args)}")
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    """``v3kit import-sft``: a plain state dict of your own class -> a v3kit ``sft.pt``."""
+    p = subparsers.add_parser("import-sft", help="make a v3kit SFT checkpoint from your own model's state_dict file")
+    p.add_argument("--target", required=True, metavar="MODULE:CLASS",
+                   help="your ranker class: pkg.module:Class (importable from the current directory or PYTHONPATH) "
+                        "or path/to/models.py:Class")
+    p.add_argument("--state-dict", required=True, metavar="FILE", help="torch.save(model.state_dict()) output")
+    p.add_argument("--out", required=True, metavar="FILE", help="the v3kit SFT checkpoint to write (e.g. sft.pt)")
+    p.add_argument("--query-dim", type=int, help="query feature dim (or read it from the data with --config)")
+    p.add_argument("--cand-dim", type=int, help="candidate feature dim (or read it from the data with --config)")
+    p.add_argument("--config", help="run config whose data gives the feature dims (and model defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, as for `run`")
+    p.add_argument("--kwargs", metavar="JSON", help="extra constructor arguments, e.g. '{\"dim\": 32}'")
+    p.add_argument("--key", help="entry (or key prefix) that holds the weights, e.g. ema or model.backbone")
+    p.add_argument("--rename", action="append", metavar="OLD=NEW", help="rename a key prefix (repeatable)")
+    p.add_argument("--sim-temperature", type=float, help="model.sim_temperature of the policy (default 1.0)")
+    p.add_argument("--temperature-attr", metavar="NAME",
+                   help="read model.sim_temperature from this attribute, buffer or parameter of your model "
+                        "(e.g. temperature, logit_scale); see --temperature-form")
+    p.add_argument("--temperature-form", choices=TEMPERATURE_FORMS, default="temperature",
+                   help="what --temperature-attr holds: temperature (scores / T), scale (scores * s) or log_scale "
+                        "(scores * exp(s), CLIP's logit_scale)")
+    p.add_argument("--interface", choices=INTERFACES,
+                   help="model.interface: towers (two embedding methods) | scorer (forward(query_x, cand_x) -> "
+                        "scores [B, G]) | auto (default: recognised from the class)")
+    p.add_argument("--methods", metavar="JSON",
+                   help="model.methods: your method names, e.g. '{\"query\": \"encode_q\", \"candidates\": "
+                        "\"encode_docs\"}' or '{\"score\": \"score\"}'")
+    p.set_defaults(func=cmd_import_sft)

@@ -1,0 +1,188 @@
+"""A run's ``metrics.csv``, one row per training step and per held-out evaluation, and the callbacks that see every
+row (the live plots, the trackers). The file is appended to and fsynced before each epoch checkpoint, so a crash
+never leaves a row that no checkpoint vouches for; a resume rebuilds it from the rows the checkpoint stores."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import pandas as pd
+
+from ..rundir import DISK_FULL_ERRNOS, atomic_write_text, disk_full_error
+
+if TYPE_CHECKING:
+    from .training import StageResult
+
+
+class Callback:
+    """Hooks a notebook (live plots) or a script can implement; every method is optional."""
+
+    def on_stage_start(self, stage: str, total_steps: int, info: dict[str, Any]) -> None: ...
+
+    def on_step(self, row: dict[str, Any]) -> None: ...
+
+    def on_eval(self, row: dict[str, Any]) -> None: ...
+
+    def on_stage_end(self, stage: str, result: "StageResult") -> None: ...
+
+
+def _call(callbacks: Sequence[Any], method: str, *args: Any) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, method, None)
+        if fn is not None:
+            fn(*args)
+
+
+def _cell(value: Any) -> str:
+    """One CSV cell exactly as ``DataFrame.to_csv`` writes it (floats by ``repr``, NaN/None empty)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _parse_cell(text: str) -> Any:
+    """Inverse of :func:`_cell` for the values v3kit logs (ints, floats, strings); empty is NaN."""
+    if text == "":
+        return math.nan
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars only (numpy/torch scalars -> ``.item()``), so rows can ride in a ``weights_only`` checkpoint."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
+
+
+class MetricsLog:
+    """Rows of ``metrics.csv``: one per training step (``split="train"``) and per evaluation (``split="val"``).
+
+    Crash safety: the file is only appended to (a row per line, flushed as it is logged, fsynced before each
+    epoch checkpoint) or replaced whole through a temp file and a rename (when a row brings a new column, and when
+    a stage starts). Each epoch checkpoint also stores the stage's rows up to it (:meth:`stage_rows`); a resume
+    rebuilds the stage's rows from there (:meth:`start_stage`), so rows logged after that checkpoint, a torn last
+    line, or rows lost after the checkpoint was written are all put back exactly. Columns are the union of the
+    rows' keys in first-seen order, the layout ``DataFrame(rows).to_csv`` gives.
+    """
+
+    def __init__(self, run_dir: str | Path | None) -> None:
+        self.path = None if run_dir is None else Path(run_dir) / "metrics.csv"
+        self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
+        self._fd: int | None = None  # the append descriptor (raw writes: a failed one can be cut back exactly)
+        if self.path is not None and self.path.exists():
+            self.columns, self.rows = self._read(self.path)
+
+    @staticmethod
+    def _read(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
+        """Header and complete rows of ``path``; a torn last line (no newline, or the wrong number of fields, e.g.
+        after a kill or a full disk mid-append) is dropped: the resume restores it from the checkpoint."""
+        text = path.read_text(encoding="utf-8", errors="replace")
+        complete = text[: text.rfind("\n") + 1]
+        records = list(csv.reader(io.StringIO(complete)))
+        if not records or not records[0]:
+            return [], []
+        header = records[0]
+        if not {"stage", "split", "epoch", "step"} <= set(header):
+            raise ValueError(f"{path} is not a v3kit metrics.csv (header {header[:6]}); move it away or use "
+                                  "another run_dir")
+        rows = [{k: _parse_cell(v) for k, v in zip(header, rec)} for rec in records[1:] if len(rec) == len(header)]
+        return header, rows
+
+    def start_stage(self, stage: str, kept: list[dict[str, Any]] | None, after_epoch: int = 0) -> None:
+        """This stage's rows become ``kept`` (a checkpoint's rows; ``[]`` for a fresh start), in place of the ones
+        in the file; then the file is rewritten atomically. ``kept=None`` (a checkpoint from before rows were
+        stored in it) keeps the file's rows up to ``after_epoch``."""
+        if kept is None:
+            kept = [r for r in self.rows if r["stage"] == stage and r["epoch"] <= after_epoch]
+        out: list[dict[str, Any]] = []
+        for r in self.rows:
+            if r["stage"] != stage:
+                out.append(r)
+            elif kept:  # where the stage's rows were: the first of them takes the whole (rebuilt) block
+                out += kept
+                kept = []
+        self.rows = out + kept
+        columns: list[str] = []
+        for r in self.rows:
+            columns += [k for k in r if k not in columns]
+        self.columns = columns
+        self._rewrite()
+
+    def stage_rows(self, stage: str) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["stage"] == stage]
+
+    def add(self, row: dict[str, Any]) -> None:
+        row = {k: _plain(v) for k, v in row.items()}
+        self.rows.append(row)
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self.columns += new
+            self._rewrite()
+        elif self.path is not None:
+            self._append(self._line(row).encode("utf-8"))
+
+    def _append(self, data: bytes) -> None:
+        """Append one row; on a full disk (or any write error) cut the file back to where it was, so no torn line
+        is left, and raise naming the file (os.write's own error names none)."""
+        fd = self._open()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            err = disk_full_error(e, self.path, len(data))
+            raise err if err is not e else OSError(e.errno, e.strerror, str(self.path)) from None
+
+    def commit(self) -> None:
+        """Make every logged row durable (called before an epoch's checkpoint is written)."""
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise disk_full_error(e, self.path) if e.errno in DISK_FULL_ERRNOS else \
+                    OSError(e.errno, e.strerror, str(self.path)) from None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                self.commit()
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def _line(self, row: dict[str, Any]) -> str:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow([_cell(row.get(c)) for c in self.columns])
+        return buf.getvalue()
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        return self._fd
+
+    def _rewrite(self) -> None:
+        if self.path is None:
+            return
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        header = self._line({c: c for c in self.columns}) if self.columns else ""
+        atomic_write_text(self.path, header + "".join(self._line(r) for r in self.rows))
+
+    def frame(self, stage: str | None = None) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows)
+        return df if stage is None or df.empty else df[df["stage"] == stage].reset_index(drop=True)
