@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 setup: $(STAMP)
 
+# Lint and formatting first (ruff, configured in pyproject.toml; `ruff format .` fixes the formatting), then the suite.
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 run: setup

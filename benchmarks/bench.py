@@ -72,8 +72,9 @@ class StepTimer:
 
 def world(size: str, n_train: int) -> Splits:
     b, g, d, _, _ = SIZES[size]
-    data = make_world(SyntheticConfig(n_queries=n_train + 40, group_size=g, min_group_size=max(2, g // 2),
-                                      feature_dim=d, seed=0))
+    data = make_world(
+        SyntheticConfig(n_queries=n_train + 40, group_size=g, min_group_size=max(2, g // 2), feature_dim=d, seed=0)
+    )
     s = split_by_query(data, val_frac=20 / len(data), test_frac=20 / len(data), seed=0)
     return s
 
@@ -98,13 +99,27 @@ def stage_steps(size: str, name: str, splits: Splits, callbacks: list[Any]) -> S
         train_sft(splits, mc, SFTConfig(epochs=2, batch_size=b), **common)
     elif name == "rce":
         stage1 = load_sft(policy, splits.train, model_config=mc)
-        run_rce(stage1.policy, splits, RCEConfig(epochs=2, batch_size=b), model_config=mc,
-                reference=stage1.reference, **common)
+        run_rce(
+            stage1.policy,
+            splits,
+            RCEConfig(epochs=2, batch_size=b),
+            model_config=mc,
+            reference=stage1.reference,
+            **common,
+        )
     else:
         stage1 = load_sft(policy, splits.train, model_config=mc)
         cfg = GRPOConfig(epochs=2, batch_size=b, **GRPO_VARIANTS[name])
-        run_grpo(stage1.policy, splits, stage1.old_log_probs, cfg, reference=stage1.reference,
-                 temperature=mc.sim_temperature, model_config=mc, **common)
+        run_grpo(
+            stage1.policy,
+            splits,
+            stage1.old_log_probs,
+            cfg,
+            reference=stage1.reference,
+            temperature=mc.sim_temperature,
+            model_config=mc,
+            **common,
+        )
     return timer
 
 
@@ -203,22 +218,46 @@ def bench_steps(quick: bool) -> None:
         sft_step = statistics.median(times["sft"])
         add(sec, "policy fwd+bwd (one batch)", fb * 1e3, "ms", rounds * fb_reps)
         fb_grpo = statistics.median(fbs_grpo)
-        add(sec, "policy fwd+bwd through the GRPO objective", fb_grpo * 1e3, "ms", rounds * fb_reps,
-            f"+{(fb_grpo - fb) * 1e3:.3f} ms over SFT's loss (objective, its backward, statistics)")
-        add(sec, "SFT model FLOP/s / torch.mm FLOP/s", flops / sft_step / rate, "frac", len(times["sft"]),
-            f"tower linears {flops / 1e9:.3f} GFLOP/step; mm {rate / 1e9:.1f} GFLOP/s")
+        add(
+            sec,
+            "policy fwd+bwd through the GRPO objective",
+            fb_grpo * 1e3,
+            "ms",
+            rounds * fb_reps,
+            f"+{(fb_grpo - fb) * 1e3:.3f} ms over SFT's loss (objective, its backward, statistics)",
+        )
+        add(
+            sec,
+            "SFT model FLOP/s / torch.mm FLOP/s",
+            flops / sft_step / rate,
+            "frac",
+            len(times["sft"]),
+            f"tower linears {flops / 1e9:.3f} GFLOP/step; mm {rate / 1e9:.1f} GFLOP/s",
+        )
         # old_log_probs (stage 1, refreshes) and the reference pass: inference vs training throughput
         model = build_model(model_cfg(size), splits.train.query_dim, splits.train.cand_dim)
-        t = median_time(lambda: compute_log_probs(model, splits.train, 1.0), 3)
-        add(sec, "old_log_probs throughput", len(splits.train) / t, "groups/s", 3,
-            f"SFT training {b / sft_step:,.0f} groups/s")
+        t = median_time(lambda model=model, splits=splits: compute_log_probs(model, splits.train, 1.0), 3)
+        add(
+            sec,
+            "old_log_probs throughput",
+            len(splits.train) / t,
+            "groups/s",
+            3,
+            f"SFT training {b / sft_step:,.0f} groups/s",
+        )
         if LivePlot is None:
             add(sec, "live-plot overhead", float("nan"), "frac", 0, "skipped: plotting extras not installed")
             continue
         # The plot redraws every few steps: compare mean step times (a median would skip the redraws).
         t_on, t_off = statistics.fmean(times["live on"]), statistics.fmean(times["live off"])
-        add(sec, "live-plot overhead (SFT, mean step)", t_on / t_off - 1, "frac", len(times["live on"]),
-            f"on {t_on * 1e3:.2f} ms vs off {t_off * 1e3:.2f} ms")
+        add(
+            sec,
+            "live-plot overhead (SFT, mean step)",
+            t_on / t_off - 1,
+            "frac",
+            len(times["live on"]),
+            f"on {t_on * 1e3:.2f} ms vs off {t_off * 1e3:.2f} ms",
+        )
 
 
 # ----------------------------------------------------------------------------------- subprocess measurements
@@ -245,8 +284,9 @@ print(json.dumps(out))
 
 def probe(body: str, setup: str = "") -> dict[str, float]:
     code = PROBE.format(root=str(ROOT), body=body, setup=setup)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     if res.returncode:
         raise RuntimeError(res.stderr[-2000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -268,43 +308,77 @@ def bench_ingest(quick: bool, tmp: Path) -> None:
     write_table(arrow, n_q, g, d)
     payload = n_q * g * d * 4 + n_q * d * 4
     reps = 3
-    setup = ("import shutil\nimport v3kit.data.ingest\nfrom v3kit.data import split_by_query\n"
-             "from v3kit.data.tables import load_groups\n"
-             "from v3kit.data.cache import cache_dir, cached_splits, load_cached\n"
-             "from v3kit.train.model import ModelConfig\nfrom v3kit.train.sft import SFTConfig, train_sft\n")
+    setup = (
+        "import shutil\nimport v3kit.data.ingest\nfrom v3kit.data import split_by_query\n"
+        "from v3kit.data.tables import load_groups\n"
+        "from v3kit.data.cache import cache_dir, cached_splits, load_cached\n"
+        "from v3kit.train.model import ModelConfig\nfrom v3kit.train.sft import SFTConfig, train_sft\n"
+    )
     section = f"ingest {n_q:,} x {g} x {d}-d"
     for fmt, file in (("Parquet", path), ("Arrow IPC", arrow)):
         load = median_probe(f"d = load_groups({str(file)!r})\nout = {{}}", reps, setup)
         size = f"{file.stat().st_size / 1e9:.2f} GB file"
         add(section, f"{fmt} -> GroupData", rows / load["seconds"], "rows/s", reps, f"{rows:,} rows; {size}")
-        add(section, f"{fmt} -> GroupData: peak RSS growth / payload", load["peak_rss_growth"] / payload, "x", reps,
-            f"{load['peak_rss_growth'] / 1e9:.2f} GB for a float32 payload of {payload / 1e9:.2f} GB")
+        add(
+            section,
+            f"{fmt} -> GroupData: peak RSS growth / payload",
+            load["peak_rss_growth"] / payload,
+            "x",
+            reps,
+            f"{load['peak_rss_growth'] / 1e9:.2f} GB for a float32 payload of {payload / 1e9:.2f} GB",
+        )
     arrow.unlink()
     for dtype in FEATURE_DTYPES:
-        build = median_probe(f"d = load_cached({str(path)!r}, {dtype!r})\nout = {{}}", reps,
-                             setup + f"shutil.rmtree(cache_dir({str(path)!r}, {dtype!r}), ignore_errors=True)\n")
+        build = median_probe(
+            f"d = load_cached({str(path)!r}, {dtype!r})\nout = {{}}",
+            reps,
+            setup + f"shutil.rmtree(cache_dir({str(path)!r}, {dtype!r}), ignore_errors=True)\n",
+        )
         again = median_probe(f"d = load_cached({str(path)!r}, {dtype!r})\nout = {{}}", reps, setup)
         add(section, f"cache build ({dtype})", rows / build["seconds"], "rows/s", reps, "first load: parse + write")
-        add(section, f"cached load ({dtype})", rows / again["seconds"], "rows/s", reps,
-            f"{again['seconds'] * 1e3:.1f} ms; memory-mapped")
+        add(
+            section,
+            f"cached load ({dtype})",
+            rows / again["seconds"],
+            "rows/s",
+            reps,
+            f"{again['seconds'] * 1e3:.1f} ms; memory-mapped",
+        )
         add(section, f"cached load ({dtype}): peak RSS growth", again["peak_rss_growth"] / 1e6, "MB", reps)
         # What verifying the cache costs: the same load with the per-file CRC-32 check skipped (open_cache without
         # the file listing reads no page), side by side with the verified load above.
-        unchecked = median_probe(f"from v3kit.data.cache import open_cache\nd = open_cache(cache_dir({str(path)!r}, "
-                                 f"{dtype!r}))\nout = {{}}", reps, setup)
-        add(section, f"cached load ({dtype}) without the CRC-32 check", rows / unchecked["seconds"], "rows/s", reps,
+        unchecked = median_probe(
+            f"from v3kit.data.cache import open_cache\nd = open_cache(cache_dir({str(path)!r}, {dtype!r}))\nout = {{}}",
+            reps,
+            setup,
+        )
+        add(
+            section,
+            f"cached load ({dtype}) without the CRC-32 check",
+            rows / unchecked["seconds"],
+            "rows/s",
+            reps,
             f"{unchecked['seconds'] * 1e3:.1f} ms; the check costs {(again['seconds'] - unchecked['seconds']) * 1e3:.1f}"
-            " ms per load")
+            " ms per load",
+        )
     # One SFT epoch (tiny towers, B=64) over this data: in memory vs memory-mapped float16 splits.
-    train = ("r = train_sft(s, ModelConfig(), SFTConfig(epochs=1), progress=False)\n"
-             "out = {'anon': 0}\n")
-    for label, make in (("in memory (float32)", f"s = split_by_query(load_groups({str(path)!r}))\n"),
-                        ("cached splits (float16)", f"s = cached_splits({str(path)!r}, 'float16')\n")):
-        r = median_probe(make + train, reps, setup + (f"cached_splits({str(path)!r}, 'float16')\n"
-                                                       if "cached" in label else ""))
-        add(section, f"load + SFT epoch, {label}: peak RSS growth / payload", r["peak_rss_growth"] / payload, "x",
-            reps, f"{r['peak_rss_growth'] / 1e9:.2f} GB; anonymous RSS at end {r['anon_rss_end'] / 1e9:.2f} GB; "
-            f"{r['seconds']:.1f} s")
+    train = "r = train_sft(s, ModelConfig(), SFTConfig(epochs=1), progress=False)\nout = {'anon': 0}\n"
+    for label, make in (
+        ("in memory (float32)", f"s = split_by_query(load_groups({str(path)!r}))\n"),
+        ("cached splits (float16)", f"s = cached_splits({str(path)!r}, 'float16')\n"),
+    ):
+        r = median_probe(
+            make + train, reps, setup + (f"cached_splits({str(path)!r}, 'float16')\n" if "cached" in label else "")
+        )
+        add(
+            section,
+            f"load + SFT epoch, {label}: peak RSS growth / payload",
+            r["peak_rss_growth"] / payload,
+            "x",
+            reps,
+            f"{r['peak_rss_growth'] / 1e9:.2f} GB; anonymous RSS at end {r['anon_rss_end'] / 1e9:.2f} GB; "
+            f"{r['seconds']:.1f} s",
+        )
     path.unlink()
 
 
@@ -336,18 +410,30 @@ out = {{"seconds": t.end - t.t, "payload": ({g} * {d} + {d} + 2 * {g}) * 4 * {n}
         r = median_probe(body, reps, setup)
         sec = f"SFT epoch (tiny, {g} x {d}-d)"
         add(sec, f"{n:,} groups: epoch time", r["seconds"], "s", reps, f"{n / r['seconds']:,.0f} groups/s")
-        add(sec, f"{n:,} groups: peak RSS growth in the epoch", r["peak_rss_growth"] / 1e6, "MB", reps,
-            f"data in memory {r['payload'] / 1e6:.0f} MB")
+        add(
+            sec,
+            f"{n:,} groups: peak RSS growth in the epoch",
+            r["peak_rss_growth"] / 1e6,
+            "MB",
+            reps,
+            f"data in memory {r['payload'] / 1e6:.0f} MB",
+        )
 
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0], "torch": torch.__version__,
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -367,8 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     parts = args.only or ["steps", "ingest", "epochs"]
-    info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick,
-            **machine()}
+    info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick, **machine()}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         if "steps" in parts:
@@ -378,9 +463,11 @@ def main(argv: list[str] | None = None) -> None:
         if "epochs" in parts:
             bench_epochs(args.quick)
     info["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"v3kit benchmarks, {info['date']}, {info['cpu']} ({info['cores']} cores, "
-          f"load {info['load_avg_at_start']:.1f}), "
-          f"torch {info['torch']} on 1 thread{', --quick' if args.quick else ''}; {info['seconds']} s")
+    print(
+        f"v3kit benchmarks, {info['date']}, {info['cpu']} ({info['cores']} cores, "
+        f"load {info['load_avg_at_start']:.1f}), "
+        f"torch {info['torch']} on 1 thread{', --quick' if args.quick else ''}; {info['seconds']} s"
+    )
     print(table(ROWS))
     Path(args.out).write_text(json.dumps({"machine": info, "rows": ROWS}, indent=1) + "\n")
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from make_table import write_table  # noqa: E402
+
 from v3kit.data.cache import cache_dir, load_cached, open_cache  # noqa: E402
 
 
@@ -36,13 +37,17 @@ def main(argv: list[str] | None = None) -> None:
         size = sum(f.stat().st_size for f in where.glob("*.npy"))
         times: dict[str, list[float]] = {"verified (CRC-32 of every file)": [], "unverified (memory map only)": []}
         for _ in range(args.repeats):  # interleaved, so both see the same page cache and machine load
-            for label, load in (("verified (CRC-32 of every file)", lambda: load_cached(path)),
-                                ("unverified (memory map only)", lambda: open_cache(where))):
+            for label, load in (
+                ("verified (CRC-32 of every file)", lambda: load_cached(path)),
+                ("unverified (memory map only)", lambda: open_cache(where)),
+            ):
                 t0 = time.perf_counter()
                 load()
                 times[label].append(time.perf_counter() - t0)
-    print(f"data cache of {args.queries:,} queries x {args.group} x {args.dim}-d ({size / 1e6:.0f} MB), "
-          f"median of {args.repeats} loads:")
+    print(
+        f"data cache of {args.queries:,} queries x {args.group} x {args.dim}-d ({size / 1e6:.0f} MB), "
+        f"median of {args.repeats} loads:"
+    )
     for label, ts in times.items():
         print(f"  {label:<34} {statistics.median(ts) * 1e3:8.1f} ms")
 

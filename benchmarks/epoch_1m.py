@@ -54,17 +54,30 @@ def write_cache(where: Path, n: int, seed: int = 0) -> None:
     np.save(where / "rewards.npy", rng.standard_normal((n, G), dtype=np.float32))
     np.save(where / "query_ids.npy", np.char.add("q", np.arange(n).astype(str)))
     spans = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
-    _write_npy(where / "query_x.npy", (n, DIM), np.float16,
-               (rng.standard_normal((e - s, DIM), dtype=np.float32) for s, e in spans))
-    _write_npy(where / "cand_x.npy", (n, G, DIM), np.float16,
-               (rng.standard_normal((e - s, G, DIM), dtype=np.float32) for s, e in spans))
+    _write_npy(
+        where / "query_x.npy",
+        (n, DIM),
+        np.float16,
+        (rng.standard_normal((e - s, DIM), dtype=np.float32) for s, e in spans),
+    )
+    _write_npy(
+        where / "cand_x.npy",
+        (n, G, DIM),
+        np.float16,
+        (rng.standard_normal((e - s, G, DIM), dtype=np.float32) for s, e in spans),
+    )
 
 
 def small(n: int, seed: int) -> GroupData:
     g = torch.Generator().manual_seed(seed)
-    return GroupData(query_x=torch.randn(n, DIM, generator=g), cand_x=torch.randn(n, G, DIM, generator=g),
-                     mask=torch.ones(n, G, dtype=torch.bool), labels=torch.randint(0, G, (n,), generator=g),
-                     rewards=torch.randn(n, G, generator=g), query_ids=[f"v{i}" for i in range(n)])
+    return GroupData(
+        query_x=torch.randn(n, DIM, generator=g),
+        cand_x=torch.randn(n, G, DIM, generator=g),
+        mask=torch.ones(n, G, dtype=torch.bool),
+        labels=torch.randint(0, G, (n,), generator=g),
+        rewards=torch.randn(n, G, generator=g),
+        query_ids=[f"v{i}" for i in range(n)],
+    )
 
 
 def main() -> None:
@@ -87,11 +100,13 @@ def main() -> None:
     result = train_sft(splits, ModelConfig(), SFTConfig(epochs=1, batch_size=args.batch_size), progress=True)
     t_epoch = time.perf_counter() - t0
     payload = (train.cand_x.numel() + train.query_x.numel()) * 2 / 1e9
-    print(f"groups {args.groups:,} x {G} x {DIM}-d (float16 features: {payload:.1f} GB on disk); cache written in "
-          f"{t_write:.0f} s; one SFT epoch ({len(result.train_history)} steps of {args.batch_size}) in "
-          f"{t_epoch:.0f} s; peak RSS {_status('VmHWM'):.2f} GB (before the epoch {base_hwm:.2f} GB, file-backed "
-          f"pages of the memory map included); anonymous RSS {_status('RssAnon'):.2f} GB (before {base_anon:.2f} GB); "
-          f"final val acc@1 {result.final_metrics['acc@1']:.3f}")
+    print(
+        f"groups {args.groups:,} x {G} x {DIM}-d (float16 features: {payload:.1f} GB on disk); cache written in "
+        f"{t_write:.0f} s; one SFT epoch ({len(result.train_history)} steps of {args.batch_size}) in "
+        f"{t_epoch:.0f} s; peak RSS {_status('VmHWM'):.2f} GB (before the epoch {base_hwm:.2f} GB, file-backed "
+        f"pages of the memory map included); anonymous RSS {_status('RssAnon'):.2f} GB (before {base_anon:.2f} GB); "
+        f"final val acc@1 {result.final_metrics['acc@1']:.3f}"
+    )
     if not args.keep:
         shutil.rmtree(where, ignore_errors=True)
 

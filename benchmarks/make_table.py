@@ -22,17 +22,32 @@ def table_format(path: str | Path) -> str:
     return "arrow" if Path(path).suffix.lower() in (".arrow", ".feather", ".ipc") else "parquet"
 
 
-def write_table(path: str | Path, n_queries: int, group: int, dim: int, *, seed: int = 0,
-                queries_per_chunk: int = 4096, fmt: str | None = None) -> int:
+def write_table(
+    path: str | Path,
+    n_queries: int,
+    group: int,
+    dim: int,
+    *,
+    seed: int = 0,
+    queries_per_chunk: int = 4096,
+    fmt: str | None = None,
+) -> int:
     """``n_queries`` groups of ``group`` candidates with ``dim``-d float32 query and candidate features; the
     same rows whatever the format (``fmt``: ``parquet`` | ``arrow``; default from the suffix)."""
     fmt = fmt or table_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     rng = np.random.default_rng(seed)
-    schema = pa.schema([("query_id", pa.string()), ("candidate_id", pa.string()),
-                        ("query_features", pa.list_(pa.float32())), ("candidate_features", pa.list_(pa.float32())),
-                        ("reward", pa.float64()), ("is_label", pa.bool_())])
+    schema = pa.schema(
+        [
+            ("query_id", pa.string()),
+            ("candidate_id", pa.string()),
+            ("query_features", pa.list_(pa.float32())),
+            ("candidate_features", pa.list_(pa.float32())),
+            ("reward", pa.float64()),
+            ("is_label", pa.bool_()),
+        ]
+    )
     rows = 0
     writer = pq.ParquetWriter(path, schema) if fmt == "parquet" else pa.ipc.new_file(str(path), schema)
     with writer:
@@ -45,11 +60,17 @@ def write_table(path: str | Path, n_queries: int, group: int, dim: int, *, seed:
             qids = np.repeat(np.arange(q0, q0 + nq), group).astype(str)
             label = np.zeros(r, dtype=bool)
             label[np.arange(nq) * group + rng.integers(0, group, nq)] = True
-            batch = pa.record_batch([
-                pa.array(qids), pa.array(np.char.add(qids, np.tile(np.arange(group), nq).astype(str))),
-                pa.ListArray.from_arrays(offsets, pa.array(qf.ravel())),
-                pa.ListArray.from_arrays(offsets, pa.array(cf.ravel())),
-                pa.array(rng.standard_normal(r)), pa.array(label)], schema=schema)
+            batch = pa.record_batch(
+                [
+                    pa.array(qids),
+                    pa.array(np.char.add(qids, np.tile(np.arange(group), nq).astype(str))),
+                    pa.ListArray.from_arrays(offsets, pa.array(qf.ravel())),
+                    pa.ListArray.from_arrays(offsets, pa.array(cf.ravel())),
+                    pa.array(rng.standard_normal(r)),
+                    pa.array(label),
+                ],
+                schema=schema,
+            )
             writer.write_batch(batch)
             rows += r
     return rows

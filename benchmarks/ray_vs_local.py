@@ -52,11 +52,14 @@ def main() -> None:
     rows.append(("ray, local 2-CPU cluster", start, grid("ray", backend="ray")))
     ray.shutdown()
 
-    frames = {name: pd.read_csv(root / name / "results.csv").drop(columns=["wall_s", "run_dir"])
-              for name in ("local1", "local2", "ray")}
+    frames = {
+        name: pd.read_csv(root / name / "results.csv").drop(columns=["wall_s", "run_dir"])
+        for name in ("local1", "local2", "ray")
+    }
     same = all(frames["local1"].equals(f) for f in frames.values())
-    print(f"smoke grid ({len(frames['ray'].groupby(['world', 'variant', 'seed']))} runs, 2 SFTs) on "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"smoke grid ({len(frames['ray'].groupby(['world', 'variant', 'seed']))} runs, 2 SFTs) on {os.cpu_count()} CPUs"
+    )
     print(f"{'':28s}{'start-up':>10s}{'grid':>10s}{'total':>10s}")
     for name, s, g in rows:
         print(f"{name:28s}{s:9.1f}s{g:9.1f}s{s + g:9.1f}s")

@@ -61,8 +61,7 @@ def main() -> None:
 
     world = make_world(SyntheticConfig(n_queries=B * args.steps + 16))
     n = B * args.steps
-    splits = Splits(train=world.subset(range(n)), val=world.subset(range(n, n + 8)),
-                    test=world.subset(range(n, n + 8)))
+    splits = Splits(train=world.subset(range(n)), val=world.subset(range(n, n + 8)), test=world.subset(range(n, n + 8)))
     model_cfg = ModelConfig()
     torch.manual_seed(0)
     base = build_model(model_cfg, splits.train.query_dim, splits.train.cand_dim)
@@ -76,24 +75,40 @@ def main() -> None:
 
     runs = {
         "sft": lambda cb: train_sft(splits, model_cfg, SFTConfig(epochs=e, batch_size=B), callbacks=[cb], **common),
-        "rce": lambda cb: run_rce(fresh(), splits, RCEConfig(epochs=e, batch_size=B), reference=ref, callbacks=[cb],
-                                  **common),
-        "grpo": lambda cb: run_grpo(fresh(), splits, old, GRPOConfig(epochs=e, batch_size=B), reference=ref,
-                                    callbacks=[cb], **common),
+        "rce": lambda cb: run_rce(
+            fresh(), splits, RCEConfig(epochs=e, batch_size=B), reference=ref, callbacks=[cb], **common
+        ),
+        "grpo": lambda cb: run_grpo(
+            fresh(), splits, old, GRPOConfig(epochs=e, batch_size=B), reference=ref, callbacks=[cb], **common
+        ),
         "grpo kl_reference=sft": lambda cb: run_grpo(
-            fresh(), splits, old, GRPOConfig(epochs=e, batch_size=B, kl_reference="sft"), reference=ref,
-            callbacks=[cb], **common),
+            fresh(),
+            splits,
+            old,
+            GRPOConfig(epochs=e, batch_size=B, kl_reference="sft"),
+            reference=ref,
+            callbacks=[cb],
+            **common,
+        ),
         "grpo samples=sampled": lambda cb: run_grpo(
-            fresh(), splits, old, GRPOConfig(epochs=e, batch_size=B, samples="sampled"), reference=ref,
-            callbacks=[cb], **common),
+            fresh(),
+            splits,
+            old,
+            GRPOConfig(epochs=e, batch_size=B, samples="sampled"),
+            reference=ref,
+            callbacks=[cb],
+            **common,
+        ),
     }
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
         for name, run in runs.items():
             times[name] += per_step(run, args.steps, time.process_time if args.clock == "cpu" else time.perf_counter)
     sft = statistics.median(times["sft"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), B={B}, G=8, "
-          f"{args.steps} steps x {e - 1} timed epochs x {args.repeats} repeats, {args.clock} time")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), B={B}, G=8, "
+        f"{args.steps} steps x {e - 1} timed epochs x {args.repeats} repeats, {args.clock} time"
+    )
     sft_min = min(times["sft"])
     print(f"{'stage':<24}{'median ms/step':>15}{'x SFT':>7}{'min ms/step':>13}{'x SFT':>7}")
     for name, t in times.items():

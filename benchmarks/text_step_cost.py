@@ -11,8 +11,8 @@ End-to-end: ``TextTwoTower`` encoding every batch's texts, with its top ``train_
 from __future__ import annotations
 
 import argparse
-import tempfile
 import statistics
+import tempfile
 import time
 
 import torch
@@ -58,19 +58,23 @@ def main() -> None:
         t0 = time.perf_counter()
         embed_texts(texts, cache_dir=cache, max_tokens=args.max_tokens, progress=False)
         per_text = (time.perf_counter() - t0) / len(texts)
-        frozen = from_long_frame(frame, embed=lambda t: embed_texts(t, cache_dir=cache, max_tokens=args.max_tokens,
-                                                                      progress=False))
+        frozen = from_long_frame(
+            frame, embed=lambda t: embed_texts(t, cache_dir=cache, max_tokens=args.max_tokens, progress=False)
+        )
     e2e = from_long_frame(frame, text_mode="end_to_end")
     names = ["frozen (MLP on MiniLM vectors)"]
     models = [(build_model(ModelConfig(hidden=[256], emb_dim=128, normalize=True), 384, 384), frozen)]
     for n in (1, 2):
-        cfg = ModelConfig(target="v3kit.text_model:TextTwoTower",
-                          kwargs={"train_layers": n, "max_tokens": args.max_tokens})
+        cfg = ModelConfig(
+            target="v3kit.text_model:TextTwoTower", kwargs={"train_layers": n, "max_tokens": args.max_tokens}
+        )
         names.append(f"end_to_end (MiniLM, top {n} layer{'s' if n > 1 else ''})")
         models.append((build_model(cfg, 0, 0), e2e))
     rows = list(zip(names, median_step_seconds(models, args.batch, args.steps)))
-    print(f"one SFT step, {args.batch} queries x 8 candidates, max {args.max_tokens} tokens, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"one SFT step, {args.batch} queries x 8 candidates, max {args.max_tokens} tokens, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for name, s in rows:
         print(f"  {name:<38} {s * 1000:9.1f} ms/step  ({s / rows[0][1]:.0f}x frozen)")
     print(f"  frozen mode's one-off embedding: {per_text * 1000:.1f} ms per distinct text (cached afterwards)")

@@ -25,9 +25,19 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 # realistic towers on 384-d features (the size where the towers, not the bookkeeping, are a step's cost)
-SETS = ["progress=false", "data.synthetic.group_size=16", "data.synthetic.min_group_size=16",
-        "data.synthetic.feature_dim=384", "model.hidden=[512,512]", "model.emb_dim=128",
-        "sft.batch_size=256", "rce.batch_size=256", "grpo.batch_size=256", "rce.epochs=0", "grpo.epochs=1"]
+SETS = [
+    "progress=false",
+    "data.synthetic.group_size=16",
+    "data.synthetic.min_group_size=16",
+    "data.synthetic.feature_dim=384",
+    "model.hidden=[512,512]",
+    "model.emb_dim=128",
+    "sft.batch_size=256",
+    "rce.batch_size=256",
+    "grpo.batch_size=256",
+    "rce.epochs=0",
+    "grpo.epochs=1",
+]
 
 
 def run(run_dir: Path, ranks: int, threads: int, sets: list[str]) -> float:
@@ -53,8 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="1,000 queries instead of 3,000")
     args = ap.parse_args(argv)
     n_q = 1000 if args.quick else 3000
-    ways = [("one process, 1 thread", 1, 1), (f"one process, {args.ranks} threads", 1, args.ranks),
-            (f"torchrun, {args.ranks} ranks x 1 thread", args.ranks, 1)]
+    ways = [
+        ("one process, 1 thread", 1, 1),
+        (f"one process, {args.ranks} threads", 1, args.ranks),
+        (f"torchrun, {args.ranks} ranks x 1 thread", args.ranks, 1),
+    ]
     epochs = (1, 5)
     with tempfile.TemporaryDirectory() as tmp:
         times = {(name, e): [] for name, _, _ in ways for e in epochs}
@@ -63,12 +76,16 @@ def main(argv: list[str] | None = None) -> None:
                 sets = SETS + [f"data.synthetic.n_queries={n_q}", f"sft.epochs={e}"]
                 for i, (name, ranks, threads) in enumerate(ways):
                     times[name, e].append(run(Path(tmp) / f"{i}_{e}_{rep}", ranks, threads, sets))
-        tables = [pd.read_csv(Path(tmp) / f"{i}_{e}_0" / "summary.csv").select_dtypes("number")
-                  for e in epochs for i in range(len(ways))]
-    gap = max(float((t - tables[0 if k < len(ways) else len(ways)]).abs().max().max())
-              for k, t in enumerate(tables))
-    print(f"{n_q:,} queries x 16 candidates x 384-d, towers 512-512-128, batch 256, SFT 1 or 5 epochs + GRPO 1 "
-          f"epoch; {os.cpu_count()} cores; fastest of {args.repeats}")
+        tables = [
+            pd.read_csv(Path(tmp) / f"{i}_{e}_0" / "summary.csv").select_dtypes("number")
+            for e in epochs
+            for i in range(len(ways))
+        ]
+    gap = max(float((t - tables[0 if k < len(ways) else len(ways)]).abs().max().max()) for k, t in enumerate(tables))
+    print(
+        f"{n_q:,} queries x 16 candidates x 384-d, towers 512-512-128, batch 256, SFT 1 or 5 epochs + GRPO 1 "
+        f"epoch; {os.cpu_count()} cores; fastest of {args.repeats}"
+    )
     print(f"  {'':<32} {'total, 5 SFT epochs':>20} {'one more SFT epoch':>20}")
     best = {k: min(v) for k, v in times.items()}
     base_total, base_epoch = best[ways[0][0], 5], (best[ways[0][0], 5] - best[ways[0][0], 1]) / 4

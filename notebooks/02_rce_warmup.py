@@ -49,7 +49,6 @@ plateau_k = None           # steps per window of the plateau check; None: a quar
 plateau_tol = 0.01         # relative change below which the loss counts as flat
 
 # %%
-import pandas as pd
 
 from v3kit.diagnose import diagnose
 from v3kit.doctor.rce_analysis import add_rce_floor, plateau_check, rce_floor

@@ -57,8 +57,6 @@ compare_epochs = None      # epochs per comparison run; None: grpo_epochs
 # %%
 import copy
 
-import pandas as pd
-
 from v3kit.notebook.grpo_panel import ComparePanel, GRPOStart
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.plots import grpo_panels, plot_ratio_hist, show

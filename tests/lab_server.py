@@ -87,8 +87,9 @@ class LabServer:
     log: Path
 
     def api(self, path: str, method: str = "GET") -> Any:
-        req = urllib.request.Request(f"{self.url}{path}", method=method,
-                                     headers={"Authorization": f"token {self.token}"})
+        req = urllib.request.Request(
+            f"{self.url}{path}", method=method, headers={"Authorization": f"token {self.token}"}
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:
             body = resp.read()
         return json.loads(body) if body else None
@@ -128,9 +129,14 @@ def start_lab(base: Path, root_dir: Path) -> LabServer:
     for var in ("MPLBACKEND", "V3KIT_LIVE", "JUPYTER_TOKEN"):
         env.pop(var, None)  # the kernel keeps its inline backend and live plotting
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    dirs = {"JUPYTER_CONFIG_DIR": "config", "JUPYTER_DATA_DIR": "data", "JUPYTER_RUNTIME_DIR": "runtime",
-            "IPYTHONDIR": "ipython", "JUPYTERLAB_SETTINGS_DIR": "lab-settings",
-            "JUPYTERLAB_WORKSPACES_DIR": "lab-workspaces"}
+    dirs = {
+        "JUPYTER_CONFIG_DIR": "config",
+        "JUPYTER_DATA_DIR": "data",
+        "JUPYTER_RUNTIME_DIR": "runtime",
+        "IPYTHONDIR": "ipython",
+        "JUPYTERLAB_SETTINGS_DIR": "lab-settings",
+        "JUPYTERLAB_WORKSPACES_DIR": "lab-workspaces",
+    }
     # The user's own data dir stays on the search path: a `v3kit` kernel registered with --user must still be found.
     env["JUPYTER_PATH"] = os.pathsep.join(p for p in (jupyter_data_dir(), env.get("JUPYTER_PATH", "")) if p)
     for var, sub in dirs.items():
@@ -140,18 +146,31 @@ def start_lab(base: Path, root_dir: Path) -> LabServer:
     notify = base / "lab-settings" / "@jupyterlab" / "apputils-extension"
     notify.mkdir(parents=True, exist_ok=True)
     (notify / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--ServerApp.port={port}",
-           "--ServerApp.port_retries=0", "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={root_dir}", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0",
+        "--ServerApp.ip=127.0.0.1",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root_dir}",
+        "--LabApp.expose_app_in_browser=True",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
     log = base / "jupyter-lab.log"
     for attempt in range(3):  # another process may grab the free port before the server binds it
         with open(log, "wb") as out:
-            process = subprocess.Popen(cmd, env=env, cwd=str(root_dir), stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                cmd, env=env, cwd=str(root_dir), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         server = LabServer(process, f"http://127.0.0.1:{port}", token, root_dir, log)
         if _wait_ready(server):
             return server

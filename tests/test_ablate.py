@@ -24,8 +24,13 @@ TINY_BASE = ["data.synthetic.n_queries=80", "sft.epochs=1", "rce.epochs=1", "grp
 
 
 def tiny_grid(**extra):
-    raw = {"name": "tiny", "base": list(TINY_BASE), "seeds": [0, 1], "reference": "seed",
-           "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": []}}
+    raw = {
+        "name": "tiny",
+        "base": list(TINY_BASE),
+        "seeds": [0, 1],
+        "reference": "seed",
+        "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": []},
+    }
     raw.update(extra)
     return raw
 
@@ -39,20 +44,28 @@ def test_grid_parses_and_resolves_each_variant():
     assert spec.value("kl0", "grpo.kl_beta") == 0.0 and spec.value("seed", "grpo.kl_beta") == 0.1
 
 
-@pytest.mark.parametrize("raw, needles", [
-    (tiny_grid(variants={"seed": [], "typo": ["grpo.kl_bta=0.0"]}), ["typo", "grpo.kl_bta", "grpo.kl_beta"]),
-    (tiny_grid(variants={"seed": [], "bad": ["grpo.old_policy=fresh"]}), ["bad", "grpo.old_policy"]),
-    (tiny_grid(variants={"seed": [], "moves_data": ["data.val_frac=0.2"]}), ["moves_data", "data.val_frac", "base"]),
-    (tiny_grid(variants={"seed": [], "own_seed": ["seed=3"]}), ["own_seed", "seeds"]),
-    (tiny_grid(variants={"seed": [], "noeq": ["grpo.kl_beta"]}), ["noeq", "key=value"]),
-    (tiny_grid(seeds=[]), ["grid.seeds"]),
-    (tiny_grid(reference="nope"), ["reference", "nope"]),
-    (tiny_grid(varients={}), ["varients"]),
-    (tiny_grid(questions={"q": ["seed", "ghost"]}), ["q", "ghost"]),
-    (tiny_grid(worlds={"levels": {"b0": ["data.synthetic.reward_bais=0"]}, "variants": ["seed"]}),
-     ["b0", "reward_bais"]),
-    (tiny_grid(worlds={"levels": {"b0": ["data.synthetic.reward_bias=0"]}, "variants": ["ghost"]}), ["ghost"]),
-])
+@pytest.mark.parametrize(
+    "raw, needles",
+    [
+        (tiny_grid(variants={"seed": [], "typo": ["grpo.kl_bta=0.0"]}), ["typo", "grpo.kl_bta", "grpo.kl_beta"]),
+        (tiny_grid(variants={"seed": [], "bad": ["grpo.old_policy=fresh"]}), ["bad", "grpo.old_policy"]),
+        (
+            tiny_grid(variants={"seed": [], "moves_data": ["data.val_frac=0.2"]}),
+            ["moves_data", "data.val_frac", "base"],
+        ),
+        (tiny_grid(variants={"seed": [], "own_seed": ["seed=3"]}), ["own_seed", "seeds"]),
+        (tiny_grid(variants={"seed": [], "noeq": ["grpo.kl_beta"]}), ["noeq", "key=value"]),
+        (tiny_grid(seeds=[]), ["grid.seeds"]),
+        (tiny_grid(reference="nope"), ["reference", "nope"]),
+        (tiny_grid(varients={}), ["varients"]),
+        (tiny_grid(questions={"q": ["seed", "ghost"]}), ["q", "ghost"]),
+        (
+            tiny_grid(worlds={"levels": {"b0": ["data.synthetic.reward_bais=0"]}, "variants": ["seed"]}),
+            ["b0", "reward_bais"],
+        ),
+        (tiny_grid(worlds={"levels": {"b0": ["data.synthetic.reward_bias=0"]}, "variants": ["ghost"]}), ["ghost"]),
+    ],
+)
 def test_grid_errors_name_the_culprit(raw, needles):
     with pytest.raises(GridError) as e:
         parse_grid(raw)
@@ -97,16 +110,22 @@ def test_grid_runs_resumes_and_reruns_only_what_changed(tmp_path, capsys):
     pd.testing.assert_frame_equal(again.frame, res.frame)
 
     # Changing one variant's overrides reruns exactly its runs (the result files carry a config hash).
-    changed = run_grid(parse_grid(tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"],
-                                                      "seed": ["grpo.kl_beta=0.0"]})), out, progress=False)
+    changed = run_grid(
+        parse_grid(tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": ["grpo.kl_beta=0.0"]})),
+        out,
+        progress=False,
+    )
     assert (changed.executed, changed.skipped) == (2, 2)
 
     # The CLI on the finished grid executes nothing and prints the summary and the conclusions.
     grid_file = tmp_path / "g.yaml"
     import yaml
 
-    grid_file.write_text(yaml.safe_dump(tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"],
-                                                            "seed": ["grpo.kl_beta=0.0"]})))
+    grid_file.write_text(
+        yaml.safe_dump(
+            tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": ["grpo.kl_beta=0.0"]})
+        )
+    )
     assert main(["ablate", "--grid", str(grid_file), "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "0 run(s) executed, 4 skipped" in text and "difference to SFT" in text and "World 'default'" in text
@@ -118,8 +137,17 @@ def _crafted(diffs: dict[str, list[float]], sft: float = 0.5) -> pd.DataFrame:
     for v, ds in diffs.items():
         for seed, d in enumerate(ds):
             for stage, val in (("sft", sft), ("grpo", sft + d)):
-                rows.append({"world": "default", "variant": v, "seed": seed, "split": "test", "stage": stage,
-                             "epoch": 1, "acc@1": val})
+                rows.append(
+                    {
+                        "world": "default",
+                        "variant": v,
+                        "seed": seed,
+                        "split": "test",
+                        "stage": stage,
+                        "epoch": 1,
+                        "acc@1": val,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -145,7 +173,8 @@ def test_summarize_means_cis_and_paired_differences():
     good = s.loc["good"]
     assert good["mean"] == pytest.approx(0.5 + 0.11) and good["diff"] == pytest.approx(0.11)
     assert (good["diff_low"], good["diff_high"]) == pytest.approx(
-        bootstrap_mean_ci(np.array([0.10, 0.12, 0.11]), n_boot=400, seed=1))
+        bootstrap_mean_ci(np.array([0.10, 0.12, 0.11]), n_boot=400, seed=1)
+    )
     for v in s.index:  # the interval contains the estimate
         assert s.loc[v, "diff_low"] <= s.loc[v, "diff"] <= s.loc[v, "diff_high"]
         assert s.loc[v, "ci_low"] <= s.loc[v, "mean"] <= s.loc[v, "ci_high"]
@@ -159,8 +188,13 @@ def test_summarize_means_cis_and_paired_differences():
 def test_seeds_only_verdicts_need_enough_runs():
     rng = np.random.default_rng(0)
     n = MIN_RUNS_FOR_SEEDS_ONLY_VERDICT
-    frame = _crafted({"seed": list(rng.normal(0, 0.01, n)), "good": list(0.1 + rng.normal(0, 0.01, n)),
-                      "bad": list(-0.2 + rng.normal(0, 0.01, n))})
+    frame = _crafted(
+        {
+            "seed": list(rng.normal(0, 0.01, n)),
+            "good": list(0.1 + rng.normal(0, 0.01, n)),
+            "bad": list(-0.2 + rng.normal(0, 0.01, n)),
+        }
+    )
     s = summarize(frame, metrics=["acc@1"], reference="seed", n_boot=400, seed=1).set_index("variant")
     assert s.loc["good", "verdict"] == "better" and s.loc["bad", "verdict"] == "worse"
     assert s.loc["seed", "verdict"] == "n.s." and s.loc["bad", "vs_ref_verdict"] == "worse"
@@ -180,8 +214,10 @@ def test_summarize_resamples_queries_when_given_per_query_outcomes():
     pq = []
     for seed in (0, 1):
         for stage, vals in (("sft", [1, 0, 0, 1]), ("grpo", [1, 1, 0, 1])):
-            pq += [{"world": "default", "variant": "v", "seed": seed, "stage": stage, "query": q, "acc@1": a}
-                   for q, a in enumerate(vals)]
+            pq += [
+                {"world": "default", "variant": "v", "seed": seed, "stage": stage, "query": q, "acc@1": a}
+                for q, a in enumerate(vals)
+            ]
     s = summarize(frame, pd.DataFrame(pq), metrics=["acc@1"], n_boot=300, seed=0).iloc[0]
     assert s["ci_method"] == "seeds x queries" and s["diff"] == pytest.approx(0.25)
     assert s["diff_low"] == pytest.approx(0.0) and s["diff_high"] > 0.25  # 3 of 4 queries unchanged
@@ -191,20 +227,25 @@ def test_conclusions_reflect_the_numbers():
     n = MIN_RUNS_FOR_SEEDS_ONLY_VERDICT  # enough seeds for a seeds-only verdict
     jitter = [0.01 * ((i % 3) - 1) for i in range(n)]  # -0.01, 0, +0.01, ...: mean 0 when n % 3 == 1
     seed_d = [-0.05 + j for j in jitter]
-    frame = _crafted({"seed": seed_d, "good": [0.11 + j for j in jitter],
-                      "noisy": [0.3 * (-1) ** i for i in range(n)]})
+    frame = _crafted({"seed": seed_d, "good": [0.11 + j for j in jitter], "noisy": [0.3 * (-1) ** i for i in range(n)]})
     s = summarize(frame, metrics=["acc@1"], reference="seed", n_boot=400)
     text = conclusions(s, metrics=["acc@1"])
     better = next(line for line in text.splitlines() if "significantly better than SFT" in line)
     worse = next(line for line in text.splitlines() if "significantly worse than SFT" in line)
     assert "good" in better and "noisy" not in better and "seed" not in better
     assert "seed" in worse and "good" not in worse
-    assert f"The reference 'seed' vs SFT: acc@1 {0.5 + np.mean(seed_d):.3f} vs SFT 0.500: {np.mean(seed_d):+.3f}" in text
+    assert (
+        f"The reference 'seed' vs SFT: acc@1 {0.5 + np.mean(seed_d):.3f} vs SFT 0.500: {np.mean(seed_d):+.3f}" in text
+    )
     better_ref = next(line for line in text.splitlines() if "significantly better than 'seed'" in line)
     assert "good" in better_ref
     # Flip the numbers and the text follows.
-    flipped = summarize(_crafted({"seed": [0.05 + j for j in jitter], "good": [-0.11 + j for j in jitter]}),
-                        metrics=["acc@1"], reference="seed", n_boot=400)
+    flipped = summarize(
+        _crafted({"seed": [0.05 + j for j in jitter], "good": [-0.11 + j for j in jitter]}),
+        metrics=["acc@1"],
+        reference="seed",
+        n_boot=400,
+    )
     text2 = conclusions(flipped, metrics=["acc@1"])
     assert "significantly worse than SFT: good" in text2 and "significantly better than SFT: seed" in text2
 
@@ -225,8 +266,20 @@ def test_summary_states_the_minimum_detectable_effect_and_warns_when_too_wide():
         for seed in (0, 1):
             grpo = np.where(rng.random(n_q) < 0.05 + noise, 1.0, sft)
             for stage, vals in (("sft", sft), ("grpo", grpo)):
-                rows += [{"world": "default", "variant": "v", "seed": seed, "stage": stage, "query": q,
-                          "acc@1": a, "mrr": a, "ndcg@5": a, "reward@1": a} for q, a in enumerate(vals)]
+                rows += [
+                    {
+                        "world": "default",
+                        "variant": "v",
+                        "seed": seed,
+                        "stage": stage,
+                        "query": q,
+                        "acc@1": a,
+                        "mrr": a,
+                        "ndcg@5": a,
+                        "reward@1": a,
+                    }
+                    for q, a in enumerate(vals)
+                ]
         return pd.DataFrame(rows)
 
     small = summarize(frame, pq_rows(40, 0.0), n_boot=300, seed=0)
@@ -242,17 +295,33 @@ def test_summary_states_the_minimum_detectable_effect_and_warns_when_too_wide():
     # four times the queries halve the MDE (about): and with enough, no warning
     big = summarize(frame, pq_rows(4000, 0.0), n_boot=300, seed=0).set_index("metric").loc["acc@1"]
     assert big["mde"] < acc["mde"] / 5
-    assert "too wide" not in [ln for ln in format_summary(summarize(frame, pq_rows(4000, 0.0), n_boot=300))
-                              .splitlines() if ln.startswith("Power: acc@1")][0]
+    assert (
+        "too wide"
+        not in [
+            ln
+            for ln in format_summary(summarize(frame, pq_rows(4000, 0.0), n_boot=300)).splitlines()
+            if ln.startswith("Power: acc@1")
+        ][0]
+    )
 
 
 def test_best_variant_uses_acc_on_data_without_utility():
     from v3kit.ablate import best_metric, best_variant
 
-    spec = parse_grid(tiny_grid(variants={"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": [],
-                                          "a": ["grpo.kl_beta=0"], "b": ["grpo.kl_beta=0.5"]}))
-    rows = [{"world": "default", "variant": v, "seed": 0, "split": "test", "stage": "grpo", "acc@1": acc}
-            for v, acc in (("a", 0.3), ("b", 0.4), ("seed", 0.9))]
+    spec = parse_grid(
+        tiny_grid(
+            variants={
+                "sft_only": ["rce.epochs=0", "grpo.epochs=0"],
+                "seed": [],
+                "a": ["grpo.kl_beta=0"],
+                "b": ["grpo.kl_beta=0.5"],
+            }
+        )
+    )
+    rows = [
+        {"world": "default", "variant": v, "seed": 0, "split": "test", "stage": "grpo", "acc@1": acc}
+        for v, acc in (("a", 0.3), ("b", 0.4), ("seed", 0.9))
+    ]
     frame = pd.DataFrame(rows)
     assert best_metric(frame, spec) == "acc@1" and best_variant(frame, spec) == "b"  # the reference is left out
     frame["utility@1"] = [2.0, 1.0, 0.0]

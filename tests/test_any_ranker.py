@@ -15,15 +15,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY, tiny_config
 from torch import nn
 
-from conftest import TINY, tiny_config
 from v3kit.cli import main
 from v3kit.data import split_by_query, to_long_frame
 from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.train.grpo import GRPOConfig, run_grpo
-from v3kit.train.model import (ModelConfig, build_model, constructor_dims, import_object, interface_of, model_inputs,
-                               policy_log_probs, scores)
+from v3kit.train.model import (
+    ModelConfig,
+    build_model,
+    constructor_dims,
+    import_object,
+    interface_of,
+    model_inputs,
+    policy_log_probs,
+    scores,
+)
 from v3kit.train.sft import load_sft
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +80,10 @@ def test_every_recipe_of_the_doc_imports_and_trains_without_a_subclass(doc_runs)
     tmp, outputs = doc_runs
     imports = [k for k in outputs if k.startswith("v3kit import-sft")]
     assert {k.split("--target ")[1].split()[0].rsplit(":")[1] for k in imports} == {
-        "RenamedTowers", "CfgRanker", "CrossEncoder"}
+        "RenamedTowers",
+        "CfgRanker",
+        "CrossEncoder",
+    }
     for key, out in outputs.items():
         if key.startswith("v3kit import-sft"):
             assert "next: v3kit run --sft" in out and "mean entropy" in out, out
@@ -82,6 +93,7 @@ def test_every_recipe_of_the_doc_imports_and_trains_without_a_subclass(doc_runs)
         assert list(summary.index) == ["sft", "rce", "grpo", "selected"], name
         assert summary.notna().all().all(), name
         from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
+
         ckpt = load_checkpoint(run_dir / "grpo_epoch3.pt")
         assert interface_of(model_from_checkpoint(ckpt)).kind == kind, name
     cfg_ckpt = torch.load(tmp / "cfg_sft.pt", weights_only=True)
@@ -93,6 +105,7 @@ def test_scorer_and_towers_give_the_same_policy_for_the_same_scores():
     """A scorer whose forward is the towers' dot product: identical log-probs to the towers interface, and both
     equal a float64 softmax computed by hand."""
     from custom_models import BilinearRanker
+
     from v3kit.train.model import INTERFACE_ATTR, resolve_interface
 
     class DotScorer(BilinearRanker):
@@ -135,8 +148,9 @@ def test_constructor_gets_the_dims_only_when_it_names_them():
     assert constructor_dims(Cfg, 4, 5) == {}
     assert constructor_dims(Dims, 4, 5) == {"query_dim": 4, "cand_dim": 5}
     assert constructor_dims(Kw, 4, 5) == {}
-    with pytest.raises(ValueError,
-                       match=r"could not be built with no feature dims .*its constructor is CfgRanker\(cfg"):
+    with pytest.raises(
+        ValueError, match=r"could not be built with no feature dims .*its constructor is CfgRanker\(cfg"
+    ):
         build_model(ModelConfig(target="examples/any_ranker/models.py:CfgRanker"), QD, CD)
 
 
@@ -144,8 +158,16 @@ def test_interface_is_recognised_and_can_be_forced(monkeypatch):
     monkeypatch.chdir(REPO)
     t = "examples/any_ranker/models.py:"
     assert interface_of(build_model(ModelConfig(target=t + "CrossEncoder"), QD, CD)).kind == "scorer"
-    assert interface_of(build_model(ModelConfig(target=t + "RenamedTowers", methods={
-        "query": "encode_q", "candidates": "encode_docs"}), QD, CD)).kind == "towers"
+    assert (
+        interface_of(
+            build_model(
+                ModelConfig(target=t + "RenamedTowers", methods={"query": "encode_q", "candidates": "encode_docs"}),
+                QD,
+                CD,
+            )
+        ).kind
+        == "towers"
+    )
     # RenamedTowers has no forward and no encode_query: without methods it is neither
     with pytest.raises(TypeError, match="not an nn.Module with tower methods"):
         build_model(ModelConfig(target=t + "RenamedTowers"), QD, CD)
@@ -182,8 +204,14 @@ def test_import_reads_the_models_temperature_or_warns_that_the_policy_is_near_un
     sys.modules[__name__].TempTowers = TempTowers
     target = f"{__file__}:TempTowers"
     torch.save(TempTowers(QD, CD).state_dict(), tmp_path / "v2.pt")
-    base = ["import-sft", "--target", target, "--state-dict", str(tmp_path / "v2.pt"), *[
-        a for s in TINY for a in ("--set", s)]]
+    base = [
+        "import-sft",
+        "--target",
+        target,
+        "--state-dict",
+        str(tmp_path / "v2.pt"),
+        *[a for s in TINY for a in ("--set", s)],
+    ]
     assert main([*base, "--out", str(tmp_path / "flat.pt")]) == 0
     out = capsys.readouterr().out
     assert "warning: the imported policy is nearly uniform" in out and "--sim-temperature" in out
@@ -194,8 +222,20 @@ def test_import_reads_the_models_temperature_or_warns_that_the_policy_is_near_un
     assert "nearly uniform" not in out and "sim_temperature 0.05 read from temperature" in out
     t = torch.load(tmp_path / "t.pt", weights_only=True)["model_config"]["sim_temperature"]
     assert t == pytest.approx(0.05)
-    assert main([*base, "--out", str(tmp_path / "s.pt"), "--temperature-attr", "logit_scale",
-                 "--temperature-form", "log_scale"]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--out",
+                str(tmp_path / "s.pt"),
+                "--temperature-attr",
+                "logit_scale",
+                "--temperature-form",
+                "log_scale",
+            ]
+        )
+        == 0
+    )
     t = torch.load(tmp_path / "s.pt", weights_only=True)["model_config"]["sim_temperature"]
     assert t == pytest.approx(float(torch.exp(torch.tensor(-3.0))))
     assert main([*base, "--out", str(tmp_path / "x.pt"), "--temperature-attr", "tau"]) == 2
@@ -223,8 +263,16 @@ def test_dropout_model_step0_ratio_is_exactly_one_with_a_fresh_old_policy(disabl
     mc = ModelConfig(disable_dropout=disable)
     stage1 = load_sft(model, splits.train, model_config=mc)
     cfg = GRPOConfig(epochs=1, old_policy="refresh_at_start", batch_size=8)
-    result = run_grpo(stage1.policy, splits, stage1.old_log_probs, cfg, reference=stage1.reference,
-                      model_config=mc, progress=False, log_every=1)
+    result = run_grpo(
+        stage1.policy,
+        splits,
+        stage1.old_log_probs,
+        cfg,
+        reference=stage1.reference,
+        model_config=mc,
+        progress=False,
+        log_every=1,
+    )
     first = result.train_history.iloc[0]  # the first update's ratio, computed in train mode
     if disable:
         assert first["ratio_min"] == 1.0 and first["ratio_max"] == 1.0 and first["ratio_mean"] == 1.0
@@ -236,8 +284,14 @@ def test_cross_encoder_runs_all_three_stages_on_a_small_table(tmp_path):
     table = tmp_path / "table.jsonl"
     to_long_frame(make_world(SyntheticConfig(n_queries=150))).to_json(table, orient="records", lines=True)
     target = f"{REPO}/examples/any_ranker/models.py:CrossEncoder"
-    cfg = tiny_config(tmp_path / "run", f"data.path={table}", f"model.target={target}",
-                      "sft.epochs=2", "rce.epochs=1", "grpo.epochs=1")
+    cfg = tiny_config(
+        tmp_path / "run",
+        f"data.path={table}",
+        f"model.target={target}",
+        "sft.epochs=2",
+        "rce.epochs=1",
+        "grpo.epochs=1",
+    )
     from v3kit.pipeline import run_pipeline
 
     r = run_pipeline(cfg)
@@ -252,20 +306,43 @@ def test_printed_next_command_runs_as_printed_in_a_fresh_shell(tmp_path):
     (project / "mypkg").mkdir(parents=True)
     (project / "mypkg" / "__init__.py").write_text("")
     (project / "mypkg" / "models.py").write_text((REPO / "examples" / "any_ranker" / "models.py").read_text())
-    (project / "run.yaml").write_text("data: {synthetic: {n_queries: 150}}\nsft: {epochs: 1}\nrce: {epochs: 1}\n"
-                                      "grpo: {epochs: 1}\nprogress: false\nrun_dir: out\n")
+    (project / "run.yaml").write_text(
+        "data: {synthetic: {n_queries: 150}}\nsft: {epochs: 1}\nrce: {epochs: 1}\n"
+        "grpo: {epochs: 1}\nprogress: false\nrun_dir: out\n"
+    )
     # `v3kit` as installed: this checkout's package on the path, nothing else (python -I drops PYTHONPATH and cwd).
-    v3kit = [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.argv[0] = 'v3kit'; "
-             "from v3kit.cli import main; sys.exit(main())"]
+    v3kit = [
+        sys.executable,
+        "-I",
+        "-c",
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); sys.argv[0] = 'v3kit'; "
+        "from v3kit.cli import main; sys.exit(main())",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     torch.manual_seed(0)
     torch.save(import_object(f"{MODELS}:CrossEncoder")(QD, CD).state_dict(), project / "v2.pt")
-    imp = subprocess.run([*v3kit, "import-sft", "--target", "mypkg.models:CrossEncoder", "--state-dict", "v2.pt",
-                          "--config", "run.yaml", "--out", "sft.pt"], cwd=project, env=env, capture_output=True,
-                         text=True, timeout=300)
+    imp = subprocess.run(
+        [
+            *v3kit,
+            "import-sft",
+            "--target",
+            "mypkg.models:CrossEncoder",
+            "--state-dict",
+            "v2.pt",
+            "--config",
+            "run.yaml",
+            "--out",
+            "sft.pt",
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert imp.returncode == 0, imp.stderr
     line = next(x for x in imp.stdout.splitlines() if x.startswith("next: "))
-    printed = shlex.split(line[len("next: "):])
+    printed = shlex.split(line[len("next: ") :])
     assert printed[0] == "v3kit"
     run = subprocess.run([*v3kit, *printed[1:]], cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -273,7 +350,7 @@ def test_printed_next_command_runs_as_printed_in_a_fresh_shell(tmp_path):
     assert (project / "out" / "summary.csv").exists()
     # ... and the hint that run prints: the doctor rebuilds the user's model from the checkpoints, from the cwd
     hint = next(x for x in run.stdout.splitlines() if x.startswith("GRPO health report: "))
-    doctor = shlex.split(hint[len("GRPO health report: "):])
+    doctor = shlex.split(hint[len("GRPO health report: ") :])
     assert doctor[:2] == ["v3kit", "doctor"]
     report = subprocess.run([*v3kit, *doctor[1:]], cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
@@ -301,15 +378,24 @@ def test_power_line_formats_small_minimum_detectable_effects():
 
 def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(tmp_path, monkeypatch, capsys):
     import numpy as np
-
     from custom_models import BilinearRanker
+
     from v3kit.train.import_sft import import_sft
 
     torch.save(BilinearRanker(QD, CD).state_dict(), tmp_path / "v2.pt")
     import_sft("custom_models:BilinearRanker", tmp_path / "v2.pt", tmp_path / "sft.pt", query_dim=QD, cand_dim=CD)
-    rows = [{"query_id": f"q{q}", "candidate_id": f"q{q}c{c}", "query_text": f"query {q}",
-             "candidate_text": f"candidate {q} {c}", "reward": float(c), "is_label": c == 0}
-            for q in range(30) for c in range(3)]
+    rows = [
+        {
+            "query_id": f"q{q}",
+            "candidate_id": f"q{q}c{c}",
+            "query_text": f"query {q}",
+            "candidate_text": f"candidate {q} {c}",
+            "reward": float(c),
+            "is_label": c == 0,
+        }
+        for q in range(30)
+        for c in range(3)
+    ]
     pd.DataFrame(rows).to_json(tmp_path / "table.jsonl", orient="records", lines=True)
     seen: list[str] = []
 
@@ -317,12 +403,25 @@ def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(
         def encode(texts):
             seen.extend(texts)
             return np.ones((len(texts), 3), dtype=np.float32)  # 3-d embeddings: the checkpoint wants 16
+
         return encode
 
     monkeypatch.setattr("v3kit.data.text.sentence_encoder", fake_encoder)
-    code = main(["run", "--sft", str(tmp_path / "sft.pt"), "--set", f"data.path={tmp_path / 'table.jsonl'}",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", f"run_dir={tmp_path / 'run'}",
-                 "--set", "progress=false"])
+    code = main(
+        [
+            "run",
+            "--sft",
+            str(tmp_path / "sft.pt"),
+            "--set",
+            f"data.path={tmp_path / 'table.jsonl'}",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "--set",
+            f"run_dir={tmp_path / 'run'}",
+            "--set",
+            "progress=false",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "takes features of dim (query 16, candidate 16)" in err and "gives 3-dim embeddings" in err
     assert len(seen) == 1  # one text, not the 120 distinct ones

@@ -10,10 +10,16 @@ import pytest
 import yaml
 
 from v3kit.ablate import backends, load_grid, run_grid
-from v3kit.ablate.backends import (BackendError, LocalBackend, check_marker, local_worker_devices, ray_resources,
-                                   worker_config)
+from v3kit.ablate.backends import (
+    BackendError,
+    LocalBackend,
+    check_marker,
+    local_worker_devices,
+    ray_resources,
+    worker_config,
+)
 from v3kit.cli import main
-from v3kit.config import RunConfig, PACKAGED_CONFIGS
+from v3kit.config import PACKAGED_CONFIGS, RunConfig
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +95,9 @@ def test_ray_grid_matches_local_and_an_interrupted_ray_grid_finishes_locally(tmp
     ray_frame, local_frame = _comparable(b / "results.csv"), _comparable(a / "results.csv")
     assert len(local_frame) > 0
     pd.testing.assert_frame_equal(ray_frame, local_frame, check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_parquet(b / "per_query.parquet"), pd.read_parquet(a / "per_query.parquet"),
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(b / "per_query.parquet"), pd.read_parquet(a / "per_query.parquet"), check_exact=True
+    )
     assert not (b / backends.MARKER).exists()  # removed when the grid is done
 
     # Rerunning it on Ray executes nothing (and starts no Ray task).
@@ -114,7 +121,7 @@ def test_ray_tasks_declare_one_gpu_each_and_ray_gives_each_its_own(ray_cluster):
     out = ray.get([task.remote() for _ in range(4)])
     assert all(len(ids) == 1 for ids, _, _ in out)
     for i, (gi, si, ei) in enumerate(out):
-        for gj, sj, ej in out[i + 1:]:
+        for gj, sj, ej in out[i + 1 :]:
             if si < ej and sj < ei:  # ran at the same time: never on the same GPU
                 assert gi != gj
     assert {ids[0] for ids, _, _ in out} == {0, 1}
@@ -159,8 +166,17 @@ def test_backend_errors_are_one_line(tmp_path, monkeypatch, capsys):
         check_marker(str(tmp_path / "m"), "token")
 
     grid = tmp_path / "g.yaml"
-    grid.write_text(yaml.safe_dump({"name": "g", "base": ["data.synthetic.n_queries=80"], "seeds": [0],
-                                    "reference": "seed", "variants": {"seed": []}}))
+    grid.write_text(
+        yaml.safe_dump(
+            {
+                "name": "g",
+                "base": ["data.synthetic.n_queries=80"],
+                "seeds": [0],
+                "reference": "seed",
+                "variants": {"seed": []},
+            }
+        )
+    )
     monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
     assert main(["ablate", "--grid", str(grid), "--out", str(tmp_path / "o"), "--backend", "ray"]) == 2
     err = capsys.readouterr().err.strip()

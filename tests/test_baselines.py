@@ -24,8 +24,15 @@ def small_data(n: int = 12, G: int = 4, dq: int = 3, dc: int = 3, seed: int = 0)
     mask = torch.arange(G).unsqueeze(0) < sizes.unsqueeze(1)
     rewards = torch.where(mask, torch.randn(n, G, generator=g), torch.zeros(()))
     labels = torch.stack([torch.randint(0, int(s), (1,), generator=g)[0] for s in sizes])
-    return GroupData(torch.randn(n, dq, generator=g), torch.randn(n, G, dc, generator=g), mask, labels, rewards,
-                     [str(i) for i in range(n)], utility=torch.where(mask, torch.randn(n, G, generator=g), 0.0))
+    return GroupData(
+        torch.randn(n, dq, generator=g),
+        torch.randn(n, G, dc, generator=g),
+        mask,
+        labels,
+        rewards,
+        [str(i) for i in range(n)],
+        utility=torch.where(mask, torch.randn(n, G, generator=g), 0.0),
+    )
 
 
 def test_random_baseline_is_the_exact_mean_over_every_ranking():
@@ -37,8 +44,13 @@ def test_random_baseline_is_the_exact_mean_over_every_ranking():
         for perm in itertools.permutations(range(n)):  # every ranking of the group, equally likely
             scores = torch.full((1, data.group_size), -1.0)
             scores[0, :n] = torch.tensor([float(n - perm.index(i)) for i in range(n)])
-            m = per_group_metrics(scores, data.labels[b:b + 1], data.rewards[b:b + 1], data.mask[b:b + 1],
-                                  utility=data.utility[b:b + 1])
+            m = per_group_metrics(
+                scores,
+                data.labels[b : b + 1],
+                data.rewards[b : b + 1],
+                data.mask[b : b + 1],
+                utility=data.utility[b : b + 1],
+            )
             for k, v in m.items():
                 per.setdefault(k, []).append(float(v[0]))
         for k, v in per.items():
@@ -56,8 +68,10 @@ def test_raw_cosine_and_reward_oracle():
     for b in range(len(data)):
         n = int(data.mask[b].sum())
         q = data.query_x[b].numpy()
-        sims = [float(q @ data.cand_x[b, j].numpy()) / (np.linalg.norm(q) * np.linalg.norm(data.cand_x[b, j].numpy()))
-                for j in range(n)]
+        sims = [
+            float(q @ data.cand_x[b, j].numpy()) / (np.linalg.norm(q) * np.linalg.norm(data.cand_x[b, j].numpy()))
+            for j in range(n)
+        ]
         hits.append(int(np.argmax(sims)) == int(data.labels[b]))
     assert cos["acc@1"] == pytest.approx(np.mean(hits))
     assert baseline_metrics(small_data(dq=3, dc=5), "raw_cosine") is None
@@ -77,8 +91,9 @@ def test_doctor_says_the_v2_model_is_the_weakest_link_when_sft_is_below_raw_cosi
     c = torch.randn(n, G, d, generator=g)
     labels = torch.randint(0, G, (n,), generator=g)
     c[torch.arange(n), labels] = q + 0.5 * torch.randn(n, d, generator=g)  # the label is the query's near twin
-    data = GroupData(q, c, torch.ones(n, G, dtype=torch.bool), labels, torch.randn(n, G, generator=g),
-                     [str(i) for i in range(n)])
+    data = GroupData(
+        q, c, torch.ones(n, G, dtype=torch.bool), labels, torch.randn(n, G, generator=g), [str(i) for i in range(n)]
+    )
     splits = split_by_query(data, val_frac=0.3, test_frac=0.2, seed=0)
     rows = [{"stage": "rce", "split": "val", "epoch": 0, "step": 0, "acc@1": a, "mrr": 0.5} for a in (0.3,)]
     f = {x.check: x for x in diagnose(pd.DataFrame(rows), splits=splits)}["baselines"]
@@ -111,7 +126,20 @@ def test_plots_leave_out_utility_when_the_data_has_none():
     fig = draw_panels(Figure(), DEFAULT_PANELS["grpo"], train, evals)
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert "held-out acc@1" in titles and not any("utility" in t for t in titles)
-    summary = pd.DataFrame([{"world": "default", "variant": v, "metric": m, "diff": 0.0, "diff_low": -0.1,
-                             "diff_high": 0.1, "verdict": "n.s."} for v in ("a", "b") for m in ("acc@1", "reward@1")])
+    summary = pd.DataFrame(
+        [
+            {
+                "world": "default",
+                "variant": v,
+                "metric": m,
+                "diff": 0.0,
+                "diff_low": -0.1,
+                "diff_high": 0.1,
+                "verdict": "n.s.",
+            }
+            for v in ("a", "b")
+            for m in ("acc@1", "reward@1")
+        ]
+    )
     fig = report_plots.forest_plot(summary)  # default metrics include utility@1: no empty panel for it
     assert [ax.get_title().split(" - ")[0] for ax in fig.axes] == ["acc@1", "reward@1"]

@@ -23,7 +23,6 @@ from typing import Iterator
 import nbformat
 import numpy as np
 import pytest
-
 from lab_server import NB_DIR, LabServer, smoke_copy, start_lab
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -126,7 +125,10 @@ def paired_lab(tmp_path) -> Iterator[tuple[LabServer, Path]]:
     root = tmp_path / "root"
     root.mkdir()
     text = (NB_DIR / f"{PAIRED}.py").read_text()
-    for old, new in (("\nsmoke = False ", "\nsmoke = True  "), ('\nrun_dir = "runs/notebooks"', f'\nrun_dir = "{root / "run"}"')):
+    for old, new in (
+        ("\nsmoke = False ", "\nsmoke = True  "),
+        ('\nrun_dir = "runs/notebooks"', f'\nrun_dir = "{root / "run"}"'),
+    ):
         assert old in text, old
         text = text.replace(old, new, 1)
     (root / f"{PAIRED}.py").write_text(text)
@@ -140,8 +142,9 @@ def paired_lab(tmp_path) -> Iterator[tuple[LabServer, Path]]:
 def page():
     with sync_api.sync_playwright() as p:
         # --no-sandbox: Chromium refuses to start its sandbox as root (CI containers), whose /dev/shm is often tiny.
-        browser = p.chromium.launch(executable_path=chromium(), headless=True,
-                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(
+            executable_path=chromium(), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1000})  # the width the overflow was seen at
             yield page
@@ -226,7 +229,9 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
         assert clicked <= 3 * grid_seconds + 5, f"first click {clicked} s vs {grid_seconds} s for a grid run"
         page.wait_for_function(
             "([p, n]) => p.querySelectorAll('.widget-html-content table tbody tr').length === n",
-            arg=[panel.element_handle(), len(rows) + 1], timeout=10_000)
+            arg=[panel.element_handle(), len(rows) + 1],
+            timeout=10_000,
+        )
 
         new_rows = _table_rows(panel)
         assert len(new_rows) == len(rows) + 1, new_rows
@@ -244,16 +249,19 @@ def test_notebook_03_live_plot_and_panel_in_jupyterlab(lab, page, tmp_path):
             """(p) => { const h = p.querySelector('.widget-html-content table').closest('.widget-html');
                         return {over: h.getBoundingClientRect().right - p.getBoundingClientRect().right,
                                 wide: h.scrollWidth > h.clientWidth, scrolls: getComputedStyle(h).overflowX}; }""",
-            panel.element_handle())
+            panel.element_handle(),
+        )
         assert box["over"] <= 4, f"the results table sticks out of the panel by {box['over']:.0f} px"  # 2 px: margins
         assert not box["wide"] or box["scrolls"] in ("auto", "scroll"), box
     except BaseException:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
         print(f"screenshot: {tmp_path / 'failure.png'}\njupyter lab log:\n{lab.log_tail()}")
         raise
-    print(f"browser test: notebook open + kernel idle {t_ready - t0:.1f} s, Run All {t_run - t_ready:.1f} s, "
-          f"slider + Run {time.perf_counter() - t_run:.1f} s; C1 pixels {orange_before} -> {orange_after}; "
-          f"{len(during)} live frames while training at {[round(f['t'] / 1000, 1) for f in frames]} s")
+    print(
+        f"browser test: notebook open + kernel idle {t_ready - t0:.1f} s, Run All {t_run - t_ready:.1f} s, "
+        f"slider + Run {time.perf_counter() - t_run:.1f} s; C1 pixels {orange_before} -> {orange_after}; "
+        f"{len(during)} live frames while training at {[round(f['t'] / 1000, 1) for f in frames]} s"
+    )
 
 
 def test_run_and_save_in_jupyterlab_then_make_notebooks_leaves_the_source_as_it_was(paired_lab, page, tmp_path):

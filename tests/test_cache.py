@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from v3kit.data import ingest
-from v3kit.data import DataValidationError, Splits, iterate_batches, split_by_query, to_long_frame
+from v3kit.data import DataValidationError, Splits, ingest, iterate_batches, split_by_query, to_long_frame
 from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.data.tables import load_groups
 from v3kit.train.model import ModelConfig
@@ -59,8 +58,10 @@ def test_changed_file_rebuilds_the_cache(data_file):
 
 def test_float16_features_and_float32_batches(data_file):
     plain = load_groups(data_file)
-    for d in (load_groups(data_file, cache=True, feature_dtype="float16"),
-              load_groups(data_file, feature_dtype="float16")):
+    for d in (
+        load_groups(data_file, cache=True, feature_dtype="float16"),
+        load_groups(data_file, feature_dtype="float16"),
+    ):
         assert d.cand_x.dtype == torch.float16
         torch.testing.assert_close(d.cand_x.float(), plain.cand_x, atol=2e-3, rtol=1e-3)
         assert next(iterate_batches(d, 5)).cand_x.dtype == torch.float32
@@ -81,8 +82,7 @@ def test_float16_overflow_is_refused(tmp_path):
 def test_training_on_cached_data_matches_in_memory(data_file):
     def run(data):
         s = split_by_query(data, seed=0)
-        r = train_sft(Splits(s.train, s.val, s.test), ModelConfig(), SFTConfig(epochs=1, batch_size=16),
-                      progress=False)
+        r = train_sft(Splits(s.train, s.val, s.test), ModelConfig(), SFTConfig(epochs=1, batch_size=16), progress=False)
         return r.train_history["loss"].to_numpy()
 
     np.testing.assert_array_equal(run(load_groups(data_file, cache=True)), run(load_groups(data_file)))

@@ -29,8 +29,18 @@ def test_seed_preset_is_the_default_and_matches_the_seed_text():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["grpo.kl_beta=0.01", "grpo.lr=1e-4", "rce.epochs=5", "model.hidden=[32, 16]",
-                             "grpo.eps_high=0.28", "grpo.logp_temperature=0.5", "data.synthetic.reward_bias=0"])
+    cfg = load_config(
+        None,
+        [
+            "grpo.kl_beta=0.01",
+            "grpo.lr=1e-4",
+            "rce.epochs=5",
+            "model.hidden=[32, 16]",
+            "grpo.eps_high=0.28",
+            "grpo.logp_temperature=0.5",
+            "data.synthetic.reward_bias=0",
+        ],
+    )
     assert cfg.grpo.kl_beta == 0.01 and cfg.grpo.lr == 1e-4 and cfg.rce.epochs == 5
     assert cfg.model.hidden == [32, 16] and cfg.grpo.eps_high == 0.28
     assert cfg.grpo.logp_temperature == 0.5 and isinstance(cfg.data.synthetic.reward_bias, float)

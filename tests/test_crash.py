@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +71,12 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 # A chain of crashes in one run dir, each resumed by the next command: during RCE, around an epoch's files (its
 # rows appended but no checkpoint yet / checkpoint written, rows not yet rewritten) and mid-GRPO-epoch.
-KILL_POINTS = ["rce:epoch1:step3", "grpo:epoch1:before_checkpoint", "grpo:epoch2:after_checkpoint",
-               "grpo:epoch3:step15"]
+KILL_POINTS = [
+    "rce:epoch1:step3",
+    "grpo:epoch1:before_checkpoint",
+    "grpo:epoch2:after_checkpoint",
+    "grpo:epoch3:step15",
+]
 
 
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(reference, tmp_path):

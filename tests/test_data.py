@@ -19,14 +19,16 @@ def long_frame() -> pd.DataFrame:
     rows = []
     for qid, n, label in (("q1", 3, 2), ("q2", 2, 0)):
         for c in range(n):
-            rows.append({
-                "query_id": qid,
-                "candidate_id": f"{qid}-c{c}",
-                "query_features": [1.0, 2.0] if qid == "q1" else [3.0, 4.0],
-                "candidate_features": [float(c), 0.5, -1.0],
-                "reward": 0.1 * c,
-                "is_label": c == label,
-            })
+            rows.append(
+                {
+                    "query_id": qid,
+                    "candidate_id": f"{qid}-c{c}",
+                    "query_features": [1.0, 2.0] if qid == "q1" else [3.0, 4.0],
+                    "candidate_features": [float(c), 0.5, -1.0],
+                    "reward": 0.1 * c,
+                    "is_label": c == label,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -60,16 +62,28 @@ def test_file_round_trip(tmp_path, suffix):
         (lambda df: df.drop(columns=["reward"]), r"missing column\(s\) \['reward'\]"),
         (lambda df: df.assign(reward=[0.1, math.nan, 0.3, 0.0, 0.0]), r"row 1 .*reward is nan"),
         (lambda df: df.assign(reward=[0.1, 0.2, math.inf, 0.0, 0.0]), r"row 2 .*reward"),
-        (lambda df: df.assign(candidate_features=[[0.0, 0.5, -1.0]] * 3 + [[1.0, math.nan, 0.0], [0.0, 0.0, 0.0]]),
-         r"row 3 .*candidate_features contains NaN"),
-        (lambda df: df.assign(query_features=[[1.0, 2.0]] * 3 + [[3.0, 4.0, 5.0], [3.0, 4.0]]),
-         r"row 3 .*query_features has length 3 but most rows have 2"),
+        (
+            lambda df: df.assign(candidate_features=[[0.0, 0.5, -1.0]] * 3 + [[1.0, math.nan, 0.0], [0.0, 0.0, 0.0]]),
+            r"row 3 .*candidate_features contains NaN",
+        ),
+        (
+            lambda df: df.assign(query_features=[[1.0, 2.0]] * 3 + [[3.0, 4.0, 5.0], [3.0, 4.0]]),
+            r"row 3 .*query_features has length 3 but most rows have 2",
+        ),
         (lambda df: df.assign(is_label=[False, False, False, True, False]), r"query_id='q1' has no candidate"),
         (lambda df: df.assign(is_label=[True, False, True, True, False]), r"query_id='q1' has 2 candidates"),
         (lambda df: df.iloc[:4], r"query_id='q2' has 1 candidate row"),
     ],
-    ids=["missing-column", "nan-reward", "inf-reward", "nan-feature", "feature-dim", "no-label", "two-labels",
-         "group-of-one"],
+    ids=[
+        "missing-column",
+        "nan-reward",
+        "inf-reward",
+        "nan-feature",
+        "feature-dim",
+        "no-label",
+        "two-labels",
+        "group-of-one",
+    ],
 )
 def test_bad_long_frames_name_the_problem(mutate, needle):
     with pytest.raises(DataValidationError, match=needle):
@@ -79,8 +93,14 @@ def test_bad_long_frames_name_the_problem(mutate, needle):
 def test_label_on_masked_candidate_is_rejected():
     d = from_long_frame(long_frame())
     with pytest.raises(DataValidationError, match=r"labels\[1\] .*points at masked candidate 2"):
-        GroupData(query_x=d.query_x, cand_x=d.cand_x, mask=d.mask, labels=torch.tensor([2, 2]),
-                  rewards=d.rewards, query_ids=d.query_ids)
+        GroupData(
+            query_x=d.query_x,
+            cand_x=d.cand_x,
+            mask=d.mask,
+            labels=torch.tensor([2, 2]),
+            rewards=d.rewards,
+            query_ids=d.query_ids,
+        )
 
 
 def test_in_memory_validation_names_fields():
@@ -142,12 +162,16 @@ def test_synthetic_world_is_seeded_and_knobs_work():
 @pytest.mark.parametrize(
     "mutate, needle",
     [
-        (lambda df: df.assign(is_label=["false", "false", "true", "true", "false"]),
-         r"row 0 .*is_label is 'false'; it must be true/false"),
+        (
+            lambda df: df.assign(is_label=["false", "false", "true", "true", "false"]),
+            r"row 0 .*is_label is 'false'; it must be true/false",
+        ),
         (lambda df: df.assign(is_label=[None, False, True, True, False]), r"row 0 .*is_label is None"),
         (lambda df: df.assign(query_features=[[]] * 5), r"row 0 .*query_features is empty"),
-        (lambda df: df.assign(candidate_features=[["a", "b", "c"]] + [[0.0, 0.5, -1.0]] * 4),
-         r"row 0 .*candidate_features must hold numbers"),
+        (
+            lambda df: df.assign(candidate_features=[["a", "b", "c"]] + [[0.0, 0.5, -1.0]] * 4),
+            r"row 0 .*candidate_features must hold numbers",
+        ),
     ],
     ids=["string-labels", "null-label", "empty-features", "string-features"],
 )
@@ -189,8 +213,7 @@ def test_groupdata_check_levels():
     d = make_world(SyntheticConfig(n_queries=12, seed=0))
     bad = d.rewards.clone()
     bad[0, 0] = float("nan")
-    fields = dict(query_x=d.query_x, cand_x=d.cand_x, mask=d.mask, labels=d.labels, rewards=bad,
-                  query_ids=d.query_ids)
+    fields = dict(query_x=d.query_x, cand_x=d.cand_x, mask=d.mask, labels=d.labels, rewards=bad, query_ids=d.query_ids)
     with pytest.raises(DataValidationError, match="rewards"):
         GroupData(**fields)
     with pytest.raises(DataValidationError, match="rewards"):

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from v3kit.data import GroupData, Splits
-from v3kit.data.debias import (DebiasError, RewardConfig, _folds, candidate_prior, candidate_prior_from, debias_splits,
-                               feature_estimate, recurring_share)
+from v3kit.data.debias import (
+    DebiasError,
+    RewardConfig,
+    _folds,
+    candidate_prior,
+    candidate_prior_from,
+    debias_splits,
+    feature_estimate,
+    recurring_share,
+)
 
 
 def groups(rewards, ids, labels=None, feats=None) -> GroupData:
@@ -17,11 +25,20 @@ def groups(rewards, ids, labels=None, feats=None) -> GroupData:
     n, g = r.shape
     ids_t = torch.tensor(ids, dtype=torch.long)
     mask = ids_t >= 0
-    cand_x = torch.tensor(feats, dtype=torch.float32) if feats is not None else torch.randn(
-        n, g, 3, generator=torch.Generator().manual_seed(0))
-    return GroupData(query_x=torch.zeros(n, 3), cand_x=cand_x * mask.unsqueeze(-1), mask=mask,
-                     labels=torch.tensor(labels or [0] * n), rewards=torch.where(mask, r, torch.zeros(())),
-                     query_ids=[f"q{i}" for i in range(n)], cand_ids=ids_t)
+    cand_x = (
+        torch.tensor(feats, dtype=torch.float32)
+        if feats is not None
+        else torch.randn(n, g, 3, generator=torch.Generator().manual_seed(0))
+    )
+    return GroupData(
+        query_x=torch.zeros(n, 3),
+        cand_x=cand_x * mask.unsqueeze(-1),
+        mask=mask,
+        labels=torch.tensor(labels or [0] * n),
+        rewards=torch.where(mask, r, torch.zeros(())),
+        query_ids=[f"q{i}" for i in range(n)],
+        cand_ids=ids_t,
+    )
 
 
 def test_prior_by_hand_one_query_per_fold():
@@ -56,8 +73,12 @@ def test_prior_matches_a_slow_loop_and_ignores_the_querys_own_reward():
             if not mask[q, c]:
                 assert prior[q, c] == 0
                 continue
-            other = [(p, k) for p in range(n) for k in range(g)
-                     if folds[p] != folds[q] and mask[p, k] and ids[p, k] == ids[q, c]]
+            other = [
+                (p, k)
+                for p in range(n)
+                for k in range(g)
+                if folds[p] != folds[q] and mask[p, k] and ids[p, k] == ids[q, c]
+            ]
             want = sum(y[p, k] for p, k in other) / (len(other) + 0.5)
             assert prior[q, c].item() == pytest.approx(want, abs=1e-12)
     # cross-fitting: changing query 0's own rewards does not move query 0's prior (other queries' may move)
@@ -129,13 +150,30 @@ def test_config_and_pipeline(tmp_path):
     with pytest.raises(ConfigError, match="reward.debias must be one of"):
         load_config(None, ["reward.debias=prior"])
     # the synthetic world has no candidate ids: one line, before SFT
-    cfg = load_config(None, ["progress=false", "data.synthetic.n_queries=120", f"run_dir={tmp_path / 'p'}",
-                             "reward.debias=candidate_prior"])
+    cfg = load_config(
+        None,
+        [
+            "progress=false",
+            "data.synthetic.n_queries=120",
+            f"run_dir={tmp_path / 'p'}",
+            "reward.debias=candidate_prior",
+        ],
+    )
     with pytest.raises(DebiasError, match="needs candidate ids"):
         run_pipeline(cfg)
     assert not (tmp_path / "p" / "sft.pt").exists()
-    cfg = load_config(None, ["progress=false", "data.synthetic.n_queries=120", "sft.epochs=1", "rce.epochs=1",
-                             "grpo.epochs=1", f"run_dir={tmp_path / 'f'}", "reward.debias=candidate_features"])
+    cfg = load_config(
+        None,
+        [
+            "progress=false",
+            "data.synthetic.n_queries=120",
+            "sft.epochs=1",
+            "rce.epochs=1",
+            "grpo.epochs=1",
+            f"run_dir={tmp_path / 'f'}",
+            "reward.debias=candidate_features",
+        ],
+    )
     res = run_pipeline(cfg)
     info = read_run_info(tmp_path / "f")
     assert info["debias"] == "candidate_features" and 0 < info["debias_removed_share"] < 1

@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import TINY, tiny_config
+
 from v3kit.cli import main
 from v3kit.config import ConfigError, load_config
 from v3kit.data import iterate_batches
@@ -70,7 +70,8 @@ def _assert_columns_close(got: dict, gold: dict, where: str) -> None:
         for i, (h, w) in enumerate(zip(have, want)):
             if isinstance(w, float) and isinstance(h, float):
                 assert math.isclose(h, w, rel_tol=RTOL, abs_tol=atol), (
-                    f"{where}: {c}[{i}] = {h!r}, golden {w!r} (rtol {RTOL:g}, atol {atol:.2g})")
+                    f"{where}: {c}[{i}] = {h!r}, golden {w!r} (rtol {RTOL:g}, atol {atol:.2g})"
+                )
             else:
                 assert h == w, f"{where}: {c}[{i}] = {h!r}, golden {w!r}"
 
@@ -176,9 +177,13 @@ def test_golden_tolerances_pass_cross_cpu_drift_and_catch_real_changes():
     for column in ("loss", "kl", "kl_to_sft", "entropy", "grad_norm", "ratio_mean", "pg_loss"):
         # drift as measured between two CPUs: ~1e-5 relative, plus ~2e-8 absolute on cancelling values
         _assert_columns_close(nudged(column, lambda v: v * (1 + 1e-5) + 2e-8), gold, "drift")
-    for column, change in (("kl", lambda v: 1.1 * v), ("kl_to_sft", lambda v: 1.1 * v),
-                           ("loss", lambda v: v + 1e-5), ("acc@1", lambda v: v + 1 / 36),
-                           ("entropy", lambda v: v * (1 + 3e-4))):
+    for column, change in (
+        ("kl", lambda v: 1.1 * v),
+        ("kl_to_sft", lambda v: 1.1 * v),
+        ("loss", lambda v: v + 1e-5),
+        ("acc@1", lambda v: v + 1 / 36),
+        ("entropy", lambda v: v * (1 + 3e-4)),
+    ):
         with pytest.raises(AssertionError, match=column):
             _assert_columns_close(nudged(column, change), gold, "changed")
 
@@ -231,8 +236,10 @@ def test_bad_or_missing_devices_fail_in_one_line_before_anything_is_written(tmp_
             load_config(None, [f"device={bad}"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     run_dir = tmp_path / "r"
-    assert main(["run", "--set", "device=cuda", "--set", f"run_dir={run_dir}", "--set",
-                 "data.synthetic.n_queries=40"]) == 2
+    assert (
+        main(["run", "--set", "device=cuda", "--set", f"run_dir={run_dir}", "--set", "data.synthetic.n_queries=40"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "device='cuda' but CUDA is not available" in err
     assert not (run_dir / "config.yaml").exists()
@@ -291,8 +298,15 @@ def test_sft_reference_log_probs_read_once_equal_per_batch_recomputation():
         assert torch.allclose(got[batch.mask], per_batch[batch.mask], rtol=0, atol=1e-6)
     # In a run: the policy starts as the reference, so the first step's KL to it is 0 (k3 of identical policies).
     policy = freeze(ref).requires_grad_(True)
-    r = run_grpo(policy, splits, once, GRPOConfig(epochs=1, kl_reference="sft", lr=1e-3), reference=ref,
-                 temperature=t, progress=False)
+    r = run_grpo(
+        policy,
+        splits,
+        once,
+        GRPOConfig(epochs=1, kl_reference="sft", lr=1e-3),
+        reference=ref,
+        temperature=t,
+        progress=False,
+    )
     kl = r.train_history["kl"].tolist()
     assert kl[0] == pytest.approx(0.0, abs=1e-7) and kl[-1] > 1e-9 and all(math.isfinite(k) for k in kl)
 
@@ -317,7 +331,6 @@ def test_advantages_read_once_equal_per_batch_computation(switches):
     train = prepare_data(tiny_config("unused")).train
     no_signal, adv = per_group_terms(train.rewards, train.mask, cfg)
     for batch in iterate_batches(train, 32, shuffle=True, generator=torch.Generator().manual_seed(1)):
-        want = group_advantages(batch.rewards, batch.mask, scale=cfg.adv_scale, eps=cfg.adv_eps,
-                                baseline=cfg.baseline)
+        want = group_advantages(batch.rewards, batch.mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline)
         assert torch.equal(adv[batch.index], want)  # bit for bit: a group's advantages are its own business
         assert torch.equal(no_signal[batch.index], zero_std_groups(batch.rewards, batch.mask))

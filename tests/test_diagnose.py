@@ -12,16 +12,30 @@ import torch
 from v3kit.cli import main
 from v3kit.diagnose import Finding, Thresholds, diagnose, format_report, report_frame
 
-FRAME_CHECKS = ["step0_ratio", "clip_ratio", "zero_std_groups", "kl_growth", "kl_pinned", "entropy_collapse",
-                "reward_vs_label", "rce_converged"]
+FRAME_CHECKS = [
+    "step0_ratio",
+    "clip_ratio",
+    "zero_std_groups",
+    "kl_growth",
+    "kl_pinned",
+    "entropy_collapse",
+    "reward_vs_label",
+    "rce_converged",
+]
 DATA_CHECKS = ["reward_shortcut", "rce_targets", "baselines"]  # need the run's data: skipped on a bare frame
 CHECKS = FRAME_CHECKS + DATA_CHECKS
 
 SEED_CFG: dict[str, Any] = {
     "model": {"sim_temperature": 1.0},
     "rce": {"epochs": 3},
-    "grpo": {"eps_low": 0.2, "eps_high": None, "old_policy": "sft", "kl_reference": "old", "kl_beta": 0.1,
-             "drop_zero_std_groups": False},
+    "grpo": {
+        "eps_low": 0.2,
+        "eps_high": None,
+        "old_policy": "sft",
+        "kl_reference": "old",
+        "kl_beta": 0.1,
+        "drop_zero_std_groups": False,
+    },
 }
 
 
@@ -29,8 +43,16 @@ BEST_REWARD = 3.0  # mean best reward of the crafted val groups
 
 
 def val_row(stage: str, epoch: int, **m: float) -> dict[str, Any]:
-    base = {"acc@1": 0.36, "mrr": 0.58, "ndcg@5": 0.9, "reward@1": 2.40, "regret@1": 0.4, "utility@1": 2.40,
-            "kl_to_sft": 0.0, "entropy": 1.40}
+    base = {
+        "acc@1": 0.36,
+        "mrr": 0.58,
+        "ndcg@5": 0.9,
+        "reward@1": 2.40,
+        "regret@1": 0.4,
+        "utility@1": 2.40,
+        "kl_to_sft": 0.0,
+        "entropy": 1.40,
+    }
     return {"stage": stage, "split": "val", "epoch": epoch, "step": 0, **base, **m}
 
 
@@ -65,27 +87,69 @@ def frame(
         for _ in range(steps_per_epoch):
             step += 1
             t = rce_temperature[e - 1] if rce_temperature else 1.0
-            rows.append({"stage": "rce", "split": "train", "epoch": e, "step": step, "loss": loss,
-                         "temperature": t, "grad_norm": 1.0, "lr": 1e-5})
+            rows.append(
+                {
+                    "stage": "rce",
+                    "split": "train",
+                    "epoch": e,
+                    "step": step,
+                    "loss": loss,
+                    "temperature": t,
+                    "grad_norm": 1.0,
+                    "lr": 1e-5,
+                }
+            )
         rows.append(val_row("rce", e, step=step, kl_to_sft=0.02))
-    s0 = {"step0_ratio_mean": 1.0, "step0_ratio_std": 0.01, "step0_ratio_min": 0.97, "step0_ratio_max": 1.03,
-          "step0_outside_clip": 0.0, **(step0 or {})}
-    rows.append(val_row("grpo", 0, kl_to_sft=kl_to_sft[0], entropy=entropy[0], **{"reward@1": reward[0]},
-                        **{"acc@1": acc[0]}, **s0))
+    s0 = {
+        "step0_ratio_mean": 1.0,
+        "step0_ratio_std": 0.01,
+        "step0_ratio_min": 0.97,
+        "step0_ratio_max": 1.03,
+        "step0_outside_clip": 0.0,
+        **(step0 or {}),
+    }
+    rows.append(
+        val_row(
+            "grpo", 0, kl_to_sft=kl_to_sft[0], entropy=entropy[0], **{"reward@1": reward[0]}, **{"acc@1": acc[0]}, **s0
+        )
+    )
     total, step = n * steps_per_epoch, 0
     for e in range(1, n + 1):
         for _ in range(steps_per_epoch):
             t = step / max(total - 1, 1)
             first = step == 0
             step += 1
-            rows.append({"stage": "grpo", "split": "train", "epoch": e, "step": step, "loss": 0.0, "pg_loss": 0.0,
-                         "kl": kl(t), "ratio_mean": ratio[0] if first else 1.0,
-                         "ratio_min": ratio[1] if first else 0.9, "ratio_max": ratio[2] if first else 1.1,
-                         "clip_ratio": clip(t), "entropy": entropy[min(e, n)], "adv_std": 0.9,
-                         "frac_reward_zero_std": zero_std(t), "grad_norm": 1.0, "lr": 1e-5,
-                         "temperature": temperature})
-        rows.append(val_row("grpo", e, step=step, kl_to_sft=kl_to_sft[e], entropy=entropy[e],
-                            **{"reward@1": reward[e], "acc@1": acc[e]}))
+            rows.append(
+                {
+                    "stage": "grpo",
+                    "split": "train",
+                    "epoch": e,
+                    "step": step,
+                    "loss": 0.0,
+                    "pg_loss": 0.0,
+                    "kl": kl(t),
+                    "ratio_mean": ratio[0] if first else 1.0,
+                    "ratio_min": ratio[1] if first else 0.9,
+                    "ratio_max": ratio[2] if first else 1.1,
+                    "clip_ratio": clip(t),
+                    "entropy": entropy[min(e, n)],
+                    "adv_std": 0.9,
+                    "frac_reward_zero_std": zero_std(t),
+                    "grad_norm": 1.0,
+                    "lr": 1e-5,
+                    "temperature": temperature,
+                }
+            )
+        rows.append(
+            val_row(
+                "grpo",
+                e,
+                step=step,
+                kl_to_sft=kl_to_sft[e],
+                entropy=entropy[e],
+                **{"reward@1": reward[e], "acc@1": acc[e]},
+            )
+        )
     df = pd.DataFrame(rows)
     df["regret@1"] = BEST_REWARD - df["reward@1"]  # the groups' best reward is fixed: regret mirrors reward@1
     return df
@@ -110,6 +174,7 @@ def test_healthy_run_triggers_nothing_and_every_check_reports_its_number():
 
 
 # ---------------------------------------------------------------- 1. step-0 ratio
+
 
 def test_step0_ratio_far_from_one_is_flagged_as_stale_old_policy():
     f = run(frame(step0={"step0_ratio_mean": 1.3, "step0_ratio_std": 0.6, "step0_outside_clip": 0.4}))["step0_ratio"]
@@ -143,6 +208,7 @@ def test_step0_ratio_falls_back_on_the_first_grpo_batch():
 
 # ---------------------------------------------------------------- 2. clip ratio
 
+
 def test_clip_ratio_high_at_the_end_suggests_refreshing_the_old_policy():
     f = run(frame(clip=lambda t: 0.05 if t < 0.5 else 0.4))["clip_ratio"]
     assert f.triggered and f.value == pytest.approx(0.4) and "high at the end" in f.message
@@ -158,6 +224,7 @@ def test_a_short_clip_spike_is_not_high_for_long():
 
 # ---------------------------------------------------------------- 3. zero-std groups
 
+
 def test_many_zero_std_groups_are_flagged():
     f = run(frame(zero_std=lambda t: 0.5))["zero_std_groups"]
     assert f.triggered and f.value == pytest.approx(0.5)
@@ -168,6 +235,7 @@ def test_many_zero_std_groups_are_flagged():
 
 
 # ---------------------------------------------------------------- 4. KL
+
 
 def test_kl_to_sft_still_climbing_and_large_is_unbounded():
     f = run(frame(kl_to_sft=[0.0, 0.1, 0.2, 0.3, 0.4]))["kl_growth"]
@@ -204,6 +272,7 @@ def test_kl_pinned_at_zero_or_switched_off_is_flagged():
 
 # ---------------------------------------------------------------- 5. entropy
 
+
 def test_entropy_collapse_is_flagged_with_the_relative_drop():
     f = run(frame(entropy=[1.4, 1.1, 0.9, 0.8, 0.7]))["entropy_collapse"]
     assert f.triggered and f.value == pytest.approx(0.5) and "eps_high" in f.suggestion
@@ -212,6 +281,7 @@ def test_entropy_collapse_is_flagged_with_the_relative_drop():
 
 # ---------------------------------------------------------------- 6. reward vs label
 
+
 def test_reward_up_while_labels_fall_says_worse_depends_on_the_metric():
     f = run(frame(reward=[2.4, 2.5, 2.6, 2.7, 2.8], acc=[0.36, 0.35, 0.34, 0.33, 0.32]))["reward_vs_label"]
     assert f.triggered and f.value == pytest.approx(0.04 / 0.36)
@@ -219,8 +289,7 @@ def test_reward_up_while_labels_fall_says_worse_depends_on_the_metric():
     assert "reward weights" in f.suggestion
     # both rising is healthy; labels falling while reward also falls is not this check's business
     assert not run(frame(reward=[2.4, 2.5, 2.6, 2.7, 2.8]))["reward_vs_label"].triggered
-    assert not run(frame(reward=[2.4, 2.3, 2.3, 2.3, 2.3], acc=[0.36, 0.3, 0.3, 0.3, 0.3]))[
-        "reward_vs_label"].triggered
+    assert not run(frame(reward=[2.4, 2.3, 2.3, 2.3, 2.3], acc=[0.36, 0.3, 0.3, 0.3, 0.3]))["reward_vs_label"].triggered
 
 
 def test_reward_vs_label_also_compares_against_the_sft_baseline():
@@ -231,6 +300,7 @@ def test_reward_vs_label_also_compares_against_the_sft_baseline():
 
 
 # ---------------------------------------------------------------- 7. RCE convergence
+
 
 def test_rce_loss_still_falling_at_its_last_epoch_is_flagged():
     f = run(frame(rce_loss=[2.0, 1.8, 1.5]))["rce_converged"]
@@ -359,6 +429,7 @@ def test_rce_converged_single_epoch_and_no_rce():
 
 # ---------------------------------------------------------------- robustness and formats
 
+
 def test_missing_stages_or_columns_skip_with_a_reason_instead_of_crashing():
     for df in (pd.DataFrame(), frame()[lambda d: d["stage"] == "sft"], frame()[["stage", "split", "epoch"]]):
         found = diagnose(df)
@@ -385,8 +456,9 @@ def test_report_text_and_frame():
     joined = " ".join(ln.strip() for ln in lines)
     assert "1. zero_std_groups: grpo.drop_zero_std_groups=true" in text
     assert "v3kit investigate RUN_DIR" in joined and "v3kit ablate --grid RUN_DIR/doctor_grid.yaml" in joined
-    assert any(ln.startswith(f"1 of {len(CHECKS)} checks flagged: zero_std_groups; {len(DATA_CHECKS)} skipped")
-               for ln in lines)
+    assert any(
+        ln.startswith(f"1 of {len(CHECKS)} checks flagged: zero_std_groups; {len(DATA_CHECKS)} skipped") for ln in lines
+    )
     assert "adopt a switch only once its ablation beats" in joined
     assert max(len(ln) for ln in lines) <= 100  # the report wraps for terminals and notebooks
     table = report_frame(found)
@@ -397,6 +469,7 @@ def test_report_text_and_frame():
 
 # ---------------------------------------------------------------- a real run and the CLI
 
+
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     from v3kit.config import load_config
@@ -404,8 +477,19 @@ def real_run(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("doctor") / "run"
     # RCE at a tiny lr: the case where the doctor must say "lr too small" with or without the RCE checkpoints
-    cfg = load_config(None, ["progress=false", "data.synthetic.n_queries=300", "sft.epochs=3", "rce.epochs=2",
-                             "rce.lr=1e-7", "grpo.epochs=2", "grpo.lr=1e-3", f"run_dir={d}"])
+    cfg = load_config(
+        None,
+        [
+            "progress=false",
+            "data.synthetic.n_queries=300",
+            "sft.epochs=3",
+            "rce.epochs=2",
+            "rce.lr=1e-7",
+            "grpo.epochs=2",
+            "grpo.lr=1e-3",
+            f"run_dir={d}",
+        ],
+    )
     run_pipeline(cfg)
     return d
 
@@ -434,11 +518,15 @@ def test_rce_verdict_is_the_same_without_the_per_epoch_checkpoints(real_run, tmp
     full, bare = by_check(diagnose(real_run)), by_check(diagnose(copy))
     for name in ("rce_converged", "reward_vs_label"):
         assert (bare[name].triggered, bare[name].value, bare[name].message) == (
-            full[name].triggered, full[name].value, full[name].message)
+            full[name].triggered,
+            full[name].value,
+            full[name].message,
+        )
 
 
 def test_doctor_grid_tests_the_suggestions_against_the_run(real_run, tmp_path, capsys):
     import yaml
+
     from v3kit.ablate import load_grid, run_grid
 
     assert main(["doctor", str(real_run), "--grid"]) == 0
@@ -513,8 +601,12 @@ def test_every_check_ignores_a_constant_reward_shift_and_names_its_scale(small_s
     from v3kit.data import Splits
 
     def moved(splits, a: float, c: float):
-        return Splits(*[dataclasses.replace(p, rewards=torch.where(p.mask, a * p.rewards + c, 0.0))
-                        for p in (splits.train, splits.val, splits.test)])
+        return Splits(
+            *[
+                dataclasses.replace(p, rewards=torch.where(p.mask, a * p.rewards + c, 0.0))
+                for p in (splits.train, splits.val, splits.test)
+            ]
+        )
 
     df, _ = rce_frame([0.0, 0.2, 0.3, 0.35], kl=0.05, splits=small_splits, sft=small_sft)
     df = df.assign(**{"reward@1": df["reward@1"] + 0.1 * df["epoch"], "regret@1": df["regret@1"] - 0.1 * df["epoch"]})
@@ -530,7 +622,8 @@ def test_every_check_ignores_a_constant_reward_shift_and_names_its_scale(small_s
     scaled = verdicts(30.0, 5.0)
     # RCE's targets are a softmax of reward / T: their checks depend on the reward's scale, and say so
     assert {k: v for k, v in scaled.items() if k not in ("rce_targets", "rce_converged")} == {
-        k: v for k, v in base.items() if k not in ("rce_targets", "rce_converged")}
+        k: v for k, v in base.items() if k not in ("rce_targets", "rce_converged")
+    }
     found = {f.check: f for f in diagnose(df, RCE_CFG, splits=small_splits, sft=small_sft)}
     assert "T in raw reward units" in found["rce_targets"].message
     assert "T in raw reward units" in found["rce_converged"].message
@@ -550,8 +643,18 @@ def test_suggestions_are_ordered_by_evidence():
     def f(check, value, threshold):
         return Finding(check, True, value, threshold, "", "", [f"x.{check}=1"])
 
-    found = [f("clip_ratio", 0.9, 0.2), f("reward_shortcut", 0.4, 0.05), f("baselines", 0.39, 0.45),
-             f("kl_pinned", 100.0, 1.0), f("rce_converged", 0.001, 0.01)]
+    found = [
+        f("clip_ratio", 0.9, 0.2),
+        f("reward_shortcut", 0.4, 0.05),
+        f("baselines", 0.39, 0.45),
+        f("kl_pinned", 100.0, 1.0),
+        f("rce_converged", 0.001, 0.01),
+    ]
     # label metric first, then the data checks by how far past their threshold, then GRPO's mechanics
-    assert [x.check for x in evidence_order(found)] == ["baselines", "rce_converged", "reward_shortcut",
-                                                         "kl_pinned", "clip_ratio"]
+    assert [x.check for x in evidence_order(found)] == [
+        "baselines",
+        "rce_converged",
+        "reward_shortcut",
+        "kl_pinned",
+        "clip_ratio",
+    ]

@@ -23,11 +23,20 @@ import torch
 
 # 245 queries: 171 training groups (a last batch of 11) and 37 held-out ones, so the ranks' shares are uneven
 # and the all-gathers pad.
-TINY = ["progress=false", "data.synthetic.n_queries=245", "sft.epochs=3", "rce.epochs=2", "grpo.epochs=3",
-        "grpo.samples=sampled", "grpo.adv_scale=batch"]
+TINY = [
+    "progress=false",
+    "data.synthetic.n_queries=245",
+    "sft.epochs=3",
+    "rce.epochs=2",
+    "grpo.epochs=3",
+    "grpo.samples=sampled",
+    "grpo.adv_scale=batch",
+]
 
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun")
-                                .exists(), reason="torchrun is not installed")
+pytestmark = pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+    reason="torchrun is not installed",
+)
 
 
 def _run(run_dir: Path, ranks: int, *extra: str, sft: Path | None = None) -> None:
@@ -127,9 +136,20 @@ def test_a_run_resumes_under_another_world_size(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     _run(whole, 1)
     _run(split, 2, "grpo.epochs=2")  # two ranks stop after GRPO epoch 2 ...
-    out = subprocess.run([sys.executable, "-m", "v3kit", "run", "--resume",
-                          *[a for s in [*TINY, f"run_dir={split}"] for a in ("--set", s)]],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "v3kit",
+            "run",
+            "--resume",
+            *[a for s in [*TINY, f"run_dir={split}"] for a in ("--set", s)],
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]  # ... and one process finishes epoch 3
     a, b = _numbers(whole / "metrics.csv"), _numbers(split / "metrics.csv")
     assert a.shape == b.shape and float((a - b).abs().max().max()) < 1e-5

@@ -69,29 +69,44 @@ def test_sampled_exact_kl_on_ragged_batches_equals_all_and_carries_the_gradient(
     logits = torch.randn(4, 5, generator=g, dtype=F64)
     old = torch.log_softmax(torch.randn(4, 5, generator=g, dtype=F64).masked_fill(~mask, -math.inf), 1)
     rewards = torch.where(mask, torch.randn(4, 5, generator=g, dtype=F64), torch.zeros(()))
-    want = math.fsum(_kl([math.exp(float(v)) for v in torch.log_softmax(logits[b][mask[b]], 0)],
-                         old[b][mask[b]].tolist()) for b in range(4)) / 4
+    want = (
+        math.fsum(
+            _kl([math.exp(float(v)) for v in torch.log_softmax(logits[b][mask[b]], 0)], old[b][mask[b]].tolist())
+            for b in range(4)
+        )
+        / 4
+    )
     for kl_reference in ("old", "sft"):
         ref = old if kl_reference == "sft" else None
         kls, grads = [], []
         for samples, seed in (("all", 0), ("sampled", 1), ("sampled", 2)):
             z = logits.clone().requires_grad_(True)
             logp = torch.log_softmax(z.masked_fill(~mask, -math.inf), 1)
-            cfg = GRPOConfig(samples=samples, kl_estimator="exact", kl_reference=kl_reference, kl_beta=1.0,
-                             num_samples=3)
-            _, stats = grpo_step_loss(logp, old, rewards, mask, cfg, ref_logp=ref,
-                                      generator=torch.Generator().manual_seed(seed))
+            cfg = GRPOConfig(
+                samples=samples, kl_estimator="exact", kl_reference=kl_reference, kl_beta=1.0, num_samples=3
+            )
+            _, stats = grpo_step_loss(
+                logp, old, rewards, mask, cfg, ref_logp=ref, generator=torch.Generator().manual_seed(seed)
+            )
             kls.append(float(stats["kl"]))
             # the KL term's own gradient (pg switched off by zero rewards): the full groups' KL, finite at padding
             z.grad = None
-            loss, _ = grpo_step_loss(logp, old, torch.zeros_like(rewards), mask, cfg, ref_logp=ref,
-                                     generator=torch.Generator().manual_seed(seed))
+            loss, _ = grpo_step_loss(
+                logp,
+                old,
+                torch.zeros_like(rewards),
+                mask,
+                cfg,
+                ref_logp=ref,
+                generator=torch.Generator().manual_seed(seed),
+            )
             loss.backward()
             grads.append(z.grad)
         assert kls[0] == pytest.approx(want, rel=1e-12) and kls[1] == kls[0] and kls[2] == kls[0]
         assert all(torch.isfinite(gr).all() and (gr[~mask] == 0).all() for gr in grads)
-        assert torch.allclose(grads[1], grads[0], rtol=0, atol=1e-15) and torch.allclose(grads[2], grads[0],
-                                                                                           rtol=0, atol=1e-15)
+        assert torch.allclose(grads[1], grads[0], rtol=0, atol=1e-15) and torch.allclose(
+            grads[2], grads[0], rtol=0, atol=1e-15
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -114,8 +129,9 @@ def test_exact_kl_is_not_clamped_for_a_far_anchor():
         assert float(kl) == pytest.approx(want, rel=rel)
         assert z.grad[0].tolist() == pytest.approx(want_grad, rel=rel)
         # through the loss: the penalty and its statistic are the same unclamped KL
-        loss, stats = grpo_loss(torch.log_softmax(z, 1), anchor, torch.zeros(1, 2, dtype=dtype), kl_beta=1.0,
-                                kl_estimator="exact")
+        loss, stats = grpo_loss(
+            torch.log_softmax(z, 1), anchor, torch.zeros(1, 2, dtype=dtype), kl_beta=1.0, kl_estimator="exact"
+        )
         assert stats["kl"] == pytest.approx(want, rel=rel) and float(loss) == pytest.approx(want, rel=rel)
 
 
@@ -128,8 +144,11 @@ def test_exact_kl_gradients_match_finite_differences_on_ragged_groups():
     a_far[0, 1] -= 40.0  # a log-ratio of ~40: past any clamp
 
     def kl(z_, a_):  # the padded logits reach nothing (masked to -inf before the softmax)
-        return exact_group_kl(torch.log_softmax(z_.masked_fill(~mask, -math.inf), 1),
-                              torch.log_softmax(a_.masked_fill(~mask, -math.inf), 1), mask)
+        return exact_group_kl(
+            torch.log_softmax(z_.masked_fill(~mask, -math.inf), 1),
+            torch.log_softmax(a_.masked_fill(~mask, -math.inf), 1),
+            mask,
+        )
 
     assert torch.autograd.gradcheck(kl, (z, a))
     assert torch.autograd.gradcheck(kl, (z, a_far.requires_grad_(True)))

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY
+
 from v3kit.cli import main
 
 SET_TINY = [a for kv in TINY for a in ("--set", kv)]
@@ -69,7 +69,7 @@ def test_yaml_bomb_config_fails_fast_in_one_line(tmp_path, capsys):
 
 
 def test_yaml_alias_expansion_is_counted_exactly_and_small_aliases_still_load(tmp_path):
-    from v3kit.config import ConfigError, MAX_YAML_NODES, load_config, safe_load_bounded
+    from v3kit.config import MAX_YAML_NODES, ConfigError, load_config, safe_load_bounded
 
     # an anchor reused a few times (handy in grids) loads as plain YAML would
     text = "base: &b {grpo: {kl_beta: 0.1}}\nx: *b\ny: [*b, *b]\n"
@@ -108,17 +108,20 @@ def test_yaml_bomb_grid_fails_fast_in_one_line(tmp_path, capsys):
     assert code == 2 and str(path) in line and "aliases" in line
 
 
-@pytest.mark.parametrize("override, key, bound", [
-    ("sft.epochs=100000000000000000000", "sft.epochs", "10_000"),
-    ("grpo.epochs=10001", "grpo.epochs", "10_000"),
-    ("rce.batch_size=1000001", "rce.batch_size", "1_000_000"),
-    ("model.emb_dim=1000000000000", "model.emb_dim", "1_000_000"),
-    ("model.hidden=[64,2000000]", "model.hidden", "1_000_000"),
-    ("data.synthetic.n_queries=100000001", "data.synthetic.n_queries", "100_000_000"),
-    ("data.synthetic.group_size=100001", "data.synthetic.group_size", "100_000"),
-    ("data.synthetic.feature_dim=1000001", "data.synthetic.feature_dim", "1_000_000"),
-    ("grpo.num_samples=100001", "grpo.num_samples", "100_000"),
-])
+@pytest.mark.parametrize(
+    "override, key, bound",
+    [
+        ("sft.epochs=100000000000000000000", "sft.epochs", "10_000"),
+        ("grpo.epochs=10001", "grpo.epochs", "10_000"),
+        ("rce.batch_size=1000001", "rce.batch_size", "1_000_000"),
+        ("model.emb_dim=1000000000000", "model.emb_dim", "1_000_000"),
+        ("model.hidden=[64,2000000]", "model.hidden", "1_000_000"),
+        ("data.synthetic.n_queries=100000001", "data.synthetic.n_queries", "100_000_000"),
+        ("data.synthetic.group_size=100001", "data.synthetic.group_size", "100_000"),
+        ("data.synthetic.feature_dim=1000001", "data.synthetic.feature_dim", "1_000_000"),
+        ("grpo.num_samples=100001", "grpo.num_samples", "100_000"),
+    ],
+)
 def test_absurd_sizes_are_refused_naming_key_and_bound(tmp_path, capsys, override, key, bound):
     run = tmp_path / "run"
     code, _, err = cli(capsys, "run", "--set", override, "--set", f"run_dir={run}", "--set", "progress=false")
@@ -130,16 +133,17 @@ def test_absurd_sizes_are_refused_naming_key_and_bound(tmp_path, capsys, overrid
 def test_sizes_at_the_bound_are_accepted():
     from v3kit.config import load_config
 
-    cfg = load_config(None, ["sft.epochs=10000", "model.emb_dim=1000000", "grpo.batch_size=1000000",
-                             "data.synthetic.n_queries=100000000"])
+    cfg = load_config(
+        None,
+        ["sft.epochs=10000", "model.emb_dim=1000000", "grpo.batch_size=1000000", "data.synthetic.n_queries=100000000"],
+    )
     assert (cfg.sft.epochs, cfg.model.emb_dim, cfg.grpo.batch_size) == (10_000, 1_000_000, 1_000_000)
 
 
 def test_a_model_too_big_for_memory_fails_before_training_naming_the_keys(tmp_path, capsys):
     run = tmp_path / "run"
     # each width is in bounds, together they make 1e12 parameters
-    code, _, err = cli(capsys, "run", "--set", "model.hidden=[1000000,1000000]", "--set", f"run_dir={run}",
-                       *SET_TINY)
+    code, _, err = cli(capsys, "run", "--set", "model.hidden=[1000000,1000000]", "--set", f"run_dir={run}", *SET_TINY)
     line = one_line(err)
     assert code == 2 and "model.hidden / model.emb_dim" in line and "parameters" in line and "available" in line
     assert not (run / "config.yaml").exists() and not list(run.glob("*.pt"))
@@ -173,8 +177,16 @@ def test_memory_check_on_cuda_reads_the_devices_free_memory(monkeypatch):
 
 def test_a_synthetic_world_too_big_for_memory_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("V3KIT_TEST_AVAILABLE_MEMORY", str(1 << 30))
-    code, _, err = cli(capsys, "run", "--set", "data.synthetic.n_queries=10000000", "--set",
-                       "data.synthetic.feature_dim=1000", "--set", f"run_dir={tmp_path / 'run'}")
+    code, _, err = cli(
+        capsys,
+        "run",
+        "--set",
+        "data.synthetic.n_queries=10000000",
+        "--set",
+        "data.synthetic.feature_dim=1000",
+        "--set",
+        f"run_dir={tmp_path / 'run'}",
+    )
     line = one_line(err)
     assert code == 2 and "data.synthetic" in line and "n_queries" in line and "1.0 GB available" in line
 
@@ -193,8 +205,20 @@ def test_import_sft_refuses_nan_weights_naming_them_and_writes_nothing(tmp_path,
     model = build_model(ModelConfig(), 4, 4)
     torch.save(_nan_state(model), tmp_path / "nan_sd.pt")
     out = tmp_path / "sft.pt"
-    code, _, err = cli(capsys, "import-sft", "--target", "v3kit.model:TwoTower", "--state-dict",
-                       str(tmp_path / "nan_sd.pt"), "--out", str(out), "--query-dim", "4", "--cand-dim", "4")
+    code, _, err = cli(
+        capsys,
+        "import-sft",
+        "--target",
+        "v3kit.model:TwoTower",
+        "--state-dict",
+        str(tmp_path / "nan_sd.pt"),
+        "--out",
+        str(out),
+        "--query-dim",
+        "4",
+        "--cand-dim",
+        "4",
+    )
     line = one_line(err)
     n = len(model.state_dict())
     assert code == 2 and "non-finite" in line and "query_tower.0.weight" in line and f"({n} tensors)" in line
@@ -203,8 +227,20 @@ def test_import_sft_refuses_nan_weights_naming_them_and_writes_nothing(tmp_path,
     state = model.state_dict()
     state["cand_tower.2.bias"][1] = float("-inf")
     torch.save(state, tmp_path / "inf_sd.pt")
-    code, _, err = cli(capsys, "import-sft", "--target", "v3kit.model:TwoTower", "--state-dict",
-                       str(tmp_path / "inf_sd.pt"), "--out", str(out), "--query-dim", "4", "--cand-dim", "4")
+    code, _, err = cli(
+        capsys,
+        "import-sft",
+        "--target",
+        "v3kit.model:TwoTower",
+        "--state-dict",
+        str(tmp_path / "inf_sd.pt"),
+        "--out",
+        str(out),
+        "--query-dim",
+        "4",
+        "--cand-dim",
+        "4",
+    )
     assert code == 2 and "in cand_tower.2.bias;" in one_line(err) and not out.exists()
 
 
@@ -214,8 +250,7 @@ def _nan_checkpoint(tmp_path: Path, names=None) -> Path:
 
     cfg = ModelConfig()
     model = build_model(cfg, 16, 16)
-    payload = {"stage": "sft", "epoch": 1, "step": -1, "model": _nan_state(model, names),
-               **model_payload(cfg, 16, 16)}
+    payload = {"stage": "sft", "epoch": 1, "step": -1, "model": _nan_state(model, names), **model_payload(cfg, 16, 16)}
     return save_checkpoint(tmp_path / "nan_weights.pt", payload)
 
 
@@ -288,11 +323,20 @@ def _edit_keeping_size_and_mtime(path: Path, value: float) -> None:
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
 
-@pytest.mark.parametrize("damage", [
-    "delete cand_x.npy", "delete mask.npy", "delete split train_cand_x.npy", "truncate split val_mask.npy",
-    "edit cand_x.npy finite", "edit cand_x.npy nan", "edit split train_cand_x.npy finite", "bad meta.json",
-    "empty split done",
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "delete cand_x.npy",
+        "delete mask.npy",
+        "delete split train_cand_x.npy",
+        "truncate split val_mask.npy",
+        "edit cand_x.npy finite",
+        "edit cand_x.npy nan",
+        "edit split train_cand_x.npy finite",
+        "bad meta.json",
+        "empty split done",
+    ],
+)
 def test_damaged_data_cache_is_rebuilt_with_a_note_never_trained_on(data_file, capsys, damage):
     reference = _splits(data_file, cache=False)
     _same_splits(_splits(data_file, cache=True), reference)  # built
@@ -323,8 +367,19 @@ def test_damaged_data_cache_is_rebuilt_with_a_note_never_trained_on(data_file, c
 
 
 def test_cli_run_over_a_damaged_cache_trains_on_the_rebuilt_data(data_file, tmp_path, capsys):
-    common = ["--set", f"data.path={data_file}", "--set", "data.cache=true", *SET_TINY, "--set", "sft.epochs=1",
-              "--set", "rce.epochs=1", "--set", "grpo.epochs=1"]
+    common = [
+        "--set",
+        f"data.path={data_file}",
+        "--set",
+        "data.cache=true",
+        *SET_TINY,
+        "--set",
+        "sft.epochs=1",
+        "--set",
+        "rce.epochs=1",
+        "--set",
+        "grpo.epochs=1",
+    ]
     assert cli(capsys, "run", "--set", f"run_dir={tmp_path / 'a'}", *common)[0] == 0
     (_split_dir(data_file) / "train_cand_x.npy").unlink()  # was: TypeError ... missing 'cand_x'
     code, _, err = cli(capsys, "run", "--set", f"run_dir={tmp_path / 'b'}", *common)
@@ -368,8 +423,9 @@ class Encoder:
         return np.stack([np.full(self.dim, len(t), dtype=np.float32) + np.arange(self.dim) for t in texts])
 
 
-@pytest.mark.parametrize("damage", ["10-d vectors", "float64 vectors", "one vector short", "edited value",
-                                    "not an npz", "no checksum"])
+@pytest.mark.parametrize(
+    "damage", ["10-d vectors", "float64 vectors", "one vector short", "edited value", "not an npz", "no checksum"]
+)
 def test_damaged_embedding_shard_is_rebuilt_with_a_note(tmp_path, capsys, damage):
     from v3kit.data.text import embed_texts
 
@@ -406,8 +462,7 @@ def test_many_bad_shards_make_one_note(tmp_path, capsys):
     from v3kit.data.text import embed_texts
 
     texts = ["a", "bb", "ccc"]
-    want = embed_texts(texts, encoder_name="enc", cache_dir=tmp_path, encode=Encoder(), batch_size=1,
-                       progress=False)
+    want = embed_texts(texts, encoder_name="enc", cache_dir=tmp_path, encode=Encoder(), batch_size=1, progress=False)
     shards = sorted((tmp_path / "enc").glob("shard-*.npz"))
     assert len(shards) == 3
     for shard in shards:  # as an older v3kit wrote them: no checksum
@@ -513,8 +568,9 @@ def _assert_resumes_to_reference(capsys, run: Path, reference_run: Path) -> None
 
 @needs_proc
 @pytest.mark.parametrize("which", ["checkpoint", "metrics append", "config.yaml", "summary.csv"])
-def test_full_disk_ends_in_one_line_leaves_nothing_partial_and_resumes(tmp_path, capsys, monkeypatch, which,
-                                                                       reference_run):
+def test_full_disk_ends_in_one_line_leaves_nothing_partial_and_resumes(
+    tmp_path, capsys, monkeypatch, which, reference_run
+):
     run = tmp_path / "run"
     counts, budget = {  # which writes fill the disk, and how many bytes they get first
         "checkpoint": (lambda n: ".pt." in n, 150_000),  # sft_epoch1.pt fits, sft_epoch2.pt does not
@@ -525,8 +581,12 @@ def test_full_disk_ends_in_one_line_leaves_nothing_partial_and_resumes(tmp_path,
     disk = FullDisk(monkeypatch, run, budget, counts)
     code, _, err = cli(capsys, "run", "--set", f"run_dir={run}", *SET_TINY)
     line = one_line(err)
-    name = {"checkpoint": "sft_epoch2.pt", "metrics append": "metrics.csv", "config.yaml": "config.yaml",
-            "summary.csv": "summary.csv"}[which]
+    name = {
+        "checkpoint": "sft_epoch2.pt",
+        "metrics append": "metrics.csv",
+        "config.yaml": "config.yaml",
+        "summary.csv": "summary.csv",
+    }[which]
     assert code == 2 and disk.fails == 1, line
     assert line.startswith(f"v3kit run: error: {run / name}: no space left on device ("), line
     assert line.endswith("free space, then `--resume` (or point run_dir at another disk)"), line
@@ -561,8 +621,22 @@ def test_temp_files_of_a_killed_run_are_removed_at_the_next_start(tmp_path, caps
         p.write_bytes(b"half a checkpoint")
     keep = run / ".notes.txt"  # not ours: left alone
     keep.write_text("x")
-    assert cli(capsys, "run", "--set", f"run_dir={run}", *SET_TINY, "--set", "sft.epochs=1", "--set",
-               "rce.epochs=0", "--set", "grpo.epochs=1")[0] == 0
+    assert (
+        cli(
+            capsys,
+            "run",
+            "--set",
+            f"run_dir={run}",
+            *SET_TINY,
+            "--set",
+            "sft.epochs=1",
+            "--set",
+            "rce.epochs=0",
+            "--set",
+            "grpo.epochs=1",
+        )[0]
+        == 0
+    )
     assert not any(p.exists() for p in stale) and keep.exists()
 
 
@@ -570,8 +644,10 @@ def _can_mount_tmpfs(where: Path) -> bool:
     if sys.platform != "linux" or shutil.which("mount") is None:
         return False
     where.mkdir(parents=True, exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(where)],
-                        capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(where)], capture_output=True).returncode
+        == 0
+    )
     return ok
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY
 from torch import nn
 
-from conftest import TINY
 from v3kit.cli import main
 from v3kit.train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from v3kit.train.import_sft import StateDictMismatch, import_sft
@@ -65,14 +65,17 @@ def test_import_writes_an_sft_checkpoint_that_rebuilds_the_users_model(tmp_path)
     assert torch.equal(rebuilt.encode_query(q), src_model.encode_query(q))
 
 
-@pytest.mark.parametrize("wrap, key", [
-    (lambda sd: {"model": sd, "epoch": 3, "optimizer": {"lr": 0.1}}, None),
-    (lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}}, None),
-    (lambda sd: {"model": nn.DataParallel(_loaded(sd)).state_dict()}, None),  # DataParallel's own "module." keys
-    (lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()}, None),  # torch.compile
-    (lambda sd: {"checkpoint": {"ema": sd, "raw": {"x": torch.zeros(1)}}}, "checkpoint.ema"),
-    (lambda sd: {**{f"backbone.{k}": v for k, v in sd.items()}, "head.weight": torch.zeros(2)}, "backbone"),
-])
+@pytest.mark.parametrize(
+    "wrap, key",
+    [
+        (lambda sd: {"model": sd, "epoch": 3, "optimizer": {"lr": 0.1}}, None),
+        (lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}}, None),
+        (lambda sd: {"model": nn.DataParallel(_loaded(sd)).state_dict()}, None),  # DataParallel's own "module." keys
+        (lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()}, None),  # torch.compile
+        (lambda sd: {"checkpoint": {"ema": sd, "raw": {"x": torch.zeros(1)}}}, "checkpoint.ema"),
+        (lambda sd: {**{f"backbone.{k}": v for k, v in sd.items()}, "head.weight": torch.zeros(2)}, "backbone"),
+    ],
+)
 def test_wrappers_and_prefixes_are_unwrapped(tmp_path, wrap, key):
     src_model = user_model(seed=1)
     torch.save(wrap(src_model.state_dict()), tmp_path / "v2.pt")
@@ -88,14 +91,17 @@ def _loaded(sd):
 
 def test_renames_map_the_users_names_onto_the_class(tmp_path):
     src_model = user_model()
-    sd = {k.replace("user_encoder", "query_net").replace("item_encoder", "doc_net"): v
-          for k, v in src_model.state_dict().items()}
+    sd = {
+        k.replace("user_encoder", "query_net").replace("item_encoder", "doc_net"): v
+        for k, v in src_model.state_dict().items()
+    }
     torch.save(sd, tmp_path / "v2.pt")
     with pytest.raises(StateDictMismatch) as e:
         do_import(tmp_path / "v2.pt", tmp_path / "sft.pt")
     assert "--rename query_net=user_encoder" in str(e.value) and "--rename doc_net=item_encoder" in str(e.value)
-    out = do_import(tmp_path / "v2.pt", tmp_path / "sft.pt",
-                    renames=[("query_net", "user_encoder"), ("doc_net", "item_encoder")])
+    out = do_import(
+        tmp_path / "v2.pt", tmp_path / "sft.pt", renames=[("query_net", "user_encoder"), ("doc_net", "item_encoder")]
+    )
     assert_same_weights(model_from_checkpoint(load_checkpoint(out)), src_model.state_dict())
     with pytest.raises(CheckpointError, match="--rename quey_net=user_encoder: no key"):
         do_import(tmp_path / "v2.pt", tmp_path / "sft2.pt", renames=[("quey_net", "user_encoder")])
@@ -162,15 +168,32 @@ def test_cli_prints_the_summary_first_and_exits_2(tmp_path, capsys):
     sd = user_model().state_dict()
     sd.pop("user_encoder.scale")
     torch.save({"model": sd}, tmp_path / "v2.pt")
-    rc = main(["import-sft", "--target", TARGET, "--state-dict", str(tmp_path / "v2.pt"), "--query-dim", str(QD),
-               "--cand-dim", str(CD), "--kwargs", '{"dim": 4, "hidden": 6}', "--out", str(tmp_path / "sft.pt")])
+    rc = main(
+        [
+            "import-sft",
+            "--target",
+            TARGET,
+            "--state-dict",
+            str(tmp_path / "v2.pt"),
+            "--query-dim",
+            str(QD),
+            "--cand-dim",
+            str(CD),
+            "--kwargs",
+            '{"dim": 4, "hidden": 6}',
+            "--out",
+            str(tmp_path / "sft.pt"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.splitlines()[0] == (f"v3kit import-sft: error: {tmp_path / 'v2.pt'} does not fit {TARGET} "
-                                   "(1 missing key(s)); nothing was written")
+    assert err.splitlines()[0] == (
+        f"v3kit import-sft: error: {tmp_path / 'v2.pt'} does not fit {TARGET} (1 missing key(s)); nothing was written"
+    )
     assert "Traceback" not in err and "user_encoder.scale ()" in err
-    rc = main(["import-sft", "--target", TARGET, "--state-dict", str(tmp_path / "v2.pt"), "--out",
-               str(tmp_path / "sft.pt")])
+    rc = main(
+        ["import-sft", "--target", TARGET, "--state-dict", str(tmp_path / "v2.pt"), "--out", str(tmp_path / "sft.pt")]
+    )
     assert rc == 2 and "pass --query-dim and --cand-dim, or --config" in capsys.readouterr().err
 
 
@@ -184,8 +207,9 @@ def test_relative_file_target_resolves_against_cwd_and_is_stored_absolute(tmp_pa
     monkeypatch.chdir(tmp_path)
     src_model = user_model()
     torch.save(src_model.state_dict(), "v2.pt")
-    out = import_sft("proj/my_models.py:MyTwoTower", "v2.pt", "sft.pt", query_dim=QD, cand_dim=CD,
-                     kwargs={"dim": 4, "hidden": 6})
+    out = import_sft(
+        "proj/my_models.py:MyTwoTower", "v2.pt", "sft.pt", query_dim=QD, cand_dim=CD, kwargs={"dim": 4, "hidden": 6}
+    )
     ckpt = load_checkpoint(out)
     assert ckpt["model_config"]["target"] == f"{pkg.resolve() / 'my_models.py'}:MyTwoTower"
     monkeypatch.chdir(REPO)  # another working directory: the checkpoint still loads
@@ -298,15 +322,29 @@ def test_eval_finds_the_recorded_sft_reference_or_says_why_not(example_run, caps
 
 def test_resume_with_the_same_sft_checkpoint_is_accepted(example_run, capsys):
     # config.yaml now holds the checkpoint's model; a resume with the same --sft must still match it
-    assert main(["run", "--config", str(EXAMPLE / "config.yaml"), *example_run["sets"], "--set",
-                 f"run_dir={example_run['run_dir']}", "--sft", str(example_run["sft"]), "--resume"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--config",
+                str(EXAMPLE / "config.yaml"),
+                *example_run["sets"],
+                "--set",
+                f"run_dir={example_run['run_dir']}",
+                "--sft",
+                str(example_run["sft"]),
+                "--resume",
+            ]
+        )
+        == 0
+    )
     assert "held-out test metrics" in capsys.readouterr().out
 
 
 def test_notebook_01_accepts_the_imported_checkpoint(example_run, tmp_path):
     from conftest import tiny_config
-    from v3kit.pipeline import ensure_stage1
-    from v3kit.pipeline import prepare_data
+
+    from v3kit.pipeline import ensure_stage1, prepare_data
 
     cfg = tiny_config(tmp_path / "nb")
     stage1 = ensure_stage1(cfg, prepare_data(cfg), sft_checkpoint=example_run["sft"])
@@ -322,11 +360,21 @@ def test_cli_reads_the_dims_of_a_text_table_from_its_embeddings(tmp_path, monkey
 
     from v3kit.data.text import embed_texts
 
-    rows = [{"query_id": f"q{q}", "candidate_id": f"q{q}c{c}", "query_text": f"query {q}",
-             "candidate_text": f"candidate {q} {c}", "reward": float(c), "is_label": c == 0}
-            for q in range(3) for c in range(2)]
+    rows = [
+        {
+            "query_id": f"q{q}",
+            "candidate_id": f"q{q}c{c}",
+            "query_text": f"query {q}",
+            "candidate_text": f"candidate {q} {c}",
+            "reward": float(c),
+            "is_label": c == 0,
+        }
+        for q in range(3)
+        for c in range(2)
+    ]
     pd.DataFrame(rows).to_json(tmp_path / "table.jsonl", orient="records", lines=True)
     texts = sorted({r["query_text"] for r in rows} | {r["candidate_text"] for r in rows})
+
     def fake(batch: list[str]) -> np.ndarray:  # 3-d "embeddings"
         return np.stack([np.full(3, len(t), dtype=np.float32) for t in batch])
 
@@ -339,10 +387,25 @@ def test_cli_reads_the_dims_of_a_text_table_from_its_embeddings(tmp_path, monkey
     torch.manual_seed(0)
     v2 = import_object(TARGET)(query_dim=3, cand_dim=3, dim=4, hidden=6)
     torch.save(v2.state_dict(), tmp_path / "v2.pt")
-    rc = main(["import-sft", "--target", TARGET, "--state-dict", str(tmp_path / "v2.pt"), "--kwargs",
-               '{"dim": 4, "hidden": 6}', "--set", f"data.path={tmp_path / 'table.jsonl'}",
-               "--set", f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.text_max_tokens=128",
-               "--out", str(tmp_path / "sft.pt")])
+    rc = main(
+        [
+            "import-sft",
+            "--target",
+            TARGET,
+            "--state-dict",
+            str(tmp_path / "v2.pt"),
+            "--kwargs",
+            '{"dim": 4, "hidden": 6}',
+            "--set",
+            f"data.path={tmp_path / 'table.jsonl'}",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "--set",
+            "data.text_max_tokens=128",
+            "--out",
+            str(tmp_path / "sft.pt"),
+        ]
+    )
     assert rc == 0
     ckpt = load_checkpoint(tmp_path / "sft.pt")
     assert (ckpt["query_dim"], ckpt["cand_dim"]) == (3, 3)

@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from v3kit.data import ingest
-from v3kit.data import DataValidationError, from_long_frame
+from v3kit.data import DataValidationError, from_long_frame, ingest
 from v3kit.data.tables import load_groups
 
 
-def ragged_frame(seed: int, n_queries: int = 40, dq: int = 3, dc: int = 5, shuffle: bool = True,
-                 mixed_ids: bool = False) -> pd.DataFrame:
+def ragged_frame(
+    seed: int, n_queries: int = 40, dq: int = 3, dc: int = 5, shuffle: bool = True, mixed_ids: bool = False
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     rows = []
     for q in range(n_queries):
@@ -24,9 +24,17 @@ def ragged_frame(seed: int, n_queries: int = 40, dq: int = 3, dc: int = 5, shuff
         label = int(rng.integers(k))
         for c in range(k):
             qid = q * 7 if mixed_ids and q % 3 == 0 else f"q{q}"
-            rows.append({"query_id": qid, "candidate_id": f"{q}/{c}", "query_features": qf,
-                         "candidate_features": rng.normal(size=dc).tolist(), "reward": float(rng.normal()),
-                         "is_label": c == label, "utility": float(rng.normal())})
+            rows.append(
+                {
+                    "query_id": qid,
+                    "candidate_id": f"{q}/{c}",
+                    "query_features": qf,
+                    "candidate_features": rng.normal(size=dc).tolist(),
+                    "reward": float(rng.normal()),
+                    "is_label": c == label,
+                    "utility": float(rng.normal()),
+                }
+            )
     df = pd.DataFrame(rows)
     return df.sample(frac=1.0, random_state=seed).reset_index(drop=True) if shuffle else df
 
@@ -42,8 +50,14 @@ def slow_pack(df: pd.DataFrame) -> dict:
         rows[qid].append(i)
     g = max(len(r) for r in rows.values())
     n, dq, dc = len(order), len(df["query_features"][0]), len(df["candidate_features"][0])
-    out = {"query_x": np.zeros((n, dq)), "cand_x": np.zeros((n, g, dc)), "mask": np.zeros((n, g), bool),
-           "labels": np.zeros(n, np.int64), "rewards": np.zeros((n, g)), "utility": np.zeros((n, g))}
+    out = {
+        "query_x": np.zeros((n, dq)),
+        "cand_x": np.zeros((n, g, dc)),
+        "mask": np.zeros((n, g), bool),
+        "labels": np.zeros(n, np.int64),
+        "rewards": np.zeros((n, g)),
+        "utility": np.zeros((n, g)),
+    }
     for b, qid in enumerate(order):
         out["query_x"][b] = df["query_features"][rows[qid][0]]
         for k, i in enumerate(rows[qid]):
@@ -79,8 +93,11 @@ def test_streamed_parquet_matches_slow_loop(tmp_path, monkeypatch, layout):
     df = ragged_frame(5)
     table = pa.Table.from_pandas(df, preserve_index=False)
     if layout != "list-float64":
-        typ = {"list-float32": lambda d: pa.list_(pa.float32()), "fixed-size": lambda d: pa.list_(pa.float32(), d),
-               "large-list": lambda d: pa.large_list(pa.float64())}[layout]
+        typ = {
+            "list-float32": lambda d: pa.list_(pa.float32()),
+            "fixed-size": lambda d: pa.list_(pa.float32(), d),
+            "large-list": lambda d: pa.large_list(pa.float64()),
+        }[layout]
         for name, dim in (("query_features", 3), ("candidate_features", 5)):
             i = table.schema.get_field_index(name)
             table = table.set_column(i, name, table.column(name).cast(typ(dim)))
@@ -96,15 +113,28 @@ def test_streamed_parquet_matches_slow_loop(tmp_path, monkeypatch, layout):
 @pytest.mark.parametrize(
     "mutate, needle",
     [
-        (lambda df: df.assign(candidate_features=[[0.0, 1.0, 2.0, 3.0, 4.0]] * 3 + [[1.0, np.nan, 0, 0, 0]]
-                              + [[0.0] * 5] * (len(df) - 4)), r"row 3 .*candidate_features contains NaN"),
-        (lambda df: df.assign(query_features=[[1.0, 2.0, 3.0]] * 20 + [[1.0, 2.0]]
-                              + [[1.0, 2.0, 3.0]] * (len(df) - 21)),
-         r"row 20 .*query_features has length 2 but most rows have 3"),
-        (lambda df: df.assign(candidate_features=[None] + list(df["candidate_features"][1:])),
-         r"row 0: candidate_features must be a list of floats, got None"),
-        (lambda df: df.assign(candidate_features=[["a"] * 5] * len(df)),
-         r"row 0 .*candidate_features must hold numbers"),
+        (
+            lambda df: df.assign(
+                candidate_features=[[0.0, 1.0, 2.0, 3.0, 4.0]] * 3
+                + [[1.0, np.nan, 0, 0, 0]]
+                + [[0.0] * 5] * (len(df) - 4)
+            ),
+            r"row 3 .*candidate_features contains NaN",
+        ),
+        (
+            lambda df: df.assign(
+                query_features=[[1.0, 2.0, 3.0]] * 20 + [[1.0, 2.0]] + [[1.0, 2.0, 3.0]] * (len(df) - 21)
+            ),
+            r"row 20 .*query_features has length 2 but most rows have 3",
+        ),
+        (
+            lambda df: df.assign(candidate_features=[None] + list(df["candidate_features"][1:])),
+            r"row 0: candidate_features must be a list of floats, got None",
+        ),
+        (
+            lambda df: df.assign(candidate_features=[["a"] * 5] * len(df)),
+            r"row 0 .*candidate_features must hold numbers",
+        ),
     ],
     ids=["nan", "length", "null-list", "strings"],
 )

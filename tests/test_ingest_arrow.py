@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from test_ingest import assert_same, ragged_frame, slow_pack
+
 from v3kit.config import ConfigError, load_config
 from v3kit.data import ingest
 from v3kit.data.contract import MAX_FEATURE_ABS, DataValidationError, _nonfinite, from_long_frame
@@ -96,8 +96,11 @@ def test_arrow_goes_through_the_cache_and_the_config(tmp_path, monkeypatch):
     df.to_feather(tmp_path / "pandas.arrow", compression="uncompressed")  # the README's recipe
     same_data(load_groups(tmp_path / "pandas.arrow"), plain)
     assert load_config(None, [f"data.path={path}"]).data.path == str(path)
-    with pytest.raises(ConfigError, match=r"data.path '.*t\.csv': unsupported extension '\.csv'; use \.parquet or "
-                                          r"\.jsonl, or Arrow IPC / Feather v2 \(\.arrow, \.feather, \.ipc\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.path '.*t\.csv': unsupported extension '\.csv'; use \.parquet or "
+        r"\.jsonl, or Arrow IPC / Feather v2 \(\.arrow, \.feather, \.ipc\)",
+    ):
         load_config(None, [f"data.path={tmp_path / 't.csv'}"])
 
 
@@ -113,41 +116,70 @@ def _qrows(df: pd.DataFrame, q: int) -> np.ndarray:
 
 
 BAD = {  # name: (mutation of a 40-query frame in query order, the message it must give)
-    "scalar-column": (lambda df: df.assign(candidate_features=np.arange(len(df), dtype=float)),
-                      r"^row 0: candidate_features must be a list of floats, got 0\.0$"),
-    "null-list": (lambda df: _set(df, "candidate_features", 12, None),
-                  r"^row 12: candidate_features must be a list of floats, got None$"),
-    "length": (lambda df: _set(df, "query_features", 17, [1.0, 2.0]),
-               r"^row 17 \(query_id='q\d+'\): query_features has length 2 but most rows have 3; every "),
-    "empty": (lambda df: df.assign(query_features=[[]] * len(df)), r"^row 0 \(query_id='q0'\): query_features is "
-                                                                    r"empty; it needs at least one feature$"),
-    "strings": (lambda df: df.assign(candidate_features=[["a"] * 5] * len(df)),
-                r"^row 0 \(query_id='q0'\): candidate_features must hold numbers, got \['a', 'a', 'a', 'a'\]$"),
-    "nan": (lambda df: _set(df, "candidate_features", 23, [0.0, 1.0, np.nan, 0.0, 0.0]),
-            r"^row 23 \(query_id='q\d+'\): candidate_features contains NaN/inf; clean or drop it$"),
-    "inf": (lambda df: _set(df, "candidate_features", 9, [0.0, -np.inf, 0.0, 0.0, 0.0]),
-            r"^row 9 \(query_id='q\d+'\): candidate_features contains NaN/inf"),
-    "huge": (lambda df: _set(df, "candidate_features", 30, [0.0, 0.0, 0.0, -3e6, 0.0]),
-             r"^row 30 \(query_id='q\d+'\): candidate_features\[3\] = -3e\+06 exceeds \|x\| <= 1e\+06; rescale"),
-    "query-differs": (lambda df: _set(df, "query_features", _qrows(df, 5)[-1], [9.0, 9.0, 9.0]),
-                      r"^query_id='q5': query_features differ between its rows; a query has one feature vector$"),
-    "no-label": (lambda df: df.assign(is_label=df["is_label"] & (df["query_id"] != "q3")),
-                 r"^query_id='q3' has no candidate with is_label=true; mark exactly one candidate"),
-    "two-labels": (lambda df: df.assign(is_label=df["is_label"] | (df["query_id"] == "q4")),
-                   r"^query_id='q4' has \d candidates with is_label=true; mark exactly one"),
-    "one-candidate": (lambda df: df.drop(index=_qrows(df, 6)[1:]).reset_index(drop=True),
-                      r"^query_id='q6' has 1 candidate row\(s\); a group needs at least 2 candidates — drop it$"),
-    "query-error-wins": (lambda df: _set(_set(df, "candidate_features", 2, [np.nan] * 5), "query_features", 31,
-                                         [np.inf] * 3),
-                         r"^row 31 \(query_id='q\d+'\): query_features contains NaN/inf"),
+    "scalar-column": (
+        lambda df: df.assign(candidate_features=np.arange(len(df), dtype=float)),
+        r"^row 0: candidate_features must be a list of floats, got 0\.0$",
+    ),
+    "null-list": (
+        lambda df: _set(df, "candidate_features", 12, None),
+        r"^row 12: candidate_features must be a list of floats, got None$",
+    ),
+    "length": (
+        lambda df: _set(df, "query_features", 17, [1.0, 2.0]),
+        r"^row 17 \(query_id='q\d+'\): query_features has length 2 but most rows have 3; every ",
+    ),
+    "empty": (
+        lambda df: df.assign(query_features=[[]] * len(df)),
+        r"^row 0 \(query_id='q0'\): query_features is "
+        r"empty; it needs at least one feature$",
+    ),
+    "strings": (
+        lambda df: df.assign(candidate_features=[["a"] * 5] * len(df)),
+        r"^row 0 \(query_id='q0'\): candidate_features must hold numbers, got \['a', 'a', 'a', 'a'\]$",
+    ),
+    "nan": (
+        lambda df: _set(df, "candidate_features", 23, [0.0, 1.0, np.nan, 0.0, 0.0]),
+        r"^row 23 \(query_id='q\d+'\): candidate_features contains NaN/inf; clean or drop it$",
+    ),
+    "inf": (
+        lambda df: _set(df, "candidate_features", 9, [0.0, -np.inf, 0.0, 0.0, 0.0]),
+        r"^row 9 \(query_id='q\d+'\): candidate_features contains NaN/inf",
+    ),
+    "huge": (
+        lambda df: _set(df, "candidate_features", 30, [0.0, 0.0, 0.0, -3e6, 0.0]),
+        r"^row 30 \(query_id='q\d+'\): candidate_features\[3\] = -3e\+06 exceeds \|x\| <= 1e\+06; rescale",
+    ),
+    "query-differs": (
+        lambda df: _set(df, "query_features", _qrows(df, 5)[-1], [9.0, 9.0, 9.0]),
+        r"^query_id='q5': query_features differ between its rows; a query has one feature vector$",
+    ),
+    "no-label": (
+        lambda df: df.assign(is_label=df["is_label"] & (df["query_id"] != "q3")),
+        r"^query_id='q3' has no candidate with is_label=true; mark exactly one candidate",
+    ),
+    "two-labels": (
+        lambda df: df.assign(is_label=df["is_label"] | (df["query_id"] == "q4")),
+        r"^query_id='q4' has \d candidates with is_label=true; mark exactly one",
+    ),
+    "one-candidate": (
+        lambda df: df.drop(index=_qrows(df, 6)[1:]).reset_index(drop=True),
+        r"^query_id='q6' has 1 candidate row\(s\); a group needs at least 2 candidates — drop it$",
+    ),
+    "query-error-wins": (
+        lambda df: _set(_set(df, "candidate_features", 2, [np.nan] * 5), "query_features", 31, [np.inf] * 3),
+        r"^row 31 \(query_id='q\d+'\): query_features contains NaN/inf",
+    ),
     "empty-table": (lambda df: df.iloc[:0], r"^the data table is empty$"),
     "missing-column": (lambda df: df.drop(columns=["is_label"]), r"^missing column\(s\) \['is_label'\]; a long-form "),
     # the scalar checks' errors come before the feature errors, as they always did
-    "duplicate-wins": (lambda df: _set(_set(df, "candidate_id", 1, df["candidate_id"][0]), "query_features", 0,
-                                       [np.nan] * 3),
-                       r"^query_id='q0', candidate_id='0/0' appears in rows \[0, 1\] \(rewards \[.*\]\); each "),
-    "reward-wins": (lambda df: _set(_set(df, "reward", 35, np.inf), "candidate_features", 1, [np.nan] * 5),
-                    r"^row 35 \(query_id='q\d+'\): reward is inf; every reward must be a finite number$"),
+    "duplicate-wins": (
+        lambda df: _set(_set(df, "candidate_id", 1, df["candidate_id"][0]), "query_features", 0, [np.nan] * 3),
+        r"^query_id='q0', candidate_id='0/0' appears in rows \[0, 1\] \(rewards \[.*\]\); each ",
+    ),
+    "reward-wins": (
+        lambda df: _set(_set(df, "reward", 35, np.inf), "candidate_features", 1, [np.nan] * 5),
+        r"^row 35 \(query_id='q\d+'\): reward is inf; every reward must be a finite number$",
+    ),
 }
 
 
@@ -194,7 +226,7 @@ def test_min_max_fast_check_finds_the_exact_row():
     rng = np.random.default_rng(0)
     edge = np.float32(MAX_FEATURE_ABS)
     above = np.nextafter(edge, np.float32(np.inf))
-    for trial in range(60):
+    for _trial in range(60):
         mat = rng.standard_normal((int(rng.integers(1, 40)), 6)).astype(np.float32)
         for _ in range(int(rng.integers(0, 3))):  # a few bad values anywhere, or none
             r, c = rng.integers(mat.shape[0]), rng.integers(6)

@@ -53,7 +53,7 @@ def imports(name: str, path: Path, known: set[str], *, lazy: bool = False) -> se
     is_package = path.name == "__init__.py"
     tree = ast.parse(path.read_text(), str(path))
     targets: set[str] = set()
-    for node in (_all_imports(tree) if lazy else _module_level(tree.body)):
+    for node in _all_imports(tree) if lazy else _module_level(tree.body):
         if isinstance(node, ast.Import):
             targets |= {a.name for a in node.names}
             continue
@@ -86,8 +86,18 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ablate", ("v3kit.ablate",)),
     ("doctor", ("v3kit.doctor",)),
     ("notebook", ("v3kit.notebook",)),
-    ("entry points", ("v3kit", "v3kit.__main__", "v3kit.cli", "v3kit.config_docs",
-                      "v3kit.diagnose", "v3kit.model", "v3kit.text_model")),  # the last three: old public paths
+    (
+        "entry points",
+        (
+            "v3kit",
+            "v3kit.__main__",
+            "v3kit.cli",
+            "v3kit.config_docs",
+            "v3kit.diagnose",
+            "v3kit.model",
+            "v3kit.text_model",
+        ),
+    ),  # the last three: old public paths
 )
 
 # Imports inside a function that reach a higher floor (they run on the first call, once every module is loaded).
@@ -123,7 +133,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -140,17 +150,23 @@ def test_no_import_cycle_among_module_level_imports():
     edges = graph()
     assert len(edges) > 30 and "v3kit.data.contract" in edges  # the walk found the package
     cycle = find_cycle(edges)
-    assert cycle is None, ("module-level import cycle: " + " -> ".join(cycle or [])
-                           + "; break it by moving the shared code down a layer (or, for a heavy or rarely used "
-                           "import, import it inside the function that needs it)")
+    assert cycle is None, (
+        "module-level import cycle: "
+        + " -> ".join(cycle or [])
+        + "; break it by moving the shared code down a layer (or, for a heavy or rarely used "
+        "import, import it inside the function that needs it)"
+    )
 
 
 def test_the_data_contract_imports_nothing_of_the_package():
     # Everything that reads tables, packs or caches builds on the contract, never the reverse.
     mods = modules()
     assert imports("v3kit.data.contract", mods["v3kit.data.contract"], set(mods)) == set()
-    lazy = {n.module for n in ast.walk(ast.parse(mods["v3kit.data.contract"].read_text()))
-            if isinstance(n, ast.ImportFrom) and n.level}
+    lazy = {
+        n.module
+        for n in ast.walk(ast.parse(mods["v3kit.data.contract"].read_text()))
+        if isinstance(n, ast.ImportFrom) and n.level
+    }
     assert lazy == set(), f"v3kit.data.contract imports {lazy} (even lazily); it holds only the data contract"
 
 
@@ -158,9 +174,11 @@ def test_the_cycle_finder_finds_cycles_and_lazy_imports_do_not_count(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
     src = tmp_path / "m.py"
-    src.write_text("from typing import TYPE_CHECKING\nfrom . import x\ntry:\n    from .y import z\n"
-                   "except ImportError:\n    pass\nif TYPE_CHECKING:\n    from . import w\n"
-                   "class C:\n    from . import v\ndef f():\n    from . import lazy\n")
+    src.write_text(
+        "from typing import TYPE_CHECKING\nfrom . import x\ntry:\n    from .y import z\n"
+        "except ImportError:\n    pass\nif TYPE_CHECKING:\n    from . import w\n"
+        "class C:\n    from . import v\ndef f():\n    from . import lazy\n"
+    )
     got = {(n.module, tuple(a.name for a in n.names)) for n in _module_level(ast.parse(src.read_text()).body)}
     assert got == {("typing", ("TYPE_CHECKING",)), (None, ("x",)), ("y", ("z",)), (None, ("v",))}
 
@@ -190,9 +208,13 @@ def test_the_old_public_model_paths_still_load(tmp_path):
 
 def _all_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     """Every import statement of a module, inside functions too; those under ``if TYPE_CHECKING:`` left out."""
-    never_run = {id(n) for node in ast.walk(tree)
-                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                 for stmt in node.body for n in ast.walk(stmt)}
+    never_run = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body
+        for n in ast.walk(stmt)
+    }
     return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in never_run]
 
 
@@ -200,24 +222,31 @@ def test_every_module_imports_only_its_own_floor_or_lower_ones():
     mods = modules()
     known = set(mods)
     assert {FLOORS[floor_of(n)][0] for n in mods} == {f for f, _ in FLOORS}  # every floor holds something
-    up = [f"{n} ({FLOORS[floor_of(n)][0]}) imports {t} ({FLOORS[floor_of(t)][0]})"
-          for n, p in mods.items() for t in sorted(imports(n, p, known)) if floor_of(t) > floor_of(n)]
+    up = [
+        f"{n} ({FLOORS[floor_of(n)][0]}) imports {t} ({FLOORS[floor_of(t)][0]})"
+        for n, p in mods.items()
+        for t in sorted(imports(n, p, known))
+        if floor_of(t) > floor_of(n)
+    ]
     assert up == [], "an import reaches a higher floor: " + "; ".join(up) + " (move the shared code down a floor)"
     lazy_up = set()
     for n, p in mods.items():
         ups = {t for t in imports(n, p, known, lazy=True) if floor_of(t) > floor_of(n)}
         lazy_up |= {(n, t) for t in ups if not any(u.startswith(t + ".") for u in ups)}  # a module, not its package
     new, gone = sorted(lazy_up - set(LAZY_UPWARD)), sorted(set(LAZY_UPWARD) - lazy_up)
-    assert not new and not gone, (f"imports in functions that reach a higher floor, not in LAZY_UPWARD: {new}; "
-                                  f"gone: {gone}")
+    assert not new and not gone, (
+        f"imports in functions that reach a higher floor, not in LAZY_UPWARD: {new}; gone: {gone}"
+    )
 
 
 def test_the_floor_checks_see_an_upward_import(tmp_path):
     assert floor_of("v3kit.data.tables") < floor_of("v3kit.train.model") < floor_of("v3kit.config")
     assert floor_of("v3kit.notebook.plots") == len(FLOORS) - 2 and floor_of("v3kit.cli") == len(FLOORS) - 1
     path = tmp_path / "x.py"
-    path.write_text("from typing import TYPE_CHECKING\nfrom .contract import GroupData\ndef f():\n"
-                    "    from ..config import load_config\nif TYPE_CHECKING:\n    from ..pipeline import run\n")
+    path.write_text(
+        "from typing import TYPE_CHECKING\nfrom .contract import GroupData\ndef f():\n"
+        "    from ..config import load_config\nif TYPE_CHECKING:\n    from ..pipeline import run\n"
+    )
     known = {"v3kit.config", "v3kit.pipeline", "v3kit.data.contract", "v3kit.data"}
     assert imports("v3kit.data.x", path, known) == {"v3kit.data.contract"}
     assert imports("v3kit.data.x", path, known, lazy=True) == {"v3kit.config", "v3kit.data.contract"}

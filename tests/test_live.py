@@ -58,12 +58,33 @@ def _drive(plot: LivePlot, clock: FakeClock, steps: int, dt: float, stage: str =
     plot.on_eval({"stage": stage, "split": "val", "epoch": 0, "step": 0, "acc@1": 0.3, "reward@1": 1.0})
     for s in range(1, steps + 1):
         clock.t += dt
-        plot.on_step({"stage": stage, "split": "train", "epoch": 1 + (s - 1) // (steps // 2), "step": s,
-                      "loss": 1.0 / s, "pg_loss": -0.1, "kl": 0.01 * s, "ratio_mean": 1.0, "ratio_min": 0.9,
-                      "ratio_max": 1.1, "clip_ratio": 0.1, "entropy": 1.5})
+        plot.on_step(
+            {
+                "stage": stage,
+                "split": "train",
+                "epoch": 1 + (s - 1) // (steps // 2),
+                "step": s,
+                "loss": 1.0 / s,
+                "pg_loss": -0.1,
+                "kl": 0.01 * s,
+                "ratio_mean": 1.0,
+                "ratio_min": 0.9,
+                "ratio_max": 1.1,
+                "clip_ratio": 0.1,
+                "entropy": 1.5,
+            }
+        )
         if s % (steps // 2) == 0:
-            plot.on_eval({"stage": stage, "split": "val", "epoch": s // (steps // 2), "step": s,
-                          "acc@1": 0.3 + 0.01 * s, "reward@1": 1.0 + 0.01 * s})
+            plot.on_eval(
+                {
+                    "stage": stage,
+                    "split": "val",
+                    "epoch": s // (steps // 2),
+                    "step": s,
+                    "acc@1": 0.3 + 0.01 * s,
+                    "reward@1": 1.0 + 0.01 * s,
+                }
+            )
     plot.on_stage_end(stage, None)
 
 
@@ -108,8 +129,10 @@ def test_stage_filter_ignores_other_stages():
 
 def test_plot_history_from_metrics_rows():
     rows = [{"stage": "rce", "split": "val", "epoch": 0, "step": 0, "acc@1": 0.2, "reward@1": 1.0}]
-    rows += [{"stage": "rce", "split": "train", "epoch": 1, "step": s, "loss": 2 - 0.1 * s, "temperature": 2 - 0.1 * s}
-             for s in range(1, 11)]
+    rows += [
+        {"stage": "rce", "split": "train", "epoch": 1, "step": s, "loss": 2 - 0.1 * s, "temperature": 2 - 0.1 * s}
+        for s in range(1, 11)
+    ]
     rows += [{"stage": "sft", "split": "train", "epoch": 1, "step": 1, "loss": 9.0}]
     fig = plot_history(pd.DataFrame(rows), "rce")
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
@@ -139,8 +162,14 @@ def _groups() -> GroupData:
     rewards = torch.tensor([[3.0, 1.0, 2.0, 0.0], [1.0, 5.0, 0.0, 0.0], [2.0, 2.0, 2.0, 0.0]])
     mask = torch.tensor([[True, True, True, True], [True, True, True, False], [True, True, True, False]])
     rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
-    return GroupData(query_x=torch.zeros(3, 2), cand_x=torch.zeros(3, 4, 2), mask=mask,
-                     labels=torch.tensor([0, 2, 1]), rewards=rewards, query_ids=["a", "b", "c"])
+    return GroupData(
+        query_x=torch.zeros(3, 2),
+        cand_x=torch.zeros(3, 4, 2),
+        mask=mask,
+        labels=torch.tensor([0, 2, 1]),
+        rewards=rewards,
+        query_ids=["a", "b", "c"],
+    )
 
 
 def test_label_reward_rank_and_agreement():
@@ -163,10 +192,14 @@ def test_rce_target_entropy_is_the_loss_floor():
 
     from v3kit.train.rce import RCEConfig
 
-    hist = pd.DataFrame({"split": ["train", "train", "val"], "loss": [2.0, 1.5, np.nan], "temperature": [2.0, 0.5, np.nan]})
+    hist = pd.DataFrame(
+        {"split": ["train", "train", "val"], "loss": [2.0, 1.5, np.nan], "temperature": [2.0, 0.5, np.nan]}
+    )
     out = add_rce_floor(hist, d, RCEConfig())
     assert len(out) == 2
-    assert out["excess_loss"].tolist() == pytest.approx([2.0 - rce_target_entropy(d, 2.0), 1.5 - rce_target_entropy(d, 0.5)])
+    assert out["excess_loss"].tolist() == pytest.approx(
+        [2.0 - rce_target_entropy(d, 2.0), 1.5 - rce_target_entropy(d, 0.5)]
+    )
 
 
 def test_diagnostic_figures_have_labels():
@@ -186,11 +219,18 @@ def test_diagnostic_figures_have_labels():
 def start(tmp_path_factory):
     from v3kit.notebook.grpo_panel import GRPOStart
     from v3kit.notebook.tools import notebook_config
-    from v3kit.pipeline import ensure_rce, ensure_stage1
-    from v3kit.pipeline import prepare_data
+    from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data
 
-    cfg = notebook_config(run_dir=str(tmp_path_factory.mktemp("panel")), smoke=True, n_queries=80, sft_epochs=2,
-                          rce_epochs=1, grpo_epochs=1, rce_lr=1e-3, grpo_lr=1e-3)
+    cfg = notebook_config(
+        run_dir=str(tmp_path_factory.mktemp("panel")),
+        smoke=True,
+        n_queries=80,
+        sft_epochs=2,
+        rce_epochs=1,
+        grpo_epochs=1,
+        rce_lr=1e-3,
+        grpo_lr=1e-3,
+    )
     splits = prepare_data(cfg)
     stage1 = ensure_stage1(cfg, splits)
     rce = ensure_rce(cfg, splits, stage1)

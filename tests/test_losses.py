@@ -4,6 +4,7 @@ Every reference below is a deliberately slow, pure-Python loop over groups and
 candidates (python floats + ``math``), written from the spec and compared with
 the vectorised package code.
 """
+
 from __future__ import annotations
 
 import math
@@ -122,8 +123,19 @@ def _kl_entry(lp, ol, rf, estimator):
     raise AssertionError(estimator)
 
 
-def ref_grpo_loss(logp, old_logp, advantages, mask=None, eps_low=0.2, eps_high=None, kl_beta=0.1,
-                  ref_logp=None, kl_estimator=None, weights=None, dual_clip=None):
+def ref_grpo_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask=None,
+    eps_low=0.2,
+    eps_high=None,
+    kl_beta=0.1,
+    ref_logp=None,
+    kl_estimator=None,
+    weights=None,
+    dual_clip=None,
+):
     eh = eps_low if eps_high is None else eps_high
     lpl, oll, al = logp.tolist(), old_logp.tolist(), advantages.tolist()
     rfl = None if ref_logp is None else ref_logp.tolist()
@@ -310,8 +322,9 @@ def test_rce_loss_matches_reference(label_weight, temperature, sim_temperature, 
     q, c, labels, r, mask = _rce_data(21, masked=masked)
     if mask is not None:
         r = torch.where(mask, r, torch.full_like(r, 1e6))  # finite garbage at masked positions
-    loss = L.rce_loss(q, c, labels, r, temperature, mask=mask, label_weight=label_weight,
-                      sim_temperature=sim_temperature)
+    loss = L.rce_loss(
+        q, c, labels, r, temperature, mask=mask, label_weight=label_weight, sim_temperature=sim_temperature
+    )
     assert loss.dim() == 0
     want = ref_rce_loss(q, c, labels, r, temperature, mask, label_weight, sim_temperature)
     assert math.isfinite(float(loss))
@@ -400,22 +413,26 @@ def test_rce_loss_no_nan_grad_with_masks():
 # group_advantages / zero_std_groups
 # ---------------------------------------------------------------------------
 def _adv_case():
-    r = _t([
-        [1.0, 2.0, 4.0, 7.0],       # full group
-        [0.5, 0.5, 0.5, 99.0],      # ties among valid (last masked) -> zero std
-        [3.0, -1.0, 123.0, 55.0],   # only one valid candidate
-        [0.1, 0.1, 0.1, 0.1],       # all equal, non-representable value
-        [2.0, 2.0, 5.0, -8.0],      # ties but not all equal, ragged
-        [0.0, 1.0, 0.0, 1.0],       # tied pairs
-    ])
-    mask = torch.tensor([
-        [True, True, True, True],
-        [True, True, True, False],
-        [False, True, False, False],
-        [True, True, True, True],
-        [True, True, True, False],
-        [True, True, True, True],
-    ])
+    r = _t(
+        [
+            [1.0, 2.0, 4.0, 7.0],  # full group
+            [0.5, 0.5, 0.5, 99.0],  # ties among valid (last masked) -> zero std
+            [3.0, -1.0, 123.0, 55.0],  # only one valid candidate
+            [0.1, 0.1, 0.1, 0.1],  # all equal, non-representable value
+            [2.0, 2.0, 5.0, -8.0],  # ties but not all equal, ragged
+            [0.0, 1.0, 0.0, 1.0],  # tied pairs
+        ]
+    )
+    mask = torch.tensor(
+        [
+            [True, True, True, True],
+            [True, True, True, False],
+            [False, True, False, False],
+            [True, True, True, True],
+            [True, True, True, False],
+            [True, True, True, True],
+        ]
+    )
     return r, mask
 
 
@@ -694,13 +711,17 @@ def test_grpo_loss_log_ratio_clamped():
     assert st["ratio_min"] == pytest.approx(math.exp(-20.0), rel=1e-9)
 
 
-@pytest.mark.parametrize("cfg", [
-    dict(),
-    dict(eps_low=0.2, eps_high=0.3, dual_clip=3.0, use_ref=True),
-    dict(kl_estimator="k2", use_ref=True, use_weights=True),
-    dict(kl_estimator="k3", eps_high=0.3),
-    dict(kl_estimator="k1", use_ref=True),
-], ids=str)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(),
+        dict(eps_low=0.2, eps_high=0.3, dual_clip=3.0, use_ref=True),
+        dict(kl_estimator="k2", use_ref=True, use_weights=True),
+        dict(kl_estimator="k3", eps_high=0.3),
+        dict(kl_estimator="k1", use_ref=True),
+    ],
+    ids=str,
+)
 def test_grpo_loss_gradcheck(cfg):
     logp, old, adv, ref, weights, mask = _grpo_data(41, B=3, G=4, masked=True)
     kw = _split_cfg(cfg, ref, weights)
@@ -723,7 +744,9 @@ def test_grpo_loss_grad_matches_reference_finite_differences():
         p, m_ = logp.clone(), logp.clone()
         p.view(-1)[i] += h
         m_.view(-1)[i] -= h
-        fd.view(-1)[i] = (ref_grpo_loss(p, old, adv, mask, **kw)[0] - ref_grpo_loss(m_, old, adv, mask, **kw)[0]) / (2 * h)
+        fd.view(-1)[i] = (ref_grpo_loss(p, old, adv, mask, **kw)[0] - ref_grpo_loss(m_, old, adv, mask, **kw)[0]) / (
+            2 * h
+        )
     assert_close(lp.grad, fd, rtol=1e-5, atol=1e-7)
     assert (lp.grad[~mask] == 0).all()
 
@@ -736,8 +759,9 @@ def test_grpo_loss_no_nan_with_neg_inf_at_masked(kl_estimator, use_ref):
     logp = torch.where(mask, logp, inf).requires_grad_(True)
     old = torch.where(mask, old, inf)
     ref = torch.where(mask, ref, inf)
-    kw = dict(ref_logp=ref if use_ref else None, kl_estimator=kl_estimator,
-              weights=weights, dual_clip=3.0, eps_high=0.3)
+    kw = dict(
+        ref_logp=ref if use_ref else None, kl_estimator=kl_estimator, weights=weights, dual_clip=3.0, eps_high=0.3
+    )
     loss, stats = L.grpo_loss(logp, old, adv, mask=mask, **kw)
     assert torch.isfinite(loss)
     for k, v in stats.items():

@@ -3,6 +3,7 @@
 The reference is a slow pure-Python loop over groups and candidates written
 from the spec; hand-worked examples pin the exact numbers.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,8 +34,9 @@ def ref_ranking_metrics(scores, labels, rewards, mask=None, k=5, utility=None, l
         # Ties are broken uniformly at random: enumerate every order of the valid candidates that sorts the
         # scores (NaN = -inf) non-increasingly; each is equally likely, so every top-1/rank metric is their mean.
         key = [float("-inf") if math.isnan(x) else x for x in s[b]]
-        orders = [o for o in itertools.permutations(valid) if all(key[o[i]] >= key[o[i + 1]]
-                                                                    for i in range(len(o) - 1))]
+        orders = [
+            o for o in itertools.permutations(valid) if all(key[o[i]] >= key[o[i + 1]] for i in range(len(o) - 1))
+        ]
         acc += sum(o[0] == y for o in orders) / len(orders)
         mrr += sum(1.0 / (1 + o.index(y)) for o in orders) / len(orders)
         r_top = sum(r[b][o[0]] for o in orders) / len(orders)
@@ -90,21 +92,29 @@ def _check(res, want, rel=1e-9, abs_=1e-12):
 # hand-worked example
 # ---------------------------------------------------------------------------
 def _hand_case():
-    scores = torch.tensor([
-        [0.1, 0.9, 0.5, 0.3],
-        [0.2, 0.2, 0.1, 5.0],   # last masked despite the highest score
-        [0.3, 0.7, 9.0, 9.0],   # last two masked
-    ], dtype=DT)
-    rewards = torch.tensor([
-        [0.0, 1.0, 3.0, 2.0],
-        [1.0, 2.0, 2.0, 100.0],
-        [0.5, 0.5, 7.0, 7.0],
-    ], dtype=DT)
-    mask = torch.tensor([
-        [True, True, True, True],
-        [True, True, True, False],
-        [True, True, False, False],
-    ])
+    scores = torch.tensor(
+        [
+            [0.1, 0.9, 0.5, 0.3],
+            [0.2, 0.2, 0.1, 5.0],  # last masked despite the highest score
+            [0.3, 0.7, 9.0, 9.0],  # last two masked
+        ],
+        dtype=DT,
+    )
+    rewards = torch.tensor(
+        [
+            [0.0, 1.0, 3.0, 2.0],
+            [1.0, 2.0, 2.0, 100.0],
+            [0.5, 0.5, 7.0, 7.0],
+        ],
+        dtype=DT,
+    )
+    mask = torch.tensor(
+        [
+            [True, True, True, True],
+            [True, True, True, False],
+            [True, True, False, False],
+        ]
+    )
     labels = torch.tensor([2, 1, 1])
     return scores, labels, rewards, mask
 
@@ -157,12 +167,8 @@ def test_hand_example_utility_and_kl():
     assert res["utility@1"] == pytest.approx(4.0, rel=1e-12)
     assert "kl_to_sft" not in res
     # kl_to_sft = mean over groups of sum_{valid c} exp(lp)(lp - ref), masked entries -inf in both
-    lp = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125],
-                                 [0.5, 0.5, 1.0, 1.0],
-                                 [1.0, 1.0, 1.0, 1.0]], dtype=DT))
-    ref = torch.log(torch.tensor([[0.25, 0.25, 0.25, 0.25],
-                                  [0.25, 0.5, 0.25, 1.0],
-                                  [0.5, 0.5, 1.0, 1.0]], dtype=DT))
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.5, 0.5, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], dtype=DT))
+    ref = torch.log(torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.25, 0.5, 0.25, 1.0], [0.5, 0.5, 1.0, 1.0]], dtype=DT))
     lp[1, 3] = float("-inf")
     ref[1, 3] = float("-inf")
     lp[2, 2:] = float("-inf")
@@ -202,8 +208,16 @@ def test_all_ties_are_broken_at_random_and_ndcg_is_one():
     #   reward 3, regret 0. IDCG 0 -> excluded.
     # group 1 (valid 0, 2): top1 = 2 = label -> hit, rank 1, reward 6, regret 0.
     #   gains [0, -, 2]; ranked 2, 0 -> DCG = 2 = IDCG -> ndcg 1
-    _check(res, {"acc@1": (1 / 3 + 1) / 2, "mrr": ((1 + 1 / 2 + 1 / 3) / 3 + 1) / 2, "ndcg@5": 1.0,
-                 "reward@1": 4.5, "regret@1": 0.0})
+    _check(
+        res,
+        {
+            "acc@1": (1 / 3 + 1) / 2,
+            "mrr": ((1 + 1 / 2 + 1 / 3) / 3 + 1) / 2,
+            "ndcg@5": 1.0,
+            "reward@1": 4.5,
+            "regret@1": 0.0,
+        },
+    )
     # every group has IDCG 0 -> ndcg is 1.0 by convention
     res = ranking_metrics(scores, labels, torch.full_like(rewards, 2.0), mask)
     assert _ndcg(res, 5) == 1.0
@@ -247,10 +261,12 @@ def _random_case(seed, B=7, G=5, ties=True):
     scores = torch.where(mask, scores, torch.full_like(scores, 1e3))
     rewards = torch.where(mask, rewards, torch.full_like(rewards, -1e3))
     utility = torch.randn(B, G, generator=gen, dtype=DT)
-    logp = torch.log_softmax(torch.where(mask, torch.randn(B, G, generator=gen, dtype=DT),
-                                         torch.full((B, G), float("-inf"), dtype=DT)), -1)
-    ref = torch.log_softmax(torch.where(mask, torch.randn(B, G, generator=gen, dtype=DT),
-                                        torch.full((B, G), float("-inf"), dtype=DT)), -1)
+    logp = torch.log_softmax(
+        torch.where(mask, torch.randn(B, G, generator=gen, dtype=DT), torch.full((B, G), float("-inf"), dtype=DT)), -1
+    )
+    ref = torch.log_softmax(
+        torch.where(mask, torch.randn(B, G, generator=gen, dtype=DT), torch.full((B, G), float("-inf"), dtype=DT)), -1
+    )
     return scores, labels, rewards, mask, utility, logp, ref
 
 
@@ -292,8 +308,7 @@ def test_all_equal_or_nan_scores_score_as_a_random_ranker(G, score):
     rewards = torch.arange(B * G, dtype=DT).reshape(B, G)
     res = ranking_metrics(scores, labels, rewards)
     harmonic = sum(1 / i for i in range(1, G + 1))
-    _check(res, {"acc@1": 1 / G, "mrr": harmonic / G, "reward@1": rewards.mean().item(),
-                 "regret@1": (G - 1) / 2})
+    _check(res, {"acc@1": 1 / G, "mrr": harmonic / G, "reward@1": rewards.mean().item(), "regret@1": (G - 1) / 2})
 
 
 def test_nan_label_score_ranks_below_every_real_score():

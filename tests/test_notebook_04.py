@@ -7,8 +7,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from conftest import kernel_name
+
 from v3kit.notebook import tools as notebook_tools
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,15 +17,17 @@ SOURCE = ROOT / "notebooks" / "04_why_grpo_underperforms.py"
 papermill = pytest.importorskip("papermill")
 
 
-
-
 @pytest.mark.slow
 def test_notebook_04_runs_with_smoke_params(tmp_path):
     out = tmp_path / "out.ipynb"
     notebook = notebook_tools.to_ipynb(SOURCE, tmp_path / "src.ipynb")
     papermill.execute_notebook(
-        str(notebook), str(out), parameters={"smoke": True, "out_dir": str(tmp_path / "grid"), "n_boot": 500},
-        kernel_name=kernel_name(), cwd=str(tmp_path), progress_bar=False,
+        str(notebook),
+        str(out),
+        parameters={"smoke": True, "out_dir": str(tmp_path / "grid"), "n_boot": 500},
+        kernel_name=kernel_name(),
+        cwd=str(tmp_path),
+        progress_bar=False,
     )
     nb = json.loads(out.read_text())
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]

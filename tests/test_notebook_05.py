@@ -9,8 +9,8 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import kernel_name
+
 from v3kit.notebook import tools as notebook_tools
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +23,6 @@ papermill = pytest.importorskip("papermill")
 pytest.importorskip("sentence_transformers")  # the stdlib table is text: the frozen encoder embeds it
 
 
-
-
 @pytest.mark.slow
 def test_notebook_05_runs_with_smoke_params(tmp_path, monkeypatch):
     # A private cache: the test neither depends on nor writes to the user's ~/.cache/v3kit.
@@ -32,8 +30,14 @@ def test_notebook_05_runs_with_smoke_params(tmp_path, monkeypatch):
     monkeypatch.setenv("V3KIT_LIVE", "0")
     out = tmp_path / "out.ipynb"
     notebook = notebook_tools.to_ipynb(SOURCE, tmp_path / "src.ipynb")
-    papermill.execute_notebook(str(notebook), str(out), parameters={"smoke": True, "run_dir": str(tmp_path / "run")},
-                               kernel_name=kernel_name(), cwd=str(tmp_path), progress_bar=False)
+    papermill.execute_notebook(
+        str(notebook),
+        str(out),
+        parameters={"smoke": True, "run_dir": str(tmp_path / "run")},
+        kernel_name=kernel_name(),
+        cwd=str(tmp_path),
+        progress_bar=False,
+    )
     nb = nbformat.read(str(out), as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors

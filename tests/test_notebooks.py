@@ -21,8 +21,8 @@ import nbformat
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import kernel_name
+
 from v3kit.notebook import tools as notebook_tools
 
 try:
@@ -40,8 +40,20 @@ TIME_LIMIT_S = 90  # smoke notebooks take ~10-20 s on 2 idle cores; this only ca
 def _papermill(name: str, out_dir: Path, run_dir: Path, env: dict[str, str], **params) -> list[str]:
     params = {"smoke": True, "run_dir": str(run_dir), **params}
     src = notebook_tools.to_ipynb(NB_DIR / f"{name}.py", out_dir / "src" / f"{name}.ipynb")
-    return [sys.executable, "-m", "papermill", str(src), str(out_dir / f"{name}.ipynb"),
-            "-k", kernel_name(), "--cwd", str(NB_DIR), "-y", json.dumps(params), "--no-progress-bar"]
+    return [
+        sys.executable,
+        "-m",
+        "papermill",
+        str(src),
+        str(out_dir / f"{name}.ipynb"),
+        "-k",
+        kernel_name(),
+        "--cwd",
+        str(NB_DIR),
+        "-y",
+        json.dumps(params),
+        "--no-progress-bar",
+    ]
 
 
 def _env(live: bool) -> dict[str, str]:
@@ -59,12 +71,17 @@ def executed(tmp_path_factory):
     """Run the chain 01 -> 02 -> 03 and a standalone 03 concurrently; return their dirs and wall times."""
     chain_dir = tmp_path_factory.mktemp("chain")
     alone_dir = tmp_path_factory.mktemp("standalone")
-    chain = [_papermill(n, chain_dir, chain_dir / "run", _env(live=True),
-                        **({"kl_betas": KL_BETAS} if n == "03_grpo" else {})) for n in OURS]
+    chain = [
+        _papermill(
+            n, chain_dir, chain_dir / "run", _env(live=True), **({"kl_betas": KL_BETAS} if n == "03_grpo" else {})
+        )
+        for n in OURS
+    ]
     alone = _papermill("03_grpo", alone_dir, alone_dir / "run", _env(live=False), kl_betas=KL_BETAS[:2])
     t0 = time.perf_counter()
-    standalone = subprocess.Popen(alone, env=_env(live=False), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
+    standalone = subprocess.Popen(
+        alone, env=_env(live=False), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     logs, walls = {}, {}
     for name, cmd in zip(OURS, chain):
         start = time.perf_counter()
@@ -137,7 +154,11 @@ def test_notebooks_in_order_share_the_run_dir(executed):
     assert results["02_rce_warmup"]["sft_origin"] == "reused"  # in order: 02 reuses 01's checkpoint
     assert results["03_grpo"]["sft_origin"] == "reused" and results["03_grpo"]["rce_origin"] == "reused"
     assert {results["02_rce_warmup"]["rce_raw_loss"], results["02_rce_warmup"]["rce_excess_loss"]} <= {
-        "falling", "plateau", "rising", "too short"}
+        "falling",
+        "plateau",
+        "rising",
+        "too short",
+    }
     assert isinstance(results["02_rce_warmup"]["rce_converged"], bool)  # the doctor's verdict, shown by the notebook
     assert 0 <= results["01_sft_load"]["stage1"]["label_is_top_reward"] <= 1
     assert set(results["03_grpo"]["stage_table"]) == {"sft", "rce", "grpo"}
@@ -154,7 +175,11 @@ def test_grpo_notebook_standalone_creates_what_it_needs(executed):
     assert results["sft_origin"] == "trained" and results["rce_origin"] == "trained"
     run = d / "run"
     assert sorted(p.name for p in run.glob("*_epoch*.pt") if not p.name.startswith("sft")) == [
-        "grpo_epoch1.pt", "grpo_epoch2.pt", "rce_epoch1.pt", "rce_epoch2.pt"]
+        "grpo_epoch1.pt",
+        "grpo_epoch2.pt",
+        "rce_epoch1.pt",
+        "rce_epoch2.pt",
+    ]
     assert results["panel_runs"] == 2
 
 
@@ -211,8 +236,10 @@ def test_saving_a_run_notebook_then_make_notebooks_changes_only_the_edited_code(
     code = _code_cells(nb)
     for i, cell in enumerate(code):
         cell.execution_count = i + 1
-        cell.outputs = [nbformat.v4.new_output("stream", text="trained\n"),
-                        nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="})]
+        cell.outputs = [
+            nbformat.v4.new_output("stream", text="trained\n"),
+            nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo="}),
+        ]
         cell.metadata["execution"] = {"iopub.status.idle": "2026-01-01T00:00:00Z"}
     nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
     nb.metadata["language_info"] = {"name": "python", "version": "3.11.2"}
@@ -227,10 +254,15 @@ def test_saving_a_run_notebook_then_make_notebooks_changes_only_the_edited_code(
 
 def test_record_and_read_results_round_trip():
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x"), nbformat.v4.new_code_cell("y")])
-    nb.cells[0].outputs = [nbformat.v4.new_output(
-        "display_data", data={notebook_tools.RESULT_MIME: {"a": 1, "b": [1, 2]}, "text/plain": ""})]
-    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="noise"), nbformat.v4.new_output(
-        "display_data", data={notebook_tools.RESULT_MIME: {"a": 2}, "text/plain": ""})]
+    nb.cells[0].outputs = [
+        nbformat.v4.new_output(
+            "display_data", data={notebook_tools.RESULT_MIME: {"a": 1, "b": [1, 2]}, "text/plain": ""}
+        )
+    ]
+    nb.cells[1].outputs = [
+        nbformat.v4.new_output("stream", text="noise"),
+        nbformat.v4.new_output("display_data", data={notebook_tools.RESULT_MIME: {"a": 2}, "text/plain": ""}),
+    ]
     assert notebook_tools.read_results(nb) == {"a": 2, "b": [1, 2]}
 
 
@@ -320,8 +352,11 @@ def test_environment_yml_lists_the_notebooks_extra():
     assert {"python", "pip"} <= set(conda)
     assert {k: v for k, v in conda.items() if k not in ("python", "pip")} == extra
     pip = [d for d in env["dependencies"] if isinstance(d, dict)][0]["pip"]
-    assert any(re.fullmatch(r"-e\s+\.\[(.*)\]", p) and {"notebooks", "dev"} <= set(
-        re.fullmatch(r"-e\s+\.\[(.*)\]", p).group(1).split(",")) for p in pip)
+    assert any(
+        re.fullmatch(r"-e\s+\.\[(.*)\]", p)
+        and {"notebooks", "dev"} <= set(re.fullmatch(r"-e\s+\.\[(.*)\]", p).group(1).split(","))
+        for p in pip
+    )
 
 
 def test_notebook_command_runs_a_py_source_with_parameters(tmp_path):
@@ -336,8 +371,28 @@ def test_notebook_command_runs_a_py_source_with_parameters(tmp_path):
     cmd = shlex.split(line.replace("runs/any_ranker", str(tmp_path)))
     assert cmd[:3] == ["v3kit", "notebook", "03_grpo"] and ["-p", "kl_beta", "0.01"] == cmd[6:9]
     run_dir = tmp_path / "run"
-    fast = ["-p", "run_dir", str(run_dir), "-p", "n_queries", "120", "-p", "sft_epochs", "1", "-p", "rce_epochs", "1",
-            "-p", "grpo_epochs", "1", "-p", "kl_betas", "[0.0]", "-k", kernel_name()]
+    fast = [
+        "-p",
+        "run_dir",
+        str(run_dir),
+        "-p",
+        "n_queries",
+        "120",
+        "-p",
+        "sft_epochs",
+        "1",
+        "-p",
+        "rce_epochs",
+        "1",
+        "-p",
+        "grpo_epochs",
+        "1",
+        "-p",
+        "kl_betas",
+        "[0.0]",
+        "-k",
+        kernel_name(),
+    ]
     assert main([*cmd[1:], *fast]) == 0
     nb = _read(tmp_path / "03_grpo.ipynb")
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
@@ -348,7 +403,13 @@ def test_notebook_command_runs_a_py_source_with_parameters(tmp_path):
 def test_notebook_command_parses_values_as_papermill_and_names_unknown_parameters(tmp_path):
     parse = notebook_tools.parse_parameter
     assert [parse(v) for v in ("True", "0.01", "None", "3", "abc", "[0.0, 0.1]")] == [
-        True, 0.01, None, 3, "abc", [0.0, 0.1]]
+        True,
+        0.01,
+        None,
+        3,
+        "abc",
+        [0.0, 0.1],
+    ]
     with pytest.raises(ValueError, match=r"has no parameter\(s\) \['kl_bta'\]"):
         notebook_tools.run_notebook("03", {"kl_bta": 0.1}, tmp_path / "x.ipynb")
     with pytest.raises(ValueError, match="no notebook '99_nope'"):
@@ -378,8 +439,9 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
 
     for module, name in ((pl, "train_sft"), (pl, "load_sft"), (pl, "run_rce"), (gp, "run_grpo")):
         spy(module, name)
-    cfg = notebook_tools.notebook_config(run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1,
-                                         rce_epochs=1, grpo_epochs=1)
+    cfg = notebook_tools.notebook_config(
+        run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1, rce_epochs=1, grpo_epochs=1
+    )
     with num_threads(2):
         splits = pl.prepare_data(cfg)
         stage1 = pl.ensure_stage1(cfg, splits)
@@ -401,12 +463,19 @@ def test_first_panel_click_after_run_all_costs_what_later_clicks_cost(tmp_path):
 
     from v3kit.train.device import resolve_threads
 
-    params = {"smoke": True, "run_dir": str(tmp_path / "run"), "n_queries": 120, "sft_epochs": 1, "rce_epochs": 1,
-              "kl_betas": [0.0]}
+    params = {
+        "smoke": True,
+        "run_dir": str(tmp_path / "run"),
+        "n_queries": 120,
+        "sft_epochs": 1,
+        "rce_epochs": 1,
+        "kl_betas": [0.0],
+    }
     env = _env(live=True)
     env.pop("OMP_NUM_THREADS", None)
     km, kc = start_new_kernel(kernel_name=kernel_name(), env=env, cwd=str(NB_DIR))
     try:
+
         def execute(code: str, **kw) -> dict:
             reply = kc.execute_interactive(code, timeout=300, output_hook=lambda msg: None, **kw)
             assert reply["content"]["status"] == "ok", reply["content"]
@@ -417,15 +486,21 @@ def test_first_panel_click_after_run_all_costs_what_later_clicks_cost(tmp_path):
 
         nb = notebook_tools._jupytext().read(str(NB_DIR / "03_grpo.py"))
         for cell in _code_cells(nb):
-            extra = "".join(f"\n{k} = {v!r}" for k, v in params.items()) if "parameters" in cell.metadata.get(
-                "tags", []) else ""
+            extra = (
+                "".join(f"\n{k} = {v!r}" for k, v in params.items())
+                if "parameters" in cell.metadata.get("tags", [])
+                else ""
+            )
             execute(cell.source + extra)
         button = value("panel.button.model_id").strip("'")
         seconds = []
         for _ in range(2):
             n = int(value("len(panel.runs)"))
-            kc.shell_channel.send(kc.session.msg("comm_msg", {"comm_id": button, "data": {
-                "method": "custom", "content": {"event": "click"}}}))
+            kc.shell_channel.send(
+                kc.session.msg(
+                    "comm_msg", {"comm_id": button, "data": {"method": "custom", "content": {"event": "click"}}}
+                )
+            )
             deadline = time.monotonic() + 300
             while int(value("len(panel.runs)")) == n:
                 assert time.monotonic() < deadline, "the click never finished a run"

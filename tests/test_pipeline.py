@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from v3kit.cli import main
 from v3kit.config import ConfigError
 from v3kit.pipeline import prepare_data, run_pipeline
@@ -37,8 +37,21 @@ def test_every_curve_starts_at_the_sft_baseline(tmp_path):
     assert sft_last["kl_to_sft"] == pytest.approx(0.0, abs=1e-7)
     # GRPO starts where RCE ended.
     assert grpo_first["acc@1"] == r.rce.eval_history.iloc[-1]["acc@1"]
-    needed = {"loss", "pg_loss", "kl", "ratio_mean", "ratio_min", "ratio_max", "clip_ratio", "entropy", "adv_std",
-              "frac_reward_zero_std", "grad_norm", "lr", "temperature"}
+    needed = {
+        "loss",
+        "pg_loss",
+        "kl",
+        "ratio_mean",
+        "ratio_min",
+        "ratio_max",
+        "clip_ratio",
+        "entropy",
+        "adv_std",
+        "frac_reward_zero_std",
+        "grad_norm",
+        "lr",
+        "temperature",
+    }
     assert needed <= set(r.grpo.train_history.columns)
     assert r.grpo.train_history[sorted(needed)].notna().all().all()
     for name in ("rce_epoch1.pt", "rce_epoch2.pt", "grpo_epoch3.pt", "sft.pt", "metrics.csv", "summary.csv"):
@@ -121,8 +134,18 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         load_checkpoint(corrupt)
     good = tmp_path / "good.pt"
     model = build_model(ModelConfig(), 16, 16)
-    save_checkpoint(good, {"stage": "sft", "epoch": 1, "step": 1, "model": model.state_dict(),
-                           "model_config": vars(ModelConfig()), "query_dim": 16, "cand_dim": 16})
+    save_checkpoint(
+        good,
+        {
+            "stage": "sft",
+            "epoch": 1,
+            "step": 1,
+            "model": model.state_dict(),
+            "model_config": vars(ModelConfig()),
+            "query_dim": 16,
+            "cand_dim": 16,
+        },
+    )
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="corrupt"):
@@ -136,8 +159,18 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     # A checkpoint whose weights do not fit the model config it claims.
     wide = build_model(ModelConfig(hidden=[8]), 16, 16)
     mismatch = tmp_path / "mismatch.pt"
-    save_checkpoint(mismatch, {"stage": "sft", "epoch": 1, "step": 1, "model": wide.state_dict(),
-                               "model_config": vars(ModelConfig()), "query_dim": 16, "cand_dim": 16})
+    save_checkpoint(
+        mismatch,
+        {
+            "stage": "sft",
+            "epoch": 1,
+            "step": 1,
+            "model": wide.state_dict(),
+            "model_config": vars(ModelConfig()),
+            "query_dim": 16,
+            "cand_dim": 16,
+        },
+    )
     with pytest.raises(CheckpointError, match=r"does not fit this model \(shape mismatch"):
         model_from_checkpoint(load_checkpoint(mismatch), mismatch)
 
@@ -146,20 +179,23 @@ def test_checkpoint_on_other_feature_dims_is_rejected(tmp_path):
     cfg = tiny_config(tmp_path / "r")
     train_sft(prepare_data(cfg), cfg.model, cfg.sft, run_dir=cfg.run_dir, progress=False)
     other = prepare_data(tiny_config(tmp_path / "o", "data.synthetic.feature_dim=12"))
-    with pytest.raises(CheckpointError, match=r"features of dim \(query 16, candidate 16\) but the data has \(12, 12\)"):
+    with pytest.raises(
+        CheckpointError, match=r"features of dim \(query 16, candidate 16\) but the data has \(12, 12\)"
+    ):
         load_sft(tmp_path / "r" / "sft.pt", other.train)
 
 
 def test_failed_save_leaves_no_file(tmp_path):
     target = tmp_path / "x.pt"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch's pickler raises for a lambda; the point is the file
         save_checkpoint(target, {"model": lambda: None})  # not serialisable
     assert list(tmp_path.iterdir()) == []
 
 
 def test_custom_model_by_import_string(tmp_path):
-    r = run_pipeline(tiny_config(tmp_path / "r", "model.target=custom_models:BilinearRanker",
-                                 "model.kwargs={emb_dim: 4}"))
+    r = run_pipeline(
+        tiny_config(tmp_path / "r", "model.target=custom_models:BilinearRanker", "model.kwargs={emb_dim: 4}")
+    )
     assert type(r.stage1.policy).__name__ == "BilinearRanker" and r.stage1.policy.q.out_features == 4
     with pytest.raises(TypeError, match=r"not an nn.Module with tower methods \(encode_query"):
         build_model(ModelConfig(target="custom_models:NotARanker"), 4, 4)
@@ -270,8 +306,19 @@ def test_cli_eval_on_mismatched_or_foreign_checkpoints(tmp_path, capsys):
     run_dir = tmp_path / "r"
     cfg = tiny_config(run_dir)
     train_sft(prepare_data(cfg), cfg.model, cfg.sft, run_dir=run_dir, progress=False)
-    assert main(["eval", str(run_dir / "sft.pt"), "--set", "data.synthetic.feature_dim=8",
-                 "--set", "data.synthetic.n_queries=240"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                str(run_dir / "sft.pt"),
+                "--set",
+                "data.synthetic.feature_dim=8",
+                "--set",
+                "data.synthetic.n_queries=240",
+            ]
+        )
+        == 2
+    )
     assert "trained on features of dim (query 16, candidate 16)" in capsys.readouterr().err
     (tmp_path / "notes.pt").write_text("hello")
     assert main(["eval", str(tmp_path / "notes.pt")]) == 2

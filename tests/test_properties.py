@@ -10,10 +10,9 @@ import os
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from test_losses import (ref_group_advantages, ref_group_log_probs, ref_grpo_loss, ref_rce_loss,
-                         ref_zero_std)
+from test_losses import ref_group_advantages, ref_group_log_probs, ref_grpo_loss, ref_rce_loss, ref_zero_std
 from test_metrics import ref_ranking_metrics
+
 from v3kit.train import losses as L
 from v3kit.train.metrics import per_group_metrics, ranking_metrics
 
@@ -75,18 +74,22 @@ def test_group_log_probs_finite_normalised_and_match_reference(data, temperature
 
 
 @FAST
-@given(data=st.data(), temperature=st.floats(0.05, 5.0), label_weight=st.floats(0.0, 1.0),
-       sim_temperature=st.floats(0.1, 5.0))
-def test_rce_loss_finite_and_matches_reference_with_extreme_rewards(data, temperature, label_weight,
-                                                                    sim_temperature):
+@given(
+    data=st.data(),
+    temperature=st.floats(0.05, 5.0),
+    label_weight=st.floats(0.0, 1.0),
+    sim_temperature=st.floats(0.1, 5.0),
+)
+def test_rce_loss_finite_and_matches_reference_with_extreme_rewards(data, temperature, label_weight, sim_temperature):
     b, g, mask = data.draw(groups())
     d = data.draw(st.integers(1, 3))
     q = _values(data.draw, b, d, st.floats(-3, 3)).requires_grad_()
     c = torch.stack([_values(data.draw, g, d, st.floats(-3, 3)) for _ in range(b)])
     rewards = _values(data.draw, b, g, scores_el)
     labels = _labels(data.draw, mask)
-    loss = L.rce_loss(q, c, labels, rewards, temperature, mask=mask, label_weight=label_weight,
-                      sim_temperature=sim_temperature)
+    loss = L.rce_loss(
+        q, c, labels, rewards, temperature, mask=mask, label_weight=label_weight, sim_temperature=sim_temperature
+    )
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(q.grad).all()
@@ -95,8 +98,12 @@ def test_rce_loss_finite_and_matches_reference_with_extreme_rewards(data, temper
 
 
 @FAST
-@given(data=st.data(), scale=st.sampled_from(["group", "batch", "none"]), baseline=st.floats(-2, 2),
-       eps=st.sampled_from([0.0, 1e-4, 1.0]))
+@given(
+    data=st.data(),
+    scale=st.sampled_from(["group", "batch", "none"]),
+    baseline=st.floats(-2, 2),
+    eps=st.sampled_from([0.0, 1e-4, 1.0]),
+)
 def test_group_advantages_finite_zero_off_signal_and_match_reference(data, scale, baseline, eps):
     b, g, mask = data.draw(groups(min_valid=0))
     rewards = _values(data.draw, b, g, scores_el)
@@ -123,11 +130,19 @@ def _policy(data, b, g, mask, spread):
 
 
 @FAST
-@given(data=st.data(), eps_low=st.floats(0.0, 0.9), eps_high=st.one_of(st.none(), st.floats(0.0, 2.0)),
-       kl_beta=st.floats(0.0, 1.0), estimator=st.sampled_from([None, "seed", "k1", "k2", "k3"]),
-       use_ref=st.booleans(), dual_clip=st.one_of(st.none(), st.floats(1.5, 5.0)), weighted=st.booleans())
-def test_grpo_loss_finite_and_matches_reference(data, eps_low, eps_high, kl_beta, estimator, use_ref, dual_clip,
-                                                weighted):
+@given(
+    data=st.data(),
+    eps_low=st.floats(0.0, 0.9),
+    eps_high=st.one_of(st.none(), st.floats(0.0, 2.0)),
+    kl_beta=st.floats(0.0, 1.0),
+    estimator=st.sampled_from([None, "seed", "k1", "k2", "k3"]),
+    use_ref=st.booleans(),
+    dual_clip=st.one_of(st.none(), st.floats(1.5, 5.0)),
+    weighted=st.booleans(),
+)
+def test_grpo_loss_finite_and_matches_reference(
+    data, eps_low, eps_high, kl_beta, estimator, use_ref, dual_clip, weighted
+):
     b, g, mask = data.draw(groups())
     lp, old = _policy(data, b, g, mask, 19.0)  # within the +-20 log-ratio clamp: the reference does not clamp KL
     ref = _policy(data, b, g, mask, 19.0)[1] if use_ref else None
@@ -136,13 +151,25 @@ def test_grpo_loss_finite_and_matches_reference(data, eps_low, eps_high, kl_beta
     adv = L.group_advantages(_values(data.draw, b, g, scores_el), mask)
     weights = _values(data.draw, b, g, st.floats(0.01, 1.0)) if weighted else None
     lp = lp.clone().requires_grad_()
-    loss, stats = L.grpo_loss(lp, old, adv, mask=mask, eps_low=eps_low, eps_high=eps_high, kl_beta=kl_beta,
-                              ref_logp=ref, kl_estimator=estimator, weights=weights, dual_clip=dual_clip)
+    loss, stats = L.grpo_loss(
+        lp,
+        old,
+        adv,
+        mask=mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        kl_beta=kl_beta,
+        ref_logp=ref,
+        kl_estimator=estimator,
+        weights=weights,
+        dual_clip=dual_clip,
+    )
     assert torch.isfinite(loss) and all(math.isfinite(v) for v in stats.values())
     loss.backward()
     assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
-    want, want_stats = ref_grpo_loss(lp.detach(), old, adv, mask, eps_low, eps_high, kl_beta, ref, estimator,
-                                     weights, dual_clip)
+    want, want_stats = ref_grpo_loss(
+        lp.detach(), old, adv, mask, eps_low, eps_high, kl_beta, ref, estimator, weights, dual_clip
+    )
     assert _close(loss.item(), want, 1e-6, abs(want))
     for k, v in want_stats.items():
         assert _close(stats[k], v, 1e-6, abs(v)), k

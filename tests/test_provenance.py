@@ -47,9 +47,15 @@ def test_the_keys_outside_the_experiment_are_config_fields_and_every_copy_derive
     top = {f.name for f in dataclasses.fields(RunConfig)}
     assert set(NOT_EXPERIMENT_KEYS) <= top and set(RUNNER_KEYS) <= top  # a renamed field fails here
     assert set(NOT_EXPERIMENT_KEYS) <= set(RESUMABLE_CHANGES)
-    other = {"run_dir": "run_dir=elsewhere", "progress": "progress=false", "device": "device=cpu",
-             "threads": "threads=3", "log_every": "log_every=1", "report_to": "report_to=[tensorboard]",
-             "seed": "seed=7"}
+    other = {
+        "run_dir": "run_dir=elsewhere",
+        "progress": "progress=false",
+        "device": "device=cpu",
+        "threads": "threads=3",
+        "log_every": "log_every=1",
+        "report_to": "report_to=[tensorboard]",
+        "seed": "seed=7",
+    }
     assert set(other) == set(NOT_EXPERIMENT_KEYS) | set(RUNNER_KEYS)
     base = load_config(None, [])
     for key, override in other.items():

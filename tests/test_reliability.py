@@ -71,9 +71,15 @@ def test_cli_os_errors_name_the_file_and_fix(tmp_path, capsys, monkeypatch):
     import v3kit.pipeline
 
     target = tmp_path / "run" / "config.yaml"
-    for no, fix in ((errno.ENOSPC, "free space, then `--resume`"), (errno.EACCES, "writable"), (errno.EROFS, "writable")):
+    for no, fix in (
+        (errno.ENOSPC, "free space, then `--resume`"),
+        (errno.EACCES, "writable"),
+        (errno.EROFS, "writable"),
+    ):
+
         def boom(cfg, path, no=no):
             raise OSError(no, __import__("os").strerror(no), str(target))
+
         monkeypatch.setattr(v3kit.pipeline, "dump_config", boom)
         code, err = _cli(capsys, "run", "--set", f"run_dir={tmp_path / 'run'}", "--set", "progress=false")
         line = _one_line(err)
@@ -94,8 +100,15 @@ def _fake_checkpoint(tmp_path, **changes):
     from v3kit.train.model import ModelConfig, build_model
 
     cfg = ModelConfig()
-    payload = {"stage": "sft", "epoch": 1, "step": -1, "model_config": dict(vars(cfg)), "query_dim": 4,
-               "cand_dim": 4, "model": build_model(cfg, 4, 4).state_dict()}
+    payload = {
+        "stage": "sft",
+        "epoch": 1,
+        "step": -1,
+        "model_config": dict(vars(cfg)),
+        "query_dim": 4,
+        "cand_dim": 4,
+        "model": build_model(cfg, 4, 4).state_dict(),
+    }
     payload.update(changes)
     payload = {k: v for k, v in payload.items() if v is not None}
     return save_checkpoint(tmp_path / "bad.pt", payload)
@@ -111,8 +124,20 @@ def test_cli_checkpoint_with_unknown_model_config_field(tmp_path, capsys):
     from v3kit.train.model import ModelConfig
 
     path = _fake_checkpoint(tmp_path, model_config={**vars(ModelConfig()), "n_heads_future": 3})
-    for argv in (["eval", str(path)], ["run", "--sft", str(path), "--set", f"run_dir={tmp_path / 'r'}",
-                                       "--set", "progress=false", "--set", "data.synthetic.n_queries=60"]):
+    for argv in (
+        ["eval", str(path)],
+        [
+            "run",
+            "--sft",
+            str(path),
+            "--set",
+            f"run_dir={tmp_path / 'r'}",
+            "--set",
+            "progress=false",
+            "--set",
+            "data.synthetic.n_queries=60",
+        ],
+    ):
         code, err = _cli(capsys, *argv)
         assert code == 2 and str(path) in _one_line(err) and "n_heads_future" in err
 
@@ -124,8 +149,16 @@ def _long_frame():
     rows = []
     for q in ("q0", "q1"):
         for c in range(3):
-            rows.append({"query_id": q, "candidate_id": f"{q}c{c}", "query_features": [1.0, 0.5],
-                         "candidate_features": [0.1 * c, 1.0], "reward": float(c), "is_label": c == 0})
+            rows.append(
+                {
+                    "query_id": q,
+                    "candidate_id": f"{q}c{c}",
+                    "query_features": [1.0, 0.5],
+                    "candidate_features": [0.1 * c, 1.0],
+                    "reward": float(c),
+                    "is_label": c == 0,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -178,6 +211,7 @@ def test_features_at_the_limit_still_load():
 # ----------------------------------------------------------------------------------------------- metrics.csv
 def _sft(run_dir, resume: bool = False):
     from conftest import tiny_config
+
     from v3kit.pipeline import prepare_data
     from v3kit.train.sft import train_sft
 
@@ -224,6 +258,7 @@ def test_rows_lost_after_the_epoch_checkpoint_are_restored_on_resume(sft_referen
         kept = [line for line in lines if not line.startswith(("sft,train,3,", "sft,val,3,"))]
         assert len(kept) == len(lines) - 4
         path.write_text("".join(kept))
+
     _damaged_resumes_to_reference(sft_reference, tmp_path, drop_last_epoch)
 
 
@@ -249,6 +284,7 @@ def _tiny_splits(scale: float = 1.0):
     import dataclasses
 
     from conftest import tiny_config
+
     from v3kit.pipeline import prepare_data
 
     sp = prepare_data(tiny_config("unused"))
@@ -307,7 +343,9 @@ def _nan_at(bad_steps, what="loss"):
                         next(model.parameters()).view(-1)[0] = float("inf")
                     loss = loss.detach()
             return loss, {}
+
         return step_fn
+
     return factory
 
 
@@ -348,9 +386,26 @@ def test_skip_batch_is_a_config_key_and_reaches_the_printout(tmp_path, capsys, m
     splits = _tiny_splits(1e30)
     monkeypatch.setattr(v3kit.pipeline, "prepare_data", lambda cfg: splits)
     code = __import__("v3kit.cli", fromlist=["main"]).main(
-        ["run", "--set", f"run_dir={tmp_path / 'run'}", "--set", "progress=false", "--set", "sft.epochs=1",
-         "--set", "rce.epochs=1", "--set", "grpo.epochs=1", "--set", "sft.on_nonfinite=skip_batch",
-         "--set", "rce.on_nonfinite=skip_batch", "--set", "grpo.on_nonfinite=skip_batch"])
+        [
+            "run",
+            "--set",
+            f"run_dir={tmp_path / 'run'}",
+            "--set",
+            "progress=false",
+            "--set",
+            "sft.epochs=1",
+            "--set",
+            "rce.epochs=1",
+            "--set",
+            "grpo.epochs=1",
+            "--set",
+            "sft.on_nonfinite=skip_batch",
+            "--set",
+            "rce.on_nonfinite=skip_batch",
+            "--set",
+            "grpo.on_nonfinite=skip_batch",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): sft 3, rce 6, grpo 6" in out
@@ -362,8 +417,18 @@ def test_resume_with_another_sft_checkpoint_is_refused(tmp_path, capsys):
 
     from v3kit.train.checkpoint import load_checkpoint, save_checkpoint
 
-    common = ["--set", "progress=false", "--set", "data.synthetic.n_queries=240", "--set", "sft.epochs=1",
-              "--set", "rce.epochs=1", "--set", "grpo.epochs=1"]
+    common = [
+        "--set",
+        "progress=false",
+        "--set",
+        "data.synthetic.n_queries=240",
+        "--set",
+        "sft.epochs=1",
+        "--set",
+        "rce.epochs=1",
+        "--set",
+        "grpo.epochs=1",
+    ]
     own = tmp_path / "own"
     assert _cli(capsys, "run", "--set", f"run_dir={own}", *common)[0] == 0
     sft_a = own / "sft.pt"
@@ -371,8 +436,10 @@ def test_resume_with_another_sft_checkpoint_is_refused(tmp_path, capsys):
     ckpt["model"] = {k: v + 0.01 for k, v in ckpt["model"].items()}
     payload = {k: v for k, v in ckpt.items() if k not in ("format", "version")}
     sft_b = save_checkpoint(tmp_path / "other_sft.pt", payload)
-    assert not torch.equal(load_checkpoint(sft_b)["model"][next(iter(ckpt["model"]))],
-                           load_checkpoint(sft_a)["model"][next(iter(ckpt["model"]))])
+    assert not torch.equal(
+        load_checkpoint(sft_b)["model"][next(iter(ckpt["model"]))],
+        load_checkpoint(sft_a)["model"][next(iter(ckpt["model"]))],
+    )
 
     # a run that trained its own SFT model: resuming it from another --sft is refused
     code, err = _cli(capsys, "run", "--set", f"run_dir={own}", "--resume", "--sft", str(sft_b), *common)

@@ -33,8 +33,9 @@ def test_entropy_bonus_subtracts_coef_times_mean_group_entropy():
     adv = group_advantages(rewards, mask)
     base, _ = grpo_loss(logp, old, adv, mask=mask)
     bonus, _ = grpo_loss(logp, old, adv, mask=mask, entropy_coef=0.05)
-    ent = sum(-sum(math.exp(float(logp[b, c])) * float(logp[b, c]) for c in range(4) if mask[b, c])
-              for b in range(5)) / 5
+    ent = (
+        sum(-sum(math.exp(float(logp[b, c])) * float(logp[b, c]) for c in range(4) if mask[b, c]) for b in range(5)) / 5
+    )
     assert float(base - bonus) == pytest.approx(0.05 * ent, rel=1e-5)
     # in sampled mode the bonus still uses the full groups
     cfg0, cfg1 = GRPOConfig(samples="sampled"), GRPOConfig(samples="sampled", entropy_coef=0.05)
@@ -51,6 +52,7 @@ def test_entropy_bonus_gradient_is_finite_with_padding():
     logits = torch.randn(3, 4, generator=g).requires_grad_(True)
     logp = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), 1)
     from v3kit.train.losses import group_entropy
+
     group_entropy(logp, mask).backward()
     assert torch.isfinite(logits.grad).all()
     for b in range(3):  # dH/dz_c = -p_c (log p_c + H) for one group's softmax, over the mean of 3 groups
@@ -117,9 +119,20 @@ def test_adaptive_kl_controller_follows_verl_rule():
 def test_adaptive_kl_adapts_kl_beta_per_step_in_a_real_run(tmp_path):
     from v3kit.pipeline import run_pipeline
 
-    cfg = load_config(None, ["progress=false", "data.synthetic.n_queries=100", "sft.epochs=1", "rce.epochs=0",
-                             "grpo.epochs=2", "grpo.lr=1e-3", "grpo.kl_target=0.001", "grpo.kl_horizon=200",
-                             f"run_dir={tmp_path}"])
+    cfg = load_config(
+        None,
+        [
+            "progress=false",
+            "data.synthetic.n_queries=100",
+            "sft.epochs=1",
+            "rce.epochs=0",
+            "grpo.epochs=2",
+            "grpo.lr=1e-3",
+            "grpo.kl_target=0.001",
+            "grpo.kl_horizon=200",
+            f"run_dir={tmp_path}",
+        ],
+    )
     run_pipeline(cfg)
     m = pd.read_csv(tmp_path / "metrics.csv")
     g = m[(m["stage"] == "grpo") & (m["split"] == "train")].reset_index(drop=True)
@@ -132,8 +145,12 @@ def test_adaptive_kl_adapts_kl_beta_per_step_in_a_real_run(tmp_path):
 
 
 def test_remedy_switches_are_validated():
-    for bad, needle in (("grpo.loss_type=ppo2", "grpo.loss_type"), ("grpo.entropy_coef=-1", "entropy_coef"),
-                        ("grpo.kl_target=0", "kl_target"), ("grpo.kl_estimator=k4", "kl_estimator")):
+    for bad, needle in (
+        ("grpo.loss_type=ppo2", "grpo.loss_type"),
+        ("grpo.entropy_coef=-1", "entropy_coef"),
+        ("grpo.kl_target=0", "kl_target"),
+        ("grpo.kl_estimator=k4", "kl_estimator"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             load_config(None, [bad])
     cfg = load_config(None, ["grpo.kl_estimator=exact", "grpo.adv_scale=rloo", "grpo.loss_type=cispo"])

@@ -47,8 +47,10 @@ def test_zscore_targets_ignore_the_reward_scale_and_offset_and_raw_ones_do_not()
         moved = rce_targets(labels, 20 * rewards + 3, 0.5, mask=mask, reward_norm=norm)
         torch.testing.assert_close(base, moved)
     # rank: any increasing transform
-    torch.testing.assert_close(rce_targets(labels, rewards, 0.5, mask=mask, reward_norm="rank"),
-                               rce_targets(labels, torch.exp(3 * rewards), 0.5, mask=mask, reward_norm="rank"))
+    torch.testing.assert_close(
+        rce_targets(labels, rewards, 0.5, mask=mask, reward_norm="rank"),
+        rce_targets(labels, torch.exp(3 * rewards), 0.5, mask=mask, reward_norm="rank"),
+    )
     raw, raw20 = (rce_targets(labels, s * rewards, 0.5, mask=mask) for s in (1, 20))
     assert (raw20 - raw).abs().max() > 0.1  # the seed's targets sharpen with the reward's scale
     # a group without reward spread gets uniform targets under zscore
@@ -68,8 +70,12 @@ def test_doctor_reports_target_concentration_and_offers_zscore_on_a_large_reward
     scaled = dataclasses.replace(world, rewards=20 * world.rewards)
     cfg = {"rce": {"epochs": 3, "t_start": 2.0, "t_end": 0.5}}
     found = {}
-    for name, data, norm in (("raw", world, "none"), ("x20", scaled, "none"), ("x20_z", scaled, "zscore"),
-                             ("raw_z", world, "zscore")):
+    for name, data, norm in (
+        ("raw", world, "none"),
+        ("x20", scaled, "none"),
+        ("x20_z", scaled, "zscore"),
+        ("raw_z", world, "zscore"),
+    ):
         splits = split_by_query(data, val_frac=0.2, test_frac=0.2, seed=0)
         c = {"rce": {**cfg["rce"], "reward_norm": norm}}
         found[name] = {f.check: f for f in diagnose(pd.DataFrame(), c, splits=splits)}["rce_targets"]
@@ -85,11 +91,19 @@ def test_rce_with_zscore_trains_the_same_policy_on_a_rescaled_reward():
     from v3kit.train.rce import RCEConfig, run_rce
 
     splits = split_by_query(make_world(SyntheticConfig(n_queries=80)), val_frac=0.2, test_frac=0.2, seed=0)
-    moved = type(splits)(*[dataclasses.replace(part, rewards=torch.where(part.mask, 20 * part.rewards + 3, 0.0))
-                           for part in (splits.train, splits.val, splits.test)])
+    moved = type(splits)(
+        *[
+            dataclasses.replace(part, rewards=torch.where(part.mask, 20 * part.rewards + 3, 0.0))
+            for part in (splits.train, splits.val, splits.test)
+        ]
+    )
     params = {}
-    for name, data, norm in (("z", splits, "zscore"), ("z_moved", moved, "zscore"), ("raw_moved", moved, "none"),
-                             ("raw", splits, "none")):
+    for name, data, norm in (
+        ("z", splits, "zscore"),
+        ("z_moved", moved, "zscore"),
+        ("raw_moved", moved, "none"),
+        ("raw", splits, "none"),
+    ):
         torch.manual_seed(0)
         model = build_model(ModelConfig(), splits.train.query_dim, splits.train.cand_dim)
         run_rce(model, data, RCEConfig(epochs=1, lr=1e-2, reward_norm=norm), progress=False)

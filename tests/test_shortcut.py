@@ -56,8 +56,12 @@ def test_policy_change_correlations_match_a_plain_recomputation():
     assert a.corr_change_rest == pytest.approx(np.corrcoef(d, rest)[0, 1], abs=1e-4)
     assert a.corr_change_label == pytest.approx(np.corrcoef(d, lab)[0, 1], abs=1e-4)
     # acc@1 of the shortcut ranking, by a loop
-    acc = np.mean([int(np.argmax(np.where(m[b], a.shortcut[b].numpy(), -np.inf))) == int(data.labels[b])
-                   for b in range(len(data))])
+    acc = np.mean(
+        [
+            int(np.argmax(np.where(m[b], a.shortcut[b].numpy(), -np.inf))) == int(data.labels[b])
+            for b in range(len(data))
+        ]
+    )
     assert a.acc_shortcut == pytest.approx(acc)
 
 

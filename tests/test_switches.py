@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from v3kit.data import iterate_batches
 from v3kit.pipeline import prepare_data, run_pipeline
 from v3kit.train.grpo import GRPOConfig, grpo_step_loss, run_grpo
@@ -75,12 +75,30 @@ def test_step_loss_routes_every_switch_to_the_loss():
     ref = torch.log_softmax(torch.randn(4, 5, dtype=torch.float64), -1)
     rewards = torch.randn(4, 5, dtype=torch.float64)
     mask = torch.ones(4, 5, dtype=torch.bool)
-    cfg = GRPOConfig(kl_beta=0.3, eps_low=0.1, eps_high=0.3, dual_clip=3.0, kl_estimator="k2", adv_scale="none",
-                     baseline=0.1, kl_reference="sft")
+    cfg = GRPOConfig(
+        kl_beta=0.3,
+        eps_low=0.1,
+        eps_high=0.3,
+        dual_clip=3.0,
+        kl_estimator="k2",
+        adv_scale="none",
+        baseline=0.1,
+        kl_reference="sft",
+    )
     got, _ = grpo_step_loss(logp, old, rewards, mask, cfg, ref_logp=ref)
     adv = group_advantages(rewards, mask, scale="none", baseline=0.1)
-    want, _ = grpo_loss(logp, old, adv, mask=mask, eps_low=0.1, eps_high=0.3, dual_clip=3.0, kl_beta=0.3,
-                        ref_logp=ref, kl_estimator="k2")
+    want, _ = grpo_loss(
+        logp,
+        old,
+        adv,
+        mask=mask,
+        eps_low=0.1,
+        eps_high=0.3,
+        dual_clip=3.0,
+        kl_beta=0.3,
+        ref_logp=ref,
+        kl_estimator="k2",
+    )
     torch.testing.assert_close(got, want)
 
 
@@ -110,8 +128,9 @@ def test_exact_mode_matches_monte_carlo_expected_advantage():
     logits = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     old = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), -1)
-    logp = torch.log_softmax((logits + 0.1 * torch.randn(3, 6, generator=gen, dtype=torch.float64))
-                             .masked_fill(~mask, float("-inf")), -1)
+    logp = torch.log_softmax(
+        (logits + 0.1 * torch.randn(3, 6, generator=gen, dtype=torch.float64)).masked_fill(~mask, float("-inf")), -1
+    )
     rewards = torch.randn(3, 6, generator=gen, dtype=torch.float64)
     cfg = GRPOConfig(samples="exact", kl_beta=0.0, eps_low=0.99, eps_high=10.0)  # clip out of the way
     loss, _ = grpo_step_loss(logp, old, rewards, mask, cfg)
@@ -146,8 +165,9 @@ def test_logits_temperature_target_shows_up_as_a_temperature_mismatch(tmp_path):
     assert final_logit_temperature(rce_cfg, 1.0) == 0.5
     assert final_logit_temperature(RCEConfig(temperature_target="rewards"), 1.0) == 1.0
     mismatch = run_pipeline(tiny_config(tmp_path / "a", "rce.temperature_target=logits", "rce.epochs=1"))
-    matched = run_pipeline(tiny_config(tmp_path / "b", "rce.temperature_target=logits", "rce.epochs=1",
-                                       "grpo.logp_temperature=1.0"))
+    matched = run_pipeline(
+        tiny_config(tmp_path / "b", "rce.temperature_target=logits", "rce.epochs=1", "grpo.logp_temperature=1.0")
+    )
     assert mismatch.grpo.info["temperature"] == 0.5 and matched.grpo.info["temperature"] == 1.0
     # RCE's epoch 0 reads the untouched SFT policy at SFT's own temperature: the curves start at the baseline.
     assert mismatch.rce.eval_history.iloc[0]["kl_to_sft"] == pytest.approx(0.0, abs=1e-7)

@@ -34,11 +34,23 @@ class SpyEncoder:
 
 def text_frame() -> pd.DataFrame:
     rows = []
-    for q, (query, cands) in enumerate([("sort a list", ["sorted(iterable)", "open a file", "join two paths"]),
-                                         ("read a file", ["open(file)", "sum of numbers", "sort a list"])]):
+    for q, (query, cands) in enumerate(
+        [
+            ("sort a list", ["sorted(iterable)", "open a file", "join two paths"]),
+            ("read a file", ["open(file)", "sum of numbers", "sort a list"]),
+        ]
+    ):
         for c, cand in enumerate(cands):
-            rows.append({"query_id": f"q{q}", "candidate_id": f"q{q}-c{c}", "query_text": query,
-                         "candidate_text": cand, "reward": float(c == 0), "is_label": c == 0})
+            rows.append(
+                {
+                    "query_id": f"q{q}",
+                    "candidate_id": f"q{q}-c{c}",
+                    "query_text": query,
+                    "candidate_text": cand,
+                    "reward": float(c == 0),
+                    "is_label": c == 0,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -77,8 +89,9 @@ def test_missing_text_extra_says_what_to_install(monkeypatch, tmp_path):
 
 def test_frozen_mode_embeds_distinct_texts_once(tmp_path):
     spy = SpyEncoder()
-    d = from_long_frame(text_frame(), embed=lambda t: embed_texts(t, encoder_name="spy", cache_dir=tmp_path,
-                                                                  encode=spy, progress=False))
+    d = from_long_frame(
+        text_frame(), embed=lambda t: embed_texts(t, encoder_name="spy", cache_dir=tmp_path, encode=spy, progress=False)
+    )
     assert sorted(spy.seen) == sorted(set(text_frame()["query_text"]) | set(text_frame()["candidate_text"]))
     assert d.query_x.shape == (2, 4) and d.cand_x.shape == (2, 3, 4)
     torch.testing.assert_close(d.cand_x[1, 2], torch.tensor(SpyEncoder.vector("sort a list")))
@@ -87,15 +100,27 @@ def test_frozen_mode_embeds_distinct_texts_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ validation
-@pytest.mark.parametrize("corrupt, pattern", [
-    (lambda df: df.assign(query_text=df["query_text"].where(df.index != 1, "sort a LIST")),
-     r"row 1 \(query_id='q0'\): query_text differs from the query's first row"),
-    (lambda df: df.assign(candidate_text=df["candidate_text"].where(df.index != 4, "  ")),
-     r"row 4 \(query_id='q1'\): candidate_text is '  '; every candidate_text must be a non-empty string"),
-    (lambda df: df.assign(query_text=df["query_text"].where(df.index != 2, None)),
-     r"row 2 \(query_id='q0'\): query_text is null"),
-    (lambda df: df.drop(columns=["candidate_text"]), r"missing column\(s\) \['candidate_features or candidate_text'\]"),
-])
+@pytest.mark.parametrize(
+    "corrupt, pattern",
+    [
+        (
+            lambda df: df.assign(query_text=df["query_text"].where(df.index != 1, "sort a LIST")),
+            r"row 1 \(query_id='q0'\): query_text differs from the query's first row",
+        ),
+        (
+            lambda df: df.assign(candidate_text=df["candidate_text"].where(df.index != 4, "  ")),
+            r"row 4 \(query_id='q1'\): candidate_text is '  '; every candidate_text must be a non-empty string",
+        ),
+        (
+            lambda df: df.assign(query_text=df["query_text"].where(df.index != 2, None)),
+            r"row 2 \(query_id='q0'\): query_text is null",
+        ),
+        (
+            lambda df: df.drop(columns=["candidate_text"]),
+            r"missing column\(s\) \['candidate_features or candidate_text'\]",
+        ),
+    ],
+)
 def test_text_validation_names_row_and_fix(corrupt, pattern):
     with pytest.raises(DataValidationError, match=pattern) as e:
         from_long_frame(corrupt(text_frame()), embed=SpyEncoder())
@@ -106,6 +131,7 @@ def test_text_without_encoder_or_text_model_fails_clearly():
     with pytest.raises(DataValidationError, match="need a text encoder"):
         from_long_frame(text_frame())
     from v3kit.train.model import build_model
+
     with pytest.raises(ValueError, match="v3kit.text_model:TextTwoTower"):
         build_model(ModelConfig(), 0, 0)
 
@@ -139,14 +165,25 @@ def test_stdlib_pipeline_frozen_minilm(tmp_path, capsys, monkeypatch):
     from v3kit.cli import main
     from v3kit.pipeline import load_data
 
-    args = ["progress=false", f"run_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.path=builtin:stdlib_search", "data.stdlib_search.max_queries=20", "data.text_max_tokens=32",
-            "model.normalize=true", "model.sim_temperature=0.05", "sft.epochs=2", "rce.epochs=1", "grpo.epochs=1"]
+    args = [
+        "progress=false",
+        f"run_dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.path=builtin:stdlib_search",
+        "data.stdlib_search.max_queries=20",
+        "data.text_max_tokens=32",
+        "model.normalize=true",
+        "model.sim_temperature=0.05",
+        "sft.epochs=2",
+        "rce.epochs=1",
+        "grpo.epochs=1",
+    ]
     assert main(["run", *sum((["--set", a] for a in args), [])]) == 0
     out = capsys.readouterr().out
     assert "acc@1" in out and "utility@1" not in out
     summary = pd.read_csv(tmp_path / "run" / "summary.csv", index_col=0)
     assert list(summary.index) == ["sft", "rce", "grpo", "selected"] and np.isfinite(summary.to_numpy()).all()
+
     # The second load embeds nothing: every vector comes from the cache (loading an encoder would fail here).
     def no_encoder(*a, **k):
         raise AssertionError("the second run tried to embed")
@@ -167,8 +204,13 @@ def test_end_to_end_tower_trains_only_its_top_layers(tmp_path):
     assert d.query_x.shape == (2, 0)
     kwargs = {"train_layers": 1, "max_tokens": 16}
     cfg = ModelConfig(target="v3kit.text_model:TextTwoTower", sim_temperature=0.05, kwargs=kwargs)
-    res = train_sft(Splits(train=d, val=d, test=d), cfg, SFTConfig(epochs=1, lr=1e-3, batch_size=2),
-                    run_dir=tmp_path, progress=False)
+    res = train_sft(
+        Splits(train=d, val=d, test=d),
+        cfg,
+        SFTConfig(epochs=1, lr=1e-3, batch_size=2),
+        run_dir=tmp_path,
+        progress=False,
+    )
     before = dict(TextTwoTower(**kwargs).named_parameters())
     changed = {n for n, p in res.model.named_parameters() if not torch.equal(p, before[n])}
     top = {n for n in before if ".encoder.layer.5." in n}

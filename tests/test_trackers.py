@@ -17,8 +17,14 @@ from v3kit.config import ConfigError, load_config
 from v3kit.pipeline import run_pipeline
 from v3kit.trackers import COORDINATES, mlflow_name
 
-TINY = ["data.synthetic.n_queries=80", "sft.epochs=1", "rce.epochs=1", "grpo.epochs=2", "grpo.lr=1e-3",
-        "progress=false"]
+TINY = [
+    "data.synthetic.n_queries=80",
+    "sft.epochs=1",
+    "rce.epochs=1",
+    "grpo.epochs=2",
+    "grpo.lr=1e-3",
+    "progress=false",
+]
 
 
 class FakeWandb(types.ModuleType):
@@ -149,8 +155,15 @@ def test_grid_runs_are_tracked_runs_tagged_with_grid_variant_and_seed(tmp_path, 
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    grid = parse_grid({"name": "tiny", "base": [*TINY[:-1], "grpo.epochs=1", "report_to=[mlflow]"], "seeds": [0, 1],
-                       "reference": "seed", "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": []}})
+    grid = parse_grid(
+        {
+            "name": "tiny",
+            "base": [*TINY[:-1], "grpo.epochs=1", "report_to=[mlflow]"],
+            "seeds": [0, 1],
+            "reference": "seed",
+            "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": []},
+        }
+    )
     res = run_grid(grid, tmp_path / "g", progress=False)
     mlflow.set_tracking_uri((tmp_path / "g" / "mlruns").as_uri())  # a grid's default store: <out>/mlruns
     runs = mlflow.search_runs(experiment_ids=["0"])
@@ -161,8 +174,15 @@ def test_grid_runs_are_tracked_runs_tagged_with_grid_variant_and_seed(tmp_path, 
         want = final[(final["variant"] == r["tags.variant"]) & (final["seed"] == int(r["tags.seed"]))]["acc@1"]
         assert r["metrics.grpo/test/acc_at_1"] == want.item()
     # report_to is not part of a run's identity: the grid without it has nothing left to run.
-    plain = parse_grid({"name": "tiny", "base": [*TINY[:-1], "grpo.epochs=1"], "seeds": [0, 1], "reference": "seed",
-                        "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": []}})
+    plain = parse_grid(
+        {
+            "name": "tiny",
+            "base": [*TINY[:-1], "grpo.epochs=1"],
+            "seeds": [0, 1],
+            "reference": "seed",
+            "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": []},
+        }
+    )
     assert run_grid(plain, tmp_path / "g", progress=False).executed == 0
 
 
@@ -173,8 +193,9 @@ def test_report_to_is_checked_and_a_missing_tracker_fails_before_training(tmp_pa
         load_config(None, ["report_to=[neptune]"])
     monkeypatch.setitem(sys.modules, "mlflow", None)  # not installed
     run_dir = tmp_path / "run"
-    code = main(["run", "--set", "data.synthetic.n_queries=80", "--set", f"run_dir={run_dir}", "--set",
-                 "report_to=[mlflow]"])
+    code = main(
+        ["run", "--set", "data.synthetic.n_queries=80", "--set", f"run_dir={run_dir}", "--set", "report_to=[mlflow]"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install -e '.[mlflow]'" in err
     assert not list(run_dir.glob("*.pt")) and not (run_dir / "metrics.csv").exists()

@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_config
+
 from v3kit.ablate.grid import parse_grid
 from v3kit.ablate.runner import run_grid
 from v3kit.config import ConfigError, load_config
 from v3kit.train.model import ModelConfig, TwoTower, build_model
 from v3kit.train.selection import choose, select_model, val_scores
 
-
 # ---------------------------------------------------------------- model.residual
+
 
 def test_untrained_residual_towers_are_the_raw_cosine_ranker():
     torch.manual_seed(0)
@@ -38,6 +38,7 @@ def test_untrained_residual_towers_are_the_raw_cosine_ranker():
 
 
 # ---------------------------------------------------------------- select
+
 
 def test_choose_by_hand():
     scores = [("sft", 5, 0.30), ("rce", 1, 0.32), ("rce", 2, 0.32), ("grpo", 1, 0.31)]
@@ -92,8 +93,16 @@ def test_sft_checkpoint_key_and_split_seed(tmp_path):
     from v3kit.pipeline import prepare_data, run_pipeline
 
     a = run_pipeline(tiny_config(tmp_path / "a", "rce.epochs=0", "grpo.epochs=0"))
-    b = run_pipeline(tiny_config(tmp_path / "b", "rce.epochs=0", "grpo.epochs=0", "seed=5", "data.split_seed=0",
-                                 f"sft.checkpoint={tmp_path / 'a' / 'sft.pt'}"))
+    b = run_pipeline(
+        tiny_config(
+            tmp_path / "b",
+            "rce.epochs=0",
+            "grpo.epochs=0",
+            "seed=5",
+            "data.split_seed=0",
+            f"sft.checkpoint={tmp_path / 'a' / 'sft.pt'}",
+        )
+    )
     pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)  # same SFT, same test split
     assert prepare_data(tiny_config(tmp_path, "seed=5", "data.split_seed=0")).test.query_ids == a.splits.test.query_ids
     with pytest.raises(ConfigError, match="sft.checkpoint / --sft .* does not exist"):
@@ -102,10 +111,19 @@ def test_sft_checkpoint_key_and_split_seed(tmp_path):
 
 # ---------------------------------------------------------------- grids that vary model.* / sft.*
 
+
 def test_grid_variants_of_sft_and_model_train_each_distinct_sft_once(tmp_path):
-    raw = {"name": "g", "base": ["data.synthetic.n_queries=120", "sft.epochs=2", "rce.epochs=1", "grpo.epochs=1"],
-           "seeds": [0, 1], "variants": {"seed": [], "other_seed": ["grpo.kl_beta=0.0"],
-                                          "short": ["sft.epochs=1"], "short_too": ["sft.epochs=1", "rce.epochs=0"]}}
+    raw = {
+        "name": "g",
+        "base": ["data.synthetic.n_queries=120", "sft.epochs=2", "rce.epochs=1", "grpo.epochs=1"],
+        "seeds": [0, 1],
+        "variants": {
+            "seed": [],
+            "other_seed": ["grpo.kl_beta=0.0"],
+            "short": ["sft.epochs=1"],
+            "short_too": ["sft.epochs=1", "rce.epochs=0"],
+        },
+    }
     res = run_grid(parse_grid(raw), tmp_path, progress=False)
     sfts = sorted(p.parent.name for p in (tmp_path / "default").glob("sft*/sft.pt"))
     assert len(sfts) == 2 and "sft" in sfts  # the base SFT and one for sft.epochs=1, each once
@@ -121,15 +139,17 @@ def test_grid_variants_of_sft_and_model_train_each_distinct_sft_once(tmp_path):
 
 # ---------------------------------------------------------------- investigate
 
+
 def test_decide_needs_an_interval_that_excludes_zero():
     from v3kit.doctor.investigate import decide
 
-    vs = pd.DataFrame({"diff": [0.05, 0.02, 0.08], "verdict": ["better", "better", "n.s."]},
-                      index=["a", "b", "c"])
+    vs = pd.DataFrame({"diff": [0.05, 0.02, 0.08], "verdict": ["better", "better", "n.s."]}, index=["a", "b", "c"])
     assert decide(vs, "acc@1") == "a"  # c has the best mean but its interval straddles 0
     assert decide(vs.assign(verdict="n.s."), "acc@1") is None
-    assert decide(pd.DataFrame({"diff": [-0.1, -0.2], "verdict": ["better", "better"]}, index=["a", "b"]),
-                  "regret@1") == "b"
+    assert (
+        decide(pd.DataFrame({"diff": [-0.1, -0.2], "verdict": ["better", "better"]}, index=["a", "b"]), "regret@1")
+        == "b"
+    )
 
 
 SMOKE = ["data.synthetic.n_queries=160", "sft.epochs=2", "rce.epochs=1", "grpo.epochs=1"]
@@ -142,8 +162,16 @@ def verdict_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("inv")
     run_pipeline(load_config(None, ["progress=false", *SMOKE, f"run_dir={root / 'run'}"]))
-    v = investigate(root / "run", metric="utility@1", out=root / "out", budget_minutes=0.5, workers=1,
-                    initial_seeds=2, max_seeds=3, progress=False)
+    v = investigate(
+        root / "run",
+        metric="utility@1",
+        out=root / "out",
+        budget_minutes=0.5,
+        workers=1,
+        initial_seeds=2,
+        max_seeds=3,
+        progress=False,
+    )
     return root, v
 
 
@@ -194,7 +222,9 @@ def test_doctor_grid_switch_with_two_overrides_is_one_variant():
     f = Finding("step0_ratio", True, 0.3, 0.05, "m", "s", ["grpo.old_policy=refresh_at_start grpo.kl_reference=sft"])
     grid = doctor_grid(RunConfig(), [f])
     assert grid["variants"]["old_policy_refresh_at_start+kl_reference_sft"] == [
-        "grpo.old_policy=refresh_at_start", "grpo.kl_reference=sft"]
+        "grpo.old_policy=refresh_at_start",
+        "grpo.kl_reference=sft",
+    ]
     yaml.safe_dump(grid)
 
 

@@ -77,8 +77,10 @@ def require_memory(needed: int, what: str, fix: str, device: torch.device | str 
     """Refuse, in one line, a build of ``needed`` bytes that ``device`` cannot hold (``what`` names the keys)."""
     free = available_memory(device)
     if free is not None and needed > free:
-        raise ValueError(f"{what} needs about {human_bytes(needed)} of memory but {torch.device(device).type} has "
-                         f"{human_bytes(free)} available; {fix}")
+        raise ValueError(
+            f"{what} needs about {human_bytes(needed)} of memory but {torch.device(device).type} has "
+            f"{human_bytes(free)} available; {fix}"
+        )
 
 
 # Training keeps, per parameter, fp32 weights, a gradient, Adam's two moments, the frozen SFT reference and the
@@ -108,7 +110,11 @@ def check_model_fits(model_cfg: object, query_dim: int, cand_dim: int, device: t
     n = count_params(model_cfg, query_dim, cand_dim)
     if n is None:
         return
-    keys = ("model.hidden / model.emb_dim" if getattr(model_cfg, "target", "").endswith(":TwoTower")
-            else "model.kwargs")
-    require_memory(n * TRAIN_BYTES_PER_PARAM, f"the model ({keys}: {n:.3g} parameters on features of dim "
-                   f"{query_dim}/{cand_dim}, {TRAIN_BYTES_PER_PARAM} bytes each to train)", f"lower {keys}", device)
+    keys = "model.hidden / model.emb_dim" if getattr(model_cfg, "target", "").endswith(":TwoTower") else "model.kwargs"
+    require_memory(
+        n * TRAIN_BYTES_PER_PARAM,
+        f"the model ({keys}: {n:.3g} parameters on features of dim "
+        f"{query_dim}/{cand_dim}, {TRAIN_BYTES_PER_PARAM} bytes each to train)",
+        f"lower {keys}",
+        device,
+    )

@@ -17,8 +17,13 @@ import pandas as pd
 from .config import ConfigError, load_config
 from .data.contract import DataValidationError
 from .rundir import DISK_FULL_ERRNOS, DiskFullError, RunDirBusyError, free_bytes
-from .train.checkpoint import (CheckpointError, check_feature_dims, checkpoint_model_config, load_checkpoint,
-                               model_from_checkpoint)
+from .train.checkpoint import (
+    CheckpointError,
+    check_feature_dims,
+    checkpoint_model_config,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from .train.metrics import evaluate, metric_order
 from .train.training import NonFiniteError
 
@@ -29,7 +34,6 @@ def _fmt(table: pd.DataFrame) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import prepare_data, resolve_runtime, run_pipeline
-
     from .train import distributed
 
     cfg = load_config(args.config, args.set or [])
@@ -39,8 +43,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     ranks = distributed.init_from_env(runtime.device)  # torchrun: join the process group; else one process
     if ranks.world > 1:
         # One CPU thread per rank: N ranks x N threads would oversubscribe the cores.
-        cfg = dataclasses.replace(cfg, progress=cfg.progress and ranks.main, threads=1 if runtime.device.type
-                                  == "cpu" else cfg.threads)
+        cfg = dataclasses.replace(
+            cfg, progress=cfg.progress and ranks.main, threads=1 if runtime.device.type == "cpu" else cfg.threads
+        )
     if ranks.main:
         ranks_note = f", {ranks.world} ranks (torchrun)" if ranks.world > 1 else ""
         print(f"v3kit run: {resolve_runtime(cfg, splits, warn=False).describe()}{ranks_note} (run dir: {cfg.run_dir})")
@@ -54,9 +59,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.selection is not None:
         print(textwrap.fill(result.selection.line(), 100, break_on_hyphens=False))
     g = result.grpo.info
-    print(f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
-          f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}"
-          f"{step0_ratio_note(g['step0_ratio_mean'])}")
+    print(
+        f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
+        f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}"
+        f"{step0_ratio_note(g['step0_ratio_mean'])}"
+    )
     if result.skipped_batches:
         counts = ", ".join(f"{k} {v}" for k, v in result.skipped_batches.items())
         print(f"batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): {counts}")
@@ -79,10 +86,12 @@ def step0_ratio_note(mean: float) -> str:
     policy, up to what RCE moved)."""
     if 0.5 <= mean <= 2.0:
         return ""
-    return (f"\n  a step-0 ratio mean of {mean:.4g} (1 = GRPO starts from the old policy) says the old policy is stale "
-            "(RCE moved the policy far from SFT: test grpo.old_policy=refresh_at_start) or the log-probs are read at "
-            "another temperature than stage 1's (grpo.logp_temperature, rce.temperature_target=logits); v3kit doctor "
-            "tells which")
+    return (
+        f"\n  a step-0 ratio mean of {mean:.4g} (1 = GRPO starts from the old policy) says the old policy is stale "
+        "(RCE moved the policy far from SFT: test grpo.old_policy=refresh_at_start) or the log-probs are read at "
+        "another temperature than stage 1's (grpo.logp_temperature, rce.temperature_target=logits); v3kit doctor "
+        "tells which"
+    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -95,8 +104,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(cfg_path if cfg_path.exists() else None, args.set or [])
     splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.checkpoint))
     data = getattr(splits, args.split)
-    check_feature_dims(ckpt, data.query_dim, data.cand_dim, args.checkpoint,
-                       "pass the config the checkpoint was trained with (--config)")
+    check_feature_dims(
+        ckpt,
+        data.query_dim,
+        data.cand_dim,
+        args.checkpoint,
+        "pass the config the checkpoint was trained with (--config)",
+    )
     reference, why_missing = None, None
     ref_path = _reference_path(args.reference, run_dir)
     if isinstance(ref_path, str):
@@ -150,8 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--config", help="config the checkpoint's data came from (default: config.yaml beside it)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE")
     ev.add_argument("--split", choices=("val", "test"), default="test")
-    ev.add_argument("--reference", metavar="CKPT",
-                    help="SFT checkpoint for kl_to_sft (default: the one the run recorded, else sft.pt beside it)")
+    ev.add_argument(
+        "--reference",
+        metavar="CKPT",
+        help="SFT checkpoint for kl_to_sft (default: the one the run recorded, else sft.pt beside it)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     for register in _extra_commands():
@@ -183,8 +200,11 @@ RESUME_HINTS = {  # how each command continues after a full disk was freed
 def os_error_message(e: OSError, command: str = "run") -> str:
     """One line for a failed read/write (disk full, read-only dir, a file where a dir belongs): file, cause, fix."""
     if e.errno in DISK_FULL_ERRNOS:
-        full = e if isinstance(e, DiskFullError) else DiskFullError(e.filename or "<unknown file>",
-                                                                     free=free_bytes(e.filename or "."))
+        full = (
+            e
+            if isinstance(e, DiskFullError)
+            else DiskFullError(e.filename or "<unknown file>", free=free_bytes(e.filename or "."))
+        )
         return f"{full}; {RESUME_HINTS.get(command, 'free space, then rerun')}"
     if e.filename is None:  # raised by v3kit itself with its own message
         return str(e)
@@ -203,8 +223,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError, CheckpointError, NonFiniteError, RunDirBusyError, ValueError,
-            OSError, ImportError) as e:
+    except (
+        ConfigError,
+        DataValidationError,
+        CheckpointError,
+        NonFiniteError,
+        RunDirBusyError,
+        ValueError,
+        OSError,
+        ImportError,
+    ) as e:
         # v3kit's errors name the field and the fix (ImportError: which extra to install); a traceback would only
         # bury that. V3KIT_DEBUG=1 shows it.
         if os.environ.get("V3KIT_DEBUG"):

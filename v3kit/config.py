@@ -30,7 +30,6 @@ from .train.model import ModelConfig
 from .train.rce import RCEConfig
 from .train.sft import SFTConfig
 
-
 BUILTIN_TABLES = ("builtin:stdlib_search",)
 SELECT_MODES = ("last", "best_val")
 
@@ -88,14 +87,20 @@ class DataConfig:
             raise ValueError(f"data.text_max_tokens must be >= 8, got {self.text_max_tokens}")
         if self.path is not None and self.path.startswith("builtin:") and self.path not in BUILTIN_TABLES:
             raise ValueError(f"data.path {self.path!r} is not a built-in table; use one of {BUILTIN_TABLES}")
-        if self.path is not None and not self.path.startswith("builtin:") \
-                and Path(self.path).suffix.lower() not in TABLE_SUFFIXES:
-            raise ValueError(f"data.path {self.path!r}: unsupported extension {Path(self.path).suffix!r}; "
-                             f"{SUFFIX_HINT}")
+        if (
+            self.path is not None
+            and not self.path.startswith("builtin:")
+            and Path(self.path).suffix.lower() not in TABLE_SUFFIXES
+        ):
+            raise ValueError(
+                f"data.path {self.path!r}: unsupported extension {Path(self.path).suffix!r}; {SUFFIX_HINT}"
+            )
         # Both held-out splits are needed: val for the per-epoch curves, test for the stage table.
         if not (0 < self.val_frac < 1 and 0 < self.test_frac < 1 and self.val_frac + self.test_frac < 1):
-            raise ValueError(f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "
-                             "in (0, 1) and sum to < 1")
+            raise ValueError(
+                f"data.val_frac ({self.val_frac}) and data.test_frac ({self.test_frac}) must each be "
+                "in (0, 1) and sum to < 1"
+            )
         check_feature_dtype(self.feature_dtype)
 
 
@@ -149,15 +154,18 @@ class RunConfig:
         if self.select not in SELECT_MODES:
             raise ValueError(f"select must be one of {SELECT_MODES}, got {self.select!r}")
         if METRIC_DIRECTION.get(self.select_metric, 0) == 0:
-            raise ValueError(f"select_metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, "
-                             f"got {self.select_metric!r}")
+            raise ValueError(
+                f"select_metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, "
+                f"got {self.select_metric!r}"
+            )
         check_device_setting(self.device)
         check_precision_setting(self.precision)
         check_threads_setting(self.threads)
         check_report_to(self.report_to)
         if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1 (steps between host syncs of the step statistics), "
-                             f"got {self.log_every}")
+            raise ValueError(
+                f"log_every must be >= 1 (steps between host syncs of the step statistics), got {self.log_every}"
+            )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -260,8 +268,9 @@ def from_dict(cls: type, raw: dict[str, Any] | None, prefix: str = "") -> Any:
         if key not in hints:
             raise _unknown(path)
         hint = hints[key]
-        kwargs[key] = from_dict(hint, value, path + ".") if dataclasses.is_dataclass(hint) else _check_value(
-            path, value, hint)
+        kwargs[key] = (
+            from_dict(hint, value, path + ".") if dataclasses.is_dataclass(hint) else _check_value(path, value, hint)
+        )
     try:
         return cls(**kwargs)
     except ValueError as e:  # __post_init__ validation already names the field
@@ -306,10 +315,15 @@ def safe_load_bounded(text: str, source: str, error: type[Exception] = None) -> 
             return None
         size = _expanded_nodes(node, {}, set())
         if size > MAX_YAML_NODES:
-            what = "refers to itself through an alias" if math.isinf(size) else \
-                f"expands to {int(size):_} nodes through its aliases"
-            raise error(f"{source} {what} (at most {MAX_YAML_NODES:_} allowed: a config is a few hundred); "
-                        "write the values out instead of nesting aliases")
+            what = (
+                "refers to itself through an alias"
+                if math.isinf(size)
+                else f"expands to {int(size):_} nodes through its aliases"
+            )
+            raise error(
+                f"{source} {what} (at most {MAX_YAML_NODES:_} allowed: a config is a few hundred); "
+                "write the values out instead of nesting aliases"
+            )
         return loader.construct_document(node)
     finally:
         loader.dispose()
@@ -359,15 +373,19 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     if path is not None:
         path = resolve_config_file(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (shipped configs: "
-                              f"{sorted(p.name for p in PACKAGED_CONFIGS.glob('*.yaml'))})")
+            raise ConfigError(
+                f"config file {path} does not exist (shipped configs: "
+                f"{sorted(p.name for p in PACKAGED_CONFIGS.glob('*.yaml'))})"
+            )
         try:
             raw = safe_load_bounded(path.read_text(), f"config file {path}") or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys (e.g. 'grpo: {{kl_beta: 0.1}}'), "
-                              f"got a {type(raw).__name__}; see configs/seed.yaml")
+            raise ConfigError(
+                f"config file {path} must hold a mapping of keys (e.g. 'grpo: {{kl_beta: 0.1}}'), "
+                f"got a {type(raw).__name__}; see configs/seed.yaml"
+            )
     return from_dict(RunConfig, apply_overrides(raw, overrides))
 
 

@@ -4,8 +4,30 @@
 model section's hash, which names shared SFT checkpoints, includes it), so this path must keep loading.
 """
 
-from .train.model import (DEFAULT_TARGET, INTERFACE_ATTR, Interface, ModelConfig, RankerModel, TwoTower, build_model,
-                          compute_log_probs, import_object, model_inputs, scores)
+from .train.model import (
+    DEFAULT_TARGET,
+    INTERFACE_ATTR,
+    Interface,
+    ModelConfig,
+    RankerModel,
+    TwoTower,
+    build_model,
+    compute_log_probs,
+    import_object,
+    model_inputs,
+    scores,
+)
 
-__all__ = ["DEFAULT_TARGET", "INTERFACE_ATTR", "Interface", "ModelConfig", "RankerModel", "TwoTower", "build_model",
-           "compute_log_probs", "import_object", "model_inputs", "scores"]
+__all__ = [
+    "DEFAULT_TARGET",
+    "INTERFACE_ATTR",
+    "Interface",
+    "ModelConfig",
+    "RankerModel",
+    "TwoTower",
+    "build_model",
+    "compute_log_probs",
+    "import_object",
+    "model_inputs",
+    "scores",
+]

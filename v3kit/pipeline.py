@@ -27,8 +27,13 @@ from .data.text import default_cache_dir, embed_texts
 from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten, signature
 from .rundir import RunLock, atomic_write_text, file_sha256
 from .train import distributed
-from .train.checkpoint import (CheckpointError, check_finite_checkpoint, checkpoint_model_config, load_checkpoint,
-                               model_from_checkpoint)
+from .train.checkpoint import (
+    CheckpointError,
+    check_finite_checkpoint,
+    checkpoint_model_config,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .train.grpo import run_grpo
 from .train.metrics import evaluate, metric_order
@@ -66,8 +71,13 @@ def load_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = None
     cache = _cache_dir(cfg)
 
     def embed_some(texts: list[str]):
-        return embed_texts(texts, encoder_name=d.text_encoder, max_tokens=d.text_max_tokens,
-                           cache_dir=cache / "embeddings", progress=cfg.progress)
+        return embed_texts(
+            texts,
+            encoder_name=d.text_encoder,
+            max_tokens=d.text_max_tokens,
+            cache_dir=cache / "embeddings",
+            progress=cfg.progress,
+        )
 
     def embed(texts: list[str]):
         if expect_dims is not None and len(texts) > 1:
@@ -77,7 +87,8 @@ def load_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = None
                     f"checkpoint {expect_dims[2]} takes features of dim (query {expect_dims[0]}, candidate "
                     f"{expect_dims[1]}) but data.text_encoder {d.text_encoder!r} gives {dim}-dim embeddings (checked "
                     f"on one text before embedding all {len(texts)}); use the encoder the checkpoint was trained "
-                    "with, or import it again for these features")
+                    "with, or import it again for these features"
+                )
         return embed_some(texts)
 
     if d.path == "builtin:stdlib_search":
@@ -93,8 +104,7 @@ def prepare_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = N
         # memory-mapped splits of a feature table: memory holds what the batches touch
         from .data.cache import cached_splits
 
-        return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac,
-                             seed=split_seed(cfg))
+        return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac, seed=split_seed(cfg))
     data = load_data(cfg, expect_dims=expect_dims)
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=split_seed(cfg))
 
@@ -124,17 +134,34 @@ def resolve_runtime(cfg: RunConfig, splits: Splits, *, warn: bool = True) -> Run
     except ValueError as e:
         raise ConfigError(str(e)) from None
     threads = resolve_threads(cfg.threads, device, _count_params(cfg, splits))
-    return Runtime(device=device, precision=resolve_precision(cfg.precision, device, warn=warn), threads=threads,
-                   requested_precision=cfg.precision)
+    return Runtime(
+        device=device,
+        precision=resolve_precision(cfg.precision, device, warn=warn),
+        threads=threads,
+        requested_precision=cfg.precision,
+    )
 
 
-def run_context(cfg: RunConfig, runtime: Runtime, *, callbacks: Sequence[Any] = (), resume: bool = False,
-                run_dir: str | Path | None = None) -> dict[str, Any]:
+def run_context(
+    cfg: RunConfig,
+    runtime: Runtime,
+    *,
+    callbacks: Sequence[Any] = (),
+    resume: bool = False,
+    run_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """The :class:`v3kit.train.training.RunContext` fields every stage runner gets from ``cfg`` (as keyword arguments):
     the one place a run context is built, by ``v3kit run``, the notebooks, the GRPO panel and the grids alike."""
-    return dict(seed=cfg.seed, run_dir=cfg.run_dir if run_dir is None else run_dir, resume=resume,
-                callbacks=callbacks, progress=cfg.progress, device=runtime.device, precision=runtime.precision,
-                log_every=cfg.log_every)
+    return dict(
+        seed=cfg.seed,
+        run_dir=cfg.run_dir if run_dir is None else run_dir,
+        resume=resume,
+        callbacks=callbacks,
+        progress=cfg.progress,
+        device=runtime.device,
+        precision=runtime.precision,
+        log_every=cfg.log_every,
+    )
 
 
 def stage_options(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
@@ -147,8 +174,14 @@ def stage_options(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
     return {k: ctx[k] for k in ("device", "precision", "log_every")}
 
 
-def ensure_sft(cfg: RunConfig, splits: Splits, *, callbacks: Sequence[Any] = (), resume: bool = True,
-               runtime: Runtime | None = None) -> Path:
+def ensure_sft(
+    cfg: RunConfig,
+    splits: Splits,
+    *,
+    callbacks: Sequence[Any] = (),
+    resume: bool = True,
+    runtime: Runtime | None = None,
+) -> Path:
     """Path of the run's ``sft.pt``: with ``resume`` an existing one is reused and an interrupted SFT continues
     from its newest ``sft_epoch{N}.pt``; without, SFT is trained afresh."""
     path = Path(cfg.run_dir) / "sft.pt"
@@ -177,12 +210,21 @@ def check_resumable(cfg: RunConfig, run_dir: str | Path) -> None:
         raise ConfigError(f"cannot resume {run_dir}: its config.yaml is not valid for this v3kit ({e})") from None
     details = config_changes(flatten(old), flatten(to_dict(cfg)), RESUMABLE_CHANGES)
     if details:
-        raise ConfigError(f"cannot resume {run_dir} under another config ({details}); only {list(RESUMABLE_CHANGES)} "
-                          "may change on --resume: use a new run_dir, or drop --resume to start over")
+        raise ConfigError(
+            f"cannot resume {run_dir} under another config ({details}); only {list(RESUMABLE_CHANGES)} "
+            "may change on --resume: use a new run_dir, or drop --resume to start over"
+        )
 
 
-def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Module, temperature: float, *,
-                precision: str = "fp32", baselines: bool = False) -> pd.DataFrame:
+def stage_table(
+    models: dict[str, nn.Module],
+    data: GroupData,
+    reference: nn.Module,
+    temperature: float,
+    *,
+    precision: str = "fp32",
+    baselines: bool = False,
+) -> pd.DataFrame:
     """One row per stage of held-out metrics, columns in :data:`METRIC_NAMES` order; ``baselines`` appends the
     trivial rankers of :mod:`v3kit.train.baselines` (random, raw cosine, reward oracle) for context.
 
@@ -191,12 +233,15 @@ def stage_table(models: dict[str, nn.Module], data: GroupData, reference: nn.Mod
     in ``metrics.csv`` use each stage's own temperature. Ranking metrics do not depend on it.
     """
     ref_logp = compute_log_probs(reference, data, temperature, precision=precision)  # once for every stage
-    rows = {name: evaluate(m, data, temperature=temperature, reference=reference, ref_logp=ref_logp,
-                           precision=precision) for name, m in models.items()}
+    rows = {
+        name: evaluate(m, data, temperature=temperature, reference=reference, ref_logp=ref_logp, precision=precision)
+        for name, m in models.items()
+    }
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
     if baselines:
         from .train.baselines import baseline_table
+
         table = pd.concat([table, baseline_table(data)])
     return table[metric_order(table.columns)]
 
@@ -215,11 +260,15 @@ def _check_same_sft(run_dir: Path, sft_checkpoint: str | Path | None) -> dict[st
     try:
         info = json.loads(path.read_text())
     except ValueError:
-        raise ConfigError(f"cannot resume {run_dir}: {path} is not valid JSON; delete it only if you are sure the "
-                          "SFT checkpoint is the one the run started from") from None
+        raise ConfigError(
+            f"cannot resume {run_dir}: {path} is not valid JSON; delete it only if you are sure the "
+            "SFT checkpoint is the one the run started from"
+        ) from None
     if sft_checkpoint is None and info.get("sft_checkpoint") != OWN_SFT:
-        raise ConfigError(f"cannot resume {run_dir}: it was started from --sft {info['sft_checkpoint']}; pass the "
-                          "same --sft to resume it")
+        raise ConfigError(
+            f"cannot resume {run_dir}: it was started from --sft {info['sft_checkpoint']}; pass the "
+            "same --sft to resume it"
+        )
     return info
 
 
@@ -321,8 +370,10 @@ def run_pipeline(
         raise ConfigError(f"run_dir {run_dir} is a file, not a directory; set run_dir to a directory path")
     sft_checkpoint = sft_checkpoint or cfg.sft.checkpoint
     if sft_checkpoint and not Path(sft_checkpoint).is_file():
-        raise ConfigError(f"sft.checkpoint / --sft {sft_checkpoint} does not exist; give the path of a v2 SFT "
-                          "checkpoint (v3kit import-sft makes one from your own model)")
+        raise ConfigError(
+            f"sft.checkpoint / --sft {sft_checkpoint} does not exist; give the path of a v2 SFT "
+            "checkpoint (v3kit import-sft makes one from your own model)"
+        )
     if sft_checkpoint:
         # The given checkpoint's model is what runs, whatever cfg.model says: record that one in config.yaml.
         ckpt = load_checkpoint(sft_checkpoint)
@@ -333,14 +384,27 @@ def run_pipeline(
     main = distributed.current().main
     with RunLock(run_dir) if main else contextlib.nullcontext():
         with trackers.reporting(cfg, run_dir, resume=resume, tracking=tracking, active=main) as reporter:
-            result = _run_locked(cfg, run_dir, sft_checkpoint=sft_checkpoint, splits=splits,
-                                 callbacks=[*callbacks, *reporter.callbacks()], resume=resume)
+            result = _run_locked(
+                cfg,
+                run_dir,
+                sft_checkpoint=sft_checkpoint,
+                splits=splits,
+                callbacks=[*callbacks, *reporter.callbacks()],
+                resume=resume,
+            )
             reporter.finish(result.table, run_dir)
             return result
 
 
-def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | None, splits: Splits | None,
-                callbacks: Sequence[Any], resume: bool) -> PipelineResult:
+def _run_locked(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    sft_checkpoint: str | Path | None,
+    splits: Splits | None,
+    callbacks: Sequence[Any],
+    resume: bool,
+) -> PipelineResult:
     recorded = None
     if resume:
         check_resumable(cfg, run_dir)
@@ -350,14 +414,19 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     check_model_fits(cfg.model, splits.train.query_dim, splits.train.cand_dim, runtime.device)  # a model too big
     check_debias(cfg.reward, splits.train)  # before SFT: data that cannot support it fails in one line now
     if cfg.select_metric == "utility@1" and splits.val.utility is None:
-        raise ConfigError("select_metric=utility@1 needs a true utility, which this data does not have; use a label "
-                          "metric such as select_metric=acc@1")
+        raise ConfigError(
+            "select_metric=utility@1 needs a true utility, which this data does not have; use a label "
+            "metric such as select_metric=acc@1"
+        )
     torch.set_num_threads(runtime.threads)
     main = distributed.current().main
     if main:
         dump_config(cfg, run_dir / "config.yaml")
-    sft_path = Path(sft_checkpoint) if sft_checkpoint else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume,
-                                                                      runtime=runtime)
+    sft_path = (
+        Path(sft_checkpoint)
+        if sft_checkpoint
+        else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume, runtime=runtime)
+    )
     if main:
         record_sft_checkpoint(run_dir, sft_path, given=bool(sft_checkpoint), recorded=recorded)
     distributed.barrier()
@@ -372,21 +441,38 @@ def _run_locked(cfg: RunConfig, run_dir: Path, *, sft_checkpoint: str | Path | N
     rce = run_rce(stage1.policy, rl_splits, cfg.rce, model_config=model_cfg, reference=stage1.reference, **common)
     after_rce = copy.deepcopy(stage1.policy)
     temperature = cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_cfg.sim_temperature))
-    grpo = run_grpo(stage1.policy, rl_splits, stage1.old_log_probs, cfg.grpo, reference=stage1.reference,
-                    temperature=temperature, model_config=model_cfg, **common)
+    grpo = run_grpo(
+        stage1.policy,
+        rl_splits,
+        stage1.old_log_probs,
+        cfg.grpo,
+        reference=stage1.reference,
+        temperature=temperature,
+        model_config=model_cfg,
+        **common,
+    )
 
     models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
     distributed.barrier()  # rank 0's metrics.csv is complete
     selection, models["selected"] = _select(cfg, run_dir, models, splits, runtime)
-    table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature,
-                        precision=runtime.precision)
+    table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature, precision=runtime.precision)
     if main:
         atomic_write_text(run_dir / "summary.csv", table.to_csv())
         write_selection(run_dir, selection)
     distributed.barrier()
-    return PipelineResult(run_dir=run_dir, splits=splits, stage1=stage1, rce=rce, grpo=grpo, table=table,
-                          models=models, runtime=runtime, skipped_batches=skipped_batches(run_dir),
-                          selection=selection, debias=debias)
+    return PipelineResult(
+        run_dir=run_dir,
+        splits=splits,
+        stage1=stage1,
+        rce=rce,
+        grpo=grpo,
+        table=table,
+        models=models,
+        runtime=runtime,
+        skipped_batches=skipped_batches(run_dir),
+        selection=selection,
+        debias=debias,
+    )
 
 
 def last_stage(cfg: RunConfig) -> str:
@@ -394,12 +480,16 @@ def last_stage(cfg: RunConfig) -> str:
     return "grpo" if cfg.grpo.epochs > 0 else "rce" if cfg.rce.epochs > 0 else "sft"
 
 
-def _select(cfg: RunConfig, run_dir: Path, models: dict[str, nn.Module], splits: Splits,
-            runtime: Runtime) -> tuple[Selection, nn.Module]:
+def _select(
+    cfg: RunConfig, run_dir: Path, models: dict[str, nn.Module], splits: Splits, runtime: Runtime
+) -> tuple[Selection, nn.Module]:
     """The model ``cfg.select`` ships (see :mod:`v3kit.train.selection`) and its :class:`Selection`."""
     metric = cfg.select_metric
-    metrics = pd.read_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else pd.DataFrame(
-        columns=["stage", "split", "epoch"])
+    metrics = (
+        pd.read_csv(run_dir / "metrics.csv")
+        if (run_dir / "metrics.csv").is_file()
+        else pd.DataFrame(columns=["stage", "split", "epoch"])
+    )
 
     def sft_val() -> float:
         return float(evaluate(models["sft"], splits.val, temperature=1.0, precision=runtime.precision)[metric])
@@ -447,8 +537,9 @@ def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> 
         print(f"removed {len(removed)} stale checkpoint(s) of {', '.join(stages)} made from the previous inputs")
 
 
-def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path | None = None,
-                  callbacks: Sequence[Any] = ()) -> Stage1:
+def ensure_stage1(
+    cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path | None = None, callbacks: Sequence[Any] = ()
+) -> Stage1:
     """Stage 1 on ``cfg.run_dir/sft.pt``: copy ``sft_checkpoint`` there if given, else reuse the one an earlier
     notebook made with the same data and SFT settings, else train SFT (``callbacks`` see that training)."""
     run_dir = Path(cfg.run_dir)
@@ -467,8 +558,12 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
             shutil.copyfile(src, sft_path)
         print(f"using the given SFT checkpoint {src} (copied to {sft_path})")
         origin = "given"
-    elif (sft_path.exists() and prev is not None and prev.get("data") == data_sig
-          and (prev.get("sft") == sft_sig or "external" in prev.get("sft", {}))):
+    elif (
+        sft_path.exists()
+        and prev is not None
+        and prev.get("data") == data_sig
+        and (prev.get("sft") == sft_sig or "external" in prev.get("sft", {}))
+    ):
         want = prev
         print(f"reusing {sft_path} (same data and SFT settings as the notebook that made it)")
         origin = "reused"
@@ -488,8 +583,9 @@ def ensure_stage1(cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path 
     return stage1
 
 
-def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Sequence[Any] = (),
-               fresh: bool = False) -> StageResult:
+def ensure_rce(
+    cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Sequence[Any] = (), fresh: bool = False
+) -> StageResult:
     """Stage 2 on ``stage1.policy`` (in place): reuse ``rce_epoch{epochs}.pt`` made from the same stage 1 with the
     same RCE settings (unless ``fresh``), else train RCE. ``result.model`` is the post-RCE policy."""
     run_dir = Path(cfg.run_dir)
@@ -505,8 +601,14 @@ def ensure_rce(cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Seq
     runtime = resolve_runtime(cfg, splits)
     torch.set_num_threads(runtime.threads)
     splits, _ = debias_splits(splits, cfg.reward, seed=cfg.seed)  # as run_pipeline: RCE's rewards only
-    result = run_rce(stage1.policy, splits, cfg.rce, model_config=stage1.model_config, reference=stage1.reference,
-                     **run_context(cfg, runtime, callbacks=callbacks, resume=reuse, run_dir=run_dir))
+    result = run_rce(
+        stage1.policy,
+        splits,
+        cfg.rce,
+        model_config=stage1.model_config,
+        reference=stage1.reference,
+        **run_context(cfg, runtime, callbacks=callbacks, resume=reuse, run_dir=run_dir),
+    )
     state["rce"] = want
     _write_state(run_dir, state)
     result.info["origin"] = "reused" if reuse else "trained"

@@ -59,8 +59,10 @@ class DiskFullError(OSError):
         self.needed, self.free = needed, free
 
     def __str__(self) -> str:
-        sizes = [f"needs about {human_bytes(self.needed)}" if self.needed else "",
-                 f"{human_bytes(self.free)} free" if self.free is not None else ""]
+        sizes = [
+            f"needs about {human_bytes(self.needed)}" if self.needed else "",
+            f"{human_bytes(self.free)} free" if self.free is not None else "",
+        ]
         detail = ", ".join(x for x in sizes if x)
         return f"{self.filename}: no space left on device" + (f" ({detail})" if detail else "")
 
@@ -196,7 +198,9 @@ class RunLock:
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as e:  # a full disk: name the file (os.write's error has no file name)
             self.__exit__()
-            raise disk_full_error(e, self.path, 16) if e.errno in DISK_FULL_ERRNOS else e
+            if e.errno in DISK_FULL_ERRNOS:
+                raise disk_full_error(e, self.path, 16) from e
+            raise
         remove_temp_files(self.run_dir)  # we are the one writer: any temp file is a killed run's leftover
         return self
 

@@ -52,8 +52,9 @@ def check_report_to(value: Sequence[str]) -> None:
     """Config-load check of ``report_to`` (names only; whether they are installed is checked when a run starts)."""
     bad = [v for v in value if v not in TRACKERS]
     if bad:
-        raise ValueError(f"report_to: unknown tracker {bad[0]!r}; choose from {list(TRACKERS)}, e.g. "
-                         "report_to=[tensorboard,mlflow]")
+        raise ValueError(
+            f"report_to: unknown tracker {bad[0]!r}; choose from {list(TRACKERS)}, e.g. report_to=[tensorboard,mlflow]"
+        )
     if len(set(value)) != len(value):
         raise ValueError(f"report_to lists a tracker twice: {list(value)}")
 
@@ -75,8 +76,9 @@ def mlflow_uri(default_dir: str | Path | None = None) -> str:
 def mlflow_name(key: str) -> str:
     """A tracker name as MLflow stores it: ``@`` (not allowed) as ``_at_``, and a ``/`` inside the column as ``.``
     (its file store keeps names as paths, where ``clip_ratio`` and ``clip_ratio/low_mean`` would collide)."""
-    head, sep, column = key.rpartition("/") if key.count("/") < 2 else (
-        "/".join(key.split("/", 2)[:2]), "/", key.split("/", 2)[2])
+    head, sep, column = (
+        key.rpartition("/") if key.count("/") < 2 else ("/".join(key.split("/", 2)[:2]), "/", key.split("/", 2)[2])
+    )
     return (head + sep + column.replace("/", ".")).replace("@", "_at_")
 
 
@@ -127,8 +129,9 @@ def table_metrics(table: Any) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------ trackers
 class _TensorBoard:
-    def __init__(self, run_dir: Path, params: dict[str, Any], tags: dict[str, str], config_text: str,
-                 ids: dict[str, Any]) -> None:
+    def __init__(
+        self, run_dir: Path, params: dict[str, Any], tags: dict[str, str], config_text: str, ids: dict[str, Any]
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
@@ -156,8 +159,15 @@ class _TensorBoard:
 class _MLflow:
     BATCH = 1000  # MLflow's log_batch limit on metrics (and 100 on params)
 
-    def __init__(self, run_dir: Path, params: dict[str, Any], tags: dict[str, str], config_text: str,
-                 ids: dict[str, Any], uri: str) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        config_text: str,
+        ids: dict[str, Any],
+        uri: str,
+    ) -> None:
         if uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses a file store without it
         from mlflow.entities import Param
@@ -179,7 +189,7 @@ class _MLflow:
             run_id = run.info.run_id
             items = [Param(self.name(k), str(v)) for k, v in params.items()]
             for i in range(0, len(items), 100):
-                client.log_batch(run_id, params=items[i:i + 100])
+                client.log_batch(run_id, params=items[i : i + 100])
         ids.update(mlflow_run_id=run_id, mlflow_uri=uri)
         self.run_id = run_id
 
@@ -209,7 +219,7 @@ class _MLflow:
 
     def flush(self) -> None:
         for i in range(0, len(self.pending), self.BATCH):
-            self.client.log_batch(self.run_id, metrics=self.pending[i:i + self.BATCH])
+            self.client.log_batch(self.run_id, metrics=self.pending[i : i + self.BATCH])
         self.pending = []
 
     def checkpoints(self, paths: Sequence[Path]) -> None:
@@ -242,16 +252,30 @@ def _wandb_logged_in() -> bool:
 
 
 class _WandB:
-    def __init__(self, run_dir: Path, params: dict[str, Any], tags: dict[str, str], config_text: str,
-                 ids: dict[str, Any], config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        config_text: str,
+        ids: dict[str, Any],
+        config: dict[str, Any],
+    ) -> None:
         import wandb
 
         self.wandb = wandb
         mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "v3kit"), dir=str(run_dir), mode=mode,
-                              name=tags.get("run") or run_dir.name, group=tags.get("grid"), config=config,
-                              tags=[f"{k}={v}" for k, v in tags.items() if k != "run"],
-                              id=ids.get("wandb_id"), resume="allow")
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "v3kit"),
+            dir=str(run_dir),
+            mode=mode,
+            name=tags.get("run") or run_dir.name,
+            group=tags.get("grid"),
+            config=config,
+            tags=[f"{k}={v}" for k, v in tags.items() if k != "run"],
+            id=ids.get("wandb_id"),
+            resume="allow",
+        )
         ids["wandb_id"] = self.run.id
         self.stages: set[str] = set()
 
@@ -281,8 +305,9 @@ class Reporter:
     """A :class:`v3kit.train.training.Callback` that sends every logged row to the run's trackers (none: does
     nothing)."""
 
-    def __init__(self, trackers: Sequence[Any] = (), ids_path: Path | None = None,
-                 ids: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, trackers: Sequence[Any] = (), ids_path: Path | None = None, ids: dict[str, Any] | None = None
+    ) -> None:
         self.trackers = list(trackers)
         self.ids_path, self.ids = ids_path, ids or {}
 
@@ -316,8 +341,9 @@ class Reporter:
             t.end(ok)
 
 
-def start(cfg: Any, run_dir: str | Path, *, resume: bool = False,
-          tracking: Mapping[str, Any] | None = None) -> Reporter:
+def start(
+    cfg: Any, run_dir: str | Path, *, resume: bool = False, tracking: Mapping[str, Any] | None = None
+) -> Reporter:
     """The :class:`Reporter` of ``cfg.report_to`` for a run in ``run_dir`` (checks the extras first).
 
     ``tracking``: ``tags`` (an ablation's grid, world, variant, seed; ``run``: the tracked run's name) and
@@ -366,8 +392,14 @@ def start(cfg: Any, run_dir: str | Path, *, resume: bool = False,
 
 
 @contextlib.contextmanager
-def reporting(cfg: Any, run_dir: str | Path, *, resume: bool = False, tracking: Mapping[str, Any] | None = None,
-              active: bool = True) -> Iterator[Reporter]:
+def reporting(
+    cfg: Any,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    tracking: Mapping[str, Any] | None = None,
+    active: bool = True,
+) -> Iterator[Reporter]:
     """:func:`start` for the block; the tracked runs end FINISHED, or FAILED when the block raises."""
     reporter = start(cfg, run_dir, resume=resume, tracking=tracking) if active else Reporter()
     try:

@@ -50,8 +50,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     # nn.DataParallel on CPU just wraps the module; its state_dict keys get "module." like DDP's.
     torch.save({"model": nn.DataParallel(model).state_dict(), "epoch": args.epochs}, out)
-    print(f"saved {out} (plain state_dict of MyTwoTower, {sum(p.numel() for p in model.parameters())} parameters, "
-          f"last batch loss {loss.item():.4f})")
+    print(
+        f"saved {out} (plain state_dict of MyTwoTower, {sum(p.numel() for p in model.parameters())} parameters, "
+        f"last batch loss {loss.item():.4f})"
+    )
     return out
 
 

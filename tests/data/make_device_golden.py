@@ -65,8 +65,10 @@ def summarise(run_dir: Path, overrides: list[str]) -> dict:
         "grpo_weights_sha256": weights_digest(r.models["grpo"]),
         "grpo_weights_stats": weights_stats(r.models["grpo"]),
         # every logged number, one list per column (None where a stage does not log the column)
-        "metrics": {c: [None if pd.isna(v) else (v if isinstance(v, str) else float(v)) for v in metrics[c]]
-                    for c in metrics.columns},
+        "metrics": {
+            c: [None if pd.isna(v) else (v if isinstance(v, str) else float(v)) for v in metrics[c]]
+            for c in metrics.columns
+        },
     }
 
 

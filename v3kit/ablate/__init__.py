@@ -43,17 +43,51 @@ Design choices (why):
   hash of its resolved config; a rerun skips runs whose file exists with the same hash and reruns changed ones.
 """
 
-
 from .cli import cmd_ablate, register_cli
-from .grid import (BASE_WORLD, BEST, KEY_METRICS, METRIC_DIRECTION, PER_QUERY_METRICS, GridError, GridSpec, WorldSweep,
-                   find_grid, load_grid, parse_grid, single_key_variants)
+from .grid import (
+    BASE_WORLD,
+    BEST,
+    KEY_METRICS,
+    METRIC_DIRECTION,
+    PER_QUERY_METRICS,
+    GridError,
+    GridSpec,
+    WorldSweep,
+    find_grid,
+    load_grid,
+    parse_grid,
+    single_key_variants,
+)
 from .report import conclusions, format_summary
 from .runner import GridResult, best_metric, best_variant, collect, per_query_outcomes, run_grid
 from .stats import MIN_RUNS_FOR_SEEDS_ONLY_VERDICT, bootstrap_mean_ci, compare, min_detectable_effect, summarize
 
 __all__ = [
-    "BASE_WORLD", "BEST", "KEY_METRICS", "METRIC_DIRECTION", "MIN_RUNS_FOR_SEEDS_ONLY_VERDICT", "PER_QUERY_METRICS",
-    "GridError", "GridResult", "GridSpec", "WorldSweep", "best_metric", "best_variant", "bootstrap_mean_ci", "cmd_ablate", "collect",
-    "compare", "conclusions", "find_grid", "format_summary", "load_grid", "parse_grid", "per_query_outcomes",
-    "min_detectable_effect", "register_cli", "run_grid", "single_key_variants", "summarize",
+    "BASE_WORLD",
+    "BEST",
+    "KEY_METRICS",
+    "METRIC_DIRECTION",
+    "MIN_RUNS_FOR_SEEDS_ONLY_VERDICT",
+    "PER_QUERY_METRICS",
+    "GridError",
+    "GridResult",
+    "GridSpec",
+    "WorldSweep",
+    "best_metric",
+    "best_variant",
+    "bootstrap_mean_ci",
+    "cmd_ablate",
+    "collect",
+    "compare",
+    "conclusions",
+    "find_grid",
+    "format_summary",
+    "load_grid",
+    "parse_grid",
+    "per_query_outcomes",
+    "min_detectable_effect",
+    "register_cli",
+    "run_grid",
+    "single_key_variants",
+    "summarize",
 ]

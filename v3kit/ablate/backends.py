@@ -111,7 +111,8 @@ def check_marker(marker: str, token: str) -> None:
     if seen != token:
         raise BackendError(
             f"this Ray worker (host {socket.gethostname()}) cannot see {marker}, which the driver wrote: the grid's "
-            "out dir must be on a filesystem shared by every Ray node (NFS, Lustre, ...); pass --out on such a path")
+            "out dir must be on a filesystem shared by every Ray node (NFS, Lustre, ...); pass --out on such a path"
+        )
 
 
 def _ray_call(fn: Callable[[Any], Any], task: Any, marker: str, token: str) -> Any:
@@ -140,11 +141,13 @@ class LocalBackend:
         if workers > 1:
             ctx = get_context("spawn")
             slots = local_worker_devices(device, workers)
-            self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_local_worker_init,
-                                            initargs=(ctx.Value("i", 0), slots))
+            self.pool = ProcessPoolExecutor(
+                max_workers=workers, mp_context=ctx, initializer=_local_worker_init, initargs=(ctx.Value("i", 0), slots)
+            )
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any], label: Label, done: Callable[[], None],
-            errors: list[str]) -> None:
+    def run(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], label: Label, done: Callable[[], None], errors: list[str]
+    ) -> None:
         if self.pool is None:
             import traceback
 
@@ -216,23 +219,31 @@ class RayBackend:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         probe = self.ray.remote(_probe)
-        refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                .remote(self.marker, self.token) for n in self.ray.nodes() if n.get("Alive")]
+        refs = [
+            probe.options(
+                num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(self.marker, self.token)
+            for n in self.ray.nodes()
+            if n.get("Alive")
+        ]
         for ref in refs:
             try:
                 self.ray.get(ref)
             except self.ray.exceptions.RayTaskError as e:
                 raise BackendError(str(getattr(e, "cause", e))) from None
 
-    def run(self, fn: Callable[[Any], Any], tasks: Sequence[Any], label: Label, done: Callable[[], None],
-            errors: list[str]) -> None:
+    def run(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any], label: Label, done: Callable[[], None], errors: list[str]
+    ) -> None:
         if not tasks:
             return
         if self._call is None:
             self._start()
         ray = self.ray
-        refs = {self._call.options(**ray_resources(t.cfg.device, self.gpus)).remote(fn, t, self.marker, self.token): t
-                for t in tasks}
+        refs = {
+            self._call.options(**ray_resources(t.cfg.device, self.gpus)).remote(fn, t, self.marker, self.token): t
+            for t in tasks
+        }
         pending = list(refs)
         try:
             while pending:
@@ -264,8 +275,9 @@ class RayBackend:
             self.ray.shutdown()
 
 
-def make_backend(backend: str, *, workers: int, out_dir: Path, address: str | None = None,
-                 device: str = "auto") -> LocalBackend | RayBackend:
+def make_backend(
+    backend: str, *, workers: int, out_dir: Path, address: str | None = None, device: str = "auto"
+) -> LocalBackend | RayBackend:
     """The backend a grid runs on (``device``: the grid's device setting, for the local GPU slots)."""
     if backend not in BACKENDS:
         raise BackendError(f"backend must be one of {BACKENDS}, got {backend!r}")

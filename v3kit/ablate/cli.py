@@ -5,21 +5,29 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-
-
 from .backends import BACKENDS, RAY_INSTALL
 from .grid import load_grid
 from .report import conclusions, format_summary
 from .runner import run_grid
 from .stats import compare
 
+
 def cmd_ablate(args: argparse.Namespace) -> int:
     spec = load_grid(args.grid, args.set or [])
-    res = run_grid(spec, args.out, workers=args.workers, progress=not args.no_progress,
-                   keep_checkpoints=args.keep_checkpoints, backend=args.backend, address=args.address)
+    res = run_grid(
+        spec,
+        args.out,
+        workers=args.workers,
+        progress=not args.no_progress,
+        keep_checkpoints=args.keep_checkpoints,
+        backend=args.backend,
+        address=args.address,
+    )
     summary = res.summary()
-    print(f"\n{res.executed} run(s) executed, {res.skipped} skipped (already done) in {res.wall_s:.0f} s; "
-          f"results in {res.out_dir}")
+    print(
+        f"\n{res.executed} run(s) executed, {res.skipped} skipped (already done) in {res.wall_s:.0f} s; "
+        f"results in {res.out_dir}"
+    )
     print(format_summary(summary))
     comparisons = compare(res.frame, res.per_query, spec.questions) if spec.questions else None
     print("\n" + conclusions(summary, reference=spec.reference, comparisons=comparisons))
@@ -28,21 +36,33 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """``--backend`` / ``--address``, shared by every command that runs a grid."""
-    p.add_argument("--backend", choices=BACKENDS, default="local",
-                   help="local: this machine (--workers processes); ray: every SFT and run is a Ray task "
-                        f"(needs {RAY_INSTALL}; the out dir must be on a filesystem all Ray nodes share)")
-    p.add_argument("--address", help="with --backend ray: an existing Ray cluster (e.g. ray://head:10001 or auto); "
-                                     "default: start a local Ray on this machine")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local: this machine (--workers processes); ray: every SFT and run is a Ray task "
+        f"(needs {RAY_INSTALL}; the out dir must be on a filesystem all Ray nodes share)",
+    )
+    p.add_argument(
+        "--address",
+        help="with --backend ray: an existing Ray cluster (e.g. ray://head:10001 or auto); "
+        "default: start a local Ray on this machine",
+    )
 
 
 def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("ablate", help="run a grid of variants x seeds from one SFT checkpoint; print the "
-                                             "summary with bootstrap CIs")
+    p = subparsers.add_parser(
+        "ablate", help="run a grid of variants x seeds from one SFT checkpoint; print the summary with bootstrap CIs"
+    )
     p.add_argument("--grid", required=True, help="grid YAML (e.g. configs/ablate_default.yaml)")
     p.add_argument("--out", help="output directory (default: runs/ablate/<grid name>)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="parallel worker processes (one torch thread each; worker k on cuda:k mod #GPUs); with "
-                        "--backend ray and no --address: the CPUs of the local Ray")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="parallel worker processes (one torch thread each; worker k on cuda:k mod #GPUs); with "
+        "--backend ray and no --address: the CPUs of the local Ray",
+    )
     add_backend_args(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override added to the grid's base")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's per-epoch checkpoints")

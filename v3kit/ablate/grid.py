@@ -8,8 +8,15 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from ..config import (PACKAGED_CONFIGS, ConfigError, RunConfig, load_config, parse_override, resolve_config_file,
-                      safe_load_bounded)
+from ..config import (
+    PACKAGED_CONFIGS,
+    ConfigError,
+    RunConfig,
+    load_config,
+    parse_override,
+    resolve_config_file,
+    safe_load_bounded,
+)
 from ..provenance import RUNNER_KEYS
 from ..train.metrics import METRIC_DIRECTION, METRIC_NAMES
 
@@ -85,8 +92,9 @@ class GridSpec:
         """The full config of one run (raises :class:`GridError` naming the variant and key on a bad override)."""
         runner = [f"seed={seed}", f"run_dir={run_dir}", "progress=false"]
         try:
-            return load_config(self.config, [*self.base, *self.world_overrides(world), *self.variants[variant],
-                                             *runner])
+            return load_config(
+                self.config, [*self.base, *self.world_overrides(world), *self.variants[variant], *runner]
+            )
         except GridError:
             raise
         except ConfigError as e:
@@ -109,8 +117,11 @@ def _str_list(value: Any, where: str) -> list[str]:
 
 
 def _seed_list(value: Any, where: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                           for v in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         raise GridError(f"{where} must be a non-empty list of integers, e.g. [0, 1, 2]; got {value!r}")
     if len(set(value)) != len(value):
         raise GridError(f"{where} has repeated seeds: {value}")
@@ -123,14 +134,29 @@ def _check_keys(raw: Mapping[str, Any], allowed: Iterable[str], where: str) -> N
         raise GridError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-def parse_grid(raw: Mapping[str, Any], *, name: str = "grid", extra_base: Sequence[str] = (),
-               base_dir: str | Path | None = None) -> GridSpec:
+def parse_grid(
+    raw: Mapping[str, Any], *, name: str = "grid", extra_base: Sequence[str] = (), base_dir: str | Path | None = None
+) -> GridSpec:
     """Build and validate a :class:`GridSpec` from a mapping (the parsed YAML); every run config is resolved once
     here so that a typo fails before any training, with the variant and key in the message."""
     if not isinstance(raw, Mapping):
         raise GridError(f"a grid must be a mapping with 'variants' and 'seeds', got {type(raw).__name__}")
-    _check_keys(raw, ("name", "config", "base", "seeds", "sft_seed", "reference", "variants", "questions",
-                      "worlds", "sft_checkpoint"), "grid")
+    _check_keys(
+        raw,
+        (
+            "name",
+            "config",
+            "base",
+            "seeds",
+            "sft_seed",
+            "reference",
+            "variants",
+            "questions",
+            "worlds",
+            "sft_checkpoint",
+        ),
+        "grid",
+    )
     sft_checkpoint = raw.get("sft_checkpoint")
     if sft_checkpoint is not None:
         if not isinstance(sft_checkpoint, str):
@@ -138,10 +164,14 @@ def parse_grid(raw: Mapping[str, Any], *, name: str = "grid", extra_base: Sequen
         if not Path(sft_checkpoint).exists() and base_dir is not None and (Path(base_dir) / sft_checkpoint).exists():
             sft_checkpoint = str(Path(base_dir) / sft_checkpoint)  # relative to the grid file
         if not Path(sft_checkpoint).is_file():
-            raise GridError(f"grid.sft_checkpoint {sft_checkpoint} does not exist (a path from the cwd or the grid file)")
+            raise GridError(
+                f"grid.sft_checkpoint {sft_checkpoint} does not exist (a path from the cwd or the grid file)"
+            )
         if raw.get("worlds"):
-            raise GridError("grid.sft_checkpoint fixes the base world's SFT; 'worlds' change the data and need their own "
-                            "SFT: drop one of the two")
+            raise GridError(
+                "grid.sft_checkpoint fixes the base world's SFT; 'worlds' change the data and need their own "
+                "SFT: drop one of the two"
+            )
     config = raw.get("config")
     if config is not None and base_dir is not None and not Path(config).exists():
         config = str(Path(base_dir) / config)  # relative to the grid file when not relative to the cwd
@@ -156,12 +186,16 @@ def parse_grid(raw: Mapping[str, Any], *, name: str = "grid", extra_base: Sequen
             except ConfigError as e:
                 raise GridError(f"variant {vname!r}: {e}") from None
             if keys[0] in _WORLD_SECTIONS:
-                raise GridError(f"variant {vname!r} sets '{'.'.join(keys)}', but data.* is fixed per world (every run "
-                                "of a world is compared on the same test queries); move it to 'base' or to a world "
-                                "in 'worlds.levels'")
+                raise GridError(
+                    f"variant {vname!r} sets '{'.'.join(keys)}', but data.* is fixed per world (every run "
+                    "of a world is compared on the same test queries); move it to 'base' or to a world "
+                    "in 'worlds.levels'"
+                )
             if keys[0] in RUNNER_KEYS:
-                raise GridError(f"variant {vname!r} sets '{keys[0]}', which the runner sets for every run; use "
-                                "the grid's 'seeds' (or 'sft_seed') instead")
+                raise GridError(
+                    f"variant {vname!r} sets '{keys[0]}', which the runner sets for every run; use "
+                    "the grid's 'seeds' (or 'sft_seed') instead"
+                )
     seeds = _seed_list(raw.get("seeds"), "grid.seeds")
     sft_seed = raw.get("sft_seed", 0)
     if not isinstance(sft_seed, int):
@@ -191,17 +225,32 @@ def parse_grid(raw: Mapping[str, Any], *, name: str = "grid", extra_base: Sequen
                 raise GridError(f"grid.worlds.variants names {v!r}, which is not a variant (or '{BEST}')")
         best_metric = w.get("best_metric", "utility@1")
         if best_metric not in METRIC_DIRECTION or METRIC_DIRECTION[best_metric] == 0:
-            raise GridError(f"grid.worlds.best_metric must be one of "
-                            f"{[m for m, d in METRIC_DIRECTION.items() if d]}, got {best_metric!r}")
+            raise GridError(
+                f"grid.worlds.best_metric must be one of "
+                f"{[m for m, d in METRIC_DIRECTION.items() if d]}, got {best_metric!r}"
+            )
         best_of = w.get("best_of")
         if best_of is not None and (not isinstance(best_of, list) or any(b not in variants for b in best_of)):
             raise GridError(f"grid.worlds.best_of must list variants, got {best_of!r}")
-        worlds = WorldSweep(levels={str(k): _str_list(v, f"world {k!r}") for k, v in levels.items()},
-                            variants=list(wvars), seeds=_seed_list(w.get("seeds", seeds), "grid.worlds.seeds"),
-                            best_metric=best_metric, best_of=best_of)
-    spec = GridSpec(variants=variants, seeds=seeds, base=[*_str_list(raw.get("base"), "grid.base"), *extra_base],
-                    config=config, reference=reference, sft_seed=sft_seed, questions=questions, worlds=worlds,
-                    name=str(raw.get("name", name)), sft_checkpoint=sft_checkpoint)
+        worlds = WorldSweep(
+            levels={str(k): _str_list(v, f"world {k!r}") for k, v in levels.items()},
+            variants=list(wvars),
+            seeds=_seed_list(w.get("seeds", seeds), "grid.worlds.seeds"),
+            best_metric=best_metric,
+            best_of=best_of,
+        )
+    spec = GridSpec(
+        variants=variants,
+        seeds=seeds,
+        base=[*_str_list(raw.get("base"), "grid.base"), *extra_base],
+        config=config,
+        reference=reference,
+        sft_seed=sft_seed,
+        questions=questions,
+        worlds=worlds,
+        name=str(raw.get("name", name)),
+        sft_checkpoint=sft_checkpoint,
+    )
     for world in spec.world_names():  # resolve everything now: fail fast, naming the culprit
         try:
             spec.base_config(world)
@@ -227,17 +276,15 @@ def find_grid(grid: str | Path) -> Path:
     works from ``notebooks/``, a papermill temp dir or a non-editable install)."""
     path = resolve_config_file(grid)
     if not path.exists():
-        raise GridError(f"grid file {grid} found neither from {Path.cwd()} nor among the shipped grids "
-                        f"({PACKAGED_CONFIGS})")
+        raise GridError(
+            f"grid file {grid} found neither from {Path.cwd()} nor among the shipped grids ({PACKAGED_CONFIGS})"
+        )
     return path
 
 
 def single_key_variants(spec: GridSpec, key: str) -> list[str]:
     """The reference plus every variant whose overrides set only ``key`` (a one-knob sweep), ordered by value."""
-    found = [v for v, ov in spec.variants.items()
-             if ov and all(".".join(parse_override(o)[0]) == key for o in ov)]
+    found = [v for v, ov in spec.variants.items() if ov and all(".".join(parse_override(o)[0]) == key for o in ov)]
     if spec.reference is not None and spec.reference not in found:
         found.append(spec.reference)
     return sorted(found, key=lambda v: spec.value(v, key))
-
-

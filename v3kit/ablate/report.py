@@ -6,8 +6,8 @@ from typing import Sequence
 
 import pandas as pd
 
-
 from .grid import BASE_WORLD, KEY_METRICS, METRIC_DIRECTION, SUMMARY_METRICS
+
 
 def _fmt_diff(d: float, lo: float, hi: float) -> str:
     return f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
@@ -40,24 +40,36 @@ def conclusions(
         sft_variant = next(iter(same[same].index), None)
     n_seeds = int(s["n_seeds"].min())
     method = ", ".join(sorted(s["ci_method"].unique()))
-    lines = [f"World '{world}': {s['variant'].nunique()} variants x {n_seeds}+ seeds; 95% bootstrap CIs over "
-             f"{method}; 'better'/'worse' = the CI of the paired difference excludes 0."]
+    lines = [
+        f"World '{world}': {s['variant'].nunique()} variants x {n_seeds}+ seeds; 95% bootstrap CIs over "
+        f"{method}; 'better'/'worse' = the CI of the paired difference excludes 0."
+    ]
     if agreement is not None:
-        lines.append(f"Reward vs label on the test split: the highest-reward candidate is the human label in "
-                     f"{agreement:.0%} of queries (reward-label disagreement {1 - agreement:.0%}); where they "
-                     "disagree, raising reward@1 can lower acc@1 and mrr.")
+        lines.append(
+            f"Reward vs label on the test split: the highest-reward candidate is the human label in "
+            f"{agreement:.0%} of queries (reward-label disagreement {1 - agreement:.0%}); where they "
+            "disagree, raising reward@1 can lower acc@1 and mrr."
+        )
     if not has_utility:
-        lines.append("No true utility in this data: the verdicts read the label metrics (acc@1, mrr) against the "
-                     "reward (reward@1).")
+        lines.append(
+            "No true utility in this data: the verdicts read the label metrics (acc@1, mrr) against the "
+            "reward (reward@1)."
+        )
     lines += power_lines(s, metrics)
     n_tests = len(s)
-    lines.append(f"({n_tests} variant x metric comparisons at 95%: expect about {0.05 * n_tests:.0f} "
-                 "'significant' by chance; trust effects that are large or consistent across metrics.)")
+    lines.append(
+        f"({n_tests} variant x metric comparisons at 95%: expect about {0.05 * n_tests:.0f} "
+        "'significant' by chance; trust effects that are large or consistent across metrics.)"
+    )
     if reference is not None and reference in set(s["variant"]):
         ref = s[s["variant"] == reference].set_index("metric")
-        parts = [f"{m} {ref.loc[m, 'mean']:.3f} vs SFT {ref.loc[m, 'sft']:.3f}: "
-                 f"{_fmt_diff(ref.loc[m, 'diff'], ref.loc[m, 'diff_low'], ref.loc[m, 'diff_high'])} "
-                 f"({ref.loc[m, 'verdict']})" for m in metrics if m in ref.index]
+        parts = [
+            f"{m} {ref.loc[m, 'mean']:.3f} vs SFT {ref.loc[m, 'sft']:.3f}: "
+            f"{_fmt_diff(ref.loc[m, 'diff'], ref.loc[m, 'diff_low'], ref.loc[m, 'diff_high'])} "
+            f"({ref.loc[m, 'verdict']})"
+            for m in metrics
+            if m in ref.index
+        ]
         lines.append(f"\nThe reference '{reference}' vs SFT: " + "; ".join(parts) + ".")
     s = s[s["variant"] != sft_variant]
     for m in metrics:
@@ -72,13 +84,16 @@ def conclusions(
         if reference is not None and "vs_ref_verdict" in sm.columns:
             for label, verdict in (("better", "better"), ("worse", "worse")):
                 hit = sm[sm["vs_ref_verdict"] == verdict].sort_values("vs_ref", ascending=verdict == "worse")
-                items = ", ".join(f"{r.variant} {_fmt_diff(r.vs_ref, r.vs_ref_low, r.vs_ref_high)}"
-                                  for r in hit.itertuples())
+                items = ", ".join(
+                    f"{r.variant} {_fmt_diff(r.vs_ref, r.vs_ref_low, r.vs_ref_high)}" for r in hit.itertuples()
+                )
                 lines.append(f"  significantly {label} than '{reference}': {items or 'none'}")
         d = METRIC_DIRECTION[m]
         top = sm.sort_values("diff", ascending=d < 0).iloc[0]
-        lines.append(f"  best mean: {top.variant} ({top['mean']:.3f}, vs SFT "
-                     f"{_fmt_diff(top['diff'], top.diff_low, top.diff_high)}, {top.verdict})")
+        lines.append(
+            f"  best mean: {top.variant} ({top['mean']:.3f}, vs SFT "
+            f"{_fmt_diff(top['diff'], top.diff_low, top.diff_high)}, {top.verdict})"
+        )
     if comparisons is not None and not comparisons.empty:
         lines.append("\nQuestions (paired difference a - b):")
         for q, grp in comparisons.groupby("question", sort=False):
@@ -92,8 +107,9 @@ def conclusions(
         sw = summary[summary["metric"].isin(metrics) & summary["variant"].isin(swept)]
         for w in [world, *others]:
             for v, grp in sw[sw["world"] == w].groupby("variant", sort=False):
-                parts = [f"{r.metric} {_fmt_diff(r.diff, r.diff_low, r.diff_high)} {r.verdict}"
-                         for r in grp.itertuples()]
+                parts = [
+                    f"{r.metric} {_fmt_diff(r.diff, r.diff_low, r.diff_high)} {r.verdict}" for r in grp.itertuples()
+                ]
                 lines.append(f"  {w} / {v}: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -115,17 +131,23 @@ def power_lines(summary: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
             continue
         mde = float(sm["mde"].median())
         nq = int(sm["n_queries"].max()) if "n_queries" in sm.columns else 0
-        design = f"{nq} test queries x {int(sm['n_seeds'].min())}+ seeds" if nq else f"{int(sm['n_seeds'].min())}+ seeds"
+        design = (
+            f"{nq} test queries x {int(sm['n_seeds'].min())}+ seeds" if nq else f"{int(sm['n_seeds'].min())}+ seeds"
+        )
         if not mde > 0:  # zero-width CIs (e.g. a smoke grid whose variants never moved): no power to report
             out.append(f"Power: {m} not measurable ({design}: every difference's CI has zero width).")
             continue
         # 3 decimals, or 2 significant digits for an MDE under 0.01 (never "~0.000")
-        line = (f"Power: {m} differences smaller than ~{mde:.3f}" if mde >= 0.01 else
-                f"Power: {m} differences smaller than ~{mde:.2g}") + f" go undetected (80% power at 5%; {design})"
+        line = (
+            f"Power: {m} differences smaller than ~{mde:.3f}"
+            if mde >= 0.01
+            else f"Power: {m} differences smaller than ~{mde:.2g}"
+        ) + f" go undetected (80% power at 5%; {design})"
         sft = float(sm["sft"].abs().median())
         if sft > 0 and mde > WIDE_MDE_REL * sft:
             line += f" -- too wide to tell effects under {mde / sft:.0%} of SFT's {sft:.3g}: " + _more_power(
-                summary.attrs.get("test_frac"))
+                summary.attrs.get("test_frac")
+            )
         out.append(line + ".")
     return out
 
@@ -137,8 +159,10 @@ def _more_power(test_frac: float | None) -> str:
         return "raise data.test_frac (e.g. --set data.test_frac=0.3) or the seeds"
     if test_frac < 0.3:
         return f"raise data.test_frac (now {test_frac:g}; e.g. --set data.test_frac=0.3) or the seeds"
-    return (f"data.test_frac is already {test_frac:g}: add seeds for the seed part of the noise, or more labelled "
-            "queries for the test part")
+    return (
+        f"data.test_frac is already {test_frac:g}: add seeds for the seed part of the noise, or more labelled "
+        "queries for the test part"
+    )
 
 
 def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS, world: str | None = None) -> str:
@@ -147,14 +171,15 @@ def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRI
     s = summary[summary["metric"].isin(metrics)]
     if world is not None:
         s = s[s["world"] == world]
-    cells = s.assign(cell=[f"{r['mean']:.3f} {_fmt_diff(r['diff'], r['diff_low'], r['diff_high'])} {r['verdict']}"
-                           for _, r in s.iterrows()])
-    table = cells.pivot_table(index=["world", "variant"], columns="metric", values="cell", aggfunc="first",
-                              sort=False)
+    cells = s.assign(
+        cell=[
+            f"{r['mean']:.3f} {_fmt_diff(r['diff'], r['diff_low'], r['diff_high'])} {r['verdict']}"
+            for _, r in s.iterrows()
+        ]
+    )
+    table = cells.pivot_table(index=["world", "variant"], columns="metric", values="cell", aggfunc="first", sort=False)
     table = table[[m for m in metrics if m in table.columns]]
     with pd.option_context("display.width", 250, "display.max_colwidth", 60, "display.max_rows", 500):
         text = "mean, difference to SFT [95% CI], verdict\n" + table.to_string()
     power = power_lines(s, [m for m in metrics if m in table.columns])
     return text + ("\n" + "\n".join(power) if power else "")
-
-

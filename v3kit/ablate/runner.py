@@ -18,10 +18,18 @@ from .. import trackers
 from ..config import RunConfig, to_dict
 from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint, signature
 from ..rundir import atomic_write_frame, atomic_write_text
-
 from .backends import make_backend, worker_config
-from .grid import (_RUN_INFO, _SHARED_SECTIONS, BASE_WORLD, BEST, METRIC_DIRECTION, PER_QUERY_METRICS, GridError,
-                   GridSpec, load_grid)
+from .grid import (
+    _RUN_INFO,
+    _SHARED_SECTIONS,
+    BASE_WORLD,
+    BEST,
+    METRIC_DIRECTION,
+    PER_QUERY_METRICS,
+    GridError,
+    GridSpec,
+    load_grid,
+)
 from .stats import summarize
 
 
@@ -49,8 +57,7 @@ def per_query_outcomes(model: Any, data: Any, temperature: float, reference: Any
 
     logp = compute_log_probs(model, data, temperature)
     ref = compute_log_probs(reference, data, temperature)
-    out = per_group_metrics(logp, data.labels, data.rewards, data.mask, utility=data.utility, logp=logp,
-                            ref_logp=ref)
+    out = per_group_metrics(logp, data.labels, data.rewards, data.mask, utility=data.utility, logp=logp, ref_logp=ref)
     return {k: v.double().numpy() for k, v in out.items() if k in PER_QUERY_METRICS}
 
 
@@ -97,8 +104,16 @@ def _train_sft(task: _SFTTask) -> str:
     splits = _splits_for(task.cfg)
     cfg = worker_config(task.cfg)  # the worker's device, as its runs get
     device = resolve_device(cfg.device)
-    train_sft(splits, cfg.model, cfg.sft, seed=cfg.seed, run_dir=task.path.parent, progress=False,
-              device=device, precision=resolve_precision(cfg.precision, device, warn=False))
+    train_sft(
+        splits,
+        cfg.model,
+        cfg.sft,
+        seed=cfg.seed,
+        run_dir=task.path.parent,
+        progress=False,
+        device=device,
+        precision=resolve_precision(cfg.precision, device, warn=False),
+    )
     for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
         p.unlink()
     atomic_write_text(task.path.parent / "sft.hash", task.hash)
@@ -132,25 +147,41 @@ def _execute(task: _RunTask) -> dict[str, Any]:
             row = {**keys, "split": "val", "stage": stage, "epoch": int(rec["epoch"])}
             row.update({m: rec[m] for m in METRIC_DIRECTION if m in rec and pd.notna(rec[m])})
             rows.append(row)
-    epochs = {"sft": task.cfg.sft.epochs, "rce": task.cfg.rce.epochs, "grpo": task.cfg.grpo.epochs,
-              "selected": res.selection.epoch if res.selection is not None else task.cfg.grpo.epochs}
+    epochs = {
+        "sft": task.cfg.sft.epochs,
+        "rce": task.cfg.rce.epochs,
+        "grpo": task.cfg.grpo.epochs,
+        "selected": res.selection.epoch if res.selection is not None else task.cfg.grpo.epochs,
+    }
     for stage, rec in res.table.iterrows():
-        rows.append({**keys, "split": "test", "stage": stage, "epoch": epochs[stage],
-                     **{k: float(v) for k, v in rec.items()}})
+        rows.append(
+            {**keys, "split": "test", "stage": stage, "epoch": epochs[stage], **{k: float(v) for k, v in rec.items()}}
+        )
     temperature = res.stage1.model_config.sim_temperature  # as pipeline.stage_table evaluates
     test = splits.test
-    pq = {name: {k: v.tolist() for k, v in per_query_outcomes(res.models[name], test, temperature,
-                                                               res.models["sft"]).items()}
-          for name in ("sft", "grpo", "selected") if name in res.models}
+    pq = {
+        name: {
+            k: v.tolist() for k, v in per_query_outcomes(res.models[name], test, temperature, res.models["sft"]).items()
+        }
+        for name in ("sft", "grpo", "selected")
+        if name in res.models
+    }
     wall = time.perf_counter() - t0
-    payload = {"hash": task.hash, **keys, "run_dir": str(run_dir), "wall_s": wall, "info": info, "rows": rows,
-               "per_query": pq, "query_ids": list(test.query_ids)}
+    payload = {
+        "hash": task.hash,
+        **keys,
+        "run_dir": str(run_dir),
+        "wall_s": wall,
+        "info": info,
+        "rows": rows,
+        "per_query": pq,
+        "query_ids": list(test.query_ids),
+    }
     if not task.keep_checkpoints:  # ~5 MB of per-epoch checkpoints per run; metrics.csv is what the doctor reads
         for p in run_dir.glob("*_epoch*.pt"):
             p.unlink()
     atomic_write_text(task.result_path, json.dumps(payload))
     return {**keys, "wall_s": wall}
-
 
 
 class _SFTPlan:
@@ -216,13 +247,21 @@ class GridResult:
         """Where a run's ``metrics.csv``/``config.yaml`` live (what ``v3kit.diagnose`` reads)."""
         return _run_dir(self.out_dir, world, variant, self.spec.seeds[0] if seed is None else seed)
 
-    def summary(self, *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0,
-                metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    def summary(
+        self, *, n_boot: int = 2000, ci: float = 0.95, seed: int = 0, metrics: Sequence[str] | None = None
+    ) -> pd.DataFrame:
         """:func:`summarize` of this grid with the grid's reference (cached per set of arguments)."""
         key = json.dumps([n_boot, ci, seed, list(metrics or [])])
         if key not in self._summaries:
-            out = summarize(self.frame, self.per_query, reference=self.spec.reference, n_boot=n_boot, ci=ci,
-                            seed=seed, metrics=metrics)
+            out = summarize(
+                self.frame,
+                self.per_query,
+                reference=self.spec.reference,
+                n_boot=n_boot,
+                ci=ci,
+                seed=seed,
+                metrics=metrics,
+            )
             out.attrs["test_frac"] = self.spec.base_config().data.test_frac  # the power advice reads the design
             self._summaries[key] = out
         return self._summaries[key]
@@ -282,8 +321,10 @@ def run_grid(
 
     # SFT checkpoints: one per world and distinct SFT (data/model/sft settings; variants may change model.* and
     # sft.*), each trained once and shared by its variants and seeds; retrained only when its settings change.
-    sft_cfgs = {w: spec.base_config(w, [f"seed={spec.sft_seed}", f"run_dir={out / w / 'sft'}", "progress=false"])
-                for w in spec.world_names()}
+    sft_cfgs = {
+        w: spec.base_config(w, [f"seed={spec.sft_seed}", f"run_dir={out / w / 'sft'}", "progress=false"])
+        for w in spec.world_names()
+    }
     sft_plan = _SFTPlan(out, spec, sft_cfgs)
 
     # report_to: the extras are checked here, before anything trains; every run of the grid goes to one MLflow store.
@@ -296,8 +337,13 @@ def run_grid(
     def tracking(world: str, variant: str, seed: int) -> dict[str, Any] | None:
         if not report_to:
             return None
-        tags = {"grid": spec.name, "world": world, "variant": variant, "seed": seed,
-                "run": f"{spec.name}/{world}/{variant}/seed{seed}"}
+        tags = {
+            "grid": spec.name,
+            "world": world,
+            "variant": variant,
+            "seed": seed,
+            "run": f"{spec.name}/{world}/{variant}/seed{seed}",
+        }
         return {"tags": tags, "mlflow_uri": store}
 
     def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
@@ -312,9 +358,20 @@ def run_grid(
                 if _load_result(result_path, h) is not None:
                     skipped += 1
                     continue
-                tasks.append(_RunTask(world=world, variant=variant, seed=seed, cfg=cfg, split_cfg=sft_cfgs[world],
-                                      sft_path=path, result_path=result_path, hash=h,
-                                      keep_checkpoints=keep_checkpoints, tracking=tracking(world, variant, seed)))
+                tasks.append(
+                    _RunTask(
+                        world=world,
+                        variant=variant,
+                        seed=seed,
+                        cfg=cfg,
+                        split_cfg=sft_cfgs[world],
+                        sft_path=path,
+                        result_path=result_path,
+                        hash=h,
+                        keep_checkpoints=keep_checkpoints,
+                        tracking=tracking(world, variant, seed),
+                    )
+                )
         return tasks, skipped
 
     base_tasks, skipped = plan(BASE_WORLD, spec.variants, spec.seeds)
@@ -324,8 +381,7 @@ def run_grid(
         n_world_runs = len(spec.worlds.levels) * len(spec.worlds.variants) * len(spec.worlds.seeds)
     total_runs = len(spec.variants) * len(spec.seeds) + n_world_runs
     errors: list[str] = []
-    runner = make_backend(backend, workers=workers, out_dir=out, address=address,
-                          device=sft_cfgs[BASE_WORLD].device)
+    runner = make_backend(backend, workers=workers, out_dir=out, address=address, device=sft_cfgs[BASE_WORLD].device)
     bar = tqdm(total=total_runs, desc=f"ablate {spec.name}", unit="run", disable=not progress, dynamic_ncols=True)
     bar.update(skipped)
     executed = 0
@@ -358,43 +414,76 @@ def run_grid(
                 sft_errors: list[str] = []
                 _run_tasks(_train_sft, world_sft, None, runner, sft_errors)
                 if sft_errors:
-                    raise RuntimeError("SFT training failed, no variant of the other worlds can run:\n"
-                                       + "\n".join(errors + sft_errors))
+                    raise RuntimeError(
+                        "SFT training failed, no variant of the other worlds can run:\n"
+                        + "\n".join(errors + sft_errors)
+                    )
             _run_tasks(_execute, world_tasks, bar, runner, errors)
             executed += len(world_tasks)
     finally:
         bar.close()
         runner.close()
     if errors:
-        raise RuntimeError(f"{len(errors)} run(s) failed (finished runs are saved; rerun to retry):\n"
-                           + "\n".join(errors))
+        raise RuntimeError(
+            f"{len(errors)} run(s) failed (finished runs are saved; rerun to retry):\n" + "\n".join(errors)
+        )
     frame, per_query = collect(out, spec, return_per_query=True)
     atomic_write_frame(out / "results.csv", frame)
     atomic_write_frame(out / "results.parquet", frame)
     atomic_write_frame(out / "per_query.parquet", per_query)
-    result = GridResult(spec=spec, out_dir=out, frame=frame, per_query=per_query, best=best,
-                        executed=executed - len(errors), skipped=skipped, wall_s=time.perf_counter() - t0)
+    result = GridResult(
+        spec=spec,
+        out_dir=out,
+        frame=frame,
+        per_query=per_query,
+        best=best,
+        executed=executed - len(errors),
+        skipped=skipped,
+        wall_s=time.perf_counter() - t0,
+    )
     atomic_write_frame(out / "summary.csv", result.summary())
-    atomic_write_text(out / "timing.json", json.dumps({"wall_s": result.wall_s, "workers": workers,
-                                                    "backend": backend, "executed": result.executed,
-                                                    "skipped": skipped}))
+    atomic_write_text(
+        out / "timing.json",
+        json.dumps(
+            {
+                "wall_s": result.wall_s,
+                "workers": workers,
+                "backend": backend,
+                "executed": result.executed,
+                "skipped": skipped,
+            }
+        ),
+    )
     return result
 
 
 def _spec_dict(spec: GridSpec) -> dict[str, Any]:
-    d = {"name": spec.name, "config": spec.config, "base": spec.base, "seeds": spec.seeds, "sft_seed": spec.sft_seed,
-         "reference": spec.reference, "variants": spec.variants,
-         "questions": {q: list(p) for q, p in spec.questions.items()}}
+    d = {
+        "name": spec.name,
+        "config": spec.config,
+        "base": spec.base,
+        "seeds": spec.seeds,
+        "sft_seed": spec.sft_seed,
+        "reference": spec.reference,
+        "variants": spec.variants,
+        "questions": {q: list(p) for q, p in spec.questions.items()},
+    }
     if spec.sft_checkpoint is not None:
         d["sft_checkpoint"] = spec.sft_checkpoint
     if spec.worlds:
-        d["worlds"] = {"levels": spec.worlds.levels, "variants": spec.worlds.variants, "seeds": spec.worlds.seeds,
-                       "best_metric": spec.worlds.best_metric, "best_of": spec.worlds.best_of}
+        d["worlds"] = {
+            "levels": spec.worlds.levels,
+            "variants": spec.worlds.variants,
+            "seeds": spec.worlds.seeds,
+            "best_metric": spec.worlds.best_metric,
+            "best_of": spec.worlds.best_of,
+        }
     return d
 
 
-def collect(out_dir: str | Path, spec: GridSpec, *, worlds: Sequence[str] | None = None,
-            return_per_query: bool = False) -> Any:
+def collect(
+    out_dir: str | Path, spec: GridSpec, *, worlds: Sequence[str] | None = None, return_per_query: bool = False
+) -> Any:
     """Read every ``result.json`` of the grid under ``out_dir`` into the tidy frame (and per-query frame)."""
     out = Path(out_dir)
     rows, pq_frames = [], []
@@ -407,7 +496,8 @@ def collect(out_dir: str | Path, spec: GridSpec, *, worlds: Sequence[str] | None
         payload = json.loads(path.read_text())
         seed = payload["seed"]
         if (world == BASE_WORLD and seed not in spec.seeds) or (
-                world != BASE_WORLD and spec.worlds and seed not in spec.worlds.seeds):
+            world != BASE_WORLD and spec.worlds and seed not in spec.worlds.seeds
+        ):
             continue
         run_cols = {**payload["info"], "wall_s": payload["wall_s"], "run_dir": payload["run_dir"]}
         rows += [{**r, **run_cols} for r in payload["rows"]]
@@ -447,12 +537,13 @@ def best_variant(frame: pd.DataFrame, spec: GridSpec, metric: str | None = None)
     """The variant with the best mean final test ``metric`` (default :func:`best_metric`) on the base world, among
     ``worlds.best_of`` (default: every variant that runs GRPO, except the reference)."""
     metric = metric or best_metric(frame, spec)
-    candidates = (spec.worlds.best_of if spec.worlds and spec.worlds.best_of else
-                  [v for v in spec.variants if v != spec.reference and spec.value(v, "grpo.epochs") > 0])
+    candidates = (
+        spec.worlds.best_of
+        if spec.worlds and spec.worlds.best_of
+        else [v for v in spec.variants if v != spec.reference and spec.value(v, "grpo.epochs") > 0]
+    )
     final = frame[(frame["world"] == BASE_WORLD) & (frame["split"] == "test") & (frame["stage"] == "grpo")]
     means = final[final["variant"].isin(candidates)].groupby("variant")[metric].mean()
     if means.empty:
         raise GridError(f"no finished run among the @best candidates {candidates}")
     return str(means.idxmax() if METRIC_DIRECTION[metric] >= 0 else means.idxmin())
-
-

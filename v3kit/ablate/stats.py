@@ -9,8 +9,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-
 from .grid import BASE_WORLD, KEY_METRICS, METRIC_DIRECTION
+
 
 @functools.lru_cache(maxsize=8)
 def _two_level_draws(seed: int, n_boot: int, S: int, Q: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,8 +107,9 @@ class _PerQuery:
         return self.cache[key]
 
 
-def _paired(pq: _PerQuery, final: pd.DataFrame, world: str, a: str, b: str | None, metric: str,
-            stage: str = "grpo") -> tuple[np.ndarray, str]:
+def _paired(
+    pq: _PerQuery, final: pd.DataFrame, world: str, a: str, b: str | None, metric: str, stage: str = "grpo"
+) -> tuple[np.ndarray, str]:
     """The paired difference ``a - b`` per run (b=None: a's own SFT), as [runs, queries] when per-query outcomes
     exist for the metric, else [runs]; and the name of the method. ``stage``: which model of a run is its final
     one (``grpo``: the end of the pipeline; ``selected``: the model ``select`` kept)."""
@@ -171,23 +172,39 @@ def summarize(
             vals, method = _paired(pq, final, world, variant, None, m, stage)
             level = grp[m].to_numpy(dtype=float)
             level_mat = pq.matrix(world, variant, stage, m)
-            level_ci = bootstrap_mean_ci(level_mat.to_numpy() if level_mat is not None else level,
-                                         n_boot=n_boot, ci=ci, seed=seed)
+            level_ci = bootstrap_mean_ci(
+                level_mat.to_numpy() if level_mat is not None else level, n_boot=n_boot, ci=ci, seed=seed
+            )
             lo, hi = bootstrap_mean_ci(vals, n_boot=n_boot, ci=ci, seed=seed)
-            row = {"world": world, "variant": variant, "metric": m, "n_seeds": len(grp), "mean": level.mean(),
-                   "ci_low": level_ci[0], "ci_high": level_ci[1], "sft": grp[f"sft_{m}"].mean(),
-                   "diff": float(np.mean(vals)) if np.size(vals) else math.nan, "diff_low": lo, "diff_high": hi,
-                   "verdict": _verdict(lo, hi, d, method, len(vals)), "ci_method": method,
-                   "mde": min_detectable_effect(lo, hi, ci),
-                   "n_queries": int(np.shape(vals)[1]) if np.ndim(vals) == 2 else 0}
+            row = {
+                "world": world,
+                "variant": variant,
+                "metric": m,
+                "n_seeds": len(grp),
+                "mean": level.mean(),
+                "ci_low": level_ci[0],
+                "ci_high": level_ci[1],
+                "sft": grp[f"sft_{m}"].mean(),
+                "diff": float(np.mean(vals)) if np.size(vals) else math.nan,
+                "diff_low": lo,
+                "diff_high": hi,
+                "verdict": _verdict(lo, hi, d, method, len(vals)),
+                "ci_method": method,
+                "mde": min_detectable_effect(lo, hi, ci),
+                "n_queries": int(np.shape(vals)[1]) if np.ndim(vals) == 2 else 0,
+            }
             if reference is not None:
                 if variant == reference:
                     row.update(vs_ref=0.0, vs_ref_low=0.0, vs_ref_high=0.0, vs_ref_verdict="")
                 elif (final["variant"] == reference).any():
                     rv, rmethod = _paired(pq, final, world, variant, reference, m, stage)
                     rlo, rhi = bootstrap_mean_ci(rv, n_boot=n_boot, ci=ci, seed=seed)
-                    row.update(vs_ref=float(np.mean(rv)) if np.size(rv) else math.nan, vs_ref_low=rlo,
-                               vs_ref_high=rhi, vs_ref_verdict=_verdict(rlo, rhi, d, rmethod, len(rv)))
+                    row.update(
+                        vs_ref=float(np.mean(rv)) if np.size(rv) else math.nan,
+                        vs_ref_low=rlo,
+                        vs_ref_high=rhi,
+                        vs_ref_verdict=_verdict(rlo, rhi, d, rmethod, len(rv)),
+                    )
             rows.append(row)
     out = pd.DataFrame(rows)
     if reference is not None and not out.empty:
@@ -198,9 +215,18 @@ def summarize(
     return out
 
 
-def compare(frame: pd.DataFrame, per_query: pd.DataFrame | None, pairs: Mapping[str, tuple[str, str]], *,
-            metrics: Sequence[str] = KEY_METRICS, world: str = BASE_WORLD, n_boot: int = 2000, ci: float = 0.95,
-            seed: int = 0, stage: str = "grpo") -> pd.DataFrame:
+def compare(
+    frame: pd.DataFrame,
+    per_query: pd.DataFrame | None,
+    pairs: Mapping[str, tuple[str, str]],
+    *,
+    metrics: Sequence[str] = KEY_METRICS,
+    world: str = BASE_WORLD,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    stage: str = "grpo",
+) -> pd.DataFrame:
     """Paired differences ``a - b`` (with CI and verdict) for named pairs of variants, e.g. the grid's questions."""
     final = _final_table(frame, stage)
     pq = _PerQuery(per_query)
@@ -211,10 +237,17 @@ def compare(frame: pd.DataFrame, per_query: pd.DataFrame | None, pairs: Mapping[
                 continue
             vals, method = _paired(pq, final, world, a, b, m, stage)
             lo, hi = bootstrap_mean_ci(vals, n_boot=n_boot, ci=ci, seed=seed)
-            rows.append({"question": question, "a": a, "b": b, "metric": m,
-                         "diff": float(np.mean(vals)) if np.size(vals) else math.nan, "low": lo, "high": hi,
-                         "verdict": _verdict(lo, hi, METRIC_DIRECTION[m], method, len(vals)),
-                         "ci_method": method})
+            rows.append(
+                {
+                    "question": question,
+                    "a": a,
+                    "b": b,
+                    "metric": m,
+                    "diff": float(np.mean(vals)) if np.size(vals) else math.nan,
+                    "low": lo,
+                    "high": hi,
+                    "verdict": _verdict(lo, hi, METRIC_DIRECTION[m], method, len(vals)),
+                    "ci_method": method,
+                }
+            )
     return pd.DataFrame(rows)
-
-

@@ -56,9 +56,14 @@ _REQUIRED = ("query_x.npy", "cand_x.npy", "mask.npy", "labels.npy", "rewards.npy
 
 def _well_formed(files: object, prefix: str = "") -> bool:
     """A file listing as v3kit writes it: every required array, each with an int size and CRC-32."""
-    return (isinstance(files, dict) and all(f"{prefix}{n}" in files for n in _REQUIRED)
-            and all(isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("crc32"), int)
-                    for v in files.values()))
+    return (
+        isinstance(files, dict)
+        and all(f"{prefix}{n}" in files for n in _REQUIRED)
+        and all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) and isinstance(v.get("crc32"), int)
+            for v in files.values()
+        )
+    )
 
 
 def _valid(path: Path, where: Path, feature_dtype: str) -> bool:
@@ -76,8 +81,10 @@ def _valid(path: Path, where: Path, feature_dtype: str) -> bool:
         if not _well_formed(meta.get("files")):
             raise ValueError("no valid file listing")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        note(f"data cache damaged: {where / 'meta.json'} is missing or unreadable ({type(e).__name__}); "
-             f"rebuilding it from {path}")
+        note(
+            f"data cache damaged: {where / 'meta.json'} is missing or unreadable ({type(e).__name__}); "
+            f"rebuilding it from {path}"
+        )
         return False
     now = _stat(path)
     if size != now["size"]:
@@ -137,8 +144,14 @@ def build_cache(path: str | Path, feature_dtype: str = "float32") -> Path:
     data = load_groups(path)
     where = cache_dir(path, feature_dtype)
     where.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"version": CACHE_VERSION, "feature_dtype": feature_dtype, **_stat(path), "sha256": file_sha256(path),
-            "groups": len(data), "group_size": data.group_size}
+    meta = {
+        "version": CACHE_VERSION,
+        "feature_dtype": feature_dtype,
+        **_stat(path),
+        "sha256": file_sha256(path),
+        "groups": len(data),
+        "group_size": data.group_size,
+    }
     tmp = Path(_building_dir(where.parent))
     try:
         written = []
@@ -158,8 +171,9 @@ def build_cache(path: str | Path, feature_dtype: str = "float32") -> Path:
     return where
 
 
-def open_cache(where: Path, prefix: str = "", files: dict[str, dict[str, int]] | None = None,
-               verify: bool = True) -> GroupData:
+def open_cache(
+    where: Path, prefix: str = "", files: dict[str, dict[str, int]] | None = None, verify: bool = True
+) -> GroupData:
     """The cached arrays as a :class:`GroupData` over copy-on-write memory maps (values not re-validated).
 
     ``files`` (the listing written with them) is checked first (:func:`verify_files`; ``verify=False`` checks
@@ -169,8 +183,11 @@ def open_cache(where: Path, prefix: str = "", files: dict[str, dict[str, int]] |
         if not _well_formed({n: f for n, f in files.items() if n.startswith(prefix)}, prefix):
             raise CacheDamaged(f"the file listing of {where} is incomplete")
         verify_files(where, {n: f for n, f in files.items() if n.startswith(prefix)}, verify)
-    listed = (lambda n: f"{prefix}{n}.npy" in files) if files is not None else \
-        (lambda n: (where / f"{prefix}{n}.npy").exists())
+    listed = (
+        (lambda n: f"{prefix}{n}.npy" in files)
+        if files is not None
+        else (lambda n: (where / f"{prefix}{n}.npy").exists())
+    )
     try:
         arrays = {n: np.load(where / f"{prefix}{n}.npy", mmap_mode="c") for n in _FIELDS if listed(n)}
         fields = {n: torch.from_numpy(a) for n, a in arrays.items()}
@@ -227,8 +244,15 @@ def _split_listing(where: Path) -> dict[str, dict[str, int]] | None:
     return files if isinstance(files, dict) and files else None
 
 
-def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac: float = 0.15,
-                  test_frac: float = 0.15, seed: int = 0, rows: int = 4096) -> Splits:
+def cached_splits(
+    path: str | Path,
+    feature_dtype: str = "float32",
+    *,
+    val_frac: float = 0.15,
+    test_frac: float = 0.15,
+    seed: int = 0,
+    rows: int = 4096,
+) -> Splits:
     """:func:`~v3kit.data.split_by_query` of the cached data, itself cached as memory-mapped arrays.
 
     ``split_by_query`` would gather every split into memory; here each split is gathered once, a few rows at a
@@ -266,8 +290,9 @@ def cached_splits(path: str | Path, feature_dtype: str = "float32", *, val_frac:
                 if t is None:
                     continue
                 src = t.numpy()
-                out = np.lib.format.open_memmap(tmp / f"{part}_{name}.npy", mode="w+", dtype=src.dtype,
-                                                shape=(len(idx),) + src.shape[1:])
+                out = np.lib.format.open_memmap(
+                    tmp / f"{part}_{name}.npy", mode="w+", dtype=src.dtype, shape=(len(idx),) + src.shape[1:]
+                )
                 for s in range(0, len(idx), rows):
                     out[s : s + rows] = src[idx[s : s + rows]]
                 out.flush()

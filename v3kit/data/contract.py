@@ -113,7 +113,9 @@ class GroupData:
     def with_rewards(self, rewards: Tensor) -> "GroupData":
         """The same groups with other rewards (0 at padding), e.g. de-biased ones; nothing else is copied."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["rewards"] = torch.where(self.mask, rewards.to(self.rewards.dtype), torch.zeros((), dtype=self.rewards.dtype))
+        out["rewards"] = torch.where(
+            self.mask, rewards.to(self.rewards.dtype), torch.zeros((), dtype=self.rewards.dtype)
+        )
         return GroupData(**out, checks="none")
 
     def to(self, device: torch.device | str) -> "GroupData":
@@ -144,7 +146,11 @@ def _take(items: list | None, idx: Tensor) -> list | None:
 
 
 def iterate_batches(
-    data: GroupData, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None,
+    data: GroupData,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
     rows: slice | None = None,
 ) -> Iterator[Batch]:
     """Yield :class:`Batch` objects; with ``shuffle`` the order comes from ``generator`` (seeded by the caller).
@@ -191,6 +197,7 @@ def _nonfinite(t: Tensor, elements: int = 1 << 22) -> Tensor:
     tensor costs one read and no temporaries; ``isfinite`` of a whole feature tensor would allocate several times
     its size (torch computes it through ``abs``). Only a block that fails is examined element by element.
     """
+
     def exact(block: Tensor) -> Tensor:
         return ~torch.isfinite(block) if block.dim() < 3 else ~torch.isfinite(block).all(dim=-1)
 
@@ -203,8 +210,10 @@ def _nonfinite(t: Tensor, elements: int = 1 << 22) -> Tensor:
     if t.dim() < 3:
         return torch.zeros(t.shape, dtype=torch.bool) if clean(t) else exact(t)
     rows = max(1, elements // max(1, t.shape[1] * t.shape[2]))
-    parts = [torch.zeros(block.shape[:2], dtype=torch.bool) if clean(block) else exact(block)
-             for block in (t[s : s + rows] for s in range(0, t.shape[0], rows))]
+    parts = [
+        torch.zeros(block.shape[:2], dtype=torch.bool) if clean(block) else exact(block)
+        for block in (t[s : s + rows] for s in range(0, t.shape[0], rows))
+    ]
     return torch.cat(parts) if parts else torch.zeros(t.shape[:2], dtype=torch.bool)
 
 
@@ -231,7 +240,7 @@ def validate_tensors(d: GroupData, *, features: bool = True) -> None:
     if d.query_text is not None and len(d.query_text) != n:
         _fail(f"query_text has {len(d.query_text)} entries for {n} groups")
     if d.cand_text is not None and (len(d.cand_text) != n or any(len(t) != g for t in d.cand_text)):
-        _fail(f"cand_text must be {n} lists of {g} strings (\"\" at padding)")
+        _fail(f'cand_text must be {n} lists of {g} strings ("" at padding)')
     if d.mask.dtype != torch.bool:
         _fail(f"mask must be a bool tensor, got {d.mask.dtype}")
     for name in ("query_x", "cand_x", "rewards") + (("utility",) if d.utility is not None else ()):
@@ -282,14 +291,17 @@ def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
         )
     if (lengths == 0).any():
         i = int(np.flatnonzero(lengths.to_numpy() == 0)[0])
-        _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} is empty; it needs at least one "
-              "feature")
+        _fail(
+            f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} is empty; it needs at least one feature"
+        )
     try:
         mat = np.asarray(col.tolist(), dtype=np.float64)
     except (TypeError, ValueError):
         i = next(i for i, v in enumerate(col) if not all(isinstance(x, (int, float, np.number)) for x in v))
-        _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} must hold numbers, got "
-              f"{list(col.iloc[i])[:4]!r}")
+        _fail(
+            f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field} must hold numbers, got "
+            f"{list(col.iloc[i])[:4]!r}"
+        )
     bad = ~np.isfinite(mat).all(axis=1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -298,8 +310,10 @@ def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
     if huge.any():
         i = int(np.flatnonzero(huge)[0])
         j = int(np.flatnonzero(np.abs(mat[i]) > MAX_FEATURE_ABS)[0])
-        _fail(f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field}[{j}] = {mat[i, j]:g} exceeds "
-              f"|x| <= {MAX_FEATURE_ABS:g}; rescale (e.g. standardise) the features")
+        _fail(
+            f"row {df.index[i]} (query_id={df['query_id'].iloc[i]!r}): {field}[{j}] = {mat[i, j]:g} exceeds "
+            f"|x| <= {MAX_FEATURE_ABS:g}; rescale (e.g. standardise) the features"
+        )
     return mat
 
 
@@ -318,8 +332,10 @@ def _check_ids(df: pd.DataFrame) -> None:
         q, c = key.iloc[i]
         rows = np.flatnonzero(dup & (key["query_id"] == q).to_numpy() & (key["candidate_id"] == c).to_numpy())
         rewards = df["reward"].iloc[rows].tolist()
-        _fail(f"query_id={q!r}, candidate_id={c!r} appears in rows {rows.tolist()} (rewards {rewards}); each "
-              "candidate may appear once per query: drop the duplicate rows")
+        _fail(
+            f"query_id={q!r}, candidate_id={c!r} appears in rows {rows.tolist()} (rewards {rewards}); each "
+            "candidate may appear once per query: drop the duplicate rows"
+        )
 
 
 def _as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
@@ -327,8 +343,10 @@ def _as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
     ok = col.map(lambda v: isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)))
     if not ok.all():
         i = int(np.flatnonzero(~ok.to_numpy())[0])
-        _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): is_label is {col.iloc[i]!r}; it must be true/false "
-              "(or 1/0), not a string or null")
+        _fail(
+            f"row {i} (query_id={df['query_id'].iloc[i]!r}): is_label is {col.iloc[i]!r}; it must be true/false "
+            "(or 1/0), not a string or null"
+        )
     return col.astype(bool).to_numpy()
 
 
@@ -339,8 +357,10 @@ def _as_texts(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
         i = int(np.flatnonzero(~ok.to_numpy())[0])
         v = col.iloc[i]
         what = "null" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(v)
-        _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {what}; every {field} must be a "
-              "non-empty string (fill it in or drop the row)")
+        _fail(
+            f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {what}; every {field} must be a "
+            "non-empty string (fill it in or drop the row)"
+        )
     return col.to_numpy(dtype=object)
 
 
@@ -349,8 +369,10 @@ def _embed_distinct(texts: list[np.ndarray], embed: Embedder) -> list[np.ndarray
     distinct = sorted(set().union(*(set(t.tolist()) for t in texts)))
     vecs = np.asarray(embed(distinct), dtype=np.float64)
     if vecs.ndim != 2 or vecs.shape[0] != len(distinct) or not np.isfinite(vecs).all():
-        _fail(f"the text encoder returned an array of shape {vecs.shape} (or NaN/inf) for {len(distinct)} texts; "
-              "it must return one finite vector per text")
+        _fail(
+            f"the text encoder returned an array of shape {vecs.shape} (or NaN/inf) for {len(distinct)} texts; "
+            "it must return one finite vector per text"
+        )
     where = {t: i for i, t in enumerate(distinct)}
     return [vecs[[where[x] for x in t]] for t in texts]
 
@@ -374,8 +396,10 @@ def check_long_frame(df: pd.DataFrame, columns: Sequence[str], n_rows: int) -> N
         bad = ~np.isfinite(vals)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            _fail(f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]}; "
-                  f"every {field} must be a finite number")
+            _fail(
+                f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]}; "
+                f"every {field} must be a finite number"
+            )
 
 
 def check_group(qid: str, n_rows: int, n_labels: int, query_features_differ: bool) -> None:
@@ -419,17 +443,25 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     n = len(order)
     for qid in order:  # validate every group before the (possibly slow) embedding
         rows = groups[qid]
-        check_group(qid, len(rows), int(is_label[rows].sum()),
-                    feats["query"] is not None and not np.allclose(feats["query"][rows], feats["query"][rows[0]]))
+        check_group(
+            qid,
+            len(rows),
+            int(is_label[rows].sum()),
+            feats["query"] is not None and not np.allclose(feats["query"][rows], feats["query"][rows[0]]),
+        )
         if q_text is not None and (q_text[rows] != q_text[rows[0]]).any():
             i = int(rows[np.flatnonzero(q_text[rows] != q_text[rows[0]])[0]])
-            _fail(f"row {i} (query_id={qid!r}): query_text differs from the query's first row; a query has one "
-                  "text (give the rows the same text or a different query_id)")
+            _fail(
+                f"row {i} (query_id={qid!r}): query_text differs from the query's first row; a query has one "
+                "text (give the rows the same text or a different query_id)"
+            )
     to_embed = [side for side in SIDE_COLUMNS if feats[side] is None]
     if to_embed and text_mode == "frozen":
         if embed is None:
-            _fail(f"{[SIDE_COLUMNS[s][1] for s in to_embed]} without feature vectors need a text encoder; load the "
-                  "table through v3kit.pipeline.prepare_data (data.text_encoder) or pass embed=")
+            _fail(
+                f"{[SIDE_COLUMNS[s][1] for s in to_embed]} without feature vectors need a text encoder; load the "
+                "table through v3kit.pipeline.prepare_data (data.text_encoder) or pass embed="
+            )
         for side, mat in zip(to_embed, _embed_distinct([texts[s] for s in to_embed], embed)):
             feats[side] = mat
     for side in to_embed:
@@ -489,8 +521,10 @@ def to_feature_dtype(t: Tensor, feature_dtype: str, name: str, path: str | Path,
         with np.errstate(over="ignore"):
             half[s : s + rows] = out[s : s + rows]
         if not np.isfinite(half[s : s + rows]).all():
-            raise DataValidationError(f"data file {path}: {name} has values beyond float16's range (|x| > 65504); "
-                                      "set data.feature_dtype: float32")
+            raise DataValidationError(
+                f"data file {path}: {name} has values beyond float16's range (|x| > 65504); "
+                "set data.feature_dtype: float32"
+            )
     return half
 
 
@@ -501,8 +535,9 @@ def to_long_frame(data: GroupData) -> pd.DataFrame:
         for c in torch.nonzero(data.mask[b]).flatten().tolist():
             row = {
                 "query_id": data.query_ids[b],
-                "candidate_id": (f"{data.query_ids[b]}/{c}" if data.cand_ids is None
-                                 else f"c{int(data.cand_ids[b, c])}"),
+                "candidate_id": (
+                    f"{data.query_ids[b]}/{c}" if data.cand_ids is None else f"c{int(data.cand_ids[b, c])}"
+                ),
                 "query_features": data.query_x[b].tolist(),
                 "candidate_features": data.cand_x[b, c].tolist(),
                 "reward": float(data.rewards[b, c]),
@@ -525,8 +560,9 @@ class Splits:
     test: GroupData
 
 
-def split_indices(n: int, *, val_frac: float = 0.15, test_frac: float = 0.15,
-                  seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def split_indices(
+    n: int, *, val_frac: float = 0.15, test_frac: float = 0.15, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
     """(train, val, test) row indices of :func:`split_by_query` for ``n`` queries."""
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum to < 1")

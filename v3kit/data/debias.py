@@ -54,8 +54,10 @@ class RewardConfig:
         if self.debias_folds < 2:
             raise ValueError(f"reward.debias_folds must be >= 2, got {self.debias_folds}")
         if self.prior_shrinkage < 0 or self.feature_ridge < 0:
-            raise ValueError(f"reward.prior_shrinkage and reward.feature_ridge must be >= 0, got "
-                             f"{self.prior_shrinkage} and {self.feature_ridge}")
+            raise ValueError(
+                f"reward.prior_shrinkage and reward.feature_ridge must be >= 0, got "
+                f"{self.prior_shrinkage} and {self.feature_ridge}"
+            )
 
 
 class DebiasError(ValueError):
@@ -82,12 +84,16 @@ def recurring_share(data: GroupData) -> float:
 
 def _require_ids(data: GroupData) -> None:
     if data.cand_ids is None:
-        raise DebiasError("reward.debias=candidate_prior needs candidate ids (the table's candidate_id column; the "
-                          "synthetic world has none): use reward.debias=candidate_features")
+        raise DebiasError(
+            "reward.debias=candidate_prior needs candidate ids (the table's candidate_id column; the "
+            "synthetic world has none): use reward.debias=candidate_features"
+        )
     if recurring_share(data) == 0.0:
-        raise DebiasError("reward.debias=candidate_prior needs candidate_ids that recur across queries, but no "
-                          "candidate_id of the training split appears in more than one query: use "
-                          "reward.debias=candidate_features")
+        raise DebiasError(
+            "reward.debias=candidate_prior needs candidate_ids that recur across queries, but no "
+            "candidate_id of the training split appears in more than one query: use "
+            "reward.debias=candidate_features"
+        )
 
 
 def check_debias(cfg: RewardConfig, train: GroupData) -> None:
@@ -166,26 +172,40 @@ class DebiasReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"debias": self.method, "debias_removed_share": self.removed_share,
-                "debias_agreement_before": self.agreement_before, "debias_agreement_after": self.agreement_after,
-                **({"debias_recurring_share": self.recurring_share} if self.recurring_share is not None else {})}
+        return {
+            "debias": self.method,
+            "debias_removed_share": self.removed_share,
+            "debias_agreement_before": self.agreement_before,
+            "debias_agreement_after": self.agreement_after,
+            **({"debias_recurring_share": self.recurring_share} if self.recurring_share is not None else {}),
+        }
 
     def line(self) -> str:
-        more = (f"; {self.recurring_share:.0%} of training candidates recur across queries"
-                if self.recurring_share is not None else "")
-        return (f"reward.debias={self.method}: removed {self.removed_share:.1%} of the training reward's within-group "
-                f"variance; val reward-label agreement {self.agreement_before:.3f} -> {self.agreement_after:.3f}{more}")
+        more = (
+            f"; {self.recurring_share:.0%} of training candidates recur across queries"
+            if self.recurring_share is not None
+            else ""
+        )
+        return (
+            f"reward.debias={self.method}: removed {self.removed_share:.1%} of the training reward's within-group "
+            f"variance; val reward-label agreement {self.agreement_before:.3f} -> {self.agreement_after:.3f}{more}"
+        )
 
 
-def estimates(method: str, train: GroupData, other: GroupData, cfg: RewardConfig, seed: int = 0
-              ) -> tuple[Tensor, Tensor]:
+def estimates(
+    method: str, train: GroupData, other: GroupData, cfg: RewardConfig, seed: int = 0
+) -> tuple[Tensor, Tensor]:
     """(cross-fitted estimate on ``train``, estimate on ``other`` fitted on all of ``train``) for ``method``."""
     if method == "candidate_prior":
-        return (candidate_prior(train, folds=cfg.debias_folds, shrinkage=cfg.prior_shrinkage, seed=seed),
-                candidate_prior_from(train, other, shrinkage=cfg.prior_shrinkage))
+        return (
+            candidate_prior(train, folds=cfg.debias_folds, shrinkage=cfg.prior_shrinkage, seed=seed),
+            candidate_prior_from(train, other, shrinkage=cfg.prior_shrinkage),
+        )
     if method == "candidate_features":
-        return (feature_estimate(train, folds=cfg.debias_folds, ridge=cfg.feature_ridge, seed=seed),
-                feature_estimate_from(train, other, ridge=cfg.feature_ridge))
+        return (
+            feature_estimate(train, folds=cfg.debias_folds, ridge=cfg.feature_ridge, seed=seed),
+            feature_estimate_from(train, other, ridge=cfg.feature_ridge),
+        )
     raise ValueError(f"reward.debias must be one of {DEBIAS_METHODS[1:]} here, got {method!r}")
 
 
@@ -201,9 +221,13 @@ def debias_report(method: str, splits: Splits, cfg: RewardConfig, seed: int = 0)
     train, val = splits.train, splits.val
     est_train, est_val = estimates(method, train, val, cfg, seed)
     rewards = (train.rewards.double() - est_train).float()
-    report = DebiasReport(method, _removed_share(train, est_train), label_reward_agreement(val),
-                          label_reward_agreement(val.with_rewards((val.rewards.double() - est_val).float())),
-                          recurring_share(train) if method == "candidate_prior" else None)
+    report = DebiasReport(
+        method,
+        _removed_share(train, est_train),
+        label_reward_agreement(val),
+        label_reward_agreement(val.with_rewards((val.rewards.double() - est_val).float())),
+        recurring_share(train) if method == "candidate_prior" else None,
+    )
     return rewards, report
 
 

@@ -30,8 +30,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .contract import (FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData, _as_bool, _as_matrix,
-                       check_group, check_long_frame)
+from .contract import (
+    FEATURE_COLUMNS,
+    MAX_FEATURE_ABS,
+    DataValidationError,
+    GroupData,
+    _as_bool,
+    _as_matrix,
+    check_group,
+    check_long_frame,
+)
 
 # Rows converted at a time: bounds the transient memory beside the packed arrays (Arrow's Parquet decoder holds
 # a few times one batch; 4096 rows of 384-d float32 are 6 MB).
@@ -134,15 +142,22 @@ class _FileSource:
         if problem.kind == "notlist":
             raise DataValidationError(f"row {i}: {field} must be a list of floats, got {self._value(field, i)!r}")
         if problem.kind == "length":
-            lengths = pd.Series(np.concatenate([
-                arr.value_lengths().fill_null(-1).to_numpy(zero_copy_only=False)
-                if not pa.types.is_fixed_size_list(arr.type) else np.full(len(arr), arr.type.list_size)
-                for _, arr in self.chunks(field)]))
+            lengths = pd.Series(
+                np.concatenate(
+                    [
+                        arr.value_lengths().fill_null(-1).to_numpy(zero_copy_only=False)
+                        if not pa.types.is_fixed_size_list(arr.type)
+                        else np.full(len(arr), arr.type.list_size)
+                        for _, arr in self.chunks(field)
+                    ]
+                )
+            )
             common = int(lengths.mode().iloc[0])
             i = int(np.flatnonzero(lengths.to_numpy() != common)[0])
             raise DataValidationError(
                 f"row {i} (query_id={self.meta['query_id'].iloc[i]!r}): {field} has length {int(lengths.iloc[i])} "
-                f"but most rows have {common}; every {field} vector must have the same dimension")
+                f"but most rows have {common}; every {field} vector must have the same dimension"
+            )
         if problem.kind == "empty":
             raise DataValidationError(f"{where}: {field} is empty; it needs at least one feature")
         if problem.kind == "numbers":
@@ -150,8 +165,10 @@ class _FileSource:
         if problem.kind == "huge":
             row = np.asarray(self._value(field, i), dtype=np.float64)
             j = int(np.flatnonzero(np.abs(row) > MAX_FEATURE_ABS)[0])
-            raise DataValidationError(f"{where}: {field}[{j}] = {row[j]:g} exceeds |x| <= {MAX_FEATURE_ABS:g}; "
-                                      "rescale (e.g. standardise) the features")
+            raise DataValidationError(
+                f"{where}: {field}[{j}] = {row[j]:g} exceeds |x| <= {MAX_FEATURE_ABS:g}; "
+                "rescale (e.g. standardise) the features"
+            )
         raise DataValidationError(f"{where}: {field} contains NaN/inf; clean or drop it")
 
 
@@ -281,8 +298,10 @@ def _zeros(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _unreadable(path: Path, e: Exception, kind: str = "Parquet") -> DataValidationError:
-    return DataValidationError(f"data file {path} could not be read as {kind} ({type(e).__name__}: {str(e)[:200]}); "
-                               "check the file is complete and in that format")
+    return DataValidationError(
+        f"data file {path} could not be read as {kind} ({type(e).__name__}: {str(e)[:200]}); "
+        "check the file is complete and in that format"
+    )
 
 
 def arrow_schema(path: str | Path) -> pa.Schema:
@@ -290,8 +309,9 @@ def arrow_schema(path: str | Path) -> pa.Schema:
     return _Ipc(Path(path)).schema
 
 
-def _feature_pass(source, field: str, each: Callable[[slice, np.ndarray], None],
-                  stop: threading.Event | None = None) -> None:
+def _feature_pass(
+    source, field: str, each: Callable[[slice, np.ndarray], None], stop: threading.Event | None = None
+) -> None:
     """Convert ``field`` chunk by chunk and hand each float32 matrix (with its row slice) to ``each``."""
     dims: dict[str, int] = {}
     for start, arr in source.chunks(field):
@@ -453,8 +473,10 @@ def load_arrow(path: Path) -> GroupData:
     names = ipc.schema.names
     scalar = [c for c in names if c not in FEATURE_COLUMNS]
     try:
-        table = pa.Table.from_batches(list(ipc.batches(scalar)), schema=pa.schema(
-            [ipc.schema.field(c) for c in scalar], metadata=ipc.schema.metadata))
+        table = pa.Table.from_batches(
+            list(ipc.batches(scalar)),
+            schema=pa.schema([ipc.schema.field(c) for c in scalar], metadata=ipc.schema.metadata),
+        )
         meta = table.to_pandas().reset_index(drop=True)
     except DataValidationError:
         raise

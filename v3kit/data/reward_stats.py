@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-
 import torch
 
 from .contract import GroupData
+
+
 def label_reward_rank(data: GroupData) -> torch.Tensor:
     """Rank (1 = highest) of the human label's reward within its group, per group; ties count in its favour."""
     r = data.rewards.masked_fill(~data.mask, float("-inf"))
@@ -41,5 +42,3 @@ def stage1_summary(old_log_probs: torch.Tensor, data: GroupData) -> dict[str, fl
         "frac_zero_spread": float((spread < 1e-8).float().mean()),
         "label_is_top_reward": label_reward_agreement(data),
     }
-
-

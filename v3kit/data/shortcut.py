@@ -42,8 +42,11 @@ def centred_features(data: GroupData) -> Tensor:
     within groups, so only how a candidate differs from its group-mates can explain it."""
     x = data.cand_x.double()
     m = data.mask.unsqueeze(-1).to(x.dtype)
-    return torch.where(data.mask.unsqueeze(-1),
-                       x - (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1), torch.zeros_like(x))
+    return torch.where(
+        data.mask.unsqueeze(-1),
+        x - (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1),
+        torch.zeros_like(x),
+    )
 
 
 def fit_ridge(xc: Tensor, y: Tensor, fit: Tensor, ridge: float) -> Tensor:
@@ -76,8 +79,19 @@ class ShortcutAnalysis:
     rest: Tensor | None = field(default=None, repr=False)  # [N, G] the query-dependent rest
 
     def as_dict(self) -> dict[str, float | None]:
-        return {k: getattr(self, k) for k in ("explained_share", "acc_shortcut", "acc_reward", "corr_change_shortcut",
-                                              "corr_change_rest", "corr_change_label", "n_groups", "k_folds")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "explained_share",
+                "acc_shortcut",
+                "acc_reward",
+                "corr_change_shortcut",
+                "corr_change_rest",
+                "corr_change_label",
+                "n_groups",
+                "k_folds",
+            )
+        }
 
 
 def reward_shortcut(

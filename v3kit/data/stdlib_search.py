@@ -38,19 +38,119 @@ BUILDER_VERSION = 2  # bump when the table a config produces changes
 # Library modules without import side effects (no GUI, no network at import, no `this`). C modules come first:
 # a function re-exported by a later module (statistics imports math.sqrt) is listed under the first one.
 MODULES = (
-    "builtins", "math", "cmath", "os", "time", "itertools", "operator", "binascii", "zlib", "array", "struct",
-    "abc", "argparse", "ast", "base64", "bisect", "calendar", "cmd", "codecs", "collections", "colorsys",
-    "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "dis",
-    "email.message", "email.utils", "enum", "filecmp", "fnmatch", "fractions", "ftplib", "functools", "getopt",
-    "gettext", "glob", "gzip", "heapq", "hmac", "html", "html.parser", "http.client", "http.cookiejar",
-    "http.cookies", "http.server", "imaplib", "inspect", "ipaddress", "json.decoder", "json.encoder", "keyword",
-    "linecache", "locale", "logging", "logging.handlers", "mailbox", "mimetypes", "netrc", "ntpath", "numbers",
-    "optparse", "pathlib", "pickle", "pickletools", "pkgutil", "platform", "plistlib", "poplib", "posixpath",
-    "pprint", "queue", "quopri", "random", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil",
-    "smtplib", "socket", "socketserver", "statistics", "string", "subprocess", "sysconfig", "tarfile", "tempfile",
-    "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "typing", "unittest.case",
-    "unittest.mock", "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom",
-    "xml.etree.ElementTree", "zipfile", "zipimport",
+    "builtins",
+    "math",
+    "cmath",
+    "os",
+    "time",
+    "itertools",
+    "operator",
+    "binascii",
+    "zlib",
+    "array",
+    "struct",
+    "abc",
+    "argparse",
+    "ast",
+    "base64",
+    "bisect",
+    "calendar",
+    "cmd",
+    "codecs",
+    "collections",
+    "colorsys",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "dis",
+    "email.message",
+    "email.utils",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "getopt",
+    "gettext",
+    "glob",
+    "gzip",
+    "heapq",
+    "hmac",
+    "html",
+    "html.parser",
+    "http.client",
+    "http.cookiejar",
+    "http.cookies",
+    "http.server",
+    "imaplib",
+    "inspect",
+    "ipaddress",
+    "json.decoder",
+    "json.encoder",
+    "keyword",
+    "linecache",
+    "locale",
+    "logging",
+    "logging.handlers",
+    "mailbox",
+    "mimetypes",
+    "netrc",
+    "ntpath",
+    "numbers",
+    "optparse",
+    "pathlib",
+    "pickle",
+    "pickletools",
+    "pkgutil",
+    "platform",
+    "plistlib",
+    "poplib",
+    "posixpath",
+    "pprint",
+    "queue",
+    "quopri",
+    "random",
+    "reprlib",
+    "sched",
+    "secrets",
+    "selectors",
+    "shelve",
+    "shlex",
+    "shutil",
+    "smtplib",
+    "socket",
+    "socketserver",
+    "statistics",
+    "string",
+    "subprocess",
+    "sysconfig",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "typing",
+    "unittest.case",
+    "unittest.mock",
+    "urllib.parse",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "zipfile",
+    "zipimport",
 )
 
 _WORD = re.compile(r"[a-z]+|[0-9]+")
@@ -76,8 +176,10 @@ class StdlibSearchConfig:
 
     def __post_init__(self) -> None:
         if self.max_queries < 10 or self.group_size < 2 or self.min_words < 1:
-            raise ValueError("data.stdlib_search needs max_queries >= 10, group_size >= 2 and min_words >= 1, got "
-                             f"{self.max_queries}, {self.group_size}, {self.min_words}")
+            raise ValueError(
+                "data.stdlib_search needs max_queries >= 10, group_size >= 2 and min_words >= 1, got "
+                f"{self.max_queries}, {self.group_size}, {self.min_words}"
+            )
         if self.length_bias < 0 or self.reward_noise < 0:
             raise ValueError("data.stdlib_search.length_bias and reward_noise must be >= 0")
 
@@ -108,8 +210,7 @@ def _function(name: str, fn: object) -> Function | None:
         return None
     doc = _ADDRESS.sub("", inspect.cleandoc(doc))
     summary, _, rest = doc.partition("\n\n")
-    return Function(name=name, signature=_signature(fn), summary=" ".join(summary.split()), rest=rest.strip(),
-                    doc=doc)
+    return Function(name=name, signature=_signature(fn), summary=" ".join(summary.split()), rest=rest.strip(), doc=doc)
 
 
 def collect_functions(modules: tuple[str, ...] = MODULES) -> list[Function]:
@@ -127,8 +228,11 @@ def collect_functions(modules: tuple[str, ...] = MODULES) -> list[Function]:
             if inspect.isbuiltin(obj) or (inspect.isfunction(obj) and obj.__module__ == module.__name__):
                 items = [(f"{mod_name}.{attr}", obj)]
             elif inspect.isclass(obj) and obj.__module__ == module.__name__:
-                items = [(f"{mod_name}.{attr}.{m}", f) for m, f in sorted(vars(obj).items())
-                         if (inspect.isfunction(f) or inspect.ismethoddescriptor(f)) and not m.startswith("_")]
+                items = [
+                    (f"{mod_name}.{attr}.{m}", f)
+                    for m, f in sorted(vars(obj).items())
+                    if (inspect.isfunction(f) or inspect.ismethoddescriptor(f)) and not m.startswith("_")
+                ]
             else:
                 continue
             for name, fn in items:
@@ -186,10 +290,15 @@ def build_table(cfg: StdlibSearchConfig | None = None, functions: list[Function]
     functions = collect_functions() if functions is None else functions
     texts = [candidate_text(f) for f in functions]
     counts = Counter(f.summary.lower() for f in functions)
-    queries = [i for i, f in enumerate(functions)
-               if len(words(f.summary)) >= cfg.min_words and counts[f.summary.lower()] == 1
-               and len(f.summary.split()) <= 40 and not _SIGNATURE_LINE.match(f.summary)
-               and f.summary not in texts[i]]
+    queries = [
+        i
+        for i, f in enumerate(functions)
+        if len(words(f.summary)) >= cfg.min_words
+        and counts[f.summary.lower()] == 1
+        and len(f.summary.split()) <= 40
+        and not _SIGNATURE_LINE.match(f.summary)
+        and f.summary not in texts[i]
+    ]
     rng = np.random.default_rng(cfg.seed)
     if len(queries) > cfg.max_queries:
         queries = sorted(rng.choice(queries, size=cfg.max_queries, replace=False).tolist())
@@ -205,14 +314,16 @@ def build_table(cfg: StdlibSearchConfig | None = None, functions: list[Function]
         group = [qi] + same_text[: cfg.group_size - 1]
         group = [group[k] for k in rng.permutation(len(group))]
         for j in group:
-            rows.append({
-                "query_id": functions[qi].name,
-                "candidate_id": functions[j].name,
-                "query_text": query,
-                "candidate_text": texts[j],
-                "reward": reward_model(query, functions[j], cfg, rng),
-                "is_label": j == qi,
-            })
+            rows.append(
+                {
+                    "query_id": functions[qi].name,
+                    "candidate_id": functions[j].name,
+                    "query_text": query,
+                    "candidate_text": texts[j],
+                    "reward": reward_model(query, functions[j], cfg, rng),
+                    "is_label": j == qi,
+                }
+            )
     return pd.DataFrame(rows)
 
 

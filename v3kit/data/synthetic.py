@@ -58,12 +58,18 @@ class SyntheticConfig:
         if not 0 <= self.random_frac <= 1:
             raise ValueError(f"data.synthetic.random_frac must be in [0, 1], got {self.random_frac}")
         if self.feature_dim < 1 or self.latent_dim < 1:
-            raise ValueError(f"data.synthetic.feature_dim and data.synthetic.latent_dim must be >= 1, got "
-                             f"{self.feature_dim} and {self.latent_dim}")
+            raise ValueError(
+                f"data.synthetic.feature_dim and data.synthetic.latent_dim must be >= 1, got "
+                f"{self.feature_dim} and {self.latent_dim}"
+            )
         # Generous per-field bounds that catch typos; a world that is in bounds but too big for this machine is
         # refused by make_world's memory check before anything is allocated.
-        for name, bound in (("n_queries", 100_000_000), ("group_size", 100_000), ("feature_dim", 1_000_000),
-                            ("latent_dim", 1_000_000)):
+        for name, bound in (
+            ("n_queries", 100_000_000),
+            ("group_size", 100_000),
+            ("feature_dim", 1_000_000),
+            ("latent_dim", 1_000_000),
+        ):
             check_max(f"data.synthetic.{name}", getattr(self, name), bound, "is the value a typo?")
 
 
@@ -77,9 +83,12 @@ def world_bytes(cfg: SyntheticConfig) -> int:
 def make_world(cfg: SyntheticConfig | None = None) -> GroupData:
     """Generate the synthetic dataset (with ``utility``) deterministically from ``cfg.seed``."""
     cfg = cfg or SyntheticConfig()
-    require_memory(world_bytes(cfg), f"data.synthetic (n_queries {cfg.n_queries:_} x group_size {cfg.group_size:_} "
-                   f"x feature_dim {cfg.feature_dim:_}, latent_dim {cfg.latent_dim:_})",
-                   "lower data.synthetic.n_queries, group_size or feature_dim")
+    require_memory(
+        world_bytes(cfg),
+        f"data.synthetic (n_queries {cfg.n_queries:_} x group_size {cfg.group_size:_} "
+        f"x feature_dim {cfg.feature_dim:_}, latent_dim {cfg.latent_dim:_})",
+        "lower data.synthetic.n_queries, group_size or feature_dim",
+    )
     g = torch.Generator().manual_seed(cfg.seed)
     n, G, k, d = cfg.n_queries, cfg.group_size, cfg.latent_dim, cfg.feature_dim
 

@@ -17,8 +17,15 @@ import pyarrow.parquet as pq
 import torch
 
 from . import ingest
-from .contract import (FEATURE_COLUMNS, DataValidationError, Embedder, GroupData, check_feature_dtype, from_long_frame,
-                       to_feature_dtype)
+from .contract import (
+    FEATURE_COLUMNS,
+    DataValidationError,
+    Embedder,
+    GroupData,
+    check_feature_dtype,
+    from_long_frame,
+    to_feature_dtype,
+)
 
 # Suffixes of the long-form table formats (lower case); data.path is checked against them.
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -53,6 +60,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     elif suffix in JSONL_SUFFIXES:
         reader, kind = (lambda p: pd.read_json(p, lines=True)), "JSON lines (one object per line)"
     elif suffix in ARROW_SUFFIXES:
+
         def reader(p: Path) -> pd.DataFrame:
             return read_arrow_ipc(pa.memory_map(str(p))).to_pandas()
 
@@ -62,12 +70,20 @@ def read_table(path: str | Path) -> pd.DataFrame:
     try:
         return reader(path)
     except Exception as e:  # pyarrow / pandas raise many types for truncated or foreign files
-        raise DataValidationError(f"data file {path} could not be read as {kind} ({type(e).__name__}: "
-                                  f"{str(e)[:200]}); check the file is complete and in that format") from None
+        raise DataValidationError(
+            f"data file {path} could not be read as {kind} ({type(e).__name__}: "
+            f"{str(e)[:200]}); check the file is complete and in that format"
+        ) from None
 
 
-def load_groups(path: str | Path, *, embed: Embedder | None = None, text_mode: str = "frozen", cache: bool = False,
-                feature_dtype: str = "float32") -> GroupData:
+def load_groups(
+    path: str | Path,
+    *,
+    embed: Embedder | None = None,
+    text_mode: str = "frozen",
+    cache: bool = False,
+    feature_dtype: str = "float32",
+) -> GroupData:
     """Load and validate a long-form Parquet, Arrow IPC / Feather v2 or JSONL file into :class:`GroupData`.
 
     A Parquet or Arrow IPC file with both feature columns is streamed column by column into float32 arrays

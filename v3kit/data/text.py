@@ -52,8 +52,9 @@ def encoder_path(name: str) -> str:
     try:
         module = __import__(package)
     except ImportError:
-        raise ImportError(f"text encoder {name!r} needs the package {package.replace('_', '-')}; {INSTALL_HINT}") \
-            from None
+        raise ImportError(
+            f"text encoder {name!r} needs the package {package.replace('_', '-')}; {INSTALL_HINT}"
+        ) from None
     return str(module.get_model_path())
 
 
@@ -70,9 +71,10 @@ def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu", max_
             model.max_seq_length = max_tokens
         return model
     except Exception as e:  # missing files, no network for a hub id, ...
-        raise ValueError(f"data.text_encoder {name!r} could not be loaded from {path} ({type(e).__name__}: "
-                         f"{str(e)[:200]}); use {DEFAULT_ENCODER!r} or a local sentence-transformers directory") \
-            from None
+        raise ValueError(
+            f"data.text_encoder {name!r} could not be loaded from {path} ({type(e).__name__}: "
+            f"{str(e)[:200]}); use {DEFAULT_ENCODER!r} or a local sentence-transformers directory"
+        ) from None
 
 
 def sentence_encoder(name: str = DEFAULT_ENCODER, batch_size: int = 64, max_tokens: int | None = None) -> Encode:
@@ -143,8 +145,10 @@ class EmbeddingCache:
         hash_arr, vectors = np.asarray(hashes), np.asarray(vectors, dtype=np.float32)
         path = self.dir / f"shard-{text_hash(''.join(hashes))[:16]}.npz"
         try:
-            atomic_write(path, lambda f: np.savez(f, hashes=hash_arr, vectors=vectors,
-                                                  checksum=shard_checksum(hash_arr, vectors)))
+            atomic_write(
+                path,
+                lambda f: np.savez(f, hashes=hash_arr, vectors=vectors, checksum=shard_checksum(hash_arr, vectors)),
+            )
             self._loaded.add(path)
         except OSError as e:
             _note(f"cannot write the embedding cache shard {path} ({e}); these vectors are not cached")
@@ -165,8 +169,10 @@ def shard_problem(hashes: np.ndarray, vectors: np.ndarray, checksum: np.ndarray)
     if hashes.ndim != 1 or hashes.dtype.kind != "U":
         return f"of the wrong shape or dtype (hashes {hashes.shape} {hashes.dtype})"
     if vectors.ndim != 2 or vectors.shape[0] != len(hashes) or vectors.dtype != np.float32:
-        return (f"of the wrong shape or dtype (vectors {vectors.shape} {vectors.dtype} for {len(hashes)} texts; "
-                "float32 [texts, dim] expected)")
+        return (
+            f"of the wrong shape or dtype (vectors {vectors.shape} {vectors.dtype} for {len(hashes)} texts; "
+            "float32 [texts, dim] expected)"
+        )
     if checksum.shape != () or int(checksum) != int(shard_checksum(hashes, vectors)):
         return "damaged or edited (checksum mismatch)"
     return None
@@ -200,14 +206,22 @@ def embed_texts(
     todo = sorted({h: t for h, t in zip(hashes, texts) if h not in found}.items())
     if todo:
         encode = encode or sentence_encoder(encoder_name, max_tokens=max_tokens)
-        bar = tqdm(total=len(todo), desc=f"embedding with {encoder_name}", unit="text", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(todo),
+            desc=f"embedding with {encoder_name}",
+            unit="text",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             vecs = np.asarray(encode([t for _, t in chunk]), dtype=np.float32)
             if vecs.ndim != 2 or vecs.shape[0] != len(chunk):
-                raise ValueError(f"text encoder {encoder_name!r} returned shape {vecs.shape} for {len(chunk)} texts; "
-                                 "it must return one vector per text")
+                raise ValueError(
+                    f"text encoder {encoder_name!r} returned shape {vecs.shape} for {len(chunk)} texts; "
+                    "it must return one vector per text"
+                )
             cache.add([h for h, _ in chunk], vecs)
             bar.update(len(chunk))
         bar.close()

@@ -39,5 +39,19 @@ below it: the data, the training stages, the run config and pipeline, and the ab
 from .context import DoctorContext, Finding, Thresholds, check, check_names, load_run, switch_tokens
 from .report import cmd_doctor, diagnose, evidence, evidence_order, format_report, register_cli, report_frame
 
-__all__ = ["DoctorContext", "Finding", "Thresholds", "check", "check_names", "cmd_doctor", "diagnose", "evidence",
-           "evidence_order", "format_report", "load_run", "register_cli", "report_frame", "switch_tokens"]
+__all__ = [
+    "DoctorContext",
+    "Finding",
+    "Thresholds",
+    "check",
+    "check_names",
+    "cmd_doctor",
+    "diagnose",
+    "evidence",
+    "evidence_order",
+    "format_report",
+    "load_run",
+    "register_cli",
+    "report_frame",
+    "switch_tokens",
+]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
+
 @dataclass
 class Finding:
     check: str
@@ -98,11 +99,13 @@ _REGISTRY: dict[str, _Check] = {}
 
 def check(name: str) -> Callable[[_Check], _Check]:
     """Register a doctor check under ``name``; :func:`diagnose` runs them in registration order."""
+
     def register(fn: _Check) -> _Check:
         if name in _REGISTRY:
             raise ValueError(f"doctor check {name!r} is registered twice")
         _REGISTRY[name] = fn
         return fn
+
     return register
 
 
@@ -133,12 +136,15 @@ class DoctorContext:
             if self.run_dir is not None:
                 from ..pipeline import recorded_sft_checkpoint
                 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+
                 path = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
                 if Path(path).is_file():
                     try:
                         ckpt = load_checkpoint(path)
-                        self._cache["sft"] = (model_from_checkpoint(ckpt, path),
-                                              float(ckpt["model_config"]["sim_temperature"]))
+                        self._cache["sft"] = (
+                            model_from_checkpoint(ckpt, path),
+                            float(ckpt["model_config"]["sim_temperature"]),
+                        )
                     except Exception:  # noqa: BLE001 - an unreadable checkpoint costs those numbers only
                         self._cache["sft"] = None
         return self.sft if self.sft is not None else self._cache["sft"]
@@ -150,6 +156,7 @@ class DoctorContext:
             if self.run_dir is not None and self.config:
                 from ..config import RunConfig, from_dict
                 from ..pipeline import prepare_data, recorded_split_seed
+
                 try:
                     cfg = from_dict(RunConfig, self.config)
                     split_seed = recorded_split_seed(self.run_dir)  # ablation runs use the shared SFT's split
@@ -168,6 +175,7 @@ class DoctorContext:
 
 
 # ---------------------------------------------------------------- input
+
 
 def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """``metrics.csv`` and ``config.yaml`` (``{}`` if absent or unreadable) of a run dir."""
@@ -193,7 +201,9 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         raise ValueError(f"{path} is empty: the run wrote no metrics yet (did it start?)") from None
     missing = [c for c in ("stage", "split", "epoch", "step") if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path} lacks the column(s) {missing}: it is not a v3kit metrics.csv (written by `v3kit run`)")
+        raise ValueError(
+            f"{path} lacks the column(s) {missing}: it is not a v3kit metrics.csv (written by `v3kit run`)"
+        )
     return frame, config
 
 

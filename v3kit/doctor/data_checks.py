@@ -9,7 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-from .context import (DoctorContext, Finding, Thresholds, _col, _g, _get, _rows, _skip, _val_series, check)
+from .context import DoctorContext, Finding, Thresholds, _col, _g, _get, _rows, _skip, _val_series, check
+
 
 def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series] | None:
     """Per logged RCE step: the loss floor H(targets) at that step's temperatures, and the gap the SFT policy has
@@ -23,7 +24,6 @@ def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Ser
         return None
     from ..train.losses import rce_targets
     from ..train.model import compute_log_probs
-
     from ..train.rce import rce_config_from
 
     rce = rce_config_from(_get(ctx.config, "rce"))
@@ -42,8 +42,9 @@ def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Ser
             if logit_t not in logp_cache:
                 logp_cache[logit_t] = compute_log_probs(model, train, logit_t)
             logp = logp_cache[logit_t]
-            tg = rce_targets(train.labels, train.rewards, reward_t, mask=train.mask, label_weight=label_weight,
-                             reward_norm=norm)
+            tg = rce_targets(
+                train.labels, train.rewards, reward_t, mask=train.mask, label_weight=label_weight, reward_norm=norm
+            )
             keep = train.mask & (tg > 0)
             h = float(-(tg * tg.clamp_min(1e-30).log()).masked_fill(~keep, 0.0).sum(1).mean())
             ce = float(-(tg * logp).masked_fill(~keep, 0.0).sum(1).mean())
@@ -62,8 +63,11 @@ def _two_windows(values: pd.Series, epochs: pd.Series) -> tuple[float, float, st
     half = len(values) // 2
     if half < 1:
         return None
-    return (float(values.iloc[:half].mean()), float(values.iloc[half:].mean()),
-            "first -> second half of the only RCE epoch")
+    return (
+        float(values.iloc[:half].mean()),
+        float(values.iloc[half:].mean()),
+        "first -> second half of the only RCE epoch",
+    )
 
 
 @check("rce_converged")
@@ -114,11 +118,13 @@ def check_rce_converged(ctx: DoctorContext) -> Finding:
         closed_last = closed_total - closed_prev
         norm = _get(ctx.config, "rce.reward_norm") or "none"
         unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
-        msg = (f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
-               f"same temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and "
-               f"{closed_total:.1%} by the "
-               f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
-               f"{th.rce_still_closing:.0%}; SFT's gap in the last window {_g(float(gap_sft[last_sel].mean()))} nats)")
+        msg = (
+            f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
+            f"same temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and "
+            f"{closed_total:.1%} by the "
+            f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
+            f"{th.rce_still_closing:.0%}; SFT's gap in the last window {_g(float(gap_sft[last_sel].mean()))} nats)"
+        )
     else:
         windows = _two_windows(rce["loss"], rce["epoch"])
         if windows is None:
@@ -130,8 +136,10 @@ def check_rce_converged(ctx: DoctorContext) -> Finding:
         msg = f"logged RCE loss, {where}: {_g(prev)} -> {_g(last)}, a {fall:.1%} fall"
         temps = _col(rce, "temperature")
         if len(temps) and not math.isclose(float(temps.iloc[0]), float(temps.iloc[-1]), rel_tol=1e-3):
-            msg += (" (the annealed temperature sharpens the targets, which lowers the loss without any learning, so "
-                    "this overstates it; on a run dir the doctor measures the loss above its floor H(targets))")
+            msg += (
+                " (the annealed temperature sharpens the targets, which lowers the loss without any learning, so "
+                "this overstates it; on a run dir the doctor measures the loss above its floor H(targets))"
+            )
     if moved is not None:
         msg += f"; RCE moved the policy {_g(moved)} nats (KL to SFT, val)"
     if moved is not None and moved < th.rce_min_kl and (closed_total is None or closed_total < th.rce_min_closed):
@@ -139,19 +147,39 @@ def check_rce_converged(ctx: DoctorContext) -> Finding:
         more = ""
         if closed_total is not None and closed_total > 0:
             more = f" (at this pace closing half the gap would take ~{0.5 * n / closed_total:.0f} epochs)"
-        return Finding(name, True, moved, th.rce_min_kl,
-                       msg + f" -> lr too small to move the policy: RCE left it about where SFT put it{more}; a larger "
-                       f"lr is the test, not more epochs", fix, [fix] if lr is not None else [])
+        return Finding(
+            name,
+            True,
+            moved,
+            th.rce_min_kl,
+            msg + f" -> lr too small to move the policy: RCE left it about where SFT put it{more}; a larger "
+            f"lr is the test, not more epochs",
+            fix,
+            [fix] if lr is not None else [],
+        )
     more_epochs = f"rce.epochs={max(5, 2 * n)}"
     if closed_last is not None:
         if closed_last >= th.rce_still_closing:
-            return Finding(name, True, closed_last, th.rce_still_closing,
-                           msg + " -> RCE was still closing its gap to the floor when GRPO started",
-                           more_epochs + " (more RCE)", [more_epochs])
+            return Finding(
+                name,
+                True,
+                closed_last,
+                th.rce_still_closing,
+                msg + " -> RCE was still closing its gap to the floor when GRPO started",
+                more_epochs + " (more RCE)",
+                [more_epochs],
+            )
         return Finding(name, False, closed_last, th.rce_still_closing, msg, "")
     if fall > th.rce_still_falling:
-        return Finding(name, True, fall, th.rce_still_falling, msg + " -> RCE had not converged before GRPO",
-                       more_epochs + " (more RCE)", [more_epochs])
+        return Finding(
+            name,
+            True,
+            fall,
+            th.rce_still_falling,
+            msg + " -> RCE had not converged before GRPO",
+            more_epochs + " (more RCE)",
+            [more_epochs],
+        )
     return Finding(name, False, fall, th.rce_still_falling, msg, "")
 
 
@@ -177,8 +205,9 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
     logps = []
     for p in (path, sft):
         ckpt = load_checkpoint(p)
-        logps.append(compute_log_probs(model_from_checkpoint(ckpt, p), data,
-                                       float(ckpt["model_config"]["sim_temperature"])))
+        logps.append(
+            compute_log_probs(model_from_checkpoint(ckpt, p), data, float(ckpt["model_config"]["sim_temperature"]))
+        )
     return logps[0] - logps[1], f"{stage} epoch {epoch}"
 
 
@@ -195,24 +224,45 @@ def check_reward_shortcut(ctx: DoctorContext) -> Finding:
     train = splits.train
     change = _logit_change(ctx, train)
     a = reward_shortcut(train, None if change is None else change[0])
-    msg = (f"candidate features alone (cross-fitted ridge, {a.k_folds} folds of queries) explain "
-           f"{a.explained_share:.1%} of the within-group reward variance on the training split; ranking by that query-independent part "
-           f"alone gives acc@1 {a.acc_shortcut:.3f} (the reward's own argmax: {a.acc_reward:.3f})")
+    msg = (
+        f"candidate features alone (cross-fitted ridge, {a.k_folds} folds of queries) explain "
+        f"{a.explained_share:.1%} of the within-group reward variance on the training split; ranking by that query-independent part "
+        f"alone gives acc@1 {a.acc_shortcut:.3f} (the reward's own argmax: {a.acc_reward:.3f})"
+    )
     if change is not None:
-        msg += (f"; the policy's change of logits from SFT ({change[1]}) correlates {a.corr_change_shortcut:+.2f} with "
-                f"the query-independent part, {a.corr_change_rest:+.2f} with the query-dependent rest and "
-                f"{a.corr_change_label:+.2f} with the label")
+        msg += (
+            f"; the policy's change of logits from SFT ({change[1]}) correlates {a.corr_change_shortcut:+.2f} with "
+            f"the query-independent part, {a.corr_change_rest:+.2f} with the query-dependent rest and "
+            f"{a.corr_change_label:+.2f} with the label"
+        )
     if not a.explained_share >= th.shortcut_share:
         return Finding(name, False, a.explained_share, th.shortcut_share, msg, "")
-    followed = (change is not None and a.corr_change_shortcut is not None and a.corr_change_label is not None
-                and a.corr_change_shortcut > a.corr_change_label)
+    followed = (
+        change is not None
+        and a.corr_change_shortcut is not None
+        and a.corr_change_label is not None
+        and a.corr_change_shortcut > a.corr_change_label
+    )
     debias_msg, debias_switches = _debias_options(splits, ctx.th)
     switches = [*debias_switches, "rce.label_weight=0.5"]
-    return Finding(name, True, a.explained_share, th.shortcut_share,
-                   msg + " -> the reward pays for something in the candidate whatever the query" +
-                   (", and the policy learnt that more than the label" if followed else "") + "; " + debias_msg,
-                   " or ".join([*(f"{d} (de-bias the training rewards)" for d in debias_switches),
-                                "rce.label_weight=0.5 (anchor the RCE targets to the labels)"]), switches)
+    return Finding(
+        name,
+        True,
+        a.explained_share,
+        th.shortcut_share,
+        msg
+        + " -> the reward pays for something in the candidate whatever the query"
+        + (", and the policy learnt that more than the label" if followed else "")
+        + "; "
+        + debias_msg,
+        " or ".join(
+            [
+                *(f"{d} (de-bias the training rewards)" for d in debias_switches),
+                "rce.label_weight=0.5 (anchor the RCE targets to the labels)",
+            ]
+        ),
+        switches,
+    )
 
 
 def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
@@ -229,23 +279,27 @@ def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
             parts.append(f"{method}: unavailable ({str(e).split(':')[0].replace('reward.debias=', '')})")
             continue
         ok = rep.agreement_after >= rep.agreement_before - th.debias_agreement_drop
-        parts.append(f"{method} removes {rep.removed_share:.0%} of the reward variance, val label agreement "
-                     f"{rep.agreement_before:.3f} -> {rep.agreement_after:.3f}"
-                     + ("" if ok else " (lowers it: its estimate carries label signal, do not use it)"))
+        parts.append(
+            f"{method} removes {rep.removed_share:.0%} of the reward variance, val label agreement "
+            f"{rep.agreement_before:.3f} -> {rep.agreement_after:.3f}"
+            + ("" if ok else " (lowers it: its estimate carries label signal, do not use it)")
+        )
         if ok:
             keep.append((rep.agreement_after, f"reward.debias={method}"))
     keep.sort(key=lambda t: -t[0])
     return "de-biasing: " + "; ".join(parts), [k for _, k in keep]
 
 
-def target_concentration(data: Any, temperature: float, *, label_weight: float = 0.0, reward_norm: str = "none",
-                         one_hot_weight: float = 0.95) -> tuple[float, float]:
+def target_concentration(
+    data: Any, temperature: float, *, label_weight: float = 0.0, reward_norm: str = "none", one_hot_weight: float = 0.95
+) -> tuple[float, float]:
     """(mean top-1 weight of RCE's targets, share of groups whose top-1 weight >= ``one_hot_weight``) at a reward
     temperature on ``data``."""
     from ..train.losses import rce_targets
 
-    t = rce_targets(data.labels, data.rewards, temperature, mask=data.mask, label_weight=label_weight,
-                    reward_norm=reward_norm)
+    t = rce_targets(
+        data.labels, data.rewards, temperature, mask=data.mask, label_weight=label_weight, reward_norm=reward_norm
+    )
     top = t.masked_fill(~data.mask, 0.0).amax(dim=1)
     return float(top.mean()), float((top >= one_hot_weight).float().mean())
 
@@ -265,26 +319,42 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
     rce = rce_config_from(_get(ctx.config, "rce"))
     train = splits.train
     temps = tuple(rce.temperatures(t, 1.0)[0] for t in (rce.t_start, rce.t_end))  # the targets' T
-    (top_s, hot_s), (top_e, hot_e) = (target_concentration(train, t, label_weight=rce.label_weight,
-                                                            reward_norm=rce.reward_norm,
-                                                            one_hot_weight=th.one_hot_weight) for t in temps)
+    (top_s, hot_s), (top_e, hot_e) = (
+        target_concentration(
+            train, t, label_weight=rce.label_weight, reward_norm=rce.reward_norm, one_hot_weight=th.one_hot_weight
+        )
+        for t in temps
+    )
     n = train.mask.sum(1).float()
     spread = float(reward_spread(train).median())
-    unit = ("raw reward units" if rce.reward_norm == "none" else
-            "units of the group's reward std" if rce.reward_norm == "zscore" else "within-group rank in [0, 1]")
-    msg = (f"RCE targets (reward_norm={rce.reward_norm}; T in {unit}; median within-group reward std "
-           f"{_g(spread)}): mean top-1 weight {top_s:.2f} at T={_g(temps[0])} and {top_e:.2f} at T={_g(temps[1])} "
-           f"(uniform: {float((1 / n).mean()):.2f}); effectively one-hot (top-1 >= {th.one_hot_weight:.0%}) in "
-           f"{hot_s:.0%} and {hot_e:.0%} of groups")
+    unit = (
+        "raw reward units"
+        if rce.reward_norm == "none"
+        else "units of the group's reward std"
+        if rce.reward_norm == "zscore"
+        else "within-group rank in [0, 1]"
+    )
+    msg = (
+        f"RCE targets (reward_norm={rce.reward_norm}; T in {unit}; median within-group reward std "
+        f"{_g(spread)}): mean top-1 weight {top_s:.2f} at T={_g(temps[0])} and {top_e:.2f} at T={_g(temps[1])} "
+        f"(uniform: {float((1 / n).mean()):.2f}); effectively one-hot (top-1 >= {th.one_hot_weight:.0%}) in "
+        f"{hot_s:.0%} and {hot_e:.0%} of groups"
+    )
     if _get(ctx.config, "rce.epochs") == 0:
         return Finding(name, False, hot_e, th.one_hot_share, msg + " (RCE was off in this run)", "")
     if hot_e < th.one_hot_share:
         return Finding(name, False, hot_e, th.one_hot_share, msg, "")
     fix = "rce.reward_norm=zscore" if rce.reward_norm == "none" else f"rce.t_end={_g(2 * rce.t_end)}"
-    return Finding(name, True, hot_e, th.one_hot_share,
-                   msg + " -> at t_end RCE mostly imitates the reward's argmax: the schedule is set by the reward's "
-                   "scale, not by the softness you chose", f"{fix} (softer targets at the same temperature schedule)",
-                   [fix])
+    return Finding(
+        name,
+        True,
+        hot_e,
+        th.one_hot_share,
+        msg + " -> at t_end RCE mostly imitates the reward's argmax: the schedule is set by the reward's "
+        "scale, not by the softness you chose",
+        f"{fix} (softer targets at the same temperature schedule)",
+        [fix],
+    )
 
 
 @check("baselines")
@@ -305,30 +375,53 @@ def check_baselines(ctx: DoctorContext) -> Finding:
     metrics = [m for m in ("acc@1", "mrr") if m in table.columns]
     parts = [f"{b}: " + ", ".join(f"{m} {table.loc[b, m]:.3f}" for m in metrics) for b in table.index]
     oracle = table.loc["reward_oracle", "acc@1"]
-    msg = (f"val split, {'; '.join(parts)} (the reward's argmax is the label in {oracle:.0%} of groups: reward-label "
-           f"disagreement {1 - oracle:.0%})")
+    msg = (
+        f"val split, {'; '.join(parts)} (the reward's argmax is the label in {oracle:.0%} of groups: reward-label "
+        f"disagreement {1 - oracle:.0%})"
+    )
     if sft_rows.empty or "acc@1" not in sft_rows.columns:
         return Finding(name, False, None, None, msg + "; no SFT row in metrics.csv to compare", "")
     sft = sft_rows.iloc[0]
-    msg = f"SFT acc@1 {float(sft['acc@1']):.3f}" + (f", mrr {float(sft['mrr']):.3f}" if "mrr" in sft.index else "") + \
-        f"; {msg}"
+    msg = (
+        f"SFT acc@1 {float(sft['acc@1']):.3f}"
+        + (f", mrr {float(sft['mrr']):.3f}" if "mrr" in sft.index else "")
+        + f"; {msg}"
+    )
     if "raw_cosine" not in table.index:
-        return Finding(name, False, float(sft["acc@1"]), float(table.loc["random", "acc@1"]),
-                       msg + " (no raw cosine: query and candidate features differ in dim)", "")
+        return Finding(
+            name,
+            False,
+            float(sft["acc@1"]),
+            float(table.loc["random", "acc@1"]),
+            msg + " (no raw cosine: query and candidate features differ in dim)",
+            "",
+        )
     cos = float(table.loc["raw_cosine", "acc@1"])
     value = float(sft["acc@1"])
     if value >= cos:
         return Finding(name, False, value, cos, msg, "")
     from ..train.model import DEFAULT_TARGET
+
     target = _get(ctx.config, "model.target")
     if target in (None, DEFAULT_TARGET):
         switch = "model.residual=true model.sim_temperature=0.1"
-        fix = (f"{switch} (towers that start as the raw-feature cosine and learn a correction, so SFT cannot start "
-               "below it), then RCE/GRPO from that SFT")
+        fix = (
+            f"{switch} (towers that start as the raw-feature cosine and learn a correction, so SFT cannot start "
+            "below it), then RCE/GRPO from that SFT"
+        )
         switches = [switch]
     else:
-        fix = ("start your towers at the raw features and learn a residual correction (x + f(x), f's last layer "
-               "zero-initialised), or improve SFT (epochs, lr, size); RCE/GRPO start from it")
+        fix = (
+            "start your towers at the raw features and learn a residual correction (x + f(x), f's last layer "
+            "zero-initialised), or improve SFT (epochs, lr, size); RCE/GRPO start from it"
+        )
         switches = []
-    return Finding(name, True, value, cos, msg + " -> SFT ranks below the raw-feature cosine: the v2 model itself "
-                   "is the weakest link", fix, switches)
+    return Finding(
+        name,
+        True,
+        value,
+        cos,
+        msg + " -> SFT ranks below the raw-feature cosine: the v2 model itself is the weakest link",
+        fix,
+        switches,
+    )

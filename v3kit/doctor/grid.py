@@ -14,10 +14,9 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..rundir import atomic_write_text
-
 from ..config import RunConfig, load_config, to_dict
 from ..provenance import RUNNER_KEYS, flatten
+from ..rundir import atomic_write_text
 
 GRID_FILE = "doctor_grid.yaml"
 
@@ -45,12 +44,17 @@ def _yaml_value(value: Any) -> str:
 def run_overrides(cfg: RunConfig) -> list[str]:
     """``key=value`` for every setting of ``cfg`` that differs from the defaults (runner keys left out)."""
     ours, default = flatten(to_dict(cfg)), flatten(to_dict(RunConfig()))
-    return [f"{k}={_yaml_value(v)}" for k, v in ours.items()
-            if k not in RUNNER_KEYS and default.get(k, object()) != v]
+    return [f"{k}={_yaml_value(v)}" for k, v in ours.items() if k not in RUNNER_KEYS and default.get(k, object()) != v]
 
 
-def doctor_grid(cfg: RunConfig, findings: Iterable[Any], *, name: str = "doctor", n_seeds: int = 3,
-                sft_checkpoint: str | Path | None = None) -> dict[str, Any]:
+def doctor_grid(
+    cfg: RunConfig,
+    findings: Iterable[Any],
+    *,
+    name: str = "doctor",
+    n_seeds: int = 3,
+    sft_checkpoint: str | Path | None = None,
+) -> dict[str, Any]:
     """The grid (as a YAML-ready mapping) testing each flagged finding's switches against ``cfg``; with
     ``sft_checkpoint`` every variant starts from that SFT model (the run's own), so ``run`` repeats the run."""
     variants: dict[str, list[str]] = {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "run": []}
@@ -90,12 +94,20 @@ def write_doctor_grid(run_dir: str | Path, findings: Iterable[Any], *, n_seeds: 
         raise FileNotFoundError(f"{cfg_path} not found: `doctor --grid` needs the run's config.yaml")
     cfg = load_config(cfg_path)
     from ..pipeline import recorded_sft_checkpoint
+
     sft = recorded_sft_checkpoint(run_dir) or run_dir / "sft.pt"  # the run's own SFT (an imported v2 model too)
-    grid = doctor_grid(cfg, findings, name=f"doctor_{run_dir.name}", n_seeds=n_seeds,
-                       sft_checkpoint=sft if Path(sft).is_file() else None)
+    grid = doctor_grid(
+        cfg,
+        findings,
+        name=f"doctor_{run_dir.name}",
+        n_seeds=n_seeds,
+        sft_checkpoint=sft if Path(sft).is_file() else None,
+    )
     parse_grid(grid, name=grid["name"])  # fail here, naming the key, rather than in `v3kit ablate`
     path = run_dir / GRID_FILE
-    header = (f"# Written by `v3kit doctor {run_dir} --grid`: tests the doctor's suggestions against this run.\n"
-              f"#   v3kit ablate --grid {path}\n")
+    header = (
+        f"# Written by `v3kit doctor {run_dir} --grid`: tests the doctor's suggestions against this run.\n"
+        f"#   v3kit ablate --grid {path}\n"
+    )
     atomic_write_text(path, header + yaml.safe_dump(grid, sort_keys=False, width=120))
     return path

@@ -8,9 +8,10 @@ from typing import Any
 
 import pandas as pd
 
-from .context import (DoctorContext, Finding, _col, _epoch_means, _g, _get, _rows, _skip, _val_series, check)
+from .context import DoctorContext, Finding, _col, _epoch_means, _g, _get, _rows, _skip, _val_series, check
 
 # ---------------------------------------------------------------- checks
+
 
 def _temperature_mismatch(config: dict[str, Any], grpo_train: pd.DataFrame) -> str | None:
     """Why GRPO's logit temperature differs from the one the stage-1 old log-probs used, if it does."""
@@ -24,8 +25,10 @@ def _temperature_mismatch(config: dict[str, Any], grpo_train: pd.DataFrame) -> s
         grpo_t = float(lt) if isinstance(lt, (int, float)) else None
     if grpo_t is None or math.isclose(grpo_t, float(sim_t), rel_tol=1e-6):
         return None
-    return (f"GRPO's log-probs use logit temperature {_g(grpo_t)} but the old log-probs were computed at "
-            f"model.sim_temperature={_g(float(sim_t))}")
+    return (
+        f"GRPO's log-probs use logit temperature {_g(grpo_t)} but the old log-probs were computed at "
+        f"model.sim_temperature={_g(float(sim_t))}"
+    )
 
 
 def refresh_switch(config: dict[str, Any], old_policy: str) -> str:
@@ -60,23 +63,31 @@ def check_step0_ratio(ctx: DoctorContext) -> Finding:
         std = float(r.get("step0_ratio_std", float("nan")))
         value, threshold = outside, th.step0_outside_clip
         triggered = outside > th.step0_outside_clip or abs(mean - 1) > th.step0_mean_tol
-        msg = (f"ratio at GRPO step 0 over the training set: mean {_g(mean)}, std {_g(std)}, range "
-               f"[{_g(float(r['step0_ratio_min']))}, {_g(float(r['step0_ratio_max']))}]; {outside:.1%} of entries "
-               f"start outside the clip range {clip_txt} (limits: {th.step0_outside_clip:.0%}, "
-               f"|mean-1| <= {th.step0_mean_tol})")
+        msg = (
+            f"ratio at GRPO step 0 over the training set: mean {_g(mean)}, std {_g(std)}, range "
+            f"[{_g(float(r['step0_ratio_min']))}, {_g(float(r['step0_ratio_max']))}]; {outside:.1%} of entries "
+            f"start outside the clip range {clip_txt} (limits: {th.step0_outside_clip:.0%}, "
+            f"|mean-1| <= {th.step0_mean_tol})"
+        )
     elif len(_col(train, "ratio_min")) and len(_col(train, "ratio_max")):
         r = train.dropna(subset=["ratio_min", "ratio_max"]).iloc[0]
         lo, hi = float(r["ratio_min"]), float(r["ratio_max"])
         mean = float(r["ratio_mean"]) if "ratio_mean" in r and pd.notna(r["ratio_mean"]) else float("nan")
         value, threshold = max(hi - 1, 1 - lo), min(eps_low, eps_high)
         triggered = value > threshold or abs(mean - 1) > th.step0_mean_tol
-        why = ("grpo.old_policy=refresh_each_epoch refreshes before the first step" if old_policy ==
-               "refresh_each_epoch" else "no step0_* columns")
-        msg = (f"ratio in the first GRPO batch ({why}): mean {_g(mean)}, range [{_g(lo)}, {_g(hi)}]; largest "
-               f"distance from 1 is {_g(value)} vs the clip range {clip_txt}")
+        why = (
+            "grpo.old_policy=refresh_each_epoch refreshes before the first step"
+            if old_policy == "refresh_each_epoch"
+            else "no step0_* columns"
+        )
+        msg = (
+            f"ratio in the first GRPO batch ({why}): mean {_g(mean)}, range [{_g(lo)}, {_g(hi)}]; largest "
+            f"distance from 1 is {_g(value)} vs the clip range {clip_txt}"
+        )
     else:
-        return _skip(name, "no GRPO step-0 ratio (no step0_* columns and no GRPO train rows with ratio_*)",
-                     th.step0_outside_clip)
+        return _skip(
+            name, "no GRPO step-0 ratio (no step0_* columns and no GRPO train rows with ratio_*)", th.step0_outside_clip
+        )
 
     if not triggered:
         return Finding(name, False, value, threshold, msg, "")
@@ -86,8 +97,10 @@ def check_step0_ratio(ctx: DoctorContext) -> Finding:
     if old_policy == "sft" and (rce_epochs is None or rce_epochs > 0):
         causes.append("stale old policy: old_log_probs come from SFT and RCE has moved the policy since")
         if _get(config, "grpo.kl_reference") in ("old", None):
-            causes.append("but that stale SFT old policy is also the run's trust region (clip and KL both measure "
-                          "against SFT), so refresh only with the KL anchored to SFT")
+            causes.append(
+                "but that stale SFT old policy is also the run's trust region (clip and KL both measure "
+                "against SFT), so refresh only with the KL anchored to SFT"
+            )
         fixes.append(refresh_switch(config, "refresh_at_start"))
     if mismatch:
         causes.append(mismatch)
@@ -96,13 +109,17 @@ def check_step0_ratio(ctx: DoctorContext) -> Finding:
         if not any(f.startswith("grpo.old_policy=refresh_at_start") for f in fixes):
             fixes.append(refresh_switch(config, "refresh_at_start"))
     if not causes:
-        causes.append("stale old policy or logit-temperature mismatch" + (" (no config to tell which)"
-                                                                          if not config else ""))
-        fixes += [refresh_switch(config, "refresh_at_start"),
-                  "check grpo.logp_temperature against model.sim_temperature"]
+        causes.append(
+            "stale old policy or logit-temperature mismatch" + (" (no config to tell which)" if not config else "")
+        )
+        fixes += [
+            refresh_switch(config, "refresh_at_start"),
+            "check grpo.logp_temperature against model.sim_temperature",
+        ]
     switches = [f for f in fixes if "=" in f and not f.startswith("check ")]
-    return Finding(name, True, value, threshold, f"{msg}. Likely cause: {'; '.join(causes)}", " or ".join(fixes),
-                   switches)
+    return Finding(
+        name, True, value, threshold, f"{msg}. Likely cause: {'; '.join(causes)}", " or ".join(fixes), switches
+    )
 
 
 def _window_mean(values: pd.Series, frac: float, last: bool) -> float:
@@ -121,8 +138,10 @@ def check_clip_ratio(ctx: DoctorContext) -> Finding:
     early, late = _window_mean(clip, th.clip_window, False), _window_mean(clip, th.clip_window, True)
     value = max(early, late)
     share = f"{th.clip_window:.0%}"
-    msg = (f"mean clip_ratio over the first {share} of GRPO steps {early:.3f}, over the last {share} {late:.3f} "
-           f"(overall {clip.mean():.3f}, {len(clip)} steps)")
+    msg = (
+        f"mean clip_ratio over the first {share} of GRPO steps {early:.3f}, over the last {share} {late:.3f} "
+        f"(overall {clip.mean():.3f}, {len(clip)} steps)"
+    )
     if value <= th.clip_ratio:
         return Finding(name, False, value, th.clip_ratio, msg, "")
     old_policy = _get(config, "grpo.old_policy")
@@ -136,13 +155,22 @@ def check_clip_ratio(ctx: DoctorContext) -> Finding:
             fixes.append(refresh_switch(config, "refresh_each_epoch"))
         else:
             msg += "; high at the end although the old policy is refreshed every epoch: each epoch moves too far"
-        fixes.append("a lower grpo.lr, or grpo.eps_high=0.28 (clip-higher), or grpo.loss_type=cispo (clipped "
-                     "entries keep a gradient)")
+        fixes.append(
+            "a lower grpo.lr, or grpo.eps_high=0.28 (clip-higher), or grpo.loss_type=cispo (clipped "
+            "entries keep a gradient)"
+        )
     switches = [f for f in fixes if not f.startswith("a lower")]  # a refresh switch is one variant, even with two keys
     if late > th.clip_ratio:
         switches += ["grpo.eps_high=0.28", "grpo.loss_type=cispo"]
-    return Finding(name, True, value, th.clip_ratio, msg + " -> updates throttled", " or ".join(dict.fromkeys(fixes)),
-                   list(dict.fromkeys(switches)))
+    return Finding(
+        name,
+        True,
+        value,
+        th.clip_ratio,
+        msg + " -> updates throttled",
+        " or ".join(dict.fromkeys(fixes)),
+        list(dict.fromkeys(switches)),
+    )
 
 
 @check("zero_std_groups")
@@ -153,8 +181,10 @@ def check_zero_std(ctx: DoctorContext) -> Finding:
     if frac.empty:
         return _skip(name, "no GRPO train rows with frac_reward_zero_std", th.zero_std_frac)
     value = float(frac.mean())
-    msg = (f"mean share of groups with no reward spread (advantage 0, no signal) {value:.1%} over {len(frac)} GRPO "
-           f"steps (max {float(frac.max()):.1%})")
+    msg = (
+        f"mean share of groups with no reward spread (advantage 0, no signal) {value:.1%} over {len(frac)} GRPO "
+        f"steps (max {float(frac.max()):.1%})"
+    )
     if value <= th.zero_std_frac:
         return Finding(name, False, value, th.zero_std_frac, msg, "")
     dropped = _get(config, "grpo.drop_zero_std_groups")
@@ -182,8 +212,10 @@ def check_kl_growth(ctx: DoctorContext) -> Finding:
     start, end, mid = float(series.iloc[0]), float(series.iloc[-1]), float(series.iloc[j])
     rise_frac = (end - mid) / end if end > 0 else 0.0
     change = f"rose by {_g(end - mid)}" if end >= mid else f"fell by {_g(mid - end)}"
-    msg = (f"{what}: {_g(start)} -> {_g(end)} nats over GRPO; since epoch {series.index[j]} it {change} "
-           f"({rise_frac:+.0%} of its final value; 'still climbing' from {th.kl_still_rising:.0%})")
+    msg = (
+        f"{what}: {_g(start)} -> {_g(end)} nats over GRPO; since epoch {series.index[j]} it {change} "
+        f"({rise_frac:+.0%} of its final value; 'still climbing' from {th.kl_still_rising:.0%})"
+    )
     triggered = end >= th.kl_high and rise_frac >= th.kl_still_rising
     if what.startswith("KL(policy") and len(train_kl) >= 2:
         msg += f"; the penalty's own KL went {_g(float(train_kl.iloc[0]))} -> {_g(float(train_kl.iloc[-1]))}"
@@ -195,11 +227,14 @@ def check_kl_growth(ctx: DoctorContext) -> Finding:
         msg += "; the penalty measures KL to the refreshed old policy, so it does not anchor to SFT"
         fix = "grpo.kl_reference=sft"
     elif ref in ("old", None):
-        fix = "grpo.kl_reference=sft, or a larger grpo.kl_beta" + (f" (now {_g(float(beta))})" if beta is not None
-                                                                  else "")
+        fix = "grpo.kl_reference=sft, or a larger grpo.kl_beta" + (
+            f" (now {_g(float(beta))})" if beta is not None else ""
+        )
     else:
-        fix = f"a larger grpo.kl_beta (now {_g(float(beta)) if beta is not None else '?'}), a lower grpo.lr or " \
-              f"fewer grpo.epochs"
+        fix = (
+            f"a larger grpo.kl_beta (now {_g(float(beta)) if beta is not None else '?'}), a lower grpo.lr or "
+            f"fewer grpo.epochs"
+        )
     return Finding(name, True, end, th.kl_high, msg + " -> growing without bound", fix)
 
 
@@ -223,26 +258,50 @@ def check_kl_pinned(ctx: DoctorContext) -> Finding:
             fixes.append("grpo.kl_estimator=exact")  # the whole-group KL is bounded by the policies, not the ratio
         if _get(config, "grpo.old_policy") == "sft" and (_get(config, "rce.epochs") or 0) > 0:
             fixes.append("grpo.old_policy=refresh_at_start grpo.kl_reference=sft")
-        return Finding(name, True, value, th.kl_explode,
-                       msg + f" -> the KL penalty explodes (mean above {_g(th.kl_explode)} nats): its estimate follows "
-                       "the PPO ratio, so a policy far from the penalty's reference makes the KL term, not the "
-                       "reward, drive the updates", " or ".join(fixes) or "a lower grpo.lr",
-                       fixes or [])
+        return Finding(
+            name,
+            True,
+            value,
+            th.kl_explode,
+            msg + f" -> the KL penalty explodes (mean above {_g(th.kl_explode)} nats): its estimate follows "
+            "the PPO ratio, so a policy far from the penalty's reference makes the KL term, not the "
+            "reward, drive the updates",
+            " or ".join(fixes) or "a lower grpo.lr",
+            fixes or [],
+        )
     if value >= th.kl_pinned and not off:
         return Finding(name, False, value, th.kl_pinned, msg, "")
     if off:
-        return Finding(name, True, value, th.kl_pinned, msg + " -> kl_beta=0: the KL term is switched off",
-                       "grpo.kl_beta=0.1 (with grpo.kl_reference=sft to anchor to SFT)")
+        return Finding(
+            name,
+            True,
+            value,
+            th.kl_pinned,
+            msg + " -> kl_beta=0: the KL term is switched off",
+            "grpo.kl_beta=0.1 (with grpo.kl_reference=sft to anchor to SFT)",
+        )
     # Two ways to sit at 0: the reference follows the policy (a refreshed old policy), or the policy never moves.
     drift = _val_series(_rows(df, "grpo", "val"), "kl_to_sft")
     if len(drift) and float(drift.iloc[-1]) < th.kl_pinned:
-        return Finding(name, True, value, th.kl_pinned,
-                       msg + f" -> pinned at ~0, and the policy ended only {_g(float(drift.iloc[-1]))} nats from "
-                       f"SFT: GRPO barely moved it", "a larger grpo.lr or more grpo.epochs")
+        return Finding(
+            name,
+            True,
+            value,
+            th.kl_pinned,
+            msg + f" -> pinned at ~0, and the policy ended only {_g(float(drift.iloc[-1]))} nats from "
+            f"SFT: GRPO barely moved it",
+            "a larger grpo.lr or more grpo.epochs",
+        )
     ref = _get(config, "grpo.kl_reference")
     fix = "grpo.kl_reference=sft" if ref != "sft" else "check that the reference is the SFT model"
-    return Finding(name, True, value, th.kl_pinned,
-                   msg + " -> pinned at ~0: the KL term does nothing (its reference moves with the policy)", fix)
+    return Finding(
+        name,
+        True,
+        value,
+        th.kl_pinned,
+        msg + " -> pinned at ~0: the KL term does nothing (its reference moves with the policy)",
+        fix,
+    )
 
 
 @check("entropy_collapse")
@@ -267,9 +326,15 @@ def check_entropy(ctx: DoctorContext) -> Finding:
     msg += f", {abs(drop):.1%} {'below' if drop >= 0 else 'above'} {ref_name}'s"
     if drop <= th.entropy_drop:
         return Finding(name, False, drop, th.entropy_drop, msg, "")
-    return Finding(name, True, drop, th.entropy_drop, msg + " -> entropy collapse",
-                   "grpo.eps_high=0.28 (DAPO clip-higher), or grpo.entropy_coef=0.01 (entropy bonus), or "
-                   "grpo.kl_reference=sft with a larger grpo.kl_beta, or a lower grpo.lr")
+    return Finding(
+        name,
+        True,
+        drop,
+        th.entropy_drop,
+        msg + " -> entropy collapse",
+        "grpo.eps_high=0.28 (DAPO clip-higher), or grpo.entropy_coef=0.01 (entropy bonus), or "
+        "grpo.kl_reference=sft with a larger grpo.kl_beta, or a lower grpo.lr",
+    )
 
 
 _LABEL_METRICS = ("acc@1", "mrr", "utility@1")
@@ -303,8 +368,11 @@ def _disagreement(ctx: DoctorContext) -> str:
     if splits is None:
         return ""
     from ..data.reward_stats import label_reward_agreement
-    return (f"; the reward's top candidate is not the label in {1 - label_reward_agreement(splits.val):.0%} of the "
-            f"val groups")
+
+    return (
+        f"; the reward's top candidate is not the label in {1 - label_reward_agreement(splits.val):.0%} of the "
+        f"val groups"
+    )
 
 
 @check("reward_vs_label")
@@ -327,8 +395,10 @@ def check_reward_vs_label(ctx: DoctorContext) -> Finding:
         ch = {m: r for m in _LABEL_METRICS if (r := _rel(start, end, m)) is not None}
         if gain is None or not ch:
             continue
-        desc = ", ".join(f"{m}{' (hidden truth)' if m == 'utility@1' else ''} {_g(a)}->{_g(b)} ({r:+.1%})"
-                         for m, (a, b, r) in ch.items())
+        desc = ", ".join(
+            f"{m}{' (hidden truth)' if m == 'utility@1' else ''} {_g(a)}->{_g(b)} ({r:+.1%})"
+            for m, (a, b, r) in ch.items()
+        )
         drop = max(-r for (_, _, r) in ch.values())  # largest relative fall of a label metric
         fallen = [m for m, (_, _, r) in ch.items() if -r > th.label_drop]
         hit = gain[1] > th.reward_rise and bool(fallen)
@@ -338,14 +408,22 @@ def check_reward_vs_label(ctx: DoctorContext) -> Finding:
             names.update(fallen)
         parts.append(f"{label}: {gain[0]}, {desc}" + (f" [reward up, {'/'.join(fallen)} down]" if hit else ""))
     if not parts:
-        return _skip(name, "needs regret@1 (or ndcg@5) and a label metric (acc@1 / mrr) at the GRPO start and end",
-                     th.label_drop)
-    msg = "; ".join(parts) + (f" (a reward gain > {th.reward_rise:.1%} with a label fall > {th.label_drop:.1%} "
-                              f"flags){_disagreement(ctx)}")
+        return _skip(
+            name, "needs regret@1 (or ndcg@5) and a label metric (acc@1 / mrr) at the GRPO start and end", th.label_drop
+        )
+    msg = "; ".join(parts) + (
+        f" (a reward gain > {th.reward_rise:.1%} with a label fall > {th.label_drop:.1%} flags){_disagreement(ctx)}"
+    )
     if not hits:
         return Finding(name, False, max(drops_all), th.label_drop, msg, "")
-    return Finding(name, True, max(hits), th.label_drop,
-                   msg + f" -> 'worse' depends on the metric: the reward disagrees with "
-                   f"{'/'.join(m for m in _LABEL_METRICS if m in names)}",
-                   "rce.label_weight=0.5 (keep the labels in the RCE targets), or fix the data's reward weights so "
-                   "the reward agrees with the labels; judge runs by the metric you ship", ["rce.label_weight=0.5"])
+    return Finding(
+        name,
+        True,
+        max(hits),
+        th.label_drop,
+        msg + f" -> 'worse' depends on the metric: the reward disagrees with "
+        f"{'/'.join(m for m in _LABEL_METRICS if m in names)}",
+        "rce.label_weight=0.5 (keep the labels in the RCE targets), or fix the data's reward weights so "
+        "the reward agrees with the labels; judge runs by the metric you ship",
+        ["rce.label_weight=0.5"],
+    )

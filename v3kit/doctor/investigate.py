@@ -61,8 +61,9 @@ def moving_lr(cfg: RunConfig) -> float:
     return max(cfg.sft.lr, cfg.rce.lr, cfg.grpo.lr)
 
 
-def build_variants(cfg: RunConfig, findings: Sequence[Any], metric: str, *, can_prior: bool,
-                   can_residual: bool) -> list[Variant]:
+def build_variants(
+    cfg: RunConfig, findings: Sequence[Any], metric: str, *, can_prior: bool, can_residual: bool
+) -> list[Variant]:
     """The grid of a verdict: references, each flagged switch alone, and combinations of the remedies.
 
     Remedies select their best val epoch on ``metric`` (``select=best_val``), so a remedy that hurts falls back to
@@ -73,35 +74,69 @@ def build_variants(cfg: RunConfig, findings: Sequence[Any], metric: str, *, can_
     sel = ["select=best_val", f"select_metric={metric}"]
     move_rce = [f"rce.lr={lr:g}", "rce.label_weight=0.5"]
     # GRPO at a tenth of the moving lr, anchored to SFT by an exact KL (bounded, unlike the ratio-based estimates)
-    anchored = [f"grpo.lr={lr / 10:g}", "grpo.old_policy=refresh_at_start", "grpo.kl_reference=sft",
-                "grpo.kl_estimator=exact"]
+    anchored = [
+        f"grpo.lr={lr / 10:g}",
+        "grpo.old_policy=refresh_at_start",
+        "grpo.kl_reference=sft",
+        "grpo.kl_estimator=exact",
+    ]
     out = [
         Variant(RUN, [], "reference", "the run as it was"),
         Variant(SFT_ONLY, ["rce.epochs=0", "grpo.epochs=0"], "reference", "the SFT model alone (what you have)"),
         Variant("rce_only", ["grpo.epochs=0", *sel], "remedy", "the run's RCE, no GRPO"),
-        Variant("rce_moving", ["grpo.epochs=0", *move_rce, *sel], "remedy",
-                f"RCE at an lr that moves the policy ({lr:g}) with half the target on the label, no GRPO"),
-        Variant("rce_grpo_anchored", [*move_rce, *anchored, *sel], "remedy",
-                "moving RCE, then GRPO refreshed at its start with an exact KL to SFT"),
-        Variant("grpo_unanchored", [f"rce.lr={lr:g}", f"grpo.lr={lr / 10:g}", "grpo.old_policy=refresh_at_start",
-                                    *sel], "remedy",
-                "moving RCE and GRPO chasing the reward, KL only to the refreshed old policy"),
+        Variant(
+            "rce_moving",
+            ["grpo.epochs=0", *move_rce, *sel],
+            "remedy",
+            f"RCE at an lr that moves the policy ({lr:g}) with half the target on the label, no GRPO",
+        ),
+        Variant(
+            "rce_grpo_anchored",
+            [*move_rce, *anchored, *sel],
+            "remedy",
+            "moving RCE, then GRPO refreshed at its start with an exact KL to SFT",
+        ),
+        Variant(
+            "grpo_unanchored",
+            [f"rce.lr={lr:g}", f"grpo.lr={lr / 10:g}", "grpo.old_policy=refresh_at_start", *sel],
+            "remedy",
+            "moving RCE and GRPO chasing the reward, KL only to the refreshed old policy",
+        ),
     ]
     flagged = {f.check for f in findings if f.triggered}
     if "reward_shortcut" in flagged or "reward_vs_label" in flagged:
         methods = ["candidate_prior"] if can_prior else []
         methods.append("candidate_features")
         for m in methods:
-            out.append(Variant(f"debias_{m}", [f"reward.debias={m}", *move_rce, *anchored, *sel], "remedy",
-                               f"rewards de-biased by {m}, then the anchored moving pipeline"))
+            out.append(
+                Variant(
+                    f"debias_{m}",
+                    [f"reward.debias={m}", *move_rce, *anchored, *sel],
+                    "remedy",
+                    f"rewards de-biased by {m}, then the anchored moving pipeline",
+                )
+            )
     if can_residual and "baselines" in flagged:  # SFT below the raw-feature cosine: start the towers there
         res = ["model.residual=true", "model.sim_temperature=0.1"]
-        out.append(Variant("residual_sft", [*res, "rce.epochs=0", "grpo.epochs=0"], "remedy",
-                           "a residual SFT (towers start at the raw-feature cosine), alone"))
-        out.append(Variant("residual_pipeline", [*res, *sel], "remedy",
-                           "a residual SFT under the run's own RCE and GRPO"))
-        out.append(Variant("residual_anchored", [*res, *move_rce, *anchored, *sel], "remedy",
-                           "a residual SFT, then the anchored moving pipeline"))
+        out.append(
+            Variant(
+                "residual_sft",
+                [*res, "rce.epochs=0", "grpo.epochs=0"],
+                "remedy",
+                "a residual SFT (towers start at the raw-feature cosine), alone",
+            )
+        )
+        out.append(
+            Variant("residual_pipeline", [*res, *sel], "remedy", "a residual SFT under the run's own RCE and GRPO")
+        )
+        out.append(
+            Variant(
+                "residual_anchored",
+                [*res, *move_rce, *anchored, *sel],
+                "remedy",
+                "a residual SFT, then the anchored moving pipeline",
+            )
+        )
     names = {v.name for v in out}
     for f in findings:
         if not f.triggered:
@@ -148,12 +183,23 @@ class Verdict:
     run_seconds: float = 0.0  # the runs' own wall times added up (all rounds, also those of earlier invocations)
 
     def as_json(self) -> dict[str, Any]:
-        return {"metric": self.metric, "recommendation": self.recommendation, "variant": self.variant,
-                "config": self.config, "effect_vs_sft": self.effect_vs_sft, "effect_vs_run": self.effect_vs_run,
-                "causes": self.causes, "why": self.why, "references": self.references, "runs": self.runs,
-                "wall_s": round(self.wall_s, 1), "run_seconds": round(self.run_seconds, 1), "power": self.power,
-                "sft": self.sft,
-                "variants": json.loads(self.table.to_json(orient="records"))}
+        return {
+            "metric": self.metric,
+            "recommendation": self.recommendation,
+            "variant": self.variant,
+            "config": self.config,
+            "effect_vs_sft": self.effect_vs_sft,
+            "effect_vs_run": self.effect_vs_run,
+            "causes": self.causes,
+            "why": self.why,
+            "references": self.references,
+            "runs": self.runs,
+            "wall_s": round(self.wall_s, 1),
+            "run_seconds": round(self.run_seconds, 1),
+            "power": self.power,
+            "sft": self.sft,
+            "variants": json.loads(self.table.to_json(orient="records")),
+        }
 
 
 def _triple(row: pd.Series | None) -> list[float]:
@@ -165,10 +211,23 @@ def _triple(row: pd.Series | None) -> list[float]:
 class Investigation:
     """One investigation's grid, its sequential seeds and its verdict (resumable: the run dirs are the ledger)."""
 
-    def __init__(self, run_dir: str | Path, *, metric: str = "acc@1", out: str | Path | None = None,
-                 budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
-                 seed_step: int = 2, progress: bool = True, smoke: Sequence[str] = (),
-                 only: Sequence[str] | None = None, backend: str = "local", address: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        metric: str = "acc@1",
+        out: str | Path | None = None,
+        budget_minutes: float = 30.0,
+        workers: int = 1,
+        initial_seeds: int = 3,
+        max_seeds: int = 8,
+        seed_step: int = 2,
+        progress: bool = True,
+        smoke: Sequence[str] = (),
+        only: Sequence[str] | None = None,
+        backend: str = "local",
+        address: str | None = None,
+    ) -> None:
         from ..pipeline import recorded_sft_checkpoint, recorded_split_seed
         from .report import diagnose
 
@@ -177,8 +236,9 @@ class Investigation:
         if not cfg_path.is_file():
             raise ConfigError(f"{cfg_path} not found: investigate needs a finished run dir (written by v3kit run)")
         if METRIC_DIRECTION.get(metric, 0) == 0:
-            raise ConfigError(f"--metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, got "
-                              f"{metric!r}")
+            raise ConfigError(
+                f"--metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, got {metric!r}"
+            )
         if initial_seeds < 2:
             raise ConfigError(f"--initial-seeds must be >= 2 (an interval needs two runs), got {initial_seeds}")
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
@@ -200,27 +260,36 @@ class Investigation:
         split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
         self.splits = prepare_data(split_cfg)
         if metric == "utility@1" and self.splits.test.utility is None:
-            raise ConfigError("--metric utility@1 needs a true utility (the synthetic world); this data has none: "
-                              "use acc@1 or mrr")
+            raise ConfigError(
+                "--metric utility@1 needs a true utility (the synthetic world); this data has none: use acc@1 or mrr"
+            )
         from ..data.debias import recurring_share
         from ..train.model import DEFAULT_TARGET
 
         can_prior = recurring_share(self.splits.train) > 0
-        can_residual = (self.cfg.model.target == DEFAULT_TARGET
-                        and self.splits.train.query_dim == self.splits.train.cand_dim)
-        self.variants = build_variants(self.cfg, self.findings, metric, can_prior=can_prior,
-                                       can_residual=can_residual)
+        can_residual = (
+            self.cfg.model.target == DEFAULT_TARGET and self.splits.train.query_dim == self.splits.train.cand_dim
+        )
+        self.variants = build_variants(self.cfg, self.findings, metric, can_prior=can_prior, can_residual=can_residual)
         if only is not None:  # a quick look: these variants (and the two references) only
             unknown = sorted(set(only) - {v.name for v in self.variants})
             if unknown:
-                raise ConfigError(f"--only names {unknown}, which this investigation does not build; it has "
-                                  f"{[v.name for v in self.variants]}")
+                raise ConfigError(
+                    f"--only names {unknown}, which this investigation does not build; it has "
+                    f"{[v.name for v in self.variants]}"
+                )
             self.variants = [v for v in self.variants if v.name in {*only, RUN, SFT_ONLY}]
         base = [o for o in run_overrides(self.cfg) if not o.startswith(("data.split_seed=", "sft.checkpoint="))]
         base += [f"data.split_seed={self.split_seed}", *smoke]
-        raw = {"name": f"investigate_{self.run_dir.name}", "base": base, "seeds": [0, 1], "sft_seed": self.split_seed,
-               "reference": RUN, "sft_checkpoint": str(self.sft),
-               "variants": {v.name: v.overrides for v in self.variants}}
+        raw = {
+            "name": f"investigate_{self.run_dir.name}",
+            "base": base,
+            "seeds": [0, 1],
+            "sft_seed": self.split_seed,
+            "reference": RUN,
+            "sft_checkpoint": str(self.sft),
+            "variants": {v.name: v.overrides for v in self.variants},
+        }
         self.spec = parse_grid(raw, name=raw["name"])
         self.seeds: dict[str, list[int]] = {}
         self.wall_s = 0.0
@@ -230,10 +299,16 @@ class Investigation:
         for v in variants:
             self.seeds.setdefault(v, [])
             self.seeds[v] = sorted(set(self.seeds[v]) | set(seeds))
-        sub = dataclasses.replace(self.spec, variants={v: self.spec.variants[v] for v in variants},
-                                  seeds=list(seeds), reference=None, questions={})
-        run_grid(sub, self.out, workers=self.workers, progress=self.progress, backend=self.backend,
-                 address=self.address)
+        sub = dataclasses.replace(
+            self.spec,
+            variants={v: self.spec.variants[v] for v in variants},
+            seeds=list(seeds),
+            reference=None,
+            questions={},
+        )
+        run_grid(
+            sub, self.out, workers=self.workers, progress=self.progress, backend=self.backend, address=self.address
+        )
 
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         seeds = sorted({s for ss in self.seeds.values() for s in ss})
@@ -298,14 +373,18 @@ class Investigation:
         if best is not None:
             rec = "rce_only" if _is_rce_only(kinds[best], self.spec) else "variant"
             r = vs_sft.loc[best]
-            why = (f"{best} ({kinds[best].why}) beats SFT on {self.metric} by {r['diff']:+.4f} "
-                   f"[{r['low']:+.4f}, {r['high']:+.4f}] (95% interval over seeds x test queries excludes 0)")
+            why = (
+                f"{best} ({kinds[best].why}) beats SFT on {self.metric} by {r['diff']:+.4f} "
+                f"[{r['low']:+.4f}, {r['high']:+.4f}] (95% interval over seeds x test queries excludes 0)"
+            )
         else:
             best, rec = SFT_ONLY, "keep_sft"
             top = str((vs_sft["diff"] * d).idxmax())
             r = vs_sft.loc[top]
-            why = (f"no variant's interval against SFT on {self.metric} excludes 0 from below; the best mean was "
-                   f"{top} ({kinds[top].why}) at {r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]: keep SFT")
+            why = (
+                f"no variant's interval against SFT on {self.metric} excludes 0 from below; the best mean was "
+                f"{top} ({kinds[top].why}) at {r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]: keep SFT"
+            )
         run_row = None if best == RUN else (vs_run.loc[best] if best in vs_run.index else None)
         if best == SFT_ONLY:  # keep_sft vs the run: SFT minus the run
             back = self._compare(frame, pq, {SFT_ONLY: (SFT_ONLY, RUN)}).iloc[0]
@@ -321,35 +400,72 @@ class Investigation:
             tested = [v for v in self.variants if v.check == f.check]
             effects = [(v.name, _triple(vs_run.loc[v.name])) for v in tested if v.name in vs_run.index]
             top = max(effects, key=lambda e: d * e[1][0]) if effects else None
-            causes.append({"check": f.check, "remedy": top[0] if top else None,
-                           "effect_vs_run": top[1] if top else None, "message": f.message})
+            causes.append(
+                {
+                    "check": f.check,
+                    "remedy": top[0] if top else None,
+                    "effect_vs_run": top[1] if top else None,
+                    "message": f.message,
+                }
+            )
         causes.sort(key=lambda c: -d * c["effect_vs_run"][0] if c["effect_vs_run"] else math.inf)
-        table = pd.DataFrame([{
-            "variant": v.name, "kind": v.kind, "what": v.why, "seeds": int(nseeds.get(v.name, 0)),
-            self.metric: float(means.get(v.name, math.nan)),
-            "vs_sft": float(vs_sft.loc[v.name, "diff"]) if v.name in vs_sft.index else 0.0,
-            "vs_sft_low": float(vs_sft.loc[v.name, "low"]) if v.name in vs_sft.index else 0.0,
-            "vs_sft_high": float(vs_sft.loc[v.name, "high"]) if v.name in vs_sft.index else 0.0,
-            "verdict": str(vs_sft.loc[v.name, "verdict"]) if v.name in vs_sft.index else "",
-        } for v in self.variants])
+        table = pd.DataFrame(
+            [
+                {
+                    "variant": v.name,
+                    "kind": v.kind,
+                    "what": v.why,
+                    "seeds": int(nseeds.get(v.name, 0)),
+                    self.metric: float(means.get(v.name, math.nan)),
+                    "vs_sft": float(vs_sft.loc[v.name, "diff"]) if v.name in vs_sft.index else 0.0,
+                    "vs_sft_low": float(vs_sft.loc[v.name, "low"]) if v.name in vs_sft.index else 0.0,
+                    "vs_sft_high": float(vs_sft.loc[v.name, "high"]) if v.name in vs_sft.index else 0.0,
+                    "verdict": str(vs_sft.loc[v.name, "verdict"]) if v.name in vs_sft.index else "",
+                }
+                for v in self.variants
+            ]
+        )
         from ..train.baselines import baseline_table
 
         refs = baseline_table(self.splits.test)
         references = {str(k): float(v) for k, v in refs[self.metric].items()} if self.metric in refs else {}
-        mde = min_detectable_effect(eff_sft[1], eff_sft[2]) if best != SFT_ONLY else min_detectable_effect(
-            float(vs_sft.loc[vs_sft.index[0], "low"]), float(vs_sft.loc[vs_sft.index[0], "high"]))
+        mde = (
+            min_detectable_effect(eff_sft[1], eff_sft[2])
+            if best != SFT_ONLY
+            else min_detectable_effect(
+                float(vs_sft.loc[vs_sft.index[0], "low"]), float(vs_sft.loc[vs_sft.index[0], "high"])
+            )
+        )
         power = self._power_line(mde)
         runs = int(final[["variant", "seed"]].drop_duplicates().shape[0])
-        self.run_seconds = float(final.drop_duplicates(["variant", "seed"])["wall_s"].sum()) if "wall_s" in \
-            final.columns else 0.0
-        return Verdict(self.metric, rec, best, str(config_path), eff_sft, eff_run, causes, why, table, references,
-                       runs, self.wall_s, power, str(self.sft), self.run_seconds)
+        self.run_seconds = (
+            float(final.drop_duplicates(["variant", "seed"])["wall_s"].sum()) if "wall_s" in final.columns else 0.0
+        )
+        return Verdict(
+            self.metric,
+            rec,
+            best,
+            str(config_path),
+            eff_sft,
+            eff_run,
+            causes,
+            why,
+            table,
+            references,
+            runs,
+            self.wall_s,
+            power,
+            str(self.sft),
+            self.run_seconds,
+        )
 
     def _power_line(self, mde: float) -> str:
         n_test = len(self.splits.test)
         frac = self.cfg.data.test_frac
-        line = (f"With {n_test} test queries (data.test_frac={frac:g}) and up to {self.max_seeds} seeds, "
-                f"{self.metric} effects smaller than ~{_fmt(mde)} go undetected (80% power at 5%)")
+        line = (
+            f"With {n_test} test queries (data.test_frac={frac:g}) and up to {self.max_seeds} seeds, "
+            f"{self.metric} effects smaller than ~{_fmt(mde)} go undetected (80% power at 5%)"
+        )
         if frac < 0.3:
             line += f"; a larger test split (e.g. data.test_frac={min(0.4, 2 * frac):g}) narrows the intervals"
         else:
@@ -365,24 +481,47 @@ class Investigation:
         # the same model); otherwise the config starts from the run's SFT checkpoint, the model you have
         seed = self.cfg.seed if variant == SFT_ONLY else 0
         cfg = self.spec.resolve(BASE_WORLD, variant, seed, self.out / "recommended_run")
-        cfg = dataclasses.replace(cfg, progress=True, sft=dataclasses.replace(
-            cfg.sft, checkpoint=None if retrain else str(self.sft)))
+        cfg = dataclasses.replace(
+            cfg, progress=True, sft=dataclasses.replace(cfg.sft, checkpoint=None if retrain else str(self.sft))
+        )
         path = self.out / RECOMMENDED
         self.out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, path)
         return path
 
 
-def investigate(run_dir: str | Path, *, metric: str = "acc@1", out: str | Path | None = None,
-                budget_minutes: float = 30.0, workers: int = 1, initial_seeds: int = 3, max_seeds: int = 8,
-                progress: bool = True, smoke: Sequence[str] = (), only: Sequence[str] | None = None,
-                backend: str = "local", address: str | None = None) -> Verdict:
+def investigate(
+    run_dir: str | Path,
+    *,
+    metric: str = "acc@1",
+    out: str | Path | None = None,
+    budget_minutes: float = 30.0,
+    workers: int = 1,
+    initial_seeds: int = 3,
+    max_seeds: int = 8,
+    progress: bool = True,
+    smoke: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    backend: str = "local",
+    address: str | None = None,
+) -> Verdict:
     """Doctor, grid, sequential seeds and verdict for ``run_dir``; writes ``verdict.md``/``verdict.json`` (plus the
     recommended config and ``effects.png``) to ``out`` (default ``RUN_DIR/investigate``). ``smoke``: overrides
     added to every run (e.g. fewer epochs, for tests)."""
-    inv = Investigation(run_dir, metric=metric, out=out, budget_minutes=budget_minutes, workers=workers,
-                        initial_seeds=initial_seeds, max_seeds=max_seeds, progress=progress, smoke=smoke, only=only,
-                        backend=backend, address=address)
+    inv = Investigation(
+        run_dir,
+        metric=metric,
+        out=out,
+        budget_minutes=budget_minutes,
+        workers=workers,
+        initial_seeds=initial_seeds,
+        max_seeds=max_seeds,
+        progress=progress,
+        smoke=smoke,
+        only=only,
+        backend=backend,
+        address=address,
+    )
     v = inv.run()
     write_verdict(v, inv.run_dir, inv.out)
     return v
@@ -399,8 +538,9 @@ def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) 
     v = json.loads((out / VERDICT_JSON).read_text())
     effects = []
     for s in seeds:
-        cfg = load_config(v["config"], [f"seed={s}", f"run_dir={out / 'reproduce' / f'seed{s}'}",
-                                        f"progress={str(progress).lower()}"])
+        cfg = load_config(
+            v["config"], [f"seed={s}", f"run_dir={out / 'reproduce' / f'seed{s}'}", f"progress={str(progress).lower()}"]
+        )
         res = run_pipeline(cfg)
         sft_path = Path(cfg.sft.checkpoint) if cfg.sft.checkpoint else None
         splits = prepare_data(cfg)
@@ -417,13 +557,24 @@ def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) 
 
 # ------------------------------------------------------------------------------------------------ CLI
 def cmd_investigate(args: argparse.Namespace) -> int:
-    inv = Investigation(args.run_dir, metric=args.metric, out=args.out, budget_minutes=args.budget_minutes,
-                        workers=args.workers, initial_seeds=args.initial_seeds, max_seeds=args.max_seeds,
-                        progress=not args.no_progress, smoke=args.set or [],
-                        only=args.only.split(",") if args.only else None, backend=args.backend,
-                        address=args.address)
-    print(f"investigating {inv.run_dir}: {len(inv.variants)} variants, {args.initial_seeds} seeds to start, "
-          f"budget {args.budget_minutes:g} min, {args.workers} worker(s) -> {inv.out}")
+    inv = Investigation(
+        args.run_dir,
+        metric=args.metric,
+        out=args.out,
+        budget_minutes=args.budget_minutes,
+        workers=args.workers,
+        initial_seeds=args.initial_seeds,
+        max_seeds=args.max_seeds,
+        progress=not args.no_progress,
+        smoke=args.set or [],
+        only=args.only.split(",") if args.only else None,
+        backend=args.backend,
+        address=args.address,
+    )
+    print(
+        f"investigating {inv.run_dir}: {len(inv.variants)} variants, {args.initial_seeds} seeds to start, "
+        f"budget {args.budget_minutes:g} min, {args.workers} worker(s) -> {inv.out}"
+    )
     v = inv.run()
     write_verdict(v, inv.run_dir, inv.out)
     print(verdict_markdown(v, inv.run_dir, inv.out))
@@ -435,9 +586,11 @@ def cmd_investigate(args: argparse.Namespace) -> int:
         data["reproduced"] = {"seeds": seeds, **rep}
         atomic_write_text(inv.out / VERDICT_JSON, json.dumps(data, indent=1) + "\n")
         lo, hi = rep["interval"]
-        print(f"reproduce: retrained {data['config']} with fresh seeds {seeds}: effect vs the run's SFT "
-              f"{', '.join(f'{e:+.4f}' for e in rep['effects'])} (mean {rep['mean']:+.4f}), "
-              f"{'inside' if rep['inside'] else 'OUTSIDE'} the verdict's interval [{lo:+.4f}, {hi:+.4f}]")
+        print(
+            f"reproduce: retrained {data['config']} with fresh seeds {seeds}: effect vs the run's SFT "
+            f"{', '.join(f'{e:+.4f}' for e in rep['effects'])} (mean {rep['mean']:+.4f}), "
+            f"{'inside' if rep['inside'] else 'OUTSIDE'} the verdict's interval [{lo:+.4f}, {hi:+.4f}]"
+        )
     return 0
 
 
@@ -445,23 +598,42 @@ REPRODUCE_SEED0 = 1000  # fresh seeds, never among a grid's (which count from 0)
 
 
 def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser("investigate", help="from a finished run to a verdict: test the doctor's remedies "
-                                                  "with seeds and intervals, and say what to ship")
+    p = subparsers.add_parser(
+        "investigate",
+        help="from a finished run to a verdict: test the doctor's remedies "
+        "with seeds and intervals, and say what to ship",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--metric", default="acc@1", help="the metric the verdict is judged by (utility@1 on the "
-                                                      "synthetic world, which knows the truth)")
+    p.add_argument(
+        "--metric",
+        default="acc@1",
+        help="the metric the verdict is judged by (utility@1 on the synthetic world, which knows the truth)",
+    )
     p.add_argument("--budget-minutes", type=float, default=30.0, help="stop adding seeds when this is spent")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one torch thread each)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/investigate)")
     p.add_argument("--initial-seeds", type=int, default=3, help="seeds of the first round (>= 2)")
     p.add_argument("--max-seeds", type=int, default=8, help="most seeds any variant gets")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override added to every run of the grid (e.g. fewer epochs for a quick look)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override added to every run of the grid (e.g. fewer epochs for a quick look)",
+    )
     add_backend_args(p)
-    p.add_argument("--only", metavar="V1,V2", help="build only these variants (plus 'run' and 'sft_only'), e.g. "
-                                                    "rce_moving,rce_grpo_anchored for a quick look")
-    p.add_argument("--reproduce", type=int, default=0, metavar="K",
-                   help="then retrain the recommended config with K fresh seeds and check that its effect vs SFT "
-                        "falls inside the verdict's interval (recorded in verdict.json)")
+    p.add_argument(
+        "--only",
+        metavar="V1,V2",
+        help="build only these variants (plus 'run' and 'sft_only'), e.g. "
+        "rce_moving,rce_grpo_anchored for a quick look",
+    )
+    p.add_argument(
+        "--reproduce",
+        type=int,
+        default=0,
+        metavar="K",
+        help="then retrain the recommended config with K fresh seeds and check that its effect vs SFT "
+        "falls inside the verdict's interval (recorded in verdict.json)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_investigate)

@@ -19,13 +19,22 @@ import torch
 
 from ..data.contract import GroupData
 from ..train.losses import rce_targets
-def rce_target_entropy(train: GroupData, reward_temperature: float, label_weight: float = 0.0,
-                       reward_norm: str = "none") -> float:
+
+
+def rce_target_entropy(
+    train: GroupData, reward_temperature: float, label_weight: float = 0.0, reward_norm: str = "none"
+) -> float:
     """Mean entropy of RCE's target distribution over ``train`` at a reward temperature: the lowest loss any
     policy can reach. As T anneals down the targets sharpen and this floor drops, so the raw RCE loss falls even
     when the policy learns nothing; ``loss - H(targets)`` (= KL(targets || policy)) is what training reduces."""
-    t = rce_targets(train.labels, train.rewards, reward_temperature, mask=train.mask, label_weight=label_weight,
-                    reward_norm=reward_norm)
+    t = rce_targets(
+        train.labels,
+        train.rewards,
+        reward_temperature,
+        mask=train.mask,
+        label_weight=label_weight,
+        reward_norm=reward_norm,
+    )
     plogp = torch.where(train.mask & (t > 0), t * torch.log(t.clamp_min(1e-30)), torch.zeros_like(t))
     return float(-plogp.sum(dim=1).mean())
 
@@ -38,8 +47,7 @@ def rce_floor(train: GroupData, rce_cfg: Any) -> Callable[[dict[str, Any]], dict
         temp = rce_cfg.temperatures(float(row.get("temperature", rce_cfg.t_start)), 1.0)[0]  # the targets' T
         key = round(float(temp), 4)
         if key not in cache:
-            cache[key] = rce_target_entropy(train, key, rce_cfg.label_weight,
-                                            getattr(rce_cfg, "reward_norm", "none"))
+            cache[key] = rce_target_entropy(train, key, rce_cfg.label_weight, getattr(rce_cfg, "reward_norm", "none"))
         return {"target_entropy": cache[key], "excess_loss": float(row["loss"]) - cache[key]}
 
     return extras
@@ -70,12 +78,15 @@ class PlateauCheck:
     def __str__(self) -> str:
         if self.status == "too short":
             return f"too few values ({self.k}) to judge a plateau"
-        return (f"mean of last {self.k} steps {self.last_mean:.4f} vs previous {self.k} {self.previous_mean:.4f}: "
-                f"{self.rel_change:+.2%} -> {self.status} (threshold +-{self.rel_tol:.1%})")
+        return (
+            f"mean of last {self.k} steps {self.last_mean:.4f} vs previous {self.k} {self.previous_mean:.4f}: "
+            f"{self.rel_change:+.2%} -> {self.status} (threshold +-{self.rel_tol:.1%})"
+        )
 
 
-def plateau_check(values: Sequence[float] | np.ndarray | pd.Series, k: int | None = None,
-                  rel_tol: float = 0.01) -> PlateauCheck:
+def plateau_check(
+    values: Sequence[float] | np.ndarray | pd.Series, k: int | None = None, rel_tol: float = 0.01
+) -> PlateauCheck:
     """``falling`` if the last ``k`` values average more than ``rel_tol`` (relative) below the ``k`` before them,
     ``rising`` if more than ``rel_tol`` above, else ``plateau``. ``k`` defaults to a quarter of the curve (>= 1),
     so the check looks at the recent trend rather than at the whole run."""
@@ -86,7 +97,7 @@ def plateau_check(values: Sequence[float] | np.ndarray | pd.Series, k: int | Non
         raise ValueError(f"k must be >= 1, got {k}")
     if len(v) < 2 * k:
         return PlateauCheck(math.nan, math.nan, math.nan, len(v), rel_tol, "too short")
-    prev, last = float(v[-2 * k:-k].mean()), float(v[-k:].mean())
+    prev, last = float(v[-2 * k : -k].mean()), float(v[-k:].mean())
     rel = (last - prev) / max(abs(prev), 1e-12)
     status = "falling" if rel < -rel_tol else "rising" if rel > rel_tol else "plateau"
     return PlateauCheck(prev, last, rel, k, rel_tol, status)

@@ -11,11 +11,14 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ..rundir import atomic_write_frame
-from . import grpo_checks  # noqa: F401, I001 - registers the checks: the GRPO-log checks first ...
-from . import data_checks  # noqa: F401, I001 - ... then those that need the data (the report's order)
+from . import (
+    data_checks,  # noqa: F401, I001 - ... then those that need the data (the report's order)
+    grpo_checks,  # noqa: F401, I001 - registers the checks: the GRPO-log checks first ...
+)
 from .context import _REGISTRY, DoctorContext, Finding, Thresholds, _g, _skip, load_run, switch_tokens
 
 # ---------------------------------------------------------------- public API
+
 
 def diagnose(
     run: str | Path | pd.DataFrame,
@@ -81,9 +84,16 @@ def format_report(findings: Iterable[Finding], title: str | None = None, run: st
     lines = [title or "GRPO health report"]
 
     def add(text: str, indent: str = "", more: str | None = None) -> None:
-        lines.extend(textwrap.wrap(text, REPORT_WIDTH, initial_indent=indent,
-                                   subsequent_indent=indent if more is None else more, break_on_hyphens=False)
-                     or [indent])
+        lines.extend(
+            textwrap.wrap(
+                text,
+                REPORT_WIDTH,
+                initial_indent=indent,
+                subsequent_indent=indent if more is None else more,
+                break_on_hyphens=False,
+            )
+            or [indent]
+        )
 
     for f in findings:
         mark = "⚠" if f.triggered else ("–" if f.value is None else "✔")
@@ -97,16 +107,21 @@ def format_report(findings: Iterable[Finding], title: str | None = None, run: st
     flagged = [f for f in findings if f.triggered]
     skipped = sum(f.value is None and not f.triggered for f in findings)
     summary = f"{len(flagged)} of {len(findings)} checks flagged" + (
-        f": {', '.join(f.check for f in flagged)}" if flagged else "")
+        f": {', '.join(f.check for f in flagged)}" if flagged else ""
+    )
     add(summary + (f"; {skipped} skipped" if skipped else ""))
     ordered = [f for f in evidence_order(flagged) if f.switches]
     if ordered:
-        add("What to test, strongest evidence first (checks measured on the label metric, then on the data, then "
-            "on GRPO's mechanics; within each, by how far past its threshold):")
+        add(
+            "What to test, strongest evidence first (checks measured on the label metric, then on the data, then "
+            "on GRPO's mechanics; within each, by how far past its threshold):"
+        )
         for i, f in enumerate(ordered, 1):
             add(f"{i}. {f.check}: " + " | ".join(f.switches), "  ", "     ")
-        add(f"Test them against the run: v3kit investigate {where} (a verdict: what to ship), or v3kit doctor "
-            f"{where} --grid && v3kit ablate --grid {Path(where) / GRID_FILE}")
+        add(
+            f"Test them against the run: v3kit investigate {where} (a verdict: what to ship), or v3kit doctor "
+            f"{where} --grid && v3kit ablate --grid {Path(where) / GRID_FILE}"
+        )
     if flagged:
         add("Suggestions are hypotheses from one run: adopt a switch only once its ablation beats 'run'.")
     return "\n".join(lines)
@@ -143,6 +158,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         atomic_write_frame(args.csv, report_frame(findings))
     if args.grid:
         from .grid import write_doctor_grid
+
         path = write_doctor_grid(run, findings)
         print(f"wrote {path}: test the suggestions with `v3kit ablate --grid {path}`")
     return 0
@@ -153,7 +169,10 @@ def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("doctor", help="GRPO health report of a run dir: what looks wrong and what to test")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir written by `v3kit run` (holds metrics.csv)")
     p.add_argument("--csv", metavar="PATH", help="also save the findings as a table")
-    p.add_argument("--grid", action="store_true",
-                   help="also write RUN_DIR/doctor_grid.yaml: an ablation grid that tests each suggested switch "
-                        "against the run's own config (run it with `v3kit ablate --grid`)")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="also write RUN_DIR/doctor_grid.yaml: an ablation grid that tests each suggested switch "
+        "against the run's own config (run it with `v3kit ablate --grid`)",
+    )
     p.set_defaults(func=cmd_doctor)

@@ -20,27 +20,44 @@ SFT_ONLY = "sft_only"  # the reference variant every effect is measured against 
 
 def verdict_markdown(v: Verdict, run_dir: Path, out: Path) -> str:
     lines = [f"# Verdict for `{run_dir}`", ""]
-    head = {"keep_sft": "**Keep SFT.**", "rce_only": f"**Ship RCE only** (`{v.variant}`).",
-            "variant": f"**Ship `{v.variant}`.**"}[v.recommendation]
+    head = {
+        "keep_sft": "**Keep SFT.**",
+        "rce_only": f"**Ship RCE only** (`{v.variant}`).",
+        "variant": f"**Ship `{v.variant}`.**",
+    }[v.recommendation]
     lines += [f"{head} {v.why}.", ""]
-    lines += [f"- metric: `{v.metric}` on the run's test split; effect vs SFT "
-              f"{v.effect_vs_sft[0]:+.4f} [{v.effect_vs_sft[1]:+.4f}, {v.effect_vs_sft[2]:+.4f}], vs the run "
-              f"{v.effect_vs_run[0]:+.4f} [{v.effect_vs_run[1]:+.4f}, {v.effect_vs_run[2]:+.4f}]",
-              f"- train it: `v3kit run --config {v.config}`",
-              f"- {v.runs} runs ({v.run_seconds / 60:.1f} run-minutes), {v.wall_s / 60:.1f} min of wall time in this "
-              "invocation; intervals: 95% paired bootstrap over seeds x test queries",
-              f"- {v.power}", ""]
-    lines += ["## Variants (the shipped model of each run, vs SFT)", "", "| variant | kind | seeds | "
-              f"{v.metric} | vs SFT [95% CI] | verdict | what it tests |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"- metric: `{v.metric}` on the run's test split; effect vs SFT "
+        f"{v.effect_vs_sft[0]:+.4f} [{v.effect_vs_sft[1]:+.4f}, {v.effect_vs_sft[2]:+.4f}], vs the run "
+        f"{v.effect_vs_run[0]:+.4f} [{v.effect_vs_run[1]:+.4f}, {v.effect_vs_run[2]:+.4f}]",
+        f"- train it: `v3kit run --config {v.config}`",
+        f"- {v.runs} runs ({v.run_seconds / 60:.1f} run-minutes), {v.wall_s / 60:.1f} min of wall time in this "
+        "invocation; intervals: 95% paired bootstrap over seeds x test queries",
+        f"- {v.power}",
+        "",
+    ]
+    lines += [
+        "## Variants (the shipped model of each run, vs SFT)",
+        "",
+        f"| variant | kind | seeds | {v.metric} | vs SFT [95% CI] | verdict | what it tests |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for d in v.table.to_dict("records"):
-        lines.append(f"| {d['variant']} | {d['kind']} | {d['seeds']} | {d[v.metric]:.4f} | {d['vs_sft']:+.4f} "
-                     f"[{d['vs_sft_low']:+.4f}, {d['vs_sft_high']:+.4f}] | {d['verdict']} | {d['what']} |")
+        lines.append(
+            f"| {d['variant']} | {d['kind']} | {d['seeds']} | {d[v.metric]:.4f} | {d['vs_sft']:+.4f} "
+            f"[{d['vs_sft_low']:+.4f}, {d['vs_sft_high']:+.4f}] | {d['verdict']} | {d['what']} |"
+        )
     if v.references:
         lines += ["", "## Reference rankers (test split, no training)", "", f"| ranker | {v.metric} |", "|---|---|"]
         lines += [f"| {k} | {x:.4f} |" for k, x in v.references.items()]
     if v.causes:
-        lines += ["", "## Causes the doctor flagged, ranked by the effect of their remedy on the run", "",
-                  "| check | remedy tested | effect vs run [95% CI] |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Causes the doctor flagged, ranked by the effect of their remedy on the run",
+            "",
+            "| check | remedy tested | effect vs run [95% CI] |",
+            "|---|---|---|",
+        ]
         for c in v.causes:
             e = c["effect_vs_run"]
             eff = f"{e[0]:+.4f} [{e[1]:+.4f}, {e[2]:+.4f}]" if e else "not tested (no switch)"
@@ -61,8 +78,9 @@ def plot_effects(v: Verdict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(t) + 1.2))
     y = np.arange(len(t))
     colors = ["tab:green" if r == "better" else "tab:red" if r == "worse" else "tab:gray" for r in t["verdict"]]
-    ax.errorbar(t["vs_sft"], y, xerr=[t["vs_sft"] - t["vs_sft_low"], t["vs_sft_high"] - t["vs_sft"]], fmt="none",
-                ecolor=colors)
+    ax.errorbar(
+        t["vs_sft"], y, xerr=[t["vs_sft"] - t["vs_sft_low"], t["vs_sft_high"] - t["vs_sft"]], fmt="none", ecolor=colors
+    )
     ax.scatter(t["vs_sft"], y, c=colors, zorder=3)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, t["variant"])
@@ -81,5 +99,3 @@ def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
         pass
     atomic_write_text(out / VERDICT_JSON, json.dumps(v.as_json(), indent=1) + "\n")
     atomic_write_text(out / VERDICT_MD, verdict_markdown(v, run_dir, out))
-
-

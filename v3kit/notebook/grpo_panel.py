@@ -56,9 +56,16 @@ class GRPOStart:
     def from_stages(cls, cfg: RunConfig, splits: Splits, stage1: Stage1, rce_model: nn.Module) -> "GRPOStart":
         from ..pipeline import stage_options
 
-        return cls(splits=splits, stage1=stage1, model=copy.deepcopy(rce_model), base=cfg.grpo,
-                   temperature=grpo_temperature(cfg, stage1.model_config), seed=cfg.seed,
-                   sft_metrics=sft_baseline(stage1, splits.val), options=stage_options(cfg, splits))
+        return cls(
+            splits=splits,
+            stage1=stage1,
+            model=copy.deepcopy(rce_model),
+            base=cfg.grpo,
+            temperature=grpo_temperature(cfg, stage1.model_config),
+            seed=cfg.seed,
+            sft_metrics=sft_baseline(stage1, splits.val),
+            options=stage_options(cfg, splits),
+        )
 
 
 @dataclass
@@ -100,8 +107,15 @@ class ComparePanel:
     nothing on disk; the notebook's own GRPO run owns ``grpo_epoch*.pt`` in the run directory).
     """
 
-    def __init__(self, start: GRPOStart, *, save_dir: str | Path | None = None, live: bool | None = None,
-                 every_seconds: float = 1.0, dpi: int = 80) -> None:
+    def __init__(
+        self,
+        start: GRPOStart,
+        *,
+        save_dir: str | Path | None = None,
+        live: bool | None = None,
+        every_seconds: float = 1.0,
+        dpi: int = 80,
+    ) -> None:
         import ipywidgets as w
 
         self.start = start
@@ -115,38 +129,67 @@ class ComparePanel:
         b = start.base
         style = {"description_width": "90px"}
         wide = w.Layout(width="380px")
-        self.kl_beta = w.SelectionSlider(options=_options(KL_BETAS + (b.kl_beta,)), value=float(b.kl_beta),
-                                         description="kl_beta", style=style, layout=wide)
-        self.lr = w.SelectionSlider(options=_options(LRS + (b.lr,)), value=float(b.lr), description="lr",
-                                    style=style, layout=wide)
-        self.eps_low = w.FloatSlider(value=b.eps_low, min=0.0, max=1.0, step=0.01, description="eps_low",
-                                     style=style, layout=wide)
-        self.eps_high = w.FloatSlider(value=b.eps_low if b.eps_high is None else b.eps_high, min=0.0, max=1.0,
-                                      step=0.01, description="eps_high", style=style, layout=wide)
-        self.epochs = w.IntSlider(value=b.epochs, min=1, max=max(30, b.epochs), description="epochs", style=style,
-                                  layout=wide)
-        self.old_policy = w.Dropdown(options=list(OLD_POLICIES), value=b.old_policy, description="old policy",
-                                     style=style, layout=wide)
-        self.kl_reference = w.ToggleButtons(options=list(KL_REFERENCES), value=b.kl_reference,
-                                            description="KL against", style=style)
+        self.kl_beta = w.SelectionSlider(
+            options=_options(KL_BETAS + (b.kl_beta,)),
+            value=float(b.kl_beta),
+            description="kl_beta",
+            style=style,
+            layout=wide,
+        )
+        self.lr = w.SelectionSlider(
+            options=_options(LRS + (b.lr,)), value=float(b.lr), description="lr", style=style, layout=wide
+        )
+        self.eps_low = w.FloatSlider(
+            value=b.eps_low, min=0.0, max=1.0, step=0.01, description="eps_low", style=style, layout=wide
+        )
+        self.eps_high = w.FloatSlider(
+            value=b.eps_low if b.eps_high is None else b.eps_high,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            description="eps_high",
+            style=style,
+            layout=wide,
+        )
+        self.epochs = w.IntSlider(
+            value=b.epochs, min=1, max=max(30, b.epochs), description="epochs", style=style, layout=wide
+        )
+        self.old_policy = w.Dropdown(
+            options=list(OLD_POLICIES), value=b.old_policy, description="old policy", style=style, layout=wide
+        )
+        self.kl_reference = w.ToggleButtons(
+            options=list(KL_REFERENCES), value=b.kl_reference, description="KL against", style=style
+        )
         self.button = w.Button(description="Run GRPO", button_style="primary", icon="play")
         self.button.on_click(self._on_click)
         self.status = w.HTML("set the knobs and press Run; every run starts from the same post-RCE policy")
         # Both scale to the notebook's width: a wide results table scrolls instead of overflowing the page.
         self.image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
         self.table_html = w.HTML(layout=w.Layout(width="100%", overflow="auto"))
-        self.widget = w.VBox([
-            w.HBox([self.kl_beta, self.lr]), w.HBox([self.eps_low, self.eps_high]),
-            w.HBox([self.epochs, self.old_policy]), self.kl_reference, w.HBox([self.button, self.status]),
-            self.image, self.table_html,
-        ])
+        self.widget = w.VBox(
+            [
+                w.HBox([self.kl_beta, self.lr]),
+                w.HBox([self.eps_low, self.eps_high]),
+                w.HBox([self.epochs, self.old_policy]),
+                self.kl_reference,
+                w.HBox([self.button, self.status]),
+                self.image,
+                self.table_html,
+            ]
+        )
         self.redraw()
 
     # ---- settings
     def settings(self) -> dict[str, Any]:
-        return {"kl_beta": float(self.kl_beta.value), "eps_low": float(self.eps_low.value),
-                "eps_high": float(self.eps_high.value), "lr": float(self.lr.value), "epochs": int(self.epochs.value),
-                "old_policy": self.old_policy.value, "kl_reference": self.kl_reference.value}
+        return {
+            "kl_beta": float(self.kl_beta.value),
+            "eps_low": float(self.eps_low.value),
+            "eps_high": float(self.eps_high.value),
+            "lr": float(self.lr.value),
+            "epochs": int(self.epochs.value),
+            "old_policy": self.old_policy.value,
+            "kl_reference": self.kl_reference.value,
+        }
 
     def set(self, **values: Any) -> None:
         """Set widgets from Python (``panel.set(kl_beta=0.01)``); a value missing from a log slider is added."""
@@ -177,16 +220,32 @@ class ComparePanel:
         self._partial = []
         t0 = time.perf_counter()
         try:
-            result = run_grpo(copy.deepcopy(s.model), s.splits, s.stage1.old_log_probs, cfg,
-                              reference=s.stage1.reference, temperature=s.temperature,
-                              model_config=s.stage1.model_config, seed=s.seed, run_dir=run_dir,
-                              callbacks=[_Overlay(self)], progress=False, **s.options)
+            result = run_grpo(
+                copy.deepcopy(s.model),
+                s.splits,
+                s.stage1.old_log_probs,
+                cfg,
+                reference=s.stage1.reference,
+                temperature=s.temperature,
+                model_config=s.stage1.model_config,
+                seed=s.seed,
+                run_dir=run_dir,
+                callbacks=[_Overlay(self)],
+                progress=False,
+                **s.options,
+            )
         finally:
             self._partial = None
         seconds = time.perf_counter() - t0
         info = {k: v for k, v in result.info.items() if k.startswith("step0_") and k != "step0_ratios"}
-        record = CompareRun(index=index, settings=settings, history=result.history, final=result.final_metrics,
-                            seconds=seconds, info=info)
+        record = CompareRun(
+            index=index,
+            settings=settings,
+            history=result.history,
+            final=result.final_metrics,
+            seconds=seconds,
+            info=info,
+        )
         self.runs.append(record)
         self.redraw()
         self.status.value = f"#{index} done in {seconds:.1f} s"
@@ -196,7 +255,7 @@ class ComparePanel:
         """One run per value of a single setting, e.g. ``run_grid(kl_beta=[0.0, 0.01, 0.1, 0.5])``."""
         if len(grid) != 1:
             raise ValueError("run_grid takes exactly one setting with a list of values, e.g. kl_beta=[0, 0.1]")
-        (name, values), = grid.items()
+        ((name, values),) = grid.items()
         return [self.run(**{name: v}) for v in values]
 
     def _on_click(self, _button: Any = None) -> None:
@@ -232,8 +291,12 @@ class ComparePanel:
         fig.clear()
         fig.set_size_inches(13, 6.5)
         # Fixed margins, no layout engine: it would double the cost of every (live) redraw.
-        axes = fig.subplots(2, 3, squeeze=False, gridspec_kw={"left": 0.06, "right": 0.99, "bottom": 0.08,
-                                                              "top": 0.9, "wspace": 0.25, "hspace": 0.35})
+        axes = fig.subplots(
+            2,
+            3,
+            squeeze=False,
+            gridspec_kw={"left": 0.06, "right": 0.99, "bottom": 0.08, "top": 0.9, "wspace": 0.25, "hspace": 0.35},
+        )
         labels = run_labels([r.settings for r in self.runs] + ([self.settings()] if self._partial else []))
         series = [(r.train, r.evals) for r in self.runs]
         if self._partial:

@@ -24,8 +24,13 @@ class Throttle:
     one, and at least ``cost * (1 / max_overhead - 1)`` seconds when the last redraw took ``cost`` seconds (so
     drawing takes at most ``max_overhead`` of the time even when a figure is slow to render)."""
 
-    def __init__(self, every_steps: int = 10, every_seconds: float = 1.0, max_overhead: float = 0.25,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        every_steps: int = 10,
+        every_seconds: float = 1.0,
+        max_overhead: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if every_steps < 1 or every_seconds < 0 or not 0 < max_overhead <= 1:
             raise ValueError("need every_steps >= 1, every_seconds >= 0 and 0 < max_overhead <= 1")
         self.every_steps, self.every_seconds, self.max_overhead = every_steps, every_seconds, max_overhead
@@ -140,16 +145,24 @@ class LivePlot:
     def title(self) -> str:
         step = int(self.train_rows[-1]["step"]) if self.train_rows else 0
         epoch = int(self.train_rows[-1]["epoch"]) if self.train_rows else 0
-        return (f"{self.stage.upper()}  step {step}/{self.total_steps}  epoch {epoch}/{self.epochs or '?'}  "
-                f"({self.clock() - self._t0:.0f} s)")
+        return (
+            f"{self.stage.upper()}  step {step}/{self.total_steps}  epoch {epoch}/{self.epochs or '?'}  "
+            f"({self.clock() - self._t0:.0f} s)"
+        )
 
     def redraw(self, title: str | None = None) -> Figure:
         start = time.perf_counter()
         train, evals = self.frames()
-        draw_panels(self.figure, self.panels(), train, evals, baseline=self.baseline(),
-                    steps_per_epoch=self.steps_per_epoch, title=self.title() if title is None else title,
-                    baseline_label=self.baseline_label or ("epoch 0 (untrained)" if self.stage == "sft"
-                                                           else "SFT baseline"))
+        draw_panels(
+            self.figure,
+            self.panels(),
+            train,
+            evals,
+            baseline=self.baseline(),
+            steps_per_epoch=self.steps_per_epoch,
+            title=self.title() if title is None else title,
+            baseline_label=self.baseline_label or ("epoch 0 (untrained)" if self.stage == "sft" else "SFT baseline"),
+        )
         self.redraws += 1
         self.draw_seconds += time.perf_counter() - start
         return self.figure
@@ -227,8 +240,14 @@ class LivePlot:
         self._publish(final=True)
 
 
-def plot_history(history: pd.DataFrame, stage: str, *, panels: Sequence[Panel] | None = None,
-                 baseline: Mapping[str, float] | str | None = "epoch0", title: str | None = None) -> Figure:
+def plot_history(
+    history: pd.DataFrame,
+    stage: str,
+    *,
+    panels: Sequence[Panel] | None = None,
+    baseline: Mapping[str, float] | str | None = "epoch0",
+    title: str | None = None,
+) -> Figure:
     """Static figure of one stage from ``metrics.csv`` rows (or ``StageResult.history``)."""
     plot = LivePlot(panels=panels, baseline=baseline, live=False, display=False)
     plot.load_history(history, stage)

@@ -50,16 +50,20 @@ def forest_plot(
     s = summary[summary["world"] == world]
     metrics = _present(metrics, s["metric"])
     order = list(variants) if variants is not None else list(dict.fromkeys(s["variant"]))
-    col, lo, hi, verdict = (("diff", "diff_low", "diff_high", "verdict") if against == "sft" else
-                            ("vs_ref", "vs_ref_low", "vs_ref_high", "vs_ref_verdict"))
+    col, lo, hi, verdict = (
+        ("diff", "diff_low", "diff_high", "verdict")
+        if against == "sft"
+        else ("vs_ref", "vs_ref_low", "vs_ref_high", "vs_ref_verdict")
+    )
     if col not in s.columns:
         raise ValueError(f"summary has no {col!r} column; summarize(..., reference=...) adds the reference columns")
-    fig, axes = _subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.28 * len(order) + 1.4), sharey=True,
-                             squeeze=False)
+    fig, axes = _subplots(
+        1, len(metrics), figsize=(4.2 * len(metrics), 0.28 * len(order) + 1.4), sharey=True, squeeze=False
+    )
     y = np.arange(len(order))[::-1]
     for ax, m in zip(axes[0], metrics):
         sm = s[s["metric"] == m].set_index("variant").reindex(order)
-        for yi, (v, r) in zip(y, sm.iterrows()):
+        for yi, (_, r) in zip(y, sm.iterrows()):
             if pd.isna(r[col]):
                 continue
             c = _COLORS.get(r[verdict], "tab:gray")
@@ -71,8 +75,12 @@ def forest_plot(
         ax.set_title(f"{m} - {ref_name} {arrow}", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(y, order, fontsize=8)
-    fig.suptitle(title or f"Effect of each variant vs {'SFT' if against == 'sft' else 'the reference'} "
-                 f"(world {world!r}, mean and 95% CI)", fontsize=11)
+    fig.suptitle(
+        title
+        or f"Effect of each variant vs {'SFT' if against == 'sft' else 'the reference'} "
+        f"(world {world!r}, mean and 95% CI)",
+        fontsize=11,
+    )
     fig.tight_layout()
     return fig
 
@@ -173,8 +181,9 @@ def sweep_plot(
     symlog = bool(positive) and min(xs.values()) >= 0 and max(xs.values()) / min(positive) > 20
     for ax, m in zip(axes[0], metrics):
         sm = s[s["metric"] == m].assign(x=lambda d: d["variant"].map(xs)).sort_values("x")
-        ax.errorbar(sm["x"], sm["diff"], yerr=[sm["diff"] - sm["diff_low"], sm["diff_high"] - sm["diff"]],
-                    marker="o", capsize=3)
+        ax.errorbar(
+            sm["x"], sm["diff"], yerr=[sm["diff"] - sm["diff_low"], sm["diff_high"] - sm["diff"]], marker="o", capsize=3
+        )
         for _, r in sm.iterrows():
             ax.annotate(r["variant"], (r["x"], r["diff"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axhline(0, color="black", lw=0.8)
@@ -226,15 +235,21 @@ def world_plot(
     for row, (knob, values) in zip(axes, knobs.items()):
         for ax, m in zip(row, metrics):
             for i, v in enumerate(variants):
-                pts = summary[(summary["variant"] == v) & (summary["metric"] == m)
-                              & summary["world"].isin(values)].assign(x=lambda d: d["world"].map(values))
+                pts = summary[
+                    (summary["variant"] == v) & (summary["metric"] == m) & summary["world"].isin(values)
+                ].assign(x=lambda d, values=values: d["world"].map(values))
                 pts = pts.sort_values("x")
                 if pts.empty:
                     continue
                 jitter = (i - (len(variants) - 1) / 2) * 0.01 * (max(values.values()) - min(values.values()) or 1)
-                ax.errorbar(pts["x"] + jitter, pts["diff"], yerr=[pts["diff"] - pts["diff_low"],
-                                                                   pts["diff_high"] - pts["diff"]],
-                            marker="o", capsize=3, label=v)
+                ax.errorbar(
+                    pts["x"] + jitter,
+                    pts["diff"],
+                    yerr=[pts["diff"] - pts["diff_low"], pts["diff_high"] - pts["diff"]],
+                    marker="o",
+                    capsize=3,
+                    label=v,
+                )
             ax.axhline(0, color="black", lw=0.8)
             ax.axvline(values[BASE_WORLD], color="gray", ls=":", lw=0.8)
             ax.set_xlabel(f"{knob} (dotted: default world)")
@@ -248,8 +263,11 @@ def world_plot(
 def step0_table(frame: pd.DataFrame, variants: Sequence[str] | None = None, world: str = BASE_WORLD) -> pd.DataFrame:
     """GRPO step-0 ratio statistics per variant (mean over seeds): how far from 1 GRPO starts, and how much of the
     batch the clip range already excludes."""
-    cols = [c for c in ("step0_ratio_mean", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
-            if c in frame.columns]
+    cols = [
+        c
+        for c in ("step0_ratio_mean", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
+        if c in frame.columns
+    ]
     t = frame[(frame["world"] == world) & (frame["split"] == "test") & (frame["stage"] == "grpo")]
     if variants is not None:
         t = t[t["variant"].isin(variants)]
@@ -274,14 +292,22 @@ def shortcut_plot(analyses: Mapping[str, Any], *, title: str | None = None) -> A
     ax[0].set_ylim(0, 1)
     ax[0].legend(fontsize=8)
     w = 0.38
-    ax[1].bar(x - w / 2, [analyses[n].acc_shortcut for n in names], w, color="tab:orange",
-              label="rank by query-independent part")
+    ax[1].bar(
+        x - w / 2,
+        [analyses[n].acc_shortcut for n in names],
+        w,
+        color="tab:orange",
+        label="rank by query-independent part",
+    )
     ax[1].bar(x + w / 2, [analyses[n].acc_reward for n in names], w, color="tab:gray", label="rank by reward")
     ax[1].set_title("acc@1 (label) of each ranking", fontsize=10)
     ax[1].legend(fontsize=8)
     if has_change:
-        parts = (("corr_change_shortcut", "query-independent", "tab:orange"),
-                 ("corr_change_rest", "query-dependent", "tab:blue"), ("corr_change_label", "label", "tab:green"))
+        parts = (
+            ("corr_change_shortcut", "query-independent", "tab:orange"),
+            ("corr_change_rest", "query-dependent", "tab:blue"),
+            ("corr_change_label", "label", "tab:green"),
+        )
         w3 = 0.27
         for i, (attr, label, color) in enumerate(parts):
             vals = [getattr(analyses[n], attr) if getattr(analyses[n], attr) is not None else np.nan for n in names]

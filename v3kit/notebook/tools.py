@@ -49,17 +49,27 @@ def notebook_config(
     ``None`` keeps the seed's value, or the :data:`SMOKE` size when ``smoke``; ``grpo`` / ``rce`` are further
     config keys of those sections (validated like a YAML config).
     """
+
     def pick(value: Any, name: str) -> Any:
         return value if value is not None else SMOKE.get(name) if smoke else None
 
-    raw: dict[str, Any] = {"run_dir": str(resolve_run_dir(run_dir)), "seed": int(seed), "progress": False,
-                           "data": {"synthetic": {}}, "sft": {}, "rce": dict(rce or {}), "grpo": dict(grpo or {})}
-    for section, key, value in (("synthetic", "n_queries", pick(n_queries, "n_queries")),
-                                ("sft", "epochs", pick(sft_epochs, "sft_epochs")),
-                                ("rce", "epochs", pick(rce_epochs, "rce_epochs")),
-                                ("rce", "lr", rce_lr),
-                                ("grpo", "epochs", pick(grpo_epochs, "grpo_epochs")),
-                                ("grpo", "lr", grpo_lr)):
+    raw: dict[str, Any] = {
+        "run_dir": str(resolve_run_dir(run_dir)),
+        "seed": int(seed),
+        "progress": False,
+        "data": {"synthetic": {}},
+        "sft": {},
+        "rce": dict(rce or {}),
+        "grpo": dict(grpo or {}),
+    }
+    for section, key, value in (
+        ("synthetic", "n_queries", pick(n_queries, "n_queries")),
+        ("sft", "epochs", pick(sft_epochs, "sft_epochs")),
+        ("rce", "epochs", pick(rce_epochs, "rce_epochs")),
+        ("rce", "lr", rce_lr),
+        ("grpo", "epochs", pick(grpo_epochs, "grpo_epochs")),
+        ("grpo", "lr", grpo_lr),
+    ):
         if value is not None:
             (raw["data"]["synthetic"] if section == "synthetic" else raw[section])[key] = value
     return from_dict(RunConfig, raw)
@@ -204,8 +214,14 @@ def default_kernel(nb: Any) -> str:
     return own if own in specs else "python3"
 
 
-def run_notebook(name: str | Path, parameters: dict[str, Any] | None = None, out: str | Path | None = None, *,
-                 kernel: str | None = None, timeout: float | None = None) -> Path:
+def run_notebook(
+    name: str | Path,
+    parameters: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    *,
+    kernel: str | None = None,
+    timeout: float | None = None,
+) -> Path:
     """Execute notebook ``name`` headless from its py:percent source (jupytext converts it in memory, papermill
     injects ``parameters`` and runs it with the notebooks' directory as cwd); writes the executed ``.ipynb`` to
     ``out`` (default ``runs/notebooks/executed/NN_name.ipynb``). A failing cell raises papermill's
@@ -224,8 +240,15 @@ def run_notebook(name: str | Path, parameters: dict[str, Any] | None = None, out
         raise ValueError(f"{src.name} has no parameter(s) {unknown}; its parameters: {sorted(declared)}")
     out = Path(out) if out is not None else Path("runs/notebooks/executed") / f"{src.stem}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(nb, str(out), parameters=params, kernel_name=kernel or default_kernel(nb),
-                               cwd=str(src.parent), progress_bar=False, execution_timeout=timeout)
+    papermill.execute_notebook(
+        nb,
+        str(out),
+        parameters=params,
+        kernel_name=kernel or default_kernel(nb),
+        cwd=str(src.parent),
+        progress_bar=False,
+        execution_timeout=timeout,
+    )
     return out
 
 
@@ -254,8 +277,11 @@ def cmd_notebook(args: Any) -> int:
         out = run_notebook(args.name, params, args.out, kernel=args.kernel)
     except PapermillExecutionError as e:
         where = args.out or f"runs/notebooks/executed/{notebook_source(args.name).stem}.ipynb"
-        print(f"v3kit notebook: {args.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
-              f"(the executed notebook with the traceback: {where})", file=sys.stderr)
+        print(
+            f"v3kit notebook: {args.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
+            f"(the executed notebook with the traceback: {where})",
+            file=sys.stderr,
+        )
         return 1
     print(f"executed {out}")
     return 0
@@ -265,8 +291,15 @@ def register_cli(subparsers: Any) -> None:
     """``v3kit notebook NN_name [-p KEY VALUE ...] [--out PATH]``: run a notebook headless (CI)."""
     p = subparsers.add_parser("notebook", help="run a notebook headless from its .py source through papermill (CI)")
     p.add_argument("name", help="notebook: 03_grpo, 03, or a path to a jupytext .py")
-    p.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                   help="a parameter, read as papermill -p reads it (True, 0.01, None, text; also [0.0, 0.1])")
+    p.add_argument(
+        "-p",
+        "--parameter",
+        dest="parameters",
+        nargs=2,
+        action="append",
+        metavar=("KEY", "VALUE"),
+        help="a parameter, read as papermill -p reads it (True, 0.01, None, text; also [0.0, 0.1])",
+    )
     p.add_argument("--out", help="the executed .ipynb (default runs/notebooks/executed/NN_name.ipynb)")
     p.add_argument("-k", "--kernel", help="Jupyter kernel (default: the notebook's, v3kit, else python3)")
     p.set_defaults(func=cmd_notebook)

@@ -41,9 +41,13 @@ def random_expected_metrics(data: GroupData, k: int = 5) -> dict[str, float]:
     edcg = (gains.sum(1) / n) * (disc * places).sum(1)
     idcg = (torch.sort(gains, 1, descending=True).values[:, :kk] * disc).sum(1)
     ndcg = edcg[idcg > 0] / idcg[idcg > 0]
-    out = {"acc@1": float((1 / n).mean()), "mrr": float((harmonic / n).mean()),
-           f"ndcg@{k}": float(ndcg.mean()) if ndcg.numel() else 1.0, "reward@1": float(mean_r.mean()),
-           "regret@1": float((r_max - mean_r).mean())}
+    out = {
+        "acc@1": float((1 / n).mean()),
+        "mrr": float((harmonic / n).mean()),
+        f"ndcg@{k}": float(ndcg.mean()) if ndcg.numel() else 1.0,
+        "reward@1": float(mean_r.mean()),
+        "regret@1": float((r_max - mean_r).mean()),
+    }
     if data.utility is not None:
         u = torch.where(mask, data.utility.double(), torch.zeros_like(r))
         out["utility@1"] = float((u.sum(1) / n).mean())

@@ -89,8 +89,8 @@ def load_state_into(model: nn.Module, state: dict[str, Any], path: str | Path) -
             parts.append(f"unexpected {unexpected[:4]}")
         if wrong:
             parts.append(
-                "shape mismatch " + ", ".join(f"{k}: ckpt {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                                              for k in wrong[:4])
+                "shape mismatch "
+                + ", ".join(f"{k}: ckpt {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:4])
             )
         raise CheckpointError(
             f"checkpoint {path} does not fit this model ({'; '.join(parts)}); build the model with the checkpoint's "
@@ -112,8 +112,10 @@ def require_fields(ckpt: dict[str, Any], path: str | Path, *names: str) -> None:
     """A v3kit-marked file missing a field would otherwise surface as a bare ``KeyError``."""
     missing = [n for n in names if n not in ckpt]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks the field(s) {missing}; it was not written by v3kit's stage "
-                              "runners (or is damaged): re-create it or point to another file")
+        raise CheckpointError(
+            f"checkpoint {path} lacks the field(s) {missing}; it was not written by v3kit's stage "
+            "runners (or is damaged): re-create it or point to another file"
+        )
 
 
 def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
@@ -121,14 +123,17 @@ def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConf
     require_fields(ckpt, path, "model_config")
     raw = ckpt["model_config"]
     if not isinstance(raw, dict):
-        raise CheckpointError(f"checkpoint {path}: model_config must be a mapping, got {type(raw).__name__}; "
-                              "re-create the checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path}: model_config must be a mapping, got {type(raw).__name__}; re-create the checkpoint"
+        )
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise CheckpointError(f"checkpoint {path}: model_config has field(s) {unknown} this v3kit does not know "
-                              f"(known: {sorted(known)}); it was written by another v3kit version: use that version "
-                              "or re-create the checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path}: model_config has field(s) {unknown} this v3kit does not know "
+            f"(known: {sorted(known)}); it was written by another v3kit version: use that version "
+            "or re-create the checkpoint"
+        )
     try:
         return ModelConfig(**raw)
     except (TypeError, ValueError) as e:
@@ -140,12 +145,22 @@ def nonfinite_tensors(state: Any, names: set[str] | None = None) -> list[str]:
     check to those entries (a model's parameters: a buffer may hold -inf on purpose, e.g. an attention mask)."""
     if not isinstance(state, dict):
         return []
-    return [k for k, v in state.items() if (names is None or k in names) and isinstance(v, torch.Tensor)
-            and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        k
+        for k, v in state.items()
+        if (names is None or k in names)
+        and isinstance(v, torch.Tensor)
+        and v.is_floating_point()
+        and not bool(torch.isfinite(v).all())
+    ]
 
 
-def check_finite_weights(state: Any, path: str | Path, names: set[str] | None = None,
-                         fix: str = "re-create it from a finite model, or use an earlier checkpoint") -> None:
+def check_finite_weights(
+    state: Any,
+    path: str | Path,
+    names: set[str] | None = None,
+    fix: str = "re-create it from a finite model, or use an earlier checkpoint",
+) -> None:
     """Refuse weights with NaN/inf, naming the first tensors and how many there are: a NaN model evaluates to
     random-level metrics and trains to NaN, both without any other error. The one check every path that reads
     weights from outside a run uses (``eval``, ``run --sft``, ``import-sft``)."""

@@ -71,13 +71,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device("mps") if _mps_available() else torch.device("cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here (torch {torch.__version__}, "
-                             f"CUDA build {torch.version.cuda}); set device=auto or device=cpu")
+            raise ValueError(
+                f"device={device!r} but CUDA is not available here (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda}); set device=auto or device=cpu"
+            )
         index = int(device.partition(":")[2] or 0)
         count = torch.cuda.device_count()
         if index >= count:
-            raise ValueError(f"device={device!r} but this machine has {count} CUDA device(s) (cuda:0 .. "
-                             f"cuda:{count - 1}); pick one of them or set device=cuda")
+            raise ValueError(
+                f"device={device!r} but this machine has {count} CUDA device(s) (cuda:0 .. "
+                f"cuda:{count - 1}); pick one of them or set device=cuda"
+            )
     if device == "mps" and not _mps_available():
         raise ValueError("device='mps' but Apple MPS is not available here; set device=auto or device=cpu")
     return torch.device(device)
@@ -88,14 +92,17 @@ def resolve_precision(precision: str, device: torch.device, *, warn: bool = True
     check_precision_setting(precision)
     if precision == "bf16" and device.type != "cuda":
         if warn:
-            warnings.warn(f"precision=bf16 is ignored on {device.type}: bf16 autocast is used on CUDA only, this "
-                          "run is fp32", stacklevel=2)
+            warnings.warn(
+                f"precision=bf16 is ignored on {device.type}: bf16 autocast is used on CUDA only, this run is fp32",
+                stacklevel=2,
+            )
         return "fp32"
     return precision
 
 
-def resolve_threads(threads: Union[str, int], device: torch.device, n_params: int | None,
-                    cores: int | None = None) -> int:
+def resolve_threads(
+    threads: Union[str, int], device: torch.device, n_params: int | None, cores: int | None = None
+) -> int:
     """``auto``: 1 thread when the machine has <= 2 cores (other processes need them; threads would fight), when
     the model is small (< :data:`SMALL_MODEL_PARAMS` parameters: the ops finish before threads help) or when a
     GPU does the arithmetic (the host only launches kernels); else ``min(cores, 8)``."""
@@ -119,8 +126,11 @@ class Runtime:
     requested_precision: str = "fp32"
 
     def describe(self) -> str:
-        p = self.precision if self.precision == self.requested_precision else (
-            f"{self.precision} ({self.requested_precision} ignored off CUDA)")
+        p = (
+            self.precision
+            if self.precision == self.requested_precision
+            else (f"{self.precision} ({self.requested_precision} ignored off CUDA)")
+        )
         return f"device {self.device}, precision {p}, threads {self.threads}"
 
 

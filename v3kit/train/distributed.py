@@ -91,16 +91,18 @@ class SlicedGrad(nn.Module):
         from .model import scores
 
         if not isinstance(query_x, Tensor) or not isinstance(cand_x, Tensor):
-            raise ValueError("torchrun needs models whose inputs are tensors (a model with featurize() runs in one "
-                             "process)")
+            raise ValueError(
+                "torchrun needs models whose inputs are tensors (a model with featurize() runs in one process)"
+            )
         n = query_x.shape[0]
         rows = self.dist.rows(n)
         return gather_rows(scores(self.model, query_x[rows], cand_x[rows]), n, self.dist)
 
     def _sliced(self, encode: Any, x: Any) -> Tensor:
         if not isinstance(x, Tensor):
-            raise ValueError("torchrun needs models whose inputs are tensors (a model with featurize() runs in one "
-                             "process)")
+            raise ValueError(
+                "torchrun needs models whose inputs are tensors (a model with featurize() runs in one process)"
+            )
         n = x.shape[0]
         own = encode(x[self.dist.rows(n)])
         return gather_rows(own, n, self.dist)

@@ -44,8 +44,20 @@ from torch import Tensor, nn
 from ..bounds import check_max
 from ..data.contract import Batch, Splits
 from .checkpoint import model_payload
-from .losses import (ADV_SCALES, EXACT_KL, KL_ESTIMATORS, LOG_RATIO_CLAMP, LOSS_TYPES, AdaptiveKLController,
-                     exact_group_kl, group_advantages, group_entropy, grpo_loss_terms, std_over, zero_std_groups)
+from .losses import (
+    ADV_SCALES,
+    EXACT_KL,
+    KL_ESTIMATORS,
+    LOG_RATIO_CLAMP,
+    LOSS_TYPES,
+    AdaptiveKLController,
+    exact_group_kl,
+    group_advantages,
+    group_entropy,
+    grpo_loss_terms,
+    std_over,
+    zero_std_groups,
+)
 from .model import ModelConfig, compute_log_probs, disable_dropout, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
@@ -115,15 +127,22 @@ class GRPOConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, allowed in (("old_policy", OLD_POLICIES), ("kl_reference", KL_REFERENCES),
-                              ("kl_estimator", KL_ESTIMATOR_CHOICES), ("adv_scale", ADV_SCALES), ("samples", SAMPLE_MODES),
-                              ("loss_type", LOSS_TYPES)):
+        for name, allowed in (
+            ("old_policy", OLD_POLICIES),
+            ("kl_reference", KL_REFERENCES),
+            ("kl_estimator", KL_ESTIMATOR_CHOICES),
+            ("adv_scale", ADV_SCALES),
+            ("samples", SAMPLE_MODES),
+            ("loss_type", LOSS_TYPES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"grpo.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.kl_beta < 0:
             raise ValueError(f"grpo.kl_beta must be >= 0, got {self.kl_beta}")
         if not 0 <= self.eps_low < 1:
-            raise ValueError(f"grpo.eps_low must be in [0, 1) (the lower clip bound is 1 - eps_low), got {self.eps_low}")
+            raise ValueError(
+                f"grpo.eps_low must be in [0, 1) (the lower clip bound is 1 - eps_low), got {self.eps_low}"
+            )
         if self.eps_high is not None and self.eps_high < 0:
             raise ValueError(f"grpo.eps_high must be >= 0 or null (= eps_low), got {self.eps_high}")
         if self.adv_eps < 0:
@@ -131,8 +150,9 @@ class GRPOConfig(OptimConfig):
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"grpo.dual_clip must be > 1 or null, got {self.dual_clip}")
         if self.num_samples < 2:
-            raise ValueError(f"grpo.num_samples must be >= 2 (a group of one has no relative advantage), "
-                             f"got {self.num_samples}")
+            raise ValueError(
+                f"grpo.num_samples must be >= 2 (a group of one has no relative advantage), got {self.num_samples}"
+            )
         check_max("grpo.num_samples", self.num_samples, 100_000, "draws cost memory per group; is it a typo?")
         if self.entropy_coef < 0:
             raise ValueError(f"grpo.entropy_coef must be >= 0 (a bonus on entropy), got {self.entropy_coef}")
@@ -142,8 +162,10 @@ class GRPOConfig(OptimConfig):
             raise ValueError(f"grpo.kl_horizon must be >= 1, got {self.kl_horizon}")
         if self.kl_target is not None and 5 * self.kl_horizon <= self.batch_size:
             # a step multiplies kl_beta by 1 + clip(err, +-0.2) * batch_size / kl_horizon: 0 or negative at ratio >= 5
-            raise ValueError(f"grpo.kl_horizon must be > grpo.batch_size / 5 = {self.batch_size / 5:g} with "
-                             f"grpo.kl_target set (else kl_beta can turn <= 0), got {self.kl_horizon}")
+            raise ValueError(
+                f"grpo.kl_horizon must be > grpo.batch_size / 5 = {self.batch_size / 5:g} with "
+                f"grpo.kl_target set (else kl_beta can turn <= 0), got {self.kl_horizon}"
+            )
         if self.kl_target is not None and self.kl_beta == 0:
             raise ValueError("grpo.kl_target needs grpo.kl_beta > 0 to start from (an adaptive 0 stays 0)")
         lt = self.logp_temperature
@@ -203,29 +225,53 @@ def grpo_step_loss(
         ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
         mask = torch.ones_like(idx, dtype=torch.bool)
     if group_terms is not None and not per_group_advantages(cfg):
-        raise ValueError(f"group_terms cannot be precomputed for samples={cfg.samples!r}, "
-                         f"adv_scale={cfg.adv_scale!r}: advantages depend on the batch")
+        raise ValueError(
+            f"group_terms cannot be precomputed for samples={cfg.samples!r}, "
+            f"adv_scale={cfg.adv_scale!r}: advantages depend on the batch"
+        )
     zero = zero_std_groups(rewards, mask) if group_terms is None else group_terms[0]
     stats["frac_reward_zero_std"] = zero.float().mean()
     # Only drop_zero_std_groups needs to know (on the host) which groups to keep; the default path never waits.
     keep = ~zero if cfg.drop_zero_std_groups else None
     if keep is not None and not keep.any():  # nothing in this batch carries signal: no update (the runner skips)
-        return logp.new_zeros(()), {**stats, "pg_loss": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio/low_mean": 0.0,
-                                    "clip_ratio/high_mean": 0.0, "adv_std": 0.0}
+        return logp.new_zeros(()), {
+            **stats,
+            "pg_loss": 0.0,
+            "kl": 0.0,
+            "clip_ratio": 0.0,
+            "clip_ratio/low_mean": 0.0,
+            "clip_ratio/high_mean": 0.0,
+            "adv_std": 0.0,
+        }
     if keep is not None and not keep.all():
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
     if group_terms is not None:
         adv = group_terms[1] if keep is None else group_terms[1][keep]
     else:
-        adv = group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline,
-                               no_signal=zero if keep is None else zero[keep])
+        adv = group_advantages(
+            rewards,
+            mask,
+            scale=cfg.adv_scale,
+            eps=cfg.adv_eps,
+            baseline=cfg.baseline,
+            no_signal=zero if keep is None else zero[keep],
+        )
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
     loss, loss_stats = grpo_loss_terms(
-        logp, old_logp, adv, mask=mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+        logp,
+        old_logp,
+        adv,
+        mask=mask,
+        eps_low=cfg.eps_low,
+        eps_high=cfg.eps_high,
         kl_beta=kl_beta if full_kl is None else 0.0,  # the full groups' KL is added below instead
-        ref_logp=ref_logp, kl_estimator=cfg.kl_estimator, weights=weights, dual_clip=cfg.dual_clip,
-        loss_type=cfg.loss_type, entropy_coef=0.0 if bonus is not None else cfg.entropy_coef,
+        ref_logp=ref_logp,
+        kl_estimator=cfg.kl_estimator,
+        weights=weights,
+        dual_clip=cfg.dual_clip,
+        loss_type=cfg.loss_type,
+        entropy_coef=0.0 if bonus is not None else cfg.entropy_coef,
     )
     if full_kl is not None:
         loss = loss + kl_beta * full_kl
@@ -247,8 +293,9 @@ def per_group_terms(rewards: Tensor, mask: Tensor, cfg: GRPOConfig) -> tuple[Ten
     """``(no_signal, advantages)`` of every group at once: rewards never change during GRPO, so the runner reads
     a batch's rows instead of recomputing them each step (row for row the same numbers)."""
     zero = zero_std_groups(rewards, mask)
-    return zero, group_advantages(rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline,
-                                  no_signal=zero)
+    return zero, group_advantages(
+        rewards, mask, scale=cfg.adv_scale, eps=cfg.adv_eps, baseline=cfg.baseline, no_signal=zero
+    )
 
 
 def ratio_stats(ratios: Tensor, eps_low: float, eps_high: float | None) -> dict[str, float]:
@@ -270,12 +317,25 @@ class GRPOStage(Stage):
 
     name = "grpo"
 
-    def __init__(self, policy: nn.Module, splits: Splits, old_log_probs: Tensor, cfg: GRPOConfig,
-                 model_config: ModelConfig, *, reference: nn.Module | None, temperature: float,
-                 device: torch.device | str, precision: str) -> None:
+    def __init__(
+        self,
+        policy: nn.Module,
+        splits: Splits,
+        old_log_probs: Tensor,
+        cfg: GRPOConfig,
+        model_config: ModelConfig,
+        *,
+        reference: nn.Module | None,
+        temperature: float,
+        device: torch.device | str,
+        precision: str,
+    ) -> None:
         train = splits.train
-        meta = {"config": asdict(cfg), "temperature": temperature,
-                **model_payload(model_config, train.query_dim, train.cand_dim)}
+        meta = {
+            "config": asdict(cfg),
+            "temperature": temperature,
+            **model_payload(model_config, train.query_dim, train.cand_dim),
+        }
         if model_config.disable_dropout:  # before any log-prob: old, current and reference computed alike
             disable_dropout(policy)
         super().__init__(policy, train, splits.val, cfg, reference=reference, temperature=temperature, meta=meta)
@@ -293,12 +353,14 @@ class GRPOStage(Stage):
         self.step0_summary = ratio_stats(self.step0_ratios, cfg.eps_low, cfg.eps_high)
         # The frozen reference never changes: its log-probs are read once (on the train split, at GRPO's
         # temperature, like old_log_probs) and looked up by batch.index instead of a forward pass per step.
-        self.ref = None if cfg.kl_reference != "sft" else compute_log_probs(reference, train, temperature,
-                                                                           precision=precision)
+        self.ref = (
+            None if cfg.kl_reference != "sft" else compute_log_probs(reference, train, temperature, precision=precision)
+        )
         # Rewards never change either: when a group's advantages depend on that group alone, compute them once.
         self.terms = per_group_terms(train.rewards.to(self.device), mask, cfg) if per_group_advantages(cfg) else None
-        self.kl_ctl = None if cfg.kl_target is None else AdaptiveKLController(cfg.kl_beta, cfg.kl_target,
-                                                                               cfg.kl_horizon)
+        self.kl_ctl = (
+            None if cfg.kl_target is None else AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
+        )
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed in __init__
@@ -309,9 +371,17 @@ class GRPOStage(Stage):
         ref_logp = None if self.ref is None else self.ref[batch.index]
         group_terms = None if self.terms is None else (self.terms[0][batch.index], self.terms[1][batch.index])
         beta = None if self.kl_ctl is None else self.kl_ctl.value
-        loss, stats = grpo_step_loss(logp, self.old[batch.index], batch.rewards, batch.mask, self.cfg,
-                                     ref_logp=ref_logp, generator=ctx.generator, group_terms=group_terms,
-                                     kl_beta=beta)
+        loss, stats = grpo_step_loss(
+            logp,
+            self.old[batch.index],
+            batch.rewards,
+            batch.mask,
+            self.cfg,
+            ref_logp=ref_logp,
+            generator=ctx.generator,
+            group_terms=group_terms,
+            kl_beta=beta,
+        )
         stats["temperature"] = self.temperature
         if self.kl_ctl is not None:  # the coefficient this step used; the update applies from the next step on
             stats["kl_beta"] = beta
@@ -354,14 +424,25 @@ def run_grpo(
     model_config = model_config or ModelConfig()
     train = splits.train
     if tuple(old_log_probs.shape) != tuple(train.mask.shape):
-        raise ValueError(f"old_log_probs has shape {tuple(old_log_probs.shape)} but the training split is "
-                         f"{tuple(train.mask.shape)}; compute them on this split with load_sft(...)")
+        raise ValueError(
+            f"old_log_probs has shape {tuple(old_log_probs.shape)} but the training split is "
+            f"{tuple(train.mask.shape)}; compute them on this split with load_sft(...)"
+        )
     if cfg.kl_reference == "sft" and reference is None:
         raise ValueError("grpo.kl_reference='sft' needs the frozen SFT model: pass reference=stage1.reference")
     temperature = model_config.sim_temperature if temperature is None else temperature
     context = RunContext(**run)
-    stage = GRPOStage(policy, splits, old_log_probs, cfg, model_config, reference=reference,
-                      temperature=temperature, device=context.device, precision=context.precision)
+    stage = GRPOStage(
+        policy,
+        splits,
+        old_log_probs,
+        cfg,
+        model_config,
+        reference=reference,
+        temperature=temperature,
+        device=context.device,
+        precision=context.precision,
+    )
     result = fit(stage, context)
     result.info.update(step0_ratios=stage.step0_ratios, temperature=temperature, **stage.step0_summary)
     return result

@@ -22,12 +22,25 @@ import torch
 from torch import Tensor, nn
 
 from ..data.contract import GroupData
-from .checkpoint import (CheckpointError, check_finite_weights, load_checkpoint, model_from_checkpoint, model_payload,
-                         save_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    check_finite_weights,
+    load_checkpoint,
+    model_from_checkpoint,
+    model_payload,
+    save_checkpoint,
+)
 from .model import INTERFACES, ModelConfig, build_model, compute_log_probs, interface_of, scores
 
-__all__ = ["StateDictMismatch", "import_sft", "read_state_dict", "unwrap_state_dict", "apply_renames",
-           "fit_report", "register_cli"]
+__all__ = [
+    "StateDictMismatch",
+    "import_sft",
+    "read_state_dict",
+    "unwrap_state_dict",
+    "apply_renames",
+    "fit_report",
+    "register_cli",
+]
 
 # Keys under which training scripts commonly nest the weights, tried in this order (Lightning, HF Trainer-style
 # dicts, hand-written {"model": sd, "optimizer": ..., "epoch": ...}).
@@ -45,8 +58,11 @@ class StateDictMismatch(CheckpointError):
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+    )
 
 
 def _describe(obj: Any) -> str:
@@ -78,11 +94,12 @@ def read_state_dict(path: str | Path) -> Any:
 
 
 def _strip_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items()}
+    return {k[len(prefix) :]: v for k, v in state.items()}
 
 
-def unwrap_state_dict(obj: Any, *, key: str | None = None, model_keys: Sequence[str] = (),
-                      source: str | Path = "<state dict>") -> dict[str, Tensor]:
+def unwrap_state_dict(
+    obj: Any, *, key: str | None = None, model_keys: Sequence[str] = (), source: str | Path = "<state dict>"
+) -> dict[str, Tensor]:
     """The flat ``{name: tensor}`` inside ``obj``.
 
     ``key`` picks a nested entry (``"ema"``, or a dotted path ``"checkpoint.model"``), or, when no such entry exists,
@@ -94,8 +111,9 @@ def unwrap_state_dict(obj: Any, *, key: str | None = None, model_keys: Sequence[
         obj = _select(obj, key, source)
     while not _is_state_dict(obj):
         if not isinstance(obj, Mapping):
-            raise CheckpointError(f"{source} holds {_describe(obj)}, not a state dict of tensors; save "
-                                  "model.state_dict() instead")
+            raise CheckpointError(
+                f"{source} holds {_describe(obj)}, not a state dict of tensors; save model.state_dict() instead"
+            )
         inner = next((k for k in WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
         if inner is None:
             raise CheckpointError(
@@ -107,7 +125,8 @@ def unwrap_state_dict(obj: Any, *, key: str | None = None, model_keys: Sequence[
     own_prefixed = bool(model_keys)
     for prefix in WRAPPER_PREFIXES:
         while all(k.startswith(prefix) for k in state) and not (
-                own_prefixed and all(k.startswith(prefix) for k in model_keys)):
+            own_prefixed and all(k.startswith(prefix) for k in model_keys)
+        ):
             state = _strip_prefix(state, prefix)
     return state
 
@@ -124,7 +143,7 @@ def _select(obj: Any, key: str, source: str | Path) -> Any:
         return node
     # A prefix of a flat state dict: {"model.encoder.weight": ...} with --key model.
     if _is_state_dict(obj):
-        picked = {k[len(key) + 1:]: v for k, v in obj.items() if k.startswith(key + ".")}
+        picked = {k[len(key) + 1 :]: v for k, v in obj.items() if k.startswith(key + ".")}
         if picked:
             return picked
     raise CheckpointError(f"--key {key!r}: {source} has no such entry or key prefix (it holds {_describe(obj)})")
@@ -140,20 +159,22 @@ def apply_renames(state: dict[str, Tensor], renames: Sequence[tuple[str, str]]) 
         hit = False
         for k, v in state.items():
             if k == old or k.startswith(old + "."):
-                k, hit = new + k[len(old):], True
+                k, hit = new + k[len(old) :], True
             if k in out:
                 raise CheckpointError(f"--rename {old}={new} makes two tensors named {k!r}; rename more narrowly")
             out[k] = v
         if not hit:
             tops = sorted({k.split(".")[0] for k in state})
-            raise CheckpointError(f"--rename {old}={new}: no key is {old!r} or starts with {old + '.'!r} "
-                                  f"(the top-level names are {tops})")
+            raise CheckpointError(
+                f"--rename {old}={new}: no key is {old!r} or starts with {old + '.'!r} (the top-level names are {tops})"
+            )
         state = out
     return state
 
 
 def _rename_hints(missing: list[str], unexpected: list[str]) -> list[str]:
     """``old=new`` for top-level names whose sub-keys match exactly: the usual cause is a renamed attribute."""
+
     def groups(keys: list[str]) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}
         for k in keys:
@@ -173,8 +194,15 @@ def fit_report(model: nn.Module, state: Mapping[str, Tensor], source: str | Path
     mismatched = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if not (missing or unexpected or mismatched):
         return
-    counts = ", ".join(f"{n} {what}" for n, what in ((len(missing), "missing"), (len(unexpected), "unexpected"),
-                                                      (len(mismatched), "shape-mismatched")) if n)
+    counts = ", ".join(
+        f"{n} {what}"
+        for n, what in (
+            (len(missing), "missing"),
+            (len(unexpected), "unexpected"),
+            (len(mismatched), "shape-mismatched"),
+        )
+        if n
+    )
     lines = [f"{source} does not fit {target} ({counts} key(s)); nothing was written"]
     lines += [f"  missing (in the model, not in the file): {k} {tuple(own[k].shape)}" for k in missing]
     lines += [f"  unexpected (in the file, not in the model): {k} {tuple(state[k].shape)}" for k in unexpected]
@@ -194,9 +222,11 @@ def _check_forward(model: nn.Module, query_dim: int, cand_dim: int, target: str)
         with torch.no_grad():
             out = scores(model, torch.zeros(1, query_dim), torch.zeros(1, 2, cand_dim))
     except Exception as e:
-        raise CheckpointError(f"{target} with the imported weights fails on features of dim (query {query_dim}, "
-                              f"candidate {cand_dim}) through its {interface_of(model).kind} interface: "
-                              f"{type(e).__name__}: {str(e)[:200]}") from None
+        raise CheckpointError(
+            f"{target} with the imported weights fails on features of dim (query {query_dim}, "
+            f"candidate {cand_dim}) through its {interface_of(model).kind} interface: "
+            f"{type(e).__name__}: {str(e)[:200]}"
+        ) from None
     if not bool(torch.isfinite(out).all()):
         raise CheckpointError(f"{target} with the imported weights gives non-finite scores on zero features")
 
@@ -214,8 +244,10 @@ def read_temperature(model: nn.Module, attr: str, form: str = "temperature") -> 
     for part in attr.split("."):
         if not hasattr(node, part):
             names = sorted(n for n, _ in [*model.named_parameters(), *model.named_buffers()] if "." not in n)
-            raise ValueError(f"--temperature-attr {attr!r}: {type(model).__name__} has no attribute {part!r} "
-                             f"(its own parameters and buffers: {names})")
+            raise ValueError(
+                f"--temperature-attr {attr!r}: {type(model).__name__} has no attribute {part!r} "
+                f"(its own parameters and buffers: {names})"
+            )
         node = getattr(node, part)
     if isinstance(node, Tensor):
         if node.numel() != 1:
@@ -225,11 +257,16 @@ def read_temperature(model: nn.Module, attr: str, form: str = "temperature") -> 
         value = float(node)
     else:
         raise ValueError(f"--temperature-attr {attr!r} is a {type(node).__name__}, not a number or a 1-element tensor")
-    t = {"temperature": value, "scale": 1.0 / value if value else float("inf"),
-         "log_scale": math.exp(-value) if value > -700 else float("inf")}[form]
+    t = {
+        "temperature": value,
+        "scale": 1.0 / value if value else float("inf"),
+        "log_scale": math.exp(-value) if value > -700 else float("inf"),
+    }[form]
     if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"--temperature-attr {attr!r} = {value} (form {form}) gives the temperature {t}, which is "
-                         "not a positive number; check --temperature-form")
+        raise ValueError(
+            f"--temperature-attr {attr!r} = {value} (form {form}) gives the temperature {t}, which is "
+            "not a positive number; check --temperature-form"
+        )
     return t
 
 
@@ -296,14 +333,21 @@ def import_sft(
     state = unwrap_state_dict(raw, key=key, model_keys=list(model.state_dict()), source=state_dict)
     state = apply_renames(state, renames)
     fit_report(model, state, state_dict, target)
-    check_finite_weights(state, state_dict, {k for k, _ in model.named_parameters()}, "nothing was written; "
-                         "export the weights of a model that trained without NaN/inf")
+    check_finite_weights(
+        state,
+        state_dict,
+        {k for k, _ in model.named_parameters()},
+        "nothing was written; export the weights of a model that trained without NaN/inf",
+    )
     model.load_state_dict(state)
     if temperature_attr is not None:
         cfg = dataclasses.replace(cfg, sim_temperature=read_temperature(model, temperature_attr, temperature_form))
     _check_forward(model, query_dim, cand_dim, target)
     payload = {
-        "stage": "sft", "epoch": 0, "step": -1, "model": model.state_dict(),
+        "stage": "sft",
+        "epoch": 0,
+        "step": -1,
+        "model": model.state_dict(),
         **model_payload(cfg, query_dim, cand_dim),
         # Provenance only; nothing reads it back.
         "imported_from": {"path": str(Path(state_dict).resolve()), "key": key, "renames": [list(r) for r in renames]},
@@ -364,29 +408,47 @@ def cmd_import_sft(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} {given} disagrees with the data of the config ({found}); drop {flag}")
         query_dim, cand_dim = q, c
     if query_dim is None or cand_dim is None:
-        raise ValueError("the feature dims are unknown: pass --query-dim and --cand-dim, or --config (and --set) "
-                         "of the run so they are read from its data")
-    path = import_sft(args.target, args.state_dict, args.out, query_dim=query_dim, cand_dim=cand_dim, kwargs=kwargs,
-                      key=args.key, renames=[_parse_rename(r) for r in args.rename or []],
-                      sim_temperature=args.sim_temperature, temperature_attr=args.temperature_attr,
-                      temperature_form=args.temperature_form, interface=args.interface, methods=methods,
-                      model_config=model_cfg)
+        raise ValueError(
+            "the feature dims are unknown: pass --query-dim and --cand-dim, or --config (and --set) "
+            "of the run so they are read from its data"
+        )
+    path = import_sft(
+        args.target,
+        args.state_dict,
+        args.out,
+        query_dim=query_dim,
+        cand_dim=cand_dim,
+        kwargs=kwargs,
+        key=args.key,
+        renames=[_parse_rename(r) for r in args.rename or []],
+        sim_temperature=args.sim_temperature,
+        temperature_attr=args.temperature_attr,
+        temperature_form=args.temperature_form,
+        interface=args.interface,
+        methods=methods,
+        model_config=model_cfg,
+    )
     ckpt = load_checkpoint(path)
     t = ckpt["model_config"]["sim_temperature"]
     kind = ckpt["model_config"]["interface"]
     model = model_from_checkpoint(ckpt, path)
     how = f"interface {interface_of(model).kind}" + (", recognised from the class" if kind == "auto" else "")
-    print(f"wrote {path}: {args.target} ({how}) with "
-          f"the weights of {args.state_dict} (query_dim {query_dim}, cand_dim {cand_dim}, sim_temperature {t:g}"
-          f"{f' read from {args.temperature_attr}' if args.temperature_attr else ''})")
+    print(
+        f"wrote {path}: {args.target} ({how}) with "
+        f"the weights of {args.state_dict} (query_dim {query_dim}, cand_dim {cand_dim}, sim_temperature {t:g}"
+        f"{f' read from {args.temperature_attr}' if args.temperature_attr else ''})"
+    )
     if data is not None:
         share = entropy_share(model, data, t)
-        print(f"imported policy on the data: mean entropy {share:.0%} of log G (100% = uniform) at sim_temperature "
-              f"{t:g}")
+        print(
+            f"imported policy on the data: mean entropy {share:.0%} of log G (100% = uniform) at sim_temperature {t:g}"
+        )
         if share > NEAR_UNIFORM:
-            print("warning: the imported policy is nearly uniform over each group: if your model divides its scores "
-                  "by a temperature (or multiplies by a logit scale), set --sim-temperature T or --temperature-attr "
-                  "NAME, else RCE and GRPO start from a policy much flatter than your model's")
+            print(
+                "warning: the imported policy is nearly uniform over each group: if your model divides its scores "
+                "by a temperature (or multiplies by a logit scale), set --sim-temperature T or --temperature-attr "
+                "NAME, else RCE and GRPO start from a policy much flatter than your model's"
+            )
     print(f"next: {next_run_command(path, args)}")
     return 0
 
@@ -394,9 +456,13 @@ def cmd_import_sft(args: argparse.Namespace) -> int:
 def register_cli(subparsers: Any) -> None:
     """``v3kit import-sft``: a plain state dict of your own class -> a v3kit ``sft.pt``."""
     p = subparsers.add_parser("import-sft", help="make a v3kit SFT checkpoint from your own model's state_dict file")
-    p.add_argument("--target", required=True, metavar="MODULE:CLASS",
-                   help="your ranker class: pkg.module:Class (importable from the current directory or PYTHONPATH) "
-                        "or path/to/models.py:Class")
+    p.add_argument(
+        "--target",
+        required=True,
+        metavar="MODULE:CLASS",
+        help="your ranker class: pkg.module:Class (importable from the current directory or PYTHONPATH) "
+        "or path/to/models.py:Class",
+    )
     p.add_argument("--state-dict", required=True, metavar="FILE", help="torch.save(model.state_dict()) output")
     p.add_argument("--out", required=True, metavar="FILE", help="the v3kit SFT checkpoint to write (e.g. sft.pt)")
     p.add_argument("--query-dim", type=int, help="query feature dim (or read it from the data with --config)")
@@ -407,16 +473,29 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--key", help="entry (or key prefix) that holds the weights, e.g. ema or model.backbone")
     p.add_argument("--rename", action="append", metavar="OLD=NEW", help="rename a key prefix (repeatable)")
     p.add_argument("--sim-temperature", type=float, help="model.sim_temperature of the policy (default 1.0)")
-    p.add_argument("--temperature-attr", metavar="NAME",
-                   help="read model.sim_temperature from this attribute, buffer or parameter of your model "
-                        "(e.g. temperature, logit_scale); see --temperature-form")
-    p.add_argument("--temperature-form", choices=TEMPERATURE_FORMS, default="temperature",
-                   help="what --temperature-attr holds: temperature (scores / T), scale (scores * s) or log_scale "
-                        "(scores * exp(s), CLIP's logit_scale)")
-    p.add_argument("--interface", choices=INTERFACES,
-                   help="model.interface: towers (two embedding methods) | scorer (forward(query_x, cand_x) -> "
-                        "scores [B, G]) | auto (default: recognised from the class)")
-    p.add_argument("--methods", metavar="JSON",
-                   help="model.methods: your method names, e.g. '{\"query\": \"encode_q\", \"candidates\": "
-                        "\"encode_docs\"}' or '{\"score\": \"score\"}'")
+    p.add_argument(
+        "--temperature-attr",
+        metavar="NAME",
+        help="read model.sim_temperature from this attribute, buffer or parameter of your model "
+        "(e.g. temperature, logit_scale); see --temperature-form",
+    )
+    p.add_argument(
+        "--temperature-form",
+        choices=TEMPERATURE_FORMS,
+        default="temperature",
+        help="what --temperature-attr holds: temperature (scores / T), scale (scores * s) or log_scale "
+        "(scores * exp(s), CLIP's logit_scale)",
+    )
+    p.add_argument(
+        "--interface",
+        choices=INTERFACES,
+        help="model.interface: towers (two embedding methods) | scorer (forward(query_x, cand_x) -> "
+        "scores [B, G]) | auto (default: recognised from the class)",
+    )
+    p.add_argument(
+        "--methods",
+        metavar="JSON",
+        help='model.methods: your method names, e.g. \'{"query": "encode_q", "candidates": '
+        '"encode_docs"}\' or \'{"score": "score"}\'',
+    )
     p.set_defaults(func=cmd_import_sft)

@@ -78,8 +78,9 @@ def _mean_weights(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> tup
     return w, w.sum().clamp_min(torch.finfo(x.dtype).tiny)
 
 
-def _masked_mean(x: Tensor, mask: Tensor, weights: Tensor | None = None,
-                 shared: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def _masked_mean(
+    x: Tensor, mask: Tensor, weights: Tensor | None = None, shared: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     w, total = _mean_weights(x, mask, weights) if shared is None else shared
     return (torch.where(mask, x, torch.zeros_like(x)) * w).sum() / total
 
@@ -213,8 +214,15 @@ def rce_loss(
     return rce_cross_entropy(logp, labels, rewards, temperature, label_weight=label_weight, reward_norm=reward_norm)
 
 
-def rce_cross_entropy(logp: Tensor, labels: Tensor, rewards: Tensor, temperature: float, *,
-                      label_weight: float = 0.0, reward_norm: str = "none") -> Tensor:
+def rce_cross_entropy(
+    logp: Tensor,
+    labels: Tensor,
+    rewards: Tensor,
+    temperature: float,
+    *,
+    label_weight: float = 0.0,
+    reward_norm: str = "none",
+) -> Tensor:
     """:func:`rce_loss` on the policy's group log-probs ``logp`` ([B, G], ``-inf`` at padding), whatever model
     produced them (towers or a scorer)."""
     valid = torch.isfinite(logp)
@@ -278,7 +286,7 @@ def _nonzero_std(std: Tensor, centred: Tensor, count: Tensor, dim: int | None = 
     although the rewards differ, and at ``eps = 0`` infinite advantages; dividing by the largest deviation first
     keeps the squares representable. Ordinary rewards never take this branch, so their numbers do not change."""
     reduce = {"dim": dim, "keepdim": True} if dim is not None else {}
-    unit = (centred.abs().amax(**reduce) if centred.numel() else centred.new_zeros(()))
+    unit = centred.abs().amax(**reduce) if centred.numel() else centred.new_zeros(())
     unit = unit.clamp_min(torch.finfo(centred.dtype).tiny)
     rescaled = unit * (((centred / unit) ** 2).sum(**reduce) / (count - 1).clamp_min(1)).sqrt()
     return torch.where(std > 0, std, rescaled)
@@ -351,8 +359,10 @@ class AdaptiveKLController:
 
     def update(self, current_kl: float, n_steps: int) -> float:
         if n_steps >= 5 * self.horizon:
-            raise ValueError(f"an adaptive KL step of {n_steps} samples needs horizon > {n_steps / 5:g} (got "
-                             f"{self.horizon}): the coefficient would be scaled by a factor <= 0")
+            raise ValueError(
+                f"an adaptive KL step of {n_steps} samples needs horizon > {n_steps / 5:g} (got "
+                f"{self.horizon}): the coefficient would be scaled by a factor <= 0"
+            )
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
@@ -464,8 +474,11 @@ def _ratio_summary(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
         valid = ratio[mask]
         return {"ratio_mean": valid.mean(), "ratio_min": valid.min(), "ratio_max": valid.max()}
     inf = torch.full_like(ratio, float("inf"))  # min/max are exact however they are reduced
-    return {"ratio_mean": mean_over(ratio, mask), "ratio_min": torch.where(mask, ratio, inf).amin(),
-            "ratio_max": torch.where(mask, ratio, -inf).amax()}
+    return {
+        "ratio_mean": mean_over(ratio, mask),
+        "ratio_min": torch.where(mask, ratio, inf).amin(),
+        "ratio_max": torch.where(mask, ratio, -inf).amax(),
+    }
 
 
 def expected_advantage(logp: Tensor, advantages: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -16,7 +16,14 @@ from .model import compute_log_probs
 # The one list of held-out metrics, in table order, with the direction that counts as better: +1 larger is better,
 # -1 smaller is better, 0 descriptive only. Tables, the ablation's verdicts and the notebooks' panels all read it.
 METRIC_DIRECTION: dict[str, int] = {
-    "acc@1": 1, "mrr": 1, "ndcg@5": 1, "reward@1": 1, "regret@1": -1, "utility@1": 1, "kl_to_sft": 0, "entropy": 0,
+    "acc@1": 1,
+    "mrr": 1,
+    "ndcg@5": 1,
+    "reward@1": 1,
+    "regret@1": -1,
+    "utility@1": 1,
+    "kl_to_sft": 0,
+    "entropy": 0,
 }
 METRIC_NAMES = tuple(METRIC_DIRECTION)
 
@@ -24,9 +31,11 @@ METRIC_NAMES = tuple(METRIC_DIRECTION)
 def metric_order(names: Iterable[str]) -> list[str]:
     """``names`` in :data:`METRIC_NAMES` order (``ndcg@k`` at ndcg@5's place, unknown names last), so every table
     (``run``, ``eval``, notebooks) shows the same column order."""
+
     def rank(name: str) -> int:
         key = "ndcg@5" if name.startswith("ndcg@") else name
         return METRIC_NAMES.index(key) if key in METRIC_NAMES else len(METRIC_NAMES)
+
     return sorted(names, key=rank)  # stable: unknown names keep their order
 
 
@@ -153,8 +162,8 @@ def evaluate(
         data = data.to(device)
     logp = compute_log_probs(model, data, temperature, precision=precision)
     if ref_logp is None and reference is not None:
-        ref_logp = logp if reference is model else compute_log_probs(reference, data, temperature,
-                                                                      precision=precision)
+        ref_logp = logp if reference is model else compute_log_probs(reference, data, temperature, precision=precision)
     # Ranking by log-prob equals ranking by similarity (monotone within a group).
-    return ranking_metrics(logp, data.labels, data.rewards, data.mask, k=k, utility=data.utility,
-                           logp=logp, ref_logp=ref_logp)
+    return ranking_metrics(
+        logp, data.labels, data.rewards, data.mask, k=k, utility=data.utility, logp=logp, ref_logp=ref_logp
+    )

@@ -92,8 +92,9 @@ class MetricsLog:
             return [], []
         header = records[0]
         if not {"stage", "split", "epoch", "step"} <= set(header):
-            raise ValueError(f"{path} is not a v3kit metrics.csv (header {header[:6]}); move it away or use "
-                                  "another run_dir")
+            raise ValueError(
+                f"{path} is not a v3kit metrics.csv (header {header[:6]}); move it away or use another run_dir"
+            )
         rows = [{k: _parse_cell(v) for k, v in zip(header, rec)} for rec in records[1:] if len(rec) == len(header)]
         return header, rows
 
@@ -138,7 +139,7 @@ class MetricsLog:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         except OSError as e:
             try:
                 os.ftruncate(fd, start)
@@ -153,8 +154,11 @@ class MetricsLog:
             try:
                 os.fsync(self._fd)
             except OSError as e:
-                raise disk_full_error(e, self.path) if e.errno in DISK_FULL_ERRNOS else \
-                    OSError(e.errno, e.strerror, str(self.path)) from None
+                raise (
+                    disk_full_error(e, self.path)
+                    if e.errno in DISK_FULL_ERRNOS
+                    else OSError(e.errno, e.strerror, str(self.path))
+                ) from None
 
     def close(self) -> None:
         if self._fd is not None:

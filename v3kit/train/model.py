@@ -98,19 +98,24 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if ":" not in self.target:
-            raise ValueError("model.target must look like 'package.module:ClassName' or "
-                             f"'path/to/models.py:ClassName', got {self.target!r}")
+            raise ValueError(
+                "model.target must look like 'package.module:ClassName' or "
+                f"'path/to/models.py:ClassName', got {self.target!r}"
+            )
         if self.sim_temperature <= 0:
             raise ValueError(f"model.sim_temperature must be > 0, got {self.sim_temperature}")
         if self.interface not in INTERFACES:
             raise ValueError(f"model.interface must be one of {INTERFACES}, got {self.interface!r}")
         unknown = sorted(set(self.methods) - set(DEFAULT_METHODS))
         if unknown or not all(isinstance(v, str) and v for v in self.methods.values()):
-            raise ValueError(f"model.methods maps {sorted(DEFAULT_METHODS)} to method names of your class, e.g. "
-                             f"{{query: encode_q, candidates: encode_docs}}; got {self.methods!r}")
+            raise ValueError(
+                f"model.methods maps {sorted(DEFAULT_METHODS)} to method names of your class, e.g. "
+                f"{{query: encode_q, candidates: encode_docs}}; got {self.methods!r}"
+            )
         if self.emb_dim < 1 or any(w < 1 for w in self.hidden):
-            raise ValueError(f"model.emb_dim and model.hidden widths must be >= 1, got {self.emb_dim} and "
-                             f"{self.hidden}")
+            raise ValueError(
+                f"model.emb_dim and model.hidden widths must be >= 1, got {self.emb_dim} and {self.hidden}"
+            )
         check_max("model.emb_dim", self.emb_dim, MAX_WIDTH, WIDTH_WHY)
         check_all_max("model.hidden", self.hidden, MAX_WIDTH, WIDTH_WHY)
         check_max("model.hidden (number of layers)", len(self.hidden), 1_000, WIDTH_WHY)
@@ -145,14 +150,21 @@ class TwoTower(nn.Module):
     ``residual`` each tower is a :class:`ResidualTower` (cosine of the corrected raw features)."""
 
     def __init__(
-        self, query_dim: int, cand_dim: int, hidden: list[int] = (64,), emb_dim: int = 32, normalize: bool = False,
+        self,
+        query_dim: int,
+        cand_dim: int,
+        hidden: list[int] = (64,),
+        emb_dim: int = 32,
+        normalize: bool = False,
         residual: bool = False,
     ) -> None:
         super().__init__()
         if residual:
             if query_dim != cand_dim:
-                raise ValueError(f"model.residual needs query and candidate features of one dim, got {query_dim} and "
-                                 f"{cand_dim}; set model.residual=false")
+                raise ValueError(
+                    f"model.residual needs query and candidate features of one dim, got {query_dim} and "
+                    f"{cand_dim}; set model.residual=false"
+                )
             self.query_tower: nn.Module = ResidualTower(query_dim, list(hidden))
             self.cand_tower: nn.Module = ResidualTower(cand_dim, list(hidden))
         else:
@@ -257,8 +269,11 @@ def constructor_dims(cls: Any, query_dim: int, cand_dim: int) -> dict[str, int]:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         return dims
-    return {k: v for k, v in dims.items() if k in params and params[k].kind not in (
-        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL)}
+    return {
+        k: v
+        for k, v in dims.items()
+        if k in params and params[k].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL)
+    }
 
 
 @dataclass(frozen=True)
@@ -281,8 +296,9 @@ def _has_score_method(model: nn.Module, name: str) -> bool:
     return callable(getattr(model, name, None))
 
 
-def resolve_interface(model: nn.Module, interface: str = "auto", methods: dict[str, str] | None = None,
-                      target: str | None = None) -> Interface:
+def resolve_interface(
+    model: nn.Module, interface: str = "auto", methods: dict[str, str] | None = None, target: str | None = None
+) -> Interface:
     """The :class:`Interface` of ``model`` under ``model.interface`` / ``model.methods``; a ``TypeError`` naming
     what is missing when the model has neither two tower methods nor a scoring method."""
     names = {**DEFAULT_METHODS, **(methods or {})}
@@ -294,13 +310,17 @@ def resolve_interface(model: nn.Module, interface: str = "auto", methods: dict[s
     if interface == "towers" or (interface == "auto" and has_towers):
         if not has_towers:
             missing = [names[k] for k in ("query", "candidates") if not callable(getattr(model, names[k], None))]
-            raise TypeError(f"{what} ({type(model).__name__}) has no method(s) {missing} for model.interface: "
-                            "towers; name its tower methods with model.methods {query: ..., candidates: ...}")
+            raise TypeError(
+                f"{what} ({type(model).__name__}) has no method(s) {missing} for model.interface: "
+                "towers; name its tower methods with model.methods {query: ..., candidates: ...}"
+            )
         return towers
     if interface == "scorer" or has_score:
         if not has_score:
-            raise TypeError(f"{what} ({type(model).__name__}) has no scoring method {names['score']!r} for "
-                            "model.interface: scorer; name it with model.methods {score: ...}")
+            raise TypeError(
+                f"{what} ({type(model).__name__}) has no scoring method {names['score']!r} for "
+                "model.interface: scorer; name it with model.methods {score: ...}"
+            )
         return scorer
     raise TypeError(
         f"{what} built a {type(model).__name__}, which is not an nn.Module with tower methods "
@@ -325,8 +345,10 @@ def attach_interface(model: nn.Module, cfg: ModelConfig) -> nn.Module:
 def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
     """Instantiate ``cfg.target`` and check it is a ranker (towers or scorer, :func:`resolve_interface`)."""
     if cfg.residual and cfg.target != DEFAULT_TARGET:
-        raise ValueError(f"model.residual applies to the built-in {DEFAULT_TARGET} only, not {cfg.target!r}; build "
-                         "the residual into your own towers, or set model.residual=false")
+        raise ValueError(
+            f"model.residual applies to the built-in {DEFAULT_TARGET} only, not {cfg.target!r}; build "
+            "the residual into your own towers, or set model.residual=false"
+        )
     cls = import_object(cfg.target)
     kwargs = dict(cfg.kwargs)
     if cfg.target == DEFAULT_TARGET:
@@ -341,16 +363,20 @@ def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
             sig = f"{cls.__name__}{inspect.signature(cls)}"
         except (TypeError, ValueError):
             sig = str(cls)
-        raise ValueError(f"model.target {cfg.target!r} could not be built with {', '.join(dims) or 'no feature dims'}"
-                         f" and model.kwargs={cfg.kwargs} ({e}); its constructor is {sig}: pass its arguments with "
-                         "--kwargs / model.kwargs, e.g. '{\"cfg\": {...}}'") from None
+        raise ValueError(
+            f"model.target {cfg.target!r} could not be built with {', '.join(dims) or 'no feature dims'}"
+            f" and model.kwargs={cfg.kwargs} ({e}); its constructor is {sig}: pass its arguments with "
+            "--kwargs / model.kwargs, e.g. '{\"cfg\": {...}}'"
+        ) from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"model.target {cfg.target!r} built a {type(model).__name__}, which is not an nn.Module")
     attach_interface(model, cfg)
     if min(query_dim, cand_dim) == 0 and getattr(model, "featurize", None) is None:
-        raise ValueError(f"the data has no feature vectors (text only, data.text_mode: end_to_end) but model.target "
-                         f"{cfg.target!r} reads features; use model.target: v3kit.text_model:TextTwoTower or "
-                         "data.text_mode: frozen")
+        raise ValueError(
+            f"the data has no feature vectors (text only, data.text_mode: end_to_end) but model.target "
+            f"{cfg.target!r} reads features; use model.target: v3kit.text_model:TextTwoTower or "
+            "data.text_mode: frozen"
+        )
     return model
 
 
@@ -391,16 +417,20 @@ def scores(model: nn.Module, query_x: Any, cand_x: Any) -> Tensor:
         q = getattr(model, spec.query)(query_x)
         c = getattr(model, spec.candidates)(cand_x)
         if q.dim() != 2 or c.dim() != 3 or q.shape[0] != c.shape[0] or q.shape[1] != c.shape[2]:
-            raise ValueError(f"{type(model).__name__}.{spec.query} gave {tuple(q.shape)} and {spec.candidates} "
-                             f"{tuple(c.shape)}; towers must give [B, D] and [B, G, D] with the same D")
+            raise ValueError(
+                f"{type(model).__name__}.{spec.query} gave {tuple(q.shape)} and {spec.candidates} "
+                f"{tuple(c.shape)}; towers must give [B, D] and [B, G, D] with the same D"
+            )
         return torch.einsum("bd,bgd->bg", q, c)
     fn = model if spec.score == "forward" else getattr(model, spec.score)
     out = fn(query_x, cand_x)
     shape = _group_shape(cand_x)
     if not isinstance(out, Tensor) or out.dim() != 2 or (shape is not None and tuple(out.shape) != shape):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"{type(model).__name__}.{spec.score}(query_x, cand_x) gave {got}; a scorer returns one "
-                         f"score per candidate, [B, G]{f' = {list(shape)}' if shape else ''}")
+        raise ValueError(
+            f"{type(model).__name__}.{spec.score}(query_x, cand_x) gave {got}; a scorer returns one "
+            f"score per candidate, [B, G]{f' = {list(shape)}' if shape else ''}"
+        )
     return out
 
 
@@ -419,16 +449,15 @@ def score_log_probs(group_scores: Tensor, temperature: float, mask: Tensor) -> T
     return torch.log_softmax(logits.masked_fill(~mask.to(torch.bool), float("-inf")), dim=-1)
 
 
-def policy_log_probs(
-    model: nn.Module, query_x: Any, cand_x: Any, mask: Tensor, temperature: float
-) -> Tensor:
+def policy_log_probs(model: nn.Module, query_x: Any, cand_x: Any, mask: Tensor, temperature: float) -> Tensor:
     """Group log-probs ``log pi(c | q)`` of a ranker at a logit temperature (inputs: see :func:`model_inputs`)."""
     return score_log_probs(scores(model, query_x, cand_x), temperature, mask)
 
 
 @torch.inference_mode()
-def compute_log_probs(model: nn.Module, data: GroupData, temperature: float, batch_size: int = 1024, *,
-                      precision: str = "fp32") -> Tensor:
+def compute_log_probs(
+    model: nn.Module, data: GroupData, temperature: float, batch_size: int = 1024, *, precision: str = "fp32"
+) -> Tensor:
     """``log pi(c | q)`` for every group of ``data`` ([N, G], ``-inf`` at padding), in eval mode, no autograd.
 
     Computed on the model's device (``data`` may live elsewhere: batches are copied there) and returned there,

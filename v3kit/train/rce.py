@@ -53,8 +53,9 @@ class RCEConfig(OptimConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.temperature_target not in TEMPERATURE_TARGETS:
-            raise ValueError(f"rce.temperature_target must be one of {TEMPERATURE_TARGETS}, got "
-                             f"{self.temperature_target!r}")
+            raise ValueError(
+                f"rce.temperature_target must be one of {TEMPERATURE_TARGETS}, got {self.temperature_target!r}"
+            )
         if not (self.t_start > 0 and self.t_end > 0 and self.reward_temperature > 0):
             raise ValueError("rce.t_start, rce.t_end and rce.reward_temperature must be > 0")
         if not 0.0 <= self.label_weight <= 1.0:
@@ -101,13 +102,27 @@ class RCEStage(Stage):
     name = "rce"
     extendable = ()  # the temperature schedule spans all RCE steps: more epochs would change the past ones
 
-    def __init__(self, policy: nn.Module, splits: Splits, cfg: RCEConfig, model_config: ModelConfig, *,
-                 reference: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        policy: nn.Module,
+        splits: Splits,
+        cfg: RCEConfig,
+        model_config: ModelConfig,
+        *,
+        reference: nn.Module | None = None,
+    ) -> None:
         meta = {"config": asdict(cfg), **model_payload(model_config, splits.train.query_dim, splits.train.cand_dim)}
         if model_config.disable_dropout:
             disable_dropout(policy)
-        super().__init__(policy, splits.train, splits.val, cfg, reference=reference,
-                         temperature=model_config.sim_temperature, meta=meta)
+        super().__init__(
+            policy,
+            splits.train,
+            splits.val,
+            cfg,
+            reference=reference,
+            temperature=model_config.sim_temperature,
+            meta=meta,
+        )
         self.annealed: float | None = None  # T of the latest step; None until the first RCE step
 
     def step(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
@@ -115,8 +130,9 @@ class RCEStage(Stage):
         self.annealed = annealed_temperature(ctx.step, ctx.total_steps, cfg.t_start, cfg.t_end)
         reward_t, logit_t = cfg.temperatures(self.annealed, sim_t)
         logp = policy_log_probs(self.model, *model_inputs(self.model, batch), batch.mask, logit_t)
-        loss = rce_cross_entropy(logp, batch.labels, batch.rewards, reward_t, label_weight=cfg.label_weight,
-                                 reward_norm=cfg.reward_norm)
+        loss = rce_cross_entropy(
+            logp, batch.labels, batch.rewards, reward_t, label_weight=cfg.label_weight, reward_norm=cfg.reward_norm
+        )
         return loss, {"temperature": self.annealed}
 
     def eval_temperature(self) -> float:

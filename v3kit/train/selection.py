@@ -37,11 +37,15 @@ class Selection:
 
     def line(self) -> str:
         where = "SFT" if self.stage == "sft" else f"{self.stage} epoch {self.epoch}"
-        text = (f"selected ({'best val' if self.mode == 'best_val' else 'last stage'} {self.metric}): {where}, val "
-                f"{self.metric} {self.val:.4f} (SFT {self.sft_val:.4f})")
+        text = (
+            f"selected ({'best val' if self.mode == 'best_val' else 'last stage'} {self.metric}): {where}, val "
+            f"{self.metric} {self.val:.4f} (SFT {self.sft_val:.4f})"
+        )
         if self.below_sft:
-            text += (" -- BELOW SFT on val: this run ships a model worse than the one it started from; use "
-                     "select=best_val or keep SFT (v3kit investigate RUN_DIR tests what to ship instead)")
+            text += (
+                " -- BELOW SFT on val: this run ships a model worse than the one it started from; use "
+                "select=best_val or keep SFT (v3kit investigate RUN_DIR tests what to ship instead)"
+            )
         return text
 
     def as_dict(self) -> dict[str, Any]:
@@ -80,8 +84,14 @@ def choose(scores: list[tuple[str, int, float]], metric: str, mode: str, last_st
     return mine[-1] if mine else scores[0]
 
 
-def select_model(run_dir: Path, metrics: pd.DataFrame, metric: str, mode: str, last_stage: str,
-                 sft_val: Callable[[], float] | None = None) -> Selection:
+def select_model(
+    run_dir: Path,
+    metrics: pd.DataFrame,
+    metric: str,
+    mode: str,
+    last_stage: str,
+    sft_val: Callable[[], float] | None = None,
+) -> Selection:
     """The :class:`Selection` of a finished run from its val rows. ``sft_val`` computes SFT's val metric when no row
     holds it (a given checkpoint with RCE and GRPO off)."""
     scores = val_scores(metrics, metric)

@@ -12,8 +12,14 @@ from torch import nn
 
 from ..data.contract import Batch, GroupData, Splits
 from . import distributed
-from .checkpoint import (check_feature_dims, checkpoint_model_config, load_checkpoint, model_from_checkpoint,
-                         model_payload, save_checkpoint)
+from .checkpoint import (
+    check_feature_dims,
+    checkpoint_model_config,
+    load_checkpoint,
+    model_from_checkpoint,
+    model_payload,
+    save_checkpoint,
+)
 from .metrics import evaluate
 from .model import ModelConfig, attach_interface, build_model, compute_log_probs, model_inputs, policy_log_probs
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
@@ -123,8 +129,14 @@ def load_sft(
     policy.to(device)
     reference = freeze(policy)
     old = compute_log_probs(reference, train, temperature, precision=precision)
-    return Stage1(policy=policy, reference=reference, old_log_probs=old, temperature=temperature,
-                  model_config=model_config, checkpoint=path)
+    return Stage1(
+        policy=policy,
+        reference=reference,
+        old_log_probs=old,
+        temperature=temperature,
+        model_config=model_config,
+        checkpoint=path,
+    )
 
 
 def sft_baseline(stage1: Stage1, data: GroupData) -> dict[str, float]:

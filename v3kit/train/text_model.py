@@ -74,14 +74,17 @@ class TextTwoTower(nn.Module):
 
     # -------------------------------------------------------------------------------------------- inputs
     def _tokenize(self, texts: list[str]) -> dict[str, Tensor]:
-        tok = _tokenizer(self.path)(texts, padding=True, truncation=True, max_length=self.max_tokens,
-                                    return_tensors="pt")
+        tok = _tokenizer(self.path)(
+            texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
         return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
 
     def featurize(self, batch: Batch) -> tuple[dict[str, Tensor], tuple[dict[str, Tensor], int, int]]:
         if batch.query_text is None or batch.cand_text is None:
-            raise ValueError("TextTwoTower reads text: the data needs query_text and candidate_text columns "
-                             "(and data.text_mode: end_to_end)")
+            raise ValueError(
+                "TextTwoTower reads text: the data needs query_text and candidate_text columns "
+                "(and data.text_mode: end_to_end)"
+            )
         b, g = len(batch.cand_text), len(batch.cand_text[0])
         flat = [t for group in batch.cand_text for t in group]
         return self._tokenize(list(batch.query_text)), (self._tokenize(flat), b, g)
@@ -103,7 +106,7 @@ class TextTwoTower(nn.Module):
         """Only the trainable tensors; the frozen ones come from the installed encoder."""
         full = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix):] in self._saved_keys)
+        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :] in self._saved_keys)
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False) -> Any:
         missing = sorted(self._saved_keys - set(state_dict))

@@ -24,12 +24,18 @@ from ..bounds import check_max
 from ..data.contract import Batch, GroupData, iterate_batches, num_batches
 from ..provenance import config_changes
 from . import distributed
-from .checkpoint import (CheckpointError, epoch_checkpoints, load_checkpoint, load_state_into, require_fields,
-                         save_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    epoch_checkpoints,
+    load_checkpoint,
+    load_state_into,
+    require_fields,
+    save_checkpoint,
+)
 from .device import as_floats, autocast
 from .metrics import evaluate
-from .model import compute_log_probs
 from .metrics_log import Callback, MetricsLog, _call  # noqa: F401 - Callback: v3kit.training.Callback (documented)
+from .model import compute_log_probs
 
 
 @dataclass
@@ -105,10 +111,14 @@ def _weights_finite(model: nn.Module) -> bool:
     return not flags or bool(torch.stack(flags).all())
 
 
-def _nonfinite_error(stage: str, quantity: str, epoch: int, step: int, checkpoints: list[Path],
-                     run_dir: Path | None) -> NonFiniteError:
-    last = (str(checkpoints[-1]) if checkpoints else "none of this stage yet") if run_dir is not None else \
-        "none (no run_dir)"
+def _nonfinite_error(
+    stage: str, quantity: str, epoch: int, step: int, checkpoints: list[Path], run_dir: Path | None
+) -> NonFiniteError:
+    last = (
+        (str(checkpoints[-1]) if checkpoints else "none of this stage yet")
+        if run_dir is not None
+        else "none (no run_dir)"
+    )
     return NonFiniteError(
         f"{stage}: non-finite {quantity} at epoch {epoch}, step {step}; stopped without checkpointing it "
         f"(last good checkpoint: {last}). Lower {stage}.lr, check the data's feature scale, or set "
@@ -135,8 +145,12 @@ def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, ma
     if epochs < 0:
         raise ValueError(f"{section}.epochs must be >= 0 (0 skips the stage), got {epochs}")
     check_max(f"{section}.epochs", epochs, MAX_EPOCHS, "each epoch writes a checkpoint; is the value a typo?")
-    check_max(f"{section}.batch_size", batch_size, MAX_BATCH_SIZE,
-              "more groups than any in-memory dataset; use a smaller batch")
+    check_max(
+        f"{section}.batch_size",
+        batch_size,
+        MAX_BATCH_SIZE,
+        "more groups than any in-memory dataset; use a smaller batch",
+    )
     if not lr > 0:
         raise ValueError(f"{section}.lr must be > 0, got {lr}")
     if batch_size < 1:
@@ -145,8 +159,9 @@ def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, ma
         raise ValueError(f"{section}.max_grad_norm must be > 0 or null (no clipping), got {max_grad_norm}")
 
 
-def _check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path,
-                       extendable: Sequence[str]) -> None:
+def _check_same_config(
+    ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path, extendable: Sequence[str]
+) -> None:
     """Resuming under another config would silently mix two experiments; only ``extendable`` keys may change."""
     if not meta or "config" not in meta:
         return
@@ -205,9 +220,17 @@ class Stage:
     name = "stage"
     extendable: tuple[str, ...] = ("epochs",)  # config keys a resume may change (train a finished stage further)
 
-    def __init__(self, model: nn.Module, train: GroupData, val: GroupData, cfg: OptimConfig, *,
-                 reference: nn.Module | None = None, temperature: float = 1.0,
-                 meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train: GroupData,
+        val: GroupData,
+        cfg: OptimConfig,
+        *,
+        reference: nn.Module | None = None,
+        temperature: float = 1.0,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.model, self.train, self.val, self.cfg = model, train, val, cfg
         self.reference = reference  # frozen SFT copy: kl_to_sft in every evaluation
         self.temperature = temperature  # logit temperature of the evaluations
@@ -236,8 +259,16 @@ class Stage:
         return {}
 
 
-def _restore(stage_obj: Stage, run_dir: Path | None, resume: bool, writes: bool, optimizer: Any, generator: Any,
-             log: Any, extendable: tuple[str, ...]) -> tuple[int, int, list[Path]]:
+def _restore(
+    stage_obj: Stage,
+    run_dir: Path | None,
+    resume: bool,
+    writes: bool,
+    optimizer: Any,
+    generator: Any,
+    log: Any,
+    extendable: tuple[str, ...],
+) -> tuple[int, int, list[Path]]:
     """(start epoch, step, checkpoints so far) of a stage: on ``resume`` its newest epoch checkpoint is loaded into
     the model, the optimizer, the RNGs and the metrics log; a fresh start removes the stage's stale checkpoints."""
     stage, epochs = stage_obj.name, stage_obj.cfg.epochs
@@ -264,9 +295,18 @@ def _restore(stage_obj: Stage, run_dir: Path | None, resume: bool, writes: bool,
     return ckpt["epoch"], ckpt["step"], [p for _, p in done]
 
 
-def _optimizer_step(stage_obj: Stage, train_model: nn.Module, batch: Any, ctx: StepContext, optimizer: Any,
-                    ranks: Any, max_grad_norm: float | None, check_each_step: bool, device: torch.device,
-                    precision: str) -> tuple[Tensor, dict[str, Any], Tensor | float, str | None]:
+def _optimizer_step(
+    stage_obj: Stage,
+    train_model: nn.Module,
+    batch: Any,
+    ctx: StepContext,
+    optimizer: Any,
+    ranks: Any,
+    max_grad_norm: float | None,
+    check_each_step: bool,
+    device: torch.device,
+    precision: str,
+) -> tuple[Tensor, dict[str, Any], Tensor | float, str | None]:
     """One step of ``stage_obj``: its loss, backward, the ranks' gradient all-reduce, clipping and Adam; returns
     (loss, statistics, gradient norm, what was non-finite or None). A non-finite step takes no optimizer step."""
     model = stage_obj.model
@@ -291,8 +331,9 @@ def _optimizer_step(stage_obj: Stage, train_model: nn.Module, batch: Any, ctx: S
     return loss, stats, grad_norm, bad
 
 
-def _save_epoch(stage_obj: Stage, run_dir: Path, epoch: int, step: int, optimizer: Any, generator: Any,
-                log: Any) -> Path:
+def _save_epoch(
+    stage_obj: Stage, run_dir: Path, epoch: int, step: int, optimizer: Any, generator: Any, log: Any
+) -> Path:
     """Commit the epoch's metrics rows, then write ``{stage}_epoch{epoch}.pt`` (all a resume needs)."""
     stage = stage_obj.name
     log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
@@ -326,8 +367,13 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     """
     cfg, stage, model, reference = stage_obj.cfg, stage_obj.name, stage_obj.model, stage_obj.reference
     train, val = stage_obj.train, stage_obj.val
-    epochs, lr, batch_size, max_grad_norm, on_nonfinite = (cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_grad_norm,
-                                                          cfg.on_nonfinite)
+    epochs, lr, batch_size, max_grad_norm, on_nonfinite = (
+        cfg.epochs,
+        cfg.lr,
+        cfg.batch_size,
+        cfg.max_grad_norm,
+        cfg.on_nonfinite,
+    )
     seed, run_dir, resume, callbacks, progress = run.seed, run.run_dir, run.resume, run.callbacks, run.progress
     device, precision, log_every = run.device, run.precision, run.log_every
     check_optim_fields(stage, epochs, lr, batch_size, max_grad_norm)
@@ -366,16 +412,23 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         temperature = stage_obj.eval_temperature()
         if reference is not None and temperature not in ref_logps:
             ref_logps[temperature] = compute_log_probs(reference, val, temperature, precision=precision)
-        metrics = evaluate(model, val, temperature=temperature, reference=reference,
-                           ref_logp=ref_logps.get(temperature), precision=precision)
+        metrics = evaluate(
+            model,
+            val,
+            temperature=temperature,
+            reference=reference,
+            ref_logp=ref_logps.get(temperature),
+            precision=precision,
+        )
         metrics.update(stage_obj.eval_extra(epoch))
         row = {"stage": stage, "split": "val", "epoch": epoch, "step": step, **metrics}
         log.add(row)
         _call(callbacks, "on_eval", row)
         return metrics
 
-    start_epoch, step, checkpoints = _restore(stage_obj, run_dir, resume, writes is not None, optimizer, generator,
-                                              log, extendable)
+    start_epoch, step, checkpoints = _restore(
+        stage_obj, run_dir, resume, writes is not None, optimizer, generator, log, extendable
+    )
 
     info = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch}
     _call(callbacks, "on_stage_start", stage, total_steps, info)
@@ -393,8 +446,9 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
             row[k] = value
         if not check_each_step:  # the deferred guard: stop before any of these weights reach a checkpoint
             for row in pending:
-                bad = next((q for q, key in (("loss", "loss"), ("gradient", "grad_norm"))
-                            if not math.isfinite(row[key])), None)
+                bad = next(
+                    (q for q, key in (("loss", "loss"), ("gradient", "grad_norm")) if not math.isfinite(row[key])), None
+                )
                 if bad is not None:
                     raise _nonfinite_error(stage, bad, row["epoch"], row["step"], checkpoints, run_dir)
         for row in pending:
@@ -410,8 +464,9 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         model.train()
         for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
             ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
-            loss, stats, grad_norm, bad = _optimizer_step(stage_obj, train_model, batch, ctx, optimizer, ranks,
-                                                          max_grad_norm, check_each_step, device, precision)
+            loss, stats, grad_norm, bad = _optimizer_step(
+                stage_obj, train_model, batch, ctx, optimizer, ranks, max_grad_norm, check_each_step, device, precision
+            )
             if bad is not None:
                 if on_nonfinite == "stop":
                     raise _nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
@@ -420,8 +475,18 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
                 stats = {**stats, "skipped_nonfinite": int(bad is not None)}
             step += 1
             _kill_point(f"{stage}:epoch{epoch}:step{step}")
-            pending.append({"stage": stage, "split": "train", "epoch": epoch, "step": step, "loss": loss.detach(),
-                            **stats, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"]})
+            pending.append(
+                {
+                    "stage": stage,
+                    "split": "train",
+                    "epoch": epoch,
+                    "step": step,
+                    "loss": loss.detach(),
+                    **stats,
+                    "grad_norm": grad_norm,
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+            )
             if len(pending) >= log_every:
                 flush_rows()
         flush_rows()
@@ -440,7 +505,8 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         metrics = {k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and pd.notna(v)}
     if "skipped_nonfinite" in history.columns:
         info["skipped_batches"] = int(history["skipped_nonfinite"].fillna(0).sum())
-    result = StageResult(stage=stage, model=model, history=history, final_metrics=metrics,
-                         checkpoints=checkpoints, info=info)
+    result = StageResult(
+        stage=stage, model=model, history=history, final_metrics=metrics, checkpoints=checkpoints, info=info
+    )
     _call(callbacks, "on_stage_end", stage, result)
     return result
