@@ -11,10 +11,13 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ..rundir import atomic_write_frame
-from . import (
-    data_checks,  # noqa: F401, I001 - ... then those that need the data (the report's order)
-    grpo_checks,  # noqa: F401, I001 - registers the checks: the GRPO-log checks first ...
-)
+
+# The import order is the report's order: importing a module registers its checks (keep isort off this block).
+# isort: off
+from . import grpo_checks  # noqa: F401 - the GRPO-log checks first ...
+from . import data_checks  # noqa: F401 - ... then those that need the data
+
+# isort: on
 from .context import _REGISTRY, DoctorContext, Finding, Thresholds, _g, _skip, load_run, switch_tokens
 
 # ---------------------------------------------------------------- public API
