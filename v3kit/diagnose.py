@@ -1,36 +1,5 @@
 """``v3kit.diagnose``: the doctor's public API, kept at its documented import path (the checks live in
-:mod:`v3kit.doctor`)."""
+:mod:`v3kit.doctor`, whose ``__all__`` is the list)."""
 
-from .doctor import (
-    DoctorContext,
-    Finding,
-    Thresholds,
-    check,
-    check_names,
-    cmd_doctor,
-    diagnose,
-    evidence,
-    evidence_order,
-    format_report,
-    load_run,
-    register_cli,
-    report_frame,
-    switch_tokens,
-)
-
-__all__ = [
-    "DoctorContext",
-    "Finding",
-    "Thresholds",
-    "check",
-    "check_names",
-    "cmd_doctor",
-    "diagnose",
-    "evidence",
-    "evidence_order",
-    "format_report",
-    "load_run",
-    "register_cli",
-    "report_frame",
-    "switch_tokens",
-]
+from .doctor import *  # noqa: F403 - the shim re-exports exactly the doctor's public names
+from .doctor import __all__  # noqa: F401

@@ -490,38 +490,12 @@ class Investigation:
         return path
 
 
-def investigate(
-    run_dir: str | Path,
-    *,
-    metric: str = "acc@1",
-    out: str | Path | None = None,
-    budget_minutes: float = 30.0,
-    workers: int = 1,
-    initial_seeds: int = 3,
-    max_seeds: int = 8,
-    progress: bool = True,
-    smoke: Sequence[str] = (),
-    only: Sequence[str] | None = None,
-    backend: str = "local",
-    address: str | None = None,
-) -> Verdict:
+def investigate(run_dir: str | Path, **options: Any) -> Verdict:
     """Doctor, grid, sequential seeds and verdict for ``run_dir``; writes ``verdict.md``/``verdict.json`` (plus the
-    recommended config and ``effects.png``) to ``out`` (default ``RUN_DIR/investigate``). ``smoke``: overrides
-    added to every run (e.g. fewer epochs, for tests)."""
-    inv = Investigation(
-        run_dir,
-        metric=metric,
-        out=out,
-        budget_minutes=budget_minutes,
-        workers=workers,
-        initial_seeds=initial_seeds,
-        max_seeds=max_seeds,
-        progress=progress,
-        smoke=smoke,
-        only=only,
-        backend=backend,
-        address=address,
-    )
+    recommended config and ``effects.png``) to ``out`` (default ``RUN_DIR/investigate``). ``options`` are those of
+    :class:`Investigation` (``metric``, ``out``, ``budget_minutes``, ``workers``, ``initial_seeds``, ``max_seeds``,
+    ``progress``, ``smoke``: overrides added to every run, ``only``, ``backend``, ``address``)."""
+    inv = Investigation(run_dir, **options)
     v = inv.run()
     write_verdict(v, inv.run_dir, inv.out)
     return v
