@@ -207,8 +207,28 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return frame, config
 
 
+_KNOWN: set[str] = set()  # RunConfig's dotted keys, read once (config imports the stages, a higher floor)
+
+
+class UnknownConfigKey(RuntimeError):
+    """A check reads a key :class:`~v3kit.config.RunConfig` does not have: a renamed field. Not one of the errors
+    :func:`diagnose` turns into a skipped check, so a rename fails loudly (in the tests) instead of reading None."""
+
+
+def _known_keys() -> frozenset[str]:
+    from ..config import all_keys
+
+    return frozenset(all_keys())
+
+
 def _get(config: dict[str, Any], key: str) -> Any:
-    """``config["a"]["b"]`` for ``key="a.b"``; None when any part is missing (= unknown, not the default)."""
+    """``config["a"]["b"]`` for ``key="a.b"``; None when any part is missing (= unknown, not the default). The key
+    itself must be a :class:`~v3kit.config.RunConfig` key (else :class:`UnknownConfigKey`): the config of a run may
+    be partial, but what the doctor asks for is checked against the typed config."""
+    if key not in _KNOWN:
+        _KNOWN.update(_known_keys())
+        if key not in _KNOWN:
+            raise UnknownConfigKey(f"the doctor reads config key {key!r}, which RunConfig does not have")
     node: Any = config
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
