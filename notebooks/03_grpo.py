@@ -61,7 +61,7 @@ from v3kit.notebook.grpo_panel import ComparePanel, GRPOStart
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.plots import grpo_panels, plot_ratio_hist, show
 from v3kit.notebook.tools import grpo_temperature, notebook_config, record
-from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data, stage_options, stage_table
+from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data, stage_options, stage_table, training_splits
 from v3kit.train.grpo import run_grpo
 from v3kit.train.sft import sft_baseline
 
@@ -82,7 +82,8 @@ record(sft_origin=stage1.origin, rce_origin=rce.info["origin"])
 
 # %% tags=["plot"]
 live = LivePlot(grpo_panels(cfg.grpo.eps_low, cfg.grpo.eps_high), baseline=sft_baseline(stage1, splits.val))
-grpo = run_grpo(copy.deepcopy(rce.model), splits, stage1.old_log_probs, cfg.grpo, reference=stage1.reference,
+grpo = run_grpo(copy.deepcopy(rce.model), training_splits(cfg, splits)[0], stage1.old_log_probs, cfg.grpo,
+                reference=stage1.reference,
                 temperature=grpo_temperature(cfg, stage1.model_config), model_config=stage1.model_config,
                 seed=cfg.seed, run_dir=cfg.run_dir, callbacks=[live], progress=False,
                 **stage_options(cfg, splits))  # the config's device, precision and threads, as `v3kit run`

@@ -109,6 +109,13 @@ def prepare_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = N
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=split_seed(cfg))
 
 
+def training_splits(cfg: RunConfig, splits: Splits) -> tuple[Splits, DebiasReport | None]:
+    """The splits RCE and GRPO train on: the training rewards de-biased per ``cfg.reward`` (val and test untouched),
+    and what the de-biasing did (None for ``reward.debias: none``). One home for ``v3kit run``, the notebooks and
+    the GRPO panel."""
+    return debias_splits(splits, cfg.reward, seed=cfg.seed)
+
+
 def split_seed(cfg: RunConfig) -> int:
     """The seed of ``cfg``'s train/val/test split: ``data.split_seed``, else the run's ``seed``."""
     return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
@@ -434,7 +441,7 @@ def _run_locked(
     on = dict(device=runtime.device, precision=runtime.precision)
     stage1 = load_sft(sft_path, splits.train, **on)
     model_cfg = stage1.model_config
-    rl_splits, debias = debias_splits(splits, cfg.reward, seed=cfg.seed)  # RCE and GRPO's rewards only
+    rl_splits, debias = training_splits(cfg, splits)
     if debias is not None and main:
         update_run_info(run_dir, **debias.as_dict())
     common = run_context(cfg, runtime, callbacks=callbacks, resume=resume, run_dir=run_dir)
@@ -600,7 +607,7 @@ def ensure_rce(
         _invalidate(run_dir, ("rce", "grpo"), state)
     runtime = resolve_runtime(cfg, splits)
     torch.set_num_threads(runtime.threads)
-    splits, _ = debias_splits(splits, cfg.reward, seed=cfg.seed)  # as run_pipeline: RCE's rewards only
+    splits, _ = training_splits(cfg, splits)  # as run_pipeline
     result = run_rce(
         stage1.policy,
         splits,

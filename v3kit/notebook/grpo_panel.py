@@ -54,10 +54,10 @@ class GRPOStart:
 
     @classmethod
     def from_stages(cls, cfg: RunConfig, splits: Splits, stage1: Stage1, rce_model: nn.Module) -> "GRPOStart":
-        from ..pipeline import stage_options
+        from ..pipeline import stage_options, training_splits
 
         return cls(
-            splits=splits,
+            splits=training_splits(cfg, splits)[0],  # the rewards GRPO trains on (reward.debias); val as it is
             stage1=stage1,
             model=copy.deepcopy(rce_model),
             base=cfg.grpo,
