@@ -46,7 +46,8 @@ from v3kit.data.reward_stats import stage1_summary
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.plots import plot_stage1, show
 from v3kit.notebook.tools import notebook_config, record
-from v3kit.pipeline import ensure_stage1, prepare_data
+from v3kit.pipeline import prepare_data
+from v3kit.stage_reuse import ensure_stage1
 from v3kit.train.sft import sft_baseline
 
 cfg = notebook_config(run_dir=run_dir, seed=seed, smoke=smoke, n_queries=n_queries, sft_epochs=sft_epochs)

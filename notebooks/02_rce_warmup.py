@@ -54,7 +54,8 @@ from v3kit.diagnose import diagnose
 from v3kit.doctor.rce_analysis import add_rce_floor, plateau_check, rce_floor
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.tools import notebook_config, record
-from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data
+from v3kit.pipeline import prepare_data
+from v3kit.stage_reuse import ensure_rce, ensure_stage1
 
 cfg = notebook_config(run_dir=run_dir, seed=seed, smoke=smoke, n_queries=n_queries, sft_epochs=sft_epochs,
                       rce_epochs=rce_epochs, rce_lr=rce_lr,

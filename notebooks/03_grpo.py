@@ -61,7 +61,8 @@ from v3kit.notebook.grpo_panel import ComparePanel, GRPOStart
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.plots import grpo_panels, plot_ratio_hist, show
 from v3kit.notebook.tools import grpo_temperature, notebook_config, record
-from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data, stage_options, stage_table, training_splits
+from v3kit.pipeline import prepare_data, stage_options, stage_table, training_splits
+from v3kit.stage_reuse import ensure_rce, ensure_stage1
 from v3kit.train.grpo import run_grpo
 from v3kit.train.sft import sft_baseline
 

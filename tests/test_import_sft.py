@@ -344,7 +344,8 @@ def test_resume_with_the_same_sft_checkpoint_is_accepted(example_run, capsys):
 def test_notebook_01_accepts_the_imported_checkpoint(example_run, tmp_path):
     from conftest import tiny_config
 
-    from v3kit.pipeline import ensure_stage1, prepare_data
+    from v3kit.pipeline import prepare_data
+    from v3kit.stage_reuse import ensure_stage1
 
     cfg = tiny_config(tmp_path / "nb")
     stage1 = ensure_stage1(cfg, prepare_data(cfg), sft_checkpoint=example_run["sft"])

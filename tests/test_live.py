@@ -219,7 +219,8 @@ def test_diagnostic_figures_have_labels():
 def start(tmp_path_factory):
     from v3kit.notebook.grpo_panel import GRPOStart
     from v3kit.notebook.tools import notebook_config
-    from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data
+    from v3kit.pipeline import prepare_data
+    from v3kit.stage_reuse import ensure_rce, ensure_stage1
 
     cfg = notebook_config(
         run_dir=str(tmp_path_factory.mktemp("panel")),

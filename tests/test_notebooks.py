@@ -300,7 +300,8 @@ def test_relative_run_dir_resolves_against_the_repository(monkeypatch, tmp_path)
 
 # ----------------------------------------------------------------------------------------------- stage reuse
 def test_ensure_stages_reuse_and_invalidate(tmp_path):
-    from v3kit.pipeline import ensure_rce, ensure_stage1, prepare_data
+    from v3kit.pipeline import prepare_data
+    from v3kit.stage_reuse import ensure_rce, ensure_stage1
 
     kw = dict(run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1, rce_epochs=1)
     cfg = notebook_tools.notebook_config(**kw)
@@ -422,6 +423,7 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
 
     import v3kit.notebook.grpo_panel as gp
     import v3kit.pipeline as pl
+    import v3kit.stage_reuse as sr
     from v3kit.train.device import num_threads
 
     fake = torch.device("cuda", 3)
@@ -437,15 +439,15 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
 
         monkeypatch.setattr(module, name, run_on_cpu)
 
-    for module, name in ((pl, "train_sft"), (pl, "load_sft"), (pl, "run_rce"), (gp, "run_grpo")):
+    for module, name in ((sr, "train_sft"), (sr, "load_sft"), (sr, "run_rce"), (gp, "run_grpo")):
         spy(module, name)
     cfg = notebook_tools.notebook_config(
         run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1, rce_epochs=1, grpo_epochs=1
     )
     with num_threads(2):
         splits = pl.prepare_data(cfg)
-        stage1 = pl.ensure_stage1(cfg, splits)
-        rce = pl.ensure_rce(cfg, splits, stage1)
+        stage1 = sr.ensure_stage1(cfg, splits)
+        rce = sr.ensure_rce(cfg, splits, stage1)
         panel = gp.ComparePanel(gp.GRPOStart.from_stages(cfg, splits, stage1, rce.model), live=False)
         panel.run()
         assert torch.get_num_threads() == 1  # threads=auto off the CPU: 1, as `v3kit run` sets it

@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -24,8 +22,18 @@ from .data.stdlib_search import builtin_table
 from .data.synthetic import make_world
 from .data.tables import load_groups, read_table
 from .data.text import default_cache_dir, embed_texts
-from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten, signature
-from .rundir import RunLock, atomic_write_text, file_sha256
+from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten
+from .run_info import (  # noqa: F401 - re-exported: the pipeline's documented run-info helpers
+    OWN_SFT,
+    RUN_INFO,
+    _check_same_sft,
+    read_run_info,
+    record_sft_checkpoint,
+    recorded_sft_checkpoint,
+    recorded_split_seed,
+    update_run_info,
+)
+from .rundir import RunLock, atomic_write_text
 from .train import distributed
 from .train.checkpoint import (
     CheckpointError,
@@ -253,79 +261,6 @@ def stage_table(
     return table[metric_order(table.columns)]
 
 
-RUN_INFO = "run_info.json"  # beside config.yaml: what a run started from that the config does not say
-
-
-OWN_SFT = "sft.pt"  # run_info's name for the SFT model the run trained itself (relative: the run dir may move)
-
-
-def _check_same_sft(run_dir: Path, sft_checkpoint: str | Path | None) -> dict[str, Any] | None:
-    """On resume, the RCE/GRPO checkpoints belong to one SFT model: refuse to continue them from another one."""
-    path = run_dir / RUN_INFO
-    if not path.exists():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except ValueError:
-        raise ConfigError(
-            f"cannot resume {run_dir}: {path} is not valid JSON; delete it only if you are sure the "
-            "SFT checkpoint is the one the run started from"
-        ) from None
-    if sft_checkpoint is None and info.get("sft_checkpoint") != OWN_SFT:
-        raise ConfigError(
-            f"cannot resume {run_dir}: it was started from --sft {info['sft_checkpoint']}; pass the "
-            "same --sft to resume it"
-        )
-    return info
-
-
-def record_sft_checkpoint(run_dir: Path, sft_path: Path, given: bool, recorded: dict[str, Any] | None) -> None:
-    """Remember which SFT checkpoint (path and sha256) the run's later stages are built on: ``v3kit eval`` finds
-    the ``kl_to_sft`` reference with it, and a resume from another SFT model is refused."""
-    if not sft_path.is_file():  # a missing one fails later with load_sft's message
-        return
-    digest = file_sha256(sft_path)
-    if recorded is not None and recorded.get("sft_sha256") != digest:
-        raise ConfigError(
-            f"cannot resume {run_dir}: it was started from the SFT checkpoint {recorded['sft_checkpoint']} "
-            f"(sha256 {str(recorded.get('sft_sha256'))[:12]}...), but {sft_path} has sha256 {digest[:12]}...; "
-            "resume with the same --sft, or use a new run_dir"
-        )
-    name = str(sft_path.resolve()) if given else OWN_SFT
-    atomic_write_text(run_dir / RUN_INFO, json.dumps({"sft_checkpoint": name, "sft_sha256": digest}) + "\n")
-
-
-def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    """The run's ``run_info.json`` as a dict; ``{}`` when it is missing or unreadable (runs that predate it).
-    A resume reads it strictly instead (:func:`_check_same_sft`): there a damaged file must not pass silently."""
-    path = Path(run_dir) / RUN_INFO
-    try:
-        info = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def update_run_info(run_dir: str | Path, **values: Any) -> None:
-    """Merge ``values`` into the run's ``run_info.json`` (e.g. ``split_seed`` of an ablation run, whose split comes
-    from the shared SFT's seed rather than its own)."""
-    info = read_run_info(run_dir)
-    info.update(values)
-    atomic_write_text(Path(run_dir) / RUN_INFO, json.dumps(info, indent=1) + "\n")
-
-
-def recorded_split_seed(run_dir: str | Path) -> int | None:
-    """The seed that split the run's data when it is not the run's own ``seed`` (ablation runs), else None."""
-    seed = read_run_info(run_dir).get("split_seed")
-    return seed if isinstance(seed, int) else None
-
-
-def recorded_sft_checkpoint(run_dir: str | Path) -> Path | None:
-    """The SFT checkpoint :func:`record_sft_checkpoint` stored for ``run_dir`` (None for runs that predate it)."""
-    recorded = read_run_info(run_dir).get("sft_checkpoint")
-    return None if not recorded else Path(run_dir) / recorded  # an absolute path stays absolute
-
-
 @dataclass
 class PipelineResult:
     run_dir: Path
@@ -510,113 +445,3 @@ def _select(
     else:
         model = model_from_checkpoint(load_checkpoint(sel.checkpoint), sel.checkpoint).to(runtime.device)
     return sel, model
-
-
-# ------------------------------------------------------------------------------------ stage reuse (notebooks)
-# The notebooks share one run directory and each can also run alone: ensure_stage1 / ensure_rce reuse sft.pt /
-# rce_epoch{N}.pt when an earlier notebook made them from the same data and settings (recorded in
-# notebook_state.json), and otherwise (re)make them, removing later stages' outputs derived from the old ones.
-STATE_FILE = "notebook_state.json"
-
-
-def read_state(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
-
-
-def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> None:
-    """Remove outputs of ``stages`` (derived from an earlier stage that is being remade) and their log rows."""
-    removed = [p for s in stages for p in sorted(run_dir.glob(f"{s}_epoch*.pt"))]
-    for p in removed:
-        p.unlink()
-    metrics = run_dir / "metrics.csv"
-    if metrics.exists():
-        df = pd.read_csv(metrics)
-        if df["stage"].isin(stages).any():
-            atomic_write_text(metrics, df[~df["stage"].isin(stages)].to_csv(index=False))
-    for s in stages:
-        state.pop(s, None)
-    if removed:
-        print(f"removed {len(removed)} stale checkpoint(s) of {', '.join(stages)} made from the previous inputs")
-
-
-def ensure_stage1(
-    cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path | None = None, callbacks: Sequence[Any] = ()
-) -> Stage1:
-    """Stage 1 on ``cfg.run_dir/sft.pt``: copy ``sft_checkpoint`` there if given, else reuse the one an earlier
-    notebook made with the same data and SFT settings, else train SFT (``callbacks`` see that training)."""
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runtime = resolve_runtime(cfg, splits)  # device / precision / threads as in `v3kit run`
-    torch.set_num_threads(runtime.threads)
-    state = read_state(run_dir)
-    sft_path = run_dir / "sft.pt"
-    data_sig = signature(cfg, "data")
-    sft_sig = signature(cfg, "model", "sft")
-    prev = state.get("stage1")
-    if sft_checkpoint is not None:
-        src = Path(sft_checkpoint).resolve()
-        want = {"data": data_sig, "sft": {"external": str(src)}}
-        if src != sft_path.resolve():
-            shutil.copyfile(src, sft_path)
-        print(f"using the given SFT checkpoint {src} (copied to {sft_path})")
-        origin = "given"
-    elif (
-        sft_path.exists()
-        and prev is not None
-        and prev.get("data") == data_sig
-        and (prev.get("sft") == sft_sig or "external" in prev.get("sft", {}))
-    ):
-        want = prev
-        print(f"reusing {sft_path} (same data and SFT settings as the notebook that made it)")
-        origin = "reused"
-    else:
-        want = {"data": data_sig, "sft": sft_sig}
-        why = "none in the run dir yet" if not sft_path.exists() else "data or SFT settings changed"
-        print(f"training SFT ({why}) -> {sft_path}")
-        origin = "trained"
-        _invalidate(run_dir, ("rce", "grpo"), state)
-        train_sft(splits, cfg.model, cfg.sft, **run_context(cfg, runtime, callbacks=callbacks, run_dir=run_dir))
-    if prev != want:
-        _invalidate(run_dir, ("rce", "grpo"), state)
-    state["stage1"] = want
-    _write_state(run_dir, state)
-    stage1 = load_sft(sft_path, splits.train, device=runtime.device, precision=runtime.precision)
-    stage1.origin = origin
-    return stage1
-
-
-def ensure_rce(
-    cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Sequence[Any] = (), fresh: bool = False
-) -> StageResult:
-    """Stage 2 on ``stage1.policy`` (in place): reuse ``rce_epoch{epochs}.pt`` made from the same stage 1 with the
-    same RCE settings (unless ``fresh``), else train RCE. ``result.model`` is the post-RCE policy."""
-    run_dir = Path(cfg.run_dir)
-    state = read_state(run_dir)
-    want = {"stage1": state.get("stage1"), "rce": signature(cfg, "rce", "reward")}
-    last = run_dir / f"rce_epoch{cfg.rce.epochs}.pt"
-    reuse = not fresh and state.get("rce") == want and (cfg.rce.epochs == 0 or last.exists())
-    if reuse:
-        print(f"reusing {last.name} (same SFT and RCE settings as the notebook that made it)")
-    else:
-        print(f"training RCE for {cfg.rce.epochs} epoch(s) -> {run_dir}/rce_epoch*.pt")
-        _invalidate(run_dir, ("rce", "grpo"), state)
-    runtime = resolve_runtime(cfg, splits)
-    torch.set_num_threads(runtime.threads)
-    splits, _ = training_splits(cfg, splits)  # as run_pipeline
-    result = run_rce(
-        stage1.policy,
-        splits,
-        cfg.rce,
-        model_config=stage1.model_config,
-        reference=stage1.reference,
-        **run_context(cfg, runtime, callbacks=callbacks, resume=reuse, run_dir=run_dir),
-    )
-    state["rce"] = want
-    _write_state(run_dir, state)
-    result.info["origin"] = "reused" if reuse else "trained"
-    return result
