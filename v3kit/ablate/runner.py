@@ -16,12 +16,11 @@ from tqdm.auto import tqdm
 
 from .. import trackers
 from ..config import RunConfig, to_dict
-from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint, signature
+from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint
 from ..rundir import atomic_write_frame, atomic_write_text
 from .backends import make_backend, worker_config
 from .grid import (
     _RUN_INFO,
-    _SHARED_SECTIONS,
     BASE_WORLD,
     BEST,
     METRIC_DIRECTION,
@@ -31,6 +30,7 @@ from .grid import (
     load_grid,
 )
 from .stats import summarize
+from .tasks import _RunTask, _SFTPlan, _SFTTask
 
 
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
@@ -43,10 +43,6 @@ def _config_hash(cfg: RunConfig, extra: str = "") -> str:
         d.pop("precision")
     d["seed"] = cfg.seed
     return fingerprint(d, extra)
-
-
-def _sft_hash(cfg: RunConfig) -> str:
-    return fingerprint(signature(cfg, *_SHARED_SECTIONS))
 
 
 def per_query_outcomes(model: Any, data: Any, temperature: float, reference: Any) -> dict[str, np.ndarray]:
@@ -73,28 +69,6 @@ def _splits_for(cfg: RunConfig) -> Any:
         _SPLITS_CACHE.clear()  # one world at a time is plenty; keeps memory flat
         _SPLITS_CACHE[key] = prepare_data(cfg)
     return _SPLITS_CACHE[key]
-
-
-@dataclass
-class _SFTTask:
-    world: str
-    cfg: RunConfig
-    path: Path
-    hash: str
-
-
-@dataclass
-class _RunTask:
-    world: str
-    variant: str
-    seed: int
-    cfg: RunConfig
-    split_cfg: RunConfig  # the world's SFT config: its seed fixes the split
-    sft_path: Path
-    result_path: Path
-    hash: str
-    keep_checkpoints: bool = False
-    tracking: dict[str, Any] | None = None  # report_to: the tracked run's tags and default MLflow store
 
 
 def _train_sft(task: _SFTTask) -> str:
@@ -182,53 +156,6 @@ def _execute(task: _RunTask) -> dict[str, Any]:
             p.unlink()
     atomic_write_text(task.result_path, json.dumps(payload))
     return {**keys, "wall_s": wall}
-
-
-class _SFTPlan:
-    """Which SFT checkpoint each run starts from, and the SFT trainings still to do.
-
-    A run whose model/sft settings equal its world's base starts from the world's SFT (``<world>/sft/sft.pt``, or
-    the grid's ``sft_checkpoint`` in the base world); a variant that changes ``model.*`` or ``sft.*`` gets the SFT of
-    its own settings (``<world>/sft-<hash>/sft.pt``), shared by every variant and seed with the same settings; a
-    run with ``sft.checkpoint`` starts from that file.
-    """
-
-    def __init__(self, out: Path, spec: GridSpec, sft_cfgs: dict[str, RunConfig]) -> None:
-        self.out, self.spec, self.sft_cfgs = out, spec, sft_cfgs
-        self.pending: dict[Path, _SFTTask] = {}
-
-    def _given(self, path: Path, cfg: RunConfig) -> tuple[Path, str]:
-        """A given checkpoint: what the result depends on is its path, size and mtime."""
-        st = path.stat()
-        return path, f"{path}:{st.st_size}:{st.st_mtime_ns}:{_sft_hash(cfg)}"
-
-    def sft_for(self, world: str, variant: str, cfg: RunConfig) -> tuple[Path, str]:
-        """(the SFT checkpoint the run starts from, the key its result depends on of that SFT)."""
-        if cfg.sft.checkpoint:
-            return self._given(Path(cfg.sft.checkpoint).resolve(), cfg)
-        base = self.sft_cfgs[world]
-        sft_cfg = dataclasses.replace(base, model=cfg.model, sft=cfg.sft)
-        h = _sft_hash(sft_cfg)
-        if h == _sft_hash(base):
-            if world == BASE_WORLD and self.spec.sft_checkpoint is not None:
-                return self._given(Path(self.spec.sft_checkpoint).resolve(), base)
-            folder = self.out / world / "sft"
-        else:
-            folder = self.out / world / f"sft-{h[:12]}"
-            sft_cfg = dataclasses.replace(sft_cfg, run_dir=str(folder))
-        path = folder / "sft.pt"
-        hash_file = folder / "sft.hash"
-        if not (path.exists() and hash_file.exists() and hash_file.read_text() == h) and path not in self.pending:
-            self.pending[path] = _SFTTask(world=world, cfg=sft_cfg, path=path, hash=h)
-        return path, h
-
-    def tasks_for(self, runs: Iterable[_RunTask]) -> list[_SFTTask]:
-        """The SFT trainings ``runs`` still need (each handed out once)."""
-        need = {r.sft_path for r in runs}
-        out = [t for p, t in self.pending.items() if p in need]
-        for t in out:
-            del self.pending[t.path]
-        return out
 
 
 @dataclass
