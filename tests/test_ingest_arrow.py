@@ -13,7 +13,8 @@ from test_ingest import assert_same, ragged_frame, slow_pack
 
 from v3kit.config import ConfigError, load_config
 from v3kit.data import ingest
-from v3kit.data.contract import MAX_FEATURE_ABS, DataValidationError, _nonfinite, from_long_frame
+from v3kit.data.contract import MAX_FEATURE_ABS, DataValidationError, _nonfinite
+from v3kit.data.long_frame import from_long_frame
 from v3kit.data.tables import load_groups
 
 LAYOUTS = {  # how a feature column of dimension d is stored

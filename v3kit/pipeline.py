@@ -16,8 +16,9 @@ from torch import nn
 from . import trackers
 from .bounds import check_model_fits
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
-from .data.contract import GroupData, Splits, from_long_frame, split_by_query, to_long_frame
+from .data.contract import GroupData, Splits, split_by_query
 from .data.debias import DebiasReport, check_debias, debias_splits
+from .data.long_frame import from_long_frame, to_long_frame
 from .data.stdlib_search import builtin_table
 from .data.synthetic import make_world
 from .data.tables import load_groups, read_table

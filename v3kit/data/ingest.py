@@ -30,16 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .contract import (
-    FEATURE_COLUMNS,
-    MAX_FEATURE_ABS,
-    DataValidationError,
-    GroupData,
-    _as_bool,
-    _as_matrix,
-    check_group,
-    check_long_frame,
-)
+from .contract import FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData
+from .long_frame import _as_bool, _as_matrix, check_group, check_long_frame
 
 # Rows converted at a time: bounds the transient memory beside the packed arrays (Arrow's Parquet decoder holds
 # a few times one batch; 4096 rows of 384-d float32 are 6 MB).

@@ -17,15 +17,8 @@ import pyarrow.parquet as pq
 import torch
 
 from . import ingest
-from .contract import (
-    FEATURE_COLUMNS,
-    DataValidationError,
-    Embedder,
-    GroupData,
-    check_feature_dtype,
-    from_long_frame,
-    to_feature_dtype,
-)
+from .contract import FEATURE_COLUMNS, DataValidationError, Embedder, GroupData, check_feature_dtype, to_feature_dtype
+from .long_frame import from_long_frame
 
 # Suffixes of the long-form table formats (lower case); data.path is checked against them.
 PARQUET_SUFFIXES = (".parquet", ".pq")
