@@ -17,6 +17,27 @@ TINY = [
 ]
 
 
+def write_text_table(path, n_queries: int, n_cands: int) -> list[dict]:
+    """A tiny text-only long-form table (JSON lines) at ``path``: candidate 0 is the label and rewards rise with the
+    candidate's index; returns its rows."""
+    import pandas as pd
+
+    rows = [
+        {
+            "query_id": f"q{q}",
+            "candidate_id": f"q{q}c{c}",
+            "query_text": f"query {q}",
+            "candidate_text": f"candidate {q} {c}",
+            "reward": float(c),
+            "is_label": c == 0,
+        }
+        for q in range(n_queries)
+        for c in range(n_cands)
+    ]
+    pd.DataFrame(rows).to_json(path, orient="records", lines=True)
+    return rows
+
+
 def tiny_config(run_dir, *overrides: str) -> RunConfig:
     return load_config(None, [*TINY, f"run_dir={run_dir}", *overrides])
 

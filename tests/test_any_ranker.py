@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, tiny_config
+from conftest import TINY, tiny_config, write_text_table
 from torch import nn
 
 from v3kit.cli import main
@@ -384,19 +384,7 @@ def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(
 
     torch.save(BilinearRanker(QD, CD).state_dict(), tmp_path / "v2.pt")
     import_sft("custom_models:BilinearRanker", tmp_path / "v2.pt", tmp_path / "sft.pt", query_dim=QD, cand_dim=CD)
-    rows = [
-        {
-            "query_id": f"q{q}",
-            "candidate_id": f"q{q}c{c}",
-            "query_text": f"query {q}",
-            "candidate_text": f"candidate {q} {c}",
-            "reward": float(c),
-            "is_label": c == 0,
-        }
-        for q in range(30)
-        for c in range(3)
-    ]
-    pd.DataFrame(rows).to_json(tmp_path / "table.jsonl", orient="records", lines=True)
+    write_text_table(tmp_path / "table.jsonl", 30, 3)
     seen: list[str] = []
 
     def fake_encoder(name, max_tokens=None):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, write_text_table
 from torch import nn
 
 from v3kit.cli import main
@@ -357,23 +357,10 @@ def test_cli_reads_the_dims_of_a_text_table_from_its_embeddings(tmp_path, monkey
     """`--config`/`--set` with a text-only table: the dims are the encoder's, read from the embedding cache the
     run will use (a plain file read would find no feature columns)."""
     import numpy as np
-    import pandas as pd
 
     from v3kit.data.text import embed_texts
 
-    rows = [
-        {
-            "query_id": f"q{q}",
-            "candidate_id": f"q{q}c{c}",
-            "query_text": f"query {q}",
-            "candidate_text": f"candidate {q} {c}",
-            "reward": float(c),
-            "is_label": c == 0,
-        }
-        for q in range(3)
-        for c in range(2)
-    ]
-    pd.DataFrame(rows).to_json(tmp_path / "table.jsonl", orient="records", lines=True)
+    rows = write_text_table(tmp_path / "table.jsonl", 3, 2)
     texts = sorted({r["query_text"] for r in rows} | {r["candidate_text"] for r in rows})
 
     def fake(batch: list[str]) -> np.ndarray:  # 3-d "embeddings"
