@@ -249,10 +249,13 @@ def stage_table(
     in ``metrics.csv`` use each stage's own temperature. Ranking metrics do not depend on it.
     """
     ref_logp = compute_log_probs(reference, data, temperature, precision=precision)  # once for every stage
-    rows = {
-        name: evaluate(m, data, temperature=temperature, reference=reference, ref_logp=ref_logp, precision=precision)
-        for name, m in models.items()
-    }
+    scored: dict[int, dict[str, float]] = {}  # one evaluation per model: 'selected' is often another row's model
+    for m in models.values():
+        if id(m) not in scored:
+            scored[id(m)] = evaluate(
+                m, data, temperature=temperature, reference=reference, ref_logp=ref_logp, precision=precision
+            )
+    rows = {name: dict(scored[id(m)]) for name, m in models.items()}
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
     if baselines:

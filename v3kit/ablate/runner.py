@@ -45,14 +45,17 @@ def _config_hash(cfg: RunConfig, extra: str = "") -> str:
     return fingerprint(d, extra)
 
 
-def per_query_outcomes(model: Any, data: Any, temperature: float, reference: Any) -> dict[str, np.ndarray]:
+def per_query_outcomes(
+    model: Any, data: Any, temperature: float, reference: Any, ref_logp: Any = None
+) -> dict[str, np.ndarray]:
     """Per test query: the :data:`PER_QUERY_METRICS` of ``model`` (their means are
-    :func:`v3kit.train.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal)."""
+    :func:`v3kit.train.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal).
+    ``ref_logp``: ``reference``'s log-probs on ``data`` when the caller already has them."""
     from ..train.metrics import per_group_metrics
     from ..train.model import compute_log_probs
 
     logp = compute_log_probs(model, data, temperature)
-    ref = compute_log_probs(reference, data, temperature)
+    ref = compute_log_probs(reference, data, temperature) if ref_logp is None else ref_logp
     out = per_group_metrics(logp, data.labels, data.rewards, data.mask, utility=data.utility, logp=logp, ref_logp=ref)
     return {k: v.double().numpy() for k, v in out.items() if k in PER_QUERY_METRICS}
 
@@ -133,13 +136,19 @@ def _execute(task: _RunTask) -> dict[str, Any]:
         )
     temperature = res.stage1.model_config.sim_temperature  # as pipeline.stage_table evaluates
     test = splits.test
-    pq = {
-        name: {
-            k: v.tolist() for k, v in per_query_outcomes(res.models[name], test, temperature, res.models["sft"]).items()
-        }
-        for name in ("sft", "grpo", "selected")
-        if name in res.models
-    }
+    from ..train.model import compute_log_probs
+
+    ref_logp = compute_log_probs(res.models["sft"], test, temperature)  # once for every model
+    outcomes: dict[int, dict[str, list[float]]] = {}  # once per model: 'selected' is often 'grpo' or 'sft'
+    pq = {}
+    for name in ("sft", "grpo", "selected"):
+        model = res.models.get(name)
+        if model is None:
+            continue
+        if id(model) not in outcomes:
+            got = per_query_outcomes(model, test, temperature, res.models["sft"], ref_logp=ref_logp)
+            outcomes[id(model)] = {k: v.tolist() for k, v in got.items()}
+        pq[name] = outcomes[id(model)]
     wall = time.perf_counter() - t0
     payload = {
         "hash": task.hash,

@@ -82,18 +82,21 @@ def recurring_share(data: GroupData) -> float:
     return float((per_id[ids] > 1).double().mean())
 
 
-def _require_ids(data: GroupData) -> None:
+def _require_ids(data: GroupData) -> float:
+    """:func:`recurring_share` of ``data``; :class:`DebiasError` when it is 0 (the prior has nothing to average)."""
     if data.cand_ids is None:
         raise DebiasError(
             "reward.debias=candidate_prior needs candidate ids (the table's candidate_id column; the "
             "synthetic world has none): use reward.debias=candidate_features"
         )
-    if recurring_share(data) == 0.0:
+    share = recurring_share(data)
+    if share == 0.0:
         raise DebiasError(
             "reward.debias=candidate_prior needs candidate_ids that recur across queries, but no "
             "candidate_id of the training split appears in more than one query: use "
             "reward.debias=candidate_features"
         )
+    return share
 
 
 def check_debias(cfg: RewardConfig, train: GroupData) -> None:
@@ -115,6 +118,11 @@ def candidate_prior(data: GroupData, *, folds: int = 5, shrinkage: float = 1.0, 
     """[N, G] cross-fitted per-candidate prior of ``data`` (float64, 0 at padding): for a query in fold k, the
     prior of each of its candidates is computed from the queries of the other folds only."""
     _require_ids(data)
+    return _prior(data, folds, shrinkage, seed)
+
+
+def _prior(data: GroupData, folds: int, shrinkage: float, seed: int) -> Tensor:
+    """:func:`candidate_prior` of ``data`` already checked by :func:`_require_ids`."""
     y = centre_in_group(data.rewards.double(), data.mask)
     n_ids = int(data.cand_ids[data.mask].max()) + 1
     fold = _folds(len(data), folds, seed)
@@ -132,6 +140,11 @@ def candidate_prior_from(fit: GroupData, target: GroupData, *, shrinkage: float 
     """[N, G] prior of ``target``'s candidates estimated from all of ``fit`` (disjoint queries, e.g. train -> val);
     0 for a candidate ``fit`` never saw."""
     _require_ids(fit)
+    return _prior_from(fit, target, shrinkage)
+
+
+def _prior_from(fit: GroupData, target: GroupData, shrinkage: float) -> Tensor:
+    """:func:`candidate_prior_from` with ``fit`` already checked by :func:`_require_ids`."""
     if target.cand_ids is None:
         return torch.zeros_like(target.rewards, dtype=torch.float64)
     y = centre_in_group(fit.rewards.double(), fit.mask)
@@ -194,17 +207,21 @@ class DebiasReport:
 
 def estimates(
     method: str, train: GroupData, other: GroupData, cfg: RewardConfig, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """(cross-fitted estimate on ``train``, estimate on ``other`` fitted on all of ``train``) for ``method``."""
+) -> tuple[Tensor, Tensor, float | None]:
+    """(cross-fitted estimate on ``train``, estimate on ``other`` fitted on all of ``train``, and for
+    ``candidate_prior`` the share of training entries whose id recurs) for ``method``; the ids are checked once."""
     if method == "candidate_prior":
+        share = _require_ids(train)
         return (
-            candidate_prior(train, folds=cfg.debias_folds, shrinkage=cfg.prior_shrinkage, seed=seed),
-            candidate_prior_from(train, other, shrinkage=cfg.prior_shrinkage),
+            _prior(train, cfg.debias_folds, cfg.prior_shrinkage, seed),
+            _prior_from(train, other, cfg.prior_shrinkage),
+            share,
         )
     if method == "candidate_features":
         return (
             feature_estimate(train, folds=cfg.debias_folds, ridge=cfg.feature_ridge, seed=seed),
             feature_estimate_from(train, other, ridge=cfg.feature_ridge),
+            None,
         )
     raise ValueError(f"reward.debias must be one of {DEBIAS_METHODS[1:]} here, got {method!r}")
 
@@ -219,14 +236,14 @@ def _removed_share(data: GroupData, estimate: Tensor) -> float:
 def debias_report(method: str, splits: Splits, cfg: RewardConfig, seed: int = 0) -> tuple[Tensor, DebiasReport]:
     """The de-biased training rewards ([N, G] float32) and what the de-biasing did (see :class:`DebiasReport`)."""
     train, val = splits.train, splits.val
-    est_train, est_val = estimates(method, train, val, cfg, seed)
+    est_train, est_val, share = estimates(method, train, val, cfg, seed)
     rewards = (train.rewards.double() - est_train).float()
     report = DebiasReport(
         method,
         _removed_share(train, est_train),
         label_reward_agreement(val),
         label_reward_agreement(val.with_rewards((val.rewards.double() - est_val).float())),
-        recurring_share(train) if method == "candidate_prior" else None,
+        share,
     )
     return rewards, report
 

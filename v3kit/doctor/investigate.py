@@ -140,11 +140,12 @@ class Investigation:
         self.split_seed = recorded_split_seed(self.run_dir)
         if self.split_seed is None:
             self.split_seed = self.cfg.seed if self.cfg.data.split_seed is None else self.cfg.data.split_seed
-        self.findings = diagnose(self.run_dir)
+
         from ..pipeline import prepare_data
 
         split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
         self.splits = prepare_data(split_cfg)
+        self.findings = diagnose(self.run_dir, splits=self.splits)  # the same split the doctor would rebuild
         if metric == "utility@1" and self.splits.test.utility is None:
             raise ConfigError(
                 "--metric utility@1 needs a true utility (the synthetic world); this data has none: use acc@1 or mrr"
