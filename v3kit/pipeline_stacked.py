@@ -44,10 +44,10 @@ from .pipeline import (
 from .rundir import RunLock, atomic_write_text
 from .train.checkpoint import check_finite_checkpoint, load_checkpoint, model_payload, save_checkpoint
 from .train.grpo import GRPOStage
-from .train.model import build_model, compute_log_probs
+from .train.model import build_model
 from .train.rce import RCEStage, final_logit_temperature
 from .train.selection import write_selection
-from .train.sft import SFTStage, Stage1, freeze, load_sft
+from .train.sft import SFTStage, Stage1, load_sft
 from .train.stacked import PruneFn, fit_stacked
 from .train.training import RunContext, StageResult
 
@@ -185,7 +185,7 @@ class _Stack:
         after_rce = {k: copy.deepcopy(stage1[k].policy) for k in rce}
         grpo, temps = self.grpo(stage1, rl, prune)
         results: list[PipelineResult | BaseException] = []
-        for k, cfg in enumerate(self.cfgs):
+        for k in range(len(self.cfgs)):
             if k in self.errors:
                 results.append(self.errors[k])
                 continue

@@ -123,7 +123,7 @@ class StackedTowers:
     def adam_state(self, k: int) -> list[dict[str, Tensor]]:
         """Member ``k``'s Adam state per parameter, as ``torch.optim.Adam.state`` holds it (copies)."""
         out = []
-        for name, shape, off in zip(self.names, self.shapes, self.offsets):
+        for shape, off in zip(self.shapes, self.offsets):
             n = math.prod(shape)
             out.append(
                 {
