@@ -21,6 +21,7 @@ members one after another through ``fit`` instead, with a one-line note saying w
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,6 +37,7 @@ from .device import as_floats, autocast
 from .metrics import evaluate
 from .metrics_log import MetricsLog, _call
 from .model import INTERFACE_ATTR, Interface, compute_log_probs
+from .stacked_losses import stacked_loss
 from .stacked_towers import StackedTowers, stack_reason
 from .training import (
     RunContext,
@@ -168,6 +170,8 @@ class _StackedFit:
         self.ref_logps: dict[tuple[int, int, float], Tensor] = {}
         self.shared_train = all(s.train is first.train for s in stages)
         self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
+        self.fast = True  # the stacked objectives; False runs each member's own Stage.step (tests compare both)
+        self._total: Tensor | None = None
 
     def _member(self, stage: Stage, run: RunContext) -> _Member:
         stage.model.to(self.device)
@@ -250,18 +254,15 @@ class _StackedFit:
         _call(m.run.callbacks, "on_eval", row)
         m.metrics = metrics
 
-    def _save(self, k: int, epoch: int, step: int) -> None:
+    def _payload(self, k: int, epoch: int, step: int) -> dict[str, Any]:
+        """What member ``k``'s epoch checkpoint holds: the same payload :func:`fit` writes."""
         m = self.members[k]
-        if m.run_dir is None:
-            return
         params = list(m.stage.model.parameters())
         m.optimizer.state.clear()
         for p, s in zip(params, self.tower.adam_state(k)):
             if s["step"] > 0:
                 m.optimizer.state[p] = s
-        m.log.commit()
-        _kill_point(f"{self.name}:epoch{epoch}:before_checkpoint")
-        payload = {
+        return {
             "stage": self.name,
             "epoch": epoch,
             "step": step,
@@ -272,7 +273,14 @@ class _StackedFit:
             "metrics_rows": m.log.stage_rows(self.name),
             **(m.stage.meta or {}),
         }
-        m.checkpoints.append(save_checkpoint(m.run_dir / f"{self.name}_epoch{epoch}.pt", payload))
+
+    def _write(self, k: int, epoch: int, payload: dict[str, Any]) -> None:
+        """Commit member ``k``'s metrics rows, then write its checkpoint (in a thread: the members' fsyncs
+        overlap instead of queueing; the pickling holds the GIL, so the CPU work is not parallel)."""
+        m = self.members[k]
+        m.log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
+        _kill_point(f"{self.name}:epoch{epoch}:before_checkpoint")
+        m.checkpoints.append(save_checkpoint(m.run_dir / f"{self.name}_epoch{epoch}.pt", payload))  # type: ignore[operator]
         _kill_point(f"{self.name}:epoch{epoch}:after_checkpoint")
 
     # ------------------------------------------------------------------ one step
@@ -297,7 +305,7 @@ class _StackedFit:
             q, c, mask, labels, rewards, util = (None if p is None else p[j] for p in parts)
             out.append(Batch(idx[j], q, c, mask, labels, rewards, util))  # type: ignore[arg-type]
             j += 1
-        self._stacked_inputs = (parts[0], parts[1])
+        self._parts = parts
         return out
 
     @staticmethod
@@ -306,21 +314,31 @@ class _StackedFit:
         return data.query_x[i].float(), data.cand_x[i].float(), data.mask[i], data.labels[i], data.rewards[i], util
 
     def _losses(self, batches: list[Batch | None], ctxs: list[StepContext]) -> list[tuple[Tensor, dict] | None]:
-        scores = self.tower.scores(*self._stacked_inputs)
-        out: list[tuple[Tensor, dict] | None] = []
-        j = 0
-        for m, batch, ctx in zip(self.members, batches, ctxs):
-            if batch is None:
-                out.append(None)
-                continue
+        """Each active member's (loss, statistics): one stacked objective when the members' switches allow
+        (:mod:`v3kit.train.stacked_losses`), else each member's own ``Stage.step`` on its slice of the scores."""
+        q, c, mask, labels, rewards, _ = self._parts
+        scores = self.tower.scores(q, c)
+        live = [k for k, b in enumerate(batches) if b is not None]
+        stages = [self.members[k].stage for k in live]
+        stacked_b = {"index": [batches[k].index for k in live], "mask": mask, "labels": labels, "rewards": rewards}
+        fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live]) if self.fast else None
+        out: list[tuple[Tensor, dict] | None] = [None] * len(batches)
+        if fast is not None:
+            for j, k in enumerate(live):
+                out[k] = (fast[0][j], fast[1][j])
+            self._total = fast[0].sum()
+            return out
+        for j, k in enumerate(live):
+            m = self.members[k]
             self.proxy.current = scores[j]
-            j += 1
             own, m.stage.model = m.stage.model, self.proxy
             try:
-                out.append(m.stage.step(batch, ctx))
+                out[k] = m.stage.step(batches[k], ctxs[k])  # type: ignore[arg-type]
             finally:
                 m.stage.model = own
         self.proxy.current = None
+        losses = [o[0] for o in out if o is not None and o[0].requires_grad]
+        self._total = torch.stack([x.reshape(()) for x in losses]).sum() if losses else None
         return out
 
     def _step(self, epoch: int, step: int, start: int) -> None:
@@ -329,9 +347,9 @@ class _StackedFit:
         with autocast(self.device, self.precision):
             outs = self._losses(batches, ctxs)
         self.tower.zero_grad()
-        live = [o[0] for o in outs if o is not None and o[0].requires_grad]
-        if live:
-            torch.stack([loss.reshape(()) for loss in live]).sum().backward()
+        if self._total is not None:
+            self._total.backward()
+        self._total = None
         norms = self.tower.clip(self.max_norms)
         frozen, bad = self._nonfinite(outs, norms)
         self.tower.adam_step([m.stage.cfg.lr for m in self.members], frozen)
@@ -433,6 +451,7 @@ class _StackedFit:
             if m.active:
                 self._flush(m)
         self.tower.to_members([m.stage.model for m in self.members])
+        saves = []
         for k, m in enumerate(self.members):
             if not m.active:
                 continue
@@ -440,8 +459,13 @@ class _StackedFit:
                 m.error = _nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
                 continue
             self._evaluate(m, epoch, step)
-            self._save(k, epoch, step)
-            if self.prune is not None and epoch < self.cfg0.epochs and self.prune(k, epoch, m.metrics):
+            if m.run_dir is not None:
+                saves.append((k, self._payload(k, epoch, step)))
+        if saves:
+            with ThreadPoolExecutor(max_workers=len(saves)) as pool:
+                list(pool.map(lambda item: self._write(item[0], epoch, item[1]), saves))
+        for k, m in enumerate(self.members):
+            if m.active and self.prune is not None and epoch < self.cfg0.epochs and self.prune(k, epoch, m.metrics):
                 m.error = MemberPruned(f"{self.name}: pruned after epoch {epoch}")
 
     def _results(self, start_epoch: int) -> list[StageResult | BaseException]:
