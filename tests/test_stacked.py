@@ -269,3 +269,62 @@ def test_a_resume_after_a_kill_mid_stack_is_bit_identical(tmp_path):
                 assert torch.equal(t, wb["model"][name]), (ckpt.name, name)
             for pid, s in wa["optimizer"]["state"].items():
                 assert all(torch.equal(v, wb["optimizer"]["state"][pid][n]) for n, v in s.items())
+
+
+# ---------------------------------------------------------------------------------------------- grids
+def test_plan_stacks_groups_seeds_and_numeric_variants_of_one_structure(tmp_path):
+    from v3kit.ablate.grid import parse_grid
+    from v3kit.ablate.tasks import _RunTask, plan_stacks
+
+    raw = {
+        "name": "g",
+        "base": ["data.synthetic.n_queries=80"],
+        "seeds": [0, 1],
+        "reference": "seed",
+        "variants": {"seed": [], "kl0": ["grpo.kl_beta=0"], "lw": ["rce.label_weight=0.5"], "ep4": ["grpo.epochs=4"]},
+    }
+    spec = parse_grid(raw)
+    tasks = [
+        _RunTask(
+            "default",
+            v,
+            s,
+            spec.resolve("default", v, s, tmp_path / v / str(s)),
+            None,
+            tmp_path / "sft.pt",
+            tmp_path,
+            "",
+        )
+        for v in spec.variants
+        for s in spec.seeds
+    ]
+    stacks, alone = plan_stacks(tasks)
+    assert [sorted((t.variant, t.seed) for t in s.tasks) for s in stacks] == [
+        sorted((v, s) for v in ("seed", "kl0", "lw") for s in (0, 1)),  # numbers only: one structure
+        [("ep4", 0), ("ep4", 1)],  # other epochs: another stack
+    ]
+    assert alone == []
+    assert plan_stacks(tasks, "off") == ([], tasks)
+    with pytest.raises(ValueError, match="stack must be one of"):
+        plan_stacks(tasks, "on")
+
+
+@pytest.mark.slow
+def test_a_grid_stacked_gives_the_rows_of_the_grid_run_alone(tmp_path):
+    from v3kit.ablate import parse_grid, run_grid
+
+    raw = {
+        "name": "g",
+        "base": ["data.synthetic.n_queries=120", "sft.epochs=1", "rce.epochs=1", "grpo.epochs=2", "grpo.lr=1e-3"],
+        "seeds": [0, 1],
+        "reference": "seed",
+        "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": [], "kl0": ["grpo.kl_beta=0"]},
+    }
+    off = run_grid(parse_grid(raw), tmp_path / "off", progress=False, stack="off")
+    auto = run_grid(parse_grid(raw), tmp_path / "auto", progress=False)
+    assert not off.frame["stacked"].any() and auto.frame["stacked"].all()
+    keys = ["world", "variant", "seed", "split", "stage", "epoch"]
+    a, b = off.frame.sort_values(keys).reset_index(drop=True), auto.frame.sort_values(keys).reset_index(drop=True)
+    assert a[keys].equals(b[keys])
+    metrics = [c for c in ("acc@1", "utility@1", "ndcg@5", "kl_to_sft", "selected_epoch") if c in a.columns]
+    pd.testing.assert_frame_equal(a[metrics], b[metrics], check_exact=False, rtol=RTOL, atol=ATOL)

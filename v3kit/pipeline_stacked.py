@@ -4,7 +4,7 @@ SFT, stage 1, RCE, GRPO. Each run writes the run directory its sequential run wr
 ``metrics.csv``, checkpoints, ``summary.csv``, ``selection.json``), so the doctor, the statistics and the verdict
 read it unchanged.
 
-The K runs must share their data (the same ``data`` section and split seed; a grid's runs always do). They may differ
+The K runs must share their data (the same ``data`` section and split seed, or ``splits`` given). They may differ
 in ``seed`` and in any number a stage reads; runs whose structure differs in a way one stack cannot hold (epochs,
 batch size, a user's model) are trained one after another by the same code, with a note saying why.
 """
@@ -85,7 +85,8 @@ def run_stacked(
     :func:`v3kit.train.stacked.fit_stacked` (called in GRPO, the stage a search prunes in)."""
     cfgs = list(cfgs)
     tracking = list(tracking) if tracking is not None else [None] * len(cfgs)
-    reason = share_data_reason(cfgs) if len(cfgs) > 1 else "a single run"
+    # given splits are the caller's word that the runs share them (a grid's runs: one split per world)
+    reason = "a single run" if len(cfgs) < 2 else None if splits is not None else share_data_reason(cfgs)
     if reason is not None:
         out: list[PipelineResult | BaseException] = []
         for c, t in zip(cfgs, tracking):

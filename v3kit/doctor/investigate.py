@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..ablate.cli import add_backend_args
+from ..ablate.cli import add_backend_args, add_stack_arg
 from ..ablate.grid import BASE_WORLD, GridSpec, parse_grid
 from ..ablate.runner import collect, run_grid
 from ..ablate.stats import compare, min_detectable_effect
@@ -113,6 +113,7 @@ class Investigation:
         only: Sequence[str] | None = None,
         backend: str = "local",
         address: str | None = None,
+        stack: str = "auto",
     ) -> None:
         from ..pipeline import recorded_sft_checkpoint, recorded_split_seed
         from .report import diagnose
@@ -128,7 +129,7 @@ class Investigation:
         if initial_seeds < 2:
             raise ConfigError(f"--initial-seeds must be >= 2 (an interval needs two runs), got {initial_seeds}")
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
-        self.backend, self.address = backend, address
+        self.backend, self.address, self.stack = backend, address, stack
         self.initial_seeds, self.max_seeds, self.seed_step = initial_seeds, max(max_seeds, initial_seeds), seed_step
         self.cfg = load_config(cfg_path)
         self.out = Path(out) if out is not None else self.run_dir / "investigate"
@@ -194,7 +195,13 @@ class Investigation:
             questions={},
         )
         run_grid(
-            sub, self.out, workers=self.workers, progress=self.progress, backend=self.backend, address=self.address
+            sub,
+            self.out,
+            workers=self.workers,
+            progress=self.progress,
+            backend=self.backend,
+            address=self.address,
+            stack=self.stack,
         )
 
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -381,7 +388,7 @@ def investigate(run_dir: str | Path, **options: Any) -> Verdict:
     """Doctor, grid, sequential seeds and verdict for ``run_dir``; writes ``verdict.md``/``verdict.json`` (plus the
     recommended config and ``effects.png``) to ``out`` (default ``RUN_DIR/investigate``). ``options`` are those of
     :class:`Investigation` (``metric``, ``out``, ``budget_minutes``, ``workers``, ``initial_seeds``, ``max_seeds``,
-    ``progress``, ``smoke``: overrides added to every run, ``only``, ``backend``, ``address``)."""
+    ``progress``, ``smoke``: overrides added to every run, ``only``, ``backend``, ``address``, ``stack``)."""
     inv = Investigation(run_dir, **options)
     v = inv.run()
     write_verdict(v, inv.run_dir, inv.out)
@@ -431,6 +438,7 @@ def cmd_investigate(args: argparse.Namespace) -> int:
         only=args.only.split(",") if args.only else None,
         backend=args.backend,
         address=args.address,
+        stack=args.stack,
     )
     print(
         f"investigating {inv.run_dir}: {len(inv.variants)} variants, {args.initial_seeds} seeds to start, "
@@ -482,6 +490,7 @@ def register_cli(subparsers: Any) -> None:
         help="override added to every run of the grid (e.g. fewer epochs for a quick look)",
     )
     add_backend_args(p)
+    add_stack_arg(p)
     p.add_argument(
         "--only",
         metavar="V1,V2",
