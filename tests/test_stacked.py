@@ -142,7 +142,7 @@ def test_stacked_scores_and_gradients_equal_each_members_own(kw):
         torch.testing.assert_close(scores[k], own)
         (own.sum() * (k + 1)).backward()
         for name, p in m.named_parameters():
-            torch.testing.assert_close(tower.params[name].grad[k], p.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(tower.member(name, k, tower.params[name].grad), p.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_stacked_adam_and_clipping_equal_torch_per_member():
@@ -158,7 +158,7 @@ def test_stacked_adam_and_clipping_equal_torch_per_member():
             for name, p in m.named_parameters():
                 g = torch.randn(p.shape, generator=gen) * (k + 1)
                 p.grad = g.clone()
-                tower.params[name].grad[k].copy_(g)
+                tower.member(name, k, tower.params[name].grad).copy_(g)
         norms = tower.clip(torch.tensor(max_norms))
         tower.adam_step(lrs, frozen)
         for k, (m, opt) in enumerate(zip(members, opts)):
@@ -168,9 +168,12 @@ def test_stacked_adam_and_clipping_equal_torch_per_member():
                 opt.step()
     for k, m in enumerate(members):
         for name, p in m.named_parameters():
-            torch.testing.assert_close(tower.params[name][k].detach(), p.detach(), rtol=1e-6, atol=1e-7)
-        state = tower.adam_state(k)
-        assert float(state[0]["step"]) == float(opts[k].state[next(m.parameters())]["step"])
+            torch.testing.assert_close(tower.member(name, k).detach(), p.detach(), rtol=1e-6, atol=1e-7)
+        for p, state in zip(m.parameters(), tower.adam_state(k)):  # what a member's checkpoint stores
+            own = opts[k].state[p]
+            assert float(state["step"]) == float(own["step"])
+            torch.testing.assert_close(state["exp_avg"], own["exp_avg"])
+            torch.testing.assert_close(state["exp_avg_sq"], own["exp_avg_sq"])
 
 
 # ---------------------------------------------------------------------------------------------- fallback

@@ -37,7 +37,7 @@ from .device import as_floats, autocast
 from .metrics import evaluate
 from .metrics_log import MetricsLog, _call
 from .model import INTERFACE_ATTR, Interface, compute_log_probs
-from .stacked_losses import stacked_loss
+from .stacked_losses import Ref, stacked_loss
 from .stacked_towers import StackedTowers, stack_reason
 from .training import (
     RunContext,
@@ -288,7 +288,9 @@ class _StackedFit:
         """Each active member's next batch (rows ``start ..`` of its epoch order), gathered at once."""
         size = self.cfg0.batch_size
         live = [m for m in self.members if m.active]
-        idx = torch.stack([m.order[start : start + size] for m in live])  # type: ignore[index]
+        idx = self._orders[:, start : start + size]
+        if len(live) < len(self.members):
+            idx = idx[[k for k, m in enumerate(self.members) if m.active]]
         if self.shared_train:
             data = live[0].stage.train
             parts = (data.query_x[idx].float(), data.cand_x[idx].float(), data.mask[idx], data.labels[idx])
@@ -313,80 +315,88 @@ class _StackedFit:
         util = None if data.utility is None else data.utility[i]
         return data.query_x[i].float(), data.cand_x[i].float(), data.mask[i], data.labels[i], data.rewards[i], util
 
-    def _losses(self, batches: list[Batch | None], ctxs: list[StepContext]) -> list[tuple[Tensor, dict] | None]:
-        """Each active member's (loss, statistics): one stacked objective when the members' switches allow
-        (:mod:`v3kit.train.stacked_losses`), else each member's own ``Stage.step`` on its slice of the scores."""
+    def _losses(
+        self, batches: list[Batch | None], ctxs: list[StepContext]
+    ) -> tuple[list[int], Tensor, list[bool], list[dict[str, Any]]]:
+        """The active members (indices), their losses ``[L]`` (detached), whether each has a gradient, and their
+        statistics; ``self._total`` is the sum to differentiate. One stacked objective when the members' switches
+        allow (:mod:`v3kit.train.stacked_losses`), else each member's own ``Stage.step`` on its slice of the scores."""
         q, c, mask, labels, rewards, _ = self._parts
         scores = self.tower.scores(q, c)
         live = [k for k, b in enumerate(batches) if b is not None]
         stages = [self.members[k].stage for k in live]
         stacked_b = {"index": [batches[k].index for k in live], "mask": mask, "labels": labels, "rewards": rewards}
         fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live]) if self.fast else None
-        out: list[tuple[Tensor, dict] | None] = [None] * len(batches)
         if fast is not None:
-            for j, k in enumerate(live):
-                out[k] = (fast[0][j], fast[1][j])
             self._total = fast[0].sum()
-            return out
+            return live, fast[0].detach(), [True] * len(live), fast[1]
+        losses, stats = [], []
         for j, k in enumerate(live):
             m = self.members[k]
             self.proxy.current = scores[j]
             own, m.stage.model = m.stage.model, self.proxy
             try:
-                out[k] = m.stage.step(batches[k], ctxs[k])  # type: ignore[arg-type]
+                loss, st = m.stage.step(batches[k], ctxs[k])  # type: ignore[arg-type]
             finally:
                 m.stage.model = own
+            losses.append(loss.reshape(()))
+            stats.append(st)
         self.proxy.current = None
-        losses = [o[0] for o in out if o is not None and o[0].requires_grad]
-        self._total = torch.stack([x.reshape(()) for x in losses]).sum() if losses else None
-        return out
+        requires = [x.requires_grad for x in losses]
+        grads = [x for x in losses if x.requires_grad]
+        self._total = torch.stack(grads).sum() if grads else None
+        return live, torch.stack([x.detach() for x in losses]), requires, stats
 
     def _step(self, epoch: int, step: int, start: int) -> None:
         batches = self._batches(start)
         ctxs = [StepContext(epoch, step, self.total_steps, m.generator) for m in self.members]
         with autocast(self.device, self.precision):
-            outs = self._losses(batches, ctxs)
+            live, losses, requires, stats = self._losses(batches, ctxs)
         self.tower.zero_grad()
         if self._total is not None:
             self._total.backward()
         self._total = None
         norms = self.tower.clip(self.max_norms)
-        frozen, bad = self._nonfinite(outs, norms)
+        bad = self._nonfinite(live, losses, norms)
+        frozen = [True] * len(self.members)
+        for j, k in enumerate(live):
+            frozen[k] = not requires[j] or bad[j] is not None
         self.tower.adam_step([m.stage.cfg.lr for m in self.members], frozen)
-        for k, (m, o) in enumerate(zip(self.members, outs)):
-            if o is None:
-                continue
-            loss, stats = o
-            if bad[k] is not None and m.stage.cfg.on_nonfinite == "stop":  # fit raises here: this member stops
-                m.error = _nonfinite_error(self.name, bad[k], epoch, step + 1, m.checkpoints, m.run_dir)
+        for j, k in enumerate(live):
+            m, st = self.members[k], stats[j]
+            if bad[j] is not None and m.stage.cfg.on_nonfinite == "stop":  # fit raises here: this member stops
+                m.error = _nonfinite_error(self.name, bad[j], epoch, step + 1, m.checkpoints, m.run_dir)
                 continue
             if m.stage.cfg.on_nonfinite == "skip_batch":
-                stats = {**stats, "skipped_nonfinite": int(bad[k] is not None)}
-            norm = norms[k] if loss.requires_grad else 0.0
-            row = {"stage": self.name, "split": "train", "epoch": epoch, "step": step + 1, "loss": loss.detach()}
-            m.pending.append({**row, **stats, "grad_norm": norm, "lr": m.optimizer.param_groups[0]["lr"]})
+                st = {**st, "skipped_nonfinite": int(bad[j] is not None)}
+            norm = Ref(norms, k) if requires[j] else 0.0
+            row = {"stage": self.name, "split": "train", "epoch": epoch, "step": step + 1, "loss": Ref(losses, j)}
+            m.pending.append({**row, **st, "grad_norm": norm, "lr": m.optimizer.param_groups[0]["lr"]})
 
-    def _nonfinite(self, outs: list, norms: Tensor) -> tuple[list[bool], list[str | None]]:
-        """Per member: frozen this step (no Adam update), and what was non-finite (None: nothing)."""
-        k_all = len(self.members)
-        bad: list[str | None] = [None] * k_all
-        frozen = [o is None or not o[0].requires_grad for o in outs]
-        if self.check_each_step:
-            live = [k for k in range(k_all) if outs[k] is not None]
-            if live:
-                losses = torch.stack([outs[k][0].detach().reshape(()).float() for k in live])
-                ok = torch.isfinite(losses) & torch.isfinite(norms[live].float())
-                if not bool(ok.all()):
-                    for j, k in enumerate(live):
-                        if not bool(ok[j]):
-                            bad[k] = "loss" if not math.isfinite(float(losses[j])) else "gradient"
-                            frozen[k] = True
-        return frozen, bad
+    def _nonfinite(self, live: list[int], losses: Tensor, norms: Tensor) -> list[str | None]:
+        """Per active member: what was non-finite this step (None: nothing); one host read for the whole stack."""
+        bad: list[str | None] = [None] * len(live)
+        if not self.check_each_step or not live:
+            return bad
+        ok_loss = torch.isfinite(losses.float())
+        ok = ok_loss & torch.isfinite(norms[live].float())
+        if not bool(ok.all()):
+            for j, flag in enumerate(ok.tolist()):
+                if not flag:
+                    bad[j] = "loss" if not bool(ok_loss[j]) else "gradient"
+        return bad
 
     # ------------------------------------------------------------------ the loop
     def _flush(self, m: _Member) -> None:
         if not m.pending:
             return
+        read: dict[int, list[float]] = {}  # a per-member statistic [K] read back once for every member
+        for row in m.pending:
+            for key, v in row.items():
+                if isinstance(v, Ref):
+                    if id(v.values) not in read:
+                        read[id(v.values)] = v.values.tolist()
+                    row[key] = read[id(v.values)][v.j]
         slots = [(row, key) for row in m.pending for key, v in row.items() if isinstance(v, Tensor)]
         for (row, key), value in zip(slots, as_floats([row[key] for row, key in slots])):
             row[key] = value
@@ -395,8 +405,8 @@ class _StackedFit:
                 for q, key in (("loss", "loss"), ("gradient", "grad_norm")):
                     if m.error is None and not math.isfinite(row[key]):
                         m.error = _nonfinite_error(self.name, q, row["epoch"], row["step"], m.checkpoints, m.run_dir)
+        m.log.add_many(m.pending)
         for row in m.pending:
-            m.log.add(row)
             _call(m.run.callbacks, "on_step", row)
         m.pending.clear()
 
@@ -439,6 +449,8 @@ class _StackedFit:
             m.stage.on_epoch_start(epoch)
             m.stage.model.train()
             m.order = torch.randperm(n, generator=m.generator)
+        # every member's order of the epoch in one tensor: a step's K batches are then one slice of it
+        self._orders = torch.stack([torch.arange(n) if m.order is None else m.order for m in self.members])
 
     def _after_step(self, bar: Any) -> None:
         bar.update(1)

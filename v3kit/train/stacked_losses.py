@@ -59,8 +59,18 @@ def _entropy(logp: Tensor, mask: Tensor) -> Tensor:
     return -torch.where(mask, lp.exp() * lp, torch.zeros_like(logp)).sum(dim=-1).mean(dim=-1)
 
 
+class Ref:
+    """Member ``j``'s entry of a per-member statistic ``values [K]``: read back with the others at the next flush
+    (one transfer per statistic and step, not one per member; no view per member)."""
+
+    __slots__ = ("values", "j")
+
+    def __init__(self, values: Tensor, j: int) -> None:
+        self.values, self.j = values, j
+
+
 def _split(stats: dict[str, Tensor | float], k: int) -> Stats:
-    return [{name: (v[j] if isinstance(v, Tensor) else v) for name, v in stats.items()} for j in range(k)]
+    return [{name: (Ref(v, j) if isinstance(v, Tensor) else v) for name, v in stats.items()} for j in range(k)]
 
 
 def _sft(stages: Sequence[Stage], b: dict[str, Tensor], scores: Tensor) -> tuple[Tensor, Stats]:
@@ -171,7 +181,7 @@ def _grpo(stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor) -> 
 def stacked_loss(
     stages: Sequence[Stage], b: dict[str, Any], scores: Tensor, ctxs: Sequence[StepContext]
 ) -> tuple[Tensor, Stats] | None:
-    """Every member's loss ``[K]`` and statistics (one dict per member, 0-d tensors), or None where the members'
+    """Every member's loss ``[K]`` and statistics (one dict per member: python floats and :class:`Ref`), or None where the members'
     switches need their own ``Stage.step`` (see the module docstring). ``b``: the members' batches stacked
     (``index``: a list of K index tensors; ``mask``, ``labels``, ``rewards``: ``[K, B, ...]``)."""
     kinds = {type(s) for s in stages}

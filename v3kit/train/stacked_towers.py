@@ -92,11 +92,15 @@ class StackedTowers:
         self.exp_avg = torch.zeros_like(self.data)
         self.exp_avg_sq = torch.zeros_like(self.data)
         self.steps = [0] * self.k  # Adam's step count per member (a skipped batch does not count)
+        # A linear weight [out, in] is stored transposed, [in, out]: baddbmm then reads it as it lies, and its
+        # gradient comes out in that layout (about a fifth less backward time than a transposed view).
+        self.transposed = {n for n, shape in zip(self.names, self.shapes) if n.endswith(".weight") and len(shape) == 2}
         self.params: dict[str, Tensor] = {}
         for name, shape, off, size in zip(self.names, self.shapes, self.offsets, sizes):
-            view = self.data[:, off : off + size].view(self.k, *shape)
+            stored = shape[::-1] if name in self.transposed else shape
+            view = self.data[:, off : off + size].view(self.k, *stored)
             view.requires_grad_()
-            view.grad = self.grad[:, off : off + size].view(self.k, *shape)  # autograd accumulates in place
+            view.grad = self.grad[:, off : off + size].view(self.k, *stored)  # autograd accumulates in place
             self.params[name] = view
         self.query_plan, self.residual = _tower_plan(template.query_tower, "query_tower")  # type: ignore[misc]
         self.cand_plan, _ = _tower_plan(template.cand_tower, "cand_tower")  # type: ignore[misc]
@@ -104,13 +108,19 @@ class StackedTowers:
         self.from_members(members)
 
     # ------------------------------------------------------------------ members <-> stack
+    def member(self, name: str, k: int, stacked: Tensor | None = None) -> Tensor:
+        """Member ``k``'s slice of parameter ``name`` (or of its gradient, ``stacked=tower.params[name].grad``) in
+        the member's own layout (a view)."""
+        view = (self.params[name] if stacked is None else stacked)[k]
+        return view.T if name in self.transposed else view
+
     @torch.no_grad()
     def from_members(self, members: Sequence[nn.Module], which: Sequence[int] | None = None) -> None:
         """Copy the members' weights into the stack (all, or the indices ``which``)."""
         for k in range(self.k) if which is None else which:
             own = dict(members[k].named_parameters())
             for name in self.names:
-                self.params[name][k].copy_(own[name])
+                self.member(name, k).copy_(own[name])
 
     @torch.no_grad()
     def to_members(self, members: Sequence[nn.Module]) -> None:
@@ -118,18 +128,26 @@ class StackedTowers:
         for k, m in enumerate(members):
             own = dict(m.named_parameters())
             for name in self.names:
-                own[name].copy_(self.params[name][k])
+                own[name].copy_(self.member(name, k))
+
+    def _state_slice(self, buf: Tensor, k: int, name: str, shape: tuple[int, ...], off: int) -> Tensor:
+        n = math.prod(shape)
+        flat = buf[k, off : off + n]
+        return flat.view(shape[::-1]).T if name in self.transposed else flat.view(shape)
 
     def adam_state(self, k: int) -> list[dict[str, Tensor]]:
         """Member ``k``'s Adam state per parameter, as ``torch.optim.Adam.state`` holds it (copies)."""
         out = []
-        for shape, off in zip(self.shapes, self.offsets):
-            n = math.prod(shape)
+        for name, shape, off in zip(self.names, self.shapes, self.offsets):
             out.append(
                 {
                     "step": torch.tensor(float(self.steps[k])),
-                    "exp_avg": self.exp_avg[k, off : off + n].view(shape).clone(),
-                    "exp_avg_sq": self.exp_avg_sq[k, off : off + n].view(shape).clone(),
+                    "exp_avg": self._state_slice(self.exp_avg, k, name, shape, off).clone(
+                        memory_format=torch.contiguous_format
+                    ),
+                    "exp_avg_sq": self._state_slice(self.exp_avg_sq, k, name, shape, off).clone(
+                        memory_format=torch.contiguous_format
+                    ),
                 }
             )
         return out
@@ -142,10 +160,9 @@ class StackedTowers:
             self.exp_avg_sq[k].zero_()
             self.steps[k] = 0
             return
-        for s, shape, off in zip(state, self.shapes, self.offsets):
-            n = math.prod(shape)
-            self.exp_avg[k, off : off + n].copy_(s["exp_avg"].reshape(-1))
-            self.exp_avg_sq[k, off : off + n].copy_(s["exp_avg_sq"].reshape(-1))
+        for s, name, shape, off in zip(state, self.names, self.shapes, self.offsets):
+            self._state_slice(self.exp_avg, k, name, shape, off).copy_(s["exp_avg"])
+            self._state_slice(self.exp_avg_sq, k, name, shape, off).copy_(s["exp_avg_sq"])
         self.steps[k] = int(float(state[0]["step"]))
 
     # ------------------------------------------------------------------ forward
@@ -153,7 +170,7 @@ class StackedTowers:
         for op in plan:
             if op[0] == "linear":
                 w, b = self.params[op[1]], self.params[op[2]]
-                x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+                x = torch.baddbmm(b.unsqueeze(1), x, w)
             else:
                 x = nn.functional.gelu(x, approximate=op[1])
         return x
