@@ -59,11 +59,11 @@ def side_by_side(world: str, k: int, rounds: int, extra: list[str], tmp: Path) -
     for r in range(rounds):
         root = tmp / f"{world}-{r}"
 
-        def sequential() -> None:
+        def sequential(root: Path = root) -> None:
             for cfg in configs(world, k, root, "seq", extra):
                 run_pipeline(cfg)
 
-        def stacked() -> None:
+        def stacked(root: Path = root) -> None:
             out = run_stacked(configs(world, k, root, "stk", extra))
             assert out.stacked, out.notes
             assert not [e for e in out.results if isinstance(e, BaseException)]
