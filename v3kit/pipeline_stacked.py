@@ -42,7 +42,13 @@ from .pipeline import (
     update_run_info,
 )
 from .rundir import RunLock, atomic_write_text
-from .train.checkpoint import check_finite_checkpoint, load_checkpoint, model_payload, save_checkpoint
+from .train.checkpoint import (
+    check_finite_checkpoint,
+    checkpoint_model_config,
+    load_checkpoint,
+    model_payload,
+    save_checkpoint,
+)
 from .train.grpo import GRPOStage
 from .train.model import build_model
 from .train.rce import RCEStage, final_logit_temperature
@@ -100,8 +106,6 @@ def run_stacked(
     if sft_checkpoint:
         ckpt = load_checkpoint(sft_checkpoint)
         check_finite_checkpoint(ckpt, sft_checkpoint)
-        from .train.checkpoint import checkpoint_model_config
-
         model_cfg = checkpoint_model_config(ckpt, sft_checkpoint)
         cfgs = [dataclasses.replace(c, model=model_cfg) for c in cfgs]
     with contextlib.ExitStack() as stack:
