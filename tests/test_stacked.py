@@ -331,3 +331,19 @@ def test_a_grid_stacked_gives_the_rows_of_the_grid_run_alone(tmp_path):
     assert a[keys].equals(b[keys])
     metrics = [c for c in ("acc@1", "utility@1", "ndcg@5", "kl_to_sft", "selected_epoch") if c in a.columns]
     pd.testing.assert_frame_equal(a[metrics], b[metrics], check_exact=False, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_a_pruned_member_is_masked_out_and_the_others_are_untouched(tmp_path):
+    variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.3"]]
+    common = ["grpo.epochs=3", "grpo.on_nonfinite=skip_batch"]
+    run_pipeline(_configs(tmp_path, "seq", variants, common)[0])
+    out = run_stacked(_configs(tmp_path, "stk", variants, common), prune=lambda k, epoch, metrics: k == 1)
+    assert out.stacked
+    kept, pruned = out.results
+    assert kept.grpo.info.get("pruned") is None and pruned.grpo.info["pruned"] is True
+    grpo = pd.read_csv(tmp_path / "stk1/metrics.csv").query("stage == 'grpo'")
+    assert grpo["epoch"].max() == 1  # stopped after its first GRPO epoch
+    assert sorted(p.name for p in (tmp_path / "stk1").glob("grpo_epoch*.pt")) == ["grpo_epoch1.pt"]
+    assert int(grpo["skipped_nonfinite"].fillna(0).sum()) == 0
+    _assert_same_run(tmp_path / "seq0", tmp_path / "stk0")

@@ -285,29 +285,22 @@ class _StackedFit:
 
     # ------------------------------------------------------------------ one step
     def _batches(self, start: int) -> list[Batch | None]:
-        """Each active member's next batch (rows ``start ..`` of its epoch order), gathered at once."""
+        """Each active member's next batch (rows ``start ..`` of its epoch order), gathered at once. A stopped
+        member's rows are gathered too (the stack's shapes stay [K, ...]); nothing reads them."""
         size = self.cfg0.batch_size
-        live = [m for m in self.members if m.active]
         idx = self._orders[:, start : start + size]
-        if len(live) < len(self.members):
-            idx = idx[[k for k, m in enumerate(self.members) if m.active]]
         if self.shared_train:
-            data = live[0].stage.train
+            data = self.members[0].stage.train
             parts = (data.query_x[idx].float(), data.cand_x[idx].float(), data.mask[idx], data.labels[idx])
             parts += (data.rewards[idx], None if data.utility is None else data.utility[idx])
         else:
-            cols = [self._gather(m.stage.train, i) for m, i in zip(live, idx)]
+            cols = [self._gather(m.stage.train, i) for m, i in zip(self.members, idx)]
             parts = tuple(None if c[0] is None else torch.stack(c) for c in zip(*cols))  # type: ignore[assignment]
-        out: list[Batch | None] = []
-        j = 0
-        for m in self.members:
-            if not m.active:
-                out.append(None)
-                continue
-            q, c, mask, labels, rewards, util = (None if p is None else p[j] for p in parts)
-            out.append(Batch(idx[j], q, c, mask, labels, rewards, util))  # type: ignore[arg-type]
-            j += 1
         self._parts = parts
+        out: list[Batch | None] = []
+        for k, m in enumerate(self.members):
+            q, c, mask, labels, rewards, util = (None if p is None else p[k] for p in parts)
+            out.append(Batch(idx[k], q, c, mask, labels, rewards, util) if m.active else None)  # type: ignore[arg-type]
         return out
 
     @staticmethod
@@ -324,6 +317,8 @@ class _StackedFit:
         q, c, mask, labels, rewards, _ = self._parts
         scores = self.tower.scores(q, c)
         live = [k for k, b in enumerate(batches) if b is not None]
+        if len(live) < len(batches):  # the stopped members' rows out of the objective (their gradient stays 0)
+            scores, mask, labels, rewards = (t[live] for t in (scores, mask, labels, rewards))
         stages = [self.members[k].stage for k in live]
         stacked_b = {"index": [batches[k].index for k in live], "mask": mask, "labels": labels, "rewards": rewards}
         fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live]) if self.fast else None
