@@ -347,3 +347,26 @@ def test_a_pruned_member_is_masked_out_and_the_others_are_untouched(tmp_path):
     assert sorted(p.name for p in (tmp_path / "stk1").glob("grpo_epoch*.pt")) == ["grpo_epoch1.pt"]
     assert int(grpo["skipped_nonfinite"].fillna(0).sum()) == 0
     _assert_same_run(tmp_path / "seq0", tmp_path / "stk0")
+
+
+def test_metrics_log_add_many_writes_the_file_row_by_row_adds_write(tmp_path):
+    from v3kit.train.metrics_log import MetricsLog
+
+    rows = [
+        {"stage": "grpo", "split": "val", "epoch": 0, "step": 0, "acc@1": 0.5},
+        {"stage": "grpo", "split": "train", "epoch": 1, "step": 1, "loss": 0.25, "kl": float("nan")},
+        {"stage": "grpo", "split": "train", "epoch": 1, "step": 2, "loss": 1e-9, "kl": 0.1, "note": "a,b"},
+        {"stage": "grpo", "split": "train", "epoch": 1, "step": 3, "loss": -2.0, "kl": 0.2, "note": 'say "x"'},
+    ]
+    one, many = MetricsLog(tmp_path / "one"), MetricsLog(tmp_path / "many")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    for r in rows:
+        one.add(dict(r))
+    many.add_many([dict(r) for r in rows[:1]])
+    many.add_many([dict(r) for r in rows[1:3]])  # brings new columns: one rewrite
+    many.add_many([dict(r) for r in rows[3:]])  # appended in one write
+    one.close()
+    many.close()
+    assert (tmp_path / "one/metrics.csv").read_bytes() == (tmp_path / "many/metrics.csv").read_bytes()
+    assert one.rows == many.rows and one.columns == many.columns

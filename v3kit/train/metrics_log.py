@@ -143,7 +143,9 @@ class MetricsLog:
             self.columns += new
             self._rewrite()
         elif self.path is not None and rows:
-            self._append("".join(self._line(row) for row in rows).encode("utf-8"))
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows([[_cell(r.get(c)) for c in self.columns] for r in rows])
+            self._append(buf.getvalue().encode("utf-8"))
 
     def _append(self, data: bytes) -> None:
         """Append one row; on a full disk (or any write error) cut the file back to where it was, so no torn line
