@@ -34,10 +34,10 @@ from ..data.contract import Batch, GroupData, num_batches
 from . import distributed
 from .checkpoint import epoch_checkpoints, load_checkpoint, load_state_into, require_fields, save_checkpoint
 from .device import as_floats, autocast
-from .metrics import evaluate
+from .metrics import evaluate, ranking_metrics
 from .metrics_log import MetricsLog, _call
 from .model import INTERFACE_ATTR, Interface, compute_log_probs
-from .stacked_losses import Ref, stacked_loss
+from .stacked_losses import Ref, member_log_probs, stacked_loss
 from .stacked_towers import StackedTowers, stack_reason
 from .training import (
     RunContext,
@@ -52,6 +52,7 @@ from .training import (
     fit,
 )
 
+EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
 # prune(member index, epoch, held-out metrics of that epoch) -> True to stop training that member from here on
 PruneFn = Callable[[int, int, dict[str, float]], bool]
 
@@ -234,20 +235,48 @@ class _StackedFit:
         return int(ckpt["step"])
 
     # ------------------------------------------------------------------ evaluation and checkpoints
-    def _evaluate(self, m: _Member, epoch: int, step: int) -> None:
+    @torch.inference_mode()
+    def _val_log_probs(self) -> dict[int, Tensor]:
+        """Each active member's held-out log-probs ``[N, G]`` at its evaluation temperature, from one stacked
+        forward pass per chunk of groups (what ``compute_log_probs`` gives per member, to float32 rounding);
+        empty when the members evaluate different data."""
+        live = [k for k, m in enumerate(self.members) if m.active]
+        val = self.members[live[0]].stage.val if live else None
+        if val is None or any(self.members[k].stage.val is not val for k in live):
+            return {}
+        temps = [self.members[k].stage.eval_temperature() for k in live]
+        chunks: list[Tensor] = []
+        with autocast(self.device, self.precision):
+            for start in range(0, len(val), EVAL_CHUNK):
+                rows = slice(start, start + EVAL_CHUNK)
+                q, c, mask = val.query_x[rows].float(), val.cand_x[rows].float(), val.mask[rows]
+                k = self.tower.k
+                scores = self.tower.scores(q.expand(k, *q.shape), c.expand(k, *c.shape))[live]
+                chunks.append(member_log_probs(scores, temps, mask.expand(len(live), *mask.shape)).float())
+        logp = torch.cat(chunks, dim=1)
+        return {k: logp[j] for j, k in enumerate(live)}
+
+    def _evaluate(self, m: _Member, epoch: int, step: int, logp: Tensor | None = None) -> None:
         stage = m.stage
         temperature = stage.eval_temperature()
         key = (id(stage.reference), id(stage.val), temperature)
         if stage.reference is not None and key not in self.ref_logps:  # a shared reference is scored once
             self.ref_logps[key] = compute_log_probs(stage.reference, stage.val, temperature, precision=self.precision)
-        metrics = evaluate(
-            stage.model,
-            stage.val,
-            temperature=temperature,
-            reference=stage.reference,
-            ref_logp=self.ref_logps.get(key),
-            precision=self.precision,
-        )
+        ref_logp = self.ref_logps.get(key)
+        if logp is None:
+            metrics = evaluate(
+                stage.model,
+                stage.val,
+                temperature=temperature,
+                reference=stage.reference,
+                ref_logp=ref_logp,
+                precision=self.precision,
+            )
+        else:  # evaluate()'s metrics from the stacked log-probs
+            val = stage.val
+            metrics = ranking_metrics(
+                logp, val.labels, val.rewards, val.mask, utility=val.utility, logp=logp, ref_logp=ref_logp
+            )
         metrics.update(stage.eval_extra(epoch))
         row = {"stage": self.name, "split": "val", "epoch": epoch, "step": step, **metrics}
         m.log.add(row)
@@ -411,8 +440,10 @@ class _StackedFit:
         for m in self.members:
             info = {"epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "resumed_from_epoch": start_epoch}
             _call(m.run.callbacks, "on_stage_start", self.name, self.total_steps, info)
+        logps = self._val_log_probs() if start_epoch == 0 else {}
+        for k, m in enumerate(self.members):
             if start_epoch == 0:
-                self._evaluate(m, 0, 0)
+                self._evaluate(m, 0, 0, logps.get(k))
         show = any(m.run.progress for m in self.members)
         bar = tqdm(
             total=self.total_steps,
@@ -458,14 +489,15 @@ class _StackedFit:
             if m.active:
                 self._flush(m)
         self.tower.to_members([m.stage.model for m in self.members])
+        for m in self.members:
+            if m.active and not all(bool(torch.isfinite(p).all()) for p in m.stage.model.parameters()):
+                m.error = _nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
+        logps = self._val_log_probs()
         saves = []
         for k, m in enumerate(self.members):
             if not m.active:
                 continue
-            if not all(bool(torch.isfinite(p).all()) for p in m.stage.model.parameters()):
-                m.error = _nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
-                continue
-            self._evaluate(m, epoch, step)
+            self._evaluate(m, epoch, step, logps.get(k))
             if m.run_dir is not None:
                 saves.append((k, self._payload(k, epoch, step)))
         if saves:

@@ -33,7 +33,7 @@ def _col(values: Sequence[float], like: Tensor) -> Tensor:
     return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
 
-def _log_probs(scores: Tensor, temperatures: Sequence[float], mask: Tensor) -> Tensor:
+def member_log_probs(scores: Tensor, temperatures: Sequence[float], mask: Tensor) -> Tensor:
     """:func:`v3kit.train.model.score_log_probs` per member."""
     logits = scores / _col(temperatures, scores)
     return torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
@@ -74,7 +74,7 @@ def _split(stats: dict[str, Tensor | float], k: int) -> Stats:
 
 
 def _sft(stages: Sequence[Stage], b: dict[str, Tensor], scores: Tensor) -> tuple[Tensor, Stats]:
-    logp = _log_probs(scores, [s.temperature for s in stages], b["mask"])
+    logp = member_log_probs(scores, [s.temperature for s in stages], b["mask"])
     loss = -logp.gather(2, b["labels"].unsqueeze(2)).squeeze(2).mean(dim=1)
     return loss, [{} for _ in stages]
 
@@ -91,7 +91,7 @@ def _rce(
         reward_t, logit_t = s.cfg.temperatures(s.annealed, s.temperature)
         reward_ts.append(reward_t)
         logit_ts.append(logit_t)
-    logp = _log_probs(scores, logit_ts, b["mask"])
+    logp = member_log_probs(scores, logit_ts, b["mask"])
     valid = torch.isfinite(logp)
     k, n, g = logp.shape
     rewards = b["rewards"]
@@ -127,7 +127,7 @@ def _grpo(stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor) -> 
         return None
     cfgs = [s.cfg for s in stages]
     c0, idx, mask = cfgs[0], b["index"], b["mask"]
-    logp = _log_probs(scores, [s.temperature for s in stages], mask)
+    logp = member_log_probs(scores, [s.temperature for s in stages], mask)
     old = torch.stack([s.old[i] for s, i in zip(stages, idx)])
     ref = None if stages[0].ref is None else torch.stack([s.ref[i] for s, i in zip(stages, idx)])
     zero = torch.stack([s.terms[0][i] for s, i in zip(stages, idx)])  # type: ignore[index]
