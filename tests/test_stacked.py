@@ -370,3 +370,34 @@ def test_metrics_log_add_many_writes_the_file_row_by_row_adds_write(tmp_path):
     many.close()
     assert (tmp_path / "one/metrics.csv").read_bytes() == (tmp_path / "many/metrics.csv").read_bytes()
     assert one.rows == many.rows and one.columns == many.columns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "common",
+    [
+        ["grpo.dual_clip=3.0", "grpo.entropy_coef=0.01", "grpo.adv_scale=none", "rce.reward_norm=rank"],
+        ["grpo.loss_type=cispo", "grpo.samples=exact", "grpo.kl_estimator=k2", "grpo.baseline=0.1"],
+    ],
+)
+def test_the_stacked_objectives_equal_each_members_own_step(tmp_path, monkeypatch, common):
+    """stacked_losses against the stages' own step functions, switch by switch, in one stack."""
+    from v3kit.train import stacked
+    from v3kit.train.stacked_losses import stacked_loss
+
+    variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.5", "grpo.eps_low=0.1", "rce.label_weight=0.2"]]
+    taken = []
+
+    def counted(*args):
+        out = stacked_loss(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(stacked, "stacked_loss", counted)
+    fast = run_stacked(_configs(tmp_path, "fast", variants, common))
+    assert taken and all(taken)  # every step of every stage took the stacked objectives
+    monkeypatch.setattr(stacked._StackedFit, "fast", False)
+    slow = run_stacked(_configs(tmp_path, "slow", variants, common))
+    assert fast.stacked and slow.stacked
+    for i in range(2):
+        _assert_same_run(tmp_path / f"slow{i}", tmp_path / f"fast{i}")

@@ -150,14 +150,16 @@ def fit_stacked(stages: Sequence[Stage], runs: Sequence[RunContext], *, prune: P
 class _StackedFit:
     """The state and loop of one stacked stage (see the module docstring)."""
 
+    fast = True  # the stacked objectives (False: every step through the members' own Stage.step)
+
     def __init__(self, stages: Sequence[Stage], runs: Sequence[RunContext], prune: PruneFn | None) -> None:
         first = stages[0]
         self.name, self.cfg0, self.prune = first.name, first.cfg, prune
         for s in stages:
             check_optim_fields(s.name, s.cfg.epochs, s.cfg.lr, s.cfg.batch_size, s.cfg.max_grad_norm)
             check_on_nonfinite(s.name, s.cfg.on_nonfinite)
-            if runs[0].log_every < 1:
-                raise ValueError(f"log_every must be >= 1, got {runs[0].log_every}")
+        if runs[0].log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {runs[0].log_every}")
         self.device = torch.device(runs[0].device)
         self.precision, self.log_every = runs[0].precision, runs[0].log_every
         self.members = [self._member(s, r) for s, r in zip(stages, runs)]
@@ -171,7 +173,6 @@ class _StackedFit:
         self.ref_logps: dict[tuple[int, int, float], Tensor] = {}
         self.shared_train = all(s.train is first.train for s in stages)
         self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
-        self.fast = True  # the stacked objectives; False runs each member's own Stage.step (tests compare both)
         self._total: Tensor | None = None
 
     def _member(self, stage: Stage, run: RunContext) -> _Member:
