@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
+import math
 import os
 import re
 import tempfile
@@ -150,6 +152,22 @@ def remove_temp_files(directory: str | Path) -> list[Path]:
             except OSError:
                 pass
     return removed
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as indented JSON that every parser reads: a NaN or inf (a mean over no runs, an interval of one
+    seed) is written as ``null``, never as the ``NaN`` Python's json writes by default, which is not JSON."""
+    return json.dumps(_finite_or_none(obj), indent=1, allow_nan=False) + "\n"
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

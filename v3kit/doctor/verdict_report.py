@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..rundir import atomic_write_text
+from ..rundir import atomic_write_text, json_text
 
 if TYPE_CHECKING:
     from .investigate import Verdict
@@ -97,5 +96,5 @@ def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
         plot_effects(v, out / "effects.png")
     except ImportError:  # matplotlib is an extra (notebooks): the verdict stands without its plot
         pass
-    atomic_write_text(out / VERDICT_JSON, json.dumps(v.as_json(), indent=1) + "\n")
+    atomic_write_text(out / VERDICT_JSON, json_text(v.as_json()))
     atomic_write_text(out / VERDICT_MD, verdict_markdown(v, run_dir, out))
