@@ -60,6 +60,9 @@ class DiskFullError(OSError):
         super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         self.needed, self.free = needed, free
 
+    def __reduce__(self) -> tuple[Any, ...]:  # OSError pickles (errno, strerror): a worker's error must come back whole
+        return (DiskFullError, (self.filename, self.needed, self.free))
+
     def __str__(self) -> str:
         sizes = [
             f"needs about {human_bytes(self.needed)}" if self.needed else "",
@@ -91,6 +94,25 @@ def _is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
+
+
+def as_disk_full(exc: BaseException) -> DiskFullError | None:
+    """The :class:`DiskFullError` that ``exc`` is, or that caused it (a grid's run, a worker process, a Ray task
+    wrap it), or one made from an ENOSPC/EDQUOT ``OSError`` in its chain; None when the disk was not full."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, DiskFullError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    if not _is_disk_full(exc):
+        return None
+    os_error = exc
+    while not (isinstance(os_error, OSError) and os_error.errno in DISK_FULL_ERRNOS):
+        os_error = os_error.__cause__ or os_error.__context__  # type: ignore[assignment]
+    name = os_error.filename or "<unknown file>"
+    return DiskFullError(name, free=free_bytes(Path(name).parent) if os_error.filename else None)
 
 
 def disk_full_error(exc: BaseException, path: str | Path, needed: int | None = None) -> BaseException:

@@ -31,6 +31,7 @@ from ..ablate.runner import collect, run_grid
 from ..ablate.stats import compare, min_detectable_effect
 from ..bounds import cli_number
 from ..config import ConfigError, dump_config, load_config
+from ..run_info import config_edits
 from ..rundir import atomic_write_text, json_text
 from ..train.metrics import METRIC_DIRECTION
 from .grid import run_overrides
@@ -134,6 +135,13 @@ class Investigation:
         self.backend, self.address = backend, address
         self.initial_seeds, self.max_seeds, self.seed_step = initial_seeds, max(max_seeds, initial_seeds), seed_step
         self.cfg = load_config(cfg_path)
+        edits = config_edits(self.run_dir, self.cfg)
+        if edits:  # the verdict would compare variants of a config the run never trained
+            raise ConfigError(
+                f"{cfg_path} was edited after the run ({edits}); investigate tests variants of the run as it "
+                f"trained: restore those values (the run recorded them in {self.run_dir / 'run_info.json'}), or "
+                "train the edited config with v3kit run and investigate that run"
+            )
         self.out = Path(out) if out is not None else self.run_dir / "investigate"
         sft = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
         if not Path(sft).is_file():
