@@ -220,7 +220,7 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             return None
         if float in args and isinstance(value, str):  # "nan"/"inf" must not slip through as a str alternative
             try:
-                _finite(path, float(value))
+                value = _finite(path, float(value))  # YAML 1.1 reads "1e-9" (no dot) as a string: a number
             except ValueError as e:
                 if isinstance(e, _NonFinite):
                     raise
