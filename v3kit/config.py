@@ -199,8 +199,8 @@ def _finite(path: str, value: float) -> float:
 
 
 def _bounded_int(path: str, value: int) -> int:
-    """Every int key goes through here: past int64 no seed or size can reach torch (``threads=1e20`` failed in
-    torch without naming its key); fields with a narrower range check it beside their definition."""
+    """Every int key goes through here (after its field's own check): past int64 no seed or size can reach torch
+    (``threads=10**20`` failed in torch without naming its key)."""
     if abs(value) > MAX_CONFIG_INT:
         raise _NonFinite(
             f"{path} must be within +-{MAX_CONFIG_INT:_} (the bound of every integer key), got {value:.3g}; "
@@ -239,7 +239,7 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path} expects an integer, got {value!r}")
-        return _bounded_int(path, value)
+        return value  # its bound: the field's own check, else _bounded_int once the dataclass is built
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
@@ -300,9 +300,14 @@ def from_dict(cls: type, raw: dict[str, Any] | None, prefix: str = "") -> Any:
             from_dict(hint, value, path + ".") if dataclasses.is_dataclass(hint) else _check_value(path, value, hint)
         )
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except ValueError as e:  # __post_init__ validation already names the field
         raise ConfigError(str(e)) from None
+    for key, value in kwargs.items():  # after the fields' own bounds, whose messages say more
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(v, int) and not isinstance(v, bool):
+                _bounded_int(f"{prefix}{key}" + (f"[{i}]" if isinstance(value, list) else ""), v)
+    return built
 
 
 # A config or grid is a few hundred YAML nodes. Aliases are allowed (anchors are handy in grids), but a "billion
