@@ -173,6 +173,19 @@ def test_import_sft_on_a_full_disk_ends_in_one_line_and_writes_nothing(tmp_path,
     assert not list(out_dir.iterdir())
 
 
+@needs_proc
+def test_the_builtin_table_cache_on_a_full_disk_uses_the_table_with_a_note(tmp_path, capsys, monkeypatch):
+    from v3kit.data import stdlib_search
+
+    frame = pd.DataFrame({"query_id": ["q"] * 2, "candidate_id": ["a", "b"], "reward": [1.0, 0.0]})
+    monkeypatch.setattr(stdlib_search, "build_table", lambda cfg: frame)
+    FullDisk(monkeypatch, tmp_path, 0)
+    got = stdlib_search.builtin_table(stdlib_search.StdlibSearchConfig(), tmp_path)
+    note = one_line(capsys.readouterr().err)
+    assert got is frame and note.startswith("v3kit: note: cannot write the table cache") and "no space" in note
+    assert not list(tmp_path.iterdir())
+
+
 # ============================================================================================== investigate's options
 @pytest.mark.parametrize(
     "option, value, needle",

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..rundir import file_sha256
+from ..rundir import atomic_write_text, file_sha256
 from .contract import GroupData, Splits, check_feature_dtype, split_by_query, split_indices, to_feature_dtype
 from .tables import load_groups
 
@@ -95,9 +95,9 @@ def _valid(path: Path, where: Path, feature_dtype: str) -> bool:
     if file_sha256(path) != digest:
         return False
     meta.update(now)  # same content under a new mtime: take the fast path next time
-    try:
-        (where / "meta.json").write_text(json.dumps(meta, indent=1))
-    except OSError:  # a read-only cache: the slow path again next time, nothing worse
+    try:  # atomic: a full disk must not leave half a meta.json (the cache would then be rebuilt)
+        atomic_write_text(where / "meta.json", json.dumps(meta, indent=1))
+    except OSError:  # a read-only cache or a full disk: the slow path again next time, nothing worse
         pass
     return True
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..rundir import atomic_write_text, json_text
+from ..rundir import atomic_write, atomic_write_text, json_text
 
 if TYPE_CHECKING:
     from .investigate import Verdict
@@ -86,8 +86,10 @@ def plot_effects(v: Verdict, path: Path) -> None:
     ax.set_xlabel(f"{v.metric}: shipped model - SFT (95% CI)")
     ax.set_title(f"verdict: {v.recommendation} ({v.variant})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # atomic like every file v3kit writes: a full disk leaves no half a png
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:

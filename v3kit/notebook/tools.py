@@ -213,6 +213,8 @@ def check_parameter_types(name: str, params: dict[str, Any], defaults: dict[str,
     kinds = ((bool, "True or False"), ((int, float), "a number"), (list, "a list"), (dict, "a mapping"))
     for key, value in params.items():
         default = defaults.get(key)
+        if value is None:  # None stands for "the notebook's own choice" in the parameters cells
+            continue
         for kind, words in kinds:
             is_kind = isinstance(default, kind) and not (kind is not bool and isinstance(default, bool))
             if is_kind:
