@@ -75,6 +75,7 @@ def test_a_split_cache_on_a_full_disk_splits_in_memory_with_a_note(data_file, ca
     assert not leftovers(data_file.parent) and not list(data_file.parent.rglob("split-*"))
 
 
+@pytest.mark.slow
 def test_a_real_full_tmpfs_under_the_data_cache_is_no_bus_error(tmp_path, data_file):
     """The probe: a tmpfs holding the table with room for the packed arrays but not the split; ``v3kit run`` with
     ``data.cache=true`` used to die with "Bus error" (exit 135) and leave ``.building-*`` behind."""
@@ -383,6 +384,7 @@ def test_a_garbage_metrics_csv_is_one_error_naming_the_file(finished_run, tmp_pa
     assert code == 2 and f"{run / 'metrics.csv'} is not UTF-8 text" in line, line
 
 
+@pytest.mark.slow  # papermill and jupytext take seconds to import
 @pytest.mark.parametrize(
     "key, value, needle",
     [
