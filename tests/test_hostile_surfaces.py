@@ -264,6 +264,20 @@ def test_rewards_too_large_even_for_that_are_refused_at_load_naming_the_column(t
     assert not run.exists()
 
 
+def test_in_memory_rewards_too_large_are_refused_naming_the_field():
+    from v3kit.data import DataValidationError, validate_tensors
+    from v3kit.data.synthetic import SyntheticConfig, make_world
+
+    data = make_world(SyntheticConfig(n_queries=20, seed=0))
+    validate_tensors(data.with_rewards(data.rewards * 0 + 1e30))  # at the bound: fine
+    with pytest.raises(
+        DataValidationError, match=r"^rewards has 1e\+31 at index \[3, 1\], beyond \|rewards\| <= 1e\+30"
+    ):
+        big = data.rewards.clone()
+        big[3, 1] = 1e31
+        validate_tensors(data.with_rewards(big))
+
+
 # ============================================================================================== bounds
 def _number_keys(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, type]]:
     """Every config key that takes a number (int or float, also inside Optional/Union/list), from the dataclasses."""
