@@ -148,8 +148,25 @@ def _reference_path(given: str | None, run_dir: Path) -> Path | str:
     return f"no {RUN_INFO} or sft.pt in {run_dir} says which SFT checkpoint this one started from"
 
 
+class UsageError(SystemExit):
+    """A command line argparse refuses (an unknown flag, a value out of its bounds): :func:`main` prints it as one
+    line with exit code 2 instead of argparse's usage block. A ``SystemExit``, so callers that parse arguments
+    themselves see what argparse would raise."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(2)
+        self.prog, self.message = prog, message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with errors raised as :class:`UsageError` (subcommands inherit the class)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(self.prog, f"{message}; see {self.prog} --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="v3kit", description="SFT -> RCE -> GRPO research kit for embedding rankers")
+    p = Parser(prog="v3kit", description="SFT -> RCE -> GRPO research kit for embedding rankers")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run SFT (or load --sft) -> stage 1 -> RCE -> GRPO and print the stage table")
@@ -194,6 +211,8 @@ def _extra_commands() -> list:
 RESUME_HINTS = {  # how each command continues after a full disk was freed
     "run": "free space, then `--resume` (or point run_dir at another disk)",
     "ablate": "free space, then rerun the same command (finished runs are kept)",
+    "investigate": "free space, then rerun the same command (finished runs are kept)",
+    "import-sft": "free space (or choose another --out), then rerun",
 }
 
 
@@ -220,7 +239,11 @@ def os_error_message(e: OSError, command: str = "run") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"{e.prog}: error: {e.message}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (

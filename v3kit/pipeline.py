@@ -29,6 +29,7 @@ from .run_info import (  # noqa: F401 - re-exported: the pipeline's documented r
     RUN_INFO,
     _check_same_sft,
     read_run_info,
+    record_config,
     record_sft_checkpoint,
     recorded_sft_checkpoint,
     recorded_split_seed,
@@ -46,6 +47,7 @@ from .train.checkpoint import (
 from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .train.grpo import run_grpo
 from .train.metrics import evaluate, metric_order
+from .train.metrics_log import read_metrics_frame
 from .train.model import build_model, compute_log_probs
 from .train.rce import final_logit_temperature, run_rce
 from .train.selection import Selection, select_model, write_selection
@@ -286,7 +288,7 @@ def skipped_batches(run_dir: str | Path) -> dict[str, int]:
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         return {}
-    df = pd.read_csv(path)
+    df = read_metrics_frame(path)
     if "skipped_nonfinite" not in df.columns:
         return {}
     df = df[df["skipped_nonfinite"].notna()]
@@ -375,6 +377,7 @@ def _run_locked(
     )
     if main:
         record_sft_checkpoint(run_dir, sft_path, given=bool(sft_checkpoint), recorded=recorded)
+        record_config(run_dir, cfg)
     distributed.barrier()
 
     on = dict(device=runtime.device, precision=runtime.precision)
@@ -432,7 +435,7 @@ def _select(
     """The model ``cfg.select`` ships (see :mod:`v3kit.train.selection`) and its :class:`Selection`."""
     metric = cfg.select_metric
     metrics = (
-        pd.read_csv(run_dir / "metrics.csv")
+        read_metrics_frame(run_dir / "metrics.csv")
         if (run_dir / "metrics.csv").is_file()
         else pd.DataFrame(columns=["stage", "split", "epoch"])
     )

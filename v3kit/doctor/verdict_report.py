@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..rundir import atomic_write_text
+from ..rundir import atomic_write, atomic_write_text, json_text
 
 if TYPE_CHECKING:
     from .investigate import Verdict
@@ -87,8 +86,10 @@ def plot_effects(v: Verdict, path: Path) -> None:
     ax.set_xlabel(f"{v.metric}: shipped model - SFT (95% CI)")
     ax.set_title(f"verdict: {v.recommendation} ({v.variant})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # atomic like every file v3kit writes: a full disk leaves no half a png
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
@@ -97,5 +98,5 @@ def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
         plot_effects(v, out / "effects.png")
     except ImportError:  # matplotlib is an extra (notebooks): the verdict stands without its plot
         pass
-    atomic_write_text(out / VERDICT_JSON, json.dumps(v.as_json(), indent=1) + "\n")
+    atomic_write_text(out / VERDICT_JSON, json_text(v.as_json()))
     atomic_write_text(out / VERDICT_MD, verdict_markdown(v, run_dir, out))

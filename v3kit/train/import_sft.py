@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..bounds import MAX_CONFIG_FLOAT, MIN_TEMPERATURE, cli_number
 from ..data.contract import GroupData
 from .checkpoint import (
     CheckpointError,
@@ -30,7 +31,7 @@ from .checkpoint import (
     model_payload,
     save_checkpoint,
 )
-from .model import INTERFACES, ModelConfig, build_model, compute_log_probs, interface_of, scores
+from .model import INTERFACES, MAX_WIDTH, ModelConfig, build_model, compute_log_probs, interface_of, scores
 
 __all__ = [
     "StateDictMismatch",
@@ -465,14 +466,19 @@ def register_cli(subparsers: Any) -> None:
     )
     p.add_argument("--state-dict", required=True, metavar="FILE", help="torch.save(model.state_dict()) output")
     p.add_argument("--out", required=True, metavar="FILE", help="the v3kit SFT checkpoint to write (e.g. sft.pt)")
-    p.add_argument("--query-dim", type=int, help="query feature dim (or read it from the data with --config)")
-    p.add_argument("--cand-dim", type=int, help="candidate feature dim (or read it from the data with --config)")
+    dim = cli_number(int, 1, MAX_WIDTH)
+    p.add_argument("--query-dim", type=dim, help="query feature dim (or read it from the data with --config)")
+    p.add_argument("--cand-dim", type=dim, help="candidate feature dim (or read it from the data with --config)")
     p.add_argument("--config", help="run config whose data gives the feature dims (and model defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, as for `run`")
     p.add_argument("--kwargs", metavar="JSON", help="extra constructor arguments, e.g. '{\"dim\": 32}'")
     p.add_argument("--key", help="entry (or key prefix) that holds the weights, e.g. ema or model.backbone")
     p.add_argument("--rename", action="append", metavar="OLD=NEW", help="rename a key prefix (repeatable)")
-    p.add_argument("--sim-temperature", type=float, help="model.sim_temperature of the policy (default 1.0)")
+    p.add_argument(
+        "--sim-temperature",
+        type=cli_number(float, MIN_TEMPERATURE, MAX_CONFIG_FLOAT),
+        help="model.sim_temperature of the policy (default 1.0)",
+    )
     p.add_argument(
         "--temperature-attr",
         metavar="NAME",

@@ -40,7 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..bounds import check_all_max, check_max
+from ..bounds import check_all_max, check_max, check_temperature
 from ..data.contract import Batch, GroupData, iterate_batches
 from . import distributed
 from .device import autocast, module_device
@@ -104,6 +104,7 @@ class ModelConfig:
             )
         if self.sim_temperature <= 0:
             raise ValueError(f"model.sim_temperature must be > 0, got {self.sim_temperature}")
+        check_temperature("model.sim_temperature", self.sim_temperature)
         if self.interface not in INTERFACES:
             raise ValueError(f"model.interface must be one of {INTERFACES}, got {self.interface!r}")
         unknown = sorted(set(self.methods) - set(DEFAULT_METHODS))
