@@ -45,7 +45,7 @@ class _NonFinite(ConfigError):
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Long-form table file (README: Data schema): Parquet (``.parquet``), JSON lines (``.jsonl``) or Arrow IPC /
+    """Long-form table file (schema: docs/data.md): Parquet (``.parquet``), JSON lines (``.jsonl``) or Arrow IPC /
     Feather v2 (``.arrow``, ``.feather``, ``.ipc``; memory-mapped, the fastest to load); null = the synthetic world;
     ``builtin:stdlib_search`` = the code-search table built from this Python's standard library (options in
     ``data.stdlib_search``)."""
