@@ -127,7 +127,7 @@ class RunConfig:
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that get every ``metrics.csv`` row (as ``<stage>/<split>/<column>``), the config and the
     stage table: any of ``tensorboard`` (event files in ``<run_dir>/tensorboard/``), ``mlflow``
-    (``$MLFLOW_TRACKING_URI``, default ``./mlruns``; a grid's ``<out>/mlruns``) and ``wandb`` (offline unless logged
+    (``$MLFLOW_TRACKING_URI``, default the SQLite store ``./mlflow.db``, or ``./mlruns`` without MLflow's SQL dependencies; a grid's ``<out>/mlruns``) and ``wandb`` (offline unless logged
     in); e.g. ``report_to=[tensorboard,mlflow]``. Each is an optional extra (``pip install -e '.[mlflow]'``); see
     docs/tracking.md."""
     data: DataConfig = field(default_factory=DataConfig)
