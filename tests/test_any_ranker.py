@@ -381,7 +381,7 @@ def test_power_line_formats_small_minimum_detectable_effects():
     assert "~0.032 go undetected" in power_lines(frame(0.0321), ["acc@1"])[0]
     assert "~0.00042 go undetected" in power_lines(frame(0.000421), ["acc@1"])[0]
     zero = power_lines(frame(0.0), ["acc@1"])[0]
-    assert "~0.000" not in zero and "not measurable" in zero
+    assert "~0.000" not in zero and "not measurable" in zero and "too few test queries to detect any effect" in zero
 
 
 def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(tmp_path, monkeypatch, capsys):
