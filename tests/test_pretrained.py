@@ -229,8 +229,8 @@ def test_a_temperature_the_scores_already_hold_is_refused_and_both_ways_out_are_
     assert temperature_in_scores(model, "temperature", "temperature", QD, CD)
     assert not temperature_in_scores(model, "tau", "temperature", QD, CD)  # forward never reads tau
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()) and model.tau == 0.05
-    help_text = build_parser()._subparsers._group_actions[0].choices["import-sft"].format_help()
-    assert "already divides" in help_text and "twice" in help_text
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["import-sft"].format_help().split())
+    assert "when your forward already divides by it, leave it out (it would apply twice: refused)" in help_text
 
 
 # ---------------------------------------------------------------------------------------- sentence-transformers
@@ -361,3 +361,15 @@ def test_the_installed_minilm_imports_and_trains_as_the_policy(tmp_path, text_ta
     assert main(["run", "--sft", str(out), *sets]) == 0
     summary = pd.read_csv(tmp_path / "run" / "summary.csv", index_col=0)
     assert list(summary.index) == ["sft", "rce", "grpo", "selected"] and summary.notna().all().all()
+
+
+def test_sentence_transformers_import_refuses_what_does_not_fit(st_dir, hf_dir, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "x.pt")]
+    assert main(["import-sft", "--sentence-transformers", str(st_dir), "--train-layers", "3", *out]) == 2
+    assert "--train-layers) must be -1 (all, end to end) or in 0..2" in capsys.readouterr().err
+    directory, _, _ = hf_dir  # a transformers directory, not a sentence-transformers one
+    assert main(["import-sft", "--sentence-transformers", str(directory), *out]) == 2
+    assert f"use --from-pretrained {directory}" in capsys.readouterr().err
+    assert main(["import-sft", "--from-pretrained", str(st_dir), "--query-dim", "1", "--cand-dim", "1", *out]) == 2
+    assert f"import it with --sentence-transformers {st_dir}" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

@@ -193,8 +193,8 @@ class SentenceTransformerRanker(TrainableState):
         layers = transformer_layers(base)
         if not -1 <= train_layers <= len(layers):
             raise ValueError(
-                f"model.kwargs.train_layers must be -1 (all, end to end) or in 0..{len(layers)} for {path!r}, "
-                f"got {train_layers}"
+                f"model.kwargs.train_layers (--train-layers) must be -1 (all, end to end) or in 0..{len(layers)} "
+                f"for {path!r}, got {train_layers}"
             )
         if train_layers >= 0:
             st.requires_grad_(False)
