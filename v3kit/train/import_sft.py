@@ -784,7 +784,11 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--kwargs", metavar="JSON", help="extra constructor arguments, e.g. '{\"dim\": 32}'")
     p.add_argument("--key", help="entry (or key prefix) that holds the weights, e.g. ema or model.backbone")
     p.add_argument("--rename", action="append", metavar="OLD=NEW", help="rename a key prefix (repeatable)")
-    p.add_argument("--sim-temperature", type=float, help="model.sim_temperature of the policy (default 1.0)")
+    p.add_argument(
+        "--sim-temperature",
+        type=float,
+        help="model.sim_temperature of the policy (default 1.0; with --sentence-transformers, 0.05 for a cosine model)",
+    )
     p.add_argument(
         "--temperature-attr",
         metavar="NAME",
