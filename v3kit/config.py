@@ -48,7 +48,7 @@ class _NonFinite(ConfigError):
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Long-form table file (README: Data schema): Parquet (``.parquet``), JSON lines (``.jsonl``) or Arrow IPC /
+    """Long-form table file (schema: docs/data.md): Parquet (``.parquet``), JSON lines (``.jsonl``) or Arrow IPC /
     Feather v2 (``.arrow``, ``.feather``, ``.ipc``; memory-mapped, the fastest to load); null = the synthetic world;
     ``builtin:stdlib_search`` = the code-search table built from this Python's standard library (options in
     ``data.stdlib_search``)."""
@@ -132,7 +132,7 @@ class RunConfig:
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that get every ``metrics.csv`` row (as ``<stage>/<split>/<column>``), the config and the
     stage table: any of ``tensorboard`` (event files in ``<run_dir>/tensorboard/``), ``mlflow``
-    (``$MLFLOW_TRACKING_URI``, default ``./mlruns``; a grid's ``<out>/mlruns``) and ``wandb`` (offline unless logged
+    (``$MLFLOW_TRACKING_URI``, default the SQLite store ``./mlflow.db``, or ``./mlruns`` without MLflow's SQL dependencies; a grid's ``<out>/mlruns``) and ``wandb`` (offline unless logged
     in); e.g. ``report_to=[tensorboard,mlflow]``. Each is an optional extra (``pip install -e '.[mlflow]'``); see
     docs/tracking.md."""
     data: DataConfig = field(default_factory=DataConfig)

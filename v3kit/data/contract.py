@@ -2,8 +2,8 @@
 
 In memory a dataset is a :class:`GroupData` of padded tensors; on disk it is a long-form table (one row per
 query-candidate pair) whose schema and per-row rules are here (:func:`from_long_frame` / :func:`to_long_frame`);
-reading the Parquet, Arrow IPC / Feather v2 or JSONL files is :mod:`v3kit.data.tables`'s job. See the README's
-"Data schema" section.
+reading the Parquet, Arrow IPC / Feather v2 or JSONL files is :mod:`v3kit.data.tables`'s job. The schema is
+documented in docs/data.md.
 Queries and candidates come as feature vectors or as text (``query_text`` / ``candidate_text``); text is embedded
 by a frozen encoder (the ``embed`` argument, see ``v3kit.data.text``) or carried to a text model
 (``text_mode="end_to_end"``).

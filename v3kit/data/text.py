@@ -58,8 +58,11 @@ def encoder_path(name: str) -> str:
     return str(module.get_model_path())
 
 
-def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu", max_tokens: int | None = None):
-    """A ``sentence_transformers.SentenceTransformer`` for ``name`` (lazy import, clear error when missing)."""
+def load_sentence_encoder(
+    name: str = DEFAULT_ENCODER, device: str = "cpu", max_tokens: int | None = None, field: str = "data.text_encoder"
+):
+    """A ``sentence_transformers.SentenceTransformer`` for ``name`` (lazy import, clear error when missing);
+    ``field`` is the setting the error names."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
@@ -69,7 +72,7 @@ def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu", max_
         model = SentenceTransformer(path, device=device)
     except Exception as e:  # missing files, no network for a hub id, ...
         raise ValueError(
-            f"data.text_encoder {name!r} could not be loaded from {path} ({type(e).__name__}: "
+            f"{field} {name!r} could not be loaded from {path} ({type(e).__name__}: "
             f"{str(e)[:200]}); use {DEFAULT_ENCODER!r} or a local sentence-transformers directory"
         ) from None
     if max_tokens is not None:

@@ -364,6 +364,12 @@ class Investigation:
             f"With {n_test} test queries (data.test_frac={frac:g}) and up to {self.max_seeds} seeds, "
             f"{self.metric} effects smaller than ~{_fmt(mde)} go undetected (80% power at 5%)"
         )
+        if not (mde > 0 and math.isfinite(mde)):  # no run differed from another (a smoke run): no power to state
+            line = (
+                f"With {n_test} test queries (data.test_frac={frac:g}) and up to {self.max_seeds} seeds: too few "
+                f"test queries to detect any effect ({self.metric} did not differ between runs, so every interval "
+                "has zero width)"
+            )
         if frac < 0.3:
             line += f"; a larger test split (e.g. data.test_frac={min(0.4, 2 * frac):g}) narrows the intervals"
         else:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,7 +85,10 @@ def plot_effects(v: Verdict, path: Path) -> None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, t["variant"])
     ax.set_xlabel(f"{v.metric}: shipped model - SFT (95% CI)")
-    ax.set_title(f"verdict: {v.recommendation} ({v.variant})")
+    # Long variant names narrow the axes; a title centred over them ran off the figure. A figure title wrapped to
+    # the figure's width fits whatever the labels take.
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * 1.2 * plt.rcParams["font.size"])))
+    fig.suptitle(textwrap.fill(f"verdict: {v.recommendation} ({v.variant})", chars), fontsize="large")
     fig.tight_layout()
     try:  # atomic like every file v3kit writes: a full disk leaves no half a png
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
