@@ -239,3 +239,45 @@ def test_power_advice_reads_the_design():
     assert "now 0.1" in power_lines(s, ["acc@1"])[0]
     s["mde"] = 0.0004  # small effects print with their digits, not as ~0.000
     assert "~0.0004 go undetected" in power_lines(s, ["acc@1"])[0]
+
+
+def test_best_val_sft_that_only_hurts_val_ships_its_start_bit_identical(tmp_path):
+    """select: best_val counts SFT's epoch 0 (its initial model) as a candidate: a residual SFT whose every epoch is
+    below its start on val (lr 0.3 on this world: measured, val acc@1 0.25 at the start, below after each epoch)
+    ships the initial model, byte for byte, while select: last ships the damaged one."""
+    import torch
+
+    from v3kit.pipeline import prepare_data, run_pipeline
+    from v3kit.train.checkpoint import load_checkpoint
+    from v3kit.train.model import build_model
+
+    over = ["model.residual=true", "model.sim_temperature=0.1", "sft.lr=0.3", "rce.epochs=0", "grpo.epochs=0"]
+    best = run_pipeline(tiny_config(tmp_path / "best", *over, "select=best_val"))
+    run_pipeline(tiny_config(tmp_path / "last", *over))
+    cfg = tiny_config(tmp_path / "x", *over)
+    splits = prepare_data(cfg)
+    torch.manual_seed(cfg.seed)
+    init = build_model(cfg.model, splits.train.query_dim, splits.train.cand_dim).state_dict()
+    val = pd.read_csv(tmp_path / "best" / "metrics.csv").query("split == 'val' and stage == 'sft'")
+    assert val["acc@1"].iloc[1:].max() < val["acc@1"].iloc[0]  # every epoch hurt val: the start is the best
+    shipped = load_checkpoint(tmp_path / "best" / "sft.pt")
+    assert shipped["epoch"] == 0 and best.selection.stage == "sft"
+    assert all(torch.equal(shipped["model"][k], init[k]) for k in init)
+    trained = load_checkpoint(tmp_path / "last" / "sft.pt")
+    assert trained["epoch"] == 3 and not all(torch.equal(trained["model"][k], init[k]) for k in init)
+    assert best.selection.val == val["acc@1"].iloc[0]
+
+
+def test_residual_linear_starts_at_the_raw_cosine():
+    """model.residual_kind=linear: normalize(x + W x) with W = 0 at init, so its scores are the raw cosine."""
+    import torch
+
+    from v3kit.train.model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(residual=True, residual_kind="linear"), 6, 6)
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    want = torch.nn.functional.normalize(x, dim=-1) @ torch.nn.functional.normalize(y, dim=-1).T
+    got = m.encode_query(x) @ m.encode_candidates(y).T
+    assert torch.allclose(got, want, atol=1e-6)
+    assert sum(p.numel() for p in m.parameters()) == 2 * 36  # one square W per tower, no bias

@@ -74,6 +74,9 @@ class GridSpec:
     # A given SFT checkpoint for the base world (e.g. your imported v2 model, or the SFT of the run a doctor grid
     # tests) instead of one trained by the grid; its split still comes from data.* with sft_seed.
     sft_checkpoint: str | None = None
+    # A variant that trains its own SFT (it changes model.* or sft.*) trains it with each run's seed instead of
+    # sft_seed: its intervals then cover the SFT's seed noise too (v3kit investigate's confirm phase).
+    sft_per_seed: bool = False
 
     def base_config(self, world: str = BASE_WORLD, extra: Sequence[str] = ()) -> RunConfig:
         return load_config(self.config, [*self.base, *self.world_overrides(world), *extra])

@@ -186,6 +186,8 @@ class OptimConfig:
     """Groups per optimizer step; at most 1,000,000 (``MAX_BATCH_SIZE``)."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping; null = none."""
+    weight_decay: float = 0.0
+    """Adam's L2 penalty on the weights (``torch.optim.Adam``'s ``weight_decay``); 0 = none."""
     on_nonfinite: str = "stop"
     """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
     ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
@@ -196,6 +198,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         check_optim_fields(self.section, self.epochs, self.lr, self.batch_size, self.max_grad_norm)
         check_on_nonfinite(self.section, self.on_nonfinite)
+        if not (self.weight_decay >= 0):
+            raise ValueError(f"{self.section}.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -400,7 +404,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     writes = run_dir if ranks.main else None
     train_model = distributed.SlicedGrad(model, ranks) if ranks.world > 1 else model
     log = MetricsLog(writes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     steps_per_epoch = num_batches(len(train), batch_size)
