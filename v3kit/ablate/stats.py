@@ -284,3 +284,18 @@ def compare(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def paired_values(
+    frame: pd.DataFrame,
+    per_query: pd.DataFrame | None,
+    a: str,
+    b: str,
+    metric: str,
+    *,
+    world: str = BASE_WORLD,
+    stage: str = "grpo",
+) -> np.ndarray:
+    """The paired differences ``a - b`` that :func:`compare` bootstraps (``[runs, queries]`` where per-query
+    outcomes exist, else ``[runs]``): for a p-value (:func:`bootstrap_p_value`) or the per-seed effects."""
+    return _paired(_PerQuery(per_query), _final_table(frame, stage), world, a, b, metric, stage)[0]

@@ -141,14 +141,13 @@ def run_trial(task: SearchTask, trial: Any) -> float:
 
 
 def confirm_estimate(study: Any, task: SearchTask) -> tuple[float, float]:
-    """(seconds per full run, seconds the confirm phase will take): the mean measured time of the finished
-    trials (at least the run-as-it-was trial's), times the confirm's runs, over the workers."""
+    """(seconds per full run, seconds the confirm phase will take): the median measured time of the finished
+    trials (a median: a worker's first trial also pays its imports), times the confirm's runs, over the workers."""
     import optuna
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    times = [t.user_attrs.get("run_s", 0.0) for t in done]
-    per = max([sum(times) / len(times)] if times else [0.0])
-    per = max([per] + [t.user_attrs.get("run_s", 0.0) for t in done if t.user_attrs.get("name") == "run"])
+    times = sorted(t.user_attrs.get("run_s", 0.0) for t in done)
+    per = times[len(times) // 2] if times else 0.0
     return per, per * task.confirm_runs / max(1, task.workers)
 
 
@@ -280,6 +279,7 @@ class Search:
                 "name": t.user_attrs.get("name", f"trial{t.number}"),
                 "state": t.state.name.lower(),
                 "value": t.value,
+                "best": t.value if t.value is not None else _best_intermediate(t),
                 "overrides": list(t.user_attrs.get("overrides", [])),
                 "own_sft": bool(t.user_attrs.get("own_sft", False)),
                 "run_s": float(t.user_attrs.get("run_s", math.nan)),
@@ -289,6 +289,12 @@ class Search:
             if t.state != S.WAITING
         ]
         return SearchResult(rows, counts, wall_s, self.study)
+
+
+def _best_intermediate(trial: Any) -> float | None:
+    """A pruned trial's last report: its running best val score when it was stopped."""
+    steps = trial.intermediate_values
+    return float(steps[max(steps)]) if steps else None
 
 
 def finalists(result: SearchResult, metric: str, k: int) -> list[dict[str, Any]]:
