@@ -166,10 +166,11 @@ def verdict_dir(tmp_path_factory):
         root / "run",
         metric="utility@1",
         out=root / "out",
-        budget_minutes=0.5,
+        budget_minutes=2,
         workers=1,
-        initial_seeds=2,
-        max_seeds=3,
+        max_trials=6,
+        top_k=2,
+        confirm_seeds=2,
         progress=False,
     )
     return root, v
@@ -190,20 +191,23 @@ def test_investigate_writes_a_verdict_that_trains(verdict_dir):
         assert lo <= mean <= hi
     assert set(data["references"]) == {"random", "raw_cosine", "reward_oracle"}
     names = {r["variant"] for r in data["variants"]}
-    assert {"run", "sft_only", "rce_only"} <= names
+    assert {"run", "sft_only", "sft_retrained", "raw_cosine"} <= names  # the run trained its SFT; equal dims
+    assert sum(r["kind"] == "finalist" for r in data["variants"]) <= 2  # top_k
+    assert data["search"]["trials"] <= 6
     text = (out / "verdict.md").read_text()
     assert text.startswith("# Verdict") and ("Keep SFT" in text or "Ship" in text)
     # the config trains as is, on the run's test split, from the run's SFT
     cfg = load_config(data["config"], [f"run_dir={root / 'again'}", "progress=false"])
     assert cfg.data.split_seed == 0
     res = run_pipeline(cfg)
-    run_split = json.loads((root / "out" / "default" / "run" / "seed0" / "result.json").read_text())["query_ids"]
+    confirm = root / "out" / "confirm" / "default" / "run" / "seed100" / "result.json"
+    run_split = json.loads(confirm.read_text())["query_ids"]
     assert list(res.splits.test.query_ids) == run_split
     if data["recommendation"] == "keep_sft":  # the run trained its own SFT: the config trains that SFT alone
         assert cfg.rce.epochs == 0 and cfg.grpo.epochs == 0 and cfg.sft.checkpoint is None
         before = pd.read_csv(root / "run" / "summary.csv", index_col=0).loc["sft"]
         pd.testing.assert_series_equal(res.table.loc["sft"], before, check_names=False)  # the same SFT model
-    else:
+    elif not next(r for r in data["variants"] if r["variant"] == data["variant"])["own_sft"]:
         assert cfg.sft.checkpoint == str((root / "run" / "sft.pt").resolve())
 
 
