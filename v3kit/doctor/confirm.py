@@ -295,3 +295,16 @@ def prediction_interval(effect: Sequence[float], seed_effects: Sequence[float], 
     sd = float(np.std(seed_effects, ddof=1)) if len(seed_effects) > 1 else 0.0
     half = 1.96 * math.sqrt(se**2 + sd**2 / max(1, k))
     return min(lo, mean - half), max(hi, mean + half)
+
+
+def power_line(n_test: int, test_frac: float, seeds: int, metric: str) -> str:
+    """The design's power, in words: where the per-finalist minimum detectable effects are, and what narrows them."""
+    line = (
+        f"With {n_test} test queries (data.test_frac={test_frac:g}) and {seeds} seeds, each candidate's minimum "
+        f"detectable {metric} effect (80% power at 5%) is in the table's mde column"
+    )
+    if test_frac < 0.3:
+        line += f"; a larger test split (e.g. data.test_frac={min(0.4, 2 * test_frac):g}) narrows the intervals"
+    else:
+        line += "; the test split is already large: more labelled queries, or more seeds, narrow the intervals"
+    return line + "."

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +45,7 @@ from .confirm import (
     confirm_spec,
     finalist_candidates,
     importances,
+    power_line,
     prediction_interval,
     references,
     rl_line,
@@ -60,14 +62,17 @@ RECOMMENDED = "recommended.yaml"
 RECOMMENDATIONS = ("keep_sft", "rce_only", "variant")
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
 def _triple(row: Any) -> list[float]:
     if row is None:
         return [0.0, 0.0, 0.0]
     return [float(row["diff"]), float(row["low"]), float(row["high"])]
+
+
+def _check_sizes(confirm_seeds: int, top_k: int, max_trials: int) -> None:
+    if confirm_seeds < 2:
+        raise ConfigError(f"--confirm-seeds must be >= 2 (an interval needs two runs), got {confirm_seeds}")
+    if top_k < 1 or max_trials < 1:
+        raise ConfigError(f"--top-k and --trials must be >= 1, got {top_k} and {max_trials}")
 
 
 class Investigation:
@@ -106,10 +111,7 @@ class Investigation:
             raise ConfigError(
                 f"--metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, got {metric!r}"
             )
-        if confirm_seeds < 2:
-            raise ConfigError(f"--confirm-seeds must be >= 2 (an interval needs two runs), got {confirm_seeds}")
-        if top_k < 1 or max_trials < 1:
-            raise ConfigError(f"--top-k and --trials must be >= 1, got {top_k} and {max_trials}")
+        _check_sizes(confirm_seeds, top_k, max_trials)
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
         self.backend, self.address, self.seed = backend, address, seed
         self.top_k, self.confirm_seeds, self.max_trials = top_k, confirm_seeds, max_trials
@@ -130,16 +132,14 @@ class Investigation:
             raise ConfigError(
                 "--metric utility@1 needs a true utility (the synthetic world); this data has none: use acc@1 or mrr"
             )
-        builtin = self.cfg.model.target == DEFAULT_TARGET
-        same_dims = self.splits.train.query_dim == self.splits.train.cand_dim
-        can_prior = recurring_share(self.splits.train) > 0
-        self.can_residual = builtin and same_dims
         self.conditions = {
             "own_sft": self.sft_is_own,
-            "builtin_model": builtin,
-            "same_dims": same_dims,
-            "recurring_ids": can_prior,
+            "builtin_model": self.cfg.model.target == DEFAULT_TARGET,
+            "same_dims": self.splits.train.query_dim == self.splits.train.cand_dim,
+            "recurring_ids": recurring_share(self.splits.train) > 0,
         }
+        self.can_residual = self.conditions["builtin_model"] and self.conditions["same_dims"]
+        can_prior = self.conditions["recurring_ids"]
         self.params = active(load_space(space), self.conditions)
         self.variants = build_variants(
             self.cfg, self.findings, metric, can_prior=can_prior, can_residual=self.can_residual
@@ -158,6 +158,7 @@ class Investigation:
         self.spec: GridSpec | None = None
         self.candidates: list[Candidate] = []
         self.search_result: SearchResult | None = None
+        self.confirmed: dict[str, int] = {}
         self.wall_s = 0.0
 
     # ------------------------------------------------------------------------------------------------ running
@@ -185,13 +186,25 @@ class Investigation:
         self.search_result = search.run(deadline, confirm_runs, progress=self.progress)
         return self.search_result
 
-    def confirm(self, result: SearchResult) -> None:
+    def fit_confirm(self, result: SearchResult, deadline: float) -> tuple[int, int]:
+        """(finalists, seeds) of the confirm phase that fit the time left at the trials' median run time: fewer
+        finalists first (down to 1), then fewer seeds (down to 2)."""
+        times = sorted(t["run_s"] for t in result.trials if t["state"] == "complete" and t["run_s"] == t["run_s"])
+        per = times[len(times) // 2] if times else 0.0
+        k, n, refs = self.top_k, self.confirm_seeds, len(self.refs())
+        while per * (k + refs) * n / max(1, self.workers) > deadline - time.time() and (k > 1 or n > 2):
+            k, n = (k - 1, n) if k > 1 else (k, n - 1)
+        return k, n
+
+    def confirm(self, result: SearchResult, deadline: float = math.inf) -> None:
         """The confirm phase: the finalists and the references, retrained with fresh seeds, scored on test."""
         refs = self.refs()
+        top_k, n_seeds = self.fit_confirm(result, deadline)
+        self.confirmed = {"finalists": top_k, "seeds": n_seeds}
         whys = {v.name: v.why for v in self.variants}
-        fins = finalist_candidates(finalists(result, self.metric, self.top_k), {c.name for c in refs}, whys)
+        fins = finalist_candidates(finalists(result, self.metric, top_k), {c.name for c in refs}, whys)
         self.candidates = refs + fins
-        seeds = [CONFIRM_SEED0 + i for i in range(self.confirm_seeds)]
+        seeds = [CONFIRM_SEED0 + i for i in range(n_seeds)]
         self.spec = confirm_spec(
             f"investigate_{self.run_dir.name}", self.base, str(self.sft), self.split_seed, self.candidates, seeds
         )
@@ -209,7 +222,7 @@ class Investigation:
         # the search stops when the time left is what the confirm phase needs (estimated from the trials' times)
         deadline = time.time() + self.budget_s
         result = self.search(deadline)
-        self.confirm(result)
+        self.confirm(result, deadline)
         self.wall_s = time.perf_counter() - t0
         return self.verdict()
 
@@ -269,14 +282,6 @@ class Investigation:
             eff_run = _triple(vs_run.iloc[0])
         notes = below_reference(table, best, references, self.metric, self.can_residual)
         final = frame[(frame["split"] == "test") & (frame["stage"] == SHIPPED)].drop_duplicates(["variant", "seed"])
-        res = self.search_result
-        search = {
-            **res.counts,
-            "trials": res.counts["complete"] + res.counts["pruned"] + res.counts["failed"],
-            "wall_s": round(res.wall_s, 1),
-            "params": [p.name for p in self.params],
-            "importances": importances(res.study),
-        }
         return Verdict(
             metric=self.metric,
             recommendation=rec,
@@ -284,20 +289,37 @@ class Investigation:
             config=str(self.write_config(best)),
             effect_vs_sft=eff_sft,
             effect_vs_run=eff_run,
-            causes=causes_from_search(self.findings, self.variants, res.trials, d),
+            causes=causes_from_search(self.findings, self.variants, self.search_result.trials, d),
             why=why,
             table=table,
             references=references,
             runs=len(final),
             wall_s=self.wall_s,
-            power=self._power_line(),
+            power=power_line(
+                len(self.splits.test), self.cfg.data.test_frac, self.confirmed.get("seeds", 0), self.metric
+            ),
             sft=str(self.sft),
             run_seconds=float(final["wall_s"].sum()) if "wall_s" in final.columns else 0.0,
             sentence=sentence + ".",
-            search=search,
+            search=self._search_summary(),
             notes=notes,
             seed_effects=seed_effects,
         )
+
+    def _search_summary(self) -> dict[str, Any]:
+        """What verdict.json says of the search: trial counts, its wall time, the space, the importances, the
+        budget and the confirm phase it left room for."""
+        res = self.search_result
+        assert res is not None
+        return {
+            **res.counts,
+            "trials": res.counts["complete"] + res.counts["pruned"] + res.counts["failed"],
+            "wall_s": round(res.wall_s, 1),
+            "params": [p.name for p in self.params],
+            "importances": importances(res.study),
+            "budget_s": self.budget_s,
+            "confirm": self.confirmed,
+        }
 
     def _is_rce_only(self, name: str) -> bool:
         assert self.spec is not None
@@ -311,19 +333,6 @@ class Investigation:
             return [0.0, 0.0, 0.0], []
         r = rows.loc[SFT_RETRAINED]
         return [float(r["vs_sft"]), float(r["vs_sft_low"]), float(r["vs_sft_high"])], list(r["seed_effects"])
-
-    def _power_line(self) -> str:
-        n_test = len(self.splits.test)
-        frac = self.cfg.data.test_frac
-        line = (
-            f"With {n_test} test queries (data.test_frac={frac:g}) and {self.confirm_seeds} seeds, each "
-            f"finalist's minimum detectable {self.metric} effect (80% power at 5%) is in the table's mde column"
-        )
-        if frac < 0.3:
-            line += f"; a larger test split (e.g. data.test_frac={min(0.4, 2 * frac):g}) narrows the intervals"
-        else:
-            line += "; the test split is already large: more labelled queries, or more seeds, narrow the intervals"
-        return line + "."
 
     def write_config(self, variant: str) -> Path:
         """The complete YAML of ``variant`` that ``v3kit run --config`` trains as is: the run's data and test split
