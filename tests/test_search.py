@@ -233,3 +233,69 @@ def test_keep_sft_reproduces_on_a_world_where_nothing_helps(tmp_path):
     rep = reproduce(tmp_path / "out", [1000, 1001])
     assert rep["inside"], rep
     assert len(set(rep["effects"])) == 2  # two fresh SFTs, not the same model twice
+
+
+# ---------------------------------------------------------------- the confirm phase's decision
+def _confirm_frames(effects: dict[str, float], seeds=(100, 101, 102), n_q: int = 60):
+    """A confirm grid's frames by hand: per query, acc@1 of SFT is a fixed 0/1 pattern and each candidate flips
+    the given share of SFT's misses to hits (its effect), differently per seed."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    base = (rng.random(n_q) < 0.4).astype(float)
+    rows, pq = [], []
+    for name, eff in {"sft_only": 0.0, **effects}.items():
+        for s in seeds:
+            acc = base.copy()
+            misses = np.flatnonzero(acc == 0)
+            flip = rng.choice(misses, int(round(eff * n_q)), replace=False) if eff > 0 else []
+            acc[flip] = 1.0
+            rows.append(
+                {
+                    "world": "default",
+                    "variant": name,
+                    "seed": s,
+                    "split": "test",
+                    "stage": "selected",
+                    "epoch": 0,
+                    "acc@1": acc.mean(),
+                    "selected_stage": "sft" if eff == 0 else "rce",
+                }
+            )
+            for stage in ("selected", "sft"):
+                pq.append(
+                    pd.DataFrame(
+                        {
+                            "world": "default",
+                            "variant": name,
+                            "seed": s,
+                            "stage": stage,
+                            "query": np.arange(n_q),
+                            "acc@1": acc if stage == "selected" else base,
+                        }
+                    )
+                )
+    return pd.DataFrame(rows), pd.concat(pq, ignore_index=True)
+
+
+def test_confirm_weighs_with_holm_and_ships_only_what_survives_it():
+    from v3kit.doctor.confirm import Candidate, choose, weigh
+
+    frame, pq = _confirm_frames({"big": 0.2, "small": 0.03, "run": 0.0})
+    cands = [
+        Candidate("run", [], "reference", "the run"),
+        Candidate("sft_only", [], "reference", "SFT", shippable=False),
+        Candidate("big", ["rce.lr=0.001"], "finalist", "big"),
+        Candidate("small", ["rce.lr=0.0001"], "finalist", "small"),
+    ]
+    t = weigh(frame, pq, "acc@1", cands).set_index("variant")
+    family = t[t["shippable"]]
+    np.testing.assert_allclose(family["p_holm"], holm(family["p"].to_numpy()))  # one family of 3 comparisons
+    assert t.loc["big", "verdict"] == "better" and t.loc["big", "vs_sft"] == pytest.approx(0.2, abs=1e-9)
+    assert t.loc["run", "kept_sft"] == 3 and t.loc["big", "kept_sft"] == 0
+    assert choose(t.reset_index(), "acc@1") == "big"
+    assert len(t.loc["big", "seed_effects"]) == 3
+    # without "big", nothing survives the correction: keep SFT
+    frame2, pq2 = _confirm_frames({"small": 0.0167, "run": 0.0})
+    t2 = weigh(frame2, pq2, "acc@1", [c for c in cands if c.name != "big"])
+    assert choose(t2, "acc@1") is None
