@@ -119,7 +119,7 @@ def test_search_never_reads_the_test_split(tmp_path, run_sft, monkeypatch):
     monkeypatch.setattr(pipeline, "run_pipeline", spy)
     search = _search(tmp_path, run_sft, max_trials=4)
     search.enqueue([("run", []), ("residual", ["model.residual=true", "model.sim_temperature=0.1"])])
-    res = search.run(time.time() + 300, confirm_runs=0)
+    res = search.run(time.time() + 300)
     assert res.counts["complete"] + res.counts["pruned"] == len(seen) == 4
     for touched in seen:
         assert not (touched["train"] | touched["val"] | touched["test"]) & test_ids
@@ -138,7 +138,7 @@ def test_pruner_stops_a_deterministically_bad_trial_early(tmp_path, run_sft):
     good = [(f"good{k}", ["rce.epochs=6", "grpo.epochs=0", f"rce.lr={1e-5 * (k + 1)}"]) for k in range(5)]
     bad = ("bad", ["model.hidden=[8]", "sft.lr=0.0001", "sft.epochs=30", "rce.epochs=0", "grpo.epochs=0"])
     search.enqueue([*good, bad])
-    search.run(time.time() + 300, confirm_runs=0)
+    search.run(time.time() + 300)
     trials = {t.user_attrs["name"]: t for t in search.study.get_trials(deepcopy=False)}
     assert all(trials[n].state == optuna.trial.TrialState.COMPLETE for n, _ in good)
     t = trials["bad"]
@@ -155,7 +155,7 @@ from pathlib import Path
 s = _search(Path({tmp!r}), Path({sft!r}), max_trials=3)
 s.enqueue([("a", ["rce.epochs=1", "grpo.epochs=0"]), ("b", ["rce.epochs=1", "grpo.epochs=1"]),
            ("c", ["rce.epochs=3", "grpo.epochs=0"])])
-s.run(time.time() + 300, confirm_runs=0)
+s.run(time.time() + 300)
 """
 
 
@@ -181,7 +181,7 @@ def test_a_killed_search_resumes_without_redoing_finished_trials(tmp_path, run_s
     assert [before[n].state for n in (0, 1, 2)] == [S.COMPLETE, S.COMPLETE, S.RUNNING]
     stamps = {n: (tmp_path / "search" / f"trial{n}" / "metrics.csv").stat().st_mtime_ns for n in (0, 1)}
     search.enqueue([("a", []), ("b", []), ("c", [])])  # already in the study: not enqueued again
-    search.run(time.time() + 300, confirm_runs=0)
+    search.run(time.time() + 300)
     after = {t.number: t for t in search.study.get_trials(deepcopy=False)}
     for n in (0, 1):
         assert after[n].state == S.COMPLETE and after[n].value == before[n].value
@@ -299,3 +299,18 @@ def test_confirm_weighs_with_holm_and_ships_only_what_survives_it():
     frame2, pq2 = _confirm_frames({"small": 0.0167, "run": 0.0})
     t2 = weigh(frame2, pq2, "acc@1", [c for c in cands if c.name != "big"])
     assert choose(t2, "acc@1") is None
+
+
+def test_confirm_seconds_reads_the_finalists_own_run_times():
+    from v3kit.doctor.search import ConfirmPlan, confirm_seconds
+
+    trials = [
+        {"name": "run", "state": "complete", "value": 0.30, "run_s": 10.0},
+        {"name": "a", "state": "complete", "value": 0.50, "run_s": 40.0},
+        {"name": "b", "state": "complete", "value": 0.40, "run_s": 20.0},
+        {"name": "c", "state": "pruned", "value": None, "run_s": 1.0},
+    ]
+    # top 2 = a (40 s) and b (20 s); the run 10 s, twice with the run's SFT retrained; 3 seeds; 2 workers; +20%
+    assert confirm_seconds(trials, "acc@1", ConfirmPlan(2, 3, True), 2) == pytest.approx(1.2 * (60 + 20) * 3 / 2)
+    assert confirm_seconds(trials, "regret@1", ConfirmPlan(1, 2, False), 1) == pytest.approx(1.2 * (10 + 10) * 2)
+    assert confirm_seconds(trials[3:], "acc@1", ConfirmPlan(3, 3, True), 1) == 0.0

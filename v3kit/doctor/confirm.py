@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from ..ablate.grid import GridSpec, parse_grid
 from ..ablate.stats import bootstrap_p_value, compare, holm, min_detectable_effect, paired_values
@@ -66,15 +67,35 @@ def references(own_sft: bool, can_residual: bool) -> list[Candidate]:
     return out
 
 
+def changes(overrides: Sequence[str], base: dict[str, Any]) -> str:
+    """The overrides that differ from the run's config ``base`` (flattened), floats to 3 significant digits: what a
+    finalist changes, in a table cell."""
+    out = []
+    for o in overrides:
+        key, _, text = o.partition("=")
+        if key.startswith("select"):
+            continue
+        value = yaml.safe_load(text)
+        if key in base and base[key] == value:
+            continue
+        shown = f"{value:.3g}" if isinstance(value, float) else text
+        out.append(f"{key}={shown}")
+    return " ".join(out) or "the run's settings"
+
+
 def finalist_candidates(
-    trials: Sequence[dict[str, Any]], taken: set[str], whys: dict[str, str] | None = None
+    trials: Sequence[dict[str, Any]],
+    taken: set[str],
+    whys: dict[str, str] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> list[Candidate]:
-    """The search's finalists as confirm candidates (``whys``: what an enqueued variant tests, by name)."""
+    """The search's finalists as confirm candidates (``whys``: what an enqueued variant tests, by name; ``base``:
+    the run's flattened config, so a sampled trial is described by what it changes)."""
     out = []
     for t in trials:
         name = t["name"] if t["name"] not in taken else f"{t['name']}_best_val"
         taken.add(name)
-        what = (whys or {}).get(t["name"]) or " ".join(o for o in t["overrides"] if not o.startswith("select"))
+        what = (whys or {}).get(t["name"]) or changes(t["overrides"], base or {})
         out.append(
             Candidate(name, list(t["overrides"]), "finalist", what, retrain_sft=t["own_sft"], search_val=t["value"])
         )

@@ -54,8 +54,8 @@ from .confirm import (
 )
 from .grid import run_overrides
 from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F401 - decide, moving_lr: documented
-from .search import Search, SearchResult, finalists
-from .space import active, load_space
+from .search import ConfirmPlan, Search, SearchResult, confirm_seconds, finalists
+from .space import active, load_space, run_values
 from .verdict_report import SFT_ONLY, VERDICT_JSON, VERDICT_MD, verdict_markdown, write_verdict
 
 RECOMMENDED = "recommended.yaml"
@@ -182,17 +182,17 @@ class Investigation:
             seed=self.seed,
         )
         search.enqueue([(v.name, v.overrides) for v in self.variants if v.name != SFT_ONLY])
-        confirm_runs = (self.top_k + len(self.refs())) * self.confirm_seeds
-        self.search_result = search.run(deadline, confirm_runs, progress=self.progress)
+        plan = ConfirmPlan(self.top_k, self.confirm_seeds, self.sft_is_own)
+        self.search_result = search.run(deadline, plan, progress=self.progress)
         return self.search_result
 
     def fit_confirm(self, result: SearchResult, deadline: float) -> tuple[int, int]:
-        """(finalists, seeds) of the confirm phase that fit the time left at the trials' median run time: fewer
+        """(finalists, seeds) of the confirm phase that fit the time left, at the trials' measured run times: fewer
         finalists first (down to 1), then fewer seeds (down to 2)."""
-        times = sorted(t["run_s"] for t in result.trials if t["state"] == "complete" and t["run_s"] == t["run_s"])
-        per = times[len(times) // 2] if times else 0.0
-        k, n, refs = self.top_k, self.confirm_seeds, len(self.refs())
-        while per * (k + refs) * n / max(1, self.workers) > deadline - time.time() and (k > 1 or n > 2):
+        k, n = self.top_k, self.confirm_seeds
+        while (k > 1 or n > 2) and confirm_seconds(
+            result.trials, self.metric, ConfirmPlan(k, n, self.sft_is_own), self.workers
+        ) > deadline - time.time():
             k, n = (k - 1, n) if k > 1 else (k, n - 1)
         return k, n
 
@@ -202,7 +202,9 @@ class Investigation:
         top_k, n_seeds = self.fit_confirm(result, deadline)
         self.confirmed = {"finalists": top_k, "seeds": n_seeds}
         whys = {v.name: v.why for v in self.variants}
-        fins = finalist_candidates(finalists(result, self.metric, top_k), {c.name for c in refs}, whys)
+        fins = finalist_candidates(
+            finalists(result, self.metric, top_k), {c.name for c in refs}, whys, run_values(self.base)
+        )
         self.candidates = refs + fins
         seeds = [CONFIRM_SEED0 + i for i in range(n_seeds)]
         self.spec = confirm_spec(

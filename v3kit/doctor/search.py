@@ -85,6 +85,13 @@ class PruneOnVal:
 
 
 @dataclass
+class ConfirmPlan:
+    top_k: int  # finalists
+    seeds: int  # fresh seeds each
+    own_sft: bool  # the run's SFT is retrained per seed too (the run trained it)
+
+
+@dataclass
 class SearchTask:
     """What one search worker needs (picklable: it travels to a spawned process or a Ray node)."""
 
@@ -96,7 +103,7 @@ class SearchTask:
     sft: str  # the run's SFT checkpoint
     metric: str
     deadline: float  # time.time() by which search and confirm must be done
-    confirm_runs: int  # runs the confirm phase will need (for the budget)
+    plan: ConfirmPlan  # the confirm phase the search leaves time for
     workers: int
     max_trials: int
     seed: int = 0
@@ -140,15 +147,36 @@ def run_trial(task: SearchTask, trial: Any) -> float:
     return float(res.selection.val)
 
 
-def confirm_estimate(study: Any, task: SearchTask) -> tuple[float, float]:
-    """(seconds per full run, seconds the confirm phase will take): the median measured time of the finished
-    trials (a median: a worker's first trial also pays its imports), times the confirm's runs, over the workers."""
+def confirm_seconds(trials: Sequence[dict[str, Any]], metric: str, plan: ConfirmPlan, workers: int) -> float:
+    """Seconds the confirm phase will take, from the trials' measured run times (``trials``: dicts with ``name``,
+    ``state``, ``value``, ``run_s``): the current top ``plan.top_k`` trials each at its own time, the run at the
+    run trial's time (twice when the run's SFT is retrained too: an SFT per seed), times the seeds, over the
+    workers, plus a 20% margin for the per-seed SFTs and the scoring of the test split."""
+    d = METRIC_DIRECTION[metric]
+    done = [t for t in trials if t["state"] == "complete" and t["value"] is not None]
+    if not done:
+        return 0.0
+    done.sort(key=lambda t: -d * t["value"])
+    times = sorted(float(t["run_s"]) for t in done)
+    median = times[len(times) // 2]
+    run = next((float(t["run_s"]) for t in done if t["name"] == "run"), median)
+    per_seed = sum(float(t["run_s"]) for t in done[: plan.top_k]) + run * (2 if plan.own_sft else 1)
+    return 1.2 * per_seed * plan.seeds / max(1, workers)
+
+
+def _trial_rows(study: Any) -> list[dict[str, Any]]:
     import optuna
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    times = sorted(t.user_attrs.get("run_s", 0.0) for t in done)
-    per = times[len(times) // 2] if times else 0.0
-    return per, per * task.confirm_runs / max(1, task.workers)
+    return [
+        {
+            "name": t.user_attrs.get("name"),
+            "state": "complete",
+            "value": t.value,
+            "run_s": t.user_attrs.get("run_s", 0.0),
+        }
+        for t in done
+    ]
 
 
 def search_worker(task: SearchTask) -> int:
@@ -160,8 +188,10 @@ def search_worker(task: SearchTask) -> int:
     def budget(study: Any, trial: Any) -> None:
         nonlocal ran
         ran += 1
-        per, confirm = confirm_estimate(study, task)
-        if time.time() + per + confirm > task.deadline:
+        rows = _trial_rows(study)
+        times = sorted(r["run_s"] for r in rows)
+        per = times[len(times) // 2] if times else 0.0
+        if time.time() + per + confirm_seconds(rows, task.metric, task.plan, task.workers) > task.deadline:
             study.stop()
 
     S = optuna.trial.TrialState
@@ -231,7 +261,7 @@ class Search:
                 self.study.enqueue_trial(t.params, user_attrs=attrs)
         return len(stale)
 
-    def run(self, deadline: float, confirm_runs: int, progress: bool = False) -> SearchResult:
+    def run(self, deadline: float, plan: ConfirmPlan | None = None, progress: bool = False) -> SearchResult:
         t0 = time.perf_counter()
         self._fail_stale()
         task = SearchTask(
@@ -243,7 +273,7 @@ class Search:
             self.sft,
             self.metric,
             deadline,
-            confirm_runs,
+            plan or ConfirmPlan(0, 0, False),
             self.workers,
             self.max_trials,
             self.seed,
