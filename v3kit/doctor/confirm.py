@@ -62,7 +62,14 @@ def references(own_sft: bool, can_residual: bool) -> list[Candidate]:
             )
         )
     if can_residual:
-        raw = ["model.residual=true", "model.residual_kind=linear", "sft.epochs=0", *NO_RL]
+        # the cosine's scores lie in [-1, 1]: a small temperature keeps its policy from being near uniform
+        raw = [
+            "model.residual=true",
+            "model.residual_kind=linear",
+            "model.sim_temperature=0.05",
+            "sft.epochs=0",
+            *NO_RL,
+        ]
         out.append(Candidate(RAW_COSINE, raw, "reference", "the raw-feature cosine (residual model at init)"))
     return out
 

@@ -474,8 +474,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument(
         "--only",
         metavar="V1,V2",
-        help="build only these variants (plus 'run' and 'sft_only'), e.g. "
-        "rce_moving,rce_grpo_anchored for a quick look",
+        help="search only these enqueued variants (plus 'run'), e.g. rce_moving,rce_grpo_anchored for a quick "
+        "look; the confirm phase still weighs the best of them against the references",
     )
     p.add_argument(
         "--reproduce",
