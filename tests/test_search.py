@@ -3,6 +3,7 @@ val only) and a keep-SFT verdict that reproduces on a world where nothing helps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -74,6 +75,12 @@ def test_fixed_point_expresses_a_remedy():
     assert values["rce.lr"] == 0.001 and values["rce.epochs"] == 2 and values["retrain_sft"] is False
     assert "grpo.lr" not in values  # grpo.epochs=0: its parameters are not sampled
     assert extra == ["grpo.kl_estimator=exact", "select=best_val"]  # what the space cannot express
+    values, extra = fixed_point(params, ["grpo.old_policy=refresh_each_epoch"], BASE)
+    assert values["grpo.old_policy"] == "refresh_each_epoch" and not extra
+    narrow = [p for p in params if p.key != "grpo.old_policy"]
+    narrow.append(dataclasses.replace(next(p for p in params if p.key == "grpo.old_policy"), choices=("sft",)))
+    values, extra = fixed_point(narrow, ["grpo.old_policy=refresh_each_epoch"], BASE)
+    assert "grpo.old_policy" not in values and extra == ["grpo.old_policy=refresh_each_epoch"]  # not a listed choice
     values, _ = fixed_point(params, ["model.residual=true", "model.sim_temperature=0.1"], BASE)
     assert values["retrain_sft"] is True and values["model.residual_kind"] == "mlp" and values["sft.epochs"] == 3
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -113,7 +114,9 @@ class SearchTask:
 def trial_overrides(task: SearchTask, trial: Any) -> tuple[bool, list[str]]:
     """(trains its own SFT, every override) of ``trial``: the sampled values, then what the space cannot express
     of an enqueued variant (``user_attrs['extra']``), then ``select=best_val`` on the verdict's metric."""
-    values = suggest(trial, task.params, task.base_values)
+    with warnings.catch_warnings():  # an enqueued variant's value may lie outside a range: it is meant to
+        warnings.filterwarnings("ignore", message=".*out of range.*")
+        values = suggest(trial, task.params, task.base_values)
     retrain, sampled = to_overrides(task.params, values)
     extra = list(trial.user_attrs.get("extra", []))
     own = retrain or any(o.startswith(("sft.", "model.")) for o in extra)

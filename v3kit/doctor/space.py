@@ -159,18 +159,25 @@ def fixed_point(
 ) -> tuple[dict[str, Any], list[str]]:
     """A fixed variant (``overrides`` on top of the run's ``base_overrides``) as (parameter values to enqueue, the
     overrides the space cannot express): every parameter whose ``if`` holds takes the variant's value (the run's
-    where the variant does not set it); ``retrain_sft`` is true when the variant changes ``sft.*`` or ``model.*``."""
+    where the variant does not set it; a number outside its range is kept, Optuna accepts it, a choice the entry
+    does not list becomes an override); ``retrain_sft`` is true when the variant changes ``sft.*`` or
+    ``model.*``."""
     keys = [o.partition("=")[0] for o in overrides]
     flat = run_values([*base_overrides, *overrides])
     flat[RETRAIN_SFT] = any(k.startswith(("sft.", "model.")) for k in keys)
     values: dict[str, Any] = {}
     by_key: dict[str, Any] = {}
+    outside: list[str] = []  # a value a categorical entry does not list (Optuna refuses it): an override instead
     for p in params:
         if p.key in by_key or not _holds(p, by_key, flat):
             continue
-        values[p.name] = by_key[p.key] = flat[p.key]
+        by_key[p.key] = flat[p.key]
+        if p.kind == "choices" and flat[p.key] not in p.choices:
+            outside.append(f"{p.key}={override_value(flat[p.key])}")
+        else:
+            values[p.name] = flat[p.key]
     extra = [o for o, k in zip(overrides, keys) if k not in by_key]
-    return values, extra
+    return values, extra + [o for o in outside if o not in extra]
 
 
 def to_overrides(params: Sequence[Param], values: Mapping[str, Any]) -> tuple[bool, list[str]]:
