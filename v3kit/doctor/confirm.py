@@ -207,11 +207,13 @@ def rl_line(table: pd.DataFrame, metric: str, skip: str = "") -> str:
     if r["variant"] == skip:
         return ""
     effect = f"{r['vs_sft']:+.3f} [{r['vs_sft_low']:+.3f}, {r['vs_sft_high']:+.3f}]"
+    if r["seeds"] and r["kept_sft"] == r["seeds"]:
+        effect = f"kept SFT in {r['kept_sft']} of {r['seeds']} seeds"
     if r["verdict"] == "better":
-        return f"the RL stages help on this data: their best variant ({r['variant']}) is {effect}"
+        return f"the RL stages help on this data: their best variant ({r['variant']}): {effect}"
     return (
-        f"the RL stages do not beat SFT on this data after the correction: their best variant ({r['variant']}) "
-        f"is {effect}"
+        f"the RL stages do not beat SFT on this data after the correction: their best variant ({r['variant']}): "
+        f"{effect}"
     )
 
 

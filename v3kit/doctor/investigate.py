@@ -265,9 +265,12 @@ class Investigation:
         else:
             best, rec = SFT_ONLY, "keep_sft"
             r = rows.loc[top]
+            effect = f"is {r['vs_sft']:+.3f} [{r['vs_sft_low']:+.3f}, {r['vs_sft_high']:+.3f}] {self.metric}"
+            if not r["own_sft"] and r["seeds"] and r["kept_sft"] == r["seeds"]:
+                effect = f"kept SFT in {r['kept_sft']} of {r['seeds']} seeds"
             sentence = (
-                f"Keep the SFT you have: nothing beat it on test after Holm's correction; the best candidate, "
-                f"`{top}`, is {r['vs_sft']:+.3f} [{r['vs_sft_low']:+.3f}, {r['vs_sft_high']:+.3f}] {self.metric}"
+                "Keep the SFT you have: nothing beat it on test after Holm's correction; the best candidate, "
+                f"`{top}`, {effect}"
             )
             why = f"no candidate is better than SFT after Holm's correction over {family} comparisons"
             eff_sft, seed_effects = self._keep_sft_effect(rows)
