@@ -31,8 +31,13 @@ from ..ablate.grid import BASE_WORLD, GridSpec
 from ..ablate.runner import collect, run_grid
 from ..ablate.stats import compare
 from ..config import ConfigError, dump_config, load_config
+from ..data.debias import recurring_share
+from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed, run_pipeline
 from ..rundir import atomic_write_text
-from ..train.metrics import METRIC_DIRECTION
+from ..train.baselines import baseline_table
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.metrics import METRIC_DIRECTION, evaluate
+from ..train.model import DEFAULT_TARGET
 from .confirm import (
     CONFIRM_SEED0,
     SFT_RETRAINED,
@@ -54,6 +59,7 @@ from .confirm import (
 )
 from .grid import run_overrides
 from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F401 - decide, moving_lr: documented
+from .report import diagnose
 from .search import ConfirmPlan, Search, SearchResult, confirm_seconds, finalists
 from .space import active, load_space, run_values
 from .verdict_report import SFT_ONLY, VERDICT_JSON, VERDICT_MD, verdict_markdown, write_verdict
@@ -98,10 +104,6 @@ class Investigation:
         address: str | None = None,
         seed: int = 0,
     ) -> None:
-        from ..data.debias import recurring_share
-        from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed
-        from ..train.model import DEFAULT_TARGET
-        from .report import diagnose
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / "config.yaml"
@@ -234,8 +236,6 @@ class Investigation:
 
     # ------------------------------------------------------------------------------------------------ verdict
     def verdict(self) -> Verdict:
-        from ..train.baselines import baseline_table
-
         assert self.spec is not None and self.search_result is not None
         frame, pq = self.frames()
         d = METRIC_DIRECTION[self.metric]
@@ -375,9 +375,6 @@ def investigate(run_dir: str | Path, **options: Any) -> Verdict:
 def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) -> dict[str, Any]:
     """Retrain ``verdict.json``'s config with ``seeds`` and measure its shipped model against the run's SFT on the
     same test split: the check that the verdict's ``effect_vs_sft`` holds for runs it never saw."""
-    from ..pipeline import prepare_data, run_pipeline
-    from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-    from ..train.metrics import evaluate
 
     out = Path(out)
     v = json.loads((out / VERDICT_JSON).read_text())
