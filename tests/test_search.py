@@ -53,7 +53,7 @@ def test_shipped_space_loads_and_bad_entries_are_one_line(tmp_path):
     assert {"retrain_sft", "model.residual_kind", "rce.label_weight", "grpo.kl_beta"} <= {p.name for p in params}
     assert "sft.epochs" not in {p.name for p in active(params, {**ALL, "own_sft": False})}  # an imported SFT
     for text, needle in [
-        ("params: {grpo.kl_bet: {float: [0.01, 1]}}", "'grpo.kl_bet' is not a config key"),
+        ("params: {grpo.kl_bet: {float: [0.01, 1]}}", "not a config key; did you mean 'grpo.kl_beta'?"),
         ("params: {grpo.kl_beta: {float: [1, 0.01]}}", "low < high"),
         ("params: {grpo.kl_beta: {float: [0, 1], log: true}}", "low > 0"),
         ("params: {grpo.old_policy: {choices: [sft, stale]}}", "grpo.old_policy"),

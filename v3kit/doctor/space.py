@@ -4,6 +4,7 @@ a point of it, so Optuna can enqueue it as a first trial."""
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,9 @@ def _param(path: Path | str, name: str, raw: Any, known: set[str]) -> Param:
         raise _fail(path, name, f"unknown field(s) {unknown}; allowed: {sorted(_ENTRY_KEYS)}")
     key = str(raw.get("key", name))
     if key != RETRAIN_SFT and key not in known:
-        raise _fail(path, name, f"'{key}' is not a config key (see docs/config.md)")
+        close = difflib.get_close_matches(key, [*known, RETRAIN_SFT], n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else "see docs/config.md"
+        raise _fail(path, name, f"'{key}' is not a config key; {hint}")
     kinds = [k for k in ("int", "float", "choices") if k in raw]
     if len(kinds) != 1:
         raise _fail(path, name, "give exactly one of int: [low, high], float: [low, high], choices: [...]")
