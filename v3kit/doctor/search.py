@@ -264,7 +264,7 @@ class Search:
                 self.study.enqueue_trial(t.params, user_attrs=attrs)
         return len(stale)
 
-    def run(self, deadline: float, plan: ConfirmPlan | None = None, progress: bool = False) -> SearchResult:
+    def run(self, deadline: float, plan: ConfirmPlan | None = None) -> SearchResult:
         t0 = time.perf_counter()
         self._fail_stale()
         task = SearchTask(
