@@ -185,7 +185,7 @@ class Investigation:
         )
         search.enqueue([(v.name, v.overrides) for v in self.variants if v.name != SFT_ONLY])
         plan = ConfirmPlan(self.top_k, self.confirm_seeds, self.sft_is_own)
-        self.search_result = search.run(deadline, plan)
+        self.search_result = search.run(deadline, plan, progress=self.progress)
         return self.search_result
 
     def fit_confirm(self, result: SearchResult, deadline: float) -> tuple[int, int]:

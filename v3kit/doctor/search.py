@@ -109,6 +109,7 @@ class SearchTask:
     max_trials: int
     seed: int = 0
     base_values: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False  # one line per finished trial
 
 
 def trial_overrides(task: SearchTask, trial: Any) -> tuple[bool, list[str]]:
@@ -191,6 +192,10 @@ def search_worker(task: SearchTask) -> int:
     def budget(study: Any, trial: Any) -> None:
         nonlocal ran
         ran += 1
+        if task.progress:
+            value = "" if trial.value is None else f" val {task.metric} {trial.value:.4f}"
+            name = trial.user_attrs.get("name", f"trial{trial.number}")
+            print(f"search: trial {trial.number} ({name}) {trial.state.name.lower()}{value}", flush=True)
         rows = _trial_rows(study)
         times = sorted(r["run_s"] for r in rows)
         per = times[len(times) // 2] if times else 0.0
@@ -264,7 +269,7 @@ class Search:
                 self.study.enqueue_trial(t.params, user_attrs=attrs)
         return len(stale)
 
-    def run(self, deadline: float, plan: ConfirmPlan | None = None) -> SearchResult:
+    def run(self, deadline: float, plan: ConfirmPlan | None = None, progress: bool = False) -> SearchResult:
         t0 = time.perf_counter()
         self._fail_stale()
         task = SearchTask(
@@ -281,6 +286,7 @@ class Search:
             self.max_trials,
             self.seed,
             run_values(self.base),
+            progress,
         )
         tasks = [dataclasses.replace(task, index=k) for k in range(self.workers)]
         errors: list[str] = []
