@@ -29,6 +29,7 @@ from .run_info import (  # noqa: F401 - re-exported: the pipeline's documented r
     RUN_INFO,
     _check_same_sft,
     read_run_info,
+    record_config,
     record_sft_checkpoint,
     recorded_sft_checkpoint,
     recorded_split_seed,
@@ -46,6 +47,7 @@ from .train.checkpoint import (
 from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .train.grpo import run_grpo
 from .train.metrics import evaluate, metric_order
+from .train.metrics_log import read_metrics_frame
 from .train.model import build_model, compute_log_probs
 from .train.rce import final_logit_temperature, run_rce
 from .train.selection import Selection, select_model, write_selection
@@ -190,6 +192,12 @@ def stage_options(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
     return {k: ctx[k] for k in ("device", "precision", "log_every")}
 
 
+def sft_select_metric(cfg: RunConfig) -> str | None:
+    """The val metric SFT keeps its best epoch on (its start included): ``select_metric`` under ``select:
+    best_val``, else None (SFT ships its last epoch)."""
+    return cfg.select_metric if cfg.select == "best_val" else None
+
+
 def ensure_sft(
     cfg: RunConfig,
     splits: Splits,
@@ -203,7 +211,13 @@ def ensure_sft(
     path = Path(cfg.run_dir) / "sft.pt"
     runtime = runtime or resolve_runtime(cfg, splits)
     if not (resume and path.exists()):
-        train_sft(splits, cfg.model, cfg.sft, **run_context(cfg, runtime, callbacks=callbacks, resume=resume))
+        train_sft(
+            splits,
+            cfg.model,
+            cfg.sft,
+            select_metric=sft_select_metric(cfg),
+            **run_context(cfg, runtime, callbacks=callbacks, resume=resume),
+        )
     return path
 
 
@@ -286,7 +300,7 @@ def skipped_batches(run_dir: str | Path) -> dict[str, int]:
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         return {}
-    df = pd.read_csv(path)
+    df = read_metrics_frame(path)
     if "skipped_nonfinite" not in df.columns:
         return {}
     df = df[df["skipped_nonfinite"].notna()]
@@ -375,6 +389,7 @@ def _run_locked(
     )
     if main:
         record_sft_checkpoint(run_dir, sft_path, given=bool(sft_checkpoint), recorded=recorded)
+        record_config(run_dir, cfg)
     distributed.barrier()
 
     on = dict(device=runtime.device, precision=runtime.precision)
@@ -432,7 +447,7 @@ def _select(
     """The model ``cfg.select`` ships (see :mod:`v3kit.train.selection`) and its :class:`Selection`."""
     metric = cfg.select_metric
     metrics = (
-        pd.read_csv(run_dir / "metrics.csv")
+        read_metrics_frame(run_dir / "metrics.csv")
         if (run_dir / "metrics.csv").is_file()
         else pd.DataFrame(columns=["stage", "split", "epoch"])
     )

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-import pandas as pd
 import torch
 
 from .config import RunConfig
@@ -21,6 +20,7 @@ from .data.contract import Splits
 from .pipeline import resolve_runtime, run_context, training_splits
 from .provenance import signature
 from .rundir import atomic_write_text
+from .train.metrics_log import read_metrics_frame
 from .train.rce import run_rce
 from .train.sft import Stage1, load_sft, train_sft
 from .train.training import StageResult
@@ -44,7 +44,7 @@ def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> 
         p.unlink()
     metrics = run_dir / "metrics.csv"
     if metrics.exists():
-        df = pd.read_csv(metrics)
+        df = read_metrics_frame(metrics)
         if df["stage"].isin(stages).any():
             atomic_write_text(metrics, df[~df["stage"].isin(stages)].to_csv(index=False))
     for s in stages:

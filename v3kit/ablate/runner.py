@@ -75,6 +75,7 @@ def _splits_for(cfg: RunConfig) -> Any:
 
 
 def _train_sft(task: _SFTTask) -> str:
+    from ..pipeline import sft_select_metric
     from ..train.device import resolve_device, resolve_precision
     from ..train.sft import train_sft
 
@@ -85,6 +86,7 @@ def _train_sft(task: _SFTTask) -> str:
         splits,
         cfg.model,
         cfg.sft,
+        select_metric=sft_select_metric(cfg),
         seed=cfg.seed,
         run_dir=task.path.parent,
         progress=False,
@@ -315,9 +317,10 @@ def run_grid(
     # report_to: the extras are checked here, before anything trains; every run of the grid goes to one MLflow store.
     report_to = sft_cfgs[BASE_WORLD].report_to
     trackers.require(report_to)
-    store = trackers.mlflow_uri(out) if "mlflow" in report_to else None
+    store = trackers.mlflow_uri(out, concurrent=True) if "mlflow" in report_to else None
     if store is not None:
         trackers.open_mlflow_store(store)
+        print(trackers.mlflow_read_hint(store), flush=True)
 
     def tracking(world: str, variant: str, seed: int) -> dict[str, Any] | None:
         if not report_to:

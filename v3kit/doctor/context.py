@@ -12,6 +12,8 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
+from ..train.metrics_log import read_metrics_frame
+
 
 @dataclass
 class Finding:
@@ -195,10 +197,7 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
             config = loaded if isinstance(loaded, dict) else {}
         except (yaml.YAMLError, ConfigError):  # a broken config only costs the cause attribution, not the report
             config = {}
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path} is empty: the run wrote no metrics yet (did it start?)") from None
+    frame = read_metrics_frame(path)
     missing = [c for c in ("stage", "split", "epoch", "step") if c not in frame.columns]
     if missing:
         raise ValueError(

@@ -40,10 +40,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..bounds import check_all_max, check_max
+from ..bounds import check_all_max, check_max, check_temperature
 from ..data.contract import Batch, GroupData, iterate_batches
 from . import distributed
 from .device import autocast, module_device
+from .pretrained import class_target, config_kwargs, from_pretrained, is_pretrained_dir, wants_config
 
 DEFAULT_TARGET = "v3kit.model:TwoTower"
 # A layer 1,000,000 wide already holds 4 MB per input unit; wider is a typo (1e12 asked torch for 256 TB). What is
@@ -61,12 +62,17 @@ class RankerModel(Protocol):
     def encode_candidates(self, cand_x: Tensor) -> Tensor: ...
 
 
+RESIDUAL_KINDS = ("mlp", "linear")
+
+
 @dataclass
 class ModelConfig:
     target: str = DEFAULT_TARGET
     """The ranker class: ``package.module:Class`` (importable: installed, on PYTHONPATH or under the current
     directory, as ``python -m`` finds it) or ``path/to/models.py:Class`` (a file, relative to the cwd; checkpoints
-    record its absolute path)."""
+    record its absolute path); a function returning the model works too (``pkg.module:make_ranker``). Or a Hugging
+    Face ``save_pretrained`` directory, built with ``from_pretrained`` (class from its config.json's ``auto_map`` or
+    ``architectures``; docs/your_model.md)."""
     interface: str = "auto"
     """How the class scores a group: ``towers`` (query and candidate embedding methods, scores = their dot
     product), ``scorer`` (one method returns the scores [B, G] of ``(query_input, cand_input)``: cross-encoders,
@@ -95,15 +101,23 @@ class ModelConfig:
     starts at zero, so the untrained model *is* the raw-feature cosine ranker and training learns a correction to
     it. Needs query and candidate features of one dim; ``emb_dim`` and ``normalize`` are then unused. Cosine scores
     lie in [-1, 1]: pair it with a small ``sim_temperature`` (e.g. 0.05-0.1) so the policy is not near uniform."""
+    residual_kind: str = "mlp"
+    """The residual correction f of ``model.residual``: ``mlp`` (an MLP of widths ``hidden``, last layer at zero) or
+    ``linear`` (``normalize(x + W x)``, W a square matrix initialised at 0: the smallest correction that can
+    re-weight and mix the raw features)."""
 
     def __post_init__(self) -> None:
-        if ":" not in self.target:
+        if ":" not in self.target and not is_pretrained_dir(self.target):
             raise ValueError(
                 "model.target must look like 'package.module:ClassName' or "
-                f"'path/to/models.py:ClassName', got {self.target!r}"
+                f"'path/to/models.py:ClassName', or be a save_pretrained directory (with a config.json), "
+                f"got {self.target!r}"
             )
         if self.sim_temperature <= 0:
             raise ValueError(f"model.sim_temperature must be > 0, got {self.sim_temperature}")
+        check_temperature("model.sim_temperature", self.sim_temperature)
+        if self.residual_kind not in RESIDUAL_KINDS:
+            raise ValueError(f"model.residual_kind must be one of {RESIDUAL_KINDS}, got {self.residual_kind!r}")
         if self.interface not in INTERFACES:
             raise ValueError(f"model.interface must be one of {INTERFACES}, got {self.interface!r}")
         unknown = sorted(set(self.methods) - set(DEFAULT_METHODS))
@@ -134,12 +148,13 @@ class ResidualTower(nn.Module):
     """``normalize(x + f(x))``: f's last layer is zero-initialised, so the tower starts as the identity on the
     direction of ``x`` (the raw features' cosine) and learns a correction."""
 
-    def __init__(self, dim: int, hidden: list[int]) -> None:
+    def __init__(self, dim: int, hidden: list[int], kind: str = "mlp") -> None:
         super().__init__()
-        self.f = _mlp(dim, hidden, dim)
+        self.f = nn.Sequential(nn.Linear(dim, dim, bias=False)) if kind == "linear" else _mlp(dim, hidden, dim)
         last = self.f[-1]
         nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.normalize(x + self.f(x), dim=-1)
@@ -157,6 +172,7 @@ class TwoTower(nn.Module):
         emb_dim: int = 32,
         normalize: bool = False,
         residual: bool = False,
+        residual_kind: str = "mlp",
     ) -> None:
         super().__init__()
         if residual:
@@ -165,8 +181,8 @@ class TwoTower(nn.Module):
                     f"model.residual needs query and candidate features of one dim, got {query_dim} and "
                     f"{cand_dim}; set model.residual=false"
                 )
-            self.query_tower: nn.Module = ResidualTower(query_dim, list(hidden))
-            self.cand_tower: nn.Module = ResidualTower(cand_dim, list(hidden))
+            self.query_tower: nn.Module = ResidualTower(query_dim, list(hidden), residual_kind)
+            self.cand_tower: nn.Module = ResidualTower(cand_dim, list(hidden), residual_kind)
         else:
             self.query_tower = _mlp(query_dim, list(hidden), emb_dim)
             self.cand_tower = _mlp(cand_dim, list(hidden), emb_dim)
@@ -193,6 +209,8 @@ def resolve_target(target: str) -> str:
 
     Checkpoints record the resolved form, so ``eval`` and ``run --sft`` work from any directory later.
     """
+    if ":" not in target and is_pretrained_dir(target):
+        return str(Path(target).expanduser().resolve())
     if not is_file_target(target):
         return target
     file_part, _, attr = target.rpartition(":")
@@ -342,32 +360,88 @@ def attach_interface(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
-    """Instantiate ``cfg.target`` and check it is a ranker (towers or scorer, :func:`resolve_interface`)."""
-    if cfg.residual and cfg.target != DEFAULT_TARGET:
-        raise ValueError(
-            f"model.residual applies to the built-in {DEFAULT_TARGET} only, not {cfg.target!r}; build "
-            "the residual into your own towers, or set model.residual=false"
-        )
-    cls = import_object(cfg.target)
+def _takes(cls: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _constructor_kwargs(cfg: ModelConfig, cls: Any) -> dict[str, Any]:
+    """``model.kwargs`` plus what the model section gives the built-in ``TwoTower`` (and ``residual`` /
+    ``normalize`` to any class whose constructor names them), a ``config`` dict turned into a PretrainedConfig."""
     kwargs = dict(cfg.kwargs)
     if cfg.target == DEFAULT_TARGET:
         kwargs.update(hidden=list(cfg.hidden), emb_dim=cfg.emb_dim, normalize=cfg.normalize)
         if cfg.residual:  # only when set: checkpoints of earlier versions rebuild with the same arguments
             kwargs["residual"] = True
-    dims = {k: v for k, v in constructor_dims(cls, query_dim, cand_dim).items() if k not in kwargs}
+            if cfg.residual_kind != "mlp":
+                kwargs["residual_kind"] = cfg.residual_kind
+    elif cfg.residual:
+        if not _takes(cls, "residual"):
+            raise ValueError(
+                f"model.residual applies to the built-in {DEFAULT_TARGET} and to classes whose constructor takes "
+                f"residual (v3kit.text_model:SentenceTransformerRanker), not {cfg.target!r}; build the residual "
+                "into your own towers, or set model.residual=false"
+            )
+        kwargs.setdefault("residual", True)
+        if _takes(cls, "hidden"):
+            kwargs.setdefault("hidden", list(cfg.hidden))
+    if cfg.normalize and cfg.target != DEFAULT_TARGET and _takes(cls, "normalize"):
+        kwargs.setdefault("normalize", True)
+    return config_kwargs(cls, kwargs)
+
+
+def _build_error(cfg: ModelConfig, cls: Any, dims: dict[str, int], error: Exception) -> str:
+    """Why ``cls`` could not be built, with an example ``--kwargs`` naming its constructor's own parameters."""
+    name = getattr(cls, "__name__", str(cls))
     try:
-        model = cls(**dims, **kwargs)
-    except TypeError as e:  # a wrong keyword in model.kwargs, or a constructor that wants other arguments
+        params = inspect.signature(cls).parameters
+        sig = f"{name}{inspect.signature(cls)}"
+    except (TypeError, ValueError):
+        params, sig = {}, str(cls)
+    plain = [
+        p
+        for p in params.values()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("query_dim", "cand_dim")
+    ]
+    wanted = [p.name for p in plain if p.default is p.empty] or [p.name for p in plain][:1]
+    example = "{" + ", ".join(f'"{n}": ...' for n in wanted) + "}" if wanted else None
+    how = f"e.g. '{example}'" if example else "or pick another target"
+    hint = f"pass its arguments with --kwargs / model.kwargs, {how}"
+    if wants_config(cls):
+        hint += (
+            f" (config: the contents of the config.json that {name}.save_pretrained wrote, or import the "
+            "save_pretrained directory itself: v3kit import-sft --from-pretrained DIR)"
+        )
+    what = "constructor" if inspect.isclass(cls) else "signature"
+    return (
+        f"model.target {cfg.target!r} could not be built with {', '.join(dims) or 'no feature dims'}"
+        f" and model.kwargs={cfg.kwargs} ({error}); its {what} is {sig}: {hint}"
+    )
+
+
+def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
+    """Instantiate ``cfg.target`` and check it is a ranker (towers or scorer, :func:`resolve_interface`).
+
+    ``cfg.target`` names a class or a function returning the model (called with ``model.kwargs``, plus the dims
+    it names), or a ``save_pretrained`` directory (built with ``from_pretrained``, :mod:`v3kit.train.pretrained`).
+    """
+    if ":" not in cfg.target and is_pretrained_dir(cfg.target):
+        if cfg.residual:
+            raise ValueError(
+                f"model.residual does not apply to the save_pretrained directory {cfg.target!r}; set model.residual=false"
+            )
+        target, _ = class_target(cfg.target)
+        model = from_pretrained(import_object(target), cfg.target, cfg.target)
+    else:
+        cls = import_object(cfg.target)
+        kwargs = _constructor_kwargs(cfg, cls)
+        dims = {k: v for k, v in constructor_dims(cls, query_dim, cand_dim).items() if k not in kwargs}
         try:
-            sig = f"{cls.__name__}{inspect.signature(cls)}"
-        except (TypeError, ValueError):
-            sig = str(cls)
-        raise ValueError(
-            f"model.target {cfg.target!r} could not be built with {', '.join(dims) or 'no feature dims'}"
-            f" and model.kwargs={cfg.kwargs} ({e}); its constructor is {sig}: pass its arguments with "
-            "--kwargs / model.kwargs, e.g. '{\"cfg\": {...}}'"
-        ) from None
+            model = cls(**dims, **kwargs)
+        except TypeError as e:  # a wrong keyword in model.kwargs, or a constructor that wants other arguments
+            raise ValueError(_build_error(cfg, cls, dims, e)) from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"model.target {cfg.target!r} built a {type(model).__name__}, which is not an nn.Module")
     attach_interface(model, cfg)
