@@ -84,6 +84,7 @@ NUMERIC = {
     "sim_temperature": ["model.sim_temperature=0.5"],
     "entropy_coef": ["grpo.entropy_coef=0.05"],
     "max_grad_norm": ["grpo.max_grad_norm=0.05", "sft.max_grad_norm=0.5"],
+    "weight_decay": ["sft.weight_decay=0.01", "grpo.weight_decay=0.05"],
 }
 
 
@@ -98,7 +99,8 @@ def test_numeric_variants_stacked_match_their_sequential_runs(tmp_path, name):
 def test_logit_annealing_and_sampled_grpo_match(tmp_path):
     # samples: sampled draws from each member's own generator (the per-member Stage.step path); temperature_target
     # logits anneals the policy's own temperature per member
-    common = ["grpo.samples=sampled", "grpo.num_samples=6", "rce.temperature_target=logits"]
+    # select: best_val also makes SFT ship its best val epoch (each member its own)
+    common = ["grpo.samples=sampled", "grpo.num_samples=6", "rce.temperature_target=logits", "select=best_val"]
     _compare(tmp_path, [["seed=0"], ["seed=1", "grpo.kl_beta=0.3"]], common)
 
 

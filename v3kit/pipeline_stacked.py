@@ -31,10 +31,12 @@ from .pipeline import (
     _select,
     check_resumable,
     prepare_data,
+    record_config,
     record_sft_checkpoint,
     resolve_runtime,
     run_context,
     run_pipeline,
+    sft_select_metric,
     skipped_batches,
     split_seed,
     stage_table,
@@ -52,8 +54,8 @@ from .train.checkpoint import (
 from .train.grpo import GRPOStage
 from .train.model import build_model
 from .train.rce import RCEStage, final_logit_temperature
-from .train.selection import write_selection
-from .train.sft import SFTStage, Stage1, load_sft
+from .train.selection import BestVal, write_selection
+from .train.sft import SFTStage, Stage1, _keep_best, load_sft
 from .train.stacked import PruneFn, fit_stacked
 from .train.training import RunContext, StageResult
 
@@ -153,8 +155,10 @@ class _Stack:
             **run_context(c, self.runtime, callbacks=self.reporters[k].callbacks(), resume=self.resume), **extra
         )
 
-    def fit(self, ks: list[int], stages: list[Any], prune: PruneFn | None = None) -> dict[int, StageResult]:
-        outcome = fit_stacked(stages, [self.context(k) for k in ks], prune=prune)
+    def fit(
+        self, ks: list[int], stages: list[Any], prune: PruneFn | None = None, contexts: list[RunContext] | None = None
+    ) -> dict[int, StageResult]:
+        outcome = fit_stacked(stages, contexts or [self.context(k) for k in ks], prune=prune)
         self.stacked = self.stacked and outcome.stacked
         if outcome.note:
             self.notes.append(f"{stages[0].name}: {outcome.note}")
@@ -174,6 +178,7 @@ class _Stack:
             record_sft_checkpoint(
                 Path(self.cfgs[k].run_dir), sft_paths[k], given=bool(self.sft), recorded=self.recorded.get(k)
             )
+            record_config(Path(self.cfgs[k].run_dir), self.cfgs[k])
         stage1 = self.stage1(sft_paths)
         rl, self.debias = {}, {}
         for k in self.live():
@@ -201,38 +206,44 @@ class _Stack:
         return StackedRuns(results, stacked=self.stacked, notes=self.notes)
 
     def train_sft(self) -> dict[int, Path]:
-        """Each run's ``sft.pt``: the given checkpoint, a finished one (on resume), or trained here, stacked."""
+        """Each run's ``sft.pt``: the given checkpoint, a finished one (on resume), or trained here, stacked, as
+        :func:`v3kit.train.sft.train_sft` trains it (under ``select: best_val`` its best val epoch ships)."""
         if self.sft:
             return {k: Path(self.sft) for k in range(len(self.cfgs))}
         paths = {k: Path(c.run_dir) / "sft.pt" for k, c in enumerate(self.cfgs)}
         todo = [k for k in paths if not (self.resume and paths[k].exists())]
-        stages, metas = [], []
+        dims = (self.splits.train.query_dim, self.splits.train.cand_dim)
+        stages, metas, trackers_, inits, contexts = [], [], [], [], []
         for k in todo:
             c = self.cfgs[k]
             torch.manual_seed(c.seed)  # as train_sft: the initialisation comes from the run's seed
-            model = build_model(c.model, self.splits.train.query_dim, self.splits.train.cand_dim)
-            meta = {
-                "config": asdict(c.sft),
-                **model_payload(c.model, self.splits.train.query_dim, self.splits.train.cand_dim),
-            }
-            stages.append(
-                SFTStage(
-                    model, self.splits.train, self.splits.val, c.sft, temperature=c.model.sim_temperature, meta=meta
-                )
+            model = build_model(c.model, *dims)
+            meta = {"config": asdict(c.sft), **model_payload(c.model, *dims)}
+            stage = SFTStage(
+                model, self.splits.train, self.splits.val, c.sft, temperature=c.model.sim_temperature, meta=meta
             )
+            context, tracker, init = self.context(k), None, {}
+            metric = sft_select_metric(c)
+            if metric is not None:  # the callback keeps the best epoch's weights, as in train_sft
+                init = {name: t.detach().clone() for name, t in model.state_dict().items()}
+                tracker = BestVal(model, "sft", metric)
+                context = dataclasses.replace(context, callbacks=[*context.callbacks, tracker])
+            stages.append(stage)
             metas.append(meta)
+            trackers_.append(tracker)
+            inits.append(init)
+            contexts.append(context)
         if todo:
-            done = self.fit(todo, stages)
-            for k, stage, meta in zip(todo, stages, metas):
-                if k in done:
-                    payload = {
-                        "stage": "sft",
-                        "epoch": self.cfgs[k].sft.epochs,
-                        "step": -1,
-                        "model": stage.model.state_dict(),
-                        **meta,
-                    }
-                    save_checkpoint(paths[k], payload)
+            done = self.fit(todo, stages, contexts=contexts)
+            for k, stage, meta, tracker, init in zip(todo, stages, metas, trackers_, inits):
+                if k not in done:
+                    continue
+                epoch = self.cfgs[k].sft.epochs
+                if tracker is not None:
+                    metric = sft_select_metric(self.cfgs[k])
+                    epoch = _keep_best(stage.model, done[k], tracker, init, self.cfgs[k].run_dir, metric)
+                payload = {"stage": "sft", "epoch": epoch, "step": -1, "model": stage.model.state_dict(), **meta}
+                save_checkpoint(paths[k], payload)
         return paths
 
     def stage1(self, paths: dict[int, Path]) -> dict[int, Stage1]:

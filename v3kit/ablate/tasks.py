@@ -99,11 +99,12 @@ class _SFTPlan:
 # without changing the shape of the computation. Anything else (epochs, batch size, switches, model shape, data)
 # makes another structure, hence another stack.
 STACKABLE_NUMBERS = {
-    "sft": ("lr", "max_grad_norm"),
-    "rce": ("lr", "max_grad_norm", "t_start", "t_end", "reward_temperature", "label_weight"),
+    "sft": ("lr", "max_grad_norm", "weight_decay"),
+    "rce": ("lr", "max_grad_norm", "weight_decay", "t_start", "t_end", "reward_temperature", "label_weight"),
     "grpo": (
         "lr",
         "max_grad_norm",
+        "weight_decay",
         "kl_beta",
         "eps_low",
         "eps_high",

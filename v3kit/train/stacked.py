@@ -190,7 +190,9 @@ class _StackedFit:
             run=run,
             run_dir=run_dir,
             log=MetricsLog(run_dir),
-            optimizer=torch.optim.Adam(stage.model.parameters(), lr=stage.cfg.lr),
+            optimizer=torch.optim.Adam(
+                stage.model.parameters(), lr=stage.cfg.lr, weight_decay=getattr(stage.cfg, "weight_decay", 0.0)
+            ),
             generator=torch.Generator().manual_seed(run.seed),
             torch_state=torch.get_rng_state(),
         )
@@ -386,7 +388,11 @@ class _StackedFit:
         frozen = [True] * len(self.members)
         for j, k in enumerate(live):
             frozen[k] = not requires[j] or bad[j] is not None
-        self.tower.adam_step([m.stage.cfg.lr for m in self.members], frozen)
+        self.tower.adam_step(
+            [m.stage.cfg.lr for m in self.members],
+            frozen,
+            [getattr(m.stage.cfg, "weight_decay", 0.0) for m in self.members],
+        )
         for j, k in enumerate(live):
             m, st = self.members[k], stats[j]
             if bad[j] is not None and m.stage.cfg.on_nonfinite == "stop":  # fit raises here: this member stops
@@ -436,6 +442,14 @@ class _StackedFit:
         m.pending.clear()
 
     def run(self) -> list[StageResult | BaseException]:
+        try:
+            return self._run()
+        except BaseException:  # a kill of the whole stack (Ctrl-C, a full disk): release every metrics.csv
+            for m in self.members:
+                m.log.close()
+            raise
+
+    def _run(self) -> list[StageResult | BaseException]:
         start_epoch, step = self._restore()
         cfg = self.cfg0
         for m in self.members:

@@ -202,18 +202,22 @@ class StackedTowers:
         return norms
 
     @torch.no_grad()
-    def adam_step(self, lrs: Sequence[float], frozen: Sequence[bool]) -> None:
+    def adam_step(self, lrs: Sequence[float], frozen: Sequence[bool], weight_decays: Sequence[float] = ()) -> None:
         """One ``torch.optim.Adam`` step of every member not ``frozen``, element for element the single-tensor
         update torch runs on the CPU (the same operations in the same order, per-member step size and bias
-        correction); frozen members (a skipped batch, a pruned or failed member) keep weights and state."""
+        correction, ``weight_decay``'s L2 term added to the gradient); frozen members (a skipped batch, a pruned or
+        failed member) keep weights and state."""
         keep = [k for k in range(self.k) if frozen[k]]
         saved = [(t, t[keep].clone()) for t in (self.data, self.exp_avg, self.exp_avg_sq)] if keep else []
         beta1, beta2 = ADAM_BETAS
         for k in range(self.k):
             self.steps[k] += 0 if frozen[k] else 1
         steps = [max(s, 1) for s in self.steps]
-        self.exp_avg.lerp_(self.grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(self.grad, self.grad, value=1 - beta2)
+        grad = self.grad
+        if any(weight_decays):  # torch: grad = grad.add(param, alpha=weight_decay)
+            grad = grad + self.data * torch.tensor(list(weight_decays), device=grad.device).view(-1, 1)
+        self.exp_avg.lerp_(grad, 1 - beta1)
+        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         dev = self.data.device
         neg_step = torch.tensor([[-(lr / (1 - beta1**s))] for lr, s in zip(lrs, steps)], device=dev)
         bc2_sqrt = torch.tensor([[math.sqrt(1 - beta2**s)] for s in steps], device=dev)
