@@ -19,7 +19,7 @@ from .config import ConfigError, load_config
 from .data.contract import DataValidationError
 from .doctor.investigate import RECOMMENDED
 from .doctor.verdict_report import VERDICT_JSON, VERDICT_MD
-from .rundir import DISK_FULL_ERRNOS, DiskFullError, RunDirBusyError, free_bytes
+from .rundir import DISK_FULL_ERRNOS, UNKNOWN_FILE, DiskFullError, RunDirBusyError, free_bytes
 from .train.checkpoint import (
     CheckpointError,
     check_feature_dims,
@@ -258,7 +258,7 @@ def os_error_message(e: OSError, command: str = "run") -> str:
         full = (
             e
             if isinstance(e, DiskFullError)
-            else DiskFullError(e.filename or "<unknown file>", free=free_bytes(e.filename or "."))
+            else DiskFullError(e.filename or UNKNOWN_FILE, free=free_bytes(e.filename or "."))
         )
         return f"{full}; {RESUME_HINTS.get(command, 'free space, then rerun')}"
     if e.filename is None:  # raised by v3kit itself with its own message

@@ -327,12 +327,20 @@ def prediction_interval(effect: Sequence[float], seed_effects: Sequence[float], 
     return min(lo, mean - half), max(hi, mean + half)
 
 
-def power_line(n_test: int, test_frac: float, seeds: int, metric: str) -> str:
-    """The design's power, in words: where the per-finalist minimum detectable effects are, and what narrows them."""
-    line = (
-        f"With {n_test} test queries (data.test_frac={test_frac:g}) and {seeds} seeds, each candidate's minimum "
-        f"detectable {metric} effect (80% power at 5%) is in the table's mde column"
-    )
+def power_line(n_test: int, test_frac: float, seeds: int, metric: str, mdes: Sequence[float] = ()) -> str:
+    """The design's power, in words: where the per-finalist minimum detectable effects are, and what narrows them.
+    ``mdes``: the finalists' minimum detectable effects; none positive and finite means no run differed from
+    another (a smoke run), so there is no power to state."""
+    if any(m > 0 and math.isfinite(m) for m in mdes) or not mdes:
+        line = (
+            f"With {n_test} test queries (data.test_frac={test_frac:g}) and {seeds} seeds, each candidate's minimum "
+            f"detectable {metric} effect (80% power at 5%) is in the table's mde column"
+        )
+    else:
+        line = (
+            f"With {n_test} test queries (data.test_frac={test_frac:g}) and {seeds} seeds: too few test queries to "
+            f"detect any effect ({metric} did not differ between runs, so every interval has zero width)"
+        )
     if test_frac < 0.3:
         line += f"; a larger test split (e.g. data.test_frac={min(0.4, 2 * test_frac):g}) narrows the intervals"
     else:

@@ -312,7 +312,11 @@ class Investigation:
             runs=len(final),
             wall_s=self.wall_s,
             power=power_line(
-                len(self.splits.test), self.cfg.data.test_frac, self.confirmed.get("seeds", 0), self.metric
+                len(self.splits.test),
+                self.cfg.data.test_frac,
+                self.confirmed.get("seeds", 0),
+                self.metric,
+                [float(m) for m in table["mde"]] if "mde" in table else (),
             ),
             sft=str(self.sft),
             run_seconds=float(final["wall_s"].sum()) if "wall_s" in final.columns else 0.0,

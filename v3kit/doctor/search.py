@@ -26,6 +26,7 @@ from ..ablate.backends import make_backend, worker_config
 from ..ablate.runner import _splits_for
 from ..config import ConfigError, RunConfig, load_config
 from ..data.contract import Splits
+from ..rundir import UNKNOWN_FILE, DiskFullError, as_disk_full, free_bytes
 from ..train.metrics import METRIC_DIRECTION
 from .space import Param, fixed_point, run_values, suggest, to_overrides
 
@@ -185,6 +186,16 @@ def _trial_rows(study: Any) -> list[dict[str, Any]]:
 
 def search_worker(task: SearchTask) -> int:
     """One worker: ``study.optimize`` until the trial cap, the budget, or the study's end; returns its trials."""
+    try:
+        return _optimize(task)
+    except Exception as e:  # Optuna's journal writes name no file (and may wrap the OSError): name the journal
+        full = as_disk_full(e)
+        if full is None or full.filename != UNKNOWN_FILE:
+            raise
+        raise DiskFullError(task.folder / JOURNAL, free=free_bytes(task.folder)) from e
+
+
+def _optimize(task: SearchTask) -> int:
     optuna = import_optuna()
     study = open_study(task.folder, task.metric, seed=task.seed + task.index)
     ran = 0
