@@ -76,13 +76,16 @@ def imports(name: str, path: Path, known: set[str], *, lazy: bool = False) -> se
     return out
 
 
+# The old paths of moved modules (one-line shims, see v3kit/moved.py and CHANGELOG.md) sit with the entry points.
+SHIMS = tuple(sorted(module_name(p) for p in PACKAGE.glob("*.py") if "alias(__name__, " in p.read_text()))
+
 # The floors, bottom up: each entry is a subpackage (with everything in it) or a single top-level module. Every
 # module of the package belongs to exactly one floor.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("infrastructure", ("v3kit.rundir", "v3kit.provenance", "v3kit.bounds", "v3kit.trackers")),
+    ("infrastructure", ("v3kit.rundir", "v3kit.provenance", "v3kit.bounds", "v3kit.trackers", "v3kit.moved")),
     ("data", ("v3kit.data",)),
     ("train", ("v3kit.train",)),
-    ("run", ("v3kit.config", "v3kit.run_info", "v3kit.pipeline", "v3kit.stage_reuse")),
+    ("run", ("v3kit.config", "v3kit.run_info", "v3kit.run", "v3kit.pipeline", "v3kit.stage_reuse")),
     ("ablate", ("v3kit.ablate",)),
     ("doctor", ("v3kit.doctor",)),
     ("notebook", ("v3kit.notebook",)),
@@ -96,8 +99,9 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "v3kit.diagnose",
             "v3kit.model",
             "v3kit.text_model",
+            *SHIMS,
         ),
-    ),  # the last three: old public paths
+    ),  # from v3kit.diagnose on: old public paths
 )
 
 # Imports inside a function that reach a higher floor (they run on the first call, once every module is loaded).

@@ -3,7 +3,7 @@
 ``ensure_stage1`` / ``ensure_rce`` reuse ``sft.pt`` / ``rce_epoch{N}.pt`` when an earlier notebook made them from
 the same data and settings (recorded in ``notebook_state.json``), and otherwise (re)make them, removing the later
 stages' outputs derived from the old ones. They build their run context as ``v3kit run`` does
-(:func:`v3kit.pipeline.run_context`).
+(:func:`v3kit.run.run_context`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 
 from .config import RunConfig
 from .data.contract import Splits
-from .pipeline import resolve_runtime, run_context, training_splits
 from .provenance import signature
+from .run import resolve_runtime, run_context, training_splits
 from .rundir import atomic_write_text
 from .train.rce import run_rce
 from .train.sft import Stage1, load_sft, train_sft
