@@ -423,11 +423,12 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
 
     import v3kit.notebook.grpo_panel as gp
     import v3kit.pipeline as pl
+    import v3kit.run as run
     import v3kit.stage_reuse as sr
     from v3kit.train.device import num_threads
 
     fake = torch.device("cuda", 3)
-    monkeypatch.setattr(pl, "resolve_device", lambda setting: fake)
+    monkeypatch.setattr(run, "resolve_device", lambda setting: fake)
     seen = []
 
     def spy(module, name):
