@@ -412,6 +412,7 @@ def test_skip_batch_is_a_config_key_and_reaches_the_printout(tmp_path, capsys, m
 
 
 # ----------------------------------------------------------------------------------------------- one run, one SFT
+@pytest.mark.slow
 def test_resume_with_another_sft_checkpoint_is_refused(tmp_path, capsys):
     import torch
 
