@@ -663,9 +663,9 @@ def test_suggestions_are_ordered_by_evidence():
 def test_the_doctor_reads_only_keys_the_typed_config_has():
     import pytest as _pytest
 
-    from v3kit.doctor.context import UnknownConfigKey, _get
+    from v3kit.doctor.context import UnknownConfigKey, config_value
 
-    assert _get({"grpo": {"kl_beta": 0.5}}, "grpo.kl_beta") == 0.5
-    assert _get({}, "grpo.kl_beta") is None  # a partial config: unknown, not the default
+    assert config_value({"grpo": {"kl_beta": 0.5}}, "grpo.kl_beta") == 0.5
+    assert config_value({}, "grpo.kl_beta") is None  # a partial config: unknown, not the default
     with _pytest.raises(UnknownConfigKey, match="grpo.kl_bta"):
-        _get({"grpo": {"kl_bta": 0.5}}, "grpo.kl_bta")  # a renamed or misspelled field fails loudly
+        config_value({"grpo": {"kl_bta": 0.5}}, "grpo.kl_bta")  # a renamed or misspelled field fails loudly

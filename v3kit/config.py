@@ -22,6 +22,7 @@ from .data.debias import RewardConfig
 from .data.stdlib_search import StdlibSearchConfig
 from .data.synthetic import SyntheticConfig
 from .data.tables import SUFFIX_HINT, TABLE_SUFFIXES
+from .rundir import atomic_write_text
 from .trackers import check_report_to
 from .train.device import check_device_setting, check_precision_setting, check_threads_setting
 from .train.grpo import GRPOConfig
@@ -172,7 +173,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -242,7 +243,7 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
 def all_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
     """Every dotted key of the config tree (for error hints and docs)."""
     keys = []
-    for name, hint in _field_types(cls).items():
+    for name, hint in field_types(cls).items():
         key = f"{prefix}{name}"
         keys.append(key)
         if dataclasses.is_dataclass(hint):
@@ -261,7 +262,7 @@ def from_dict(cls: type, raw: dict[str, Any] | None, prefix: str = "") -> Any:
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    hints = _field_types(cls)
+    hints = field_types(cls)
     kwargs = {}
     for key, value in raw.items():
         path = f"{prefix}{key}"
@@ -390,6 +391,4 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    from .rundir import atomic_write_text  # a crash must not leave a half config.yaml that blocks --resume
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from . import stage_reuse, trackers
-from .bounds import check_model_fits
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from .data.contract import GroupData, Splits
 from .data.debias import DebiasReport, check_debias
@@ -33,7 +32,7 @@ from .run import (  # noqa: F401 - re-exported: the pipeline's documented data a
 from .run_info import (  # noqa: F401 - re-exported: the pipeline's documented run-info helpers
     OWN_SFT,
     RUN_INFO,
-    _check_same_sft,
+    check_same_sft,
     read_run_info,
     record_sft_checkpoint,
     recorded_sft_checkpoint,
@@ -42,6 +41,7 @@ from .run_info import (  # noqa: F401 - re-exported: the pipeline's documented r
 )
 from .rundir import RunLock, atomic_write_text
 from .train import distributed
+from .train.baselines import baseline_table
 from .train.checkpoint import (
     check_finite_checkpoint,
     checkpoint_model_config,
@@ -52,6 +52,7 @@ from .train.device import Runtime
 from .train.grpo import run_grpo
 from .train.metrics import evaluate, metric_order
 from .train.model import compute_log_probs
+from .train.model_size import check_model_fits
 from .train.rce import final_logit_temperature, run_rce
 from .train.selection import Selection, select_model, write_selection
 from .train.sft import Stage1, load_sft, train_sft
@@ -127,8 +128,6 @@ def stage_table(
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "stage"
     if baselines:
-        from .train.baselines import baseline_table
-
         table = pd.concat([table, baseline_table(data)])
     return table[metric_order(table.columns)]
 
@@ -222,7 +221,7 @@ def _run_locked(
     recorded = None
     if resume:
         check_resumable(cfg, run_dir)
-        recorded = _check_same_sft(run_dir, sft_checkpoint)
+        recorded = check_same_sft(run_dir, sft_checkpoint)
     splits = splits or prepare_data(cfg)
     runtime = resolve_runtime(cfg, splits)  # before anything is written: a missing device fails cleanly
     check_model_fits(cfg.model, splits.train.query_dim, splits.train.cand_dim, runtime.device)  # a model too big

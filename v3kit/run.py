@@ -25,7 +25,7 @@ from .data.tables import load_groups, read_table
 from .data.text import default_cache_dir, embed_texts
 from .train.checkpoint import CheckpointError
 from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
-from .train.model import build_model
+from .train.model_size import count_params
 
 
 def _cache_dir(cfg: RunConfig) -> Path:
@@ -103,26 +103,15 @@ def split_seed(cfg: RunConfig) -> int:
     return cfg.seed if cfg.data.split_seed is None else cfg.data.split_seed
 
 
-def _count_params(cfg: RunConfig, splits: Splits) -> int | None:
-    """Parameters of the configured model, built on the meta device (no memory, no draw from torch's RNG)."""
-    rng = torch.get_rng_state()
-    try:
-        with torch.device("meta"):
-            model = build_model(cfg.model, splits.train.query_dim, splits.train.cand_dim)
-        return sum(p.numel() for p in model.parameters())
-    except Exception:  # a custom model that cannot be built on meta: no size hint, auto treats it as large
-        return None
-    finally:
-        torch.set_rng_state(rng)
-
-
 def resolve_runtime(cfg: RunConfig, splits: Splits, *, warn: bool = True) -> Runtime:
     """Device, precision and thread count ``cfg`` asks for on this machine; a missing device is a ConfigError."""
     try:
         device = resolve_device(cfg.device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    threads = resolve_threads(cfg.threads, device, _count_params(cfg, splits))
+    threads = resolve_threads(
+        cfg.threads, device, count_params(cfg.model, splits.train.query_dim, splits.train.cand_dim)
+    )
     return Runtime(
         device=device,
         precision=resolve_precision(cfg.precision, device, warn=warn),

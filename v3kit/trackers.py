@@ -30,13 +30,19 @@ missing one fails in one line naming the install command, before anything trains
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
+import netrc
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
+import yaml
+
+from .rundir import atomic_write_text
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 INSTALL = {
@@ -243,7 +249,6 @@ class _MLflow:
 def _wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
-    import netrc
 
     try:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
@@ -349,10 +354,6 @@ def start(
     ``tracking``: ``tags`` (an ablation's grid, world, variant, seed; ``run``: the tracked run's name) and
     ``mlflow_uri`` (the store when ``$MLFLOW_TRACKING_URI`` is unset).
     """
-    import yaml
-
-    from .config import to_dict
-
     report_to = list(getattr(cfg, "report_to", []) or [])
     if not report_to:
         return Reporter()
@@ -360,7 +361,7 @@ def start(
     run_dir = Path(run_dir)
     tracking = dict(tracking or {})
     tags = {k: str(v) for k, v in (tracking.get("tags") or {}).items()}
-    config = to_dict(cfg)
+    config = dataclasses.asdict(cfg)  # the run config (any config dataclass) as nested plain values
     params = flat_params(config)
     config_text = yaml.safe_dump(config, sort_keys=False)
     ids_path = run_dir / IDS_FILE
@@ -383,7 +384,6 @@ def start(
             with contextlib.suppress(Exception):
                 t.end(False)
         raise
-    from .rundir import atomic_write_text
 
     if ids:  # what a --resume continues
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,9 @@ from ..config import (
     resolve_config_file,
     safe_load_bounded,
 )
+from ..data.contract import GroupData
 from ..provenance import RUNNER_KEYS
+from ..run import prepare_data
 from ..train.metrics import METRIC_DIRECTION, METRIC_NAMES
 
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
@@ -29,8 +31,8 @@ SUMMARY_METRICS = ("acc@1", "mrr", "ndcg@5", "reward@1", "utility@1")
 PER_QUERY_METRICS = METRIC_NAMES
 BASE_WORLD = "default"
 BEST = "@best"
-_RUN_INFO = ("step0_ratio_mean", "step0_ratio_std", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
-_SHARED_SECTIONS = ("data", "model", "sft")  # what an SFT checkpoint depends on (its hash)
+STEP0_INFO = ("step0_ratio_mean", "step0_ratio_std", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
+SFT_SECTIONS = ("data", "model", "sft")  # what an SFT checkpoint depends on (its hash)
 _WORLD_SECTIONS = ("data",)  # fixed per world: every run of a world shares its split and test queries
 
 
@@ -87,6 +89,10 @@ class GridSpec:
 
     def world_names(self) -> list[str]:
         return [BASE_WORLD] + (list(self.worlds.levels) if self.worlds else [])
+
+    def training_split(self, world: str = BASE_WORLD) -> GroupData:
+        """The training split every run of ``world`` trains on: the shared SFT's, seeded with ``sft_seed``."""
+        return prepare_data(self.base_config(world, [f"seed={self.sft_seed}"])).train
 
     def resolve(self, world: str, variant: str, seed: int, run_dir: str | Path = "runs/ablate") -> RunConfig:
         """The full config of one run (raises :class:`GridError` naming the variant and key on a bad override)."""

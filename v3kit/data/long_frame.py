@@ -18,13 +18,17 @@ from .contract import (
     REQUIRED_COLUMNS,
     SIDE_COLUMNS,
     TEXT_MODES,
+    DataValidationError,
     Embedder,
     GroupData,
-    _fail,
 )
 
 
-def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
+def _fail(msg: str) -> None:
+    raise DataValidationError(msg)
+
+
+def as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
     lengths = col.map(lambda v: len(v) if hasattr(v, "__len__") and not isinstance(v, str) else -1)
     if (lengths < 0).any():
         i = int(np.flatnonzero(lengths.to_numpy() < 0)[0])
@@ -85,7 +89,7 @@ def _check_ids(df: pd.DataFrame) -> None:
         )
 
 
-def _as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
+def as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
     """``is_label`` as booleans; strings like "false" would all be truthy, so only bools and 0/1 are accepted."""
     ok = col.map(lambda v: isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)))
     if not ok.all():
@@ -178,9 +182,9 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     texts: dict[str, np.ndarray | None] = {}
     for side, (feat_col, text_col) in SIDE_COLUMNS.items():
         texts[side] = _as_texts(df[text_col], text_col, df) if text_col in df.columns else None
-        feats[side] = _as_matrix(df[feat_col], feat_col, df) if feat_col in df.columns else None
+        feats[side] = as_matrix(df[feat_col], feat_col, df) if feat_col in df.columns else None
     q_text, c_text = texts["query"], texts["candidate"]
-    is_label = _as_bool(df["is_label"], df)
+    is_label = as_bool(df["is_label"], df)
 
     qids = df["query_id"].astype(str).to_numpy()
     codes, order = pd.factorize(qids)  # queries in first-seen order

@@ -12,6 +12,10 @@ from typing import Any, Callable
 import pandas as pd
 import yaml
 
+from ..config import ConfigError, RunConfig, all_keys, from_dict, safe_load_bounded
+from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+
 
 @dataclass
 class Finding:
@@ -94,16 +98,16 @@ class Thresholds:
 
 
 _Check = Callable[["DoctorContext"], Finding]
-_REGISTRY: dict[str, _Check] = {}
+REGISTRY: dict[str, _Check] = {}
 
 
 def check(name: str) -> Callable[[_Check], _Check]:
     """Register a doctor check under ``name``; :func:`diagnose` runs them in registration order."""
 
     def register(fn: _Check) -> _Check:
-        if name in _REGISTRY:
+        if name in REGISTRY:
             raise ValueError(f"doctor check {name!r} is registered twice")
-        _REGISTRY[name] = fn
+        REGISTRY[name] = fn
         return fn
 
     return register
@@ -111,7 +115,7 @@ def check(name: str) -> Callable[[_Check], _Check]:
 
 def check_names() -> list[str]:
     """The registered checks, in report order."""
-    return list(_REGISTRY)
+    return list(REGISTRY)
 
 
 @dataclass
@@ -134,9 +138,6 @@ class DoctorContext:
         if self.sft is None and "sft" not in self._cache:
             self._cache["sft"] = None
             if self.run_dir is not None:
-                from ..pipeline import recorded_sft_checkpoint
-                from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-
                 path = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
                 if Path(path).is_file():
                     try:
@@ -154,9 +155,6 @@ class DoctorContext:
         if self.splits is None and "splits" not in self._cache:
             self._cache["splits"] = None
             if self.run_dir is not None and self.config:
-                from ..config import RunConfig, from_dict
-                from ..pipeline import prepare_data, recorded_split_seed
-
                 try:
                     cfg = from_dict(RunConfig, self.config)
                     split_seed = recorded_split_seed(self.run_dir)  # ablation runs use the shared SFT's split
@@ -188,8 +186,6 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     config: dict[str, Any] = {}
     cfg_path = run / "config.yaml"
     if cfg_path.is_file():
-        from ..config import ConfigError, safe_load_bounded
-
         try:
             loaded = safe_load_bounded(cfg_path.read_text(), f"config file {cfg_path}")
             config = loaded if isinstance(loaded, dict) else {}
@@ -216,12 +212,10 @@ class UnknownConfigKey(RuntimeError):
 
 
 def _known_keys() -> frozenset[str]:
-    from ..config import all_keys
-
     return frozenset(all_keys())
 
 
-def _get(config: dict[str, Any], key: str) -> Any:
+def config_value(config: dict[str, Any], key: str) -> Any:
     """``config["a"]["b"]`` for ``key="a.b"``; None when any part is missing (= unknown, not the default). The key
     itself must be a :class:`~v3kit.config.RunConfig` key (else :class:`UnknownConfigKey`): the config of a run may
     be partial, but what the doctor asks for is checked against the typed config."""
@@ -237,7 +231,7 @@ def _get(config: dict[str, Any], key: str) -> Any:
     return node
 
 
-def _rows(df: pd.DataFrame, stage: str, split: str) -> pd.DataFrame:
+def log_rows(df: pd.DataFrame, stage: str, split: str) -> pd.DataFrame:
     if not {"stage", "split"} <= set(df.columns):
         return df.iloc[0:0]
     out = df[(df["stage"] == stage) & (df["split"] == split)]
@@ -245,25 +239,25 @@ def _rows(df: pd.DataFrame, stage: str, split: str) -> pd.DataFrame:
     return out.sort_values(order, kind="stable").reset_index(drop=True) if order else out.reset_index(drop=True)
 
 
-def _col(rows: pd.DataFrame, name: str) -> pd.Series:
+def metric_column(rows: pd.DataFrame, name: str) -> pd.Series:
     """The non-missing values of a column (empty when the column does not exist)."""
     return rows[name].dropna() if name in rows.columns else pd.Series(dtype=float)
 
 
-def _epoch_means(rows: pd.DataFrame, name: str) -> pd.Series:
+def epoch_means(rows: pd.DataFrame, name: str) -> pd.Series:
     if name not in rows.columns or "epoch" not in rows.columns:
         return pd.Series(dtype=float)
     return rows.dropna(subset=[name]).groupby("epoch")[name].mean().sort_index()
 
 
-def _val_series(rows: pd.DataFrame, name: str) -> pd.Series:
+def val_series(rows: pd.DataFrame, name: str) -> pd.Series:
     """One value per evaluated epoch (the last row wins if an epoch was logged twice)."""
     if name not in rows.columns or "epoch" not in rows.columns:
         return pd.Series(dtype=float)
     return rows.dropna(subset=[name]).groupby("epoch")[name].last().sort_index()
 
 
-def _g(x: float) -> str:
+def fmt_num(x: float) -> str:
     return f"{x:.4g}"
 
 
@@ -276,5 +270,5 @@ def switch_tokens(text: str) -> list[str]:
     return list(dict.fromkeys(_SWITCH.findall(text)))
 
 
-def _skip(check: str, why: str, threshold: float | None = None) -> Finding:
+def skip_finding(check: str, why: str, threshold: float | None = None) -> Finding:
     return Finding(check, False, None, threshold, f"skipped: {why}", "")

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,11 +29,17 @@ from ..ablate.grid import BASE_WORLD, GridSpec, parse_grid
 from ..ablate.runner import collect, run_grid
 from ..ablate.stats import compare, min_detectable_effect
 from ..config import ConfigError, dump_config, load_config
+from ..data.debias import recurring_share
+from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed, run_pipeline
 from ..rundir import atomic_write_text
-from ..train.metrics import METRIC_DIRECTION
+from ..train.baselines import baseline_table
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.metrics import METRIC_DIRECTION, evaluate
+from ..train.model import DEFAULT_TARGET
 from .grid import run_overrides
 from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F401 - moving_lr: documented
-from .verdict_report import SFT_ONLY, VERDICT_JSON, VERDICT_MD, verdict_markdown, write_verdict
+from .report import diagnose
+from .verdict_report import SFT_ONLY, VERDICT_JSON, VERDICT_MD, Verdict, verdict_markdown, write_verdict
 
 RECOMMENDED = "recommended.yaml"
 RECOMMENDATIONS = ("keep_sft", "rce_only", "variant")
@@ -48,44 +53,6 @@ def _is_rce_only(v: Variant, spec: GridSpec) -> bool:
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
-
-
-@dataclass
-class Verdict:
-    metric: str
-    recommendation: str
-    variant: str  # the recommended variant (sft_only for keep_sft)
-    config: str  # path of the YAML `v3kit run --config` trains as is
-    effect_vs_sft: list[float]  # [mean, lo, hi]
-    effect_vs_run: list[float]
-    causes: list[dict[str, Any]]
-    why: str
-    table: pd.DataFrame = field(repr=False)
-    references: dict[str, float] = field(default_factory=dict)
-    runs: int = 0
-    wall_s: float = 0.0
-    power: str = ""
-    sft: str = ""  # the run's SFT checkpoint, every effect_vs_sft's baseline
-    run_seconds: float = 0.0  # the runs' own wall times added up (all rounds, also those of earlier invocations)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "recommendation": self.recommendation,
-            "variant": self.variant,
-            "config": self.config,
-            "effect_vs_sft": self.effect_vs_sft,
-            "effect_vs_run": self.effect_vs_run,
-            "causes": self.causes,
-            "why": self.why,
-            "references": self.references,
-            "runs": self.runs,
-            "wall_s": round(self.wall_s, 1),
-            "run_seconds": round(self.run_seconds, 1),
-            "power": self.power,
-            "sft": self.sft,
-            "variants": json.loads(self.table.to_json(orient="records")),
-        }
 
 
 def _triple(row: pd.Series | None) -> list[float]:
@@ -114,8 +81,6 @@ class Investigation:
         backend: str = "local",
         address: str | None = None,
     ) -> None:
-        from ..pipeline import recorded_sft_checkpoint, recorded_split_seed
-        from .report import diagnose
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / "config.yaml"
@@ -141,8 +106,6 @@ class Investigation:
         if self.split_seed is None:
             self.split_seed = self.cfg.seed if self.cfg.data.split_seed is None else self.cfg.data.split_seed
 
-        from ..pipeline import prepare_data
-
         split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
         self.splits = prepare_data(split_cfg)
         self.findings = diagnose(self.run_dir, splits=self.splits)  # the same split the doctor would rebuild
@@ -150,8 +113,6 @@ class Investigation:
             raise ConfigError(
                 "--metric utility@1 needs a true utility (the synthetic world); this data has none: use acc@1 or mrr"
             )
-        from ..data.debias import recurring_share
-        from ..train.model import DEFAULT_TARGET
 
         can_prior = recurring_share(self.splits.train) > 0
         can_residual = (
@@ -312,7 +273,6 @@ class Investigation:
                 for v in self.variants
             ]
         )
-        from ..train.baselines import baseline_table
 
         refs = baseline_table(self.splits.test)
         references = {str(k): float(v) for k, v in refs[self.metric].items()} if self.metric in refs else {}
@@ -391,9 +351,6 @@ def investigate(run_dir: str | Path, **options: Any) -> Verdict:
 def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) -> dict[str, Any]:
     """Retrain ``verdict.json``'s config with ``seeds`` and measure its shipped model against the run's SFT on the
     same test split: the check that the verdict's ``effect_vs_sft`` holds for runs it never saw."""
-    from ..pipeline import prepare_data, run_pipeline
-    from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-    from ..train.metrics import evaluate
 
     out = Path(out)
     v = json.loads((out / VERDICT_JSON).read_text())

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data.contract import Splits
+from ..pipeline import stage_options, training_splits
 from ..train.grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
 from ..train.metrics import METRIC_NAMES
 from ..train.sft import Stage1, sft_baseline
@@ -54,8 +55,6 @@ class GRPOStart:
 
     @classmethod
     def from_stages(cls, cfg: RunConfig, splits: Splits, stage1: Stage1, rce_model: nn.Module) -> "GRPOStart":
-        from ..pipeline import stage_options, training_splits
-
         return cls(
             splits=training_splits(cfg, splits)[0],  # the rewards GRPO trains on (reward.debias); val as it is
             stage1=stage1,

@@ -12,10 +12,13 @@ Command line::
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+import yaml
 
 from ..config import RunConfig, from_dict
 from ..train.model import ModelConfig
@@ -193,8 +196,6 @@ def parse_parameter(value: str) -> Any:
 
     resolved = _resolve_type(value)
     if isinstance(resolved, str) and resolved.strip()[:1] in ("[", "{"):
-        import yaml
-
         try:
             return yaml.safe_load(resolved)
         except yaml.YAMLError as e:
@@ -253,8 +254,6 @@ def run_notebook(
 
 
 def _parameter_names(nb: Any) -> set[str]:
-    import ast
-
     names: set[str] = set()
     for cell in nb.cells:
         if "parameters" in cell.metadata.get("tags", []):

@@ -16,7 +16,7 @@ import json
 import math
 import shlex
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -365,15 +365,6 @@ def _parse_rename(text: str) -> tuple[str, str]:
     return old, new
 
 
-def _data_from_config(args: argparse.Namespace) -> tuple[GroupData, ModelConfig]:
-    from ..config import load_config
-    from ..pipeline import load_data
-
-    cfg = load_config(args.config, args.set or [])
-    # The feature dims are the data's: load (and embed, for text) exactly what the run will use, built-in tables too.
-    return load_data(cfg), cfg.model
-
-
 def _json_object(flag: str, text: str | None, example: str) -> dict[str, Any] | None:
     if text is None:
         return None
@@ -401,7 +392,7 @@ def cmd_import_sft(args: argparse.Namespace) -> int:
     methods = _json_object("--methods", args.methods, '{"query": "encode_q", "candidates": "encode_docs"}')
     query_dim, cand_dim, model_cfg, data = args.query_dim, args.cand_dim, None, None
     if args.config is not None or args.set:
-        data, model_cfg = _data_from_config(args)
+        data, model_cfg = args.data_from_config(args)  # the run floor's: see register_cli
         q, c = data.query_dim, data.cand_dim
         for flag, given, found in (("--query-dim", query_dim, q), ("--cand-dim", cand_dim, c)):
             if given is not None and given != found:
@@ -453,8 +444,12 @@ def cmd_import_sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(subparsers: Any) -> None:
-    """``v3kit import-sft``: a plain state dict of your own class -> a v3kit ``sft.pt``."""
+def register_cli(
+    subparsers: Any, data_from_config: Callable[[argparse.Namespace], tuple[GroupData, ModelConfig]]
+) -> None:
+    """``v3kit import-sft``: a plain state dict of your own class -> a v3kit ``sft.pt``. ``data_from_config``: the
+    data and model section of the run config that ``--config`` / ``--set`` name (the run config and its data are
+    the run floor's, above this one, so the command line passes the function in)."""
     p = subparsers.add_parser("import-sft", help="make a v3kit SFT checkpoint from your own model's state_dict file")
     p.add_argument(
         "--target",
@@ -498,4 +493,4 @@ def register_cli(subparsers: Any) -> None:
         help='model.methods: your method names, e.g. \'{"query": "encode_q", "candidates": '
         '"encode_docs"}\' or \'{"score": "score"}\'',
     )
-    p.set_defaults(func=cmd_import_sft)
+    p.set_defaults(func=cmd_import_sft, data_from_config=data_from_config)

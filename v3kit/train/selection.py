@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from ..rundir import atomic_write_text
 from .metrics import METRIC_DIRECTION
 
 SELECTED_FILE = "selected.json"
@@ -107,8 +108,6 @@ def select_model(
 
 
 def write_selection(run_dir: Path, selection: Selection) -> None:
-    from ..rundir import atomic_write_text
-
     atomic_write_text(Path(run_dir) / SELECTED_FILE, json.dumps(selection.as_dict(), indent=1) + "\n")
 
 
