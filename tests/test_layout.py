@@ -294,3 +294,24 @@ def test_the_floor_checks_see_an_upward_import(tmp_path):
     assert imports("v3kit.data.x", path, known) == {"v3kit.config", "v3kit.pipeline", "v3kit.data.contract"}
     with pytest.raises(ValueError, match="FLOORS"):
         floor_of("v3kit.newthing")
+
+
+# Each rule has one home: the pattern that defines it occurs once in the package (issue: twin implementations drift).
+ONE_HOME = {
+    "the group log-softmax": r"log_softmax\(",
+    "the parameter count": r"def count_params\(",
+    "config flattening": r"out\.update\(flat\w*\(",  # the recursive walk
+    "model target resolution": r"\.resolve\(\)\}:",
+    "the split seed": r"split_seed is None else",
+    "the de-biasing methods": r"\"candidate_prior\", \"candidate_features\"",
+    "the keys outside the experiment": r"^NOT_EXPERIMENT_KEYS = ",
+}
+
+
+@pytest.mark.parametrize("rule", sorted(ONE_HOME))
+def test_each_rule_has_one_home(rule):
+    import re
+
+    pattern = re.compile(ONE_HOME[rule], re.M)
+    where = [f"{n}:{m.group(0)}" for n, p in modules().items() for m in pattern.finditer(p.read_text())]
+    assert len(where) == 1, f"{rule} is defined in {len(where)} places ({where}); keep one and import it"

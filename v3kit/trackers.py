@@ -42,6 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
+from .provenance import flatten
 from .rundir import atomic_write_text
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -97,17 +98,11 @@ def open_mlflow_store(uri: str) -> None:
     MlflowClient(uri).search_experiments(max_results=1)
 
 
-def flat_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The config as ``{dotted.key: scalar}`` (lists as their JSON text, None as ``null``)."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flat_params(v, f"{prefix}{k}."))
-        elif isinstance(v, (list, tuple)) or v is None:
-            out[f"{prefix}{k}"] = json.dumps(v)
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def flat_params(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as ``{dotted.key: scalar}`` (every mapping flattened, lists as their JSON text, None as ``null``)."""
+    return {
+        k: json.dumps(v) if isinstance(v, (list, tuple)) or v is None else v for k, v in flatten(tree, whole=()).items()
+    }
 
 
 def row_metrics(row: Mapping[str, Any]) -> dict[str, float]:

@@ -18,7 +18,7 @@ from .. import trackers
 from ..config import RunConfig, to_dict
 from ..data.reward_stats import label_reward_agreement
 from ..pipeline import prepare_data, run_pipeline, update_run_info
-from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint
+from ..provenance import experiment_config, fingerprint
 from ..rundir import atomic_write_frame, atomic_write_text
 from ..train.device import resolve_device, resolve_precision
 from ..train.metrics import per_group_metrics
@@ -42,12 +42,7 @@ from .tasks import RunTask, SFTPlan, SFTTask
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
     """The result hash of a run: its config without the keys that are not part of the experiment (fp32 is the
     precision every earlier result had, so it is left out too and those results stay valid); the seed is kept."""
-    d = to_dict(cfg)
-    for k in (*RUNNER_KEYS, *NOT_EXPERIMENT_KEYS):
-        d.pop(k, None)
-    if d.get("precision") == "fp32":
-        d.pop("precision")
-    d["seed"] = cfg.seed
+    d = experiment_config(to_dict(cfg))
     return fingerprint(d, extra)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..data.debias import DebiasError, RewardConfig, debias_report
+from ..data.debias import DEBIAS_ESTIMATORS, DebiasError, RewardConfig, debias_report
 from ..data.reward_stats import reward_spread
 from ..data.shortcut import reward_shortcut
 from ..pipeline import recorded_sft_checkpoint
@@ -285,7 +285,7 @@ def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
     best first, as switches, and a sentence with both methods' numbers. A method that lowers the agreement by more
     than ``th.debias_agreement_drop`` is named as one *not* to use: its estimate carries label signal."""
     parts, keep = [], []
-    for method in ("candidate_prior", "candidate_features"):
+    for method in DEBIAS_ESTIMATORS:
         try:
             _, rep = debias_report(method, splits, RewardConfig(debias=method))
         except DebiasError as e:

@@ -31,6 +31,7 @@ from ..ablate.stats import compare, min_detectable_effect
 from ..config import ConfigError, dump_config, load_config
 from ..data.debias import recurring_share
 from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed, run_pipeline
+from ..run import split_seed
 from ..rundir import atomic_write_text
 from ..train.baselines import baseline_table
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -104,7 +105,7 @@ class Investigation:
         self.sft_is_own = self.sft == (self.run_dir / "sft.pt").resolve()  # trained by the run, not imported
         self.split_seed = recorded_split_seed(self.run_dir)
         if self.split_seed is None:
-            self.split_seed = self.cfg.seed if self.cfg.data.split_seed is None else self.cfg.data.split_seed
+            self.split_seed = split_seed(self.cfg)
 
         split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
         self.splits = prepare_data(split_cfg)

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from ..config import RunConfig
+from ..data.debias import DEBIAS_ESTIMATORS
 from ..train.metrics import METRIC_DIRECTION
 from .grid import switch_overrides, variant_name
 from .verdict_report import SFT_ONLY
@@ -75,9 +76,7 @@ def build_variants(
     ]
     flagged = {f.check for f in findings if f.triggered}
     if "reward_shortcut" in flagged or "reward_vs_label" in flagged:
-        methods = ["candidate_prior"] if can_prior else []
-        methods.append("candidate_features")
-        for m in methods:
+        for m in (m for m in DEBIAS_ESTIMATORS if can_prior or m != "candidate_prior"):
             out.append(
                 Variant(
                     f"debias_{m}",

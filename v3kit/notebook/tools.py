@@ -22,6 +22,7 @@ import yaml
 
 from ..config import RunConfig, from_dict
 from ..train.model import ModelConfig
+from ..train.model import resolve_target as model_target
 from ..train.rce import final_logit_temperature
 
 KERNEL = "v3kit"  # the Jupyter kernel `make lab` installs; the notebook sources name it
@@ -84,23 +85,23 @@ def resolve_run_dir(run_dir: str | Path) -> Path:
     return resolve_path(run_dir)
 
 
+def project_root() -> Path:
+    """What a relative path given to a notebook is relative to: the repository, whatever the kernel's cwd; outside a
+    checkout, the cwd."""
+    return PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
 def resolve_path(path: str | Path) -> Path:
-    """A relative path given to a notebook (run dir, data file, checkpoint) is relative to the repository, whatever
-    the kernel's cwd; outside a checkout, to the cwd. Absolute paths are returned as they are."""
+    """A relative path given to a notebook (run dir, data file, checkpoint) is relative to :func:`project_root`.
+    Absolute paths are returned as they are."""
     path = Path(path).expanduser()
-    if path.is_absolute():
-        return path
-    root = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
-    return root / path
+    return path if path.is_absolute() else project_root() / path
 
 
 def resolve_target(target: str) -> str:
-    """A model class ``path/to/models.py:Class`` with its file resolved like :func:`resolve_path`; an importable
-    ``pkg.module:Class`` is returned unchanged."""
-    module, sep, cls = target.rpartition(":")
-    if not sep or not module.endswith(".py"):
-        return target
-    return f"{resolve_path(module)}:{cls}"
+    """A model class ``path/to/models.py:Class`` with its file resolved against :func:`project_root`
+    (:func:`v3kit.train.model.resolve_target`); an importable ``pkg.module:Class`` is returned unchanged."""
+    return model_target(target, base=project_root())
 
 
 def grpo_temperature(cfg: RunConfig, model_config: ModelConfig) -> float:

@@ -125,9 +125,18 @@ def group_log_probs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     mask = check_mask(mask, cand_emb)
-    logits = torch.einsum("bd,bgd->bg", query_emb, cand_emb) / temperature
-    logits = logits.masked_fill(~mask, float("-inf"))
-    return torch.log_softmax(logits, dim=-1)
+    return score_log_probs(torch.einsum("bd,bgd->bg", query_emb, cand_emb), temperature, mask)
+
+
+def score_log_probs(group_scores: Tensor, temperature: float, mask: Tensor) -> Tensor:
+    """``log softmax_c(scores / temperature)`` over each group's valid candidates (``-inf`` at padding): the policy
+    of every ranker, towers (:func:`group_log_probs`) or scorer. The one home of the group log-softmax."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if mask.shape != group_scores.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the scores are {tuple(group_scores.shape)}")
+    logits = group_scores / temperature
+    return torch.log_softmax(logits.masked_fill(~mask.to(torch.bool), float("-inf")), dim=-1)
 
 
 def _centred(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
