@@ -4,15 +4,16 @@ thresholds of every check (:class:`Thresholds`), the ``@check`` registry, and th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import pandas as pd
 import yaml
 
-from ..config import ConfigError, RunConfig, all_keys, from_dict, safe_load_bounded
+from ..config import ConfigError, RunConfig, field_types, from_dict, safe_load_bounded
 from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 
@@ -97,14 +98,32 @@ class Thresholds:
     debias_agreement_drop: float = 0.01
 
 
-_Check = Callable[["DoctorContext"], Finding]
-REGISTRY: dict[str, _Check] = {}
+CheckFn = Callable[["DoctorContext", str], Finding]  # a check gets the context and its own registered name
+REGISTRY: dict[str, CheckFn] = {}
+
+# The report's order, declared here rather than inherited from the order the check modules are imported in: the
+# GRPO-log checks first (they need only metrics.csv), then those that need the data or the checkpoints. A new check
+# is registered with @check and named here (diagnose refuses a registered check missing from this list).
+REPORT_ORDER = (
+    "step0_ratio",
+    "clip_ratio",
+    "zero_std_groups",
+    "kl_growth",
+    "kl_pinned",
+    "entropy_collapse",
+    "reward_vs_label",
+    "rce_converged",
+    "reward_shortcut",
+    "rce_targets",
+    "baselines",
+)
 
 
-def check(name: str) -> Callable[[_Check], _Check]:
-    """Register a doctor check under ``name``; :func:`diagnose` runs them in registration order."""
+def check(name: str) -> Callable[[CheckFn], CheckFn]:
+    """Register a doctor check under ``name`` (also listed in :data:`REPORT_ORDER`); it is called as
+    ``fn(ctx, name)``."""
 
-    def register(fn: _Check) -> _Check:
+    def register(fn: CheckFn) -> CheckFn:
         if name in REGISTRY:
             raise ValueError(f"doctor check {name!r} is registered twice")
         REGISTRY[name] = fn
@@ -114,8 +133,35 @@ def check(name: str) -> Callable[[_Check], _Check]:
 
 
 def check_names() -> list[str]:
-    """The registered checks, in report order."""
-    return list(REGISTRY)
+    """The checks, in report order (:data:`REPORT_ORDER`)."""
+    return list(REPORT_ORDER)
+
+
+typed_fields = functools.cache(field_types)  # a dataclass's field types, read once per class
+
+
+class ConfigView:
+    """A run's config dict (possibly partial: a hand-made frame's, an old run's) read through the typed
+    :class:`~v3kit.config.RunConfig`: ``view.grpo.kl_beta``. A value the config does not hold reads None (unknown,
+    not the default); a name RunConfig does not have raises :class:`UnknownConfigKey`, so a renamed field fails
+    loudly instead of reading None."""
+
+    def __init__(self, node: Any, cls: type = RunConfig, path: str = "") -> None:
+        self._node, self._cls, self._path = node, cls, path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        hints = typed_fields(self._cls)
+        if name not in hints:
+            raise UnknownConfigKey(f"the doctor reads config key {self._path + name!r}, which RunConfig does not have")
+        value = self._node.get(name) if isinstance(self._node, dict) else None
+        if dataclasses.is_dataclass(hints[name]):
+            return ConfigView(value, hints[name], f"{self._path}{name}.")
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self._node)
 
 
 @dataclass
@@ -129,8 +175,13 @@ class DoctorContext:
     run_dir: Path | None = None
     splits: Any = None  # v3kit.data.Splits given by the caller (else built from the config of a run dir)
     sft: Any = None  # (SFT model, its sim_temperature) given by the caller (else the run dir's SFT checkpoint)
-    check: str = ""  # the name of the check being run (set by diagnose from the @check registration)
     _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> RunConfig:
+        """The config as typed attributes (``ctx.cfg.grpo.kl_beta``, see :class:`ConfigView`): RunConfig's fields,
+        each None where the run's config does not say."""
+        return cast(RunConfig, ConfigView(self.config))
 
     def sft_model(self) -> tuple[Any, float] | None:
         """(the SFT model, its logit temperature), or None: from the caller, else the run dir's ``sft.pt`` or the
@@ -203,32 +254,9 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return frame, config
 
 
-_KNOWN: set[str] = set()  # RunConfig's dotted keys, read once (config imports the stages, a higher floor)
-
-
 class UnknownConfigKey(RuntimeError):
     """A check reads a key :class:`~v3kit.config.RunConfig` does not have: a renamed field. Not one of the errors
     :func:`diagnose` turns into a skipped check, so a rename fails loudly (in the tests) instead of reading None."""
-
-
-def _known_keys() -> frozenset[str]:
-    return frozenset(all_keys())
-
-
-def config_value(config: dict[str, Any], key: str) -> Any:
-    """``config["a"]["b"]`` for ``key="a.b"``; None when any part is missing (= unknown, not the default). The key
-    itself must be a :class:`~v3kit.config.RunConfig` key (else :class:`UnknownConfigKey`): the config of a run may
-    be partial, but what the doctor asks for is checked against the typed config."""
-    if key not in _KNOWN:
-        _KNOWN.update(_known_keys())
-        if key not in _KNOWN:
-            raise UnknownConfigKey(f"the doctor reads config key {key!r}, which RunConfig does not have")
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def log_rows(df: pd.DataFrame, stage: str, split: str) -> pd.DataFrame:

@@ -23,7 +23,6 @@ from .context import (
     Finding,
     Thresholds,
     check,
-    config_value,
     fmt_num,
     log_rows,
     metric_column,
@@ -43,7 +42,7 @@ def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Ser
     if splits is None or sft is None:
         return None
 
-    rce = rce_config_from(config_value(ctx.config, "rce"))
+    rce = rce_config_from(ctx.config.get("rce"))
     label_weight, norm = rce.label_weight, rce.reward_norm
     model, sim_t = sft
     train = splits.train
@@ -88,7 +87,7 @@ def _two_windows(values: pd.Series, epochs: pd.Series) -> tuple[float, float, st
 
 
 @check("rce_converged")
-def check_rce_converged(ctx: DoctorContext) -> Finding:
+def check_rce_converged(ctx: DoctorContext, name: str) -> Finding:
     """Did RCE move the policy, and has it stopped closing its gap to the loss floor?
 
     Judged from ``metrics.csv`` and the data alone (never the per-epoch checkpoints, which ablation folders delete),
@@ -98,18 +97,18 @@ def check_rce_converged(ctx: DoctorContext) -> Finding:
     At a tiny lr the progress per epoch is small but constant, so "the last epoch gained as much as the average"
     says nothing; what counts is how much of the starting gap was closed, and how far the policy moved.
     """
-    df, config, th, name = ctx.df, ctx.config, ctx.th, ctx.check
+    df, cfg, th = ctx.df, ctx.cfg, ctx.th
     rce = log_rows(df, "rce", "train")
     rce = rce.dropna(subset=["loss"]) if "loss" in rce.columns else rce.iloc[0:0]
     if rce.empty:
-        epochs = config_value(config, "rce.epochs")
+        epochs = cfg.rce.epochs
         why = "no RCE steps" + (f" (rce.epochs={epochs}): GRPO started from SFT" if epochs is not None else "")
         return skip_finding(name, why, th.rce_still_closing)
     moved_s = val_series(log_rows(df, "rce", "val"), "kl_to_sft")
     moved = float(moved_s.iloc[-1]) if len(moved_s) else None
-    n = config_value(config, "rce.epochs")
+    n = cfg.rce.epochs
     n = int(n) if n is not None else int(rce["epoch"].max())
-    lr = config_value(config, "rce.lr")
+    lr = cfg.rce.lr
     gaps = _rce_gaps(ctx, rce)
     closed_total = closed_last = None
     if gaps is not None:
@@ -133,7 +132,7 @@ def check_rce_converged(ctx: DoctorContext) -> Finding:
             where = "first -> second half of the only RCE epoch"
         closed_prev, closed_total = closed(prev_sel), closed(last_sel)
         closed_last = closed_total - closed_prev
-        norm = config_value(ctx.config, "rce.reward_norm") or "none"
+        norm = ctx.cfg.rce.reward_norm or "none"
         unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
         msg = (
             f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
@@ -228,10 +227,10 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
 
 
 @check("reward_shortcut")
-def check_reward_shortcut(ctx: DoctorContext) -> Finding:
+def check_reward_shortcut(ctx: DoctorContext, name: str) -> Finding:
     """How much of the within-group reward any query would give the candidate (v3kit/data/shortcut.py), and, with the
     checkpoints, whether the policy's change from SFT followed that part rather than the label."""
-    th, name = ctx.th, ctx.check
+    th = ctx.th
     splits = ctx.data()
     if splits is None:
         return skip_finding(name, ctx.data_missing(), th.shortcut_share)
@@ -316,16 +315,16 @@ def target_concentration(
 
 
 @check("rce_targets")
-def check_rce_targets(ctx: DoctorContext) -> Finding:
+def check_rce_targets(ctx: DoctorContext, name: str) -> Finding:
     """How concentrated RCE's targets are at t_start and t_end. The temperature divides the raw rewards (unless
     ``rce.reward_norm`` normalises them per group), so its meaning is in units of the reward: the same t_end gives
     near-uniform targets on a small-scale reward and one-hot ones on a large-scale reward."""
-    th, name = ctx.th, ctx.check
+    th = ctx.th
     splits = ctx.data()
     if splits is None:
         return skip_finding(name, ctx.data_missing(), th.one_hot_share)
 
-    rce = rce_config_from(config_value(ctx.config, "rce"))
+    rce = rce_config_from(ctx.config.get("rce"))
     train = splits.train
     temps = tuple(rce.temperatures(t, 1.0)[0] for t in (rce.t_start, rce.t_end))  # the targets' T
     (top_s, hot_s), (top_e, hot_e) = (
@@ -349,7 +348,7 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
         f"(uniform: {float((1 / n).mean()):.2f}); effectively one-hot (top-1 >= {th.one_hot_weight:.0%}) in "
         f"{hot_s:.0%} and {hot_e:.0%} of groups"
     )
-    if config_value(ctx.config, "rce.epochs") == 0:
+    if ctx.cfg.rce.epochs == 0:
         return Finding(name, False, hot_e, th.one_hot_share, msg + " (RCE was off in this run)", "")
     if hot_e < th.one_hot_share:
         return Finding(name, False, hot_e, th.one_hot_share, msg, "")
@@ -367,10 +366,9 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
 
 
 @check("baselines")
-def check_baselines(ctx: DoctorContext) -> Finding:
+def check_baselines(ctx: DoctorContext, name: str) -> Finding:
     """SFT against trivial rankers on the val split (v3kit/train/baselines.py): random (expected), raw-feature cosine
     (when the dims match) and the reward's own argmax; SFT below raw cosine means the v2 model is the weakest link."""
-    name = ctx.check
     splits = ctx.data()
     if splits is None:
         return skip_finding(name, ctx.data_missing())
@@ -409,7 +407,7 @@ def check_baselines(ctx: DoctorContext) -> Finding:
     if value >= cos:
         return Finding(name, False, value, cos, msg, "")
 
-    target = config_value(ctx.config, "model.target")
+    target = ctx.cfg.model.target
     if target in (None, DEFAULT_TARGET):
         switch = "model.residual=true model.sim_temperature=0.1"
         fix = (

@@ -4,16 +4,15 @@ and pinning, entropy collapse, reward against the labels. None of them needs the
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pandas as pd
 
+from ..config import RunConfig
 from ..data.reward_stats import label_reward_agreement
 from .context import (
     DoctorContext,
     Finding,
     check,
-    config_value,
     epoch_means,
     fmt_num,
     log_rows,
@@ -25,15 +24,15 @@ from .context import (
 # ---------------------------------------------------------------- checks
 
 
-def _temperature_mismatch(config: dict[str, Any], grpo_train: pd.DataFrame) -> str | None:
+def _temperature_mismatch(cfg: RunConfig, grpo_train: pd.DataFrame) -> str | None:
     """Why GRPO's logit temperature differs from the one the stage-1 old log-probs used, if it does."""
-    sim_t = config_value(config, "model.sim_temperature")
+    sim_t = cfg.model.sim_temperature
     if sim_t is None:
         return None
     temps = metric_column(grpo_train, "temperature")
     grpo_t = float(temps.iloc[0]) if len(temps) else None
     if grpo_t is None:
-        lt = config_value(config, "grpo.logp_temperature")
+        lt = cfg.grpo.logp_temperature
         grpo_t = float(lt) if isinstance(lt, (int, float)) else None
     if grpo_t is None or math.isclose(grpo_t, float(sim_t), rel_tol=1e-6):
         return None
@@ -43,28 +42,27 @@ def _temperature_mismatch(config: dict[str, Any], grpo_train: pd.DataFrame) -> s
     )
 
 
-def refresh_switch(config: dict[str, Any], old_policy: str) -> str:
+def refresh_switch(cfg: RunConfig, old_policy: str) -> str:
     """The switch that refreshes GRPO's old policy. With the KL against the old policy (the seed's form), the stale
     SFT old policy is the run's only anchor: the clip and the KL both hold GRPO near SFT, so refreshing alone removes
     that trust region; the switch then moves the KL onto SFT in the same variant."""
     switch = f"grpo.old_policy={old_policy}"
-    return switch + " grpo.kl_reference=sft" if config_value(config, "grpo.kl_reference") in ("old", None) else switch
+    return switch + " grpo.kl_reference=sft" if cfg.grpo.kl_reference in ("old", None) else switch
 
 
 @check("step0_ratio")
-def check_step0_ratio(ctx: DoctorContext) -> Finding:
-    df, config, th = ctx.df, ctx.config, ctx.th
-    name = ctx.check
+def check_step0_ratio(ctx: DoctorContext, name: str) -> Finding:
+    df, cfg, th = ctx.df, ctx.cfg, ctx.th
     val0 = log_rows(df, "grpo", "val")
     val0 = val0[val0["epoch"] == 0] if "epoch" in val0.columns else val0.iloc[0:0]
     train = log_rows(df, "grpo", "train")
-    eps_low = config_value(config, "grpo.eps_low")
-    eps_high = config_value(config, "grpo.eps_high")
+    eps_low = cfg.grpo.eps_low
+    eps_high = cfg.grpo.eps_high
     known_eps = eps_low is not None
     eps_low = 0.2 if eps_low is None else float(eps_low)  # the kit's default when the config is not at hand
     eps_high = eps_low if eps_high is None else float(eps_high)
     clip_txt = f"[{1 - eps_low:.3g}, {1 + eps_high:.3g}]" + ("" if known_eps else " (eps assumed 0.2: no config)")
-    old_policy = config_value(config, "grpo.old_policy")
+    old_policy = cfg.grpo.old_policy
 
     # refresh_each_epoch replaces the old policy before the first step, after the step0_* summary was taken from
     # the stage-1 one, so the first logged step is what GRPO really started from.
@@ -103,29 +101,29 @@ def check_step0_ratio(ctx: DoctorContext) -> Finding:
 
     if not triggered:
         return Finding(name, False, value, threshold, msg, "")
-    mismatch = _temperature_mismatch(config, train)
-    rce_epochs = config_value(config, "rce.epochs")
+    mismatch = _temperature_mismatch(cfg, train)
+    rce_epochs = cfg.rce.epochs
     causes, fixes = [], []
     if old_policy == "sft" and (rce_epochs is None or rce_epochs > 0):
         causes.append("stale old policy: old_log_probs come from SFT and RCE has moved the policy since")
-        if config_value(config, "grpo.kl_reference") in ("old", None):
+        if cfg.grpo.kl_reference in ("old", None):
             causes.append(
                 "but that stale SFT old policy is also the run's trust region (clip and KL both measure "
                 "against SFT), so refresh only with the KL anchored to SFT"
             )
-        fixes.append(refresh_switch(config, "refresh_at_start"))
+        fixes.append(refresh_switch(cfg, "refresh_at_start"))
     if mismatch:
         causes.append(mismatch)
-        sim_t = config_value(config, "model.sim_temperature")
+        sim_t = cfg.model.sim_temperature
         fixes.append(f"grpo.logp_temperature={fmt_num(float(sim_t))}")
         if not any(f.startswith("grpo.old_policy=refresh_at_start") for f in fixes):
-            fixes.append(refresh_switch(config, "refresh_at_start"))
+            fixes.append(refresh_switch(cfg, "refresh_at_start"))
     if not causes:
         causes.append(
-            "stale old policy or logit-temperature mismatch" + (" (no config to tell which)" if not config else "")
+            "stale old policy or logit-temperature mismatch" + (" (no config to tell which)" if not cfg else "")
         )
         fixes += [
-            refresh_switch(config, "refresh_at_start"),
+            refresh_switch(cfg, "refresh_at_start"),
             "check grpo.logp_temperature against model.sim_temperature",
         ]
     switches = [f for f in fixes if "=" in f and not f.startswith("check ")]
@@ -141,9 +139,8 @@ def _window_mean(values: pd.Series, frac: float, last: bool) -> float:
 
 
 @check("clip_ratio")
-def check_clip_ratio(ctx: DoctorContext) -> Finding:
-    df, config, th = ctx.df, ctx.config, ctx.th
-    name = ctx.check
+def check_clip_ratio(ctx: DoctorContext, name: str) -> Finding:
+    df, cfg, th = ctx.df, ctx.cfg, ctx.th
     clip = metric_column(log_rows(df, "grpo", "train"), "clip_ratio")
     if clip.empty:
         return skip_finding(name, "no GRPO train rows with clip_ratio", th.clip_ratio)
@@ -156,15 +153,15 @@ def check_clip_ratio(ctx: DoctorContext) -> Finding:
     )
     if value <= th.clip_ratio:
         return Finding(name, False, value, th.clip_ratio, msg, "")
-    old_policy = config_value(config, "grpo.old_policy")
+    old_policy = cfg.grpo.old_policy
     fixes = []
     if early > th.clip_ratio:
         msg += "; high from the start: GRPO starts outside the trust region"
-        fixes.append(refresh_switch(config, "refresh_at_start"))
+        fixes.append(refresh_switch(cfg, "refresh_at_start"))
     if late > th.clip_ratio:
         if old_policy in ("sft", "refresh_at_start", None):
             msg += "; high at the end: the old policy is never refreshed, so the policy drifts out of the clip range"
-            fixes.append(refresh_switch(config, "refresh_each_epoch"))
+            fixes.append(refresh_switch(cfg, "refresh_each_epoch"))
         else:
             msg += "; high at the end although the old policy is refreshed every epoch: each epoch moves too far"
         fixes.append(
@@ -186,9 +183,8 @@ def check_clip_ratio(ctx: DoctorContext) -> Finding:
 
 
 @check("zero_std_groups")
-def check_zero_std(ctx: DoctorContext) -> Finding:
-    df, config, th = ctx.df, ctx.config, ctx.th
-    name = ctx.check
+def check_zero_std(ctx: DoctorContext, name: str) -> Finding:
+    df, cfg, th = ctx.df, ctx.cfg, ctx.th
     frac = metric_column(log_rows(df, "grpo", "train"), "frac_reward_zero_std")
     if frac.empty:
         return skip_finding(name, "no GRPO train rows with frac_reward_zero_std", th.zero_std_frac)
@@ -199,7 +195,7 @@ def check_zero_std(ctx: DoctorContext) -> Finding:
     )
     if value <= th.zero_std_frac:
         return Finding(name, False, value, th.zero_std_frac, msg, "")
-    dropped = config_value(config, "grpo.drop_zero_std_groups")
+    dropped = cfg.grpo.drop_zero_std_groups
     fix = "data reward weights (rewards that tie within a group carry no ranking signal)"
     if dropped is not True:
         fix = "grpo.drop_zero_std_groups=true (stop them diluting the loss), and " + fix
@@ -209,9 +205,8 @@ def check_zero_std(ctx: DoctorContext) -> Finding:
 
 
 @check("kl_growth")
-def check_kl_growth(ctx: DoctorContext) -> Finding:
-    df, config, th = ctx.df, ctx.config, ctx.th
-    name = ctx.check
+def check_kl_growth(ctx: DoctorContext, name: str) -> Finding:
+    df, cfg, th = ctx.df, ctx.cfg, ctx.th
     series = val_series(log_rows(df, "grpo", "val"), "kl_to_sft")
     what = "KL(policy || SFT) on val"
     train_kl = epoch_means(log_rows(df, "grpo", "train"), "kl")
@@ -233,8 +228,8 @@ def check_kl_growth(ctx: DoctorContext) -> Finding:
         msg += f"; the penalty's own KL went {fmt_num(float(train_kl.iloc[0]))} -> {fmt_num(float(train_kl.iloc[-1]))}"
     if not triggered:
         return Finding(name, False, end, th.kl_high, msg, "")
-    ref, old_policy = config_value(config, "grpo.kl_reference"), config_value(config, "grpo.old_policy")
-    beta = config_value(config, "grpo.kl_beta")
+    ref, old_policy = cfg.grpo.kl_reference, cfg.grpo.old_policy
+    beta = cfg.grpo.kl_beta
     if ref == "old" and old_policy in ("refresh_at_start", "refresh_each_epoch"):
         msg += "; the penalty measures KL to the refreshed old policy, so it does not anchor to SFT"
         fix = "grpo.kl_reference=sft"
@@ -251,11 +246,10 @@ def check_kl_growth(ctx: DoctorContext) -> Finding:
 
 
 @check("kl_pinned")
-def check_kl_pinned(ctx: DoctorContext) -> Finding:
-    df, config, th = ctx.df, ctx.config, ctx.th
-    name = ctx.check
+def check_kl_pinned(ctx: DoctorContext, name: str) -> Finding:
+    df, cfg, th = ctx.df, ctx.cfg, ctx.th
     kl = metric_column(log_rows(df, "grpo", "train"), "kl")
-    beta = config_value(config, "grpo.kl_beta")
+    beta = cfg.grpo.kl_beta
     if kl.empty:
         return skip_finding(name, "no GRPO train rows with kl", th.kl_pinned)
     value = float(kl.mean())
@@ -264,11 +258,11 @@ def check_kl_pinned(ctx: DoctorContext) -> Finding:
         msg += f", kl_beta {fmt_num(float(beta))}"
     off = beta is not None and float(beta) == 0.0
     if value > th.kl_explode and not off:
-        est = config_value(config, "grpo.kl_estimator")
+        est = cfg.grpo.kl_estimator
         fixes = []
         if est != "exact":
             fixes.append("grpo.kl_estimator=exact")  # the whole-group KL is bounded by the policies, not the ratio
-        if config_value(config, "grpo.old_policy") == "sft" and (config_value(config, "rce.epochs") or 0) > 0:
+        if cfg.grpo.old_policy == "sft" and (cfg.rce.epochs or 0) > 0:
             fixes.append("grpo.old_policy=refresh_at_start grpo.kl_reference=sft")
         return Finding(
             name,
@@ -304,7 +298,7 @@ def check_kl_pinned(ctx: DoctorContext) -> Finding:
             f"SFT: GRPO barely moved it",
             "a larger grpo.lr or more grpo.epochs",
         )
-    ref = config_value(config, "grpo.kl_reference")
+    ref = cfg.grpo.kl_reference
     fix = "grpo.kl_reference=sft" if ref != "sft" else "check that the reference is the SFT model"
     return Finding(
         name,
@@ -317,9 +311,8 @@ def check_kl_pinned(ctx: DoctorContext) -> Finding:
 
 
 @check("entropy_collapse")
-def check_entropy(ctx: DoctorContext) -> Finding:
+def check_entropy(ctx: DoctorContext, name: str) -> Finding:
     df, th = ctx.df, ctx.th
-    name = ctx.check
     series, what = val_series(log_rows(df, "grpo", "val"), "entropy"), "val entropy"
     if len(series) < 2:
         series, what = epoch_means(log_rows(df, "grpo", "train"), "entropy"), "train entropy (epoch means)"
@@ -389,11 +382,11 @@ def _disagreement(ctx: DoctorContext) -> str:
 
 
 @check("reward_vs_label")
-def check_reward_vs_label(ctx: DoctorContext) -> Finding:
+def check_reward_vs_label(ctx: DoctorContext, name: str) -> Finding:
     """Reward up while a label metric falls. The reward side is read off regret@1 (or ndcg@5), so the verdict does
     not depend on the reward's offset or scale; label metrics are relative changes of acc@1 / mrr (/ utility@1
     where the data has a true utility)."""
-    df, th, name = ctx.df, ctx.th, ctx.check
+    df, th = ctx.df, ctx.th
     grpo_val, rce_val = log_rows(df, "grpo", "val"), log_rows(df, "rce", "val")
     if len(grpo_val) < 2:
         return skip_finding(name, "needs val rows at the GRPO start and end", th.label_drop)

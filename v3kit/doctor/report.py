@@ -11,14 +11,18 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ..rundir import atomic_write_frame
-
-# The import order is the report's order: importing a module registers its checks (keep isort off this block).
-# isort: off
-from . import grpo_checks  # noqa: F401 - the GRPO-log checks first ...
-from . import data_checks  # noqa: F401 - ... then those that need the data
-
-# isort: on
-from .context import REGISTRY, DoctorContext, Finding, Thresholds, fmt_num, load_run, skip_finding, switch_tokens
+from . import data_checks, grpo_checks  # noqa: F401 - importing them registers their checks (order: REPORT_ORDER)
+from .context import (
+    REGISTRY,
+    REPORT_ORDER,
+    DoctorContext,
+    Finding,
+    Thresholds,
+    fmt_num,
+    load_run,
+    skip_finding,
+    switch_tokens,
+)
 from .grid import GRID_FILE, write_doctor_grid
 
 # ---------------------------------------------------------------- public API
@@ -43,10 +47,12 @@ def diagnose(
     these checks (e.g. notebook 02 shows ``rce_converged``, the one RCE-convergence verdict).
     """
     th = thresholds or Thresholds()
-    wanted = list(REGISTRY) if only is None else list(only)
+    if set(REGISTRY) != set(REPORT_ORDER):
+        raise RuntimeError(f"doctor checks registered {sorted(REGISTRY)} but REPORT_ORDER lists {list(REPORT_ORDER)}")
+    wanted = list(REPORT_ORDER) if only is None else list(only)
     unknown = sorted(set(wanted) - set(REGISTRY))
     if unknown:
-        raise ValueError(f"unknown doctor check(s) {unknown}; the checks are {list(REGISTRY)}")
+        raise ValueError(f"unknown doctor check(s) {unknown}; the checks are {list(REPORT_ORDER)}")
     if isinstance(run, pd.DataFrame):
         df, file_cfg, run_dir = run, {}, None
     else:
@@ -56,12 +62,11 @@ def diagnose(
         config = dataclasses.asdict(config)
     ctx = DoctorContext(df, file_cfg if config is None else config, th, run_dir, splits, sft)
     findings = []
-    for name, fn in REGISTRY.items():
+    for name in REPORT_ORDER:
         if name not in wanted:
             continue
         try:
-            ctx.check = name  # @check's registration is the one place a check's name is written
-            f = fn(ctx)
+            f = REGISTRY[name](ctx, name)
             if f.triggered and not f.switches:
                 f.switches = switch_tokens(f.suggestion)
             findings.append(f)
