@@ -197,8 +197,8 @@ def grpo_step_loss(
     :func:`per_group_terms`); only valid for switches under which a group's advantages depend on that group alone.
     The statistics are 0-d tensors on the batch's device (the runner reads them back in batches). ``generator``
     is a CPU generator: on another device the sampling probabilities are copied to the CPU to draw, so a run
-    draws the same candidates on every device and CPU runs keep their numbers. ``kl_beta`` overrides
-    ``cfg.kl_beta`` (the adaptive controller's current value).
+    draws the same candidates on every device and CPU runs keep their numbers. ``kl_beta``: the KL
+    coefficient of this step, :class:`GRPOObjective`'s (None: ``cfg.kl_beta``, for a one-off call).
     """
     stats: dict[str, float | Tensor] = {}
     kl_beta = cfg.kl_beta if kl_beta is None else kl_beta
@@ -283,6 +283,58 @@ def grpo_step_loss(
     return loss, loss_stats
 
 
+class GRPOObjective:
+    """The GRPO objective of a run: ``cfg``'s switches (:func:`grpo_step_loss` assembles the policy, KL and entropy
+    terms) and its state, the KL coefficient. That coefficient is ``cfg.kl_beta``, or with ``cfg.kl_target`` the
+    adaptive controller's current value, updated after every step (logged as ``kl_beta``): the one source of the
+    ``kl_beta`` a step uses."""
+
+    def __init__(self, cfg: GRPOConfig) -> None:
+        self.cfg = cfg
+        self.adaptive = cfg.kl_target is not None
+        self.kl = AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon) if self.adaptive else None
+
+    @property
+    def kl_beta(self) -> float:
+        return self.kl.value if self.kl is not None else self.cfg.kl_beta
+
+    def __call__(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        rewards: Tensor,
+        mask: Tensor,
+        *,
+        ref_logp: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        group_terms: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
+        beta = self.kl_beta
+        loss, stats = grpo_step_loss(
+            logp,
+            old_logp,
+            rewards,
+            mask,
+            self.cfg,
+            ref_logp=ref_logp,
+            generator=generator,
+            group_terms=group_terms,
+            kl_beta=beta,
+        )
+        if self.kl is not None:  # the coefficient this step used; the update applies from the next step on
+            stats["kl_beta"] = beta
+            self.kl.update(float(stats["kl"]), len(rewards))  # a host read per step, only with kl_target
+        return loss, stats
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the objective: the adapted coefficient (nothing for a fixed one)."""
+        return {"kl_beta": self.kl.value} if self.kl is not None else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.kl is not None and "kl_beta" in state:
+            self.kl.value = float(state["kl_beta"])
+
+
 def per_group_advantages(cfg: GRPOConfig) -> bool:
     """Whether a group's advantages depend on that group alone (not with ``samples="sampled"``, whose groups are
     the draws, nor with ``adv_scale="batch"``, whose scale is the batch's)."""
@@ -358,9 +410,7 @@ class GRPOStage(Stage):
         )
         # Rewards never change either: when a group's advantages depend on that group alone, compute them once.
         self.terms = per_group_terms(train.rewards.to(self.device), mask, cfg) if per_group_advantages(cfg) else None
-        self.kl_ctl = (
-            None if cfg.kl_target is None else AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
-        )
+        self.objective = GRPOObjective(cfg)  # the loss and its adaptive KL coefficient (state saved with checkpoints)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed in __init__
@@ -370,32 +420,25 @@ class GRPOStage(Stage):
         logp = policy_log_probs(self.model, *model_inputs(self.model, batch), batch.mask, self.temperature)
         ref_logp = None if self.ref is None else self.ref[batch.index]
         group_terms = None if self.terms is None else (self.terms[0][batch.index], self.terms[1][batch.index])
-        beta = None if self.kl_ctl is None else self.kl_ctl.value
-        loss, stats = grpo_step_loss(
+        loss, stats = self.objective(
             logp,
             self.old[batch.index],
             batch.rewards,
             batch.mask,
-            self.cfg,
             ref_logp=ref_logp,
             generator=ctx.generator,
             group_terms=group_terms,
-            kl_beta=beta,
         )
         stats["temperature"] = self.temperature
-        if self.kl_ctl is not None:  # the coefficient this step used; the update applies from the next step on
-            stats["kl_beta"] = beta
-            self.kl_ctl.update(float(stats["kl"]), len(batch.index))  # a host read per step, only with kl_target
         return loss, stats
 
     def extra_state(self) -> dict[str, Any]:
         # stored on the CPU by save_checkpoint
-        return {"old_log_probs": self.old, **({"kl_beta": self.kl_ctl.value} if self.kl_ctl else {})}
+        return {"old_log_probs": self.old, **self.objective.state()}
 
     def restore_extra(self, extra: dict[str, Any]) -> None:
         self.old = extra["old_log_probs"].to(self.device)
-        if self.kl_ctl is not None and "kl_beta" in extra:  # resume the adapted coefficient, not the starting one
-            self.kl_ctl.value = float(extra["kl_beta"])
+        self.objective.load_state(extra)  # the adapted coefficient, not the starting one
 
     def eval_extra(self, epoch: int) -> dict[str, float]:
         return self.step0_summary if epoch == 0 else {}
