@@ -20,7 +20,8 @@ from .data.contract import DataValidationError, GroupData
 from .doctor import register_cli as register_doctor
 from .doctor.investigate import register_cli as register_investigate
 from .notebook.tools import register_cli as register_notebook
-from .pipeline import RUN_INFO, load_data, prepare_data, recorded_sft_checkpoint, resolve_runtime, run_pipeline
+from .pipeline import RUN_INFO, load_data, prepare_data, recorded_sft_checkpoint, run_pipeline
+from .run import Run
 from .rundir import DISK_FULL_ERRNOS, DiskFullError, RunDirBusyError, free_bytes
 from .train import distributed
 from .train.checkpoint import (
@@ -43,18 +44,18 @@ def _fmt(table: pd.DataFrame) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set or [])
     # With --sft the checkpoint's dims are checked on the first embedded text, before the rest is embedded.
-    splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.sft)) if args.sft else prepare_data(cfg)
-    runtime = resolve_runtime(cfg, splits, warn=False)
-    ranks = distributed.init_from_env(runtime.device)  # torchrun: join the process group; else one process
+    run = Run(cfg, expect_dims=_checkpoint_dims(args.sft) if args.sft else None, warn=False)
+    ranks = distributed.init_from_env(run.runtime.device)  # torchrun: join the process group; else one process
     if ranks.world > 1:
         # One CPU thread per rank: N ranks x N threads would oversubscribe the cores.
         cfg = dataclasses.replace(
-            cfg, progress=cfg.progress and ranks.main, threads=1 if runtime.device.type == "cpu" else cfg.threads
+            cfg, progress=cfg.progress and ranks.main, threads=1 if run.runtime.device.type == "cpu" else cfg.threads
         )
+        run = Run(cfg, splits=run.splits, warn=False)
     if ranks.main:
         ranks_note = f", {ranks.world} ranks (torchrun)" if ranks.world > 1 else ""
-        print(f"v3kit run: {resolve_runtime(cfg, splits, warn=False).describe()}{ranks_note} (run dir: {cfg.run_dir})")
-    result = run_pipeline(cfg, sft_checkpoint=args.sft, resume=args.resume, splits=splits)
+        print(f"v3kit run: {run.runtime.describe()}{ranks_note} (run dir: {cfg.run_dir})")
+    result = run_pipeline(cfg, sft_checkpoint=args.sft, resume=args.resume, splits=run.splits)
     if not ranks.main:
         return 0
     if result.debias is not None:

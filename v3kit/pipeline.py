@@ -20,6 +20,9 @@ from .data.contract import GroupData, Splits
 from .data.debias import DebiasReport, check_debias
 from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten
 from .run import (  # noqa: F401 - re-exported: the pipeline's documented data and runtime helpers
+    Run,
+    grpo_temperature,
+    last_stage,
     load_data,
     load_table,
     prepare_data,
@@ -46,35 +49,14 @@ from .train.checkpoint import (
     check_finite_checkpoint,
     checkpoint_model_config,
     load_checkpoint,
-    model_from_checkpoint,
 )
 from .train.device import Runtime
-from .train.grpo import run_grpo
 from .train.metrics import evaluate, metric_order
 from .train.model import compute_log_probs
 from .train.model_size import check_model_fits
-from .train.rce import final_logit_temperature, run_rce
-from .train.selection import Selection, select_model, write_selection
-from .train.sft import Stage1, load_sft, train_sft
+from .train.selection import Selection, write_selection
+from .train.sft import Stage1
 from .train.training import StageResult
-
-
-def ensure_sft(
-    cfg: RunConfig,
-    splits: Splits,
-    *,
-    callbacks: Sequence[Any] = (),
-    resume: bool = True,
-    runtime: Runtime | None = None,
-) -> Path:
-    """Path of the run's ``sft.pt``: with ``resume`` an existing one is reused and an interrupted SFT continues
-    from its newest ``sft_epoch{N}.pt``; without, SFT is trained afresh."""
-    path = Path(cfg.run_dir) / "sft.pt"
-    runtime = runtime or resolve_runtime(cfg, splits)
-    if not (resume and path.exists()):
-        train_sft(splits, cfg.model, cfg.sft, **run_context(cfg, runtime, callbacks=callbacks, resume=resume))
-    return path
-
 
 # What a resumed run may change: GRPO is the last stage, so more GRPO epochs extend it without invalidating
 # anything. Every other change (data, model, SFT, RCE, seed) would make the saved checkpoints belong to
@@ -222,100 +204,60 @@ def _run_locked(
     if resume:
         check_resumable(cfg, run_dir)
         recorded = check_same_sft(run_dir, sft_checkpoint)
-    splits = splits or prepare_data(cfg)
-    runtime = resolve_runtime(cfg, splits)  # before anything is written: a missing device fails cleanly
-    check_model_fits(cfg.model, splits.train.query_dim, splits.train.cand_dim, runtime.device)  # a model too big
-    check_debias(cfg.reward, splits.train)  # before SFT: data that cannot support it fails in one line now
-    if cfg.select_metric == "utility@1" and splits.val.utility is None:
-        raise ConfigError(
-            "select_metric=utility@1 needs a true utility, which this data does not have; use a label "
-            "metric such as select_metric=acc@1"
-        )
-    torch.set_num_threads(runtime.threads)
+    run = Run(cfg, splits=splits, callbacks=callbacks, resume=resume)  # data, splits, runtime: resolved once
+    _check_before_writing(run)
+    run.use_threads()
     main = distributed.current().main
     if main:
         dump_config(cfg, run_dir / "config.yaml")
-    sft_path = (
-        Path(sft_checkpoint)
-        if sft_checkpoint
-        else ensure_sft(cfg, splits, callbacks=callbacks, resume=resume, runtime=runtime)
-    )
+    sft_path = Path(sft_checkpoint) if sft_checkpoint else run.ensure_sft()
     if main:
         record_sft_checkpoint(run_dir, sft_path, given=bool(sft_checkpoint), recorded=recorded)
     distributed.barrier()
 
-    on = dict(device=runtime.device, precision=runtime.precision)
-    stage1 = load_sft(sft_path, splits.train, **on)
-    model_cfg = stage1.model_config
-    rl_splits, debias = training_splits(cfg, splits)
-    if debias is not None and main:
-        update_run_info(run_dir, **debias.as_dict())
-    common = run_context(cfg, runtime, callbacks=callbacks, resume=resume, run_dir=run_dir)
-    rce = run_rce(stage1.policy, rl_splits, cfg.rce, model_config=model_cfg, reference=stage1.reference, **common)
+    stage1 = run.stage1(sft_path)
+    if run.debias is not None and main:
+        update_run_info(run_dir, **run.debias.as_dict())
+    rce = run.rce(stage1)
     after_rce = copy.deepcopy(stage1.policy)
-    temperature = cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_cfg.sim_temperature))
-    grpo = run_grpo(
-        stage1.policy,
-        rl_splits,
-        stage1.old_log_probs,
-        cfg.grpo,
-        reference=stage1.reference,
-        temperature=temperature,
-        model_config=model_cfg,
-        **common,
-    )
+    grpo = run.grpo(stage1)
 
     models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
     distributed.barrier()  # rank 0's metrics.csv is complete
-    selection, models["selected"] = _select(cfg, run_dir, models, splits, runtime)
-    table = stage_table(models, splits.test, stage1.reference, model_cfg.sim_temperature, precision=runtime.precision)
+    selection, models["selected"] = run.select(models)
+    table = stage_table(
+        models, run.splits.test, stage1.reference, stage1.model_config.sim_temperature, precision=run.runtime.precision
+    )
     if main:
         atomic_write_text(run_dir / "summary.csv", table.to_csv())
         write_selection(run_dir, selection)
     distributed.barrier()
     return PipelineResult(
         run_dir=run_dir,
-        splits=splits,
+        splits=run.splits,
         stage1=stage1,
         rce=rce,
         grpo=grpo,
         table=table,
         models=models,
-        runtime=runtime,
+        runtime=run.runtime,
         skipped_batches=skipped_batches(run_dir),
         selection=selection,
-        debias=debias,
+        debias=run.debias,
     )
 
 
-def last_stage(cfg: RunConfig) -> str:
-    """The last stage that trains under ``cfg`` (``sft`` when RCE and GRPO are off)."""
-    return "grpo" if cfg.grpo.epochs > 0 else "rce" if cfg.rce.epochs > 0 else "sft"
-
-
-def _select(
-    cfg: RunConfig, run_dir: Path, models: dict[str, nn.Module], splits: Splits, runtime: Runtime
-) -> tuple[Selection, nn.Module]:
-    """The model ``cfg.select`` ships (see :mod:`v3kit.train.selection`) and its :class:`Selection`."""
-    metric = cfg.select_metric
-    metrics = (
-        pd.read_csv(run_dir / "metrics.csv")
-        if (run_dir / "metrics.csv").is_file()
-        else pd.DataFrame(columns=["stage", "split", "epoch"])
-    )
-
-    def sft_val() -> float:
-        return float(evaluate(models["sft"], splits.val, temperature=1.0, precision=runtime.precision)[metric])
-
-    stage = last_stage(cfg)
-    sel = select_model(run_dir, metrics, metric, cfg.select, stage, sft_val)
-    if sel.stage == "sft":
-        model = models["sft"]
-    elif sel.stage == stage and sel.epoch == getattr(cfg, stage).epochs:
-        model = models[stage]  # the end of the last stage: already in memory
-    else:
-        model = model_from_checkpoint(load_checkpoint(sel.checkpoint), sel.checkpoint).to(runtime.device)
-    return sel, model
+def _check_before_writing(run: Run) -> None:
+    """What must fail in one line before anything is written: a missing device (resolving the runtime), a model too
+    big for it, data that cannot support ``reward.debias``, a ``select_metric`` the data cannot measure."""
+    cfg, splits = run.cfg, run.splits
+    check_model_fits(cfg.model, splits.train.query_dim, splits.train.cand_dim, run.runtime.device)
+    check_debias(cfg.reward, splits.train)  # before SFT: data that cannot support it fails in one line now
+    if cfg.select_metric == "utility@1" and splits.val.utility is None:
+        raise ConfigError(
+            "select_metric=utility@1 needs a true utility, which this data does not have; use a label "
+            "metric such as select_metric=acc@1"
+        )
 
 
 # Names the notebooks imported from here before they moved to v3kit.stage_reuse (see CHANGELOG.md).

@@ -1,18 +1,23 @@
-"""What a run resolves once, before any stage trains: its data and splits, the de-biased training splits, the
-runtime (device, precision, threads) and the run context every stage runner gets.
+"""One run, in one readable place: :class:`Run` is built from a :class:`~v3kit.config.RunConfig` and resolves, once,
+what every stage needs (the data and its splits, the de-biased training splits, the runtime: device, precision,
+threads, and the run context); then each stage is one call: ``sft()``, ``stage1()``, ``rce()``, ``grpo(**overrides)``
+and ``select()``, each returning its stage result.
 
-The pipeline (:mod:`v3kit.pipeline`), the notebooks' stage reuse (:mod:`v3kit.stage_reuse`), the GRPO panel and the
-grids all build on these, so each rule (the split seed, where the data comes from, how the runtime is resolved) has
-one home.
+``v3kit run`` (:func:`v3kit.pipeline.run_pipeline`, which adds the run dir's lock, the trackers and the resume
+checks), the notebooks' stage reuse (:mod:`v3kit.stage_reuse`), the GRPO panel and the grid worker all drive their
+stages through it, so a new stage option is one edit here. The functions below are its parts (each rule, such as
+the split seed or how the runtime is resolved, has one home).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 import torch
+from torch import nn
 
 from .config import ConfigError, RunConfig
 from .data.cache import cached_splits
@@ -23,9 +28,16 @@ from .data.stdlib_search import builtin_table
 from .data.synthetic import make_world
 from .data.tables import load_groups, read_table
 from .data.text import default_cache_dir, embed_texts
-from .train.checkpoint import CheckpointError
+from .train.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
+from .train.grpo import run_grpo
+from .train.metrics import evaluate
+from .train.model import ModelConfig
 from .train.model_size import count_params
+from .train.rce import final_logit_temperature, run_rce
+from .train.selection import Selection, select_model
+from .train.sft import Stage1, load_sft, train_sft
+from .train.training import StageResult
 
 
 def _cache_dir(cfg: RunConfig) -> Path:
@@ -150,3 +162,140 @@ def stage_options(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
     torch.set_num_threads(runtime.threads)
     ctx = run_context(cfg, runtime)
     return {k: ctx[k] for k in ("device", "precision", "log_every")}
+
+
+def grpo_temperature(cfg: RunConfig, model_config: ModelConfig) -> float:
+    """GRPO's logit temperature: ``grpo.logp_temperature``, where ``same_as_rce_end`` follows RCE's schedule."""
+    return cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_config.sim_temperature))
+
+
+def last_stage(cfg: RunConfig) -> str:
+    """The last stage that trains under ``cfg`` (``sft`` when RCE and GRPO are off)."""
+    return "grpo" if cfg.grpo.epochs > 0 else "rce" if cfg.rce.epochs > 0 else "sft"
+
+
+class Run:
+    """A run of ``cfg``: the data, the splits and the runtime are resolved here, once (``splits``: already prepared
+    ones; ``expect_dims``: see :func:`load_data`); the de-biased training splits on first use. ``callbacks`` and
+    ``resume`` are the defaults of every stage call. Torch's CPU threads are set by :meth:`use_threads`."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        splits: Splits | None = None,
+        expect_dims: tuple[int, int, str] | None = None,
+        callbacks: Sequence[Any] = (),
+        resume: bool = False,
+        warn: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.splits = splits if splits is not None else prepare_data(cfg, expect_dims=expect_dims)
+        self.runtime = resolve_runtime(cfg, self.splits, warn=warn)
+        self.callbacks = list(callbacks)
+        self.resume = resume
+        self._training: tuple[Splits, DebiasReport | None] | None = None
+
+    # ---- what every stage gets
+    def use_threads(self) -> None:
+        """Set torch's CPU threads to the config's (``threads``), for the rest of the process, as a run does."""
+        torch.set_num_threads(self.runtime.threads)
+
+    @property
+    def training_splits(self) -> Splits:
+        """The splits RCE and GRPO train on: the training rewards de-biased per ``cfg.reward`` (see
+        :func:`training_splits`), computed on first use."""
+        if self._training is None:
+            self._training = training_splits(self.cfg, self.splits)
+        return self._training[0]
+
+    @property
+    def debias(self) -> DebiasReport | None:
+        """What ``reward.debias`` did to the training rewards (None for ``none``)."""
+        _ = self.training_splits
+        return self._training[1] if self._training else None
+
+    def context(self, **overrides: Any) -> dict[str, Any]:
+        """The run context of a stage (:func:`run_context`); ``overrides``: any of its fields (seed, run_dir,
+        resume, callbacks, progress, device, precision, log_every)."""
+        ctx = run_context(self.cfg, self.runtime, callbacks=self.callbacks, resume=self.resume, run_dir=self.run_dir)
+        return {**ctx, **overrides}
+
+    # ---- the stages
+    def sft(self, **context: Any) -> StageResult:
+        """Stage 0: train the supervised ranker on the splits; writes ``sft.pt`` in the run dir."""
+        return train_sft(self.splits, self.cfg.model, self.cfg.sft, **self.context(**context))
+
+    def ensure_sft(self) -> Path:
+        """The run dir's ``sft.pt``: with ``resume`` an existing one is reused and an interrupted SFT continues from
+        its newest ``sft_epoch{N}.pt``; without, SFT is trained afresh."""
+        path = self.run_dir / "sft.pt"
+        if not (self.resume and path.exists()):
+            self.sft()
+        return path
+
+    def stage1(self, sft_checkpoint: str | Path | None = None) -> Stage1:
+        """Stage 1: the policy, its frozen reference and ``old_log_probs`` from ``sft_checkpoint`` (default: the run
+        dir's ``sft.pt``), on the run's device."""
+        path = self.run_dir / "sft.pt" if sft_checkpoint is None else sft_checkpoint
+        return load_sft(path, self.splits.train, device=self.runtime.device, precision=self.runtime.precision)
+
+    def rce(self, stage1: Stage1, **context: Any) -> StageResult:
+        """Stage 2: RCE on ``stage1.policy`` (in place) over the training splits."""
+        return run_rce(
+            stage1.policy,
+            self.training_splits,
+            self.cfg.rce,
+            model_config=stage1.model_config,
+            reference=stage1.reference,
+            **self.context(**context),
+        )
+
+    def grpo(
+        self,
+        stage1: Stage1,
+        *,
+        policy: nn.Module | None = None,
+        context: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> StageResult:
+        """Stage 3: GRPO on ``policy`` (default ``stage1.policy``; trained in place) with ``cfg.grpo`` and the
+        ``overrides`` of its keys (``kl_beta=0.01``: validated like the config); ``context``: run context fields."""
+        cfg = dataclasses.replace(self.cfg.grpo, **overrides) if overrides else self.cfg.grpo
+        return run_grpo(
+            stage1.policy if policy is None else policy,
+            self.training_splits,
+            stage1.old_log_probs,
+            cfg,
+            reference=stage1.reference,
+            temperature=grpo_temperature(self.cfg, stage1.model_config),
+            model_config=stage1.model_config,
+            **self.context(**(context or {})),
+        )
+
+    def select(self, models: dict[str, nn.Module]) -> tuple[Selection, nn.Module]:
+        """The model ``cfg.select`` ships (see :mod:`v3kit.train.selection`), read from the run dir's
+        ``metrics.csv`` and checkpoints, and its :class:`Selection`. ``models``: the trained ``sft``, ``rce`` and
+        ``grpo`` models in memory (the end of the last stage is not loaded again)."""
+        metric, run_dir = self.cfg.select_metric, self.run_dir
+        metrics = (
+            pd.read_csv(run_dir / "metrics.csv")
+            if (run_dir / "metrics.csv").is_file()
+            else pd.DataFrame(columns=["stage", "split", "epoch"])
+        )
+
+        def sft_val() -> float:
+            return float(
+                evaluate(models["sft"], self.splits.val, temperature=1.0, precision=self.runtime.precision)[metric]
+            )
+
+        stage = last_stage(self.cfg)
+        sel = select_model(run_dir, metrics, metric, self.cfg.select, stage, sft_val)
+        if sel.stage == "sft":
+            model = models["sft"]
+        elif sel.stage == stage and sel.epoch == getattr(self.cfg, stage).epochs:
+            model = models[stage]  # the end of the last stage: already in memory
+        else:
+            model = model_from_checkpoint(load_checkpoint(sel.checkpoint), sel.checkpoint).to(self.runtime.device)
+        return sel, model
