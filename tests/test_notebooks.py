@@ -422,7 +422,8 @@ def test_notebook_command_parses_values_as_papermill_and_names_unknown_parameter
 
 @pytest.mark.slow
 def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monkeypatch):
-    """ensure_stage1 / ensure_rce / the GRPO panel resolve cfg.device as `v3kit run` does (a fake device here)."""
+    """ensure_stage1 / ensure_rce / the GRPO panel resolve cfg.device through Run, as `v3kit run` does (a fake
+    device here)."""
     import torch
 
     import v3kit.notebook.grpo_panel as gp
@@ -444,8 +445,8 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
 
         monkeypatch.setattr(module, name, run_on_cpu)
 
-    for module, name in ((sr, "train_sft"), (sr, "load_sft"), (sr, "run_rce"), (gp, "run_grpo")):
-        spy(module, name)
+    for name in ("train_sft", "load_sft", "run_rce", "run_grpo"):  # every stage goes through v3kit.run.Run
+        spy(run, name)
     cfg = notebook_tools.notebook_config(
         run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1, rce_epochs=1, grpo_epochs=1
     )

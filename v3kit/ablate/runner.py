@@ -19,11 +19,10 @@ from ..config import RunConfig, to_dict
 from ..data.reward_stats import label_reward_agreement
 from ..pipeline import prepare_data, run_pipeline, update_run_info
 from ..provenance import experiment_config, fingerprint
+from ..run import Run
 from ..rundir import atomic_write_frame, atomic_write_text
-from ..train.device import resolve_device, resolve_precision
 from ..train.metrics import per_group_metrics
 from ..train.model import compute_log_probs
-from ..train.sft import train_sft
 from .backends import make_backend, worker_config
 from .grid import (
     BASE_WORLD,
@@ -72,19 +71,8 @@ def _splits_for(cfg: RunConfig) -> Any:
 
 
 def _train_sft(task: SFTTask) -> str:
-    splits = _splits_for(task.cfg)
-    cfg = worker_config(task.cfg)  # the worker's device, as its runs get
-    device = resolve_device(cfg.device)
-    train_sft(
-        splits,
-        cfg.model,
-        cfg.sft,
-        seed=cfg.seed,
-        run_dir=task.path.parent,
-        progress=False,
-        device=device,
-        precision=resolve_precision(cfg.precision, device, warn=False),
-    )
+    run = Run(worker_config(task.cfg), splits=_splits_for(task.cfg), warn=False)  # the worker's device, as its runs get
+    run.sft(run_dir=task.path.parent, progress=False, callbacks=[], resume=False)
     for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
         p.unlink()
     atomic_write_text(task.path.parent / "sft.hash", task.hash)

@@ -31,7 +31,7 @@ from ..ablate.stats import compare, min_detectable_effect
 from ..config import ConfigError, dump_config, load_config
 from ..data.debias import recurring_share
 from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed, run_pipeline
-from ..run import split_seed
+from ..run import Run, split_seed
 from ..rundir import atomic_write_text
 from ..train.baselines import baseline_table
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -108,7 +108,7 @@ class Investigation:
             self.split_seed = split_seed(self.cfg)
 
         split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
-        self.splits = prepare_data(split_cfg)
+        self.splits = Run(split_cfg, warn=False).splits  # the split the run trained on, resolved as a run does
         self.findings = diagnose(self.run_dir, splits=self.splits)  # the same split the doctor would rebuild
         if metric == "utility@1" and self.splits.test.utility is None:
             raise ConfigError(

@@ -21,9 +21,8 @@ from typing import Any, Sequence
 import yaml
 
 from ..config import RunConfig, from_dict
-from ..train.model import ModelConfig
+from ..run import grpo_temperature  # noqa: F401 - the notebooks' documented path (the rule lives in v3kit.run)
 from ..train.model import resolve_target as model_target
-from ..train.rce import final_logit_temperature
 
 KERNEL = "v3kit"  # the Jupyter kernel `make lab` installs; the notebook sources name it
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository (for an editable install)
@@ -102,11 +101,6 @@ def resolve_target(target: str) -> str:
     """A model class ``path/to/models.py:Class`` with its file resolved against :func:`project_root`
     (:func:`v3kit.train.model.resolve_target`); an importable ``pkg.module:Class`` is returned unchanged."""
     return model_target(target, base=project_root())
-
-
-def grpo_temperature(cfg: RunConfig, model_config: ModelConfig) -> float:
-    """GRPO's logit temperature, resolved as the pipeline does (``same_as_rce_end`` follows RCE's schedule)."""
-    return cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_config.sim_temperature))
 
 
 # ----------------------------------------------------------------------------------------------- results
