@@ -86,6 +86,64 @@ def _two_windows(values: pd.Series, epochs: pd.Series) -> tuple[float, float, st
     )
 
 
+# What check_rce_converged judges by: (message, share of the gap closed in all, in the last window, relative fall of
+# the logged loss), or why there is too little to compare.
+Progress = tuple[str, float | None, float | None, float | None]
+
+
+def _gap_closed(ctx: DoctorContext, rce: pd.DataFrame, floor: pd.Series, gap_sft: pd.Series) -> Progress | str:
+    """How much of SFT's gap to the loss floor RCE closed, in all and over its last window (epoch, or half)."""
+    th = ctx.th
+    excess = rce["loss"] - floor
+
+    def closed(sel: pd.Series) -> float:  # share of SFT's gap closed over the steps in sel
+        g = float(gap_sft[sel].sum())
+        return 1.0 - float(excess[sel].sum()) / g if g > 0 else 1.0
+
+    epochs = sorted(rce["epoch"].unique())
+    if len(epochs) >= 2:
+        prev_sel, last_sel = rce["epoch"] == epochs[-2], rce["epoch"] == epochs[-1]
+        where = f"epoch {epochs[-2]} -> {epochs[-1]}"
+    else:
+        half = len(rce) // 2
+        if half < 1:
+            return "a single RCE step: nothing to compare"
+        pos = pd.Series(range(len(rce)), index=rce.index)
+        prev_sel, last_sel = pos < half, pos >= half
+        where = "first -> second half of the only RCE epoch"
+    closed_prev, closed_total = closed(prev_sel), closed(last_sel)
+    closed_last = closed_total - closed_prev
+    norm = ctx.cfg.rce.reward_norm or "none"
+    unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
+    msg = (
+        f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
+        f"same temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and "
+        f"{closed_total:.1%} by the "
+        f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
+        f"{th.rce_still_closing:.0%}; SFT's gap in the last window {fmt_num(float(gap_sft[last_sel].mean()))} nats)"
+    )
+    return msg, closed_total, closed_last, None
+
+
+def _loss_fall(rce: pd.DataFrame) -> Progress | str:
+    """Without the data to compute the floor: the relative fall of the logged loss over the last window."""
+    windows = _two_windows(rce["loss"], rce["epoch"])
+    if windows is None:
+        return "a single RCE step: nothing to compare"
+    prev, last, where = windows
+    if not prev > 0:
+        return f"RCE loss {fmt_num(prev)} is not positive: no relative change"
+    fall = (prev - last) / prev
+    msg = f"logged RCE loss, {where}: {fmt_num(prev)} -> {fmt_num(last)}, a {fall:.1%} fall"
+    temps = metric_column(rce, "temperature")
+    if len(temps) and not math.isclose(float(temps.iloc[0]), float(temps.iloc[-1]), rel_tol=1e-3):
+        msg += (
+            " (the annealed temperature sharpens the targets, which lowers the loss without any learning, so "
+            "this overstates it; on a run dir the doctor measures the loss above its floor H(targets))"
+        )
+    return msg, None, None, fall
+
+
 @check("rce_converged")
 def check_rce_converged(ctx: DoctorContext, name: str) -> Finding:
     """Did RCE move the policy, and has it stopped closing its gap to the loss floor?
@@ -110,54 +168,10 @@ def check_rce_converged(ctx: DoctorContext, name: str) -> Finding:
     n = int(n) if n is not None else int(rce["epoch"].max())
     lr = cfg.rce.lr
     gaps = _rce_gaps(ctx, rce)
-    closed_total = closed_last = None
-    if gaps is not None:
-        floor, gap_sft = gaps
-        excess = rce["loss"] - floor
-
-        def closed(sel: pd.Series) -> float:  # share of SFT's gap closed over the steps in sel
-            g = float(gap_sft[sel].sum())
-            return 1.0 - float(excess[sel].sum()) / g if g > 0 else 1.0
-
-        epochs = sorted(rce["epoch"].unique())
-        if len(epochs) >= 2:
-            prev_sel, last_sel = rce["epoch"] == epochs[-2], rce["epoch"] == epochs[-1]
-            where = f"epoch {epochs[-2]} -> {epochs[-1]}"
-        else:
-            half = len(rce) // 2
-            if half < 1:
-                return skip_finding(name, "a single RCE step: nothing to compare", th.rce_still_closing)
-            pos = pd.Series(range(len(rce)), index=rce.index)
-            prev_sel, last_sel = pos < half, pos >= half
-            where = "first -> second half of the only RCE epoch"
-        closed_prev, closed_total = closed(prev_sel), closed(last_sel)
-        closed_last = closed_total - closed_prev
-        norm = ctx.cfg.rce.reward_norm or "none"
-        unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
-        msg = (
-            f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
-            f"same temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and "
-            f"{closed_total:.1%} by the "
-            f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
-            f"{th.rce_still_closing:.0%}; SFT's gap in the last window {fmt_num(float(gap_sft[last_sel].mean()))} nats)"
-        )
-    else:
-        windows = _two_windows(rce["loss"], rce["epoch"])
-        if windows is None:
-            return skip_finding(name, "a single RCE step: nothing to compare", th.rce_still_falling)
-        prev, last, where = windows
-        if not prev > 0:
-            return skip_finding(
-                name, f"RCE loss {fmt_num(prev)} is not positive: no relative change", th.rce_still_falling
-            )
-        fall = (prev - last) / prev
-        msg = f"logged RCE loss, {where}: {fmt_num(prev)} -> {fmt_num(last)}, a {fall:.1%} fall"
-        temps = metric_column(rce, "temperature")
-        if len(temps) and not math.isclose(float(temps.iloc[0]), float(temps.iloc[-1]), rel_tol=1e-3):
-            msg += (
-                " (the annealed temperature sharpens the targets, which lowers the loss without any learning, so "
-                "this overstates it; on a run dir the doctor measures the loss above its floor H(targets))"
-            )
+    judged = _gap_closed(ctx, rce, *gaps) if gaps is not None else _loss_fall(rce)
+    if isinstance(judged, str):  # too little to compare
+        return skip_finding(name, judged, th.rce_still_closing if gaps is not None else th.rce_still_falling)
+    msg, closed_total, closed_last, fall = judged
     if moved is not None:
         msg += f"; RCE moved the policy {fmt_num(moved)} nats (KL to SFT, val)"
     if moved is not None and moved < th.rce_min_kl and (closed_total is None or closed_total < th.rce_min_closed):
