@@ -71,7 +71,10 @@ res = ablate.run_grid(spec, out_dir, workers=workers)
 summary = res.summary(n_boot=n_boot, seed=seed)
 comparisons = ablate.compare(res.frame, res.per_query, spec.questions, n_boot=n_boot, seed=seed)
 print(f"{res.executed} runs executed, {res.skipped} skipped, {res.wall_s:.0f} s")
-print(ablate.format_summary(summary, world=ablate.BASE_WORLD))
+base = summary[summary["world"] == ablate.BASE_WORLD]
+print("mean, difference to SFT [95% CI], verdict")
+display(ablate.summary_table(base))  # a rendered table: the text form wraps unreadably in a narrow Lab panel
+print("\n".join(ablate.power_lines(base, list(ablate.summary_table(base).columns))))
 record(runs_executed=res.executed, runs_skipped=res.skipped, variants=list(spec.variants))
 
 # %% [markdown]
@@ -173,7 +176,7 @@ show(report_plots.curves_plot(res.frame, [v for v in epoch_variants if spec.valu
 # %%
 if spec.worlds:
     show(report_plots.world_plot(summary, spec))
-    print(ablate.format_summary(summary[summary["world"] != ablate.BASE_WORLD]))
+    display(ablate.summary_table(summary[summary["world"] != ablate.BASE_WORLD]))
 else:
     print("this grid has no worlds section")
 

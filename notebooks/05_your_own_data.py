@@ -34,7 +34,7 @@
 # train on the 384-d vectors. The stand-in for "your v2" is `examples/my_ranker/`: a class written without v3kit
 # (`models.py`) and a plain PyTorch training script that saves a wrapped `state_dict` (`train_v2.py`).
 #
-# **To use your own:** set `data_path` to your Parquet, Arrow IPC / Feather or JSONL table (schema in the README, "Data schema"), `config`
+# **To use your own:** set `data_path` to your Parquet, Arrow IPC / Feather or JSONL table (schema: [docs/data.md](../docs/data.md)), `config`
 # to a config for it (or keep the stdlib one: its model/RCE/GRPO settings suit cosine-scored text towers),
 # `v2_state_dict` to your weights file and `v2_target` to your class (`path/to/models.py:Class` or
 # `pkg.module:Class`). `v2_target = None` lets v3kit train its own SFT model instead.

@@ -21,6 +21,7 @@ from torch import nn
 from v3kit.cli import main
 from v3kit.data import split_by_query, to_long_frame
 from v3kit.data.synthetic import SyntheticConfig, make_world
+from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
 from v3kit.train.grpo import GRPOConfig, run_grpo
 from v3kit.train.model import (
     ModelConfig,
@@ -59,14 +60,14 @@ def run_doc_command(cmd: list[str], sets: list[str]) -> str:
             assert cmd[0] == "v3kit", cmd
             if cmd[1] == "notebook":
                 return "skipped"  # run by test_notebook_command_runs_a_py_source_with_parameters
-            assert main([*cmd[1:], *sets]) == 0, cmd
+            assert main([*cmd[1:], *(sets if cmd[1] != "doctor" else [])]) == 0, cmd  # doctor reads the run's config
     return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
 def doc_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("any_ranker")
-    sets = [a for s in TINY for a in ("--set", s)]
+    sets = [a for s in [*TINY, f"data.cache_dir={tmp / 'cache'}"] for a in ("--set", s)]
     outputs = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)  # the doc runs its commands from the repository root (module targets from the cwd)
@@ -79,23 +80,30 @@ def doc_runs(tmp_path_factory):
 def test_every_recipe_of_the_doc_imports_and_trains_without_a_subclass(doc_runs):
     tmp, outputs = doc_runs
     imports = [k for k in outputs if k.startswith("v3kit import-sft")]
-    assert {k.split("--target ")[1].split()[0].rsplit(":")[1] for k in imports} == {
+    assert {k.split("--target ")[1].split()[0].rsplit(":")[1] for k in imports if "--target " in k} == {
         "RenamedTowers",
         "CfgRanker",
         "CrossEncoder",
     }
+    # the Hugging Face recipes: a save_pretrained directory and a sentence-transformers one, no class named
+    assert (
+        sum("--from-pretrained" in k for k in imports) == 1
+        and sum("--sentence-transformers" in k for k in imports) == 1
+    )
     for key, out in outputs.items():
         if key.startswith("v3kit import-sft"):
             assert "next: v3kit run --sft" in out and "mean entropy" in out, out
-    for name, kind in (("towers", "towers"), ("cfg", "scorer"), ("cross", "scorer"), ("cross_import", "scorer")):
+        if key.startswith("v3kit doctor"):
+            assert "checks flagged" in out, out
+    runs = (("towers", "towers"), ("cfg", "scorer"), ("cross", "scorer"), ("cross_import", "scorer"))
+    for name, kind in (*runs, ("hf", "scorer"), ("st", "towers")):
         run_dir = tmp / name
         summary = pd.read_csv(run_dir / "summary.csv", index_col=0)
         assert list(summary.index) == ["sft", "rce", "grpo", "selected"], name
         assert summary.notna().all().all(), name
-        from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
-
         ckpt = load_checkpoint(run_dir / "grpo_epoch3.pt")
         assert interface_of(model_from_checkpoint(ckpt)).kind == kind, name
+    assert type(model_from_checkpoint(load_checkpoint(tmp / "hf" / "grpo_epoch3.pt"))).__name__ == "FeatureRanker"
     cfg_ckpt = torch.load(tmp / "cfg_sft.pt", weights_only=True)
     assert cfg_ckpt["model_config"]["kwargs"]["cfg"]["doc_dim"] == 16
     assert cfg_ckpt["model_config"]["sim_temperature"] == 1.0  # the scorer's forward already divides by 0.05
@@ -374,7 +382,7 @@ def test_power_line_formats_small_minimum_detectable_effects():
     assert "~0.032 go undetected" in power_lines(frame(0.0321), ["acc@1"])[0]
     assert "~0.00042 go undetected" in power_lines(frame(0.000421), ["acc@1"])[0]
     zero = power_lines(frame(0.0), ["acc@1"])[0]
-    assert "~0.000" not in zero and "not measurable" in zero
+    assert "~0.000" not in zero and "not measurable" in zero and "too few test queries to detect any effect" in zero
 
 
 def test_checkpoint_data_dim_mismatch_is_reported_before_every_text_is_embedded(tmp_path, monkeypatch, capsys):

@@ -33,6 +33,9 @@ def test_notebook_04_runs_with_smoke_params(tmp_path):
     outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
     errors = [o for o in outputs if o.get("output_type") == "error"]
     assert not errors, errors
+    html = ["".join(o["data"]["text/html"]) for o in outputs if "text/html" in o.get("data", {})]
+    summary = [h for h in html if "<table" in h and "acc@1" in h and "kl_beta_0" in h]
+    assert summary, "the summary is shown as a rendered table"  # text wraps unreadably in a narrow Lab panel
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) >= 8  # forest x2, curves x2, shortcut, kl_beta, epochs x2, worlds
     results = notebook_tools.read_results(nbformat.read(str(out), as_version=4))

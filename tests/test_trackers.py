@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
 import sys
 import types
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -202,3 +206,49 @@ def test_report_to_is_checked_and_a_missing_tracker_fails_before_training(tmp_pa
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "pip install -e '.[mlflow]'" in err
     assert not list(run_dir.glob("*.pt")) and not (run_dir / "metrics.csv").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_search_runs_reads_a_kit_run_with_no_setting(tmp_path, monkeypatch, capsys):
+    """The default store is MLflow's own (SQLite ./mlflow.db): docs/tracking.md's snippet, as written, reads the run
+    in a fresh interpreter with no MLflow variable set."""
+    pytest.importorskip("sqlalchemy")
+    pytest.importorskip("alembic")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        None, [*TINY, "sft.epochs=1", "rce.epochs=1", "grpo.epochs=1", "run_dir=run", "report_to=[mlflow]"]
+    )
+    res = run_pipeline(cfg)
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # nothing set behind the user's back
+    assert (tmp_path / "mlflow.db").is_file()  # (MLflow keeps the artifacts beside it, in ./mlruns)
+    assert f"mlflow.search_runs() reads them from {tmp_path}" in capsys.readouterr().out
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tracking.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", doc, flags=re.S)[0]
+    check = '\nprint("VALUE", repr(float(runs["metrics.grpo/test/acc_at_1"].iloc[0])), len(runs), len(history))\n'
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(
+        [sys.executable, "-c", snippet + check], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    value, n_runs, n_history = done.stdout.split("VALUE ")[1].split()
+    assert float(value) == float(res.table.loc["grpo", "acc@1"]) and n_runs == "1"
+    metrics = pd.read_csv(res.run_dir / "metrics.csv")
+    assert int(n_history) == int(metrics[(metrics.stage == "grpo") & (metrics.split == "train")]["loss"].notna().sum())
+
+
+def test_mlflow_falls_back_to_the_file_store_and_says_how_to_read_it(tmp_path, monkeypatch):
+    from v3kit import trackers
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(trackers, "mlflow_sql_available", lambda: False)
+    uri = trackers.mlflow_uri(tmp_path)
+    assert uri == (tmp_path / "mlruns").as_uri()
+    hint = trackers.mlflow_read_hint(uri)
+    assert "MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri" in hint and "pip install sqlalchemy" in hint
+    monkeypatch.setattr(trackers, "mlflow_sql_available", lambda: True)
+    assert trackers.mlflow_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert trackers.mlflow_uri(tmp_path, concurrent=True) == uri  # a grid's workers write at once
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert trackers.mlflow_uri(tmp_path) == "http://tracking:5000"

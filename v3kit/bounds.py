@@ -1,4 +1,5 @@
-"""Upper bounds on sizes a config may ask for, and the memory check that runs before anything is built.
+"""Bounds on every number a config or a command line may ask for, and the memory check that runs before anything
+is built.
 
 A typo such as ``sft.epochs=100000000000000000000`` or ``model.emb_dim=1000000000000`` must fail at load time with
 one line naming the key, not fill a disk with checkpoints or die in a 256 TB allocation. Each bound is a constant
@@ -10,12 +11,54 @@ Imports nothing of v3kit but ``rundir`` at load time (the config modules import 
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from .rundir import human_bytes
+
+# Every float config key lies within +-MAX_CONFIG_FLOAT and every int key within +-MAX_CONFIG_INT (checked where the
+# config is read, v3kit.config); a field with a narrower range (temperatures, sizes) checks it beside its definition.
+# 1e6 is the features' bound too (v3kit.data.contract.MAX_FEATURE_ABS): far past any learning rate, loss weight,
+# temperature or noise level a run uses, and small enough that products of two such values stay finite in float32.
+MAX_CONFIG_FLOAT = 1e6
+MAX_CONFIG_INT = 2**63 - 1  # int64: what torch (seeds, sizes) can hold
+# Temperatures divide logits and rewards: within [1e-6, 1e6] a reward of up to 1e30 (MAX_REWARD_ABS) over one
+# stays finite in float32.
+MIN_TEMPERATURE = 1e-6
+
+
+def check_range(key: str, value: float, low: float, high: float, why: str) -> None:
+    """One line naming ``key``, the range and ``why`` when ``value`` lies outside ``[low, high]`` (or is NaN)."""
+    if not low <= value <= high:
+        raise ValueError(f"{key} must be in [{low:g}, {high:g}], got {value:g}; {why}")
+
+
+def check_temperature(key: str, value: float) -> None:
+    """A temperature: in ``[MIN_TEMPERATURE, MAX_CONFIG_FLOAT]``, so dividing by it keeps every logit finite."""
+    check_range(key, value, MIN_TEMPERATURE, MAX_CONFIG_FLOAT, "it divides logits or rewards")
+
+
+def cli_number(kind: type, low: float, high: float) -> Callable[[str], Any]:
+    """The argparse ``type=`` of every numeric command-line option: ``kind`` (int or float), finite, within
+    ``[low, high]``; anything else is argparse's one-line error naming the option (``v3kit.cli`` prints it)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(
+                f"expects {'an integer' if kind is int else 'a number'} in [{low:g}, {high:g}], got {text!r}"
+            ) from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
+        return value
+
+    parse.bounds = (low, high)  # type: ignore[attr-defined]  # for the test that walks every option
+    return parse
 
 
 def check_max(key: str, value: int, bound: int, why: str) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -18,7 +19,9 @@ from .ablate import register_cli as register_ablate
 from .config import ConfigError, load_config
 from .data.contract import DataValidationError, GroupData
 from .doctor import register_cli as register_doctor
+from .doctor.investigate import RECOMMENDED
 from .doctor.investigate import register_cli as register_investigate
+from .doctor.verdict_report import VERDICT_JSON, VERDICT_MD
 from .notebook.tools import register_cli as register_notebook
 from .pipeline import RUN_INFO, load_data, prepare_data, recorded_sft_checkpoint, run_pipeline
 from .run import Run
@@ -61,21 +64,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result.debias is not None:
         print(result.debias.line())
     print(f"\nheld-out test metrics by stage (run dir: {result.run_dir})")
-    print(_fmt(result.table))
+    print(_fmt(stages_that_ran(result.table, cfg)))
     if result.selection is not None:
         print(textwrap.fill(result.selection.line(), 100, break_on_hyphens=False))
     g = result.grpo.info
-    print(
-        f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
-        f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}"
-        f"{step0_ratio_note(g['step0_ratio_mean'])}"
-    )
+    if cfg.grpo.epochs > 0:
+        print(
+            f"\nGRPO step-0 ratio: mean {g['step0_ratio_mean']:.4f}, min {g['step0_ratio_min']:.4f}, "
+            f"max {g['step0_ratio_max']:.4f}, outside clip range {g['step0_outside_clip']:.1%}"
+            f"{step0_ratio_note(g['step0_ratio_mean'])}"
+        )
+    else:
+        print()
     if result.skipped_batches:
         counts = ", ".join(f"{k} {v}" for k, v in result.skipped_batches.items())
         print(f"batches skipped for a non-finite loss/gradient (on_nonfinite=skip_batch): {counts}")
     print(f"GRPO health report: v3kit doctor {result.run_dir}")
-    print(f"What to ship instead: v3kit investigate {result.run_dir}")
+    print(recommendation_line(args.config) or f"What to ship instead: v3kit investigate {result.run_dir}")
     return 0
+
+
+def stages_that_ran(table: pd.DataFrame, cfg: Any) -> pd.DataFrame:
+    """The stage table without the rows of stages whose epochs are 0 (their model is the previous stage's)."""
+    skipped = [s for s in ("rce", "grpo") if getattr(cfg, s).epochs == 0]
+    return table.drop(index=[s for s in skipped if s in table.index])
+
+
+def recommendation_line(config: str | None) -> str | None:
+    """For a run of ``investigate``'s ``recommended.yaml``: what the run is and what to compare it with (its
+    verdict), instead of sending the user to investigate it again. None for any other config."""
+    if config is None or Path(config).name != RECOMMENDED:
+        return None
+    verdict_path = Path(config).parent / VERDICT_JSON
+    try:
+        v = json.loads(verdict_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(v, dict) or Path(str(v.get("config", ""))).resolve() != Path(config).resolve():
+        return None
+    out = Path(config).resolve().parent
+    run = v.get("run_dir") or (out.parent if out.name == "investigate" else "the run it investigated")
+    effect = v.get("effect_vs_sft")
+    interval = ""
+    if isinstance(effect, list) and len(effect) == 3 and all(isinstance(x, (int, float)) for x in effect):
+        interval = f"'s {v.get('metric', 'metric')} effect vs SFT {effect[0]:+.4f} [{effect[1]:+.4f}, {effect[2]:+.4f}]"
+    return (
+        f"this is investigate's recommendation for {run} ({v.get('variant')}); compare with the verdict"
+        f"{interval} in {verdict_path.with_name(VERDICT_MD)}"
+    )
 
 
 def _checkpoint_dims(path: str) -> tuple[int, int, str] | None:
@@ -150,8 +186,25 @@ def _reference_path(given: str | None, run_dir: Path) -> Path | str:
     return f"no {RUN_INFO} or sft.pt in {run_dir} says which SFT checkpoint this one started from"
 
 
+class UsageError(SystemExit):
+    """A command line argparse refuses (an unknown flag, a value out of its bounds): :func:`main` prints it as one
+    line with exit code 2 instead of argparse's usage block. A ``SystemExit``, so callers that parse arguments
+    themselves see what argparse would raise."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(2)
+        self.prog, self.message = prog, message
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with errors raised as :class:`UsageError` (subcommands inherit the class)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(self.prog, f"{message}; see {self.prog} --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="v3kit", description="SFT -> RCE -> GRPO research kit for embedding rankers")
+    p = Parser(prog="v3kit", description="SFT -> RCE -> GRPO research kit for embedding rankers")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run SFT (or load --sft) -> stage 1 -> RCE -> GRPO and print the stage table")
@@ -192,6 +245,8 @@ def import_sft_data(args: argparse.Namespace) -> tuple[GroupData, ModelConfig]:
 RESUME_HINTS = {  # how each command continues after a full disk was freed
     "run": "free space, then `--resume` (or point run_dir at another disk)",
     "ablate": "free space, then rerun the same command (finished runs are kept)",
+    "investigate": "free space, then rerun the same command (finished runs are kept)",
+    "import-sft": "free space (or choose another --out), then rerun",
 }
 
 
@@ -218,7 +273,11 @@ def os_error_message(e: OSError, command: str = "run") -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"{e.prog}: error: {e.message}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Union
 
 import yaml
 
-from .data.config import BUILTIN_TABLES, DataConfig  # noqa: F401 - the run config's data section, re-exported
+from .bounds import MAX_CONFIG_FLOAT, MAX_CONFIG_INT, check_max
+from .data.config import BUILTIN_TABLES, MAX_TEXT_TOKENS, DataConfig  # noqa: F401 - the run config's data section, re-exported
 from .data.debias import RewardConfig
 from .rundir import atomic_write_text
 from .trackers import check_report_to
@@ -36,7 +37,8 @@ class ConfigError(ValueError):
 
 
 class _NonFinite(ConfigError):
-    """A float key got NaN/inf: propagated out of a Union's alternatives so the message keeps the reason."""
+    """A number key got NaN/inf or a value past every bound: propagated out of a Union's alternatives so the
+    message keeps the reason."""
 
 
 @dataclass
@@ -55,14 +57,14 @@ class RunConfig:
     a warning) elsewhere. Weights, gradients and optimizer state stay fp32."""
     threads: Union[str, int] = "auto"
     """Torch intra-op CPU threads, set at run start: ``auto`` = 1 on <= 2 cores, for small models (< 1M
-    parameters) or on a GPU, else min(cores, 8); or a number."""
+    parameters) or on a GPU, else min(cores, 8); or a number from 1 to 4,096."""
     log_every: int = 10
     """Per-step statistics stay on the device and are copied to the host (one sync) every ``log_every`` steps and
-    at each epoch end; ``metrics.csv`` still gets one row per step, callbacks get them in batches."""
+    at each epoch end; ``metrics.csv`` still gets one row per step, callbacks get them in batches. At most 10^9."""
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that get every ``metrics.csv`` row (as ``<stage>/<split>/<column>``), the config and the
     stage table: any of ``tensorboard`` (event files in ``<run_dir>/tensorboard/``), ``mlflow``
-    (``$MLFLOW_TRACKING_URI``, default ``./mlruns``; a grid's ``<out>/mlruns``) and ``wandb`` (offline unless logged
+    (``$MLFLOW_TRACKING_URI``, default the SQLite store ``./mlflow.db``, or ``./mlruns`` without MLflow's SQL dependencies; a grid's ``<out>/mlruns``) and ``wandb`` (offline unless logged
     in); e.g. ``report_to=[tensorboard,mlflow]``. Each is an optional extra (``pip install -e '.[mlflow]'``); see
     docs/tracking.md."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -101,6 +103,7 @@ class RunConfig:
             raise ValueError(
                 f"log_every must be >= 1 (steps between host syncs of the step statistics), got {self.log_every}"
             )
+        check_max("log_every", self.log_every, 10**9, "every epoch end syncs anyway; is the value a typo?")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -113,9 +116,28 @@ def field_types(cls: type) -> dict[str, Any]:
 
 def _finite(path: str, value: float) -> float:
     """Every float key goes through here: NaN/inf would pass every later ``> 0`` check (NaN compares false both
-    ways, inf is > 0) and train to NaN weights, so they are refused at load time, naming the key."""
+    ways, inf is > 0) and train to NaN weights, so they are refused at load time, naming the key. So is a
+    magnitude past :data:`~v3kit.bounds.MAX_CONFIG_FLOAT` (``sft.lr=1e300`` would otherwise end in a traceback
+    from inside Adam, ``grpo.kl_beta=1e30`` in a non-finite loss blamed on the lr); fields with a narrower range
+    check it beside their definition."""
     if not math.isfinite(value):
         raise _NonFinite(f"{path} must be a finite number, got {value!r}; set a finite value")
+    if abs(value) > MAX_CONFIG_FLOAT:
+        raise _NonFinite(
+            f"{path} must be within +-{MAX_CONFIG_FLOAT:g} (the bound of every float key), got {value:g}; "
+            "is the value a typo?"
+        )
+    return value
+
+
+def _bounded_int(path: str, value: int) -> int:
+    """Every int key goes through here (after its field's own check): past int64 no seed or size can reach torch
+    (``threads=10**20`` failed in torch without naming its key)."""
+    if abs(value) > MAX_CONFIG_INT:
+        raise _NonFinite(
+            f"{path} must be within +-{MAX_CONFIG_INT:_} (the bound of every integer key), got {value:.3g}; "
+            "is the value a typo?"
+        )
     return value
 
 
@@ -130,7 +152,7 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             return None
         if float in args and isinstance(value, str):  # "nan"/"inf" must not slip through as a str alternative
             try:
-                _finite(path, float(value))
+                value = _finite(path, float(value))  # YAML 1.1 reads "1e-9" (no dot) as a string: a number
             except ValueError as e:
                 if isinstance(e, _NonFinite):
                     raise
@@ -149,7 +171,7 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path} expects an integer, got {value!r}")
-        return value
+        return value  # its bound: the field's own check, else _bounded_int once the dataclass is built
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
@@ -158,7 +180,10 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} expects a number, got {value!r}")
-        return _finite(path, float(value))
+        try:
+            return _finite(path, float(value))
+        except OverflowError:  # an int literal past float64 (10**400)
+            return _finite(path, math.inf)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path} expects a string, got {value!r}")
@@ -207,9 +232,14 @@ def from_dict(cls: type, raw: dict[str, Any] | None, prefix: str = "") -> Any:
             from_dict(hint, value, path + ".") if dataclasses.is_dataclass(hint) else _check_value(path, value, hint)
         )
     try:
-        return cls(**kwargs)
+        built = cls(**kwargs)
     except ValueError as e:  # __post_init__ validation already names the field
         raise ConfigError(str(e)) from None
+    for key, value in kwargs.items():  # after the fields' own bounds, whose messages say more
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(v, int) and not isinstance(v, bool):
+                _bounded_int(f"{prefix}{key}" + (f"[{i}]" if isinstance(value, list) else ""), v)
+    return built
 
 
 # A config or grid is a few hundred YAML nodes. Aliases are allowed (anchors are handy in grids), but a "billion

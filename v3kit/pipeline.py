@@ -37,6 +37,7 @@ from .run_info import (  # noqa: F401 - re-exported: the pipeline's documented r
     RUN_INFO,
     check_same_sft,
     read_run_info,
+    record_config,
     record_sft_checkpoint,
     recorded_sft_checkpoint,
     recorded_split_seed,
@@ -52,6 +53,7 @@ from .train.checkpoint import (
 )
 from .train.device import Runtime
 from .train.metrics import evaluate, metric_order
+from .train.metrics_log import read_metrics_frame
 from .train.model import compute_log_probs
 from .train.model_size import check_model_fits
 from .train.selection import Selection, write_selection
@@ -135,7 +137,7 @@ def skipped_batches(run_dir: str | Path) -> dict[str, int]:
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         return {}
-    df = pd.read_csv(path)
+    df = read_metrics_frame(path)
     if "skipped_nonfinite" not in df.columns:
         return {}
     df = df[df["skipped_nonfinite"].notna()]
@@ -213,6 +215,7 @@ def _run_locked(
     sft_path = Path(sft_checkpoint) if sft_checkpoint else run.ensure_sft()
     if main:
         record_sft_checkpoint(run_dir, sft_path, given=bool(sft_checkpoint), recorded=recorded)
+        record_config(run_dir, cfg)
     distributed.barrier()
 
     stage1 = run.stage1(sft_path)

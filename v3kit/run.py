@@ -32,6 +32,7 @@ from .train.checkpoint import CheckpointError, load_checkpoint, model_from_check
 from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .train.grpo import run_grpo
 from .train.metrics import evaluate
+from .train.metrics_log import read_metrics_frame
 from .train.model import ModelConfig
 from .train.model_size import count_params
 from .train.rce import final_logit_temperature, run_rce
@@ -280,7 +281,7 @@ class Run:
         ``grpo`` models in memory (the end of the last stage is not loaded again)."""
         metric, run_dir = self.cfg.select_metric, self.run_dir
         metrics = (
-            pd.read_csv(run_dir / "metrics.csv")
+            read_metrics_frame(run_dir / "metrics.csv")
             if (run_dir / "metrics.csv").is_file()
             else pd.DataFrame(columns=["stage", "split", "epoch"])
         )

@@ -4,11 +4,13 @@ doctor, ``investigate`` and a resume (which refuses another SFT model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
+from .provenance import config_changes, flatten
 from .rundir import atomic_write_text, file_sha256
 
 RUN_INFO = "run_info.json"  # beside config.yaml: what a run started from that the config does not say
@@ -51,6 +53,25 @@ def record_sft_checkpoint(run_dir: Path, sft_path: Path, given: bool, recorded: 
         )
     name = str(sft_path.resolve()) if given else OWN_SFT
     atomic_write_text(run_dir / RUN_INFO, json.dumps({"sft_checkpoint": name, "sft_sha256": digest}) + "\n")
+
+
+def record_config(run_dir: Path, cfg: Any) -> None:
+    """Keep the config the run trained with: ``config.yaml`` is a text a user may edit afterwards, and what reads
+    the run later (``investigate``) must know whether it still describes the run (:func:`config_edits`)."""
+    update_run_info(run_dir, config=dataclasses.asdict(cfg))
+
+
+def config_edits(run_dir: str | Path, cfg: Any) -> str:
+    """``"key: old -> new, ..."`` for the keys where ``cfg`` (read from the run's ``config.yaml`` now) differs from
+    the config the run recorded when it trained; ``""`` when they agree or the run predates the record."""
+    recorded = read_run_info(run_dir).get("config")
+    if not isinstance(recorded, dict):
+        return ""
+    return config_changes(flatten(recorded), flatten(dataclasses.asdict(cfg)), ignore=EDITABLE_KEYS)
+
+
+# Keys that change where or how visibly a run trains, not what it trains: editing them changes no number.
+EDITABLE_KEYS = ("run_dir", "progress", "report_to", "threads", "log_every", "device")
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
+import math
 import os
 import re
 import tempfile
@@ -58,6 +60,9 @@ class DiskFullError(OSError):
         super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         self.needed, self.free = needed, free
 
+    def __reduce__(self) -> tuple[Any, ...]:  # OSError pickles (errno, strerror): a worker's error must come back whole
+        return (DiskFullError, (self.filename, self.needed, self.free))
+
     def __str__(self) -> str:
         sizes = [
             f"needs about {human_bytes(self.needed)}" if self.needed else "",
@@ -89,6 +94,25 @@ def _is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return False
+
+
+def as_disk_full(exc: BaseException) -> DiskFullError | None:
+    """The :class:`DiskFullError` that ``exc`` is, or that caused it (a grid's run, a worker process, a Ray task
+    wrap it), or one made from an ENOSPC/EDQUOT ``OSError`` in its chain; None when the disk was not full."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, DiskFullError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    if not _is_disk_full(exc):
+        return None
+    os_error = exc
+    while not (isinstance(os_error, OSError) and os_error.errno in DISK_FULL_ERRNOS):
+        os_error = os_error.__cause__ or os_error.__context__  # type: ignore[assignment]
+    name = os_error.filename or "<unknown file>"
+    return DiskFullError(name, free=free_bytes(Path(name).parent) if os_error.filename else None)
 
 
 def disk_full_error(exc: BaseException, path: str | Path, needed: int | None = None) -> BaseException:
@@ -150,6 +174,22 @@ def remove_temp_files(directory: str | Path) -> list[Path]:
             except OSError:
                 pass
     return removed
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as indented JSON that every parser reads: a NaN or inf (a mean over no runs, an interval of one
+    seed) is written as ``null``, never as the ``NaN`` Python's json writes by default, which is not JSON."""
+    return json.dumps(_finite_or_none(obj), indent=1, allow_nan=False) + "\n"
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -13,13 +13,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-import pandas as pd
-
 from .config import RunConfig
 from .data.contract import Splits
 from .provenance import signature
 from .run import Run
 from .rundir import atomic_write_text
+from .train.metrics_log import read_metrics_frame
 from .train.sft import Stage1
 from .train.training import StageResult
 
@@ -42,7 +41,7 @@ def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> 
         p.unlink()
     metrics = run_dir / "metrics.csv"
     if metrics.exists():
-        df = pd.read_csv(metrics)
+        df = read_metrics_frame(metrics)
         if df["stage"].isin(stages).any():
             atomic_write_text(metrics, df[~df["stage"].isin(stages)].to_csv(index=False))
     for s in stages:

@@ -3,6 +3,6 @@
 ``model.target: v3kit.text_model:TextTwoTower`` is documented and recorded in checkpoints, so it must keep loading.
 """
 
-from .train.text_model import TextTwoTower
+from .train.text_model import SentenceTransformerRanker, TextTwoTower
 
-__all__ = ["TextTwoTower"]
+__all__ = ["SentenceTransformerRanker", "TextTwoTower"]

@@ -10,9 +10,12 @@ name, not a step offset: the stages' losses are different quantities, each stage
 
 * ``tensorboard``: event files in ``<run_dir>/tensorboard/`` (``tensorboard --logdir runs``); the config as
   hparams and as text, the stage table as text. TensorBoard stores scalars as float32.
-* ``mlflow``: the store at ``$MLFLOW_TRACKING_URI``, default ``./mlruns`` in the working directory for
-  ``v3kit run`` and ``<out>/mlruns`` for a grid (all its runs in one store, on the filesystem the workers share);
-  a ``file:`` store is allowed with ``MLFLOW_ALLOW_FILE_STORE=true`` (MLflow 3 refuses it otherwise). Experiment:
+* ``mlflow``: the store at ``$MLFLOW_TRACKING_URI``; unset, MLflow's own default for ``v3kit run``: the SQLite
+  store ``./mlflow.db`` in the working directory (``mlflow.search_runs()`` there reads it) when MLflow's SQL
+  dependencies are installed, else the file store ``./mlruns``; a grid's runs go to the file store
+  ``<out>/mlruns`` (one store that its concurrent workers share; SQLite takes one writer at a time). v3kit sets
+  ``MLFLOW_ALLOW_FILE_STORE=true`` for itself on a ``file:`` store (MLflow 3 refuses it otherwise), and prints how
+  to read and browse the store (:func:`mlflow_read_hint`). Experiment:
   ``$MLFLOW_EXPERIMENT_NAME``, else the default one. MLflow allows no ``@`` in names and its file store keeps names
   as paths, so ``acc@1`` is logged as ``acc_at_1`` and ``clip_ratio/low_mean`` as ``clip_ratio.low_mean``
   (:func:`mlflow_name`). The config as params (dotted keys), each stage's epoch checkpoints as artifacts under
@@ -32,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import netrc
@@ -75,9 +79,40 @@ def require(report_to: Sequence[str]) -> None:
             raise ImportError(f"report_to={name} needs {name}, which is not installed: {INSTALL[name]}") from None
 
 
-def mlflow_uri(default_dir: str | Path | None = None) -> str:
-    """``$MLFLOW_TRACKING_URI``, else a file store ``<default_dir or cwd>/mlruns`` (as an absolute ``file:`` URI)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or (Path(default_dir or ".") / "mlruns").resolve().as_uri()
+def mlflow_sql_available() -> bool:
+    """MLflow's SQL store dependencies (sqlalchemy, alembic) are installed (``pip install -e '.[mlflow]'``)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("sqlalchemy", "alembic"))
+
+
+def mlflow_uri(default_dir: str | Path | None = None, *, concurrent: bool = False) -> str:
+    """``$MLFLOW_TRACKING_URI``, else MLflow's own default: a SQLite store ``<default_dir or cwd>/mlflow.db`` (what
+    ``mlflow.search_runs()`` reads from that directory with no setting) when MLflow's SQL dependencies are
+    installed, else the file store ``<default_dir or cwd>/mlruns``. ``concurrent`` (a grid's runs, written by
+    several processes at once) keeps the file store: SQLite takes one writer at a time."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    base = Path(default_dir or ".").resolve()
+    if mlflow_sql_available() and not concurrent:
+        return f"sqlite:///{base / 'mlflow.db'}"
+    return (base / "mlruns").as_uri()
+
+
+def mlflow_read_hint(uri: str) -> str:
+    """How to read and browse the MLflow store ``uri`` (one line)."""
+    if uri.startswith("sqlite:///"):
+        where = Path(uri[len("sqlite:///") :]).parent
+        return (
+            f"MLflow: runs in {uri}; mlflow.search_runs() reads them from {where} as is (MLflow's default store "
+            f"there), or mlflow.set_tracking_uri({uri!r}); browse: mlflow ui --backend-store-uri {uri}"
+        )
+    if uri.startswith("file:"):
+        return (
+            f"MLflow: runs in the file store {uri}, which MLflow 3 reads only with MLFLOW_ALLOW_FILE_STORE=true: "
+            f"mlflow.set_tracking_uri({uri!r}) after os.environ['MLFLOW_ALLOW_FILE_STORE'] = 'true'; browse: "
+            f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {uri}"
+            + ("" if mlflow_sql_available() else "; pip install sqlalchemy alembic for MLflow's default SQLite store")
+        )
+    return f"MLflow: runs in {uri}; mlflow.set_tracking_uri({uri!r}) reads them"
 
 
 def mlflow_name(key: str) -> str:
@@ -372,6 +407,8 @@ def start(
             elif name == "mlflow":
                 uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.get("mlflow_uri") or mlflow_uri()
                 made.append(_MLflow(run_dir, params, tags, config_text, ids, uri))
+                if not tracking.get("mlflow_uri"):  # a grid says it once, not once per run
+                    print(mlflow_read_hint(uri), flush=True)
             else:
                 made.append(_WandB(run_dir, params, tags, config_text, ids, config))
     except BaseException:

@@ -58,7 +58,7 @@ from .grid import (
     parse_grid,
     single_key_variants,
 )
-from .report import conclusions, format_summary
+from .report import conclusions, format_summary, power_lines, summary_table
 from .runner import GridResult, best_metric, best_variant, collect, per_query_outcomes, run_grid
 from .stats import MIN_RUNS_FOR_SEEDS_ONLY_VERDICT, bootstrap_mean_ci, compare, min_detectable_effect, summarize
 
@@ -82,6 +82,8 @@ __all__ = [
     "conclusions",
     "find_grid",
     "format_summary",
+    "power_lines",
+    "summary_table",
     "load_grid",
     "parse_grid",
     "per_query_outcomes",

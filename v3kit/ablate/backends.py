@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..rundir import as_disk_full
+
 BACKENDS = ("local", "ray")
 RAY_INSTALL = "pip install -e '.[ray]'"
 MARKER = ".v3kit-driver"  # written by the driver in the grid's out dir: a worker that cannot read it is elsewhere
@@ -129,6 +131,14 @@ def _probe(marker: str, token: str) -> str:
 Label = Callable[[Any], str]
 
 
+def stop_on_disk_full(e: BaseException) -> None:
+    """A run that failed on a full disk stops the grid with that one error (every next run would fail alike):
+    the command prints it as one line (file, free space, fix); the runs finished so far are kept."""
+    full = as_disk_full(e)
+    if full is not None:
+        raise full from None
+
+
 class LocalBackend:
     """This process (``workers=1``) or a pool of ``workers`` spawned processes, one torch thread each."""
 
@@ -151,7 +161,8 @@ class LocalBackend:
             for t in tasks:
                 try:
                     fn(t)
-                except Exception:  # keep the other runs going; report them all at the end
+                except Exception as e:  # keep the other runs going; report them all at the end
+                    stop_on_disk_full(e)
                     errors.append(f"{label(t)}:\n{traceback.format_exc()}")
                 done()
             return
@@ -160,6 +171,7 @@ class LocalBackend:
             try:
                 fut.result()
             except Exception as e:
+                stop_on_disk_full(e)
                 errors.append(f"{label(futures[fut])}: {type(e).__name__}: {e}")
             done()
 
@@ -250,6 +262,7 @@ class RayBackend:
                         ray.get(ref)
                     except ray.exceptions.RayTaskError as e:
                         cause = getattr(e, "cause", None) or e
+                        stop_on_disk_full(cause)
                         errors.append(f"{label(refs[ref])}: {type(cause).__name__}: {cause}")
                     except ray.exceptions.RayError as e:  # a worker died (OOM, a lost node)
                         errors.append(f"{label(refs[ref])}: {type(e).__name__}: {str(e).splitlines()[0]}")

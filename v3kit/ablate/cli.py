@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..bounds import cli_number
 from .backends import BACKENDS, RAY_INSTALL
 from .grid import load_grid
 from .report import conclusions, format_summary
 from .runner import run_grid
 from .stats import compare
+
+MAX_WORKERS = 1024  # worker processes: more than any machine's cores is a typo
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
@@ -58,7 +61,7 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--out", help="output directory (default: runs/ablate/<grid name>)")
     p.add_argument(
         "--workers",
-        type=int,
+        type=cli_number(int, 1, MAX_WORKERS),
         default=1,
         help="parallel worker processes (one torch thread each; worker k on cuda:k mod #GPUs); with "
         "--backend ray and no --address: the CPUs of the local Ray",

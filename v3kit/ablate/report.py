@@ -135,7 +135,10 @@ def power_lines(summary: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
             f"{nq} test queries x {int(sm['n_seeds'].min())}+ seeds" if nq else f"{int(sm['n_seeds'].min())}+ seeds"
         )
         if not mde > 0:  # zero-width CIs (e.g. a smoke grid whose variants never moved): no power to report
-            out.append(f"Power: {m} not measurable ({design}: every difference's CI has zero width).")
+            out.append(
+                f"Power: {m} not measurable: too few test queries to detect any effect ({design}: every "
+                "difference's CI has zero width)."
+            )
             continue
         # 3 decimals, or 2 significant digits for an MDE under 0.01 (never "~0.000")
         line = (
@@ -165,9 +168,11 @@ def _more_power(test_frac: float | None) -> str:
     )
 
 
-def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS, world: str | None = None) -> str:
-    """A compact text table: per variant and metric, mean and the difference to SFT with its CI and verdict, then
-    the minimum detectable effect per metric (:func:`power_lines`). Metrics absent from ``summary`` are left out."""
+def summary_table(
+    summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS, world: str | None = None
+) -> pd.DataFrame:
+    """Per (world, variant) and metric: "mean difference-to-SFT [95% CI] verdict" cells, for a notebook to display
+    as a rendered table (:func:`format_summary` is its text form). Metrics absent from ``summary`` are left out."""
     s = summary[summary["metric"].isin(metrics)]
     if world is not None:
         s = s[s["world"] == world]
@@ -178,7 +183,16 @@ def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRI
         ]
     )
     table = cells.pivot_table(index=["world", "variant"], columns="metric", values="cell", aggfunc="first", sort=False)
-    table = table[[m for m in metrics if m in table.columns]]
+    return table[[m for m in metrics if m in table.columns]]
+
+
+def format_summary(summary: pd.DataFrame, metrics: Sequence[str] = SUMMARY_METRICS, world: str | None = None) -> str:
+    """A compact text table: per variant and metric, mean and the difference to SFT with its CI and verdict, then
+    the minimum detectable effect per metric (:func:`power_lines`). Metrics absent from ``summary`` are left out."""
+    s = summary[summary["metric"].isin(metrics)]
+    if world is not None:
+        s = s[s["world"] == world]
+    table = summary_table(summary, metrics, world)
     with pd.option_context("display.width", 250, "display.max_colwidth", 60, "display.max_rows", 500):
         text = "mean, difference to SFT [95% CI], verdict\n" + table.to_string()
     power = power_lines(s, [m for m in metrics if m in table.columns])

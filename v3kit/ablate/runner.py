@@ -245,9 +245,10 @@ def run_grid(
     # report_to: the extras are checked here, before anything trains; every run of the grid goes to one MLflow store.
     report_to = sft_cfgs[BASE_WORLD].report_to
     trackers.require(report_to)
-    store = trackers.mlflow_uri(out) if "mlflow" in report_to else None
+    store = trackers.mlflow_uri(out, concurrent=True) if "mlflow" in report_to else None
     if store is not None:
         trackers.open_mlflow_store(store)
+        print(trackers.mlflow_read_hint(store), flush=True)
 
     def tracking(world: str, variant: str, seed: int) -> dict[str, Any] | None:
         if not report_to:

@@ -22,6 +22,7 @@ not re-checked.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..rundir import file_sha256
+from ..rundir import atomic_write_text, file_sha256
 from .contract import GroupData, Splits, check_feature_dtype, split_by_query, split_indices, to_feature_dtype
 from .tables import load_groups
 
@@ -94,9 +95,9 @@ def _valid(path: Path, where: Path, feature_dtype: str) -> bool:
     if file_sha256(path) != digest:
         return False
     meta.update(now)  # same content under a new mtime: take the fast path next time
-    try:
-        (where / "meta.json").write_text(json.dumps(meta, indent=1))
-    except OSError:  # a read-only cache: the slow path again next time, nothing worse
+    try:  # atomic: a full disk must not leave half a meta.json (the cache would then be rebuilt)
+        atomic_write_text(where / "meta.json", json.dumps(meta, indent=1))
+    except OSError:  # a read-only cache or a full disk: the slow path again next time, nothing worse
         pass
     return True
 
@@ -290,9 +291,7 @@ def cached_splits(
                 if t is None:
                     continue
                 src = t.numpy()
-                out = np.lib.format.open_memmap(
-                    tmp / f"{part}_{name}.npy", mode="w+", dtype=src.dtype, shape=(len(idx),) + src.shape[1:]
-                )
+                out = _allocated_memmap(tmp / f"{part}_{name}.npy", src.dtype, (len(idx),) + src.shape[1:])
                 for s in range(0, len(idx), rows):
                     out[s : s + rows] = src[idx[s : s + rows]]
                 out.flush()
@@ -309,6 +308,28 @@ def cached_splits(
     finally:
         _discard(tmp)
     return Splits(**{part: open_cache(where, f"{part}_", listing, verify=False) for part in parts})
+
+
+def _allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """``open_memmap`` for writing, with the file's blocks allocated before any page is touched: a store to a
+    page a full disk cannot back kills the process with SIGBUS ("Bus error", exit 135), whereas allocating first
+    raises ENOSPC as any write does (the caller then splits in memory and removes its build dir)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    start = path.stat().st_size - out.nbytes  # the header, written by open_memmap, stays as it is
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), start, out.nbytes)
+            return out
+        except AttributeError:  # no posix_fallocate (macOS, Windows): write the zeros through the file
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a filesystem without fallocate: write them
+                raise
+        f.seek(start)
+        for done in range(0, out.nbytes, 1 << 20):
+            f.write(bytes(min(1 << 20, out.nbytes - done)))
+        f.flush()
+    return out
 
 
 def _building_dir(parent: Path) -> str:

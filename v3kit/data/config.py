@@ -7,18 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bounds import check_max
 from .contract import TEXT_MODES, check_feature_dtype
 from .stdlib_search import StdlibSearchConfig
 from .synthetic import SyntheticConfig
 from .tables import SUFFIX_HINT, TABLE_SUFFIXES
 
 BUILTIN_TABLES = ("builtin:stdlib_search",)
+MAX_TEXT_TOKENS = 100_000
 
 
 @dataclass
 class DataConfig:
     path: str | None = None
-    """Long-form table file (README: Data schema): Parquet (``.parquet``), JSON lines (``.jsonl``) or Arrow IPC /
+    """Long-form table file (schema: docs/data.md): Parquet (``.parquet``), JSON lines (``.jsonl``) or Arrow IPC /
     Feather v2 (``.arrow``, ``.feather``, ``.ipc``; memory-mapped, the fastest to load); null = the synthetic world;
     ``builtin:stdlib_search`` = the code-search table built from this Python's standard library (options in
     ``data.stdlib_search``)."""
@@ -40,7 +42,8 @@ class DataConfig:
     offline, 384-d) or a local sentence-transformers directory."""
     text_max_tokens: int = 128
     """Frozen mode truncates texts at this many word pieces (MiniLM was trained at 128; longer texts cost more and
-    add little). Part of the embedding cache key."""
+    add little). Part of the embedding cache key. At most 100,000, and at most the encoder's own limit (MiniLM:
+    512), checked when the encoder loads."""
     cache_dir: str | None = None
     """Where text embeddings (``<cache_dir>/embeddings/<encoder>/``) and built-in tables (``<cache_dir>/tables/``)
     are cached; null = ``$V3KIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/v3kit``, else ``~/.cache/v3kit``."""
@@ -58,6 +61,7 @@ class DataConfig:
             raise ValueError(f"data.text_mode must be one of {TEXT_MODES}, got {self.text_mode!r}")
         if self.text_max_tokens < 8:
             raise ValueError(f"data.text_max_tokens must be >= 8, got {self.text_max_tokens}")
+        check_max("data.text_max_tokens", self.text_max_tokens, MAX_TEXT_TOKENS, "is the value a typo?")
         if self.path is not None and self.path.startswith("builtin:") and self.path not in BUILTIN_TABLES:
             raise ValueError(f"data.path {self.path!r} is not a built-in table; use one of {BUILTIN_TABLES}")
         if (

@@ -2,8 +2,8 @@
 
 In memory a dataset is a :class:`GroupData` of padded tensors; on disk it is a long-form table (one row per
 query-candidate pair) whose schema and per-row rules are here (:func:`from_long_frame` / :func:`to_long_frame`);
-reading the Parquet, Arrow IPC / Feather v2 or JSONL files is :mod:`v3kit.data.tables`'s job. See the README's
-"Data schema" section.
+reading the Parquet, Arrow IPC / Feather v2 or JSONL files is :mod:`v3kit.data.tables`'s job. The schema is
+documented in docs/data.md.
 Queries and candidates come as feature vectors or as text (``query_text`` / ``candidate_text``); text is embedded
 by a frozen encoder (the ``embed`` argument, see ``v3kit.data.text``) or carried to a text model
 (``text_mode="end_to_end"``).
@@ -26,6 +26,10 @@ from torch import Tensor
 # Features beyond this magnitude are almost surely a unit or parsing error (and overflow float32 once squared in a
 # norm); real embeddings and standardised features sit many orders of magnitude below it.
 MAX_FEATURE_ABS = 1e6
+# Rewards (and utilities) beyond this magnitude are refused at load: below it every computation on raw rewards stays
+# finite in float32 (3.4e38): a group's sum (groups hold <= 1e5 candidates), a reward over the smallest temperature
+# a config may set (1e-6), and the group statistics, which are taken at unit scale when the squares would overflow.
+MAX_REWARD_ABS = 1e30
 
 REQUIRED_COLUMNS = ("query_id", "candidate_id", "reward", "is_label")
 # Each side (query, candidate) needs its feature vector, its text, or both; text is embedded (frozen mode) or fed
@@ -256,6 +260,14 @@ def validate_tensors(d: GroupData, *, features: bool = True) -> None:
         if bad.any():
             row = bad.nonzero()[0].tolist()
             _fail(f"{name} has a NaN/inf value at index {row}; clean or drop that query before training")
+        if name in ("rewards", "utility"):
+            huge = (t.abs() > MAX_REWARD_ABS) & d.mask
+            if huge.any():
+                row = huge.nonzero()[0].tolist()
+                _fail(
+                    f"{name} has {float(t[tuple(row)]):g} at index {row}, beyond |{name}| <= {MAX_REWARD_ABS:g}; "
+                    "rescale it (e.g. to standard units)"
+                )
     n_valid = d.mask.sum(dim=1)
     if (n_valid < 2).any():
         row = int((n_valid < 2).nonzero()[0])

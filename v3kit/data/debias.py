@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..bounds import check_max
 from .contract import GroupData, Splits
 from .reward_stats import label_reward_agreement
 from .shortcut import centre_in_group, centred_features, fit_ridge
@@ -43,7 +44,8 @@ class RewardConfig:
     ``candidate_prior`` (per-candidate mean centred reward over other queries; needs candidate ids that recur) |
     ``candidate_features`` (ridge fit from candidate features). Val/test rewards are left as they are."""
     debias_folds: int = 5
-    """Folds of training queries for the cross-fitting: a query's own rewards never enter its estimate."""
+    """Folds of training queries for the cross-fitting: a query's own rewards never enter its estimate; 2 to
+    1,000."""
     prior_shrinkage: float = 1.0
     """``candidate_prior`` = sum of the candidate's centred rewards / (its count + this): a candidate seen once
     elsewhere gets half its one observation, so a single noisy reward does not become a prior."""
@@ -55,6 +57,7 @@ class RewardConfig:
             raise ValueError(f"reward.debias must be one of {DEBIAS_METHODS}, got {self.debias!r}")
         if self.debias_folds < 2:
             raise ValueError(f"reward.debias_folds must be >= 2, got {self.debias_folds}")
+        check_max("reward.debias_folds", self.debias_folds, 1_000, "each fold refits the estimate; is it a typo?")
         if self.prior_shrinkage < 0 or self.feature_ridge < 0:
             raise ValueError(
                 f"reward.prior_shrinkage and reward.feature_ridge must be >= 0, got "

@@ -14,6 +14,7 @@ import torch
 
 from .contract import (
     MAX_FEATURE_ABS,
+    MAX_REWARD_ABS,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
     SIDE_COLUMNS,
@@ -150,6 +151,13 @@ def check_long_frame(df: pd.DataFrame, columns: Sequence[str], n_rows: int) -> N
             _fail(
                 f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} is {df[field].iloc[i]}; "
                 f"every {field} must be a finite number"
+            )
+        huge = np.abs(vals) > MAX_REWARD_ABS
+        if huge.any():
+            i = int(np.flatnonzero(huge)[0])
+            _fail(
+                f"row {i} (query_id={df['query_id'].iloc[i]!r}): {field} = {vals[i]:g} exceeds "
+                f"|{field}| <= {MAX_REWARD_ABS:g}; rescale the {field} column (e.g. to standard units)"
             )
 
 

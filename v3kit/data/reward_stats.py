@@ -21,11 +21,18 @@ def label_reward_agreement(data: GroupData) -> float:
 
 def reward_spread(data: GroupData) -> torch.Tensor:
     """Per-group standard deviation of the valid rewards (what GRPO's group normalisation divides by)."""
-    m = data.mask.float()
+    return _spread(data.rewards, data.mask.float())
+
+
+def _spread(rewards: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     n = m.sum(1)
-    mean = (data.rewards * m).sum(1) / n
-    var = (((data.rewards - mean.unsqueeze(1)) ** 2) * m).sum(1) / (n - 1).clamp_min(1)
-    return var.sqrt()
+    mean = (rewards * m).sum(1) / n
+    var = (((rewards - mean.unsqueeze(1)) ** 2) * m).sum(1) / (n - 1).clamp_min(1)
+    std = var.sqrt()
+    overflow = ~torch.isfinite(std)  # rewards above ~1.8e19: their squares overflow float32; float64 holds them
+    if overflow.any() and rewards.dtype != torch.float64:
+        std = torch.where(overflow, _spread(rewards.double(), m.double()).to(std.dtype), std)
+    return std
 
 
 def stage1_summary(old_log_probs: torch.Tensor, data: GroupData) -> dict[str, float]:

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ..rundir import atomic_write_frame
+from .cache import note
 
 BUILDER_VERSION = 2  # bump when the table a config produces changes
 
@@ -344,5 +345,8 @@ def builtin_table(cfg: StdlibSearchConfig, cache_dir: str | Path) -> pd.DataFram
         except Exception:  # damaged cache file: rebuild it
             pass
     df = build_table(cfg)
-    atomic_write_frame(path, df)
+    try:
+        atomic_write_frame(path, df)
+    except OSError as e:  # a full disk or a read-only cache: use the table built now, like every data cache
+        note(f"cannot write the table cache {path} ({e}); using the table without caching it")
     return df

@@ -58,8 +58,11 @@ def encoder_path(name: str) -> str:
     return str(module.get_model_path())
 
 
-def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu", max_tokens: int | None = None):
-    """A ``sentence_transformers.SentenceTransformer`` for ``name`` (lazy import, clear error when missing)."""
+def load_sentence_encoder(
+    name: str = DEFAULT_ENCODER, device: str = "cpu", max_tokens: int | None = None, field: str = "data.text_encoder"
+):
+    """A ``sentence_transformers.SentenceTransformer`` for ``name`` (lazy import, clear error when missing);
+    ``field`` is the setting the error names."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
@@ -67,14 +70,21 @@ def load_sentence_encoder(name: str = DEFAULT_ENCODER, device: str = "cpu", max_
     path = encoder_path(name)
     try:
         model = SentenceTransformer(path, device=device)
-        if max_tokens is not None:
-            model.max_seq_length = max_tokens
-        return model
     except Exception as e:  # missing files, no network for a hub id, ...
         raise ValueError(
-            f"data.text_encoder {name!r} could not be loaded from {path} ({type(e).__name__}: "
+            f"{field} {name!r} could not be loaded from {path} ({type(e).__name__}: "
             f"{str(e)[:200]}); use {DEFAULT_ENCODER!r} or a local sentence-transformers directory"
         ) from None
+    if max_tokens is not None:
+        # past its position embeddings the encoder fails deep inside torch (an index error), so refuse it here
+        limit = getattr(getattr(getattr(model[0], "auto_model", None), "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and max_tokens > limit:
+            raise ValueError(
+                f"data.text_max_tokens = {max_tokens} exceeds the {limit} word pieces encoder {name!r} can read; "
+                f"set data.text_max_tokens <= {limit}"
+            )
+        model.max_seq_length = max_tokens
+    return model
 
 
 def sentence_encoder(name: str = DEFAULT_ENCODER, batch_size: int = 64, max_tokens: int | None = None) -> Encode:

@@ -16,6 +16,7 @@ import yaml
 from ..config import ConfigError, RunConfig, field_types, from_dict, safe_load_bounded
 from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.metrics_log import read_metrics_frame
 
 
 @dataclass
@@ -242,10 +243,7 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
             config = loaded if isinstance(loaded, dict) else {}
         except (yaml.YAMLError, ConfigError):  # a broken config only costs the cause attribution, not the report
             config = {}
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"{path} is empty: the run wrote no metrics yet (did it start?)") from None
+    frame = read_metrics_frame(path)
     missing = [c for c in ("stage", "split", "epoch", "step") if c not in frame.columns]
     if missing:
         raise ValueError(

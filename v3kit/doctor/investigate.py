@@ -24,15 +24,17 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from ..ablate.cli import add_backend_args
+from ..ablate.cli import MAX_WORKERS, add_backend_args
 from ..ablate.grid import BASE_WORLD, GridSpec, parse_grid
 from ..ablate.runner import collect, run_grid
 from ..ablate.stats import compare, min_detectable_effect
+from ..bounds import cli_number
 from ..config import ConfigError, dump_config, load_config
 from ..data.debias import recurring_share
 from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed, run_pipeline
 from ..run import Run, split_seed
-from ..rundir import atomic_write_text
+from ..run_info import config_edits
+from ..rundir import atomic_write_text, json_text
 from ..train.baselines import baseline_table
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from ..train.metrics import METRIC_DIRECTION, evaluate
@@ -93,10 +95,19 @@ class Investigation:
             )
         if initial_seeds < 2:
             raise ConfigError(f"--initial-seeds must be >= 2 (an interval needs two runs), got {initial_seeds}")
+        if not (math.isfinite(budget_minutes) and budget_minutes >= 0):  # nan would never stop, -5 never start
+            raise ConfigError(f"--budget-minutes must be a finite number >= 0, got {budget_minutes}")
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
         self.backend, self.address = backend, address
         self.initial_seeds, self.max_seeds, self.seed_step = initial_seeds, max(max_seeds, initial_seeds), seed_step
         self.cfg = load_config(cfg_path)
+        edits = config_edits(self.run_dir, self.cfg)
+        if edits:  # the verdict would compare variants of a config the run never trained
+            raise ConfigError(
+                f"{cfg_path} was edited after the run ({edits}); investigate tests variants of the run as it "
+                f"trained: restore those values (the run recorded them in {self.run_dir / 'run_info.json'}), or "
+                "train the edited config with v3kit run and investigate that run"
+            )
         self.out = Path(out) if out is not None else self.run_dir / "investigate"
         sft = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
         if not Path(sft).is_file():
@@ -314,6 +325,12 @@ class Investigation:
             f"With {n_test} test queries (data.test_frac={frac:g}) and up to {self.max_seeds} seeds, "
             f"{self.metric} effects smaller than ~{_fmt(mde)} go undetected (80% power at 5%)"
         )
+        if not (mde > 0 and math.isfinite(mde)):  # no run differed from another (a smoke run): no power to state
+            line = (
+                f"With {n_test} test queries (data.test_frac={frac:g}) and up to {self.max_seeds} seeds: too few "
+                f"test queries to detect any effect ({self.metric} did not differ between runs, so every interval "
+                "has zero width)"
+            )
         if frac < 0.3:
             line += f"; a larger test split (e.g. data.test_frac={min(0.4, 2 * frac):g}) narrows the intervals"
         else:
@@ -354,6 +371,8 @@ def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) 
     same test split: the check that the verdict's ``effect_vs_sft`` holds for runs it never saw."""
 
     out = Path(out)
+    if not seeds:
+        raise ValueError("reproduce needs at least one seed (--reproduce K with K >= 1)")
     v = json.loads((out / VERDICT_JSON).read_text())
     effects = []
     for s in seeds:
@@ -398,12 +417,12 @@ def cmd_investigate(args: argparse.Namespace) -> int:
     write_verdict(v, inv.run_dir, inv.out)
     print(verdict_markdown(v, inv.run_dir, inv.out))
     print(f"wrote {inv.out / VERDICT_MD} and {inv.out / VERDICT_JSON}")
-    if args.reproduce:
+    if args.reproduce is not None:
         seeds = [REPRODUCE_SEED0 + i for i in range(args.reproduce)]
         rep = reproduce(inv.out, seeds, progress=not args.no_progress)
         data = json.loads((inv.out / VERDICT_JSON).read_text())
         data["reproduced"] = {"seeds": seeds, **rep}
-        atomic_write_text(inv.out / VERDICT_JSON, json.dumps(data, indent=1) + "\n")
+        atomic_write_text(inv.out / VERDICT_JSON, json_text(data))
         lo, hi = rep["interval"]
         print(
             f"reproduce: retrained {data['config']} with fresh seeds {seeds}: effect vs the run's SFT "
@@ -414,6 +433,8 @@ def cmd_investigate(args: argparse.Namespace) -> int:
 
 
 REPRODUCE_SEED0 = 1000  # fresh seeds, never among a grid's (which count from 0)
+# Bounds of the numeric options (typo guards): a seed is a full training run, a budget of ~2 years is no budget.
+MAX_SEEDS, MAX_BUDGET_MINUTES = 1000, 1e6
 
 
 def register_cli(subparsers: Any) -> None:
@@ -428,11 +449,23 @@ def register_cli(subparsers: Any) -> None:
         default="acc@1",
         help="the metric the verdict is judged by (utility@1 on the synthetic world, which knows the truth)",
     )
-    p.add_argument("--budget-minutes", type=float, default=30.0, help="stop adding seeds when this is spent")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one torch thread each)")
+    p.add_argument(
+        "--budget-minutes",
+        type=cli_number(float, 0, MAX_BUDGET_MINUTES),
+        default=30.0,
+        help="stop adding seeds when this is spent (0: the first round only)",
+    )
+    p.add_argument(
+        "--workers",
+        type=cli_number(int, 1, MAX_WORKERS),
+        default=1,
+        help="parallel worker processes (one torch thread each)",
+    )
     p.add_argument("--out", help="output directory (default: RUN_DIR/investigate)")
-    p.add_argument("--initial-seeds", type=int, default=3, help="seeds of the first round (>= 2)")
-    p.add_argument("--max-seeds", type=int, default=8, help="most seeds any variant gets")
+    p.add_argument(
+        "--initial-seeds", type=cli_number(int, 2, MAX_SEEDS), default=3, help="seeds of the first round (>= 2)"
+    )
+    p.add_argument("--max-seeds", type=cli_number(int, 2, MAX_SEEDS), default=8, help="most seeds any variant gets")
     p.add_argument(
         "--set",
         action="append",
@@ -448,8 +481,8 @@ def register_cli(subparsers: Any) -> None:
     )
     p.add_argument(
         "--reproduce",
-        type=int,
-        default=0,
+        type=cli_number(int, 1, MAX_SEEDS),
+        default=None,
         metavar="K",
         help="then retrain the recommended config with K fresh seeds and check that its effect vs SFT "
         "falls inside the verdict's interval (recorded in verdict.json)",

@@ -5,6 +5,7 @@ which makes the verdict)."""
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..rundir import atomic_write_text
+from ..rundir import atomic_write, atomic_write_text, json_text
 
 VERDICT_MD, VERDICT_JSON = "verdict.md", "verdict.json"
 SFT_ONLY = "sft_only"  # the reference variant every effect is measured against (not plotted: it is the zero line)
@@ -123,10 +124,15 @@ def plot_effects(v: Verdict, path: Path) -> None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, t["variant"])
     ax.set_xlabel(f"{v.metric}: shipped model - SFT (95% CI)")
-    ax.set_title(f"verdict: {v.recommendation} ({v.variant})")
+    # Long variant names narrow the axes; a title centred over them ran off the figure. A figure title wrapped to
+    # the figure's width fits whatever the labels take.
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * 1.2 * plt.rcParams["font.size"])))
+    fig.suptitle(textwrap.fill(f"verdict: {v.recommendation} ({v.variant})", chars), fontsize="large")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # atomic like every file v3kit writes: a full disk leaves no half a png
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
@@ -135,5 +141,5 @@ def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
         plot_effects(v, out / "effects.png")
     except ImportError:  # matplotlib is an extra (notebooks): the verdict stands without its plot
         pass
-    atomic_write_text(out / VERDICT_JSON, json.dumps(v.as_json(), indent=1) + "\n")
+    atomic_write_text(out / VERDICT_JSON, json_text(v.as_json()))
     atomic_write_text(out / VERDICT_MD, verdict_markdown(v, run_dir, out))

@@ -184,9 +184,10 @@ def notebook_source(name: str | Path, nb_dir: str | Path = PROJECT_ROOT / "noteb
     return found[0]
 
 
-def parse_parameter(value: str) -> Any:
+def parse_parameter(value: str, key: str = "") -> Any:
     """A ``-p`` value as papermill's command line reads it (``True``/``False``/``None``, ints, floats, else a
-    string), plus YAML lists and mappings (``[0.0, 0.1]``, ``{kl_beta: 0.1}``)."""
+    string), plus YAML lists and mappings (``[0.0, 0.1]``, ``{kl_beta: 0.1}``). ``key`` names the parameter in the
+    one-line error."""
     from papermill.cli import _resolve_type  # papermill's own -p parser, so both read a value alike
 
     resolved = _resolve_type(value)
@@ -194,8 +195,29 @@ def parse_parameter(value: str) -> Any:
         try:
             return yaml.safe_load(resolved)
         except yaml.YAMLError as e:
-            raise ValueError(f"-p value {value!r} looks like a YAML list/mapping but does not parse ({e})") from None
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(
+                f"-p {key} {value!r}: looks like a YAML list/mapping but does not parse ({problem}); "
+                "quote it as one shell word, e.g. -p kl_betas '[0.0, 0.1]'"
+            ) from None
     return resolved
+
+
+def check_parameter_types(name: str, params: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Refuse, naming the parameter, a value of another kind than the notebook's default (a number for a number,
+    true/false for a flag, a list for a list): the notebook would otherwise fail cells later, naming a cell only."""
+    kinds = ((bool, "True or False"), ((int, float), "a number"), (list, "a list"), (dict, "a mapping"))
+    for key, value in params.items():
+        default = defaults.get(key)
+        if value is None:  # None stands for "the notebook's own choice" in the parameters cells
+            continue
+        for kind, words in kinds:
+            is_kind = isinstance(default, kind) and not (kind is not bool and isinstance(default, bool))
+            if is_kind:
+                ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+                if not ok:
+                    raise ValueError(f"-p {key} {value!r}: {name} expects {words} (its default is {default!r})")
+                break
 
 
 def default_kernel(nb: Any) -> str:
@@ -230,10 +252,11 @@ def run_notebook(
     src = notebook_source(name)
     params = dict(parameters or {})
     nb = _jupytext().read(str(src))
-    declared = _parameter_names(nb)
-    unknown = sorted(set(params) - declared)
+    defaults = _parameter_defaults(nb)
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
-        raise ValueError(f"{src.name} has no parameter(s) {unknown}; its parameters: {sorted(declared)}")
+        raise ValueError(f"{src.name} has no parameter(s) {unknown}; its parameters: {sorted(defaults)}")
+    check_parameter_types(src.name, params, defaults)
     out = Path(out) if out is not None else Path("runs/notebooks/executed") / f"{src.stem}.ipynb"
     out.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
@@ -248,20 +271,25 @@ def run_notebook(
     return out
 
 
-def _parameter_names(nb: Any) -> set[str]:
-    names: set[str] = set()
+def _parameter_defaults(nb: Any) -> dict[str, Any]:
+    """The parameters cell's names and their default values (None where the default is not a literal)."""
+    defaults: dict[str, Any] = {}
     for cell in nb.cells:
         if "parameters" in cell.metadata.get("tags", []):
             for node in ast.parse(cell.source).body:
                 if isinstance(node, ast.Assign):
-                    names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    return names
+                    try:
+                        value = ast.literal_eval(node.value)
+                    except ValueError:
+                        value = None
+                    defaults.update({t.id: value for t in node.targets if isinstance(t, ast.Name)})
+    return defaults
 
 
 def cmd_notebook(args: Any) -> int:
     params: dict[str, Any] = {}
     for key, value in args.parameters or []:
-        params[key] = parse_parameter(value)
+        params[key] = parse_parameter(value, key)
     try:
         from papermill.exceptions import PapermillExecutionError
     except ImportError:
@@ -271,9 +299,10 @@ def cmd_notebook(args: Any) -> int:
         out = run_notebook(args.name, params, args.out, kernel=args.kernel)
     except PapermillExecutionError as e:
         where = args.out or f"runs/notebooks/executed/{notebook_source(args.name).stem}.ipynb"
+        given = f" with -p {', '.join(f'{k}={v!r}' for k, v in params.items())}" if params else ""
         print(
-            f"v3kit notebook: {args.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} "
-            f"(the executed notebook with the traceback: {where})",
+            f"v3kit notebook: {args.name} failed in cell {e.exec_count}: {e.ename}: {' '.join(str(e.evalue).split())}"
+            f"{given} (the executed notebook with the traceback: {where})",
             file=sys.stderr,
         )
         return 1

@@ -26,6 +26,8 @@ from typing import Any, Iterator, Union
 import torch
 from torch import Tensor, nn
 
+MAX_THREADS = 4096  # more than any machine has cores: a larger value is a typo
+
 DEVICES_HELP = "auto, cpu, cuda, cuda:N or mps"
 PRECISIONS = ("fp32", "bf16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -50,8 +52,8 @@ def check_precision_setting(precision: str) -> None:
 def check_threads_setting(threads: Union[str, int]) -> None:
     if threads == "auto":
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be 'auto' or an integer >= 1, got {threads!r}; e.g. threads=1")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be 'auto' or an integer in [1, {MAX_THREADS}], got {threads!r}; e.g. threads=1")
 
 
 def _mps_available() -> bool:

@@ -41,7 +41,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from ..bounds import check_max
+from ..bounds import check_max, check_temperature
 from ..data.contract import Batch, Splits
 from .checkpoint import model_payload
 from .losses import (
@@ -65,6 +65,7 @@ OLD_POLICIES = ("sft", "refresh_at_start", "refresh_each_epoch")
 KL_REFERENCES = ("old", "sft")
 KL_ESTIMATOR_CHOICES = (None, *KL_ESTIMATORS, EXACT_KL)  # None: "seed" against old, "k3" against sft
 SAMPLE_MODES = ("all", "sampled", "exact")
+MAX_KL_HORIZON = 10**12
 
 
 @dataclass
@@ -118,7 +119,11 @@ class GRPOConfig(OptimConfig):
     ``1 + clip(kl / kl_target - 1, +-0.2) * groups_in_batch / kl_horizon`` (logged as ``kl_beta``)."""
     kl_horizon: int = 10000
     """Horizon (in groups) of the adaptive KL controller: how fast ``kl_beta`` adapts. With ``kl_target`` set it
-    must exceed ``batch_size / 5``, or a step could scale ``kl_beta`` by a factor <= 0."""
+    must exceed ``batch_size / 5``, or a step could scale ``kl_beta`` by a factor <= 0; at most 10^12."""
+    kl_beta_min: float = 1e-8
+    """Floor of the adaptive ``kl_beta`` (with ``kl_target``): repeated shrinking would otherwise underflow it to
+    exactly 0, where a multiplicative controller stays for good. Must be in [0, ``kl_beta``]; 1e-8 weighs the KL
+    penalty at nothing while keeping a coefficient the controller can raise again."""
     loss_type: str = "ppo"
     """``ppo`` (the seed: PPO's clipped surrogate) | ``cispo`` (clipped, detached importance weight x log-prob, so
     clipped candidates keep a gradient)."""
@@ -160,6 +165,7 @@ class GRPOConfig(OptimConfig):
             raise ValueError(f"grpo.kl_target must be > 0 or null (fixed kl_beta), got {self.kl_target}")
         if self.kl_horizon < 1:
             raise ValueError(f"grpo.kl_horizon must be >= 1, got {self.kl_horizon}")
+        check_max("grpo.kl_horizon", self.kl_horizon, MAX_KL_HORIZON, "a horizon past any run's groups freezes kl_beta")
         if self.kl_target is not None and 5 * self.kl_horizon <= self.batch_size:
             # a step multiplies kl_beta by 1 + clip(err, +-0.2) * batch_size / kl_horizon: 0 or negative at ratio >= 5
             raise ValueError(
@@ -168,12 +174,19 @@ class GRPOConfig(OptimConfig):
             )
         if self.kl_target is not None and self.kl_beta == 0:
             raise ValueError("grpo.kl_target needs grpo.kl_beta > 0 to start from (an adaptive 0 stays 0)")
+        if self.kl_target is not None and not 0 <= self.kl_beta_min <= self.kl_beta:
+            raise ValueError(
+                f"grpo.kl_beta_min must be in [0, grpo.kl_beta = {self.kl_beta:g}] (the adaptive kl_beta's floor), "
+                f"got {self.kl_beta_min:g}"
+            )
         lt = self.logp_temperature
         if isinstance(lt, str):
             if lt != "same_as_rce_end":
                 raise ValueError(f"grpo.logp_temperature must be 'same_as_rce_end' or a number > 0, got {lt!r}")
         elif not lt > 0:
             raise ValueError(f"grpo.logp_temperature must be > 0, got {lt}")
+        else:
+            check_temperature("grpo.logp_temperature", lt)
 
     def resolve_temperature(self, rce_end_temperature: float) -> float:
         return rce_end_temperature if self.logp_temperature == "same_as_rce_end" else float(self.logp_temperature)
@@ -202,22 +215,9 @@ def grpo_step_loss(
     """
     stats: dict[str, float | Tensor] = {}
     kl_beta = cfg.kl_beta if kl_beta is None else kl_beta
-    bonus = None  # the entropy bonus is taken over the full groups, before any sampling
-    full_kl = None  # likewise the exact KL, a sum over the whole group
+    full = None  # with samples="sampled": the full groups, whose entropy (and exact KL) the loss takes
     if cfg.samples == "sampled":
-        # The entropy of the full groups, before they are replaced by the draws: logged, and the bonus if any.
-        if cfg.entropy_coef:
-            entropy = group_entropy(logp, mask)
-            bonus = cfg.entropy_coef * entropy
-        else:
-            with torch.no_grad():
-                entropy = group_entropy(logp, mask)
-        stats["entropy"] = entropy.detach()
-        if cfg.kl_estimator == EXACT_KL:
-            # Over the K draws the sum would count repeated candidates twice and miss the undrawn ones (it can even
-            # go negative), so the exact KL covers the full groups, as the entropy bonus does.
-            full_kl = exact_group_kl(logp, old_logp if ref_logp is None else ref_logp, mask).mean()
-            stats["kl"] = full_kl.detach()
+        full = (logp, old_logp if ref_logp is None else ref_logp, mask)
         # On-policy GRPO: K candidates drawn from the old policy form the group; advantages are relative to them.
         probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
         idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
@@ -233,7 +233,9 @@ def grpo_step_loss(
     stats["frac_reward_zero_std"] = zero.float().mean()
     # Only drop_zero_std_groups needs to know (on the host) which groups to keep; the default path never waits.
     keep = ~zero if cfg.drop_zero_std_groups else None
-    if keep is not None and not keep.any():  # nothing in this batch carries signal: no update (the runner skips)
+    if keep is not None and not keep.any():
+        # Nothing in this batch carries signal: the loss is a mean over no group, taken as exactly 0 (no policy
+        # term, no KL, no entropy bonus: a dropped group leaves every term), and the runner takes no step.
         return logp.new_zeros(()), {
             **stats,
             "pg_loss": 0.0,
@@ -246,6 +248,11 @@ def grpo_step_loss(
     if keep is not None and not keep.all():
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
+        full = None if full is None else tuple(t[keep] for t in full)
+    bonus = None  # the entropy bonus is taken over the (kept) full groups, not the draws
+    full_kl = None  # likewise the exact KL, a sum over the whole group
+    if full is not None:
+        bonus, full_kl = _full_group_terms(*full, cfg, stats)
     if group_terms is not None:
         adv = group_terms[1] if keep is None else group_terms[1][keep]
     else:
@@ -283,6 +290,26 @@ def grpo_step_loss(
     return loss, loss_stats
 
 
+def _full_group_terms(
+    logp: Tensor, anchor_logp: Tensor, mask: Tensor, cfg: GRPOConfig, stats: dict[str, float | Tensor]
+) -> tuple[Tensor | None, Tensor | None]:
+    """``samples="sampled"``: the entropy bonus and the exact KL of the full groups the draws came from (the groups
+    the loss keeps); their values go to ``stats``. Over the K draws the exact sum would count repeated candidates
+    twice and miss the undrawn ones (it can even go negative), so both cover the full groups."""
+    bonus = full_kl = None
+    if cfg.entropy_coef:
+        entropy = group_entropy(logp, mask)
+        bonus = cfg.entropy_coef * entropy
+    else:
+        with torch.no_grad():
+            entropy = group_entropy(logp, mask)
+    stats["entropy"] = entropy.detach()
+    if cfg.kl_estimator == EXACT_KL:
+        full_kl = exact_group_kl(logp, anchor_logp, mask).mean()
+        stats["kl"] = full_kl.detach()
+    return bonus, full_kl
+
+
 class GRPOObjective:
     """The GRPO objective of a run: ``cfg``'s switches (:func:`grpo_step_loss` assembles the policy, KL and entropy
     terms) and its state, the KL coefficient. That coefficient is ``cfg.kl_beta``, or with ``cfg.kl_target`` the
@@ -292,7 +319,9 @@ class GRPOObjective:
     def __init__(self, cfg: GRPOConfig) -> None:
         self.cfg = cfg
         self.adaptive = cfg.kl_target is not None
-        self.kl = AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon) if self.adaptive else None
+        self.kl = (
+            AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon, cfg.kl_beta_min) if self.adaptive else None
+        )
 
     @property
     def kl_beta(self) -> float:

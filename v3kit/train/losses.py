@@ -169,7 +169,9 @@ def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "n
     if how == "zscore":
         centred, n = _centred(rewards, mask)
         std = _bessel_var(centred, n).sqrt()
-        return torch.where(std > eps, centred / std.clamp_min(eps), zeros)
+        z = torch.where(std > eps, centred / std.clamp_min(eps), zeros)
+        # groups whose squares overflow (|r| above ~1.8e19 in float32) are standardised at unit scale
+        return torch.where(torch.isfinite(std), z, torch.where(mask, _unit_scale_zscore(rewards, mask, 0.0), zeros))
     n = mask.to(rewards.dtype).sum(dim=1, keepdim=True)
     pair = mask.unsqueeze(1) & mask.unsqueeze(2)  # [B, c, c']: both valid
     lower = ((rewards.unsqueeze(2) > rewards.unsqueeze(1)) & pair).sum(dim=2).to(rewards.dtype)
@@ -274,10 +276,17 @@ def group_advantages(
     mask = check_mask(mask, rewards, allow_empty=True)
     centred, n = _centred(rewards, mask)
     if scale == "group":
-        adv = centred / (_nonzero_std(_bessel_var(centred, n).sqrt(), centred, n, dim=1) + eps)
+        var = _bessel_var(centred, n)
+        adv = centred / (_nonzero_std(var.sqrt(), centred, n, dim=1) + eps)
+        # Rewards above ~1.8e19 (float32) overflow the squares: those groups (only) are standardised at unit scale
+        adv = torch.where(torch.isfinite(var), adv, _unit_scale_zscore(rewards, mask, eps))
     elif scale == "batch":
         flat = rewards[mask]
         std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
+        if flat.numel() > 1 and not bool(torch.isfinite(std)):  # overflowing squares: work at unit scale
+            unit = flat.abs().amax()
+            flat, centred = flat / unit, _centred(torch.where(mask, rewards, torch.zeros_like(rewards)) / unit, mask)[0]
+            std, eps = flat.std(), eps / unit
         adv = centred / (_nonzero_std(std, flat - flat.mean(), flat.new_tensor(flat.numel())) + eps)
     elif scale == "rloo":
         adv = centred * n / (n - 1).clamp_min(1)
@@ -286,6 +295,19 @@ def group_advantages(
     no_signal = zero_std_groups(rewards, mask) if no_signal is None else no_signal
     signal = (~no_signal).unsqueeze(1) & mask
     return torch.where(signal, adv - baseline if baseline else adv, torch.zeros_like(adv))
+
+
+def _unit_scale_zscore(rewards: Tensor, mask: Tensor, eps: float | Tensor) -> Tensor:
+    """``(r - mean_g) / (std_g + eps)`` per group, computed on ``r / max_g |r|``: every intermediate stays within
+    [-2, 2] (squares within [0, 4]), so no group's statistics can overflow whatever the rewards' magnitude. The
+    same numbers up to rounding as the direct formula, which is kept for the groups it can compute (bit-identical
+    runs); a group of huge rewards takes this one."""
+    big = torch.finfo(rewards.dtype).max
+    unit = torch.where(mask, rewards.abs(), torch.zeros_like(rewards)).amax(dim=1, keepdim=True)
+    unit = unit.clamp(torch.finfo(rewards.dtype).tiny, big)
+    centred, n = _centred(torch.where(mask, rewards, torch.zeros_like(rewards)) / unit, mask)
+    std = _nonzero_std(_bessel_var(centred, n).sqrt(), centred, n, dim=1)
+    return centred / (std + eps / unit)
 
 
 def _nonzero_std(std: Tensor, centred: Tensor, count: Tensor, dim: int | None = None) -> Tensor:
@@ -357,14 +379,19 @@ class AdaptiveKLController:
     by ``1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon``, so it rises while the KL is above ``target``
     and falls while below, by at most 20% per ``horizon`` samples. A step of ``n_steps >= 5 * horizon`` samples is
     refused: its factor ``1 - 0.2 * n_steps / horizon`` could reach 0 or turn the coefficient negative (verl does not
-    check; ``GRPOConfig`` refuses such a ``kl_horizon`` up front)."""
+    check; ``GRPOConfig`` refuses such a ``kl_horizon`` up front). The coefficient never falls below ``floor``:
+    a factor < 1 repeated (a KL far below target, a short horizon) underflows it to exactly 0 after a few hundred
+    steps (0.1 x 0.086^302 at horizon 7, batch 32), and a multiplicative controller at 0 stays there for good."""
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+    def __init__(self, init_kl_coef: float, target: float, horizon: int, floor: float = 0.0) -> None:
         if not target > 0 or horizon < 1:
             raise ValueError(f"kl target must be > 0 and horizon >= 1, got {target} and {horizon}")
+        if not 0 <= floor <= init_kl_coef:
+            raise ValueError(f"the KL coefficient's floor must be in [0, {init_kl_coef}], got {floor}")
         self.value = float(init_kl_coef)
         self.target = float(target)
         self.horizon = int(horizon)
+        self.floor = float(floor)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         if n_steps >= 5 * self.horizon:
@@ -373,7 +400,7 @@ class AdaptiveKLController:
                 f"{self.horizon}): the coefficient would be scaled by a factor <= 0"
             )
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        self.value = max(self.value * (1.0 + error * n_steps / self.horizon), self.floor)
         return self.value
 
 

@@ -41,6 +41,21 @@ class StageResult:
         return split_rows(self.history, "val")
 
 
+def read_metrics_frame(path: str | Path) -> pd.DataFrame:
+    """A run's ``metrics.csv`` as a frame, for whatever reads a finished run; a file that is not CSV text (binary
+    garbage, a torn header, nothing at all) is one error naming it, not pandas' decode or parser error."""
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path} is empty: the run wrote no metrics yet (did it start?)") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        what = "is not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "is not a well-formed CSV"
+        raise ValueError(
+            f"{path} {what} ({' '.join(str(e).split())[:120]}): it is not a metrics.csv as `v3kit run` writes it; "
+            "restore it (a --resume rewrites it from the checkpoints) or move it away"
+        ) from None
+
+
 class Callback:
     """Hooks a notebook (live plots) or a script can implement; every method is optional."""
 

@@ -40,11 +40,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..bounds import check_all_max, check_max
+from ..bounds import check_all_max, check_max, check_temperature
 from ..data.contract import Batch, GroupData, iterate_batches
 from . import distributed
 from .device import autocast, module_device
 from .losses import score_log_probs  # noqa: F401 - also v3kit.train.model.score_log_probs, as before
+from .pretrained import class_target, config_kwargs, from_pretrained, is_pretrained_dir, wants_config
 
 DEFAULT_TARGET = "v3kit.model:TwoTower"
 # A layer 1,000,000 wide already holds 4 MB per input unit; wider is a typo (1e12 asked torch for 256 TB). What is
@@ -67,7 +68,9 @@ class ModelConfig:
     target: str = DEFAULT_TARGET
     """The ranker class: ``package.module:Class`` (importable: installed, on PYTHONPATH or under the current
     directory, as ``python -m`` finds it) or ``path/to/models.py:Class`` (a file, relative to the cwd; checkpoints
-    record its absolute path)."""
+    record its absolute path); a function returning the model works too (``pkg.module:make_ranker``). Or a Hugging
+    Face ``save_pretrained`` directory, built with ``from_pretrained`` (class from its config.json's ``auto_map`` or
+    ``architectures``; docs/your_model.md)."""
     interface: str = "auto"
     """How the class scores a group: ``towers`` (query and candidate embedding methods, scores = their dot
     product), ``scorer`` (one method returns the scores [B, G] of ``(query_input, cand_input)``: cross-encoders,
@@ -98,13 +101,15 @@ class ModelConfig:
     lie in [-1, 1]: pair it with a small ``sim_temperature`` (e.g. 0.05-0.1) so the policy is not near uniform."""
 
     def __post_init__(self) -> None:
-        if ":" not in self.target:
+        if ":" not in self.target and not is_pretrained_dir(self.target):
             raise ValueError(
                 "model.target must look like 'package.module:ClassName' or "
-                f"'path/to/models.py:ClassName', got {self.target!r}"
+                f"'path/to/models.py:ClassName', or be a save_pretrained directory (with a config.json), "
+                f"got {self.target!r}"
             )
         if self.sim_temperature <= 0:
             raise ValueError(f"model.sim_temperature must be > 0, got {self.sim_temperature}")
+        check_temperature("model.sim_temperature", self.sim_temperature)
         if self.interface not in INTERFACES:
             raise ValueError(f"model.interface must be one of {INTERFACES}, got {self.interface!r}")
         unknown = sorted(set(self.methods) - set(DEFAULT_METHODS))
@@ -195,6 +200,8 @@ def resolve_target(target: str, base: str | Path | None = None) -> str:
 
     Checkpoints record the resolved form, so ``eval`` and ``run --sft`` work from any directory later.
     """
+    if ":" not in target and is_pretrained_dir(target):
+        return str(Path(target).expanduser().resolve())
     if not is_file_target(target):
         return target
     file_part, _, attr = target.rpartition(":")
@@ -347,32 +354,86 @@ def attach_interface(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     return model
 
 
-def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
-    """Instantiate ``cfg.target`` and check it is a ranker (towers or scorer, :func:`resolve_interface`)."""
-    if cfg.residual and cfg.target != DEFAULT_TARGET:
-        raise ValueError(
-            f"model.residual applies to the built-in {DEFAULT_TARGET} only, not {cfg.target!r}; build "
-            "the residual into your own towers, or set model.residual=false"
-        )
-    cls = import_object(cfg.target)
+def _takes(cls: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _constructor_kwargs(cfg: ModelConfig, cls: Any) -> dict[str, Any]:
+    """``model.kwargs`` plus what the model section gives the built-in ``TwoTower`` (and ``residual`` /
+    ``normalize`` to any class whose constructor names them), a ``config`` dict turned into a PretrainedConfig."""
     kwargs = dict(cfg.kwargs)
     if cfg.target == DEFAULT_TARGET:
         kwargs.update(hidden=list(cfg.hidden), emb_dim=cfg.emb_dim, normalize=cfg.normalize)
         if cfg.residual:  # only when set: checkpoints of earlier versions rebuild with the same arguments
             kwargs["residual"] = True
-    dims = {k: v for k, v in constructor_dims(cls, query_dim, cand_dim).items() if k not in kwargs}
+    elif cfg.residual:
+        if not _takes(cls, "residual"):
+            raise ValueError(
+                f"model.residual applies to the built-in {DEFAULT_TARGET} and to classes whose constructor takes "
+                f"residual (v3kit.text_model:SentenceTransformerRanker), not {cfg.target!r}; build the residual "
+                "into your own towers, or set model.residual=false"
+            )
+        kwargs.setdefault("residual", True)
+        if _takes(cls, "hidden"):
+            kwargs.setdefault("hidden", list(cfg.hidden))
+    if cfg.normalize and cfg.target != DEFAULT_TARGET and _takes(cls, "normalize"):
+        kwargs.setdefault("normalize", True)
+    return config_kwargs(cls, kwargs)
+
+
+def _build_error(cfg: ModelConfig, cls: Any, dims: dict[str, int], error: Exception) -> str:
+    """Why ``cls`` could not be built, with an example ``--kwargs`` naming its constructor's own parameters."""
+    name = getattr(cls, "__name__", str(cls))
     try:
-        model = cls(**dims, **kwargs)
-    except TypeError as e:  # a wrong keyword in model.kwargs, or a constructor that wants other arguments
+        params = inspect.signature(cls).parameters
+        sig = f"{name}{inspect.signature(cls)}"
+    except (TypeError, ValueError):
+        params, sig = {}, str(cls)
+    plain = [
+        p
+        for p in params.values()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in ("query_dim", "cand_dim")
+    ]
+    wanted = [p.name for p in plain if p.default is p.empty] or [p.name for p in plain][:1]
+    example = "{" + ", ".join(f'"{n}": ...' for n in wanted) + "}" if wanted else None
+    how = f"e.g. '{example}'" if example else "or pick another target"
+    hint = f"pass its arguments with --kwargs / model.kwargs, {how}"
+    if wants_config(cls):
+        hint += (
+            f" (config: the contents of the config.json that {name}.save_pretrained wrote, or import the "
+            "save_pretrained directory itself: v3kit import-sft --from-pretrained DIR)"
+        )
+    what = "constructor" if inspect.isclass(cls) else "signature"
+    return (
+        f"model.target {cfg.target!r} could not be built with {', '.join(dims) or 'no feature dims'}"
+        f" and model.kwargs={cfg.kwargs} ({error}); its {what} is {sig}: {hint}"
+    )
+
+
+def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
+    """Instantiate ``cfg.target`` and check it is a ranker (towers or scorer, :func:`resolve_interface`).
+
+    ``cfg.target`` names a class or a function returning the model (called with ``model.kwargs``, plus the dims
+    it names), or a ``save_pretrained`` directory (built with ``from_pretrained``, :mod:`v3kit.train.pretrained`).
+    """
+    if ":" not in cfg.target and is_pretrained_dir(cfg.target):
+        if cfg.residual:
+            raise ValueError(
+                f"model.residual does not apply to the save_pretrained directory {cfg.target!r}; set model.residual=false"
+            )
+        target, _ = class_target(cfg.target)
+        model = from_pretrained(import_object(target), cfg.target, cfg.target)
+    else:
+        cls = import_object(cfg.target)
+        kwargs = _constructor_kwargs(cfg, cls)
+        dims = {k: v for k, v in constructor_dims(cls, query_dim, cand_dim).items() if k not in kwargs}
         try:
-            sig = f"{cls.__name__}{inspect.signature(cls)}"
-        except (TypeError, ValueError):
-            sig = str(cls)
-        raise ValueError(
-            f"model.target {cfg.target!r} could not be built with {', '.join(dims) or 'no feature dims'}"
-            f" and model.kwargs={cfg.kwargs} ({e}); its constructor is {sig}: pass its arguments with "
-            "--kwargs / model.kwargs, e.g. '{\"cfg\": {...}}'"
-        ) from None
+            model = cls(**dims, **kwargs)
+        except TypeError as e:  # a wrong keyword in model.kwargs, or a constructor that wants other arguments
+            raise ValueError(_build_error(cfg, cls, dims, e)) from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"model.target {cfg.target!r} built a {type(model).__name__}, which is not an nn.Module")
     attach_interface(model, cfg)

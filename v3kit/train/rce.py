@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..bounds import check_temperature
 from ..data.contract import Batch, Splits
 from .checkpoint import model_payload
 from .losses import REWARD_NORMS, rce_cross_entropy
@@ -33,7 +34,8 @@ class RCEConfig(OptimConfig):
     lr: float = 1e-5
     """Adam learning rate (the seed: 1e-5)."""
     t_start: float = 2.0
-    """Annealed temperature at the first RCE step (soft targets: every beam counts)."""
+    """Annealed temperature at the first RCE step (soft targets: every beam counts). Every temperature lies in
+    [1e-6, 1e6]."""
     t_end: float = 0.5
     """Annealed temperature at the last RCE step (targets concentrated on the best beams)."""
     temperature_target: str = "rewards"
@@ -58,6 +60,8 @@ class RCEConfig(OptimConfig):
             )
         if not (self.t_start > 0 and self.t_end > 0 and self.reward_temperature > 0):
             raise ValueError("rce.t_start, rce.t_end and rce.reward_temperature must be > 0")
+        for name in ("t_start", "t_end", "reward_temperature"):
+            check_temperature(f"rce.{name}", getattr(self, name))
         if not 0.0 <= self.label_weight <= 1.0:
             raise ValueError(f"rce.label_weight must be in [0, 1], got {self.label_weight}")
         if self.reward_norm not in REWARD_NORMS:
