@@ -191,22 +191,27 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     for side, (feat_col, text_col) in SIDE_COLUMNS.items():
         texts[side] = _as_texts(df[text_col], text_col, df) if text_col in df.columns else None
         feats[side] = as_matrix(df[feat_col], feat_col, df) if feat_col in df.columns else None
-    q_text, c_text = texts["query"], texts["candidate"]
     is_label = as_bool(df["is_label"], df)
 
     qids = df["query_id"].astype(str).to_numpy()
     codes, order = pd.factorize(qids)  # queries in first-seen order
     by_code = pd.Series(np.arange(len(df))).groupby(codes).indices
     groups = {qid: by_code[k] for k, qid in enumerate(order)}
-    g_max = max(len(r) for r in groups.values())
-    n = len(order)
-    for qid in order:  # validate every group before the (possibly slow) embedding
-        rows = groups[qid]
+    _check_groups(groups, is_label, feats["query"], texts["query"])  # before the (possibly slow) embedding
+    _fill_features(feats, texts, len(df), embed, text_mode)
+    return _pack(df, list(order), groups, feats, texts, is_label)
+
+
+def _check_groups(
+    groups: dict[str, np.ndarray], is_label: np.ndarray, q_feat: np.ndarray | None, q_text: np.ndarray | None
+) -> None:
+    """Every group: enough candidates, exactly one label, one feature vector and one text per query."""
+    for qid, rows in groups.items():
         check_group(
             qid,
             len(rows),
             int(is_label[rows].sum()),
-            feats["query"] is not None and not np.allclose(feats["query"][rows], feats["query"][rows[0]]),
+            q_feat is not None and not np.allclose(q_feat[rows], q_feat[rows[0]]),
         )
         if q_text is not None and (q_text[rows] != q_text[rows[0]]).any():
             i = int(rows[np.flatnonzero(q_text[rows] != q_text[rows[0]])[0]])
@@ -214,6 +219,16 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
                 f"row {i} (query_id={qid!r}): query_text differs from the query's first row; a query has one "
                 "text (give the rows the same text or a different query_id)"
             )
+
+
+def _fill_features(
+    feats: dict[str, np.ndarray | None],
+    texts: dict[str, np.ndarray | None],
+    n_rows: int,
+    embed: Embedder | None,
+    text_mode: str,
+) -> None:
+    """The features of the sides given only as text: embedded (``frozen``), or zero-width (``end_to_end``)."""
     to_embed = [side for side in SIDE_COLUMNS if feats[side] is None]
     if to_embed and text_mode == "frozen":
         if embed is None:
@@ -225,8 +240,20 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
             feats[side] = mat
     for side in to_embed:
         if feats[side] is None:  # end_to_end: a text model reads the texts, there are no features
-            feats[side] = np.zeros((len(df), 0))
-    q, c = feats["query"], feats["candidate"]
+            feats[side] = np.zeros((n_rows, 0))
+
+
+def _pack(
+    df: pd.DataFrame,
+    order: list[str],
+    groups: dict[str, np.ndarray],
+    feats: dict[str, np.ndarray | None],
+    texts: dict[str, np.ndarray | None],
+    is_label: np.ndarray,
+) -> GroupData:
+    """The rows of each group, padded to the largest group, as :class:`GroupData`."""
+    q, c, c_text, q_text = feats["query"], feats["candidate"], texts["candidate"], texts["query"]
+    n, g_max = len(order), max(len(r) for r in groups.values())
     query_x = np.zeros((n, q.shape[1]))
     cand_x = np.zeros((n, g_max, c.shape[1]))
     mask = np.zeros((n, g_max), dtype=bool)
