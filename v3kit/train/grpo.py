@@ -218,12 +218,7 @@ def grpo_step_loss(
     full = None  # with samples="sampled": the full groups, whose entropy (and exact KL) the loss takes
     if cfg.samples == "sampled":
         full = (logp, old_logp if ref_logp is None else ref_logp, mask)
-        # On-policy GRPO: K candidates drawn from the old policy form the group; advantages are relative to them.
-        probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
-        idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
-        logp, old_logp, rewards = logp.gather(1, idx), old_logp.gather(1, idx), rewards.gather(1, idx)
-        ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
-        mask = torch.ones_like(idx, dtype=torch.bool)
+        logp, old_logp, rewards, ref_logp, mask = _draw(logp, old_logp, rewards, ref_logp, mask, cfg, generator)
     if group_terms is not None and not per_group_advantages(cfg):
         raise ValueError(
             f"group_terms cannot be precomputed for samples={cfg.samples!r}, "
@@ -236,15 +231,7 @@ def grpo_step_loss(
     if keep is not None and not keep.any():
         # Nothing in this batch carries signal: the loss is a mean over no group, taken as exactly 0 (no policy
         # term, no KL, no entropy bonus: a dropped group leaves every term), and the runner takes no step.
-        return logp.new_zeros(()), {
-            **stats,
-            "pg_loss": 0.0,
-            "kl": 0.0,
-            "clip_ratio": 0.0,
-            "clip_ratio/low_mean": 0.0,
-            "clip_ratio/high_mean": 0.0,
-            "adv_std": 0.0,
-        }
+        return logp.new_zeros(()), {**stats, **NO_SIGNAL_STATS}
     if keep is not None and not keep.all():
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
@@ -288,6 +275,35 @@ def grpo_step_loss(
     with torch.no_grad():
         loss_stats["adv_std"] = std_over(adv, mask)
     return loss, loss_stats
+
+
+# The statistics of a batch in which no group carries signal (drop_zero_std_groups dropped them all).
+NO_SIGNAL_STATS = {
+    "pg_loss": 0.0,
+    "kl": 0.0,
+    "clip_ratio": 0.0,
+    "clip_ratio/low_mean": 0.0,
+    "clip_ratio/high_mean": 0.0,
+    "adv_std": 0.0,
+}
+
+
+def _draw(
+    logp: Tensor,
+    old_logp: Tensor,
+    rewards: Tensor,
+    ref_logp: Tensor | None,
+    mask: Tensor,
+    cfg: GRPOConfig,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """``samples="sampled"``, on-policy GRPO: ``num_samples`` candidates drawn from the old policy form each group
+    (advantages are relative to them); the CPU draws, so every device gets the same candidates."""
+    probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
+    idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
+    logp, old_logp, rewards = logp.gather(1, idx), old_logp.gather(1, idx), rewards.gather(1, idx)
+    ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
+    return logp, old_logp, rewards, ref_logp, torch.ones_like(idx, dtype=torch.bool)
 
 
 def _full_group_terms(

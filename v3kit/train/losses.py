@@ -445,20 +445,8 @@ def grpo_loss_terms(
     sides apart as ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, so clip-higher's effect shows), ``pg_loss``
     (the clipped surrogate alone, verl's name) and ``ratio_mean``/``ratio_min``/``ratio_max``.
     """
-    if logp.shape != old_logp.shape or logp.shape != advantages.shape:
-        raise ValueError(
-            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages {tuple(advantages.shape)} "
-            "must have the same [B, G] shape"
-        )
-    if ref_logp is not None and ref_logp.shape != logp.shape:
-        raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)}, expected {tuple(logp.shape)}")
     eps_high = eps_low if eps_high is None else eps_high
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low} and {eps_high}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    _check_grpo_inputs(logp, old_logp, advantages, ref_logp, eps_low, eps_high, dual_clip, loss_type)
     mask = check_mask(mask, logp)
     zeros = torch.zeros_like(logp)
 
@@ -502,6 +490,32 @@ def grpo_loss_terms(
             "entropy": _entropy(logp, mask),
         }
     return loss, stats
+
+
+def _check_grpo_inputs(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    ref_logp: Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+    loss_type: str,
+) -> None:
+    """One line naming the argument for a shape or an option :func:`grpo_loss_terms` cannot take."""
+    if logp.shape != old_logp.shape or logp.shape != advantages.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages {tuple(advantages.shape)} "
+            "must have the same [B, G] shape"
+        )
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)}, expected {tuple(logp.shape)}")
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low} and {eps_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
 def _ratio_summary(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
