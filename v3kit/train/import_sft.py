@@ -814,6 +814,12 @@ def register_cli(
         help='model.methods: your method names, e.g. \'{"query": "encode_q", "candidates": '
         '"encode_docs"}\' or \'{"score": "score"}\'',
     )
+    _add_sentence_transformers_args(p)
+    p.set_defaults(func=cmd_import_sft, data_from_config=data_from_config)
+
+
+def _add_sentence_transformers_args(p: Any) -> None:
+    """The options that apply with ``--sentence-transformers``."""
     st = p.add_argument_group("with --sentence-transformers")
     st.add_argument(
         "--towers",
@@ -835,4 +841,3 @@ def register_cli(
         metavar="N",
         help="truncate texts at N tokens (default: the model's)",
     )
-    p.set_defaults(func=cmd_import_sft, data_from_config=data_from_config)
