@@ -16,32 +16,32 @@ from tqdm.auto import tqdm
 
 from .. import trackers
 from ..config import RunConfig, to_dict
-from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint
+from ..data.reward_stats import label_reward_agreement
+from ..pipeline import prepare_data, run_pipeline, update_run_info
+from ..provenance import experiment_config, fingerprint
+from ..run import Run
 from ..rundir import atomic_write_frame, atomic_write_text
+from ..train.metrics import per_group_metrics
+from ..train.model import compute_log_probs
 from .backends import make_backend, worker_config
 from .grid import (
-    _RUN_INFO,
     BASE_WORLD,
     BEST,
     METRIC_DIRECTION,
     PER_QUERY_METRICS,
+    STEP0_INFO,
     GridError,
     GridSpec,
     load_grid,
 )
 from .stats import summarize
-from .tasks import _RunTask, _SFTPlan, _SFTTask
+from .tasks import RunTask, SFTPlan, SFTTask
 
 
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
     """The result hash of a run: its config without the keys that are not part of the experiment (fp32 is the
     precision every earlier result had, so it is left out too and those results stay valid); the seed is kept."""
-    d = to_dict(cfg)
-    for k in (*RUNNER_KEYS, *NOT_EXPERIMENT_KEYS):
-        d.pop(k, None)
-    if d.get("precision") == "fp32":
-        d.pop("precision")
-    d["seed"] = cfg.seed
+    d = experiment_config(to_dict(cfg))
     return fingerprint(d, extra)
 
 
@@ -51,8 +51,6 @@ def per_query_outcomes(
     """Per test query: the :data:`PER_QUERY_METRICS` of ``model`` (their means are
     :func:`v3kit.train.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal).
     ``ref_logp``: ``reference``'s log-probs on ``data`` when the caller already has them."""
-    from ..train.metrics import per_group_metrics
-    from ..train.model import compute_log_probs
 
     logp = compute_log_probs(model, data, temperature)
     ref = compute_log_probs(reference, data, temperature) if ref_logp is None else ref_logp
@@ -63,10 +61,8 @@ def per_query_outcomes(
 _SPLITS_CACHE: dict[str, Any] = {}
 
 
-def _splits_for(cfg: RunConfig) -> Any:
+def splits_for(cfg: RunConfig) -> Any:
     """The world's splits (cached per process: every run of a world in this worker reuses them)."""
-    from ..pipeline import prepare_data
-
     key = json.dumps({"data": to_dict(cfg)["data"], "seed": cfg.seed}, sort_keys=True, default=str)
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE.clear()  # one world at a time is plenty; keeps memory flat
@@ -74,44 +70,26 @@ def _splits_for(cfg: RunConfig) -> Any:
     return _SPLITS_CACHE[key]
 
 
-def _train_sft(task: _SFTTask) -> str:
-    from ..pipeline import sft_select_metric
-    from ..train.device import resolve_device, resolve_precision
-    from ..train.sft import train_sft
-
-    splits = _splits_for(task.cfg)
-    cfg = worker_config(task.cfg)  # the worker's device, as its runs get
-    device = resolve_device(cfg.device)
-    train_sft(
-        splits,
-        cfg.model,
-        cfg.sft,
-        select_metric=sft_select_metric(cfg),
-        seed=cfg.seed,
-        run_dir=task.path.parent,
-        progress=False,
-        device=device,
-        precision=resolve_precision(cfg.precision, device, warn=False),
-    )
+def _train_sft(task: SFTTask) -> str:
+    run = Run(worker_config(task.cfg), splits=splits_for(task.cfg), warn=False)  # the worker's device, as its runs get
+    run.sft(run_dir=task.path.parent, progress=False, callbacks=[], resume=False)
     for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
         p.unlink()
     atomic_write_text(task.path.parent / "sft.hash", task.hash)
     return task.world
 
 
-def _execute(task: _RunTask) -> dict[str, Any]:
+def _execute(task: RunTask) -> dict[str, Any]:
     """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
-    from ..data.reward_stats import label_reward_agreement
-    from ..pipeline import run_pipeline, update_run_info
 
     t0 = time.perf_counter()
-    splits = _splits_for(task.split_cfg)
+    splits = splits_for(task.split_cfg)
     cfg = worker_config(task.cfg)  # one thread in a worker, and its GPU; run_pipeline sets the threads
     res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits, tracking=task.tracking)
     run_dir = Path(task.cfg.run_dir)
     update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
-    info = {k: float(res.grpo.info[k]) for k in _RUN_INFO if k in res.grpo.info}
+    info = {k: float(res.grpo.info[k]) for k in STEP0_INFO if k in res.grpo.info}
     # How often the reward's top candidate is the label on the test split: what the conclusions read label metrics
     # against, above all on real data without a true utility.
     info["reward_label_agreement"] = label_reward_agreement(splits.test)
@@ -138,7 +116,6 @@ def _execute(task: _RunTask) -> dict[str, Any]:
         )
     temperature = res.stage1.model_config.sim_temperature  # as pipeline.stage_table evaluates
     test = splits.test
-    from ..train.model import compute_log_probs
 
     ref_logp = compute_log_probs(res.models["sft"], test, temperature)  # once for every model
     outcomes: dict[int, dict[str, list[float]]] = {}  # once per model: 'selected' is often 'grpo' or 'sft'
@@ -263,7 +240,7 @@ def run_grid(
         w: spec.base_config(w, [f"seed={spec.sft_seed}", f"run_dir={out / w / 'sft'}", "progress=false"])
         for w in spec.world_names()
     }
-    sft_plan = _SFTPlan(out, spec, sft_cfgs)
+    sft_plan = SFTPlan(out, spec, sft_cfgs)
 
     # report_to: the extras are checked here, before anything trains; every run of the grid goes to one MLflow store.
     report_to = sft_cfgs[BASE_WORLD].report_to
@@ -285,7 +262,7 @@ def run_grid(
         }
         return {"tags": tags, "mlflow_uri": store}
 
-    def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
+    def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[RunTask], int]:
         tasks, skipped = [], 0
         for variant in variants:
             for seed in seeds:
@@ -298,7 +275,7 @@ def run_grid(
                     skipped += 1
                     continue
                 tasks.append(
-                    _RunTask(
+                    RunTask(
                         world=world,
                         variant=variant,
                         seed=seed,

@@ -1,5 +1,5 @@
 """What a grid runs: its SFT tasks and (world, variant, seed) run tasks, and which SFT checkpoint each run starts
-from (:class:`_SFTPlan`: one SFT per world and distinct model/sft settings, trained once and shared)."""
+from (:class:`SFTPlan`: one SFT per world and distinct model/sft settings, trained once and shared)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from typing import Any, Iterable
 
 from ..config import RunConfig
 from ..provenance import fingerprint, signature
-from .grid import _SHARED_SECTIONS, BASE_WORLD, GridSpec
+from .grid import BASE_WORLD, SFT_SECTIONS, GridSpec
 
 
 def _sft_hash(cfg: RunConfig) -> str:
     # select: best_val keeps SFT's best val epoch (v3kit.train.selection): another checkpoint. Only then is it part
     # of the key, so the SFT checkpoints of earlier grids (select: last) stay valid.
     salt = f"select=best_val:{cfg.select_metric}" if cfg.select == "best_val" else ""
-    return fingerprint(signature(cfg, *_SHARED_SECTIONS), salt)
+    return fingerprint(signature(cfg, *SFT_SECTIONS), salt)
 
 
 @dataclass
-class _SFTTask:
+class SFTTask:
     world: str
     cfg: RunConfig
     path: Path
@@ -29,7 +29,7 @@ class _SFTTask:
 
 
 @dataclass
-class _RunTask:
+class RunTask:
     world: str
     variant: str
     seed: int
@@ -42,7 +42,7 @@ class _RunTask:
     tracking: dict[str, Any] | None = None  # report_to: the tracked run's tags and default MLflow store
 
 
-class _SFTPlan:
+class SFTPlan:
     """Which SFT checkpoint each run starts from, and the SFT trainings still to do.
 
     A run whose model/sft settings equal its world's base starts from the world's SFT (``<world>/sft/sft.pt``, or
@@ -53,7 +53,7 @@ class _SFTPlan:
 
     def __init__(self, out: Path, spec: GridSpec, sft_cfgs: dict[str, RunConfig]) -> None:
         self.out, self.spec, self.sft_cfgs = out, spec, sft_cfgs
-        self.pending: dict[Path, _SFTTask] = {}
+        self.pending: dict[Path, SFTTask] = {}
 
     def _given(self, path: Path, cfg: RunConfig) -> tuple[Path, str]:
         """A given checkpoint: what the result depends on is its path, size and mtime."""
@@ -83,10 +83,10 @@ class _SFTPlan:
         path = folder / "sft.pt"
         hash_file = folder / "sft.hash"
         if not (path.exists() and hash_file.exists() and hash_file.read_text() == h) and path not in self.pending:
-            self.pending[path] = _SFTTask(world=world, cfg=sft_cfg, path=path, hash=h)
+            self.pending[path] = SFTTask(world=world, cfg=sft_cfg, path=path, hash=h)
         return path, h
 
-    def tasks_for(self, runs: Iterable[_RunTask]) -> list[_SFTTask]:
+    def tasks_for(self, runs: Iterable[RunTask]) -> list[SFTTask]:
         """The SFT trainings ``runs`` still need (each handed out once)."""
         need = {r.sft_path for r in runs}
         out = [t for p, t in self.pending.items() if p in need]

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from .. import pipeline
 from ..ablate.backends import make_backend, worker_config
-from ..ablate.runner import _splits_for
+from ..ablate.runner import splits_for
 from ..config import ConfigError, RunConfig, load_config
 from ..data.contract import Splits
 from ..rundir import UNKNOWN_FILE, DiskFullError, as_disk_full, free_bytes
@@ -133,7 +133,7 @@ def run_trial(task: SearchTask, trial: Any) -> float:
     run_dir = task.folder / f"trial{trial.number}"
     cfg = load_config(None, [*task.base, *overrides, f"seed={TRIAL_SEED}", f"run_dir={run_dir}", "progress=false"])
     cfg = worker_config(cfg)
-    splits = _splits_for(task.cfg)
+    splits = splits_for(task.cfg)
     search_splits = Splits(train=splits.train, val=splits.val, test=splits.val)  # test never enters a trial
     t0 = time.perf_counter()
     try:
