@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.v3kit-installed
 KERNEL := v3kit
 
-.PHONY: setup test run lab notebooks clean bench bench-quick
+.PHONY: setup test test-fast run lab notebooks clean bench bench-quick
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The inner loop: lint, then every test not marked slow (no notebooks, browser, crash, Ray or tracker runs); under
+# 90 s on 2 cores. CI runs `make test`, the full suite.
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 run: setup
 	$(BIN)/v3kit run $(ARGS)

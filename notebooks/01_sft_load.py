@@ -46,12 +46,13 @@ from v3kit.data.reward_stats import stage1_summary
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.plots import plot_stage1, show
 from v3kit.notebook.tools import notebook_config, record
-from v3kit.pipeline import prepare_data
+from v3kit.run import Run
 from v3kit.stage_reuse import ensure_stage1
 from v3kit.train.sft import sft_baseline
 
 cfg = notebook_config(run_dir=run_dir, seed=seed, smoke=smoke, n_queries=n_queries, sft_epochs=sft_epochs)
-splits = prepare_data(cfg)
+run = Run(cfg)  # the data, its splits, the device and threads: resolved once, as `v3kit run` does
+splits = run.splits
 print(f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test groups, "
       f"up to {splits.train.group_size} candidates each; run dir {cfg.run_dir}")
 
@@ -64,7 +65,7 @@ print(f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} t
 
 # %% tags=["plot"]
 live = LivePlot(stages=["sft"])
-stage1 = ensure_stage1(cfg, splits, sft_checkpoint=sft_checkpoint, callbacks=[live])
+stage1 = ensure_stage1(run, sft_checkpoint=sft_checkpoint, callbacks=[live])
 live.finish(cfg.run_dir)  # if SFT was reused: show its logged curves
 record(sft_origin=stage1.origin)
 

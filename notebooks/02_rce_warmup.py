@@ -54,15 +54,16 @@ from v3kit.diagnose import diagnose
 from v3kit.doctor.rce_analysis import add_rce_floor, plateau_check, rce_floor
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.tools import notebook_config, record
-from v3kit.pipeline import prepare_data
+from v3kit.run import Run
 from v3kit.stage_reuse import ensure_rce, ensure_stage1
 
 cfg = notebook_config(run_dir=run_dir, seed=seed, smoke=smoke, n_queries=n_queries, sft_epochs=sft_epochs,
                       rce_epochs=rce_epochs, rce_lr=rce_lr,
                       rce=dict(t_start=t_start, t_end=t_end, temperature_target=temperature_target,
                                label_weight=label_weight))
-splits = prepare_data(cfg)
-stage1 = ensure_stage1(cfg, splits)  # reuses notebook 01's sft.pt, or trains SFT if it is missing
+run = Run(cfg)  # the data, its splits, the device and threads: resolved once
+splits = run.splits
+stage1 = ensure_stage1(run)  # reuses notebook 01's sft.pt, or trains SFT if it is missing
 record(sft_origin=stage1.origin)
 
 # %% [markdown]
@@ -73,7 +74,7 @@ record(sft_origin=stage1.origin)
 
 # %% tags=["plot"]
 live = LivePlot(extras=rce_floor(splits.train, cfg.rce))
-rce = ensure_rce(cfg, splits, stage1, callbacks=[live], fresh=True)  # writes rce_epoch{N}.pt
+rce = ensure_rce(run, stage1=stage1, callbacks=[live], fresh=True)  # writes rce_epoch{N}.pt
 
 # %%
 h = add_rce_floor(rce.train_history, splits.train, cfg.rce)

@@ -60,19 +60,20 @@ import copy
 from v3kit.notebook.grpo_panel import ComparePanel, GRPOStart
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.plots import grpo_panels, plot_ratio_hist, show
-from v3kit.notebook.tools import grpo_temperature, notebook_config, record
-from v3kit.pipeline import prepare_data, stage_options, stage_table, training_splits
+from v3kit.notebook.tools import notebook_config, record
+from v3kit.pipeline import stage_table
+from v3kit.run import Run
 from v3kit.stage_reuse import ensure_rce, ensure_stage1
-from v3kit.train.grpo import run_grpo
 from v3kit.train.sft import sft_baseline
 
 cfg = notebook_config(run_dir=run_dir, seed=seed, smoke=smoke, n_queries=n_queries, sft_epochs=sft_epochs,
                       rce_epochs=rce_epochs, rce_lr=rce_lr, grpo_epochs=grpo_epochs, grpo_lr=grpo_lr,
                       grpo=dict(kl_beta=kl_beta, eps_low=eps_low, eps_high=eps_high, old_policy=old_policy,
                                 kl_reference=kl_reference))
-splits = prepare_data(cfg)
-stage1 = ensure_stage1(cfg, splits)      # notebook 01's sft.pt, or train SFT
-rce = ensure_rce(cfg, splits, stage1)    # notebook 02's rce_epoch{N}.pt, or train RCE
+run = Run(cfg)                  # the data, its splits, the device and threads: resolved once
+splits = run.splits
+stage1 = ensure_stage1(run)      # notebook 01's sft.pt, or train SFT
+rce = ensure_rce(run, stage1=stage1)  # notebook 02's rce_epoch{N}.pt, or train RCE
 record(sft_origin=stage1.origin, rce_origin=rce.info["origin"])
 
 # %% [markdown]
@@ -83,11 +84,7 @@ record(sft_origin=stage1.origin, rce_origin=rce.info["origin"])
 
 # %% tags=["plot"]
 live = LivePlot(grpo_panels(cfg.grpo.eps_low, cfg.grpo.eps_high), baseline=sft_baseline(stage1, splits.val))
-grpo = run_grpo(copy.deepcopy(rce.model), training_splits(cfg, splits)[0], stage1.old_log_probs, cfg.grpo,
-                reference=stage1.reference,
-                temperature=grpo_temperature(cfg, stage1.model_config), model_config=stage1.model_config,
-                seed=cfg.seed, run_dir=cfg.run_dir, callbacks=[live], progress=False,
-                **stage_options(cfg, splits))  # the config's device, precision and threads, as `v3kit run`
+grpo = run.grpo(stage1, policy=copy.deepcopy(rce.model), context={"callbacks": [live], "progress": False})
 # grpo_epoch{N}.pt are now in run_dir
 
 # %% [markdown]
@@ -117,7 +114,7 @@ table.round(4)
 # the executed notebook has the comparison even with nobody clicking.
 
 # %%
-panel = ComparePanel(GRPOStart.from_stages(cfg, splits, stage1, rce.model))
+panel = ComparePanel(GRPOStart.from_run(run, stage1, rce.model))
 if compare_epochs is not None:
     panel.set(epochs=compare_epochs)
 panel.widget

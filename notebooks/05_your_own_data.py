@@ -74,7 +74,8 @@ from v3kit.notebook import report_plots
 from v3kit.notebook.live import LivePlot
 from v3kit.notebook.plots import show
 from v3kit.notebook.tools import record, resolve_path, resolve_run_dir, resolve_target
-from v3kit.pipeline import load_table, prepare_data, run_pipeline
+from v3kit.pipeline import load_table, run_pipeline
+from v3kit.run import Run
 from v3kit.train.import_sft import import_sft
 
 SMALL = dict(max_queries=60, v2_epochs=30, sft_epochs=3, rce_epochs=2, grpo_epochs=2, ablation_seeds=2)
@@ -129,7 +130,8 @@ record(agreement=round(agreement, 4), n_queries=int(len(groups)), columns=list(t
 # embedded here (once: later runs read the cache).
 
 # %%
-splits = prepare_data(cfg)
+run = Run(cfg)  # the data, its splits and the device, resolved once (run_pipeline below reuses the splits)
+splits = run.splits
 dims = dict(query_dim=splits.train.query_dim, cand_dim=splits.train.cand_dim)
 print(f"train / val / test queries: {len(splits.train)} / {len(splits.val)} / {len(splits.test)}; feature dims {dims}")
 

@@ -84,6 +84,7 @@ def test_shipped_grids_parse():
 
 
 # ------------------------------------------------------------------------------------------------ running
+@pytest.mark.slow
 def test_grid_runs_resumes_and_reruns_only_what_changed(tmp_path, capsys):
     out = tmp_path / "grid"
     res = run_grid(parse_grid(tiny_grid()), out, workers=2, progress=False)

@@ -308,6 +308,7 @@ def test_cross_encoder_runs_all_three_stages_on_a_small_table(tmp_path):
     assert r.table.loc["grpo", "kl_to_sft"] > 0  # RCE and GRPO moved the scorer
 
 
+@pytest.mark.slow
 def test_printed_next_command_runs_as_printed_in_a_fresh_shell(tmp_path):
     """The user's package beside them, v3kit installed, no PYTHONPATH: import-sft, then its next: line verbatim."""
     project = tmp_path / "project"

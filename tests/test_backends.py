@@ -68,6 +68,7 @@ def _comparable(path) -> pd.DataFrame:
     return pd.read_csv(path).drop(columns=["wall_s", "run_dir"])
 
 
+@pytest.mark.slow
 def test_ray_grid_matches_local_and_an_interrupted_ray_grid_finishes_locally(tmp_path, ray_cluster, monkeypatch):
     from v3kit.ablate import runner
 
@@ -105,6 +106,7 @@ def test_ray_grid_matches_local_and_an_interrupted_ray_grid_finishes_locally(tmp
     assert (again.executed, again.skipped) == (0, total)
 
 
+@pytest.mark.slow
 def test_ray_tasks_declare_one_gpu_each_and_ray_gives_each_its_own(ray_cluster):
     assert ray_resources("auto", 2) == {"num_cpus": 1, "num_gpus": 1}
     assert ray_resources("cuda:1", 0) == {"num_cpus": 1, "num_gpus": 1}

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from v3kit.data import DataValidationError, Splits, ingest, iterate_batches, split_by_query, to_long_frame
+from v3kit.data.cache import load_cached
 from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.data.tables import load_groups
 from v3kit.train.model import ModelConfig
@@ -30,7 +31,7 @@ def same(a, b) -> None:
 
 def test_cache_gives_the_same_data_and_skips_parsing_the_second_time(data_file, monkeypatch):
     plain = load_groups(data_file)
-    first = load_groups(data_file, cache=True)
+    first = load_cached(data_file)
     same(first, plain)
     assert (data_file.parent / "data.parquet.v3kit-cache" / "float32" / "cand_x.npy").exists()
 
@@ -38,7 +39,7 @@ def test_cache_gives_the_same_data_and_skips_parsing_the_second_time(data_file, 
         raise AssertionError("the data file was parsed although the cache is valid")
 
     monkeypatch.setattr(ingest, "load_parquet", no_parse)
-    second = load_groups(data_file, cache=True)
+    second = load_cached(data_file)
     same(second, plain)
     assert isinstance(second.cand_x, torch.Tensor) and second.cand_x.is_contiguous()
     batch = next(iterate_batches(second, 7))
@@ -46,27 +47,27 @@ def test_cache_gives_the_same_data_and_skips_parsing_the_second_time(data_file, 
     # A touched file with the same content is recognised by its hash, without a rebuild.
     st = data_file.stat()
     os.utime(data_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    same(load_groups(data_file, cache=True), plain)
+    same(load_cached(data_file), plain)
 
 
 def test_changed_file_rebuilds_the_cache(data_file):
-    load_groups(data_file, cache=True)
+    load_cached(data_file)
     other = make_world(SyntheticConfig(n_queries=40, seed=9))
     to_long_frame(other).to_parquet(data_file)
-    same(load_groups(data_file, cache=True), load_groups(data_file))
+    same(load_cached(data_file), load_groups(data_file))
 
 
 def test_float16_features_and_float32_batches(data_file):
     plain = load_groups(data_file)
     for d in (
-        load_groups(data_file, cache=True, feature_dtype="float16"),
+        load_cached(data_file, feature_dtype="float16"),
         load_groups(data_file, feature_dtype="float16"),
     ):
         assert d.cand_x.dtype == torch.float16
         torch.testing.assert_close(d.cand_x.float(), plain.cand_x, atol=2e-3, rtol=1e-3)
         assert next(iterate_batches(d, 5)).cand_x.dtype == torch.float32
     with pytest.raises(ValueError, match="feature_dtype"):
-        load_groups(data_file, cache=True, feature_dtype="bfloat8")
+        load_cached(data_file, feature_dtype="bfloat8")
 
 
 def test_float16_overflow_is_refused(tmp_path):
@@ -75,7 +76,7 @@ def test_float16_overflow_is_refused(tmp_path):
     path = tmp_path / "big.parquet"
     to_long_frame(world).to_parquet(path)
     with pytest.raises(DataValidationError, match=r"cand_x has values beyond float16's range"):
-        load_groups(path, cache=True, feature_dtype="float16")
+        load_cached(path, feature_dtype="float16")
     assert not any(p.name.startswith(".building") for p in (tmp_path / "big.parquet.v3kit-cache").iterdir())
 
 
@@ -85,7 +86,7 @@ def test_training_on_cached_data_matches_in_memory(data_file):
         r = train_sft(Splits(s.train, s.val, s.test), ModelConfig(), SFTConfig(epochs=1, batch_size=16), progress=False)
         return r.train_history["loss"].to_numpy()
 
-    np.testing.assert_array_equal(run(load_groups(data_file, cache=True)), run(load_groups(data_file)))
+    np.testing.assert_array_equal(run(load_cached(data_file)), run(load_groups(data_file)))
 
 
 def test_cached_splits_equal_split_by_query(data_file):

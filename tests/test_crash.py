@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import TINY
 
+pytestmark = pytest.mark.slow  # each kills and resumes real runs in subprocesses (about 35 s together)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -663,9 +663,27 @@ def test_suggestions_are_ordered_by_evidence():
 def test_the_doctor_reads_only_keys_the_typed_config_has():
     import pytest as _pytest
 
-    from v3kit.doctor.context import UnknownConfigKey, _get
+    from v3kit.doctor.context import REGISTRY, REPORT_ORDER, ConfigView, DoctorContext, UnknownConfigKey
 
-    assert _get({"grpo": {"kl_beta": 0.5}}, "grpo.kl_beta") == 0.5
-    assert _get({}, "grpo.kl_beta") is None  # a partial config: unknown, not the default
+    assert ConfigView({"grpo": {"kl_beta": 0.5}}).grpo.kl_beta == 0.5
+    assert ConfigView({}).grpo.kl_beta is None  # a partial config: unknown, not the default
+    assert ConfigView({"data": {"synthetic": {"n_queries": 7}}}).data.synthetic.n_queries == 7  # nested sections
+    assert DoctorContext(pd.DataFrame(), {"rce": {"lr": 0.1}}, None).cfg.rce.lr == 0.1
     with _pytest.raises(UnknownConfigKey, match="grpo.kl_bta"):
-        _get({"grpo": {"kl_bta": 0.5}}, "grpo.kl_bta")  # a renamed or misspelled field fails loudly
+        _ = ConfigView({"grpo": {"kl_bta": 0.5}}).grpo.kl_bta  # a renamed or misspelled field fails loudly
+    with _pytest.raises(UnknownConfigKey, match="gpro"):
+        _ = ConfigView({}).gpro
+    # The report's order is declared, and every registered check is in it.
+    assert set(REGISTRY) == set(REPORT_ORDER) and len(REPORT_ORDER) == len(set(REPORT_ORDER))
+
+
+def test_no_check_reads_the_config_by_string_key():
+    # Checks read ctx.cfg's typed attributes; a dotted string look-up would skip the typed config's check.
+    import re
+
+    import v3kit.doctor.data_checks as dc
+    import v3kit.doctor.grpo_checks as gc
+
+    for mod in (dc, gc):
+        src = open(mod.__file__).read()
+        assert not re.search(r"config(_value)?\(|\.config\[|config\.get\(\"(?!rce\")", src), mod.__name__

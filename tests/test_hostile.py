@@ -150,8 +150,8 @@ def test_a_model_too_big_for_memory_fails_before_training_naming_the_keys(tmp_pa
 
 
 def test_memory_check_uses_the_exact_parameter_count(monkeypatch):
-    from v3kit.bounds import TRAIN_BYTES_PER_PARAM, check_model_fits, count_params
     from v3kit.train.model import ModelConfig, build_model
+    from v3kit.train.model_size import TRAIN_BYTES_PER_PARAM, check_model_fits, count_params
 
     cfg = ModelConfig(hidden=[64, 48], emb_dim=32)
     n = sum(p.numel() for p in build_model(cfg, 16, 12).parameters())

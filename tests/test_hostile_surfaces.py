@@ -119,16 +119,18 @@ def test_investigate_on_a_full_disk_ends_in_one_line(finished_run, tmp_path, cap
         str(finished_run),
         "--out",
         str(out),
-        "--initial-seeds",
+        "--trials",
         "2",
-        "--max-seeds",
+        "--confirm-seeds",
         "2",
+        "--top-k",
+        "1",
         "--no-progress",
         *[a for s in FAST for a in ("--set", s)],
     )
     line = one_line(err)
     assert code == 2 and "no space left on device" in line and "rerun the same command" in line, line
-    assert f"{out}/default/" in line and not leftovers(out)  # a run of the grid hit it: the grid stopped there
+    assert f"{out}/" in line and not leftovers(out)  # a file of the search hit it: the search stopped there
 
 
 @needs_proc

@@ -13,6 +13,7 @@ from test_ingest import assert_same, ragged_frame, slow_pack
 
 from v3kit.config import ConfigError, load_config
 from v3kit.data import ingest
+from v3kit.data.cache import load_cached
 from v3kit.data.contract import MAX_FEATURE_ABS, DataValidationError, _nonfinite
 from v3kit.data.long_frame import from_long_frame
 from v3kit.data.tables import load_groups
@@ -83,14 +84,14 @@ def test_arrow_goes_through_the_cache_and_the_config(tmp_path, monkeypatch):
     df = f32_frame(2)
     path = write_arrow(to_table(df, "fixed-size-float32"), tmp_path / "t.feather")
     plain = load_groups(path)
-    same_data(load_groups(path, cache=True), plain)
+    same_data(load_cached(path), plain)
     assert (tmp_path / "t.feather.v3kit-cache" / "float32" / "cand_x.npy").exists()
 
     def no_parse(path):
         raise AssertionError("the data file was parsed although the cache is valid")
 
     monkeypatch.setattr(ingest, "load_arrow", no_parse)
-    same_data(load_groups(path, cache=True), plain)
+    same_data(load_cached(path), plain)
     monkeypatch.undo()
     # end_to_end skips the streamed path: the whole-table reader must read Arrow too (features win for training)
     same_data(load_groups(path, text_mode="end_to_end"), plain)

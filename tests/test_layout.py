@@ -1,15 +1,15 @@
-"""The package's import graph has no cycle among module-level imports.
+"""The package's import graph tells the truth: no cycle and no upward arrow, counting every import.
 
-Every module of ``v3kit`` is parsed with :mod:`ast` (nothing is imported). Counted as module-level: imports in the
-module body and in the bodies of classes, ``if`` / ``try`` / ``with`` blocks there, since they all run when the
-module is imported. Not counted: imports inside a function (lazy by design: they run on the first call, once every
-module is loaded, e.g. a heavy optional dependency or a command's implementation) and imports under
-``if TYPE_CHECKING:`` (never run). Importing ``a.b.c`` also runs the ``__init__`` of the packages ``a.b`` above it,
-so those count too, except a module's own ancestors (Python has already started them when it reaches the module).
+Every module of ``v3kit`` is parsed with :mod:`ast` (nothing is imported). Every import statement counts, wherever
+it is: in the module body, in a class, in an ``if`` / ``try`` / ``with`` block, inside a function (it runs on the
+first call) and under ``if TYPE_CHECKING:`` (a dependency of the types all the same). Importing ``a.b.c`` also
+runs the ``__init__`` of the packages ``a.b`` above it, so those count too, except a module's own ancestors
+(Python has already started them when it reaches the module).
 
-The folder layout is the architecture: ``FLOORS`` lists the floors from the bottom up, and a module may import (at
-module level) only from its own floor or the floors below. An import inside a function may reach up only where
-``LAZY_UPWARD`` names it, with the reason.
+The folder layout is the architecture: ``FLOORS`` lists the floors from the bottom up, and a module may import only
+from its own floor or the floors below. Inside a function only the optional heavy dependencies of
+``OPTIONAL_IMPORTS`` may be imported (so that ``import v3kit`` works without them); nothing of the package, and no
+core dependency. No module imports a private name (``_x``) of another.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ def _module_level(body: list[ast.stmt]) -> list[ast.Import | ast.ImportFrom]:
     return out
 
 
-def imports(name: str, path: Path, known: set[str], *, lazy: bool = False) -> set[str]:
-    """The package modules that importing ``name`` runs at module level (its own ancestors left out); with ``lazy``,
-    also those its functions import."""
+def imports(name: str, path: Path, known: set[str], *, every: bool = True) -> set[str]:
+    """The package modules ``name`` imports (its own ancestors left out): every import statement, or with
+    ``every=False`` only those that run when the module is imported."""
     is_package = path.name == "__init__.py"
     tree = ast.parse(path.read_text(), str(path))
     targets: set[str] = set()
-    for node in _all_imports(tree) if lazy else _module_level(tree.body):
+    for node in _all_imports(tree) if every else _module_level(tree.body):
         if isinstance(node, ast.Import):
             targets |= {a.name for a in node.names}
             continue
@@ -76,13 +76,52 @@ def imports(name: str, path: Path, known: set[str], *, lazy: bool = False) -> se
     return out
 
 
+# The optional heavy dependencies (extras in pyproject.toml): the only imports allowed inside a function, so that
+# `import v3kit` and the command line work without them. The one list of them.
+OPTIONAL_IMPORTS: dict[str, str] = {
+    "ray": "ray extra: v3kit ablate --backend ray",
+    "mlflow": "mlflow extra: report_to mlflow",
+    "wandb": "wandb extra: report_to wandb",
+    "torch.utils.tensorboard": "tensorboard extra: report_to tensorboard",
+    "sentence_transformers": "text extra: embedding text columns",
+    "transformers": "text extra: the end-to-end text towers",
+    "optuna": "search: the hyper-parameter search engine",
+    "playwright": "dev extra: the browser tests",
+    "safetensors": "reading Hugging Face weights",
+    "psutil": "the memory check's reading of available memory, when installed",
+    "matplotlib": "notebooks extra: figures (the verdict's forest plot)",
+    "IPython": "notebooks extra: display in a kernel",
+    "ipywidgets": "notebooks extra: the GRPO panel's widgets",
+    "jupyter_client": "notebooks extra: running a notebook headless",
+    "jupytext": "notebooks extra: the notebooks' .py sources",
+    "papermill": "notebooks extra: notebook parameters",
+}
+
+
+def is_optional(module: str) -> bool:
+    return any(module == o or module.startswith(o + ".") for o in OPTIONAL_IMPORTS)
+
+
+# The old paths of moved modules (one-line shims, see v3kit/moved.py and CHANGELOG.md) sit with the entry points.
+SHIMS = tuple(sorted(module_name(p) for p in PACKAGE.glob("*.py") if "alias(__name__, " in p.read_text()))
+
 # The floors, bottom up: each entry is a subpackage (with everything in it) or a single top-level module. Every
 # module of the package belongs to exactly one floor.
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("infrastructure", ("v3kit.rundir", "v3kit.provenance", "v3kit.bounds", "v3kit.trackers")),
+    ("infrastructure", ("v3kit.rundir", "v3kit.provenance", "v3kit.bounds", "v3kit.trackers", "v3kit.moved")),
     ("data", ("v3kit.data",)),
     ("train", ("v3kit.train",)),
-    ("run", ("v3kit.config", "v3kit.run_info", "v3kit.pipeline", "v3kit.pipeline_stacked", "v3kit.stage_reuse")),
+    (
+        "run",
+        (
+            "v3kit.config",
+            "v3kit.run_info",
+            "v3kit.run",
+            "v3kit.pipeline",
+            "v3kit.pipeline_stacked",
+            "v3kit.stage_reuse",
+        ),
+    ),
     ("ablate", ("v3kit.ablate",)),
     ("doctor", ("v3kit.doctor",)),
     ("notebook", ("v3kit.notebook",)),
@@ -96,18 +135,10 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "v3kit.diagnose",
             "v3kit.model",
             "v3kit.text_model",
+            *SHIMS,
         ),
-    ),  # the last three: old public paths
+    ),  # from v3kit.diagnose on: old public paths
 )
-
-# Imports inside a function that reach a higher floor (they run on the first call, once every module is loaded).
-LAZY_UPWARD: dict[tuple[str, str], str] = {
-    ("v3kit.bounds", "v3kit.train.model"): "count_params builds the model on the meta device to size it",
-    ("v3kit.trackers", "v3kit.config"): "a tracker logs the run config as a flat dict",
-    ("v3kit.data.shortcut", "v3kit.pipeline"): "world_shortcuts rebuilds each ablation world's training split",
-    ("v3kit.train.import_sft", "v3kit.config"): "the import-sft command reads the run config ...",
-    ("v3kit.train.import_sft", "v3kit.pipeline"): "... and builds its data to check the imported model",
-}
 
 
 def floor_of(name: str) -> int:
@@ -146,15 +177,13 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_cycle_among_module_level_imports():
+def test_no_import_cycle_counting_every_import():
     edges = graph()
     assert len(edges) > 30 and "v3kit.data.contract" in edges  # the walk found the package
     cycle = find_cycle(edges)
     assert cycle is None, (
-        "module-level import cycle: "
-        + " -> ".join(cycle or [])
-        + "; break it by moving the shared code down a layer (or, for a heavy or rarely used "
-        "import, import it inside the function that needs it)"
+        "import cycle: " + " -> ".join(cycle or []) + "; break it by moving the shared code down to the floor it "
+        "belongs on (an import inside a function or under TYPE_CHECKING counts too)"
     )
 
 
@@ -162,15 +191,15 @@ def test_the_data_contract_imports_nothing_of_the_package():
     # Everything that reads tables, packs or caches builds on the contract, never the reverse.
     mods = modules()
     assert imports("v3kit.data.contract", mods["v3kit.data.contract"], set(mods)) == set()
-    lazy = {
+    anywhere = {
         n.module
         for n in ast.walk(ast.parse(mods["v3kit.data.contract"].read_text()))
         if isinstance(n, ast.ImportFrom) and n.level
     }
-    assert lazy == set(), f"v3kit.data.contract imports {lazy} (even lazily); it holds only the data contract"
+    assert anywhere == set(), f"v3kit.data.contract imports {anywhere}; it holds only the data contract"
 
 
-def test_the_cycle_finder_finds_cycles_and_lazy_imports_do_not_count(tmp_path):
+def test_the_cycle_finder_finds_cycles_and_module_level_imports_are_told_apart(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "d": {"a", "c"}}) is None
     src = tmp_path / "m.py"
@@ -207,15 +236,19 @@ def test_the_old_public_model_paths_still_load(tmp_path):
 
 
 def _all_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement of a module, inside functions too; those under ``if TYPE_CHECKING:`` left out."""
-    never_run = {
-        id(n)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-        for stmt in node.body
-        for n in ast.walk(stmt)
-    }
-    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in never_run]
+    """Every import statement of a module: in functions and under ``if TYPE_CHECKING:`` too."""
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
+def _function_imports(tree: ast.Module) -> list[tuple[str, ast.Import | ast.ImportFrom]]:
+    """``(function name, import)`` for every import statement inside a function (nested ones included)."""
+    return [
+        (fn.name, n)
+        for fn in ast.walk(tree)
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for n in ast.walk(fn)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+    ]
 
 
 def test_every_module_imports_only_its_own_floor_or_lower_ones():
@@ -229,13 +262,32 @@ def test_every_module_imports_only_its_own_floor_or_lower_ones():
         if floor_of(t) > floor_of(n)
     ]
     assert up == [], "an import reaches a higher floor: " + "; ".join(up) + " (move the shared code down a floor)"
-    lazy_up = set()
-    for n, p in mods.items():
-        ups = {t for t in imports(n, p, known, lazy=True) if floor_of(t) > floor_of(n)}
-        lazy_up |= {(n, t) for t in ups if not any(u.startswith(t + ".") for u in ups)}  # a module, not its package
-    new, gone = sorted(lazy_up - set(LAZY_UPWARD)), sorted(set(LAZY_UPWARD) - lazy_up)
-    assert not new and not gone, (
-        f"imports in functions that reach a higher floor, not in LAZY_UPWARD: {new}; gone: {gone}"
+
+
+def test_nothing_but_an_optional_dependency_is_imported_inside_a_function():
+    found = []
+    for name, path in modules().items():
+        for fn, node in _function_imports(ast.parse(path.read_text())):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if node.__class__ is ast.ImportFrom and node.level or not all(is_optional(t) for t in targets):
+                found.append(f"{name}.{fn} (line {node.lineno}): {ast.unparse(node)}")
+    assert found == [], (
+        "imports inside functions (move them to the top of the module; only OPTIONAL_IMPORTS may wait for their "
+        "first use): " + "; ".join(found)
+    )
+
+
+def test_no_module_imports_a_private_name_of_another():
+    found = [
+        f"{name} (line {node.lineno}): {ast.unparse(node)}"
+        for name, path in modules().items()
+        for node in _all_imports(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and (node.level or (node.module or "").startswith("v3kit"))
+        and any(a.name.startswith("_") and not a.name.startswith("__") for a in node.names)
+    ]
+    assert found == [], "private names imported from another module (make them public or move the code): " + "; ".join(
+        found
     )
 
 
@@ -248,7 +300,28 @@ def test_the_floor_checks_see_an_upward_import(tmp_path):
         "    from ..config import load_config\nif TYPE_CHECKING:\n    from ..pipeline import run\n"
     )
     known = {"v3kit.config", "v3kit.pipeline", "v3kit.data.contract", "v3kit.data"}
-    assert imports("v3kit.data.x", path, known) == {"v3kit.data.contract"}
-    assert imports("v3kit.data.x", path, known, lazy=True) == {"v3kit.config", "v3kit.data.contract"}
+    assert imports("v3kit.data.x", path, known, every=False) == {"v3kit.data.contract"}
+    assert imports("v3kit.data.x", path, known) == {"v3kit.config", "v3kit.pipeline", "v3kit.data.contract"}
     with pytest.raises(ValueError, match="FLOORS"):
         floor_of("v3kit.newthing")
+
+
+# Each rule has one home: the pattern that defines it occurs once in the package (issue: twin implementations drift).
+ONE_HOME = {
+    "the group log-softmax": r"log_softmax\(",
+    "the parameter count": r"def count_params\(",
+    "config flattening": r"out\.update\(flat\w*\(",  # the recursive walk
+    "model target resolution": r"\.resolve\(\)\}:",
+    "the split seed": r"split_seed is None else",
+    "the de-biasing methods": r"\"candidate_prior\", \"candidate_features\"",
+    "the keys outside the experiment": r"^NOT_EXPERIMENT_KEYS = ",
+}
+
+
+@pytest.mark.parametrize("rule", sorted(ONE_HOME))
+def test_each_rule_has_one_home(rule):
+    import re
+
+    pattern = re.compile(ONE_HOME[rule], re.M)
+    where = [f"{n}:{m.group(0)}" for n, p in modules().items() for m in pattern.finditer(p.read_text())]
+    assert len(where) == 1, f"{rule} is defined in {len(where)} places ({where}); keep one and import it"

@@ -183,6 +183,7 @@ def test_grpo_notebook_standalone_creates_what_it_needs(executed):
     assert results["panel_runs"] == 2
 
 
+@pytest.mark.slow
 def test_live_plot_updates_its_output_in_place_in_a_kernel():
     """Many live redraws in a real kernel leave one PNG output (updated through its display id), not a pile."""
     from nbclient import NotebookClient
@@ -223,6 +224,7 @@ def test_notebook_sources_are_py_percent_files_and_no_ipynb_is_tracked():
     assert ignored.returncode == 0, "notebooks/*.ipynb must be git-ignored"
 
 
+@pytest.mark.slow
 def test_saving_a_run_notebook_then_make_notebooks_changes_only_the_edited_code(tmp_path):
     """What a JupyterLab user does: open the paired .ipynb, run it (outputs, counts, widget state), edit a line,
     save. `make notebooks` (jupytext --sync) then carries the edit into the .py and nothing else: no outputs,
@@ -360,6 +362,7 @@ def test_environment_yml_lists_the_notebooks_extra():
     )
 
 
+@pytest.mark.slow
 def test_notebook_command_runs_a_py_source_with_parameters(tmp_path):
     """docs/your_model.md's CI command, verbatim plus smoke sizes: papermill runs notebook 03 from its .py."""
     import shlex
@@ -417,17 +420,20 @@ def test_notebook_command_parses_values_as_papermill_and_names_unknown_parameter
         notebook_tools.notebook_source("99_nope")
 
 
+@pytest.mark.slow
 def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monkeypatch):
-    """ensure_stage1 / ensure_rce / the GRPO panel resolve cfg.device as `v3kit run` does (a fake device here)."""
+    """ensure_stage1 / ensure_rce / the GRPO panel resolve cfg.device through Run, as `v3kit run` does (a fake
+    device here)."""
     import torch
 
     import v3kit.notebook.grpo_panel as gp
     import v3kit.pipeline as pl
+    import v3kit.run as run
     import v3kit.stage_reuse as sr
     from v3kit.train.device import num_threads
 
     fake = torch.device("cuda", 3)
-    monkeypatch.setattr(pl, "resolve_device", lambda setting: fake)
+    monkeypatch.setattr(run, "resolve_device", lambda setting: fake)
     seen = []
 
     def spy(module, name):
@@ -439,8 +445,8 @@ def test_notebook_stages_and_the_panel_use_the_configured_device(tmp_path, monke
 
         monkeypatch.setattr(module, name, run_on_cpu)
 
-    for module, name in ((sr, "train_sft"), (sr, "load_sft"), (sr, "run_rce"), (gp, "run_grpo")):
-        spy(module, name)
+    for name in ("train_sft", "load_sft", "run_rce", "run_grpo"):  # every stage goes through v3kit.run.Run
+        spy(run, name)
     cfg = notebook_tools.notebook_config(
         run_dir=str(tmp_path), smoke=True, n_queries=60, sft_epochs=1, rce_epochs=1, grpo_epochs=1
     )

@@ -307,7 +307,7 @@ def test_sentence_transformers_policy_goes_through_doctor_and_investigate(st_dir
     assert main(["run", "--sft", str(out), *sets]) == 0
     assert main(["doctor", str(tmp_path / "run")]) == 0
     assert "checks flagged" in capsys.readouterr().out
-    quick = ["--only", "rce_only", "--initial-seeds", "2", "--max-seeds", "2", "--no-progress"]
+    quick = ["--only", "rce_only", "--trials", "2", "--top-k", "1", "--confirm-seeds", "2", "--no-progress"]
     assert main(["investigate", str(tmp_path / "run"), *quick]) == 0
     verdict = json.loads((tmp_path / "run" / "investigate" / "verdict.json").read_text())
     assert verdict  # a verdict was written for the imported text model

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,6 +57,7 @@ def _close(got: float, want: float, rel: float = 1e-7, scale: float = 1.0) -> bo
     return math.isclose(got, want, rel_tol=rel, abs_tol=rel * max(1.0, scale))
 
 
+@pytest.mark.slow
 @FAST
 @given(data=st.data(), temperature=st.floats(0.05, 5.0))
 def test_group_log_probs_finite_normalised_and_match_reference(data, temperature):

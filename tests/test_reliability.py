@@ -293,10 +293,10 @@ def _tiny_splits(scale: float = 1.0):
 
 
 def test_huge_features_stop_the_stage_with_one_line_and_no_checkpoint(tmp_path, capsys, monkeypatch):
-    import v3kit.pipeline
+    import v3kit.run
 
     splits = _tiny_splits(1e30)  # finite data, but the gradient overflows at the first step
-    monkeypatch.setattr(v3kit.pipeline, "prepare_data", lambda cfg: splits)
+    monkeypatch.setattr(v3kit.run, "prepare_data", lambda cfg, expect_dims=None: splits)
     run = tmp_path / "run"
     code, err = _cli(capsys, "run", "--set", f"run_dir={run}", "--set", "progress=false", "--set", "sft.epochs=2")
     line = _one_line(err)
@@ -378,13 +378,13 @@ def test_skip_batch_leaves_the_batch_out_and_counts_it(tmp_path):
 
 
 def test_skip_batch_is_a_config_key_and_reaches_the_printout(tmp_path, capsys, monkeypatch):
-    import v3kit.pipeline
+    import v3kit.run
 
     assert load_config(None, ["grpo.on_nonfinite=skip_batch"]).grpo.on_nonfinite == "skip_batch"
     with pytest.raises(ConfigError, match="rce.on_nonfinite must be one of"):
         load_config(None, ["rce.on_nonfinite=ignore"])
     splits = _tiny_splits(1e30)
-    monkeypatch.setattr(v3kit.pipeline, "prepare_data", lambda cfg: splits)
+    monkeypatch.setattr(v3kit.run, "prepare_data", lambda cfg, expect_dims=None: splits)
     code = __import__("v3kit.cli", fromlist=["main"]).main(
         [
             "run",
@@ -412,6 +412,7 @@ def test_skip_batch_is_a_config_key_and_reaches_the_printout(tmp_path, capsys, m
 
 
 # ----------------------------------------------------------------------------------------------- one run, one SFT
+@pytest.mark.slow
 def test_resume_with_another_sft_checkpoint_is_refused(tmp_path, capsys):
     import torch
 

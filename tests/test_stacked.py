@@ -279,7 +279,7 @@ def test_a_resume_after_a_kill_mid_stack_is_bit_identical(tmp_path):
 # ---------------------------------------------------------------------------------------------- grids
 def test_plan_stacks_groups_seeds_and_numeric_variants_of_one_structure(tmp_path):
     from v3kit.ablate.grid import parse_grid
-    from v3kit.ablate.tasks import _RunTask, plan_stacks
+    from v3kit.ablate.tasks import RunTask, plan_stacks
 
     raw = {
         "name": "g",
@@ -290,7 +290,7 @@ def test_plan_stacks_groups_seeds_and_numeric_variants_of_one_structure(tmp_path
     }
     spec = parse_grid(raw)
     tasks = [
-        _RunTask(
+        RunTask(
             "default",
             v,
             s,

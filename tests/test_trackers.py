@@ -95,6 +95,7 @@ def tracked_run(tmp_path_factory):
         yield res, pd.read_csv(res.run_dir / "metrics.csv"), (tmp / "mlruns").as_uri(), wandb
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_every_metrics_row(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -112,6 +113,7 @@ def test_tensorboard_event_files_hold_every_metrics_row(tracked_run):
     assert "config" in " ".join(acc.Tags()["tensors"])  # config text (and hparams)
 
 
+@pytest.mark.slow
 def test_mlflow_store_holds_every_metrics_row_params_and_artifacts(tracked_run):
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -138,6 +140,7 @@ def test_mlflow_store_holds_every_metrics_row_params_and_artifacts(tracked_run):
     assert {"checkpoints/sft_epoch1.pt", "checkpoints/rce_epoch1.pt", "checkpoints/grpo_epoch2.pt"} <= ckpts
 
 
+@pytest.mark.slow
 def test_wandb_runs_offline_and_gets_every_row_on_its_stage_axis(tracked_run):
     res, metrics, _, wandb = tracked_run
     (run,) = wandb.runs

@@ -112,6 +112,7 @@ def test_sft_checkpoint_key_and_split_seed(tmp_path):
 # ---------------------------------------------------------------- grids that vary model.* / sft.*
 
 
+@pytest.mark.slow
 def test_grid_variants_of_sft_and_model_train_each_distinct_sft_once(tmp_path):
     raw = {
         "name": "g",
@@ -176,6 +177,7 @@ def verdict_dir(tmp_path_factory):
     return root, v
 
 
+@pytest.mark.slow
 def test_investigate_writes_a_verdict_that_trains(verdict_dir):
     from v3kit.doctor.investigate import RECOMMENDATIONS
     from v3kit.pipeline import run_pipeline

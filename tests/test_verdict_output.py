@@ -3,12 +3,10 @@ instead of 'effects smaller than ~0 go undetected'."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pandas as pd
 import pytest
 
-from v3kit.doctor.investigate import Investigation, Verdict
+from v3kit.doctor.confirm import Verdict, power_line
 from v3kit.doctor.verdict_report import plot_effects
 
 
@@ -43,12 +41,9 @@ def test_the_effects_plot_title_fits_inside_the_figure(tmp_path, monkeypatch):
 
 
 def test_a_power_line_with_nothing_to_measure_says_so():
-    inv = SimpleNamespace(
-        splits=SimpleNamespace(test=[0] * 12), cfg=SimpleNamespace(data=SimpleNamespace(test_frac=0.15))
-    )
-    inv.max_seeds, inv.metric = 2, "acc@1"
-    zero = Investigation._power_line(inv, 0.0)
+    # finalists whose intervals all have zero width (a smoke run): no effect can be detected, and the line says so
+    zero = power_line(12, 0.15, 2, "acc@1", [0.0, 0.0])
     assert "too few test queries to detect any effect" in zero and "~0" not in zero
-    assert "too few test queries" in Investigation._power_line(inv, float("nan"))
-    real = Investigation._power_line(inv, 0.083)
-    assert "effects smaller than ~0.083 go undetected" in real and "too few" not in real
+    assert "too few test queries" in power_line(12, 0.15, 2, "acc@1", [float("nan")])
+    real = power_line(12, 0.15, 2, "acc@1", [0.0, 0.083])
+    assert "mde column" in real and "too few" not in real

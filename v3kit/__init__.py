@@ -5,6 +5,7 @@ from .data.contract import GroupData, Splits, split_by_query
 from .data.synthetic import SyntheticConfig, make_world
 from .data.tables import load_groups
 from .pipeline import prepare_data, run_pipeline
+from .run import Run
 from .train.grpo import GRPOConfig, GRPOStage, run_grpo
 from .train.import_sft import import_sft
 from .train.losses import group_advantages, group_log_probs, grpo_loss, rce_loss
@@ -25,6 +26,7 @@ __all__ = [
     "OptimConfig",
     "RCEConfig",
     "RCEStage",
+    "Run",
     "RunConfig",
     "RunContext",
     "SFTConfig",

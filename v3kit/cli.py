@@ -1,11 +1,11 @@
-"""Command line: ``v3kit run``, ``v3kit eval`` (and the diagnosis commands registered by other modules)."""
+"""Command line: ``v3kit run``, ``v3kit eval``, and the commands defined next to their logic (``ablate``, ``doctor``,
+``import-sft``, ``investigate``, ``notebook``: each module's ``register_cli``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
-import importlib
 import json
 import os
 import sys
@@ -15,11 +15,18 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from .ablate import register_cli as register_ablate
 from .config import ConfigError, load_config
-from .data.contract import DataValidationError
+from .data.contract import DataValidationError, GroupData
+from .doctor import register_cli as register_doctor
 from .doctor.investigate import RECOMMENDED
+from .doctor.investigate import register_cli as register_investigate
 from .doctor.verdict_report import VERDICT_JSON, VERDICT_MD
-from .rundir import DISK_FULL_ERRNOS, DiskFullError, RunDirBusyError, free_bytes
+from .notebook.tools import register_cli as register_notebook
+from .pipeline import RUN_INFO, load_data, prepare_data, recorded_sft_checkpoint, run_pipeline
+from .run import Run
+from .rundir import DISK_FULL_ERRNOS, UNKNOWN_FILE, DiskFullError, RunDirBusyError, free_bytes
+from .train import distributed
 from .train.checkpoint import (
     CheckpointError,
     check_feature_dims,
@@ -27,7 +34,9 @@ from .train.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
+from .train.import_sft import register_cli as register_import_sft
 from .train.metrics import evaluate, metric_order
+from .train.model import ModelConfig
 from .train.training import NonFiniteError
 
 
@@ -36,23 +45,20 @@ def _fmt(table: pd.DataFrame) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import prepare_data, resolve_runtime, run_pipeline
-    from .train import distributed
-
     cfg = load_config(args.config, args.set or [])
     # With --sft the checkpoint's dims are checked on the first embedded text, before the rest is embedded.
-    splits = prepare_data(cfg, expect_dims=_checkpoint_dims(args.sft)) if args.sft else prepare_data(cfg)
-    runtime = resolve_runtime(cfg, splits, warn=False)
-    ranks = distributed.init_from_env(runtime.device)  # torchrun: join the process group; else one process
+    run = Run(cfg, expect_dims=_checkpoint_dims(args.sft) if args.sft else None, warn=False)
+    ranks = distributed.init_from_env(run.runtime.device)  # torchrun: join the process group; else one process
     if ranks.world > 1:
         # One CPU thread per rank: N ranks x N threads would oversubscribe the cores.
         cfg = dataclasses.replace(
-            cfg, progress=cfg.progress and ranks.main, threads=1 if runtime.device.type == "cpu" else cfg.threads
+            cfg, progress=cfg.progress and ranks.main, threads=1 if run.runtime.device.type == "cpu" else cfg.threads
         )
+        run = Run(cfg, splits=run.splits, warn=False)
     if ranks.main:
         ranks_note = f", {ranks.world} ranks (torchrun)" if ranks.world > 1 else ""
-        print(f"v3kit run: {resolve_runtime(cfg, splits, warn=False).describe()}{ranks_note} (run dir: {cfg.run_dir})")
-    result = run_pipeline(cfg, sft_checkpoint=args.sft, resume=args.resume, splits=splits)
+        print(f"v3kit run: {run.runtime.describe()}{ranks_note} (run dir: {cfg.run_dir})")
+    result = run_pipeline(cfg, sft_checkpoint=args.sft, resume=args.resume, splits=run.splits)
     if not ranks.main:
         return 0
     if result.debias is not None:
@@ -131,8 +137,6 @@ def step0_ratio_note(mean: float) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .pipeline import prepare_data
-
     ckpt = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(ckpt, args.checkpoint)
     run_dir = Path(args.checkpoint).parent
@@ -170,8 +174,6 @@ def _reference_path(given: str | None, run_dir: Path) -> Path | str:
     Order: ``--reference``; the one the run recorded in ``run_info.json`` (``run --sft`` may have started from a file
     outside the run dir); ``sft.pt`` beside the checkpoint (run dirs written before runs recorded it).
     """
-    from .pipeline import RUN_INFO, recorded_sft_checkpoint
-
     if given:
         return Path(given)  # a missing file fails in load_checkpoint with its own message
     recorded = recorded_sft_checkpoint(run_dir)
@@ -224,24 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.set_defaults(func=cmd_eval)
 
-    for register in _extra_commands():
-        register(sub)
+    # Subcommands defined next to their logic.
+    register_ablate(sub)
+    register_doctor(sub)
+    register_import_sft(sub, data_from_config=import_sft_data)
+    register_investigate(sub)
+    register_notebook(sub)
     return p
 
 
-def _extra_commands() -> list:
-    """Subcommands defined next to their logic (``ablate``, ``doctor``, ``import-sft``, ``notebook``), each module's
-    ``register_cli``."""
-    found = []
-    for mod in ("ablate", "doctor", "train.import_sft", "doctor.investigate", "notebook.tools"):
-        try:
-            module = importlib.import_module(f"v3kit.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"v3kit.{mod}":  # a real missing dependency inside the module must surface
-                raise
-            continue
-        found.append(module.register_cli)
-    return found
+def import_sft_data(args: argparse.Namespace) -> tuple[GroupData, ModelConfig]:
+    """``v3kit import-sft --config/--set``: the run's data (loaded, and embedded for text, exactly as the run will
+    use it, built-in tables too: the feature dims are the data's) and its model section."""
+    cfg = load_config(args.config, args.set or [])
+    return load_data(cfg), cfg.model
 
 
 RESUME_HINTS = {  # how each command continues after a full disk was freed
@@ -258,7 +256,7 @@ def os_error_message(e: OSError, command: str = "run") -> str:
         full = (
             e
             if isinstance(e, DiskFullError)
-            else DiskFullError(e.filename or "<unknown file>", free=free_bytes(e.filename or "."))
+            else DiskFullError(e.filename or UNKNOWN_FILE, free=free_bytes(e.filename or "."))
         )
         return f"{full}; {RESUME_HINTS.get(command, 'free space, then rerun')}"
     if e.filename is None:  # raised by v3kit itself with its own message

@@ -15,7 +15,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import RunConfig, _field_types
+from .ablate.grid import VARIANT_RULES
+from .config import RunConfig, field_types
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -67,7 +68,7 @@ def reference(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, s
     """``(key, default, doc)`` for every leaf key of the config tree, in definition order; sections recurse."""
     docs = field_docs(cls)
     rows = []
-    for name, hint in _field_types(cls).items():
+    for name, hint in field_types(cls).items():
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
             rows += reference(hint, key + ".")
@@ -80,7 +81,7 @@ def undocumented(cls: type = RunConfig, prefix: str = "") -> list[str]:
     """Keys (sections included) without a docstring."""
     docs = field_docs(cls)
     missing = []
-    for name, hint in _field_types(cls).items():
+    for name, hint in field_types(cls).items():
         key = f"{prefix}{name}"
         if not docs.get(name):
             missing.append(key)
@@ -101,7 +102,6 @@ def render() -> str:
         "| --- | --- | --- |",
     ]
     lines += [f"| `{k}` | `{d}` | {doc.replace('|', '&#124;')} |" for k, d, doc in reference()]
-    from .ablate.grid import VARIANT_RULES
 
     lines += ["", "## Grid variants", "", *textwrap.wrap(VARIANT_RULES, 116, break_on_hyphens=False)]
     return "\n".join(lines) + "\n"

@@ -1,9 +1,15 @@
 """``v3kit.model``: the stable public path of the built-in ranker (the code lives in :mod:`v3kit.train.model`).
 
 ``model.target: v3kit.model:TwoTower`` is the default target: every config and checkpoint records it (and the
-model section's hash, which names shared SFT checkpoints, includes it), so this path must keep loading.
+model section's hash, which names shared SFT checkpoints, includes it), so this path must keep loading. The names
+below stay here for good; any other name of :mod:`v3kit.train.model` (the previous release had them all here) still
+resolves, with a DeprecationWarning naming the new path.
 """
 
+import warnings
+from typing import Any
+
+from .train import model as train_model
 from .train.model import (
     DEFAULT_TARGET,
     INTERFACE_ATTR,
@@ -31,3 +37,14 @@ __all__ = [
     "model_inputs",
     "scores",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if not name.startswith("__") and hasattr(train_model, name):
+        warnings.warn(
+            f"v3kit.model.{name} moved to v3kit.train.model.{name}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(train_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,28 +21,22 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import trackers
-from .bounds import check_model_fits
-from .config import ConfigError, RunConfig, dump_config, to_dict
+from .config import RunConfig, dump_config, to_dict
 from .data.contract import Splits
-from .data.debias import check_debias
 from .pipeline import (
     PipelineResult,
-    _check_same_sft,
-    _select,
+    _check_before_writing,
     check_resumable,
-    prepare_data,
+    check_same_sft,
     record_config,
     record_sft_checkpoint,
-    resolve_runtime,
-    run_context,
     run_pipeline,
-    sft_select_metric,
     skipped_batches,
     split_seed,
     stage_table,
-    training_splits,
     update_run_info,
 )
+from .run import Run, grpo_temperature, prepare_data, sft_select_metric
 from .rundir import RunLock, atomic_write_text
 from .train.checkpoint import (
     check_finite_checkpoint,
@@ -53,7 +47,7 @@ from .train.checkpoint import (
 )
 from .train.grpo import GRPOStage
 from .train.model import build_model
-from .train.rce import RCEStage, final_logit_temperature
+from .train.rce import RCEStage
 from .train.selection import BestVal, write_selection
 from .train.sft import SFTStage, Stage1, _keep_best, load_sft
 from .train.stacked import PruneFn, fit_stacked
@@ -121,39 +115,34 @@ def run_stacked(
 
 
 class _Stack:
-    """The K runs of :func:`run_stacked`, stage by stage; a run that fails drops out of the later stages."""
+    """The K runs of :func:`run_stacked`, stage by stage (one :class:`v3kit.run.Run` each, sharing the splits); a
+    run that fails drops out of the later stages."""
 
     def __init__(self, cfgs: list[RunConfig], reporters: list[Any], sft: Any, splits: Splits | None, resume: bool):
         self.cfgs, self.reporters, self.sft, self.resume = cfgs, reporters, sft, resume
         self.errors: dict[int, BaseException] = {}
         self.notes: list[str] = []
         self.stacked = True
-        recorded = {}
+        self.recorded = {}
         if resume:
             for k, c in enumerate(cfgs):
                 check_resumable(c, c.run_dir)
-                recorded[k] = _check_same_sft(Path(c.run_dir), sft)
-        self.recorded = recorded
+                self.recorded[k] = check_same_sft(Path(c.run_dir), sft)
         self.splits = splits or prepare_data(cfgs[0])
-        self.runtime = resolve_runtime(cfgs[0], self.splits)
-        check_model_fits(cfgs[0].model, self.splits.train.query_dim, self.splits.train.cand_dim, self.runtime.device)
-        for c in cfgs:
-            check_debias(c.reward, self.splits.train)
-            if c.select_metric == "utility@1" and self.splits.val.utility is None:
-                raise ConfigError(
-                    "select_metric=utility@1 needs a true utility, which this data does not have; use a label "
-                    "metric such as select_metric=acc@1"
-                )
-        torch.set_num_threads(self.runtime.threads)
+        self.runs = [
+            Run(c, splits=self.splits, callbacks=r.callbacks(), resume=resume, warn=k == 0)
+            for k, (c, r) in enumerate(zip(cfgs, reporters))
+        ]
+        for run in self.runs:
+            _check_before_writing(run)  # a missing device, a model too big, data that cannot support the config
+        self.runtime = self.runs[0].runtime
+        self.runs[0].use_threads()
 
     def live(self) -> list[int]:
         return [k for k in range(len(self.cfgs)) if k not in self.errors]
 
-    def context(self, k: int, **extra: Any) -> RunContext:
-        c = self.cfgs[k]
-        return RunContext(
-            **run_context(c, self.runtime, callbacks=self.reporters[k].callbacks(), resume=self.resume), **extra
-        )
+    def context(self, k: int) -> RunContext:
+        return RunContext(**self.runs[k].context())
 
     def fit(
         self, ks: list[int], stages: list[Any], prune: PruneFn | None = None, contexts: list[RunContext] | None = None
@@ -182,7 +171,7 @@ class _Stack:
         stage1 = self.stage1(sft_paths)
         rl, self.debias = {}, {}
         for k in self.live():
-            rl[k], debias = training_splits(self.cfgs[k], self.splits)
+            rl[k], debias = self.runs[k].training_splits, self.runs[k].debias
             self.debias[k] = debias
             if debias is not None:
                 update_run_info(Path(self.cfgs[k].run_dir), **debias.as_dict())
@@ -267,7 +256,7 @@ class _Stack:
         temps, stages = {}, []
         for k in ks:
             c, s1 = self.cfgs[k], stage1[k]
-            temps[k] = c.grpo.resolve_temperature(final_logit_temperature(c.rce, s1.model_config.sim_temperature))
+            temps[k] = grpo_temperature(c, s1.model_config)
             if c.grpo.kl_reference == "sft" and s1.reference is None:
                 raise ValueError("grpo.kl_reference='sft' needs the frozen SFT model")
             stages.append(
@@ -294,9 +283,9 @@ class _Stack:
         self, k: int, s1: Stage1, rce: StageResult, after_rce: Any, grpo: StageResult, rl: Splits, temp: float
     ) -> PipelineResult:
         """The run's selection, stage table and files, as :func:`v3kit.pipeline.run_pipeline` writes them."""
-        cfg, run_dir = self.cfgs[k], Path(self.cfgs[k].run_dir)
+        run_dir = Path(self.cfgs[k].run_dir)
         models = {"sft": s1.reference, "rce": after_rce, "grpo": s1.policy}
-        selection, models["selected"] = _select(cfg, run_dir, models, self.splits, self.runtime)
+        selection, models["selected"] = self.runs[k].select(models)
         table = stage_table(
             models, self.splits.test, s1.reference, s1.model_config.sim_temperature, precision=self.runtime.precision
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 # The top-level config keys that are not part of the experiment: where a run writes and where and how fast it
 # computes. A resume may change them (pipeline.RESUMABLE_CHANGES) and an ablation's result hash leaves them out
@@ -28,6 +28,18 @@ NOT_EXPERIMENT_KEYS = (
 # leaves them out: the seed comes from the grid's seeds (it IS part of the experiment and of every result hash),
 # run_dir and progress are the runner's (above).
 RUNNER_KEYS = ("seed", "run_dir", "progress")
+
+
+def experiment_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (``dataclasses.asdict`` of a run config) as the experiment it describes: without
+    :data:`NOT_EXPERIMENT_KEYS` and :data:`RUNNER_KEYS` but with its ``seed`` (a result's hash keeps it), and without
+    ``precision`` when it is ``fp32`` (the precision of every result made before the key existed, which stay valid).
+    The one home of which keys leave an experiment unchanged; resumes extend it (``pipeline.RESUMABLE_CHANGES``)."""
+    out = {k: v for k, v in config.items() if k not in (*RUNNER_KEYS, *NOT_EXPERIMENT_KEYS)}
+    if out.get("precision") == "fp32":
+        out.pop("precision")
+    out["seed"] = config["seed"]
+    return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -48,12 +60,13 @@ def fingerprint(obj: Any, salt: str = "") -> str:
     return hashlib.sha1((json.dumps(obj, sort_keys=True, default=str) + salt).encode()).hexdigest()[:16]
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config dict -> ``{"grpo.kl_beta": 0.1, ...}``; ``kwargs`` mappings stay whole (they are one value)."""
+def flatten(d: Mapping[str, Any], prefix: str = "", *, whole: Sequence[str] = ("kwargs",)) -> dict[str, Any]:
+    """Nested config dict -> ``{"grpo.kl_beta": 0.1, ...}``; the mappings named in ``whole`` (``kwargs``: a custom
+    model's arguments) stay one value. The one home of config flattening."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(flatten(v, f"{prefix}{k}."))
+        if isinstance(v, Mapping) and k not in whole:
+            out.update(flatten(v, f"{prefix}{k}.", whole=whole))
         else:
             out[f"{prefix}{k}"] = v
     return out

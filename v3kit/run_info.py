@@ -19,7 +19,7 @@ RUN_INFO = "run_info.json"  # beside config.yaml: what a run started from that t
 OWN_SFT = "sft.pt"  # run_info's name for the SFT model the run trained itself (relative: the run dir may move)
 
 
-def _check_same_sft(run_dir: Path, sft_checkpoint: str | Path | None) -> dict[str, Any] | None:
+def check_same_sft(run_dir: Path, sft_checkpoint: str | Path | None) -> dict[str, Any] | None:
     """On resume, the RCE/GRPO checkpoints belong to one SFT model: refuse to continue them from another one."""
     path = run_dir / RUN_INFO
     if not path.exists():
@@ -76,7 +76,7 @@ EDITABLE_KEYS = ("run_dir", "progress", "report_to", "threads", "log_every", "de
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     """The run's ``run_info.json`` as a dict; ``{}`` when it is missing or unreadable (runs that predate it).
-    A resume reads it strictly instead (:func:`_check_same_sft`): there a damaged file must not pass silently."""
+    A resume reads it strictly instead (:func:`check_same_sft`): there a damaged file must not pass silently."""
     path = Path(run_dir) / RUN_INFO
     try:
         info = json.loads(path.read_text()) if path.is_file() else {}

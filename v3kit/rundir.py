@@ -51,6 +51,9 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+UNKNOWN_FILE = "<unknown file>"  # an ENOSPC whose writer named no file (os.write, a library's own writes)
+
+
 class DiskFullError(OSError):
     """A write ran out of disk space (or quota). Names the file, the bytes the write needed when known and the
     bytes free; nothing partial of it is left behind (the writer removed its temp file or truncated its append).
@@ -111,7 +114,7 @@ def as_disk_full(exc: BaseException) -> DiskFullError | None:
     os_error = exc
     while not (isinstance(os_error, OSError) and os_error.errno in DISK_FULL_ERRNOS):
         os_error = os_error.__cause__ or os_error.__context__  # type: ignore[assignment]
-    name = os_error.filename or "<unknown file>"
+    name = os_error.filename or UNKNOWN_FILE
     return DiskFullError(name, free=free_bytes(Path(name).parent) if os_error.filename else None)
 
 

@@ -2,8 +2,8 @@
 
 ``ensure_stage1`` / ``ensure_rce`` reuse ``sft.pt`` / ``rce_epoch{N}.pt`` when an earlier notebook made them from
 the same data and settings (recorded in ``notebook_state.json``), and otherwise (re)make them, removing the later
-stages' outputs derived from the old ones. They build their run context as ``v3kit run`` does
-(:func:`v3kit.pipeline.run_context`).
+stages' outputs derived from the old ones. They train through the notebook's :class:`v3kit.run.Run`, as ``v3kit run``
+does (one resolution of the data, the splits and the runtime per notebook).
 """
 
 from __future__ import annotations
@@ -13,16 +13,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from .config import RunConfig
 from .data.contract import Splits
-from .pipeline import resolve_runtime, run_context, training_splits
 from .provenance import signature
+from .run import Run
 from .rundir import atomic_write_text
 from .train.metrics_log import read_metrics_frame
-from .train.rce import run_rce
-from .train.sft import Stage1, load_sft, train_sft
+from .train.sft import Stage1
 from .train.training import StageResult
 
 STATE_FILE = "notebook_state.json"
@@ -53,15 +50,24 @@ def _invalidate(run_dir: Path, stages: Sequence[str], state: dict[str, Any]) -> 
         print(f"removed {len(removed)} stale checkpoint(s) of {', '.join(stages)} made from the previous inputs")
 
 
+def as_run(run: Run | RunConfig, splits: Splits | None = None) -> Run:
+    """``run`` itself, or a :class:`Run` of a config (and its prepared ``splits``), as the notebooks once passed."""
+    return run if isinstance(run, Run) else Run(run, splits=splits)
+
+
 def ensure_stage1(
-    cfg: RunConfig, splits: Splits, *, sft_checkpoint: str | Path | None = None, callbacks: Sequence[Any] = ()
+    run: Run | RunConfig,
+    splits: Splits | None = None,
+    *,
+    sft_checkpoint: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> Stage1:
-    """Stage 1 on ``cfg.run_dir/sft.pt``: copy ``sft_checkpoint`` there if given, else reuse the one an earlier
+    """Stage 1 on ``run_dir/sft.pt``: copy ``sft_checkpoint`` there if given, else reuse the one an earlier
     notebook made with the same data and SFT settings, else train SFT (``callbacks`` see that training)."""
-    run_dir = Path(cfg.run_dir)
+    run = as_run(run, splits)
+    cfg, run_dir = run.cfg, run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    runtime = resolve_runtime(cfg, splits)  # device / precision / threads as in `v3kit run`
-    torch.set_num_threads(runtime.threads)
+    run.use_threads()  # device / precision / threads as in `v3kit run`
     state = read_state(run_dir)
     sft_path = run_dir / "sft.pt"
     data_sig = signature(cfg, "data")
@@ -89,22 +95,31 @@ def ensure_stage1(
         print(f"training SFT ({why}) -> {sft_path}")
         origin = "trained"
         _invalidate(run_dir, ("rce", "grpo"), state)
-        train_sft(splits, cfg.model, cfg.sft, **run_context(cfg, runtime, callbacks=callbacks, run_dir=run_dir))
+        run.sft(callbacks=callbacks, resume=False)
     if prev != want:
         _invalidate(run_dir, ("rce", "grpo"), state)
     state["stage1"] = want
     _write_state(run_dir, state)
-    stage1 = load_sft(sft_path, splits.train, device=runtime.device, precision=runtime.precision)
+    stage1 = run.stage1(sft_path)
     stage1.origin = origin
     return stage1
 
 
 def ensure_rce(
-    cfg: RunConfig, splits: Splits, stage1: Stage1, *, callbacks: Sequence[Any] = (), fresh: bool = False
+    run: Run | RunConfig,
+    splits: Splits | None = None,
+    stage1: Stage1 | None = None,
+    *,
+    callbacks: Sequence[Any] = (),
+    fresh: bool = False,
 ) -> StageResult:
     """Stage 2 on ``stage1.policy`` (in place): reuse ``rce_epoch{epochs}.pt`` made from the same stage 1 with the
-    same RCE settings (unless ``fresh``), else train RCE. ``result.model`` is the post-RCE policy."""
-    run_dir = Path(cfg.run_dir)
+    same RCE settings (unless ``fresh``), else train RCE. ``result.model`` is the post-RCE policy. Called as
+    ``ensure_rce(run, stage1=stage1)`` (or, as before, ``ensure_rce(cfg, splits, stage1)``)."""
+    if stage1 is None:
+        raise TypeError("ensure_rce needs stage1 (ensure_stage1's result)")
+    run = as_run(run, splits)
+    cfg, run_dir = run.cfg, run.run_dir
     state = read_state(run_dir)
     want = {"stage1": state.get("stage1"), "rce": signature(cfg, "rce", "reward")}
     last = run_dir / f"rce_epoch{cfg.rce.epochs}.pt"
@@ -114,17 +129,8 @@ def ensure_rce(
     else:
         print(f"training RCE for {cfg.rce.epochs} epoch(s) -> {run_dir}/rce_epoch*.pt")
         _invalidate(run_dir, ("rce", "grpo"), state)
-    runtime = resolve_runtime(cfg, splits)
-    torch.set_num_threads(runtime.threads)
-    splits, _ = training_splits(cfg, splits)  # as run_pipeline
-    result = run_rce(
-        stage1.policy,
-        splits,
-        cfg.rce,
-        model_config=stage1.model_config,
-        reference=stage1.reference,
-        **run_context(cfg, runtime, callbacks=callbacks, resume=reuse, run_dir=run_dir),
-    )
+    run.use_threads()
+    result = run.rce(stage1, callbacks=callbacks, resume=reuse)  # on the de-biased training splits, as `v3kit run`
     state["rce"] = want
     _write_state(run_dir, state)
     result.info["origin"] = "reused" if reuse else "trained"

@@ -33,14 +33,21 @@ missing one fails in one line naming the install command, before anything trains
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
 import math
+import netrc
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
+import yaml
+
+from .provenance import flatten
+from .rundir import atomic_write_text
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 INSTALL = {
@@ -126,17 +133,11 @@ def open_mlflow_store(uri: str) -> None:
     MlflowClient(uri).search_experiments(max_results=1)
 
 
-def flat_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The config as ``{dotted.key: scalar}`` (lists as their JSON text, None as ``null``)."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flat_params(v, f"{prefix}{k}."))
-        elif isinstance(v, (list, tuple)) or v is None:
-            out[f"{prefix}{k}"] = json.dumps(v)
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def flat_params(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as ``{dotted.key: scalar}`` (every mapping flattened, lists as their JSON text, None as ``null``)."""
+    return {
+        k: json.dumps(v) if isinstance(v, (list, tuple)) or v is None else v for k, v in flatten(tree, whole=()).items()
+    }
 
 
 def row_metrics(row: Mapping[str, Any]) -> dict[str, float]:
@@ -278,7 +279,6 @@ class _MLflow:
 def _wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
-    import netrc
 
     try:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
@@ -384,10 +384,6 @@ def start(
     ``tracking``: ``tags`` (an ablation's grid, world, variant, seed; ``run``: the tracked run's name) and
     ``mlflow_uri`` (the store when ``$MLFLOW_TRACKING_URI`` is unset).
     """
-    import yaml
-
-    from .config import to_dict
-
     report_to = list(getattr(cfg, "report_to", []) or [])
     if not report_to:
         return Reporter()
@@ -395,7 +391,7 @@ def start(
     run_dir = Path(run_dir)
     tracking = dict(tracking or {})
     tags = {k: str(v) for k, v in (tracking.get("tags") or {}).items()}
-    config = to_dict(cfg)
+    config = dataclasses.asdict(cfg)  # the run config (any config dataclass) as nested plain values
     params = flat_params(config)
     config_text = yaml.safe_dump(config, sort_keys=False)
     ids_path = run_dir / IDS_FILE
@@ -420,7 +416,6 @@ def start(
             with contextlib.suppress(Exception):
                 t.end(False)
         raise
-    from .rundir import atomic_write_text
 
     if ids:  # what a --resume continues
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import traceback
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import torch
 
 from ..rundir import as_disk_full
 
@@ -42,8 +45,6 @@ class BackendError(ValueError):
 # ------------------------------------------------------------------------------------------------ devices
 def cuda_device_count() -> int:
     """CUDA devices this process sees (0 without CUDA); the one place tests replace to fake a GPU box."""
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
@@ -74,8 +75,6 @@ _WORKER: dict[str, Any] | None = None  # set in a worker process: {"device": str
 
 
 def _enter_worker(device: str | None, ray: bool = False) -> None:
-    import torch
-
     global _WORKER
     _WORKER = {"device": device, "ray": ray}
     torch.set_num_threads(1)  # N workers x 1 thread each: no oversubscription of the cores
@@ -159,8 +158,6 @@ class LocalBackend:
         self, fn: Callable[[Any], Any], tasks: Sequence[Any], label: Label, done: Callable[[], None], errors: list[str]
     ) -> None:
         if self.pool is None:
-            import traceback
-
             for t in tasks:
                 try:
                     fn(t)

@@ -17,7 +17,9 @@ from ..config import (
     resolve_config_file,
     safe_load_bounded,
 )
+from ..data.contract import GroupData
 from ..provenance import RUNNER_KEYS
+from ..run import prepare_data
 from ..train.metrics import METRIC_DIRECTION, METRIC_NAMES
 
 KEY_METRICS = ("acc@1", "reward@1", "utility@1")
@@ -29,8 +31,8 @@ SUMMARY_METRICS = ("acc@1", "mrr", "ndcg@5", "reward@1", "utility@1")
 PER_QUERY_METRICS = METRIC_NAMES
 BASE_WORLD = "default"
 BEST = "@best"
-_RUN_INFO = ("step0_ratio_mean", "step0_ratio_std", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
-_SHARED_SECTIONS = ("data", "model", "sft")  # what an SFT checkpoint depends on (its hash)
+STEP0_INFO = ("step0_ratio_mean", "step0_ratio_std", "step0_ratio_min", "step0_ratio_max", "step0_outside_clip")
+SFT_SECTIONS = ("data", "model", "sft")  # what an SFT checkpoint depends on (its hash)
 _WORLD_SECTIONS = ("data",)  # fixed per world: every run of a world shares its split and test queries
 
 
@@ -92,6 +94,10 @@ class GridSpec:
 
     def world_names(self) -> list[str]:
         return [BASE_WORLD] + (list(self.worlds.levels) if self.worlds else [])
+
+    def training_split(self, world: str = BASE_WORLD) -> GroupData:
+        """The training split every run of ``world`` trains on: the shared SFT's, seeded with ``sft_seed``."""
+        return prepare_data(self.base_config(world, [f"seed={self.sft_seed}"])).train
 
     def resolve(self, world: str, variant: str, seed: int, run_dir: str | Path = "runs/ablate") -> RunConfig:
         """The full config of one run (raises :class:`GridError` naming the variant and key on a bad override)."""
@@ -162,45 +168,11 @@ def parse_grid(
         ),
         "grid",
     )
-    sft_checkpoint = raw.get("sft_checkpoint")
-    if sft_checkpoint is not None:
-        if not isinstance(sft_checkpoint, str):
-            raise GridError(f"grid.sft_checkpoint must be a path, got {sft_checkpoint!r}")
-        if not Path(sft_checkpoint).exists() and base_dir is not None and (Path(base_dir) / sft_checkpoint).exists():
-            sft_checkpoint = str(Path(base_dir) / sft_checkpoint)  # relative to the grid file
-        if not Path(sft_checkpoint).is_file():
-            raise GridError(
-                f"grid.sft_checkpoint {sft_checkpoint} does not exist (a path from the cwd or the grid file)"
-            )
-        if raw.get("worlds"):
-            raise GridError(
-                "grid.sft_checkpoint fixes the base world's SFT; 'worlds' change the data and need their own "
-                "SFT: drop one of the two"
-            )
+    sft_checkpoint = _sft_checkpoint(raw, base_dir)
     config = raw.get("config")
     if config is not None and base_dir is not None and not Path(config).exists():
         config = str(Path(base_dir) / config)  # relative to the grid file when not relative to the cwd
-    variants_raw = raw.get("variants")
-    if not isinstance(variants_raw, Mapping) or not variants_raw:
-        raise GridError("grid.variants must be a non-empty mapping of name -> list of 'key=value' overrides")
-    variants = {str(k): _str_list(v, f"variant {k!r}") for k, v in variants_raw.items()}
-    for vname, overrides in variants.items():
-        for text in overrides:
-            try:
-                keys, _ = parse_override(text)
-            except ConfigError as e:
-                raise GridError(f"variant {vname!r}: {e}") from None
-            if keys[0] in _WORLD_SECTIONS:
-                raise GridError(
-                    f"variant {vname!r} sets '{'.'.join(keys)}', but data.* is fixed per world (every run "
-                    "of a world is compared on the same test queries); move it to 'base' or to a world "
-                    "in 'worlds.levels'"
-                )
-            if keys[0] in RUNNER_KEYS:
-                raise GridError(
-                    f"variant {vname!r} sets '{keys[0]}', which the runner sets for every run; use "
-                    "the grid's 'seeds' (or 'sft_seed') instead"
-                )
+    variants = _variants(raw.get("variants"))
     seeds = _seed_list(raw.get("seeds"), "grid.seeds")
     sft_seed = raw.get("sft_seed", 0)
     if not isinstance(sft_seed, int):
@@ -213,37 +185,7 @@ def parse_grid(
         if not (isinstance(pair, list) and len(pair) == 2 and all(p in variants for p in pair)):
             raise GridError(f"question {q!r} must be [variant_a, variant_b] naming two variants, got {pair!r}")
         questions[str(q)] = (pair[0], pair[1])
-    worlds = None
-    if raw.get("worlds"):
-        w = raw["worlds"]
-        _check_keys(w, ("levels", "variants", "seeds", "best_metric", "best_of"), "grid.worlds")
-        levels = w.get("levels")
-        if not isinstance(levels, Mapping) or not levels:
-            raise GridError("grid.worlds.levels must map a world name to a list of overrides")
-        if BASE_WORLD in levels:
-            raise GridError(f"grid.worlds.levels may not use the name {BASE_WORLD!r} (the base world)")
-        wvars = w.get("variants")
-        if not isinstance(wvars, list) or not wvars:
-            raise GridError("grid.worlds.variants must list the variants to rerun, e.g. [sft_only, seed, '@best']")
-        for v in wvars:
-            if v != BEST and v not in variants:
-                raise GridError(f"grid.worlds.variants names {v!r}, which is not a variant (or '{BEST}')")
-        best_metric = w.get("best_metric", "utility@1")
-        if best_metric not in METRIC_DIRECTION or METRIC_DIRECTION[best_metric] == 0:
-            raise GridError(
-                f"grid.worlds.best_metric must be one of "
-                f"{[m for m, d in METRIC_DIRECTION.items() if d]}, got {best_metric!r}"
-            )
-        best_of = w.get("best_of")
-        if best_of is not None and (not isinstance(best_of, list) or any(b not in variants for b in best_of)):
-            raise GridError(f"grid.worlds.best_of must list variants, got {best_of!r}")
-        worlds = WorldSweep(
-            levels={str(k): _str_list(v, f"world {k!r}") for k, v in levels.items()},
-            variants=list(wvars),
-            seeds=_seed_list(w.get("seeds", seeds), "grid.worlds.seeds"),
-            best_metric=best_metric,
-            best_of=best_of,
-        )
+    worlds = _worlds(raw["worlds"], variants, seeds) if raw.get("worlds") else None
     spec = GridSpec(
         variants=variants,
         seeds=seeds,
@@ -264,6 +206,83 @@ def parse_grid(
         for vname in variants:
             spec.resolve(world, vname, seeds[0])
     return spec
+
+
+def _sft_checkpoint(raw: Mapping[str, Any], base_dir: str | Path | None) -> str | None:
+    """``grid.sft_checkpoint``: an existing file (relative to the cwd or the grid file), only without worlds."""
+    sft_checkpoint = raw.get("sft_checkpoint")
+    if sft_checkpoint is not None:
+        if not isinstance(sft_checkpoint, str):
+            raise GridError(f"grid.sft_checkpoint must be a path, got {sft_checkpoint!r}")
+        if not Path(sft_checkpoint).exists() and base_dir is not None and (Path(base_dir) / sft_checkpoint).exists():
+            sft_checkpoint = str(Path(base_dir) / sft_checkpoint)  # relative to the grid file
+        if not Path(sft_checkpoint).is_file():
+            raise GridError(
+                f"grid.sft_checkpoint {sft_checkpoint} does not exist (a path from the cwd or the grid file)"
+            )
+        if raw.get("worlds"):
+            raise GridError(
+                "grid.sft_checkpoint fixes the base world's SFT; 'worlds' change the data and need their own "
+                "SFT: drop one of the two"
+            )
+    return sft_checkpoint
+
+
+def _variants(variants_raw: Any) -> dict[str, list[str]]:
+    """``grid.variants``: name -> overrides, none of which may set the data (fixed per world) or a runner key."""
+    if not isinstance(variants_raw, Mapping) or not variants_raw:
+        raise GridError("grid.variants must be a non-empty mapping of name -> list of 'key=value' overrides")
+    variants = {str(k): _str_list(v, f"variant {k!r}") for k, v in variants_raw.items()}
+    for vname, overrides in variants.items():
+        for text in overrides:
+            try:
+                keys, _ = parse_override(text)
+            except ConfigError as e:
+                raise GridError(f"variant {vname!r}: {e}") from None
+            if keys[0] in _WORLD_SECTIONS:
+                raise GridError(
+                    f"variant {vname!r} sets '{'.'.join(keys)}', but data.* is fixed per world (every run "
+                    "of a world is compared on the same test queries); move it to 'base' or to a world "
+                    "in 'worlds.levels'"
+                )
+            if keys[0] in RUNNER_KEYS:
+                raise GridError(
+                    f"variant {vname!r} sets '{keys[0]}', which the runner sets for every run; use "
+                    "the grid's 'seeds' (or 'sft_seed') instead"
+                )
+    return variants
+
+
+def _worlds(w: Any, variants: Mapping[str, list[str]], seeds: list[int]) -> WorldSweep:
+    """``grid.worlds``: the other worlds (levels), the variants rerun there and how '@best' is chosen."""
+    _check_keys(w, ("levels", "variants", "seeds", "best_metric", "best_of"), "grid.worlds")
+    levels = w.get("levels")
+    if not isinstance(levels, Mapping) or not levels:
+        raise GridError("grid.worlds.levels must map a world name to a list of overrides")
+    if BASE_WORLD in levels:
+        raise GridError(f"grid.worlds.levels may not use the name {BASE_WORLD!r} (the base world)")
+    wvars = w.get("variants")
+    if not isinstance(wvars, list) or not wvars:
+        raise GridError("grid.worlds.variants must list the variants to rerun, e.g. [sft_only, seed, '@best']")
+    for v in wvars:
+        if v != BEST and v not in variants:
+            raise GridError(f"grid.worlds.variants names {v!r}, which is not a variant (or '{BEST}')")
+    best_metric = w.get("best_metric", "utility@1")
+    if best_metric not in METRIC_DIRECTION or METRIC_DIRECTION[best_metric] == 0:
+        raise GridError(
+            f"grid.worlds.best_metric must be one of "
+            f"{[m for m, d in METRIC_DIRECTION.items() if d]}, got {best_metric!r}"
+        )
+    best_of = w.get("best_of")
+    if best_of is not None and (not isinstance(best_of, list) or any(b not in variants for b in best_of)):
+        raise GridError(f"grid.worlds.best_of must list variants, got {best_of!r}")
+    return WorldSweep(
+        levels={str(k): _str_list(v, f"world {k!r}") for k, v in levels.items()},
+        variants=list(wvars),
+        seeds=_seed_list(w.get("seeds", seeds), "grid.worlds.seeds"),
+        best_metric=best_metric,
+        best_of=best_of,
+    )
 
 
 def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> GridSpec:

@@ -28,7 +28,6 @@ def conclusions(
     ``sft_variant`` (the variant that is SFT itself; default: the one whose difference to SFT is exactly 0 on every
     metric) is left out of the lists."""
     reference = reference or summary.attrs.get("reference")
-    agreement = summary.attrs.get("reward_label_agreement", {}).get(world)
     has_utility = "utility@1" in set(summary["metric"])
     if not has_utility and tuple(metrics) == KEY_METRICS:  # real data: the label metrics carry the verdict
         metrics = ("acc@1", "mrr", "reward@1")
@@ -38,6 +37,28 @@ def conclusions(
     if sft_variant is None:  # a variant identical to SFT on every metric (no RCE, no GRPO) is the baseline itself
         same = s.groupby("variant")[["diff", "diff_low", "diff_high"]].apply(lambda g: bool((g == 0).all().all()))
         sft_variant = next(iter(same[same].index), None)
+    lines = _header_lines(s, summary.attrs.get("reward_label_agreement", {}).get(world), has_utility, metrics, world)
+    if reference is not None and reference in set(s["variant"]):
+        lines.append(_reference_line(s, reference, metrics))
+    s = s[s["variant"] != sft_variant]
+    for m in metrics:
+        sm = s[s["metric"] == m]
+        if not sm.empty:
+            lines += _metric_lines(sm, m, reference)
+    if comparisons is not None and not comparisons.empty:
+        lines.append("\nQuestions (paired difference a - b):")
+        for q, grp in comparisons.groupby("question", sort=False):
+            a, b = grp.iloc[0]["a"], grp.iloc[0]["b"]
+            parts = [f"{r.metric} {_fmt_diff(r.diff, r.low, r.high)} {r.verdict}" for r in grp.itertuples()]
+            lines.append(f"  {q} ({a} - {b}): " + "; ".join(parts))
+    lines += _world_lines(summary, world, metrics)
+    return "\n".join(lines)
+
+
+def _header_lines(
+    s: pd.DataFrame, agreement: float | None, has_utility: bool, metrics: Sequence[str], world: str
+) -> list[str]:
+    """What the verdicts rest on: the design, the reward-label agreement, the power, the multiple comparisons."""
     n_seeds = int(s["n_seeds"].min())
     method = ", ".join(sorted(s["ci_method"].unique()))
     lines = [
@@ -61,57 +82,57 @@ def conclusions(
         f"({n_tests} variant x metric comparisons at 95%: expect about {0.05 * n_tests:.0f} "
         "'significant' by chance; trust effects that are large or consistent across metrics.)"
     )
-    if reference is not None and reference in set(s["variant"]):
-        ref = s[s["variant"] == reference].set_index("metric")
-        parts = [
-            f"{m} {ref.loc[m, 'mean']:.3f} vs SFT {ref.loc[m, 'sft']:.3f}: "
-            f"{_fmt_diff(ref.loc[m, 'diff'], ref.loc[m, 'diff_low'], ref.loc[m, 'diff_high'])} "
-            f"({ref.loc[m, 'verdict']})"
-            for m in metrics
-            if m in ref.index
-        ]
-        lines.append(f"\nThe reference '{reference}' vs SFT: " + "; ".join(parts) + ".")
-    s = s[s["variant"] != sft_variant]
-    for m in metrics:
-        sm = s[s["metric"] == m]
-        if sm.empty:
-            continue
-        lines.append(f"\n{m}:")
-        for label, verdict in (("better than SFT", "better"), ("worse than SFT", "worse")):
-            hit = sm[sm["verdict"] == verdict].sort_values("diff", ascending=verdict == "worse")
-            items = ", ".join(f"{r.variant} {_fmt_diff(r.diff, r.diff_low, r.diff_high)}" for r in hit.itertuples())
-            lines.append(f"  significantly {label}: {items or 'none'}")
-        if reference is not None and "vs_ref_verdict" in sm.columns:
-            for label, verdict in (("better", "better"), ("worse", "worse")):
-                hit = sm[sm["vs_ref_verdict"] == verdict].sort_values("vs_ref", ascending=verdict == "worse")
-                items = ", ".join(
-                    f"{r.variant} {_fmt_diff(r.vs_ref, r.vs_ref_low, r.vs_ref_high)}" for r in hit.itertuples()
-                )
-                lines.append(f"  significantly {label} than '{reference}': {items or 'none'}")
-        d = METRIC_DIRECTION[m]
-        top = sm.sort_values("diff", ascending=d < 0).iloc[0]
-        lines.append(
-            f"  best mean: {top.variant} ({top['mean']:.3f}, vs SFT "
-            f"{_fmt_diff(top['diff'], top.diff_low, top.diff_high)}, {top.verdict})"
-        )
-    if comparisons is not None and not comparisons.empty:
-        lines.append("\nQuestions (paired difference a - b):")
-        for q, grp in comparisons.groupby("question", sort=False):
-            a, b = grp.iloc[0]["a"], grp.iloc[0]["b"]
-            parts = [f"{r.metric} {_fmt_diff(r.diff, r.low, r.high)} {r.verdict}" for r in grp.itertuples()]
-            lines.append(f"  {q} ({a} - {b}): " + "; ".join(parts))
+    return lines
+
+
+def _reference_line(s: pd.DataFrame, reference: str, metrics: Sequence[str]) -> str:
+    ref = s[s["variant"] == reference].set_index("metric")
+    parts = [
+        f"{m} {ref.loc[m, 'mean']:.3f} vs SFT {ref.loc[m, 'sft']:.3f}: "
+        f"{_fmt_diff(ref.loc[m, 'diff'], ref.loc[m, 'diff_low'], ref.loc[m, 'diff_high'])} "
+        f"({ref.loc[m, 'verdict']})"
+        for m in metrics
+        if m in ref.index
+    ]
+    return f"\nThe reference '{reference}' vs SFT: " + "; ".join(parts) + "."
+
+
+def _metric_lines(sm: pd.DataFrame, m: str, reference: str | None) -> list[str]:
+    """One metric's verdicts: significantly better/worse than SFT (and than ``reference``), and the best mean."""
+    lines = [f"\n{m}:"]
+    for label, verdict in (("better than SFT", "better"), ("worse than SFT", "worse")):
+        hit = sm[sm["verdict"] == verdict].sort_values("diff", ascending=verdict == "worse")
+        items = ", ".join(f"{r.variant} {_fmt_diff(r.diff, r.diff_low, r.diff_high)}" for r in hit.itertuples())
+        lines.append(f"  significantly {label}: {items or 'none'}")
+    if reference is not None and "vs_ref_verdict" in sm.columns:
+        for label, verdict in (("better", "better"), ("worse", "worse")):
+            hit = sm[sm["vs_ref_verdict"] == verdict].sort_values("vs_ref", ascending=verdict == "worse")
+            items = ", ".join(
+                f"{r.variant} {_fmt_diff(r.vs_ref, r.vs_ref_low, r.vs_ref_high)}" for r in hit.itertuples()
+            )
+            lines.append(f"  significantly {label} than '{reference}': {items or 'none'}")
+    d = METRIC_DIRECTION[m]
+    top = sm.sort_values("diff", ascending=d < 0).iloc[0]
+    lines.append(
+        f"  best mean: {top.variant} ({top['mean']:.3f}, vs SFT "
+        f"{_fmt_diff(top['diff'], top.diff_low, top.diff_high)}, {top.verdict})"
+    )
+    return lines
+
+
+def _world_lines(summary: pd.DataFrame, world: str, metrics: Sequence[str]) -> list[str]:
+    """Where the swept variants help or hurt across the grid's worlds (none when it has one world)."""
     others = [w for w in summary["world"].unique() if w != world]
-    if others:
-        swept = list(dict.fromkeys(summary[summary["world"].isin(others)]["variant"]))
-        lines.append(f"\nAcross worlds (difference to each world's own SFT) for {', '.join(swept)}:")
-        sw = summary[summary["metric"].isin(metrics) & summary["variant"].isin(swept)]
-        for w in [world, *others]:
-            for v, grp in sw[sw["world"] == w].groupby("variant", sort=False):
-                parts = [
-                    f"{r.metric} {_fmt_diff(r.diff, r.diff_low, r.diff_high)} {r.verdict}" for r in grp.itertuples()
-                ]
-                lines.append(f"  {w} / {v}: " + "; ".join(parts))
-    return "\n".join(lines)
+    if not others:
+        return []
+    swept = list(dict.fromkeys(summary[summary["world"].isin(others)]["variant"]))
+    lines = [f"\nAcross worlds (difference to each world's own SFT) for {', '.join(swept)}:"]
+    sw = summary[summary["metric"].isin(metrics) & summary["variant"].isin(swept)]
+    for w in [world, *others]:
+        for v, grp in sw[sw["world"] == w].groupby("variant", sort=False):
+            parts = [f"{r.metric} {_fmt_diff(r.diff, r.diff_low, r.diff_high)} {r.verdict}" for r in grp.itertuples()]
+            lines.append(f"  {w} / {v}: " + "; ".join(parts))
+    return lines
 
 
 # A CI counts as "too wide to tell" when its minimum detectable effect exceeds this share of the SFT level: on acc@1

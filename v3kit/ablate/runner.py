@@ -16,32 +16,33 @@ from tqdm.auto import tqdm
 
 from .. import trackers
 from ..config import RunConfig, to_dict
-from ..provenance import NOT_EXPERIMENT_KEYS, RUNNER_KEYS, fingerprint
+from ..data.reward_stats import label_reward_agreement
+from ..pipeline import prepare_data, run_pipeline, update_run_info
+from ..pipeline_stacked import run_stacked
+from ..provenance import experiment_config, fingerprint
+from ..run import Run
 from ..rundir import atomic_write_frame, atomic_write_text
+from ..train.metrics import per_group_metrics
+from ..train.model import compute_log_probs
 from .backends import make_backend, worker_config
 from .grid import (
-    _RUN_INFO,
     BASE_WORLD,
     BEST,
     METRIC_DIRECTION,
     PER_QUERY_METRICS,
+    STEP0_INFO,
     GridError,
     GridSpec,
     load_grid,
 )
 from .stats import summarize
-from .tasks import _RunTask, _SFTPlan, _SFTTask, _StackTask, plan_stacks
+from .tasks import RunTask, SFTPlan, SFTTask, StackTask, plan_stacks
 
 
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
     """The result hash of a run: its config without the keys that are not part of the experiment (fp32 is the
     precision every earlier result had, so it is left out too and those results stay valid); the seed is kept."""
-    d = to_dict(cfg)
-    for k in (*RUNNER_KEYS, *NOT_EXPERIMENT_KEYS):
-        d.pop(k, None)
-    if d.get("precision") == "fp32":
-        d.pop("precision")
-    d["seed"] = cfg.seed
+    d = experiment_config(to_dict(cfg))
     return fingerprint(d, extra)
 
 
@@ -51,8 +52,6 @@ def per_query_outcomes(
     """Per test query: the :data:`PER_QUERY_METRICS` of ``model`` (their means are
     :func:`v3kit.train.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal).
     ``ref_logp``: ``reference``'s log-probs on ``data`` when the caller already has them."""
-    from ..train.metrics import per_group_metrics
-    from ..train.model import compute_log_probs
 
     logp = compute_log_probs(model, data, temperature)
     ref = compute_log_probs(reference, data, temperature) if ref_logp is None else ref_logp
@@ -63,10 +62,8 @@ def per_query_outcomes(
 _SPLITS_CACHE: dict[str, Any] = {}
 
 
-def _splits_for(cfg: RunConfig) -> Any:
+def splits_for(cfg: RunConfig) -> Any:
     """The world's splits (cached per process: every run of a world in this worker reuses them)."""
-    from ..pipeline import prepare_data
-
     key = json.dumps({"data": to_dict(cfg)["data"], "seed": cfg.seed}, sort_keys=True, default=str)
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE.clear()  # one world at a time is plenty; keeps memory flat
@@ -74,50 +71,31 @@ def _splits_for(cfg: RunConfig) -> Any:
     return _SPLITS_CACHE[key]
 
 
-def _train_sft(task: _SFTTask) -> str:
-    from ..pipeline import sft_select_metric
-    from ..train.device import resolve_device, resolve_precision
-    from ..train.sft import train_sft
-
-    splits = _splits_for(task.cfg)
-    cfg = worker_config(task.cfg)  # the worker's device, as its runs get
-    device = resolve_device(cfg.device)
-    train_sft(
-        splits,
-        cfg.model,
-        cfg.sft,
-        select_metric=sft_select_metric(cfg),
-        seed=cfg.seed,
-        run_dir=task.path.parent,
-        progress=False,
-        device=device,
-        precision=resolve_precision(cfg.precision, device, warn=False),
-    )
+def _train_sft(task: SFTTask) -> str:
+    run = Run(worker_config(task.cfg), splits=splits_for(task.cfg), warn=False)  # the worker's device, as its runs get
+    run.sft(run_dir=task.path.parent, progress=False, callbacks=[], resume=False)
     for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
         p.unlink()
     atomic_write_text(task.path.parent / "sft.hash", task.hash)
     return task.world
 
 
-def _execute(task: _RunTask) -> dict[str, Any]:
+def _execute(task: RunTask) -> dict[str, Any]:
     """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
-    from ..pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    splits = _splits_for(task.split_cfg)
+    splits = splits_for(task.split_cfg)
     cfg = worker_config(task.cfg)  # one thread in a worker, and its GPU; run_pipeline sets the threads
     res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits, tracking=task.tracking)
     return _write_result(task, res, splits, time.perf_counter() - t0)
 
 
-def _execute_stack(stack: _StackTask) -> dict[str, Any]:
+def _execute_stack(stack: StackTask) -> dict[str, Any]:
     """Run the runs of ``stack`` as one stacked model (:func:`v3kit.pipeline_stacked.run_stacked`) and write each
     run's ``result.json``, as :func:`_execute` would; a run that failed is reported, the others are kept."""
-    from ..pipeline_stacked import run_stacked
-
     t0 = time.perf_counter()
     first = stack.tasks[0]
-    splits = _splits_for(first.split_cfg)
+    splits = splits_for(first.split_cfg)
     out = run_stacked(
         [worker_config(t.cfg) for t in stack.tasks],
         sft_checkpoint=first.sft_path,
@@ -137,16 +115,13 @@ def _execute_stack(stack: _StackTask) -> dict[str, Any]:
 
 
 def _write_result(
-    task: _RunTask, res: Any, splits: Any, wall: float, *, stacked: bool = False, note: str = ""
+    task: RunTask, res: Any, splits: Any, wall: float, *, stacked: bool = False, note: str = ""
 ) -> dict[str, Any]:
     """The run's ``result.json`` (its grid rows, per-query outcomes and run info) from its pipeline result."""
-    from ..data.reward_stats import label_reward_agreement
-    from ..pipeline import update_run_info
-
     run_dir = Path(task.cfg.run_dir)
     update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
-    info = {k: float(res.grpo.info[k]) for k in _RUN_INFO if k in res.grpo.info}
+    info = {k: float(res.grpo.info[k]) for k in STEP0_INFO if k in res.grpo.info}
     # How often the reward's top candidate is the label on the test split: what the conclusions read label metrics
     # against, above all on real data without a true utility.
     info["reward_label_agreement"] = label_reward_agreement(splits.test)
@@ -176,7 +151,6 @@ def _write_result(
         )
     temperature = res.stage1.model_config.sim_temperature  # as pipeline.stage_table evaluates
     test = splits.test
-    from ..train.model import compute_log_probs
 
     ref_logp = compute_log_probs(res.models["sft"], test, temperature)  # once for every model
     outcomes: dict[int, dict[str, list[float]]] = {}  # once per model: 'selected' is often 'grpo' or 'sft'
@@ -261,7 +235,7 @@ def _run_tasks(fn: Callable[[Any], Any], tasks: list[Any], bar: Any, backend: An
     backend.run(fn, tasks, label, (lambda: bar.update(1)) if bar is not None else (lambda: None), errors)
 
 
-def _run_runs(tasks: list[_RunTask], bar: Any, backend: Any, errors: list[str], stack: str) -> None:
+def _run_runs(tasks: list[RunTask], bar: Any, backend: Any, errors: list[str], stack: str) -> None:
     """The grid's runs: in stacks where :func:`plan_stacks` groups them, the rest one by one."""
     stacks, alone = plan_stacks(tasks, stack)
     if stacks:  # one task per stack (spread over the workers); its members finish together
@@ -312,7 +286,7 @@ def run_grid(
         w: spec.base_config(w, [f"seed={spec.sft_seed}", f"run_dir={out / w / 'sft'}", "progress=false"])
         for w in spec.world_names()
     }
-    sft_plan = _SFTPlan(out, spec, sft_cfgs)
+    sft_plan = SFTPlan(out, spec, sft_cfgs)
 
     # report_to: the extras are checked here, before anything trains; every run of the grid goes to one MLflow store.
     report_to = sft_cfgs[BASE_WORLD].report_to
@@ -334,7 +308,7 @@ def run_grid(
         }
         return {"tags": tags, "mlflow_uri": store}
 
-    def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[_RunTask], int]:
+    def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[RunTask], int]:
         tasks, skipped = [], 0
         for variant in variants:
             for seed in seeds:
@@ -347,7 +321,7 @@ def run_grid(
                     skipped += 1
                     continue
                 tasks.append(
-                    _RunTask(
+                    RunTask(
                         world=world,
                         variant=variant,
                         seed=seed,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from statistics import NormalDist
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -98,8 +99,6 @@ MDE_Z = 2.8
 
 def min_detectable_effect(lo: float, hi: float, ci: float = 0.95) -> float:
     """Smallest true difference this design detects with 80% power at the 5% level, from a CI ``[lo, hi]``."""
-    from statistics import NormalDist
-
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return math.nan
     se = (hi - lo) / 2 / NormalDist().inv_cdf((1 + ci) / 2)

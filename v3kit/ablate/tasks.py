@@ -1,5 +1,5 @@
 """What a grid runs: its SFT tasks and (world, variant, seed) run tasks, and which SFT checkpoint each run starts
-from (:class:`_SFTPlan`: one SFT per world and distinct model/sft settings, trained once and shared)."""
+from (:class:`SFTPlan`: one SFT per world and distinct model/sft settings, trained once and shared)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from typing import Any, Iterable
 
 from ..config import RunConfig
 from ..provenance import fingerprint, signature
-from .grid import _SHARED_SECTIONS, BASE_WORLD, GridSpec
+from .grid import BASE_WORLD, SFT_SECTIONS, GridSpec
 
 
 def _sft_hash(cfg: RunConfig) -> str:
     # select: best_val keeps SFT's best val epoch (v3kit.train.selection): another checkpoint. Only then is it part
     # of the key, so the SFT checkpoints of earlier grids (select: last) stay valid.
     salt = f"select=best_val:{cfg.select_metric}" if cfg.select == "best_val" else ""
-    return fingerprint(signature(cfg, *_SHARED_SECTIONS), salt)
+    return fingerprint(signature(cfg, *SFT_SECTIONS), salt)
 
 
 @dataclass
-class _SFTTask:
+class SFTTask:
     world: str
     cfg: RunConfig
     path: Path
@@ -29,7 +29,7 @@ class _SFTTask:
 
 
 @dataclass
-class _RunTask:
+class RunTask:
     world: str
     variant: str
     seed: int
@@ -42,7 +42,7 @@ class _RunTask:
     tracking: dict[str, Any] | None = None  # report_to: the tracked run's tags and default MLflow store
 
 
-class _SFTPlan:
+class SFTPlan:
     """Which SFT checkpoint each run starts from, and the SFT trainings still to do.
 
     A run whose model/sft settings equal its world's base starts from the world's SFT (``<world>/sft/sft.pt``, or
@@ -53,7 +53,7 @@ class _SFTPlan:
 
     def __init__(self, out: Path, spec: GridSpec, sft_cfgs: dict[str, RunConfig]) -> None:
         self.out, self.spec, self.sft_cfgs = out, spec, sft_cfgs
-        self.pending: dict[Path, _SFTTask] = {}
+        self.pending: dict[Path, SFTTask] = {}
 
     def _given(self, path: Path, cfg: RunConfig) -> tuple[Path, str]:
         """A given checkpoint: what the result depends on is its path, size and mtime."""
@@ -83,10 +83,10 @@ class _SFTPlan:
         path = folder / "sft.pt"
         hash_file = folder / "sft.hash"
         if not (path.exists() and hash_file.exists() and hash_file.read_text() == h) and path not in self.pending:
-            self.pending[path] = _SFTTask(world=world, cfg=sft_cfg, path=path, hash=h)
+            self.pending[path] = SFTTask(world=world, cfg=sft_cfg, path=path, hash=h)
         return path, h
 
-    def tasks_for(self, runs: Iterable[_RunTask]) -> list[_SFTTask]:
+    def tasks_for(self, runs: Iterable[RunTask]) -> list[SFTTask]:
         """The SFT trainings ``runs`` still need (each handed out once)."""
         need = {r.sft_path for r in runs}
         out = [t for p, t in self.pending.items() if p in need]
@@ -121,10 +121,10 @@ MAX_STACK = 16  # members per stack: past this the step is arithmetic-bound and 
 
 
 @dataclass
-class _StackTask:
+class StackTask:
     """Runs of one world that train as one stacked model (:func:`plan_stacks`); the attributes label it."""
 
-    tasks: list[_RunTask]
+    tasks: list[RunTask]
 
     @property
     def world(self) -> str:
@@ -143,7 +143,7 @@ class _StackTask:
         return self.tasks[0].cfg
 
 
-def _structure(task: _RunTask) -> str:
+def _structure(task: RunTask) -> str:
     """What a stack's members must share: the run's config without its seed, run dir and stackable numbers (a
     ``null`` and a number are different structures: ``eps_high: null`` and ``dual_clip: null`` switch code)."""
     d = dataclasses.asdict(task.cfg)
@@ -157,7 +157,7 @@ def _structure(task: _RunTask) -> str:
     return fingerprint(d, f"{task.world}:{task.sft_path}")
 
 
-def plan_stacks(tasks: Iterable[_RunTask], stack: str = "auto") -> tuple[list[_StackTask], list[_RunTask]]:
+def plan_stacks(tasks: Iterable[RunTask], stack: str = "auto") -> tuple[list[StackTask], list[RunTask]]:
     """(stacks of two or more runs, runs left to run alone): with ``stack="auto"`` the seeds of a variant and the
     numeric variants of one structure are grouped, at most :data:`MAX_STACK` per stack; ``"off"`` stacks none."""
     if stack not in STACK_MODES:
@@ -165,7 +165,7 @@ def plan_stacks(tasks: Iterable[_RunTask], stack: str = "auto") -> tuple[list[_S
     tasks = list(tasks)
     if stack == "off":
         return [], tasks
-    groups: dict[str, list[_RunTask]] = {}
+    groups: dict[str, list[RunTask]] = {}
     for t in tasks:
         groups.setdefault(_structure(t), []).append(t)
     stacks, alone = [], []
@@ -173,7 +173,7 @@ def plan_stacks(tasks: Iterable[_RunTask], stack: str = "auto") -> tuple[list[_S
         for i in range(0, len(members), MAX_STACK):
             chunk = members[i : i + MAX_STACK]
             if len(chunk) > 1:
-                stacks.append(_StackTask(chunk))
+                stacks.append(StackTask(chunk))
             else:
                 alone += chunk
     return stacks, alone

@@ -32,7 +32,9 @@ from .contract import GroupData, Splits
 from .reward_stats import label_reward_agreement
 from .shortcut import centre_in_group, centred_features, fit_ridge
 
-DEBIAS_METHODS = ("none", "candidate_prior", "candidate_features")
+# The one home of the de-biasing methods: the estimators of the candidate effect, then with "none" the config values.
+DEBIAS_ESTIMATORS = ("candidate_prior", "candidate_features")
+DEBIAS_METHODS = ("none", *DEBIAS_ESTIMATORS)
 
 
 @dataclass
@@ -226,7 +228,7 @@ def estimates(
             feature_estimate_from(train, other, ridge=cfg.feature_ridge),
             None,
         )
-    raise ValueError(f"reward.debias must be one of {DEBIAS_METHODS[1:]} here, got {method!r}")
+    raise ValueError(f"reward.debias must be one of {DEBIAS_ESTIMATORS} here, got {method!r}")
 
 
 def _removed_share(data: GroupData, estimate: Tensor) -> float:

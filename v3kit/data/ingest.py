@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .contract import FEATURE_COLUMNS, MAX_FEATURE_ABS, DataValidationError, GroupData
-from .long_frame import _as_bool, _as_matrix, check_group, check_long_frame
+from .long_frame import as_bool, as_matrix, check_group, check_long_frame
 
 # Rows converted at a time: bounds the transient memory beside the packed arrays (Arrow's Parquet decoder holds
 # a few times one batch; 4096 rows of 384-d float32 are 6 MB).
@@ -106,7 +106,7 @@ class _FrameSource:
                 self.explain(field, _Problem("numbers", s))
 
     def explain(self, field: str, problem: _Problem) -> None:
-        _as_matrix(self.df[field], field, self.df)  # raises the slow path's message
+        as_matrix(self.df[field], field, self.df)  # raises the slow path's message
         raise DataValidationError(f"row {problem.row}: {field} is not a list of numbers of one length")
 
 
@@ -347,7 +347,7 @@ def _is_label(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
         return col.to_numpy(dtype=bool)
     if pd.api.types.is_integer_dtype(col.dtype) and col.isin((0, 1)).all():
         return col.to_numpy() == 1
-    return _as_bool(col, df)  # the slow check names the offending row
+    return as_bool(col, df)  # the slow check names the offending row
 
 
 def pack(meta: pd.DataFrame, source) -> GroupData:

@@ -19,13 +19,17 @@ from .contract import (
     REQUIRED_COLUMNS,
     SIDE_COLUMNS,
     TEXT_MODES,
+    DataValidationError,
     Embedder,
     GroupData,
-    _fail,
 )
 
 
-def _as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
+def _fail(msg: str) -> None:
+    raise DataValidationError(msg)
+
+
+def as_matrix(col: pd.Series, field: str, df: pd.DataFrame) -> np.ndarray:
     lengths = col.map(lambda v: len(v) if hasattr(v, "__len__") and not isinstance(v, str) else -1)
     if (lengths < 0).any():
         i = int(np.flatnonzero(lengths.to_numpy() < 0)[0])
@@ -86,7 +90,7 @@ def _check_ids(df: pd.DataFrame) -> None:
         )
 
 
-def _as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
+def as_bool(col: pd.Series, df: pd.DataFrame) -> np.ndarray:
     """``is_label`` as booleans; strings like "false" would all be truthy, so only bools and 0/1 are accepted."""
     ok = col.map(lambda v: isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)))
     if not ok.all():
@@ -186,23 +190,28 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
     texts: dict[str, np.ndarray | None] = {}
     for side, (feat_col, text_col) in SIDE_COLUMNS.items():
         texts[side] = _as_texts(df[text_col], text_col, df) if text_col in df.columns else None
-        feats[side] = _as_matrix(df[feat_col], feat_col, df) if feat_col in df.columns else None
-    q_text, c_text = texts["query"], texts["candidate"]
-    is_label = _as_bool(df["is_label"], df)
+        feats[side] = as_matrix(df[feat_col], feat_col, df) if feat_col in df.columns else None
+    is_label = as_bool(df["is_label"], df)
 
     qids = df["query_id"].astype(str).to_numpy()
     codes, order = pd.factorize(qids)  # queries in first-seen order
     by_code = pd.Series(np.arange(len(df))).groupby(codes).indices
     groups = {qid: by_code[k] for k, qid in enumerate(order)}
-    g_max = max(len(r) for r in groups.values())
-    n = len(order)
-    for qid in order:  # validate every group before the (possibly slow) embedding
-        rows = groups[qid]
+    _check_groups(groups, is_label, feats["query"], texts["query"])  # before the (possibly slow) embedding
+    _fill_features(feats, texts, len(df), embed, text_mode)
+    return _pack(df, list(order), groups, feats, texts, is_label)
+
+
+def _check_groups(
+    groups: dict[str, np.ndarray], is_label: np.ndarray, q_feat: np.ndarray | None, q_text: np.ndarray | None
+) -> None:
+    """Every group: enough candidates, exactly one label, one feature vector and one text per query."""
+    for qid, rows in groups.items():
         check_group(
             qid,
             len(rows),
             int(is_label[rows].sum()),
-            feats["query"] is not None and not np.allclose(feats["query"][rows], feats["query"][rows[0]]),
+            q_feat is not None and not np.allclose(q_feat[rows], q_feat[rows[0]]),
         )
         if q_text is not None and (q_text[rows] != q_text[rows[0]]).any():
             i = int(rows[np.flatnonzero(q_text[rows] != q_text[rows[0]])[0]])
@@ -210,6 +219,16 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
                 f"row {i} (query_id={qid!r}): query_text differs from the query's first row; a query has one "
                 "text (give the rows the same text or a different query_id)"
             )
+
+
+def _fill_features(
+    feats: dict[str, np.ndarray | None],
+    texts: dict[str, np.ndarray | None],
+    n_rows: int,
+    embed: Embedder | None,
+    text_mode: str,
+) -> None:
+    """The features of the sides given only as text: embedded (``frozen``), or zero-width (``end_to_end``)."""
     to_embed = [side for side in SIDE_COLUMNS if feats[side] is None]
     if to_embed and text_mode == "frozen":
         if embed is None:
@@ -221,8 +240,20 @@ def from_long_frame(df: pd.DataFrame, *, embed: Embedder | None = None, text_mod
             feats[side] = mat
     for side in to_embed:
         if feats[side] is None:  # end_to_end: a text model reads the texts, there are no features
-            feats[side] = np.zeros((len(df), 0))
-    q, c = feats["query"], feats["candidate"]
+            feats[side] = np.zeros((n_rows, 0))
+
+
+def _pack(
+    df: pd.DataFrame,
+    order: list[str],
+    groups: dict[str, np.ndarray],
+    feats: dict[str, np.ndarray | None],
+    texts: dict[str, np.ndarray | None],
+    is_label: np.ndarray,
+) -> GroupData:
+    """The rows of each group, padded to the largest group, as :class:`GroupData`."""
+    q, c, c_text, q_text = feats["query"], feats["candidate"], texts["candidate"], texts["query"]
+    n, g_max = len(order), max(len(r) for r in groups.values())
     query_x = np.zeros((n, q.shape[1]))
     cand_x = np.zeros((n, g_max, c.shape[1]))
     mask = np.zeros((n, g_max), dtype=bool)

@@ -19,6 +19,7 @@ label. Nothing here needs a true utility: it works on any data with rewards, lab
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import torch
@@ -145,13 +146,8 @@ def shortcut_frame(analyses: dict[str, ShortcutAnalysis]) -> pd.DataFrame:
     return pd.DataFrame({k: a.as_dict() for k, a in analyses.items()}).T
 
 
-def world_shortcuts(spec: "object", *, k_folds: int = 5) -> dict[str, ShortcutAnalysis]:
-    """:func:`reward_shortcut` of the training split of every world of an ablation grid (the split every run of the
-    world trains on: the shared SFT's, seeded with ``spec.sft_seed``)."""
-    from ..pipeline import prepare_data
-
-    out = {}
-    for w in spec.world_names():
-        cfg = spec.base_config(w, [f"seed={spec.sft_seed}"])
-        out[w] = reward_shortcut(prepare_data(cfg).train, k_folds=k_folds)
-    return out
+def world_shortcuts(spec: Any, *, k_folds: int = 5) -> dict[str, ShortcutAnalysis]:
+    """:func:`reward_shortcut` of the training split of every world of an ablation grid ``spec`` (a
+    :class:`v3kit.ablate.grid.GridSpec`: its ``training_split(world)`` is the split every run of the world trains
+    on)."""
+    return {w: reward_shortcut(spec.training_split(w), k_folds=k_folds) for w in spec.world_names()}

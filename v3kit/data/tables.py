@@ -2,8 +2,8 @@
 
 :func:`load_groups` is the entry point: feature tables are streamed into packed arrays by :mod:`v3kit.data.ingest`,
 everything else (text columns, JSONL) is read whole (:func:`read_table`) and packed by
-:func:`v3kit.data.from_long_frame`; ``cache=True`` goes through the memory-mapped cache of :mod:`v3kit.data.cache`,
-which itself loads the file through this module.
+:func:`v3kit.data.from_long_frame`. The memory-mapped cache of a feature table (:mod:`v3kit.data.cache`,
+:func:`~v3kit.data.cache.load_cached`) builds on this module: it reads the file through :func:`load_groups`.
 """
 
 from __future__ import annotations
@@ -74,24 +74,19 @@ def load_groups(
     *,
     embed: Embedder | None = None,
     text_mode: str = "frozen",
-    cache: bool = False,
     feature_dtype: str = "float32",
 ) -> GroupData:
     """Load and validate a long-form Parquet, Arrow IPC / Feather v2 or JSONL file into :class:`GroupData`.
 
     A Parquet or Arrow IPC file with both feature columns is streamed column by column into float32 arrays
     (:mod:`v3kit.data.ingest`; an Arrow IPC file is memory-mapped and read without copies, the fastest input);
-    text-only sides and JSONL go through :func:`from_long_frame` (``embed``, ``text_mode``). ``cache``: go
-    through the packed, memory-mapped cache next to the file (:mod:`v3kit.data.cache`; feature tables); a second load
-    then reads almost nothing. ``feature_dtype``: ``"float16"`` stores the features at half the memory (batches are
+    text-only sides and JSONL go through :func:`from_long_frame` (``embed``, ``text_mode``). The packed,
+    memory-mapped cache next to a feature table, with which a second load reads almost nothing, is
+    :func:`v3kit.data.cache.load_cached`. ``feature_dtype``: ``"float16"`` stores the features at half the memory (batches are
     cast back to float32).
     """
     check_feature_dtype(feature_dtype)
     path = Path(path)
-    if cache:
-        from .cache import load_cached  # on use: the cache builds on this module (it loads the file through it)
-
-        return load_cached(path, feature_dtype)
     kind = _feature_table(path) if text_mode != "end_to_end" else None
     if kind == "parquet":
         data = ingest.load_parquet(path)

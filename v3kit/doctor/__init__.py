@@ -1,7 +1,8 @@
 """GRPO health report ("doctor"): read a run's ``metrics.csv`` (and ``config.yaml``) and check the symptoms of
 the suspects in ``docs/pipeline.md`` ("Why GRPO might underperform"), each with the number behind it and a switch to try.
 
-Each check is one function registered with ``@check(name)``; they run in registration order (``check_names()``):
+Each check is one function registered with ``@check(name)``; they run in the order ``context.REPORT_ORDER``
+declares (``check_names()``):
 
 * ``step0_ratio``: the PPO ratio at GRPO step 0 is not ~1 (stale old policy or temperature mismatch).
 * ``clip_ratio``: the clip removes the gradient of many entries for long stretches (updates throttled).

@@ -9,9 +9,9 @@ whose p-values are corrected with Holm's step-down method, so "better" means bet
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -217,53 +217,6 @@ def rl_line(table: pd.DataFrame, metric: str, skip: str = "") -> str:
     )
 
 
-@dataclass
-class Verdict:
-    metric: str
-    recommendation: str
-    variant: str  # the recommended variant (sft_only for keep_sft)
-    config: str  # path of the YAML `v3kit run --config` trains as is
-    effect_vs_sft: list[float]  # [mean, lo, hi]
-    effect_vs_run: list[float]
-    causes: list[dict[str, Any]]
-    why: str
-    table: pd.DataFrame = field(repr=False)
-    references: dict[str, float] = field(default_factory=dict)
-    runs: int = 0
-    wall_s: float = 0.0
-    power: str = ""
-    sft: str = ""  # the run's SFT checkpoint, every effect_vs_sft's baseline
-    run_seconds: float = 0.0  # the confirm runs' own wall times added up
-    sentence: str = ""  # the verdict in one plain sentence
-    search: dict[str, Any] = field(default_factory=dict)  # trial counts, wall time, the space
-    notes: list[str] = field(default_factory=list)
-    seed_effects: list[float] = field(default_factory=list)  # the recommendation's per-seed effects vs SFT
-
-    def as_json(self) -> dict[str, Any]:
-        table = self.table.drop(columns=["seed_effects"], errors="ignore")
-        return {
-            "metric": self.metric,
-            "recommendation": self.recommendation,
-            "variant": self.variant,
-            "config": self.config,
-            "sentence": self.sentence,
-            "effect_vs_sft": self.effect_vs_sft,
-            "effect_vs_run": self.effect_vs_run,
-            "seed_effects": self.seed_effects,
-            "causes": self.causes,
-            "why": self.why,
-            "notes": self.notes,
-            "references": self.references,
-            "runs": self.runs,
-            "wall_s": round(self.wall_s, 1),
-            "run_seconds": round(self.run_seconds, 1),
-            "power": self.power,
-            "sft": self.sft,
-            "search": self.search,
-            "variants": json.loads(table.to_json(orient="records")),
-        }
-
-
 def causes_from_search(findings: Sequence[Any], variants: Sequence[Any], trials: Sequence[dict[str, Any]], d: int):
     """Each flagged check with its best switch's val score in the search (one seed; a pruned trial's best before
     it was stopped) minus the run's there: a ranking of the causes, not a verdict (that is the confirm phase's)."""
@@ -303,8 +256,6 @@ def below_reference(
 
 def importances(study: Any) -> dict[str, float]:
     """Optuna's parameter importances of the search (empty when too few trials finished to rank them)."""
-    import warnings
-
     try:
         import optuna
 
@@ -327,12 +278,20 @@ def prediction_interval(effect: Sequence[float], seed_effects: Sequence[float], 
     return min(lo, mean - half), max(hi, mean + half)
 
 
-def power_line(n_test: int, test_frac: float, seeds: int, metric: str) -> str:
-    """The design's power, in words: where the per-finalist minimum detectable effects are, and what narrows them."""
-    line = (
-        f"With {n_test} test queries (data.test_frac={test_frac:g}) and {seeds} seeds, each candidate's minimum "
-        f"detectable {metric} effect (80% power at 5%) is in the table's mde column"
-    )
+def power_line(n_test: int, test_frac: float, seeds: int, metric: str, mdes: Sequence[float] = ()) -> str:
+    """The design's power, in words: where the per-finalist minimum detectable effects are, and what narrows them.
+    ``mdes``: the finalists' minimum detectable effects; none positive and finite means no run differed from
+    another (a smoke run), so there is no power to state."""
+    if any(m > 0 and math.isfinite(m) for m in mdes) or not mdes:
+        line = (
+            f"With {n_test} test queries (data.test_frac={test_frac:g}) and {seeds} seeds, each candidate's minimum "
+            f"detectable {metric} effect (80% power at 5%) is in the table's mde column"
+        )
+    else:
+        line = (
+            f"With {n_test} test queries (data.test_frac={test_frac:g}) and {seeds} seeds: too few test queries to "
+            f"detect any effect ({metric} did not differ between runs, so every interval has zero width)"
+        )
     if test_frac < 0.3:
         line += f"; a larger test split (e.g. data.test_frac={min(0.4, 2 * test_frac):g}) narrows the intervals"
     else:

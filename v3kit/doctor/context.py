@@ -4,14 +4,18 @@ thresholds of every check (:class:`Thresholds`), the ``@check`` registry, and th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import pandas as pd
 import yaml
 
+from ..config import ConfigError, RunConfig, field_types, from_dict, safe_load_bounded
+from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from ..train.metrics_log import read_metrics_frame
 
 
@@ -95,25 +99,70 @@ class Thresholds:
     debias_agreement_drop: float = 0.01
 
 
-_Check = Callable[["DoctorContext"], Finding]
-_REGISTRY: dict[str, _Check] = {}
+CheckFn = Callable[["DoctorContext", str], Finding]  # a check gets the context and its own registered name
+REGISTRY: dict[str, CheckFn] = {}
+
+# The report's order, declared here rather than inherited from the order the check modules are imported in: the
+# GRPO-log checks first (they need only metrics.csv), then those that need the data or the checkpoints. A new check
+# is registered with @check and named here (diagnose refuses a registered check missing from this list).
+REPORT_ORDER = (
+    "step0_ratio",
+    "clip_ratio",
+    "zero_std_groups",
+    "kl_growth",
+    "kl_pinned",
+    "entropy_collapse",
+    "reward_vs_label",
+    "rce_converged",
+    "reward_shortcut",
+    "rce_targets",
+    "baselines",
+)
 
 
-def check(name: str) -> Callable[[_Check], _Check]:
-    """Register a doctor check under ``name``; :func:`diagnose` runs them in registration order."""
+def check(name: str) -> Callable[[CheckFn], CheckFn]:
+    """Register a doctor check under ``name`` (also listed in :data:`REPORT_ORDER`); it is called as
+    ``fn(ctx, name)``."""
 
-    def register(fn: _Check) -> _Check:
-        if name in _REGISTRY:
+    def register(fn: CheckFn) -> CheckFn:
+        if name in REGISTRY:
             raise ValueError(f"doctor check {name!r} is registered twice")
-        _REGISTRY[name] = fn
+        REGISTRY[name] = fn
         return fn
 
     return register
 
 
 def check_names() -> list[str]:
-    """The registered checks, in report order."""
-    return list(_REGISTRY)
+    """The checks, in report order (:data:`REPORT_ORDER`)."""
+    return list(REPORT_ORDER)
+
+
+typed_fields = functools.cache(field_types)  # a dataclass's field types, read once per class
+
+
+class ConfigView:
+    """A run's config dict (possibly partial: a hand-made frame's, an old run's) read through the typed
+    :class:`~v3kit.config.RunConfig`: ``view.grpo.kl_beta``. A value the config does not hold reads None (unknown,
+    not the default); a name RunConfig does not have raises :class:`UnknownConfigKey`, so a renamed field fails
+    loudly instead of reading None."""
+
+    def __init__(self, node: Any, cls: type = RunConfig, path: str = "") -> None:
+        self._node, self._cls, self._path = node, cls, path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        hints = typed_fields(self._cls)
+        if name not in hints:
+            raise UnknownConfigKey(f"the doctor reads config key {self._path + name!r}, which RunConfig does not have")
+        value = self._node.get(name) if isinstance(self._node, dict) else None
+        if dataclasses.is_dataclass(hints[name]):
+            return ConfigView(value, hints[name], f"{self._path}{name}.")
+        return value
+
+    def __bool__(self) -> bool:
+        return bool(self._node)
 
 
 @dataclass
@@ -127,8 +176,13 @@ class DoctorContext:
     run_dir: Path | None = None
     splits: Any = None  # v3kit.data.Splits given by the caller (else built from the config of a run dir)
     sft: Any = None  # (SFT model, its sim_temperature) given by the caller (else the run dir's SFT checkpoint)
-    check: str = ""  # the name of the check being run (set by diagnose from the @check registration)
     _cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self) -> RunConfig:
+        """The config as typed attributes (``ctx.cfg.grpo.kl_beta``, see :class:`ConfigView`): RunConfig's fields,
+        each None where the run's config does not say."""
+        return cast(RunConfig, ConfigView(self.config))
 
     def sft_model(self) -> tuple[Any, float] | None:
         """(the SFT model, its logit temperature), or None: from the caller, else the run dir's ``sft.pt`` or the
@@ -136,9 +190,6 @@ class DoctorContext:
         if self.sft is None and "sft" not in self._cache:
             self._cache["sft"] = None
             if self.run_dir is not None:
-                from ..pipeline import recorded_sft_checkpoint
-                from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-
                 path = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
                 if Path(path).is_file():
                     try:
@@ -156,9 +207,6 @@ class DoctorContext:
         if self.splits is None and "splits" not in self._cache:
             self._cache["splits"] = None
             if self.run_dir is not None and self.config:
-                from ..config import RunConfig, from_dict
-                from ..pipeline import prepare_data, recorded_split_seed
-
                 try:
                     cfg = from_dict(RunConfig, self.config)
                     split_seed = recorded_split_seed(self.run_dir)  # ablation runs use the shared SFT's split
@@ -190,8 +238,6 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     config: dict[str, Any] = {}
     cfg_path = run / "config.yaml"
     if cfg_path.is_file():
-        from ..config import ConfigError, safe_load_bounded
-
         try:
             loaded = safe_load_bounded(cfg_path.read_text(), f"config file {cfg_path}")
             config = loaded if isinstance(loaded, dict) else {}
@@ -206,37 +252,12 @@ def load_run(run: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return frame, config
 
 
-_KNOWN: set[str] = set()  # RunConfig's dotted keys, read once (config imports the stages, a higher floor)
-
-
 class UnknownConfigKey(RuntimeError):
     """A check reads a key :class:`~v3kit.config.RunConfig` does not have: a renamed field. Not one of the errors
     :func:`diagnose` turns into a skipped check, so a rename fails loudly (in the tests) instead of reading None."""
 
 
-def _known_keys() -> frozenset[str]:
-    from ..config import all_keys
-
-    return frozenset(all_keys())
-
-
-def _get(config: dict[str, Any], key: str) -> Any:
-    """``config["a"]["b"]`` for ``key="a.b"``; None when any part is missing (= unknown, not the default). The key
-    itself must be a :class:`~v3kit.config.RunConfig` key (else :class:`UnknownConfigKey`): the config of a run may
-    be partial, but what the doctor asks for is checked against the typed config."""
-    if key not in _KNOWN:
-        _KNOWN.update(_known_keys())
-        if key not in _KNOWN:
-            raise UnknownConfigKey(f"the doctor reads config key {key!r}, which RunConfig does not have")
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _rows(df: pd.DataFrame, stage: str, split: str) -> pd.DataFrame:
+def log_rows(df: pd.DataFrame, stage: str, split: str) -> pd.DataFrame:
     if not {"stage", "split"} <= set(df.columns):
         return df.iloc[0:0]
     out = df[(df["stage"] == stage) & (df["split"] == split)]
@@ -244,25 +265,25 @@ def _rows(df: pd.DataFrame, stage: str, split: str) -> pd.DataFrame:
     return out.sort_values(order, kind="stable").reset_index(drop=True) if order else out.reset_index(drop=True)
 
 
-def _col(rows: pd.DataFrame, name: str) -> pd.Series:
+def metric_column(rows: pd.DataFrame, name: str) -> pd.Series:
     """The non-missing values of a column (empty when the column does not exist)."""
     return rows[name].dropna() if name in rows.columns else pd.Series(dtype=float)
 
 
-def _epoch_means(rows: pd.DataFrame, name: str) -> pd.Series:
+def epoch_means(rows: pd.DataFrame, name: str) -> pd.Series:
     if name not in rows.columns or "epoch" not in rows.columns:
         return pd.Series(dtype=float)
     return rows.dropna(subset=[name]).groupby("epoch")[name].mean().sort_index()
 
 
-def _val_series(rows: pd.DataFrame, name: str) -> pd.Series:
+def val_series(rows: pd.DataFrame, name: str) -> pd.Series:
     """One value per evaluated epoch (the last row wins if an epoch was logged twice)."""
     if name not in rows.columns or "epoch" not in rows.columns:
         return pd.Series(dtype=float)
     return rows.dropna(subset=[name]).groupby("epoch")[name].last().sort_index()
 
 
-def _g(x: float) -> str:
+def fmt_num(x: float) -> str:
     return f"{x:.4g}"
 
 
@@ -275,5 +296,5 @@ def switch_tokens(text: str) -> list[str]:
     return list(dict.fromkeys(_SWITCH.findall(text)))
 
 
-def _skip(check: str, why: str, threshold: float | None = None) -> Finding:
+def skip_finding(check: str, why: str, threshold: float | None = None) -> Finding:
     return Finding(check, False, None, threshold, f"skipped: {why}", "")

@@ -9,7 +9,26 @@ from typing import Any
 
 import pandas as pd
 
-from .context import DoctorContext, Finding, Thresholds, _col, _g, _get, _rows, _skip, _val_series, check
+from ..data.debias import DEBIAS_ESTIMATORS, DebiasError, RewardConfig, debias_report
+from ..data.reward_stats import reward_spread
+from ..data.shortcut import reward_shortcut
+from ..pipeline import recorded_sft_checkpoint
+from ..train.baselines import baseline_table
+from ..train.checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
+from ..train.losses import rce_targets
+from ..train.model import DEFAULT_TARGET, compute_log_probs
+from ..train.rce import rce_config_from
+from .context import (
+    DoctorContext,
+    Finding,
+    Thresholds,
+    check,
+    fmt_num,
+    log_rows,
+    metric_column,
+    skip_finding,
+    val_series,
+)
 
 
 def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Series] | None:
@@ -22,11 +41,8 @@ def _rce_gaps(ctx: DoctorContext, rows: pd.DataFrame) -> tuple[pd.Series, pd.Ser
     splits, sft = ctx.data(), ctx.sft_model()
     if splits is None or sft is None:
         return None
-    from ..train.losses import rce_targets
-    from ..train.model import compute_log_probs
-    from ..train.rce import rce_config_from
 
-    rce = rce_config_from(_get(ctx.config, "rce"))
+    rce = rce_config_from(ctx.config.get("rce"))
     label_weight, norm = rce.label_weight, rce.reward_norm
     model, sim_t = sft
     train = splits.train
@@ -70,8 +86,66 @@ def _two_windows(values: pd.Series, epochs: pd.Series) -> tuple[float, float, st
     )
 
 
+# What check_rce_converged judges by: (message, share of the gap closed in all, in the last window, relative fall of
+# the logged loss), or why there is too little to compare.
+Progress = tuple[str, float | None, float | None, float | None]
+
+
+def _gap_closed(ctx: DoctorContext, rce: pd.DataFrame, floor: pd.Series, gap_sft: pd.Series) -> Progress | str:
+    """How much of SFT's gap to the loss floor RCE closed, in all and over its last window (epoch, or half)."""
+    th = ctx.th
+    excess = rce["loss"] - floor
+
+    def closed(sel: pd.Series) -> float:  # share of SFT's gap closed over the steps in sel
+        g = float(gap_sft[sel].sum())
+        return 1.0 - float(excess[sel].sum()) / g if g > 0 else 1.0
+
+    epochs = sorted(rce["epoch"].unique())
+    if len(epochs) >= 2:
+        prev_sel, last_sel = rce["epoch"] == epochs[-2], rce["epoch"] == epochs[-1]
+        where = f"epoch {epochs[-2]} -> {epochs[-1]}"
+    else:
+        half = len(rce) // 2
+        if half < 1:
+            return "a single RCE step: nothing to compare"
+        pos = pd.Series(range(len(rce)), index=rce.index)
+        prev_sel, last_sel = pos < half, pos >= half
+        where = "first -> second half of the only RCE epoch"
+    closed_prev, closed_total = closed(prev_sel), closed(last_sel)
+    closed_last = closed_total - closed_prev
+    norm = ctx.cfg.rce.reward_norm or "none"
+    unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
+    msg = (
+        f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
+        f"same temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and "
+        f"{closed_total:.1%} by the "
+        f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
+        f"{th.rce_still_closing:.0%}; SFT's gap in the last window {fmt_num(float(gap_sft[last_sel].mean()))} nats)"
+    )
+    return msg, closed_total, closed_last, None
+
+
+def _loss_fall(rce: pd.DataFrame) -> Progress | str:
+    """Without the data to compute the floor: the relative fall of the logged loss over the last window."""
+    windows = _two_windows(rce["loss"], rce["epoch"])
+    if windows is None:
+        return "a single RCE step: nothing to compare"
+    prev, last, where = windows
+    if not prev > 0:
+        return f"RCE loss {fmt_num(prev)} is not positive: no relative change"
+    fall = (prev - last) / prev
+    msg = f"logged RCE loss, {where}: {fmt_num(prev)} -> {fmt_num(last)}, a {fall:.1%} fall"
+    temps = metric_column(rce, "temperature")
+    if len(temps) and not math.isclose(float(temps.iloc[0]), float(temps.iloc[-1]), rel_tol=1e-3):
+        msg += (
+            " (the annealed temperature sharpens the targets, which lowers the loss without any learning, so "
+            "this overstates it; on a run dir the doctor measures the loss above its floor H(targets))"
+        )
+    return msg, None, None, fall
+
+
 @check("rce_converged")
-def check_rce_converged(ctx: DoctorContext) -> Finding:
+def check_rce_converged(ctx: DoctorContext, name: str) -> Finding:
     """Did RCE move the policy, and has it stopped closing its gap to the loss floor?
 
     Judged from ``metrics.csv`` and the data alone (never the per-epoch checkpoints, which ablation folders delete),
@@ -81,67 +155,25 @@ def check_rce_converged(ctx: DoctorContext) -> Finding:
     At a tiny lr the progress per epoch is small but constant, so "the last epoch gained as much as the average"
     says nothing; what counts is how much of the starting gap was closed, and how far the policy moved.
     """
-    df, config, th, name = ctx.df, ctx.config, ctx.th, ctx.check
-    rce = _rows(df, "rce", "train")
+    df, cfg, th = ctx.df, ctx.cfg, ctx.th
+    rce = log_rows(df, "rce", "train")
     rce = rce.dropna(subset=["loss"]) if "loss" in rce.columns else rce.iloc[0:0]
     if rce.empty:
-        epochs = _get(config, "rce.epochs")
+        epochs = cfg.rce.epochs
         why = "no RCE steps" + (f" (rce.epochs={epochs}): GRPO started from SFT" if epochs is not None else "")
-        return _skip(name, why, th.rce_still_closing)
-    moved_s = _val_series(_rows(df, "rce", "val"), "kl_to_sft")
+        return skip_finding(name, why, th.rce_still_closing)
+    moved_s = val_series(log_rows(df, "rce", "val"), "kl_to_sft")
     moved = float(moved_s.iloc[-1]) if len(moved_s) else None
-    n = _get(config, "rce.epochs")
+    n = cfg.rce.epochs
     n = int(n) if n is not None else int(rce["epoch"].max())
-    lr = _get(config, "rce.lr")
+    lr = cfg.rce.lr
     gaps = _rce_gaps(ctx, rce)
-    closed_total = closed_last = None
-    if gaps is not None:
-        floor, gap_sft = gaps
-        excess = rce["loss"] - floor
-
-        def closed(sel: pd.Series) -> float:  # share of SFT's gap closed over the steps in sel
-            g = float(gap_sft[sel].sum())
-            return 1.0 - float(excess[sel].sum()) / g if g > 0 else 1.0
-
-        epochs = sorted(rce["epoch"].unique())
-        if len(epochs) >= 2:
-            prev_sel, last_sel = rce["epoch"] == epochs[-2], rce["epoch"] == epochs[-1]
-            where = f"epoch {epochs[-2]} -> {epochs[-1]}"
-        else:
-            half = len(rce) // 2
-            if half < 1:
-                return _skip(name, "a single RCE step: nothing to compare", th.rce_still_closing)
-            pos = pd.Series(range(len(rce)), index=rce.index)
-            prev_sel, last_sel = pos < half, pos >= half
-            where = "first -> second half of the only RCE epoch"
-        closed_prev, closed_total = closed(prev_sel), closed(last_sel)
-        closed_last = closed_total - closed_prev
-        norm = _get(ctx.config, "rce.reward_norm") or "none"
-        unit = "T in raw reward units" if norm == "none" else f"rewards normalised per group ({norm})"
-        msg = (
-            f"RCE loss above its floor H(targets), as a share of the SFT policy's gap KL(targets || SFT) at the "
-            f"same temperatures ({unit}): RCE closed {closed_prev:.1%} of it by the previous window and "
-            f"{closed_total:.1%} by the "
-            f"last ({where}): {closed_last:+.1%} in the last window ('still closing' from "
-            f"{th.rce_still_closing:.0%}; SFT's gap in the last window {_g(float(gap_sft[last_sel].mean()))} nats)"
-        )
-    else:
-        windows = _two_windows(rce["loss"], rce["epoch"])
-        if windows is None:
-            return _skip(name, "a single RCE step: nothing to compare", th.rce_still_falling)
-        prev, last, where = windows
-        if not prev > 0:
-            return _skip(name, f"RCE loss {_g(prev)} is not positive: no relative change", th.rce_still_falling)
-        fall = (prev - last) / prev
-        msg = f"logged RCE loss, {where}: {_g(prev)} -> {_g(last)}, a {fall:.1%} fall"
-        temps = _col(rce, "temperature")
-        if len(temps) and not math.isclose(float(temps.iloc[0]), float(temps.iloc[-1]), rel_tol=1e-3):
-            msg += (
-                " (the annealed temperature sharpens the targets, which lowers the loss without any learning, so "
-                "this overstates it; on a run dir the doctor measures the loss above its floor H(targets))"
-            )
+    judged = _gap_closed(ctx, rce, *gaps) if gaps is not None else _loss_fall(rce)
+    if isinstance(judged, str):  # too little to compare
+        return skip_finding(name, judged, th.rce_still_closing if gaps is not None else th.rce_still_falling)
+    msg, closed_total, closed_last, fall = judged
     if moved is not None:
-        msg += f"; RCE moved the policy {_g(moved)} nats (KL to SFT, val)"
+        msg += f"; RCE moved the policy {fmt_num(moved)} nats (KL to SFT, val)"
     if moved is not None and moved < th.rce_min_kl and (closed_total is None or closed_total < th.rce_min_closed):
         fix = f"rce.lr={10 * float(lr):g}" if lr is not None else "a 10x larger rce.lr"
         more = ""
@@ -188,9 +220,6 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
     against ``sft.pt`` or the recorded SFT checkpoint), and which policy it is; None when they are not there."""
     if ctx.run_dir is None:
         return None
-    from ..pipeline import recorded_sft_checkpoint
-    from ..train.checkpoint import epoch_checkpoints, load_checkpoint, model_from_checkpoint
-    from ..train.model import compute_log_probs
 
     final = None
     for stage in ("grpo", "rce"):
@@ -212,14 +241,13 @@ def _logit_change(ctx: DoctorContext, data: Any) -> tuple[Any, str] | None:
 
 
 @check("reward_shortcut")
-def check_reward_shortcut(ctx: DoctorContext) -> Finding:
+def check_reward_shortcut(ctx: DoctorContext, name: str) -> Finding:
     """How much of the within-group reward any query would give the candidate (v3kit/data/shortcut.py), and, with the
     checkpoints, whether the policy's change from SFT followed that part rather than the label."""
-    th, name = ctx.th, ctx.check
+    th = ctx.th
     splits = ctx.data()
     if splits is None:
-        return _skip(name, ctx.data_missing(), th.shortcut_share)
-    from ..data.shortcut import reward_shortcut
+        return skip_finding(name, ctx.data_missing(), th.shortcut_share)
 
     train = splits.train
     change = _logit_change(ctx, train)
@@ -291,11 +319,9 @@ def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str], dict[s
     """Which reward de-biasing keeps the reward's label agreement on val (v3kit/data/debias.py): the methods that do,
     best first, as switches, and a sentence with both methods' numbers. A method that lowers the agreement by more
     than ``th.debias_agreement_drop`` is named as one *not* to use: its estimate carries label signal."""
-    from ..data.debias import DebiasError, RewardConfig, debias_report
-
     parts, keep = [], []
     reports: dict[str, tuple[Any, bool]] = {}
-    for method in ("candidate_prior", "candidate_features"):
+    for method in DEBIAS_ESTIMATORS:
         try:
             _, rep = debias_report(method, splits, RewardConfig(debias=method))
         except DebiasError as e:
@@ -319,8 +345,6 @@ def target_concentration(
 ) -> tuple[float, float]:
     """(mean top-1 weight of RCE's targets, share of groups whose top-1 weight >= ``one_hot_weight``) at a reward
     temperature on ``data``."""
-    from ..train.losses import rce_targets
-
     t = rce_targets(
         data.labels, data.rewards, temperature, mask=data.mask, label_weight=label_weight, reward_norm=reward_norm
     )
@@ -329,18 +353,16 @@ def target_concentration(
 
 
 @check("rce_targets")
-def check_rce_targets(ctx: DoctorContext) -> Finding:
+def check_rce_targets(ctx: DoctorContext, name: str) -> Finding:
     """How concentrated RCE's targets are at t_start and t_end. The temperature divides the raw rewards (unless
     ``rce.reward_norm`` normalises them per group), so its meaning is in units of the reward: the same t_end gives
     near-uniform targets on a small-scale reward and one-hot ones on a large-scale reward."""
-    th, name = ctx.th, ctx.check
+    th = ctx.th
     splits = ctx.data()
     if splits is None:
-        return _skip(name, ctx.data_missing(), th.one_hot_share)
-    from ..data.reward_stats import reward_spread
-    from ..train.rce import rce_config_from
+        return skip_finding(name, ctx.data_missing(), th.one_hot_share)
 
-    rce = rce_config_from(_get(ctx.config, "rce"))
+    rce = rce_config_from(ctx.config.get("rce"))
     train = splits.train
     temps = tuple(rce.temperatures(t, 1.0)[0] for t in (rce.t_start, rce.t_end))  # the targets' T
     (top_s, hot_s), (top_e, hot_e) = (
@@ -360,15 +382,15 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
     )
     msg = (
         f"RCE targets (reward_norm={rce.reward_norm}; T in {unit}; median within-group reward std "
-        f"{_g(spread)}): mean top-1 weight {top_s:.2f} at T={_g(temps[0])} and {top_e:.2f} at T={_g(temps[1])} "
+        f"{fmt_num(spread)}): mean top-1 weight {top_s:.2f} at T={fmt_num(temps[0])} and {top_e:.2f} at T={fmt_num(temps[1])} "
         f"(uniform: {float((1 / n).mean()):.2f}); effectively one-hot (top-1 >= {th.one_hot_weight:.0%}) in "
         f"{hot_s:.0%} and {hot_e:.0%} of groups"
     )
-    if _get(ctx.config, "rce.epochs") == 0:
+    if ctx.cfg.rce.epochs == 0:
         return Finding(name, False, hot_e, th.one_hot_share, msg + " (RCE was off in this run)", "")
     if hot_e < th.one_hot_share:
         return Finding(name, False, hot_e, th.one_hot_share, msg, "")
-    fix = "rce.reward_norm=zscore" if rce.reward_norm == "none" else f"rce.t_end={_g(2 * rce.t_end)}"
+    fix = "rce.reward_norm=zscore" if rce.reward_norm == "none" else f"rce.t_end={fmt_num(2 * rce.t_end)}"
     return Finding(
         name,
         True,
@@ -382,20 +404,18 @@ def check_rce_targets(ctx: DoctorContext) -> Finding:
 
 
 @check("baselines")
-def check_baselines(ctx: DoctorContext) -> Finding:
+def check_baselines(ctx: DoctorContext, name: str) -> Finding:
     """SFT against trivial rankers on the val split (v3kit/train/baselines.py): random (expected), raw-feature cosine
     (when the dims match) and the reward's own argmax; SFT below raw cosine means the v2 model is the weakest link."""
-    name = ctx.check
     splits = ctx.data()
     if splits is None:
-        return _skip(name, ctx.data_missing())
-    from ..train.baselines import baseline_table
+        return skip_finding(name, ctx.data_missing())
 
     table = baseline_table(splits.val)
-    sft_rows = _rows(ctx.df, "rce", "val")
+    sft_rows = log_rows(ctx.df, "rce", "val")
     sft_rows = sft_rows[sft_rows["epoch"] == 0] if "epoch" in sft_rows.columns else sft_rows.iloc[0:0]
     if sft_rows.empty:
-        sft_rows = _rows(ctx.df, "grpo", "val").iloc[:1]  # no RCE: GRPO's epoch 0 is SFT
+        sft_rows = log_rows(ctx.df, "grpo", "val").iloc[:1]  # no RCE: GRPO's epoch 0 is SFT
     metrics = [m for m in ("acc@1", "mrr") if m in table.columns]
     parts = [f"{b}: " + ", ".join(f"{m} {table.loc[b, m]:.3f}" for m in metrics) for b in table.index]
     oracle = table.loc["reward_oracle", "acc@1"]
@@ -424,9 +444,8 @@ def check_baselines(ctx: DoctorContext) -> Finding:
     value = float(sft["acc@1"])
     if value >= cos:
         return Finding(name, False, value, cos, msg, "")
-    from ..train.model import DEFAULT_TARGET
 
-    target = _get(ctx.config, "model.target")
+    target = ctx.cfg.model.target
     if target in (None, DEFAULT_TARGET):
         switch = "model.residual=true model.sim_temperature=0.1"
         fix = (

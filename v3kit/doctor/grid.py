@@ -14,7 +14,9 @@ from typing import Any, Iterable
 
 import yaml
 
+from ..ablate.grid import parse_grid
 from ..config import RunConfig, load_config, to_dict
+from ..pipeline import recorded_sft_checkpoint
 from ..provenance import RUNNER_KEYS, flatten
 from ..rundir import atomic_write_text
 
@@ -86,14 +88,11 @@ def doctor_grid(
 def write_doctor_grid(run_dir: str | Path, findings: Iterable[Any], *, n_seeds: int = 3) -> Path:
     """Write :func:`doctor_grid` of ``run_dir``'s ``config.yaml`` to ``run_dir/doctor_grid.yaml`` (validated by
     parsing it back as a grid first, so a written file always runs)."""
-    from ..ablate.grid import parse_grid
-
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: `doctor --grid` needs the run's config.yaml")
     cfg = load_config(cfg_path)
-    from ..pipeline import recorded_sft_checkpoint
 
     sft = recorded_sft_checkpoint(run_dir) or run_dir / "sft.pt"  # the run's own SFT (an imported v2 model too)
     grid = doctor_grid(

@@ -34,6 +34,7 @@ from ..bounds import cli_number
 from ..config import ConfigError, dump_config, load_config
 from ..data.debias import recurring_share
 from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed, run_pipeline
+from ..run import Run, split_seed
 from ..run_info import config_edits
 from ..rundir import atomic_write_text, json_text
 from ..train.baselines import baseline_table
@@ -45,7 +46,6 @@ from .confirm import (
     SFT_RETRAINED,
     SHIPPED,
     Candidate,
-    Verdict,
     below_reference,
     causes_from_search,
     choose,
@@ -64,7 +64,7 @@ from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F
 from .report import diagnose
 from .search import ConfirmPlan, Search, SearchResult, confirm_seconds, finalists
 from .space import active, load_space, run_values
-from .verdict_report import SFT_ONLY, VERDICT_JSON, VERDICT_MD, verdict_markdown, write_verdict
+from .verdict_report import SFT_ONLY, VERDICT_JSON, VERDICT_MD, Verdict, verdict_markdown, write_verdict
 
 RECOMMENDED = "recommended.yaml"
 RECOMMENDATIONS = ("keep_sft", "rce_only", "variant")
@@ -138,9 +138,9 @@ class Investigation:
         self.sft_is_own = self.sft == (self.run_dir / "sft.pt").resolve()  # trained by the run, not imported
         self.split_seed = recorded_split_seed(self.run_dir)
         if self.split_seed is None:
-            self.split_seed = self.cfg.seed if self.cfg.data.split_seed is None else self.cfg.data.split_seed
+            self.split_seed = split_seed(self.cfg)
         self.split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
-        self.splits = prepare_data(self.split_cfg)
+        self.splits = Run(self.split_cfg, warn=False).splits  # the split the run trained on, resolved as a run does
         self.findings = diagnose(self.run_dir, splits=self.splits)  # the same split the doctor would rebuild
         if metric == "utility@1" and self.splits.test.utility is None:
             raise ConfigError(
@@ -314,7 +314,11 @@ class Investigation:
             runs=len(final),
             wall_s=self.wall_s,
             power=power_line(
-                len(self.splits.test), self.cfg.data.test_frac, self.confirmed.get("seeds", 0), self.metric
+                len(self.splits.test),
+                self.cfg.data.test_frac,
+                self.confirmed.get("seeds", 0),
+                self.metric,
+                [float(m) for m in table["mde"]] if "mde" in table else (),
             ),
             sft=str(self.sft),
             run_seconds=float(final["wall_s"].sum()) if "wall_s" in final.columns else 0.0,

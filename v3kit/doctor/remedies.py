@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from ..config import RunConfig
+from ..data.debias import DEBIAS_ESTIMATORS
 from ..train.metrics import METRIC_DIRECTION
 from .grid import switch_overrides, variant_name
 from .verdict_report import SFT_ONLY
@@ -50,7 +51,36 @@ def build_variants(
         "grpo.kl_reference=sft",
         "grpo.kl_estimator=exact",
     ]
-    out = [
+    out = [*_base_variants(lr, sel, move_rce, anchored)]
+    flagged = {f.check for f in findings if f.triggered}
+    if "reward_shortcut" in flagged or "reward_vs_label" in flagged:
+        for m in (m for m in DEBIAS_ESTIMATORS if can_prior or m != "candidate_prior"):
+            out.append(
+                Variant(
+                    f"debias_{m}",
+                    [f"reward.debias={m}", *move_rce, *anchored, *sel],
+                    "remedy",
+                    f"rewards de-biased by {m}, then the anchored moving pipeline",
+                )
+            )
+    if can_residual and "baselines" in flagged:  # SFT below the raw-feature cosine: start the towers there
+        out += _residual_variants(sel, move_rce, anchored)
+    names = {v.name for v in out}
+    for f in findings:
+        if not f.triggered:
+            continue
+        for switch in f.switches:
+            name = "switch_" + variant_name(switch)
+            if name in names:
+                continue
+            names.add(name)
+            out.append(Variant(name, switch_overrides(switch), "single", f"{f.check}: {switch} alone", f.check))
+    return out
+
+
+def _base_variants(lr: float, sel: list[str], move_rce: list[str], anchored: list[str]) -> list[Variant]:
+    """The references (the run, SFT alone) and the remedies every verdict tests."""
+    return [
         Variant(RUN, [], "reference", "the run as it was"),
         Variant(SFT_ONLY, ["rce.epochs=0", "grpo.epochs=0"], "reference", "the SFT model alone (what you have)"),
         Variant("rce_only", ["grpo.epochs=0", *sel], "remedy", "the run's RCE, no GRPO"),
@@ -73,51 +103,26 @@ def build_variants(
             "moving RCE and GRPO chasing the reward, KL only to the refreshed old policy",
         ),
     ]
-    flagged = {f.check for f in findings if f.triggered}
-    if "reward_shortcut" in flagged or "reward_vs_label" in flagged:
-        methods = ["candidate_prior"] if can_prior else []
-        methods.append("candidate_features")
-        for m in methods:
-            out.append(
-                Variant(
-                    f"debias_{m}",
-                    [f"reward.debias={m}", *move_rce, *anchored, *sel],
-                    "remedy",
-                    f"rewards de-biased by {m}, then the anchored moving pipeline",
-                )
-            )
-    if can_residual and "baselines" in flagged:  # SFT below the raw-feature cosine: start the towers there
-        res = ["model.residual=true", "model.sim_temperature=0.1"]
-        out.append(
-            Variant(
-                "residual_sft",
-                [*res, "rce.epochs=0", "grpo.epochs=0"],
-                "remedy",
-                "a residual SFT (towers start at the raw-feature cosine), alone",
-            )
-        )
-        out.append(
-            Variant("residual_pipeline", [*res, *sel], "remedy", "a residual SFT under the run's own RCE and GRPO")
-        )
-        out.append(
-            Variant(
-                "residual_anchored",
-                [*res, *move_rce, *anchored, *sel],
-                "remedy",
-                "a residual SFT, then the anchored moving pipeline",
-            )
-        )
-    names = {v.name for v in out}
-    for f in findings:
-        if not f.triggered:
-            continue
-        for switch in f.switches:
-            name = "switch_" + variant_name(switch)
-            if name in names:
-                continue
-            names.add(name)
-            out.append(Variant(name, switch_overrides(switch), "single", f"{f.check}: {switch} alone", f.check))
-    return out
+
+
+def _residual_variants(sel: list[str], move_rce: list[str], anchored: list[str]) -> list[Variant]:
+    """A residual SFT (towers that start at the raw-feature cosine): alone, under the run's stages, anchored."""
+    res = ["model.residual=true", "model.sim_temperature=0.1"]
+    return [
+        Variant(
+            "residual_sft",
+            [*res, "rce.epochs=0", "grpo.epochs=0"],
+            "remedy",
+            "a residual SFT (towers start at the raw-feature cosine), alone",
+        ),
+        Variant("residual_pipeline", [*res, *sel], "remedy", "a residual SFT under the run's own RCE and GRPO"),
+        Variant(
+            "residual_anchored",
+            [*res, *move_rce, *anchored, *sel],
+            "remedy",
+            "a residual SFT, then the anchored moving pipeline",
+        ),
+    ]
 
 
 def decide(vs_sft: pd.DataFrame, metric: str) -> str | None:

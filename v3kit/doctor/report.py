@@ -11,14 +11,19 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ..rundir import atomic_write_frame
-
-# The import order is the report's order: importing a module registers its checks (keep isort off this block).
-# isort: off
-from . import grpo_checks  # noqa: F401 - the GRPO-log checks first ...
-from . import data_checks  # noqa: F401 - ... then those that need the data
-
-# isort: on
-from .context import _REGISTRY, DoctorContext, Finding, Thresholds, _g, _skip, load_run, switch_tokens
+from . import data_checks, grpo_checks  # noqa: F401 - importing them registers their checks (order: REPORT_ORDER)
+from .context import (
+    REGISTRY,
+    REPORT_ORDER,
+    DoctorContext,
+    Finding,
+    Thresholds,
+    fmt_num,
+    load_run,
+    skip_finding,
+    switch_tokens,
+)
+from .grid import GRID_FILE, write_doctor_grid
 
 # ---------------------------------------------------------------- public API
 
@@ -42,10 +47,12 @@ def diagnose(
     these checks (e.g. notebook 02 shows ``rce_converged``, the one RCE-convergence verdict).
     """
     th = thresholds or Thresholds()
-    wanted = list(_REGISTRY) if only is None else list(only)
-    unknown = sorted(set(wanted) - set(_REGISTRY))
+    if set(REGISTRY) != set(REPORT_ORDER):
+        raise RuntimeError(f"doctor checks registered {sorted(REGISTRY)} but REPORT_ORDER lists {list(REPORT_ORDER)}")
+    wanted = list(REPORT_ORDER) if only is None else list(only)
+    unknown = sorted(set(wanted) - set(REGISTRY))
     if unknown:
-        raise ValueError(f"unknown doctor check(s) {unknown}; the checks are {list(_REGISTRY)}")
+        raise ValueError(f"unknown doctor check(s) {unknown}; the checks are {list(REPORT_ORDER)}")
     if isinstance(run, pd.DataFrame):
         df, file_cfg, run_dir = run, {}, None
     else:
@@ -55,17 +62,16 @@ def diagnose(
         config = dataclasses.asdict(config)
     ctx = DoctorContext(df, file_cfg if config is None else config, th, run_dir, splits, sft)
     findings = []
-    for name, fn in _REGISTRY.items():
+    for name in REPORT_ORDER:
         if name not in wanted:
             continue
         try:
-            ctx.check = name  # @check's registration is the one place a check's name is written
-            f = fn(ctx)
+            f = REGISTRY[name](ctx, name)
             if f.triggered and not f.switches:
                 f.switches = switch_tokens(f.suggestion)
             findings.append(f)
         except (KeyError, ValueError, TypeError, IndexError) as e:  # malformed input: report, never crash
-            findings.append(_skip(name, f"could not evaluate ({type(e).__name__}: {e})"))
+            findings.append(skip_finding(name, f"could not evaluate ({type(e).__name__}: {e})"))
     return findings
 
 
@@ -79,8 +85,6 @@ def format_report(findings: Iterable[Finding], title: str | None = None, run: st
     """Readable text: one line per check (⚠ flagged, ✔ fine, – skipped) with its number and threshold, then, under
     each flagged check, the switch to *test* and the ablation that tests it against the run (``run``: the run dir
     the commands name)."""
-    from .grid import GRID_FILE
-
     findings = list(findings)
     width = max((len(f.check) for f in findings), default=0)
     where = str(run) if run is not None else "RUN_DIR"
@@ -100,9 +104,9 @@ def format_report(findings: Iterable[Finding], title: str | None = None, run: st
 
     for f in findings:
         mark = "⚠" if f.triggered else ("–" if f.value is None else "✔")
-        num = "" if f.value is None else f"value {_g(f.value)}"
+        num = "" if f.value is None else f"value {fmt_num(f.value)}"
         if f.threshold is not None and f.value is not None:
-            num += f" (threshold {_g(f.threshold)})"
+            num += f" (threshold {fmt_num(f.threshold)})"
         lines.append(f"{mark} {f.check:<{width}}  {num}".rstrip())
         add(f.message, "    ")
         if f.triggered and f.suggestion:
@@ -160,8 +164,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.csv:
         atomic_write_frame(args.csv, report_frame(findings))
     if args.grid:
-        from .grid import write_doctor_grid
-
         path = write_doctor_grid(run, findings)
         print(f"wrote {path}: test the suggestions with `v3kit ablate --grid {path}`")
     return 0

@@ -23,9 +23,10 @@ from typing import Any, Sequence
 
 from .. import pipeline
 from ..ablate.backends import make_backend, worker_config
-from ..ablate.runner import _splits_for
+from ..ablate.runner import splits_for
 from ..config import ConfigError, RunConfig, load_config
 from ..data.contract import Splits
+from ..rundir import UNKNOWN_FILE, DiskFullError, as_disk_full, free_bytes
 from ..train.metrics import METRIC_DIRECTION
 from .space import Param, fixed_point, run_values, suggest, to_overrides
 
@@ -132,7 +133,7 @@ def run_trial(task: SearchTask, trial: Any) -> float:
     run_dir = task.folder / f"trial{trial.number}"
     cfg = load_config(None, [*task.base, *overrides, f"seed={TRIAL_SEED}", f"run_dir={run_dir}", "progress=false"])
     cfg = worker_config(cfg)
-    splits = _splits_for(task.cfg)
+    splits = splits_for(task.cfg)
     search_splits = Splits(train=splits.train, val=splits.val, test=splits.val)  # test never enters a trial
     t0 = time.perf_counter()
     try:
@@ -185,6 +186,16 @@ def _trial_rows(study: Any) -> list[dict[str, Any]]:
 
 def search_worker(task: SearchTask) -> int:
     """One worker: ``study.optimize`` until the trial cap, the budget, or the study's end; returns its trials."""
+    try:
+        return _optimize(task)
+    except Exception as e:  # Optuna's journal writes name no file (and may wrap the OSError): name the journal
+        full = as_disk_full(e)
+        if full is None or full.filename != UNKNOWN_FILE:
+            raise
+        raise DiskFullError(task.folder / JOURNAL, free=free_bytes(task.folder)) from e
+
+
+def _optimize(task: SearchTask) -> int:
     optuna = import_optuna()
     study = open_study(task.folder, task.metric, seed=task.seed + task.index)
     ran = 0

@@ -1,22 +1,71 @@
-"""Writing a verdict: ``verdict.md`` (the recommendation, the variants, the reference rankers, the causes),
-``verdict.json`` and the forest plot ``effects.png`` (see :mod:`v3kit.investigate`, which makes the verdict)."""
+"""A verdict and its outputs: :class:`Verdict`, ``verdict.md`` (the recommendation, the variants, the reference
+rankers, the causes), ``verdict.json`` and the forest plot ``effects.png`` (see :mod:`v3kit.doctor.investigate`,
+which makes the verdict)."""
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from ..rundir import atomic_write, atomic_write_text, json_text
 
-if TYPE_CHECKING:
-    from .confirm import Verdict
-
 VERDICT_MD, VERDICT_JSON = "verdict.md", "verdict.json"
 SFT_ONLY = "sft_only"  # the reference variant every effect is measured against (not plotted: it is the zero line)
+
+
+@dataclass
+class Verdict:
+    metric: str
+    recommendation: str
+    variant: str  # the recommended variant (sft_only for keep_sft)
+    config: str  # path of the YAML `v3kit run --config` trains as is
+    effect_vs_sft: list[float]  # [mean, lo, hi]
+    effect_vs_run: list[float]
+    causes: list[dict[str, Any]]
+    why: str
+    table: pd.DataFrame = field(repr=False)
+    references: dict[str, float] = field(default_factory=dict)
+    runs: int = 0
+    wall_s: float = 0.0
+    power: str = ""
+    sft: str = ""  # the run's SFT checkpoint, every effect_vs_sft's baseline
+    run_seconds: float = 0.0  # the confirm runs' own wall times added up
+    sentence: str = ""  # the verdict in one plain sentence
+    search: dict[str, Any] = field(default_factory=dict)  # trial counts, wall time, the space
+    notes: list[str] = field(default_factory=list)
+    seed_effects: list[float] = field(default_factory=list)  # the recommendation's per-seed effects vs SFT
+
+    def as_json(self) -> dict[str, Any]:
+        table = self.table.drop(columns=["seed_effects"], errors="ignore")
+        return {
+            "metric": self.metric,
+            "recommendation": self.recommendation,
+            "variant": self.variant,
+            "config": self.config,
+            "sentence": self.sentence,
+            "effect_vs_sft": self.effect_vs_sft,
+            "effect_vs_run": self.effect_vs_run,
+            "seed_effects": self.seed_effects,
+            "causes": self.causes,
+            "why": self.why,
+            "notes": self.notes,
+            "references": self.references,
+            "runs": self.runs,
+            "wall_s": round(self.wall_s, 1),
+            "run_seconds": round(self.run_seconds, 1),
+            "power": self.power,
+            "sft": self.sft,
+            "search": self.search,
+            "variants": json.loads(table.to_json(orient="records")),
+        }
 
 
 def _effect_cell(d: dict[str, Any]) -> str:
@@ -104,8 +153,6 @@ FIGURES = (
 
 def plot_search(study: Any, out: Path) -> None:
     """Optuna's optimisation history and parameter importances as matplotlib figures."""
-    import warnings
-
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -24,13 +24,13 @@ from torch import nn
 
 from ..config import RunConfig
 from ..data.contract import Splits
-from ..train.grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig, run_grpo
+from ..run import Run, grpo_temperature
+from ..train.grpo import KL_REFERENCES, OLD_POLICIES, GRPOConfig
 from ..train.metrics import METRIC_NAMES
 from ..train.sft import Stage1, sft_baseline
 from ..train.training import split_rows
 from .live import Throttle
 from .plots import figure_png, live_default, smooth
-from .tools import grpo_temperature
 
 SETTINGS = ("kl_beta", "eps_low", "eps_high", "lr", "epochs", "old_policy", "kl_reference")
 KL_BETAS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5, 1.0)  # log-spaced, plus 0 (no KL penalty)
@@ -41,31 +41,36 @@ TABLE_METRICS = tuple(m for m in METRIC_NAMES if m not in ("ndcg@5", "regret@1")
 
 @dataclass
 class GRPOStart:
-    """What every comparison run starts from."""
+    """What every comparison run starts from: the notebook's :class:`~v3kit.run.Run` (its training splits, GRPO
+    settings, seed, device and threads), stage 1 and the post-RCE policy."""
 
-    splits: Splits
+    run: Run
     stage1: Stage1
     model: nn.Module  # the post-RCE policy (kept untouched; each run trains a deep copy)
-    base: GRPOConfig  # settings the widgets do not show come from here
-    temperature: float  # GRPO's logit temperature
-    seed: int
     sft_metrics: dict[str, float] = field(default_factory=dict)  # held-out (val) metrics of the SFT model
-    options: dict[str, Any] = field(default_factory=dict)  # device / precision / log_every, as `v3kit run` has them
+
+    @classmethod
+    def from_run(cls, run: Run, stage1: Stage1, rce_model: nn.Module) -> "GRPOStart":
+        run.use_threads()  # the config's threads, as `v3kit run` sets them
+        return cls(
+            run=run, stage1=stage1, model=copy.deepcopy(rce_model), sft_metrics=sft_baseline(stage1, run.splits.val)
+        )
 
     @classmethod
     def from_stages(cls, cfg: RunConfig, splits: Splits, stage1: Stage1, rce_model: nn.Module) -> "GRPOStart":
-        from ..pipeline import stage_options, training_splits
+        return cls.from_run(Run(cfg, splits=splits), stage1, rce_model)
 
-        return cls(
-            splits=training_splits(cfg, splits)[0],  # the rewards GRPO trains on (reward.debias); val as it is
-            stage1=stage1,
-            model=copy.deepcopy(rce_model),
-            base=cfg.grpo,
-            temperature=grpo_temperature(cfg, stage1.model_config),
-            seed=cfg.seed,
-            sft_metrics=sft_baseline(stage1, splits.val),
-            options=stage_options(cfg, splits),
-        )
+    @property
+    def splits(self) -> Splits:
+        return self.run.training_splits  # the rewards GRPO trains on (reward.debias); val as it is
+
+    @property
+    def base(self) -> GRPOConfig:
+        return self.run.cfg.grpo  # settings the widgets do not show come from here
+
+    @property
+    def temperature(self) -> float:
+        return grpo_temperature(self.run.cfg, self.stage1.model_config)  # GRPO's logit temperature
 
 
 @dataclass
@@ -212,7 +217,7 @@ class ComparePanel:
         """Run GRPO with the widgets' settings (after applying ``overrides`` to the widgets); add it to the plot."""
         self.set(**overrides)
         settings = self.settings()
-        cfg = self.config(settings)
+        self.config(settings)  # a bad combination fails here, with GRPOConfig's message, before the status changes
         index = len(self.runs) + 1
         self.status.value = f"running #{index}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items())
         s = self.start
@@ -220,19 +225,11 @@ class ComparePanel:
         self._partial = []
         t0 = time.perf_counter()
         try:
-            result = run_grpo(
-                copy.deepcopy(s.model),
-                s.splits,
-                s.stage1.old_log_probs,
-                cfg,
-                reference=s.stage1.reference,
-                temperature=s.temperature,
-                model_config=s.stage1.model_config,
-                seed=s.seed,
-                run_dir=run_dir,
-                callbacks=[_Overlay(self)],
-                progress=False,
-                **s.options,
+            result = s.run.grpo(
+                s.stage1,
+                policy=copy.deepcopy(s.model),
+                context={"run_dir": run_dir, "callbacks": [_Overlay(self)], "progress": False, "resume": False},
+                **{k: settings[k] for k in SETTINGS},
             )
         finally:
             self._partial = None

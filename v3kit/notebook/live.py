@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection, Mapping, Sequence
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .plots import DEFAULT_PANELS, SFT_PANELS, Panel, _new_figure, draw_panels, figure_png, in_kernel, live_default
+from .plots import DEFAULT_PANELS, SFT_PANELS, Panel, draw_panels, figure_png, in_kernel, live_default, new_figure
 
 
 class Throttle:
@@ -93,7 +93,7 @@ class LivePlot:
         self.dpi = dpi
         self.clock = clock
         self.throttle = Throttle(every_steps, every_seconds, max_overhead, clock)
-        self.figure = _new_figure()
+        self.figure = new_figure()
         self.redraws = 0
         self.draw_seconds = 0.0
         self._handle: Any = None
@@ -209,7 +209,7 @@ class LivePlot:
         self.stage, self.total_steps = stage, total_steps
         self.steps_per_epoch, self.epochs = info.get("steps_per_epoch"), info.get("epochs")
         self.train_rows, self.eval_rows = [], []
-        self.figure = _new_figure()
+        self.figure = new_figure()
         self._handle = None
         self._t0 = self.clock()
         # No drawing yet: the first redraw waits for the throttle, so a short stage costs one figure in all.

@@ -241,7 +241,7 @@ def draw_panels(
     return fig
 
 
-def _new_figure(layout: str | None = None) -> Figure:
+def new_figure(layout: str | None = None) -> Figure:
     return Figure(layout=layout)
 
 
@@ -249,7 +249,7 @@ def plot_stage1(old_log_probs: torch.Tensor, data: GroupData, *, bins: int = 40)
     """Three panels on the training groups: ``old_log_probs`` (all candidates vs the label), per-group reward
     spread, and where the human label ranks by reward (label/reward agreement)."""
     s = stage1_summary(old_log_probs, data)
-    fig = _new_figure("constrained")
+    fig = new_figure("constrained")
     fig.set_size_inches(14, 3.8)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     valid = old_log_probs[data.mask].numpy()
@@ -305,7 +305,7 @@ def plot_ratio_hist(
     r = np.asarray(ratios.detach().cpu() if isinstance(ratios, torch.Tensor) else ratios, dtype=float)
     r = r[np.isfinite(r) & (r > 0)]
     outside = float(((r < 1 - eps_low) | (r > 1 + eps_high)).mean()) if len(r) else math.nan
-    fig = _new_figure("constrained")
+    fig = new_figure("constrained")
     fig.set_size_inches(8, 3.6)
     ax = fig.subplots()
     lo, hi = (min(r.min(), 1 - eps_low), max(r.max(), 1 + eps_high)) if len(r) else (0.5, 2.0)

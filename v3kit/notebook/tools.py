@@ -12,14 +12,17 @@ Command line::
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from ..config import RunConfig, from_dict
-from ..train.model import ModelConfig
-from ..train.rce import final_logit_temperature
+from ..run import grpo_temperature  # noqa: F401 - the notebooks' documented path (the rule lives in v3kit.run)
+from ..train.model import resolve_target as model_target
 
 KERNEL = "v3kit"  # the Jupyter kernel `make lab` installs; the notebook sources name it
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the repository (for an editable install)
@@ -81,28 +84,23 @@ def resolve_run_dir(run_dir: str | Path) -> Path:
     return resolve_path(run_dir)
 
 
+def project_root() -> Path:
+    """What a relative path given to a notebook is relative to: the repository, whatever the kernel's cwd; outside a
+    checkout, the cwd."""
+    return PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
 def resolve_path(path: str | Path) -> Path:
-    """A relative path given to a notebook (run dir, data file, checkpoint) is relative to the repository, whatever
-    the kernel's cwd; outside a checkout, to the cwd. Absolute paths are returned as they are."""
+    """A relative path given to a notebook (run dir, data file, checkpoint) is relative to :func:`project_root`.
+    Absolute paths are returned as they are."""
     path = Path(path).expanduser()
-    if path.is_absolute():
-        return path
-    root = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
-    return root / path
+    return path if path.is_absolute() else project_root() / path
 
 
 def resolve_target(target: str) -> str:
-    """A model class ``path/to/models.py:Class`` with its file resolved like :func:`resolve_path`; an importable
-    ``pkg.module:Class`` is returned unchanged."""
-    module, sep, cls = target.rpartition(":")
-    if not sep or not module.endswith(".py"):
-        return target
-    return f"{resolve_path(module)}:{cls}"
-
-
-def grpo_temperature(cfg: RunConfig, model_config: ModelConfig) -> float:
-    """GRPO's logit temperature, resolved as the pipeline does (``same_as_rce_end`` follows RCE's schedule)."""
-    return cfg.grpo.resolve_temperature(final_logit_temperature(cfg.rce, model_config.sim_temperature))
+    """A model class ``path/to/models.py:Class`` with its file resolved against :func:`project_root`
+    (:func:`v3kit.train.model.resolve_target`); an importable ``pkg.module:Class`` is returned unchanged."""
+    return model_target(target, base=project_root())
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -194,8 +192,6 @@ def parse_parameter(value: str, key: str = "") -> Any:
 
     resolved = _resolve_type(value)
     if isinstance(resolved, str) and resolved.strip()[:1] in ("[", "{"):
-        import yaml
-
         try:
             return yaml.safe_load(resolved)
         except yaml.YAMLError as e:
@@ -277,8 +273,6 @@ def run_notebook(
 
 def _parameter_defaults(nb: Any) -> dict[str, Any]:
     """The parameters cell's names and their default values (None where the default is not a literal)."""
-    import ast
-
     defaults: dict[str, Any] = {}
     for cell in nb.cells:
         if "parameters" in cell.metadata.get("tags", []):

@@ -210,20 +210,15 @@ def grpo_step_loss(
     :func:`per_group_terms`); only valid for switches under which a group's advantages depend on that group alone.
     The statistics are 0-d tensors on the batch's device (the runner reads them back in batches). ``generator``
     is a CPU generator: on another device the sampling probabilities are copied to the CPU to draw, so a run
-    draws the same candidates on every device and CPU runs keep their numbers. ``kl_beta`` overrides
-    ``cfg.kl_beta`` (the adaptive controller's current value).
+    draws the same candidates on every device and CPU runs keep their numbers. ``kl_beta``: the KL
+    coefficient of this step, :class:`GRPOObjective`'s (None: ``cfg.kl_beta``, for a one-off call).
     """
     stats: dict[str, float | Tensor] = {}
     kl_beta = cfg.kl_beta if kl_beta is None else kl_beta
     full = None  # with samples="sampled": the full groups, whose entropy (and exact KL) the loss takes
     if cfg.samples == "sampled":
         full = (logp, old_logp if ref_logp is None else ref_logp, mask)
-        # On-policy GRPO: K candidates drawn from the old policy form the group; advantages are relative to them.
-        probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
-        idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
-        logp, old_logp, rewards = logp.gather(1, idx), old_logp.gather(1, idx), rewards.gather(1, idx)
-        ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
-        mask = torch.ones_like(idx, dtype=torch.bool)
+        logp, old_logp, rewards, ref_logp, mask = _draw(logp, old_logp, rewards, ref_logp, mask, cfg, generator)
     if group_terms is not None and not per_group_advantages(cfg):
         raise ValueError(
             f"group_terms cannot be precomputed for samples={cfg.samples!r}, "
@@ -236,15 +231,7 @@ def grpo_step_loss(
     if keep is not None and not keep.any():
         # Nothing in this batch carries signal: the loss is a mean over no group, taken as exactly 0 (no policy
         # term, no KL, no entropy bonus: a dropped group leaves every term), and the runner takes no step.
-        return logp.new_zeros(()), {
-            **stats,
-            "pg_loss": 0.0,
-            "kl": 0.0,
-            "clip_ratio": 0.0,
-            "clip_ratio/low_mean": 0.0,
-            "clip_ratio/high_mean": 0.0,
-            "adv_std": 0.0,
-        }
+        return logp.new_zeros(()), {**stats, **NO_SIGNAL_STATS}
     if keep is not None and not keep.all():
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
@@ -290,6 +277,35 @@ def grpo_step_loss(
     return loss, loss_stats
 
 
+# The statistics of a batch in which no group carries signal (drop_zero_std_groups dropped them all).
+NO_SIGNAL_STATS = {
+    "pg_loss": 0.0,
+    "kl": 0.0,
+    "clip_ratio": 0.0,
+    "clip_ratio/low_mean": 0.0,
+    "clip_ratio/high_mean": 0.0,
+    "adv_std": 0.0,
+}
+
+
+def _draw(
+    logp: Tensor,
+    old_logp: Tensor,
+    rewards: Tensor,
+    ref_logp: Tensor | None,
+    mask: Tensor,
+    cfg: GRPOConfig,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """``samples="sampled"``, on-policy GRPO: ``num_samples`` candidates drawn from the old policy form each group
+    (advantages are relative to them); the CPU draws, so every device gets the same candidates."""
+    probs = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp))
+    idx = torch.multinomial(probs.cpu(), cfg.num_samples, replacement=True, generator=generator).to(probs.device)
+    logp, old_logp, rewards = logp.gather(1, idx), old_logp.gather(1, idx), rewards.gather(1, idx)
+    ref_logp = None if ref_logp is None else ref_logp.gather(1, idx)
+    return logp, old_logp, rewards, ref_logp, torch.ones_like(idx, dtype=torch.bool)
+
+
 def _full_group_terms(
     logp: Tensor, anchor_logp: Tensor, mask: Tensor, cfg: GRPOConfig, stats: dict[str, float | Tensor]
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -308,6 +324,60 @@ def _full_group_terms(
         full_kl = exact_group_kl(logp, anchor_logp, mask).mean()
         stats["kl"] = full_kl.detach()
     return bonus, full_kl
+
+
+class GRPOObjective:
+    """The GRPO objective of a run: ``cfg``'s switches (:func:`grpo_step_loss` assembles the policy, KL and entropy
+    terms) and its state, the KL coefficient. That coefficient is ``cfg.kl_beta``, or with ``cfg.kl_target`` the
+    adaptive controller's current value, updated after every step (logged as ``kl_beta``): the one source of the
+    ``kl_beta`` a step uses."""
+
+    def __init__(self, cfg: GRPOConfig) -> None:
+        self.cfg = cfg
+        self.adaptive = cfg.kl_target is not None
+        self.kl = (
+            AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon, cfg.kl_beta_min) if self.adaptive else None
+        )
+
+    @property
+    def kl_beta(self) -> float:
+        return self.kl.value if self.kl is not None else self.cfg.kl_beta
+
+    def __call__(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        rewards: Tensor,
+        mask: Tensor,
+        *,
+        ref_logp: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        group_terms: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, dict[str, float | Tensor]]:
+        beta = self.kl_beta
+        loss, stats = grpo_step_loss(
+            logp,
+            old_logp,
+            rewards,
+            mask,
+            self.cfg,
+            ref_logp=ref_logp,
+            generator=generator,
+            group_terms=group_terms,
+            kl_beta=beta,
+        )
+        if self.kl is not None:  # the coefficient this step used; the update applies from the next step on
+            stats["kl_beta"] = beta
+            self.kl.update(float(stats["kl"]), len(rewards))  # a host read per step, only with kl_target
+        return loss, stats
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the objective: the adapted coefficient (nothing for a fixed one)."""
+        return {"kl_beta": self.kl.value} if self.kl is not None else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.kl is not None and "kl_beta" in state:
+            self.kl.value = float(state["kl_beta"])
 
 
 def per_group_advantages(cfg: GRPOConfig) -> bool:
@@ -385,11 +455,7 @@ class GRPOStage(Stage):
         )
         # Rewards never change either: when a group's advantages depend on that group alone, compute them once.
         self.terms = per_group_terms(train.rewards.to(self.device), mask, cfg) if per_group_advantages(cfg) else None
-        self.kl_ctl = (
-            None
-            if cfg.kl_target is None
-            else AdaptiveKLController(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon, cfg.kl_beta_min)
-        )
+        self.objective = GRPOObjective(cfg)  # the loss and its adaptive KL coefficient (state saved with checkpoints)
 
     def on_epoch_start(self, epoch: int) -> None:
         if self.cfg.old_policy == "refresh_each_epoch" and epoch > 1:  # epoch 1 was refreshed in __init__
@@ -399,32 +465,25 @@ class GRPOStage(Stage):
         logp = policy_log_probs(self.model, *model_inputs(self.model, batch), batch.mask, self.temperature)
         ref_logp = None if self.ref is None else self.ref[batch.index]
         group_terms = None if self.terms is None else (self.terms[0][batch.index], self.terms[1][batch.index])
-        beta = None if self.kl_ctl is None else self.kl_ctl.value
-        loss, stats = grpo_step_loss(
+        loss, stats = self.objective(
             logp,
             self.old[batch.index],
             batch.rewards,
             batch.mask,
-            self.cfg,
             ref_logp=ref_logp,
             generator=ctx.generator,
             group_terms=group_terms,
-            kl_beta=beta,
         )
         stats["temperature"] = self.temperature
-        if self.kl_ctl is not None:  # the coefficient this step used; the update applies from the next step on
-            stats["kl_beta"] = beta
-            self.kl_ctl.update(float(stats["kl"]), len(batch.index))  # a host read per step, only with kl_target
         return loss, stats
 
     def extra_state(self) -> dict[str, Any]:
         # stored on the CPU by save_checkpoint
-        return {"old_log_probs": self.old, **({"kl_beta": self.kl_ctl.value} if self.kl_ctl else {})}
+        return {"old_log_probs": self.old, **self.objective.state()}
 
     def restore_extra(self, extra: dict[str, Any]) -> None:
         self.old = extra["old_log_probs"].to(self.device)
-        if self.kl_ctl is not None and "kl_beta" in extra:  # resume the adapted coefficient, not the starting one
-            self.kl_ctl.value = float(extra["kl_beta"])
+        self.objective.load_state(extra)  # the adapted coefficient, not the starting one
 
     def eval_extra(self, epoch: int) -> dict[str, float]:
         return self.step0_summary if epoch == 0 else {}

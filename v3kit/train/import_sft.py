@@ -16,7 +16,7 @@ import json
 import math
 import shlex
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -611,15 +611,6 @@ def _parse_rename(text: str) -> tuple[str, str]:
     return old, new
 
 
-def _data_from_config(args: argparse.Namespace) -> tuple[GroupData, ModelConfig]:
-    from ..config import load_config
-    from ..pipeline import load_data
-
-    cfg = load_config(args.config, args.set or [])
-    # The feature dims are the data's: load (and embed, for text) exactly what the run will use, built-in tables too.
-    return load_data(cfg), cfg.model
-
-
 def _json_object(flag: str, text: str | None, example: str) -> dict[str, Any] | None:
     if text is None:
         return None
@@ -645,7 +636,7 @@ def next_run_command(out: str | Path, args: argparse.Namespace) -> str:
 def _feature_dims(args: argparse.Namespace) -> tuple[int | None, int | None, GroupData | None, ModelConfig | None]:
     query_dim, cand_dim, model_cfg, data = args.query_dim, args.cand_dim, None, None
     if args.config is not None or args.set:
-        data, model_cfg = _data_from_config(args)
+        data, model_cfg = args.data_from_config(args)  # the run floor's: see register_cli
         q, c = data.query_dim, data.cand_dim
         for flag, given, found in (("--query-dim", query_dim, q), ("--cand-dim", cand_dim, c)):
             if given is not None and given != found:
@@ -747,8 +738,12 @@ def cmd_import_sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(subparsers: Any) -> None:
-    """``v3kit import-sft``: a plain state dict of your own class -> a v3kit ``sft.pt``."""
+def register_cli(
+    subparsers: Any, data_from_config: Callable[[argparse.Namespace], tuple[GroupData, ModelConfig]]
+) -> None:
+    """``v3kit import-sft``: a plain state dict of your own class -> a v3kit ``sft.pt``. ``data_from_config``: the
+    data and model section of the run config that ``--config`` / ``--set`` name (the run config and its data are
+    the run floor's, above this one, so the command line passes the function in)."""
     p = subparsers.add_parser(
         "import-sft",
         help="make a v3kit SFT checkpoint from your own model: a state_dict file, a Hugging Face save_pretrained "
@@ -819,6 +814,12 @@ def register_cli(subparsers: Any) -> None:
         help='model.methods: your method names, e.g. \'{"query": "encode_q", "candidates": '
         '"encode_docs"}\' or \'{"score": "score"}\'',
     )
+    _add_sentence_transformers_args(p)
+    p.set_defaults(func=cmd_import_sft, data_from_config=data_from_config)
+
+
+def _add_sentence_transformers_args(p: Any) -> None:
+    """The options that apply with ``--sentence-transformers``."""
     st = p.add_argument_group("with --sentence-transformers")
     st.add_argument(
         "--towers",
@@ -840,4 +841,3 @@ def register_cli(subparsers: Any) -> None:
         metavar="N",
         help="truncate texts at N tokens (default: the model's)",
     )
-    p.set_defaults(func=cmd_import_sft)

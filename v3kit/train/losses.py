@@ -47,7 +47,7 @@ KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
 REWARD_NORMS = ("none", "zscore", "rank")
 
 
-def _check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
+def check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
     """Return a boolean [B, G] mask (all True when None); raise a clear error on bad shapes.
 
     Empty groups are an error where a softmax needs a candidate (checked for CPU tensors); ``allow_empty`` lets
@@ -124,10 +124,19 @@ def group_log_probs(
         )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    mask = _check_mask(mask, cand_emb)
-    logits = torch.einsum("bd,bgd->bg", query_emb, cand_emb) / temperature
-    logits = logits.masked_fill(~mask, float("-inf"))
-    return torch.log_softmax(logits, dim=-1)
+    mask = check_mask(mask, cand_emb)
+    return score_log_probs(torch.einsum("bd,bgd->bg", query_emb, cand_emb), temperature, mask)
+
+
+def score_log_probs(group_scores: Tensor, temperature: float, mask: Tensor) -> Tensor:
+    """``log softmax_c(scores / temperature)`` over each group's valid candidates (``-inf`` at padding): the policy
+    of every ranker, towers (:func:`group_log_probs`) or scorer. The one home of the group log-softmax."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if mask.shape != group_scores.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the scores are {tuple(group_scores.shape)}")
+    logits = group_scores / temperature
+    return torch.log_softmax(logits.masked_fill(~mask.to(torch.bool), float("-inf")), dim=-1)
 
 
 def _centred(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,7 +162,7 @@ def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "n
     """
     if how not in REWARD_NORMS:
         raise ValueError(f"reward_norm must be one of {REWARD_NORMS}, got {how!r}")
-    mask = _check_mask(mask, rewards, allow_empty=True)
+    mask = check_mask(mask, rewards, allow_empty=True)
     zeros = torch.zeros_like(rewards)
     if how == "none":
         return torch.where(mask, rewards, zeros)
@@ -186,7 +195,7 @@ def rce_targets(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= label_weight <= 1.0:
         raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
-    mask = _check_mask(mask, rewards)
+    mask = check_mask(mask, rewards)
     if reward_norm != "none":
         rewards = normalize_rewards(rewards, mask, reward_norm)
     scaled = (rewards / temperature).masked_fill(~mask, float("-inf"))
@@ -236,7 +245,7 @@ def rce_cross_entropy(
 
 def zero_std_groups(rewards: Tensor, mask: Tensor | None = None) -> Tensor:
     """True for groups that carry no ranking signal: < 2 valid candidates or all valid rewards equal."""
-    mask = _check_mask(mask, rewards, allow_empty=True)
+    mask = check_mask(mask, rewards, allow_empty=True)
     big = torch.finfo(rewards.dtype).max
     r_max = rewards.masked_fill(~mask, -big).amax(dim=1)
     r_min = rewards.masked_fill(~mask, big).amin(dim=1)
@@ -264,7 +273,7 @@ def group_advantages(
     """
     if scale not in ADV_SCALES:
         raise ValueError(f"scale must be one of {ADV_SCALES}, got {scale!r}")
-    mask = _check_mask(mask, rewards, allow_empty=True)
+    mask = check_mask(mask, rewards, allow_empty=True)
     centred, n = _centred(rewards, mask)
     if scale == "group":
         var = _bessel_var(centred, n)
@@ -337,7 +346,7 @@ def group_entropy(logp: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean over groups of the policy's entropy ``-sum_c pi log pi`` over the valid candidates (differentiable).
 
     Every group weighs the same whatever its number of candidates (verl and TRL weigh each token, i.e. candidate)."""
-    return _entropy(logp, _check_mask(mask, logp))
+    return _entropy(logp, check_mask(mask, logp))
 
 
 def _entropy(logp: Tensor, mask: Tensor) -> Tensor:
@@ -359,7 +368,7 @@ def exact_group_kl(logp: Tensor, anchor_logp: Tensor, mask: Tensor | None = None
     candidates, so each term is finite and the log-ratio is not clamped (a clamp would cap a large KL and its
     gradient). Padding (``-inf``) is set to 0 *before* the arithmetic: ``-inf - -inf`` would be NaN in the value,
     and through ``torch.where``'s backward in the gradient too."""
-    mask = _check_mask(mask, logp)
+    mask = check_mask(mask, logp)
     zeros = torch.zeros_like(logp)
     lp, la = torch.where(mask, logp, zeros), torch.where(mask, anchor_logp, zeros)
     return torch.where(mask, lp.exp() * (lp - la), zeros).sum(dim=1)
@@ -436,21 +445,9 @@ def grpo_loss_terms(
     sides apart as ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, so clip-higher's effect shows), ``pg_loss``
     (the clipped surrogate alone, verl's name) and ``ratio_mean``/``ratio_min``/``ratio_max``.
     """
-    if logp.shape != old_logp.shape or logp.shape != advantages.shape:
-        raise ValueError(
-            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages {tuple(advantages.shape)} "
-            "must have the same [B, G] shape"
-        )
-    if ref_logp is not None and ref_logp.shape != logp.shape:
-        raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)}, expected {tuple(logp.shape)}")
     eps_high = eps_low if eps_high is None else eps_high
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low} and {eps_high}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    mask = _check_mask(mask, logp)
+    _check_grpo_inputs(logp, old_logp, advantages, ref_logp, eps_low, eps_high, dual_clip, loss_type)
+    mask = check_mask(mask, logp)
     zeros = torch.zeros_like(logp)
 
     log_ratio = torch.where(mask, logp - old_logp, zeros).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -495,6 +492,32 @@ def grpo_loss_terms(
     return loss, stats
 
 
+def _check_grpo_inputs(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    ref_logp: Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+    loss_type: str,
+) -> None:
+    """One line naming the argument for a shape or an option :func:`grpo_loss_terms` cannot take."""
+    if logp.shape != old_logp.shape or logp.shape != advantages.shape:
+        raise ValueError(
+            f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages {tuple(advantages.shape)} "
+            "must have the same [B, G] shape"
+        )
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp has shape {tuple(ref_logp.shape)}, expected {tuple(logp.shape)}")
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"eps_low and eps_high must be >= 0, got {eps_low} and {eps_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
 def _ratio_summary(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """``ratio_mean`` / ``ratio_min`` / ``ratio_max`` over valid entries (CPU: one boolean index, as before)."""
     if ratio.device.type == "cpu":
@@ -510,6 +533,6 @@ def _ratio_summary(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
 
 def expected_advantage(logp: Tensor, advantages: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-group ``sum_c pi(c) A(c)``: what sampling candidates from the policy estimates, without the noise."""
-    mask = _check_mask(mask, logp)
+    mask = check_mask(mask, logp)
     probs = torch.where(mask, torch.exp(logp), torch.zeros_like(logp))
     return (probs * torch.where(mask, advantages, torch.zeros_like(advantages))).sum(dim=1)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..data.contract import GroupData
 from .device import module_device
-from .losses import _check_mask
+from .losses import check_mask
 from .model import compute_log_probs
 
 # Metric names in the order tables show them; utility@1 only exists when the data knows the true utility.
@@ -55,7 +55,7 @@ def per_group_metrics(
     ``ndcg@k`` is NaN for a group whose ideal DCG is 0 (all rewards equal: every ranking is ideal, nothing to
     score); such groups depend only on the rewards, so they are NaN for every model alike.
     """
-    mask = _check_mask(mask, scores)
+    mask = check_mask(mask, scores)
     neg_inf = scores.new_tensor(float("-inf"))
     # NaN compares false with everything, so left as is it would never rank above the label (a NaN model would
     # score mrr = 1). It is ranked as -inf: the worst score, tied only with other NaN/-inf candidates.

@@ -1,5 +1,5 @@
-"""A run's ``metrics.csv``, one row per training step and per held-out evaluation, and the callbacks that see every
-row (the live plots, the trackers). The file is appended to and fsynced before each epoch checkpoint, so a crash
+"""A run's ``metrics.csv``, one row per training step and per held-out evaluation, a stage's result (its rows of
+it), and the callbacks that see every row (the live plots, the trackers). The file is appended to and fsynced before each epoch checkpoint, so a crash
 never leaves a row that no checkpoint vouches for; a resume rebuilds it from the rows the checkpoint stores."""
 
 from __future__ import annotations
@@ -8,15 +8,37 @@ import csv
 import io
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
+from torch import nn
 
 from ..rundir import DISK_FULL_ERRNOS, atomic_write_text, disk_full_error
 
-if TYPE_CHECKING:
-    from .training import StageResult
+
+def split_rows(history: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The ``train`` (per step) or ``val`` (per epoch) rows of a metrics history."""
+    return history[history["split"] == split].reset_index(drop=True)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    model: nn.Module
+    history: pd.DataFrame  # this stage's rows of metrics.csv
+    final_metrics: dict[str, float]  # held-out metrics after the last epoch
+    checkpoints: list[Path] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_history(self) -> pd.DataFrame:
+        return split_rows(self.history, "train")
+
+    @property
+    def eval_history(self) -> pd.DataFrame:
+        return split_rows(self.history, "val")
 
 
 def read_metrics_frame(path: str | Path) -> pd.DataFrame:
@@ -43,10 +65,11 @@ class Callback:
 
     def on_eval(self, row: dict[str, Any]) -> None: ...
 
-    def on_stage_end(self, stage: str, result: "StageResult") -> None: ...
+    def on_stage_end(self, stage: str, result: StageResult) -> None: ...
 
 
-def _call(callbacks: Sequence[Any], method: str, *args: Any) -> None:
+def call_callbacks(callbacks: Sequence[Any], method: str, *args: Any) -> None:
+    """Call ``method`` on every callback that has it (every method of :class:`Callback` is optional)."""
     for cb in callbacks:
         fn = getattr(cb, method, None)
         if fn is not None:

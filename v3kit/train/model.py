@@ -44,6 +44,7 @@ from ..bounds import check_all_max, check_max, check_temperature
 from ..data.contract import Batch, GroupData, iterate_batches
 from . import distributed
 from .device import autocast, module_device
+from .losses import score_log_probs  # noqa: F401 - also v3kit.train.model.score_log_probs, as before
 from .pretrained import class_target, config_kwargs, from_pretrained, is_pretrained_dir, wants_config
 
 DEFAULT_TARGET = "v3kit.model:TwoTower"
@@ -204,8 +205,9 @@ def is_file_target(target: str) -> bool:
     return module_part.endswith(".py") or "/" in module_part or os.sep in module_part
 
 
-def resolve_target(target: str) -> str:
-    """``target`` with a file path made absolute (against the current directory); module targets unchanged.
+def resolve_target(target: str, base: str | Path | None = None) -> str:
+    """``target`` with a file path made absolute, a relative one against ``base`` (default: the current directory);
+    module targets unchanged. The one home of this rule (the notebooks pass the repository as ``base``).
 
     Checkpoints record the resolved form, so ``eval`` and ``run --sft`` work from any directory later.
     """
@@ -214,7 +216,10 @@ def resolve_target(target: str) -> str:
     if not is_file_target(target):
         return target
     file_part, _, attr = target.rpartition(":")
-    return f"{Path(file_part).expanduser().resolve()}:{attr}"
+    path = Path(file_part).expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return f"{path.resolve()}:{attr}"
 
 
 def _import_file(target: str, file_part: str) -> ModuleType:
@@ -510,17 +515,6 @@ def scores(model: nn.Module, query_x: Any, cand_x: Any) -> Tensor:
 
 def _group_shape(cand_x: Any) -> tuple[int, int] | None:
     return tuple(cand_x.shape[:2]) if isinstance(cand_x, Tensor) and cand_x.dim() >= 2 else None
-
-
-def score_log_probs(group_scores: Tensor, temperature: float, mask: Tensor) -> Tensor:
-    """``log softmax_c(scores / temperature)`` over each group's valid candidates (``-inf`` at padding): the same
-    operations, in the same order, as :func:`v3kit.train.losses.group_log_probs` on the towers' dot products."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if mask.shape != group_scores.shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but the scores are {tuple(group_scores.shape)}")
-    logits = group_scores / temperature
-    return torch.log_softmax(logits.masked_fill(~mask.to(torch.bool), float("-inf")), dim=-1)
 
 
 def policy_log_probs(model: nn.Module, query_x: Any, cand_x: Any, mask: Tensor, temperature: float) -> Tensor:

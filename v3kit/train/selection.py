@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
+from ..rundir import atomic_write_text
 from .metrics import METRIC_DIRECTION
 
 SELECTED_FILE = "selected.json"
@@ -149,8 +150,6 @@ class BestVal:
 
 
 def write_selection(run_dir: Path, selection: Selection) -> None:
-    from ..rundir import atomic_write_text
-
     atomic_write_text(Path(run_dir) / SELECTED_FILE, json.dumps(selection.as_dict(), indent=1) + "\n")
 
 

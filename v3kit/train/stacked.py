@@ -35,7 +35,7 @@ from . import distributed
 from .checkpoint import epoch_checkpoints, load_checkpoint, load_state_into, require_fields, save_checkpoint
 from .device import as_floats, autocast
 from .metrics import evaluate, ranking_metrics
-from .metrics_log import MetricsLog, _call
+from .metrics_log import MetricsLog, call_callbacks
 from .model import INTERFACE_ATTR, Interface, compute_log_probs
 from .stacked_losses import Ref, member_log_probs, stacked_loss
 from .stacked_towers import StackedTowers, stack_reason
@@ -283,7 +283,7 @@ class _StackedFit:
         metrics.update(stage.eval_extra(epoch))
         row = {"stage": self.name, "split": "val", "epoch": epoch, "step": step, **metrics}
         m.log.add(row)
-        _call(m.run.callbacks, "on_eval", row)
+        call_callbacks(m.run.callbacks, "on_eval", row)
         m.metrics = metrics
 
     def _payload(self, k: int, epoch: int, step: int) -> dict[str, Any]:
@@ -438,7 +438,7 @@ class _StackedFit:
                         m.error = _nonfinite_error(self.name, q, row["epoch"], row["step"], m.checkpoints, m.run_dir)
         m.log.add_many(m.pending)
         for row in m.pending:
-            _call(m.run.callbacks, "on_step", row)
+            call_callbacks(m.run.callbacks, "on_step", row)
         m.pending.clear()
 
     def run(self) -> list[StageResult | BaseException]:
@@ -454,7 +454,7 @@ class _StackedFit:
         cfg = self.cfg0
         for m in self.members:
             info = {"epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "resumed_from_epoch": start_epoch}
-            _call(m.run.callbacks, "on_stage_start", self.name, self.total_steps, info)
+            call_callbacks(m.run.callbacks, "on_stage_start", self.name, self.total_steps, info)
         logps = self._val_log_probs() if start_epoch == 0 else {}
         for k, m in enumerate(self.members):
             if start_epoch == 0:
@@ -546,6 +546,6 @@ class _StackedFit:
             if isinstance(m.error, MemberPruned):
                 info["pruned"] = True
             result = StageResult(self.name, m.stage.model, history, metrics, m.checkpoints, info)
-            _call(m.run.callbacks, "on_stage_end", self.name, result)
+            call_callbacks(m.run.callbacks, "on_stage_end", self.name, result)
             out.append(result)
         return out

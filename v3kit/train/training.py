@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,8 +34,15 @@ from .checkpoint import (
 )
 from .device import as_floats, autocast
 from .metrics import evaluate
-from .metrics_log import Callback, MetricsLog, _call  # noqa: F401 - Callback: v3kit.training.Callback (documented)
+from .metrics_log import (  # noqa: F401 - Callback, StageResult, split_rows: documented here (v3kit.train.training)
+    Callback,
+    MetricsLog,
+    StageResult,
+    call_callbacks,
+    split_rows,
+)
 from .model import compute_log_probs
+from .sliced import SlicedGrad
 
 
 @dataclass
@@ -46,29 +53,6 @@ class StepContext:
     step: int  # 0-based global step of this stage (number of optimizer steps done before this one)
     total_steps: int
     generator: torch.Generator  # seeded; use it for any sampling so runs are reproducible and resumable
-
-
-def split_rows(history: pd.DataFrame, split: str) -> pd.DataFrame:
-    """The ``train`` (per step) or ``val`` (per epoch) rows of a metrics history."""
-    return history[history["split"] == split].reset_index(drop=True)
-
-
-@dataclass
-class StageResult:
-    stage: str
-    model: nn.Module
-    history: pd.DataFrame  # this stage's rows of metrics.csv
-    final_metrics: dict[str, float]  # held-out metrics after the last epoch
-    checkpoints: list[Path] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def train_history(self) -> pd.DataFrame:
-        return split_rows(self.history, "train")
-
-    @property
-    def eval_history(self) -> pd.DataFrame:
-        return split_rows(self.history, "val")
 
 
 # ``stats`` values may be floats or 0-d tensors; tensors are read back to the host in batches (see ``log_every``).
@@ -402,7 +386,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     # Under torchrun every rank trains the same model (see v3kit/train/distributed.py); only rank 0 writes files.
     ranks = distributed.current()
     writes = run_dir if ranks.main else None
-    train_model = distributed.SlicedGrad(model, ranks) if ranks.world > 1 else model
+    train_model = SlicedGrad(model, ranks) if ranks.world > 1 else model
     log = MetricsLog(writes)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -427,7 +411,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         metrics.update(stage_obj.eval_extra(epoch))
         row = {"stage": stage, "split": "val", "epoch": epoch, "step": step, **metrics}
         log.add(row)
-        _call(callbacks, "on_eval", row)
+        call_callbacks(callbacks, "on_eval", row)
         return metrics
 
     start_epoch, step, checkpoints = _restore(
@@ -435,7 +419,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     )
 
     info = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch}
-    _call(callbacks, "on_stage_start", stage, total_steps, info)
+    call_callbacks(callbacks, "on_stage_start", stage, total_steps, info)
     metrics = evaluate_now(0, 0) if start_epoch == 0 else {}
 
     bar = tqdm(total=total_steps, initial=step, desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
@@ -457,7 +441,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
                     raise _nonfinite_error(stage, bad, row["epoch"], row["step"], checkpoints, run_dir)
         for row in pending:
             log.add(row)
-            _call(callbacks, "on_step", row)
+            call_callbacks(callbacks, "on_step", row)
         bar.update(len(pending))
         last = pending[-1]
         bar.set_postfix(loss=f"{last['loss']:.4f}", epoch=last["epoch"])
@@ -526,5 +510,5 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     result = StageResult(
         stage=stage, model=model, history=history, final_metrics=metrics, checkpoints=checkpoints, info=info
     )
-    _call(callbacks, "on_stage_end", stage, result)
+    call_callbacks(callbacks, "on_stage_end", stage, result)
     return result
