@@ -25,7 +25,7 @@ from .config import RunConfig, dump_config, to_dict
 from .data.contract import Splits
 from .pipeline import (
     PipelineResult,
-    _check_before_writing,
+    check_before_writing,
     check_resumable,
     check_same_sft,
     record_config,
@@ -49,7 +49,7 @@ from .train.grpo import GRPOStage
 from .train.model import build_model
 from .train.rce import RCEStage
 from .train.selection import BestVal, write_selection
-from .train.sft import SFTStage, Stage1, _keep_best, load_sft
+from .train.sft import SFTStage, Stage1, keep_best_epoch, load_sft
 from .train.stacked import PruneFn, fit_stacked
 from .train.training import RunContext, StageResult
 
@@ -134,7 +134,7 @@ class _Stack:
             for k, (c, r) in enumerate(zip(cfgs, reporters))
         ]
         for run in self.runs:
-            _check_before_writing(run)  # a missing device, a model too big, data that cannot support the config
+            check_before_writing(run)  # a missing device, a model too big, data that cannot support the config
         self.runtime = self.runs[0].runtime
         self.runs[0].use_threads()
 
@@ -230,7 +230,7 @@ class _Stack:
                 epoch = self.cfgs[k].sft.epochs
                 if tracker is not None:
                     metric = sft_select_metric(self.cfgs[k])
-                    epoch = _keep_best(stage.model, done[k], tracker, init, self.cfgs[k].run_dir, metric)
+                    epoch = keep_best_epoch(stage.model, done[k], tracker, init, self.cfgs[k].run_dir, metric)
                 payload = {"stage": "sft", "epoch": epoch, "step": -1, "model": stage.model.state_dict(), **meta}
                 save_checkpoint(paths[k], payload)
         return paths

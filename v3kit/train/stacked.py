@@ -44,12 +44,12 @@ from .training import (
     Stage,
     StageResult,
     StepContext,
-    _check_same_config,
-    _kill_point,
-    _nonfinite_error,
     check_on_nonfinite,
     check_optim_fields,
+    check_same_config,
     fit,
+    kill_point,
+    nonfinite_error,
 )
 
 EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
@@ -228,7 +228,7 @@ class _StackedFit:
     def _load_member(self, m: _Member, path: Path) -> int:
         ckpt = load_checkpoint(path, stage=self.name)
         require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
-        _check_same_config(ckpt, m.stage.meta, path, (*m.stage.extendable, "on_nonfinite"))
+        check_same_config(ckpt, m.stage.meta, path, (*m.stage.extendable, "on_nonfinite"))
         load_state_into(m.stage.model, ckpt["model"], path)
         m.optimizer.load_state_dict(ckpt["optimizer"])
         m.generator.set_state(ckpt["rng"]["generator"])
@@ -311,9 +311,9 @@ class _StackedFit:
         overlap instead of queueing; the pickling holds the GIL, so the CPU work is not parallel)."""
         m = self.members[k]
         m.log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
-        _kill_point(f"{self.name}:epoch{epoch}:before_checkpoint")
+        kill_point(f"{self.name}:epoch{epoch}:before_checkpoint")
         m.checkpoints.append(save_checkpoint(m.run_dir / f"{self.name}_epoch{epoch}.pt", payload))  # type: ignore[operator]
-        _kill_point(f"{self.name}:epoch{epoch}:after_checkpoint")
+        kill_point(f"{self.name}:epoch{epoch}:after_checkpoint")
 
     # ------------------------------------------------------------------ one step
     def _batches(self, start: int) -> list[Batch | None]:
@@ -396,7 +396,7 @@ class _StackedFit:
         for j, k in enumerate(live):
             m, st = self.members[k], stats[j]
             if bad[j] is not None and m.stage.cfg.on_nonfinite == "stop":  # fit raises here: this member stops
-                m.error = _nonfinite_error(self.name, bad[j], epoch, step + 1, m.checkpoints, m.run_dir)
+                m.error = nonfinite_error(self.name, bad[j], epoch, step + 1, m.checkpoints, m.run_dir)
                 continue
             if m.stage.cfg.on_nonfinite == "skip_batch":
                 st = {**st, "skipped_nonfinite": int(bad[j] is not None)}
@@ -435,7 +435,7 @@ class _StackedFit:
             for row in m.pending:
                 for q, key in (("loss", "loss"), ("gradient", "grad_norm")):
                     if m.error is None and not math.isfinite(row[key]):
-                        m.error = _nonfinite_error(self.name, q, row["epoch"], row["step"], m.checkpoints, m.run_dir)
+                        m.error = nonfinite_error(self.name, q, row["epoch"], row["step"], m.checkpoints, m.run_dir)
         m.log.add_many(m.pending)
         for row in m.pending:
             call_callbacks(m.run.callbacks, "on_step", row)
@@ -475,7 +475,7 @@ class _StackedFit:
                     break
                 self._step(epoch, step, start)
                 step += 1
-                _kill_point(f"{self.name}:epoch{epoch}:step{step}")
+                kill_point(f"{self.name}:epoch{epoch}:step{step}")
                 self._after_step(bar)
             self._end_epoch(epoch, step)
         bar.close()
@@ -506,7 +506,7 @@ class _StackedFit:
         self.tower.to_members([m.stage.model for m in self.members])
         for m in self.members:
             if m.active and not all(bool(torch.isfinite(p).all()) for p in m.stage.model.parameters()):
-                m.error = _nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
+                m.error = nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
         logps = self._val_log_probs()
         saves = []
         for k, m in enumerate(self.members):

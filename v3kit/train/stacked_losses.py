@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .grpo import GRPOStage, per_group_advantages
-from .losses import LOG_RATIO_CLAMP, kl_penalty, normalize_rewards
+from .losses import LOG_RATIO_CLAMP, kl_penalty, normalize_rewards, score_log_probs
 from .rce import RCEStage, annealed_temperature
 from .sft import SFTStage
 from .training import Stage, StepContext
@@ -34,9 +34,8 @@ def _col(values: Sequence[float], like: Tensor) -> Tensor:
 
 
 def member_log_probs(scores: Tensor, temperatures: Sequence[float], mask: Tensor) -> Tensor:
-    """:func:`v3kit.train.model.score_log_probs` per member."""
-    logits = scores / _col(temperatures, scores)
-    return torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    """:func:`v3kit.train.losses.score_log_probs` per member (scores ``[K, B, G]``, one temperature each)."""
+    return score_log_probs(scores, _col(temperatures, scores), mask)
 
 
 def _masked_mean(x: Tensor, mask: Tensor, w: Tensor, total: Tensor) -> Tensor:
