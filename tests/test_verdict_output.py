@@ -6,8 +6,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from v3kit.doctor.confirm import Verdict, power_line
-from v3kit.doctor.verdict_report import plot_effects
+from v3kit.doctor.confirm import power_line
+from v3kit.doctor.verdict_report import Verdict, plot_effects
 
 
 def test_the_effects_plot_title_fits_inside_the_figure(tmp_path, monkeypatch):
