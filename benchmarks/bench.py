@@ -1,5 +1,6 @@
-"""Performance of the kit itself: per-step cost of every stage and switch, where a step's time goes, data ingest
-and per-epoch memory. Prints ONE table and writes ``benchmarks/results.json``.
+"""Performance of the kit itself: per-step cost of every stage and switch, where a step's time goes, data ingest,
+per-epoch memory, and many runs trained as one stacked model (``benchmarks/stacked.py``). Prints ONE table and
+writes ``benchmarks/results.json``.
 
     python benchmarks/bench.py [--quick] [--out benchmarks/results.json]     (or: make bench / make bench-quick)
 
@@ -449,10 +450,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps and smaller data (under 3 minutes)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
-    ap.add_argument("--only", choices=["steps", "ingest", "epochs"], action="append")
+    ap.add_argument("--only", choices=["steps", "ingest", "epochs", "stacked"], action="append")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    parts = args.only or ["steps", "ingest", "epochs"]
+    parts = args.only or ["steps", "ingest", "epochs", "stacked"]
     info = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick, **machine()}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -462,6 +463,10 @@ def main(argv: list[str] | None = None) -> None:
             bench_ingest(args.quick, Path(tmp))
         if "epochs" in parts:
             bench_epochs(args.quick)
+        if "stacked" in parts:  # K runs as one stacked model vs one after another (benchmarks/stacked.py)
+            from stacked import bench_stacked
+
+            bench_stacked(args.quick, add)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     print(
         f"v3kit benchmarks, {info['date']}, {info['cpu']} ({info['cores']} cores, "

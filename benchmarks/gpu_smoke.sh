@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test: the whole pipeline with device=cuda precision=bf16 (about a minute on one GPU; < 5 min).
+# GPU smoke test: the whole pipeline with device=cuda precision=bf16, and 8 runs stacked (a few minutes on one GPU).
 # Prints the device, precision, torch/CUDA versions and the stage table; fails if CUDA is missing.
 # Usage: benchmarks/gpu_smoke.sh [PYTHON] [extra --set overrides...]
 set -euo pipefail
@@ -19,6 +19,9 @@ RUN_DIR="$(mktemp -d)/gpu_smoke"
 time "$PY" -m v3kit run --set device=cuda --set precision=bf16 --set progress=false --set run_dir="$RUN_DIR/default" "$@"
 time "$PY" -m v3kit run --set device=cuda --set precision=bf16 --set progress=false --set run_dir="$RUN_DIR/sampled" \
     --set grpo.samples=sampled --set grpo.kl_reference=sft --set grpo.epochs=2 "$@"
+# Many runs in one on the device: 8 seeds of a reduced default world stacked vs one after another (the stack's
+# batched matmuls fill the GPU that one tiny run leaves idle); prints the two times and their ratio.
+time "$PY" benchmarks/stacked.py --quick --device cuda --k 8
 "$PY" - "$RUN_DIR/default" <<'PYEOF'
 import sys
 from pathlib import Path

@@ -111,7 +111,17 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("infrastructure", ("v3kit.rundir", "v3kit.provenance", "v3kit.bounds", "v3kit.trackers", "v3kit.moved")),
     ("data", ("v3kit.data",)),
     ("train", ("v3kit.train",)),
-    ("run", ("v3kit.config", "v3kit.run_info", "v3kit.run", "v3kit.pipeline", "v3kit.stage_reuse")),
+    (
+        "run",
+        (
+            "v3kit.config",
+            "v3kit.run_info",
+            "v3kit.run",
+            "v3kit.pipeline",
+            "v3kit.pipeline_stacked",
+            "v3kit.stage_reuse",
+        ),
+    ),
     ("ablate", ("v3kit.ablate",)),
     ("doctor", ("v3kit.doctor",)),
     ("notebook", ("v3kit.notebook",)),

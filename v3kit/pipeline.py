@@ -207,7 +207,7 @@ def _run_locked(
         check_resumable(cfg, run_dir)
         recorded = check_same_sft(run_dir, sft_checkpoint)
     run = Run(cfg, splits=splits, callbacks=callbacks, resume=resume)  # data, splits, runtime: resolved once
-    _check_before_writing(run)
+    check_before_writing(run)
     run.use_threads()
     main = distributed.current().main
     if main:
@@ -250,7 +250,7 @@ def _run_locked(
     )
 
 
-def _check_before_writing(run: Run) -> None:
+def check_before_writing(run: Run) -> None:
     """What must fail in one line before anything is written: a missing device (resolving the runtime), a model too
     big for it, data that cannot support ``reward.debias``, a ``select_metric`` the data cannot measure."""
     cfg, splits = run.cfg, run.splits

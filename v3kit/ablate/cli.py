@@ -11,6 +11,7 @@ from .grid import load_grid
 from .report import conclusions, format_summary
 from .runner import run_grid
 from .stats import compare
+from .tasks import STACK_MODES
 
 MAX_WORKERS = 1024  # worker processes: more than any machine's cores is a typo
 
@@ -25,6 +26,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         backend=args.backend,
         address=args.address,
+        stack=args.stack,
     )
     summary = res.summary()
     print(
@@ -53,6 +55,17 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_stack_arg(p: argparse.ArgumentParser) -> None:
+    """``--stack``, shared by every command that runs a grid."""
+    p.add_argument(
+        "--stack",
+        choices=STACK_MODES,
+        default="auto",
+        help="auto: train the seeds of a variant and the numeric variants of one structure as one stacked model "
+        "(each run's files as if it ran alone; results.csv's 'stacked' column says which did); off: every run alone",
+    )
+
+
 def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "ablate", help="run a grid of variants x seeds from one SFT checkpoint; print the summary with bootstrap CIs"
@@ -67,6 +80,7 @@ def register_cli(subparsers: Any) -> None:
         "--backend ray and no --address: the CPUs of the local Ray",
     )
     add_backend_args(p)
+    add_stack_arg(p)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override added to the grid's base")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every run's per-epoch checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -18,6 +18,7 @@ from .. import trackers
 from ..config import RunConfig, to_dict
 from ..data.reward_stats import label_reward_agreement
 from ..pipeline import prepare_data, run_pipeline, update_run_info
+from ..pipeline_stacked import run_stacked
 from ..provenance import experiment_config, fingerprint
 from ..run import Run
 from ..rundir import atomic_write_frame, atomic_write_text
@@ -35,7 +36,7 @@ from .grid import (
     load_grid,
 )
 from .stats import summarize
-from .tasks import RunTask, SFTPlan, SFTTask
+from .tasks import RunTask, SFTPlan, SFTTask, StackTask, plan_stacks
 
 
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
@@ -86,6 +87,37 @@ def _execute(task: RunTask) -> dict[str, Any]:
     splits = splits_for(task.split_cfg)
     cfg = worker_config(task.cfg)  # one thread in a worker, and its GPU; run_pipeline sets the threads
     res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits, tracking=task.tracking)
+    return _write_result(task, res, splits, time.perf_counter() - t0)
+
+
+def _execute_stack(stack: StackTask) -> dict[str, Any]:
+    """Run the runs of ``stack`` as one stacked model (:func:`v3kit.pipeline_stacked.run_stacked`) and write each
+    run's ``result.json``, as :func:`_execute` would; a run that failed is reported, the others are kept."""
+    t0 = time.perf_counter()
+    first = stack.tasks[0]
+    splits = splits_for(first.split_cfg)
+    out = run_stacked(
+        [worker_config(t.cfg) for t in stack.tasks],
+        sft_checkpoint=first.sft_path,
+        splits=splits,
+        tracking=[t.tracking for t in stack.tasks],
+    )
+    wall = (time.perf_counter() - t0) / len(stack.tasks)  # each run's share of the stack's wall time
+    failed = []
+    for task, res in zip(stack.tasks, out.results):
+        if isinstance(res, BaseException):
+            failed.append(f"{task.world}/{task.variant}/seed{task.seed}: {type(res).__name__}: {res}")
+            continue
+        _write_result(task, res, splits, wall, stacked=out.stacked, note="; ".join(out.notes))
+    if failed:
+        raise RuntimeError("\n".join(failed))
+    return {"runs": len(stack.tasks), "stacked": out.stacked}
+
+
+def _write_result(
+    task: RunTask, res: Any, splits: Any, wall: float, *, stacked: bool = False, note: str = ""
+) -> dict[str, Any]:
+    """The run's ``result.json`` (its grid rows, per-query outcomes and run info) from its pipeline result."""
     run_dir = Path(task.cfg.run_dir)
     update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
     keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
@@ -98,6 +130,9 @@ def _execute(task: RunTask) -> dict[str, Any]:
     if res.selection is not None:
         info["selected_stage"] = res.selection.stage
         info["selected_epoch"] = float(res.selection.epoch)
+    info["stacked"] = bool(stacked)  # a grid row says whether its run trained in a stack
+    if note:
+        info["stack_note"] = note
     rows = []
     for stage, hist in (("rce", res.rce.eval_history), ("grpo", res.grpo.eval_history)):
         for rec in hist.to_dict("records"):
@@ -128,7 +163,6 @@ def _execute(task: RunTask) -> dict[str, Any]:
             got = per_query_outcomes(model, test, temperature, res.models["sft"], ref_logp=ref_logp)
             outcomes[id(model)] = {k: v.tolist() for k, v in got.items()}
         pq[name] = outcomes[id(model)]
-    wall = time.perf_counter() - t0
     payload = {
         "hash": task.hash,
         **keys,
@@ -201,6 +235,16 @@ def _run_tasks(fn: Callable[[Any], Any], tasks: list[Any], bar: Any, backend: An
     backend.run(fn, tasks, label, (lambda: bar.update(1)) if bar is not None else (lambda: None), errors)
 
 
+def _run_runs(tasks: list[RunTask], bar: Any, backend: Any, errors: list[str], stack: str) -> None:
+    """The grid's runs: in stacks where :func:`plan_stacks` groups them, the rest one by one."""
+    stacks, alone = plan_stacks(tasks, stack)
+    if stacks:  # one task per stack (spread over the workers); its members finish together
+        _run_tasks(_execute_stack, stacks, None, backend, errors)
+        if bar is not None:
+            bar.update(sum(len(s.tasks) for s in stacks))
+    _run_tasks(_execute, alone, bar, backend, errors)
+
+
 def run_grid(
     spec: GridSpec | str | Path,
     out_dir: str | Path | None = None,
@@ -211,6 +255,7 @@ def run_grid(
     overrides: Sequence[str] = (),
     backend: str = "local",
     address: str | None = None,
+    stack: str = "auto",
 ) -> GridResult:
     """Run every (world, variant, seed) of ``spec`` (skipping finished runs) and collect the tidy results.
 
@@ -228,6 +273,7 @@ def run_grid(
         spec = dataclasses.replace(spec, base=[*spec.base, *overrides])
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    plan_stacks([], stack)  # an unknown mode fails before anything runs
     out = Path(out_dir) if out_dir is not None else Path("runs/ablate") / spec.name
     if backend == "ray":
         out = out.resolve()  # workers elsewhere do not share this process's working directory
@@ -309,7 +355,7 @@ def run_grid(
             sft_bar.close()
             if errors:
                 raise RuntimeError("SFT training failed, no variant can run:\n" + "\n".join(errors))
-        _run_tasks(_execute, base_tasks, bar, runner, errors)
+        _run_runs(base_tasks, bar, runner, errors, stack)
         executed += len(base_tasks)
         if spec.worlds:
             world_variants = list(spec.worlds.variants)
@@ -334,7 +380,7 @@ def run_grid(
                         "SFT training failed, no variant of the other worlds can run:\n"
                         + "\n".join(errors + sft_errors)
                     )
-            _run_tasks(_execute, world_tasks, bar, runner, errors)
+            _run_runs(world_tasks, bar, runner, errors, stack)
             executed += len(world_tasks)
     finally:
         bar.close()

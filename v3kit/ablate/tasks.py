@@ -93,3 +93,87 @@ class SFTPlan:
         for t in out:
             del self.pending[t.path]
         return out
+
+
+# The numbers a stack's members may differ in (besides the seed): every one a stage reads per step or per epoch
+# without changing the shape of the computation. Anything else (epochs, batch size, switches, model shape, data)
+# makes another structure, hence another stack.
+STACKABLE_NUMBERS = {
+    "sft": ("lr", "max_grad_norm", "weight_decay"),
+    "rce": ("lr", "max_grad_norm", "weight_decay", "t_start", "t_end", "reward_temperature", "label_weight"),
+    "grpo": (
+        "lr",
+        "max_grad_norm",
+        "weight_decay",
+        "kl_beta",
+        "eps_low",
+        "eps_high",
+        "dual_clip",
+        "adv_eps",
+        "baseline",
+        "entropy_coef",
+        "logp_temperature",
+    ),
+    "model": ("sim_temperature",),
+}
+STACK_MODES = ("auto", "off")
+MAX_STACK = 16  # members per stack: past this the step is arithmetic-bound and the memory grows for nothing
+
+
+@dataclass
+class StackTask:
+    """Runs of one world that train as one stacked model (:func:`plan_stacks`); the attributes label it."""
+
+    tasks: list[RunTask]
+
+    @property
+    def world(self) -> str:
+        return self.tasks[0].world
+
+    @property
+    def variant(self) -> str:
+        return "+".join(dict.fromkeys(t.variant for t in self.tasks))
+
+    @property
+    def seed(self) -> str:
+        return ",".join(str(s) for s in dict.fromkeys(t.seed for t in self.tasks))
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.tasks[0].cfg
+
+
+def _structure(task: RunTask) -> str:
+    """What a stack's members must share: the run's config without its seed, run dir and stackable numbers (a
+    ``null`` and a number are different structures: ``eps_high: null`` and ``dual_clip: null`` switch code)."""
+    d = dataclasses.asdict(task.cfg)
+    for key in ("seed", "run_dir", "progress"):
+        d.pop(key, None)
+    for section, names in STACKABLE_NUMBERS.items():
+        for name in names:
+            value = d[section].get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                d[section][name] = "<number>"
+    return fingerprint(d, f"{task.world}:{task.sft_path}")
+
+
+def plan_stacks(tasks: Iterable[RunTask], stack: str = "auto") -> tuple[list[StackTask], list[RunTask]]:
+    """(stacks of two or more runs, runs left to run alone): with ``stack="auto"`` the seeds of a variant and the
+    numeric variants of one structure are grouped, at most :data:`MAX_STACK` per stack; ``"off"`` stacks none."""
+    if stack not in STACK_MODES:
+        raise ValueError(f"stack must be one of {STACK_MODES}, got {stack!r}")
+    tasks = list(tasks)
+    if stack == "off":
+        return [], tasks
+    groups: dict[str, list[RunTask]] = {}
+    for t in tasks:
+        groups.setdefault(_structure(t), []).append(t)
+    stacks, alone = [], []
+    for members in groups.values():
+        for i in range(0, len(members), MAX_STACK):
+            chunk = members[i : i + MAX_STACK]
+            if len(chunk) > 1:
+                stacks.append(StackTask(chunk))
+            else:
+                alone += chunk
+    return stacks, alone

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..ablate.cli import MAX_WORKERS, add_backend_args
+from ..ablate.cli import MAX_WORKERS, add_backend_args, add_stack_arg
 from ..ablate.grid import BASE_WORLD, GridSpec
 from ..ablate.runner import collect, run_grid
 from ..ablate.stats import compare
@@ -105,6 +105,7 @@ class Investigation:
         backend: str = "local",
         address: str | None = None,
         seed: int = 0,
+        stack: str = "auto",
     ) -> None:
 
         self.run_dir = Path(run_dir)
@@ -119,7 +120,7 @@ class Investigation:
         if not (math.isfinite(budget_minutes) and budget_minutes >= 0):  # nan would never stop, -5 never start
             raise ConfigError(f"--budget-minutes must be a finite number >= 0, got {budget_minutes}")
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
-        self.backend, self.address, self.seed = backend, address, seed
+        self.backend, self.address, self.seed, self.stack = backend, address, seed, stack
         self.top_k, self.confirm_seeds, self.max_trials = top_k, confirm_seeds, max_trials
         self.cfg = load_config(cfg_path)
         edits = config_edits(self.run_dir, self.cfg)
@@ -230,6 +231,7 @@ class Investigation:
             progress=self.progress,
             backend=self.backend,
             address=self.address,
+            stack=self.stack,  # the confirm grid's seeds of a finalist train as one stacked model
         )
 
     def run(self) -> Verdict:
@@ -380,7 +382,7 @@ def investigate(run_dir: str | Path, **options: Any) -> Verdict:
     (plus the recommended config and the figures) to ``out`` (default ``RUN_DIR/investigate``). ``options`` are
     those of :class:`Investigation` (``metric``, ``out``, ``budget_minutes``, ``workers``, ``top_k``,
     ``confirm_seeds``, ``max_trials``, ``space``, ``progress``, ``smoke``: overrides added to every run, ``only``,
-    ``backend``, ``address``, ``seed``)."""
+    ``backend``, ``address``, ``seed``, ``stack``)."""
     inv = Investigation(run_dir, **options)
     v = inv.run()
     write_verdict(v, inv.run_dir, inv.out, inv.search_result.study if inv.search_result else None)
@@ -431,6 +433,7 @@ def cmd_investigate(args: argparse.Namespace) -> int:
         only=args.only.split(",") if args.only else None,
         backend=args.backend,
         address=args.address,
+        stack=args.stack,
     )
     print(
         f"investigating {inv.run_dir}: search over {len(inv.params)} parameters (up to {inv.max_trials} trials, "
@@ -512,6 +515,7 @@ def register_cli(subparsers: Any) -> None:
         help="override added to every run of the grid (e.g. fewer epochs for a quick look)",
     )
     add_backend_args(p)
+    add_stack_arg(p)
     p.add_argument(
         "--only",
         metavar="V1,V2",

@@ -51,7 +51,7 @@ class SFTStage(Stage):
         return -logp.gather(1, batch.labels.unsqueeze(1)).mean(), {}
 
 
-def _keep_best(
+def keep_best_epoch(
     model: nn.Module, result: StageResult, tracker: BestVal, init: dict[str, torch.Tensor], run_dir: Any, metric: str
 ) -> int:
     """Load the weights of SFT's best val epoch (0: the initial model) into ``model``; returns that epoch. The
@@ -102,7 +102,7 @@ def train_sft(
     result = fit(stage, context)
     epoch = cfg.epochs
     if tracker is not None:
-        epoch = _keep_best(model, result, tracker, init, context.run_dir, select_metric)  # type: ignore[arg-type]
+        epoch = keep_best_epoch(model, result, tracker, init, context.run_dir, select_metric)  # type: ignore[arg-type]
     result.info["selected_epoch"] = epoch
     if context.run_dir is not None:
         path = Path(context.run_dir) / "sft.pt"

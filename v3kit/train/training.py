@@ -95,7 +95,7 @@ def _weights_finite(model: nn.Module) -> bool:
     return not flags or bool(torch.stack(flags).all())
 
 
-def _nonfinite_error(
+def nonfinite_error(
     stage: str, quantity: str, epoch: int, step: int, checkpoints: list[Path], run_dir: Path | None
 ) -> NonFiniteError:
     last = (
@@ -110,7 +110,7 @@ def _nonfinite_error(
     )
 
 
-def _kill_point(name: str) -> None:
+def kill_point(name: str) -> None:
     """Crash tests only: ``V3KIT_TEST_KILL_AT=<name>`` SIGKILLs the process here (e.g. ``grpo:epoch2:step7``,
     ``rce:epoch1:before_checkpoint``, ``grpo:epoch2:after_checkpoint``), a deterministic stand-in for a crash."""
     if os.environ.get("V3KIT_TEST_KILL_AT") == name:
@@ -143,9 +143,7 @@ def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, ma
         raise ValueError(f"{section}.max_grad_norm must be > 0 or null (no clipping), got {max_grad_norm}")
 
 
-def _check_same_config(
-    ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path, extendable: Sequence[str]
-) -> None:
+def check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path, extendable: Sequence[str]) -> None:
     """Resuming under another config would silently mix two experiments; only ``extendable`` keys may change."""
     if not meta or "config" not in meta:
         return
@@ -273,7 +271,7 @@ def _restore(
     _, path = done[-1]
     ckpt = load_checkpoint(path, stage=stage)
     require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
-    _check_same_config(ckpt, stage_obj.meta, path, extendable)
+    check_same_config(ckpt, stage_obj.meta, path, extendable)
     load_state_into(stage_obj.model, ckpt["model"], path)
     optimizer.load_state_dict(ckpt["optimizer"])
     generator.set_state(ckpt["rng"]["generator"])
@@ -325,7 +323,7 @@ def _save_epoch(
     """Commit the epoch's metrics rows, then write ``{stage}_epoch{epoch}.pt`` (all a resume needs)."""
     stage = stage_obj.name
     log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
-    _kill_point(f"{stage}:epoch{epoch}:before_checkpoint")
+    kill_point(f"{stage}:epoch{epoch}:before_checkpoint")
     payload = {
         "stage": stage,
         "epoch": epoch,
@@ -338,7 +336,7 @@ def _save_epoch(
         **(stage_obj.meta or {}),
     }
     path = save_checkpoint(run_dir / f"{stage}_epoch{epoch}.pt", payload)
-    _kill_point(f"{stage}:epoch{epoch}:after_checkpoint")
+    kill_point(f"{stage}:epoch{epoch}:after_checkpoint")
     return path
 
 
@@ -438,7 +436,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
                     (q for q, key in (("loss", "loss"), ("gradient", "grad_norm")) if not math.isfinite(row[key])), None
                 )
                 if bad is not None:
-                    raise _nonfinite_error(stage, bad, row["epoch"], row["step"], checkpoints, run_dir)
+                    raise nonfinite_error(stage, bad, row["epoch"], row["step"], checkpoints, run_dir)
         for row in pending:
             log.add(row)
             call_callbacks(callbacks, "on_step", row)
@@ -467,12 +465,12 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
                 )
                 if bad is not None:
                     if on_nonfinite == "stop":
-                        raise _nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
+                        raise nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
                     optimizer.zero_grad(set_to_none=True)
                 if on_nonfinite == "skip_batch":
                     stats = {**stats, "skipped_nonfinite": int(bad is not None)}
                 step += 1
-                _kill_point(f"{stage}:epoch{epoch}:step{step}")
+                kill_point(f"{stage}:epoch{epoch}:step{step}")
                 pending.append(
                     {
                         "stage": stage,
@@ -489,7 +487,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
                     flush_rows()
             flush_rows()
             if not _weights_finite(model):
-                raise _nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
+                raise nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
             metrics = evaluate_now(epoch, step)
             if writes is not None:
                 checkpoints.append(_save_epoch(stage_obj, run_dir, epoch, step, optimizer, generator, log))

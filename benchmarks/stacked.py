@@ -1,0 +1,148 @@
+"""Many runs in one: K whole pipeline runs (SFT, stage 1, RCE, GRPO) trained as one stacked model
+(``v3kit.pipeline_stacked.run_stacked``) against the same K runs one after another (``run_pipeline``), side by side
+in one process, rounds alternating so load from other processes falls on both alike; and the memory each member
+adds, in fresh subprocesses.
+
+    python benchmarks/stacked.py [--quick] [--device cuda] [--k 8]     (also a section of benchmarks/bench.py)
+
+Worlds: ``default`` is the default config (3,000 queries x 8 candidates, 16-d, towers 64-32, SFT 15 / RCE 3 /
+GRPO 8 epochs); ``384-d`` is 2,000 queries x 8 candidates with 384-d features and the same built-in towers (the
+shape of a real-text table embedded by a sentence encoder). Every run shares the split (``data.split_seed=0``), as a
+grid's runs do; the K runs differ in ``seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from v3kit.config import load_config  # noqa: E402
+from v3kit.pipeline import run_pipeline  # noqa: E402
+from v3kit.pipeline_stacked import run_stacked  # noqa: E402
+
+WORLDS = {
+    "default": [],
+    "384-d": ["data.synthetic.n_queries=2000", "data.synthetic.feature_dim=384"],
+}
+QUICK = ["data.synthetic.n_queries=600", "sft.epochs=4", "rce.epochs=1", "grpo.epochs=2"]
+
+
+def configs(world: str, k: int, root: Path, tag: str, extra: list[str]) -> list[Any]:
+    sets = ["progress=false", "threads=1", "data.split_seed=0", *WORLDS[world], *extra]
+    return [load_config(None, [*sets, f"seed={s}", f"run_dir={root / tag / f'seed{s}'}"]) for s in range(k)]
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def side_by_side(world: str, k: int, rounds: int, extra: list[str], tmp: Path) -> dict[str, Any]:
+    """Seconds of K sequential runs and of the K runs stacked, per round (alternating which goes first)."""
+    seq, stk = [], []
+    for r in range(rounds):
+        root = tmp / f"{world}-{r}"
+
+        def sequential(root: Path = root) -> None:
+            for cfg in configs(world, k, root, "seq", extra):
+                run_pipeline(cfg)
+
+        def stacked(root: Path = root) -> None:
+            out = run_stacked(configs(world, k, root, "stk", extra))
+            assert out.stacked, out.notes
+            assert not [e for e in out.results if isinstance(e, BaseException)]
+
+        order = [(sequential, seq), (stacked, stk)]
+        for fn, into in order if r % 2 == 0 else order[::-1]:
+            into.append(timed(fn))
+        shutil.rmtree(root, ignore_errors=True)
+    ratios = [a / b for a, b in zip(seq, stk)]
+    return {"seq": seq, "stk": stk, "ratios": ratios}
+
+
+PROBE = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from v3kit.config import load_config
+from v3kit.pipeline_stacked import run_stacked
+from v3kit.pipeline import run_pipeline
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+sets = {sets!r}
+cfgs = [load_config(None, [*sets, f"seed={{s}}", "run_dir=" + {tmp!r} + f"/seed{{s}}"]) for s in range({k})]
+out = run_stacked(cfgs) if {k} > 1 else run_pipeline(cfgs[0])
+print(json.dumps({{"peak": status("VmHWM")}}))
+"""
+
+
+def peak_rss(world: str, k: int, extra: list[str], tmp: Path) -> float:
+    sets = ["progress=false", "threads=1", "data.split_seed=0", *WORLDS[world], *extra]
+    code = PROBE.format(root=str(ROOT), sets=sets, tmp=str(tmp / f"mem{k}"), k=k)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    if res.returncode:
+        raise RuntimeError(res.stderr[-2000:])
+    shutil.rmtree(tmp / f"mem{k}", ignore_errors=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak"]
+
+
+def bench_stacked(quick: bool, add: Callable[..., None], k: int = 8, device: str = "cpu") -> None:
+    """Rows of the stacked-vs-sequential comparison (``add(section, item, value, unit, n, note)``)."""
+    dev = [f"device={device}"] if device != "cpu" else []
+    extra = (QUICK if quick else []) + dev
+    rounds = 1 if quick else 3
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        run_pipeline(configs("default", 1, tmp, "warm", [*QUICK, "sft.epochs=1", *dev])[0])  # lazy imports
+        for world in WORLDS:
+            section = f"stacked {world} x{k}" + (" (quick)" if quick else "")
+            got = side_by_side(world, k, rounds, extra, tmp)
+            med_seq, med_stk = statistics.median(got["seq"]), statistics.median(got["stk"])
+            spread = f"ratios per round {', '.join(f'{r:.2f}' for r in got['ratios'])}"
+            add(section, f"{k} runs one after another", med_seq, "s", rounds, f"{med_seq / k:.2f} s per run")
+            add(section, f"{k} runs stacked", med_stk, "s", rounds, f"{med_stk / k:.2f} s per run")
+            add(section, "stacked speed-up", statistics.median(got["ratios"]), "x", rounds, spread)
+            if device == "cpu":
+                small, big = peak_rss(world, 2, extra, tmp), peak_rss(world, k, extra, tmp)
+                one = peak_rss(world, 1, extra, tmp)
+                note = f"peak RSS {one / 2**20:.0f} MB for one run, {big / 2**20:.0f} MB for {k} stacked"
+                add(section, "memory per stacked member", (big - small) / (k - 2) / 2**20, "MB", 1, note)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller worlds, one round")
+    ap.add_argument("--k", type=int, default=8, help="runs per stack")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rows: list[dict[str, Any]] = []
+
+    def add(section: str, item: str, value: float, unit: str, n: int, note: str = "") -> None:
+        rows.append({"section": section, "item": item, "value": value, "unit": unit, "n": n, "note": note})
+
+    print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}")
+    bench_stacked(args.quick, add, args.k, args.device)
+    for r in rows:
+        print(f"{r['section']:<26} {r['item']:<30} {r['value']:>9.2f} {r['unit']:<3} {r['n']:>3}  {r['note']}")
+
+
+if __name__ == "__main__":
+    main()

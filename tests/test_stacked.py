@@ -1,0 +1,405 @@
+"""The stacked trainer (``v3kit.train.stacked``, ``v3kit.pipeline_stacked``): K runs trained as one model must give
+each run what its own sequential run gives, within float32 rounding: every logged per-step value (loss, KL, ratio,
+clipping, gradient norm), every held-out evaluation, the selected epoch and the final test table. Also: Adam and the
+clipping against torch's own, the fallback for models the stack cannot batch, and a resume after a kill mid-stack."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_config
+
+from v3kit.pipeline import run_pipeline
+from v3kit.pipeline_stacked import run_stacked
+from v3kit.train.model import ModelConfig, TwoTower, build_model
+from v3kit.train.stacked_towers import StackedTowers
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.synthetic.n_queries=150", "sft.epochs=2", "rce.epochs=2", "grpo.epochs=2", "data.split_seed=0"]
+# float32 rounding: the stack's batched matmuls and per-member reductions add in another order than mm does
+RTOL, ATOL = 2e-4, 2e-5
+# The candidate tower's output bias b adds <q, b> to every candidate of a group, which the group softmax ignores: its
+# gradient is float32 rounding noise, which Adam scales up to full-size steps, so it is the one weight that drifts
+# apart between any two arithmetic orders (tests/test_distributed.py sees the same); the loss cannot see it.
+GAUGE = "cand_tower.2.bias"
+
+
+def _configs(root: Path, tag: str, variants: list[list[str]], common: list[str]) -> list:
+    return [tiny_config(root / f"{tag}{i}", *SMALL, *common, *v) for i, v in enumerate(variants)]
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Run dirs ``a`` (sequential) and ``b`` (stacked) hold the same metrics, selection and test table."""
+    ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
+    assert list(ma.columns) == list(mb.columns)
+    assert ma[["stage", "split", "epoch", "step"]].equals(mb[["stage", "split", "epoch", "step"]])
+    num = [c for c in ma.select_dtypes("number").columns if c not in ("epoch", "step")]
+    pd.testing.assert_frame_equal(ma[num], mb[num], check_exact=False, rtol=RTOL, atol=ATOL)
+    for col in ("loss", "kl", "ratio_mean", "clip_ratio", "grad_norm"):  # the per-step values the issue names
+        assert col in num
+    sa, sb = json.loads((a / "selected.json").read_text()), json.loads((b / "selected.json").read_text())
+    assert (sa["stage"], sa["epoch"]) == (sb["stage"], sb["epoch"])
+    ta, tb = pd.read_csv(a / "summary.csv", index_col=0), pd.read_csv(b / "summary.csv", index_col=0)
+    pd.testing.assert_frame_equal(ta, tb, check_exact=False, rtol=RTOL, atol=ATOL)
+    for stage in ("sft", "rce", "grpo"):
+        wa = torch.load(sorted(a.glob(f"{stage}_epoch*.pt"))[-1], weights_only=True)
+        wb = torch.load(sorted(b.glob(f"{stage}_epoch*.pt"))[-1], weights_only=True)
+        for name, t in wa["model"].items():
+            if name != GAUGE:
+                torch.testing.assert_close(t, wb["model"][name], rtol=RTOL, atol=ATOL, msg=name)
+        assert wa["rng"]["generator"].equal(wb["rng"]["generator"])  # the same batch order and draws
+        assert wa["metrics_rows"][-1]["step"] == wb["metrics_rows"][-1]["step"]
+
+
+def _compare(tmp_path: Path, variants: list[list[str]], common: list[str] = (), expect_stacked: bool = True) -> None:
+    common = list(common)
+    for cfg in _configs(tmp_path, "seq", variants, common):
+        run_pipeline(cfg)
+    out = run_stacked(_configs(tmp_path, "stk", variants, common))
+    assert out.stacked is expect_stacked, out.notes
+    for i, r in enumerate(out.results):
+        assert not isinstance(r, BaseException), r
+        _assert_same_run(tmp_path / f"seq{i}", tmp_path / f"stk{i}")
+
+
+@pytest.mark.slow
+def test_seeds_stacked_match_their_sequential_runs(tmp_path):
+    _compare(tmp_path, [["seed=0"], ["seed=1"], ["seed=2"]])
+
+
+NUMERIC = {
+    "lr": ["sft.lr=3e-3", "rce.lr=5e-5", "grpo.lr=3e-5"],
+    "kl_beta": ["grpo.kl_beta=0.4"],
+    "clip range": ["grpo.eps_low=0.1", "grpo.eps_high=0.3"],
+    "label_weight": ["rce.label_weight=0.4"],
+    "rce temperatures": ["rce.t_start=3.0", "rce.t_end=0.3"],
+    "sim_temperature": ["model.sim_temperature=0.5"],
+    "entropy_coef": ["grpo.entropy_coef=0.05"],
+    "max_grad_norm": ["grpo.max_grad_norm=0.05", "sft.max_grad_norm=0.5"],
+    "weight_decay": ["sft.weight_decay=0.01", "grpo.weight_decay=0.05"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NUMERIC))
+def test_numeric_variants_stacked_match_their_sequential_runs(tmp_path, name):
+    # one member at the defaults, one with the changed number (and another seed), one both
+    _compare(tmp_path, [["seed=0"], ["seed=1", *NUMERIC[name]], ["seed=0", *NUMERIC[name]]])
+
+
+@pytest.mark.slow
+def test_logit_annealing_and_sampled_grpo_match(tmp_path):
+    # samples: sampled draws from each member's own generator (the per-member Stage.step path); temperature_target
+    # logits anneals the policy's own temperature per member
+    # select: best_val also makes SFT ship its best val epoch (each member its own)
+    common = ["grpo.samples=sampled", "grpo.num_samples=6", "rce.temperature_target=logits", "select=best_val"]
+    _compare(tmp_path, [["seed=0"], ["seed=1", "grpo.kl_beta=0.3"]], common)
+
+
+@pytest.mark.slow
+def test_other_grpo_switches_match(tmp_path):
+    variants = [
+        ["grpo.kl_reference=sft", "grpo.samples=exact"],
+        ["grpo.kl_reference=sft", "grpo.samples=exact", "seed=1", "grpo.kl_beta=0.02"],
+    ]
+    _compare(tmp_path, variants, ["grpo.old_policy=refresh_each_epoch", "rce.reward_norm=zscore"])
+
+
+def test_ragged_groups_and_a_ragged_last_batch_are_covered():
+    cfg = tiny_config("/nonexistent", *SMALL)
+    assert cfg.data.synthetic.min_group_size < cfg.data.synthetic.group_size  # groups of 4..8 candidates
+    from v3kit.pipeline import prepare_data
+
+    n = len(prepare_data(cfg).train)
+    assert n % cfg.sft.batch_size and n % cfg.grpo.batch_size  # every stage ends its epochs on a short batch
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def _members(k: int, **kw) -> list[TwoTower]:
+    out = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        out.append(TwoTower(6, 6, [7, 5], 4, **kw))
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"normalize": True}, {"residual": True}])
+def test_stacked_scores_and_gradients_equal_each_members_own(kw):
+    members = _members(3, **kw)
+    tower = StackedTowers(members)
+    torch.manual_seed(9)
+    q, c = torch.randn(3, 5, 6), torch.randn(3, 5, 4, 6)
+    scores = tower.scores(q, c)
+    (scores * torch.arange(1.0, 4.0).view(3, 1, 1)).sum().backward()
+    for k, m in enumerate(members):
+        own = torch.einsum("bd,bgd->bg", m.encode_query(q[k]), m.encode_candidates(c[k]))
+        torch.testing.assert_close(scores[k], own)
+        (own.sum() * (k + 1)).backward()
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(tower.member(name, k, tower.params[name].grad), p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_stacked_adam_and_clipping_equal_torch_per_member():
+    members = _members(3)
+    tower = StackedTowers(members)
+    lrs, max_norms = [1e-3, 3e-2, 1e-4], [0.5, math.inf, 2.0]
+    opts = [torch.optim.Adam(m.parameters(), lr=lr) for m, lr in zip(members, lrs)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(5):
+        frozen = [False, step == 2, False]  # member 1 skips a batch: no update, its step count waits
+        tower.zero_grad()
+        for k, m in enumerate(members):
+            for name, p in m.named_parameters():
+                g = torch.randn(p.shape, generator=gen) * (k + 1)
+                p.grad = g.clone()
+                tower.member(name, k, tower.params[name].grad).copy_(g)
+        norms = tower.clip(torch.tensor(max_norms))
+        tower.adam_step(lrs, frozen)
+        for k, (m, opt) in enumerate(zip(members, opts)):
+            norm = torch.nn.utils.clip_grad_norm_(list(m.parameters()), max_norms[k])
+            torch.testing.assert_close(norms[k], norm)
+            if not frozen[k]:
+                opt.step()
+    for k, m in enumerate(members):
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(tower.member(name, k).detach(), p.detach(), rtol=1e-6, atol=1e-7)
+        for p, state in zip(m.parameters(), tower.adam_state(k)):  # what a member's checkpoint stores
+            own = opts[k].state[p]
+            assert float(state["step"]) == float(own["step"])
+            torch.testing.assert_close(state["exp_avg"], own["exp_avg"])
+            torch.testing.assert_close(state["exp_avg_sq"], own["exp_avg_sq"])
+
+
+# ---------------------------------------------------------------------------------------------- fallback
+SCORER = '''
+import torch
+from torch import nn
+
+class Bilinear(nn.Module):
+    """A user's scorer: scores [B, G] from (query_x, cand_x), not a dot product of two towers."""
+
+    def __init__(self, query_dim, cand_dim):
+        super().__init__()
+        self.w = nn.Linear(cand_dim, query_dim)
+
+    def forward(self, query_x, cand_x):
+        return torch.einsum("bd,bgd->bg", query_x, self.w(cand_x))
+'''
+
+
+def test_a_user_scorer_falls_back_to_sequential_with_a_note_and_matches(tmp_path):
+    path = tmp_path / "scorer.py"
+    path.write_text(SCORER)
+    variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.3"]]
+    common = [f"model.target={path}:Bilinear", "model.interface=scorer", "sft.epochs=1", "grpo.epochs=1"]
+    for cfg in _configs(tmp_path, "seq", variants, common):
+        run_pipeline(cfg)
+    out = run_stacked(_configs(tmp_path, "stk", variants, common))
+    assert not out.stacked
+    assert any("Bilinear" in n and "one after another" in n for n in out.notes), out.notes
+    for i in range(2):  # the fallback is the sequential code: bit for bit
+        a = pd.read_csv(tmp_path / f"seq{i}/metrics.csv")
+        b = pd.read_csv(tmp_path / f"stk{i}/metrics.csv")
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_members_that_cannot_share_data_run_one_after_another(tmp_path):
+    cfgs = [tiny_config(tmp_path / f"r{i}", *SMALL, f"data.split_seed={i}", "sft.epochs=1") for i in range(2)]
+    cfgs = [c for c in cfgs]
+    out = run_stacked(cfgs)
+    assert not out.stacked and "split seed" in out.notes[0]
+    assert all(not isinstance(r, BaseException) for r in out.results)
+
+
+def test_the_stack_refuses_a_custom_model_with_a_reason():
+    from v3kit.train.stacked_towers import stack_reason
+
+    class Other(TwoTower):
+        pass
+
+    cfg = ModelConfig()
+    assert stack_reason([build_model(cfg, 4, 4), build_model(cfg, 4, 4)]) is None
+    assert "Other" in stack_reason([Other(4, 4), Other(4, 4)])
+
+
+# ---------------------------------------------------------------------------------------------- resume
+STACK_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from v3kit.pipeline_stacked import run_stacked
+cfgs = [tiny_config({root!r} + f"/m{{i}}", *{small!r}, f"seed={{i}}", f"grpo.kl_beta={{0.1 * (i + 1)}}") for i in range(3)]
+out = run_stacked(cfgs, resume={resume})
+assert out.stacked, out.notes
+bad = [r for r in out.results if isinstance(r, BaseException)]
+assert not bad, bad
+"""
+
+
+def _stack_process(root: Path, resume: bool, kill_at: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("V3KIT_TEST_KILL_AT", None)
+    if kill_at:
+        env["V3KIT_TEST_KILL_AT"] = kill_at
+    script = STACK_SCRIPT.format(tests=str(ROOT / "tests"), root=str(root), small=SMALL, resume=resume)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_resume_after_a_kill_mid_stack_is_bit_identical(tmp_path):
+    ref = _stack_process(tmp_path / "ref", False, None)
+    assert ref.returncode == 0, ref.stderr
+    crash = tmp_path / "crash"
+    for kill_at in ("rce:epoch1:step2", "grpo:epoch1:before_checkpoint", "grpo:epoch2:step6"):
+        killed = _stack_process(crash, True, kill_at)
+        assert killed.returncode == -9, killed.stderr  # SIGKILL at that point
+    done = _stack_process(crash, True, None)
+    assert done.returncode == 0, done.stderr
+    for i in range(3):
+        a, b = tmp_path / f"ref/m{i}", crash / f"m{i}"
+        assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+        assert (a / "summary.csv").read_bytes() == (b / "summary.csv").read_bytes()
+        for ckpt in sorted(a.glob("*_epoch*.pt")):
+            wa = torch.load(ckpt, weights_only=True)
+            wb = torch.load(b / ckpt.name, weights_only=True)
+            for name, t in wa["model"].items():
+                assert torch.equal(t, wb["model"][name]), (ckpt.name, name)
+            for pid, s in wa["optimizer"]["state"].items():
+                assert all(torch.equal(v, wb["optimizer"]["state"][pid][n]) for n, v in s.items())
+
+
+# ---------------------------------------------------------------------------------------------- grids
+def test_plan_stacks_groups_seeds_and_numeric_variants_of_one_structure(tmp_path):
+    from v3kit.ablate.grid import parse_grid
+    from v3kit.ablate.tasks import RunTask, plan_stacks
+
+    raw = {
+        "name": "g",
+        "base": ["data.synthetic.n_queries=80"],
+        "seeds": [0, 1],
+        "reference": "seed",
+        "variants": {"seed": [], "kl0": ["grpo.kl_beta=0"], "lw": ["rce.label_weight=0.5"], "ep4": ["grpo.epochs=4"]},
+    }
+    spec = parse_grid(raw)
+    tasks = [
+        RunTask(
+            "default",
+            v,
+            s,
+            spec.resolve("default", v, s, tmp_path / v / str(s)),
+            None,
+            tmp_path / "sft.pt",
+            tmp_path,
+            "",
+        )
+        for v in spec.variants
+        for s in spec.seeds
+    ]
+    stacks, alone = plan_stacks(tasks)
+    assert [sorted((t.variant, t.seed) for t in s.tasks) for s in stacks] == [
+        sorted((v, s) for v in ("seed", "kl0", "lw") for s in (0, 1)),  # numbers only: one structure
+        [("ep4", 0), ("ep4", 1)],  # other epochs: another stack
+    ]
+    assert alone == []
+    assert plan_stacks(tasks, "off") == ([], tasks)
+    with pytest.raises(ValueError, match="stack must be one of"):
+        plan_stacks(tasks, "on")
+
+
+@pytest.mark.slow
+def test_a_grid_stacked_gives_the_rows_of_the_grid_run_alone(tmp_path):
+    from v3kit.ablate import parse_grid, run_grid
+
+    raw = {
+        "name": "g",
+        "base": ["data.synthetic.n_queries=120", "sft.epochs=1", "rce.epochs=1", "grpo.epochs=2", "grpo.lr=1e-3"],
+        "seeds": [0, 1],
+        "reference": "seed",
+        "variants": {"sft_only": ["rce.epochs=0", "grpo.epochs=0"], "seed": [], "kl0": ["grpo.kl_beta=0"]},
+    }
+    off = run_grid(parse_grid(raw), tmp_path / "off", progress=False, stack="off")
+    auto = run_grid(parse_grid(raw), tmp_path / "auto", progress=False)
+    assert not off.frame["stacked"].any() and auto.frame["stacked"].all()
+    keys = ["world", "variant", "seed", "split", "stage", "epoch"]
+    a, b = off.frame.sort_values(keys).reset_index(drop=True), auto.frame.sort_values(keys).reset_index(drop=True)
+    assert a[keys].equals(b[keys])
+    metrics = [c for c in ("acc@1", "utility@1", "ndcg@5", "kl_to_sft", "selected_epoch") if c in a.columns]
+    pd.testing.assert_frame_equal(a[metrics], b[metrics], check_exact=False, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_a_pruned_member_is_masked_out_and_the_others_are_untouched(tmp_path):
+    variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.3"]]
+    common = ["grpo.epochs=3", "grpo.on_nonfinite=skip_batch"]
+    run_pipeline(_configs(tmp_path, "seq", variants, common)[0])
+    out = run_stacked(_configs(tmp_path, "stk", variants, common), prune=lambda k, epoch, metrics: k == 1)
+    assert out.stacked
+    kept, pruned = out.results
+    assert kept.grpo.info.get("pruned") is None and pruned.grpo.info["pruned"] is True
+    grpo = pd.read_csv(tmp_path / "stk1/metrics.csv").query("stage == 'grpo'")
+    assert grpo["epoch"].max() == 1  # stopped after its first GRPO epoch
+    assert sorted(p.name for p in (tmp_path / "stk1").glob("grpo_epoch*.pt")) == ["grpo_epoch1.pt"]
+    assert int(grpo["skipped_nonfinite"].fillna(0).sum()) == 0
+    _assert_same_run(tmp_path / "seq0", tmp_path / "stk0")
+
+
+def test_metrics_log_add_many_writes_the_file_row_by_row_adds_write(tmp_path):
+    from v3kit.train.metrics_log import MetricsLog
+
+    rows = [
+        {"stage": "grpo", "split": "val", "epoch": 0, "step": 0, "acc@1": 0.5},
+        {"stage": "grpo", "split": "train", "epoch": 1, "step": 1, "loss": 0.25, "kl": float("nan")},
+        {"stage": "grpo", "split": "train", "epoch": 1, "step": 2, "loss": 1e-9, "kl": 0.1, "note": "a,b"},
+        {"stage": "grpo", "split": "train", "epoch": 1, "step": 3, "loss": -2.0, "kl": 0.2, "note": 'say "x"'},
+    ]
+    one, many = MetricsLog(tmp_path / "one"), MetricsLog(tmp_path / "many")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "many").mkdir()
+    for r in rows:
+        one.add(dict(r))
+    many.add_many([dict(r) for r in rows[:1]])
+    many.add_many([dict(r) for r in rows[1:3]])  # brings new columns: one rewrite
+    many.add_many([dict(r) for r in rows[3:]])  # appended in one write
+    one.close()
+    many.close()
+    assert (tmp_path / "one/metrics.csv").read_bytes() == (tmp_path / "many/metrics.csv").read_bytes()
+    assert one.rows == many.rows and one.columns == many.columns
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "common",
+    [
+        ["grpo.dual_clip=3.0", "grpo.entropy_coef=0.01", "grpo.adv_scale=none", "rce.reward_norm=rank"],
+        ["grpo.loss_type=cispo", "grpo.samples=exact", "grpo.kl_estimator=k2", "grpo.baseline=0.1"],
+    ],
+)
+def test_the_stacked_objectives_equal_each_members_own_step(tmp_path, monkeypatch, common):
+    """stacked_losses against the stages' own step functions, switch by switch, in one stack."""
+    from v3kit.train import stacked
+    from v3kit.train.stacked_losses import stacked_loss
+
+    variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.5", "grpo.eps_low=0.1", "rce.label_weight=0.2"]]
+    taken = []
+
+    def counted(*args):
+        out = stacked_loss(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(stacked, "stacked_loss", counted)
+    fast = run_stacked(_configs(tmp_path, "fast", variants, common))
+    assert taken and all(taken)  # every step of every stage took the stacked objectives
+    monkeypatch.setattr(stacked._StackedFit, "fast", False)
+    slow = run_stacked(_configs(tmp_path, "slow", variants, common))
+    assert fast.stacked and slow.stacked
+    for i in range(2):
+        _assert_same_run(tmp_path / f"slow{i}", tmp_path / f"fast{i}")

@@ -1,0 +1,551 @@
+"""Many runs of one stage trained as one model: :func:`fit_stacked` is :func:`v3kit.train.training.fit` for K
+members that share an architecture and a schedule (the same stage, epochs, batch size and data size) and differ
+in seed (initialisation, batch order, sampling) and numeric hyperparameters (lr, max_grad_norm, and every number a
+stage's ``step`` reads from its own config: ``kl_beta``, the clip range, ``label_weight``, the RCE temperatures,
+``sim_temperature``, ``entropy_coef``, ...).
+
+How a stacked step works: every member draws its batch from its own generator exactly as its sequential run would
+(so batch order and GRPO's sampling match), the K batches are gathered at once, one batched forward pass
+(:class:`~v3kit.train.stacked_towers.StackedTowers`) scores them all, and each member's own ``Stage.step`` turns its
+slice of the scores into its loss (its own old policy, reference log-probs, annealed temperature, adaptive KL). One
+backward pass of the summed losses gives every member its own gradient (the members share no weight), which is
+clipped per member; one Adam step over the stack updates them all. Per member, everything else is the sequential
+code: evaluations, ``metrics.csv``, epoch checkpoints (the same files a sequential run writes, resumable by either),
+non-finite handling and callbacks. A member that fails (a non-finite step with ``on_nonfinite: stop``) or that
+``prune`` stops is masked out; the others go on.
+
+A stack that cannot be batched (a model other than the built-in towers, several processes under torchrun) runs its
+members one after another through ``fit`` instead, with a one-line note saying why; nothing fails for that.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data.contract import Batch, GroupData, num_batches
+from . import distributed
+from .checkpoint import epoch_checkpoints, load_checkpoint, load_state_into, require_fields, save_checkpoint
+from .device import as_floats, autocast
+from .metrics import evaluate, ranking_metrics
+from .metrics_log import MetricsLog, call_callbacks
+from .model import INTERFACE_ATTR, Interface, compute_log_probs
+from .stacked_losses import Ref, member_log_probs, stacked_loss
+from .stacked_towers import StackedTowers, stack_reason
+from .training import (
+    RunContext,
+    Stage,
+    StageResult,
+    StepContext,
+    check_on_nonfinite,
+    check_optim_fields,
+    check_same_config,
+    fit,
+    kill_point,
+    nonfinite_error,
+)
+
+EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
+# prune(member index, epoch, held-out metrics of that epoch) -> True to stop training that member from here on
+PruneFn = Callable[[int, int, dict[str, float]], bool]
+
+
+class MemberPruned(RuntimeError):
+    """A member stopped early by ``prune`` (its files hold every epoch up to the one it was pruned at)."""
+
+
+@dataclass
+class StackOutcome:
+    """What :func:`fit_stacked` did: one entry per member (a :class:`StageResult`, or the exception that stopped
+    it), whether the members ran as one stack, and if not, why."""
+
+    results: list[StageResult | BaseException]
+    stacked: bool
+    note: str = ""
+
+
+class _Scores(nn.Module):
+    """Stands in for a member's model inside its ``Stage.step``: returns that member's slice of the stacked scores,
+    so the step's own code (temperature, loss, statistics) runs unchanged on them."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.register_buffer("_device", torch.empty(0, device=device), persistent=False)
+        object.__setattr__(self, INTERFACE_ATTR, Interface("scorer"))
+        self.current: Tensor | None = None
+
+    def forward(self, query_x: Tensor, cand_x: Tensor) -> Tensor:  # noqa: ARG002 - the scores are precomputed
+        assert self.current is not None
+        return self.current
+
+
+@dataclass
+class _Member:
+    stage: Stage
+    run: RunContext
+    run_dir: Path | None
+    log: MetricsLog
+    optimizer: torch.optim.Adam  # not stepped: holds the member's Adam state in torch's layout for its checkpoints
+    generator: torch.Generator
+    torch_state: Tensor  # torch's global RNG state a sequential run would have (saved in its checkpoints)
+    checkpoints: list[Path] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: BaseException | None = None
+    order: Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.error is None
+
+
+def sequential_reason(stages: Sequence[Stage], runs: Sequence[RunContext]) -> str | None:
+    """Why these members cannot train as one stack (None: they can)."""
+    if len(stages) < 2:
+        return "a single run"
+    if distributed.current().world > 1:
+        return "several processes (torchrun) split each run's batch instead"
+    first, run0 = stages[0], runs[0]
+    for s, r in zip(stages, runs):
+        if type(s) is not type(first) or s.cfg.epochs != first.cfg.epochs or s.cfg.batch_size != first.cfg.batch_size:
+            return "the members differ in stage, epochs or batch size"
+        if len(s.train) != len(first.train) or s.train.group_size != first.train.group_size:
+            return "the members train on data of different sizes"
+        if (torch.device(r.device), r.precision, r.log_every) != (
+            torch.device(run0.device),
+            run0.precision,
+            run0.log_every,
+        ):
+            return "the members differ in device, precision or log_every"
+        if s.cfg.on_nonfinite != first.cfg.on_nonfinite:
+            return "the members differ in on_nonfinite"
+    return stack_reason([s.model for s in stages])
+
+
+def fit_stacked(stages: Sequence[Stage], runs: Sequence[RunContext], *, prune: PruneFn | None = None) -> StackOutcome:
+    """Train every ``stages[k]`` under ``runs[k]`` as :func:`fit` would, as one stacked model when they allow it
+    (:func:`sequential_reason`), else one after another. Each member's outcome is its :class:`StageResult` or the
+    exception its run raised (a non-finite step, :class:`MemberPruned`); the others are not affected."""
+    if len(stages) != len(runs) or not stages:
+        raise ValueError(f"fit_stacked needs one RunContext per stage, got {len(stages)} stages and {len(runs)}")
+    reason = sequential_reason(stages, runs)
+    if reason is not None:
+        results: list[StageResult | BaseException] = []
+        for s, r in zip(stages, runs):
+            try:
+                results.append(fit(s, r))
+            except Exception as e:  # one member's failure is its own, as in separate runs
+                results.append(e)
+        return StackOutcome(results, stacked=False, note=f"ran one after another: {reason}")
+    return StackOutcome(_StackedFit(stages, runs, prune).run(), stacked=True)
+
+
+class _StackedFit:
+    """The state and loop of one stacked stage (see the module docstring)."""
+
+    fast = True  # the stacked objectives (False: every step through the members' own Stage.step)
+
+    def __init__(self, stages: Sequence[Stage], runs: Sequence[RunContext], prune: PruneFn | None) -> None:
+        first = stages[0]
+        self.name, self.cfg0, self.prune = first.name, first.cfg, prune
+        for s in stages:
+            check_optim_fields(s.name, s.cfg.epochs, s.cfg.lr, s.cfg.batch_size, s.cfg.max_grad_norm)
+            check_on_nonfinite(s.name, s.cfg.on_nonfinite)
+        if runs[0].log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {runs[0].log_every}")
+        self.device = torch.device(runs[0].device)
+        self.precision, self.log_every = runs[0].precision, runs[0].log_every
+        self.members = [self._member(s, r) for s, r in zip(stages, runs)]
+        self.tower = StackedTowers([s.model for s in stages])
+        self.proxy = _Scores(self.device)
+        self.steps_per_epoch = num_batches(len(first.train), first.cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * first.cfg.epochs
+        self.max_norms = torch.tensor(
+            [math.inf if s.cfg.max_grad_norm is None else s.cfg.max_grad_norm for s in stages], device=self.device
+        )
+        self.ref_logps: dict[tuple[int, int, float], Tensor] = {}
+        self.shared_train = all(s.train is first.train for s in stages)
+        self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
+        self._total: Tensor | None = None
+
+    def _member(self, stage: Stage, run: RunContext) -> _Member:
+        stage.model.to(self.device)
+        if stage.reference is not None:
+            stage.reference.to(self.device)
+        if self.device.type != "cpu":
+            stage.train, stage.val = stage.train.to(self.device), stage.val.to(self.device)
+        run_dir = None if run.run_dir is None else Path(run.run_dir)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(run.seed)
+        return _Member(
+            stage=stage,
+            run=run,
+            run_dir=run_dir,
+            log=MetricsLog(run_dir),
+            optimizer=torch.optim.Adam(
+                stage.model.parameters(), lr=stage.cfg.lr, weight_decay=getattr(stage.cfg, "weight_decay", 0.0)
+            ),
+            generator=torch.Generator().manual_seed(run.seed),
+            torch_state=torch.get_rng_state(),
+        )
+
+    # ------------------------------------------------------------------ resume
+    def _restore(self) -> tuple[int, int]:
+        """Every member from the newest epoch checkpoint all of them have (the stack moves in lockstep: a kill
+        between two members' checkpoints of one epoch resumes all from the epoch before); (epoch, step)."""
+        found = []
+        for m in self.members:
+            existing = epoch_checkpoints(m.run_dir, self.name) if m.run_dir is not None else []
+            if not m.run.resume:
+                for _, path in existing:  # a fresh start owns the stage's checkpoints, as in fit
+                    path.unlink()
+                existing = []
+            found.append({e: p for e, p in existing if e <= m.stage.cfg.epochs})
+        common = set.intersection(*(set(f) for f in found))
+        epoch = max(common) if common else 0
+        step = 0
+        for m, done in zip(self.members, found):
+            if epoch == 0:
+                m.log.start_stage(self.name, [])
+                continue
+            step = self._load_member(m, done[epoch])
+            m.checkpoints = [p for e, p in sorted(done.items()) if e <= epoch]
+        self.tower.from_members([m.stage.model for m in self.members])
+        for k, m in enumerate(self.members):
+            self.tower.load_adam_state(
+                k, [m.optimizer.state[p] for p in m.stage.model.parameters() if p in m.optimizer.state]
+            )
+        return epoch, step
+
+    def _load_member(self, m: _Member, path: Path) -> int:
+        ckpt = load_checkpoint(path, stage=self.name)
+        require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
+        check_same_config(ckpt, m.stage.meta, path, (*m.stage.extendable, "on_nonfinite"))
+        load_state_into(m.stage.model, ckpt["model"], path)
+        m.optimizer.load_state_dict(ckpt["optimizer"])
+        m.generator.set_state(ckpt["rng"]["generator"])
+        m.torch_state = ckpt["rng"]["torch"]
+        m.stage.restore_extra(ckpt.get("extra", {}))
+        m.log.start_stage(self.name, ckpt.get("metrics_rows"), ckpt["epoch"])
+        return int(ckpt["step"])
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+    @torch.inference_mode()
+    def _val_log_probs(self) -> dict[int, Tensor]:
+        """Each active member's held-out log-probs ``[N, G]`` at its evaluation temperature, from one stacked
+        forward pass per chunk of groups (what ``compute_log_probs`` gives per member, to float32 rounding);
+        empty when the members evaluate different data."""
+        live = [k for k, m in enumerate(self.members) if m.active]
+        val = self.members[live[0]].stage.val if live else None
+        if val is None or any(self.members[k].stage.val is not val for k in live):
+            return {}
+        temps = [self.members[k].stage.eval_temperature() for k in live]
+        chunks: list[Tensor] = []
+        with autocast(self.device, self.precision):
+            for start in range(0, len(val), EVAL_CHUNK):
+                rows = slice(start, start + EVAL_CHUNK)
+                q, c, mask = val.query_x[rows].float(), val.cand_x[rows].float(), val.mask[rows]
+                k = self.tower.k
+                scores = self.tower.scores(q.expand(k, *q.shape), c.expand(k, *c.shape))[live]
+                chunks.append(member_log_probs(scores, temps, mask.expand(len(live), *mask.shape)).float())
+        logp = torch.cat(chunks, dim=1)
+        return {k: logp[j] for j, k in enumerate(live)}
+
+    def _evaluate(self, m: _Member, epoch: int, step: int, logp: Tensor | None = None) -> None:
+        stage = m.stage
+        temperature = stage.eval_temperature()
+        key = (id(stage.reference), id(stage.val), temperature)
+        if stage.reference is not None and key not in self.ref_logps:  # a shared reference is scored once
+            self.ref_logps[key] = compute_log_probs(stage.reference, stage.val, temperature, precision=self.precision)
+        ref_logp = self.ref_logps.get(key)
+        if logp is None:
+            metrics = evaluate(
+                stage.model,
+                stage.val,
+                temperature=temperature,
+                reference=stage.reference,
+                ref_logp=ref_logp,
+                precision=self.precision,
+            )
+        else:  # evaluate()'s metrics from the stacked log-probs
+            val = stage.val
+            metrics = ranking_metrics(
+                logp, val.labels, val.rewards, val.mask, utility=val.utility, logp=logp, ref_logp=ref_logp
+            )
+        metrics.update(stage.eval_extra(epoch))
+        row = {"stage": self.name, "split": "val", "epoch": epoch, "step": step, **metrics}
+        m.log.add(row)
+        call_callbacks(m.run.callbacks, "on_eval", row)
+        m.metrics = metrics
+
+    def _payload(self, k: int, epoch: int, step: int) -> dict[str, Any]:
+        """What member ``k``'s epoch checkpoint holds: the same payload :func:`fit` writes."""
+        m = self.members[k]
+        params = list(m.stage.model.parameters())
+        m.optimizer.state.clear()
+        for p, s in zip(params, self.tower.adam_state(k)):
+            if s["step"] > 0:
+                m.optimizer.state[p] = s
+        return {
+            "stage": self.name,
+            "epoch": epoch,
+            "step": step,
+            "model": m.stage.model.state_dict(),
+            "optimizer": m.optimizer.state_dict(),
+            "rng": {"generator": m.generator.get_state(), "torch": m.torch_state},
+            "extra": m.stage.extra_state(),
+            "metrics_rows": m.log.stage_rows(self.name),
+            **(m.stage.meta or {}),
+        }
+
+    def _write(self, k: int, epoch: int, payload: dict[str, Any]) -> None:
+        """Commit member ``k``'s metrics rows, then write its checkpoint (in a thread: the members' fsyncs
+        overlap instead of queueing; the pickling holds the GIL, so the CPU work is not parallel)."""
+        m = self.members[k]
+        m.log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
+        kill_point(f"{self.name}:epoch{epoch}:before_checkpoint")
+        m.checkpoints.append(save_checkpoint(m.run_dir / f"{self.name}_epoch{epoch}.pt", payload))  # type: ignore[operator]
+        kill_point(f"{self.name}:epoch{epoch}:after_checkpoint")
+
+    # ------------------------------------------------------------------ one step
+    def _batches(self, start: int) -> list[Batch | None]:
+        """Each active member's next batch (rows ``start ..`` of its epoch order), gathered at once. A stopped
+        member's rows are gathered too (the stack's shapes stay [K, ...]); nothing reads them."""
+        size = self.cfg0.batch_size
+        idx = self._orders[:, start : start + size]
+        if self.shared_train:
+            data = self.members[0].stage.train
+            parts = (data.query_x[idx].float(), data.cand_x[idx].float(), data.mask[idx], data.labels[idx])
+            parts += (data.rewards[idx], None if data.utility is None else data.utility[idx])
+        else:
+            cols = [self._gather(m.stage.train, i) for m, i in zip(self.members, idx)]
+            parts = tuple(None if c[0] is None else torch.stack(c) for c in zip(*cols))  # type: ignore[assignment]
+        self._parts = parts
+        out: list[Batch | None] = []
+        for k, m in enumerate(self.members):
+            q, c, mask, labels, rewards, util = (None if p is None else p[k] for p in parts)
+            out.append(Batch(idx[k], q, c, mask, labels, rewards, util) if m.active else None)  # type: ignore[arg-type]
+        return out
+
+    @staticmethod
+    def _gather(data: GroupData, i: Tensor) -> tuple[Any, ...]:
+        util = None if data.utility is None else data.utility[i]
+        return data.query_x[i].float(), data.cand_x[i].float(), data.mask[i], data.labels[i], data.rewards[i], util
+
+    def _losses(
+        self, batches: list[Batch | None], ctxs: list[StepContext]
+    ) -> tuple[list[int], Tensor, list[bool], list[dict[str, Any]]]:
+        """The active members (indices), their losses ``[L]`` (detached), whether each has a gradient, and their
+        statistics; ``self._total`` is the sum to differentiate. One stacked objective when the members' switches
+        allow (:mod:`v3kit.train.stacked_losses`), else each member's own ``Stage.step`` on its slice of the scores."""
+        q, c, mask, labels, rewards, _ = self._parts
+        scores = self.tower.scores(q, c)
+        live = [k for k, b in enumerate(batches) if b is not None]
+        if len(live) < len(batches):  # the stopped members' rows out of the objective (their gradient stays 0)
+            scores, mask, labels, rewards = (t[live] for t in (scores, mask, labels, rewards))
+        stages = [self.members[k].stage for k in live]
+        stacked_b = {"index": [batches[k].index for k in live], "mask": mask, "labels": labels, "rewards": rewards}
+        fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live]) if self.fast else None
+        if fast is not None:
+            self._total = fast[0].sum()
+            return live, fast[0].detach(), [True] * len(live), fast[1]
+        losses, stats = [], []
+        for j, k in enumerate(live):
+            m = self.members[k]
+            self.proxy.current = scores[j]
+            own, m.stage.model = m.stage.model, self.proxy
+            try:
+                loss, st = m.stage.step(batches[k], ctxs[k])  # type: ignore[arg-type]
+            finally:
+                m.stage.model = own
+            losses.append(loss.reshape(()))
+            stats.append(st)
+        self.proxy.current = None
+        requires = [x.requires_grad for x in losses]
+        grads = [x for x in losses if x.requires_grad]
+        self._total = torch.stack(grads).sum() if grads else None
+        return live, torch.stack([x.detach() for x in losses]), requires, stats
+
+    def _step(self, epoch: int, step: int, start: int) -> None:
+        batches = self._batches(start)
+        ctxs = [StepContext(epoch, step, self.total_steps, m.generator) for m in self.members]
+        with autocast(self.device, self.precision):
+            live, losses, requires, stats = self._losses(batches, ctxs)
+        self.tower.zero_grad()
+        if self._total is not None:
+            self._total.backward()
+        self._total = None
+        norms = self.tower.clip(self.max_norms)
+        bad = self._nonfinite(live, losses, norms)
+        frozen = [True] * len(self.members)
+        for j, k in enumerate(live):
+            frozen[k] = not requires[j] or bad[j] is not None
+        self.tower.adam_step(
+            [m.stage.cfg.lr for m in self.members],
+            frozen,
+            [getattr(m.stage.cfg, "weight_decay", 0.0) for m in self.members],
+        )
+        for j, k in enumerate(live):
+            m, st = self.members[k], stats[j]
+            if bad[j] is not None and m.stage.cfg.on_nonfinite == "stop":  # fit raises here: this member stops
+                m.error = nonfinite_error(self.name, bad[j], epoch, step + 1, m.checkpoints, m.run_dir)
+                continue
+            if m.stage.cfg.on_nonfinite == "skip_batch":
+                st = {**st, "skipped_nonfinite": int(bad[j] is not None)}
+            norm = Ref(norms, k) if requires[j] else 0.0
+            row = {"stage": self.name, "split": "train", "epoch": epoch, "step": step + 1, "loss": Ref(losses, j)}
+            m.pending.append({**row, **st, "grad_norm": norm, "lr": m.optimizer.param_groups[0]["lr"]})
+
+    def _nonfinite(self, live: list[int], losses: Tensor, norms: Tensor) -> list[str | None]:
+        """Per active member: what was non-finite this step (None: nothing); one host read for the whole stack."""
+        bad: list[str | None] = [None] * len(live)
+        if not self.check_each_step or not live:
+            return bad
+        ok_loss = torch.isfinite(losses.float())
+        ok = ok_loss & torch.isfinite(norms[live].float())
+        if not bool(ok.all()):
+            for j, flag in enumerate(ok.tolist()):
+                if not flag:
+                    bad[j] = "loss" if not bool(ok_loss[j]) else "gradient"
+        return bad
+
+    # ------------------------------------------------------------------ the loop
+    def _flush(self, m: _Member) -> None:
+        if not m.pending:
+            return
+        read: dict[int, list[float]] = {}  # a per-member statistic [K] read back once for every member
+        for row in m.pending:
+            for key, v in row.items():
+                if isinstance(v, Ref):
+                    if id(v.values) not in read:
+                        read[id(v.values)] = v.values.tolist()
+                    row[key] = read[id(v.values)][v.j]
+        slots = [(row, key) for row in m.pending for key, v in row.items() if isinstance(v, Tensor)]
+        for (row, key), value in zip(slots, as_floats([row[key] for row, key in slots])):
+            row[key] = value
+        if not self.check_each_step:
+            for row in m.pending:
+                for q, key in (("loss", "loss"), ("gradient", "grad_norm")):
+                    if m.error is None and not math.isfinite(row[key]):
+                        m.error = nonfinite_error(self.name, q, row["epoch"], row["step"], m.checkpoints, m.run_dir)
+        m.log.add_many(m.pending)
+        for row in m.pending:
+            call_callbacks(m.run.callbacks, "on_step", row)
+        m.pending.clear()
+
+    def run(self) -> list[StageResult | BaseException]:
+        try:
+            return self._run()
+        except BaseException:  # a kill of the whole stack (Ctrl-C, a full disk): release every metrics.csv
+            for m in self.members:
+                m.log.close()
+            raise
+
+    def _run(self) -> list[StageResult | BaseException]:
+        start_epoch, step = self._restore()
+        cfg = self.cfg0
+        for m in self.members:
+            info = {"epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "resumed_from_epoch": start_epoch}
+            call_callbacks(m.run.callbacks, "on_stage_start", self.name, self.total_steps, info)
+        logps = self._val_log_probs() if start_epoch == 0 else {}
+        for k, m in enumerate(self.members):
+            if start_epoch == 0:
+                self._evaluate(m, 0, 0, logps.get(k))
+        show = any(m.run.progress for m in self.members)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=step,
+            desc=f"{self.name} x{len(self.members)}",
+            disable=not show,
+            leave=False,
+        )
+        n = len(self.members[0].stage.train)
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            self._start_epoch(epoch, n)
+            for start in range(0, n, cfg.batch_size):
+                if not any(m.active for m in self.members):
+                    break
+                self._step(epoch, step, start)
+                step += 1
+                kill_point(f"{self.name}:epoch{epoch}:step{step}")
+                self._after_step(bar)
+            self._end_epoch(epoch, step)
+        bar.close()
+        return self._results(start_epoch)
+
+    def _start_epoch(self, epoch: int, n: int) -> None:
+        self.tower.to_members([m.stage.model for m in self.members])
+        for m in self.members:
+            if not m.active:
+                m.order = None
+                continue
+            m.stage.on_epoch_start(epoch)
+            m.stage.model.train()
+            m.order = torch.randperm(n, generator=m.generator)
+        # every member's order of the epoch in one tensor: a step's K batches are then one slice of it
+        self._orders = torch.stack([torch.arange(n) if m.order is None else m.order for m in self.members])
+
+    def _after_step(self, bar: Any) -> None:
+        bar.update(1)
+        for m in self.members:
+            if m.active and len(m.pending) >= self.log_every:
+                self._flush(m)
+
+    def _end_epoch(self, epoch: int, step: int) -> None:
+        for m in self.members:
+            if m.active:
+                self._flush(m)
+        self.tower.to_members([m.stage.model for m in self.members])
+        for m in self.members:
+            if m.active and not all(bool(torch.isfinite(p).all()) for p in m.stage.model.parameters()):
+                m.error = nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
+        logps = self._val_log_probs()
+        saves = []
+        for k, m in enumerate(self.members):
+            if not m.active:
+                continue
+            self._evaluate(m, epoch, step, logps.get(k))
+            if m.run_dir is not None:
+                saves.append((k, self._payload(k, epoch, step)))
+        if saves:
+            with ThreadPoolExecutor(max_workers=len(saves)) as pool:
+                list(pool.map(lambda item: self._write(item[0], epoch, item[1]), saves))
+        for k, m in enumerate(self.members):
+            if m.active and self.prune is not None and epoch < self.cfg0.epochs and self.prune(k, epoch, m.metrics):
+                m.error = MemberPruned(f"{self.name}: pruned after epoch {epoch}")
+
+    def _results(self, start_epoch: int) -> list[StageResult | BaseException]:
+        out: list[StageResult | BaseException] = []
+        for m in self.members:
+            m.log.close()
+            if m.error is not None and not isinstance(m.error, MemberPruned):
+                out.append(m.error)
+                continue
+            history = m.log.frame(self.name)
+            metrics = m.metrics
+            if not metrics:  # resumed a finished stage: its last logged evaluation
+                last = history[history["split"] == "val"].iloc[-1]
+                metrics = {
+                    k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and v == v
+                }
+            info = {
+                "epochs": self.cfg0.epochs,
+                "steps_per_epoch": self.steps_per_epoch,
+                "resumed_from_epoch": start_epoch,
+            }
+            if "skipped_nonfinite" in history.columns:
+                info["skipped_batches"] = int(history["skipped_nonfinite"].fillna(0).sum())
+            if isinstance(m.error, MemberPruned):
+                info["pruned"] = True
+            result = StageResult(self.name, m.stage.model, history, metrics, m.checkpoints, info)
+            call_callbacks(m.run.callbacks, "on_stage_end", self.name, result)
+            out.append(result)
+        return out

@@ -1,0 +1,196 @@
+"""The SFT, RCE and GRPO objectives of K stacked members at once (scores ``[K, B, G]``), each member with its own
+numbers (temperatures, ``label_weight``, clip range, ``kl_beta``, ``entropy_coef``, old and reference log-probs).
+
+They are the formulas of :mod:`v3kit.train.losses` and the stages' ``step`` methods, written over a leading member
+dimension so that one operation serves K members: at the default world's size a step is bound by the number of
+small operations, and GRPO's objective holds as many as the towers themselves. Every quantity equals the sequential
+one within float32 rounding (``tests/test_stacked.py`` checks each against the member's own sequential run).
+
+:func:`stacked_loss` returns None for switches it does not cover (GRPO's ``samples: sampled``, the exact KL, the
+adaptive KL, ``drop_zero_std_groups``, batch-scaled advantages, members that differ in a structural switch); the
+stacked trainer then runs each member's own ``Stage.step`` on its slice of the scores, which covers everything.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .grpo import GRPOStage, per_group_advantages
+from .losses import LOG_RATIO_CLAMP, kl_penalty, normalize_rewards, score_log_probs
+from .rce import RCEStage, annealed_temperature
+from .sft import SFTStage
+from .training import Stage, StepContext
+
+Stats = list[dict[str, Any]]
+
+
+def _col(values: Sequence[float], like: Tensor) -> Tensor:
+    """Per-member python numbers as a ``[K, 1, 1]`` tensor (rounded to float32 once, as torch rounds a python
+    scalar operand)."""
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+def member_log_probs(scores: Tensor, temperatures: Sequence[float], mask: Tensor) -> Tensor:
+    """:func:`v3kit.train.losses.score_log_probs` per member (scores ``[K, B, G]``, one temperature each)."""
+    return score_log_probs(scores, _col(temperatures, scores), mask)
+
+
+def _masked_mean(x: Tensor, mask: Tensor, w: Tensor, total: Tensor) -> Tensor:
+    return (torch.where(mask, x, torch.zeros_like(x)) * w).sum(dim=(1, 2)) / total
+
+
+def _mean_over(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, torch.zeros_like(x)).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+
+
+def _std_over(x: Tensor, mask: Tensor) -> Tensor:
+    n = mask.sum(dim=(1, 2))
+    mean = _mean_over(x, mask).view(-1, 1, 1)
+    var = torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum(dim=(1, 2)) / (n - 1).clamp_min(1)
+    return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+
+
+def _entropy(logp: Tensor, mask: Tensor) -> Tensor:
+    lp = torch.where(mask, logp, torch.zeros_like(logp))
+    return -torch.where(mask, lp.exp() * lp, torch.zeros_like(logp)).sum(dim=-1).mean(dim=-1)
+
+
+class Ref:
+    """Member ``j``'s entry of a per-member statistic ``values [K]``: read back with the others at the next flush
+    (one transfer per statistic and step, not one per member; no view per member)."""
+
+    __slots__ = ("values", "j")
+
+    def __init__(self, values: Tensor, j: int) -> None:
+        self.values, self.j = values, j
+
+
+def _split(stats: dict[str, Tensor | float], k: int) -> Stats:
+    return [{name: (Ref(v, j) if isinstance(v, Tensor) else v) for name, v in stats.items()} for j in range(k)]
+
+
+def _sft(stages: Sequence[Stage], b: dict[str, Tensor], scores: Tensor) -> tuple[Tensor, Stats]:
+    logp = member_log_probs(scores, [s.temperature for s in stages], b["mask"])
+    loss = -logp.gather(2, b["labels"].unsqueeze(2)).squeeze(2).mean(dim=1)
+    return loss, [{} for _ in stages]
+
+
+def _rce(
+    stages: Sequence[RCEStage], b: dict[str, Tensor], scores: Tensor, ctxs: Sequence[StepContext]
+) -> tuple[Tensor, Stats] | None:
+    cfgs = [s.cfg for s in stages]
+    if len({c.reward_norm for c in cfgs}) > 1:
+        return None
+    reward_ts, logit_ts = [], []
+    for s, ctx in zip(stages, ctxs):  # each member's own schedule, as RCEStage.step
+        s.annealed = annealed_temperature(ctx.step, ctx.total_steps, s.cfg.t_start, s.cfg.t_end)
+        reward_t, logit_t = s.cfg.temperatures(s.annealed, s.temperature)
+        reward_ts.append(reward_t)
+        logit_ts.append(logit_t)
+    logp = member_log_probs(scores, logit_ts, b["mask"])
+    valid = torch.isfinite(logp)
+    k, n, g = logp.shape
+    rewards = b["rewards"]
+    if cfgs[0].reward_norm != "none":
+        rewards = normalize_rewards(rewards.reshape(k * n, g), valid.reshape(k * n, g), cfgs[0].reward_norm)
+        rewards = rewards.reshape(k, n, g)
+    scaled = (rewards / _col(reward_ts, logp)).masked_fill(~valid, float("-inf"))
+    weights = torch.softmax(scaled, dim=-1)
+    onehot = torch.nn.functional.one_hot(b["labels"].long(), g).to(weights.dtype)
+    lw = [c.label_weight for c in cfgs]
+    targets = _col(lw, logp) * onehot + _col([1.0 - w for w in lw], logp) * weights
+    per_entry = torch.where(valid, targets * logp, torch.zeros_like(logp))
+    loss = -per_entry.sum(dim=2).mean(dim=1)
+    return loss, [{"temperature": s.annealed} for s in stages]
+
+
+def _grpo_supported(stages: Sequence[GRPOStage]) -> bool:
+    cfgs = [s.cfg for s in stages]
+    c0 = cfgs[0]
+    for c, s in zip(cfgs, stages):
+        if c.samples == "sampled" or c.kl_estimator == "exact" or c.kl_target is not None or c.drop_zero_std_groups:
+            return False
+        if not per_group_advantages(c) or s.terms is None:
+            return False
+        same = (c.samples, c.kl_estimator, c.kl_reference, c.loss_type, c.dual_clip is None)
+        if same != (c0.samples, c0.kl_estimator, c0.kl_reference, c0.loss_type, c0.dual_clip is None):
+            return False
+    return True
+
+
+def _grpo(stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor) -> tuple[Tensor, Stats] | None:
+    if not _grpo_supported(stages):
+        return None
+    cfgs = [s.cfg for s in stages]
+    c0, idx, mask = cfgs[0], b["index"], b["mask"]
+    logp = member_log_probs(scores, [s.temperature for s in stages], mask)
+    old = torch.stack([s.old[i] for s, i in zip(stages, idx)])
+    ref = None if stages[0].ref is None else torch.stack([s.ref[i] for s, i in zip(stages, idx)])
+    zero = torch.stack([s.terms[0][i] for s, i in zip(stages, idx)])  # type: ignore[index]
+    adv_all = torch.stack([s.terms[1][i] for s, i in zip(stages, idx)])  # type: ignore[index]
+    zeros = torch.zeros_like(logp)
+    weights = torch.where(mask, old.exp(), zeros) if c0.samples == "exact" else None
+    ratio = torch.exp(torch.where(mask, logp - old, zeros).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    adv = torch.where(mask, adv_all, zeros)
+    lo = _col([1.0 - c.eps_low for c in cfgs], logp)
+    hi = _col([1.0 + (c.eps_low if c.eps_high is None else c.eps_high) for c in cfgs], logp)
+    if c0.loss_type == "cispo":
+        surrogate = torch.clamp(ratio, lo, hi).detach() * adv * torch.where(mask, logp, zeros)
+    else:
+        surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
+        if c0.dual_clip is not None:
+            dual = _col([c.dual_clip for c in cfgs], logp) * adv
+            surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual), surrogate)
+    pg = -surrogate
+    estimator = c0.kl_estimator or ("seed" if ref is None else "k3")
+    anchor = old if ref is None else ref
+    w = mask.to(pg.dtype) if weights is None else torch.where(mask, weights.to(pg.dtype), zeros)
+    total = w.sum(dim=(1, 2)).clamp_min(torch.finfo(pg.dtype).tiny)
+    kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), estimator)
+    loss = _masked_mean(pg + _col([c.kl_beta for c in cfgs], logp) * kl, mask, w, total)
+    coefs = [c.entropy_coef for c in cfgs]
+    if any(coefs):
+        loss = loss - torch.tensor(coefs, dtype=loss.dtype, device=loss.device) * _entropy(logp, mask)
+    with torch.no_grad():
+        low = (ratio < lo) & (adv < 0)
+        high = (ratio > hi) & (adv > 0)
+        inf = torch.full_like(ratio, float("inf"))
+        stats: dict[str, Tensor | float] = {
+            "pg_loss": _masked_mean(pg, mask, w, total),
+            "kl": _masked_mean(kl, mask, w, total),
+            "clip_ratio": _mean_over((low | high).float(), mask),
+            "clip_ratio/low_mean": _mean_over(low.float(), mask),
+            "clip_ratio/high_mean": _mean_over(high.float(), mask),
+            "ratio_mean": _mean_over(ratio, mask),
+            "ratio_min": torch.where(mask, ratio, inf).amin(dim=(1, 2)),
+            "ratio_max": torch.where(mask, ratio, -inf).amax(dim=(1, 2)),
+            "entropy": _entropy(logp, mask),
+            "frac_reward_zero_std": zero.float().mean(dim=1),
+            "adv_std": _std_over(adv_all, mask),
+        }
+    out = _split(stats, len(stages))
+    for row, s in zip(out, stages):
+        row["temperature"] = s.temperature
+    return loss, out
+
+
+def stacked_loss(
+    stages: Sequence[Stage], b: dict[str, Any], scores: Tensor, ctxs: Sequence[StepContext]
+) -> tuple[Tensor, Stats] | None:
+    """Every member's loss ``[K]`` and statistics (one dict per member: python floats and :class:`Ref`), or None where the members'
+    switches need their own ``Stage.step`` (see the module docstring). ``b``: the members' batches stacked
+    (``index``: a list of K index tensors; ``mask``, ``labels``, ``rewards``: ``[K, B, ...]``)."""
+    kinds = {type(s) for s in stages}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind is SFTStage:
+        return _sft(stages, b, scores)
+    if kind is RCEStage:
+        return _rce(stages, b, scores, ctxs)  # type: ignore[arg-type]
+    if kind is GRPOStage:
+        return _grpo(stages, b, scores)  # type: ignore[arg-type]
+    return None
