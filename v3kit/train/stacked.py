@@ -14,6 +14,9 @@ code: evaluations, ``metrics.csv``, epoch checkpoints (the same files a sequenti
 non-finite handling and callbacks. A member that fails (a non-finite step with ``on_nonfinite: stop``) or that
 ``prune`` stops is masked out; the others go on.
 
+This module holds the lockstep loop; each member's own state and bookkeeping (its evaluations, rows, checkpoints
+and result) are :class:`~v3kit.train.stacked_members.Member`'s.
+
 A stack that cannot be batched (a model other than the built-in towers, several processes under torchrun) runs its
 members one after another through ``fit`` instead, with a one-line note saying why; nothing fails for that.
 """
@@ -22,8 +25,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -32,12 +34,12 @@ from tqdm.auto import tqdm
 
 from ..data.contract import Batch, GroupData, num_batches
 from . import distributed
-from .checkpoint import epoch_checkpoints, load_checkpoint, load_state_into, require_fields, save_checkpoint
-from .device import as_floats, autocast
-from .metrics import evaluate, ranking_metrics
-from .metrics_log import MetricsLog, call_callbacks
-from .model import INTERFACE_ATTR, Interface, compute_log_probs
+from .checkpoint import epoch_checkpoints
+from .device import autocast
+from .metrics_log import call_callbacks
+from .model import INTERFACE_ATTR, Interface
 from .stacked_losses import Ref, member_log_probs, stacked_loss
+from .stacked_members import Member, MemberPruned
 from .stacked_towers import StackedTowers, stack_reason
 from .training import (
     RunContext,
@@ -46,7 +48,6 @@ from .training import (
     StepContext,
     check_on_nonfinite,
     check_optim_fields,
-    check_same_config,
     fit,
     kill_point,
     nonfinite_error,
@@ -55,10 +56,6 @@ from .training import (
 EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
 # prune(member index, epoch, held-out metrics of that epoch) -> True to stop training that member from here on
 PruneFn = Callable[[int, int, dict[str, float]], bool]
-
-
-class MemberPruned(RuntimeError):
-    """A member stopped early by ``prune`` (its files hold every epoch up to the one it was pruned at)."""
 
 
 @dataclass
@@ -84,26 +81,6 @@ class _Scores(nn.Module):
     def forward(self, query_x: Tensor, cand_x: Tensor) -> Tensor:  # noqa: ARG002 - the scores are precomputed
         assert self.current is not None
         return self.current
-
-
-@dataclass
-class _Member:
-    stage: Stage
-    run: RunContext
-    run_dir: Path | None
-    log: MetricsLog
-    optimizer: torch.optim.Adam  # not stepped: holds the member's Adam state in torch's layout for its checkpoints
-    generator: torch.Generator
-    torch_state: Tensor  # torch's global RNG state a sequential run would have (saved in its checkpoints)
-    checkpoints: list[Path] = field(default_factory=list)
-    pending: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: BaseException | None = None
-    order: Tensor | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.error is None
 
 
 def sequential_reason(stages: Sequence[Stage], runs: Sequence[RunContext]) -> str | None:
@@ -162,7 +139,7 @@ class _StackedFit:
             raise ValueError(f"log_every must be >= 1, got {runs[0].log_every}")
         self.device = torch.device(runs[0].device)
         self.precision, self.log_every = runs[0].precision, runs[0].log_every
-        self.members = [self._member(s, r) for s, r in zip(stages, runs)]
+        self.members = [Member.start(s, r, self.device) for s, r in zip(stages, runs)]
         self.tower = StackedTowers([s.model for s in stages])
         self.proxy = _Scores(self.device)
         self.steps_per_epoch = num_batches(len(first.train), first.cfg.batch_size)
@@ -174,28 +151,6 @@ class _StackedFit:
         self.shared_train = all(s.train is first.train for s in stages)
         self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
         self._total: Tensor | None = None
-
-    def _member(self, stage: Stage, run: RunContext) -> _Member:
-        stage.model.to(self.device)
-        if stage.reference is not None:
-            stage.reference.to(self.device)
-        if self.device.type != "cpu":
-            stage.train, stage.val = stage.train.to(self.device), stage.val.to(self.device)
-        run_dir = None if run.run_dir is None else Path(run.run_dir)
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(run.seed)
-        return _Member(
-            stage=stage,
-            run=run,
-            run_dir=run_dir,
-            log=MetricsLog(run_dir),
-            optimizer=torch.optim.Adam(
-                stage.model.parameters(), lr=stage.cfg.lr, weight_decay=getattr(stage.cfg, "weight_decay", 0.0)
-            ),
-            generator=torch.Generator().manual_seed(run.seed),
-            torch_state=torch.get_rng_state(),
-        )
 
     # ------------------------------------------------------------------ resume
     def _restore(self) -> tuple[int, int]:
@@ -216,7 +171,7 @@ class _StackedFit:
             if epoch == 0:
                 m.log.start_stage(self.name, [])
                 continue
-            step = self._load_member(m, done[epoch])
+            step = m.load(self.name, done[epoch])
             m.checkpoints = [p for e, p in sorted(done.items()) if e <= epoch]
         self.tower.from_members([m.stage.model for m in self.members])
         for k, m in enumerate(self.members):
@@ -225,19 +180,7 @@ class _StackedFit:
             )
         return epoch, step
 
-    def _load_member(self, m: _Member, path: Path) -> int:
-        ckpt = load_checkpoint(path, stage=self.name)
-        require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
-        check_same_config(ckpt, m.stage.meta, path, (*m.stage.extendable, "on_nonfinite"))
-        load_state_into(m.stage.model, ckpt["model"], path)
-        m.optimizer.load_state_dict(ckpt["optimizer"])
-        m.generator.set_state(ckpt["rng"]["generator"])
-        m.torch_state = ckpt["rng"]["torch"]
-        m.stage.restore_extra(ckpt.get("extra", {}))
-        m.log.start_stage(self.name, ckpt.get("metrics_rows"), ckpt["epoch"])
-        return int(ckpt["step"])
-
-    # ------------------------------------------------------------------ evaluation and checkpoints
+    # ------------------------------------------------------------------ the stacked evaluation
     @torch.inference_mode()
     def _val_log_probs(self) -> dict[int, Tensor]:
         """Each active member's held-out log-probs ``[N, G]`` at its evaluation temperature, from one stacked
@@ -258,62 +201,6 @@ class _StackedFit:
                 chunks.append(member_log_probs(scores, temps, mask.expand(len(live), *mask.shape)).float())
         logp = torch.cat(chunks, dim=1)
         return {k: logp[j] for j, k in enumerate(live)}
-
-    def _evaluate(self, m: _Member, epoch: int, step: int, logp: Tensor | None = None) -> None:
-        stage = m.stage
-        temperature = stage.eval_temperature()
-        key = (id(stage.reference), id(stage.val), temperature)
-        if stage.reference is not None and key not in self.ref_logps:  # a shared reference is scored once
-            self.ref_logps[key] = compute_log_probs(stage.reference, stage.val, temperature, precision=self.precision)
-        ref_logp = self.ref_logps.get(key)
-        if logp is None:
-            metrics = evaluate(
-                stage.model,
-                stage.val,
-                temperature=temperature,
-                reference=stage.reference,
-                ref_logp=ref_logp,
-                precision=self.precision,
-            )
-        else:  # evaluate()'s metrics from the stacked log-probs
-            val = stage.val
-            metrics = ranking_metrics(
-                logp, val.labels, val.rewards, val.mask, utility=val.utility, logp=logp, ref_logp=ref_logp
-            )
-        metrics.update(stage.eval_extra(epoch))
-        row = {"stage": self.name, "split": "val", "epoch": epoch, "step": step, **metrics}
-        m.log.add(row)
-        call_callbacks(m.run.callbacks, "on_eval", row)
-        m.metrics = metrics
-
-    def _payload(self, k: int, epoch: int, step: int) -> dict[str, Any]:
-        """What member ``k``'s epoch checkpoint holds: the same payload :func:`fit` writes."""
-        m = self.members[k]
-        params = list(m.stage.model.parameters())
-        m.optimizer.state.clear()
-        for p, s in zip(params, self.tower.adam_state(k)):
-            if s["step"] > 0:
-                m.optimizer.state[p] = s
-        return {
-            "stage": self.name,
-            "epoch": epoch,
-            "step": step,
-            "model": m.stage.model.state_dict(),
-            "optimizer": m.optimizer.state_dict(),
-            "rng": {"generator": m.generator.get_state(), "torch": m.torch_state},
-            "extra": m.stage.extra_state(),
-            "metrics_rows": m.log.stage_rows(self.name),
-            **(m.stage.meta or {}),
-        }
-
-    def _write(self, k: int, epoch: int, payload: dict[str, Any]) -> None:
-        """Commit member ``k``'s metrics rows, then write its checkpoint (in a thread: the members' fsyncs
-        overlap instead of queueing; the pickling holds the GIL, so the CPU work is not parallel)."""
-        m = self.members[k]
-        m.log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
-        kill_point(f"{self.name}:epoch{epoch}:before_checkpoint")
-        m.checkpoints.append(save_checkpoint(m.run_dir / f"{self.name}_epoch{epoch}.pt", payload))  # type: ignore[operator]
-        kill_point(f"{self.name}:epoch{epoch}:after_checkpoint")
 
     # ------------------------------------------------------------------ one step
     def _batches(self, start: int) -> list[Batch | None]:
@@ -418,29 +305,6 @@ class _StackedFit:
         return bad
 
     # ------------------------------------------------------------------ the loop
-    def _flush(self, m: _Member) -> None:
-        if not m.pending:
-            return
-        read: dict[int, list[float]] = {}  # a per-member statistic [K] read back once for every member
-        for row in m.pending:
-            for key, v in row.items():
-                if isinstance(v, Ref):
-                    if id(v.values) not in read:
-                        read[id(v.values)] = v.values.tolist()
-                    row[key] = read[id(v.values)][v.j]
-        slots = [(row, key) for row in m.pending for key, v in row.items() if isinstance(v, Tensor)]
-        for (row, key), value in zip(slots, as_floats([row[key] for row, key in slots])):
-            row[key] = value
-        if not self.check_each_step:
-            for row in m.pending:
-                for q, key in (("loss", "loss"), ("gradient", "grad_norm")):
-                    if m.error is None and not math.isfinite(row[key]):
-                        m.error = nonfinite_error(self.name, q, row["epoch"], row["step"], m.checkpoints, m.run_dir)
-        m.log.add_many(m.pending)
-        for row in m.pending:
-            call_callbacks(m.run.callbacks, "on_step", row)
-        m.pending.clear()
-
     def run(self) -> list[StageResult | BaseException]:
         try:
             return self._run()
@@ -458,7 +322,7 @@ class _StackedFit:
         logps = self._val_log_probs() if start_epoch == 0 else {}
         for k, m in enumerate(self.members):
             if start_epoch == 0:
-                self._evaluate(m, 0, 0, logps.get(k))
+                m.evaluate(self.name, 0, 0, self.precision, self.ref_logps, logps.get(k))
         show = any(m.run.progress for m in self.members)
         bar = tqdm(
             total=self.total_steps,
@@ -497,12 +361,12 @@ class _StackedFit:
         bar.update(1)
         for m in self.members:
             if m.active and len(m.pending) >= self.log_every:
-                self._flush(m)
+                m.flush(self.name, self.check_each_step)
 
     def _end_epoch(self, epoch: int, step: int) -> None:
         for m in self.members:
             if m.active:
-                self._flush(m)
+                m.flush(self.name, self.check_each_step)
         self.tower.to_members([m.stage.model for m in self.members])
         for m in self.members:
             if m.active and not all(bool(torch.isfinite(p).all()) for p in m.stage.model.parameters()):
@@ -512,40 +376,16 @@ class _StackedFit:
         for k, m in enumerate(self.members):
             if not m.active:
                 continue
-            self._evaluate(m, epoch, step, logps.get(k))
+            m.evaluate(self.name, epoch, step, self.precision, self.ref_logps, logps.get(k))
             if m.run_dir is not None:
-                saves.append((k, self._payload(k, epoch, step)))
+                saves.append((m, m.payload(self.name, epoch, step, self.tower.adam_state(k))))
         if saves:
             with ThreadPoolExecutor(max_workers=len(saves)) as pool:
-                list(pool.map(lambda item: self._write(item[0], epoch, item[1]), saves))
+                list(pool.map(lambda item: item[0].write(self.name, epoch, item[1]), saves))
         for k, m in enumerate(self.members):
             if m.active and self.prune is not None and epoch < self.cfg0.epochs and self.prune(k, epoch, m.metrics):
                 m.error = MemberPruned(f"{self.name}: pruned after epoch {epoch}")
 
     def _results(self, start_epoch: int) -> list[StageResult | BaseException]:
-        out: list[StageResult | BaseException] = []
-        for m in self.members:
-            m.log.close()
-            if m.error is not None and not isinstance(m.error, MemberPruned):
-                out.append(m.error)
-                continue
-            history = m.log.frame(self.name)
-            metrics = m.metrics
-            if not metrics:  # resumed a finished stage: its last logged evaluation
-                last = history[history["split"] == "val"].iloc[-1]
-                metrics = {
-                    k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and v == v
-                }
-            info = {
-                "epochs": self.cfg0.epochs,
-                "steps_per_epoch": self.steps_per_epoch,
-                "resumed_from_epoch": start_epoch,
-            }
-            if "skipped_nonfinite" in history.columns:
-                info["skipped_batches"] = int(history["skipped_nonfinite"].fillna(0).sum())
-            if isinstance(m.error, MemberPruned):
-                info["pruned"] = True
-            result = StageResult(self.name, m.stage.model, history, metrics, m.checkpoints, info)
-            call_callbacks(m.run.callbacks, "on_stage_end", self.name, result)
-            out.append(result)
-        return out
+        info = {"epochs": self.cfg0.epochs, "steps_per_epoch": self.steps_per_epoch, "resumed_from_epoch": start_epoch}
+        return [m.result(self.name, dict(info)) for m in self.members]

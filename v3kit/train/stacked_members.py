@@ -1,0 +1,197 @@
+"""One member of a stacked stage (:mod:`v3kit.train.stacked`) and its own bookkeeping: everything a member does as
+its sequential run would, apart from the shared forward and backward passes. Its optimizer holds its Adam state in
+torch's layout for its checkpoints, its generator draws its batch order and sampling, and it keeps its own
+evaluations, ``metrics.csv`` rows, epoch checkpoints (the payload :func:`v3kit.train.training.fit` writes) and
+result. The lockstep loop that drives the members is :mod:`v3kit.train.stacked`'s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import load_checkpoint, load_state_into, require_fields, save_checkpoint
+from .device import as_floats
+from .metrics import evaluate, ranking_metrics
+from .metrics_log import MetricsLog, call_callbacks
+from .model import compute_log_probs
+from .stacked_losses import Ref
+from .training import RunContext, Stage, StageResult, check_same_config, kill_point, nonfinite_error
+
+
+class MemberPruned(RuntimeError):
+    """A member stopped early by ``prune`` (its files hold every epoch up to the one it was pruned at)."""
+
+
+@dataclass
+class Member:
+    """One member's state: its stage and run, its log and files, its generator and RNG state, and whether it
+    stopped (``error``: a non-finite step or :class:`MemberPruned`)."""
+
+    stage: Stage
+    run: RunContext
+    run_dir: Path | None
+    log: MetricsLog
+    optimizer: torch.optim.Adam  # not stepped: holds the member's Adam state in torch's layout for its checkpoints
+    generator: torch.Generator
+    torch_state: Tensor  # torch's global RNG state a sequential run would have (saved in its checkpoints)
+    checkpoints: list[Path] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: BaseException | None = None
+    order: Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def start(cls, stage: Stage, run: RunContext, device: torch.device) -> Member:
+        """The member of ``stage`` under ``run``, its model and data on ``device``, seeded as ``fit`` seeds."""
+        stage.model.to(device)
+        if stage.reference is not None:
+            stage.reference.to(device)
+        if device.type != "cpu":
+            stage.train, stage.val = stage.train.to(device), stage.val.to(device)
+        run_dir = None if run.run_dir is None else Path(run.run_dir)
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(run.seed)
+        return cls(
+            stage=stage,
+            run=run,
+            run_dir=run_dir,
+            log=MetricsLog(run_dir),
+            optimizer=torch.optim.Adam(
+                stage.model.parameters(), lr=stage.cfg.lr, weight_decay=getattr(stage.cfg, "weight_decay", 0.0)
+            ),
+            generator=torch.Generator().manual_seed(run.seed),
+            torch_state=torch.get_rng_state(),
+        )
+
+    def load(self, name: str, path: Path) -> int:
+        """Restore the member from its epoch checkpoint ``path`` of stage ``name``; the step it was written at."""
+        ckpt = load_checkpoint(path, stage=name)
+        require_fields(ckpt, path, "model", "optimizer", "rng", "epoch", "step")
+        check_same_config(ckpt, self.stage.meta, path, (*self.stage.extendable, "on_nonfinite"))
+        load_state_into(self.stage.model, ckpt["model"], path)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.generator.set_state(ckpt["rng"]["generator"])
+        self.torch_state = ckpt["rng"]["torch"]
+        self.stage.restore_extra(ckpt.get("extra", {}))
+        self.log.start_stage(name, ckpt.get("metrics_rows"), ckpt["epoch"])
+        return int(ckpt["step"])
+
+    def evaluate(
+        self,
+        name: str,
+        epoch: int,
+        step: int,
+        precision: str,
+        ref_logps: dict[tuple[int, int, float], Tensor],
+        logp: Tensor | None = None,
+    ) -> None:
+        """Log the member's held-out metrics (``evaluate()``'s, from the stacked log-probs ``logp`` when given);
+        ``ref_logps`` caches the reference's log-probs, so a reference the members share is scored once."""
+        stage = self.stage
+        temperature = stage.eval_temperature()
+        key = (id(stage.reference), id(stage.val), temperature)
+        if stage.reference is not None and key not in ref_logps:  # a shared reference is scored once
+            ref_logps[key] = compute_log_probs(stage.reference, stage.val, temperature, precision=precision)
+        ref_logp = ref_logps.get(key)
+        if logp is None:
+            metrics = evaluate(
+                stage.model,
+                stage.val,
+                temperature=temperature,
+                reference=stage.reference,
+                ref_logp=ref_logp,
+                precision=precision,
+            )
+        else:  # evaluate()'s metrics from the stacked log-probs
+            val = stage.val
+            metrics = ranking_metrics(
+                logp, val.labels, val.rewards, val.mask, utility=val.utility, logp=logp, ref_logp=ref_logp
+            )
+        metrics.update(stage.eval_extra(epoch))
+        row = {"stage": name, "split": "val", "epoch": epoch, "step": step, **metrics}
+        self.log.add(row)
+        call_callbacks(self.run.callbacks, "on_eval", row)
+        self.metrics = metrics
+
+    def payload(self, name: str, epoch: int, step: int, adam_state: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """What the member's epoch checkpoint holds: the same payload :func:`fit` writes (``adam_state``: its Adam
+        state per parameter, from the stack)."""
+        params = list(self.stage.model.parameters())
+        self.optimizer.state.clear()
+        for p, s in zip(params, adam_state):
+            if s["step"] > 0:
+                self.optimizer.state[p] = s
+        return {
+            "stage": name,
+            "epoch": epoch,
+            "step": step,
+            "model": self.stage.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"generator": self.generator.get_state(), "torch": self.torch_state},
+            "extra": self.stage.extra_state(),
+            "metrics_rows": self.log.stage_rows(name),
+            **(self.stage.meta or {}),
+        }
+
+    def write(self, name: str, epoch: int, payload: dict[str, Any]) -> None:
+        """Commit the member's metrics rows, then write its checkpoint (the stack calls it in a thread per member:
+        the members' fsyncs overlap instead of queueing; the pickling holds the GIL, so the CPU work is not
+        parallel)."""
+        self.log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
+        kill_point(f"{name}:epoch{epoch}:before_checkpoint")
+        self.checkpoints.append(save_checkpoint(self.run_dir / f"{name}_epoch{epoch}.pt", payload))  # type: ignore[operator]
+        kill_point(f"{name}:epoch{epoch}:after_checkpoint")
+
+    def flush(self, name: str, check_each_step: bool) -> None:
+        """Log the member's pending training rows, their stacked values read back to numbers; without
+        ``check_each_step``, a non-finite loss or gradient among them stops the member here."""
+        if not self.pending:
+            return
+        read: dict[int, list[float]] = {}  # a per-member statistic [K] read back once for every member
+        for row in self.pending:
+            for key, v in row.items():
+                if isinstance(v, Ref):
+                    if id(v.values) not in read:
+                        read[id(v.values)] = v.values.tolist()
+                    row[key] = read[id(v.values)][v.j]
+        slots = [(row, key) for row in self.pending for key, v in row.items() if isinstance(v, Tensor)]
+        for (row, key), value in zip(slots, as_floats([row[key] for row, key in slots])):
+            row[key] = value
+        if not check_each_step:
+            for row in self.pending:
+                for q, key in (("loss", "loss"), ("gradient", "grad_norm")):
+                    if self.error is None and not math.isfinite(row[key]):
+                        self.error = nonfinite_error(name, q, row["epoch"], row["step"], self.checkpoints, self.run_dir)
+        self.log.add_many(self.pending)
+        for row in self.pending:
+            call_callbacks(self.run.callbacks, "on_step", row)
+        self.pending.clear()
+
+    def result(self, name: str, info: dict[str, Any]) -> StageResult | BaseException:
+        """Close the member's log; its :class:`StageResult` (``info`` completed), or the exception that stopped it."""
+        self.log.close()
+        if self.error is not None and not isinstance(self.error, MemberPruned):
+            return self.error
+        history = self.log.frame(name)
+        metrics = self.metrics
+        if not metrics:  # resumed a finished stage: its last logged evaluation
+            last = history[history["split"] == "val"].iloc[-1]
+            metrics = {k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and v == v}
+        if "skipped_nonfinite" in history.columns:
+            info["skipped_batches"] = int(history["skipped_nonfinite"].fillna(0).sum())
+        if isinstance(self.error, MemberPruned):
+            info["pruned"] = True
+        result = StageResult(name, self.stage.model, history, metrics, self.checkpoints, info)
+        call_callbacks(self.run.callbacks, "on_stage_end", name, result)
+        return result
