@@ -236,10 +236,6 @@ def grpo_step_loss(
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
         full = None if full is None else tuple(t[keep] for t in full)
-    bonus = None  # the entropy bonus is taken over the (kept) full groups, not the draws
-    full_kl = None  # likewise the exact KL, a sum over the whole group
-    if full is not None:
-        bonus, full_kl = _full_group_terms(*full, cfg, stats)
     if group_terms is not None:
         adv = group_terms[1] if keep is None else group_terms[1][keep]
     else:
@@ -251,6 +247,30 @@ def grpo_step_loss(
             baseline=cfg.baseline,
             no_signal=zero if keep is None else zero[keep],
         )
+    loss, loss_stats = _policy_kl_entropy(logp, old_logp, adv, mask, ref_logp, full, cfg, kl_beta, stats)
+    with torch.no_grad():
+        loss_stats["adv_std"] = std_over(adv, mask)
+    return loss, loss_stats
+
+
+def _policy_kl_entropy(
+    logp: Tensor,
+    old_logp: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    ref_logp: Tensor | None,
+    full: tuple[Tensor, ...] | None,
+    cfg: GRPOConfig,
+    kl_beta: float,
+    stats: dict[str, float | Tensor],
+) -> tuple[Tensor, dict[str, float | Tensor]]:
+    """The step's loss: the clipped policy term, ``kl_beta`` x the KL penalty and minus the entropy bonus, and their
+    statistics (``stats`` added last). With ``full`` (``samples="sampled"``) the entropy bonus and the exact KL are
+    those of the full groups the draws came from, added here instead of :func:`grpo_loss_terms`'s."""
+    bonus = None  # the entropy bonus is taken over the (kept) full groups, not the draws
+    full_kl = None  # likewise the exact KL, a sum over the whole group
+    if full is not None:
+        bonus, full_kl = _full_group_terms(*full, cfg, stats)
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
     loss, loss_stats = grpo_loss_terms(
         logp,
@@ -272,8 +292,6 @@ def grpo_step_loss(
     if bonus is not None:
         loss = loss - bonus
     loss_stats.update(stats)  # full-group entropy and exact KL win over those of the sampled sub-group
-    with torch.no_grad():
-        loss_stats["adv_std"] = std_over(adv, mask)
     return loss, loss_stats
 
 
