@@ -51,9 +51,7 @@ from .losses import (
     LOG_RATIO_CLAMP,
     LOSS_TYPES,
     AdaptiveKLController,
-    exact_group_kl,
     group_advantages,
-    group_entropy,
     grpo_loss_terms,
     std_over,
     zero_std_groups,
@@ -247,30 +245,6 @@ def grpo_step_loss(
             baseline=cfg.baseline,
             no_signal=zero if keep is None else zero[keep],
         )
-    loss, loss_stats = _policy_kl_entropy(logp, old_logp, adv, mask, ref_logp, full, cfg, kl_beta, stats)
-    with torch.no_grad():
-        loss_stats["adv_std"] = std_over(adv, mask)
-    return loss, loss_stats
-
-
-def _policy_kl_entropy(
-    logp: Tensor,
-    old_logp: Tensor,
-    adv: Tensor,
-    mask: Tensor,
-    ref_logp: Tensor | None,
-    full: tuple[Tensor, ...] | None,
-    cfg: GRPOConfig,
-    kl_beta: float,
-    stats: dict[str, float | Tensor],
-) -> tuple[Tensor, dict[str, float | Tensor]]:
-    """The step's loss: the clipped policy term, ``kl_beta`` x the KL penalty and minus the entropy bonus, and their
-    statistics (``stats`` added last). With ``full`` (``samples="sampled"``) the entropy bonus and the exact KL are
-    those of the full groups the draws came from, added here instead of :func:`grpo_loss_terms`'s."""
-    bonus = None  # the entropy bonus is taken over the (kept) full groups, not the draws
-    full_kl = None  # likewise the exact KL, a sum over the whole group
-    if full is not None:
-        bonus, full_kl = _full_group_terms(*full, cfg, stats)
     weights = torch.where(mask, old_logp.exp(), torch.zeros_like(old_logp)) if cfg.samples == "exact" else None
     loss, loss_stats = grpo_loss_terms(
         logp,
@@ -279,19 +253,18 @@ def _policy_kl_entropy(
         mask=mask,
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
-        kl_beta=kl_beta if full_kl is None else 0.0,  # the full groups' KL is added below instead
+        kl_beta=kl_beta,
         ref_logp=ref_logp,
         kl_estimator=cfg.kl_estimator,
         weights=weights,
         dual_clip=cfg.dual_clip,
         loss_type=cfg.loss_type,
-        entropy_coef=0.0 if bonus is not None else cfg.entropy_coef,
+        entropy_coef=cfg.entropy_coef,
+        full_groups=full,  # samples="sampled": the entropy bonus and an exact KL are the full groups'
     )
-    if full_kl is not None:
-        loss = loss + kl_beta * full_kl
-    if bonus is not None:
-        loss = loss - bonus
-    loss_stats.update(stats)  # full-group entropy and exact KL win over those of the sampled sub-group
+    loss_stats.update(stats)
+    with torch.no_grad():
+        loss_stats["adv_std"] = std_over(adv, mask)
     return loss, loss_stats
 
 
@@ -324,29 +297,9 @@ def _draw(
     return logp, old_logp, rewards, ref_logp, torch.ones_like(idx, dtype=torch.bool)
 
 
-def _full_group_terms(
-    logp: Tensor, anchor_logp: Tensor, mask: Tensor, cfg: GRPOConfig, stats: dict[str, float | Tensor]
-) -> tuple[Tensor | None, Tensor | None]:
-    """``samples="sampled"``: the entropy bonus and the exact KL of the full groups the draws came from (the groups
-    the loss keeps); their values go to ``stats``. Over the K draws the exact sum would count repeated candidates
-    twice and miss the undrawn ones (it can even go negative), so both cover the full groups."""
-    bonus = full_kl = None
-    if cfg.entropy_coef:
-        entropy = group_entropy(logp, mask)
-        bonus = cfg.entropy_coef * entropy
-    else:
-        with torch.no_grad():
-            entropy = group_entropy(logp, mask)
-    stats["entropy"] = entropy.detach()
-    if cfg.kl_estimator == EXACT_KL:
-        full_kl = exact_group_kl(logp, anchor_logp, mask).mean()
-        stats["kl"] = full_kl.detach()
-    return bonus, full_kl
-
-
 class GRPOObjective:
-    """The GRPO objective of a run: ``cfg``'s switches (:func:`grpo_step_loss` assembles the policy, KL and entropy
-    terms) and its state, the KL coefficient. That coefficient is ``cfg.kl_beta``, or with ``cfg.kl_target`` the
+    """The GRPO objective of a run: ``cfg``'s switches (:func:`grpo_step_loss`; :func:`grpo_loss_terms` assembles
+    the policy, KL and entropy terms) and its state, the KL coefficient. That coefficient is ``cfg.kl_beta``, or with ``cfg.kl_target`` the
     adaptive controller's current value, updated after every step (logged as ``kl_beta``): the one source of the
     ``kl_beta`` a step uses."""
 
