@@ -11,7 +11,14 @@ import torch
 
 from v3kit.config import ConfigError, load_config
 from v3kit.train.grpo import GRPOConfig, grpo_step_loss
-from v3kit.train.losses import AdaptiveKLController, exact_group_kl, group_advantages, group_entropy, grpo_loss
+from v3kit.train.losses import (
+    AdaptiveKLController,
+    exact_group_kl,
+    group_advantages,
+    group_entropy,
+    grpo_loss,
+    grpo_loss_terms,
+)
 
 F64 = torch.float64
 
@@ -60,6 +67,39 @@ def test_sampled_exact_kl_is_the_full_groups_kl_whatever_the_draws(monkeypatch, 
     all_cfg = GRPOConfig(samples="all", kl_beta=1.0, kl_estimator="exact", kl_reference="sft")
     _, all_stats = grpo_step_loss(logp, logp, rewards, mask, all_cfg, ref_logp=ref)
     assert float(all_stats["kl"]) == float(stats["kl"])  # one formula on the same groups: bit for bit
+
+
+def test_loss_terms_take_entropy_and_exact_kl_over_the_full_groups_the_draws_came_from():
+    # Two full groups (one ragged) and two draws each, repeats included; old = the draws' own log-probs, so every
+    # ratio is 1 and the policy term is -mean(advantage) over the draws.
+    pi = [[0.5, 0.3, 0.2], [0.6, 0.4, 0.0]]
+    anchor = [[1 / 3, 1 / 3, 1 / 3], [0.5, 0.25, 0.25]]
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    logp = torch.tensor(pi, dtype=F64).log().masked_fill(~mask, -math.inf).requires_grad_(True)
+    log_anchor = torch.tensor(anchor, dtype=F64).log()
+    draws = torch.tensor([[0, 0], [1, 0]])
+    adv = torch.tensor([[1.0, -0.5], [0.25, 2.0]], dtype=F64)
+    beta, coef = 0.3, 0.05
+    drawn = logp.gather(1, draws)
+    loss, stats = grpo_loss_terms(
+        drawn,
+        drawn.detach(),
+        adv,
+        kl_beta=beta,
+        ref_logp=log_anchor.gather(1, draws),
+        kl_estimator="exact",
+        entropy_coef=coef,
+        full_groups=(logp, log_anchor, mask),
+    )
+    ent = [-math.fsum(p * math.log(p) for p in row if p > 0) for row in pi]
+    kls = [_kl(row, [math.log(a) for a in arow]) for row, arow in zip(pi, anchor)]
+    want = -math.fsum(adv.flatten().tolist()) / 4 + beta * math.fsum(kls) / 2 - coef * math.fsum(ent) / 2
+    assert float(loss) == pytest.approx(want, rel=1e-12)
+    assert float(stats["entropy"]) == pytest.approx(math.fsum(ent) / 2, rel=1e-12)
+    assert float(stats["kl"]) == pytest.approx(math.fsum(kls) / 2, rel=1e-12)
+    # The undrawn candidate (group 0, candidate 1 and 2) still gets the KL's and the entropy's gradient.
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert float(grad[0, 2]) != 0.0 and torch.isfinite(grad[mask]).all() and float(grad[1, 2]) == 0.0
 
 
 def test_sampled_exact_kl_on_ragged_batches_equals_all_and_carries_the_gradient():

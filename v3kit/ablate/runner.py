@@ -245,6 +245,157 @@ def _run_runs(tasks: list[RunTask], bar: Any, backend: Any, errors: list[str], s
     _run_tasks(_execute, alone, bar, backend, errors)
 
 
+def _grid_spec(spec: GridSpec | str | Path, overrides: Sequence[str]) -> GridSpec:
+    """The grid to run: a loaded file with ``overrides``, or a given spec with ``overrides`` added to its base."""
+    if not isinstance(spec, GridSpec):
+        return load_grid(spec, overrides)
+    if overrides:
+        return dataclasses.replace(spec, base=[*spec.base, *overrides])
+    return spec
+
+
+def _grid_dir(spec: GridSpec, out_dir: str | Path | None, backend: str) -> Path:
+    """Create the grid's output directory (default ``runs/ablate/<grid name>``) and write its ``grid.yaml``."""
+    out = Path(out_dir) if out_dir is not None else Path("runs/ablate") / spec.name
+    if backend == "ray":
+        out = out.resolve()  # workers elsewhere do not share this process's working directory
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "grid.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False))
+    return out
+
+
+def _open_tracking(out: Path, report_to: Sequence[str]) -> str | None:
+    """Check the trackers' extras before anything trains; every run of the grid goes to one MLflow store (its URI,
+    or None without MLflow)."""
+    trackers.require(report_to)
+    store = trackers.mlflow_uri(out, concurrent=True) if "mlflow" in report_to else None
+    if store is not None:
+        trackers.open_mlflow_store(store)
+        print(trackers.mlflow_read_hint(store), flush=True)
+    return store
+
+
+@dataclass
+class _RunPlanner:
+    """The runs of a grid still to do: each with its resolved config, the SFT checkpoint it starts from and its
+    tracking; a run whose ``result.json`` holds the same config hash is finished and skipped."""
+
+    sft_plan: SFTPlan  # also holds the grid's out dir, spec and per-world SFT configs
+    keep_checkpoints: bool
+    report_to: Sequence[str]
+    store: str | None  # the grid's MLflow store
+
+    def tracking(self, world: str, variant: str, seed: int) -> dict[str, Any] | None:
+        if not self.report_to:
+            return None
+        name = self.sft_plan.spec.name
+        tags = {
+            "grid": name,
+            "world": world,
+            "variant": variant,
+            "seed": seed,
+            "run": f"{name}/{world}/{variant}/seed{seed}",
+        }
+        return {"tags": tags, "mlflow_uri": self.store}
+
+    def plan(self, world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[RunTask], int]:
+        """(the runs of ``world`` still to do, how many are finished)."""
+        out, spec, sft_plan = self.sft_plan.out, self.sft_plan.spec, self.sft_plan
+        tasks, skipped = [], 0
+        for variant in variants:
+            for seed in seeds:
+                rd = _run_dir(out, world, variant, seed)
+                cfg = spec.resolve(world, variant, seed, rd)
+                path, key = sft_plan.sft_for(world, variant, cfg)
+                h = _config_hash(cfg, key)
+                result_path = rd / "result.json"
+                if _load_result(result_path, h) is not None:
+                    skipped += 1
+                    continue
+                tasks.append(
+                    RunTask(
+                        world=world,
+                        variant=variant,
+                        seed=seed,
+                        cfg=cfg,
+                        split_cfg=sft_plan.sft_cfgs[world],
+                        sft_path=path,
+                        result_path=result_path,
+                        hash=h,
+                        keep_checkpoints=self.keep_checkpoints,
+                        tracking=self.tracking(world, variant, seed),
+                    )
+                )
+        return tasks, skipped
+
+
+def _run_other_worlds(
+    planner: _RunPlanner, bar: Any, runner: Any, errors: list[str], stack: str
+) -> tuple[int, int, str | None]:
+    """The runs of the grid's other worlds (after the base world's, which ``@best`` is chosen from), with their own
+    SFTs first; returns (runs started, runs skipped as finished, the variant ``@best`` resolved to)."""
+    spec, out = planner.sft_plan.spec, planner.sft_plan.out
+    best = None
+    world_variants = list(spec.worlds.variants)
+    if BEST in world_variants:
+        best = best_variant(collect(out, spec, worlds=[BASE_WORLD]), spec)
+        world_variants = list(dict.fromkeys(best if v == BEST else v for v in world_variants))
+        if len(world_variants) < len(spec.worlds.variants):  # @best coincided with a listed variant
+            bar.total -= len(spec.worlds.levels) * len(spec.worlds.seeds)
+            bar.refresh()
+    world_tasks, skipped = [], 0
+    for world in spec.worlds.levels:
+        tasks, s = planner.plan(world, world_variants, spec.worlds.seeds)
+        world_tasks += tasks
+        skipped += s
+        bar.update(s)
+    world_sft = planner.sft_plan.tasks_for(world_tasks)
+    if world_sft:
+        sft_errors: list[str] = []
+        _run_tasks(_train_sft, world_sft, None, runner, sft_errors)
+        if sft_errors:
+            raise RuntimeError(
+                "SFT training failed, no variant of the other worlds can run:\n" + "\n".join(errors + sft_errors)
+            )
+    _run_runs(world_tasks, bar, runner, errors, stack)
+    return len(world_tasks), skipped, best
+
+
+def _finish_grid(
+    spec: GridSpec, out: Path, best: str | None, executed: int, skipped: int, t0: float, workers: int, backend: str
+) -> GridResult:
+    """Collect the grid's results and write ``results.{csv,parquet}``, ``per_query.parquet``, ``summary.csv`` and
+    ``timing.json``; ``executed``: the runs that finished in this call."""
+    frame, per_query = collect(out, spec, return_per_query=True)
+    atomic_write_frame(out / "results.csv", frame)
+    atomic_write_frame(out / "results.parquet", frame)
+    atomic_write_frame(out / "per_query.parquet", per_query)
+    result = GridResult(
+        spec=spec,
+        out_dir=out,
+        frame=frame,
+        per_query=per_query,
+        best=best,
+        executed=executed,
+        skipped=skipped,
+        wall_s=time.perf_counter() - t0,
+    )
+    atomic_write_frame(out / "summary.csv", result.summary())
+    atomic_write_text(
+        out / "timing.json",
+        json.dumps(
+            {
+                "wall_s": result.wall_s,
+                "workers": workers,
+                "backend": backend,
+                "executed": result.executed,
+                "skipped": skipped,
+            }
+        ),
+    )
+    return result
+
+
 def run_grid(
     spec: GridSpec | str | Path,
     out_dir: str | Path | None = None,
@@ -267,18 +418,11 @@ def run_grid(
     one run directory per run (``<world>/<variant>/seed<k>/``).
     """
     t0 = time.perf_counter()
-    if not isinstance(spec, GridSpec):
-        spec = load_grid(spec, overrides)
-    elif overrides:
-        spec = dataclasses.replace(spec, base=[*spec.base, *overrides])
+    spec = _grid_spec(spec, overrides)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     plan_stacks([], stack)  # an unknown mode fails before anything runs
-    out = Path(out_dir) if out_dir is not None else Path("runs/ablate") / spec.name
-    if backend == "ray":
-        out = out.resolve()  # workers elsewhere do not share this process's working directory
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "grid.yaml", yaml.safe_dump(_spec_dict(spec), sort_keys=False))
+    out = _grid_dir(spec, out_dir, backend)
 
     # SFT checkpoints: one per world and distinct SFT (data/model/sft settings; variants may change model.* and
     # sft.*), each trained once and shared by its variants and seeds; retrained only when its settings change.
@@ -287,56 +431,10 @@ def run_grid(
         for w in spec.world_names()
     }
     sft_plan = SFTPlan(out, spec, sft_cfgs)
-
-    # report_to: the extras are checked here, before anything trains; every run of the grid goes to one MLflow store.
     report_to = sft_cfgs[BASE_WORLD].report_to
-    trackers.require(report_to)
-    store = trackers.mlflow_uri(out, concurrent=True) if "mlflow" in report_to else None
-    if store is not None:
-        trackers.open_mlflow_store(store)
-        print(trackers.mlflow_read_hint(store), flush=True)
+    planner = _RunPlanner(sft_plan, keep_checkpoints, report_to, _open_tracking(out, report_to))
 
-    def tracking(world: str, variant: str, seed: int) -> dict[str, Any] | None:
-        if not report_to:
-            return None
-        tags = {
-            "grid": spec.name,
-            "world": world,
-            "variant": variant,
-            "seed": seed,
-            "run": f"{spec.name}/{world}/{variant}/seed{seed}",
-        }
-        return {"tags": tags, "mlflow_uri": store}
-
-    def plan(world: str, variants: Iterable[str], seeds: Iterable[int]) -> tuple[list[RunTask], int]:
-        tasks, skipped = [], 0
-        for variant in variants:
-            for seed in seeds:
-                rd = _run_dir(out, world, variant, seed)
-                cfg = spec.resolve(world, variant, seed, rd)
-                path, key = sft_plan.sft_for(world, variant, cfg)
-                h = _config_hash(cfg, key)
-                result_path = rd / "result.json"
-                if _load_result(result_path, h) is not None:
-                    skipped += 1
-                    continue
-                tasks.append(
-                    RunTask(
-                        world=world,
-                        variant=variant,
-                        seed=seed,
-                        cfg=cfg,
-                        split_cfg=sft_cfgs[world],
-                        sft_path=path,
-                        result_path=result_path,
-                        hash=h,
-                        keep_checkpoints=keep_checkpoints,
-                        tracking=tracking(world, variant, seed),
-                    )
-                )
-        return tasks, skipped
-
-    base_tasks, skipped = plan(BASE_WORLD, spec.variants, spec.seeds)
+    base_tasks, skipped = planner.plan(BASE_WORLD, spec.variants, spec.seeds)
     sft_tasks = sft_plan.tasks_for(base_tasks)
     n_world_runs = 0
     if spec.worlds:
@@ -358,30 +456,9 @@ def run_grid(
         _run_runs(base_tasks, bar, runner, errors, stack)
         executed += len(base_tasks)
         if spec.worlds:
-            world_variants = list(spec.worlds.variants)
-            if BEST in world_variants:
-                best = best_variant(collect(out, spec, worlds=[BASE_WORLD]), spec)
-                world_variants = list(dict.fromkeys(best if v == BEST else v for v in world_variants))
-                if len(world_variants) < len(spec.worlds.variants):  # @best coincided with a listed variant
-                    bar.total -= len(spec.worlds.levels) * len(spec.worlds.seeds)
-                    bar.refresh()
-            world_tasks = []
-            for world in spec.worlds.levels:
-                tasks, s = plan(world, world_variants, spec.worlds.seeds)
-                world_tasks += tasks
-                skipped += s
-                bar.update(s)
-            world_sft = sft_plan.tasks_for(world_tasks)
-            if world_sft:
-                sft_errors: list[str] = []
-                _run_tasks(_train_sft, world_sft, None, runner, sft_errors)
-                if sft_errors:
-                    raise RuntimeError(
-                        "SFT training failed, no variant of the other worlds can run:\n"
-                        + "\n".join(errors + sft_errors)
-                    )
-            _run_runs(world_tasks, bar, runner, errors, stack)
-            executed += len(world_tasks)
+            n, s, best = _run_other_worlds(planner, bar, runner, errors, stack)
+            executed += n
+            skipped += s
     finally:
         bar.close()
         runner.close()
@@ -389,34 +466,7 @@ def run_grid(
         raise RuntimeError(
             f"{len(errors)} run(s) failed (finished runs are saved; rerun to retry):\n" + "\n".join(errors)
         )
-    frame, per_query = collect(out, spec, return_per_query=True)
-    atomic_write_frame(out / "results.csv", frame)
-    atomic_write_frame(out / "results.parquet", frame)
-    atomic_write_frame(out / "per_query.parquet", per_query)
-    result = GridResult(
-        spec=spec,
-        out_dir=out,
-        frame=frame,
-        per_query=per_query,
-        best=best,
-        executed=executed - len(errors),
-        skipped=skipped,
-        wall_s=time.perf_counter() - t0,
-    )
-    atomic_write_frame(out / "summary.csv", result.summary())
-    atomic_write_text(
-        out / "timing.json",
-        json.dumps(
-            {
-                "wall_s": result.wall_s,
-                "workers": workers,
-                "backend": backend,
-                "executed": result.executed,
-                "skipped": skipped,
-            }
-        ),
-    )
-    return result
+    return _finish_grid(spec, out, best, executed - len(errors), skipped, t0, workers, backend)
 
 
 def _spec_dict(spec: GridSpec) -> dict[str, Any]:

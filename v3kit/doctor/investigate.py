@@ -83,6 +83,19 @@ def _check_sizes(confirm_seeds: int, top_k: int, max_trials: int) -> None:
         raise ConfigError(f"--top-k and --trials must be >= 1, got {top_k} and {max_trials}")
 
 
+def _check_request(
+    cfg_path: Path, metric: str, confirm_seeds: int, top_k: int, max_trials: int, budget_minutes: float
+) -> None:
+    """Refuse a request that cannot run before anything loads: no finished run, an unknown metric, bad sizes."""
+    if not cfg_path.is_file():
+        raise ConfigError(f"{cfg_path} not found: investigate needs a finished run dir (written by v3kit run)")
+    if METRIC_DIRECTION.get(metric, 0) == 0:
+        raise ConfigError(f"--metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, got {metric!r}")
+    _check_sizes(confirm_seeds, top_k, max_trials)
+    if not (math.isfinite(budget_minutes) and budget_minutes >= 0):  # nan would never stop, -5 never start
+        raise ConfigError(f"--budget-minutes must be a finite number >= 0, got {budget_minutes}")
+
+
 class Investigation:
     """One investigation: the doctor, the search on val, the confirm phase on test, and the verdict (resumable:
     the study's journal and the confirm phase's run dirs are the ledger)."""
@@ -110,32 +123,54 @@ class Investigation:
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise ConfigError(f"{cfg_path} not found: investigate needs a finished run dir (written by v3kit run)")
-        if METRIC_DIRECTION.get(metric, 0) == 0:
-            raise ConfigError(
-                f"--metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, got {metric!r}"
-            )
-        _check_sizes(confirm_seeds, top_k, max_trials)
-        if not (math.isfinite(budget_minutes) and budget_minutes >= 0):  # nan would never stop, -5 never start
-            raise ConfigError(f"--budget-minutes must be a finite number >= 0, got {budget_minutes}")
+        _check_request(cfg_path, metric, confirm_seeds, top_k, max_trials, budget_minutes)
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
         self.backend, self.address, self.seed, self.stack = backend, address, seed, stack
         self.top_k, self.confirm_seeds, self.max_trials = top_k, confirm_seeds, max_trials
-        self.cfg = load_config(cfg_path)
-        edits = config_edits(self.run_dir, self.cfg)
-        if edits:  # the verdict would compare variants of a config the run never trained
+        self.cfg = self._config_as_trained(cfg_path)
+        self.out = Path(out) if out is not None else self.run_dir / "investigate"
+        self.sft = self._sft_checkpoint()
+        self.sft_is_own = self.sft == (self.run_dir / "sft.pt").resolve()  # trained by the run, not imported
+        self._rebuild_split(metric)
+        self.conditions = {
+            "own_sft": self.sft_is_own,
+            "builtin_model": self.cfg.model.target == DEFAULT_TARGET,
+            "same_dims": self.splits.train.query_dim == self.splits.train.cand_dim,
+            "recurring_ids": recurring_share(self.splits.train) > 0,
+        }
+        self.can_residual = self.conditions["builtin_model"] and self.conditions["same_dims"]
+        self.params = active(load_space(space), self.conditions)
+        self._build_variants(metric, only)
+        base = [o for o in run_overrides(self.cfg) if not o.startswith(("data.split_seed=", "sft.checkpoint="))]
+        self.base = [*base, f"data.split_seed={self.split_seed}", *smoke]
+        self.spec: GridSpec | None = None
+        self.candidates: list[Candidate] = []
+        self.search_result: SearchResult | None = None
+        self.confirmed: dict[str, int] = {}
+        self.wall_s = 0.0
+
+    def _config_as_trained(self, cfg_path: Path) -> Any:
+        """The run's config; one edited after the run is refused: the verdict would compare variants of a config
+        the run never trained."""
+        cfg = load_config(cfg_path)
+        edits = config_edits(self.run_dir, cfg)
+        if edits:
             raise ConfigError(
                 f"{cfg_path} was edited after the run ({edits}); investigate tests variants of the run as it "
                 f"trained: restore those values (the run recorded them in {self.run_dir / 'run_info.json'}), or "
                 "train the edited config with v3kit run and investigate that run"
             )
-        self.out = Path(out) if out is not None else self.run_dir / "investigate"
+        return cfg
+
+    def _sft_checkpoint(self) -> Path:
+        """The SFT checkpoint the run started from (resolved), which every variant is compared with."""
         sft = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
         if not Path(sft).is_file():
             raise ConfigError(f"the run's SFT checkpoint {sft} is missing: investigate compares every variant with it")
-        self.sft = Path(sft).resolve()
-        self.sft_is_own = self.sft == (self.run_dir / "sft.pt").resolve()  # trained by the run, not imported
+        return Path(sft).resolve()
+
+    def _rebuild_split(self, metric: str) -> None:
+        """The split the run trained on (resolved as a run does) and the doctor's findings on that same split."""
         self.split_seed = recorded_split_seed(self.run_dir)
         if self.split_seed is None:
             self.split_seed = split_seed(self.cfg)
@@ -146,19 +181,14 @@ class Investigation:
             raise ConfigError(
                 "--metric utility@1 needs a true utility (the synthetic world); this data has none: use acc@1 or mrr"
             )
-        self.conditions = {
-            "own_sft": self.sft_is_own,
-            "builtin_model": self.cfg.model.target == DEFAULT_TARGET,
-            "same_dims": self.splits.train.query_dim == self.splits.train.cand_dim,
-            "recurring_ids": recurring_share(self.splits.train) > 0,
-        }
-        self.can_residual = self.conditions["builtin_model"] and self.conditions["same_dims"]
-        can_prior = self.conditions["recurring_ids"]
-        self.params = active(load_space(space), self.conditions)
+
+    def _build_variants(self, metric: str, only: Sequence[str] | None) -> None:
+        """The variants the search starts from (the run, the remedies, the doctor's switches); ``only``: a quick
+        look at these variants (and the two references) as the only trials."""
         self.variants = build_variants(
-            self.cfg, self.findings, metric, can_prior=can_prior, can_residual=self.can_residual
+            self.cfg, self.findings, metric, can_prior=self.conditions["recurring_ids"], can_residual=self.can_residual
         )
-        if only is not None:  # a quick look: these variants (and the two references) are the only trials
+        if only is not None:
             unknown = sorted(set(only) - {v.name for v in self.variants})
             if unknown:
                 raise ConfigError(
@@ -167,13 +197,6 @@ class Investigation:
                 )
             self.variants = [v for v in self.variants if v.name in {*only, RUN, SFT_ONLY}]
             self.max_trials = min(self.max_trials, len(self.variants) - 1)
-        base = [o for o in run_overrides(self.cfg) if not o.startswith(("data.split_seed=", "sft.checkpoint="))]
-        self.base = [*base, f"data.split_seed={self.split_seed}", *smoke]
-        self.spec: GridSpec | None = None
-        self.candidates: list[Candidate] = []
-        self.search_result: SearchResult | None = None
-        self.confirmed: dict[str, int] = {}
-        self.wall_s = 0.0
 
     # ------------------------------------------------------------------------------------------------ running
     def refs(self) -> list[Candidate]:

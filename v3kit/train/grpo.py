@@ -51,9 +51,7 @@ from .losses import (
     LOG_RATIO_CLAMP,
     LOSS_TYPES,
     AdaptiveKLController,
-    exact_group_kl,
     group_advantages,
-    group_entropy,
     grpo_loss_terms,
     std_over,
     zero_std_groups,
@@ -236,10 +234,6 @@ def grpo_step_loss(
         logp, old_logp, rewards, mask = logp[keep], old_logp[keep], rewards[keep], mask[keep]
         ref_logp = None if ref_logp is None else ref_logp[keep]
         full = None if full is None else tuple(t[keep] for t in full)
-    bonus = None  # the entropy bonus is taken over the (kept) full groups, not the draws
-    full_kl = None  # likewise the exact KL, a sum over the whole group
-    if full is not None:
-        bonus, full_kl = _full_group_terms(*full, cfg, stats)
     if group_terms is not None:
         adv = group_terms[1] if keep is None else group_terms[1][keep]
     else:
@@ -259,19 +253,16 @@ def grpo_step_loss(
         mask=mask,
         eps_low=cfg.eps_low,
         eps_high=cfg.eps_high,
-        kl_beta=kl_beta if full_kl is None else 0.0,  # the full groups' KL is added below instead
+        kl_beta=kl_beta,
         ref_logp=ref_logp,
         kl_estimator=cfg.kl_estimator,
         weights=weights,
         dual_clip=cfg.dual_clip,
         loss_type=cfg.loss_type,
-        entropy_coef=0.0 if bonus is not None else cfg.entropy_coef,
+        entropy_coef=cfg.entropy_coef,
+        full_groups=full,  # samples="sampled": the entropy bonus and an exact KL are the full groups'
     )
-    if full_kl is not None:
-        loss = loss + kl_beta * full_kl
-    if bonus is not None:
-        loss = loss - bonus
-    loss_stats.update(stats)  # full-group entropy and exact KL win over those of the sampled sub-group
+    loss_stats.update(stats)
     with torch.no_grad():
         loss_stats["adv_std"] = std_over(adv, mask)
     return loss, loss_stats
@@ -306,29 +297,9 @@ def _draw(
     return logp, old_logp, rewards, ref_logp, torch.ones_like(idx, dtype=torch.bool)
 
 
-def _full_group_terms(
-    logp: Tensor, anchor_logp: Tensor, mask: Tensor, cfg: GRPOConfig, stats: dict[str, float | Tensor]
-) -> tuple[Tensor | None, Tensor | None]:
-    """``samples="sampled"``: the entropy bonus and the exact KL of the full groups the draws came from (the groups
-    the loss keeps); their values go to ``stats``. Over the K draws the exact sum would count repeated candidates
-    twice and miss the undrawn ones (it can even go negative), so both cover the full groups."""
-    bonus = full_kl = None
-    if cfg.entropy_coef:
-        entropy = group_entropy(logp, mask)
-        bonus = cfg.entropy_coef * entropy
-    else:
-        with torch.no_grad():
-            entropy = group_entropy(logp, mask)
-    stats["entropy"] = entropy.detach()
-    if cfg.kl_estimator == EXACT_KL:
-        full_kl = exact_group_kl(logp, anchor_logp, mask).mean()
-        stats["kl"] = full_kl.detach()
-    return bonus, full_kl
-
-
 class GRPOObjective:
-    """The GRPO objective of a run: ``cfg``'s switches (:func:`grpo_step_loss` assembles the policy, KL and entropy
-    terms) and its state, the KL coefficient. That coefficient is ``cfg.kl_beta``, or with ``cfg.kl_target`` the
+    """The GRPO objective of a run: ``cfg``'s switches (:func:`grpo_step_loss`; :func:`grpo_loss_terms` assembles
+    the policy, KL and entropy terms) and its state, the KL coefficient. That coefficient is ``cfg.kl_beta``, or with ``cfg.kl_target`` the
     adaptive controller's current value, updated after every step (logged as ``kl_beta``): the one source of the
     ``kl_beta`` a step uses."""
 

@@ -427,6 +427,7 @@ def grpo_loss_terms(
     dual_clip: float | None = None,
     loss_type: str = "ppo",
     entropy_coef: float = 0.0,
+    full_groups: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clipped group-relative policy loss plus KL penalty, averaged over valid entries.
 
@@ -442,7 +443,9 @@ def grpo_loss_terms(
     ``-sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * logp`` (MiniMax-M1's CISPO): the importance weight is clipped
     and detached, so a clipped entry keeps the gradient ``-w * A`` of its log-prob instead of losing it.
     ``entropy_coef`` subtracts ``entropy_coef * mean_b H(pi_b)`` (entropy bonus; full groups, see
-    :func:`group_entropy`).
+    :func:`group_entropy`). ``full_groups``: ``(logp, anchor_logp, mask)`` of the full groups the entries were drawn
+    from (GRPO's ``samples="sampled"``); the entropy and an exact KL are then those of the full groups: over the
+    draws, the exact sum would count repeated candidates twice and miss the undrawn ones (it can even go negative).
     Returns the loss and the stats: ``kl``, ``entropy``, ``clip_ratio`` (TRL's names; with the low and high
     sides apart as ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``, so clip-higher's effect shows), ``pg_loss``
     (the clipped surrogate alone, verl's name) and ``ratio_mean``/``ratio_min``/``ratio_max``.
@@ -455,28 +458,24 @@ def grpo_loss_terms(
     log_ratio = torch.where(mask, logp - old_logp, zeros).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     adv = torch.where(mask, advantages, zeros)
-    if loss_type == "cispo":
-        w = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high).detach()
-        surrogate = w * adv * torch.where(mask, logp, zeros)
-    else:
-        surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
-        if dual_clip is not None:
-            surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
-    pg = -surrogate
+    pg = -_surrogate(ratio, adv, logp, mask, eps_low, eps_high, dual_clip, loss_type)
+    # The entropy (and an exact KL) of the full groups the entries were drawn from, when they were drawn.
+    ent_logp, ent_mask = (
+        (logp, mask) if full_groups is None else (full_groups[0], check_mask(full_groups[2], full_groups[0]))
+    )
 
     if kl_estimator is None:
         kl_estimator = "seed" if ref_logp is None else "k3"
     anchor = old_logp if ref_logp is None else ref_logp
     shared = _mean_weights(pg, mask, weights)
     if kl_estimator == EXACT_KL:
-        kl_groups = exact_group_kl(logp, anchor, mask)
-        kl = kl_groups.unsqueeze(1).expand_as(logp)  # per entry: its group's KL (stats only)
+        kl_groups = exact_group_kl(logp, anchor, mask) if full_groups is None else exact_group_kl(*full_groups)
         loss = _masked_mean(pg, mask, shared=shared) + kl_beta * kl_groups.mean()
     else:
         kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), kl_estimator)
         loss = _masked_mean(pg + kl_beta * kl, mask, shared=shared)
     if entropy_coef:
-        loss = loss - entropy_coef * group_entropy(logp, mask)
+        loss = loss - entropy_coef * group_entropy(ent_logp, ent_mask)
 
     with torch.no_grad():
         clipped_low = (ratio < 1.0 - eps_low) & (adv < 0)
@@ -489,9 +488,30 @@ def grpo_loss_terms(
             "clip_ratio/low_mean": mean_over(clipped_low.float(), mask),
             "clip_ratio/high_mean": mean_over(clipped_high.float(), mask),
             **_ratio_summary(ratio, mask),
-            "entropy": _entropy(logp, mask),
+            "entropy": _entropy(ent_logp, ent_mask),
         }
     return loss, stats
+
+
+def _surrogate(
+    ratio: Tensor,
+    adv: Tensor,
+    logp: Tensor,
+    mask: Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None,
+    loss_type: str,
+) -> Tensor:
+    """The surrogate objective per entry (padding: 0): PPO's clipped ratio x advantage (with ``dual_clip``, bounded
+    below at ``dual_clip * A`` where A < 0), or CISPO's detached clipped ratio x advantage x log-prob."""
+    if loss_type == "cispo":
+        w = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high).detach()
+        return w * adv * torch.where(mask, logp, torch.zeros_like(logp))
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    if dual_clip is not None:
+        surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual_clip * adv), surrogate)
+    return surrogate
 
 
 def _check_grpo_inputs(

@@ -340,6 +340,166 @@ def _save_epoch(
     return path
 
 
+def _place_on(device: torch.device, stage_obj: Stage) -> tuple[GroupData, GroupData]:
+    """Move the model and the reference to ``device``; return (train, val) there, copied once up front instead of
+    once per batch."""
+    stage_obj.model.to(device)
+    if stage_obj.reference is not None:
+        stage_obj.reference.to(device)
+    train, val = stage_obj.train, stage_obj.val
+    if device.type != "cpu":  # one copy up front instead of one per batch
+        train, val = train.to(device), val.to(device)
+    return train, val
+
+
+class _HeldOutEval:
+    """The held-out evaluation of a stage, logged and announced as a ``val`` row; the frozen reference's val
+    log-probs are scored once per eval temperature and reused."""
+
+    def __init__(self, stage_obj: Stage, val: GroupData, precision: str, log: MetricsLog, callbacks: Any) -> None:
+        self.stage_obj, self.val, self.precision, self.log, self.callbacks = stage_obj, val, precision, log, callbacks
+        self.ref_logps: dict[float, Tensor] = {}
+
+    def __call__(self, epoch: int, step: int) -> dict[str, Any]:
+        stage_obj, reference, val, precision = self.stage_obj, self.stage_obj.reference, self.val, self.precision
+        temperature = stage_obj.eval_temperature()
+        if reference is not None and temperature not in self.ref_logps:
+            self.ref_logps[temperature] = compute_log_probs(reference, val, temperature, precision=precision)
+        metrics = evaluate(
+            stage_obj.model,
+            val,
+            temperature=temperature,
+            reference=reference,
+            ref_logp=self.ref_logps.get(temperature),
+            precision=precision,
+        )
+        metrics.update(stage_obj.eval_extra(epoch))
+        row = {"stage": stage_obj.name, "split": "val", "epoch": epoch, "step": step, **metrics}
+        self.log.add(row)
+        call_callbacks(self.callbacks, "on_eval", row)
+        return metrics
+
+
+@dataclass
+class _Loop:
+    """What the pieces of one stage's training loop share; :func:`fit` builds it once."""
+
+    stage_obj: Stage
+    train_model: nn.Module  # the model, or its SlicedGrad wrapper under torchrun
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    ranks: Any
+    device: torch.device
+    precision: str
+    check_each_step: bool  # the NaN/inf guard runs per step; else on each batch of rows read back
+    total_steps: int
+    run_dir: Path | None
+    checkpoints: list[Path]  # this stage's epoch checkpoints so far (appended to as epochs finish)
+
+    def nonfinite(self, quantity: str, epoch: int, step: int) -> NonFiniteError:
+        return nonfinite_error(self.stage_obj.name, quantity, epoch, step, self.checkpoints, self.run_dir)
+
+
+class _PendingRows:
+    """Train rows whose tensor values are not read back yet: one host transfer per flush, then the rows are
+    logged and announced in order (and, when the guard is deferred, checked for a NaN/inf loss or gradient)."""
+
+    def __init__(self, loop: _Loop, log: MetricsLog, callbacks: Any, bar: Any) -> None:
+        self.loop, self.log, self.callbacks, self.bar = loop, log, callbacks, bar
+        self.rows: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        pending = self.rows
+        if not pending:
+            return
+        slots = [(row, k) for row in pending for k, v in row.items() if isinstance(v, Tensor)]
+        for (row, k), value in zip(slots, as_floats([row[k] for row, k in slots])):
+            row[k] = value
+        if not self.loop.check_each_step:  # the deferred guard: stop before any of these weights reach a checkpoint
+            for row in pending:
+                bad = next(
+                    (q for q, key in (("loss", "loss"), ("gradient", "grad_norm")) if not math.isfinite(row[key])), None
+                )
+                if bad is not None:
+                    raise self.loop.nonfinite(bad, row["epoch"], row["step"])
+        for row in pending:
+            self.log.add(row)
+            call_callbacks(self.callbacks, "on_step", row)
+        self.bar.update(len(pending))
+        last = pending[-1]
+        self.bar.set_postfix(loss=f"{last['loss']:.4f}", epoch=last["epoch"])
+        pending.clear()
+
+
+def _train_epoch(loop: _Loop, train: GroupData, epoch: int, step: int, rows: _PendingRows, log_every: int) -> int:
+    """One epoch of optimizer steps over shuffled mini-batches of ``train``; returns the global step after it.
+    A non-finite step stops the stage (``on_nonfinite="stop"``) or is skipped and logged (``"skip_batch"``)."""
+    stage_obj, optimizer, generator = loop.stage_obj, loop.optimizer, loop.generator
+    cfg, stage = stage_obj.cfg, stage_obj.name
+    stage_obj.on_epoch_start(epoch)
+    stage_obj.model.train()
+    for batch in iterate_batches(train, cfg.batch_size, shuffle=True, generator=generator):
+        ctx = StepContext(epoch=epoch, step=step, total_steps=loop.total_steps, generator=generator)
+        loss, stats, grad_norm, bad = _optimizer_step(
+            stage_obj,
+            loop.train_model,
+            batch,
+            ctx,
+            optimizer,
+            loop.ranks,
+            cfg.max_grad_norm,
+            loop.check_each_step,
+            loop.device,
+            loop.precision,
+        )
+        if bad is not None:
+            if cfg.on_nonfinite == "stop":
+                raise loop.nonfinite(bad, epoch, step + 1)
+            optimizer.zero_grad(set_to_none=True)
+        if cfg.on_nonfinite == "skip_batch":
+            stats = {**stats, "skipped_nonfinite": int(bad is not None)}
+        step += 1
+        kill_point(f"{stage}:epoch{epoch}:step{step}")
+        rows.append(
+            {
+                "stage": stage,
+                "split": "train",
+                "epoch": epoch,
+                "step": step,
+                "loss": loss.detach(),
+                **stats,
+                "grad_norm": grad_norm,
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
+        if len(rows) >= log_every:
+            rows.flush()
+    rows.flush()
+    return step
+
+
+def _stage_result(
+    stage_obj: Stage, log: MetricsLog, metrics: dict[str, Any], checkpoints: list[Path], info: dict[str, Any]
+) -> StageResult:
+    """The stage's :class:`StageResult`; a resumed finished stage reports its last logged evaluation."""
+    stage = stage_obj.name
+    history = log.frame(stage)
+    if not metrics:  # resumed a finished stage: report its last logged evaluation
+        last = history[history["split"] == "val"].iloc[-1]
+        metrics = {k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and pd.notna(v)}
+    if "skipped_nonfinite" in history.columns:
+        info["skipped_batches"] = int(history["skipped_nonfinite"].fillna(0).sum())
+    return StageResult(
+        stage=stage, model=stage_obj.model, history=history, final_metrics=metrics, checkpoints=checkpoints, info=info
+    )
+
+
 def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     """Train ``stage_obj.model`` in place for ``cfg.epochs`` with Adam at ``cfg.lr``; see the module docstring.
 
@@ -351,34 +511,21 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     leaves such a batch out (no optimizer step) and logs it in a ``skipped_nonfinite`` column (1 = skipped).
     Non-finite weights at an epoch's end always stop (before its checkpoint).
     """
-    cfg, stage, model, reference = stage_obj.cfg, stage_obj.name, stage_obj.model, stage_obj.reference
-    train, val = stage_obj.train, stage_obj.val
-    epochs, lr, batch_size, max_grad_norm, on_nonfinite = (
-        cfg.epochs,
-        cfg.lr,
-        cfg.batch_size,
-        cfg.max_grad_norm,
-        cfg.on_nonfinite,
-    )
-    seed, run_dir, resume, callbacks, progress = run.seed, run.run_dir, run.resume, run.callbacks, run.progress
-    device, precision, log_every = run.device, run.precision, run.log_every
-    check_optim_fields(stage, epochs, lr, batch_size, max_grad_norm)
+    cfg, stage, model = stage_obj.cfg, stage_obj.name, stage_obj.model
+    epochs, on_nonfinite, callbacks, log_every = cfg.epochs, cfg.on_nonfinite, run.callbacks, run.log_every
+    check_optim_fields(stage, epochs, cfg.lr, cfg.batch_size, cfg.max_grad_norm)
     check_on_nonfinite(stage, on_nonfinite)
     extendable = (*stage_obj.extendable, "on_nonfinite")  # how bad batches are handled does not change the past
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
-    device = torch.device(device)
-    model.to(device)
-    if reference is not None:
-        reference.to(device)
-    if device.type != "cpu":  # one copy up front instead of one per batch
-        train, val = train.to(device), val.to(device)
+    device = torch.device(run.device)
+    train, val = _place_on(device, stage_obj)
     # The NaN/inf guard reads the loss and grad norm on the host. Per step on the CPU (free there) and whenever a
     # bad batch must be skipped before its update; on an accelerator with on_nonfinite="stop" it runs on each
     # batch of rows read back every log_every steps instead, so the step itself never waits for the device: a
     # non-finite step still stops the stage before its weights can reach a checkpoint.
     check_each_step = device.type == "cpu" or on_nonfinite == "skip_batch"
-    run_dir = None if run_dir is None else Path(run_dir)
+    run_dir = None if run.run_dir is None else Path(run.run_dir)
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
     # Under torchrun every rank trains the same model (see v3kit/train/distributed.py); only rank 0 writes files.
@@ -386,127 +533,49 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     writes = run_dir if ranks.main else None
     train_model = SlicedGrad(model, ranks) if ranks.world > 1 else model
     log = MetricsLog(writes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    steps_per_epoch = num_batches(len(train), batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(run.seed)
+    torch.manual_seed(run.seed)
+    steps_per_epoch = num_batches(len(train), cfg.batch_size)
     total_steps = steps_per_epoch * epochs
-
-    ref_logps: dict[float, Tensor] = {}  # the frozen reference's val log-probs, per eval temperature: scored once
-
-    def evaluate_now(epoch: int, step: int) -> dict[str, Any]:
-        temperature = stage_obj.eval_temperature()
-        if reference is not None and temperature not in ref_logps:
-            ref_logps[temperature] = compute_log_probs(reference, val, temperature, precision=precision)
-        metrics = evaluate(
-            model,
-            val,
-            temperature=temperature,
-            reference=reference,
-            ref_logp=ref_logps.get(temperature),
-            precision=precision,
-        )
-        metrics.update(stage_obj.eval_extra(epoch))
-        row = {"stage": stage, "split": "val", "epoch": epoch, "step": step, **metrics}
-        log.add(row)
-        call_callbacks(callbacks, "on_eval", row)
-        return metrics
+    evaluate_now = _HeldOutEval(stage_obj, val, run.precision, log, callbacks)
 
     start_epoch, step, checkpoints = _restore(
-        stage_obj, run_dir, resume, writes is not None, optimizer, generator, log, extendable
+        stage_obj, run_dir, run.resume, writes is not None, optimizer, generator, log, extendable
+    )
+    loop = _Loop(
+        stage_obj,
+        train_model,
+        optimizer,
+        generator,
+        ranks,
+        device,
+        run.precision,
+        check_each_step,
+        total_steps,
+        run_dir,
+        checkpoints,
     )
 
     info = {"epochs": epochs, "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch}
     call_callbacks(callbacks, "on_stage_start", stage, total_steps, info)
     metrics = evaluate_now(0, 0) if start_epoch == 0 else {}
 
-    bar = tqdm(total=total_steps, initial=step, desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
-    pending: list[dict[str, Any]] = []  # train rows whose tensor values are not read back yet
-
-    def flush_rows() -> None:
-        """Read every pending tensor value back in one transfer, then log and announce the rows in order."""
-        if not pending:
-            return
-        slots = [(row, k) for row in pending for k, v in row.items() if isinstance(v, Tensor)]
-        for (row, k), value in zip(slots, as_floats([row[k] for row, k in slots])):
-            row[k] = value
-        if not check_each_step:  # the deferred guard: stop before any of these weights reach a checkpoint
-            for row in pending:
-                bad = next(
-                    (q for q, key in (("loss", "loss"), ("gradient", "grad_norm")) if not math.isfinite(row[key])), None
-                )
-                if bad is not None:
-                    raise nonfinite_error(stage, bad, row["epoch"], row["step"], checkpoints, run_dir)
-        for row in pending:
-            log.add(row)
-            call_callbacks(callbacks, "on_step", row)
-        bar.update(len(pending))
-        last = pending[-1]
-        bar.set_postfix(loss=f"{last['loss']:.4f}", epoch=last["epoch"])
-        pending.clear()
-
+    bar = tqdm(total=total_steps, initial=step, desc=stage, disable=not run.progress, leave=False, dynamic_ncols=True)
+    rows = _PendingRows(loop, log, callbacks, bar)
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
-            stage_obj.on_epoch_start(epoch)
-            model.train()
-            for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
-                ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
-                loss, stats, grad_norm, bad = _optimizer_step(
-                    stage_obj,
-                    train_model,
-                    batch,
-                    ctx,
-                    optimizer,
-                    ranks,
-                    max_grad_norm,
-                    check_each_step,
-                    device,
-                    precision,
-                )
-                if bad is not None:
-                    if on_nonfinite == "stop":
-                        raise nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
-                    optimizer.zero_grad(set_to_none=True)
-                if on_nonfinite == "skip_batch":
-                    stats = {**stats, "skipped_nonfinite": int(bad is not None)}
-                step += 1
-                kill_point(f"{stage}:epoch{epoch}:step{step}")
-                pending.append(
-                    {
-                        "stage": stage,
-                        "split": "train",
-                        "epoch": epoch,
-                        "step": step,
-                        "loss": loss.detach(),
-                        **stats,
-                        "grad_norm": grad_norm,
-                        "lr": optimizer.param_groups[0]["lr"],
-                    }
-                )
-                if len(pending) >= log_every:
-                    flush_rows()
-            flush_rows()
+            step = _train_epoch(loop, train, epoch, step, rows, log_every)
             if not _weights_finite(model):
-                raise nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
+                raise loop.nonfinite("weights", epoch, step)
             metrics = evaluate_now(epoch, step)
             if writes is not None:
                 checkpoints.append(_save_epoch(stage_obj, run_dir, epoch, step, optimizer, generator, log))
-    except BaseException:  # a stop (NaN, a pruned search trial, Ctrl-C): release metrics.csv's descriptor
+    finally:  # also at a stop (NaN, a pruned search trial, Ctrl-C): release metrics.csv's descriptor
         bar.close()
         log.close()
-        raise
-    bar.close()
-    log.close()
     distributed.barrier()  # rank 0's files are complete before any rank reads them
 
-    history = log.frame(stage)
-    if not metrics:  # resumed a finished stage: report its last logged evaluation
-        last = history[history["split"] == "val"].iloc[-1]
-        metrics = {k: float(v) for k, v in last.items() if k not in ("stage", "split", "epoch", "step") and pd.notna(v)}
-    if "skipped_nonfinite" in history.columns:
-        info["skipped_batches"] = int(history["skipped_nonfinite"].fillna(0).sum())
-    result = StageResult(
-        stage=stage, model=model, history=history, final_metrics=metrics, checkpoints=checkpoints, info=info
-    )
+    result = _stage_result(stage_obj, log, metrics, checkpoints, info)
     call_callbacks(callbacks, "on_stage_end", stage, result)
     return result
