@@ -30,6 +30,7 @@ under ``--out`` (git-ignored).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -37,11 +38,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from v3kit.ablate.grid import METRIC_DIRECTION, parse_grid
 from v3kit.ablate.runner import run_grid
 from v3kit.ablate.stats import bootstrap_mean_ci
-from v3kit.config import load_config
+from v3kit.config import load_config, to_dict
 from v3kit.pipeline import prepare_data
 from v3kit.train.metrics import per_group_metrics
 
@@ -129,14 +131,24 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None, help="comma-separated variants (sft is always run)")
+    ap.add_argument(
+        "--recommended",
+        default=None,
+        help="an investigation's recommended.yaml: run only it (as variant 'recommended') and sft, with the same "
+        "seeds, split and per-seed SFTs as the hand search, so the two compare on one footing",
+    )
     args = ap.parse_args()
     config, base, metric = TASKS[args.task]
-    out = Path(args.out or f"runs/hand_search/{args.task}")
+    base = [*base, "data.split_seed=0"]
     var = variants(metric)
-    if args.only:
+    if args.recommended:
+        var = {"sft": var["sft"], "recommended": recommended_overrides(args.recommended, config, base)}
+        print("recommended:", " ".join(var["recommended"]), flush=True)
+    elif args.only:
         keep = {"sft", *args.only.split(",")}
         var = {k: v for k, v in var.items() if k in keep}
-    base = [*base, "data.split_seed=0"]
+    suffix = "_recommended" if args.recommended else ""
+    out = Path(args.out or f"runs/hand_search/{args.task}{suffix}")
     frames = []
     for s in args.seeds:
         spec = parse_grid(
@@ -154,7 +166,30 @@ def main() -> None:
         print(f"seed {s}: {res.executed} runs in {res.wall_s:.0f} s ({res.skipped} reused)", flush=True)
         frames.append(res.per_query[res.per_query["stage"] == "selected"])
     pq = pd.concat(frames, ignore_index=True)
-    summarize(pq, load_config(config, [*base, "seed=0"]), metric, args.task)
+    summarize(pq, load_config(config, [*base, "seed=0"]), metric, f"{args.task}{suffix}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recommended_overrides(path: str, config: str | None, base: list[str]) -> list[str]:
+    """The overrides that turn the task's base config into ``recommended.yaml``: every key that differs, but the
+    runner's, the data's (the split is the hand search's) and ``sft.checkpoint`` (each seed trains its own SFT)."""
+    rec = _flat(yaml.safe_load(Path(path).read_text()))
+    ref = _flat(to_dict(load_config(config, base)))
+    skip = ("seed", "run_dir", "progress", "sft.checkpoint")
+    return [
+        f"{k}={json.dumps(v)}"
+        for k, v in rec.items()
+        if k not in skip and not k.startswith("data.") and ref.get(k, object()) != v
+    ]
 
 
 def summarize(pq: pd.DataFrame, cfg, metric: str, task: str) -> None:
