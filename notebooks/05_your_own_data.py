@@ -57,7 +57,7 @@ grpo_epochs = None             # None: the config's (2 when smoke)
 ablation_seeds = None          # seeds per variant of the doctor's grid; None: 3 (2 when smoke)
 workers = 1                    # parallel processes for the ablation runs
 n_boot = 1000                  # bootstrap replicates of the ablation summary
-verdict_minutes = 15           # budget of section 6's investigation (it stops adding seeds when spent)
+verdict_minutes = 15           # budget of section 6's investigation: its search and confirm phases together
 
 # %%
 import subprocess
@@ -243,13 +243,15 @@ print(text)
 # %% [markdown]
 # ## 6 · The verdict: what to ship
 #
-# The ablation above tests one switch at a time against the run. `v3kit investigate RUN_DIR` goes one step
-# further: it also combines the remedies the doctor flagged (an lr that moves the policy with label-anchored RCE
-# targets, GRPO anchored to SFT by an exact KL, de-biased rewards, towers that start at the raw cosine), runs them
-# with sequential seeds until the intervals separate or the budget is spent, and recommends **keep SFT**, **RCE
-# only** or **a variant**, only when its 95% interval against SFT excludes 0. Each remedy ships its best val epoch
-# (`select: best_val`), so a remedy that hurts falls back to SFT instead of shipping a regression. The
-# recommended config trains as is: `v3kit run --config RUN_DIR/investigate/recommended.yaml`.
+# The ablation above tests one switch at a time against the run. `v3kit investigate RUN_DIR` looks for what to
+# ship, on two separate splits. Its **search** is an Optuna study over the declared search space
+# (`configs/search_space.yaml`: the RCE and GRPO settings, the reward's de-biasing, and, when the kit trains the
+# SFT, the SFT and the model's scoring head): single-seed trials scored on **val**, pruned epoch by epoch, the
+# doctor's flagged switches and remedies first. Its **confirm** phase retrains the top configurations, the run, the
+# SFT you have and every shippable reference with fresh seeds and compares them on **test**, which the search never
+# saw, with Holm's correction over the comparisons. Every trial ships its best val epoch (`select: best_val`, the
+# stage's start included), so a configuration that hurts falls back to where it started. The recommended config
+# trains as is: `v3kit run --config RUN_DIR/investigate/recommended.yaml`.
 
 # %%
 from IPython.display import Markdown
@@ -257,13 +259,15 @@ from IPython.display import Markdown
 from v3kit.doctor.investigate import investigate
 
 verdict = investigate(run_dir, metric="acc@1", out=run_dir / "investigate", budget_minutes=verdict_minutes,
-                      workers=workers, initial_seeds=2, max_seeds=2 if smoke else 8, progress=False,
-                      only=["rce_only", "rce_moving"] if smoke else None)  # smoke: a quick look
+                      workers=workers, max_trials=4 if smoke else 200, top_k=1 if smoke else 3,
+                      confirm_seeds=2 if smoke else 3, progress=False)
 record(verdict={k: verdict.as_json()[k] for k in ("recommendation", "variant", "config", "effect_vs_sft",
-                                                  "effect_vs_run", "metric")})
-display(Markdown((run_dir / "investigate" / "verdict.md").read_text().replace("![effects](effects.png)", "")))
+                                                  "effect_vs_run", "metric", "sentence", "search")})
+display(Markdown((run_dir / "investigate" / "verdict.md").read_text().split("\n![")[0]))
 
 # %% tags=["plot"]
 from IPython.display import Image
 
-Image(filename=str(run_dir / "investigate" / "effects.png"))
+for name in ("effects.png", "search_history.png", "search_importances.png"):  # the figures verdict.md shows
+    if (run_dir / "investigate" / name).exists():
+        display(Image(filename=str(run_dir / "investigate" / name)))

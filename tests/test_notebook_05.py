@@ -85,3 +85,4 @@ def test_notebook_05_runs_with_smoke_params(tmp_path, monkeypatch):
     assert v["recommendation"] in ("keep_sft", "rce_only", "variant") and v["metric"] == "acc@1"
     assert Path(v["config"]).is_file() and (tmp_path / "run" / "investigate" / "verdict.md").is_file()
     assert v["effect_vs_sft"][1] <= v["effect_vs_sft"][0] <= v["effect_vs_sft"][2]
+    assert v["sentence"] and v["search"]["trials"] <= 4  # the smoke search: at most 4 trials

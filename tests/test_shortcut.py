@@ -75,3 +75,38 @@ def test_doctor_flags_the_shortcut_only_in_a_biased_world():
     assert not found[0.0].triggered and found[0.0].value < 0.05
     assert found[1.5].triggered and "whatever the query" in found[1.5].message
     assert "rce.label_weight=0.5" in found[1.5].switches
+
+
+def _doctor_shortcut(data: GroupData):
+    import pandas as pd
+
+    splits = split_by_query(data, val_frac=0.2, test_frac=0.2, seed=0)
+    return {f.check: f for f in diagnose(pd.DataFrame(), splits=splits)}["reward_shortcut"]
+
+
+def test_reward_shortcut_says_whether_it_is_a_candidate_prior_or_label_signal():
+    """Two worlds whose candidate features explain the within-group reward. (a) The reward is a per-candidate
+    bonus of 50 recurring candidates, the label independent of it: the reward favours a candidate whatever the
+    query. (b) Every candidate is new, and the label is the candidate with the most of a feature direction that
+    the reward also pays for: what the features carry is label signal, and removing it lowers the agreement."""
+    g = torch.Generator().manual_seed(0)
+    n, G, d = 500, 6, 5
+    q = torch.randn(n, d, generator=g)
+    mask = torch.ones(n, G, dtype=torch.bool)
+    ids = [str(i) for i in range(n)]
+    pool = torch.randn(50, d, generator=g)
+    which = torch.randint(0, 50, (n, G), generator=g)
+    bonus = torch.randn(50, generator=g)
+    labels = torch.randint(0, G, (n,), generator=g)
+    rewards = bonus[which] + 0.1 * torch.randn(n, G, generator=g)
+    a = _doctor_shortcut(GroupData(q, pool[which], mask, labels, rewards, ids, cand_ids=which))
+    assert a.triggered and "favours a candidate whatever the query" in a.message and "label signal" not in a.message
+
+    c = torch.randn(n, G, d, generator=g)
+    w = torch.randn(d, generator=g)
+    quality = c @ w
+    labels = quality.argmax(dim=1)
+    rewards = quality + 0.1 * torch.randn(n, G, generator=g)
+    b = _doctor_shortcut(GroupData(q, c, mask, labels, rewards, ids))
+    assert b.triggered and "label signal carried by the candidate features" in b.message
+    assert "reward.debias=candidate_features" not in b.switches  # the doctor does not offer the harmful de-biasing

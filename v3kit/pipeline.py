@@ -190,6 +190,12 @@ def stage_options(cfg: RunConfig, splits: Splits) -> dict[str, Any]:
     return {k: ctx[k] for k in ("device", "precision", "log_every")}
 
 
+def sft_select_metric(cfg: RunConfig) -> str | None:
+    """The val metric SFT keeps its best epoch on (its start included): ``select_metric`` under ``select:
+    best_val``, else None (SFT ships its last epoch)."""
+    return cfg.select_metric if cfg.select == "best_val" else None
+
+
 def ensure_sft(
     cfg: RunConfig,
     splits: Splits,
@@ -203,7 +209,13 @@ def ensure_sft(
     path = Path(cfg.run_dir) / "sft.pt"
     runtime = runtime or resolve_runtime(cfg, splits)
     if not (resume and path.exists()):
-        train_sft(splits, cfg.model, cfg.sft, **run_context(cfg, runtime, callbacks=callbacks, resume=resume))
+        train_sft(
+            splits,
+            cfg.model,
+            cfg.sft,
+            select_metric=sft_select_metric(cfg),
+            **run_context(cfg, runtime, callbacks=callbacks, resume=resume),
+        )
     return path
 
 

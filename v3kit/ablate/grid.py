@@ -74,6 +74,11 @@ class GridSpec:
     # A given SFT checkpoint for the base world (e.g. your imported v2 model, or the SFT of the run a doctor grid
     # tests) instead of one trained by the grid; its split still comes from data.* with sft_seed.
     sft_checkpoint: str | None = None
+    # A variant that trains its own SFT (it changes model.* or sft.*) trains it with each run's seed instead of
+    # sft_seed: its intervals then cover the SFT's seed noise too (v3kit investigate's confirm phase).
+    sft_per_seed: bool = False
+    # Variants that train their own SFT even with the base's settings (v3kit investigate's retrained SFT).
+    retrain_sft: list[str] = field(default_factory=list)
 
     def base_config(self, world: str = BASE_WORLD, extra: Sequence[str] = ()) -> RunConfig:
         return load_config(self.config, [*self.base, *self.world_overrides(world), *extra])

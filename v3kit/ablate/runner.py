@@ -75,6 +75,7 @@ def _splits_for(cfg: RunConfig) -> Any:
 
 
 def _train_sft(task: _SFTTask) -> str:
+    from ..pipeline import sft_select_metric
     from ..train.device import resolve_device, resolve_precision
     from ..train.sft import train_sft
 
@@ -85,6 +86,7 @@ def _train_sft(task: _SFTTask) -> str:
         splits,
         cfg.model,
         cfg.sft,
+        select_metric=sft_select_metric(cfg),
         seed=cfg.seed,
         run_dir=task.path.parent,
         progress=False,

@@ -38,6 +38,12 @@ def bootstrap_mean_ci(x: np.ndarray, *, n_boot: int = 2000, ci: float = 0.95, se
     lo_q, hi_q = (1 - ci) / 2, (1 + ci) / 2
     if x.size == 0:
         return math.nan, math.nan
+    lo, hi = np.quantile(_bootstrap_stats(x, n_boot, seed), [lo_q, hi_q])
+    return float(lo), float(hi)
+
+
+def _bootstrap_stats(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """The ``n_boot`` replicates of :func:`bootstrap_mean_ci` (its exact recipe)."""
     if x.ndim == 1:
         n = len(x)
         stats = x[np.random.default_rng(seed).integers(0, n, (n_boot, n))].mean(axis=1)
@@ -49,8 +55,35 @@ def bootstrap_mean_ci(x: np.ndarray, *, n_boot: int = 2000, ci: float = 0.95, se
         stats = per_run[s_idx, np.arange(n_boot)[:, None]].mean(axis=1)
     else:
         raise ValueError(f"x must be 1-D (runs) or 2-D (runs x queries), got shape {x.shape}")
-    lo, hi = np.quantile(stats, [lo_q, hi_q])
-    return float(lo), float(hi)
+    return stats
+
+
+def bootstrap_p_value(x: np.ndarray, *, n_boot: int = 2000, seed: int = 0) -> float:
+    """Two-sided bootstrap p-value of "the mean of ``x`` is 0", from the replicates of :func:`bootstrap_mean_ci`
+    (same ``seed``: the same draws): ``min(1, 2 * min(#(stat <= 0) + 1, #(stat >= 0) + 1) / (n_boot + 1))``. The
+    +1 keeps it above 0 (no p-value below 1 / (n_boot + 1) can be read off n_boot replicates); an all-zero ``x``
+    (a variant identical to its reference) gets 1."""
+    x = np.asarray(x, dtype=float)
+    if x.size == 0:
+        return math.nan
+    stats = _bootstrap_stats(x, n_boot, seed)
+    tail = min(int((stats <= 0).sum()), int((stats >= 0).sum())) + 1
+    return float(min(1.0, 2 * tail / (n_boot + 1)))
+
+
+def holm(pvalues: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (Holm 1979), in the input's order: sort ascending, multiply the i-th
+    smallest (0-based) by ``m - i``, take the running maximum, cap at 1. Rejecting where the adjusted p < alpha
+    keeps the family-wise error rate of the m comparisons at alpha. NaN stays NaN and does not count in m."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, math.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
 
 
 # A percentile bootstrap over a handful of runs is roughly [min, max] of the runs: on null differences with 3 seeds
@@ -251,3 +284,18 @@ def compare(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def paired_values(
+    frame: pd.DataFrame,
+    per_query: pd.DataFrame | None,
+    a: str,
+    b: str,
+    metric: str,
+    *,
+    world: str = BASE_WORLD,
+    stage: str = "grpo",
+) -> np.ndarray:
+    """The paired differences ``a - b`` that :func:`compare` bootstraps (``[runs, queries]`` where per-query
+    outcomes exist, else ``[runs]``): for a p-value (:func:`bootstrap_p_value`) or the per-seed effects."""
+    return _paired(_PerQuery(per_query), _final_table(frame, stage), world, a, b, metric, stage)[0]

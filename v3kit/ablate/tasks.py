@@ -14,7 +14,10 @@ from .grid import _SHARED_SECTIONS, BASE_WORLD, GridSpec
 
 
 def _sft_hash(cfg: RunConfig) -> str:
-    return fingerprint(signature(cfg, *_SHARED_SECTIONS))
+    # select: best_val keeps SFT's best val epoch (v3kit.train.selection): another checkpoint. Only then is it part
+    # of the key, so the SFT checkpoints of earlier grids (select: last) stay valid.
+    salt = f"select=best_val:{cfg.select_metric}" if cfg.select == "best_val" else ""
+    return fingerprint(signature(cfg, *_SHARED_SECTIONS), salt)
 
 
 @dataclass
@@ -64,7 +67,13 @@ class _SFTPlan:
         base = self.sft_cfgs[world]
         sft_cfg = dataclasses.replace(base, model=cfg.model, sft=cfg.sft)
         h = _sft_hash(sft_cfg)
-        if h == _sft_hash(base):
+        own = h != _sft_hash(base) or variant in self.spec.retrain_sft
+        if own:  # its own SFT, which keeps its best val epoch under the variant's select
+            sft_cfg = dataclasses.replace(sft_cfg, select=cfg.select, select_metric=cfg.select_metric)
+            if self.spec.sft_per_seed:
+                sft_cfg = dataclasses.replace(sft_cfg, seed=cfg.seed)
+            h = _sft_hash(sft_cfg)
+        if not own:
             if world == BASE_WORLD and self.spec.sft_checkpoint is not None:
                 return self._given(Path(self.spec.sft_checkpoint).resolve(), base)
             folder = self.out / world / "sft"

@@ -243,7 +243,7 @@ def check_reward_shortcut(ctx: DoctorContext) -> Finding:
         and a.corr_change_label is not None
         and a.corr_change_shortcut > a.corr_change_label
     )
-    debias_msg, debias_switches = _debias_options(splits, ctx.th)
+    debias_msg, debias_switches, reports = _debias_options(splits, ctx.th)
     switches = [*debias_switches, "rce.label_weight=0.5"]
     return Finding(
         name,
@@ -251,7 +251,8 @@ def check_reward_shortcut(ctx: DoctorContext) -> Finding:
         a.explained_share,
         th.shortcut_share,
         msg
-        + " -> the reward pays for something in the candidate whatever the query"
+        + " -> "
+        + _shortcut_kind(reports, th)
         + (", and the policy learnt that more than the label" if followed else "")
         + "; "
         + debias_msg,
@@ -265,13 +266,35 @@ def check_reward_shortcut(ctx: DoctorContext) -> Finding:
     )
 
 
-def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
+def _shortcut_kind(reports: dict[str, tuple[Any, bool]], th: Thresholds) -> str:
+    """Which of two things the candidate features' share is: a reward that favours a candidate whatever the query
+    (the per-candidate prior, fitted on recurring candidate ids, explains as much of the reward), or label signal
+    the candidate features carry (removing the feature estimate lowers the reward's label agreement on val)."""
+    prior, feats = reports.get("candidate_prior"), reports.get("candidate_features")
+    if prior is not None and prior[0].removed_share >= th.shortcut_share:
+        return (
+            "the reward favours a candidate whatever the query (the per-candidate prior alone explains "
+            f"{prior[0].removed_share:.1%} of the within-group reward variance)"
+        )
+    if feats is not None and not feats[1]:
+        rep = feats[0]
+        return (
+            "this is label signal carried by the candidate features, not a reward that favours a candidate "
+            f"whatever the query: removing it lowers the reward's val label agreement ({rep.agreement_before:.3f} "
+            f"-> {rep.agreement_after:.3f})"
+            + (f" and the per-candidate prior explains only {prior[0].removed_share:.1%}" if prior else "")
+        )
+    return "the reward pays for something in the candidate's features whatever the query"
+
+
+def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str], dict[str, tuple[Any, bool]]]:
     """Which reward de-biasing keeps the reward's label agreement on val (v3kit/data/debias.py): the methods that do,
     best first, as switches, and a sentence with both methods' numbers. A method that lowers the agreement by more
     than ``th.debias_agreement_drop`` is named as one *not* to use: its estimate carries label signal."""
     from ..data.debias import DebiasError, RewardConfig, debias_report
 
     parts, keep = [], []
+    reports: dict[str, tuple[Any, bool]] = {}
     for method in ("candidate_prior", "candidate_features"):
         try:
             _, rep = debias_report(method, splits, RewardConfig(debias=method))
@@ -279,6 +302,7 @@ def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
             parts.append(f"{method}: unavailable ({str(e).split(':')[0].replace('reward.debias=', '')})")
             continue
         ok = rep.agreement_after >= rep.agreement_before - th.debias_agreement_drop
+        reports[method] = (rep, ok)
         parts.append(
             f"{method} removes {rep.removed_share:.0%} of the reward variance, val label agreement "
             f"{rep.agreement_before:.3f} -> {rep.agreement_after:.3f}"
@@ -287,7 +311,7 @@ def _debias_options(splits: Any, th: Thresholds) -> tuple[str, list[str]]:
         if ok:
             keep.append((rep.agreement_after, f"reward.debias={method}"))
     keep.sort(key=lambda t: -t[0])
-    return "de-biasing: " + "; ".join(parts), [k for _, k in keep]
+    return "de-biasing: " + "; ".join(parts), [k for _, k in keep], reports
 
 
 def target_concentration(

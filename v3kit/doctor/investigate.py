@@ -1,14 +1,17 @@
 """``v3kit investigate RUN_DIR``: from a finished run to a verdict, what to ship.
 
-The doctor names suspects; this module tests them. It builds a grid against the run itself (the run as it was,
-SFT alone, RCE alone, each flagged switch alone, and combinations of the remedies that are meant to be shipped),
-runs it with sequential seeds (a first round of ``initial_seeds``, then more seeds for the variants whose interval
-against the leader still straddles 0, while the budget lasts), and writes ``verdict.md`` and ``verdict.json``.
+The doctor names suspects; this module finds what to ship, in two phases on separate splits:
 
-Every comparison is a paired two-level bootstrap (seeds x test queries) of the *shipped* model of each run (the
-``selected`` row: the last stage, or the best val epoch for the variants that select) on the run's own test split.
-A variant is recommended only when its interval against SFT on the chosen metric excludes 0 in the good direction;
-otherwise the verdict is to keep SFT, and it says why.
+1. **Search** (:mod:`.search`): an Optuna study over the declared search space (``configs/search_space.yaml``):
+   single-seed trials scored on **val**, pruned epoch by epoch. The run, the remedies and each of the doctor's
+   flagged switches are its first trials (they rank the search; they no longer gate it).
+2. **Confirm** (:mod:`.confirm`): the top ``top_k`` configurations, plus the SFT you have, the run and every
+   shippable reference (the raw cosine is the residual model at init), retrained with fresh seeds and compared on
+   the **test** split the search never saw. The verdict's numbers come from here only; the comparisons with SFT
+   are Holm-corrected.
+
+``budget_minutes`` bounds both phases: the search stops when the time left is what the confirm phase needs,
+estimated from the trials' measured run times.
 """
 
 from __future__ import annotations
@@ -18,84 +21,69 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import pandas as pd
 
 from ..ablate.cli import add_backend_args
-from ..ablate.grid import BASE_WORLD, GridSpec, parse_grid
+from ..ablate.grid import BASE_WORLD, GridSpec
 from ..ablate.runner import collect, run_grid
-from ..ablate.stats import compare, min_detectable_effect
+from ..ablate.stats import compare
 from ..config import ConfigError, dump_config, load_config
+from ..data.debias import recurring_share
+from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed, run_pipeline
 from ..rundir import atomic_write_text
-from ..train.metrics import METRIC_DIRECTION
+from ..train.baselines import baseline_table
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.metrics import METRIC_DIRECTION, evaluate
+from ..train.model import DEFAULT_TARGET
+from .confirm import (
+    CONFIRM_SEED0,
+    SFT_RETRAINED,
+    SHIPPED,
+    Candidate,
+    Verdict,
+    below_reference,
+    causes_from_search,
+    choose,
+    confirm_spec,
+    finalist_candidates,
+    importances,
+    power_line,
+    prediction_interval,
+    references,
+    rl_line,
+    source_of_gain,
+    weigh,
+)
 from .grid import run_overrides
-from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F401 - moving_lr: documented
+from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F401 - decide, moving_lr: documented
+from .report import diagnose
+from .search import ConfirmPlan, Search, SearchResult, confirm_seconds, finalists
+from .space import active, load_space, run_values
 from .verdict_report import SFT_ONLY, VERDICT_JSON, VERDICT_MD, verdict_markdown, write_verdict
 
 RECOMMENDED = "recommended.yaml"
 RECOMMENDATIONS = ("keep_sft", "rce_only", "variant")
-# Stage of a run that is compared: the model it ships (``select``), see v3kit/train/selection.py.
-SHIPPED = "selected"
 
 
-def _is_rce_only(v: Variant, spec: GridSpec) -> bool:
-    return spec.value(v.name, "grpo.epochs") == 0 and spec.value(v.name, "rce.epochs") > 0
-
-
-def _fmt(x: float) -> str:
-    return f"{x:.3g}"
-
-
-@dataclass
-class Verdict:
-    metric: str
-    recommendation: str
-    variant: str  # the recommended variant (sft_only for keep_sft)
-    config: str  # path of the YAML `v3kit run --config` trains as is
-    effect_vs_sft: list[float]  # [mean, lo, hi]
-    effect_vs_run: list[float]
-    causes: list[dict[str, Any]]
-    why: str
-    table: pd.DataFrame = field(repr=False)
-    references: dict[str, float] = field(default_factory=dict)
-    runs: int = 0
-    wall_s: float = 0.0
-    power: str = ""
-    sft: str = ""  # the run's SFT checkpoint, every effect_vs_sft's baseline
-    run_seconds: float = 0.0  # the runs' own wall times added up (all rounds, also those of earlier invocations)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "recommendation": self.recommendation,
-            "variant": self.variant,
-            "config": self.config,
-            "effect_vs_sft": self.effect_vs_sft,
-            "effect_vs_run": self.effect_vs_run,
-            "causes": self.causes,
-            "why": self.why,
-            "references": self.references,
-            "runs": self.runs,
-            "wall_s": round(self.wall_s, 1),
-            "run_seconds": round(self.run_seconds, 1),
-            "power": self.power,
-            "sft": self.sft,
-            "variants": json.loads(self.table.to_json(orient="records")),
-        }
-
-
-def _triple(row: pd.Series | None) -> list[float]:
+def _triple(row: Any) -> list[float]:
     if row is None:
         return [0.0, 0.0, 0.0]
     return [float(row["diff"]), float(row["low"]), float(row["high"])]
 
 
+def _check_sizes(confirm_seeds: int, top_k: int, max_trials: int) -> None:
+    if confirm_seeds < 2:
+        raise ConfigError(f"--confirm-seeds must be >= 2 (an interval needs two runs), got {confirm_seeds}")
+    if top_k < 1 or max_trials < 1:
+        raise ConfigError(f"--top-k and --trials must be >= 1, got {top_k} and {max_trials}")
+
+
 class Investigation:
-    """One investigation's grid, its sequential seeds and its verdict (resumable: the run dirs are the ledger)."""
+    """One investigation: the doctor, the search on val, the confirm phase on test, and the verdict (resumable:
+    the study's journal and the confirm phase's run dirs are the ledger)."""
 
     def __init__(
         self,
@@ -105,17 +93,17 @@ class Investigation:
         out: str | Path | None = None,
         budget_minutes: float = 30.0,
         workers: int = 1,
-        initial_seeds: int = 3,
-        max_seeds: int = 8,
-        seed_step: int = 2,
+        top_k: int = 3,
+        confirm_seeds: int = 3,
+        max_trials: int = 200,
+        space: str | Path | None = None,
         progress: bool = True,
         smoke: Sequence[str] = (),
         only: Sequence[str] | None = None,
         backend: str = "local",
         address: str | None = None,
+        seed: int = 0,
     ) -> None:
-        from ..pipeline import recorded_sft_checkpoint, recorded_split_seed
-        from .report import diagnose
 
         self.run_dir = Path(run_dir)
         cfg_path = self.run_dir / "config.yaml"
@@ -125,11 +113,10 @@ class Investigation:
             raise ConfigError(
                 f"--metric must be one of {[m for m, d in METRIC_DIRECTION.items() if d]}, got {metric!r}"
             )
-        if initial_seeds < 2:
-            raise ConfigError(f"--initial-seeds must be >= 2 (an interval needs two runs), got {initial_seeds}")
+        _check_sizes(confirm_seeds, top_k, max_trials)
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
-        self.backend, self.address = backend, address
-        self.initial_seeds, self.max_seeds, self.seed_step = initial_seeds, max(max_seeds, initial_seeds), seed_step
+        self.backend, self.address, self.seed = backend, address, seed
+        self.top_k, self.confirm_seeds, self.max_trials = top_k, confirm_seeds, max_trials
         self.cfg = load_config(cfg_path)
         self.out = Path(out) if out is not None else self.run_dir / "investigate"
         sft = recorded_sft_checkpoint(self.run_dir) or self.run_dir / "sft.pt"
@@ -140,25 +127,26 @@ class Investigation:
         self.split_seed = recorded_split_seed(self.run_dir)
         if self.split_seed is None:
             self.split_seed = self.cfg.seed if self.cfg.data.split_seed is None else self.cfg.data.split_seed
-
-        from ..pipeline import prepare_data
-
-        split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
-        self.splits = prepare_data(split_cfg)
+        self.split_cfg = dataclasses.replace(self.cfg, seed=self.split_seed)
+        self.splits = prepare_data(self.split_cfg)
         self.findings = diagnose(self.run_dir, splits=self.splits)  # the same split the doctor would rebuild
         if metric == "utility@1" and self.splits.test.utility is None:
             raise ConfigError(
                 "--metric utility@1 needs a true utility (the synthetic world); this data has none: use acc@1 or mrr"
             )
-        from ..data.debias import recurring_share
-        from ..train.model import DEFAULT_TARGET
-
-        can_prior = recurring_share(self.splits.train) > 0
-        can_residual = (
-            self.cfg.model.target == DEFAULT_TARGET and self.splits.train.query_dim == self.splits.train.cand_dim
+        self.conditions = {
+            "own_sft": self.sft_is_own,
+            "builtin_model": self.cfg.model.target == DEFAULT_TARGET,
+            "same_dims": self.splits.train.query_dim == self.splits.train.cand_dim,
+            "recurring_ids": recurring_share(self.splits.train) > 0,
+        }
+        self.can_residual = self.conditions["builtin_model"] and self.conditions["same_dims"]
+        can_prior = self.conditions["recurring_ids"]
+        self.params = active(load_space(space), self.conditions)
+        self.variants = build_variants(
+            self.cfg, self.findings, metric, can_prior=can_prior, can_residual=self.can_residual
         )
-        self.variants = build_variants(self.cfg, self.findings, metric, can_prior=can_prior, can_residual=can_residual)
-        if only is not None:  # a quick look: these variants (and the two references) only
+        if only is not None:  # a quick look: these variants (and the two references) are the only trials
             unknown = sorted(set(only) - {v.name for v in self.variants})
             if unknown:
                 raise ConfigError(
@@ -166,203 +154,198 @@ class Investigation:
                     f"{[v.name for v in self.variants]}"
                 )
             self.variants = [v for v in self.variants if v.name in {*only, RUN, SFT_ONLY}]
+            self.max_trials = min(self.max_trials, len(self.variants) - 1)
         base = [o for o in run_overrides(self.cfg) if not o.startswith(("data.split_seed=", "sft.checkpoint="))]
-        base += [f"data.split_seed={self.split_seed}", *smoke]
-        raw = {
-            "name": f"investigate_{self.run_dir.name}",
-            "base": base,
-            "seeds": [0, 1],
-            "sft_seed": self.split_seed,
-            "reference": RUN,
-            "sft_checkpoint": str(self.sft),
-            "variants": {v.name: v.overrides for v in self.variants},
-        }
-        self.spec = parse_grid(raw, name=raw["name"])
-        self.seeds: dict[str, list[int]] = {}
+        self.base = [*base, f"data.split_seed={self.split_seed}", *smoke]
+        self.spec: GridSpec | None = None
+        self.candidates: list[Candidate] = []
+        self.search_result: SearchResult | None = None
+        self.confirmed: dict[str, int] = {}
         self.wall_s = 0.0
 
     # ------------------------------------------------------------------------------------------------ running
-    def _run(self, variants: Sequence[str], seeds: Sequence[int]) -> None:
-        for v in variants:
-            self.seeds.setdefault(v, [])
-            self.seeds[v] = sorted(set(self.seeds[v]) | set(seeds))
-        sub = dataclasses.replace(
-            self.spec,
-            variants={v: self.spec.variants[v] for v in variants},
-            seeds=list(seeds),
-            reference=None,
-            questions={},
+    def refs(self) -> list[Candidate]:
+        return references(self.sft_is_own, self.can_residual)
+
+    def search(self, deadline: float) -> SearchResult:
+        """The search phase: the run, the remedies and the doctor's switches first, then TPE, until the trial cap
+        or until the time left is what the confirm phase needs."""
+        search = Search(
+            self.out / "search",
+            self.params,
+            base=self.base,
+            split_cfg=load_config(None, [*self.base, f"seed={self.split_seed}", "progress=false"]),
+            sft=self.sft,
+            metric=self.metric,
+            workers=self.workers,
+            backend=self.backend,
+            address=self.address,
+            max_trials=self.max_trials,
+            seed=self.seed,
+        )
+        search.enqueue([(v.name, v.overrides) for v in self.variants if v.name != SFT_ONLY])
+        plan = ConfirmPlan(self.top_k, self.confirm_seeds, self.sft_is_own)
+        self.search_result = search.run(deadline, plan, progress=self.progress)
+        return self.search_result
+
+    def fit_confirm(self, result: SearchResult, deadline: float) -> tuple[int, int]:
+        """(finalists, seeds) of the confirm phase that fit the time left, at the trials' measured run times: fewer
+        finalists first (down to 1), then fewer seeds (down to 2)."""
+        k, n = self.top_k, self.confirm_seeds
+        while (k > 1 or n > 2) and confirm_seconds(
+            result.trials, self.metric, ConfirmPlan(k, n, self.sft_is_own), self.workers
+        ) > deadline - time.time():
+            k, n = (k - 1, n) if k > 1 else (k, n - 1)
+        return k, n
+
+    def confirm(self, result: SearchResult, deadline: float = math.inf) -> None:
+        """The confirm phase: the finalists and the references, retrained with fresh seeds, scored on test."""
+        refs = self.refs()
+        top_k, n_seeds = self.fit_confirm(result, deadline)
+        self.confirmed = {"finalists": top_k, "seeds": n_seeds}
+        whys = {v.name: v.why for v in self.variants}
+        fins = finalist_candidates(
+            finalists(result, self.metric, top_k), {c.name for c in refs}, whys, run_values(self.base)
+        )
+        self.candidates = refs + fins
+        seeds = [CONFIRM_SEED0 + i for i in range(n_seeds)]
+        self.spec = confirm_spec(
+            f"investigate_{self.run_dir.name}", self.base, str(self.sft), self.split_seed, self.candidates, seeds
         )
         run_grid(
-            sub, self.out, workers=self.workers, progress=self.progress, backend=self.backend, address=self.address
+            self.spec,
+            self.out / "confirm",
+            workers=self.workers,
+            progress=self.progress,
+            backend=self.backend,
+            address=self.address,
         )
 
-    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        seeds = sorted({s for ss in self.seeds.values() for s in ss})
-        full = dataclasses.replace(self.spec, seeds=seeds)
-        return collect(self.out, full, worlds=[BASE_WORLD], return_per_query=True)
-
-    def _compare(self, frame: pd.DataFrame, pq: pd.DataFrame, pairs: dict[str, tuple[str, str]]) -> pd.DataFrame:
-        return compare(frame, pq, pairs, metrics=[self.metric], stage=SHIPPED, n_boot=1000)
-
-    def _candidates(self) -> list[str]:
-        return [v.name for v in self.variants if v.name != SFT_ONLY]
-
-    def leader_and_open(self, frame: pd.DataFrame, pq: pd.DataFrame) -> tuple[str, list[str]]:
-        """The candidate with the best mean effect vs SFT, and the variants still undecided: those whose interval
-        against the leader straddles 0, and the leader itself while its interval against SFT does."""
-        d = METRIC_DIRECTION[self.metric]
-        vs_sft = self._compare(frame, pq, {v: (v, SFT_ONLY) for v in self._candidates()}).set_index("a")
-        leader = str((vs_sft["diff"] * d).idxmax())
-        open_ = []
-        if vs_sft.loc[leader, "verdict"] == "n.s.":
-            open_.append(leader)
-        others = [v for v in self._candidates() if v != leader]
-        vs_lead = self._compare(frame, pq, {v: (v, leader) for v in others})
-        open_ += [r.a for r in vs_lead.itertuples() if r.verdict == "n.s."]
-        return leader, open_
-
-    def run(self) -> "Verdict":
+    def run(self) -> Verdict:
         t0 = time.perf_counter()
-        names = [v.name for v in self.variants]
-        seeds = list(range(self.initial_seeds))
-        self._run(names, seeds)
-        per_round = time.perf_counter() - t0
-        while True:
-            frame, pq = self.frames()
-            leader, open_ = self.leader_and_open(frame, pq)
-            n_now = len(self.seeds[leader])
-            if not open_ or n_now >= self.max_seeds:
-                break
-            new = list(range(n_now, min(n_now + self.seed_step, self.max_seeds)))
-            todo = list(dict.fromkeys([*open_, leader, SFT_ONLY, RUN]))
-            elapsed = time.perf_counter() - t0
-            # a round's cost grows with its runs: scale the first round's wall time by the share of runs
-            est = per_round * len(todo) * len(new) / (len(names) * len(seeds))
-            if elapsed + est > self.budget_s:
-                break
-            self._run(todo, new)
+        # the search stops when the time left is what the confirm phase needs (estimated from the trials' times)
+        deadline = time.time() + self.budget_s
+        result = self.search(deadline)
+        self.confirm(result, deadline)
         self.wall_s = time.perf_counter() - t0
         return self.verdict()
 
+    def frames(self) -> tuple[Any, Any]:
+        assert self.spec is not None
+        return collect(self.out / "confirm", self.spec, worlds=[BASE_WORLD], return_per_query=True)
+
     # ------------------------------------------------------------------------------------------------ verdict
     def verdict(self) -> Verdict:
+        assert self.spec is not None and self.search_result is not None
         frame, pq = self.frames()
         d = METRIC_DIRECTION[self.metric]
-        cands = self._candidates()
-        vs_sft = self._compare(frame, pq, {v: (v, SFT_ONLY) for v in cands}).set_index("a")
-        vs_run = self._compare(frame, pq, {v: (v, RUN) for v in cands if v != RUN}).set_index("a")
-        final = frame[(frame["split"] == "test") & (frame["stage"] == SHIPPED)]
-        means = final.groupby("variant")[self.metric].mean()
-        nseeds = final.groupby("variant")["seed"].nunique()
-        kinds = {v.name: v for v in self.variants}
-        best = decide(vs_sft, self.metric)
+        table = weigh(frame, pq, self.metric, self.candidates)
+        rows = table.set_index("variant")
+        best = choose(table, self.metric)
+        own = {c.name: c.retrain_sft for c in self.candidates}
+        refs = baseline_table(self.splits.test)
+        references = {str(k): float(v) for k, v in refs[self.metric].items()} if self.metric in refs else {}
+        family = int(table["p_holm"].notna().sum())
+        shippable = table[table["shippable"]]
+        top = str(shippable.loc[(shippable["vs_sft"] * d).idxmax(), "variant"]) if len(shippable) else RUN
         if best is not None:
-            rec = "rce_only" if _is_rce_only(kinds[best], self.spec) else "variant"
-            r = vs_sft.loc[best]
-            why = (
-                f"{best} ({kinds[best].why}) beats SFT on {self.metric} by {r['diff']:+.4f} "
-                f"[{r['low']:+.4f}, {r['high']:+.4f}] (95% interval over seeds x test queries excludes 0)"
+            r = rows.loc[best]
+            rec = "rce_only" if self._is_rce_only(best) else "variant"
+            gain = source_of_gain(frame, best, own[best])
+            sentence = (
+                f"Ship `{best}`: it beats the SFT you have by {r['vs_sft']:+.3f} {self.metric} "
+                f"[{r['vs_sft_low']:+.3f}, {r['vs_sft_high']:+.3f}] on the test split the search never saw"
+                + (f"; {gain}" if gain else "")
+            )
+            why = f"{best} ({r['what']}) is better than SFT after Holm's correction over {family} comparisons"
+            eff_sft, seed_effects = (
+                [float(r["vs_sft"]), float(r["vs_sft_low"]), float(r["vs_sft_high"])],
+                list(r["seed_effects"]),
             )
         else:
             best, rec = SFT_ONLY, "keep_sft"
-            top = str((vs_sft["diff"] * d).idxmax())
-            r = vs_sft.loc[top]
-            why = (
-                f"no variant's interval against SFT on {self.metric} excludes 0 from below; the best mean was "
-                f"{top} ({kinds[top].why}) at {r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]: keep SFT"
+            r = rows.loc[top]
+            effect = f"is {r['vs_sft']:+.3f} [{r['vs_sft_low']:+.3f}, {r['vs_sft_high']:+.3f}] {self.metric}"
+            if not r["own_sft"] and r["seeds"] and r["kept_sft"] == r["seeds"]:
+                effect = f"kept SFT in {r['kept_sft']} of {r['seeds']} seeds"
+            sentence = (
+                "Keep the SFT you have: nothing beat it on test after Holm's correction; the best candidate, "
+                f"`{top}`, {effect}"
             )
-        run_row = None if best == RUN else (vs_run.loc[best] if best in vs_run.index else None)
-        if best == SFT_ONLY:  # keep_sft vs the run: SFT minus the run
-            back = self._compare(frame, pq, {SFT_ONLY: (SFT_ONLY, RUN)}).iloc[0]
-            eff_run = [float(back["diff"]), float(back["low"]), float(back["high"])]
+            why = f"no candidate is better than SFT after Holm's correction over {family} comparisons"
+            eff_sft, seed_effects = self._keep_sft_effect(rows)
+        rl = rl_line(table, self.metric, skip=best if best != SFT_ONLY else top)
+        if rl:
+            sentence += f"; {rl}"
+        if best == SFT_ONLY:
+            back = compare(frame, pq, {SFT_ONLY: (SFT_ONLY, RUN)}, metrics=[self.metric], stage=SHIPPED, n_boot=1000)
+            eff_run = _triple(back.iloc[0])
+        elif best == RUN:
+            eff_run = [0.0, 0.0, 0.0]
         else:
-            eff_run = _triple(run_row)
-        eff_sft = [0.0, 0.0, 0.0] if best == SFT_ONLY else _triple(vs_sft.loc[best])
-        config_path = self.write_config(best)
-        causes = []
-        for f in self.findings:
-            if not f.triggered:
-                continue
-            tested = [v for v in self.variants if v.check == f.check]
-            effects = [(v.name, _triple(vs_run.loc[v.name])) for v in tested if v.name in vs_run.index]
-            top = max(effects, key=lambda e: d * e[1][0]) if effects else None
-            causes.append(
-                {
-                    "check": f.check,
-                    "remedy": top[0] if top else None,
-                    "effect_vs_run": top[1] if top else None,
-                    "message": f.message,
-                }
-            )
-        causes.sort(key=lambda c: -d * c["effect_vs_run"][0] if c["effect_vs_run"] else math.inf)
-        table = pd.DataFrame(
-            [
-                {
-                    "variant": v.name,
-                    "kind": v.kind,
-                    "what": v.why,
-                    "seeds": int(nseeds.get(v.name, 0)),
-                    self.metric: float(means.get(v.name, math.nan)),
-                    "vs_sft": float(vs_sft.loc[v.name, "diff"]) if v.name in vs_sft.index else 0.0,
-                    "vs_sft_low": float(vs_sft.loc[v.name, "low"]) if v.name in vs_sft.index else 0.0,
-                    "vs_sft_high": float(vs_sft.loc[v.name, "high"]) if v.name in vs_sft.index else 0.0,
-                    "verdict": str(vs_sft.loc[v.name, "verdict"]) if v.name in vs_sft.index else "",
-                }
-                for v in self.variants
-            ]
-        )
-        from ..train.baselines import baseline_table
-
-        refs = baseline_table(self.splits.test)
-        references = {str(k): float(v) for k, v in refs[self.metric].items()} if self.metric in refs else {}
-        mde = (
-            min_detectable_effect(eff_sft[1], eff_sft[2])
-            if best != SFT_ONLY
-            else min_detectable_effect(
-                float(vs_sft.loc[vs_sft.index[0], "low"]), float(vs_sft.loc[vs_sft.index[0], "high"])
-            )
-        )
-        power = self._power_line(mde)
-        runs = int(final[["variant", "seed"]].drop_duplicates().shape[0])
-        self.run_seconds = (
-            float(final.drop_duplicates(["variant", "seed"])["wall_s"].sum()) if "wall_s" in final.columns else 0.0
-        )
+            vs_run = compare(frame, pq, {best: (best, RUN)}, metrics=[self.metric], stage=SHIPPED, n_boot=1000)
+            eff_run = _triple(vs_run.iloc[0])
+        notes = below_reference(table, best, references, self.metric, self.can_residual)
+        final = frame[(frame["split"] == "test") & (frame["stage"] == SHIPPED)].drop_duplicates(["variant", "seed"])
         return Verdict(
-            self.metric,
-            rec,
-            best,
-            str(config_path),
-            eff_sft,
-            eff_run,
-            causes,
-            why,
-            table,
-            references,
-            runs,
-            self.wall_s,
-            power,
-            str(self.sft),
-            self.run_seconds,
+            metric=self.metric,
+            recommendation=rec,
+            variant=best,
+            config=str(self.write_config(best)),
+            effect_vs_sft=eff_sft,
+            effect_vs_run=eff_run,
+            causes=causes_from_search(self.findings, self.variants, self.search_result.trials, d),
+            why=why,
+            table=table,
+            references=references,
+            runs=len(final),
+            wall_s=self.wall_s,
+            power=power_line(
+                len(self.splits.test), self.cfg.data.test_frac, self.confirmed.get("seeds", 0), self.metric
+            ),
+            sft=str(self.sft),
+            run_seconds=float(final["wall_s"].sum()) if "wall_s" in final.columns else 0.0,
+            sentence=sentence + ".",
+            search=self._search_summary(),
+            notes=notes,
+            seed_effects=seed_effects,
         )
 
-    def _power_line(self, mde: float) -> str:
-        n_test = len(self.splits.test)
-        frac = self.cfg.data.test_frac
-        line = (
-            f"With {n_test} test queries (data.test_frac={frac:g}) and up to {self.max_seeds} seeds, "
-            f"{self.metric} effects smaller than ~{_fmt(mde)} go undetected (80% power at 5%)"
-        )
-        if frac < 0.3:
-            line += f"; a larger test split (e.g. data.test_frac={min(0.4, 2 * frac):g}) narrows the intervals"
-        else:
-            line += "; the test split is already large: more labelled queries, or more seeds, narrow the intervals"
-        return line + "."
+    def _search_summary(self) -> dict[str, Any]:
+        """What verdict.json says of the search: trial counts, its wall time, the space, the importances, the
+        budget and the confirm phase it left room for."""
+        res = self.search_result
+        assert res is not None
+        return {
+            **res.counts,
+            "trials": res.counts["complete"] + res.counts["pruned"] + res.counts["failed"],
+            "wall_s": round(res.wall_s, 1),
+            "params": [p.name for p in self.params],
+            "importances": importances(res.study),
+            "budget_s": self.budget_s,
+            "confirm": self.confirmed,
+        }
+
+    def _is_rce_only(self, name: str) -> bool:
+        assert self.spec is not None
+        own = any(o.startswith(("sft.", "model.")) for o in self.spec.variants[name])
+        return not own and self.spec.value(name, "grpo.epochs") == 0 and self.spec.value(name, "rce.epochs") > 0
+
+    def _keep_sft_effect(self, rows: Any) -> tuple[list[float], list[float]]:
+        """keep_sft's effect vs the SFT you have: 0 for an imported SFT (the config trains nothing); for an SFT the
+        run trained, the retrained SFT's effect, whose interval holds the SFT's seed noise."""
+        if SFT_RETRAINED not in rows.index:
+            return [0.0, 0.0, 0.0], []
+        r = rows.loc[SFT_RETRAINED]
+        return [float(r["vs_sft"]), float(r["vs_sft_low"]), float(r["vs_sft_high"])], list(r["seed_effects"])
 
     def write_config(self, variant: str) -> Path:
         """The complete YAML of ``variant`` that ``v3kit run --config`` trains as is: the run's data and test split
         (``data.split_seed``), and the run's SFT checkpoint (``sft.checkpoint``) unless the variant trains its own."""
-        own_sft = any(o.startswith(("sft.", "model.")) for o in self.spec.variants[variant])
+        assert self.spec is not None
+        own_sft = variant in self.spec.retrain_sft or any(
+            o.startswith(("sft.", "model.")) for o in self.spec.variants[variant]
+        )
         retrain = own_sft or (variant == SFT_ONLY and self.sft_is_own)
         # keep_sft of a run that trained its SFT itself: the config trains that SFT alone (same seed, same split:
         # the same model); otherwise the config starts from the run's SFT checkpoint, the model you have
@@ -378,22 +361,20 @@ class Investigation:
 
 
 def investigate(run_dir: str | Path, **options: Any) -> Verdict:
-    """Doctor, grid, sequential seeds and verdict for ``run_dir``; writes ``verdict.md``/``verdict.json`` (plus the
-    recommended config and ``effects.png``) to ``out`` (default ``RUN_DIR/investigate``). ``options`` are those of
-    :class:`Investigation` (``metric``, ``out``, ``budget_minutes``, ``workers``, ``initial_seeds``, ``max_seeds``,
-    ``progress``, ``smoke``: overrides added to every run, ``only``, ``backend``, ``address``)."""
+    """Doctor, search on val, confirm on test and verdict for ``run_dir``; writes ``verdict.md``/``verdict.json``
+    (plus the recommended config and the figures) to ``out`` (default ``RUN_DIR/investigate``). ``options`` are
+    those of :class:`Investigation` (``metric``, ``out``, ``budget_minutes``, ``workers``, ``top_k``,
+    ``confirm_seeds``, ``max_trials``, ``space``, ``progress``, ``smoke``: overrides added to every run, ``only``,
+    ``backend``, ``address``, ``seed``)."""
     inv = Investigation(run_dir, **options)
     v = inv.run()
-    write_verdict(v, inv.run_dir, inv.out)
+    write_verdict(v, inv.run_dir, inv.out, inv.search_result.study if inv.search_result else None)
     return v
 
 
 def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) -> dict[str, Any]:
     """Retrain ``verdict.json``'s config with ``seeds`` and measure its shipped model against the run's SFT on the
     same test split: the check that the verdict's ``effect_vs_sft`` holds for runs it never saw."""
-    from ..pipeline import prepare_data, run_pipeline
-    from ..train.checkpoint import load_checkpoint, model_from_checkpoint
-    from ..train.metrics import evaluate
 
     out = Path(out)
     v = json.loads((out / VERDICT_JSON).read_text())
@@ -411,8 +392,8 @@ def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) 
         a = evaluate(res.models["selected"], splits.test, temperature=1.0)[v["metric"]]
         b = evaluate(ref, splits.test, temperature=1.0)[v["metric"]]
         effects.append(float(a - b))
-    lo, hi = v["effect_vs_sft"][1], v["effect_vs_sft"][2]
     mean = float(np.mean(effects))
+    lo, hi = prediction_interval(v["effect_vs_sft"], v.get("seed_effects", []), len(seeds))
     return {"effects": effects, "mean": mean, "interval": [lo, hi], "inside": lo <= mean <= hi}
 
 
@@ -424,8 +405,10 @@ def cmd_investigate(args: argparse.Namespace) -> int:
         out=args.out,
         budget_minutes=args.budget_minutes,
         workers=args.workers,
-        initial_seeds=args.initial_seeds,
-        max_seeds=args.max_seeds,
+        top_k=args.top_k,
+        confirm_seeds=args.confirm_seeds,
+        max_trials=args.trials,
+        space=args.space,
         progress=not args.no_progress,
         smoke=args.set or [],
         only=args.only.split(",") if args.only else None,
@@ -433,11 +416,12 @@ def cmd_investigate(args: argparse.Namespace) -> int:
         address=args.address,
     )
     print(
-        f"investigating {inv.run_dir}: {len(inv.variants)} variants, {args.initial_seeds} seeds to start, "
-        f"budget {args.budget_minutes:g} min, {args.workers} worker(s) -> {inv.out}"
+        f"investigating {inv.run_dir}: search over {len(inv.params)} parameters (up to {inv.max_trials} trials, "
+        f"{len(inv.variants) - 1} enqueued first), then the top {inv.top_k} and the references on test with "
+        f"{inv.confirm_seeds} fresh seeds; budget {args.budget_minutes:g} min, {args.workers} worker(s) -> {inv.out}"
     )
     v = inv.run()
-    write_verdict(v, inv.run_dir, inv.out)
+    write_verdict(v, inv.run_dir, inv.out, inv.search_result.study if inv.search_result else None)
     print(verdict_markdown(v, inv.run_dir, inv.out))
     print(f"wrote {inv.out / VERDICT_MD} and {inv.out / VERDICT_JSON}")
     if args.reproduce:
@@ -450,7 +434,8 @@ def cmd_investigate(args: argparse.Namespace) -> int:
         print(
             f"reproduce: retrained {data['config']} with fresh seeds {seeds}: effect vs the run's SFT "
             f"{', '.join(f'{e:+.4f}' for e in rep['effects'])} (mean {rep['mean']:+.4f}), "
-            f"{'inside' if rep['inside'] else 'OUTSIDE'} the verdict's interval [{lo:+.4f}, {hi:+.4f}]"
+            f"{'inside' if rep['inside'] else 'OUTSIDE'} the interval where {len(seeds)} fresh seeds should fall "
+            f"[{lo:+.4f}, {hi:+.4f}] (the verdict's, widened by its per-seed spread)"
         )
     return 0
 
@@ -470,11 +455,15 @@ def register_cli(subparsers: Any) -> None:
         default="acc@1",
         help="the metric the verdict is judged by (utility@1 on the synthetic world, which knows the truth)",
     )
-    p.add_argument("--budget-minutes", type=float, default=30.0, help="stop adding seeds when this is spent")
+    p.add_argument("--budget-minutes", type=float, default=30.0, help="search and confirm together finish inside this")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (one torch thread each)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/investigate)")
-    p.add_argument("--initial-seeds", type=int, default=3, help="seeds of the first round (>= 2)")
-    p.add_argument("--max-seeds", type=int, default=8, help="most seeds any variant gets")
+    p.add_argument("--top-k", type=int, default=3, help="configurations of the search that the confirm phase retrains")
+    p.add_argument("--confirm-seeds", type=int, default=3, help="fresh seeds of the confirm phase (>= 2)")
+    p.add_argument("--trials", type=int, default=200, help="most trials of the search (the budget may stop it first)")
+    p.add_argument(
+        "--space", help="search-space YAML (default: the shipped configs/search_space.yaml; its header: the format)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -485,8 +474,8 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument(
         "--only",
         metavar="V1,V2",
-        help="build only these variants (plus 'run' and 'sft_only'), e.g. "
-        "rce_moving,rce_grpo_anchored for a quick look",
+        help="search only these enqueued variants (plus 'run'), e.g. rce_moving,rce_grpo_anchored for a quick "
+        "look; the confirm phase still weighs the best of them against the references",
     )
     p.add_argument(
         "--reproduce",

@@ -4,48 +4,70 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..rundir import atomic_write_text
 
 if TYPE_CHECKING:
-    from .investigate import Verdict
+    from .confirm import Verdict
 
 VERDICT_MD, VERDICT_JSON = "verdict.md", "verdict.json"
 SFT_ONLY = "sft_only"  # the reference variant every effect is measured against (not plotted: it is the zero line)
 
 
+def _effect_cell(d: dict[str, Any]) -> str:
+    """The effect vs SFT, or "kept SFT in k of n seeds" for a variant whose shipped model was the SFT you have."""
+    cell = f"{d['vs_sft']:+.4f} [{d['vs_sft_low']:+.4f}, {d['vs_sft_high']:+.4f}]"
+    kept, n = int(d.get("kept_sft") or 0), int(d.get("seeds") or 0)
+    if d.get("own_sft") or kept == 0 or d["variant"] == SFT_ONLY:
+        return "" if d["variant"] == SFT_ONLY else cell
+    return f"kept SFT in {kept} of {n} seeds" if kept == n else f"{cell} (kept SFT in {kept} of {n} seeds)"
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
 def verdict_markdown(v: Verdict, run_dir: Path, out: Path) -> str:
-    lines = [f"# Verdict for `{run_dir}`", ""]
+    lines = [f"# Verdict for `{run_dir}`", "", v.sentence, ""]
     head = {
         "keep_sft": "**Keep SFT.**",
         "rce_only": f"**Ship RCE only** (`{v.variant}`).",
         "variant": f"**Ship `{v.variant}`.**",
     }[v.recommendation]
+    s = v.search
+    family = int(v.table["p_holm"].notna().sum()) if "p_holm" in v.table.columns else 0
     lines += [f"{head} {v.why}.", ""]
     lines += [
         f"- metric: `{v.metric}` on the run's test split; effect vs SFT "
         f"{v.effect_vs_sft[0]:+.4f} [{v.effect_vs_sft[1]:+.4f}, {v.effect_vs_sft[2]:+.4f}], vs the run "
         f"{v.effect_vs_run[0]:+.4f} [{v.effect_vs_run[1]:+.4f}, {v.effect_vs_run[2]:+.4f}]",
         f"- train it: `v3kit run --config {v.config}`",
-        f"- {v.runs} runs ({v.run_seconds / 60:.1f} run-minutes), {v.wall_s / 60:.1f} min of wall time in this "
-        "invocation; intervals: 95% paired bootstrap over seeds x test queries",
+        f"- search (val only, one seed per trial): {s.get('trials', 0)} trials ({s.get('complete', 0)} complete, "
+        f"{s.get('pruned', 0)} pruned, {s.get('failed', 0)} failed) over {len(s.get('params', []))} parameters "
+        f"in {s.get('wall_s', 0) / 60:.1f} min",
+        f"- confirm (test, fresh seeds): {v.runs} runs ({v.run_seconds / 60:.1f} run-minutes); "
+        f"{v.wall_s / 60:.1f} min of wall time for both phases in this invocation",
+        f"- intervals: 95% paired bootstrap over seeds x test queries; the {family} comparisons of shippable "
+        "candidates with SFT are corrected for multiplicity with Holm's method (the Holm p column), and "
+        "'better' means better after that correction",
         f"- {v.power}",
+        *[f"- note: {n}" for n in v.notes],
         "",
-    ]
-    lines += [
-        "## Variants (the shipped model of each run, vs SFT)",
+        "## Candidates (the shipped model of each run, vs SFT, on test)",
         "",
-        f"| variant | kind | seeds | {v.metric} | vs SFT [95% CI] | verdict | what it tests |",
-        "|---|---|---|---|---|---|---|",
+        f"| variant | kind | seeds | {v.metric} | vs SFT [95% CI] | Holm p | verdict | mde | search val | what |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in v.table.to_dict("records"):
         lines.append(
-            f"| {d['variant']} | {d['kind']} | {d['seeds']} | {d[v.metric]:.4f} | {d['vs_sft']:+.4f} "
-            f"[{d['vs_sft_low']:+.4f}, {d['vs_sft_high']:+.4f}] | {d['verdict']} | {d['what']} |"
+            f"| {d['variant']} | {d['kind']} | {d['seeds']} | {d[v.metric]:.4f} | {_effect_cell(d)} | "
+            f"{_num(d.get('p_holm'), '.3f')} | {d['verdict']} | {_num(d.get('mde'), '.3f')} | "
+            f"{_num(d.get('search_val'), '.4f')} | {d['what']} |"
         )
     if v.references:
         lines += ["", "## Reference rankers (test split, no training)", "", f"| ranker | {v.metric} |", "|---|---|"]
@@ -53,18 +75,54 @@ def verdict_markdown(v: Verdict, run_dir: Path, out: Path) -> str:
     if v.causes:
         lines += [
             "",
-            "## Causes the doctor flagged, ranked by the effect of their remedy on the run",
+            "## Causes the doctor flagged, ranked by their best switch in the search",
             "",
-            "| check | remedy tested | effect vs run [95% CI] |",
+            "(val, one seed per trial, minus the run's own trial: a ranking, not a verdict)",
+            "",
+            "| check | switch tried | val vs run |",
             "|---|---|---|",
         ]
         for c in v.causes:
-            e = c["effect_vs_run"]
-            eff = f"{e[0]:+.4f} [{e[1]:+.4f}, {e[2]:+.4f}]" if e else "not tested (no switch)"
-            lines.append(f"| {c['check']} | {c['remedy'] or '-'} | {eff} |")
-    if (out / "effects.png").exists():
-        lines += ["", "![effects](effects.png)"]
+            e = c.get("val_vs_run")
+            lines.append(f"| {c['check']} | {c['remedy'] or '-'} | {_num(e, '+.4f') or 'not tried'} |")
+    if s.get("importances"):
+        top = sorted(s["importances"].items(), key=lambda kv: -kv[1])[:6]
+        lines += ["", "Parameter importances (Optuna, fANOVA on the search's val scores): "]
+        lines[-1] += ", ".join(f"`{k}` {x:.2f}" for k, x in top)
+    for name, title in FIGURES:
+        if (out / name).exists():
+            lines += ["", f"![{title}]({name})"]
     return "\n".join(lines) + "\n"
+
+
+FIGURES = (
+    ("effects.png", "effects"),
+    ("search_history.png", "optimisation history"),
+    ("search_importances.png", "parameter importances"),
+)
+
+
+def plot_search(study: Any, out: Path) -> None:
+    """Optuna's optimisation history and parameter importances as matplotlib figures."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        for name, fn in (("search_history.png", ov.plot_optimization_history), ("search_importances.png", None)):
+            try:
+                ax = fn(study) if fn else ov.plot_param_importances(study)
+            except Exception:  # too few finished trials to plot or rank: the verdict stands without it
+                continue
+            ax.figure.set_size_inches(7, 4)
+            ax.figure.tight_layout()
+            ax.figure.savefig(out / name, dpi=110)
+            plt.close(ax.figure)
 
 
 def plot_effects(v: Verdict, path: Path) -> None:
@@ -91,11 +149,13 @@ def plot_effects(v: Verdict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_verdict(v: Verdict, run_dir: Path, out: Path) -> None:
+def write_verdict(v: Verdict, run_dir: Path, out: Path, study: Any = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     try:
         plot_effects(v, out / "effects.png")
-    except ImportError:  # matplotlib is an extra (notebooks): the verdict stands without its plot
+        if study is not None:
+            plot_search(study, out)
+    except ImportError:  # matplotlib is an extra (notebooks): the verdict stands without its plots
         pass
     atomic_write_text(out / VERDICT_JSON, json.dumps(v.as_json(), indent=1) + "\n")
     atomic_write_text(out / VERDICT_MD, verdict_markdown(v, run_dir, out))

@@ -61,6 +61,9 @@ class RankerModel(Protocol):
     def encode_candidates(self, cand_x: Tensor) -> Tensor: ...
 
 
+RESIDUAL_KINDS = ("mlp", "linear")
+
+
 @dataclass
 class ModelConfig:
     target: str = DEFAULT_TARGET
@@ -95,6 +98,10 @@ class ModelConfig:
     starts at zero, so the untrained model *is* the raw-feature cosine ranker and training learns a correction to
     it. Needs query and candidate features of one dim; ``emb_dim`` and ``normalize`` are then unused. Cosine scores
     lie in [-1, 1]: pair it with a small ``sim_temperature`` (e.g. 0.05-0.1) so the policy is not near uniform."""
+    residual_kind: str = "mlp"
+    """The residual correction f of ``model.residual``: ``mlp`` (an MLP of widths ``hidden``, last layer at zero) or
+    ``linear`` (``normalize(x + W x)``, W a square matrix initialised at 0: the smallest correction that can
+    re-weight and mix the raw features)."""
 
     def __post_init__(self) -> None:
         if ":" not in self.target:
@@ -104,6 +111,8 @@ class ModelConfig:
             )
         if self.sim_temperature <= 0:
             raise ValueError(f"model.sim_temperature must be > 0, got {self.sim_temperature}")
+        if self.residual_kind not in RESIDUAL_KINDS:
+            raise ValueError(f"model.residual_kind must be one of {RESIDUAL_KINDS}, got {self.residual_kind!r}")
         if self.interface not in INTERFACES:
             raise ValueError(f"model.interface must be one of {INTERFACES}, got {self.interface!r}")
         unknown = sorted(set(self.methods) - set(DEFAULT_METHODS))
@@ -134,12 +143,13 @@ class ResidualTower(nn.Module):
     """``normalize(x + f(x))``: f's last layer is zero-initialised, so the tower starts as the identity on the
     direction of ``x`` (the raw features' cosine) and learns a correction."""
 
-    def __init__(self, dim: int, hidden: list[int]) -> None:
+    def __init__(self, dim: int, hidden: list[int], kind: str = "mlp") -> None:
         super().__init__()
-        self.f = _mlp(dim, hidden, dim)
+        self.f = nn.Sequential(nn.Linear(dim, dim, bias=False)) if kind == "linear" else _mlp(dim, hidden, dim)
         last = self.f[-1]
         nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.normalize(x + self.f(x), dim=-1)
@@ -157,6 +167,7 @@ class TwoTower(nn.Module):
         emb_dim: int = 32,
         normalize: bool = False,
         residual: bool = False,
+        residual_kind: str = "mlp",
     ) -> None:
         super().__init__()
         if residual:
@@ -165,8 +176,8 @@ class TwoTower(nn.Module):
                     f"model.residual needs query and candidate features of one dim, got {query_dim} and "
                     f"{cand_dim}; set model.residual=false"
                 )
-            self.query_tower: nn.Module = ResidualTower(query_dim, list(hidden))
-            self.cand_tower: nn.Module = ResidualTower(cand_dim, list(hidden))
+            self.query_tower: nn.Module = ResidualTower(query_dim, list(hidden), residual_kind)
+            self.cand_tower: nn.Module = ResidualTower(cand_dim, list(hidden), residual_kind)
         else:
             self.query_tower = _mlp(query_dim, list(hidden), emb_dim)
             self.cand_tower = _mlp(cand_dim, list(hidden), emb_dim)
@@ -355,6 +366,8 @@ def build_model(cfg: ModelConfig, query_dim: int, cand_dim: int) -> nn.Module:
         kwargs.update(hidden=list(cfg.hidden), emb_dim=cfg.emb_dim, normalize=cfg.normalize)
         if cfg.residual:  # only when set: checkpoints of earlier versions rebuild with the same arguments
             kwargs["residual"] = True
+            if cfg.residual_kind != "mlp":
+                kwargs["residual_kind"] = cfg.residual_kind
     dims = {k: v for k, v in constructor_dims(cls, query_dim, cand_dim).items() if k not in kwargs}
     try:
         model = cls(**dims, **kwargs)

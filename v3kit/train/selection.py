@@ -3,18 +3,22 @@
 The candidates are the SFT model and every RCE and GRPO epoch checkpoint of the run, judged by their val rows in
 ``metrics.csv`` (``select_metric``; ranking metrics do not depend on the logit temperature). ``best_val`` keeps the
 best one (the earliest on a tie, so an RL epoch must *beat* SFT to be kept); ``last`` keeps the end of the last
-stage that ran. Either way the run records the choice in ``selected.json`` and says so when the shipped model is
+stage that ran. Each stage's start counts as a candidate: RCE's is SFT, GRPO's is RCE's end, and under ``best_val``
+an SFT the kit trains keeps its best val epoch *including epoch 0*, its initial model (:class:`BestVal`), so a stage
+that only hurts val ships the model it started from, bit for bit (for a residual model that is the raw cosine). Either way the run records the choice in ``selected.json`` and says so when the shipped model is
 below SFT on val: a pipeline never ships a regression silently.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+import torch
 
 from .metrics import METRIC_DIRECTION
 
@@ -52,13 +56,31 @@ class Selection:
         return {**asdict(self), "below_sft": self.below_sft}
 
 
-def val_scores(metrics: pd.DataFrame, metric: str) -> list[tuple[str, int, float]]:
+def best_epoch(rows: pd.DataFrame, metric: str) -> tuple[int, float] | None:
+    """(epoch, value) of the best val ``metric`` among ``rows`` (one stage's val rows, epoch 0 = its start), the
+    earliest on a tie; None without rows."""
+    rows = rows.dropna(subset=[metric]) if metric in rows.columns else rows[:0]
+    if not len(rows):
+        return None
+    d = METRIC_DIRECTION[metric]
+    best: tuple[int, float] | None = None
+    for e, v in zip(rows["epoch"], rows[metric]):
+        if best is None or d * (float(v) - best[1]) > 0:
+            best = (int(e), float(v))
+    return best
+
+
+def val_scores(metrics: pd.DataFrame, metric: str, best_sft: bool = False) -> list[tuple[str, int, float]]:
     """(stage, epoch, val ``metric``) of the SFT model and of every RCE and GRPO epoch, in training order; SFT is
-    the last SFT val row, else RCE's (or GRPO's) epoch-0 row (a given checkpoint has no SFT rows)."""
+    the last SFT val row (``best_sft``: its best one, the SFT a ``best_val`` run keeps), else RCE's (or GRPO's)
+    epoch-0 row (a given checkpoint has no SFT rows)."""
     val = metrics[metrics["split"] == "val"].dropna(subset=[metric]) if metric in metrics.columns else metrics[:0]
     out: list[tuple[str, int, float]] = []
     sft = val[val["stage"] == "sft"]
-    if len(sft):
+    if len(sft) and best_sft:
+        e, v = best_epoch(sft, metric)  # type: ignore[misc]
+        out.append(("sft", e, v))
+    elif len(sft):
         out.append(("sft", int(sft["epoch"].iloc[-1]), float(sft[metric].iloc[-1])))
     for stage in ("rce", "grpo"):
         rows = val[val["stage"] == stage].groupby("epoch")[metric].last().sort_index()
@@ -94,7 +116,7 @@ def select_model(
 ) -> Selection:
     """The :class:`Selection` of a finished run from its val rows. ``sft_val`` computes SFT's val metric when no row
     holds it (a given checkpoint with RCE and GRPO off)."""
-    scores = val_scores(metrics, metric)
+    scores = val_scores(metrics, metric, best_sft=mode == "best_val")
     if not scores or scores[0][0] != "sft":
         if sft_val is None:
             raise ValueError(f"no val {metric} of the SFT model in metrics.csv")
@@ -104,6 +126,26 @@ def select_model(
     if stage != "sft":
         path = str(Path(run_dir) / f"{stage}_epoch{epoch}.pt")
     return Selection(stage, epoch, metric, value, scores[0][2], mode, path)
+
+
+class BestVal:
+    """A training callback that keeps the weights of a stage's best val epoch (epoch 0, the stage's start,
+    included; the earliest on a tie) in memory: :func:`v3kit.train.sft.train_sft` ships them under
+    ``select: best_val``."""
+
+    def __init__(self, model: torch.nn.Module, stage: str, metric: str) -> None:
+        self.model, self.stage, self.metric = model, stage, metric
+        self.epoch: int | None = None
+        self.value = math.nan
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def on_eval(self, row: dict[str, Any]) -> None:
+        v = row.get(self.metric)
+        if row.get("stage") != self.stage or v is None or not math.isfinite(float(v)):
+            return
+        if self.epoch is None or METRIC_DIRECTION[self.metric] * (float(v) - self.value) > 0:
+            self.epoch, self.value = int(row["epoch"]), float(v)
+            self.state = {k: t.detach().clone() for k, t in self.model.state_dict().items()}
 
 
 def write_selection(run_dir: Path, selection: Selection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .checkpoint import (
 )
 from .metrics import evaluate
 from .model import ModelConfig, attach_interface, build_model, compute_log_probs, model_inputs, policy_log_probs
+from .selection import BestVal, best_epoch
 from .training import OptimConfig, RunContext, Stage, StageResult, StepContext, fit
 
 
@@ -49,16 +51,42 @@ class SFTStage(Stage):
         return -logp.gather(1, batch.labels.unsqueeze(1)).mean(), {}
 
 
+def _keep_best(
+    model: nn.Module, result: StageResult, tracker: BestVal, init: dict[str, torch.Tensor], run_dir: Any, metric: str
+) -> int:
+    """Load the weights of SFT's best val epoch (0: the initial model) into ``model``; returns that epoch. The
+    logged rows decide (a resumed SFT's tracker missed the epochs before the resume); the weights come from the
+    tracker, the initial state, or that epoch's checkpoint."""
+    val = result.history[result.history["split"] == "val"] if len(result.history) else result.history
+    best = best_epoch(val, metric)
+    last = int(result.info["epochs"])
+    if best is None or best[0] == last:
+        return last
+    epoch = best[0]
+    if tracker.epoch == epoch and tracker.state is not None:
+        state = tracker.state
+    elif epoch == 0:
+        state = init
+    else:
+        state = load_checkpoint(Path(run_dir) / f"sft_epoch{epoch}.pt")["model"]
+    model.load_state_dict(state)
+    return epoch
+
+
 def train_sft(
     splits: Splits,
     model_cfg: ModelConfig,
     cfg: SFTConfig | None = None,
+    *,
+    select_metric: str | None = None,
     **run: Any,
 ) -> StageResult:
     """Train the supervised ranker (CE on the human label) and save ``sft.pt`` in ``run_dir``.
 
     ``run``: the fields of a :class:`v3kit.train.training.RunContext` (seed, run_dir, resume, callbacks, progress,
-    device, precision, log_every); ``sft.pt`` holds CPU tensors.
+    device, precision, log_every); ``sft.pt`` holds CPU tensors. ``select_metric`` (a run's ``select: best_val``):
+    ``sft.pt`` and the returned model are SFT's best val epoch on it, epoch 0 (the initial model) included, so an
+    SFT that only hurts val ships its start; ``result.info["selected_epoch"]`` says which.
     """
     cfg = cfg or SFTConfig()
     context = RunContext(**run)
@@ -66,11 +94,20 @@ def train_sft(
     model = build_model(model_cfg, splits.train.query_dim, splits.train.cand_dim)
     meta = {"config": asdict(cfg), **model_payload(model_cfg, splits.train.query_dim, splits.train.cand_dim)}
     stage = SFTStage(model, splits.train, splits.val, cfg, temperature=model_cfg.sim_temperature, meta=meta)
+    tracker, init = None, {}
+    if select_metric is not None:
+        init = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        tracker = BestVal(model, "sft", select_metric)
+        context = dataclasses.replace(context, callbacks=[*context.callbacks, tracker])
     result = fit(stage, context)
+    epoch = cfg.epochs
+    if tracker is not None:
+        epoch = _keep_best(model, result, tracker, init, context.run_dir, select_metric)  # type: ignore[arg-type]
+    result.info["selected_epoch"] = epoch
     if context.run_dir is not None:
         path = Path(context.run_dir) / "sft.pt"
         if distributed.current().main:  # under torchrun every rank holds the same model; rank 0 writes it
-            payload = {"stage": "sft", "epoch": cfg.epochs, "step": -1, "model": model.state_dict(), **meta}
+            payload = {"stage": "sft", "epoch": epoch, "step": -1, "model": model.state_dict(), **meta}
             save_checkpoint(path, payload)
         distributed.barrier()
         result.info["checkpoint"] = path

@@ -186,6 +186,8 @@ class OptimConfig:
     """Groups per optimizer step; at most 1,000,000 (``MAX_BATCH_SIZE``)."""
     max_grad_norm: float | None = 1.0
     """Gradient-norm clipping; null = none."""
+    weight_decay: float = 0.0
+    """Adam's L2 penalty on the weights (``torch.optim.Adam``'s ``weight_decay``); 0 = none."""
     on_nonfinite: str = "stop"
     """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
     ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
@@ -196,6 +198,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         check_optim_fields(self.section, self.epochs, self.lr, self.batch_size, self.max_grad_norm)
         check_on_nonfinite(self.section, self.on_nonfinite)
+        if not (self.weight_decay >= 0):
+            raise ValueError(f"{self.section}.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -400,7 +404,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     writes = run_dir if ranks.main else None
     train_model = distributed.SlicedGrad(model, ranks) if ranks.world > 1 else model
     log = MetricsLog(writes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     steps_per_epoch = num_batches(len(train), batch_size)
@@ -459,42 +463,56 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
         bar.set_postfix(loss=f"{last['loss']:.4f}", epoch=last["epoch"])
         pending.clear()
 
-    for epoch in range(start_epoch + 1, epochs + 1):
-        stage_obj.on_epoch_start(epoch)
-        model.train()
-        for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
-            ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
-            loss, stats, grad_norm, bad = _optimizer_step(
-                stage_obj, train_model, batch, ctx, optimizer, ranks, max_grad_norm, check_each_step, device, precision
-            )
-            if bad is not None:
-                if on_nonfinite == "stop":
-                    raise _nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
-                optimizer.zero_grad(set_to_none=True)
-            if on_nonfinite == "skip_batch":
-                stats = {**stats, "skipped_nonfinite": int(bad is not None)}
-            step += 1
-            _kill_point(f"{stage}:epoch{epoch}:step{step}")
-            pending.append(
-                {
-                    "stage": stage,
-                    "split": "train",
-                    "epoch": epoch,
-                    "step": step,
-                    "loss": loss.detach(),
-                    **stats,
-                    "grad_norm": grad_norm,
-                    "lr": optimizer.param_groups[0]["lr"],
-                }
-            )
-            if len(pending) >= log_every:
-                flush_rows()
-        flush_rows()
-        if not _weights_finite(model):
-            raise _nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
-        metrics = evaluate_now(epoch, step)
-        if writes is not None:
-            checkpoints.append(_save_epoch(stage_obj, run_dir, epoch, step, optimizer, generator, log))
+    try:
+        for epoch in range(start_epoch + 1, epochs + 1):
+            stage_obj.on_epoch_start(epoch)
+            model.train()
+            for batch in iterate_batches(train, batch_size, shuffle=True, generator=generator):
+                ctx = StepContext(epoch=epoch, step=step, total_steps=total_steps, generator=generator)
+                loss, stats, grad_norm, bad = _optimizer_step(
+                    stage_obj,
+                    train_model,
+                    batch,
+                    ctx,
+                    optimizer,
+                    ranks,
+                    max_grad_norm,
+                    check_each_step,
+                    device,
+                    precision,
+                )
+                if bad is not None:
+                    if on_nonfinite == "stop":
+                        raise _nonfinite_error(stage, bad, epoch, step + 1, checkpoints, run_dir)
+                    optimizer.zero_grad(set_to_none=True)
+                if on_nonfinite == "skip_batch":
+                    stats = {**stats, "skipped_nonfinite": int(bad is not None)}
+                step += 1
+                _kill_point(f"{stage}:epoch{epoch}:step{step}")
+                pending.append(
+                    {
+                        "stage": stage,
+                        "split": "train",
+                        "epoch": epoch,
+                        "step": step,
+                        "loss": loss.detach(),
+                        **stats,
+                        "grad_norm": grad_norm,
+                        "lr": optimizer.param_groups[0]["lr"],
+                    }
+                )
+                if len(pending) >= log_every:
+                    flush_rows()
+            flush_rows()
+            if not _weights_finite(model):
+                raise _nonfinite_error(stage, "weights", epoch, step, checkpoints, run_dir)
+            metrics = evaluate_now(epoch, step)
+            if writes is not None:
+                checkpoints.append(_save_epoch(stage_obj, run_dir, epoch, step, optimizer, generator, log))
+    except BaseException:  # a stop (NaN, a pruned search trial, Ctrl-C): release metrics.csv's descriptor
+        bar.close()
+        log.close()
+        raise
     bar.close()
     log.close()
     distributed.barrier()  # rank 0's files are complete before any rank reads them

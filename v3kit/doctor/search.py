@@ -1,0 +1,353 @@
+"""The search phase of ``v3kit investigate``: an Optuna study over the declared search space (:mod:`.space`).
+
+Each trial trains one seed from the run's SFT (or a new SFT, when it samples ``retrain_sft`` or the model's head)
+and is scored on the **val** split only: a trial's pipeline gets the run's train and val splits, and val in the
+test slot, so the test split never enters a trial (the confirm phase, :mod:`.confirm`, is the first to read it).
+Every epoch's val metric feeds Optuna's pruner (the running best, because every trial ships its best val epoch).
+
+The study lives in a journal file in the output folder (``search/study.journal``): a killed search resumes
+without redoing finished trials, and workers on several machines (``--backend ray`` on a shared filesystem) share
+one study. Workers are :mod:`v3kit.ablate.backends` tasks, each running ``study.optimize`` until the trial cap or
+the budget (which keeps room for the confirm phase, estimated from the trials' measured run times) says stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .. import pipeline
+from ..ablate.backends import make_backend, worker_config
+from ..ablate.runner import _splits_for
+from ..config import ConfigError, RunConfig, load_config
+from ..data.contract import Splits
+from ..train.metrics import METRIC_DIRECTION
+from .space import Param, fixed_point, run_values, suggest, to_overrides
+
+STUDY = "investigate"
+JOURNAL = "study.journal"
+TRIAL_SEED = 0  # every trial trains with one seed; the confirm phase retrains the finalists with fresh ones
+OPTUNA_INSTALL = "pip install -e '.[search]'"
+
+
+def import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError(f"v3kit investigate's search needs Optuna: {OPTUNA_INSTALL}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def open_study(folder: Path, metric: str, seed: int = 0) -> Any:
+    """The study in ``folder/study.journal`` (created on first use): TPE seeded with ``seed``, and a median
+    pruner that waits for 5 finished trials and never stops a trial before its third val evaluation."""
+    optuna = import_optuna()
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
+    return optuna.create_study(
+        study_name=STUDY,
+        storage=storage,
+        direction="maximize" if METRIC_DIRECTION[metric] > 0 else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+        load_if_exists=True,
+    )
+
+
+class PruneOnVal:
+    """Training callback: reports the running best val ``metric`` after every evaluation (every stage's epoch 0
+    included) and stops the trial when Optuna's pruner says so."""
+
+    def __init__(self, trial: Any, metric: str) -> None:
+        self.trial, self.metric, self.step, self.best = trial, metric, 0, math.nan
+        self.d = METRIC_DIRECTION[metric]
+
+    def on_eval(self, row: dict[str, Any]) -> None:
+        v = row.get(self.metric)
+        if row.get("split") != "val" or v is None or not math.isfinite(float(v)):
+            return
+        if math.isnan(self.best) or self.d * (float(v) - self.best) > 0:
+            self.best = float(v)
+        self.trial.report(self.best, self.step)
+        self.step += 1
+        if self.trial.should_prune():
+            import optuna
+
+            raise optuna.TrialPruned(f"val {self.metric} {self.best:.4f} below the median at step {self.step}")
+
+
+@dataclass
+class ConfirmPlan:
+    top_k: int  # finalists
+    seeds: int  # fresh seeds each
+    own_sft: bool  # the run's SFT is retrained per seed too (the run trained it)
+
+
+@dataclass
+class SearchTask:
+    """What one search worker needs (picklable: it travels to a spawned process or a Ray node)."""
+
+    index: int
+    folder: Path
+    cfg: RunConfig  # the split's config (its seed fixes the split); the backends read cfg.device
+    params: list[Param]
+    base: list[str]  # the run's overrides and data.split_seed
+    sft: str  # the run's SFT checkpoint
+    metric: str
+    deadline: float  # time.time() by which search and confirm must be done
+    plan: ConfirmPlan  # the confirm phase the search leaves time for
+    workers: int
+    max_trials: int
+    seed: int = 0
+    base_values: dict[str, Any] = field(default_factory=dict)
+    progress: bool = False  # one line per finished trial
+
+
+def trial_overrides(task: SearchTask, trial: Any) -> tuple[bool, list[str]]:
+    """(trains its own SFT, every override) of ``trial``: the sampled values, then what the space cannot express
+    of an enqueued variant (``user_attrs['extra']``), then ``select=best_val`` on the verdict's metric."""
+    with warnings.catch_warnings():  # an enqueued variant's value may lie outside a range: it is meant to
+        warnings.filterwarnings("ignore", message=".*out of range.*")
+        values = suggest(trial, task.params, task.base_values)
+    retrain, sampled = to_overrides(task.params, values)
+    extra = list(trial.user_attrs.get("extra", []))
+    own = retrain or any(o.startswith(("sft.", "model.")) for o in extra)
+    return own, [*sampled, *extra, "select=best_val", f"select_metric={task.metric}"]
+
+
+def run_trial(task: SearchTask, trial: Any) -> float:
+    """Train ``trial``'s config with one seed on train, score it on val (its shipped model's val metric)."""
+    own, overrides = trial_overrides(task, trial)
+    trial.set_user_attr("overrides", overrides)
+    trial.set_user_attr("own_sft", own)
+    run_dir = task.folder / f"trial{trial.number}"
+    cfg = load_config(None, [*task.base, *overrides, f"seed={TRIAL_SEED}", f"run_dir={run_dir}", "progress=false"])
+    cfg = worker_config(cfg)
+    splits = _splits_for(task.cfg)
+    search_splits = Splits(train=splits.train, val=splits.val, test=splits.val)  # test never enters a trial
+    t0 = time.perf_counter()
+    try:
+        res = pipeline.run_pipeline(
+            cfg,
+            sft_checkpoint=None if own else task.sft,
+            splits=search_splits,
+            callbacks=[PruneOnVal(trial, task.metric)],
+        )
+    finally:
+        trial.set_user_attr("run_s", time.perf_counter() - t0)
+        for p in run_dir.glob("*.pt"):  # a trial is a number: its checkpoints are not needed again
+            p.unlink()
+    assert res.selection is not None
+    trial.set_user_attr("selected", f"{res.selection.stage}:{res.selection.epoch}")
+    return float(res.selection.val)
+
+
+def confirm_seconds(trials: Sequence[dict[str, Any]], metric: str, plan: ConfirmPlan, workers: int) -> float:
+    """Seconds the confirm phase will take, from the trials' measured run times (``trials``: dicts with ``name``,
+    ``state``, ``value``, ``run_s``): the current top ``plan.top_k`` trials each at its own time, the run at the
+    run trial's time (twice when the run's SFT is retrained too: an SFT per seed), times the seeds, over the
+    workers, plus a 20% margin for the per-seed SFTs and the scoring of the test split."""
+    d = METRIC_DIRECTION[metric]
+    done = [t for t in trials if t["state"] == "complete" and t["value"] is not None]
+    if not done:
+        return 0.0
+    done.sort(key=lambda t: -d * t["value"])
+    times = sorted(float(t["run_s"]) for t in done)
+    median = times[len(times) // 2]
+    run = next((float(t["run_s"]) for t in done if t["name"] == "run"), median)
+    per_seed = sum(float(t["run_s"]) for t in done[: plan.top_k]) + run * (2 if plan.own_sft else 1)
+    return 1.2 * per_seed * plan.seeds / max(1, workers)
+
+
+def _trial_rows(study: Any) -> list[dict[str, Any]]:
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [
+        {
+            "name": t.user_attrs.get("name"),
+            "state": "complete",
+            "value": t.value,
+            "run_s": t.user_attrs.get("run_s", 0.0),
+        }
+        for t in done
+    ]
+
+
+def search_worker(task: SearchTask) -> int:
+    """One worker: ``study.optimize`` until the trial cap, the budget, or the study's end; returns its trials."""
+    optuna = import_optuna()
+    study = open_study(task.folder, task.metric, seed=task.seed + task.index)
+    ran = 0
+
+    def budget(study: Any, trial: Any) -> None:
+        nonlocal ran
+        ran += 1
+        if task.progress:
+            value = "" if trial.value is None else f" val {task.metric} {trial.value:.4f}"
+            name = trial.user_attrs.get("name", f"trial{trial.number}")
+            print(f"search: trial {trial.number} ({name}) {trial.state.name.lower()}{value}", flush=True)
+        rows = _trial_rows(study)
+        times = sorted(r["run_s"] for r in rows)
+        per = times[len(times) // 2] if times else 0.0
+        if time.time() + per + confirm_seconds(rows, task.metric, task.plan, task.workers) > task.deadline:
+            study.stop()
+
+    S = optuna.trial.TrialState
+    cap = optuna.study.MaxTrialsCallback(task.max_trials, states=(S.COMPLETE, S.PRUNED, S.FAIL))
+    timeout = task.deadline - time.time()
+    if timeout > 0:
+        study.optimize(
+            lambda t: run_trial(task, t), timeout=timeout, callbacks=[cap, budget], catch=(Exception,), n_jobs=1
+        )
+    return ran
+
+
+@dataclass
+class SearchResult:
+    trials: list[dict[str, Any]]  # every finished trial: number, name, state, value, overrides, own_sft, run_s
+    counts: dict[str, int]  # complete, pruned, failed, running (stale), waiting
+    wall_s: float
+    study: Any = None
+
+
+class Search:
+    """The driver: opens the study, enqueues the doctor's variants first, runs the workers, reads the result."""
+
+    def __init__(
+        self,
+        folder: Path,
+        params: Sequence[Param],
+        *,
+        base: Sequence[str],
+        split_cfg: RunConfig,
+        sft: Path,
+        metric: str,
+        workers: int = 1,
+        backend: str = "local",
+        address: str | None = None,
+        max_trials: int = 200,
+        seed: int = 0,
+    ) -> None:
+        self.folder, self.params, self.base, self.split_cfg = Path(folder), list(params), list(base), split_cfg
+        self.sft, self.metric, self.workers, self.backend, self.address = str(sft), metric, workers, backend, address
+        self.max_trials, self.seed = max_trials, seed
+        self.study = open_study(self.folder, metric, seed)
+
+    def enqueue(self, variants: Sequence[tuple[str, Sequence[str]]]) -> int:
+        """Enqueue each named variant (the run, the remedies, the doctor's switches) once per study: they are the
+        first trials, and they rank the search without gating it. Returns how many were new."""
+        names = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
+        new = 0
+        for name, overrides in variants:
+            if name in names:
+                continue
+            values, extra = fixed_point(self.params, list(overrides), self.base)
+            self.study.enqueue_trial(values, user_attrs={"name": name, "extra": extra})
+            new += 1
+        return new
+
+    def _fail_stale(self) -> int:
+        """Trials a killed search left RUNNING are marked failed (one driver per study) and, when they were
+        enqueued variants, enqueued again."""
+        import optuna
+
+        stale = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for t in stale:
+            self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            if "name" in t.user_attrs:
+                attrs = {k: t.user_attrs[k] for k in ("name", "extra") if k in t.user_attrs}
+                self.study.enqueue_trial(t.params, user_attrs=attrs)
+        return len(stale)
+
+    def run(self, deadline: float, plan: ConfirmPlan | None = None, progress: bool = False) -> SearchResult:
+        t0 = time.perf_counter()
+        self._fail_stale()
+        task = SearchTask(
+            0,
+            self.folder,
+            self.split_cfg,
+            self.params,
+            self.base,
+            self.sft,
+            self.metric,
+            deadline,
+            plan or ConfirmPlan(0, 0, False),
+            self.workers,
+            self.max_trials,
+            self.seed,
+            run_values(self.base),
+            progress,
+        )
+        tasks = [dataclasses.replace(task, index=k) for k in range(self.workers)]
+        errors: list[str] = []
+        runner = make_backend(
+            self.backend, workers=self.workers, out_dir=self.folder, address=self.address, device=self.split_cfg.device
+        )
+        try:
+            runner.run(search_worker, tasks, lambda t: f"search worker {t.index}", lambda: None, errors)
+        finally:
+            runner.close()
+        if errors:
+            raise RuntimeError("the search failed:\n" + "\n".join(errors))
+        return self.result(time.perf_counter() - t0)
+
+    def result(self, wall_s: float = 0.0) -> SearchResult:
+        import optuna
+
+        S = optuna.trial.TrialState
+        trials = self.study.get_trials(deepcopy=False)
+        counts = {
+            "complete": sum(t.state == S.COMPLETE for t in trials),
+            "pruned": sum(t.state == S.PRUNED for t in trials),
+            "failed": sum(t.state == S.FAIL for t in trials),
+            "waiting": sum(t.state == S.WAITING for t in trials),
+        }
+        rows = [
+            {
+                "number": t.number,
+                "name": t.user_attrs.get("name", f"trial{t.number}"),
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "best": t.value if t.value is not None else _best_intermediate(t),
+                "overrides": list(t.user_attrs.get("overrides", [])),
+                "own_sft": bool(t.user_attrs.get("own_sft", False)),
+                "run_s": float(t.user_attrs.get("run_s", math.nan)),
+                "selected": t.user_attrs.get("selected"),
+            }
+            for t in trials
+            if t.state != S.WAITING
+        ]
+        return SearchResult(rows, counts, wall_s, self.study)
+
+
+def _best_intermediate(trial: Any) -> float | None:
+    """A pruned trial's last report: its running best val score when it was stopped."""
+    steps = trial.intermediate_values
+    return float(steps[max(steps)]) if steps else None
+
+
+def finalists(result: SearchResult, metric: str, k: int) -> list[dict[str, Any]]:
+    """The ``k`` best complete trials on val with distinct configurations (the first of equal ones)."""
+    d = METRIC_DIRECTION[metric]
+    done = [t for t in result.trials if t["state"] == "complete" and t["value"] is not None]
+    done.sort(key=lambda t: (-d * t["value"], t["number"]))
+    out, seen = [], set()
+    for t in done:
+        key = (t["own_sft"], tuple(sorted(t["overrides"])))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(t)
+        if len(out) == k:
+            break
+    return out
