@@ -109,7 +109,33 @@ def markdown(rows: list[dict]) -> str:
             f"{fmt(r['recommended_vs_sft']) if 'recommended_vs_sft' in r else 'n/a'} | "
             f"{fmt(r['recommended_vs_hand_best']) if 'recommended_vs_hand_best' in r else 'n/a'} | {trials} |"
         )
-    return head + "\n".join(lines)
+    return head + "\n".join(lines) + "\n\n" + investigate_markdown(rows)
+
+
+def investigate_markdown(rows: list[dict]) -> str:
+    """investigate's own numbers: its confirm phase (vs the run's SFT, fresh seeds), --reproduce, trials, time."""
+    out = [
+        "| task | recommendation | confirm phase: vs the run's SFT (fresh seeds 100-102) | --reproduce 2 (seeds "
+        "1000, 1001) | trials run / complete / pruned / failed | search | search + confirm (budget 20 min) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        inv = r.get("investigate")
+        if not inv:
+            continue
+        s, rep = inv.get("search") or {}, inv.get("reproduced") or {}
+        effects = ", ".join(f"{e:+.3f}" for e in rep.get("effects", []))
+        out.append(
+            f"| {r['task']} | {inv['recommendation']} `{inv['variant']}` | {fmt(inv['effect_vs_sft'])} | "
+            f"{effects} ({'inside' if rep.get('inside') else 'OUTSIDE'} [{rep['interval'][0]:+.3f}, "
+            f"{rep['interval'][1]:+.3f}]) | {s['trials']} / {s['complete']} / {s['pruned']} / {s['failed']} | "
+            f"{s['wall_s'] / 60:.1f} min | {inv['wall_s'] / 60:.1f} min |"
+            if rep
+            else f"| {r['task']} | {inv['recommendation']} `{inv['variant']}` | {fmt(inv['effect_vs_sft'])} | n/a | "
+            f"{s['trials']} / {s['complete']} / {s['pruned']} / {s['failed']} | {s['wall_s'] / 60:.1f} min | "
+            f"{inv['wall_s'] / 60:.1f} min |"
+        )
+    return "\n".join(out)
 
 
 def main() -> None:
