@@ -4,8 +4,8 @@
 
 They measure `v3kit investigate` and a hand search on data the kit was never tuned on (docs/verdict.md, "Measured
 on four tasks"). Neither is the stdlib example (the Python standard library's functions) and neither is used by the
-tests. Both read numpy, scipy, scikit-learn, pandas, networkx, torch, sympy and matplotlib (their installed versions decide the
-text, so the tables are deterministic for one environment and seed, not across library versions).
+tests. Both read numpy, scipy, scikit-learn, pandas, networkx, torch, sympy and matplotlib (their installed versions
+decide the text, so the tables are deterministic for one environment and seed, not across library versions).
 
 * ``doc_paraphrase`` (task A): the query is a function's one-line docstring summary; a candidate is another
   function's *extended summary* (the prose paragraphs after the summary line, before the first numpydoc section).
