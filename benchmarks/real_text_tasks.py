@@ -208,6 +208,17 @@ def usable_queries(docs: list[Doc]) -> list[int]:
     ]
 
 
+def bm25_scores(bm25: BM25, query: list[str]) -> np.ndarray:
+    """``bm25.scores(query)``, summed over the query's terms in sorted order: ``BM25.scores`` walks a ``set``, whose
+    order follows Python's per-process string hashing, so its float sums may differ in the last bit between runs."""
+    out = np.zeros(bm25.n)
+    for term in sorted(set(query)):
+        if term in bm25.index:
+            ids, ws = bm25.index[term]
+            out[ids] += ws
+    return out
+
+
 def _normalised(scores: np.ndarray) -> np.ndarray:
     top = scores.max()
     return scores / top if top > 0 else scores
@@ -243,7 +254,7 @@ def doc_paraphrase(docs: list[Doc], *, max_queries: int, group: int, noise: floa
     rows: list[dict] = []
     for k in queries:
         d = docs[pool[k]]
-        s = bm25.scores(words(d.summary))
+        s = bm25_scores(bm25, words(d.summary))
         s_neg = s.copy()
         s_neg[k] = -np.inf
         grp = [k] + [int(j) for j in np.argsort(-s_neg, kind="stable")[: group - 1]]
@@ -274,12 +285,13 @@ def module_routing(
     for i in queries:
         d = docs[i]
         q = words(d.summary)
-        s = bm25.scores(q)
+        s = bm25_scores(bm25, q)
         label = mods.index(d.module)
         own = Counter(words(d.summary))
         loo = Counter(profile_words[d.module])
         loo.subtract(own)
-        s_label = BM25([list(loo.elements())] + [profile_words[m] for m in mods if m != d.module]).scores(q)[0]
+        loo_index = BM25([sorted(loo.elements())] + [profile_words[m] for m in mods if m != d.module])
+        s_label = bm25_scores(loo_index, q)[0]
         s_neg = s.copy()
         s_neg[label] = -np.inf
         grp = [label] + [int(j) for j in np.argsort(-s_neg, kind="stable")[: group - 1]]
