@@ -321,3 +321,22 @@ def test_confirm_seconds_reads_the_finalists_own_run_times():
     assert confirm_seconds(trials, "acc@1", ConfirmPlan(2, 3, True), 2) == pytest.approx(1.2 * (60 + 20) * 3 / 2)
     assert confirm_seconds(trials, "regret@1", ConfirmPlan(1, 2, False), 1) == pytest.approx(1.2 * (10 + 10) * 2)
     assert confirm_seconds(trials[3:], "acc@1", ConfirmPlan(3, 3, True), 1) == 0.0
+
+
+def test_source_of_gain_names_the_stage_most_seeds_shipped_and_an_own_sft():
+    import pandas as pd
+
+    from v3kit.doctor.confirm import SHIPPED, source_of_gain
+
+    def frame(stages):
+        return pd.DataFrame(
+            {"variant": "v", "split": "test", "stage": SHIPPED, "seed": range(len(stages)), "selected_stage": stages}
+        )
+
+    # 2 of 3 seeds shipped GRPO: from the SFT you have, GRPO is the gain; with its own SFT, the head is part of it
+    assert source_of_gain(frame(["grpo", "grpo", "sft"]), "v", own_sft=False) == "the gain comes from GRPO"
+    own = source_of_gain(frame(["grpo", "grpo", "sft"]), "v", own_sft=True)
+    assert own.startswith("the gain comes from its own SFT model") and own.endswith("with GRPO on top of it")
+    assert "RCE warm-up" in source_of_gain(frame(["rce", "rce", "grpo"]), "v", own_sft=False)
+    assert "SFT model itself" in source_of_gain(frame(["sft", "sft", "grpo"]), "v", own_sft=True)
+    assert source_of_gain(frame(["sft", "sft", "grpo"]), "v", own_sft=False) == ""

@@ -193,7 +193,10 @@ def source_of_gain(frame: pd.DataFrame, name: str, own_sft: bool) -> str:
     stage = str(stages.index[0]) if len(stages) else "sft"
     if stage == "sft":
         return "the gain comes from the SFT model itself (its scoring head and training)" if own_sft else ""
-    return f"the gain comes from {'the RCE warm-up' if stage == 'rce' else 'GRPO'}"
+    rl = "the RCE warm-up" if stage == "rce" else "GRPO"
+    if own_sft:  # a candidate with its own SFT changed the model too: the RL stage is not the whole story
+        return f"the gain comes from its own SFT model (its scoring head and training), with {rl} on top of it"
+    return f"the gain comes from {rl}"
 
 
 def rl_line(table: pd.DataFrame, metric: str, skip: str = "") -> str:
