@@ -20,7 +20,7 @@ from .config import ConfigError, load_config
 from .data.contract import DataValidationError, GroupData
 from .doctor import register_cli as register_doctor
 from .doctor.investigate import RECOMMENDED
-from .doctor.investigate import register_cli as register_investigate
+from .doctor.investigate_cli import register_cli as register_investigate
 from .doctor.verdict_report import VERDICT_JSON, VERDICT_MD
 from .notebook.tools import register_cli as register_notebook
 from .pipeline import RUN_INFO, load_data, prepare_data, recorded_sft_checkpoint, run_pipeline

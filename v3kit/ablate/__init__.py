@@ -1,8 +1,8 @@
 """Seeded ablations of the v3 pipeline: named variants x seeds (x synthetic worlds), with bootstrap intervals.
 
-Modules: ``grid`` (the spec), ``runner`` (running, resuming, collecting), ``backends`` (where the tasks run:
-local processes or Ray), ``stats`` (intervals), ``report`` (tables and generated conclusions), ``cli``
-(``v3kit ablate``).
+Modules: ``grid`` (the spec), ``runner`` (planning, resuming, collecting), ``worker`` (what a worker runs: an SFT,
+a run or a stack, and its ``result.json``), ``backends`` (where the tasks run: local processes or Ray), ``stats``
+(intervals), ``report`` (tables and generated conclusions), ``cli`` (``v3kit ablate``).
 
 The ablation floor sits on the run config and pipeline: it may import them and every floor below (the training
 stages, the data, the infrastructure), never the doctor or the notebook helpers, which build on it
@@ -59,8 +59,9 @@ from .grid import (
     single_key_variants,
 )
 from .report import conclusions, format_summary, power_lines, summary_table
-from .runner import GridResult, best_metric, best_variant, collect, per_query_outcomes, run_grid
+from .runner import GridResult, best_metric, best_variant, collect, run_grid
 from .stats import MIN_RUNS_FOR_SEEDS_ONLY_VERDICT, bootstrap_mean_ci, compare, min_detectable_effect, summarize
+from .worker import per_query_outcomes
 
 __all__ = [
     "BASE_WORLD",

@@ -1,7 +1,7 @@
 """Where a grid's tasks run: ``local`` (this process, or a pool of spawned processes on this machine) or ``ray``
 (a Ray cluster, or a local Ray started on this machine's CPUs/GPUs).
 
-Both backends run the same task functions (:func:`v3kit.ablate.runner._train_sft`, ``_execute``) on the same task
+Both backends run the same task functions (:func:`v3kit.ablate.worker.train_sft`, ``execute_run``) on the same task
 objects, and a task's only output is its run directory (``result.json`` with its config hash, written atomically
 last). The run directories are therefore the ledger whatever ran them: a grid interrupted on one backend resumes
 on the other, and a finished run is never redone.

@@ -16,27 +16,26 @@ from tqdm.auto import tqdm
 
 from .. import trackers
 from ..config import RunConfig, to_dict
-from ..data.reward_stats import label_reward_agreement
-from ..pipeline import prepare_data, run_pipeline, update_run_info
-from ..pipeline_stacked import run_stacked
 from ..provenance import experiment_config, fingerprint
-from ..run import Run
 from ..rundir import atomic_write_frame, atomic_write_text
-from ..train.metrics import per_group_metrics
-from ..train.model import compute_log_probs
-from .backends import make_backend, worker_config
+from .backends import make_backend
 from .grid import (
     BASE_WORLD,
     BEST,
     METRIC_DIRECTION,
-    PER_QUERY_METRICS,
-    STEP0_INFO,
     GridError,
     GridSpec,
     load_grid,
 )
 from .stats import summarize
-from .tasks import RunTask, SFTPlan, SFTTask, StackTask, plan_stacks
+from .tasks import RunTask, SFTPlan, plan_stacks
+from .worker import (  # noqa: F401 - per_query_outcomes, splits_for: their old path (v3kit.ablate.runner)
+    execute_run,
+    execute_stack,
+    per_query_outcomes,
+    splits_for,
+    train_sft,
+)
 
 
 def _config_hash(cfg: RunConfig, extra: str = "") -> str:
@@ -44,140 +43,6 @@ def _config_hash(cfg: RunConfig, extra: str = "") -> str:
     precision every earlier result had, so it is left out too and those results stay valid); the seed is kept."""
     d = experiment_config(to_dict(cfg))
     return fingerprint(d, extra)
-
-
-def per_query_outcomes(
-    model: Any, data: Any, temperature: float, reference: Any, ref_logp: Any = None
-) -> dict[str, np.ndarray]:
-    """Per test query: the :data:`PER_QUERY_METRICS` of ``model`` (their means are
-    :func:`v3kit.train.metrics.ranking_metrics`'s values; ``ndcg@5`` is NaN for queries with all rewards equal).
-    ``ref_logp``: ``reference``'s log-probs on ``data`` when the caller already has them."""
-
-    logp = compute_log_probs(model, data, temperature)
-    ref = compute_log_probs(reference, data, temperature) if ref_logp is None else ref_logp
-    out = per_group_metrics(logp, data.labels, data.rewards, data.mask, utility=data.utility, logp=logp, ref_logp=ref)
-    return {k: v.double().numpy() for k, v in out.items() if k in PER_QUERY_METRICS}
-
-
-_SPLITS_CACHE: dict[str, Any] = {}
-
-
-def splits_for(cfg: RunConfig) -> Any:
-    """The world's splits (cached per process: every run of a world in this worker reuses them)."""
-    key = json.dumps({"data": to_dict(cfg)["data"], "seed": cfg.seed}, sort_keys=True, default=str)
-    if key not in _SPLITS_CACHE:
-        _SPLITS_CACHE.clear()  # one world at a time is plenty; keeps memory flat
-        _SPLITS_CACHE[key] = prepare_data(cfg)
-    return _SPLITS_CACHE[key]
-
-
-def _train_sft(task: SFTTask) -> str:
-    run = Run(worker_config(task.cfg), splits=splits_for(task.cfg), warn=False)  # the worker's device, as its runs get
-    run.sft(run_dir=task.path.parent, progress=False, callbacks=[], resume=False)
-    for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
-        p.unlink()
-    atomic_write_text(task.path.parent / "sft.hash", task.hash)
-    return task.world
-
-
-def _execute(task: RunTask) -> dict[str, Any]:
-    """Run one (world, variant, seed) from the shared SFT checkpoint and write its ``result.json``."""
-
-    t0 = time.perf_counter()
-    splits = splits_for(task.split_cfg)
-    cfg = worker_config(task.cfg)  # one thread in a worker, and its GPU; run_pipeline sets the threads
-    res = run_pipeline(cfg, sft_checkpoint=task.sft_path, splits=splits, tracking=task.tracking)
-    return _write_result(task, res, splits, time.perf_counter() - t0)
-
-
-def _execute_stack(stack: StackTask) -> dict[str, Any]:
-    """Run the runs of ``stack`` as one stacked model (:func:`v3kit.pipeline_stacked.run_stacked`) and write each
-    run's ``result.json``, as :func:`_execute` would; a run that failed is reported, the others are kept."""
-    t0 = time.perf_counter()
-    first = stack.tasks[0]
-    splits = splits_for(first.split_cfg)
-    out = run_stacked(
-        [worker_config(t.cfg) for t in stack.tasks],
-        sft_checkpoint=first.sft_path,
-        splits=splits,
-        tracking=[t.tracking for t in stack.tasks],
-    )
-    wall = (time.perf_counter() - t0) / len(stack.tasks)  # each run's share of the stack's wall time
-    failed = []
-    for task, res in zip(stack.tasks, out.results):
-        if isinstance(res, BaseException):
-            failed.append(f"{task.world}/{task.variant}/seed{task.seed}: {type(res).__name__}: {res}")
-            continue
-        _write_result(task, res, splits, wall, stacked=out.stacked, note="; ".join(out.notes))
-    if failed:
-        raise RuntimeError("\n".join(failed))
-    return {"runs": len(stack.tasks), "stacked": out.stacked}
-
-
-def _write_result(
-    task: RunTask, res: Any, splits: Any, wall: float, *, stacked: bool = False, note: str = ""
-) -> dict[str, Any]:
-    """The run's ``result.json`` (its grid rows, per-query outcomes and run info) from its pipeline result."""
-    run_dir = Path(task.cfg.run_dir)
-    update_run_info(run_dir, split_seed=task.split_cfg.seed)  # the doctor rebuilds the split the run trained on
-    keys = {"world": task.world, "variant": task.variant, "seed": task.seed}
-    info = {k: float(res.grpo.info[k]) for k in STEP0_INFO if k in res.grpo.info}
-    # How often the reward's top candidate is the label on the test split: what the conclusions read label metrics
-    # against, above all on real data without a true utility.
-    info["reward_label_agreement"] = label_reward_agreement(splits.test)
-    if res.debias is not None:
-        info.update({k: v for k, v in res.debias.as_dict().items() if isinstance(v, float)})
-    if res.selection is not None:
-        info["selected_stage"] = res.selection.stage
-        info["selected_epoch"] = float(res.selection.epoch)
-    info["stacked"] = bool(stacked)  # a grid row says whether its run trained in a stack
-    if note:
-        info["stack_note"] = note
-    rows = []
-    for stage, hist in (("rce", res.rce.eval_history), ("grpo", res.grpo.eval_history)):
-        for rec in hist.to_dict("records"):
-            row = {**keys, "split": "val", "stage": stage, "epoch": int(rec["epoch"])}
-            row.update({m: rec[m] for m in METRIC_DIRECTION if m in rec and pd.notna(rec[m])})
-            rows.append(row)
-    epochs = {
-        "sft": task.cfg.sft.epochs,
-        "rce": task.cfg.rce.epochs,
-        "grpo": task.cfg.grpo.epochs,
-        "selected": res.selection.epoch if res.selection is not None else task.cfg.grpo.epochs,
-    }
-    for stage, rec in res.table.iterrows():
-        rows.append(
-            {**keys, "split": "test", "stage": stage, "epoch": epochs[stage], **{k: float(v) for k, v in rec.items()}}
-        )
-    temperature = res.stage1.model_config.sim_temperature  # as pipeline.stage_table evaluates
-    test = splits.test
-
-    ref_logp = compute_log_probs(res.models["sft"], test, temperature)  # once for every model
-    outcomes: dict[int, dict[str, list[float]]] = {}  # once per model: 'selected' is often 'grpo' or 'sft'
-    pq = {}
-    for name in ("sft", "grpo", "selected"):
-        model = res.models.get(name)
-        if model is None:
-            continue
-        if id(model) not in outcomes:
-            got = per_query_outcomes(model, test, temperature, res.models["sft"], ref_logp=ref_logp)
-            outcomes[id(model)] = {k: v.tolist() for k, v in got.items()}
-        pq[name] = outcomes[id(model)]
-    payload = {
-        "hash": task.hash,
-        **keys,
-        "run_dir": str(run_dir),
-        "wall_s": wall,
-        "info": info,
-        "rows": rows,
-        "per_query": pq,
-        "query_ids": list(test.query_ids),
-    }
-    if not task.keep_checkpoints:  # ~5 MB of per-epoch checkpoints per run; metrics.csv is what the doctor reads
-        for p in run_dir.glob("*_epoch*.pt"):
-            p.unlink()
-    atomic_write_text(task.result_path, json.dumps(payload))
-    return {**keys, "wall_s": wall}
 
 
 @dataclass
@@ -239,10 +104,10 @@ def _run_runs(tasks: list[RunTask], bar: Any, backend: Any, errors: list[str], s
     """The grid's runs: in stacks where :func:`plan_stacks` groups them, the rest one by one."""
     stacks, alone = plan_stacks(tasks, stack)
     if stacks:  # one task per stack (spread over the workers); its members finish together
-        _run_tasks(_execute_stack, stacks, None, backend, errors)
+        _run_tasks(execute_stack, stacks, None, backend, errors)
         if bar is not None:
             bar.update(sum(len(s.tasks) for s in stacks))
-    _run_tasks(_execute, alone, bar, backend, errors)
+    _run_tasks(execute_run, alone, bar, backend, errors)
 
 
 def _grid_spec(spec: GridSpec | str | Path, overrides: Sequence[str]) -> GridSpec:
@@ -352,7 +217,7 @@ def _run_other_worlds(
     world_sft = planner.sft_plan.tasks_for(world_tasks)
     if world_sft:
         sft_errors: list[str] = []
-        _run_tasks(_train_sft, world_sft, None, runner, sft_errors)
+        _run_tasks(train_sft, world_sft, None, runner, sft_errors)
         if sft_errors:
             raise RuntimeError(
                 "SFT training failed, no variant of the other worlds can run:\n" + "\n".join(errors + sft_errors)
@@ -449,7 +314,7 @@ def run_grid(
     try:
         if sft_tasks:
             sft_bar = tqdm(total=len(sft_tasks), desc="SFT per world", disable=not progress, leave=False)
-            _run_tasks(_train_sft, sft_tasks, sft_bar, runner, errors)
+            _run_tasks(train_sft, sft_tasks, sft_bar, runner, errors)
             sft_bar.close()
             if errors:
                 raise RuntimeError("SFT training failed, no variant can run:\n" + "\n".join(errors))

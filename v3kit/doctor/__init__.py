@@ -32,9 +32,9 @@ reason; the doctor never fails on a partial run.
 
 The diagnosis floor: besides the checks (``context``, ``grpo_checks``, ``data_checks``, ``report``) it holds
 ``rce_analysis`` (did RCE learn: its loss floor and plateau), ``grid`` (``doctor --grid``: the ablation of the
-suggested switches) and ``investigate`` (``v3kit investigate``: from a run to a verdict). It may import every floor
-below it: the data, the training stages, the run config and pipeline, and the ablation runner
-(``tests/test_layout.py`` checks it); never the notebook helpers.
+suggested switches) and ``investigate`` (from a run to a verdict; the ``v3kit investigate`` command in
+``investigate_cli``). It may import every floor below it: the data, the training stages, the run config and
+pipeline, and the ablation runner (``tests/test_layout.py`` checks it); never the notebook helpers.
 """
 
 from .context import DoctorContext, Finding, Thresholds, check, check_names, load_run, switch_tokens

@@ -16,7 +16,6 @@ estimated from the trials' measured run times.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -26,17 +25,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..ablate.cli import MAX_WORKERS, add_backend_args, add_stack_arg
 from ..ablate.grid import BASE_WORLD, GridSpec
 from ..ablate.runner import collect, run_grid
 from ..ablate.stats import compare
-from ..bounds import cli_number
 from ..config import ConfigError, dump_config, load_config
 from ..data.debias import recurring_share
 from ..pipeline import prepare_data, recorded_sft_checkpoint, recorded_split_seed, run_pipeline
 from ..run import Run, split_seed
 from ..run_info import config_edits
-from ..rundir import atomic_write_text, json_text
 from ..train.baselines import baseline_table
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from ..train.metrics import METRIC_DIRECTION, evaluate
@@ -64,9 +60,10 @@ from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F
 from .report import diagnose
 from .search import ConfirmPlan, Search, SearchResult, confirm_seconds, finalists
 from .space import active, load_space, run_values
-from .verdict_report import SFT_ONLY, VERDICT_JSON, VERDICT_MD, Verdict, verdict_markdown, write_verdict
+from .verdict_report import SFT_ONLY, VERDICT_JSON, Verdict, write_verdict
 
 RECOMMENDED = "recommended.yaml"
+BUDGET_RESERVE = 0.05  # share of --budget-minutes that neither phase plans to use (see Investigation.run)
 RECOMMENDATIONS = ("keep_sft", "rce_only", "variant")
 
 
@@ -439,122 +436,3 @@ def reproduce(out: str | Path, seeds: Sequence[int], *, progress: bool = False) 
     mean = float(np.mean(effects))
     lo, hi = prediction_interval(v["effect_vs_sft"], v.get("seed_effects", []), len(seeds))
     return {"effects": effects, "mean": mean, "interval": [lo, hi], "inside": lo <= mean <= hi}
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def cmd_investigate(args: argparse.Namespace) -> int:
-    inv = Investigation(
-        args.run_dir,
-        metric=args.metric,
-        out=args.out,
-        budget_minutes=args.budget_minutes,
-        workers=args.workers,
-        top_k=args.top_k,
-        confirm_seeds=args.confirm_seeds,
-        max_trials=args.trials,
-        space=args.space,
-        progress=not args.no_progress,
-        smoke=args.set or [],
-        only=args.only.split(",") if args.only else None,
-        backend=args.backend,
-        address=args.address,
-        stack=args.stack,
-    )
-    print(
-        f"investigating {inv.run_dir}: search over {len(inv.params)} parameters (up to {inv.max_trials} trials, "
-        f"{len(inv.variants) - 1} enqueued first), then the top {inv.top_k} and the references on test with "
-        f"{inv.confirm_seeds} fresh seeds; budget {args.budget_minutes:g} min, {args.workers} worker(s) -> {inv.out}"
-    )
-    v = inv.run()
-    write_verdict(v, inv.run_dir, inv.out, inv.search_result.study if inv.search_result else None)
-    print(verdict_markdown(v, inv.run_dir, inv.out))
-    print(f"wrote {inv.out / VERDICT_MD} and {inv.out / VERDICT_JSON}")
-    if args.reproduce is not None:
-        seeds = [REPRODUCE_SEED0 + i for i in range(args.reproduce)]
-        rep = reproduce(inv.out, seeds, progress=not args.no_progress)
-        data = json.loads((inv.out / VERDICT_JSON).read_text())
-        data["reproduced"] = {"seeds": seeds, **rep}
-        atomic_write_text(inv.out / VERDICT_JSON, json_text(data))
-        lo, hi = rep["interval"]
-        print(
-            f"reproduce: retrained {data['config']} with fresh seeds {seeds}: effect vs the run's SFT "
-            f"{', '.join(f'{e:+.4f}' for e in rep['effects'])} (mean {rep['mean']:+.4f}), "
-            f"{'inside' if rep['inside'] else 'OUTSIDE'} the interval where {len(seeds)} fresh seeds should fall "
-            f"[{lo:+.4f}, {hi:+.4f}] (the verdict's, widened by its per-seed spread)"
-        )
-    return 0
-
-
-BUDGET_RESERVE = 0.05  # share of --budget-minutes that neither phase plans to use (see Investigation.run)
-REPRODUCE_SEED0 = 1000  # fresh seeds, never among a grid's (which count from 0)
-# Bounds of the numeric options (typo guards): a seed is a full training run, a budget of ~2 years is no budget.
-MAX_SEEDS, MAX_BUDGET_MINUTES, MAX_TOP_K, MAX_TRIALS = 1000, 1e6, 100, 100_000
-
-
-def register_cli(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "investigate",
-        help="from a finished run to a verdict: test the doctor's remedies "
-        "with seeds and intervals, and say what to ship",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument(
-        "--metric",
-        default="acc@1",
-        help="the metric the verdict is judged by (utility@1 on the synthetic world, which knows the truth)",
-    )
-    p.add_argument(
-        "--budget-minutes",
-        type=cli_number(float, 0, MAX_BUDGET_MINUTES),
-        default=30.0,
-        help="search and confirm together finish inside this",
-    )
-    p.add_argument(
-        "--workers",
-        type=cli_number(int, 1, MAX_WORKERS),
-        default=1,
-        help="parallel worker processes (one torch thread each)",
-    )
-    p.add_argument("--out", help="output directory (default: RUN_DIR/investigate)")
-    p.add_argument(
-        "--top-k",
-        type=cli_number(int, 1, MAX_TOP_K),
-        default=3,
-        help="configurations of the search that the confirm phase retrains",
-    )
-    p.add_argument(
-        "--confirm-seeds", type=cli_number(int, 2, MAX_SEEDS), default=3, help="fresh seeds of the confirm phase (>= 2)"
-    )
-    p.add_argument(
-        "--trials",
-        type=cli_number(int, 1, MAX_TRIALS),
-        default=200,
-        help="most trials of the search (the budget may stop it first)",
-    )
-    p.add_argument(
-        "--space", help="search-space YAML (default: the shipped configs/search_space.yaml; its header: the format)"
-    )
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override added to every run of the grid (e.g. fewer epochs for a quick look)",
-    )
-    add_backend_args(p)
-    add_stack_arg(p)
-    p.add_argument(
-        "--only",
-        metavar="V1,V2",
-        help="search only these enqueued variants (plus 'run'), e.g. rce_moving,rce_grpo_anchored for a quick "
-        "look; the confirm phase still weighs the best of them against the references",
-    )
-    p.add_argument(
-        "--reproduce",
-        type=cli_number(int, 1, MAX_SEEDS),
-        default=None,
-        metavar="K",
-        help="then retrain the recommended config with K fresh seeds and check that its effect vs SFT "
-        "falls inside the verdict's interval (recorded in verdict.json)",
-    )
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_investigate)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from .. import pipeline
 from ..ablate.backends import make_backend, worker_config
-from ..ablate.runner import splits_for
+from ..ablate.worker import splits_for
 from ..config import ConfigError, RunConfig, load_config
 from ..data.contract import Splits
 from ..rundir import UNKNOWN_FILE, DiskFullError, as_disk_full, free_bytes

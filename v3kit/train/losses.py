@@ -12,6 +12,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .masked import (  # noqa: F401 - check_mask, mean_over, std_over: their old path (v3kit.train.losses)
+    check_mask,
+    group_bessel_var,
+    group_centred,
+    masked_mean,
+    mean_over,
+    mean_weights,
+    nonzero_std,
+    std_over,
+    unit_scale_zscore,
+)
+
 __all__ = [
     "ADV_SCALES",
     "KL_ESTIMATORS",
@@ -47,68 +59,6 @@ KL_ESTIMATORS = ("seed", "k1", "k2", "k3")
 REWARD_NORMS = ("none", "zscore", "rank")
 
 
-def check_mask(mask: Tensor | None, like: Tensor, name: str = "mask", *, allow_empty: bool = False) -> Tensor:
-    """Return a boolean [B, G] mask (all True when None); raise a clear error on bad shapes.
-
-    Empty groups are an error where a softmax needs a candidate (checked for CPU tensors); ``allow_empty`` lets
-    statistics treat them as groups without signal instead.
-    """
-    if mask is None:
-        return torch.ones(like.shape[:2], dtype=torch.bool, device=like.device)
-    if mask.shape != like.shape[:2]:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but must be [B, G] = {tuple(like.shape[:2])}")
-    mask = mask.to(torch.bool)
-    # Off the CPU the emptiness check would make the host wait for the device on every call (every training step);
-    # there the data contract checks it instead, once, when the GroupData is built (every group has >= 2 candidates).
-    if allow_empty or mask.device.type != "cpu":
-        return mask
-    empty = ~mask.any(dim=1)
-    if empty.any():
-        rows = empty.nonzero().flatten()[:5].tolist()
-        raise ValueError(
-            f"{name} has groups with no valid candidate (rows {rows}); every group needs at least one "
-            "True entry — drop empty groups before batching"
-        )
-    return mask
-
-
-def _mean_weights(x: Tensor, mask: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The per-entry weights of :func:`_masked_mean` and their clamped total (shareable by several means)."""
-    w = mask.to(x.dtype) if weights is None else torch.where(mask, weights.to(x.dtype), torch.zeros_like(x))
-    return w, w.sum().clamp_min(torch.finfo(x.dtype).tiny)
-
-
-def _masked_mean(
-    x: Tensor, mask: Tensor, weights: Tensor | None = None, shared: tuple[Tensor, Tensor] | None = None
-) -> Tensor:
-    w, total = _mean_weights(x, mask, weights) if shared is None else shared
-    return (torch.where(mask, x, torch.zeros_like(x)) * w).sum() / total
-
-
-def mean_over(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x``'s valid entries as a 0-d tensor (NaN when none).
-
-    On the CPU it is ``x[mask].mean()`` (the statistics logged so far, bit for bit); elsewhere a masked sum, since
-    boolean indexing would wait for the device on every step.
-    """
-    if x.device.type == "cpu":
-        return x[mask].mean()
-    m = mask.to(x.dtype)
-    return (torch.where(mask, x, torch.zeros_like(x)) * m).sum() / m.sum()
-
-
-def std_over(x: Tensor, mask: Tensor) -> Tensor:
-    """Bessel std of ``x``'s valid entries as a 0-d tensor, 0 when fewer than two (same CPU/device split as
-    :func:`mean_over`)."""
-    if x.device.type == "cpu":
-        v = x[mask]
-        return v.std() if v.numel() > 1 else x.new_zeros(())
-    n = mask.sum()
-    mean = mean_over(x, mask)
-    var = torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum() / (n - 1).clamp_min(1)
-    return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
-
-
 def group_log_probs(
     query_emb: Tensor, cand_emb: Tensor, temperature: float = 1.0, mask: Tensor | None = None
 ) -> Tensor:
@@ -141,20 +91,6 @@ def score_log_probs(group_scores: Tensor, temperature: float | Tensor, mask: Ten
     return torch.log_softmax(logits.masked_fill(~mask.to(torch.bool), float("-inf")), dim=-1)
 
 
-def _centred(rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Rewards minus their group's mean over the valid entries (0 at padding), and each group's valid count
-    ([B, 1]): the group statistics both RCE's ``zscore`` and GRPO's advantages start from."""
-    r = torch.where(mask, rewards, torch.zeros_like(rewards))
-    n = mask.to(rewards.dtype).sum(dim=1, keepdim=True)
-    mean = r.sum(dim=1, keepdim=True) / n.clamp_min(1)
-    return torch.where(mask, r - mean, torch.zeros_like(r)), n
-
-
-def _bessel_var(centred: Tensor, n: Tensor) -> Tensor:
-    """Per-group Bessel variance ([B, 1]) of :func:`_centred`'s output."""
-    return (centred**2).sum(dim=1, keepdim=True) / (n - 1).clamp_min(1)
-
-
 def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "none", eps: float = 1e-8) -> Tensor:
     """Per-group reward normalisation (see :data:`REWARD_NORMS`); masked entries come back as 0.
 
@@ -169,11 +105,11 @@ def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "n
     if how == "none":
         return torch.where(mask, rewards, zeros)
     if how == "zscore":
-        centred, n = _centred(rewards, mask)
-        std = _bessel_var(centred, n).sqrt()
+        centred, n = group_centred(rewards, mask)
+        std = group_bessel_var(centred, n).sqrt()
         z = torch.where(std > eps, centred / std.clamp_min(eps), zeros)
         # groups whose squares overflow (|r| above ~1.8e19 in float32) are standardised at unit scale
-        return torch.where(torch.isfinite(std), z, torch.where(mask, _unit_scale_zscore(rewards, mask, 0.0), zeros))
+        return torch.where(torch.isfinite(std), z, torch.where(mask, unit_scale_zscore(rewards, mask, 0.0), zeros))
     n = mask.to(rewards.dtype).sum(dim=1, keepdim=True)
     pair = mask.unsqueeze(1) & mask.unsqueeze(2)  # [B, c, c']: both valid
     lower = ((rewards.unsqueeze(2) > rewards.unsqueeze(1)) & pair).sum(dim=2).to(rewards.dtype)
@@ -276,20 +212,21 @@ def group_advantages(
     if scale not in ADV_SCALES:
         raise ValueError(f"scale must be one of {ADV_SCALES}, got {scale!r}")
     mask = check_mask(mask, rewards, allow_empty=True)
-    centred, n = _centred(rewards, mask)
+    centred, n = group_centred(rewards, mask)
     if scale == "group":
-        var = _bessel_var(centred, n)
-        adv = centred / (_nonzero_std(var.sqrt(), centred, n, dim=1) + eps)
+        var = group_bessel_var(centred, n)
+        adv = centred / (nonzero_std(var.sqrt(), centred, n, dim=1) + eps)
         # Rewards above ~1.8e19 (float32) overflow the squares: those groups (only) are standardised at unit scale
-        adv = torch.where(torch.isfinite(var), adv, _unit_scale_zscore(rewards, mask, eps))
+        adv = torch.where(torch.isfinite(var), adv, unit_scale_zscore(rewards, mask, eps))
     elif scale == "batch":
         flat = rewards[mask]
         std = flat.std() if flat.numel() > 1 else flat.new_zeros(())
         if flat.numel() > 1 and not bool(torch.isfinite(std)):  # overflowing squares: work at unit scale
             unit = flat.abs().amax()
-            flat, centred = flat / unit, _centred(torch.where(mask, rewards, torch.zeros_like(rewards)) / unit, mask)[0]
+            flat = flat / unit
+            centred = group_centred(torch.where(mask, rewards, torch.zeros_like(rewards)) / unit, mask)[0]
             std, eps = flat.std(), eps / unit
-        adv = centred / (_nonzero_std(std, flat - flat.mean(), flat.new_tensor(flat.numel())) + eps)
+        adv = centred / (nonzero_std(std, flat - flat.mean(), flat.new_tensor(flat.numel())) + eps)
     elif scale == "rloo":
         adv = centred * n / (n - 1).clamp_min(1)
     else:
@@ -297,32 +234,6 @@ def group_advantages(
     no_signal = zero_std_groups(rewards, mask) if no_signal is None else no_signal
     signal = (~no_signal).unsqueeze(1) & mask
     return torch.where(signal, adv - baseline if baseline else adv, torch.zeros_like(adv))
-
-
-def _unit_scale_zscore(rewards: Tensor, mask: Tensor, eps: float | Tensor) -> Tensor:
-    """``(r - mean_g) / (std_g + eps)`` per group, computed on ``r / max_g |r|``: every intermediate stays within
-    [-2, 2] (squares within [0, 4]), so no group's statistics can overflow whatever the rewards' magnitude. The
-    same numbers up to rounding as the direct formula, which is kept for the groups it can compute (bit-identical
-    runs); a group of huge rewards takes this one."""
-    big = torch.finfo(rewards.dtype).max
-    unit = torch.where(mask, rewards.abs(), torch.zeros_like(rewards)).amax(dim=1, keepdim=True)
-    unit = unit.clamp(torch.finfo(rewards.dtype).tiny, big)
-    centred, n = _centred(torch.where(mask, rewards, torch.zeros_like(rewards)) / unit, mask)
-    std = _nonzero_std(_bessel_var(centred, n).sqrt(), centred, n, dim=1)
-    return centred / (std + eps / unit)
-
-
-def _nonzero_std(std: Tensor, centred: Tensor, count: Tensor, dim: int | None = None) -> Tensor:
-    """``std`` where it is > 0, else the Bessel std of ``centred`` computed at unit scale.
-
-    A spread whose square underflows (differences below ~1e-154 in float64, ~1e-19 in float32) gives ``std = 0``
-    although the rewards differ, and at ``eps = 0`` infinite advantages; dividing by the largest deviation first
-    keeps the squares representable. Ordinary rewards never take this branch, so their numbers do not change."""
-    reduce = {"dim": dim, "keepdim": True} if dim is not None else {}
-    unit = centred.abs().amax(**reduce) if centred.numel() else centred.new_zeros(())
-    unit = unit.clamp_min(torch.finfo(centred.dtype).tiny)
-    rescaled = unit * (((centred / unit) ** 2).sum(**reduce) / (count - 1).clamp_min(1)).sqrt()
-    return torch.where(std > 0, std, rescaled)
 
 
 def kl_penalty(logp: Tensor, anchor_logp: Tensor, estimator: str) -> Tensor:
@@ -467,13 +378,13 @@ def grpo_loss_terms(
     if kl_estimator is None:
         kl_estimator = "seed" if ref_logp is None else "k3"
     anchor = old_logp if ref_logp is None else ref_logp
-    shared = _mean_weights(pg, mask, weights)
+    shared = mean_weights(pg, mask, weights)
     if kl_estimator == EXACT_KL:
         kl_groups = exact_group_kl(logp, anchor, mask) if full_groups is None else exact_group_kl(*full_groups)
-        loss = _masked_mean(pg, mask, shared=shared) + kl_beta * kl_groups.mean()
+        loss = masked_mean(pg, mask, shared=shared) + kl_beta * kl_groups.mean()
     else:
         kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), kl_estimator)
-        loss = _masked_mean(pg + kl_beta * kl, mask, shared=shared)
+        loss = masked_mean(pg + kl_beta * kl, mask, shared=shared)
     if entropy_coef:
         loss = loss - entropy_coef * group_entropy(ent_logp, ent_mask)
 
@@ -482,8 +393,8 @@ def grpo_loss_terms(
         clipped_high = (ratio > 1.0 + eps_high) & (adv > 0)
         clipped = clipped_low | clipped_high
         stats = {
-            "pg_loss": _masked_mean(pg, mask, shared=shared),
-            "kl": kl_groups.mean() if kl_estimator == EXACT_KL else _masked_mean(kl, mask, shared=shared),
+            "pg_loss": masked_mean(pg, mask, shared=shared),
+            "kl": kl_groups.mean() if kl_estimator == EXACT_KL else masked_mean(kl, mask, shared=shared),
             "clip_ratio": mean_over(clipped.float(), mask),
             "clip_ratio/low_mean": mean_over(clipped_low.float(), mask),
             "clip_ratio/high_mean": mean_over(clipped_high.float(), mask),

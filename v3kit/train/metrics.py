@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..data.contract import GroupData
 from .device import module_device
-from .losses import check_mask
+from .masked import check_mask
 from .model import compute_log_probs
 
 # Metric names in the order tables show them; utility@1 only exists when the data knows the true utility.

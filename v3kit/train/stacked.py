@@ -38,20 +38,11 @@ from .checkpoint import epoch_checkpoints
 from .device import autocast
 from .metrics_log import call_callbacks
 from .model import INTERFACE_ATTR, Interface
+from .optim import check_on_nonfinite, check_optim_fields, nonfinite_error
 from .stacked_losses import Ref, member_log_probs, stacked_loss
 from .stacked_members import Member, MemberPruned
 from .stacked_towers import StackedTowers, stack_reason
-from .training import (
-    RunContext,
-    Stage,
-    StageResult,
-    StepContext,
-    check_on_nonfinite,
-    check_optim_fields,
-    fit,
-    kill_point,
-    nonfinite_error,
-)
+from .training import RunContext, Stage, StageResult, StepContext, fit, kill_point
 
 EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
 # prune(member index, epoch, held-out metrics of that epoch) -> True to stop training that member from here on

@@ -20,8 +20,9 @@ from .device import as_floats
 from .metrics import evaluate, ranking_metrics
 from .metrics_log import MetricsLog, call_callbacks
 from .model import compute_log_probs
+from .optim import nonfinite_error
 from .stacked_losses import Ref
-from .training import RunContext, Stage, StageResult, check_same_config, kill_point, nonfinite_error
+from .training import RunContext, Stage, StageResult, check_same_config, kill_point
 
 
 class MemberPruned(RuntimeError):

@@ -13,14 +13,13 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..bounds import check_max
 from ..data.contract import Batch, GroupData, iterate_batches, num_batches
 from ..provenance import config_changes
 from . import distributed
@@ -42,6 +41,19 @@ from .metrics_log import (  # noqa: F401 - Callback, StageResult, split_rows: do
     split_rows,
 )
 from .model import compute_log_probs
+from .optim import (  # noqa: F401 - MAX_*, ON_NONFINITE, the checks: their old path (v3kit.train.training)
+    MAX_BATCH_SIZE,
+    MAX_EPOCHS,
+    ON_NONFINITE,
+    NonFiniteError,
+    OptimConfig,
+    check_on_nonfinite,
+    check_optim_fields,
+    grad_norm_clipped,
+    nonfinite_error,
+    nonfinite_step,
+    weights_finite,
+)
 from .sliced import SlicedGrad
 
 
@@ -58,89 +70,11 @@ class StepContext:
 # ``stats`` values may be floats or 0-d tensors; tensors are read back to the host in batches (see ``log_every``).
 
 
-def _grad_norm(params: Iterable[nn.Parameter], max_norm: float | None) -> Tensor | float:
-    """Clip and return the total gradient norm, as a 0-d tensor on the parameters' device (no host sync)."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return 0.0
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
-
-
-ON_NONFINITE = ("stop", "skip_batch")
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN/inf loss, gradient or weight; the message names stage, epoch, step, quantity and the
-    last good checkpoint. Nothing non-finite is ever checkpointed."""
-
-
-def check_on_nonfinite(section: str, value: str) -> None:
-    if value not in ON_NONFINITE:
-        raise ValueError(f"{section}.on_nonfinite must be one of {ON_NONFINITE}, got {value!r}")
-
-
-def _nonfinite_step(loss: Tensor, grad_norm: float | Tensor | None) -> str | None:
-    """``None`` if the step is finite, else which quantity is not. One fused check (a single host sync); the grad
-    norm is the one ``clip_grad_norm_`` already computed, and is non-finite iff some gradient is."""
-    vals = loss.detach().reshape(()).float()
-    if grad_norm is not None:
-        vals = torch.stack([vals, torch.as_tensor(grad_norm, dtype=torch.float32)])
-    if bool(torch.isfinite(vals).all()):
-        return None
-    return "loss" if not math.isfinite(float(loss)) else "gradient"
-
-
-def _weights_finite(model: nn.Module) -> bool:
-    flags = [torch.isfinite(p).all() for p in model.parameters()]
-    return not flags or bool(torch.stack(flags).all())
-
-
-def nonfinite_error(
-    stage: str, quantity: str, epoch: int, step: int, checkpoints: list[Path], run_dir: Path | None
-) -> NonFiniteError:
-    last = (
-        (str(checkpoints[-1]) if checkpoints else "none of this stage yet")
-        if run_dir is not None
-        else "none (no run_dir)"
-    )
-    return NonFiniteError(
-        f"{stage}: non-finite {quantity} at epoch {epoch}, step {step}; stopped without checkpointing it "
-        f"(last good checkpoint: {last}). Lower {stage}.lr, check the data's feature scale, or set "
-        f"{stage}.on_nonfinite=skip_batch to skip such batches"
-    )
-
-
 def kill_point(name: str) -> None:
     """Crash tests only: ``V3KIT_TEST_KILL_AT=<name>`` SIGKILLs the process here (e.g. ``grpo:epoch2:step7``,
     ``rce:epoch1:before_checkpoint``, ``grpo:epoch2:after_checkpoint``), a deterministic stand-in for a crash."""
     if os.environ.get("V3KIT_TEST_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-# Every epoch writes a checkpoint: 10,000 epochs is already far past any run of this kit (the seed ran 15/3/8),
-# while a typo such as 1e20 would fill the disk with them. A batch of a million groups is past any dataset that fits
-# in memory; a larger value is a typo, not a full-batch request.
-MAX_EPOCHS = 10_000
-MAX_BATCH_SIZE = 1_000_000
-
-
-def check_optim_fields(section: str, epochs: int, lr: float, batch_size: int, max_grad_norm: float | None) -> None:
-    """Validate a stage config's optimisation knobs at construction, long before any training runs."""
-    if epochs < 0:
-        raise ValueError(f"{section}.epochs must be >= 0 (0 skips the stage), got {epochs}")
-    check_max(f"{section}.epochs", epochs, MAX_EPOCHS, "each epoch writes a checkpoint; is the value a typo?")
-    check_max(
-        f"{section}.batch_size",
-        batch_size,
-        MAX_BATCH_SIZE,
-        "more groups than any in-memory dataset; use a smaller batch",
-    )
-    if not lr > 0:
-        raise ValueError(f"{section}.lr must be > 0, got {lr}")
-    if batch_size < 1:
-        raise ValueError(f"{section}.batch_size must be >= 1, got {batch_size}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"{section}.max_grad_norm must be > 0 or null (no clipping), got {max_grad_norm}")
 
 
 def check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: Path, extendable: Sequence[str]) -> None:
@@ -153,35 +87,6 @@ def check_same_config(ckpt: dict[str, Any], meta: dict[str, Any] | None, path: P
             f"cannot resume from {path}: it was trained with another config ({details}); "
             "use a fresh run_dir or run without resume"
         )
-
-
-@dataclass
-class OptimConfig:
-    """The optimisation knobs every stage has; ``SFTConfig``, ``RCEConfig`` and ``GRPOConfig`` extend it with their
-    own defaults and switches. ``section`` names the config section in error messages."""
-
-    epochs: int = 1
-    """Epochs of this stage; 0 skips it; at most 10,000 (``MAX_EPOCHS``)."""
-    lr: float = 1e-5
-    """Adam learning rate."""
-    batch_size: int = 32
-    """Groups per optimizer step; at most 1,000,000 (``MAX_BATCH_SIZE``)."""
-    max_grad_norm: float | None = 1.0
-    """Gradient-norm clipping; null = none."""
-    weight_decay: float = 0.0
-    """Adam's L2 penalty on the weights (``torch.optim.Adam``'s ``weight_decay``); 0 = none."""
-    on_nonfinite: str = "stop"
-    """A NaN/inf loss or gradient: ``stop`` (raise, naming epoch, step and the last good checkpoint) or
-    ``skip_batch`` (no optimizer step for that batch; counted in the ``skipped_nonfinite`` column of
-    ``metrics.csv`` and in the run printout)."""
-
-    section = "stage"  # a plain class attribute (not a field): the config section, for messages
-
-    def __post_init__(self) -> None:
-        check_optim_fields(self.section, self.epochs, self.lr, self.batch_size, self.max_grad_norm)
-        check_on_nonfinite(self.section, self.on_nonfinite)
-        if not (self.weight_decay >= 0):
-            raise ValueError(f"{self.section}.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -307,13 +212,13 @@ def _optimizer_step(
         loss.backward()
         if ranks.world > 1:  # the sum of the ranks' row gradients is the whole batch's gradient
             distributed.all_reduce_grads(model.parameters())
-        grad_norm = _grad_norm(model.parameters(), max_grad_norm)
-        bad = _nonfinite_step(loss, grad_norm) if check_each_step else None
+        grad_norm = grad_norm_clipped(model.parameters(), max_grad_norm)
+        bad = nonfinite_step(loss, grad_norm) if check_each_step else None
         if bad is None:
             optimizer.step()
     else:  # nothing to learn from this batch (e.g. every group dropped): skip, but log it
         grad_norm = 0.0
-        bad = _nonfinite_step(loss, None) if check_each_step else None
+        bad = nonfinite_step(loss, None) if check_each_step else None
     return loss, stats, grad_norm, bad
 
 
@@ -566,7 +471,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     try:
         for epoch in range(start_epoch + 1, epochs + 1):
             step = _train_epoch(loop, train, epoch, step, rows, log_every)
-            if not _weights_finite(model):
+            if not weights_finite(model):
                 raise loop.nonfinite("weights", epoch, step)
             metrics = evaluate_now(epoch, step)
             if writes is not None:
