@@ -225,18 +225,27 @@ def _run_locked(
     after_rce = copy.deepcopy(stage1.policy)
     grpo = run.grpo(stage1)
 
-    models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
     distributed.barrier()  # rank 0's metrics.csv is complete
+    result = ship(run, stage1, rce, after_rce, grpo, write=main)
+    distributed.barrier()
+    return result
+
+
+def ship(
+    run: Run, stage1: Stage1, rce: StageResult, after_rce: nn.Module, grpo: StageResult, *, write: bool = True
+) -> PipelineResult:
+    """The end of every run, sequential (:func:`run_pipeline`) or stacked: which model ``run.cfg.select`` ships, the
+    stage table on the test split and, with ``write`` (rank 0), ``summary.csv`` and the selection's file."""
+    models = {"sft": stage1.reference, "rce": after_rce, "grpo": stage1.policy}
     selection, models["selected"] = run.select(models)
     table = stage_table(
         models, run.splits.test, stage1.reference, stage1.model_config.sim_temperature, precision=run.runtime.precision
     )
-    if main:
-        atomic_write_text(run_dir / "summary.csv", table.to_csv())
-        write_selection(run_dir, selection)
-    distributed.barrier()
+    if write:
+        atomic_write_text(run.run_dir / "summary.csv", table.to_csv())
+        write_selection(run.run_dir, selection)
     return PipelineResult(
-        run_dir=run_dir,
+        run_dir=run.run_dir,
         splits=run.splits,
         stage1=stage1,
         rce=rce,
@@ -244,7 +253,7 @@ def _run_locked(
         table=table,
         models=models,
         runtime=run.runtime,
-        skipped_batches=skipped_batches(run_dir),
+        skipped_batches=skipped_batches(run.run_dir),
         selection=selection,
         debias=run.debias,
     )

@@ -31,13 +31,12 @@ from .pipeline import (
     record_config,
     record_sft_checkpoint,
     run_pipeline,
-    skipped_batches,
+    ship,
     split_seed,
-    stage_table,
     update_run_info,
 )
 from .run import Run, grpo_temperature, prepare_data, sft_select_metric
-from .rundir import RunLock, atomic_write_text
+from .rundir import RunLock
 from .train.checkpoint import (
     check_finite_checkpoint,
     checkpoint_model_config,
@@ -48,7 +47,7 @@ from .train.checkpoint import (
 from .train.grpo import GRPOStage
 from .train.model import build_model
 from .train.rce import RCEStage
-from .train.selection import BestVal, write_selection
+from .train.selection import BestVal
 from .train.sft import SFTStage, Stage1, keep_best_epoch, load_sft
 from .train.stacked import PruneFn, fit_stacked
 from .train.training import RunContext, StageResult
@@ -189,7 +188,7 @@ class _Stack:
                 results.append(self.errors[k])
                 continue
             try:
-                results.append(self.finish(k, stage1[k], rce[k], after_rce[k], grpo[k], rl[k], temps[k]))
+                results.append(self.finish(k, stage1[k], rce[k], after_rce[k], grpo[k]))
             except Exception as e:
                 results.append(e)
         return StackedRuns(results, stacked=self.stacked, notes=self.notes)
@@ -279,29 +278,8 @@ class _Stack:
                 done[k].info.update(step0_ratios=stage.step0_ratios, temperature=temps[k], **stage.step0_summary)
         return done, temps
 
-    def finish(
-        self, k: int, s1: Stage1, rce: StageResult, after_rce: Any, grpo: StageResult, rl: Splits, temp: float
-    ) -> PipelineResult:
+    def finish(self, k: int, s1: Stage1, rce: StageResult, after_rce: Any, grpo: StageResult) -> PipelineResult:
         """The run's selection, stage table and files, as :func:`v3kit.pipeline.run_pipeline` writes them."""
-        run_dir = Path(self.cfgs[k].run_dir)
-        models = {"sft": s1.reference, "rce": after_rce, "grpo": s1.policy}
-        selection, models["selected"] = self.runs[k].select(models)
-        table = stage_table(
-            models, self.splits.test, s1.reference, s1.model_config.sim_temperature, precision=self.runtime.precision
-        )
-        atomic_write_text(run_dir / "summary.csv", table.to_csv())
-        write_selection(run_dir, selection)
-        self.reporters[k].finish(table, run_dir)
-        return PipelineResult(
-            run_dir=run_dir,
-            splits=self.splits,
-            stage1=s1,
-            rce=rce,
-            grpo=grpo,
-            table=table,
-            models=models,
-            runtime=self.runtime,
-            skipped_batches=skipped_batches(run_dir),
-            selection=selection,
-            debias=self.debias[k],
-        )
+        result = ship(self.runs[k], s1, rce, after_rce, grpo)
+        self.reporters[k].finish(result.table, result.run_dir)
+        return result
