@@ -6,9 +6,7 @@ below stay here for good; any other name of :mod:`v3kit.train.model` (the previo
 resolves, with a DeprecationWarning naming the new path.
 """
 
-import warnings
-from typing import Any
-
+from .moved import moved_names
 from .train import model as train_model
 from .train.model import (
     DEFAULT_TARGET,
@@ -39,12 +37,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if not name.startswith("__") and hasattr(train_model, name):
-        warnings.warn(
-            f"v3kit.model.{name} moved to v3kit.train.model.{name}; import it from there",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(train_model, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, train_model, lambda name: not name.startswith("__") and hasattr(train_model, name))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import warnings
 from types import ModuleType
+from typing import Any, Callable
 
 
 def alias(old: str, new: ModuleType) -> None:
@@ -24,3 +25,19 @@ def alias(old: str, new: ModuleType) -> None:
         stacklevel=3,
     )
     sys.modules[old] = new
+
+
+def moved_names(old: str, new: ModuleType, moved: Callable[[str], bool]) -> Callable[[str], Any]:
+    """A module-level ``__getattr__`` for module ``old``, some of whose names moved to ``new``: a name ``moved``
+    accepts is ``new``'s, with a DeprecationWarning naming its new path; any other missing name is an
+    AttributeError. Assign it as the old module's ``__getattr__`` (``stacklevel=2`` then points at the user's line)."""
+
+    def __getattr__(name: str) -> Any:
+        if moved(name):
+            warnings.warn(
+                f"{old}.{name} moved to {new.__name__}.{name}; import it from there", DeprecationWarning, stacklevel=2
+            )
+            return getattr(new, name)
+        raise AttributeError(f"module {old!r} has no attribute {name!r}")
+
+    return __getattr__

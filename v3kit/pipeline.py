@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -18,6 +17,7 @@ from . import stage_reuse, trackers
 from .config import ConfigError, RunConfig, dump_config, load_config, to_dict
 from .data.contract import GroupData, Splits
 from .data.debias import DebiasReport, check_debias
+from .moved import moved_names
 from .provenance import NOT_EXPERIMENT_KEYS, config_changes, flatten
 from .run import (  # noqa: F401 - re-exported: the pipeline's documented data and runtime helpers
     Run,
@@ -276,12 +276,4 @@ def check_before_writing(run: Run) -> None:
 MOVED_TO_STAGE_REUSE = ("STATE_FILE", "ensure_rce", "ensure_stage1", "read_state")
 
 
-def __getattr__(name: str) -> Any:
-    if name in MOVED_TO_STAGE_REUSE:
-        warnings.warn(
-            f"v3kit.pipeline.{name} moved to v3kit.stage_reuse.{name}; import it from there",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(stage_reuse, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, stage_reuse, MOVED_TO_STAGE_REUSE.__contains__)
