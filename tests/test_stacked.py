@@ -56,7 +56,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
             if name != GAUGE:
                 torch.testing.assert_close(t, wb["model"][name], rtol=RTOL, atol=ATOL, msg=name)
         assert wa["rng"]["generator"].equal(wb["rng"]["generator"])  # the same batch order and draws
-        assert wa["metrics_rows"][-1]["step"] == wb["metrics_rows"][-1]["step"]
+        assert json.loads(wa["metrics_rows"])[-1]["step"] == json.loads(wb["metrics_rows"])[-1]["step"]
 
 
 def _compare(tmp_path: Path, variants: list[list[str]], common: list[str] = (), expect_stacked: bool = True) -> None:

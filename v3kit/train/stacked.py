@@ -24,7 +24,7 @@ members one after another through ``fit`` instead, with a one-line note saying w
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -142,6 +142,13 @@ class _StackedFit:
         self.shared_train = all(s.train is first.train for s in stages)
         self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
         self._total: Tensor | None = None
+        self.lrs = [s.cfg.lr for s in stages]
+        self.weight_decays = [getattr(s.cfg, "weight_decay", 0.0) for s in stages]
+        self.cache: dict[str, Any] = {}  # the stacked objectives' per-stage constants (stacked_losses.StackCache)
+        # One thread writes the epoch checkpoints, in order, while the next epoch trains; a write's error (a full
+        # disk) surfaces at the next epoch end or at the stage's end.
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="v3kit-checkpoints")
+        self.writes: list[Future[None]] = []
 
     # ------------------------------------------------------------------ resume
     def _restore(self) -> tuple[int, int]:
@@ -194,9 +201,10 @@ class _StackedFit:
         return {k: logp[j] for j, k in enumerate(live)}
 
     # ------------------------------------------------------------------ one step
-    def _batches(self, start: int) -> list[Batch | None]:
-        """Each active member's next batch (rows ``start ..`` of its epoch order), gathered at once. A stopped
-        member's rows are gathered too (the stack's shapes stay [K, ...]); nothing reads them."""
+    def _batches(self, start: int) -> Tensor:
+        """Every member's next batch rows (rows ``start ..`` of its epoch order, ``[K, B]``), gathered at once into
+        ``self._parts``. A stopped member's rows are gathered too (the stack's shapes stay [K, ...]); nothing reads
+        them."""
         size = self.cfg0.batch_size
         idx = self._orders[:, start : start + size]
         if self.shared_train:
@@ -207,11 +215,12 @@ class _StackedFit:
             cols = [self._gather(m.stage.train, i) for m, i in zip(self.members, idx)]
             parts = tuple(None if c[0] is None else torch.stack(c) for c in zip(*cols))  # type: ignore[assignment]
         self._parts = parts
-        out: list[Batch | None] = []
-        for k, m in enumerate(self.members):
-            q, c, mask, labels, rewards, util = (None if p is None else p[k] for p in parts)
-            out.append(Batch(idx[k], q, c, mask, labels, rewards, util) if m.active else None)  # type: ignore[arg-type]
-        return out
+        return idx
+
+    def _batch(self, k: int, idx: Tensor) -> Batch:
+        """Member ``k``'s batch as its own ``Stage.step`` takes it (the objectives that are not stacked)."""
+        q, c, mask, labels, rewards, util = (None if p is None else p[k] for p in self._parts)
+        return Batch(idx[k], q, c, mask, labels, rewards, util)  # type: ignore[arg-type]
 
     @staticmethod
     def _gather(data: GroupData, i: Tensor) -> tuple[Any, ...]:
@@ -219,29 +228,29 @@ class _StackedFit:
         return data.query_x[i].float(), data.cand_x[i].float(), data.mask[i], data.labels[i], data.rewards[i], util
 
     def _losses(
-        self, batches: list[Batch | None], ctxs: list[StepContext]
-    ) -> tuple[list[int], Tensor, list[bool], list[dict[str, Any]]]:
-        """The active members (indices), their losses ``[L]`` (detached), whether each has a gradient, and their
+        self, idx: Tensor, live: list[int], ctxs: list[StepContext]
+    ) -> tuple[Tensor, list[bool], list[dict[str, Any]]]:
+        """The active members' (``live``) losses ``[L]`` (detached), whether each has a gradient, and their
         statistics; ``self._total`` is the sum to differentiate. One stacked objective when the members' switches
         allow (:mod:`v3kit.train.stacked_losses`), else each member's own ``Stage.step`` on its slice of the scores."""
         q, c, mask, labels, rewards, _ = self._parts
         scores = self.tower.scores(q, c)
-        live = [k for k, b in enumerate(batches) if b is not None]
-        if len(live) < len(batches):  # the stopped members' rows out of the objective (their gradient stays 0)
+        if len(live) < self.tower.k:  # the stopped members' rows out of the objective (their gradient stays 0)
             scores, mask, labels, rewards = (t[live] for t in (scores, mask, labels, rewards))
         stages = [self.members[k].stage for k in live]
-        stacked_b = {"index": [batches[k].index for k in live], "mask": mask, "labels": labels, "rewards": rewards}
-        fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live]) if self.fast else None
+        stacked_b = {"index": idx[live] if len(live) < self.tower.k else idx, "mask": mask, "labels": labels}
+        stacked_b["rewards"] = rewards
+        fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live], self.cache) if self.fast else None
         if fast is not None:
             self._total = fast[0].sum()
-            return live, fast[0].detach(), [True] * len(live), fast[1]
+            return fast[0].detach(), [True] * len(live), fast[1]
         losses, stats = [], []
         for j, k in enumerate(live):
             m = self.members[k]
             self.proxy.current = scores[j]
             own, m.stage.model = m.stage.model, self.proxy
             try:
-                loss, st = m.stage.step(batches[k], ctxs[k])  # type: ignore[arg-type]
+                loss, st = m.stage.step(self._batch(k, idx), ctxs[k])
             finally:
                 m.stage.model = own
             losses.append(loss.reshape(()))
@@ -250,13 +259,14 @@ class _StackedFit:
         requires = [x.requires_grad for x in losses]
         grads = [x for x in losses if x.requires_grad]
         self._total = torch.stack(grads).sum() if grads else None
-        return live, torch.stack([x.detach() for x in losses]), requires, stats
+        return torch.stack([x.detach() for x in losses]), requires, stats
 
     def _step(self, epoch: int, step: int, start: int) -> None:
-        batches = self._batches(start)
+        idx = self._batches(start)
+        live = [k for k, m in enumerate(self.members) if m.active]
         ctxs = [StepContext(epoch, step, self.total_steps, m.generator) for m in self.members]
         with autocast(self.device, self.precision):
-            live, losses, requires, stats = self._losses(batches, ctxs)
+            losses, requires, stats = self._losses(idx, live, ctxs)
         self.tower.zero_grad()
         if self._total is not None:
             self._total.backward()
@@ -266,11 +276,7 @@ class _StackedFit:
         frozen = [True] * len(self.members)
         for j, k in enumerate(live):
             frozen[k] = not requires[j] or bad[j] is not None
-        self.tower.adam_step(
-            [m.stage.cfg.lr for m in self.members],
-            frozen,
-            [getattr(m.stage.cfg, "weight_decay", 0.0) for m in self.members],
-        )
+        self.tower.adam_step(self.lrs, frozen, self.weight_decays)
         for j, k in enumerate(live):
             m, st = self.members[k], stats[j]
             if bad[j] is not None and m.stage.cfg.on_nonfinite == "stop":  # fit raises here: this member stops
@@ -298,11 +304,19 @@ class _StackedFit:
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[StageResult | BaseException]:
         try:
-            return self._run()
+            out = self._run()
         except BaseException:  # a kill of the whole stack (Ctrl-C, a full disk): release every metrics.csv
+            self.writer.shutdown(wait=True, cancel_futures=True)
             for m in self.members:
                 m.log.close()
             raise
+        self.writer.shutdown(wait=True)
+        return out
+
+    def _wait_for_writes(self) -> None:
+        writes, self.writes = self.writes, []
+        for w in writes:
+            w.result()
 
     def _run(self) -> list[StageResult | BaseException]:
         start_epoch, step = self._restore()
@@ -334,6 +348,7 @@ class _StackedFit:
                 self._after_step(bar)
             self._end_epoch(epoch, step)
         bar.close()
+        self._wait_for_writes()
         return self._results(start_epoch)
 
     def _start_epoch(self, epoch: int, n: int) -> None:
@@ -350,29 +365,30 @@ class _StackedFit:
 
     def _after_step(self, bar: Any) -> None:
         bar.update(1)
+        read: dict[int, list[float]] = {}
         for m in self.members:
             if m.active and len(m.pending) >= self.log_every:
-                m.flush(self.name, self.check_each_step)
+                m.flush(self.name, self.check_each_step, read)
 
     def _end_epoch(self, epoch: int, step: int) -> None:
+        read: dict[int, list[float]] = {}
         for m in self.members:
             if m.active:
-                m.flush(self.name, self.check_each_step)
+                m.flush(self.name, self.check_each_step, read)
         self.tower.to_members([m.stage.model for m in self.members])
         for m in self.members:
             if m.active and not all(bool(torch.isfinite(p).all()) for p in m.stage.model.parameters()):
                 m.error = nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
         logps = self._val_log_probs()
-        saves = []
+        self._wait_for_writes()
         for k, m in enumerate(self.members):
             if not m.active:
                 continue
             m.evaluate(self.name, epoch, step, self.precision, self.ref_logps, logps.get(k))
             if m.run_dir is not None:
-                saves.append((m, m.payload(self.name, epoch, step, self.tower.adam_state(k))))
-        if saves:
-            with ThreadPoolExecutor(max_workers=len(saves)) as pool:
-                list(pool.map(lambda item: item[0].write(self.name, epoch, item[1]), saves))
+                payload = m.payload(self.name, epoch, step, self.tower.adam_state(k))
+                path = m.checkpoint_path(self.name, epoch)
+                self.writes.append(self.writer.submit(Member.write, self.name, epoch, path, payload))
         for k, m in enumerate(self.members):
             if m.active and self.prune is not None and epoch < self.cfg0.epochs and self.prune(k, epoch, m.metrics):
                 m.error = MemberPruned(f"{self.name}: pruned after epoch {epoch}")

@@ -27,15 +27,45 @@ from .training import Stage, StepContext
 Stats = list[dict[str, Any]]
 
 
-def _col(values: Sequence[float], like: Tensor) -> Tensor:
+# The stacked trainer's cache of what stays the same from step to step: the per-member numbers as tensors, and
+# the members' per-group tensors (old and reference log-probs, advantages) stacked for one gather per step. An
+# entry keeps the tensors it was made from, so their ids cannot be reused while it lives.
+StackCache = dict[Any, Any]
+
+
+def _col(values: Sequence[float], like: Tensor, cache: StackCache | None = None) -> Tensor:
     """Per-member python numbers as a ``[K, 1, 1]`` tensor (rounded to float32 once, as torch rounds a python
     scalar operand)."""
-    return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)
+    key = ("col", tuple(values), like.dtype, like.device)
+    hit = None if cache is None else cache.get(key)
+    if hit is None:
+        hit = torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)
+        if cache is not None:
+            cache[key] = hit
+    return hit
 
 
-def member_log_probs(scores: Tensor, temperatures: Sequence[float], mask: Tensor) -> Tensor:
+def _rows(cache: StackCache | None, name: str, tensors: Sequence[Tensor], idx: Tensor) -> Tensor:
+    """Rows ``idx [K, B]`` of each member's own tensor (``tensors[k]``: ``[N, ...]``) as ``[K, B, ...]``: one
+    gather from the members' tensors stacked once (or from the one tensor they share), not K gathers a step."""
+    key = tuple(id(t) for t in tensors)
+    hit = None if cache is None else cache.get(name)
+    if hit is None or hit[0] != key:
+        shared = all(t is tensors[0] for t in tensors)
+        hit = (key, None if shared else torch.stack(list(tensors)), list(tensors))
+        if cache is not None:
+            cache[name] = hit
+    if hit[1] is None:
+        return tensors[0][idx]
+    members = torch.arange(len(tensors), device=idx.device).unsqueeze(1)
+    return hit[1][members, idx]
+
+
+def member_log_probs(
+    scores: Tensor, temperatures: Sequence[float], mask: Tensor, cache: StackCache | None = None
+) -> Tensor:
     """:func:`v3kit.train.losses.score_log_probs` per member (scores ``[K, B, G]``, one temperature each)."""
-    return score_log_probs(scores, _col(temperatures, scores), mask)
+    return score_log_probs(scores, _col(temperatures, scores, cache), mask)
 
 
 def _masked_mean(x: Tensor, mask: Tensor, w: Tensor, total: Tensor) -> Tensor:
@@ -72,14 +102,14 @@ def _split(stats: dict[str, Tensor | float], k: int) -> Stats:
     return [{name: (Ref(v, j) if isinstance(v, Tensor) else v) for name, v in stats.items()} for j in range(k)]
 
 
-def _sft(stages: Sequence[Stage], b: dict[str, Tensor], scores: Tensor) -> tuple[Tensor, Stats]:
-    logp = member_log_probs(scores, [s.temperature for s in stages], b["mask"])
+def _sft(stages: Sequence[Stage], b: dict[str, Tensor], scores: Tensor, cache: StackCache) -> tuple[Tensor, Stats]:
+    logp = member_log_probs(scores, [s.temperature for s in stages], b["mask"], cache)
     loss = -logp.gather(2, b["labels"].unsqueeze(2)).squeeze(2).mean(dim=1)
     return loss, [{} for _ in stages]
 
 
 def _rce(
-    stages: Sequence[RCEStage], b: dict[str, Tensor], scores: Tensor, ctxs: Sequence[StepContext]
+    stages: Sequence[RCEStage], b: dict[str, Tensor], scores: Tensor, ctxs: Sequence[StepContext], cache: StackCache
 ) -> tuple[Tensor, Stats] | None:
     cfgs = [s.cfg for s in stages]
     if len({c.reward_norm for c in cfgs}) > 1:
@@ -101,7 +131,7 @@ def _rce(
     weights = torch.softmax(scaled, dim=-1)
     onehot = torch.nn.functional.one_hot(b["labels"].long(), g).to(weights.dtype)
     lw = [c.label_weight for c in cfgs]
-    targets = _col(lw, logp) * onehot + _col([1.0 - w for w in lw], logp) * weights
+    targets = _col(lw, logp, cache) * onehot + _col([1.0 - w for w in lw], logp, cache) * weights
     per_entry = torch.where(valid, targets * logp, torch.zeros_like(logp))
     loss = -per_entry.sum(dim=2).mean(dim=1)
     return loss, [{"temperature": s.annealed} for s in stages]
@@ -121,28 +151,30 @@ def _grpo_supported(stages: Sequence[GRPOStage]) -> bool:
     return True
 
 
-def _grpo(stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor) -> tuple[Tensor, Stats] | None:
+def _grpo(
+    stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor, cache: StackCache
+) -> tuple[Tensor, Stats] | None:
     if not _grpo_supported(stages):
         return None
     cfgs = [s.cfg for s in stages]
     c0, idx, mask = cfgs[0], b["index"], b["mask"]
-    logp = member_log_probs(scores, [s.temperature for s in stages], mask)
-    old = torch.stack([s.old[i] for s, i in zip(stages, idx)])
-    ref = None if stages[0].ref is None else torch.stack([s.ref[i] for s, i in zip(stages, idx)])
-    zero = torch.stack([s.terms[0][i] for s, i in zip(stages, idx)])  # type: ignore[index]
-    adv_all = torch.stack([s.terms[1][i] for s, i in zip(stages, idx)])  # type: ignore[index]
+    logp = member_log_probs(scores, [s.temperature for s in stages], mask, cache)
+    old = _rows(cache, "old", [s.old for s in stages], idx)
+    ref = None if stages[0].ref is None else _rows(cache, "ref", [s.ref for s in stages], idx)  # type: ignore[misc]
+    zero = _rows(cache, "zero", [s.terms[0] for s in stages], idx)  # type: ignore[index]
+    adv_all = _rows(cache, "adv", [s.terms[1] for s in stages], idx)  # type: ignore[index]
     zeros = torch.zeros_like(logp)
     weights = torch.where(mask, old.exp(), zeros) if c0.samples == "exact" else None
     ratio = torch.exp(torch.where(mask, logp - old, zeros).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     adv = torch.where(mask, adv_all, zeros)
-    lo = _col([1.0 - c.eps_low for c in cfgs], logp)
-    hi = _col([1.0 + (c.eps_low if c.eps_high is None else c.eps_high) for c in cfgs], logp)
+    lo = _col([1.0 - c.eps_low for c in cfgs], logp, cache)
+    hi = _col([1.0 + (c.eps_low if c.eps_high is None else c.eps_high) for c in cfgs], logp, cache)
     if c0.loss_type == "cispo":
         surrogate = torch.clamp(ratio, lo, hi).detach() * adv * torch.where(mask, logp, zeros)
     else:
         surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
         if c0.dual_clip is not None:
-            dual = _col([c.dual_clip for c in cfgs], logp) * adv
+            dual = _col([c.dual_clip for c in cfgs], logp, cache) * adv
             surrogate = torch.where(adv < 0, torch.maximum(surrogate, dual), surrogate)
     pg = -surrogate
     estimator = c0.kl_estimator or ("seed" if ref is None else "k3")
@@ -150,7 +182,7 @@ def _grpo(stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor) -> 
     w = mask.to(pg.dtype) if weights is None else torch.where(mask, weights.to(pg.dtype), zeros)
     total = w.sum(dim=(1, 2)).clamp_min(torch.finfo(pg.dtype).tiny)
     kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), estimator)
-    loss = _masked_mean(pg + _col([c.kl_beta for c in cfgs], logp) * kl, mask, w, total)
+    loss = _masked_mean(pg + _col([c.kl_beta for c in cfgs], logp, cache) * kl, mask, w, total)
     coefs = [c.entropy_coef for c in cfgs]
     if any(coefs):
         loss = loss - torch.tensor(coefs, dtype=loss.dtype, device=loss.device) * _entropy(logp, mask)
@@ -178,19 +210,25 @@ def _grpo(stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor) -> 
 
 
 def stacked_loss(
-    stages: Sequence[Stage], b: dict[str, Any], scores: Tensor, ctxs: Sequence[StepContext]
+    stages: Sequence[Stage],
+    b: dict[str, Any],
+    scores: Tensor,
+    ctxs: Sequence[StepContext],
+    cache: StackCache | None = None,
 ) -> tuple[Tensor, Stats] | None:
-    """Every member's loss ``[K]`` and statistics (one dict per member: python floats and :class:`Ref`), or None where the members'
-    switches need their own ``Stage.step`` (see the module docstring). ``b``: the members' batches stacked
-    (``index``: a list of K index tensors; ``mask``, ``labels``, ``rewards``: ``[K, B, ...]``)."""
+    """Every member's loss ``[K]`` and statistics (one dict per member: python floats and :class:`Ref`), or None
+    where the members' switches need their own ``Stage.step`` (see the module docstring). ``b``: the members'
+    batches stacked (``index``: ``[K, B]`` rows of each member's data; ``mask``, ``labels``, ``rewards``:
+    ``[K, B, ...]``). ``cache``: a dict the caller keeps from step to step (:data:`StackCache`)."""
+    cache = {} if cache is None else cache
     kinds = {type(s) for s in stages}
     if len(kinds) != 1:
         return None
     kind = kinds.pop()
     if kind is SFTStage:
-        return _sft(stages, b, scores)
+        return _sft(stages, b, scores, cache)
     if kind is RCEStage:
-        return _rce(stages, b, scores, ctxs)  # type: ignore[arg-type]
+        return _rce(stages, b, scores, ctxs, cache)  # type: ignore[arg-type]
     if kind is GRPOStage:
-        return _grpo(stages, b, scores)  # type: ignore[arg-type]
+        return _grpo(stages, b, scores, cache)  # type: ignore[arg-type]
     return None

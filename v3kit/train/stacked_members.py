@@ -127,7 +127,8 @@ class Member:
 
     def payload(self, name: str, epoch: int, step: int, adam_state: list[dict[str, Tensor]]) -> dict[str, Any]:
         """What the member's epoch checkpoint holds: the same payload :func:`fit` writes (``adam_state``: its Adam
-        state per parameter, from the stack)."""
+        state per parameter, from the stack). The weights are copies: the payload is written in the background
+        while the stack trains on (:meth:`write`)."""
         params = list(self.stage.model.parameters())
         self.optimizer.state.clear()
         for p, s in zip(params, adam_state):
@@ -137,29 +138,38 @@ class Member:
             "stage": name,
             "epoch": epoch,
             "step": step,
-            "model": self.stage.model.state_dict(),
+            "model": {key: t.clone() for key, t in self.stage.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "rng": {"generator": self.generator.get_state(), "torch": self.torch_state},
             "extra": self.stage.extra_state(),
-            "metrics_rows": self.log.stage_rows(name),
+            "metrics_rows": self.log.packed_stage_rows(name),
             **(self.stage.meta or {}),
         }
 
-    def write(self, name: str, epoch: int, payload: dict[str, Any]) -> None:
-        """Commit the member's metrics rows, then write its checkpoint (the stack calls it in a thread per member:
-        the members' fsyncs overlap instead of queueing; the pickling holds the GIL, so the CPU work is not
-        parallel)."""
-        self.log.commit()  # the epoch's rows are durable before the checkpoint that vouches for them
+    def checkpoint_path(self, name: str, epoch: int) -> Path:
+        """Commit the member's metrics rows (the epoch's rows are durable before the checkpoint that vouches for
+        them) and name the epoch's checkpoint, which :meth:`write` then writes."""
+        self.log.commit()
+        path = self.run_dir / f"{name}_epoch{epoch}.pt"  # type: ignore[operator]
+        self.checkpoints.append(path)
+        return path
+
+    @staticmethod
+    def write(name: str, epoch: int, path: Path, payload: dict[str, Any]) -> None:
+        """Write one epoch checkpoint (called on the stack's writer thread: the pickling and the fsync overlap the
+        next epoch's steps, whose torch operations release the GIL)."""
         kill_point(f"{name}:epoch{epoch}:before_checkpoint")
-        self.checkpoints.append(save_checkpoint(self.run_dir / f"{name}_epoch{epoch}.pt", payload))  # type: ignore[operator]
+        save_checkpoint(path, payload)
         kill_point(f"{name}:epoch{epoch}:after_checkpoint")
 
-    def flush(self, name: str, check_each_step: bool) -> None:
+    def flush(self, name: str, check_each_step: bool, read: dict[int, list[float]] | None = None) -> None:
         """Log the member's pending training rows, their stacked values read back to numbers; without
-        ``check_each_step``, a non-finite loss or gradient among them stops the member here."""
+        ``check_each_step``, a non-finite loss or gradient among them stops the member here. ``read``: the values
+        already read back, shared by the members flushed together (a statistic ``[K]`` crosses to the host once
+        for all of them, not once per member)."""
         if not self.pending:
             return
-        read: dict[int, list[float]] = {}  # a per-member statistic [K] read back once for every member
+        read = {} if read is None else read
         for row in self.pending:
             for key, v in row.items():
                 if isinstance(v, Ref):

@@ -237,7 +237,7 @@ def _save_epoch(
         "optimizer": optimizer.state_dict(),
         "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
         "extra": stage_obj.extra_state(),
-        "metrics_rows": log.stage_rows(stage),  # what a resume from here rebuilds metrics.csv with
+        "metrics_rows": log.packed_stage_rows(stage),  # what a resume from here rebuilds metrics.csv with
         **(stage_obj.meta or {}),
     }
     path = save_checkpoint(run_dir / f"{stage}_epoch{epoch}.pt", payload)
