@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from v3kit.train.metrics import ranking_metrics
+from v3kit.train.metrics import member_ranking_metrics, ranking_metrics
 
 DT = torch.float64
 L2_3 = math.log2(3.0)  # log2(i + 2) for i = 1
@@ -353,3 +353,30 @@ def test_a_frozen_reference_is_scored_once(monkeypatch):
     assert sum(m is sft for m in calls) == 2  # the reference once, plus the "sft" row's own model pass
     for name in want:
         assert table.loc[name].to_dict() == pytest.approx(want[name], rel=0, abs=0)
+
+
+def test_member_ranking_metrics_equal_ranking_metrics_member_by_member():
+    """The stacked trainer's evaluation: K members' metrics in one pass equal K calls of ranking_metrics (ragged
+    groups, ties, groups without an ideal DCG, utility and the KL to a reference included)."""
+    g = torch.Generator().manual_seed(0)
+    k, n, size = 3, 40, 6
+    scores = torch.randn(k, n, size, generator=g)
+    scores[:, :5] = scores[:, :5].round()  # ties
+    mask = torch.rand(n, size, generator=g) > 0.2
+    mask[:, 0] = True
+    labels = torch.zeros(n, dtype=torch.long)
+    rewards = torch.randn(n, size, generator=g)
+    rewards[:4] = 1.0  # all equal: ndcg undefined for these groups
+    utility = torch.rand(n, size, generator=g)
+    logp = torch.log_softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    ref = torch.log_softmax(torch.randn(k, n, size, generator=g).masked_fill(~mask, float("-inf")), dim=-1)
+    got = member_ranking_metrics(logp, labels, rewards, mask, utility=utility, ref_logp=ref)
+    for j in range(k):
+        want = ranking_metrics(logp[j], labels, rewards, mask, utility=utility, logp=logp[j], ref_logp=ref[j])
+        assert list(got[j]) == list(want)
+        for name in want:
+            assert got[j][name] == pytest.approx(want[name], rel=1e-6, abs=1e-7), name
+    assert (
+        member_ranking_metrics(logp, labels, rewards, mask)[0].keys()
+        == ranking_metrics(logp[0], labels, rewards, mask, logp=logp[0]).keys()
+    )

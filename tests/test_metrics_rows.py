@@ -4,6 +4,7 @@ to the same bytes."""
 
 from __future__ import annotations
 
+import json
 import math
 
 from v3kit.train.metrics_log import MetricsLog
@@ -57,3 +58,12 @@ def test_rows_holding_other_values_stay_a_list():
         {"stage": "rce", "split": "train", "epoch": 1, "step": 1, "shape": (2, 3)}
     )  # a tuple would come back a list
     assert log.packed_stage_rows("rce") == log.stage_rows("rce")
+
+
+def test_packed_rows_follow_rows_added_after_a_pack_and_a_restart_of_the_stage(tmp_path):
+    log = _logged(tmp_path, "run")
+    log.packed_stage_rows("grpo")  # encodes the rows so far once
+    log.add({"stage": "grpo", "split": "train", "epoch": 2, "step": 3, "loss": 0.25})
+    assert log.packed_stage_rows("grpo") == json.dumps(log.stage_rows("grpo"))
+    log.start_stage("grpo", [{"stage": "grpo", "split": "val", "epoch": 0, "step": 0, "acc@1": 0.75}])
+    assert json.loads(log.packed_stage_rows("grpo")) == log.stage_rows("grpo")

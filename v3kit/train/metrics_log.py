@@ -120,6 +120,7 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
         self._fd: int | None = None  # the append descriptor (raw writes: a failed one can be cut back exactly)
+        self._packed: dict[str, list[str]] = {}  # per stage, the JSON of each of its rows (packed_stage_rows)
         if self.path is not None and self.path.exists():
             self.columns, self.rows = self._read(self.path)
 
@@ -146,6 +147,7 @@ class MetricsLog:
         stored in it) keeps the file's rows up to ``after_epoch``; a string is :meth:`packed_stage_rows`' form."""
         if isinstance(kept, str):
             kept = json.loads(kept)
+        self._packed.pop(stage, None)
         if kept is None:
             kept = [r for r in self.rows if r["stage"] == stage and r["epoch"] <= after_epoch]
         out: list[dict[str, Any]] = []
@@ -171,9 +173,12 @@ class MetricsLog:
         JSON keeps ints, floats (NaN and infinities too, by ``repr``), strings and None exactly; rows holding
         anything else stay a list. :meth:`start_stage` reads either form."""
         rows = self.stage_rows(stage)
-        if all(type(v) in _JSON_EXACT for r in rows for v in r.values()):
-            return json.dumps(rows)
-        return rows
+        done = self._packed.setdefault(stage, [])  # a stage's rows are only appended between two start_stage
+        for r in rows[len(done) :]:
+            if not all(type(v) in _JSON_EXACT for v in r.values()):
+                return rows
+            done.append(json.dumps(r))
+        return "[" + ", ".join(done) + "]"  # json.dumps(rows), each row encoded once
 
     def add(self, row: dict[str, Any]) -> None:
         row = {k: _plain(v) for k, v in row.items()}

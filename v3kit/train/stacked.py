@@ -36,6 +36,7 @@ from ..data.contract import Batch, GroupData, num_batches
 from . import distributed
 from .checkpoint import epoch_checkpoints
 from .device import autocast
+from .metrics import member_ranking_metrics
 from .metrics_log import call_callbacks
 from .model import INTERFACE_ATTR, Interface
 from .optim import check_on_nonfinite, check_optim_fields, nonfinite_error
@@ -45,6 +46,7 @@ from .stacked_towers import StackedTowers, stack_reason
 from .training import RunContext, Stage, StageResult, StepContext, fit, kill_point
 
 EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
+EPOCH_GATHER_BYTES = 64 * 2**20  # up to this much training data is gathered once an epoch in the members' orders
 # prune(member index, epoch, held-out metrics of that epoch) -> True to stop training that member from here on
 PruneFn = Callable[[int, int, dict[str, float]], bool]
 
@@ -142,6 +144,7 @@ class _StackedFit:
         self.shared_train = all(s.train is first.train for s in stages)
         self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
         self._total: Tensor | None = None
+        self._epoch_parts: tuple[Tensor | None, ...] | None = None
         self.lrs = [s.cfg.lr for s in stages]
         self.weight_decays = [getattr(s.cfg, "weight_decay", 0.0) for s in stages]
         self.cache: dict[str, Any] = {}  # the stacked objectives' per-stage constants (stacked_losses.StackCache)
@@ -180,13 +183,16 @@ class _StackedFit:
 
     # ------------------------------------------------------------------ the stacked evaluation
     @torch.inference_mode()
-    def _val_log_probs(self) -> dict[int, Tensor]:
-        """Each active member's held-out log-probs ``[N, G]`` at its evaluation temperature, from one stacked
-        forward pass per chunk of groups (what ``compute_log_probs`` gives per member, to float32 rounding);
-        empty when the members evaluate different data."""
+    def _val_metrics(self) -> dict[int, dict[str, float]]:
+        """Each active member's held-out metrics (``evaluate()``'s, to float32 rounding) from one stacked forward
+        pass per chunk of groups and one pass of the metrics over all members; empty when the members evaluate
+        different data (each member then evaluates its own model)."""
         live = [k for k, m in enumerate(self.members) if m.active]
         val = self.members[live[0]].stage.val if live else None
         if val is None or any(self.members[k].stage.val is not val for k in live):
+            return {}
+        refs = [self.members[k].ref_log_probs(self.precision, self.ref_logps) for k in live]
+        if len({r is None for r in refs}) > 1:
             return {}
         temps = [self.members[k].stage.eval_temperature() for k in live]
         chunks: list[Tensor] = []
@@ -198,7 +204,9 @@ class _StackedFit:
                 scores = self.tower.scores(q.expand(k, *q.shape), c.expand(k, *c.shape))[live]
                 chunks.append(member_log_probs(scores, temps, mask.expand(len(live), *mask.shape)).float())
         logp = torch.cat(chunks, dim=1)
-        return {k: logp[j] for j, k in enumerate(live)}
+        ref = None if refs[0] is None else torch.stack(refs)  # type: ignore[arg-type]
+        metrics = member_ranking_metrics(logp, val.labels, val.rewards, val.mask, utility=val.utility, ref_logp=ref)
+        return dict(zip(live, metrics))
 
     # ------------------------------------------------------------------ one step
     def _batches(self, start: int) -> Tensor:
@@ -207,10 +215,10 @@ class _StackedFit:
         them."""
         size = self.cfg0.batch_size
         idx = self._orders[:, start : start + size]
-        if self.shared_train:
-            data = self.members[0].stage.train
-            parts = (data.query_x[idx].float(), data.cand_x[idx].float(), data.mask[idx], data.labels[idx])
-            parts += (data.rewards[idx], None if data.utility is None else data.utility[idx])
+        if self._epoch_parts is not None:  # the epoch's data in each member's order: a batch is a slice of it
+            parts = tuple(None if p is None else p[:, start : start + size] for p in self._epoch_parts)
+        elif self.shared_train:
+            parts = self._shared_rows(idx)
         else:
             cols = [self._gather(m.stage.train, i) for m, i in zip(self.members, idx)]
             parts = tuple(None if c[0] is None else torch.stack(c) for c in zip(*cols))  # type: ignore[assignment]
@@ -221,6 +229,12 @@ class _StackedFit:
         """Member ``k``'s batch as its own ``Stage.step`` takes it (the objectives that are not stacked)."""
         q, c, mask, labels, rewards, util = (None if p is None else p[k] for p in self._parts)
         return Batch(idx[k], q, c, mask, labels, rewards, util)  # type: ignore[arg-type]
+
+    def _shared_rows(self, idx: Tensor) -> tuple[Tensor | None, ...]:
+        """Rows ``idx`` (``[K, ...]``) of the members' shared training data, one gather per field."""
+        data = self.members[0].stage.train
+        parts = (data.query_x[idx].float(), data.cand_x[idx].float(), data.mask[idx], data.labels[idx])
+        return (*parts, data.rewards[idx], None if data.utility is None else data.utility[idx])
 
     @staticmethod
     def _gather(data: GroupData, i: Tensor) -> tuple[Any, ...]:
@@ -293,7 +307,9 @@ class _StackedFit:
         bad: list[str | None] = [None] * len(live)
         if not self.check_each_step or not live:
             return bad
-        ok_loss = torch.isfinite(losses.float())
+        if bool(torch.isfinite(losses.float().sum() + norms.float().sum())):  # the common case in 3 operations
+            return bad
+        ok_loss = torch.isfinite(losses.float())  # (a finite sum can also overflow: then the exact check decides)
         ok = ok_loss & torch.isfinite(norms[live].float())
         if not bool(ok.all()):
             for j, flag in enumerate(ok.tolist()):
@@ -324,10 +340,10 @@ class _StackedFit:
         for m in self.members:
             info = {"epochs": cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "resumed_from_epoch": start_epoch}
             call_callbacks(m.run.callbacks, "on_stage_start", self.name, self.total_steps, info)
-        logps = self._val_log_probs() if start_epoch == 0 else {}
+        metrics = self._val_metrics() if start_epoch == 0 else {}
         for k, m in enumerate(self.members):
             if start_epoch == 0:
-                m.evaluate(self.name, 0, 0, self.precision, self.ref_logps, logps.get(k))
+                m.evaluate(self.name, 0, 0, self.precision, self.ref_logps, metrics.get(k))
         show = any(m.run.progress for m in self.members)
         bar = tqdm(
             total=self.total_steps,
@@ -362,6 +378,12 @@ class _StackedFit:
             m.order = torch.randperm(n, generator=m.generator)
         # every member's order of the epoch in one tensor: a step's K batches are then one slice of it
         self._orders = torch.stack([torch.arange(n) if m.order is None else m.order for m in self.members])
+        # Small shared data is gathered once an epoch in every member's order (each batch is then a view of it):
+        # at the default world's size that is 6 gathers an epoch instead of 6 a step.
+        data = self.members[0].stage.train
+        row_bytes = sum(t[:1].float().numel() * 4 for t in (data.query_x, data.cand_x, data.rewards))
+        small = self.shared_train and len(self.members) * n * row_bytes <= EPOCH_GATHER_BYTES
+        self._epoch_parts = self._shared_rows(self._orders) if small else None
 
     def _after_step(self, bar: Any) -> None:
         bar.update(1)
@@ -379,12 +401,12 @@ class _StackedFit:
         for m in self.members:
             if m.active and not all(bool(torch.isfinite(p).all()) for p in m.stage.model.parameters()):
                 m.error = nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
-        logps = self._val_log_probs()
+        metrics = self._val_metrics()
         self._wait_for_writes()
         for k, m in enumerate(self.members):
             if not m.active:
                 continue
-            m.evaluate(self.name, epoch, step, self.precision, self.ref_logps, logps.get(k))
+            m.evaluate(self.name, epoch, step, self.precision, self.ref_logps, metrics.get(k))
             if m.run_dir is not None:
                 payload = m.payload(self.name, epoch, step, self.tower.adam_state(k))
                 path = m.checkpoint_path(self.name, epoch)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .checkpoint import load_checkpoint, load_state_into, require_fields, save_checkpoint
 from .device import as_floats
-from .metrics import evaluate, ranking_metrics
+from .metrics import evaluate
 from .metrics_log import MetricsLog, call_callbacks
 from .model import compute_log_probs
 from .optim import nonfinite_error
@@ -88,6 +88,17 @@ class Member:
         self.log.start_stage(name, ckpt.get("metrics_rows"), ckpt["epoch"])
         return int(ckpt["step"])
 
+    def ref_log_probs(self, precision: str, ref_logps: dict[tuple[int, int, float], Tensor]) -> Tensor | None:
+        """The frozen reference's held-out log-probs (None without a reference); ``ref_logps`` caches them, so a
+        reference the members share is scored once."""
+        stage = self.stage
+        if stage.reference is None:
+            return None
+        key = (id(stage.reference), id(stage.val), stage.eval_temperature())
+        if key not in ref_logps:
+            ref_logps[key] = compute_log_probs(stage.reference, stage.val, key[2], precision=precision)
+        return ref_logps[key]
+
     def evaluate(
         self,
         name: str,
@@ -95,31 +106,21 @@ class Member:
         step: int,
         precision: str,
         ref_logps: dict[tuple[int, int, float], Tensor],
-        logp: Tensor | None = None,
+        metrics: dict[str, float] | None = None,
     ) -> None:
-        """Log the member's held-out metrics (``evaluate()``'s, from the stacked log-probs ``logp`` when given);
-        ``ref_logps`` caches the reference's log-probs, so a reference the members share is scored once."""
+        """Log the member's held-out metrics: ``metrics`` when the stack computed them, else ``evaluate()``'s of
+        its own model."""
         stage = self.stage
-        temperature = stage.eval_temperature()
-        key = (id(stage.reference), id(stage.val), temperature)
-        if stage.reference is not None and key not in ref_logps:  # a shared reference is scored once
-            ref_logps[key] = compute_log_probs(stage.reference, stage.val, temperature, precision=precision)
-        ref_logp = ref_logps.get(key)
-        if logp is None:
+        if metrics is None:
             metrics = evaluate(
                 stage.model,
                 stage.val,
-                temperature=temperature,
+                temperature=stage.eval_temperature(),
                 reference=stage.reference,
-                ref_logp=ref_logp,
+                ref_logp=self.ref_log_probs(precision, ref_logps),
                 precision=precision,
             )
-        else:  # evaluate()'s metrics from the stacked log-probs
-            val = stage.val
-            metrics = ranking_metrics(
-                logp, val.labels, val.rewards, val.mask, utility=val.utility, logp=logp, ref_logp=ref_logp
-            )
-        metrics.update(stage.eval_extra(epoch))
+        metrics = {**metrics, **stage.eval_extra(epoch)}
         row = {"stage": name, "split": "val", "epoch": epoch, "step": step, **metrics}
         self.log.add(row)
         call_callbacks(self.run.callbacks, "on_eval", row)
