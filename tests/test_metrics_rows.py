@@ -67,3 +67,36 @@ def test_packed_rows_follow_rows_added_after_a_pack_and_a_restart_of_the_stage(t
     assert log.packed_stage_rows("grpo") == json.dumps(log.stage_rows("grpo"))
     log.start_stage("grpo", [{"stage": "grpo", "split": "val", "epoch": 0, "step": 0, "acc@1": 0.75}])
     assert json.loads(log.packed_stage_rows("grpo")) == log.stage_rows("grpo")
+
+
+def test_metrics_csv_stays_exact_as_rows_bring_new_columns(tmp_path):
+    """The file after every add/add_many equals the rows formatted from scratch (new columns pad the cached lines
+    of earlier rows; cells with commas, quotes and newlines included), read back with the csv module."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    log = MetricsLog(tmp_path)
+    log.start_stage("sft", [])
+    rows: list[dict] = []
+    for i in range(60):
+        batch = []
+        for j in range(rng.choice([1, 1, 3])):
+            row = {"stage": "sft", "split": rng.choice(["train", "val"]), "epoch": i, "step": i * 3 + j}
+            for name in rng.sample(["loss", "kl", 'a "q", b', "note\nx", f"col{i % 7}", f"late{i // 20}"], 3):
+                row[name] = rng.choice([rng.random(), -1, math.nan, None, "x,y", 'say "hi"'])
+            batch.append(row)
+        if len(batch) == 1 and rng.random() < 0.5:
+            log.add(batch[0])
+        else:
+            log.add_many(batch)
+        rows += batch
+        columns = []
+        for r in rows:
+            columns += [k for k in r if k not in columns]
+        with open(tmp_path / "metrics.csv", newline="") as f:
+            got = list(csv.reader(f))
+        from v3kit.train.metrics_log import _cell
+
+        assert got[0] == columns
+        assert got[1:] == [[_cell(r.get(c)) for c in columns] for r in rows]

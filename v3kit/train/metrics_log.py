@@ -121,6 +121,10 @@ class MetricsLog:
         self.columns: list[str] = []
         self._fd: int | None = None  # the append descriptor (raw writes: a failed one can be cut back exactly)
         self._packed: dict[str, list[str]] = {}  # per stage, the JSON of each of its rows (packed_stage_rows)
+        # The CSV lines of the first rows under the first ``_width`` columns: a rewrite for new columns pads them
+        # instead of formatting every row again (the file is rewritten whenever a row brings a column).
+        self._lines: list[str] = []
+        self._width = 0
         if self.path is not None and self.path.exists():
             self.columns, self.rows = self._read(self.path)
 
@@ -162,6 +166,7 @@ class MetricsLog:
         for r in self.rows:
             columns += [k for k in r if k not in columns]
         self.columns = columns
+        self._lines, self._width = [], 0  # rows and columns in another order: format them all again
         self._rewrite()
 
     def stage_rows(self, stage: str) -> list[dict[str, Any]]:
@@ -188,7 +193,9 @@ class MetricsLog:
             self.columns += new
             self._rewrite()
         elif self.path is not None:
-            self._append(self._line(row).encode("utf-8"))
+            line = self._line(row)
+            self._cache([line])
+            self._append(line.encode("utf-8"))
 
     def add_many(self, rows: list[dict[str, Any]]) -> None:
         """:meth:`add` of each row in turn, with one write (or one rewrite when the rows bring new columns): the
@@ -202,9 +209,15 @@ class MetricsLog:
             self.columns += new
             self._rewrite()
         elif self.path is not None and rows:
-            buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows([[_cell(r.get(c)) for c in self.columns] for r in rows])
-            self._append(buf.getvalue().encode("utf-8"))
+            lines = [self._line(r) for r in rows]
+            self._cache(lines)
+            self._append("".join(lines).encode("utf-8"))
+
+    def _cache(self, lines: list[str]) -> None:
+        """Keep the lines just appended (the rows at the end of ``self.rows``) when the cache holds every row
+        before them."""
+        if len(self._lines) + len(lines) == len(self.rows):
+            self._lines += lines
 
     def _append(self, data: bytes) -> None:
         """Append one row; on a full disk (or any write error) cut the file back to where it was, so no torn line
@@ -260,7 +273,13 @@ class MetricsLog:
             os.close(self._fd)
             self._fd = None
         header = self._line({c: c for c in self.columns}) if self.columns else ""
-        atomic_write_text(self.path, header + "".join(self._line(r) for r in self.rows))
+        # New columns go at the end, where every earlier row has an empty cell: its line gains a comma each
+        # (a row has at least 4 cells, so no line is a lone empty field, which csv would quote).
+        pad = "," * (len(self.columns) - self._width)
+        lines = [line[:-1] + pad + "\n" for line in self._lines] if pad else self._lines
+        lines += [self._line(r) for r in self.rows[len(lines) :]]
+        self._lines, self._width = lines, len(self.columns)
+        atomic_write_text(self.path, header + "".join(lines))
 
     def frame(self, stage: str | None = None) -> pd.DataFrame:
         df = pd.DataFrame(self.rows)
