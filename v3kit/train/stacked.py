@@ -46,7 +46,7 @@ from .stacked_towers import StackedTowers, stack_reason
 from .training import RunContext, Stage, StageResult, StepContext, fit, kill_point
 
 EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
-EPOCH_GATHER_BYTES = 64 * 2**20  # up to this much training data is gathered once an epoch in the members' orders
+EPOCH_GATHER_BYTES = 16 * 2**20  # up to this much training data is gathered once an epoch in the members' orders
 # prune(member index, epoch, held-out metrics of that epoch) -> True to stop training that member from here on
 PruneFn = Callable[[int, int, dict[str, float]], bool]
 
