@@ -403,3 +403,27 @@ def test_the_stacked_objectives_equal_each_members_own_step(tmp_path, monkeypatc
     assert fast.stacked and slow.stacked
     for i in range(2):
         _assert_same_run(tmp_path / f"slow{i}", tmp_path / f"fast{i}")
+
+
+def test_a_checkpoint_write_that_fails_in_the_background_stops_the_stack_naming_its_file(tmp_path, monkeypatch):
+    """The epoch checkpoints are written on a background thread while the next epoch trains: a failed write (a
+    full disk) still ends the stack with that error, naming the file, and leaves no temp file behind."""
+    import errno
+
+    from v3kit.rundir import TEMP_FILE
+    from v3kit.train import stacked_members
+
+    real = stacked_members.save_checkpoint
+
+    def save(path, payload):
+        if path.name == "rce_epoch1.pt" and path.parent.name == "s1":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, payload)
+
+    monkeypatch.setattr(stacked_members, "save_checkpoint", save)
+    cfgs = [tiny_config(tmp_path / f"s{i}", *SMALL, f"seed={i}") for i in range(2)]
+    with pytest.raises(OSError) as info:
+        run_stacked(cfgs)
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("s1/rce_epoch1.pt")
+    assert not [p for p in tmp_path.rglob("*") if TEMP_FILE.match(p.name)]
+    assert not (tmp_path / "s0" / "grpo_epoch1.pt").exists()  # the stack stopped before GRPO
