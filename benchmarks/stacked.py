@@ -4,11 +4,15 @@ in one process, rounds alternating so load from other processes falls on both al
 adds, in fresh subprocesses.
 
     python benchmarks/stacked.py [--quick] [--device cuda] [--k 8]     (also a section of benchmarks/bench.py)
+    python benchmarks/stacked.py --user-model    # the default world with a user's module: the torch.func path
 
 Worlds: ``default`` is the default config (3,000 queries x 8 candidates, 16-d, towers 64-32, SFT 15 / RCE 3 /
 GRPO 8 epochs); ``384-d`` is 2,000 queries x 8 candidates with 384-d features and the same built-in towers (the
 shape of a real-text table embedded by a sentence encoder). Every run shares the split (``data.split_seed=0``), as a
-grid's runs do; the K runs differ in ``seed``.
+grid's runs do; the K runs differ in ``seed``. ``user-towers`` (``--user-model``) is the default world with the
+built-in towers' architecture written as a user's module (``benchmarks/user_towers.py``), which stacks through
+``torch.func.vmap`` instead of the built-in towers' batched matmuls; it runs beside ``default``, so one run gives
+both ratios.
 """
 
 from __future__ import annotations
@@ -38,7 +42,9 @@ from v3kit.pipeline_stacked import run_stacked  # noqa: E402
 WORLDS = {
     "default": [],
     "384-d": ["data.synthetic.n_queries=2000", "data.synthetic.feature_dim=384"],
+    "user-towers": [f"model.target={ROOT / 'benchmarks' / 'user_towers.py'}:UserTowers"],
 }
+DEFAULT_WORLDS = ("default", "384-d")
 QUICK = ["data.synthetic.n_queries=600", "sft.epochs=4", "rce.epochs=1", "grpo.epochs=2"]
 
 
@@ -103,7 +109,9 @@ def peak_rss(world: str, k: int, extra: list[str], tmp: Path) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])["peak"]
 
 
-def bench_stacked(quick: bool, add: Callable[..., None], k: int = 8, device: str = "cpu") -> None:
+def bench_stacked(
+    quick: bool, add: Callable[..., None], k: int = 8, device: str = "cpu", worlds: tuple[str, ...] = DEFAULT_WORLDS
+) -> None:
     """Rows of the stacked-vs-sequential comparison (``add(section, item, value, unit, n, note)``)."""
     dev = [f"device={device}"] if device != "cpu" else []
     extra = (QUICK if quick else []) + dev
@@ -111,7 +119,7 @@ def bench_stacked(quick: bool, add: Callable[..., None], k: int = 8, device: str
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         run_pipeline(configs("default", 1, tmp, "warm", [*QUICK, "sft.epochs=1", *dev])[0])  # lazy imports
-        for world in WORLDS:
+        for world in worlds:
             section = f"stacked {world} x{k}" + (" (quick)" if quick else "")
             got = side_by_side(world, k, rounds, extra, tmp)
             med_seq, med_stk = statistics.median(got["seq"]), statistics.median(got["stk"])
@@ -131,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smaller worlds, one round")
     ap.add_argument("--k", type=int, default=8, help="runs per stack")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--user-model", action="store_true", help="the default world and a user's module (torch.func)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
@@ -139,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"section": section, "item": item, "value": value, "unit": unit, "n": n, "note": note})
 
     print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}")
-    bench_stacked(args.quick, add, args.k, args.device)
+    worlds = ("default", "user-towers") if args.user_model else DEFAULT_WORLDS
+    bench_stacked(args.quick, add, args.k, args.device, worlds)
     for r in rows:
         print(f"{r['section']:<26} {r['item']:<30} {r['value']:>9.2f} {r['unit']:<3} {r['n']:>3}  {r['note']}")
 
