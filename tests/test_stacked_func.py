@@ -7,6 +7,9 @@ another with a one-line note, and gives exactly the sequential results."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +24,8 @@ from v3kit.pipeline_stacked import run_stacked
 from v3kit.train.model import ModelConfig, attach_interface, build_model, scores
 from v3kit.train.stacked_func import StackedFunc, choose_stack
 from v3kit.train.stacked_towers import StackedTowers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The models a user might write, in a file named by model.target (and imported here for the unit tests). No output
 # bias adds one constant to every candidate of a group: the group softmax cannot see it, so its gradient is float32
@@ -322,3 +327,48 @@ def test_in_place_buffers_and_a_forward_that_raises_under_vmap_run_one_after_ano
 
 def test_dropout_in_sft_runs_one_after_another_and_the_stages_without_it_stack(tmp_path, models):
     _fallback(tmp_path, models, "Dropped", {"sft"})
+
+
+# ---------------------------------------------------------------------------------------------- resume
+RESUME_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from v3kit.pipeline_stacked import run_stacked
+common = [*{small!r}, "model.target=" + {target!r}]
+cfgs = [tiny_config({root!r} + f"/m{{i}}", *common, f"seed={{i}}", f"grpo.kl_beta={{0.1 * (i + 1)}}") for i in range(2)]
+out = run_stacked(cfgs, resume={resume})
+assert out.stacked, out.notes
+assert not [r for r in out.results if isinstance(r, BaseException)]
+"""
+
+
+def _resume_process(root: Path, target: str, resume: bool, kill_at: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("V3KIT_TEST_KILL_AT", None)
+    if kill_at:
+        env["V3KIT_TEST_KILL_AT"] = kill_at
+    script = RESUME_SCRIPT.format(tests=str(ROOT / "tests"), root=str(root), small=SMALL, target=target, resume=resume)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_resume_after_a_kill_mid_vmap_stack_is_bit_identical(tmp_path, models):
+    target = f"{models}:UserTowers"
+    ref = _resume_process(tmp_path / "ref", target, False, None)
+    assert ref.returncode == 0, ref.stderr
+    crash = tmp_path / "crash"
+    for kill_at in ("sft:epoch2:step3", "grpo:epoch1:before_checkpoint"):
+        killed = _resume_process(crash, target, True, kill_at)
+        assert killed.returncode == -9, killed.stderr  # SIGKILL at that point
+    done = _resume_process(crash, target, True, None)
+    assert done.returncode == 0, done.stderr
+    for i in range(2):
+        a, b = tmp_path / f"ref/m{i}", crash / f"m{i}"
+        assert (a / "metrics.csv").read_bytes() == (b / "metrics.csv").read_bytes()
+        assert (a / "summary.csv").read_bytes() == (b / "summary.csv").read_bytes()
+        for ckpt in sorted(a.glob("*_epoch*.pt")):
+            wa, wb = torch.load(ckpt, weights_only=True), torch.load(b / ckpt.name, weights_only=True)
+            assert all(torch.equal(t, wb["model"][n]) for n, t in wa["model"].items()), ckpt.name
+            for pid, s in wa["optimizer"]["state"].items():
+                assert all(torch.equal(v, wb["optimizer"]["state"][pid][n]) for n, v in s.items())

@@ -1,7 +1,8 @@
 """K copies of the built-in :class:`~v3kit.model.TwoTower` trained as one: their parameters live side by side in
 one flat buffer ``[K, P]`` (member ``k``'s row holds its parameters in ``named_parameters`` order), each layer runs
 as one batched matmul (``baddbmm`` over stacked weights ``[K, out, in]``), and Adam and gradient-norm clipping are
-a handful of operations on the whole buffer, each member with its own learning rate, clipping norm and step count.
+a handful of operations on the whole buffer, each member with its own learning rate, clipping norm and step count
+(:class:`~v3kit.train.stacked_flat.FlatStack`, which the ``torch.vmap`` stack of any other model shares).
 
 Why: a run of the default world is bound by the fixed cost of each small operation, not by arithmetic; doing K
 runs' work in each operation divides that cost by about K (``docs/performance.md``).
