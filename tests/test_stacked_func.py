@@ -283,12 +283,16 @@ def _configs(root: Path, tag: str, variants: list[list[str]], common: list[str])
 NUMERIC = ["grpo.kl_beta=0.3", "sft.lr=3e-3", "rce.label_weight=0.4", "model.sim_temperature=0.5"]
 
 
-@pytest.mark.parametrize("name", ["UserTowers", "CrossScorer"])
+@pytest.mark.parametrize("name", ["UserTowers", "CrossScorer", "residual linear"])
 def test_a_user_model_stacked_by_vmap_matches_its_sequential_runs(tmp_path, models, name):
     """Seeds and numeric hyperparameters: every member's per-step loss, KL, ratio, clipping and gradient norm, its
-    evaluations, selected epoch, test table and final weights equal its sequential run's."""
+    evaluations, selected epoch, test table and final weights equal its sequential run's. ``residual linear``: the
+    built-in TwoTower in a shape the batched matmuls do not cover (a linear layer without bias) takes vmap too."""
     variants = [["seed=0"], ["seed=1", *NUMERIC], ["seed=0", *NUMERIC]]
     common = [f"model.target={models}:{name}"]
+    if name == "residual linear":
+        common = ["model.residual=true", "model.residual_kind=linear", "model.sim_temperature=0.1"]
+        variants = [[x for x in v if not x.startswith("model.sim_temperature")] for v in variants]
     for cfg in _configs(tmp_path, "seq", variants, common):
         run_pipeline(cfg)
     out = run_stacked(_configs(tmp_path, "stk", variants, common))
@@ -372,3 +376,58 @@ def test_a_resume_after_a_kill_mid_vmap_stack_is_bit_identical(tmp_path, models)
             assert all(torch.equal(t, wb["model"][n]) for n, t in wa["model"].items()), ckpt.name
             for pid, s in wa["optimizer"]["state"].items():
                 assert all(torch.equal(v, wb["optimizer"]["state"][pid][n]) for n, v in s.items())
+
+
+STACK_HF = """
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class StackConfig(PretrainedConfig):
+    model_type = "v3kit_test_stacked_scorer"
+
+    def __init__(self, query_dim=16, doc_dim=16, width=8, **kwargs):
+        self.query_dim, self.doc_dim, self.width = query_dim, doc_dim, width
+        super().__init__(**kwargs)
+
+
+class StackScorer(PreTrainedModel):
+    config_class = StackConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.q = nn.Linear(config.query_dim, config.width)
+        self.d = nn.Linear(config.doc_dim, config.width, bias=False)
+        self.post_init()
+
+    def forward(self, query_x, cand_x):
+        return torch.einsum("bd,bgd->bg", torch.tanh(self.q(query_x)), self.d(cand_x))
+"""
+
+
+def test_a_hugging_face_save_pretrained_scorer_stacks_and_matches(tmp_path):
+    """A ``PreTrainedModel`` directory as ``model.target`` (its ``train()`` reads the device: the stack's copy of
+    the module must live on a real one)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    (tmp_path / "stack_hf.py").write_text(STACK_HF)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import stack_hf
+
+        torch.manual_seed(0)
+        stack_hf.StackConfig.register_for_auto_class()
+        stack_hf.StackScorer.register_for_auto_class("AutoModel")
+        stack_hf.StackScorer(stack_hf.StackConfig()).save_pretrained(tmp_path / "v2")
+        variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.3", "sft.lr=3e-3"]]
+        common = [f"model.target={tmp_path / 'v2'}", "sft.epochs=1", "rce.epochs=1", "grpo.epochs=1"]
+        for cfg in _configs(tmp_path, "seq", variants, common):
+            run_pipeline(cfg)
+        out = run_stacked(_configs(tmp_path, "stk", variants, common))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("stack_hf", None)
+    assert out.stacked and out.notes == [], out.notes
+    for i in range(2):
+        _assert_same_run(tmp_path / f"seq{i}", tmp_path / f"stk{i}")

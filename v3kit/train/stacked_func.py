@@ -97,8 +97,10 @@ class StackedFunc(FlatStack):
         self.order = [n for n, _ in named]  # every parameter, as torch.optim.Adam(model.parameters()) lists them
         fixed = [(n, p) for n, p in named if not p.requires_grad] + list(template.named_buffers())
         self.fixed = {n: torch.empty(self.k, *t.shape, dtype=t.dtype, device=t.device) for n, t in fixed}
-        # the module's code and structure only: its state comes from the stack at every call
-        self.scorer = _Scoring(copy.deepcopy(template).to("meta"))
+        # member 0's code and structure; its state comes from the stack at every call. A copy on the members' device,
+        # not on the meta device: some modules read their device outside the forward (Hugging Face's train()).
+        self.scorer = _Scoring(copy.deepcopy(template))
+        self.training: bool | None = None
         self.state = {f"model.{n}": t for n, t in (*self.params.items(), *self.fixed.items())}
         self.from_members(members)
 
@@ -120,17 +122,22 @@ class StackedFunc(FlatStack):
     def _one(self, state: dict[str, Tensor], query_x: Tensor, cand_x: Tensor) -> Tensor:
         return functional_call(self.scorer, state, (query_x, cand_x))
 
+    def _mode(self, training: bool) -> None:
+        if training != self.training:  # only on a change: a module's train() may be costly (Hugging Face's)
+            self.scorer.train(training)
+            self.training = training
+
     def scores(self, query_x: Tensor, cand_x: Tensor) -> Tensor:
         """Every member's scores ``[K, B, G]`` of its own batch (``query_x [K, B, Dq]``, ``cand_x [K, B, G, Dc]``).
         In training mode while autograd records (the training steps), in eval mode otherwise (the held-out
         evaluations), as the sequential code runs the model."""
-        self.scorer.train(torch.is_grad_enabled())
+        self._mode(torch.is_grad_enabled())
         return torch.vmap(self._one, randomness="error")(self.state, query_x, cand_x)
 
     def own_scores(self, k: int, query_x: Tensor, cand_x: Tensor, training: bool) -> Tensor:
         """Member ``k``'s scores of ``query_x [B, Dq]``, ``cand_x [B, G, Dc]`` without ``vmap`` (on copies of its
         buffers), for the probe."""
-        self.scorer.train(training)
+        self._mode(training)
         state = {n: t[k] if n.removeprefix("model.") in self.params else t[k].clone() for n, t in self.state.items()}
         return self._one(state, query_x, cand_x)
 
