@@ -252,6 +252,7 @@ class Featurized(Tied):
         ("featurize", "builds its own inputs (featurize)"),
         ("shared", "share a parameter"),
         ("shapes", "differ in parameter or buffer names, shapes"),
+        ("attribute", "scores under torch.vmap differ from its own"),
     ],
 )
 def test_a_model_vmap_cannot_run_as_its_members_run_is_refused_with_a_reason(models, name, why):
@@ -263,6 +264,9 @@ def test_a_model_vmap_cannot_run_as_its_members_run_is_refused_with_a_reason(mod
     elif name == "shared":
         members = _build(models, "UserTowers", 2)
         members[1].c = members[0].c  # the candidate tower of one run is the other's
+    elif name == "attribute":  # the stack runs member 0's code: a number the forward reads must be the same
+        members = _build(models, "UserTowers", 2)
+        members[1].encode_query = lambda x, m=members[1]: m.q(x) * 3.0
     elif name == "shapes":
         members = [*_build(models, "UserTowers", 1), *_build(models, "UserTowers", 1, kwargs={"hidden": 9})]
     else:

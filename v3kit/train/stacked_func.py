@@ -23,7 +23,7 @@ why in one line; nothing fails for it):
   tensors).
 
 The forward-pass checks are a probe on a tiny batch before training: the stacked scores and gradients must exist,
-leave the buffers unchanged and equal each member's own scores (no ``vmap``) in training and in eval mode.
+leave the buffers unchanged and equal each member's own module's scores in training and in eval mode.
 Parameters tied inside one model (a weight shared by both towers) stay tied: ``functional_call`` ties them.
 """
 
@@ -134,13 +134,6 @@ class StackedFunc(FlatStack):
         self._mode(torch.is_grad_enabled())
         return torch.vmap(self._one, randomness="error")(self.state, query_x, cand_x)
 
-    def own_scores(self, k: int, query_x: Tensor, cand_x: Tensor, training: bool) -> Tensor:
-        """Member ``k``'s scores of ``query_x [B, Dq]``, ``cand_x [B, G, Dc]`` without ``vmap`` (on copies of its
-        buffers), for the probe."""
-        self._mode(training)
-        state = {n: t[k] if n.removeprefix("model.") in self.params else t[k].clone() for n, t in self.state.items()}
-        return self._one(state, query_x, cand_x)
-
 
 def _first_sentence(error: Exception) -> str:
     text = str(error).strip()
@@ -156,9 +149,24 @@ def _why(error: Exception) -> str:
     return f"its forward fails under torch.vmap ({type(error).__name__}: {text})"
 
 
-def probe_reason(stack: StackedFunc, query_x: Tensor, cand_x: Tensor) -> str | None:
-    """Why ``stack`` cannot stand in for its members' own forward passes, from one tiny batch (``query_x [B, Dq]``,
-    ``cand_x [B, G, Dc]``, given to every member); None: it can. Leaves the stack's state as it found it."""
+def _own_scores(model: nn.Module, query_x: Tensor, cand_x: Tensor, training: bool) -> Tensor:
+    """``model``'s own scores in training or eval mode (no autograd), leaving its mode and buffers as they were."""
+    was, saved = model.training, {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        model.train(training)
+        with torch.no_grad():
+            return scores(model, query_x, cand_x)
+    finally:
+        model.train(was)
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(saved[n])
+
+
+def probe_reason(stack: StackedFunc, members: Sequence[nn.Module], query_x: Tensor, cand_x: Tensor) -> str | None:
+    """Why ``stack`` cannot stand in for its ``members``' own forward passes, from one tiny batch (``query_x
+    [B, Dq]``, ``cand_x [B, G, Dc]``, given to every member); None: it can. Leaves the stack and the members as it
+    found them."""
     k = stack.k
     q, c = query_x.expand(k, *query_x.shape), cand_x.expand(k, *cand_x.shape)
     before = {n: t.clone() for n, t in stack.fixed.items()}
@@ -169,10 +177,6 @@ def probe_reason(stack: StackedFunc, query_x: Tensor, cand_x: Tensor) -> str | N
         with torch.no_grad():
             evaluated = stack.scores(q, c)
             changed = [n for n, t in before.items() if not torch.equal(t, stack.fixed[n])]
-            own = [
-                (stack.own_scores(j, query_x, cand_x, True), stack.own_scores(j, query_x, cand_x, False))
-                for j in range(k)
-            ]
     except Exception as e:  # whatever the module raises: it runs sequentially instead
         return _why(e)
     finally:
@@ -184,10 +188,11 @@ def probe_reason(stack: StackedFunc, query_x: Tensor, cand_x: Tensor) -> str | N
     unused = [n for n, g in zip(stack.names, grads) if g is None]
     if unused:
         return f"its parameter {unused[0]} gets no gradient (torch's Adam leaves it alone, the stacked Adam would not)"
-    for j, (a, b) in enumerate(own):
+    for j, m in enumerate(members):  # against each member's own module: what its sequential run computes
+        a, b = _own_scores(m, query_x, cand_x, True), _own_scores(m, query_x, cand_x, False)
         ok = trained[j].shape == a.shape and torch.allclose(trained[j].detach(), a, PROBE_RTOL, PROBE_ATOL)
         if not ok or not torch.allclose(evaluated[j], b, PROBE_RTOL, PROBE_ATOL):
-            return "its scores under torch.vmap differ from its own"
+            return "its scores under torch.vmap differ from its own (an attribute that differs between the runs?)"
     return None
 
 
@@ -202,10 +207,10 @@ def choose_stack(models: Sequence[nn.Module], query_x: Tensor, cand_x: Tensor) -
     if reason is None:
         try:
             stack = StackedFunc(models)
-        except Exception as e:  # a module that cannot be copied or moved to the meta device
+        except Exception as e:  # a module that cannot be copied
             reason = f"it cannot be stacked ({type(e).__name__}: {_first_sentence(e)})"
         else:
-            reason = probe_reason(stack, query_x[:PROBE_GROUPS], cand_x[:PROBE_GROUPS])
+            reason = probe_reason(stack, models, query_x[:PROBE_GROUPS], cand_x[:PROBE_GROUPS])
             if reason is None:
                 return stack, None
     return None, f"torch.vmap cannot stack the {name}: {reason}"
