@@ -4,11 +4,16 @@ in one process, rounds alternating so load from other processes falls on both al
 adds, in fresh subprocesses.
 
     python benchmarks/stacked.py [--quick] [--device cuda] [--k 8]     (also a section of benchmarks/bench.py)
+    python benchmarks/stacked.py --user-model    # the default world with a user's module: the torch.func path,
+                                                 # and one training step of each stack (and one after another)
 
 Worlds: ``default`` is the default config (3,000 queries x 8 candidates, 16-d, towers 64-32, SFT 15 / RCE 3 /
 GRPO 8 epochs); ``384-d`` is 2,000 queries x 8 candidates with 384-d features and the same built-in towers (the
 shape of a real-text table embedded by a sentence encoder). Every run shares the split (``data.split_seed=0``), as a
-grid's runs do; the K runs differ in ``seed``.
+grid's runs do; the K runs differ in ``seed``. ``user-towers`` (``--user-model``) is the default world with the
+built-in towers' architecture written as a user's module (``benchmarks/user_towers.py``), which stacks through
+``torch.func.vmap`` instead of the built-in towers' batched matmuls; it runs beside ``default``, so one run gives
+both ratios.
 """
 
 from __future__ import annotations
@@ -34,11 +39,18 @@ import torch  # noqa: E402
 from v3kit.config import load_config  # noqa: E402
 from v3kit.pipeline import run_pipeline  # noqa: E402
 from v3kit.pipeline_stacked import run_stacked  # noqa: E402
+from v3kit.train.losses import score_log_probs  # noqa: E402
+from v3kit.train.model import ModelConfig, build_model, scores  # noqa: E402
+from v3kit.train.stacked_func import StackedFunc  # noqa: E402
+from v3kit.train.stacked_towers import StackedTowers  # noqa: E402
 
+USER_TARGET = f"{ROOT / 'benchmarks' / 'user_towers.py'}:UserTowers"
 WORLDS = {
     "default": [],
     "384-d": ["data.synthetic.n_queries=2000", "data.synthetic.feature_dim=384"],
+    "user-towers": [f"model.target={USER_TARGET}"],
 }
+DEFAULT_WORLDS = ("default", "384-d")
 QUICK = ["data.synthetic.n_queries=600", "sft.epochs=4", "rce.epochs=1", "grpo.epochs=2"]
 
 
@@ -112,7 +124,9 @@ def peak_rss(world: str, k: int, extra: list[str], tmp: Path) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])["peak"]
 
 
-def bench_stacked(quick: bool, add: Callable[..., None], k: int = 8, device: str = "cpu") -> None:
+def bench_stacked(
+    quick: bool, add: Callable[..., None], k: int = 8, device: str = "cpu", worlds: tuple[str, ...] = DEFAULT_WORLDS
+) -> None:
     """Rows of the stacked-vs-sequential comparison (``add(section, item, value, unit, n, note)``)."""
     dev = [f"device={device}"] if device != "cpu" else []
     extra = (QUICK if quick else []) + dev
@@ -120,7 +134,7 @@ def bench_stacked(quick: bool, add: Callable[..., None], k: int = 8, device: str
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         run_pipeline(configs("default", 1, tmp, "warm", [*QUICK, "sft.epochs=1", *dev])[0])  # lazy imports
-        for world in WORLDS:
+        for world in worlds:
             section = f"stacked {world} x{k}" + (" (quick)" if quick else "")
             got = side_by_side(world, k, rounds, extra, tmp)
             med_seq, med_stk = statistics.median(got["seq"]), statistics.median(got["stk"])
@@ -138,11 +152,66 @@ def bench_stacked(quick: bool, add: Callable[..., None], k: int = 8, device: str
                 add(section, "memory per stacked member", (big - small) / (k - 2) / 2**20, "MB", 1, note)
 
 
+def _step_fns(k: int) -> dict[str, Callable[[], None]]:
+    """One training step (forward, SFT loss, backward, clipping, Adam) of k members at the default world's size:
+    the built-in towers stacked, the user's module stacked by vmap, and k user's modules one after another."""
+    dims, batch, group = 16, 64, 8
+
+    def members(target: str) -> list[Any]:
+        out = []
+        for seed in range(k):
+            torch.manual_seed(seed)
+            out.append(build_model(ModelConfig(target=target), dims, dims))
+        return out
+
+    towers, func = StackedTowers(members("v3kit.model:TwoTower")), StackedFunc(members(USER_TARGET))
+    alone = members(USER_TARGET)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in alone]
+    q, c = torch.randn(k, batch, dims), torch.randn(k, batch, group, dims)
+    mask = torch.ones(k, batch, group, dtype=torch.bool)
+
+    def stacked(st: Any) -> None:
+        st.zero_grad()
+        (-score_log_probs(st.scores(q, c), 1.0, mask)[..., 0].mean(dim=1)).sum().backward()
+        st.clip(torch.ones(k))
+        st.adam_step([1e-3] * k, [False] * k)
+
+    def one_after_another() -> None:
+        for j, (m, opt) in enumerate(zip(alone, opts)):
+            opt.zero_grad()
+            (-score_log_probs(scores(m, q[j], c[j]), 1.0, mask[j])[:, 0].mean()).backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+
+    return {
+        "built-in towers, stacked": lambda: stacked(towers),
+        "user's module, vmap stack": lambda: stacked(func),
+        "user's module, one after another": one_after_another,
+    }
+
+
+def bench_steps(add: Callable[..., None], k: int, rounds: int = 5, steps: int = 200) -> None:
+    """Milliseconds per training step of k members, the three ways of :func:`_step_fns`, in interleaved rounds."""
+    fns = _step_fns(k)
+    got: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in list(fns.items())[:: 1 if r % 2 == 0 else -1]:
+            for _ in range(steps // 10):  # warm up
+                fn()
+            got[name].append(timed(lambda fn=fn: [fn() for _ in range(steps)]) / steps * 1e3)
+    seq = statistics.median(got["user's module, one after another"])
+    for name, ms in got.items():
+        med = statistics.median(ms)
+        note = f"{seq / med:.2f}x one after another; rounds {', '.join(f'{x:.2f}' for x in ms)}"
+        add(f"one step x{k}", name, med, "ms", rounds, note)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller worlds, one round")
     ap.add_argument("--k", type=int, default=8, help="runs per stack")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--user-model", action="store_true", help="the default world and a user's module (torch.func)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
@@ -151,7 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"section": section, "item": item, "value": value, "unit": unit, "n": n, "note": note})
 
     print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}")
-    bench_stacked(args.quick, add, args.k, args.device)
+    worlds = ("default", "user-towers") if args.user_model else DEFAULT_WORLDS
+    if args.user_model and args.device == "cpu":
+        bench_steps(add, args.k)
+    bench_stacked(args.quick, add, args.k, args.device, worlds)
     for r in rows:
         print(f"{r['section']:<26} {r['item']:<30} {r['value']:>9.2f} {r['unit']:<3} {r['n']:>3}  {r['note']}")
 

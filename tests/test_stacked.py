@@ -1,7 +1,8 @@
 """The stacked trainer (``v3kit.train.stacked``, ``v3kit.pipeline_stacked``): K runs trained as one model must give
 each run what its own sequential run gives, within float32 rounding: every logged per-step value (loss, KL, ratio,
 clipping, gradient norm), every held-out evaluation, the selected epoch and the final test table. Also: Adam and the
-clipping against torch's own, the fallback for models the stack cannot batch, and a resume after a kill mid-stack."""
+clipping against torch's own, the fallback for runs the stack cannot batch, and a resume after a kill mid-stack.
+User models (torch.func's vmap stack, its fallbacks): tests/test_stacked_func.py."""
 
 from __future__ import annotations
 
@@ -179,38 +180,6 @@ def test_stacked_adam_and_clipping_equal_torch_per_member():
 
 
 # ---------------------------------------------------------------------------------------------- fallback
-SCORER = '''
-import torch
-from torch import nn
-
-class Bilinear(nn.Module):
-    """A user's scorer: scores [B, G] from (query_x, cand_x), not a dot product of two towers."""
-
-    def __init__(self, query_dim, cand_dim):
-        super().__init__()
-        self.w = nn.Linear(cand_dim, query_dim)
-
-    def forward(self, query_x, cand_x):
-        return torch.einsum("bd,bgd->bg", query_x, self.w(cand_x))
-'''
-
-
-def test_a_user_scorer_falls_back_to_sequential_with_a_note_and_matches(tmp_path):
-    path = tmp_path / "scorer.py"
-    path.write_text(SCORER)
-    variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.3"]]
-    common = [f"model.target={path}:Bilinear", "model.interface=scorer", "sft.epochs=1", "grpo.epochs=1"]
-    for cfg in _configs(tmp_path, "seq", variants, common):
-        run_pipeline(cfg)
-    out = run_stacked(_configs(tmp_path, "stk", variants, common))
-    assert not out.stacked
-    assert any("Bilinear" in n and "one after another" in n for n in out.notes), out.notes
-    for i in range(2):  # the fallback is the sequential code: bit for bit
-        a = pd.read_csv(tmp_path / f"seq{i}/metrics.csv")
-        b = pd.read_csv(tmp_path / f"stk{i}/metrics.csv")
-        pd.testing.assert_frame_equal(a, b)
-
-
 def test_members_that_cannot_share_data_run_one_after_another(tmp_path):
     cfgs = [tiny_config(tmp_path / f"r{i}", *SMALL, f"data.split_seed={i}", "sft.epochs=1") for i in range(2)]
     cfgs = [c for c in cfgs]

@@ -6,7 +6,8 @@ read it unchanged.
 
 The K runs must share their data (the same ``data`` section and split seed, or ``splits`` given). They may differ
 in ``seed`` and in any number a stage reads; runs whose structure differs in a way one stack cannot hold (epochs,
-batch size, a user's model) are trained one after another by the same code, with a note saying why.
+batch size, a model ``torch.vmap`` cannot run) are trained one after another by the same code, with a note saying
+why.
 """
 
 from __future__ import annotations

@@ -17,8 +17,11 @@ non-finite handling and callbacks. A member that fails (a non-finite step with `
 This module holds the lockstep loop; each member's own state and bookkeeping (its evaluations, rows, checkpoints
 and result) are :class:`~v3kit.train.stacked_members.Member`'s.
 
-A stack that cannot be batched (a model other than the built-in towers, several processes under torchrun) runs its
-members one after another through ``fit`` instead, with a one-line note saying why; nothing fails for that.
+The built-in towers stack as batched matmuls (:class:`~v3kit.train.stacked_towers.StackedTowers`); any other model
+(a user's module, a scorer, an imported model) through ``torch.func.vmap``
+(:class:`~v3kit.train.stacked_func.StackedFunc`) when a probe on a tiny batch shows that vmap runs it as its
+members run it. A stack that cannot be batched (a model vmap cannot handle, several processes under torchrun) runs
+its members one after another through ``fit`` instead, with a one-line note saying why; nothing fails for that.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ from .metrics import member_ranking_metrics
 from .metrics_log import call_callbacks
 from .model import INTERFACE_ATTR, Interface
 from .optim import check_on_nonfinite, check_optim_fields, nonfinite_error
+from .stacked_flat import FlatStack
+from .stacked_func import choose_stack
 from .stacked_losses import Ref, member_log_probs, stacked_loss
 from .stacked_members import Member, MemberPruned
-from .stacked_towers import StackedTowers, stack_reason
 from .training import RunContext, Stage, StageResult, StepContext, fit, kill_point
 
 EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
@@ -96,7 +100,18 @@ def sequential_reason(stages: Sequence[Stage], runs: Sequence[RunContext]) -> st
             return "the members differ in device, precision or log_every"
         if s.cfg.on_nonfinite != first.cfg.on_nonfinite:
             return "the members differ in on_nonfinite"
-    return stack_reason([s.model for s in stages])
+    return None
+
+
+def _model_stack(stages: Sequence[Stage], device: torch.device) -> tuple[FlatStack | None, str | None]:
+    """The stacked model of the stages' models (on ``device``), or None and why it cannot be built
+    (:func:`~v3kit.train.stacked_func.choose_stack`, probed on the first training groups)."""
+    for s in stages:
+        s.model.to(device)
+    data = stages[0].train
+    return choose_stack(
+        [s.model for s in stages], data.query_x[:2].float().to(device), data.cand_x[:2].float().to(device)
+    )
 
 
 def fit_stacked(stages: Sequence[Stage], runs: Sequence[RunContext], *, prune: PruneFn | None = None) -> StackOutcome:
@@ -105,7 +120,9 @@ def fit_stacked(stages: Sequence[Stage], runs: Sequence[RunContext], *, prune: P
     exception its run raised (a non-finite step, :class:`MemberPruned`); the others are not affected."""
     if len(stages) != len(runs) or not stages:
         raise ValueError(f"fit_stacked needs one RunContext per stage, got {len(stages)} stages and {len(runs)}")
-    reason = sequential_reason(stages, runs)
+    reason, tower = sequential_reason(stages, runs), None
+    if reason is None:
+        tower, reason = _model_stack(stages, torch.device(runs[0].device))
     if reason is not None:
         results: list[StageResult | BaseException] = []
         for s, r in zip(stages, runs):
@@ -114,7 +131,7 @@ def fit_stacked(stages: Sequence[Stage], runs: Sequence[RunContext], *, prune: P
             except Exception as e:  # one member's failure is its own, as in separate runs
                 results.append(e)
         return StackOutcome(results, stacked=False, note=f"ran one after another: {reason}")
-    return StackOutcome(_StackedFit(stages, runs, prune).run(), stacked=True)
+    return StackOutcome(_StackedFit(stages, runs, prune, tower).run(), stacked=True)
 
 
 class _StackedFit:
@@ -122,7 +139,9 @@ class _StackedFit:
 
     fast = True  # the stacked objectives (False: every step through the members' own Stage.step)
 
-    def __init__(self, stages: Sequence[Stage], runs: Sequence[RunContext], prune: PruneFn | None) -> None:
+    def __init__(
+        self, stages: Sequence[Stage], runs: Sequence[RunContext], prune: PruneFn | None, tower: FlatStack
+    ) -> None:
         first = stages[0]
         self.name, self.cfg0, self.prune = first.name, first.cfg, prune
         for s in stages:
@@ -133,7 +152,7 @@ class _StackedFit:
         self.device = torch.device(runs[0].device)
         self.precision, self.log_every = runs[0].precision, runs[0].log_every
         self.members = [Member.start(s, r, self.device) for s, r in zip(stages, runs)]
-        self.tower = StackedTowers([s.model for s in stages])
+        self.tower: Any = tower
         self.proxy = _Scores(self.device)
         self.steps_per_epoch = num_batches(len(first.train), first.cfg.batch_size)
         self.total_steps = self.steps_per_epoch * first.cfg.epochs

@@ -1,7 +1,8 @@
 """K copies of the built-in :class:`~v3kit.model.TwoTower` trained as one: their parameters live side by side in
 one flat buffer ``[K, P]`` (member ``k``'s row holds its parameters in ``named_parameters`` order), each layer runs
 as one batched matmul (``baddbmm`` over stacked weights ``[K, out, in]``), and Adam and gradient-norm clipping are
-a handful of operations on the whole buffer, each member with its own learning rate, clipping norm and step count.
+a handful of operations on the whole buffer, each member with its own learning rate, clipping norm and step count
+(:class:`~v3kit.train.stacked_flat.FlatStack`, which the ``torch.vmap`` stack of any other model shares).
 
 Why: a run of the default world is bound by the fixed cost of each small operation, not by arithmetic; doing K
 runs' work in each operation divides that cost by about K (``docs/performance.md``).
@@ -13,21 +14,13 @@ weights into them before anything reads a member (evaluation, checkpoints, a ref
 
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .model import DEFAULT_METHODS, INTERFACE_ATTR, ResidualTower, TwoTower
-
-# The parameters are views of one [K, P] buffer and so are their gradients (written in place by autograd); torch
-# warns that such strides may be slow for a general layer, which batched matmuls do not mind.
-warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
-
-ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which every stage uses
-ADAM_EPS = 1e-8
+from .stacked_flat import FlatStack
 
 
 def _tower_plan(tower: nn.Module, prefix: str) -> tuple[list[tuple[str, ...]], bool] | str:
@@ -72,98 +65,23 @@ def stack_reason(models: Sequence[nn.Module]) -> str | None:
     return None
 
 
-class StackedTowers:
-    """The stacked parameters, forward pass, clipping and Adam of K built-in two-tower members."""
+class StackedTowers(FlatStack):
+    """The stacked forward pass of K built-in two-tower members (parameters, clipping and Adam: :class:`FlatStack`)."""
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
         reason = stack_reason(members)
         if reason is not None:
             raise ValueError(f"cannot stack these models: {reason}")
         template = members[0]
-        self.k = len(members)
         named = list(template.named_parameters())
-        self.names = [n for n, _ in named]
-        self.shapes = [tuple(p.shape) for _, p in named]
-        sizes = [p.numel() for _, p in named]
-        self.offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        p0 = named[0][1]
-        self.data = torch.empty(self.k, sum(sizes), device=p0.device, dtype=p0.dtype)
-        self.grad = torch.zeros_like(self.data)
-        self.exp_avg = torch.zeros_like(self.data)
-        self.exp_avg_sq = torch.zeros_like(self.data)
-        self.steps = [0] * self.k  # Adam's step count per member (a skipped batch does not count)
         # A linear weight [out, in] is stored transposed, [in, out]: baddbmm then reads it as it lies, and its
         # gradient comes out in that layout (about a fifth less backward time than a transposed view).
-        self.transposed = {n for n, shape in zip(self.names, self.shapes) if n.endswith(".weight") and len(shape) == 2}
-        self.params: dict[str, Tensor] = {}
-        for name, shape, off, size in zip(self.names, self.shapes, self.offsets, sizes):
-            stored = shape[::-1] if name in self.transposed else shape
-            view = self.data[:, off : off + size].view(self.k, *stored)
-            view.requires_grad_()
-            view.grad = self.grad[:, off : off + size].view(self.k, *stored)  # autograd accumulates in place
-            self.params[name] = view
+        transposed = {n for n, p in named if n.endswith(".weight") and p.dim() == 2}
+        super().__init__(len(members), named, transposed)
         self.query_plan, self.residual = _tower_plan(template.query_tower, "query_tower")  # type: ignore[misc]
         self.cand_plan, _ = _tower_plan(template.cand_tower, "cand_tower")  # type: ignore[misc]
         self.normalize = template.normalize
         self.from_members(members)
-
-    # ------------------------------------------------------------------ members <-> stack
-    def member(self, name: str, k: int, stacked: Tensor | None = None) -> Tensor:
-        """Member ``k``'s slice of parameter ``name`` (or of its gradient, ``stacked=tower.params[name].grad``) in
-        the member's own layout (a view)."""
-        view = (self.params[name] if stacked is None else stacked)[k]
-        return view.T if name in self.transposed else view
-
-    @torch.no_grad()
-    def from_members(self, members: Sequence[nn.Module], which: Sequence[int] | None = None) -> None:
-        """Copy the members' weights into the stack (all, or the indices ``which``)."""
-        for k in range(self.k) if which is None else which:
-            own = dict(members[k].named_parameters())
-            for name in self.names:
-                self.member(name, k).copy_(own[name])
-
-    @torch.no_grad()
-    def to_members(self, members: Sequence[nn.Module]) -> None:
-        """Copy the stacked weights into each member's own module."""
-        for k, m in enumerate(members):
-            own = dict(m.named_parameters())
-            for name in self.names:
-                own[name].copy_(self.member(name, k))
-
-    def _state_slice(self, buf: Tensor, k: int, name: str, shape: tuple[int, ...], off: int) -> Tensor:
-        n = math.prod(shape)
-        flat = buf[k, off : off + n]
-        return flat.view(shape[::-1]).T if name in self.transposed else flat.view(shape)
-
-    def adam_state(self, k: int) -> list[dict[str, Tensor]]:
-        """Member ``k``'s Adam state per parameter, as ``torch.optim.Adam.state`` holds it (copies)."""
-        out = []
-        for name, shape, off in zip(self.names, self.shapes, self.offsets):
-            out.append(
-                {
-                    "step": torch.tensor(float(self.steps[k])),
-                    "exp_avg": self._state_slice(self.exp_avg, k, name, shape, off).clone(
-                        memory_format=torch.contiguous_format
-                    ),
-                    "exp_avg_sq": self._state_slice(self.exp_avg_sq, k, name, shape, off).clone(
-                        memory_format=torch.contiguous_format
-                    ),
-                }
-            )
-        return out
-
-    @torch.no_grad()
-    def load_adam_state(self, k: int, state: list[dict[str, Tensor]]) -> None:
-        """Put member ``k``'s Adam state (:meth:`adam_state`'s layout; empty: a fresh optimizer) into the stack."""
-        if not state:
-            self.exp_avg[k].zero_()
-            self.exp_avg_sq[k].zero_()
-            self.steps[k] = 0
-            return
-        for s, name, shape, off in zip(state, self.names, self.shapes, self.offsets):
-            self._state_slice(self.exp_avg, k, name, shape, off).copy_(s["exp_avg"])
-            self._state_slice(self.exp_avg_sq, k, name, shape, off).copy_(s["exp_avg_sq"])
-        self.steps[k] = int(float(state[0]["step"]))
 
     # ------------------------------------------------------------------ forward
     def _mlp(self, plan: list[tuple[str, ...]], x: Tensor) -> Tensor:
@@ -189,41 +107,3 @@ class StackedTowers:
         # a multiply and a sum, not einsum: einsum runs as K*B matrix-vector products through bmm, and at these
         # sizes that took 0.78 ms of a 1.8 ms forward and backward against 0.2 ms (float32 rounding apart, equal)
         return (c * q.unsqueeze(2)).sum(dim=-1)
-
-    # ------------------------------------------------------------------ optimisation
-    def zero_grad(self) -> None:
-        self.grad.zero_()
-
-    @torch.no_grad()
-    def clip(self, max_norms: Tensor) -> Tensor:
-        """Scale each member's gradient to at most ``max_norms[k]`` (inf: no clipping), as ``clip_grad_norm_`` does
-        per model; returns the norms before clipping ``[K]``."""
-        norms = torch.linalg.vector_norm(self.grad, dim=1)
-        coef = torch.clamp(max_norms / (norms + 1e-6), max=1.0)
-        self.grad.mul_(coef.unsqueeze(1))
-        return norms
-
-    @torch.no_grad()
-    def adam_step(self, lrs: Sequence[float], frozen: Sequence[bool], weight_decays: Sequence[float] = ()) -> None:
-        """One ``torch.optim.Adam`` step of every member not ``frozen``, element for element the single-tensor
-        update torch runs on the CPU (the same operations in the same order, per-member step size and bias
-        correction, ``weight_decay``'s L2 term added to the gradient); frozen members (a skipped batch, a pruned or
-        failed member) keep weights and state."""
-        keep = [k for k in range(self.k) if frozen[k]]
-        saved = [(t, t[keep].clone()) for t in (self.data, self.exp_avg, self.exp_avg_sq)] if keep else []
-        beta1, beta2 = ADAM_BETAS
-        for k in range(self.k):
-            self.steps[k] += 0 if frozen[k] else 1
-        steps = [max(s, 1) for s in self.steps]
-        grad = self.grad
-        if any(weight_decays):  # torch: grad = grad.add(param, alpha=weight_decay)
-            grad = grad + self.data * torch.tensor(list(weight_decays), device=grad.device).view(-1, 1)
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        dev = self.data.device
-        neg_step = torch.tensor([[-(lr / (1 - beta1**s))] for lr, s in zip(lrs, steps)], device=dev)
-        bc2_sqrt = torch.tensor([[math.sqrt(1 - beta2**s)] for s in steps], device=dev)
-        denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(ADAM_EPS)
-        self.data.add_(neg_step * self.exp_avg / denom)
-        for t, old in saved:
-            t[keep] = old
