@@ -396,3 +396,40 @@ def test_a_checkpoint_write_that_fails_in_the_background_stops_the_stack_naming_
     assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("s1/rce_epoch1.pt")
     assert not [p for p in tmp_path.rglob("*") if TEMP_FILE.match(p.name)]
     assert not (tmp_path / "s0" / "grpo_epoch1.pt").exists()  # the stack stopped before GRPO
+
+
+@pytest.mark.parametrize("model", ["built-in", "vmap"])
+def test_the_members_left_after_pruning_train_on_as_a_smaller_stack_and_match_their_runs(tmp_path, model):
+    """Once a quarter of a stack has stopped, the members still training go on as a new, smaller stack (their
+    weights, Adam state and step counts carried over): each still equals its sequential run, and a pruned member
+    stops where it was pruned. ``vmap``: the built-in TwoTower in a shape only torch.func stacks."""
+    from v3kit.train import stacked
+
+    made: list[int] = []
+    real = stacked._StackedFit._restack
+
+    def spy(self):
+        before = len(self.rows)
+        real(self)
+        if len(self.rows) < before:
+            made.append(len(self.rows))
+
+    variants = [["seed=0"], ["seed=1"], ["seed=2", "grpo.kl_beta=0.3"], ["seed=3", "grpo.lr=3e-5"]]
+    common = ["grpo.epochs=4"]
+    if model == "vmap":
+        common += ["model.residual=true", "model.residual_kind=linear", "model.sim_temperature=0.1"]
+    for cfg in _configs(tmp_path, "seq", variants, common)[2:]:
+        run_pipeline(cfg)
+    prune_at = {0: 1, 1: 2}  # member -> the GRPO epoch after which it stops
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stacked._StackedFit, "_restack", spy)
+        out = run_stacked(
+            _configs(tmp_path, "stk", variants, common), prune=lambda k, epoch, m: prune_at.get(k) == epoch
+        )
+    assert out.stacked and made == [3, 2], made  # a quarter stopped after epoch 1, half after epoch 2
+    for k, epoch in prune_at.items():
+        assert out.results[k].grpo.info["pruned"] is True
+        grpo = pd.read_csv(tmp_path / f"stk{k}/metrics.csv").query("stage == 'grpo'")
+        assert grpo["epoch"].max() == epoch
+    for k in (2, 3):
+        _assert_same_run(tmp_path / f"seq{k}", tmp_path / f"stk{k}")

@@ -50,6 +50,7 @@ from .stacked_members import Member, MemberPruned
 from .training import RunContext, Stage, StageResult, StepContext, fit, kill_point
 
 EVAL_CHUNK = 1024  # groups per stacked evaluation pass (compute_log_probs' batch size)
+RESTACK_FRACTION = 0.75  # restack once at most this share of the stack's members is still training
 EPOCH_GATHER_BYTES = 16 * 2**20  # up to this much training data is gathered once an epoch in the members' orders
 # prune(member index, epoch, held-out metrics of that epoch) -> True to stop training that member from here on
 PruneFn = Callable[[int, int, dict[str, float]], bool]
@@ -153,6 +154,7 @@ class _StackedFit:
         self.precision, self.log_every = runs[0].precision, runs[0].log_every
         self.members = [Member.start(s, r, self.device) for s, r in zip(stages, runs)]
         self.tower: Any = tower
+        self.rows = list(range(len(stages)))  # the member each row of the stack trains (_restack drops stopped ones)
         self.proxy = _Scores(self.device)
         self.steps_per_epoch = num_batches(len(first.train), first.cfg.batch_size)
         self.total_steps = self.steps_per_epoch * first.cfg.epochs
@@ -206,7 +208,7 @@ class _StackedFit:
         """Each active member's held-out metrics (``evaluate()``'s, to float32 rounding) from one stacked forward
         pass per chunk of groups and one pass of the metrics over all members; empty when the members evaluate
         different data (each member then evaluates its own model)."""
-        live = [k for k, m in enumerate(self.members) if m.active]
+        live, pos = self._live()
         val = self.members[live[0]].stage.val if live else None
         if val is None or any(self.members[k].stage.val is not val for k in live):
             return {}
@@ -220,7 +222,8 @@ class _StackedFit:
                 rows = slice(start, start + EVAL_CHUNK)
                 q, c, mask = val.query_x[rows].float(), val.cand_x[rows].float(), val.mask[rows]
                 k = self.tower.k
-                scores = self.tower.scores(q.expand(k, *q.shape), c.expand(k, *c.shape))[live]
+                scores = self.tower.scores(q.expand(k, *q.shape), c.expand(k, *c.shape))
+                scores = scores if len(pos) == k else scores[pos]
                 chunks.append(member_log_probs(scores, temps, mask.expand(len(live), *mask.shape)).float())
         logp = torch.cat(chunks, dim=1)
         ref = None if refs[0] is None else torch.stack(refs)  # type: ignore[arg-type]
@@ -229,9 +232,9 @@ class _StackedFit:
 
     # ------------------------------------------------------------------ one step
     def _batches(self, start: int) -> Tensor:
-        """Every member's next batch rows (rows ``start ..`` of its epoch order, ``[K, B]``), gathered at once into
-        ``self._parts``. A stopped member's rows are gathered too (the stack's shapes stay [K, ...]); nothing reads
-        them."""
+        """Every stacked member's next batch rows (rows ``start ..`` of its epoch order, ``[K, B]``), gathered at once
+        into ``self._parts``. A stopped member still in the stack has its rows gathered too (the stack's shapes stay
+        [K, ...]); nothing reads them."""
         size = self.cfg0.batch_size
         idx = self._orders[:, start : start + size]
         if self._epoch_parts is not None:  # the epoch's data in each member's order: a batch is a slice of it
@@ -239,15 +242,21 @@ class _StackedFit:
         elif self.shared_train:
             parts = self._shared_rows(idx)
         else:
-            cols = [self._gather(m.stage.train, i) for m, i in zip(self.members, idx)]
+            cols = [self._gather(self.members[k].stage.train, i) for k, i in zip(self.rows, idx)]
             parts = tuple(None if c[0] is None else torch.stack(c) for c in zip(*cols))  # type: ignore[assignment]
         self._parts = parts
         return idx
 
-    def _batch(self, k: int, idx: Tensor) -> Batch:
-        """Member ``k``'s batch as its own ``Stage.step`` takes it (the objectives that are not stacked)."""
-        q, c, mask, labels, rewards, util = (None if p is None else p[k] for p in self._parts)
-        return Batch(idx[k], q, c, mask, labels, rewards, util)  # type: ignore[arg-type]
+    def _batch(self, j: int, idx: Tensor) -> Batch:
+        """The batch of the stack's row ``j`` as its member's own ``Stage.step`` takes it (the objectives that are
+        not stacked)."""
+        q, c, mask, labels, rewards, util = (None if p is None else p[j] for p in self._parts)
+        return Batch(idx[j], q, c, mask, labels, rewards, util)  # type: ignore[arg-type]
+
+    def _live(self) -> tuple[list[int], list[int]]:
+        """The active members and their rows in the stack."""
+        pos = [j for j, k in enumerate(self.rows) if self.members[k].active]
+        return [self.rows[j] for j in pos], pos
 
     def _shared_rows(self, idx: Tensor) -> tuple[Tensor | None, ...]:
         """Rows ``idx`` (``[K, ...]``) of the members' shared training data, one gather per field."""
@@ -261,17 +270,18 @@ class _StackedFit:
         return data.query_x[i].float(), data.cand_x[i].float(), data.mask[i], data.labels[i], data.rewards[i], util
 
     def _losses(
-        self, idx: Tensor, live: list[int], ctxs: list[StepContext]
+        self, idx: Tensor, live: list[int], pos: list[int], ctxs: list[StepContext]
     ) -> tuple[Tensor, list[bool], list[dict[str, Any]]]:
-        """The active members' (``live``) losses ``[L]`` (detached), whether each has a gradient, and their
+        """The active members' (``live``, in the stack's rows ``pos``) losses ``[L]`` (detached), whether each has a
+        gradient, and their
         statistics; ``self._total`` is the sum to differentiate. One stacked objective when the members' switches
         allow (:mod:`v3kit.train.stacked_losses`), else each member's own ``Stage.step`` on its slice of the scores."""
         q, c, mask, labels, rewards, _ = self._parts
         scores = self.tower.scores(q, c)
-        if len(live) < self.tower.k:  # the stopped members' rows out of the objective (their gradient stays 0)
-            scores, mask, labels, rewards = (t[live] for t in (scores, mask, labels, rewards))
+        if len(pos) < self.tower.k:  # the stopped members' rows out of the objective (their gradient stays 0)
+            scores, mask, labels, rewards = (t[pos] for t in (scores, mask, labels, rewards))
         stages = [self.members[k].stage for k in live]
-        stacked_b = {"index": idx[live] if len(live) < self.tower.k else idx, "mask": mask, "labels": labels}
+        stacked_b = {"index": idx[pos] if len(pos) < self.tower.k else idx, "mask": mask, "labels": labels}
         stacked_b["rewards"] = rewards
         fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live], self.cache) if self.fast else None
         if fast is not None:
@@ -283,7 +293,7 @@ class _StackedFit:
             self.proxy.current = scores[j]
             own, m.stage.model = m.stage.model, self.proxy
             try:
-                loss, st = m.stage.step(self._batch(k, idx), ctxs[k])
+                loss, st = m.stage.step(self._batch(pos[j], idx), ctxs[k])
             finally:
                 m.stage.model = own
             losses.append(loss.reshape(()))
@@ -296,19 +306,19 @@ class _StackedFit:
 
     def _step(self, epoch: int, step: int, start: int) -> None:
         idx = self._batches(start)
-        live = [k for k, m in enumerate(self.members) if m.active]
+        live, pos = self._live()
         ctxs = [StepContext(epoch, step, self.total_steps, m.generator) for m in self.members]
         with autocast(self.device, self.precision):
-            losses, requires, stats = self._losses(idx, live, ctxs)
+            losses, requires, stats = self._losses(idx, live, pos, ctxs)
         self.tower.zero_grad()
         if self._total is not None:
             self._total.backward()
         self._total = None
         norms = self.tower.clip(self.max_norms)
-        bad = self._nonfinite(live, losses, norms)
-        frozen = [True] * len(self.members)
-        for j, k in enumerate(live):
-            frozen[k] = not requires[j] or bad[j] is not None
+        bad = self._nonfinite(pos, losses, norms)
+        frozen = [True] * len(self.rows)
+        for j in range(len(live)):
+            frozen[pos[j]] = not requires[j] or bad[j] is not None
         self.tower.adam_step(self.lrs, frozen, self.weight_decays)
         for j, k in enumerate(live):
             m, st = self.members[k], stats[j]
@@ -317,19 +327,20 @@ class _StackedFit:
                 continue
             if m.stage.cfg.on_nonfinite == "skip_batch":
                 st = {**st, "skipped_nonfinite": int(bad[j] is not None)}
-            norm = Ref(norms, k) if requires[j] else 0.0
+            norm = Ref(norms, pos[j]) if requires[j] else 0.0
             row = {"stage": self.name, "split": "train", "epoch": epoch, "step": step + 1, "loss": Ref(losses, j)}
             m.pending.append({**row, **st, "grad_norm": norm, "lr": m.optimizer.param_groups[0]["lr"]})
 
-    def _nonfinite(self, live: list[int], losses: Tensor, norms: Tensor) -> list[str | None]:
-        """Per active member: what was non-finite this step (None: nothing); one host read for the whole stack."""
-        bad: list[str | None] = [None] * len(live)
-        if not self.check_each_step or not live:
+    def _nonfinite(self, pos: list[int], losses: Tensor, norms: Tensor) -> list[str | None]:
+        """Per active member (``pos``: their rows in the stack): what was non-finite this step (None: nothing); one
+        host read for the whole stack."""
+        bad: list[str | None] = [None] * len(pos)
+        if not self.check_each_step or not pos:
             return bad
         if bool(torch.isfinite(losses.float().sum() + norms.float().sum())):  # the common case in 3 operations
             return bad
         ok_loss = torch.isfinite(losses.float())  # (a finite sum can also overflow: then the exact check decides)
-        ok = ok_loss & torch.isfinite(norms[live].float())
+        ok = ok_loss & torch.isfinite(norms[pos].float())
         if not bool(ok.all()):
             for j, flag in enumerate(ok.tolist()):
                 if not flag:
@@ -387,21 +398,22 @@ class _StackedFit:
         return self._results(start_epoch)
 
     def _start_epoch(self, epoch: int, n: int) -> None:
-        self.tower.to_members([m.stage.model for m in self.members])
-        for m in self.members:
+        stacked = [self.members[k] for k in self.rows]
+        self.tower.to_members([m.stage.model for m in stacked])
+        for m in stacked:
             if not m.active:
                 m.order = None
                 continue
             m.stage.on_epoch_start(epoch)
             m.stage.model.train()
             m.order = torch.randperm(n, generator=m.generator)
-        # every member's order of the epoch in one tensor: a step's K batches are then one slice of it
-        self._orders = torch.stack([torch.arange(n) if m.order is None else m.order for m in self.members])
+        # every stacked member's order of the epoch in one tensor: a step's K batches are then one slice of it
+        self._orders = torch.stack([torch.arange(n) if m.order is None else m.order for m in stacked])
         # Small shared data is gathered once an epoch in every member's order (each batch is then a view of it):
         # at the default world's size that is 6 gathers an epoch instead of 6 a step.
         data = self.members[0].stage.train
         row_bytes = sum(t[:1].float().numel() * 4 for t in (data.query_x, data.cand_x, data.rewards))
-        small = self.shared_train and len(self.members) * n * row_bytes <= EPOCH_GATHER_BYTES
+        small = self.shared_train and len(self.rows) * n * row_bytes <= EPOCH_GATHER_BYTES
         self._epoch_parts = self._shared_rows(self._orders) if small else None
 
     def _after_step(self, bar: Any) -> None:
@@ -416,23 +428,43 @@ class _StackedFit:
         for m in self.members:
             if m.active:
                 m.flush(self.name, self.check_each_step, read)
-        self.tower.to_members([m.stage.model for m in self.members])
+        self.tower.to_members([self.members[k].stage.model for k in self.rows])
         for m in self.members:
             if m.active and not all(bool(torch.isfinite(p).all()) for p in m.stage.model.parameters()):
                 m.error = nonfinite_error(self.name, "weights", epoch, step, m.checkpoints, m.run_dir)
         metrics = self._val_metrics()
         self._wait_for_writes()
-        for k, m in enumerate(self.members):
-            if not m.active:
-                continue
+        live, pos = self._live()
+        for k, j in zip(live, pos):
+            m = self.members[k]
             m.evaluate(self.name, epoch, step, self.precision, self.ref_logps, metrics.get(k))
             if m.run_dir is not None:
-                payload = m.payload(self.name, epoch, step, self.tower.adam_state(k))
+                payload = m.payload(self.name, epoch, step, self.tower.adam_state(j))
                 path = m.checkpoint_path(self.name, epoch)
                 self.writes.append(self.writer.submit(Member.write, self.name, epoch, path, payload))
         for k, m in enumerate(self.members):
             if m.active and self.prune is not None and epoch < self.cfg0.epochs and self.prune(k, epoch, m.metrics):
                 m.error = MemberPruned(f"{self.name}: pruned after epoch {epoch}")
+        self._restack()
+
+    def _restack(self) -> None:
+        """Go on without the stopped members once a quarter of the stack has stopped (a search prunes about half
+        of its trials early): a new stack of the members still active, each with its weights (the members' own
+        modules hold them at an epoch's end), Adam state and step count, so their steps stop paying for the rows
+        of the stopped ones."""
+        live, pos = self._live()
+        if not live or len(live) > RESTACK_FRACTION * len(self.rows):
+            return
+        states = [(self.tower.adam_state(j), self.tower.steps[j]) for j in pos]
+        tower = type(self.tower)([self.members[k].stage.model for k in live])
+        for i, (state, steps) in enumerate(states):
+            tower.load_adam_state(i, state)
+            tower.steps[i] = steps
+        self.tower, self.rows = tower, live
+        self.max_norms = self.max_norms[pos]
+        self.lrs = [self.lrs[j] for j in pos]
+        self.weight_decays = [self.weight_decays[j] for j in pos]
+        self.cache.clear()
 
     def _results(self, start_epoch: int) -> list[StageResult | BaseException]:
         info = {"epochs": self.cfg0.epochs, "steps_per_epoch": self.steps_per_epoch, "resumed_from_epoch": start_epoch}
