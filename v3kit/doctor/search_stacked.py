@@ -1,0 +1,244 @@
+"""The search phase run as stacks (``v3kit investigate --stack auto``): Optuna is asked for up to
+:data:`~v3kit.doctor.search.STACK_SIZE` trials at once, trials that can train together run as one stacked model
+(:func:`v3kit.pipeline_stacked.run_stacked`), and each trial's result is told back when its stack ends.
+
+How a stack is formed (ask-and-tell):
+
+- **The enqueued variants** (the run, the remedies, the doctor's switches) are asked in queue order; consecutive
+  ones that share a structure (:func:`signature`) form one stack, the others run alone.
+- **A sampled trial** is asked freely (TPE), then ``K - 1`` more are enqueued with its structural parameters fixed
+  (its choices and integers: epochs, switches, ``retrain_sft``), so Optuna samples only their numbers (learning
+  rates, ``kl_beta``, ...): TPE would otherwise give K structures that cannot share a stack. TPE's constant liar
+  spreads the K samples apart.
+
+Pruning: each member reports its running best val score after every evaluation, at the same steps as a trial run
+alone (:class:`v3kit.doctor.search.PruneOnVal`); when the median pruner says stop, the member is stopped at that
+epoch's end in any stage (SFT, RCE, GRPO) through ``run_stacked``'s ``prune``; one it says stop at a point the
+stack cannot act on (a stage's last epoch) is told pruned all the same, as it would be alone. The pruner compares
+a report with finished trials only, so the members of one stack never prune each other.
+
+The trial cap, the budget (checked before each stack, with a stack's wall time as the next unit of work), the
+journal and its resume after a kill (the killed stack's trials are marked failed, the enqueued ones enqueued
+again), the progress lines and the workers (local or Ray: each worker runs its own stacks) are those of the
+one-at-a-time search. Every trial records ``stacked``, ``stack`` (its stack's size), ``run_s`` (its share of the
+stack's wall time) and ``stack_s`` (the stack's wall time).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import RunConfig, to_dict
+from ..pipeline_stacked import run_stacked
+from ..provenance import flatten
+from ..train.stacked_members import MemberPruned
+from .search import (
+    PruneOnVal,
+    Search,
+    SearchTask,
+    drop_checkpoints,
+    import_optuna,
+    name_the_journal,
+    open_study,
+    over_budget,
+    run_trial,
+    search_splits,
+    trial_config,
+    trial_overrides,
+)
+from .space import Param
+
+_PER_RUN = ("run_dir", "seed")  # what every trial has of its own
+
+
+def structural(params: Sequence[Param]) -> set[str]:
+    """The parameters a stack's members must share: choices (switches, ``retrain_sft``) and integers (epochs)."""
+    return {p.name for p in params if p.kind in ("choices", "int")}
+
+
+def signature(own_sft: bool, cfg: RunConfig) -> tuple[Any, ...]:
+    """What trials must share to train as one stack: whether they train their own SFT, the data, and every
+    setting that is not a float (epochs, batch sizes, switches, the model's shape); floats (learning rates,
+    ``kl_beta``, temperatures, ...) may differ per member."""
+    flat = flatten(to_dict(cfg))
+    keep = [
+        (k, repr(v))
+        for k, v in sorted(flat.items())
+        if k not in _PER_RUN and (k.startswith("data.") or not isinstance(v, float))
+    ]
+    return (own_sft, tuple(keep))
+
+
+class ReportOnVal(PruneOnVal):
+    """:class:`PruneOnVal` for a stack member: the same reports at the same steps, but the pruner's stop is kept
+    (``pruned``) for the stack to act on instead of raised; nothing is reported after it."""
+
+    pruned = False
+
+    def on_eval(self, row: dict[str, Any]) -> None:
+        if not self.pruned:
+            self.pruned = self.observe(row)
+
+
+class _Peek:
+    """An enqueued (waiting) trial seen through the suggest API, to read its structure before asking for it: a
+    fixed value where the queue fixed one, else the range's low end (floats do not change a structure)."""
+
+    def __init__(self, frozen: Any) -> None:
+        self.fixed = dict(frozen.system_attrs.get("fixed_params", {}))
+        self.user_attrs = dict(frozen.user_attrs)
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return self.fixed.get(name, choices[0])
+
+    def suggest_int(self, name: str, low: int, high: int, **_: Any) -> int:
+        return self.fixed.get(name, low)
+
+    def suggest_float(self, name: str, low: float, high: float, **_: Any) -> float:
+        return self.fixed.get(name, low)
+
+
+@dataclass
+class Member:
+    trial: Any
+    own_sft: bool
+    cfg: RunConfig
+    reporter: ReportOnVal
+
+
+def _member(task: SearchTask, trial: Any) -> Member:
+    own, overrides = trial_overrides(task, trial)  # samples a new trial's values
+    trial.set_user_attr("overrides", overrides)
+    trial.set_user_attr("own_sft", own)
+    return Member(trial, own, trial_config(task, trial.number, overrides), ReportOnVal(trial, task.metric))
+
+
+def _finished(study: Any) -> int:
+    """Trials that count towards the cap (as Optuna's MaxTrialsCallback counts them), running ones too."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.FAIL, S.RUNNING)))
+
+
+def ask_stack(study: Any, task: SearchTask, n: int) -> list[Member]:
+    """Up to ``n`` trials that share a structure (see the module docstring): the longest run of waiting trials
+    with the first one's structure, or a sampled trial and ``n - 1`` trials that sample only its numbers."""
+    import optuna
+
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    if waiting:
+        count, first = 0, None
+        for frozen in waiting[:n]:
+            own, overrides = trial_overrides(task, _Peek(frozen))
+            sig = signature(own, trial_config(task, frozen.number, overrides))
+            if first is not None and sig != first:
+                break
+            first, count = sig, count + 1
+        return [_member(task, study.ask()) for _ in range(count)]
+    lead = _member(task, study.ask())
+    names = structural(task.params)
+    fixed = {k: v for k, v in lead.trial.params.items() if k in names}
+    if len(fixed) == len(lead.trial.params):  # nothing numeric was sampled: copies would be the same trial
+        return [lead]
+    for _ in range(n - 1):
+        study.enqueue_trial(fixed, user_attrs={"stack_of": lead.trial.number})
+    return [lead, *(_member(task, study.ask()) for _ in range(n - 1))]
+
+
+def _tell(study: Any, task: SearchTask, m: Member, outcome: float | BaseException, attrs: dict[str, Any]) -> None:
+    """Tell Optuna how member ``m`` ended: complete with its shipped model's val score, pruned, or failed."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    for k, v in attrs.items():
+        m.trial.set_user_attr(k, v)
+    drop_checkpoints(Path(m.cfg.run_dir))
+    if isinstance(outcome, (MemberPruned, optuna.TrialPruned)) or m.reporter.pruned:
+        frozen = study.tell(m.trial, state=S.PRUNED)
+    elif isinstance(outcome, BaseException):
+        optuna.logging.get_logger("optuna").warning(
+            f"Trial {m.trial.number} failed: {type(outcome).__name__}: {outcome}"
+        )
+        frozen = study.tell(m.trial, state=S.FAIL)
+    else:
+        frozen = study.tell(m.trial, outcome)
+    if task.progress:
+        value = "" if frozen.value is None else f" val {task.metric} {frozen.value:.4f}"
+        name = frozen.user_attrs.get("name", f"trial{frozen.number}")
+        where = f" [stack of {attrs['stack']}]" if attrs.get("stacked") else ""
+        print(f"search: trial {frozen.number} ({name}) {frozen.state.name.lower()}{value}{where}", flush=True)
+
+
+def _alone(task: SearchTask, m: Member) -> tuple[float | BaseException, float]:
+    """(outcome, run seconds) of a trial run as the one-at-a-time search runs it (pruned by raising)."""
+    try:
+        outcome: float | BaseException = run_trial(task, m.trial)
+    except Exception as e:  # as study.optimize(catch=(Exception,)): the trial fails (or is pruned), the search goes on
+        outcome = e
+    return outcome, float(m.trial.user_attrs.get("run_s", 0.0))
+
+
+def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
+    """Train ``members`` (one structure) as one stacked model and tell each trial its result; a lone member runs
+    as the one-at-a-time search runs it."""
+    if len(members) == 1:
+        outcome, run_s = _alone(task, members[0])
+        _tell(study, task, members[0], outcome, {"stacked": False, "stack": 1, "run_s": run_s, "stack_s": run_s})
+        return
+    t0 = time.perf_counter()
+    try:
+        out = run_stacked(
+            [m.cfg for m in members],
+            sft_checkpoint=None if members[0].own_sft else task.sft,
+            splits=search_splits(task),
+            prune=lambda k, epoch, metrics: members[k].reporter.pruned,
+            callbacks=[[m.reporter] for m in members],
+        )
+        results, stacked = list(out.results), out.stacked
+    except Exception as e:  # the whole stack failed (a full disk, a bad config): each of its trials failed
+        results, stacked = [e] * len(members), False
+    wall = time.perf_counter() - t0
+    attrs = {"stacked": stacked, "stack": len(members), "run_s": wall / len(members), "stack_s": wall}
+    for m, res in zip(members, results):
+        outcome: float | BaseException = res if isinstance(res, BaseException) else _shipped(m, res)
+        _tell(study, task, m, outcome, attrs)
+
+
+def _shipped(m: Member, res: Any) -> float:
+    """The val score of the model a member's run ships (its selection), recorded as a trial run alone records it."""
+    assert res.selection is not None
+    m.trial.set_user_attr("selected", f"{res.selection.stage}:{res.selection.epoch}")
+    return float(res.selection.val)
+
+
+def optimize_stacked(task: SearchTask) -> int:
+    """One worker's search as stacks until the trial cap, the budget or the deadline; returns its trials."""
+    import_optuna()
+    study = open_study(task.folder, task.metric, seed=task.seed + task.index, constant_liar=True)
+    ran = 0
+    while True:
+        n = min(task.stack_size, task.max_trials - _finished(study))
+        if n <= 0 or time.time() >= task.deadline or over_budget(study, task, unit="stack_s"):
+            return ran
+        members = ask_stack(study, task, n)
+        groups: dict[tuple[Any, ...], list[Member]] = {}
+        for m in members:  # one group, unless another worker took a queued trial between the look and the ask
+            groups.setdefault(signature(m.own_sft, m.cfg), []).append(m)
+        for group in groups.values():
+            run_stack(study, task, group)
+        ran += len(members)
+
+
+def stacked_worker(task: SearchTask) -> int:
+    """One worker of the stacked search (see :func:`optimize_stacked`)."""
+    return name_the_journal(task, optimize_stacked)
+
+
+class StackedSearch(Search):
+    """:class:`~v3kit.doctor.search.Search` whose workers run their trials as stacks (``--stack auto``)."""
+
+    worker = staticmethod(stacked_worker)
