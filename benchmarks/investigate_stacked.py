@@ -1,0 +1,159 @@
+"""``v3kit investigate`` with ``--stack off`` against ``--stack auto``: wall time and decision, side by side.
+
+    PYTHONPATH=$PWD python benchmarks/investigate_stacked.py [--tasks stdlib,module_routing] [--trials 30]
+        [--budget-minutes 30] [--top-k 2] [--confirm-seeds 3] [--out /tmp/investigate_stacked]
+
+For each task: one ``v3kit run`` (kept between invocations), then ``v3kit investigate`` on it twice under the same
+budget, trial cap, top-k, confirm seeds and one worker, first ``--stack off`` then ``--stack auto``. Prints, per
+task, the wall time of each, their ratio, the search phase's own wall time and trial counts, each trial's run time
+(its share of its stack's wall time when stacked), and whether both reached the same decision (recommendation and
+recommended variant). Writes ``OUT/results.json``. Tasks: ``stdlib`` (the built-in stdlib code-search example),
+and any ``NAME`` with a table ``$V3KIT_TASKS/NAME.parquet`` (default ``/work/tasks``, built by
+``benchmarks/real_text_tasks.py``), e.g. ``module_routing`` (2,400 queries) or ``doc_paraphrase`` (2,033).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TASKS = Path(os.environ.get("V3KIT_TASKS", "/work/tasks"))
+V3KIT = [sys.executable, "-m", "v3kit"]
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split(" ")[0] if Path("/proc/loadavg").exists() else "?"
+
+
+def train_run(task: str, runs: Path) -> Path:
+    """The run that investigate starts from (trained once)."""
+    run_dir = runs / task
+    if (run_dir / "summary.csv").exists():
+        return run_dir
+    data = (
+        ["--config", "configs/stdlib_search.yaml"]
+        if task == "stdlib"
+        else ["--set", f"data.path={TASKS}/{task}.parquet"]
+    )
+    subprocess.run([*V3KIT, "run", *data, "--set", f"run_dir={run_dir}", "--set", "progress=false"], check=True)
+    return run_dir
+
+
+def trials(out: Path) -> list[dict]:
+    """Every trial of the search's journal: state, value, run_s (its share of its stack), stacked, stack size."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(out / "search" / "study.journal")))
+    study = optuna.load_study(study_name="investigate", storage=storage)
+    return [
+        {
+            "number": t.number,
+            "name": t.user_attrs.get("name"),
+            "state": t.state.name.lower(),
+            "run_s": t.user_attrs.get("run_s"),
+            "stack_s": t.user_attrs.get("stack_s", t.user_attrs.get("run_s")),
+            "stacked": bool(t.user_attrs.get("stacked", False)),
+            "stack": int(t.user_attrs.get("stack", 1)),
+        }
+        for t in study.get_trials(deepcopy=False)
+    ]
+
+
+def investigate(run_dir: Path, out: Path, stack: str, args: argparse.Namespace) -> dict:
+    cmd = [
+        *V3KIT,
+        "investigate",
+        str(run_dir),
+        "--out",
+        str(out),
+        "--stack",
+        stack,
+        "--budget-minutes",
+        str(args.budget_minutes),
+        "--trials",
+        str(args.trials),
+        "--top-k",
+        str(args.top_k),
+        "--confirm-seeds",
+        str(args.confirm_seeds),
+        "--workers",
+        "1",
+    ]
+    load0 = load()
+    t0 = time.perf_counter()
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    v = json.loads((out / "verdict.json").read_text())
+    rows = trials(out)
+    run_s = [r["run_s"] for r in rows if r["run_s"] is not None]
+    return {
+        "wall_s": wall,
+        "load_before": load0,
+        "load_after": load(),
+        "recommendation": v["recommendation"],
+        "variant": v["variant"],
+        "effect_vs_sft": v["effect_vs_sft"],
+        "search": {k: v["search"][k] for k in ("trials", "complete", "pruned", "failed", "wall_s", "confirm")},
+        "confirm_run_seconds": v.get("run_seconds"),
+        "trial_run_s_median": statistics.median(run_s) if run_s else None,
+        "trial_run_s_sum": sum(run_s),
+        "stacked_trials": sum(r["stacked"] for r in rows),
+        "stack_sizes": sorted({r["stack"] for r in rows}),
+        "trials": rows,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tasks", default="stdlib,module_routing")
+    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--budget-minutes", type=float, default=30.0)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--confirm-seeds", type=int, default=3)
+    p.add_argument("--out", default="/tmp/investigate_stacked")
+    args = p.parse_args()
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    results = {"args": vars(args), "cpus": os.cpu_count(), "tasks": {}}
+    for task in args.tasks.split(","):
+        run_dir = train_run(task, root / "runs")
+        res = {}
+        for stack in ("off", "auto"):
+            out = root / "investigate" / f"{task}_{stack}"
+            if out.exists():
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            res[stack] = investigate(run_dir, out, stack, args)
+            r = res[stack]
+            print(
+                f"{task} --stack {stack}: {r['wall_s']:.0f} s (search {r['search']['wall_s']:.0f} s, "
+                f"{r['search']['trials']} trials: {r['search']['complete']} complete, {r['search']['pruned']} pruned; "
+                f"median trial {r['trial_run_s_median']:.1f} s; {r['stacked_trials']} stacked) -> "
+                f"{r['recommendation']} {r['variant']}; load {r['load_before']} -> {r['load_after']}",
+                flush=True,
+            )
+        off, auto = res["off"], res["auto"]
+        res["ratio"] = off["wall_s"] / auto["wall_s"]
+        res["search_ratio"] = off["search"]["wall_s"] / max(auto["search"]["wall_s"], 1e-9)
+        res["same_decision"] = (off["recommendation"], off["variant"]) == (auto["recommendation"], auto["variant"])
+        results["tasks"][task] = res
+        print(
+            f"{task}: off/auto wall {res['ratio']:.2f}x (search {res['search_ratio']:.2f}x); same decision: "
+            f"{res['same_decision']}",
+            flush=True,
+        )
+        (root / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
