@@ -82,12 +82,13 @@ def run_stacked(
     tracking: Sequence[Mapping[str, Any] | None] | None = None,
     prune: PruneFn | None = None,
     callbacks: Sequence[Sequence[Any]] | None = None,
+    prune_stages: Sequence[str] = ("grpo",),
 ) -> StackedRuns:
     """Run every config of ``cfgs`` as :func:`run_pipeline` would (its own ``run_dir``), stacked; see the module
     docstring. ``tracking``: per config, what ``run_pipeline``'s ``tracking`` is. ``prune``: see
-    :func:`v3kit.train.stacked.fit_stacked` (asked after every epoch of SFT, RCE and GRPO but the last; a member
-    pruned in one stage trains no later stage). ``callbacks``: per config, what ``run_pipeline``'s ``callbacks``
-    are (a search's reporter of val scores)."""
+    :func:`v3kit.train.stacked.fit_stacked`, asked after every epoch but the last of the stages in ``prune_stages``
+    (a member pruned before GRPO trains no later stage: its run ends there). ``callbacks``: per config, what
+    ``run_pipeline``'s ``callbacks`` are (a search's reporter of val scores)."""
     cfgs = list(cfgs)
     tracking = list(tracking) if tracking is not None else [None] * len(cfgs)
     callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in cfgs]
@@ -119,6 +120,7 @@ def run_stacked(
             stack.enter_context(RunLock(Path(c.run_dir)))
             reporters.append(stack.enter_context(trackers.reporting(c, c.run_dir, resume=resume, tracking=t)))
         runs = _Stack(cfgs, reporters, sft_checkpoint, splits, resume, callbacks)
+        runs.prune_stages = tuple(prune_stages)
         return runs.run(prune)
 
 
@@ -136,6 +138,7 @@ class _Stack:
         callbacks: list[list[Any]],
     ):
         self.cfgs, self.reporters, self.sft, self.resume = cfgs, reporters, sft, resume
+        self.prune_stages: tuple[str, ...] = ("grpo",)
         self.errors: dict[int, BaseException] = {}
         self.notes: list[str] = []
         self.stacked = True
@@ -165,7 +168,8 @@ class _Stack:
     ) -> dict[int, StageResult]:
         if not ks:  # every run stopped in an earlier stage (failed or pruned)
             return {}
-        member_prune = None if prune is None else (lambda j, epoch, m: prune(ks[j], epoch, m))
+        off = prune is None or stages[0].name not in self.prune_stages
+        member_prune = None if off else (lambda j, epoch, m: prune(ks[j], epoch, m))
         outcome = fit_stacked(stages, contexts or [self.context(k) for k in ks], prune=member_prune)
         self.stacked = self.stacked and outcome.stacked
         if outcome.note:

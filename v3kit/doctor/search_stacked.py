@@ -197,6 +197,7 @@ def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
             splits=search_splits(task),
             prune=lambda k, epoch, metrics: members[k].reporter.pruned,
             callbacks=[[m.reporter] for m in members],
+            prune_stages=("sft", "rce", "grpo"),
         )
         results, stacked = list(out.results), out.stacked
     except Exception as e:  # the whole stack failed (a full disk, a bad config): each of its trials failed
