@@ -4,8 +4,10 @@
 
 How a stack is formed (ask-and-tell):
 
-- **The enqueued variants** (the run, the remedies, the doctor's switches) are asked in queue order; consecutive
-  ones that share a structure (:func:`signature`) form one stack, the others run alone.
+- **The enqueued variants** (the run, the remedies, the doctor's switches) are enqueued with the variants of one
+  structure (:func:`signature`) next to each other (in the order each structure first appears), and asked in queue
+  order: consecutive ones that share a structure form one stack (up to K), a variant alone in its structure runs
+  alone.
 - **A sampled trial** is asked freely (TPE), then ``K - 1`` more are enqueued with its structural parameters fixed
   (its choices and integers: epochs, switches, ``retrain_sft``), so Optuna samples only their numbers (learning
   rates, ``kl_beta``, ...): TPE would otherwise give K structures that cannot share a stack. TPE's constant liar
@@ -36,6 +38,7 @@ from ..pipeline_stacked import run_stacked
 from ..provenance import flatten
 from ..train.stacked_members import MemberPruned
 from .search import (
+    ConfirmPlan,
     PruneOnVal,
     Search,
     SearchTask,
@@ -49,7 +52,7 @@ from .search import (
     trial_config,
     trial_overrides,
 )
-from .space import Param
+from .space import Param, fixed_point, run_values
 
 _PER_RUN = ("run_dir", "seed")  # what every trial has of its own
 
@@ -90,6 +93,12 @@ class _Peek:
     def __init__(self, frozen: Any) -> None:
         self.fixed = dict(frozen.system_attrs.get("fixed_params", {}))
         self.user_attrs = dict(frozen.user_attrs)
+
+    @classmethod
+    def of(cls, fixed: dict[str, Any], user_attrs: dict[str, Any]) -> _Peek:
+        peek = cls.__new__(cls)
+        peek.fixed, peek.user_attrs = dict(fixed), dict(user_attrs)
+        return peek
 
     def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
         return self.fixed.get(name, choices[0])
@@ -243,3 +252,29 @@ class StackedSearch(Search):
     """:class:`~v3kit.doctor.search.Search` whose workers run their trials as stacks (``--stack auto``)."""
 
     worker = staticmethod(stacked_worker)
+
+    def enqueue(self, variants: Sequence[tuple[str, Sequence[str]]]) -> int:
+        """:meth:`Search.enqueue`, the variants of one structure next to each other (stable), so that they are
+        asked one after another and share a stack."""
+        task = SearchTask(
+            0,
+            self.folder,
+            self.split_cfg,
+            self.params,
+            list(self.base),
+            self.sft,
+            self.metric,
+            0.0,
+            ConfirmPlan(0, 0, False),
+            1,
+            self.max_trials,
+            self.seed,
+            run_values(self.base),
+        )
+        groups: dict[tuple[Any, ...], list[tuple[str, Sequence[str]]]] = {}
+        for name, overrides in variants:
+            values, extra = fixed_point(self.params, list(overrides), self.base)
+            peek = _Peek.of(values, {"extra": extra})
+            own, full = trial_overrides(task, peek)
+            groups.setdefault(signature(own, trial_config(task, 0, full)), []).append((name, overrides))
+        return super().enqueue([v for group in groups.values() for v in group])
