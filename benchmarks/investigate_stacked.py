@@ -94,6 +94,7 @@ def investigate(run_dir: Path, out: Path, stack: str, args: argparse.Namespace) 
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     v = json.loads((out / "verdict.json").read_text())
+    what = next((r.get("what") for r in v.get("variants", []) if r.get("variant") == v["variant"]), None)
     rows = trials(out)
     run_s = [r["run_s"] for r in rows if r["run_s"] is not None]
     return {
@@ -103,6 +104,7 @@ def investigate(run_dir: Path, out: Path, stack: str, args: argparse.Namespace) 
         "recommendation": v["recommendation"],
         "variant": v["variant"],
         "effect_vs_sft": v["effect_vs_sft"],
+        "what": what,
         "search": {k: v["search"][k] for k in ("trials", "complete", "pruned", "failed", "wall_s", "confirm")},
         "confirm_run_seconds": v.get("run_seconds"),
         "trial_run_s_median": statistics.median(run_s) if run_s else None,
@@ -145,13 +147,21 @@ def main() -> None:
         off, auto = res["off"], res["auto"]
         res["ratio"] = off["wall_s"] / auto["wall_s"]
         res["search_ratio"] = off["search"]["wall_s"] / max(auto["search"]["wall_s"], 1e-9)
-        res["same_decision"] = (off["recommendation"], off["variant"]) == (auto["recommendation"], auto["variant"])
+        # a sampled finalist is named by its trial number, which differs from one search to the next: the decision
+        # is the recommendation, the variant when it is a named one, and the effect's interval
+        (a, lo_a, hi_a), (b, lo_b, hi_b) = off["effect_vs_sft"], auto["effect_vs_sft"]
+        res["same_recommendation"] = off["recommendation"] == auto["recommendation"]
+        res["same_variant"] = off["variant"] == auto["variant"]
+        res["effects_overlap"] = max(lo_a, lo_b) <= min(hi_a, hi_b)
         results["tasks"][task] = res
         print(
-            f"{task}: off/auto wall {res['ratio']:.2f}x (search {res['search_ratio']:.2f}x); same decision: "
-            f"{res['same_decision']}",
+            f"{task}: off/auto wall {res['ratio']:.2f}x (search {res['search_ratio']:.2f}x); same recommendation: "
+            f"{res['same_recommendation']}; same variant: {res['same_variant']} ({off['variant']} vs {auto['variant']}); "
+            f"effect vs SFT {a:+.3f} [{lo_a:+.3f}, {hi_a:+.3f}] vs {b:+.3f} [{lo_b:+.3f}, {hi_b:+.3f}]",
             flush=True,
         )
+        for stack in ("off", "auto"):
+            print(f"  {stack}: {res[stack]['what']}", flush=True)
         (root / "results.json").write_text(json.dumps(results, indent=1))
 
 
