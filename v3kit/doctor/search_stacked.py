@@ -90,15 +90,12 @@ class _Peek:
     """An enqueued (waiting) trial seen through the suggest API, to read its structure before asking for it: a
     fixed value where the queue fixed one, else the range's low end (floats do not change a structure)."""
 
-    def __init__(self, frozen: Any) -> None:
-        self.fixed = dict(frozen.system_attrs.get("fixed_params", {}))
-        self.user_attrs = dict(frozen.user_attrs)
+    def __init__(self, fixed: dict[str, Any], user_attrs: dict[str, Any]) -> None:
+        self.fixed, self.user_attrs = dict(fixed), dict(user_attrs)
 
     @classmethod
-    def of(cls, fixed: dict[str, Any], user_attrs: dict[str, Any]) -> _Peek:
-        peek = cls.__new__(cls)
-        peek.fixed, peek.user_attrs = dict(fixed), dict(user_attrs)
-        return peek
+    def waiting(cls, frozen: Any) -> _Peek:
+        return cls(frozen.system_attrs.get("fixed_params", {}), frozen.user_attrs)
 
     def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
         return self.fixed.get(name, choices[0])
@@ -142,7 +139,7 @@ def ask_stack(study: Any, task: SearchTask, n: int) -> list[Member]:
     if waiting:
         count, first = 0, None
         for frozen in waiting[:n]:
-            own, overrides = trial_overrides(task, _Peek(frozen))
+            own, overrides = trial_overrides(task, _Peek.waiting(frozen))
             sig = signature(own, trial_config(task, frozen.number, overrides))
             if first is not None and sig != first:
                 break
@@ -274,7 +271,7 @@ class StackedSearch(Search):
         groups: dict[tuple[Any, ...], list[tuple[str, Sequence[str]]]] = {}
         for name, overrides in variants:
             values, extra = fixed_point(self.params, list(overrides), self.base)
-            peek = _Peek.of(values, {"extra": extra})
+            peek = _Peek(values, {"extra": extra})
             own, full = trial_overrides(task, peek)
             groups.setdefault(signature(own, trial_config(task, 0, full)), []).append((name, overrides))
         return super().enqueue([v for group in groups.values() for v in group])
