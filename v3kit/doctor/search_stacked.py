@@ -33,10 +33,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 from ..config import RunConfig, to_dict
 from ..pipeline_stacked import run_stacked
 from ..provenance import flatten
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.model import build_model
 from ..train.stacked_members import MemberPruned
+from ..train.stacked_towers import stack_reason
 from .search import (
     ConfirmPlan,
     PruneOnVal,
@@ -122,6 +127,19 @@ def _member(task: SearchTask, trial: Any) -> Member:
     return Member(trial, own, trial_config(task, trial.number, overrides), ReportOnVal(trial, task.metric))
 
 
+def batch_reason(task: SearchTask, m: Member) -> str | None:
+    """Why trials of ``m``'s structure cannot train as one batched model (None: they can), as the stacked trainer
+    would say (:func:`v3kit.train.stacked_towers.stack_reason`): such trials run alone, pruned as the one-at-a-time
+    search prunes them, instead of one after another inside a stack that cannot stop them early."""
+    if m.own_sft:
+        train = search_splits(task).train
+        with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG: leave it as it was
+            model = build_model(m.cfg.model, train.query_dim, train.cand_dim)
+    else:
+        model = model_from_checkpoint(load_checkpoint(task.sft), task.sft)
+    return stack_reason([model, model])
+
+
 def _finished(study: Any) -> int:
     """Trials that count towards the cap (as Optuna's MaxTrialsCallback counts them), running ones too."""
     import optuna
@@ -149,6 +167,8 @@ def ask_stack(study: Any, task: SearchTask, n: int) -> list[Member]:
     names = structural(task.params)
     fixed = {k: v for k, v in lead.trial.params.items() if k in names}
     if len(fixed) == len(lead.trial.params):  # nothing numeric was sampled: copies would be the same trial
+        return [lead]
+    if batch_reason(task, lead) is not None:  # copies would run alone: TPE samples the next trials freely
         return [lead]
     for _ in range(n - 1):
         study.enqueue_trial(fixed, user_attrs={"stack_of": lead.trial.number})
@@ -191,9 +211,15 @@ def _alone(task: SearchTask, m: Member) -> tuple[float | BaseException, float]:
 def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
     """Train ``members`` (one structure) as one stacked model and tell each trial its result; a lone member runs
     as the one-at-a-time search runs it."""
-    if len(members) == 1:
-        outcome, run_s = _alone(task, members[0])
-        _tell(study, task, members[0], outcome, {"stacked": False, "stack": 1, "run_s": run_s, "stack_s": run_s})
+    reason = batch_reason(task, members[0]) if len(members) > 1 else None
+    if len(members) == 1 or reason is not None:
+        if reason is not None and task.progress:
+            numbers = ", ".join(str(m.trial.number) for m in members)
+            print(f"search: trials {numbers} run one at a time: {reason}", flush=True)
+        for m in members:
+            outcome, run_s = _alone(task, m)
+            attrs = {"stacked": False, "stack": 1, "run_s": run_s, "stack_s": run_s}
+            _tell(study, task, m, outcome, attrs if reason is None else {**attrs, "stack_note": reason})
         return
     t0 = time.perf_counter()
     try:
