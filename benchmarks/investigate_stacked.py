@@ -7,7 +7,10 @@ For each task: one ``v3kit run`` (kept between invocations), then ``v3kit invest
 budget, trial cap, top-k, confirm seeds and one worker, first ``--stack off`` then ``--stack auto``. Prints, per
 task, the wall time of each, their ratio, the search phase's own wall time and trial counts, each trial's run time
 (its share of its stack's wall time when stacked), and whether both reached the same decision (recommendation and
-recommended variant). Writes ``OUT/results.json``. Tasks: ``stdlib`` (the built-in stdlib code-search example),
+recommended variant). Then a probe of the stacks themselves: the largest stack of the ``auto`` search retrained
+without pruning, its trials one after another and then as one stack (the speed-up a stack of those trials gets,
+whatever the search did around it). ``--probe-only`` reruns the probe on existing outputs. Writes
+``OUT/results.json``. Tasks: ``stdlib`` (the built-in stdlib code-search example),
 and any ``NAME`` with a table ``$V3KIT_TASKS/NAME.parquet`` (default ``/work/tasks``, built by
 ``benchmarks/real_text_tasks.py``), e.g. ``module_routing`` (2,400 queries) or ``doc_paraphrase`` (2,033).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,6 +67,9 @@ def trials(out: Path) -> list[dict]:
             "stack_s": t.user_attrs.get("stack_s", t.user_attrs.get("run_s")),
             "stacked": bool(t.user_attrs.get("stacked", False)),
             "stack": int(t.user_attrs.get("stack", 1)),
+            "stack_of": t.user_attrs.get("stack_of", t.number),
+            "overrides": t.user_attrs.get("overrides", []),
+            "own_sft": bool(t.user_attrs.get("own_sft", False)),
         }
         for t in study.get_trials(deepcopy=False)
     ]
@@ -115,6 +122,64 @@ def investigate(run_dir: Path, out: Path, stack: str, args: argparse.Namespace) 
     }
 
 
+def probe(run_dir: Path, out: Path, root: Path) -> dict:
+    """The largest stack of ``out``'s search, retrained without pruning: one after another, then stacked."""
+    from v3kit.ablate.backends import worker_config
+    from v3kit.config import load_config
+    from v3kit.data.contract import Splits
+    from v3kit.doctor.investigate import Investigation
+    from v3kit.pipeline import prepare_data, run_pipeline
+    from v3kit.pipeline_stacked import run_stacked
+
+    rows = [r for r in trials(out) if r["stacked"]]
+    if not rows:
+        return {}
+    shutil.rmtree(root / "probe", ignore_errors=True)
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["stack_of"], r["stack"]), []).append(r)
+    group = max(groups.values(), key=len)
+    inv = Investigation(run_dir, out=root / "probe" / "inv", progress=False)
+    split = prepare_data(load_config(None, [*inv.base, f"seed={inv.split_seed}", "progress=false"]))
+    splits = Splits(train=split.train, val=split.val, test=split.val)
+    sft = None if group[0]["own_sft"] else str(inv.sft)
+
+    def cfgs(kind: str) -> list:
+        return [
+            worker_config(
+                load_config(
+                    None,
+                    [
+                        *inv.base,
+                        *r["overrides"],
+                        "seed=0",
+                        f"run_dir={root / 'probe' / kind / str(i)}",
+                        "progress=false",
+                    ],
+                )
+            )
+            for i, r in enumerate(group)
+        ]
+
+    t0 = time.perf_counter()
+    for c in cfgs("alone"):
+        run_pipeline(c, sft_checkpoint=sft, splits=splits)
+    alone = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out_stacked = run_stacked(cfgs("stacked"), sft_checkpoint=sft, splits=splits)
+    stacked = time.perf_counter() - t0
+    return {
+        "trials": [r["number"] for r in group],
+        "own_sft": group[0]["own_sft"],
+        "alone_s": alone,
+        "stacked_s": stacked,
+        "speedup": alone / stacked,
+        "batched": out_stacked.stacked,
+        "overrides": group[0]["overrides"],
+        "load": load(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", default="stdlib,module_routing")
@@ -123,12 +188,19 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--confirm-seeds", type=int, default=3)
     p.add_argument("--out", default="/tmp/investigate_stacked")
+    p.add_argument("--probe-only", action="store_true", help="only the probe, on the outputs of an earlier call")
     args = p.parse_args()
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     results = {"args": vars(args), "cpus": os.cpu_count(), "tasks": {}}
     for task in args.tasks.split(","):
         run_dir = train_run(task, root / "runs")
+        if args.probe_only:
+            pr = probe(run_dir, root / "investigate" / f"{task}_auto", root)
+            results["tasks"][task] = {"probe": pr}
+            print(f"{task} probe: {json.dumps({k: v for k, v in pr.items() if k != 'overrides'})}", flush=True)
+            (root / "results_probe.json").write_text(json.dumps(results, indent=1))
+            continue
         res = {}
         for stack in ("off", "auto"):
             out = root / "investigate" / f"{task}_{stack}"
@@ -163,6 +235,8 @@ def main() -> None:
         )
         for stack in ("off", "auto"):
             print(f"  {stack}: {res[stack]['what']}", flush=True)
+        res["probe"] = pr = probe(run_dir, root / "investigate" / f"{task}_auto", root)
+        print(f"{task} probe: {json.dumps({k: v for k, v in pr.items() if k != 'overrides'})}", flush=True)
         (root / "results.json").write_text(json.dumps(results, indent=1))
 
 
