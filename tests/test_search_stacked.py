@@ -214,3 +214,24 @@ def test_stack_off_runs_every_trial_alone(tmp_path, run_sft, monkeypatch):
     res = search.run(time.time() + 600)
     assert res.counts["complete"] == 3 and not any(r["stacked"] for r in res.trials)
     assert all(r["stack"] == 1 for r in res.trials)
+
+
+def test_a_structure_the_stack_cannot_batch_runs_its_trials_alone(tmp_path, run_sft, monkeypatch):
+    """When the stacked trainer would not batch a structure (``stack_reason`` gives a reason), its trials run alone
+    as with ``--stack off`` (pruned by raising, as before), each recorded with the reason, and a sampled trial of
+    it gets no copies: TPE samples the next trials freely."""
+
+    def refuse(*a, **kw):
+        raise AssertionError("an unbatchable structure must not go through run_stacked")
+
+    monkeypatch.setattr(search_stacked, "stack_reason", lambda models: "the towers are not the built-in MLP")
+    monkeypatch.setattr(search_stacked, "run_stacked", refuse)
+    search = _search(tmp_path / "search", run_sft, 4)
+    search.enqueue(SHARED[:2])  # one structure: a stack of 2 if it could batch
+    res = search.run(time.time() + 600)
+    assert res.counts["complete"] + res.counts["pruned"] == 4
+    trials = search.study.get_trials(deepcopy=False)
+    for t in trials:
+        assert t.user_attrs["stacked"] is False and t.user_attrs["stack"] == 1
+        assert "stack_of" not in t.user_attrs  # no enqueued copies of a sampled trial
+    assert [t.user_attrs.get("stack_note") for t in trials[:2]] == ["the towers are not the built-in MLP"] * 2
