@@ -362,6 +362,7 @@ class Investigation:
             **res.counts,
             "trials": res.counts["complete"] + res.counts["pruned"] + res.counts["failed"],
             "wall_s": round(res.wall_s, 1),
+            "stacked": sum(bool(t.get("stacked")) for t in res.trials),  # trials trained in a stack (--stack auto)
             "params": [p.name for p in self.params],
             "importances": importances(res.study),
             "budget_s": self.budget_s,
