@@ -51,6 +51,7 @@ from .train.rce import RCEStage
 from .train.selection import BestVal
 from .train.sft import SFTStage, Stage1, keep_best_epoch, load_sft
 from .train.stacked import PruneFn, fit_stacked
+from .train.stacked_members import MemberPruned
 from .train.training import RunContext, StageResult
 
 
@@ -81,19 +82,28 @@ def run_stacked(
     resume: bool = False,
     tracking: Sequence[Mapping[str, Any] | None] | None = None,
     prune: PruneFn | None = None,
+    callbacks: Sequence[Sequence[Any]] | None = None,
+    prune_stages: Sequence[str] = ("grpo",),
 ) -> StackedRuns:
     """Run every config of ``cfgs`` as :func:`run_pipeline` would (its own ``run_dir``), stacked; see the module
     docstring. ``tracking``: per config, what ``run_pipeline``'s ``tracking`` is. ``prune``: see
-    :func:`v3kit.train.stacked.fit_stacked` (called in GRPO, the stage a search prunes in)."""
+    :func:`v3kit.train.stacked.fit_stacked`, asked after every epoch but the last of the stages in ``prune_stages``
+    (a member pruned before GRPO trains no later stage: its run ends there). ``callbacks``: per config, what
+    ``run_pipeline``'s ``callbacks`` are (a search's reporter of val scores)."""
     cfgs = list(cfgs)
     tracking = list(tracking) if tracking is not None else [None] * len(cfgs)
+    callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in cfgs]
     # given splits are the caller's word that the runs share them (a grid's runs: one split per world)
     reason = "a single run" if len(cfgs) < 2 else None if splits is not None else share_data_reason(cfgs)
     if reason is not None:
         out: list[PipelineResult | BaseException] = []
-        for c, t in zip(cfgs, tracking):
+        for c, t, cb in zip(cfgs, tracking, callbacks):
             try:
-                out.append(run_pipeline(c, sft_checkpoint=sft_checkpoint, splits=splits, resume=resume, tracking=t))
+                out.append(
+                    run_pipeline(
+                        c, sft_checkpoint=sft_checkpoint, splits=splits, resume=resume, tracking=t, callbacks=cb
+                    )
+                )
             except Exception as e:
                 out.append(e)
         return StackedRuns(out, stacked=False, notes=[f"ran one after another: {reason}"])
@@ -110,7 +120,8 @@ def run_stacked(
             Path(c.run_dir).mkdir(parents=True, exist_ok=True)
             stack.enter_context(RunLock(Path(c.run_dir)))
             reporters.append(stack.enter_context(trackers.reporting(c, c.run_dir, resume=resume, tracking=t)))
-        runs = _Stack(cfgs, reporters, sft_checkpoint, splits, resume)
+        runs = _Stack(cfgs, reporters, sft_checkpoint, splits, resume, callbacks)
+        runs.prune_stages = tuple(prune_stages)
         return runs.run(prune)
 
 
@@ -118,8 +129,17 @@ class _Stack:
     """The K runs of :func:`run_stacked`, stage by stage (one :class:`v3kit.run.Run` each, sharing the splits); a
     run that fails drops out of the later stages."""
 
-    def __init__(self, cfgs: list[RunConfig], reporters: list[Any], sft: Any, splits: Splits | None, resume: bool):
+    def __init__(
+        self,
+        cfgs: list[RunConfig],
+        reporters: list[Any],
+        sft: Any,
+        splits: Splits | None,
+        resume: bool,
+        callbacks: list[list[Any]],
+    ):
         self.cfgs, self.reporters, self.sft, self.resume = cfgs, reporters, sft, resume
+        self.prune_stages: tuple[str, ...] = ("grpo",)
         self.errors: dict[int, BaseException] = {}
         self.notes: list[str] = []
         self.stacked = True
@@ -130,8 +150,8 @@ class _Stack:
                 self.recorded[k] = check_same_sft(Path(c.run_dir), sft)
         self.splits = splits or prepare_data(cfgs[0])
         self.runs = [
-            Run(c, splits=self.splits, callbacks=r.callbacks(), resume=resume, warn=k == 0)
-            for k, (c, r) in enumerate(zip(cfgs, reporters))
+            Run(c, splits=self.splits, callbacks=[*cb, *r.callbacks()], resume=resume, warn=k == 0)
+            for k, (c, r, cb) in enumerate(zip(cfgs, reporters, callbacks))
         ]
         for run in self.runs:
             check_before_writing(run)  # a missing device, a model too big, data that cannot support the config
@@ -147,7 +167,11 @@ class _Stack:
     def fit(
         self, ks: list[int], stages: list[Any], prune: PruneFn | None = None, contexts: list[RunContext] | None = None
     ) -> dict[int, StageResult]:
-        outcome = fit_stacked(stages, contexts or [self.context(k) for k in ks], prune=prune)
+        if not ks:  # every run stopped in an earlier stage (failed or pruned)
+            return {}
+        off = prune is None or stages[0].name not in self.prune_stages
+        member_prune = None if off else (lambda j, epoch, m: prune(ks[j], epoch, m))
+        outcome = fit_stacked(stages, contexts or [self.context(k) for k in ks], prune=member_prune)
         self.stacked = self.stacked and outcome.stacked
         if outcome.note:
             self.notes.append(f"{stages[0].name}: {outcome.note}")
@@ -155,6 +179,8 @@ class _Stack:
         for k, r in zip(ks, outcome.results):
             if isinstance(r, BaseException):
                 self.errors[k] = r
+            elif r.info.get("pruned") and stages[0].name != "grpo":  # pruned before the last stage: its run ends
+                self.errors[k] = MemberPruned(f"{stages[0].name}: pruned")
             else:
                 done[k] = r
         return done
@@ -162,7 +188,7 @@ class _Stack:
     def run(self, prune: PruneFn | None) -> StackedRuns:
         for c in self.cfgs:
             dump_config(c, Path(c.run_dir) / "config.yaml")
-        sft_paths = self.train_sft()
+        sft_paths = self.train_sft(prune)
         for k in self.live():
             record_sft_checkpoint(
                 Path(self.cfgs[k].run_dir), sft_paths[k], given=bool(self.sft), recorded=self.recorded.get(k)
@@ -180,7 +206,7 @@ class _Stack:
             RCEStage(stage1[k].policy, rl[k], self.cfgs[k].rce, stage1[k].model_config, reference=stage1[k].reference)
             for k in ks
         ]
-        rce = self.fit(ks, stages)
+        rce = self.fit(ks, stages, prune=prune)
         after_rce = {k: copy.deepcopy(stage1[k].policy) for k in rce}
         grpo, temps = self.grpo(stage1, rl, prune)
         results: list[PipelineResult | BaseException] = []
@@ -194,7 +220,7 @@ class _Stack:
                 results.append(e)
         return StackedRuns(results, stacked=self.stacked, notes=self.notes)
 
-    def train_sft(self) -> dict[int, Path]:
+    def train_sft(self, prune: PruneFn | None = None) -> dict[int, Path]:
         """Each run's ``sft.pt``: the given checkpoint, a finished one (on resume), or trained here, stacked, as
         :func:`v3kit.train.sft.train_sft` trains it (under ``select: best_val`` its best val epoch ships)."""
         if self.sft:
@@ -223,7 +249,7 @@ class _Stack:
             inits.append(init)
             contexts.append(context)
         if todo:
-            done = self.fit(todo, stages, contexts=contexts)
+            done = self.fit(todo, stages, prune=prune, contexts=contexts)
             for k, stage, meta, tracker, init in zip(todo, stages, metas, trackers_, inits):
                 if k not in done:
                     continue
@@ -272,8 +298,7 @@ class _Stack:
                     precision=self.runtime.precision,
                 )
             )
-        member_prune = None if prune is None else (lambda j, epoch, m: prune(ks[j], epoch, m))
-        done = self.fit(ks, stages, prune=member_prune)
+        done = self.fit(ks, stages, prune=prune)
         for k, stage in zip(ks, stages):
             if k in done:
                 done[k].info.update(step0_ratios=stage.step0_ratios, temperature=temps[k], **stage.step0_summary)

@@ -4,7 +4,8 @@ The doctor names suspects; this module finds what to ship, in two phases on sepa
 
 1. **Search** (:mod:`.search`): an Optuna study over the declared search space (``configs/search_space.yaml``):
    single-seed trials scored on **val**, pruned epoch by epoch. The run, the remedies and each of the doctor's
-   flagged switches are its first trials (they rank the search; they no longer gate it).
+   flagged switches are its first trials (they rank the search; they no longer gate it). With ``stack='auto'``
+   (the default) trials that share a structure train as one stacked model (:mod:`.search_stacked`).
 2. **Confirm** (:mod:`.confirm`): the top ``top_k`` configurations, plus the SFT you have, the run and every
    shippable reference (the raw cosine is the residual model at init), retrained with fresh seeds and compared on
    the **test** split the search never saw. The verdict's numbers come from here only; the comparisons with SFT
@@ -59,6 +60,7 @@ from .grid import run_overrides
 from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F401 - decide, moving_lr: documented
 from .report import diagnose
 from .search import ConfirmPlan, Search, SearchResult, confirm_seconds, finalists
+from .search_stacked import StackedSearch
 from .space import active, load_space, run_values
 from .verdict_report import SFT_ONLY, VERDICT_JSON, Verdict, write_verdict
 
@@ -201,8 +203,9 @@ class Investigation:
 
     def search(self, deadline: float) -> SearchResult:
         """The search phase: the run, the remedies and the doctor's switches first, then TPE, until the trial cap
-        or until the time left is what the confirm phase needs."""
-        search = Search(
+        or until the time left is what the confirm phase needs; with ``stack='auto'`` the trials run as stacks."""
+        kind = StackedSearch if self.stack == "auto" else Search
+        search = kind(
             self.out / "search",
             self.params,
             base=self.base,
@@ -359,6 +362,7 @@ class Investigation:
             **res.counts,
             "trials": res.counts["complete"] + res.counts["pruned"] + res.counts["failed"],
             "wall_s": round(res.wall_s, 1),
+            "stacked": sum(bool(t.get("stacked")) for t in res.trials),  # trials trained in a stack (--stack auto)
             "params": [p.name for p in self.params],
             "importances": importances(res.study),
             "budget_s": self.budget_s,

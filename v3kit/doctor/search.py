@@ -9,6 +9,7 @@ The study lives in a journal file in the output folder (``search/study.journal``
 without redoing finished trials, and workers on several machines (``--backend ray`` on a shared filesystem) share
 one study. Workers are :mod:`v3kit.ablate.backends` tasks, each running ``study.optimize`` until the trial cap or
 the budget (which keeps room for the confirm phase, estimated from the trials' measured run times) says stop.
+This module runs one trial at a time (``--stack off``); :mod:`.search_stacked` runs them as stacks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import pipeline
 from ..ablate.backends import make_backend, worker_config
@@ -34,6 +35,7 @@ STUDY = "investigate"
 JOURNAL = "study.journal"
 TRIAL_SEED = 0  # every trial trains with one seed; the confirm phase retrains the finalists with fresh ones
 OPTUNA_INSTALL = "pip install -e '.[search]'"
+STACK_SIZE = 8  # trials asked of Optuna at once when the search runs as stacks (--stack auto)
 
 
 def import_optuna() -> Any:
@@ -45,9 +47,10 @@ def import_optuna() -> Any:
     return optuna
 
 
-def open_study(folder: Path, metric: str, seed: int = 0) -> Any:
+def open_study(folder: Path, metric: str, seed: int = 0, constant_liar: bool = False) -> Any:
     """The study in ``folder/study.journal`` (created on first use): TPE seeded with ``seed``, and a median
-    pruner that waits for 5 finished trials and never stops a trial before its third val evaluation."""
+    pruner that waits for 5 finished trials and never stops a trial before its third val evaluation.
+    ``constant_liar``: TPE counts running trials as bad ones, so trials asked together spread out (a stack)."""
     optuna = import_optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -58,7 +61,7 @@ def open_study(folder: Path, metric: str, seed: int = 0) -> Any:
         study_name=STUDY,
         storage=storage,
         direction="maximize" if METRIC_DIRECTION[metric] > 0 else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10),
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, constant_liar=constant_liar),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
         load_if_exists=True,
     )
@@ -72,15 +75,19 @@ class PruneOnVal:
         self.trial, self.metric, self.step, self.best = trial, metric, 0, math.nan
         self.d = METRIC_DIRECTION[metric]
 
-    def on_eval(self, row: dict[str, Any]) -> None:
+    def observe(self, row: dict[str, Any]) -> bool:
+        """Report ``row``'s running best (a val row with the metric); whether the pruner says stop."""
         v = row.get(self.metric)
         if row.get("split") != "val" or v is None or not math.isfinite(float(v)):
-            return
+            return False
         if math.isnan(self.best) or self.d * (float(v) - self.best) > 0:
             self.best = float(v)
         self.trial.report(self.best, self.step)
         self.step += 1
-        if self.trial.should_prune():
+        return bool(self.trial.should_prune())
+
+    def on_eval(self, row: dict[str, Any]) -> None:
+        if self.observe(row):
             import optuna
 
             raise optuna.TrialPruned(f"val {self.metric} {self.best:.4f} below the median at step {self.step}")
@@ -111,6 +118,7 @@ class SearchTask:
     seed: int = 0
     base_values: dict[str, Any] = field(default_factory=dict)
     progress: bool = False  # one line per finished trial
+    stack_size: int = STACK_SIZE  # trials per stack (read by the stacked search only)
 
 
 def trial_overrides(task: SearchTask, trial: Any) -> tuple[bool, list[str]]:
@@ -125,28 +133,41 @@ def trial_overrides(task: SearchTask, trial: Any) -> tuple[bool, list[str]]:
     return own, [*sampled, *extra, "select=best_val", f"select_metric={task.metric}"]
 
 
+def trial_config(task: SearchTask, number: int, overrides: Sequence[str]) -> RunConfig:
+    """The config trial ``number`` trains: the run's, ``overrides``, one seed, its own run dir."""
+    run_dir = task.folder / f"trial{number}"
+    cfg = load_config(None, [*task.base, *overrides, f"seed={TRIAL_SEED}", f"run_dir={run_dir}", "progress=false"])
+    return worker_config(cfg)
+
+
+def search_splits(task: SearchTask) -> Splits:
+    """The run's train and val splits, val in the test slot: the test split never enters a trial."""
+    splits = splits_for(task.cfg)
+    return Splits(train=splits.train, val=splits.val, test=splits.val)
+
+
+def drop_checkpoints(run_dir: Path) -> None:
+    for p in run_dir.glob("*.pt"):  # a trial is a number: its checkpoints are not needed again
+        p.unlink()
+
+
 def run_trial(task: SearchTask, trial: Any) -> float:
     """Train ``trial``'s config with one seed on train, score it on val (its shipped model's val metric)."""
     own, overrides = trial_overrides(task, trial)
     trial.set_user_attr("overrides", overrides)
     trial.set_user_attr("own_sft", own)
-    run_dir = task.folder / f"trial{trial.number}"
-    cfg = load_config(None, [*task.base, *overrides, f"seed={TRIAL_SEED}", f"run_dir={run_dir}", "progress=false"])
-    cfg = worker_config(cfg)
-    splits = splits_for(task.cfg)
-    search_splits = Splits(train=splits.train, val=splits.val, test=splits.val)  # test never enters a trial
+    cfg = trial_config(task, trial.number, overrides)
     t0 = time.perf_counter()
     try:
         res = pipeline.run_pipeline(
             cfg,
             sft_checkpoint=None if own else task.sft,
-            splits=search_splits,
+            splits=search_splits(task),
             callbacks=[PruneOnVal(trial, task.metric)],
         )
     finally:
         trial.set_user_attr("run_s", time.perf_counter() - t0)
-        for p in run_dir.glob("*.pt"):  # a trial is a number: its checkpoints are not needed again
-            p.unlink()
+        drop_checkpoints(Path(cfg.run_dir))
     assert res.selection is not None
     trial.set_user_attr("selected", f"{res.selection.stage}:{res.selection.epoch}")
     return float(res.selection.val)
@@ -156,16 +177,22 @@ def confirm_seconds(trials: Sequence[dict[str, Any]], metric: str, plan: Confirm
     """Seconds the confirm phase will take, from the trials' measured run times (``trials``: dicts with ``name``,
     ``state``, ``value``, ``run_s``): the current top ``plan.top_k`` trials each at its own time, the run at the
     run trial's time (twice when the run's SFT is retrained too: an SFT per seed), times the seeds, over the
-    workers, plus a 20% margin for the per-seed SFTs and the scoring of the test split."""
+    workers, plus a 20% margin for the per-seed SFTs and the scoring of the test split. A trial that ran in a stack
+    (``stack_s``: the stack's wall time, ``run_s`` its share) counts at least ``stack_s / seeds``: the confirm
+    phase stacks a finalist's seeds, and a stack of ``seeds`` runs takes no longer than the trial's stack."""
     d = METRIC_DIRECTION[metric]
     done = [t for t in trials if t["state"] == "complete" and t["value"] is not None]
     if not done:
         return 0.0
     done.sort(key=lambda t: -d * t["value"])
-    times = sorted(float(t["run_s"]) for t in done)
+
+    def cost(t: dict[str, Any]) -> float:
+        return max(float(t["run_s"]), float(t.get("stack_s", t["run_s"])) / max(1, plan.seeds))
+
+    times = sorted(cost(t) for t in done)
     median = times[len(times) // 2]
-    run = next((float(t["run_s"]) for t in done if t["name"] == "run"), median)
-    per_seed = sum(float(t["run_s"]) for t in done[: plan.top_k]) + run * (2 if plan.own_sft else 1)
+    run = next((cost(t) for t in done if t["name"] == "run"), median)
+    per_seed = sum(cost(t) for t in done[: plan.top_k]) + run * (2 if plan.own_sft else 1)
     return 1.2 * per_seed * plan.seeds / max(1, workers)
 
 
@@ -179,15 +206,30 @@ def _trial_rows(study: Any) -> list[dict[str, Any]]:
             "state": "complete",
             "value": t.value,
             "run_s": t.user_attrs.get("run_s", 0.0),
+            "stack_s": t.user_attrs.get("stack_s", t.user_attrs.get("run_s", 0.0)),
         }
         for t in done
     ]
 
 
+def over_budget(study: Any, task: SearchTask, unit: str = "run_s") -> bool:
+    """Whether one more unit of work (the median finished trial's ``unit``: ``run_s`` a trial, ``stack_s`` a
+    stack) and the confirm phase would end past the deadline."""
+    rows = _trial_rows(study)
+    times = sorted(r[unit] for r in rows)
+    per = times[len(times) // 2] if times else 0.0
+    return time.time() + per + confirm_seconds(rows, task.metric, task.plan, task.workers) > task.deadline
+
+
 def search_worker(task: SearchTask) -> int:
     """One worker: ``study.optimize`` until the trial cap, the budget, or the study's end; returns its trials."""
+    return name_the_journal(task, _optimize)
+
+
+def name_the_journal(task: SearchTask, optimize: Callable[[SearchTask], int]) -> int:
+    """``optimize(task)``, with a full disk while Optuna writes the journal named as the journal."""
     try:
-        return _optimize(task)
+        return optimize(task)
     except Exception as e:  # Optuna's journal writes name no file (and may wrap the OSError): name the journal
         full = as_disk_full(e)
         if full is None or full.filename != UNKNOWN_FILE:
@@ -207,10 +249,7 @@ def _optimize(task: SearchTask) -> int:
             value = "" if trial.value is None else f" val {task.metric} {trial.value:.4f}"
             name = trial.user_attrs.get("name", f"trial{trial.number}")
             print(f"search: trial {trial.number} ({name}) {trial.state.name.lower()}{value}", flush=True)
-        rows = _trial_rows(study)
-        times = sorted(r["run_s"] for r in rows)
-        per = times[len(times) // 2] if times else 0.0
-        if time.time() + per + confirm_seconds(rows, task.metric, task.plan, task.workers) > task.deadline:
+        if over_budget(study, task):
             study.stop()
 
     S = optuna.trial.TrialState
@@ -225,14 +264,18 @@ def _optimize(task: SearchTask) -> int:
 
 @dataclass
 class SearchResult:
-    trials: list[dict[str, Any]]  # every finished trial: number, name, state, value, overrides, own_sft, run_s
+    trials: list[dict[str, Any]]  # every finished trial: number, name, state, value, overrides, own_sft, run_s,
+    # stacked (and stack: how many trials its stack held)
     counts: dict[str, int]  # complete, pruned, failed, running (stale), waiting
     wall_s: float
     study: Any = None
 
 
 class Search:
-    """The driver: opens the study, enqueues the doctor's variants first, runs the workers, reads the result."""
+    """The driver: opens the study, enqueues the doctor's variants first, runs the workers, reads the result.
+    Its workers run one trial at a time (:class:`v3kit.doctor.search_stacked.StackedSearch` runs stacks)."""
+
+    worker: Callable[[SearchTask], int] = staticmethod(search_worker)
 
     def __init__(
         self,
@@ -305,7 +348,7 @@ class Search:
             self.backend, workers=self.workers, out_dir=self.folder, address=self.address, device=self.split_cfg.device
         )
         try:
-            runner.run(search_worker, tasks, lambda t: f"search worker {t.index}", lambda: None, errors)
+            runner.run(self.worker, tasks, lambda t: f"search worker {t.index}", lambda: None, errors)
         finally:
             runner.close()
         if errors:
@@ -334,6 +377,8 @@ class Search:
                 "own_sft": bool(t.user_attrs.get("own_sft", False)),
                 "run_s": float(t.user_attrs.get("run_s", math.nan)),
                 "selected": t.user_attrs.get("selected"),
+                "stacked": bool(t.user_attrs.get("stacked", False)),  # trained in a stack of several trials
+                "stack": int(t.user_attrs.get("stack", 1)),
             }
             for t in trials
             if t.state != S.WAITING

@@ -1,0 +1,237 @@
+"""`v3kit investigate`'s search run as stacks (``--stack auto``, :mod:`v3kit.doctor.search_stacked`): a stacked
+trial gets the value and the val reports its run alone gets, the median pruner stops members inside a stack (in
+SFT and in RCE), the trial cap holds, a killed stack resumes without touching finished trials, and ``--stack off``
+runs every trial alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from v3kit.config import load_config
+
+optuna = pytest.importorskip("optuna")
+
+import v3kit.doctor.search_stacked as search_stacked  # noqa: E402
+from v3kit.doctor.search import Search  # noqa: E402
+from v3kit.doctor.search_stacked import StackedSearch, structural  # noqa: E402
+from v3kit.doctor.space import active, load_space  # noqa: E402
+
+ALL = {"own_sft": True, "builtin_model": True, "same_dims": True, "recurring_ids": False}
+BASE = [*TINY, "data.split_seed=0"]
+S = optuna.trial.TrialState
+
+
+@pytest.fixture
+def run_sft(tmp_path):
+    from v3kit.pipeline import run_pipeline
+
+    run_pipeline(load_config(None, [*BASE, f"run_dir={tmp_path / 'run'}"]))
+    return tmp_path / "run" / "sft.pt"
+
+
+def _search(folder, sft, max_trials, kind=StackedSearch):
+    return kind(
+        Path(folder),
+        active(load_space(), ALL),
+        base=BASE,
+        split_cfg=load_config(None, [*BASE, "seed=0"]),
+        sft=sft,
+        metric="acc@1",
+        max_trials=max_trials,
+    )
+
+
+def _by_name(search):
+    return {t.user_attrs["name"]: t for t in search.study.get_trials(deepcopy=False) if "name" in t.user_attrs}
+
+
+# one structure on the run's SFT (numbers differ: RCE's and GRPO's lr, kl_beta, label_weight, the temperatures),
+# and one that trains its own SFT (its lr and the head's temperature differ); five trials: the median pruner
+# (which waits for five finished trials) stops none of them, stacked or not
+SHARED = [
+    ("run", []),
+    ("rce_lr", ["rce.lr=0.001", "rce.label_weight=0.5", "rce.t_start=3.0", "rce.t_end=0.3"]),
+    ("grpo", ["grpo.lr=0.0003", "grpo.kl_beta=0.3"]),
+]
+OWN = [
+    ("own_a", ["sft.lr=0.003", "model.sim_temperature=0.2"]),
+    ("own_b", ["sft.lr=0.0005", "model.sim_temperature=0.07"]),
+]
+
+
+@pytest.mark.slow
+def test_stacked_trials_match_the_same_trials_run_alone(tmp_path, run_sft, monkeypatch):
+    """Five enqueued trials in two structures: stacked (a stack of 3 on the run's SFT, a stack of 2 with their own
+    SFT) and one at a time give each trial the same value, the same val reports and the same selected epoch; no
+    stack sees the test split."""
+    seen = []
+    real = search_stacked.run_stacked
+
+    def spy(cfgs, **kw):
+        seen.append((len(cfgs), kw["splits"]))
+        return real(cfgs, **kw)
+
+    monkeypatch.setattr(search_stacked, "run_stacked", spy)
+    alone = _search(tmp_path / "alone", run_sft, 5, kind=Search)
+    stacked = _search(tmp_path / "stacked", run_sft, 5)
+    for s in (alone, stacked):
+        s.enqueue([*SHARED, *OWN])
+        s.run(time.time() + 600)
+    assert sorted(n for n, _ in seen) == [2, 3]
+    for _, splits in seen:
+        assert splits.test is splits.val  # the test split never enters a trial
+    a, b = _by_name(alone), _by_name(stacked)
+    rows = {r["name"]: r for r in stacked.result().trials}
+    for name, _ in [*SHARED, *OWN]:
+        assert a[name].state == b[name].state == S.COMPLETE
+        assert b[name].value == pytest.approx(a[name].value, abs=1e-6), name
+        assert b[name].user_attrs["selected"] == a[name].user_attrs["selected"], name
+        assert list(b[name].intermediate_values) == list(a[name].intermediate_values)
+        for step, v in a[name].intermediate_values.items():
+            assert b[name].intermediate_values[step] == pytest.approx(v, abs=1e-6), (name, step)
+        assert b[name].user_attrs["own_sft"] == a[name].user_attrs["own_sft"]
+        assert rows[name]["stacked"] and rows[name]["stack"] == (2 if name.startswith("own") else 3)
+    assert not any(r["stacked"] for r in alone.result().trials)
+
+
+def _finished_trials(study, n, value=1.0):
+    """``n`` complete trials whose val score was ``value`` at every step: the median any real trial falls below."""
+    for _ in range(n):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=S.COMPLETE,
+                value=value,
+                params={},
+                distributions={},
+                intermediate_values=dict.fromkeys(range(60), value),
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    ("variants", "stage"),
+    [
+        ([(f"r{k}", ["rce.epochs=6", "grpo.epochs=0", f"rce.lr={1e-4 * (k + 1)}"]) for k in range(3)], "rce"),
+        ([(f"s{k}", ["sft.epochs=12", f"sft.lr={1e-3 * (k + 1)}"]) for k in range(2)], "sft"),
+    ],
+)
+def test_the_pruner_stops_members_inside_a_stack(tmp_path, run_sft, variants, stage):
+    """Five finished trials that scored 1.0 at every step: a stack of trials (on the run's SFT in RCE, or training
+    its own SFT) is stopped at its first step past the warm-up, as each would be alone, and trains no later
+    epoch."""
+    search = _search(tmp_path / "search", run_sft, 5 + len(variants))
+    _finished_trials(search.study, 5)
+    search.enqueue(variants)
+    search.run(time.time() + 600)
+    trials = _by_name(search)
+    for name, _ in variants:
+        t = trials[name]
+        assert t.state == S.PRUNED and t.user_attrs["stacked"] and t.user_attrs["stack"] == len(variants)
+        assert max(t.intermediate_values) == 2  # reported steps 0, 1, 2 (the warm-up), then stopped
+        metrics = (tmp_path / "search" / f"trial{t.number}" / "metrics.csv").read_text()
+        epochs = {int(line.split(",")[2]) for line in metrics.splitlines()[1:] if line.startswith(f"{stage},val")}
+        assert epochs == {0, 1, 2}, epochs  # epoch 2's end is where the stack stopped it
+        assert "grpo,val" not in metrics  # a member pruned in one stage trains no later stage
+
+
+def test_stacks_sample_numbers_around_one_structure_and_keep_the_cap(tmp_path, run_sft):
+    """No enqueued variant: the first stack is a sampled trial and 4 more that share its choices and integers
+    (enqueued with those fixed) and sample their own floats; the cap (5) ends the search there."""
+    search = _search(tmp_path / "search", run_sft, 5)
+    res = search.run(time.time() + 600)
+    trials = search.study.get_trials(deepcopy=False)
+    assert len(trials) == 5 and res.counts["complete"] + res.counts["pruned"] == 5
+    names = structural(search.params)
+    lead = trials[0]
+    floats = [n for n in lead.params if n not in names]
+    assert floats, "the sampled trial has numbers to vary"
+    for t in trials[1:]:
+        assert t.user_attrs["stack_of"] == lead.number
+        assert {n: t.params[n] for n in names & set(t.params)} == {n: lead.params[n] for n in names & set(lead.params)}
+        assert set(t.params) == set(lead.params)
+        assert any(t.params[n] != lead.params[n] for n in floats)
+    assert all(r["stacked"] and r["stack"] == 5 for r in res.trials)
+
+
+KILLED = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_search_stacked import _search
+from pathlib import Path
+s = _search(Path({tmp!r}) / "search", Path({sft!r}), max_trials=4)
+s.enqueue([("a", ["rce.epochs=1", "grpo.epochs=0"]), ("b", ["rce.epochs=1", "grpo.epochs=1"]),
+           ("c", ["rce.epochs=3", "grpo.epochs=0", "rce.lr=0.001"]), ("d", ["rce.epochs=3", "grpo.epochs=0"])])
+s.run(time.time() + 600)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_stack_resumes_without_redoing_finished_trials(tmp_path, run_sft):
+    """SIGKILL inside a stack (c and d, in RCE): the rerun keeps the two finished trials (values, files untouched),
+    marks the killed stack's trials failed, runs them again as a stack and stops at the cap."""
+    code = KILLED.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), sft=str(run_sft))
+    env = {
+        **os.environ,
+        "V3KIT_TEST_KILL_AT": "rce:epoch2:before_checkpoint",
+        "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    }
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    search = _search(tmp_path / "search", run_sft, max_trials=6)
+    before = {t.number: t for t in search.study.get_trials(deepcopy=False)}
+    assert [before[n].state for n in (0, 1, 2, 3)] == [S.COMPLETE, S.COMPLETE, S.RUNNING, S.RUNNING]
+    stamps = {n: (tmp_path / "search" / f"trial{n}" / "metrics.csv").stat().st_mtime_ns for n in (0, 1)}
+    search.enqueue([("a", []), ("b", []), ("c", []), ("d", [])])  # already in the study: not enqueued again
+    search.run(time.time() + 600)
+    after = {t.number: t for t in search.study.get_trials(deepcopy=False)}
+    for n in (0, 1):
+        assert after[n].state == S.COMPLETE and after[n].value == before[n].value
+        assert (tmp_path / "search" / f"trial{n}" / "metrics.csv").stat().st_mtime_ns == stamps[n]
+    assert after[2].state == after[3].state == S.FAIL
+    for n, name in ((2, "c"), (3, "d")):
+        redo = [t for t in after.values() if t.user_attrs.get("name") == name and t.number != n]
+        assert len(redo) == 1 and redo[0].state == S.COMPLETE and redo[0].params == before[n].params
+        assert redo[0].user_attrs["stacked"] and redo[0].user_attrs["stack"] == 2
+    assert len(after) == 6  # the cap counts the killed stack's failures
+
+
+def test_stack_off_runs_every_trial_alone(tmp_path, run_sft, monkeypatch):
+    """``--stack off`` (:class:`Search`) never builds a stack: each trial is one run_pipeline, as before."""
+
+    def refuse(*a, **kw):
+        raise AssertionError("--stack off must not stack")
+
+    monkeypatch.setattr(search_stacked, "run_stacked", refuse)
+    search = _search(tmp_path / "search", run_sft, 3, kind=Search)
+    search.enqueue(SHARED[:3])
+    res = search.run(time.time() + 600)
+    assert res.counts["complete"] == 3 and not any(r["stacked"] for r in res.trials)
+    assert all(r["stack"] == 1 for r in res.trials)
+
+
+def test_a_structure_the_stack_cannot_batch_runs_its_trials_alone(tmp_path, run_sft, monkeypatch):
+    """When the stacked trainer would not batch a structure (``stack_reason`` gives a reason), its trials run alone
+    as with ``--stack off`` (pruned by raising, as before), each recorded with the reason, and a sampled trial of
+    it gets no copies: TPE samples the next trials freely."""
+
+    def refuse(*a, **kw):
+        raise AssertionError("an unbatchable structure must not go through run_stacked")
+
+    monkeypatch.setattr(search_stacked, "stack_reason", lambda models: "the towers are not the built-in MLP")
+    monkeypatch.setattr(search_stacked, "run_stacked", refuse)
+    search = _search(tmp_path / "search", run_sft, 4)
+    search.enqueue(SHARED[:2])  # one structure: a stack of 2 if it could batch
+    res = search.run(time.time() + 600)
+    assert res.counts["complete"] + res.counts["pruned"] == 4
+    trials = search.study.get_trials(deepcopy=False)
+    for t in trials:
+        assert t.user_attrs["stacked"] is False and t.user_attrs["stack"] == 1
+        assert "stack_of" not in t.user_attrs  # no enqueued copies of a sampled trial
+    assert [t.user_attrs.get("stack_note") for t in trials[:2]] == ["the towers are not the built-in MLP"] * 2

@@ -1,0 +1,303 @@
+"""The search phase run as stacks (``v3kit investigate --stack auto``): Optuna is asked for up to
+:data:`~v3kit.doctor.search.STACK_SIZE` trials at once, trials that can train together run as one stacked model
+(:func:`v3kit.pipeline_stacked.run_stacked`), and each trial's result is told back when its stack ends.
+
+How a stack is formed (ask-and-tell):
+
+- **The enqueued variants** (the run, the remedies, the doctor's switches) are enqueued with the variants of one
+  structure (:func:`signature`) next to each other (in the order each structure first appears), and asked in queue
+  order: consecutive ones that share a structure form one stack (up to K), a variant alone in its structure runs
+  alone.
+- **A sampled trial** is asked freely (TPE), then ``K - 1`` more are enqueued with its structural parameters fixed
+  (its choices and integers: epochs, switches, ``retrain_sft``), so Optuna samples only their numbers (learning
+  rates, ``kl_beta``, ...): TPE would otherwise give K structures that cannot share a stack. TPE's constant liar
+  spreads the K samples apart.
+
+Pruning: each member reports its running best val score after every evaluation, at the same steps as a trial run
+alone (:class:`v3kit.doctor.search.PruneOnVal`); when the median pruner says stop, the member is stopped at that
+epoch's end in any stage (SFT, RCE, GRPO) through ``run_stacked``'s ``prune``; one it says stop at a point the
+stack cannot act on (a stage's last epoch) is told pruned all the same, as it would be alone. The pruner compares
+a report with finished trials only, so the members of one stack never prune each other.
+
+The trial cap, the budget (checked before each stack, with a stack's wall time as the next unit of work), the
+journal and its resume after a kill (the killed stack's trials are marked failed, the enqueued ones enqueued
+again), the progress lines and the workers (local or Ray: each worker runs its own stacks) are those of the
+one-at-a-time search. Every trial records ``stacked``, ``stack`` (its stack's size), ``run_s`` (its share of the
+stack's wall time) and ``stack_s`` (the stack's wall time).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import RunConfig, to_dict
+from ..pipeline_stacked import run_stacked
+from ..provenance import flatten
+from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.model import build_model
+from ..train.stacked_members import MemberPruned
+from ..train.stacked_towers import stack_reason
+from .search import (
+    ConfirmPlan,
+    PruneOnVal,
+    Search,
+    SearchTask,
+    drop_checkpoints,
+    import_optuna,
+    name_the_journal,
+    open_study,
+    over_budget,
+    run_trial,
+    search_splits,
+    trial_config,
+    trial_overrides,
+)
+from .space import Param, fixed_point, run_values
+
+_PER_RUN = ("run_dir", "seed")  # what every trial has of its own
+
+
+def structural(params: Sequence[Param]) -> set[str]:
+    """The parameters a stack's members must share: choices (switches, ``retrain_sft``) and integers (epochs)."""
+    return {p.name for p in params if p.kind in ("choices", "int")}
+
+
+def signature(own_sft: bool, cfg: RunConfig) -> tuple[Any, ...]:
+    """What trials must share to train as one stack: whether they train their own SFT, the data, and every
+    setting that is not a float (epochs, batch sizes, switches, the model's shape); floats (learning rates,
+    ``kl_beta``, temperatures, ...) may differ per member."""
+    flat = flatten(to_dict(cfg))
+    keep = [
+        (k, repr(v))
+        for k, v in sorted(flat.items())
+        if k not in _PER_RUN and (k.startswith("data.") or not isinstance(v, float))
+    ]
+    return (own_sft, tuple(keep))
+
+
+class ReportOnVal(PruneOnVal):
+    """:class:`PruneOnVal` for a stack member: the same reports at the same steps, but the pruner's stop is kept
+    (``pruned``) for the stack to act on instead of raised; nothing is reported after it."""
+
+    pruned = False
+
+    def on_eval(self, row: dict[str, Any]) -> None:
+        if not self.pruned:
+            self.pruned = self.observe(row)
+
+
+class _Peek:
+    """An enqueued (waiting) trial seen through the suggest API, to read its structure before asking for it: a
+    fixed value where the queue fixed one, else the range's low end (floats do not change a structure)."""
+
+    def __init__(self, fixed: dict[str, Any], user_attrs: dict[str, Any]) -> None:
+        self.fixed, self.user_attrs = dict(fixed), dict(user_attrs)
+
+    @classmethod
+    def waiting(cls, frozen: Any) -> _Peek:
+        return cls(frozen.system_attrs.get("fixed_params", {}), frozen.user_attrs)
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return self.fixed.get(name, choices[0])
+
+    def suggest_int(self, name: str, low: int, high: int, **_: Any) -> int:
+        return self.fixed.get(name, low)
+
+    def suggest_float(self, name: str, low: float, high: float, **_: Any) -> float:
+        return self.fixed.get(name, low)
+
+
+@dataclass
+class Member:
+    trial: Any
+    own_sft: bool
+    cfg: RunConfig
+    reporter: ReportOnVal
+
+
+def _member(task: SearchTask, trial: Any) -> Member:
+    own, overrides = trial_overrides(task, trial)  # samples a new trial's values
+    trial.set_user_attr("overrides", overrides)
+    trial.set_user_attr("own_sft", own)
+    return Member(trial, own, trial_config(task, trial.number, overrides), ReportOnVal(trial, task.metric))
+
+
+def batch_reason(task: SearchTask, m: Member) -> str | None:
+    """Why trials of ``m``'s structure cannot train as one batched model (None: they can), as the stacked trainer
+    would say (:func:`v3kit.train.stacked_towers.stack_reason`): such trials run alone, pruned as the one-at-a-time
+    search prunes them, instead of one after another inside a stack that cannot stop them early."""
+    if m.own_sft:
+        train = search_splits(task).train
+        with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG: leave it as it was
+            model = build_model(m.cfg.model, train.query_dim, train.cand_dim)
+    else:
+        model = model_from_checkpoint(load_checkpoint(task.sft), task.sft)
+    return stack_reason([model, model])
+
+
+def _finished(study: Any) -> int:
+    """Trials that count towards the cap (as Optuna's MaxTrialsCallback counts them), running ones too."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.PRUNED, S.FAIL, S.RUNNING)))
+
+
+def ask_stack(study: Any, task: SearchTask, n: int) -> list[Member]:
+    """Up to ``n`` trials that share a structure (see the module docstring): the longest run of waiting trials
+    with the first one's structure, or a sampled trial and ``n - 1`` trials that sample only its numbers."""
+    import optuna
+
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    if waiting:
+        count, first = 0, None
+        for frozen in waiting[:n]:
+            own, overrides = trial_overrides(task, _Peek.waiting(frozen))
+            sig = signature(own, trial_config(task, frozen.number, overrides))
+            if first is not None and sig != first:
+                break
+            first, count = sig, count + 1
+        return [_member(task, study.ask()) for _ in range(count)]
+    lead = _member(task, study.ask())
+    names = structural(task.params)
+    fixed = {k: v for k, v in lead.trial.params.items() if k in names}
+    if len(fixed) == len(lead.trial.params):  # nothing numeric was sampled: copies would be the same trial
+        return [lead]
+    if batch_reason(task, lead) is not None:  # copies would run alone: TPE samples the next trials freely
+        return [lead]
+    for _ in range(n - 1):
+        study.enqueue_trial(fixed, user_attrs={"stack_of": lead.trial.number})
+    return [lead, *(_member(task, study.ask()) for _ in range(n - 1))]
+
+
+def _tell(study: Any, task: SearchTask, m: Member, outcome: float | BaseException, attrs: dict[str, Any]) -> None:
+    """Tell Optuna how member ``m`` ended: complete with its shipped model's val score, pruned, or failed."""
+    import optuna
+
+    S = optuna.trial.TrialState
+    for k, v in attrs.items():
+        m.trial.set_user_attr(k, v)
+    drop_checkpoints(Path(m.cfg.run_dir))
+    if isinstance(outcome, (MemberPruned, optuna.TrialPruned)) or m.reporter.pruned:
+        frozen = study.tell(m.trial, state=S.PRUNED)
+    elif isinstance(outcome, BaseException):
+        optuna.logging.get_logger("optuna").warning(
+            f"Trial {m.trial.number} failed: {type(outcome).__name__}: {outcome}"
+        )
+        frozen = study.tell(m.trial, state=S.FAIL)
+    else:
+        frozen = study.tell(m.trial, outcome)
+    if task.progress:
+        value = "" if frozen.value is None else f" val {task.metric} {frozen.value:.4f}"
+        name = frozen.user_attrs.get("name", f"trial{frozen.number}")
+        where = f" [stack of {attrs['stack']}]" if attrs.get("stacked") else ""
+        print(f"search: trial {frozen.number} ({name}) {frozen.state.name.lower()}{value}{where}", flush=True)
+
+
+def _alone(task: SearchTask, m: Member) -> tuple[float | BaseException, float]:
+    """(outcome, run seconds) of a trial run as the one-at-a-time search runs it (pruned by raising)."""
+    try:
+        outcome: float | BaseException = run_trial(task, m.trial)
+    except Exception as e:  # as study.optimize(catch=(Exception,)): the trial fails (or is pruned), the search goes on
+        outcome = e
+    return outcome, float(m.trial.user_attrs.get("run_s", 0.0))
+
+
+def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
+    """Train ``members`` (one structure) as one stacked model and tell each trial its result; a lone member runs
+    as the one-at-a-time search runs it."""
+    reason = batch_reason(task, members[0]) if len(members) > 1 else None
+    if len(members) == 1 or reason is not None:
+        if reason is not None and task.progress:
+            numbers = ", ".join(str(m.trial.number) for m in members)
+            print(f"search: trials {numbers} run one at a time: {reason}", flush=True)
+        for m in members:
+            outcome, run_s = _alone(task, m)
+            attrs = {"stacked": False, "stack": 1, "run_s": run_s, "stack_s": run_s}
+            _tell(study, task, m, outcome, attrs if reason is None else {**attrs, "stack_note": reason})
+        return
+    t0 = time.perf_counter()
+    try:
+        out = run_stacked(
+            [m.cfg for m in members],
+            sft_checkpoint=None if members[0].own_sft else task.sft,
+            splits=search_splits(task),
+            prune=lambda k, epoch, metrics: members[k].reporter.pruned,
+            callbacks=[[m.reporter] for m in members],
+            prune_stages=("sft", "rce", "grpo"),
+        )
+        results, stacked = list(out.results), out.stacked
+    except Exception as e:  # the whole stack failed (a full disk, a bad config): each of its trials failed
+        results, stacked = [e] * len(members), False
+    wall = time.perf_counter() - t0
+    attrs = {"stacked": stacked, "stack": len(members), "run_s": wall / len(members), "stack_s": wall}
+    for m, res in zip(members, results):
+        outcome: float | BaseException = res if isinstance(res, BaseException) else _shipped(m, res)
+        _tell(study, task, m, outcome, attrs)
+
+
+def _shipped(m: Member, res: Any) -> float:
+    """The val score of the model a member's run ships (its selection), recorded as a trial run alone records it."""
+    assert res.selection is not None
+    m.trial.set_user_attr("selected", f"{res.selection.stage}:{res.selection.epoch}")
+    return float(res.selection.val)
+
+
+def optimize_stacked(task: SearchTask) -> int:
+    """One worker's search as stacks until the trial cap, the budget or the deadline; returns its trials."""
+    import_optuna()
+    study = open_study(task.folder, task.metric, seed=task.seed + task.index, constant_liar=True)
+    ran = 0
+    while True:
+        n = min(task.stack_size, task.max_trials - _finished(study))
+        if n <= 0 or time.time() >= task.deadline or over_budget(study, task, unit="stack_s"):
+            return ran
+        members = ask_stack(study, task, n)
+        groups: dict[tuple[Any, ...], list[Member]] = {}
+        for m in members:  # one group, unless another worker took a queued trial between the look and the ask
+            groups.setdefault(signature(m.own_sft, m.cfg), []).append(m)
+        for group in groups.values():
+            run_stack(study, task, group)
+        ran += len(members)
+
+
+def stacked_worker(task: SearchTask) -> int:
+    """One worker of the stacked search (see :func:`optimize_stacked`)."""
+    return name_the_journal(task, optimize_stacked)
+
+
+class StackedSearch(Search):
+    """:class:`~v3kit.doctor.search.Search` whose workers run their trials as stacks (``--stack auto``)."""
+
+    worker = staticmethod(stacked_worker)
+
+    def enqueue(self, variants: Sequence[tuple[str, Sequence[str]]]) -> int:
+        """:meth:`Search.enqueue`, the variants of one structure next to each other (stable), so that they are
+        asked one after another and share a stack."""
+        task = SearchTask(
+            0,
+            self.folder,
+            self.split_cfg,
+            self.params,
+            list(self.base),
+            self.sft,
+            self.metric,
+            0.0,
+            ConfirmPlan(0, 0, False),
+            1,
+            self.max_trials,
+            self.seed,
+            run_values(self.base),
+        )
+        groups: dict[tuple[Any, ...], list[tuple[str, Sequence[str]]]] = {}
+        for name, overrides in variants:
+            values, extra = fixed_point(self.params, list(overrides), self.base)
+            peek = _Peek(values, {"extra": extra})
+            own, full = trial_overrides(task, peek)
+            groups.setdefault(signature(own, trial_config(task, 0, full)), []).append((name, overrides))
+        return super().enqueue([v for group in groups.values() for v in group])
