@@ -217,14 +217,16 @@ def test_stack_off_runs_every_trial_alone(tmp_path, run_sft, monkeypatch):
 
 
 def test_a_structure_the_stack_cannot_batch_runs_its_trials_alone(tmp_path, run_sft, monkeypatch):
-    """When the stacked trainer would not batch a structure (``stack_reason`` gives a reason), its trials run alone
+    """When the stacked trainer would not batch a structure (``choose_stack`` gives a reason), its trials run alone
     as with ``--stack off`` (pruned by raising, as before), each recorded with the reason, and a sampled trial of
     it gets no copies: TPE samples the next trials freely."""
 
     def refuse(*a, **kw):
         raise AssertionError("an unbatchable structure must not go through run_stacked")
 
-    monkeypatch.setattr(search_stacked, "stack_reason", lambda models: "the towers are not the built-in MLP")
+    monkeypatch.setattr(
+        search_stacked, "choose_stack", lambda models, q, c: (None, "the towers are not the built-in MLP")
+    )
     monkeypatch.setattr(search_stacked, "run_stacked", refuse)
     search = _search(tmp_path / "search", run_sft, 4)
     search.enqueue(SHARED[:2])  # one structure: a stack of 2 if it could batch

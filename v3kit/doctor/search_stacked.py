@@ -28,6 +28,7 @@ stack's wall time) and ``stack_s`` (the stack's wall time).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,8 @@ from ..pipeline_stacked import run_stacked
 from ..provenance import flatten
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from ..train.model import build_model
+from ..train.stacked_func import choose_stack
 from ..train.stacked_members import MemberPruned
-from ..train.stacked_towers import stack_reason
 from .search import (
     ConfirmPlan,
     PruneOnVal,
@@ -129,15 +130,18 @@ def _member(task: SearchTask, trial: Any) -> Member:
 
 def batch_reason(task: SearchTask, m: Member) -> str | None:
     """Why trials of ``m``'s structure cannot train as one batched model (None: they can), as the stacked trainer
-    would say (:func:`v3kit.train.stacked_towers.stack_reason`): such trials run alone, pruned as the one-at-a-time
-    search prunes them, instead of one after another inside a stack that cannot stop them early."""
+    would decide (:func:`v3kit.train.stacked_func.choose_stack`: the built-in towers' batched matmuls, else
+    ``torch.vmap`` when its probe passes): such trials run alone, pruned as the one-at-a-time search prunes them,
+    instead of one after another inside a stack that cannot stop them early."""
+    train = search_splits(task).train
     if m.own_sft:
-        train = search_splits(task).train
         with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG: leave it as it was
             model = build_model(m.cfg.model, train.query_dim, train.cand_dim)
     else:
         model = model_from_checkpoint(load_checkpoint(task.sft), task.sft)
-    return stack_reason([model, model])
+    with torch.random.fork_rng(devices=[]):
+        _, reason = choose_stack([model, copy.deepcopy(model)], train.query_x[:2].float(), train.cand_x[:2].float())
+    return reason
 
 
 def _finished(study: Any) -> int:
