@@ -6,7 +6,7 @@
 TASK is one of :data:`TASKS`: ``stdlib`` (the built-in stdlib code-search example with its own config),
 ``synthetic`` (the default synthetic world, judged by ``utility@1``), ``synthetic_bias1`` (``reward_bias`` 1.0),
 ``doc_paraphrase`` and ``module_routing`` (the two real-text tables of ``benchmarks/real_text_tasks.py``, under
-``$V3KIT_TASKS``, default ``/work/tasks``, run with the seed settings as a new user would).
+``$V3KIT_TASKS``, default ``~/.cache/v3kit/tasks``, run with the seed settings as a new user would).
 
 Design, so that every number is comparable:
 
@@ -48,7 +48,7 @@ from v3kit.pipeline import prepare_data
 from v3kit.train.metrics import per_group_metrics
 
 ROOT = Path(__file__).resolve().parent
-TASKS_DIR = Path(os.environ.get("V3KIT_TASKS", "/work/tasks"))
+TASKS_DIR = Path(os.environ.get("V3KIT_TASKS", Path.home() / ".cache" / "v3kit" / "tasks"))
 # task -> (config file or None for the seed settings, base overrides, metric)
 TASKS = {
     "stdlib": ("v3kit/configs/stdlib_search.yaml", [], "acc@1"),

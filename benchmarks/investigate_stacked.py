@@ -11,7 +11,7 @@ recommended variant). Then a probe of the stacks themselves: the largest stack o
 without pruning, its trials one after another and then as one stack (the speed-up a stack of those trials gets,
 whatever the search did around it). ``--probe-only`` reruns the probe on existing outputs. Writes
 ``OUT/results.json``. Tasks: ``stdlib`` (the built-in stdlib code-search example),
-and any ``NAME`` with a table ``$V3KIT_TASKS/NAME.parquet`` (default ``/work/tasks``, built by
+and any ``NAME`` with a table ``$V3KIT_TASKS/NAME.parquet`` (default ``~/.cache/v3kit/tasks``, built by
 ``benchmarks/real_text_tasks.py``), e.g. ``module_routing`` (2,400 queries) or ``doc_paraphrase`` (2,033).
 """
 
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-TASKS = Path(os.environ.get("V3KIT_TASKS", "/work/tasks"))
+TASKS = Path(os.environ.get("V3KIT_TASKS", Path.home() / ".cache" / "v3kit" / "tasks"))
 V3KIT = [sys.executable, "-m", "v3kit"]
 
 

@@ -1,6 +1,6 @@
 """Two real-text ranking tasks built offline from the docstrings of installed scientific libraries.
 
-    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/real_text_tasks.py [--out /work/tasks] [--seed 0]
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python benchmarks/real_text_tasks.py [--out DIR] [--seed 0]
 
 They measure `v3kit investigate` and a hand search on data the kit was never tuned on (docs/verdict.md, "Measured
 on four tasks"). Neither is the stdlib example (the Python standard library's functions) and neither is used by the
@@ -24,7 +24,7 @@ the group's highest BM25, plus Gaussian noise (std ``--reward-noise``). It is im
 per-candidate bias. There is no ``utility`` column.
 
 Tables are written as Parquet (text only: the kit embeds the texts with frozen all-MiniLM-L6-v2 when it loads
-them) under ``--out`` (default ``/work/tasks``, outside the repo). Each table gets a ``.json`` beside it with its
+them) under ``--out`` (default ``$V3KIT_TASKS``, else ``~/.cache/v3kit/tasks``, outside the repo). Each table gets a ``.json`` beside it with its
 counts, the reward's label agreement and the raw MiniLM cosine's acc@1 over all queries.
 """
 
@@ -34,6 +34,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import re
 import warnings
 from collections import Counter
@@ -321,7 +322,9 @@ def describe(df: pd.DataFrame) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default="/work/tasks")
+    ap.add_argument(
+        "--out", default=str(Path(os.environ.get("V3KIT_TASKS", Path.home() / ".cache" / "v3kit" / "tasks")))
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-queries", type=int, default=2400)
     ap.add_argument("--group-size", type=int, default=8)

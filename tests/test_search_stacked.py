@@ -237,3 +237,17 @@ def test_a_structure_the_stack_cannot_batch_runs_its_trials_alone(tmp_path, run_
         assert t.user_attrs["stacked"] is False and t.user_attrs["stack"] == 1
         assert "stack_of" not in t.user_attrs  # no enqueued copies of a sampled trial
     assert [t.user_attrs.get("stack_note") for t in trials[:2]] == ["the towers are not the built-in MLP"] * 2
+
+
+def test_a_structure_whose_arithmetic_a_stack_cannot_save_runs_alone_on_a_cpu(tmp_path, run_sft, monkeypatch):
+    """On a CPU a stack saves each operation's fixed cost, not arithmetic: a structure over CPU_STACK_MAX_MACS
+    multiply-adds per run and step runs its trials alone, with the reason recorded."""
+    from v3kit.train import stacked
+
+    monkeypatch.setattr(stacked, "CPU_STACK_MAX_MACS", 0.0)
+    monkeypatch.setattr(search_stacked, "run_stacked", lambda *a, **kw: pytest.fail("must not stack"))
+    search = _search(tmp_path / "search", run_sft, 2)
+    search.enqueue(SHARED[:2])
+    search.run(time.time() + 600)
+    notes = [t.user_attrs.get("stack_note", "") for t in search.study.get_trials(deepcopy=False)]
+    assert len(notes) == 2 and all("multiply-adds per run and step" in n for n in notes), notes

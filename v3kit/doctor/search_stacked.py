@@ -40,7 +40,9 @@ from ..config import RunConfig, to_dict
 from ..pipeline_stacked import run_stacked
 from ..provenance import flatten
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+from ..train.device import resolve_device
 from ..train.model import build_model
+from ..train.stacked import arithmetic_reason
 from ..train.stacked_func import choose_stack
 from ..train.stacked_members import MemberPruned
 from .search import (
@@ -141,7 +143,8 @@ def batch_reason(task: SearchTask, m: Member) -> str | None:
         model = model_from_checkpoint(load_checkpoint(task.sft), task.sft)
     with torch.random.fork_rng(devices=[]):
         _, reason = choose_stack([model, copy.deepcopy(model)], train.query_x[:2].float(), train.cand_x[:2].float())
-    return reason
+    rows = max(m.cfg.sft.batch_size, m.cfg.rce.batch_size, m.cfg.grpo.batch_size) * train.group_size
+    return reason or arithmetic_reason(model, rows, resolve_device(m.cfg.device))
 
 
 def _finished(study: Any) -> int:

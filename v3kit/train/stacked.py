@@ -104,12 +104,40 @@ def sequential_reason(stages: Sequence[Stage], runs: Sequence[RunContext]) -> st
     return None
 
 
+# A stack saves each operation's fixed cost (about 1.5 ms a step on a CPU thread), not arithmetic. Modelling a
+# member's step as that cost plus its own arithmetic, 8 members gain at least 1.5x while the arithmetic stays under
+# about 2 ms a step: about 50 million multiply-adds at a CPU thread's 25 GMAC/s of small matmuls. Measured
+# (benchmarks/stacked.py, benchmarks/investigate_stacked.py) with the estimate of arithmetic_reason: the default
+# world (3 M a step) stacks 3-3.5x, 384-d 64-32 towers (27 M) 2.3x, the stdlib example's 384-d 256-128 towers
+# (134 M) 1.0-1.1x, and slower than alone through vmap.
+CPU_STACK_MAX_MACS = 50e6
+
+
+def arithmetic_reason(model: nn.Module, rows: int, device: torch.device) -> str | None:
+    """Why a stack of ``model`` would not pay (None: it would, or ``device`` is not a CPU: a GPU is what a stack
+    fills): on a CPU its multiply-adds per run and step, ``rows`` (a batch's candidates) times its trainable
+    parameters (what an MLP's layers cost), are over :data:`CPU_STACK_MAX_MACS`."""
+    if torch.device(device).type != "cpu":
+        return None
+    macs = rows * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if macs <= CPU_STACK_MAX_MACS:
+        return None
+    return (
+        f"about {macs / 1e6:.0f} M multiply-adds per run and step: on a CPU that is arithmetic, which a stack does "
+        f"not save (it saves each operation's fixed cost; stacks pay below {CPU_STACK_MAX_MACS / 1e6:.0f} M)"
+    )
+
+
 def _model_stack(stages: Sequence[Stage], device: torch.device) -> tuple[FlatStack | None, str | None]:
     """The stacked model of the stages' models (on ``device``), or None and why it cannot be built
-    (:func:`~v3kit.train.stacked_func.choose_stack`, probed on the first training groups)."""
+    (:func:`~v3kit.train.stacked_func.choose_stack`, probed on the first training groups) or would not pay
+    (:func:`arithmetic_reason`)."""
     for s in stages:
         s.model.to(device)
     data = stages[0].train
+    reason = arithmetic_reason(stages[0].model, stages[0].cfg.batch_size * data.group_size, device)
+    if reason is not None:
+        return None, reason
     return choose_stack(
         [s.model for s in stages], data.query_x[:2].float().to(device), data.cand_x[:2].float().to(device)
     )
