@@ -120,8 +120,7 @@ def run_stacked(
             Path(c.run_dir).mkdir(parents=True, exist_ok=True)
             stack.enter_context(RunLock(Path(c.run_dir)))
             reporters.append(stack.enter_context(trackers.reporting(c, c.run_dir, resume=resume, tracking=t)))
-        runs = _Stack(cfgs, reporters, sft_checkpoint, splits, resume, callbacks)
-        runs.prune_stages = tuple(prune_stages)
+        runs = _Stack(cfgs, reporters, sft_checkpoint, splits, resume, callbacks, tuple(prune_stages))
         return runs.run(prune)
 
 
@@ -137,9 +136,10 @@ class _Stack:
         splits: Splits | None,
         resume: bool,
         callbacks: list[list[Any]],
+        prune_stages: tuple[str, ...] = ("grpo",),
     ):
         self.cfgs, self.reporters, self.sft, self.resume = cfgs, reporters, sft, resume
-        self.prune_stages: tuple[str, ...] = ("grpo",)
+        self.prune_stages = prune_stages
         self.errors: dict[int, BaseException] = {}
         self.notes: list[str] = []
         self.stacked = True

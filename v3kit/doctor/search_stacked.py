@@ -130,7 +130,20 @@ def _member(task: SearchTask, trial: Any) -> Member:
     return Member(trial, own, trial_config(task, trial.number, overrides), ReportOnVal(trial, task.metric))
 
 
+# batch_reason per (search folder, SFT, structure): asked when a sampled trial gets its copies and again when the stack
+# runs, and each answer builds a model (or loads the SFT checkpoint) and probes it
+_REASONS: dict[tuple[str, str, tuple[Any, ...]], str | None] = {}
+
+
 def batch_reason(task: SearchTask, m: Member) -> str | None:
+    """:func:`structure_reason` of ``m``'s structure, worked out once per structure and search."""
+    key = (str(task.folder), str(task.sft), signature(m.own_sft, m.cfg))
+    if key not in _REASONS:
+        _REASONS[key] = structure_reason(task, m)
+    return _REASONS[key]
+
+
+def structure_reason(task: SearchTask, m: Member) -> str | None:
     """Why trials of ``m``'s structure cannot train as one batched model (None: they can), as the stacked trainer
     would decide (:func:`v3kit.train.stacked_func.choose_stack`: the built-in towers' batched matmuls, else
     ``torch.vmap`` when its probe passes): such trials run alone, pruned as the one-at-a-time search prunes them,
