@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,12 @@ warnings.filterwarnings("ignore", message="grad and param do not obey the gradie
 
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, which every stage uses
 ADAM_EPS = 1e-8
+
+
+class AdamSnapshot(NamedTuple):
+    exp_avg: Tensor  # [K, P]
+    exp_avg_sq: Tensor  # [K, P]
+    steps: list[int]
 
 
 class FlatStack:
@@ -79,17 +85,24 @@ class FlatStack:
         flat = buf[k, off : off + n]
         return flat.view(shape[::-1]).T if name in self.transposed else flat.view(shape)
 
-    def adam_state(self, k: int) -> list[dict[str, Tensor]]:
-        """Member ``k``'s Adam state per parameter, as ``torch.optim.Adam.state`` holds it (copies)."""
+    def adam_snapshot(self) -> AdamSnapshot:
+        """Every member's Adam state as it is now (two copies of the stack's moments), for :meth:`adam_state` to
+        split into members later: the epoch checkpoints are built on the writer thread while the stack trains on."""
+        return AdamSnapshot(self.exp_avg.clone(), self.exp_avg_sq.clone(), list(self.steps))
+
+    def adam_state(self, k: int, snapshot: AdamSnapshot | None = None) -> list[dict[str, Tensor]]:
+        """Member ``k``'s Adam state per parameter, as ``torch.optim.Adam.state`` holds it (copies), now or as it
+        was at ``snapshot``."""
+        snap = AdamSnapshot(self.exp_avg, self.exp_avg_sq, self.steps) if snapshot is None else snapshot
         out = []
         for name, shape, off in zip(self.names, self.shapes, self.offsets):
             out.append(
                 {
-                    "step": torch.tensor(float(self.steps[k])),
-                    "exp_avg": self._state_slice(self.exp_avg, k, name, shape, off).clone(
+                    "step": torch.tensor(float(snap.steps[k])),
+                    "exp_avg": self._state_slice(snap.exp_avg, k, name, shape, off).clone(
                         memory_format=torch.contiguous_format
                     ),
-                    "exp_avg_sq": self._state_slice(self.exp_avg_sq, k, name, shape, off).clone(
+                    "exp_avg_sq": self._state_slice(snap.exp_avg_sq, k, name, shape, off).clone(
                         memory_format=torch.contiguous_format
                     ),
                 }

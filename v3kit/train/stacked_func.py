@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .model import interface_of, scores
-from .stacked_flat import FlatStack
+from .stacked_flat import AdamSnapshot, FlatStack
 from .stacked_towers import StackedTowers, stack_reason
 
 PROBE_GROUPS = 2  # groups of the first training rows in the probe batch
@@ -113,10 +113,10 @@ class StackedFunc(FlatStack):
             for name, stacked in self.fixed.items():
                 stacked[k].copy_(own[name])
 
-    def adam_state(self, k: int) -> list[dict[str, Tensor]]:
+    def adam_state(self, k: int, snapshot: AdamSnapshot | None = None) -> list[dict[str, Tensor]]:
         """Member ``k``'s Adam state for every parameter of its model (a frozen one: step 0, no state), as
         ``torch.optim.Adam(model.parameters())`` lists them."""
-        own = dict(zip(self.names, super().adam_state(k)))
+        own = dict(zip(self.names, super().adam_state(k, snapshot)))
         return [own.get(n, {"step": torch.tensor(0.0)}) for n in self.order]
 
     def _one(self, state: dict[str, Tensor], query_x: Tensor, cand_x: Tensor) -> Tensor:

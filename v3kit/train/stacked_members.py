@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -126,26 +126,30 @@ class Member:
         call_callbacks(self.run.callbacks, "on_eval", row)
         self.metrics = metrics
 
-    def payload(self, name: str, epoch: int, step: int, adam_state: list[dict[str, Tensor]]) -> dict[str, Any]:
-        """What the member's epoch checkpoint holds: the same payload :func:`fit` writes (``adam_state``: its Adam
-        state per parameter, from the stack). The weights are copies: the payload is written in the background
-        while the stack trains on (:meth:`write`)."""
-        params = list(self.stage.model.parameters())
-        self.optimizer.state.clear()
-        for p, s in zip(params, adam_state):
-            if s["step"] > 0:
-                self.optimizer.state[p] = s
+    def payload(self, name: str, epoch: int, step: int) -> dict[str, Any]:
+        """What the member's epoch checkpoint holds: the same payload :func:`fit` writes, but for its optimizer
+        state, which :meth:`write` adds from the stack's Adam state. The weights are copies: the payload is written
+        in the background while the stack trains on."""
         return {
             "stage": name,
             "epoch": epoch,
             "step": step,
             "model": {key: t.clone() for key, t in self.stage.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None,  # filled in by write (the key keeps fit's order of the payload)
             "rng": {"generator": self.generator.get_state(), "torch": self.torch_state},
             "extra": self.stage.extra_state(),
             "metrics_rows": self.log.packed_stage_rows(name),
             **(self.stage.meta or {}),
         }
+
+    def optimizer_state(self, adam_state: list[dict[str, Tensor]]) -> dict[str, Any]:
+        """The member's optimizer ``state_dict()`` holding ``adam_state`` (its Adam state per parameter, from the
+        stack), as its sequential run's optimizer would give it."""
+        self.optimizer.state.clear()
+        for p, s in zip(self.stage.model.parameters(), adam_state):
+            if s["step"] > 0:
+                self.optimizer.state[p] = s
+        return self.optimizer.state_dict()
 
     def checkpoint_path(self, name: str, epoch: int) -> Path:
         """Commit the member's metrics rows (the epoch's rows are durable before the checkpoint that vouches for
@@ -155,10 +159,13 @@ class Member:
         self.checkpoints.append(path)
         return path
 
-    @staticmethod
-    def write(name: str, epoch: int, path: Path, payload: dict[str, Any]) -> None:
-        """Write one epoch checkpoint (called on the stack's writer thread: the pickling and the fsync overlap the
-        next epoch's steps, whose torch operations release the GIL)."""
+    def write(
+        self, name: str, epoch: int, path: Path, payload: dict[str, Any], adam_state: Callable[[], list[Any]]
+    ) -> None:
+        """Write one epoch checkpoint, its optimizer state from ``adam_state()`` (called on the stack's writer
+        thread: splitting the Adam state, the pickling and the fsync overlap the next epoch's steps, whose torch
+        operations release the GIL; nothing else touches the member's optimizer while the stack trains)."""
+        payload["optimizer"] = self.optimizer_state(adam_state())
         kill_point(f"{name}:epoch{epoch}:before_checkpoint")
         save_checkpoint(path, payload)
         kill_point(f"{name}:epoch{epoch}:after_checkpoint")
