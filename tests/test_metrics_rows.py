@@ -100,3 +100,45 @@ def test_metrics_csv_stays_exact_as_rows_bring_new_columns(tmp_path):
 
         assert got[0] == columns
         assert got[1:] == [[_cell(r.get(c)) for c in columns] for r in rows]
+
+
+def _csv_writer_line(cells: list[str]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(cells)
+    return buf.getvalue()
+
+
+def _parse_by_trial(text: str) -> object:
+    if text == "":
+        return math.nan
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def test_fast_cell_formatting_and_parsing_equal_the_csv_writer_and_plain_trials():
+    """The fast paths of a metrics.csv line and of reading a cell back give what ``csv.writer`` and trying int()
+    then float() give, on random text built from the characters that decide them (quotes, commas, line breaks,
+    signs, points, exponents, underscores, non-ASCII digits)."""
+    import random
+
+    from v3kit.train.metrics_log import _csv_line, _parse_cell
+
+    rng = random.Random(0)
+    alphabet = list('a1-.eE,"\n\r _+nif9٣')
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6)))
+        assert _same(_parse_cell(text), _parse_by_trial(text)), text
+        cells = [
+            text,
+            *("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 3))) for _ in range(rng.randint(0, 4))),
+        ]
+        assert _csv_line(cells) == _csv_writer_line(cells), cells
+    for value in (0.1 + 0.2, -1e-300, 5e-324, 1e22, -7, 12345678901234567890):
+        assert _same(_parse_cell(repr(value)), value)

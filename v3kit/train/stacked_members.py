@@ -178,13 +178,16 @@ class Member:
         if not self.pending:
             return
         read = {} if read is None else read
+        slots = []  # (row, key) of a value still a tensor (a member's own Stage.step statistic)
         for row in self.pending:
             for key, v in row.items():
-                if isinstance(v, Ref):
+                kind = type(v)
+                if kind is Ref:
                     if id(v.values) not in read:
                         read[id(v.values)] = v.values.tolist()
                     row[key] = read[id(v.values)][v.j]
-        slots = [(row, key) for row in self.pending for key, v in row.items() if isinstance(v, Tensor)]
+                elif kind is not float and kind is not int and isinstance(v, Tensor):
+                    slots.append((row, key))
         for (row, key), value in zip(slots, as_floats([row[key] for row, key in slots])):
             row[key] = value
         if not check_each_step:
