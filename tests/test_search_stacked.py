@@ -251,3 +251,49 @@ def test_a_structure_whose_arithmetic_a_stack_cannot_save_runs_alone_on_a_cpu(tm
     search.run(time.time() + 600)
     notes = [t.user_attrs.get("stack_note", "") for t in search.study.get_trials(deepcopy=False)]
     assert len(notes) == 2 and all("multiply-adds per run and step" in n for n in notes), notes
+
+
+def test_nothing_stacks_names_why_when_no_structure_of_the_space_would_stack(tmp_path, run_sft, monkeypatch):
+    """``nothing_stacks`` reads every structure the space can give a trial (retrain_sft x the model's switches):
+    all refused gives one reason naming how many; one structure that would stack gives None."""
+    from v3kit.train import stacked
+
+    task = _search(tmp_path / "small", run_sft, 4).probe_task()
+    assert search_stacked.nothing_stacks(task) is None  # TINY's towers stack on a CPU
+    monkeypatch.setattr(stacked, "CPU_STACK_MAX_MACS", 0.0)
+    note = search_stacked.nothing_stacks(_search(tmp_path / "none", run_sft, 4).probe_task())
+    assert note is not None and "multiply-adds per run and step" in note
+    # the run's SFT, and a retrained SFT with normalize (2) x residual off or on with either residual_kind (3)
+    assert "(7 structures;" in note, note
+    seen = []
+
+    def only_residual(task, own_sft, cfg):  # one structure (a retrained residual model) would stack
+        seen.append((own_sft, cfg.model.residual))
+        return None if own_sft and cfg.model.residual else "refused"
+
+    monkeypatch.setattr(search_stacked, "structure_reason", only_residual)
+    assert search_stacked.nothing_stacks(_search(tmp_path / "one", run_sft, 4).probe_task()) is None
+    assert (True, True) in seen and (False, False) in seen  # both the run's SFT and a retrained model were read
+
+
+def test_stack_auto_runs_the_one_at_a_time_search_when_nothing_would_stack(tmp_path, run_sft, monkeypatch):
+    """``investigate --stack auto`` where no structure would stack runs :class:`Search` itself (the path and
+    trials of ``--stack off``) and says why in the verdict's search summary."""
+    from v3kit.doctor.investigate import Investigation
+    from v3kit.train import stacked
+
+    monkeypatch.setattr(stacked, "CPU_STACK_MAX_MACS", 0.0)
+    monkeypatch.setattr(search_stacked, "run_stacked", lambda *a, **kw: pytest.fail("must not stack"))
+    used = []
+    real_run = Search.run
+
+    def run(self, *a, **kw):
+        used.append(type(self))
+        return real_run(self, *a, **kw)
+
+    monkeypatch.setattr(Search, "run", run)
+    inv = Investigation(run_sft.parent, metric="acc@1", out=tmp_path / "inv", max_trials=2, progress=False)
+    inv.search(time.time() + 600)
+    assert used == [Search]
+    assert inv.stack_note is not None and "multiply-adds" in inv.stack_note
+    assert not any("stacked" in t.user_attrs for t in inv.search_result.study.get_trials(deepcopy=False))

@@ -60,7 +60,7 @@ from .grid import run_overrides
 from .remedies import RUN, Variant, build_variants, decide, moving_lr  # noqa: F401 - decide, moving_lr: documented
 from .report import diagnose
 from .search import ConfirmPlan, Search, SearchResult, confirm_seconds, finalists
-from .search_stacked import StackedSearch
+from .search_stacked import StackedSearch, nothing_stacks
 from .space import active, load_space, run_values
 from .verdict_report import SFT_ONLY, VERDICT_JSON, Verdict, write_verdict
 
@@ -125,6 +125,7 @@ class Investigation:
         _check_request(cfg_path, metric, confirm_seeds, top_k, max_trials, budget_minutes)
         self.metric, self.budget_s, self.workers, self.progress = metric, budget_minutes * 60, workers, progress
         self.backend, self.address, self.seed, self.stack = backend, address, seed, stack
+        self.stack_note: str | None = None  # set by search(): why --stack auto found nothing to stack
         self.top_k, self.confirm_seeds, self.max_trials = top_k, confirm_seeds, max_trials
         self.cfg = self._config_as_trained(cfg_path)
         self.out = Path(out) if out is not None else self.run_dir / "investigate"
@@ -205,7 +206,20 @@ class Investigation:
         """The search phase: the run, the remedies and the doctor's switches first, then TPE, until the trial cap
         or until the time left is what the confirm phase needs; with ``stack='auto'`` the trials run as stacks."""
         kind = StackedSearch if self.stack == "auto" else Search
-        search = kind(
+        if kind is StackedSearch:
+            self.stack_note = nothing_stacks(self._search(StackedSearch).probe_task())
+            if self.stack_note is not None:
+                kind = Search
+                if self.progress:
+                    print(f"search: one trial at a time: {self.stack_note}", flush=True)
+        search = self._search(kind)
+        search.enqueue([(v.name, v.overrides) for v in self.variants if v.name != SFT_ONLY])
+        plan = ConfirmPlan(self.top_k, self.confirm_seeds, self.sft_is_own)
+        self.search_result = search.run(deadline, plan, progress=self.progress)
+        return self.search_result
+
+    def _search(self, kind: type[Search]) -> Search:
+        return kind(
             self.out / "search",
             self.params,
             base=self.base,
@@ -218,10 +232,6 @@ class Investigation:
             max_trials=self.max_trials,
             seed=self.seed,
         )
-        search.enqueue([(v.name, v.overrides) for v in self.variants if v.name != SFT_ONLY])
-        plan = ConfirmPlan(self.top_k, self.confirm_seeds, self.sft_is_own)
-        self.search_result = search.run(deadline, plan, progress=self.progress)
-        return self.search_result
 
     def fit_confirm(self, result: SearchResult, deadline: float) -> tuple[int, int]:
         """(finalists, seeds) of the confirm phase that fit the time left, at the trials' measured run times: fewer
@@ -363,6 +373,7 @@ class Investigation:
             "trials": res.counts["complete"] + res.counts["pruned"] + res.counts["failed"],
             "wall_s": round(res.wall_s, 1),
             "stacked": sum(bool(t.get("stacked")) for t in res.trials),  # trials trained in a stack (--stack auto)
+            "stack_note": self.stack_note,  # why --stack auto ran the search one trial at a time (None: it did not)
             "params": [p.name for p in self.params],
             "importances": importances(res.study),
             "budget_s": self.budget_s,

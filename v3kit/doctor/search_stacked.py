@@ -135,29 +135,65 @@ def _member(task: SearchTask, trial: Any) -> Member:
 _REASONS: dict[tuple[str, str, tuple[Any, ...]], str | None] = {}
 
 
-def batch_reason(task: SearchTask, m: Member) -> str | None:
-    """:func:`structure_reason` of ``m``'s structure, worked out once per structure and search."""
-    key = (str(task.folder), str(task.sft), signature(m.own_sft, m.cfg))
+def batch_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | None:
+    """:func:`structure_reason` of a trial's structure (whether it trains its own SFT, its config), worked out once
+    per structure and search."""
+    key = (str(task.folder), str(task.sft), signature(own_sft, cfg))
     if key not in _REASONS:
-        _REASONS[key] = structure_reason(task, m)
+        _REASONS[key] = structure_reason(task, own_sft, cfg)
     return _REASONS[key]
 
 
-def structure_reason(task: SearchTask, m: Member) -> str | None:
+def structure_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | None:
     """Why trials of ``m``'s structure cannot train as one batched model (None: they can), as the stacked trainer
     would decide (:func:`v3kit.train.stacked_func.choose_stack`: the built-in towers' batched matmuls, else
     ``torch.vmap`` when its probe passes): such trials run alone, pruned as the one-at-a-time search prunes them,
     instead of one after another inside a stack that cannot stop them early."""
     train = search_splits(task).train
-    if m.own_sft:
+    if own_sft:
         with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG: leave it as it was
-            model = build_model(m.cfg.model, train.query_dim, train.cand_dim)
+            model = build_model(cfg.model, train.query_dim, train.cand_dim)
     else:
         model = model_from_checkpoint(load_checkpoint(task.sft), task.sft)
     with torch.random.fork_rng(devices=[]):
         _, reason = choose_stack([model, copy.deepcopy(model)], train.query_x[:2].float(), train.cand_x[:2].float())
-    rows = max(m.cfg.sft.batch_size, m.cfg.rce.batch_size, m.cfg.grpo.batch_size) * train.group_size
-    return reason or arithmetic_reason(model, rows, resolve_device(m.cfg.device))
+    rows = max(cfg.sft.batch_size, cfg.rce.batch_size, cfg.grpo.batch_size) * train.group_size
+    return reason or arithmetic_reason(model, rows, resolve_device(cfg.device))
+
+
+# How many structures nothing_stacks builds and probes before it gives up and lets the stacked search decide trial by
+# trial (a space of a few model switches has 2-16)
+MAX_PROBED_STRUCTURES = 64
+
+
+def nothing_stacks(task: SearchTask) -> str | None:
+    """Why no trial of this search could train in a stack (None: some could): every structure the space can give a
+    trial (each combination of ``retrain_sft``, the ``model.*`` choices and the batch-size choices; integers at
+    their low end, the smallest batches and models) is one :func:`structure_reason` refuses. ``--stack auto`` then
+    runs the one-at-a-time search itself: the stacked search would run every trial alone anyway, but along another
+    path (its enqueue order, TPE's constant liar), which on the stdlib example took longer to the same decision."""
+    shape = [
+        p
+        for p in task.params
+        if p.kind == "choices"
+        and (p.key == "retrain_sft" or p.key.startswith("model.") or p.key.endswith("batch_size"))
+    ]
+    combos = [{}]
+    for p in shape:
+        combos = [{**c, p.name: v} for c in combos for v in p.choices]
+        if len(combos) > MAX_PROBED_STRUCTURES:
+            return None
+    reasons: dict[tuple[Any, ...], str | None] = {}
+    for fixed in combos:
+        own, overrides = trial_overrides(task, _Peek(fixed, {}))
+        cfg = trial_config(task, 0, overrides)
+        sig = signature(own, cfg)
+        if sig not in reasons:
+            reasons[sig] = batch_reason(task, own, cfg)
+            if reasons[sig] is None:
+                return None
+    first = next(iter(reasons.values()))
+    return f"no trial's model can train in a stack ({len(reasons)} structures; e.g. {first})"
 
 
 def _finished(study: Any) -> int:
@@ -188,7 +224,9 @@ def ask_stack(study: Any, task: SearchTask, n: int) -> list[Member]:
     fixed = {k: v for k, v in lead.trial.params.items() if k in names}
     if len(fixed) == len(lead.trial.params):  # nothing numeric was sampled: copies would be the same trial
         return [lead]
-    if batch_reason(task, lead) is not None:  # copies would run alone: TPE samples the next trials freely
+    if (
+        batch_reason(task, lead.own_sft, lead.cfg) is not None
+    ):  # copies would run alone: TPE samples the next trials freely
         return [lead]
     for _ in range(n - 1):
         study.enqueue_trial(fixed, user_attrs={"stack_of": lead.trial.number})
@@ -231,7 +269,7 @@ def _alone(task: SearchTask, m: Member) -> tuple[float | BaseException, float]:
 def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
     """Train ``members`` (one structure) as one stacked model and tell each trial its result; a lone member runs
     as the one-at-a-time search runs it."""
-    reason = batch_reason(task, members[0]) if len(members) > 1 else None
+    reason = batch_reason(task, members[0].own_sft, members[0].cfg) if len(members) > 1 else None
     if len(members) == 1 or reason is not None:
         if reason is not None and task.progress:
             numbers = ", ".join(str(m.trial.number) for m in members)
@@ -296,10 +334,9 @@ class StackedSearch(Search):
 
     worker = staticmethod(stacked_worker)
 
-    def enqueue(self, variants: Sequence[tuple[str, Sequence[str]]]) -> int:
-        """:meth:`Search.enqueue`, the variants of one structure next to each other (stable), so that they are
-        asked one after another and share a stack."""
-        task = SearchTask(
+    def probe_task(self) -> SearchTask:
+        """A task to read trials' structures with (no deadline, no confirm plan)."""
+        return SearchTask(
             0,
             self.folder,
             self.split_cfg,
@@ -314,6 +351,11 @@ class StackedSearch(Search):
             self.seed,
             run_values(self.base),
         )
+
+    def enqueue(self, variants: Sequence[tuple[str, Sequence[str]]]) -> int:
+        """:meth:`Search.enqueue`, the variants of one structure next to each other (stable), so that they are
+        asked one after another and share a stack."""
+        task = self.probe_task()
         groups: dict[tuple[Any, ...], list[tuple[str, Sequence[str]]]] = {}
         for name, overrides in variants:
             values, extra = fixed_point(self.params, list(overrides), self.base)
