@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from v3kit.train.metrics_log import MetricsLog
 
 ROWS = [
@@ -142,3 +144,26 @@ def test_fast_cell_formatting_and_parsing_equal_the_csv_writer_and_plain_trials(
         assert _csv_line(cells) == _csv_writer_line(cells), cells
     for value in (0.1 + 0.2, -1e-300, 5e-324, 1e22, -7, 12345678901234567890):
         assert _same(_parse_cell(repr(value)), value)
+
+
+def test_commit_later_survives_a_rewrite_and_closes_its_descriptor(tmp_path, monkeypatch):
+    """The stacked trainer's writer thread fsyncs a member's rows with ``commit_later()``: it syncs a duplicate of
+    the append descriptor taken when it was asked for (a rewrite for new columns in between replaces the file and
+    closes the original), and closes that duplicate; a log with nothing appended gives a call that does nothing."""
+    import os
+
+    log = _logged(tmp_path, "run")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    log.add({"stage": "grpo", "split": "train", "epoch": 1, "step": 3, "loss": 0.5})  # an append: opens the file
+    assert log._fd is not None
+    sync = log.commit_later()
+    log.add({"stage": "grpo", "split": "train", "epoch": 1, "step": 4, "brand_new": 1.0})  # a rewrite
+    before = len(synced)
+    sync()
+    assert len(synced) == before + 1  # one fsync, of the duplicate
+    dup = synced[-1]
+    with pytest.raises(OSError):
+        os.fstat(dup)  # closed after the sync
+    MetricsLog(None).commit_later()()  # nothing to sync

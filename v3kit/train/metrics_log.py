@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 from torch import nn
@@ -274,6 +274,26 @@ class MetricsLog:
                     if e.errno in DISK_FULL_ERRNOS
                     else OSError(e.errno, e.strerror, str(self.path))
                 ) from None
+
+    def commit_later(self) -> Callable[[], None]:
+        """:meth:`commit` as a call to make on another thread (the stacked trainer's checkpoint writer, before the
+        checkpoint that vouches for the rows): it fsyncs a duplicate of the append descriptor taken now, so a
+        rewrite or a close in between cannot pull the file from under it (a rewrite is itself fsynced)."""
+        if self._fd is None:
+            return lambda: None
+        fd, path = os.dup(self._fd), self.path
+
+        def sync() -> None:
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise (
+                    disk_full_error(e, path) if e.errno in DISK_FULL_ERRNOS else OSError(e.errno, e.strerror, str(path))
+                ) from None
+            finally:
+                os.close(fd)
+
+        return sync
 
     def close(self) -> None:
         if self._fd is not None:

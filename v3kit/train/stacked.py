@@ -478,9 +478,9 @@ class _StackedFit:
             m.evaluate(self.name, epoch, step, self.precision, self.ref_logps, metrics.get(k))
             if m.run_dir is not None:
                 payload = m.payload(self.name, epoch, step)
-                path = m.checkpoint_path(self.name, epoch)
+                path, commit = m.checkpoint_path(self.name, epoch)
                 adam = partial(self.tower.adam_state, j, snapshot)
-                self.writes.append(self.writer.submit(m.write, self.name, epoch, path, payload, adam))
+                self.writes.append(self.writer.submit(m.write, self.name, epoch, path, payload, adam, commit))
         for k, m in enumerate(self.members):
             if m.active and self.prune is not None and epoch < self.cfg0.epochs and self.prune(k, epoch, m.metrics):
                 m.error = MemberPruned(f"{self.name}: pruned after epoch {epoch}")

@@ -151,20 +151,28 @@ class Member:
                 self.optimizer.state[p] = s
         return self.optimizer.state_dict()
 
-    def checkpoint_path(self, name: str, epoch: int) -> Path:
-        """Commit the member's metrics rows (the epoch's rows are durable before the checkpoint that vouches for
-        them) and name the epoch's checkpoint, which :meth:`write` then writes."""
-        self.log.commit()
+    def checkpoint_path(self, name: str, epoch: int) -> tuple[Path, Callable[[], None]]:
+        """Name the epoch's checkpoint, which :meth:`write` then writes, and what makes the member's metrics rows
+        durable (:meth:`MetricsLog.commit_later`: :meth:`write` calls it first, so the epoch's rows are on disk
+        before the checkpoint that vouches for them)."""
         path = self.run_dir / f"{name}_epoch{epoch}.pt"  # type: ignore[operator]
         self.checkpoints.append(path)
-        return path
+        return path, self.log.commit_later()
 
     def write(
-        self, name: str, epoch: int, path: Path, payload: dict[str, Any], adam_state: Callable[[], list[Any]]
+        self,
+        name: str,
+        epoch: int,
+        path: Path,
+        payload: dict[str, Any],
+        adam_state: Callable[[], list[Any]],
+        commit: Callable[[], None],
     ) -> None:
-        """Write one epoch checkpoint, its optimizer state from ``adam_state()`` (called on the stack's writer
-        thread: splitting the Adam state, the pickling and the fsync overlap the next epoch's steps, whose torch
-        operations release the GIL; nothing else touches the member's optimizer while the stack trains)."""
+        """Write one epoch checkpoint after ``commit()`` (its metrics rows durable first), its optimizer state from
+        ``adam_state()``. Called on the stack's writer thread: the fsyncs, splitting the Adam state and the pickling
+        overlap the next epoch's steps, whose torch operations release the GIL; nothing else touches the member's
+        optimizer while the stack trains."""
+        commit()
         payload["optimizer"] = self.optimizer_state(adam_state())
         kill_point(f"{name}:epoch{epoch}:before_checkpoint")
         save_checkpoint(path, payload)
