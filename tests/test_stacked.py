@@ -6,6 +6,7 @@ User models (torch.func's vmap stack, its fallbacks): tests/test_stacked_func.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -449,3 +450,65 @@ def test_a_stack_whose_arithmetic_it_cannot_save_runs_one_after_another_on_a_cpu
     monkeypatch.setattr(stacked, "CPU_STACK_MAX_MACS", 0.0)
     out = run_stacked(_configs(tmp_path, "stk", [["seed=0"], ["seed=1"]], ["grpo.epochs=1"]))
     assert not out.stacked and "multiply-adds per run and step" in out.notes[0], out.notes
+
+
+def test_plan_sft_stacks_groups_the_sfts_of_one_world_and_structure(tmp_path):
+    """A grid's SFT trainings stack when they share a world and a structure: per-seed SFTs and SFTs that differ
+    in the SFT's numbers (lr, weight decay) or the head's temperature; other epochs or another world do not."""
+    from v3kit.ablate.tasks import SFTTask, plan_sft_stacks
+    from v3kit.config import load_config
+
+    def task(world, *sets, split="data.split_seed=0"):
+        cfg = load_config(None, ["data.synthetic.n_queries=80", split, *sets])
+        return SFTTask(world, cfg, tmp_path / world / "-".join(sets) / "sft.pt", "h")
+
+    same = [task("default", "seed=0"), task("default", "seed=1"), task("default", "sft.lr=0.01")]
+    same.append(task("default", "model.sim_temperature=0.2", "sft.weight_decay=0.001"))
+    other = [task("default", "sft.epochs=3"), task("default", "sft.epochs=3", "seed=4"), task("bias_1.0", "seed=0")]
+    own_split = [task("default", "seed=5", split="seed=5")]  # no split_seed: the seed's own split
+    stacks, alone = plan_sft_stacks([*same, *other, *own_split])
+    assert [s.tasks for s in stacks] == [same, other[:2]]
+    assert alone == [other[2], *own_split]
+    assert plan_sft_stacks(same, "off") == ([], same)
+
+
+@pytest.mark.slow
+def test_a_grid_s_sfts_stacked_equal_the_sfts_trained_alone(tmp_path, monkeypatch):
+    """Per-seed SFTs and a variant's own SFT train as one stack under ``stack: auto``: each SFT folder holds what
+    the one-at-a-time SFT writes (``sft.pt``, its ``sft.hash``, no epoch checkpoints), its metrics equal to
+    float32 rounding, and so do the grid's rows."""
+    from v3kit.ablate import parse_grid, run_grid
+    from v3kit.ablate.worker import train_sft_stack as runner_stack
+
+    raw = {
+        "name": "g",
+        "base": ["data.synthetic.n_queries=120", "data.split_seed=0", "sft.epochs=2", "rce.epochs=0", "grpo.epochs=1"],
+        "seeds": [0, 1],
+        "reference": "seed",
+        "variants": {"seed": [], "sft_lr": ["sft.lr=0.003"]},
+    }
+    # what investigate's confirm grid sets: each seed's own SFT, for the run's SFT config too
+    spec = dataclasses.replace(parse_grid(raw), sft_per_seed=True, retrain_sft=["seed"])
+    off = run_grid(spec, tmp_path / "off", progress=False, stack="off")
+    import v3kit.ablate.runner as runner
+
+    stacked = []
+    monkeypatch.setattr(runner, "train_sft", lambda task: pytest.fail("an SFT of the stack trained alone"))
+    monkeypatch.setattr(runner, "train_sft_stack", lambda st: (stacked.append(len(st.tasks)), runner_stack(st))[1])
+    auto = run_grid(spec, tmp_path / "auto", progress=False)
+    assert stacked == [4]
+    folders = sorted(p.parent.relative_to(tmp_path / "off") for p in (tmp_path / "off").rglob("sft.hash"))
+    assert len(folders) == 4  # 2 variants x 2 seeds, each its own SFT
+    assert folders == sorted(p.parent.relative_to(tmp_path / "auto") for p in (tmp_path / "auto").rglob("sft.hash"))
+    for f in folders:
+        a, b = tmp_path / "off" / f, tmp_path / "auto" / f
+        assert (a / "sft.hash").read_text() == (b / "sft.hash").read_text()
+        assert not list(b.glob("sft_epoch*.pt")) and (b / "sft.pt").exists()
+        ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
+        assert list(ma.columns) == list(mb.columns) and len(ma) == len(mb)
+        num = [c for c in ma.select_dtypes("number").columns if c not in ("epoch", "step")]
+        pd.testing.assert_frame_equal(ma[num], mb[num], check_exact=False, rtol=RTOL, atol=ATOL)
+    keys = ["world", "variant", "seed", "split", "stage", "epoch"]
+    a, b = off.frame.sort_values(keys).reset_index(drop=True), auto.frame.sort_values(keys).reset_index(drop=True)
+    metrics = [c for c in ("acc@1", "utility@1", "ndcg@5", "kl_to_sft", "selected_epoch") if c in a.columns]
+    pd.testing.assert_frame_equal(a[metrics], b[metrics], check_exact=False, rtol=RTOL, atol=ATOL)

@@ -124,6 +124,25 @@ def run_stacked(
         return runs.run(prune)
 
 
+class _NoReporter:
+    def callbacks(self) -> list[Any]:
+        return []
+
+
+def train_sft_stacked(cfgs: Sequence[RunConfig], splits: Splits) -> StackedRuns:
+    """Train each config's SFT (``sft.pt`` in its ``run_dir``, with its ``metrics.csv``) as one stacked model, as
+    :meth:`v3kit.run.Run.sft` trains it alone: the SFT checkpoints a grid (or ``investigate``'s confirm phase)
+    needs per seed or per finalist. One entry per config: the path of its ``sft.pt`` or the exception that stopped
+    it. The configs share ``splits``."""
+    cfgs = list(cfgs)
+    stack = _Stack(cfgs, [_NoReporter() for _ in cfgs], None, splits, False, [[] for _ in cfgs], ())
+    for c in cfgs:
+        Path(c.run_dir).mkdir(parents=True, exist_ok=True)
+    paths = stack.train_sft()
+    results: list[Any] = [stack.errors.get(k, paths[k]) for k in range(len(cfgs))]
+    return StackedRuns(results, stacked=stack.stacked, notes=stack.notes)
+
+
 class _Stack:
     """The K runs of :func:`run_stacked`, stage by stage (one :class:`v3kit.run.Run` each, sharing the splits); a
     run that fails drops out of the later stages."""

@@ -28,13 +28,14 @@ from .grid import (
     load_grid,
 )
 from .stats import summarize
-from .tasks import RunTask, SFTPlan, plan_stacks
+from .tasks import RunTask, SFTPlan, SFTTask, plan_sft_stacks, plan_stacks
 from .worker import (  # noqa: F401 - per_query_outcomes, splits_for: their old path (v3kit.ablate.runner)
     execute_run,
     execute_stack,
     per_query_outcomes,
     splits_for,
     train_sft,
+    train_sft_stack,
 )
 
 
@@ -108,6 +109,16 @@ def _run_runs(tasks: list[RunTask], bar: Any, backend: Any, errors: list[str], s
         if bar is not None:
             bar.update(sum(len(s.tasks) for s in stacks))
     _run_tasks(execute_run, alone, bar, backend, errors)
+
+
+def _run_sfts(tasks: list[SFTTask], bar: Any, backend: Any, errors: list[str], stack: str) -> None:
+    """The grid's SFT trainings: in stacks where :func:`plan_sft_stacks` groups them, the rest one by one."""
+    stacks, alone = plan_sft_stacks(tasks, stack)
+    if stacks:
+        _run_tasks(train_sft_stack, stacks, None, backend, errors)
+        if bar is not None:
+            bar.update(sum(len(s.tasks) for s in stacks))
+    _run_tasks(train_sft, alone, bar, backend, errors)
 
 
 def _grid_spec(spec: GridSpec | str | Path, overrides: Sequence[str]) -> GridSpec:
@@ -217,7 +228,7 @@ def _run_other_worlds(
     world_sft = planner.sft_plan.tasks_for(world_tasks)
     if world_sft:
         sft_errors: list[str] = []
-        _run_tasks(train_sft, world_sft, None, runner, sft_errors)
+        _run_sfts(world_sft, None, runner, sft_errors, stack)
         if sft_errors:
             raise RuntimeError(
                 "SFT training failed, no variant of the other worlds can run:\n" + "\n".join(errors + sft_errors)
@@ -314,7 +325,7 @@ def run_grid(
     try:
         if sft_tasks:
             sft_bar = tqdm(total=len(sft_tasks), desc="SFT per world", disable=not progress, leave=False)
-            _run_tasks(train_sft, sft_tasks, sft_bar, runner, errors)
+            _run_sfts(sft_tasks, sft_bar, runner, errors, stack)
             sft_bar.close()
             if errors:
                 raise RuntimeError("SFT training failed, no variant can run:\n" + "\n".join(errors))

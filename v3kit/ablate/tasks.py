@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 from ..config import RunConfig
 from ..provenance import fingerprint, signature
+from ..run import split_seed
 from .grid import BASE_WORLD, SFT_SECTIONS, GridSpec
 
 
@@ -155,6 +156,59 @@ def _structure(task: RunTask) -> str:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 d[section][name] = "<number>"
     return fingerprint(d, f"{task.world}:{task.sft_path}")
+
+
+@dataclass
+class SFTStackTask:
+    """SFT trainings of one world that train as one stacked model (:func:`plan_sft_stacks`)."""
+
+    tasks: list[SFTTask]
+
+    @property
+    def world(self) -> str:
+        return self.tasks[0].world
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.tasks[0].cfg
+
+
+# what SFT members of one stack may differ in (their SFT's numbers and the head's temperature), besides the seed
+SFT_STACKABLE = {"sft": STACKABLE_NUMBERS["sft"], "model": ("sim_temperature",)}
+
+
+def _sft_structure(task: SFTTask) -> str:
+    d = dataclasses.asdict(task.cfg)
+    for key in ("seed", "run_dir", "progress"):
+        d.pop(key, None)
+    for section, names in SFT_STACKABLE.items():
+        for name in names:
+            value = d[section].get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                d[section][name] = "<number>"
+    # members share one split: the world's data and the split's seed (a run's own seed unless data.split_seed)
+    return fingerprint(d, f"{task.world}:split{split_seed(task.cfg)}")
+
+
+def plan_sft_stacks(tasks: Iterable[SFTTask], stack: str = "auto") -> tuple[list[SFTStackTask], list[SFTTask]]:
+    """(stacks of two or more SFT trainings, SFTs left to train alone): with ``stack="auto"`` the SFTs of one
+    world, split and structure (the per-seed SFTs of a variant, finalists that differ in the SFT's numbers) are grouped,
+    at most :data:`MAX_STACK` per stack; ``"off"`` stacks none."""
+    tasks = list(tasks)
+    if stack == "off":
+        return [], tasks
+    groups: dict[str, list[SFTTask]] = {}
+    for t in tasks:
+        groups.setdefault(_sft_structure(t), []).append(t)
+    stacks, alone = [], []
+    for members in groups.values():
+        for i in range(0, len(members), MAX_STACK):
+            chunk = members[i : i + MAX_STACK]
+            if len(chunk) > 1:
+                stacks.append(SFTStackTask(chunk))
+            else:
+                alone += chunk
+    return stacks, alone
 
 
 def plan_stacks(tasks: Iterable[RunTask], stack: str = "auto") -> tuple[list[StackTask], list[RunTask]]:

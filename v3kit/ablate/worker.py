@@ -7,6 +7,7 @@ These are the task functions the backends (:mod:`v3kit.ablate.backends`: local p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,14 +19,14 @@ import pandas as pd
 from ..config import RunConfig, to_dict
 from ..data.reward_stats import label_reward_agreement
 from ..pipeline import prepare_data, run_pipeline, update_run_info
-from ..pipeline_stacked import run_stacked
+from ..pipeline_stacked import run_stacked, train_sft_stacked
 from ..run import Run
 from ..rundir import atomic_write_text
 from ..train.metrics import per_group_metrics
 from ..train.model import compute_log_probs
 from .backends import worker_config
 from .grid import METRIC_DIRECTION, PER_QUERY_METRICS, STEP0_INFO
-from .tasks import RunTask, SFTTask, StackTask
+from .tasks import RunTask, SFTStackTask, SFTTask, StackTask
 
 
 def per_query_outcomes(
@@ -57,10 +58,30 @@ def train_sft(task: SFTTask) -> str:
     """Train the world's SFT checkpoint once (``sft.pt`` and its ``sft.hash``), which every run of the world loads."""
     run = Run(worker_config(task.cfg), splits=splits_for(task.cfg), warn=False)  # the worker's device, as its runs get
     run.sft(run_dir=task.path.parent, progress=False, callbacks=[], resume=False)
+    _sft_done(task)
+    return task.world
+
+
+def _sft_done(task: SFTTask) -> None:
     for p in task.path.parent.glob("sft_epoch*.pt"):  # sft.pt is the checkpoint every run loads
         p.unlink()
-    atomic_write_text(task.path.parent / "sft.hash", task.hash)
-    return task.world
+    atomic_write_text(task.path.parent / "sft.hash", task.hash)  # last: the hash vouches for a complete sft.pt
+
+
+def train_sft_stack(stack: SFTStackTask) -> str:
+    """Train the SFT checkpoints of ``stack`` as one stacked model (:func:`v3kit.pipeline_stacked.train_sft_stacked`),
+    each as :func:`train_sft` would; one that failed is reported, the others are kept."""
+    cfgs = [dataclasses.replace(worker_config(t.cfg), run_dir=str(t.path.parent), progress=False) for t in stack.tasks]
+    out = train_sft_stacked(cfgs, splits_for(stack.tasks[0].cfg))
+    failed = []
+    for task, res in zip(stack.tasks, out.results):
+        if isinstance(res, BaseException):
+            failed.append(f"{task.world}/sft {task.path.parent.name}: {type(res).__name__}: {res}")
+        else:
+            _sft_done(task)
+    if failed:
+        raise RuntimeError("\n".join(failed))
+    return stack.world
 
 
 def execute_run(task: RunTask) -> dict[str, Any]:
