@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from ..config import RunConfig
 from ..provenance import fingerprint, signature
@@ -144,71 +144,73 @@ class StackTask:
         return self.tasks[0].cfg
 
 
-def _structure(task: RunTask) -> str:
-    """What a stack's members must share: the run's config without its seed, run dir and stackable numbers (a
-    ``null`` and a number are different structures: ``eps_high: null`` and ``dual_clip: null`` switch code)."""
-    d = dataclasses.asdict(task.cfg)
+def _without_numbers(cfg: RunConfig, numbers: dict[str, tuple[str, ...]], salt: str) -> str:
+    """The fingerprint of ``cfg`` without its seed, run dir and the stackable ``numbers`` (a ``null`` and a number
+    are different structures: ``eps_high: null`` and ``dual_clip: null`` switch code)."""
+    d = dataclasses.asdict(cfg)
     for key in ("seed", "run_dir", "progress"):
         d.pop(key, None)
-    for section, names in STACKABLE_NUMBERS.items():
+    for section, names in numbers.items():
         for name in names:
             value = d[section].get(name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 d[section][name] = "<number>"
-    return fingerprint(d, f"{task.world}:{task.sft_path}")
+    return fingerprint(d, salt)
+
+
+def _structure(task: RunTask) -> str:
+    """What a stack's members must share: the run's config but for its seed and stackable numbers, its world and
+    its SFT checkpoint."""
+    return _without_numbers(task.cfg, STACKABLE_NUMBERS, f"{task.world}:{task.sft_path}")
 
 
 @dataclass
 class SFTStackTask:
-    """SFT trainings of one world that train as one stacked model (:func:`plan_sft_stacks`)."""
+    """SFT trainings of one world that train as one stacked model (:func:`plan_sft_stacks`); ``world`` and ``cfg``
+    (its first SFT's) label it, as a task's do."""
 
     tasks: list[SFTTask]
-
-    @property
-    def world(self) -> str:
-        return self.tasks[0].world
-
-    @property
-    def cfg(self) -> RunConfig:
-        return self.tasks[0].cfg
+    world = property(lambda self: self.tasks[0].world)
+    cfg = property(lambda self: self.tasks[0].cfg)
 
 
 # what SFT members of one stack may differ in (their SFT's numbers and the head's temperature), besides the seed
-SFT_STACKABLE = {"sft": STACKABLE_NUMBERS["sft"], "model": ("sim_temperature",)}
+SFT_STACKABLE = {k: STACKABLE_NUMBERS[k] for k in ("sft", "model")}
 
 
 def _sft_structure(task: SFTTask) -> str:
-    d = dataclasses.asdict(task.cfg)
-    for key in ("seed", "run_dir", "progress"):
-        d.pop(key, None)
-    for section, names in SFT_STACKABLE.items():
-        for name in names:
-            value = d[section].get(name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                d[section][name] = "<number>"
     # members share one split: the world's data and the split's seed (a run's own seed unless data.split_seed)
-    return fingerprint(d, f"{task.world}:split{split_seed(task.cfg)}")
+    return _without_numbers(task.cfg, SFT_STACKABLE, f"{task.world}:split{split_seed(task.cfg)}")
 
 
-def plan_sft_stacks(tasks: Iterable[SFTTask], stack: str = "auto") -> tuple[list[SFTStackTask], list[SFTTask]]:
-    """(stacks of two or more SFT trainings, SFTs left to train alone): with ``stack="auto"`` the SFTs of one
-    world, split and structure (the per-seed SFTs of a variant, finalists that differ in the SFT's numbers) are grouped,
-    at most :data:`MAX_STACK` per stack; ``"off"`` stacks none."""
-    tasks = list(tasks)
-    if stack == "off":
-        return [], tasks
-    groups: dict[str, list[SFTTask]] = {}
+T = TypeVar("T")
+
+
+def _group(tasks: list[T], key: Callable[[T], str]) -> tuple[list[list[T]], list[T]]:
+    """(groups of two or more tasks with one ``key``, at most :data:`MAX_STACK` each; the tasks left alone)."""
+    groups: dict[str, list[T]] = {}
     for t in tasks:
-        groups.setdefault(_sft_structure(t), []).append(t)
+        groups.setdefault(key(t), []).append(t)
     stacks, alone = [], []
     for members in groups.values():
         for i in range(0, len(members), MAX_STACK):
             chunk = members[i : i + MAX_STACK]
             if len(chunk) > 1:
-                stacks.append(SFTStackTask(chunk))
+                stacks.append(chunk)
             else:
                 alone += chunk
     return stacks, alone
+
+
+def plan_sft_stacks(tasks: Iterable[SFTTask], stack: str = "auto") -> tuple[list[SFTStackTask], list[SFTTask]]:
+    """(stacks of two or more SFT trainings, SFTs left to train alone): with ``stack="auto"`` the SFTs of one
+    world, split and structure (the per-seed SFTs of a variant, finalists that differ in the SFT's numbers) are
+    grouped, at most :data:`MAX_STACK` per stack; ``"off"`` stacks none."""
+    tasks = list(tasks)
+    if stack == "off":
+        return [], tasks
+    stacks, alone = _group(tasks, _sft_structure)
+    return [SFTStackTask(s) for s in stacks], alone
 
 
 def plan_stacks(tasks: Iterable[RunTask], stack: str = "auto") -> tuple[list[StackTask], list[RunTask]]:
@@ -219,15 +221,5 @@ def plan_stacks(tasks: Iterable[RunTask], stack: str = "auto") -> tuple[list[Sta
     tasks = list(tasks)
     if stack == "off":
         return [], tasks
-    groups: dict[str, list[RunTask]] = {}
-    for t in tasks:
-        groups.setdefault(_structure(t), []).append(t)
-    stacks, alone = [], []
-    for members in groups.values():
-        for i in range(0, len(members), MAX_STACK):
-            chunk = members[i : i + MAX_STACK]
-            if len(chunk) > 1:
-                stacks.append(StackTask(chunk))
-            else:
-                alone += chunk
-    return stacks, alone
+    stacks, alone = _group(tasks, _structure)
+    return [StackTask(s) for s in stacks], alone
