@@ -512,38 +512,3 @@ def test_a_grid_s_sfts_stacked_equal_the_sfts_trained_alone(tmp_path, monkeypatc
     a, b = off.frame.sort_values(keys).reset_index(drop=True), auto.frame.sort_values(keys).reset_index(drop=True)
     metrics = [c for c in ("acc@1", "utility@1", "ndcg@5", "kl_to_sft", "selected_epoch") if c in a.columns]
     pd.testing.assert_frame_equal(a[metrics], b[metrics], check_exact=False, rtol=RTOL, atol=ATOL)
-
-
-@pytest.mark.parametrize("cfg", [{}, {"residual": True, "residual_kind": "mlp"}, {"normalize": False}])
-def test_the_one_node_mlp_gives_autograd_s_scores_and_gradients_bit_for_bit(cfg):
-    """The stacked towers' MLP runs as one autograd node (``_StackedMLP``): its scores and every gradient equal
-    those autograd computes through the same operations, bit for bit."""
-    from v3kit.train.stacked_towers import _mlp_forward
-
-    torch.manual_seed(0)
-    members = [build_model(ModelConfig(**cfg), 16, 16) for _ in range(3)]
-    q, c = torch.randn(3, 5, 16), torch.randn(3, 5, 4, 16)
-    out = []
-    for one_node in (True, False):
-        st = StackedTowers(members)
-        if not one_node:
-            st._mlp = lambda plan, x, st=st: _mlp_forward(plan, x, st.params)[0]
-        st.zero_grad()
-        s = st.scores(q, c)
-        (s.pow(2).sum() + s.sum()).backward()
-        out.append((s.detach(), st.grad.clone()))
-    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
-    assert out[0][1].abs().sum() > 0
-
-
-def test_the_one_node_mlp_passes_gradcheck_with_an_input_gradient():
-    """``_StackedMLP``'s backward against finite differences (float64), both GELU kinds, the input's gradient
-    too (a tower whose input is not data)."""
-    from v3kit.train.stacked_towers import _StackedMLP
-
-    torch.manual_seed(0)
-    plan = [("linear", "w1", "b1"), ("gelu", "none"), ("linear", "w2", "b2"), ("gelu", "tanh"), ("linear", "w3", "b3")]
-    shapes = [(2, 3, 4), (2, 4), (2, 4, 5), (2, 5), (2, 5, 2), (2, 2)]
-    weights = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in shapes]
-    x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *w: _StackedMLP.apply(x, plan, *w), (x, *weights))

@@ -14,7 +14,7 @@ weights into them before anything reads a member (evaluation, checkpoints, a ref
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,60 +40,6 @@ def _tower_plan(tower: nn.Module, prefix: str) -> tuple[list[tuple[str, ...]], b
         else:
             return f"{prefix} holds a {type(layer).__name__}"
     return plan, residual
-
-
-def _mlp_forward(
-    plan: list[tuple[str, ...]], x: Tensor, params: dict[str, Tensor]
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """The MLP's output, and the input of each linear layer and of each GELU (what its backward reads)."""
-    inputs, pre = [], []
-    for op in plan:
-        if op[0] == "linear":
-            inputs.append(x)
-            x = torch.baddbmm(params[op[2]].unsqueeze(1), x, params[op[1]])
-        else:
-            pre.append(x)
-            x = nn.functional.gelu(x, approximate=op[1])
-    return x, inputs, pre
-
-
-class _StackedMLP(torch.autograd.Function):
-    """The built-in MLP of K members (weights ``[K, in, out]``, biases ``[K, out]``) as one autograd node: the
-    forward's batched matmuls and GELUs, and backward the gradients autograd would compute for them, operation for
-    operation (``bmm`` for a weight and for the layer's input, a sum over rows for a bias, ``gelu_backward``). A
-    default-world step is bound by its number of operations and autograd nodes: this saves 8 nodes per tower
-    (and their bookkeeping) per step."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, plan: list[tuple[str, ...]], *weights: Tensor) -> Tensor:  # type: ignore[override]
-        names = [name for op in plan if op[0] == "linear" for name in op[1:]]
-        out, inputs, pre = _mlp_forward(plan, x, dict(zip(names, weights)))
-        ctx.plan = plan
-        ctx.input_grad = x.requires_grad
-        ctx.save_for_backward(*inputs, *pre, *weights)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        plan = ctx.plan
-        n_linear = sum(op[0] == "linear" for op in plan)
-        saved = ctx.saved_tensors
-        inputs, pre = list(saved[:n_linear]), list(saved[n_linear : len(saved) - 2 * n_linear])
-        weights = saved[len(saved) - 2 * n_linear :]
-        grads: list[Tensor | None] = [None] * len(weights)
-        li, gi = n_linear, len(pre)
-        for op in reversed(plan):
-            if op[0] == "gelu":
-                gi -= 1
-                grad = torch.ops.aten.gelu_backward(grad, pre[gi], approximate=op[1])
-                continue
-            li -= 1
-            w = weights[2 * li]
-            grads[2 * li] = torch.bmm(inputs[li].transpose(1, 2), grad)
-            grads[2 * li + 1] = grad.sum(dim=1)
-            if li > 0 or ctx.input_grad:  # the first layer's input is data: no gradient
-                grad = torch.bmm(grad, w.transpose(1, 2))
-        return (grad if ctx.input_grad else None, None, *grads)
 
 
 def stack_reason(models: Sequence[nn.Module]) -> str | None:
@@ -139,10 +85,13 @@ class StackedTowers(FlatStack):
 
     # ------------------------------------------------------------------ forward
     def _mlp(self, plan: list[tuple[str, ...]], x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():  # training: one autograd node for the whole MLP
-            weights = [self.params[name] for op in plan if op[0] == "linear" for name in op[1:]]
-            return _StackedMLP.apply(x, plan, *weights)
-        return _mlp_forward(plan, x, self.params)[0]
+        for op in plan:
+            if op[0] == "linear":
+                w, b = self.params[op[1]], self.params[op[2]]
+                x = torch.baddbmm(b.unsqueeze(1), x, w)
+            else:
+                x = nn.functional.gelu(x, approximate=op[1])
+        return x
 
     def _tower(self, plan: list[tuple[str, ...]], x: Tensor) -> Tensor:
         if self.residual:
