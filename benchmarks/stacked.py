@@ -198,7 +198,7 @@ def bench_steps(add: Callable[..., None], k: int, rounds: int = 5, steps: int = 
         for name, fn in list(fns.items())[:: 1 if r % 2 == 0 else -1]:
             for _ in range(steps // 10):  # warm up
                 fn()
-            got[name].append(timed(lambda fn=fn: [fn() for _ in range(steps)]) / steps * 1e3)
+            got[name].append(timed(lambda fn=fn: [fn() for _ in range(steps)])[0] / steps * 1e3)
     seq = statistics.median(got["user's module, one after another"])
     for name, ms in got.items():
         med = statistics.median(ms)
