@@ -274,6 +274,10 @@ def test_nothing_stacks_names_why_when_no_structure_of_the_space_would_stack(tmp
     monkeypatch.setattr(search_stacked, "structure_reason", only_residual)
     assert search_stacked.nothing_stacks(_search(tmp_path / "one", run_sft, 4).probe_task()) is None
     assert (True, True) in seen and (False, False) in seen  # both the run's SFT and a retrained model were read
+    monkeypatch.setattr(search_stacked, "structure_reason", lambda task, own_sft, cfg: "refused")
+    assert search_stacked.nothing_stacks(_search(tmp_path / "all", run_sft, 4).probe_task()) is not None
+    monkeypatch.setattr(search_stacked, "MAX_PROBED_STRUCTURES", 4)  # too many to read: the stacked search decides
+    assert search_stacked.nothing_stacks(_search(tmp_path / "many", run_sft, 4).probe_task()) is None
 
 
 def test_stack_auto_runs_the_one_at_a_time_search_when_nothing_would_stack(tmp_path, run_sft, monkeypatch):

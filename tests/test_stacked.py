@@ -512,3 +512,23 @@ def test_a_grid_s_sfts_stacked_equal_the_sfts_trained_alone(tmp_path, monkeypatc
     a, b = off.frame.sort_values(keys).reset_index(drop=True), auto.frame.sort_values(keys).reset_index(drop=True)
     metrics = [c for c in ("acc@1", "utility@1", "ndcg@5", "kl_to_sft", "selected_epoch") if c in a.columns]
     pd.testing.assert_frame_equal(a[metrics], b[metrics], check_exact=False, rtol=RTOL, atol=ATOL)
+
+
+def test_an_sft_stack_keeps_the_members_that_finished_when_one_fails(tmp_path):
+    """One SFT of a stack that fails (a non-finite step) is reported by name; the other SFT of the stack is
+    complete (its ``sft.pt`` and the ``sft.hash`` that vouches for it) and the failed one has no hash."""
+    from v3kit.ablate.tasks import SFTStackTask, SFTTask
+    from v3kit.ablate.worker import train_sft_stack
+    from v3kit.config import load_config
+
+    base = ["data.synthetic.n_queries=80", "data.split_seed=0", "sft.epochs=2", "progress=false"]
+    tasks = [
+        SFTTask("default", load_config(None, [*base, *sets]), tmp_path / name / "sft.pt", f"hash-{name}")
+        for name, sets in (("ok", []), ("bad", ["sft.lr=1e6", "sft.max_grad_norm=null", "model.sim_temperature=1e-6"]))
+    ]
+    with pytest.raises(RuntimeError, match="default/sft bad") as err:
+        train_sft_stack(SFTStackTask(tasks))
+    assert "sft ok" not in str(err.value)
+    assert (tmp_path / "ok" / "sft.pt").exists() and (tmp_path / "ok" / "sft.hash").read_text() == "hash-ok"
+    assert not (tmp_path / "bad" / "sft.hash").exists()
+    assert not list((tmp_path / "ok").glob("sft_epoch*.pt"))
