@@ -205,14 +205,13 @@ class Investigation:
     def search(self, deadline: float) -> SearchResult:
         """The search phase: the run, the remedies and the doctor's switches first, then TPE, until the trial cap
         or until the time left is what the confirm phase needs; with ``stack='auto'`` the trials run as stacks."""
-        kind = StackedSearch if self.stack == "auto" else Search
-        if kind is StackedSearch:
-            self.stack_note = nothing_stacks(self._search(StackedSearch).probe_task())
-            if self.stack_note is not None:
-                kind = Search
+        search = self._search(StackedSearch if self.stack == "auto" else Search)
+        if isinstance(search, StackedSearch):
+            self.stack_note = nothing_stacks(search.probe_task())
+            if self.stack_note is not None:  # every trial would run alone: the one-at-a-time search's own path
+                search = self._search(Search)
                 if self.progress:
                     print(f"search: one trial at a time: {self.stack_note}", flush=True)
-        search = self._search(kind)
         search.enqueue([(v.name, v.overrides) for v in self.variants if v.name != SFT_ONLY])
         plan = ConfirmPlan(self.top_k, self.confirm_seeds, self.sft_is_own)
         self.search_result = search.run(deadline, plan, progress=self.progress)
