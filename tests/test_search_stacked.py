@@ -258,10 +258,10 @@ def test_nothing_stacks_names_why_when_no_structure_of_the_space_would_stack(tmp
     all refused gives one reason naming how many; one structure that would stack gives None."""
     from v3kit.train import stacked
 
-    task = _search(tmp_path / "small", run_sft, 4).probe_task()
+    task = _search(tmp_path / "small", run_sft, 4).task()
     assert search_stacked.nothing_stacks(task) is None  # TINY's towers stack on a CPU
     monkeypatch.setattr(stacked, "CPU_STACK_MAX_MACS", 0.0)
-    note = search_stacked.nothing_stacks(_search(tmp_path / "none", run_sft, 4).probe_task())
+    note = search_stacked.nothing_stacks(_search(tmp_path / "none", run_sft, 4).task())
     assert note is not None and "multiply-adds per run and step" in note
     # the run's SFT, and a retrained SFT with normalize (2) x residual off or on with either residual_kind (3)
     assert "(7 structures;" in note, note
@@ -272,12 +272,12 @@ def test_nothing_stacks_names_why_when_no_structure_of_the_space_would_stack(tmp
         return None if own_sft and cfg.model.residual else "refused"
 
     monkeypatch.setattr(search_stacked, "structure_reason", only_residual)
-    assert search_stacked.nothing_stacks(_search(tmp_path / "one", run_sft, 4).probe_task()) is None
+    assert search_stacked.nothing_stacks(_search(tmp_path / "one", run_sft, 4).task()) is None
     assert (True, True) in seen and (False, False) in seen  # both the run's SFT and a retrained model were read
     monkeypatch.setattr(search_stacked, "structure_reason", lambda task, own_sft, cfg: "refused")
-    assert search_stacked.nothing_stacks(_search(tmp_path / "all", run_sft, 4).probe_task()) is not None
+    assert search_stacked.nothing_stacks(_search(tmp_path / "all", run_sft, 4).task()) is not None
     monkeypatch.setattr(search_stacked, "MAX_PROBED_STRUCTURES", 4)  # too many to read: the stacked search decides
-    assert search_stacked.nothing_stacks(_search(tmp_path / "many", run_sft, 4).probe_task()) is None
+    assert search_stacked.nothing_stacks(_search(tmp_path / "many", run_sft, 4).task()) is None
 
 
 def test_stack_auto_runs_the_one_at_a_time_search_when_nothing_would_stack(tmp_path, run_sft, monkeypatch):

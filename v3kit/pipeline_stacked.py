@@ -136,8 +136,6 @@ def train_sft_stacked(cfgs: Sequence[RunConfig], splits: Splits) -> StackedRuns:
     it. The configs share ``splits``."""
     cfgs = list(cfgs)
     stack = _Stack(cfgs, [_NoReporter() for _ in cfgs], None, splits, False, [[] for _ in cfgs], ())
-    for c in cfgs:
-        Path(c.run_dir).mkdir(parents=True, exist_ok=True)
     paths = stack.train_sft()
     results: list[Any] = [stack.errors.get(k, paths[k]) for k in range(len(cfgs))]
     return StackedRuns(results, stacked=stack.stacked, notes=stack.notes)

@@ -101,24 +101,32 @@ def _run_tasks(fn: Callable[[Any], Any], tasks: list[Any], bar: Any, backend: An
     backend.run(fn, tasks, label, (lambda: bar.update(1)) if bar is not None else (lambda: None), errors)
 
 
-def _run_runs(tasks: list[RunTask], bar: Any, backend: Any, errors: list[str], stack: str) -> None:
-    """The grid's runs: in stacks where :func:`plan_stacks` groups them, the rest one by one."""
-    stacks, alone = plan_stacks(tasks, stack)
-    if stacks:  # one task per stack (spread over the workers); its members finish together
-        _run_tasks(execute_stack, stacks, None, backend, errors)
+def _in_stacks(
+    planned: tuple[list[Any], list[Any]],
+    stacked: Callable[[Any], Any],
+    alone: Callable[[Any], Any],
+    bar: Any,
+    backend: Any,
+    errors: list[str],
+) -> None:
+    """Run ``planned`` (stacks, tasks left alone): one task per stack (spread over the workers; its members finish
+    together), then the others one by one."""
+    stacks, rest = planned
+    if stacks:
+        _run_tasks(stacked, stacks, None, backend, errors)
         if bar is not None:
             bar.update(sum(len(s.tasks) for s in stacks))
-    _run_tasks(execute_run, alone, bar, backend, errors)
+    _run_tasks(alone, rest, bar, backend, errors)
+
+
+def _run_runs(tasks: list[RunTask], bar: Any, backend: Any, errors: list[str], stack: str) -> None:
+    """The grid's runs: in stacks where :func:`plan_stacks` groups them, the rest one by one."""
+    _in_stacks(plan_stacks(tasks, stack), execute_stack, execute_run, bar, backend, errors)
 
 
 def _run_sfts(tasks: list[SFTTask], bar: Any, backend: Any, errors: list[str], stack: str) -> None:
     """The grid's SFT trainings: in stacks where :func:`plan_sft_stacks` groups them, the rest one by one."""
-    stacks, alone = plan_sft_stacks(tasks, stack)
-    if stacks:
-        _run_tasks(train_sft_stack, stacks, None, backend, errors)
-        if bar is not None:
-            bar.update(sum(len(s.tasks) for s in stacks))
-    _run_tasks(train_sft, alone, bar, backend, errors)
+    _in_stacks(plan_sft_stacks(tasks, stack), train_sft_stack, train_sft, bar, backend, errors)
 
 
 def _grid_spec(spec: GridSpec | str | Path, overrides: Sequence[str]) -> GridSpec:

@@ -207,7 +207,7 @@ class Investigation:
         or until the time left is what the confirm phase needs; with ``stack='auto'`` the trials run as stacks."""
         search = self._search(StackedSearch if self.stack == "auto" else Search)
         if isinstance(search, StackedSearch):
-            self.stack_note = nothing_stacks(search.probe_task())
+            self.stack_note = nothing_stacks(search.task())
             if self.stack_note is not None:  # every trial would run alone: the one-at-a-time search's own path
                 search = self._search(Search)
                 if self.progress:

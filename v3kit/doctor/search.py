@@ -323,15 +323,15 @@ class Search:
                 self.study.enqueue_trial(t.params, user_attrs=attrs)
         return len(stale)
 
-    def run(self, deadline: float, plan: ConfirmPlan | None = None, progress: bool = False) -> SearchResult:
-        t0 = time.perf_counter()
-        self._fail_stale()
-        task = SearchTask(
+    def task(self, deadline: float = 0.0, plan: ConfirmPlan | None = None, progress: bool = False) -> SearchTask:
+        """What each worker gets (its ``index`` set per worker); with the defaults, a task to read trials'
+        configurations with (no deadline, no confirm plan)."""
+        return SearchTask(
             0,
             self.folder,
             self.split_cfg,
             self.params,
-            self.base,
+            list(self.base),
             self.sft,
             self.metric,
             deadline,
@@ -342,6 +342,11 @@ class Search:
             run_values(self.base),
             progress,
         )
+
+    def run(self, deadline: float, plan: ConfirmPlan | None = None, progress: bool = False) -> SearchResult:
+        t0 = time.perf_counter()
+        self._fail_stale()
+        task = self.task(deadline, plan, progress)
         tasks = [dataclasses.replace(task, index=k) for k in range(self.workers)]
         errors: list[str] = []
         runner = make_backend(

@@ -46,7 +46,6 @@ from ..train.stacked import arithmetic_reason
 from ..train.stacked_func import choose_stack
 from ..train.stacked_members import MemberPruned
 from .search import (
-    ConfirmPlan,
     PruneOnVal,
     Search,
     SearchTask,
@@ -60,7 +59,7 @@ from .search import (
     trial_config,
     trial_overrides,
 )
-from .space import Param, fixed_point, run_values
+from .space import Param, fixed_point
 
 _PER_RUN = ("run_dir", "seed")  # what every trial has of its own
 
@@ -334,28 +333,10 @@ class StackedSearch(Search):
 
     worker = staticmethod(stacked_worker)
 
-    def probe_task(self) -> SearchTask:
-        """A task to read trials' structures with (no deadline, no confirm plan)."""
-        return SearchTask(
-            0,
-            self.folder,
-            self.split_cfg,
-            self.params,
-            list(self.base),
-            self.sft,
-            self.metric,
-            0.0,
-            ConfirmPlan(0, 0, False),
-            1,
-            self.max_trials,
-            self.seed,
-            run_values(self.base),
-        )
-
     def enqueue(self, variants: Sequence[tuple[str, Sequence[str]]]) -> int:
         """:meth:`Search.enqueue`, the variants of one structure next to each other (stable), so that they are
         asked one after another and share a stack."""
-        task = self.probe_task()
+        task = self.task()
         groups: dict[tuple[Any, ...], list[tuple[str, Sequence[str]]]] = {}
         for name, overrides in variants:
             values, extra = fixed_point(self.params, list(overrides), self.base)
