@@ -375,6 +375,34 @@ def test_the_stacked_objectives_equal_each_members_own_step(tmp_path, monkeypatc
         _assert_same_run(tmp_path / f"slow{i}", tmp_path / f"fast{i}")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "common",
+    [
+        ["grpo.entropy_coef=0.01", "grpo.dual_clip=3.0", "rce.reward_norm=zscore"],
+        ["grpo.loss_type=cispo", "grpo.samples=exact", "grpo.kl_reference=sft", "grpo.kl_estimator=k3"],
+    ],
+)
+def test_groups_without_padding_skip_the_masks_and_give_the_same_bits(tmp_path, monkeypatch, common):
+    """Full groups (every real-text table so far): the stacked objectives leave out every mask operation
+    (``b["full"]``). The run is bit for bit the one through the masks, and within float32 rounding its
+    sequential runs."""
+    from v3kit.train import stacked_losses
+
+    full = ["data.synthetic.min_group_size=8", "data.synthetic.group_size=8", *common]
+    variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.5", "rce.label_weight=0.2"]]
+    seen = []
+    mask_of = stacked_losses._mask
+    monkeypatch.setattr(stacked_losses, "_mask", lambda b: seen.append(b.get("full")) or mask_of(b))
+    _compare(tmp_path, variants, full)
+    assert seen and all(seen)  # every step took the path without masks
+    monkeypatch.setattr(stacked_losses, "_mask", lambda b: b["mask"])  # the masked path
+    assert run_stacked(_configs(tmp_path, "masked", variants, full)).stacked
+    for i in range(2):
+        for name in ("metrics.csv", "summary.csv"):
+            assert (tmp_path / f"stk{i}" / name).read_bytes() == (tmp_path / f"masked{i}" / name).read_bytes()
+
+
 def test_a_checkpoint_write_that_fails_in_the_background_stops_the_stack_naming_its_file(tmp_path, monkeypatch):
     """The epoch checkpoints are written on a background thread while the next epoch trains: a failed write (a
     full disk) still ends the stack with that error, naming the file, and leaves no temp file behind."""
@@ -532,3 +560,27 @@ def test_an_sft_stack_keeps_the_members_that_finished_when_one_fails(tmp_path):
     assert (tmp_path / "ok" / "sft.pt").exists() and (tmp_path / "ok" / "sft.hash").read_text() == "hash-ok"
     assert not (tmp_path / "bad" / "sft.hash").exists()
     assert not list((tmp_path / "ok").glob("sft_epoch*.pt"))
+
+
+def test_a_stacked_stage_freezes_the_collector_s_old_objects_only_while_it_runs():
+    """The objects alive at a stacked stage's start are out of the collector's passes while it runs, and back after
+    it (also after an error); a caller's own ``gc.freeze`` is left as the caller set it."""
+    import gc
+
+    from v3kit.train.stacked import _long_lived_frozen
+
+    assert gc.get_freeze_count() == 0
+    with _long_lived_frozen():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(KeyError), _long_lived_frozen():
+        raise KeyError("x")
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        with _long_lived_frozen():
+            pass
+        assert gc.get_freeze_count() == before  # still the caller's freeze: not undone by the stage
+    finally:
+        gc.unfreeze()

@@ -78,16 +78,18 @@ def group_log_probs(
     return score_log_probs(torch.einsum("bd,bgd->bg", query_emb, cand_emb), temperature, mask)
 
 
-def score_log_probs(group_scores: Tensor, temperature: float | Tensor, mask: Tensor) -> Tensor:
+def score_log_probs(group_scores: Tensor, temperature: float | Tensor, mask: Tensor | None) -> Tensor:
     """``log softmax_c(scores / temperature)`` over each group's valid candidates (``-inf`` at padding): the policy
     of every ranker, towers (:func:`group_log_probs`) or scorer. The one home of the group log-softmax. A tensor
     ``temperature`` (the stacked trainer's per-member ``[K, 1, 1]``, its values checked by the configs) broadcasts
-    over stacked scores ``[K, B, G]``."""
+    over stacked scores ``[K, B, G]``. ``mask=None``: no padding at all (the same values, without the fill)."""
     if not isinstance(temperature, Tensor) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if mask.shape != group_scores.shape:
+    if mask is not None and mask.shape != group_scores.shape:
         raise ValueError(f"mask has shape {tuple(mask.shape)} but the scores are {tuple(group_scores.shape)}")
     logits = group_scores / temperature
+    if mask is None:
+        return torch.log_softmax(logits, dim=-1)
     return torch.log_softmax(logits.masked_fill(~mask.to(torch.bool), float("-inf")), dim=-1)
 
 

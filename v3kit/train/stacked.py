@@ -26,6 +26,8 @@ its members one after another through ``fit`` instead, with a one-line note sayi
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -167,6 +169,22 @@ def fit_stacked(stages: Sequence[Stage], runs: Sequence[RunContext], *, prune: P
     return StackOutcome(_StackedFit(stages, runs, prune, tower).run(), stacked=True)
 
 
+@contextlib.contextmanager
+def _long_lived_frozen() -> Any:
+    """Python's collector leaves alone the objects alive when a stacked stage starts (the data, the modules, the
+    earlier stages' ``metrics.csv`` rows): K members' rows and statistics made the collector's full pass over them
+    run during the stage (about 0.15 s, 3% of 8 stacked runs of the default world); one run alone does not reach it.
+    Garbage among them is collected after the stage. Left as is when the caller has frozen objects itself."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class _StackedFit:
     """The state and loop of one stacked stage (see the module docstring)."""
 
@@ -195,6 +213,8 @@ class _StackedFit:
         )
         self.ref_logps: dict[tuple[int, int, float], Tensor] = {}
         self.shared_train = all(s.train is first.train for s in stages)
+        # no padding in any member's training groups: the stacked objectives then skip every mask operation
+        self.full = all(bool(t.mask.all()) for t in ({id(s.train): s.train for s in stages}.values()))
         self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
         self._total: Tensor | None = None
         self._epoch_parts: tuple[Tensor | None, ...] | None = None
@@ -315,7 +335,7 @@ class _StackedFit:
             scores, mask, labels, rewards = (t[pos] for t in (scores, mask, labels, rewards))
         stages = [self.members[k].stage for k in live]
         stacked_b = {"index": idx[pos] if len(pos) < self.tower.k else idx, "mask": mask, "labels": labels}
-        stacked_b["rewards"] = rewards
+        stacked_b["rewards"], stacked_b["full"] = rewards, self.full
         fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live], self.cache) if self.fast else None
         if fast is not None:
             self._total = fast[0].sum()
@@ -383,7 +403,8 @@ class _StackedFit:
     # ------------------------------------------------------------------ the loop
     def run(self) -> list[StageResult | BaseException]:
         try:
-            out = self._run()
+            with _long_lived_frozen():
+                out = self._run()
         except BaseException:  # a kill of the whole stack (Ctrl-C, a full disk): release every metrics.csv
             self.writer.shutdown(wait=True, cancel_futures=True)
             for m in self.members:

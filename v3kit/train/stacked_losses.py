@@ -62,30 +62,47 @@ def _rows(cache: StackCache | None, name: str, tensors: Sequence[Tensor], idx: T
 
 
 def member_log_probs(
-    scores: Tensor, temperatures: Sequence[float], mask: Tensor, cache: StackCache | None = None
+    scores: Tensor, temperatures: Sequence[float], mask: Tensor | None, cache: StackCache | None = None
 ) -> Tensor:
     """:func:`v3kit.train.losses.score_log_probs` per member (scores ``[K, B, G]``, one temperature each)."""
     return score_log_probs(scores, _col(temperatures, scores, cache), mask)
 
 
-def _masked_mean(x: Tensor, mask: Tensor, w: Tensor, total: Tensor) -> Tensor:
-    return (torch.where(mask, x, torch.zeros_like(x)) * w).sum(dim=(1, 2)) / total
+# ``mask=None`` below: no group of the stage's data has padding (``b["full"]``). Every ``torch.where(mask, x, 0)``
+# is then ``x`` itself, so the same values come out of fewer operations (a GRPO step of the default world is bound
+# by its number of operations, and the masks were a fifth of them).
+def _valid(mask: Tensor | None, x: Tensor, other: Tensor | float = 0.0) -> Tensor:
+    """``x`` at the valid entries, ``other`` at the padding."""
+    return x if mask is None else torch.where(mask, x, other)
 
 
-def _mean_over(x: Tensor, mask: Tensor) -> Tensor:
-    return torch.where(mask, x, torch.zeros_like(x)).sum(dim=(1, 2)) / mask.sum(dim=(1, 2))
+def _count(mask: Tensor | None, like: Tensor) -> Tensor:
+    """Valid entries per member ``[K]`` (int64, as ``mask.sum``)."""
+    if mask is not None:
+        return mask.sum(dim=(1, 2))
+    k, b, g = like.shape
+    return torch.full((k,), b * g, dtype=torch.int64, device=like.device)
 
 
-def _std_over(x: Tensor, mask: Tensor) -> Tensor:
-    n = mask.sum(dim=(1, 2))
+def _masked_mean(x: Tensor, mask: Tensor | None, w: Tensor | None, total: Tensor) -> Tensor:
+    x = _valid(mask, x)
+    return (x if w is None else x * w).sum(dim=(1, 2)) / total  # (x * 1 is x: a weight of ones is left out)
+
+
+def _mean_over(x: Tensor, mask: Tensor | None) -> Tensor:
+    return _valid(mask, x).sum(dim=(1, 2)) / _count(mask, x)
+
+
+def _std_over(x: Tensor, mask: Tensor | None) -> Tensor:
+    n = _count(mask, x)
     mean = _mean_over(x, mask).view(-1, 1, 1)
-    var = torch.where(mask, (x - mean) ** 2, torch.zeros_like(x)).sum(dim=(1, 2)) / (n - 1).clamp_min(1)
+    var = _valid(mask, (x - mean) ** 2).sum(dim=(1, 2)) / (n - 1).clamp_min(1)
     return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
 
 
-def _entropy(logp: Tensor, mask: Tensor) -> Tensor:
-    lp = torch.where(mask, logp, torch.zeros_like(logp))
-    return -torch.where(mask, lp.exp() * lp, torch.zeros_like(logp)).sum(dim=-1).mean(dim=-1)
+def _entropy(logp: Tensor, mask: Tensor | None) -> Tensor:
+    lp = _valid(mask, logp)
+    return -_valid(mask, lp.exp() * lp).sum(dim=-1).mean(dim=-1)
 
 
 class Ref:
@@ -102,8 +119,13 @@ def _split(stats: dict[str, Tensor | float], k: int) -> Stats:
     return [{name: (Ref(v, j) if isinstance(v, Tensor) else v) for name, v in stats.items()} for j in range(k)]
 
 
+def _mask(b: dict[str, Any]) -> Tensor | None:
+    """The batch's padding mask, or None when the stage's data has no padding (see :func:`_valid`)."""
+    return None if b.get("full") else b["mask"]
+
+
 def _sft(stages: Sequence[Stage], b: dict[str, Tensor], scores: Tensor, cache: StackCache) -> tuple[Tensor, Stats]:
-    logp = member_log_probs(scores, [s.temperature for s in stages], b["mask"], cache)
+    logp = member_log_probs(scores, [s.temperature for s in stages], _mask(b), cache)
     loss = -logp.gather(2, b["labels"].unsqueeze(2)).squeeze(2).mean(dim=1)
     return loss, [{} for _ in stages]
 
@@ -120,7 +142,7 @@ def _rce(
         reward_t, logit_t = s.cfg.temperatures(s.annealed, s.temperature)
         reward_ts.append(reward_t)
         logit_ts.append(logit_t)
-    logp = member_log_probs(scores, logit_ts, b["mask"])
+    logp = member_log_probs(scores, logit_ts, _mask(b))
     valid = torch.isfinite(logp)
     k, n, g = logp.shape
     rewards = b["rewards"]
@@ -157,20 +179,19 @@ def _grpo(
     if not _grpo_supported(stages):
         return None
     cfgs = [s.cfg for s in stages]
-    c0, idx, mask = cfgs[0], b["index"], b["mask"]
+    c0, idx, mask = cfgs[0], b["index"], _mask(b)
     logp = member_log_probs(scores, [s.temperature for s in stages], mask, cache)
     old = _rows(cache, "old", [s.old for s in stages], idx)
     ref = None if stages[0].ref is None else _rows(cache, "ref", [s.ref for s in stages], idx)  # type: ignore[misc]
     zero = _rows(cache, "zero", [s.terms[0] for s in stages], idx)  # type: ignore[index]
     adv_all = _rows(cache, "adv", [s.terms[1] for s in stages], idx)  # type: ignore[index]
-    zeros = torch.zeros_like(logp)
-    weights = torch.where(mask, old.exp(), zeros) if c0.samples == "exact" else None
-    ratio = torch.exp(torch.where(mask, logp - old, zeros).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    adv = torch.where(mask, adv_all, zeros)
+    weights = _valid(mask, old.exp()) if c0.samples == "exact" else None
+    ratio = torch.exp(_valid(mask, logp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    adv = _valid(mask, adv_all)
     lo = _col([1.0 - c.eps_low for c in cfgs], logp, cache)
     hi = _col([1.0 + (c.eps_low if c.eps_high is None else c.eps_high) for c in cfgs], logp, cache)
     if c0.loss_type == "cispo":
-        surrogate = torch.clamp(ratio, lo, hi).detach() * adv * torch.where(mask, logp, zeros)
+        surrogate = torch.clamp(ratio, lo, hi).detach() * adv * _valid(mask, logp)
     else:
         surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
         if c0.dual_clip is not None:
@@ -179,9 +200,10 @@ def _grpo(
     pg = -surrogate
     estimator = c0.kl_estimator or ("seed" if ref is None else "k3")
     anchor = old if ref is None else ref
-    w = mask.to(pg.dtype) if weights is None else torch.where(mask, weights.to(pg.dtype), zeros)
-    total = w.sum(dim=(1, 2)).clamp_min(torch.finfo(pg.dtype).tiny)
-    kl = kl_penalty(torch.where(mask, logp, zeros), torch.where(mask, anchor, zeros), estimator)
+    # the entries' weights (None: all 1, every entry valid and equally weighted) and their total per member
+    w = weights.to(pg.dtype) if weights is not None else None if mask is None else mask.to(pg.dtype)
+    total = (_count(mask, pg).to(pg.dtype) if w is None else w.sum(dim=(1, 2))).clamp_min(torch.finfo(pg.dtype).tiny)
+    kl = kl_penalty(_valid(mask, logp), _valid(mask, anchor), estimator)
     loss = _masked_mean(pg + _col([c.kl_beta for c in cfgs], logp, cache) * kl, mask, w, total)
     coefs = [c.entropy_coef for c in cfgs]
     if any(coefs):
@@ -189,12 +211,13 @@ def _grpo(
     with torch.no_grad():
         low = (ratio < lo) & (adv < 0)
         high = (ratio > hi) & (adv > 0)
-        inf = torch.full_like(ratio, float("inf"))
+        inf = float("inf")
         # the weighted means, then the plain means, each group as one reduction over a stack (a step of the
         # default world is bound by its number of operations; these were 30 of them)
-        weighted = (torch.where(mask, torch.stack([pg, kl]), zeros) * w).sum(dim=(2, 3)) / total
+        weighted = _valid(mask, torch.stack([pg, kl]))
+        weighted = (weighted if w is None else weighted * w).sum(dim=(2, 3)) / total
         plain = torch.stack([(low | high).float(), low.float(), high.float(), ratio.float()])
-        plain = torch.where(mask, plain, 0.0).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))
+        plain = _valid(mask, plain).sum(dim=(2, 3)) / _count(mask, ratio)
         stats: dict[str, Tensor | float] = {
             "pg_loss": weighted[0],
             "kl": weighted[1],
@@ -202,8 +225,8 @@ def _grpo(
             "clip_ratio/low_mean": plain[1],
             "clip_ratio/high_mean": plain[2],
             "ratio_mean": plain[3],
-            "ratio_min": torch.where(mask, ratio, inf).amin(dim=(1, 2)),
-            "ratio_max": torch.where(mask, ratio, -inf).amax(dim=(1, 2)),
+            "ratio_min": _valid(mask, ratio, inf).amin(dim=(1, 2)),
+            "ratio_max": _valid(mask, ratio, -inf).amax(dim=(1, 2)),
             "entropy": _entropy(logp, mask),
             "frac_reward_zero_std": zero.float().mean(dim=1),
             "adv_std": _std_over(adv_all, mask),
