@@ -180,6 +180,36 @@ def test_stacked_adam_and_clipping_equal_torch_per_member():
             torch.testing.assert_close(state["exp_avg_sq"], own["exp_avg_sq"])
 
 
+def test_stacked_adam_is_torch_s_fused_adam_per_member():
+    """The stack's Adam is ``torch.optim.Adam(fused=True)`` for each member: learning rates and weight decays that
+    differ (one kernel call per pair), a member skipping a batch (its step count waits). Equal to the last bits the
+    kernel's vector lanes allow: an element lies in another lane (or in the scalar tail) in the stack's flat row
+    than in its own parameter, and the lanes round their multiply-adds differently."""
+    members, alone = _members(3), _members(3)
+    tower = StackedTowers(members)
+    lrs, wds = [1e-3, 3e-2, 1e-3], [0.0, 0.1, 0.0]
+    opts = [torch.optim.Adam(m.parameters(), lr=lr, weight_decay=wd, fused=True) for m, lr, wd in zip(alone, lrs, wds)]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(6):
+        frozen = [step == 4, step == 2, False]
+        tower.zero_grad()
+        for k, m in enumerate(alone):
+            for name, p in m.named_parameters():
+                p.grad = torch.randn(p.shape, generator=gen) * (k + 1)
+                tower.member(name, k, tower.params[name].grad).copy_(p.grad)
+        tower.adam_step(lrs, frozen, wds)
+        for k, opt in enumerate(opts):
+            if not frozen[k]:
+                opt.step()
+    assert tower.steps == [5, 5, 6]
+    for k, m in enumerate(alone):
+        for (name, p), state in zip(m.named_parameters(), tower.adam_state(k)):
+            own = opts[k].state[p]
+            torch.testing.assert_close(tower.member(name, k), p.detach(), rtol=1e-6, atol=1e-8, msg=name)
+            torch.testing.assert_close(state["exp_avg"], own["exp_avg"], rtol=5e-7, atol=1e-12, msg=name)
+            torch.testing.assert_close(state["exp_avg_sq"], own["exp_avg_sq"], rtol=5e-7, atol=1e-12, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- fallback
 def test_members_that_cannot_share_data_run_one_after_another(tmp_path):
     cfgs = [tiny_config(tmp_path / f"r{i}", *SMALL, f"data.split_seed={i}", "sft.epochs=1") for i in range(2)]
