@@ -144,6 +144,13 @@ class Batch:
     cand_text: list[list[str]] | None = None
 
 
+def take_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[idx]`` for an index tensor of any shape (rows along dim 0), as float32: the features of a batch.
+    ``index_select`` copies each row whole; advanced indexing copied a batch of 384-d groups 4-5x slower (the same
+    values). Features may be stored as float16 (``data.feature_dtype``); models always see float32."""
+    return x.index_select(0, idx.reshape(-1)).view(*idx.shape, *x.shape[1:]).float()
+
+
 def _take(items: list | None, idx: Tensor) -> list | None:
     return None if items is None else [items[i] for i in idx.tolist()]
 
@@ -171,10 +178,9 @@ def iterate_batches(
         idx = order[start : start + batch_size]
         yield Batch(
             index=idx,
-            # Features may be stored as float16 (data.feature_dtype); models always see float32. Gathering copies,
-            # so a batch of a memory-mapped dataset is an ordinary tensor.
-            query_x=data.query_x[idx].float(),
-            cand_x=data.cand_x[idx].float(),
+            # Gathering copies, so a batch of a memory-mapped dataset is an ordinary tensor.
+            query_x=take_rows(data.query_x, idx),
+            cand_x=take_rows(data.cand_x, idx),
             mask=data.mask[idx],
             labels=data.labels[idx],
             rewards=data.rewards[idx],

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.contract import Batch, GroupData, num_batches
+from ..data.contract import Batch, GroupData, num_batches, take_rows
 from . import distributed
 from .checkpoint import epoch_checkpoints
 from .device import autocast
@@ -314,13 +314,13 @@ class _StackedFit:
     def _shared_rows(self, idx: Tensor) -> tuple[Tensor | None, ...]:
         """Rows ``idx`` (``[K, ...]``) of the members' shared training data, one gather per field."""
         data = self.members[0].stage.train
-        parts = (data.query_x[idx].float(), data.cand_x[idx].float(), data.mask[idx], data.labels[idx])
+        parts = (take_rows(data.query_x, idx), take_rows(data.cand_x, idx), data.mask[idx], data.labels[idx])
         return (*parts, data.rewards[idx], None if data.utility is None else data.utility[idx])
 
     @staticmethod
     def _gather(data: GroupData, i: Tensor) -> tuple[Any, ...]:
         util = None if data.utility is None else data.utility[i]
-        return data.query_x[i].float(), data.cand_x[i].float(), data.mask[i], data.labels[i], data.rewards[i], util
+        return take_rows(data.query_x, i), take_rows(data.cand_x, i), data.mask[i], data.labels[i], data.rewards[i], util
 
     def _losses(
         self, idx: Tensor, live: list[int], pos: list[int], ctxs: list[StepContext]
