@@ -320,7 +320,8 @@ class _StackedFit:
     @staticmethod
     def _gather(data: GroupData, i: Tensor) -> tuple[Any, ...]:
         util = None if data.utility is None else data.utility[i]
-        return take_rows(data.query_x, i), take_rows(data.cand_x, i), data.mask[i], data.labels[i], data.rewards[i], util
+        q, c = take_rows(data.query_x, i), take_rows(data.cand_x, i)
+        return q, c, data.mask[i], data.labels[i], data.rewards[i], util
 
     def _losses(
         self, idx: Tensor, live: list[int], pos: list[int], ctxs: list[StepContext]
