@@ -88,9 +88,9 @@ def score_log_probs(group_scores: Tensor, temperature: float | Tensor, mask: Ten
     if mask is not None and mask.shape != group_scores.shape:
         raise ValueError(f"mask has shape {tuple(mask.shape)} but the scores are {tuple(group_scores.shape)}")
     logits = group_scores / temperature
-    if mask is None:
-        return torch.log_softmax(logits, dim=-1)
-    return torch.log_softmax(logits.masked_fill(~mask.to(torch.bool), float("-inf")), dim=-1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask.to(torch.bool), float("-inf"))
+    return torch.log_softmax(logits, dim=-1)
 
 
 def normalize_rewards(rewards: Tensor, mask: Tensor | None = None, how: str = "none", eps: float = 1e-8) -> Tensor:
