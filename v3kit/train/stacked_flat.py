@@ -140,8 +140,8 @@ class FlatStack:
     @torch.no_grad()
     def adam_step(self, lrs: Sequence[float], frozen: Sequence[bool], weight_decays: Sequence[float] = ()) -> None:
         """One ``torch.optim.Adam(fused=True)`` step of every member not ``frozen``: torch's fused Adam kernel, one
-        pass over the members' rows (the nine operations per element of the single-tensor update made a 384-d
-        stack's Adam 5x slower), each member with its own learning rate, ``weight_decay`` (Adam's L2 term) and
+        pass over the members' rows (the nine passes of the single-tensor update made a 384-d stack's Adam 2-2.5x
+        slower over a run), each member with its own learning rate, ``weight_decay`` (Adam's L2 term) and
         step count. Frozen members (a skipped batch, a pruned or failed member) keep weights and state. The fused
         kernel rounds a little differently from the single-tensor Adam a run alone takes on a CPU: float32
         rounding, inside what the stacked runs are tested to."""

@@ -68,9 +68,9 @@ def member_log_probs(
     return score_log_probs(scores, _col(temperatures, scores, cache), mask)
 
 
-# ``mask=None`` below: no group of the stage's data has padding (``b["full"]``). Every ``torch.where(mask, x, 0)``
-# is then ``x`` itself, so the same values come out of fewer operations (a GRPO step of the default world is bound
-# by its number of operations, and the masks were a fifth of them).
+# ``mask=None`` below: no group of the stage's data has padding (``b["full"]``: every real-text table so far). Every
+# ``torch.where(mask, x, 0)`` is then ``x`` itself, so the same values come out of fewer operations (a GRPO step's
+# masks were about 40 of its 200, and a small step is bound by its number of operations).
 def _valid(mask: Tensor | None, x: Tensor, other: Tensor | float = 0.0) -> Tensor:
     """``x`` at the valid entries, ``other`` at the padding."""
     return x if mask is None else torch.where(mask, x, other)
