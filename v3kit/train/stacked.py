@@ -214,7 +214,7 @@ class _StackedFit:
         self.ref_logps: dict[tuple[int, int, float], Tensor] = {}
         self.shared_train = all(s.train is first.train for s in stages)
         # no padding in any member's training groups: the stacked objectives then skip every mask operation
-        self.full = all(bool(t.mask.all()) for t in ({id(s.train): s.train for s in stages}.values()))
+        self.full = all(bool(s.train.mask.all()) for s in stages)
         self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
         self._total: Tensor | None = None
         self._epoch_parts: tuple[Tensor | None, ...] | None = None

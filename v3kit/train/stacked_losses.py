@@ -201,8 +201,12 @@ def _grpo(
     estimator = c0.kl_estimator or ("seed" if ref is None else "k3")
     anchor = old if ref is None else ref
     # the entries' weights (None: all 1, every entry valid and equally weighted) and their total per member
-    w = weights.to(pg.dtype) if weights is not None else None if mask is None else mask.to(pg.dtype)
-    total = (_count(mask, pg).to(pg.dtype) if w is None else w.sum(dim=(1, 2))).clamp_min(torch.finfo(pg.dtype).tiny)
+    if weights is not None:
+        w = weights.to(pg.dtype)
+    else:
+        w = None if mask is None else mask.to(pg.dtype)
+    total = _count(mask, pg).to(pg.dtype) if w is None else w.sum(dim=(1, 2))
+    total = total.clamp_min(torch.finfo(pg.dtype).tiny)
     kl = kl_penalty(_valid(mask, logp), _valid(mask, anchor), estimator)
     loss = _masked_mean(pg + _col([c.kl_beta for c in cfgs], logp, cache) * kl, mask, w, total)
     coefs = [c.entropy_coef for c in cfgs]
