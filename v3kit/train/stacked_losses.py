@@ -77,20 +77,22 @@ def _valid(mask: Tensor | None, x: Tensor, other: Tensor | float = 0.0) -> Tenso
 
 
 def _count(mask: Tensor | None, like: Tensor) -> Tensor:
-    """Valid entries per member ``[K]`` (int64, as ``mask.sum``)."""
+    """Valid entries per member ``[K]`` (int64, as ``mask.sum``); ``like``: ``[..., K, B, G]``."""
     if mask is not None:
         return mask.sum(dim=(1, 2))
-    k, b, g = like.shape
+    k, b, g = like.shape[-3:]
     return torch.full((k,), b * g, dtype=torch.int64, device=like.device)
 
 
+# The means below reduce the last two dims (a member's batch and group), so ``x`` may also be several statistics
+# stacked in front of the member dim, ``[S, K, B, G]``, each reduced in the same one operation.
 def _masked_mean(x: Tensor, mask: Tensor | None, w: Tensor | None, total: Tensor) -> Tensor:
     x = _valid(mask, x)
-    return (x if w is None else x * w).sum(dim=(1, 2)) / total  # (x * 1 is x: a weight of ones is left out)
+    return (x if w is None else x * w).sum(dim=(-2, -1)) / total  # (x * 1 is x: a weight of ones is left out)
 
 
 def _mean_over(x: Tensor, mask: Tensor | None) -> Tensor:
-    return _valid(mask, x).sum(dim=(1, 2)) / _count(mask, x)
+    return _valid(mask, x).sum(dim=(-2, -1)) / _count(mask, x)
 
 
 def _std_over(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -218,10 +220,9 @@ def _grpo(
         inf = float("inf")
         # the weighted means, then the plain means, each group as one reduction over a stack (a step of the
         # default world is bound by its number of operations; these were 30 of them)
-        weighted = _valid(mask, torch.stack([pg, kl]))
-        weighted = (weighted if w is None else weighted * w).sum(dim=(2, 3)) / total
+        weighted = _masked_mean(torch.stack([pg, kl]), mask, w, total)
         plain = torch.stack([(low | high).float(), low.float(), high.float(), ratio.float()])
-        plain = _valid(mask, plain).sum(dim=(2, 3)) / _count(mask, ratio)
+        plain = _mean_over(plain, mask)
         stats: dict[str, Tensor | float] = {
             "pg_loss": weighted[0],
             "kl": weighted[1],
