@@ -13,7 +13,9 @@ shape of a real-text table embedded by a sentence encoder). Every run shares the
 grid's runs do; the K runs differ in ``seed``. ``user-towers`` (``--user-model``) is the default world with the
 built-in towers' architecture written as a user's module (``benchmarks/user_towers.py``), which stacks through
 ``torch.func.vmap`` instead of the built-in towers' batched matmuls; it runs beside ``default``, so one run gives
-both ratios.
+both ratios. ``module_routing`` (``--worlds module_routing,module_routing-dense``) is the real-text table of
+``benchmarks/real_text_tasks.py`` (``$V3KIT_TASKS``; 2,400 queries, 384-d MiniLM features, 59 distinct candidates),
+whose candidates the towers embed once a batch (``candidate_table``); ``-dense`` is the same with the table off.
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ from v3kit.train.stacked_func import StackedFunc  # noqa: E402
 from v3kit.train.stacked_towers import StackedTowers  # noqa: E402
 
 USER_TARGET = f"{ROOT / 'benchmarks' / 'user_towers.py'}:UserTowers"
+TASKS = Path(os.environ.get("V3KIT_TASKS", Path.home() / ".cache" / "v3kit" / "tasks"))
 WORLDS = {
     "default": [],
     "384-d": ["data.synthetic.n_queries=2000", "data.synthetic.feature_dim=384"],
     "user-towers": [f"model.target={USER_TARGET}"],
+    # a real-text table (benchmarks/real_text_tasks.py) whose groups share 59 candidates: the candidate table's world
+    "module_routing": [f"data.path={TASKS / 'module_routing.parquet'}"],
+    "module_routing-dense": [f"data.path={TASKS / 'module_routing.parquet'}", "candidate_table=false"],
 }
 DEFAULT_WORLDS = ("default", "384-d")
 QUICK = ["data.synthetic.n_queries=600", "sft.epochs=4", "rce.epochs=1", "grpo.epochs=2"]
@@ -212,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=8, help="runs per stack")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--user-model", action="store_true", help="the default world and a user's module (torch.func)")
+    ap.add_argument("--worlds", default="", help=f"comma-separated, of {', '.join(WORLDS)} (default: default,384-d)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
@@ -221,6 +228,11 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, torch {torch.__version__}, device {args.device}")
     worlds = ("default", "user-towers") if args.user_model else DEFAULT_WORLDS
+    if args.worlds:
+        worlds = tuple(args.worlds.split(","))
+        unknown = [w for w in worlds if w not in WORLDS]
+        if unknown:
+            ap.error(f"--worlds: unknown {unknown}; choose from {list(WORLDS)}")
     if args.user_model and args.device == "cpu":
         bench_steps(add, args.k)
     bench_stacked(args.quick, add, args.k, args.device, worlds)

@@ -52,6 +52,7 @@ def test_the_keys_outside_the_experiment_are_config_fields_and_every_copy_derive
         "progress": "progress=false",
         "device": "device=cpu",
         "threads": "threads=3",
+        "candidate_table": "candidate_table=false",
         "log_every": "log_every=1",
         "report_to": "report_to=[tensorboard]",
         "seed": "seed=7",

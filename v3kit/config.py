@@ -20,6 +20,7 @@ import yaml
 from .bounds import MAX_CONFIG_FLOAT, MAX_CONFIG_INT, check_max
 from .data.config import BUILTIN_TABLES, MAX_TEXT_TOKENS, DataConfig  # noqa: F401 - the run config's data section, re-exported
 from .data.debias import RewardConfig
+from .data.shared_candidates import check_mode as check_candidate_table
 from .rundir import atomic_write_text
 from .trackers import check_report_to
 from .train.device import check_device_setting, check_precision_setting, check_threads_setting
@@ -58,6 +59,13 @@ class RunConfig:
     threads: Union[str, int] = "auto"
     """Torch intra-op CPU threads, set at run start: ``auto`` = 1 on <= 2 cores, for small models (< 1M
     parameters) or on a GPU, else min(cores, 8); or a number from 1 to 4,096."""
+    candidate_table: Union[str, bool] = "auto"
+    """When the same candidates recur across groups (a table's ``candidate_id``s, e.g. queries routed to a fixed set
+    of tools or intents), the candidate tower embeds each distinct candidate once per batch and the slots gather
+    their embeddings: ``auto`` for the built-in ``TwoTower``; ``true`` for any towers model too (only if its
+    candidate tower embeds each candidate on its own, not mixing a group's candidates); ``false``: never. Used when the candidates recur
+    at least 4 times on average and a batch has at least twice as many slots as there are distinct candidates. How
+    fast, not what is trained: scores differ by float rounding only."""
     log_every: int = 10
     """Per-step statistics stay on the device and are copied to the host (one sync) every ``log_every`` steps and
     at each epoch end; ``metrics.csv`` still gets one row per step, callbacks get them in batches. At most 10^9."""
@@ -98,6 +106,7 @@ class RunConfig:
         check_device_setting(self.device)
         check_precision_setting(self.precision)
         check_threads_setting(self.threads)
+        check_candidate_table(self.candidate_table)
         check_report_to(self.report_to)
         if self.log_every < 1:
             raise ValueError(

@@ -21,6 +21,7 @@ NOT_EXPERIMENT_KEYS = (
     "progress",  # tqdm bars only
     "device",  # where it computes: checkpoints and metrics.csv are device-independent
     "threads",  # CPU threads: how fast, not what is trained (at most float rounding differs)
+    "candidate_table",  # shared candidates embedded once a batch: how fast, not what is trained (float rounding)
     "log_every",  # how often per-step statistics are copied to the host; metrics.csv still has every step
     "report_to",  # which experiment trackers also get the logged rows; metrics.csv is the same
 )

@@ -24,6 +24,7 @@ from .data.cache import cached_splits
 from .data.contract import GroupData, Splits, split_by_query
 from .data.debias import DebiasReport, debias_splits
 from .data.long_frame import from_long_frame, to_long_frame
+from .data.shared_candidates import with_candidate_table
 from .data.stdlib_search import builtin_table
 from .data.synthetic import make_world
 from .data.tables import load_groups, read_table
@@ -101,12 +102,16 @@ def load_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = None
 
 def prepare_data(cfg: RunConfig, *, expect_dims: tuple[int, int, str] | None = None) -> Splits:
     """Load ``cfg.data`` (see :func:`load_data`, also for ``expect_dims``) and split it by query with
-    :func:`split_seed`."""
+    :func:`split_seed`; the candidates shared across groups as a table, per ``cfg.candidate_table``."""
     d = cfg.data
     if d.path and d.cache and d.text_mode != "end_to_end" and not d.path.startswith("builtin:"):
         # memory-mapped splits of a feature table: memory holds what the batches touch
-        return cached_splits(d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac, seed=split_seed(cfg))
-    data = load_data(cfg, expect_dims=expect_dims)
+        splits = cached_splits(
+            d.path, d.feature_dtype, val_frac=d.val_frac, test_frac=d.test_frac, seed=split_seed(cfg)
+        )
+        mode = cfg.candidate_table
+        return Splits(**{k: with_candidate_table(getattr(splits, k), mode) for k in ("train", "val", "test")})
+    data = with_candidate_table(load_data(cfg, expect_dims=expect_dims), cfg.candidate_table)
     return split_by_query(data, val_frac=cfg.data.val_frac, test_frac=cfg.data.test_frac, seed=split_seed(cfg))
 
 

@@ -47,7 +47,11 @@ _SPLITS_CACHE: dict[str, Any] = {}
 
 def splits_for(cfg: RunConfig) -> Any:
     """The world's splits (cached per process: every run of a world in this worker reuses them)."""
-    key = json.dumps({"data": to_dict(cfg)["data"], "seed": cfg.seed}, sort_keys=True, default=str)
+    key = json.dumps(
+        {"data": to_dict(cfg)["data"], "seed": cfg.seed, "candidate_table": cfg.candidate_table},
+        sort_keys=True,
+        default=str,
+    )
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE.clear()  # one world at a time is plenty; keeps memory flat
         _SPLITS_CACHE[key] = prepare_data(cfg)

@@ -9,7 +9,8 @@ by a frozen encoder (the ``embed`` argument, see ``v3kit.data.text``) or carried
 (``text_mode="end_to_end"``).
 
 This module imports nothing else of the package: reading (:mod:`v3kit.data.tables`), fast packing
-(:mod:`v3kit.data.ingest`) and the packed cache (:mod:`v3kit.data.cache`) all build on it.
+(:mod:`v3kit.data.ingest`), the packed cache (:mod:`v3kit.data.cache`) and the shared candidates' table
+(:mod:`v3kit.data.shared_candidates`) all build on it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import InitVar, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,6 +73,9 @@ class GroupData:
     # [N, G] long: the table's candidate_id as a code shared by every row with the same id (-1 at padding), so a
     # candidate that recurs across queries can be recognised (reward de-biasing by a per-candidate prior).
     cand_ids: Tensor | None = None
+    # The distinct candidates' features and each slot's row among them, when candidates recur across groups: a
+    # v3kit.data.shared_candidates.CandidateTable (the run config's candidate_table), which batches then carry.
+    cand_table: Any = None
     # How much of validate_tensors runs (not stored): "all"; "no_feature_scan" for a loader that has just checked
     # every feature value it wrote (v3kit.data.ingest), so only the NaN/inf scan of the features is skipped; "none" for
     # the packed cache, validated when it was built (checking would read every memory-mapped page).
@@ -111,6 +115,7 @@ class GroupData:
             query_text=_take(self.query_text, idx),
             cand_text=_take(self.cand_text, idx),
             cand_ids=None if self.cand_ids is None else self.cand_ids[idx],
+            cand_table=None if self.cand_table is None else self.cand_table.subset(idx),
         )
 
     def with_rewards(self, rewards: Tensor) -> "GroupData":
@@ -124,7 +129,7 @@ class GroupData:
     def to(self, device: torch.device | str) -> "GroupData":
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for k, v in out.items():
-            if isinstance(v, Tensor):
+            if isinstance(v, Tensor) or (k == "cand_table" and v is not None):
                 out[k] = v.to(device)
         return GroupData(**out)
 
@@ -142,6 +147,9 @@ class Batch:
     utility: Tensor | None
     query_text: list[str] | None = None
     cand_text: list[list[str]] | None = None
+    # the candidates as rows of the data's cand_table (a v3kit.data.shared_candidates.SharedCandidates), when it
+    # has one and it pays at this batch size
+    shared: Any = None
 
 
 def take_rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -187,6 +195,7 @@ def iterate_batches(
             utility=None if data.utility is None else data.utility[idx],
             query_text=_take(data.query_text, idx),
             cand_text=_take(data.cand_text, idx),
+            shared=None if data.cand_table is None else data.cand_table.batch(idx),
         )
 
 

@@ -42,7 +42,7 @@ from ..provenance import flatten
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from ..train.device import resolve_device
 from ..train.model import build_model
-from ..train.stacked import arithmetic_reason
+from ..train.stacked import arithmetic_reason, step_rows
 from ..train.stacked_func import choose_stack
 from ..train.stacked_members import MemberPruned
 from .search import (
@@ -156,7 +156,7 @@ def structure_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | N
         model = model_from_checkpoint(load_checkpoint(task.sft), task.sft)
     with torch.random.fork_rng(devices=[]):
         _, reason = choose_stack([model, copy.deepcopy(model)], train.query_x[:2].float(), train.cand_x[:2].float())
-    rows = max(cfg.sft.batch_size, cfg.rce.batch_size, cfg.grpo.batch_size) * train.group_size
+    rows = step_rows(model, train, max(cfg.sft.batch_size, cfg.rce.batch_size, cfg.grpo.batch_size))
     return reason or arithmetic_reason(model, rows, resolve_device(cfg.device))
 
 

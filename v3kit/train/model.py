@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from ..bounds import check_all_max, check_max, check_temperature
 from ..data.contract import Batch, GroupData, iterate_batches
+from ..data.shared_candidates import SharedCandidates
 from . import distributed
 from .device import autocast, module_device
 from .losses import score_log_probs  # noqa: F401 - also v3kit.train.model.score_log_probs, as before
@@ -483,18 +484,39 @@ def model_inputs(model: nn.Module, batch: Batch) -> tuple[Any, Any]:
     model defines it (e.g. tokenised text), else the feature tensors ``(batch.query_x, batch.cand_x)``; on the
     model's device."""
     featurize = getattr(model, "featurize", None)
-    inputs = (batch.query_x, batch.cand_x) if featurize is None else featurize(batch)
+    if featurize is not None:
+        inputs = featurize(batch)
+    elif batch.shared is not None and reads_shared(model, batch.shared.any_model):
+        inputs = (batch.query_x, batch.shared)
+    else:
+        inputs = (batch.query_x, batch.cand_x)
     device = module_device(model)  # a batch (or a featurizer's tokens) may live elsewhere, e.g. on the CPU
     return tuple(x.to(device) if hasattr(x, "to") else x for x in inputs)  # type: ignore[return-value]
 
 
+def reads_shared(model: nn.Module, any_model: bool) -> bool:
+    """Whether ``model`` embeds a batch's candidates as rows of a shared table (:class:`SharedCandidates`): a towers
+    model without ``featurize``; the built-in :class:`TwoTower` only unless the run says ``candidate_table: true``
+    (another model's candidate tower might mix the candidates of a group, which the table would not see)."""
+    if getattr(model, "featurize", None) is not None or interface_of(model).kind != "towers":
+        return False
+    if distributed.current().world > 1:  # torchrun splits a batch's groups across ranks, not a table's rows
+        return False
+    return any_model or type(model) is TwoTower
+
+
 def scores(model: nn.Module, query_x: Any, cand_x: Any) -> Tensor:
     """The model's scores [B, G] of each group's candidates (inputs: see :func:`model_inputs`): the dot products
-    of the two towers, or a scorer's own output. Ranking is temperature-free; the policy divides them by it."""
+    of the two towers, or a scorer's own output. Ranking is temperature-free; the policy divides them by it.
+    ``cand_x`` may be :class:`SharedCandidates`: the candidate tower then embeds each distinct candidate once."""
     spec = interface_of(model)
     if spec.kind == "towers":
         q = getattr(model, spec.query)(query_x)
-        c = getattr(model, spec.candidates)(cand_x)
+        if isinstance(cand_x, SharedCandidates):
+            table = getattr(model, spec.candidates)(cand_x.features.unsqueeze(0))  # a towers model takes [B, G, Dc]
+            c = table[0].index_select(0, cand_x.rows.reshape(-1)).view(*cand_x.rows.shape, -1)
+        else:
+            c = getattr(model, spec.candidates)(cand_x)
         if q.dim() != 2 or c.dim() != 3 or q.shape[0] != c.shape[0] or q.shape[1] != c.shape[2]:
             raise ValueError(
                 f"{type(model).__name__}.{spec.query} gave {tuple(q.shape)} and {spec.candidates} "
@@ -502,7 +524,7 @@ def scores(model: nn.Module, query_x: Any, cand_x: Any) -> Tensor:
             )
         return torch.einsum("bd,bgd->bg", q, c)
     fn = model if spec.score == "forward" else getattr(model, spec.score)
-    out = fn(query_x, cand_x)
+    out = fn(query_x, cand_x.dense() if isinstance(cand_x, SharedCandidates) else cand_x)
     shape = _group_shape(cand_x)
     if not isinstance(out, Tensor) or out.dim() != 2 or (shape is not None and tuple(out.shape) != shape):
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

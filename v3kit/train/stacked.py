@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data.contract import Batch, GroupData, num_batches, take_rows
+from ..data.shared_candidates import SharedCandidates, pays
 from . import distributed
 from .checkpoint import epoch_checkpoints
 from .device import autocast
@@ -50,6 +51,7 @@ from .stacked_flat import FlatStack
 from .stacked_func import choose_stack
 from .stacked_losses import Ref, member_log_probs, stacked_loss
 from .stacked_members import Member, MemberPruned
+from .stacked_towers import StackedTowers, stack_reason
 from .training import RunContext, Stage, StageResult, StepContext, fit, kill_point
 
 # Member-groups per stacked evaluation pass (a pass of K members takes EVAL_ROWS // K groups): a pass the size of
@@ -134,6 +136,17 @@ def arithmetic_reason(model: nn.Module, rows: int, device: torch.device) -> str 
     )
 
 
+def step_rows(model: nn.Module, data: GroupData, batch_size: int) -> int:
+    """The rows :func:`arithmetic_reason` charges a step of ``model`` on ``data``: a batch's candidates, B x G;
+    when the built-in towers' stack embeds the candidates as a shared table, scaled by the share of the towers'
+    rows left (a query tower of B rows and a candidate tower of U, instead of B and B x G)."""
+    rows = batch_size * data.group_size
+    table = data.cand_table
+    if table is None or stack_reason([model]) is not None or not pays(len(table.features), rows):
+        return rows
+    return max(1, round(rows * (batch_size + len(table.features)) / (batch_size + rows)))
+
+
 def _model_stack(stages: Sequence[Stage], device: torch.device) -> tuple[FlatStack | None, str | None]:
     """The stacked model of the stages' models (on ``device``), or None and why it cannot be built
     (:func:`~v3kit.train.stacked_func.choose_stack`, probed on the first training groups) or would not pay
@@ -141,7 +154,7 @@ def _model_stack(stages: Sequence[Stage], device: torch.device) -> tuple[FlatSta
     for s in stages:
         s.model.to(device)
     data = stages[0].train
-    reason = arithmetic_reason(stages[0].model, stages[0].cfg.batch_size * data.group_size, device)
+    reason = arithmetic_reason(stages[0].model, step_rows(stages[0].model, data, stages[0].cfg.batch_size), device)
     if reason is not None:
         return None, reason
     return choose_stack(
@@ -213,6 +226,12 @@ class _StackedFit:
         )
         self.ref_logps: dict[tuple[int, int, float], Tensor] = {}
         self.shared_train = all(s.train is first.train for s in stages)
+        # the distinct candidates when they recur across groups (v3kit.data.shared_candidates; the built-in towers'
+        # stack): every member's candidate tower then embeds them once a step, as its run alone does
+        table = first.train.cand_table
+        use_table = table is not None and self.shared_train and isinstance(tower, StackedTowers)
+        slots = first.cfg.batch_size * first.train.group_size
+        self.table = table.features.float().to(self.device) if use_table and pays(len(table.features), slots) else None
         # no padding in any member's training groups: the stacked objectives then skip every mask operation
         self.full = all(bool(s.train.mask.all()) for s in stages)
         self.check_each_step = self.device.type == "cpu" or first.cfg.on_nonfinite == "skip_batch"
@@ -273,9 +292,16 @@ class _StackedFit:
             chunk = max(1, EVAL_ROWS // self.tower.k)
             for start in range(0, len(val), chunk):
                 rows = slice(start, start + chunk)
-                q, c, mask = val.query_x[rows].float(), val.cand_x[rows].float(), val.mask[rows]
-                k = self.tower.k
-                scores = self.tower.scores(q.expand(k, *q.shape), c.expand(k, *c.shape))
+                q, mask, k = val.query_x[rows].float(), val.mask[rows], self.tower.k
+                shared = None
+                if self.table is not None and val.cand_table is not None:
+                    shared = val.cand_table.batch(torch.arange(len(val))[rows])
+                if shared is None:
+                    c = val.cand_x[rows].float()
+                    scores = self.tower.scores(q.expand(k, *q.shape), c.expand(k, *c.shape))
+                else:
+                    table, c = shared.features.to(self.device), shared.rows.to(self.device)
+                    scores = self.tower.scores(q.expand(k, *q.shape), c.expand(k, *c.shape), table)
                 scores = scores if len(pos) == k else scores[pos]
                 chunks.append(member_log_probs(scores, temps, mask.expand(len(live), *mask.shape)).float())
         logp = torch.cat(chunks, dim=1)
@@ -304,6 +330,8 @@ class _StackedFit:
         """The batch of the stack's row ``j`` as its member's own ``Stage.step`` takes it (the objectives that are
         not stacked)."""
         q, c, mask, labels, rewards, util = (None if p is None else p[j] for p in self._parts)
+        if self.table is not None:  # c: the slots' rows of the table
+            c = SharedCandidates(self.table, c).dense()
         return Batch(idx[j], q, c, mask, labels, rewards, util)  # type: ignore[arg-type]
 
     def _live(self) -> tuple[list[int], list[int]]:
@@ -314,7 +342,8 @@ class _StackedFit:
     def _shared_rows(self, idx: Tensor) -> tuple[Tensor | None, ...]:
         """Rows ``idx`` (``[K, ...]``) of the members' shared training data, one gather per field."""
         data = self.members[0].stage.train
-        parts = (take_rows(data.query_x, idx), take_rows(data.cand_x, idx), data.mask[idx], data.labels[idx])
+        c = take_rows(data.cand_x, idx) if self.table is None else data.cand_table.rows[idx]  # type: ignore[union-attr]
+        parts = (take_rows(data.query_x, idx), c, data.mask[idx], data.labels[idx])
         return (*parts, data.rewards[idx], None if data.utility is None else data.utility[idx])
 
     @staticmethod
@@ -331,7 +360,7 @@ class _StackedFit:
         statistics; ``self._total`` is the sum to differentiate. One stacked objective when the members' switches
         allow (:mod:`v3kit.train.stacked_losses`), else each member's own ``Stage.step`` on its slice of the scores."""
         q, c, mask, labels, rewards, _ = self._parts
-        scores = self.tower.scores(q, c)
+        scores = self.tower.scores(q, c) if self.table is None else self.tower.scores(q, c, self.table)
         if len(pos) < self.tower.k:  # the stopped members' rows out of the objective (their gradient stays 0)
             scores, mask, labels, rewards = (t[pos] for t in (scores, mask, labels, rewards))
         stages = [self.members[k].stage for k in live]
@@ -468,7 +497,8 @@ class _StackedFit:
         # Small shared data is gathered once an epoch in every member's order (each batch is then a view of it):
         # at the default world's size that is 6 gathers an epoch instead of 6 a step.
         data = self.members[0].stage.train
-        row_bytes = sum(t[:1].float().numel() * 4 for t in (data.query_x, data.cand_x, data.rewards))
+        cands = data.cand_x if self.table is None else data.cand_table.rows  # type: ignore[union-attr]
+        row_bytes = sum(t[:1].numel() * 4 for t in (data.query_x, data.rewards)) + cands[:1].numel() * 8
         small = self.shared_train and len(self.rows) * n * row_bytes <= EPOCH_GATHER_BYTES
         self._epoch_parts = self._shared_rows(self._orders) if small else None
 

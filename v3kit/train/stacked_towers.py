@@ -33,8 +33,9 @@ def _tower_plan(tower: nn.Module, prefix: str) -> tuple[list[tuple[str, ...]], b
     plan: list[tuple[str, ...]] = []
     inner = f"{prefix}.f" if residual else prefix
     for i, layer in enumerate(seq):
-        if type(layer) is nn.Linear and layer.bias is not None:
-            plan.append(("linear", f"{inner}.{i}.weight", f"{inner}.{i}.bias"))
+        if type(layer) is nn.Linear:  # without a bias too (model.residual_kind: linear)
+            bias = f"{inner}.{i}.bias" if layer.bias is not None else ""
+            plan.append(("linear", f"{inner}.{i}.weight", bias))
         elif type(layer) is nn.GELU:
             plan.append(("gelu", layer.approximate))
         else:
@@ -87,8 +88,8 @@ class StackedTowers(FlatStack):
     def _mlp(self, plan: list[tuple[str, ...]], x: Tensor) -> Tensor:
         for op in plan:
             if op[0] == "linear":
-                w, b = self.params[op[1]], self.params[op[2]]
-                x = torch.baddbmm(b.unsqueeze(1), x, w)
+                w = self.params[op[1]]
+                x = torch.baddbmm(self.params[op[2]].unsqueeze(1), x, w) if op[2] else torch.bmm(x, w)
             else:
                 x = nn.functional.gelu(x, approximate=op[1])
         return x
@@ -99,11 +100,20 @@ class StackedTowers(FlatStack):
         out = self._mlp(plan, x)
         return nn.functional.normalize(out, dim=-1) if self.normalize else out
 
-    def scores(self, query_x: Tensor, cand_x: Tensor) -> Tensor:
-        """Every member's scores ``[K, B, G]`` of its own batch (``query_x [K, B, Dq]``, ``cand_x [K, B, G, Dc]``)."""
-        k, b, g, dc = cand_x.shape
+    def scores(self, query_x: Tensor, cand_x: Tensor, table: Tensor | None = None) -> Tensor:
+        """Every member's scores ``[K, B, G]`` of its own batch (``query_x [K, B, Dq]``, ``cand_x [K, B, G, Dc]``).
+        With ``table`` (``[U, Dc]``, the distinct candidates: :mod:`v3kit.data.shared_candidates`), ``cand_x`` is
+        each slot's row of it, ``[K, B, G]``: every member embeds the table once and its slots gather their rows."""
         q = self._tower(self.query_plan, query_x)
-        c = self._tower(self.cand_plan, cand_x.reshape(k, b * g, dc)).reshape(k, b, g, -1)
+        if table is None:
+            k, b, g, dc = cand_x.shape
+            c = self._tower(self.cand_plan, cand_x.reshape(k, b * g, dc)).reshape(k, b, g, -1)
+        else:
+            k, b, g = cand_x.shape
+            u = table.shape[0]
+            emb = self._tower(self.cand_plan, table.expand(k, *table.shape))  # [K, U, E]
+            offsets = torch.arange(0, k * u, u, device=cand_x.device).view(k, 1, 1)  # member k's rows of emb
+            c = emb.reshape(k * u, -1).index_select(0, (cand_x + offsets).reshape(-1)).view(k, b, g, -1)
         # a multiply and a sum, not einsum: einsum runs as K*B matrix-vector products through bmm, and at these
         # sizes that took 0.78 ms of a 1.8 ms forward and backward against 0.2 ms (float32 rounding apart, equal)
         return (c * q.unsqueeze(2)).sum(dim=-1)
