@@ -75,6 +75,10 @@ def test_no_table_without_ids_without_repeats_when_ids_disagree_or_switched_off(
     assert find_table(data.cand_x, data.cand_ids, data.mask, False) is None
     unique = torch.arange(data.mask.numel()).view_as(data.cand_ids)  # every slot its own candidate
     assert find_table(data.cand_x, unique, data.mask, "auto") is None
+    many = _routing(n=3000, pool=5000, d=2)  # ~4,900 candidates in 24,000 slots, yet not even 1,024 groups of 8 pay
+    codes = many.cand_ids.unique().numel()
+    assert 4 * codes <= many.cand_ids.numel() and 2 * codes > 1024 * 8
+    assert find_table(many.cand_x, many.cand_ids, many.mask, "auto") is None
     other = data.cand_x.clone()
     other[7, 0, 3] += 1e-6  # one slot's features differ from its id's other slots
     assert find_table(other, data.cand_ids, data.mask, "auto") is None

@@ -29,6 +29,9 @@ MODES = ("auto", True, False)  # the run config's candidate_table (YAML's on/off
 # A table is kept when the candidates recur at least this often on average (slots per distinct candidate): below
 # that no batch has twice as many slots as the table has rows (pays) unless it holds most of the data.
 MIN_REPEATS = 4
+# The most groups any batch of a run holds by default: compute_log_probs's batches (old_log_probs, evaluations). A
+# table too large to pay even there is not built, so a large catalogue costs no pass over its features.
+LARGEST_BATCH = 1024
 # Verify the features in chunks of this many groups (a memory-mapped table is read once, a bounded part at a time).
 _CHUNK = 4096
 
@@ -99,14 +102,15 @@ def check_mode(mode: str | bool) -> None:
 
 def find_table(cand_x: Tensor, cand_ids: Tensor | None, mask: Tensor, mode: str | bool) -> CandidateTable | None:
     """The table of ``cand_x``'s distinct candidates by ``cand_ids`` (-1 at padding), or None: ``mode`` is
-    false, there are no ids, the candidates recur fewer than :data:`MIN_REPEATS` times on average, or two slots
-    with one id have other features (the ids then do not name the features)."""
+    false, there are no ids, the candidates recur fewer than :data:`MIN_REPEATS` times on average, there are too
+    many for a batch of :data:`LARGEST_BATCH` groups to pay, or two slots with one id have other features (the ids
+    then do not name the features)."""
     check_mode(mode)
     if mode is False or cand_ids is None or cand_x.shape[0] == 0:
         return None
     ids = torch.where(mask, cand_ids, torch.full_like(cand_ids, -1))
     codes, rows = torch.unique(ids, return_inverse=True)  # sorted: -1 (padding) first when there is any
-    if MIN_REPEATS * len(codes) > ids.numel():
+    if MIN_REPEATS * len(codes) > ids.numel() or not pays(len(codes), LARGEST_BATCH * ids.shape[1]):
         return None
     # each code's first slot gives its row of features
     flat = rows.reshape(-1)
