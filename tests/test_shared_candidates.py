@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from custom_models import BilinearRanker
-from test_stacked import _assert_same_run
+from test_stacked import _assert_same_run, assert_resume_is_bit_identical
 
 from v3kit.config import ConfigError, load_config
 from v3kit.data.contract import GroupData
@@ -234,3 +234,9 @@ def test_the_switch_is_how_fast_not_what_is_trained(tmp_path, routing_file):
     assert splits_for(a).train.cand_table is not None and splits_for(b).train.cand_table is None
     frame = pd.read_parquet(routing_file)
     assert frame["candidate_id"].nunique() == 20
+
+
+def test_a_stack_through_the_table_resumes_bit_identically_after_a_kill(tmp_path, routing_file, monkeypatch):
+    assert_resume_is_bit_identical(
+        tmp_path, ("rce:epoch1:step2", "grpo:epoch1:before_checkpoint"), (f"data.path={routing_file}",)
+    )

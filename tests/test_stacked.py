@@ -244,24 +244,31 @@ assert not bad, bad
 """
 
 
-def _stack_process(root: Path, resume: bool, kill_at: str | None) -> subprocess.CompletedProcess:
+def _stack_process(
+    root: Path, resume: bool, kill_at: str | None, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("V3KIT_TEST_KILL_AT", None)
     if kill_at:
         env["V3KIT_TEST_KILL_AT"] = kill_at
-    script = STACK_SCRIPT.format(tests=str(ROOT / "tests"), root=str(root), small=SMALL, resume=resume)
+    script = STACK_SCRIPT.format(tests=str(ROOT / "tests"), root=str(root), small=[*SMALL, *extra], resume=resume)
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
 def test_a_resume_after_a_kill_mid_stack_is_bit_identical(tmp_path):
-    ref = _stack_process(tmp_path / "ref", False, None)
+    assert_resume_is_bit_identical(tmp_path, ("rce:epoch1:step2", "grpo:epoch1:before_checkpoint", "grpo:epoch2:step6"))
+
+
+def assert_resume_is_bit_identical(tmp_path: Path, kills: tuple[str, ...], extra: tuple[str, ...] = ()) -> None:
+    """A stack of 3 killed at each of ``kills`` and resumed ends with the files of the stack run without a kill."""
+    ref = _stack_process(tmp_path / "ref", False, None, extra)
     assert ref.returncode == 0, ref.stderr
     crash = tmp_path / "crash"
-    for kill_at in ("rce:epoch1:step2", "grpo:epoch1:before_checkpoint", "grpo:epoch2:step6"):
-        killed = _stack_process(crash, True, kill_at)
+    for kill_at in kills:
+        killed = _stack_process(crash, True, kill_at, extra)
         assert killed.returncode == -9, killed.stderr  # SIGKILL at that point
-    done = _stack_process(crash, True, None)
+    done = _stack_process(crash, True, None, extra)
     assert done.returncode == 0, done.stderr
     for i in range(3):
         a, b = tmp_path / f"ref/m{i}", crash / f"m{i}"
