@@ -240,3 +240,17 @@ def test_a_stack_through_the_table_resumes_bit_identically_after_a_kill(tmp_path
     assert_resume_is_bit_identical(
         tmp_path, ("rce:epoch1:step2", "grpo:epoch1:before_checkpoint"), (f"data.path={routing_file}",)
     )
+
+
+def test_a_user_model_stacked_through_vmap_matches_its_runs_through_the_table(tmp_path, routing_file):
+    """``candidate_table: true`` lets a user's towers model read the table in a run alone; its vmap stack embeds
+    the slots as they are (dense), and the members still match their runs."""
+    common = [f"data.path={routing_file}", *SMALL, "candidate_table=true", "model.target=custom_models:BilinearRanker"]
+    variants = [["seed=0"], ["seed=1", "grpo.kl_beta=0.5"]]
+    for i, v in enumerate(variants):
+        run_pipeline(tiny_config(tmp_path / f"seq{i}", *common, *v))
+    out = run_stacked([tiny_config(tmp_path / f"stk{i}", *common, *v) for i, v in enumerate(variants)])
+    assert out.stacked, out.notes
+    for i, r in enumerate(out.results):
+        assert not isinstance(r, BaseException), r
+        _assert_same_run(tmp_path / f"seq{i}", tmp_path / f"stk{i}")
