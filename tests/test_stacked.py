@@ -19,7 +19,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from v3kit.pipeline import run_pipeline
+from v3kit.config import load_config
+from v3kit.pipeline import prepare_data, run_pipeline
 from v3kit.pipeline_stacked import run_stacked
 from v3kit.train.model import ModelConfig, TwoTower, build_model
 from v3kit.train.stacked_towers import StackedTowers
@@ -621,3 +622,23 @@ def test_a_stacked_stage_freezes_the_collector_s_old_objects_only_while_it_runs(
         assert gc.get_freeze_count() == before  # still the caller's freeze: not undone by the stage
     finally:
         gc.unfreeze()
+
+
+def test_small_shared_training_data_is_gathered_once_an_epoch(tmp_path, monkeypatch):
+    """8 members of the default world (2,100 training groups of 8 x 16-d, about 10 MB in their orders, under
+    EPOCH_GATHER_BYTES) get their batches as slices of one gather per epoch, not a gather per step."""
+    from v3kit.train import stacked
+
+    calls: list[int] = []
+    shared_rows = stacked._StackedFit._shared_rows
+    monkeypatch.setattr(
+        stacked._StackedFit, "_shared_rows", lambda self, idx: calls.append(1) or shared_rows(self, idx)
+    )
+    epochs = ["sft.epochs=1", "rce.epochs=1", "grpo.epochs=1", "data.split_seed=0"]
+    cfgs = [
+        load_config(None, ["progress=false", *epochs, f"seed={s}", f"run_dir={tmp_path / str(s)}"]) for s in range(8)
+    ]
+    assert len(prepare_data(cfgs[0]).train) * 8 * (16 + 8 * 16 + 8) * 4 <= stacked.EPOCH_GATHER_BYTES
+    out = run_stacked(cfgs)
+    assert out.stacked, out.notes
+    assert len(calls) == 3

@@ -497,8 +497,9 @@ class _StackedFit:
         # Small shared data is gathered once an epoch in every member's order (each batch is then a view of it):
         # at the default world's size that is 6 gathers an epoch instead of 6 a step.
         data = self.members[0].stage.train
-        cands = data.cand_x if self.table is None else data.cand_table.rows  # type: ignore[union-attr]
-        row_bytes = sum(t[:1].numel() * 4 for t in (data.query_x, data.rewards)) + cands[:1].numel() * 8
+        # a group's bytes: features are gathered as float32, the candidate table's rows are int64
+        row_bytes = sum(t[:1].numel() * 4 for t in (data.query_x, data.rewards))
+        row_bytes += data.cand_x[:1].numel() * 4 if self.table is None else data.cand_table.rows[:1].numel() * 8
         small = self.shared_train and len(self.rows) * n * row_bytes <= EPOCH_GATHER_BYTES
         self._epoch_parts = self._shared_rows(self._orders) if small else None
 
