@@ -20,7 +20,7 @@ from v3kit.data.shared_candidates import SharedCandidates, find_table, with_cand
 from v3kit.pipeline import prepare_data, run_pipeline
 from v3kit.pipeline_stacked import run_stacked
 from v3kit.train.model import ModelConfig, TwoTower, build_model, reads_shared, scores
-from v3kit.train.stacked import step_rows
+from v3kit.train.stacked_plan import step_rows
 from v3kit.train.stacked_towers import StackedTowers
 
 SMALL = ["sft.epochs=2", "rce.epochs=2", "grpo.epochs=2", "data.split_seed=0"]

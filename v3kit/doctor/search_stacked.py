@@ -42,9 +42,9 @@ from ..provenance import flatten
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from ..train.device import resolve_device
 from ..train.model import build_model
-from ..train.stacked import arithmetic_reason, step_rows
 from ..train.stacked_func import choose_stack
 from ..train.stacked_members import MemberPruned
+from ..train.stacked_plan import arithmetic_reason, step_rows
 from .search import (
     PruneOnVal,
     Search,
