@@ -8,8 +8,8 @@ slots per distinct candidate.
 
 The scores are the same up to float rounding: a matmul may block other row counts differently, and a repeated
 candidate's gradient is summed over its slots before it reaches the weights instead of inside the weight gradient's
-matmul. So the switch (``candidate_table`` in the run config: ``auto``, ``true``, ``false``) says how fast a run computes, not what it trains, as
-``threads`` does.
+matmul. So the switch (``candidate_table`` in the run config: ``auto``, ``true``, ``false``) says how fast a run
+computes, not what it trains, as ``threads`` does.
 
 The table is only built from the data's candidate ids (``GroupData.cand_ids``: tables read from a file) and only
 kept when every slot's features equal its row's, bit for bit.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .contract import GroupData
+from .contract import GroupData, gather_rows
 
 MODES = ("auto", True, False)  # the run config's candidate_table (YAML's on/off read as true/false)
 # A table is kept when the candidates recur at least this often on average (slots per distinct candidate): below
@@ -57,8 +57,7 @@ class CandidateTable:
         slots = idx.numel() * self.rows.shape[1]
         if not pays(len(self.features), slots):
             return None
-        rows = self.rows.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
-        return SharedCandidates(self.features.float(), rows, self.any_model)
+        return SharedCandidates(self.features.float(), gather_rows(self.rows, idx), self.any_model)
 
 
 def pays(table_rows: int, slots: int) -> bool:
@@ -92,7 +91,7 @@ class SharedCandidates:
 
     def dense(self) -> Tensor:
         """The ``cand_x`` it stands for."""
-        return self.features.index_select(0, self.rows.reshape(-1)).view(*self.shape)
+        return gather_rows(self.features, self.rows)
 
 
 def check_mode(mode: str | bool) -> None:
@@ -119,8 +118,7 @@ def find_table(cand_x: Tensor, cand_ids: Tensor | None, mask: Tensor, mode: str 
     features = cand_x.reshape(-1, cand_x.shape[-1]).index_select(0, first).clone()
     for start in range(0, cand_x.shape[0], _CHUNK):
         part = slice(start, start + _CHUNK)
-        seen = features.index_select(0, rows[part].reshape(-1))
-        if not torch.equal(seen, cand_x[part].reshape(-1, features.shape[1])):
+        if not torch.equal(gather_rows(features, rows[part]), cand_x[part]):
             return None
     return CandidateTable(features, rows, any_model=mode is True)
 

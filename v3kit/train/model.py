@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bounds import check_all_max, check_max, check_temperature
-from ..data.contract import Batch, GroupData, iterate_batches
+from ..data.contract import Batch, GroupData, gather_rows, iterate_batches
 from ..data.shared_candidates import SharedCandidates
 from . import distributed
 from .device import autocast, module_device
@@ -423,7 +423,7 @@ def scores(model: nn.Module, query_x: Any, cand_x: Any) -> Tensor:
         q = getattr(model, spec.query)(query_x)
         if isinstance(cand_x, SharedCandidates):
             table = getattr(model, spec.candidates)(cand_x.features.unsqueeze(0))  # a towers model takes [B, G, Dc]
-            c = table[0].index_select(0, cand_x.rows.reshape(-1)).view(*cand_x.rows.shape, -1)
+            c = gather_rows(table[0], cand_x.rows)
         else:
             c = getattr(model, spec.candidates)(cand_x)
         if q.dim() != 2 or c.dim() != 3 or q.shape[0] != c.shape[0] or q.shape[1] != c.shape[2]:

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..data.contract import gather_rows
 from .model import DEFAULT_METHODS, INTERFACE_ATTR, ResidualTower, TwoTower
 from .stacked_flat import FlatStack
 
@@ -109,11 +110,11 @@ class StackedTowers(FlatStack):
             k, b, g, dc = cand_x.shape
             c = self._tower(self.cand_plan, cand_x.reshape(k, b * g, dc)).reshape(k, b, g, -1)
         else:
-            k, b, g = cand_x.shape
+            k = cand_x.shape[0]
             u = table.shape[0]
             emb = self._tower(self.cand_plan, table.expand(k, *table.shape))  # [K, U, E]
             offsets = torch.arange(0, k * u, u, device=cand_x.device).view(k, 1, 1)  # member k's rows of emb
-            c = emb.reshape(k * u, -1).index_select(0, (cand_x + offsets).reshape(-1)).view(k, b, g, -1)
+            c = gather_rows(emb.reshape(k * u, -1), cand_x + offsets)  # [K, B, G, E]
         # a multiply and a sum, not einsum: einsum runs as K*B matrix-vector products through bmm, and at these
         # sizes that took 0.78 ms of a 1.8 ms forward and backward against 0.2 ms (float32 rounding apart, equal)
         return (c * q.unsqueeze(2)).sum(dim=-1)
