@@ -6,6 +6,7 @@ runs every trial alone."""
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -139,6 +140,39 @@ def test_the_pruner_stops_members_inside_a_stack(tmp_path, run_sft, variants, st
         epochs = {int(line.split(",")[2]) for line in metrics.splitlines()[1:] if line.startswith(f"{stage},val")}
         assert epochs == {0, 1, 2}, epochs  # epoch 2's end is where the stack stopped it
         assert "grpo,val" not in metrics  # a member pruned in one stage trains no later stage
+
+
+def test_the_members_of_a_stack_prune_each_other(tmp_path, run_sft):
+    """Five finished trials that report nothing past step 1: from step 2 on, a stack member competes with its peers
+    only. Each member is pruned at exactly the first step where its running best is below the median of the values
+    its live peers reported at that step (recomputed here from the reports), and reports nothing after it; the
+    others finish."""
+    variants = [(f"r{k}", ["rce.epochs=6", "grpo.epochs=0", f"rce.lr={lr}"]) for k, lr in enumerate((1e-5, 3e-3, 3e-2, 0.3))]
+    search = _search(tmp_path / "search", run_sft, 5 + len(variants))
+    for _ in range(5):
+        search.study.add_trial(
+            optuna.trial.create_trial(
+                state=S.COMPLETE, value=0.0, params={}, distributions={}, intermediate_values={0: 0.0, 1: 0.0}
+            )
+        )
+    search.enqueue(variants)
+    search.run(time.time() + 600)
+    trials = {name: t for name, t in _by_name(search).items()}
+    reports = {name: dict(t.intermediate_values) for name, t in trials.items()}
+    last = max(max(r) for r in reports.values())  # the evaluations of a trial that is never stopped
+    pruned_at: dict[str, int] = {}
+    for step in range(2, last + 1):
+        live = [n for n in reports if n not in pruned_at and step in reports[n]]
+        for n in live:
+            peers = [reports[p][step] for p in live if p != n]
+            if peers and reports[n][step] < statistics.median(peers):
+                pruned_at[n] = step
+    assert pruned_at and len(pruned_at) < len(variants)  # the peers decided something, not everything
+    for name, t in trials.items():
+        if name in pruned_at:
+            assert t.state == S.PRUNED and max(reports[name]) == pruned_at[name], name
+        else:
+            assert t.state == S.COMPLETE and max(reports[name]) == last, name
 
 
 def test_stacks_sample_numbers_around_one_structure_and_keep_the_cap(tmp_path, run_sft):

@@ -49,11 +49,14 @@ def import_optuna() -> Any:
 
 def open_study(folder: Path, metric: str, seed: int = 0, constant_liar: bool = False) -> Any:
     """The study in ``folder/study.journal`` (created on first use): TPE seeded with ``seed``, and a median
-    pruner that waits for 5 finished trials and never stops a trial before its third val evaluation.
+    pruner that waits for 5 finished trials and never stops a trial before its third val evaluation (a stack's
+    members also count each other: :class:`~v3kit.doctor.pruning.StackMedianPruner`).
     ``constant_liar``: TPE counts running trials as bad ones, so trials asked together spread out (a stack)."""
     optuna = import_optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
+
+    from .pruning import StackMedianPruner
 
     folder.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
@@ -62,7 +65,7 @@ def open_study(folder: Path, metric: str, seed: int = 0, constant_liar: bool = F
         storage=storage,
         direction="maximize" if METRIC_DIRECTION[metric] > 0 else "minimize",
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, constant_liar=constant_liar),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2),
+        pruner=StackMedianPruner(n_startup_trials=5, n_warmup_steps=2),
         load_if_exists=True,
     )
 
@@ -75,8 +78,9 @@ class PruneOnVal:
         self.trial, self.metric, self.step, self.best = trial, metric, 0, math.nan
         self.d = METRIC_DIRECTION[metric]
 
-    def observe(self, row: dict[str, Any]) -> bool:
-        """Report ``row``'s running best (a val row with the metric); whether the pruner says stop."""
+    def report(self, row: dict[str, Any]) -> bool:
+        """Report ``row``'s running best at the next step, when it is a val row with a finite metric (whether it
+        was)."""
         v = row.get(self.metric)
         if row.get("split") != "val" or v is None or not math.isfinite(float(v)):
             return False
@@ -84,7 +88,11 @@ class PruneOnVal:
             self.best = float(v)
         self.trial.report(self.best, self.step)
         self.step += 1
-        return bool(self.trial.should_prune())
+        return True
+
+    def observe(self, row: dict[str, Any]) -> bool:
+        """:meth:`report` ``row``; whether the pruner then says stop."""
+        return self.report(row) and bool(self.trial.should_prune())
 
     def on_eval(self, row: dict[str, Any]) -> None:
         if self.observe(row):

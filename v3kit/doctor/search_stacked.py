@@ -14,10 +14,12 @@ How a stack is formed (ask-and-tell):
   spreads the K samples apart.
 
 Pruning: each member reports its running best val score after every evaluation, at the same steps as a trial run
-alone (:class:`v3kit.doctor.search.PruneOnVal`); when the median pruner says stop, the member is stopped at that
-epoch's end in any stage (SFT, RCE, GRPO) through ``run_stacked``'s ``prune``; one it says stop at a point the
-stack cannot act on (a stage's last epoch) is told pruned all the same, as it would be alone. The pruner compares
-a report with finished trials only, so the members of one stack never prune each other.
+alone (:class:`v3kit.doctor.search.PruneOnVal`); once every live member has reported a step, the median pruner
+judges each against the finished trials and the stack's other members at that step
+(:class:`v3kit.doctor.pruning.StackMedianPruner`: alone, a trial competes with the trials before it; in a stack,
+with its peers). A member it says stop is stopped at that epoch's end in any stage (SFT, RCE, GRPO) through
+``run_stacked``'s ``prune``; one it says stop at a point the stack cannot act on (a stage's last epoch) is told
+pruned all the same, as it would be alone.
 
 The trial cap, the budget (checked before each stack, with a stack's wall time as the next unit of work), the
 journal and its resume after a kill (the killed stack's trials are marked failed, the enqueued ones enqueued
@@ -59,6 +61,7 @@ from .search import (
     trial_config,
     trial_overrides,
 )
+from .pruning import STACK_ATTR, StackRound
 from .space import Param, fixed_point
 
 _PER_RUN = ("run_dir", "seed")  # what every trial has of its own
@@ -83,14 +86,27 @@ def signature(own_sft: bool, cfg: RunConfig) -> tuple[Any, ...]:
 
 
 class ReportOnVal(PruneOnVal):
-    """:class:`PruneOnVal` for a stack member: the same reports at the same steps, but the pruner's stop is kept
-    (``pruned``) for the stack to act on instead of raised; nothing is reported after it."""
+    """:class:`PruneOnVal` for a stack member: the same reports at the same steps, but the pruner is asked once the
+    stack's round of reports is in (``round``; alone: at once) and its stop is kept (``pruned``) for the stack to
+    act on instead of raised; nothing is reported after it."""
 
     pruned = False
+    round: StackRound | None = None
+
+    def join(self, round: StackRound) -> None:
+        self.round = round
+        round.join(self)
 
     def on_eval(self, row: dict[str, Any]) -> None:
-        if not self.pruned:
+        if self.pruned:
+            return
+        if self.round is None:
             self.pruned = self.observe(row)
+            return
+        step = self.step
+        self.round.before_report(step)  # (may decide that this member is pruned: then it reports no more)
+        if not self.pruned and self.report(row):
+            self.round.reported(self, step)
 
 
 class _Peek:
@@ -278,6 +294,10 @@ def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
             attrs = {"stacked": False, "stack": 1, "run_s": run_s, "stack_s": run_s}
             _tell(study, task, m, outcome, attrs if reason is None else {**attrs, "stack_note": reason})
         return
+    round = StackRound()
+    for m in members:  # the pruner counts the members of one stack as each other's competitors
+        m.trial.set_user_attr(STACK_ATTR, members[0].trial.number)
+        m.reporter.join(round)
     t0 = time.perf_counter()
     try:
         out = run_stacked(
@@ -291,6 +311,7 @@ def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
         results, stacked = list(out.results), out.stacked
     except Exception as e:  # the whole stack failed (a full disk, a bad config): each of its trials failed
         results, stacked = [e] * len(members), False
+    round.settle()  # a last round some member left open (it skipped the step or stopped)
     wall = time.perf_counter() - t0
     attrs = {"stacked": stacked, "stack": len(members), "run_s": wall / len(members), "stack_s": wall}
     for m, res in zip(members, results):
