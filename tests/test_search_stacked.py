@@ -147,7 +147,9 @@ def test_the_members_of_a_stack_prune_each_other(tmp_path, run_sft):
     only. Each member is pruned at exactly the first step where its running best is below the median of the values
     its live peers reported at that step (recomputed here from the reports), and reports nothing after it; the
     others finish."""
-    variants = [(f"r{k}", ["rce.epochs=6", "grpo.epochs=0", f"rce.lr={lr}"]) for k, lr in enumerate((1e-5, 3e-3, 3e-2, 0.3))]
+    variants = [
+        (f"r{k}", ["rce.epochs=6", "grpo.epochs=0", f"rce.lr={lr}"]) for k, lr in enumerate((1e-5, 3e-3, 3e-2, 0.3))
+    ]
     search = _search(tmp_path / "search", run_sft, 5 + len(variants))
     for _ in range(5):
         search.study.add_trial(

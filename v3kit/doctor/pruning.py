@@ -17,9 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import optuna
-from optuna.trial import TrialState
-
 STACK_ATTR = "stack_id"  # a trial's user attr: the number of its stack's first trial (absent: in no stack)
 
 
@@ -33,23 +30,31 @@ class _WithPeers:
     def direction(self) -> Any:
         return self._study.direction
 
-    def get_trials(self, deepcopy: bool = True, states: Sequence[TrialState] | None = None) -> list[Any]:
+    def get_trials(self, deepcopy: bool = True, states: Sequence[Any] | None = None) -> list[Any]:
+        from optuna.trial import TrialState
+
         trials = self._study.get_trials(deepcopy=deepcopy, states=states)
         if states is not None and tuple(states) == (TrialState.COMPLETE,):
             return [*trials, *self._peers]
         return trials
 
 
-class StackMedianPruner(optuna.pruners.BasePruner):
+class StackMedianPruner:
     """``MedianPruner(n_startup_trials, n_warmup_steps)`` that also counts a stack member's running peers (trials
     with the same :data:`STACK_ATTR` that have reported the step being judged) among the finished trials whose
-    median it compares with (the wait for ``n_startup_trials`` still counts finished trials only)."""
+    median it compares with (the wait for ``n_startup_trials`` still counts finished trials only). An Optuna
+    pruner by its ``prune(study, trial)`` method (Optuna calls nothing else), so that this module imports without
+    Optuna, which only the search needs."""
 
     def __init__(self, n_startup_trials: int = 5, n_warmup_steps: int = 0) -> None:
+        import optuna
+
         self._median = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
         self._startup = n_startup_trials
 
     def prune(self, study: Any, trial: Any) -> bool:
+        from optuna.trial import TrialState
+
         stack = trial.user_attrs.get(STACK_ATTR)
         step = trial.last_step
         if stack is None or step is None:

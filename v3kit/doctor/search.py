@@ -29,6 +29,7 @@ from ..config import ConfigError, RunConfig, load_config
 from ..data.contract import Splits
 from ..rundir import UNKNOWN_FILE, DiskFullError, as_disk_full, free_bytes
 from ..train.metrics import METRIC_DIRECTION
+from .pruning import StackMedianPruner
 from .space import Param, fixed_point, run_values, suggest, to_overrides
 
 STUDY = "investigate"
@@ -55,8 +56,6 @@ def open_study(folder: Path, metric: str, seed: int = 0, constant_liar: bool = F
     optuna = import_optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
-
-    from .pruning import StackMedianPruner
 
     folder.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL)))

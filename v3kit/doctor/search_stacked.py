@@ -47,6 +47,7 @@ from ..train.model import build_model
 from ..train.stacked_func import choose_stack
 from ..train.stacked_members import MemberPruned
 from ..train.stacked_plan import arithmetic_reason, step_rows
+from .pruning import STACK_ATTR, StackRound
 from .search import (
     PruneOnVal,
     Search,
@@ -61,7 +62,6 @@ from .search import (
     trial_config,
     trial_overrides,
 )
-from .pruning import STACK_ATTR, StackRound
 from .space import Param, fixed_point
 
 _PER_RUN = ("run_dir", "seed")  # what every trial has of its own
