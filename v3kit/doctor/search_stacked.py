@@ -304,7 +304,7 @@ def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
             [m.cfg for m in members],
             sft_checkpoint=None if members[0].own_sft else task.sft,
             splits=search_splits(task),
-            prune=lambda k, epoch, metrics: members[k].reporter.pruned,
+            prune=lambda k, epoch, metrics: _judged(round, members[k]),
             callbacks=[[m.reporter] for m in members],
             prune_stages=("sft", "rce", "grpo"),
         )
@@ -317,6 +317,14 @@ def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
     for m, res in zip(members, results):
         outcome: float | BaseException = res if isinstance(res, BaseException) else _shipped(m, res)
         _tell(study, task, m, outcome, attrs)
+
+
+def _judged(round: StackRound, m: Member) -> bool:
+    """Whether the stack should stop ``m`` now (asked at an epoch's end): a round still waiting is decided first,
+    with the reports in. In lockstep every live member has reported by then (a no-op), unless one skipped the
+    step (a non-finite val score)."""
+    round.settle()
+    return m.reporter.pruned
 
 
 def _shipped(m: Member, res: Any) -> float:
