@@ -102,8 +102,9 @@ def test_stacked_trials_match_the_same_trials_run_alone(tmp_path, run_sft, monke
     assert not any(r["stacked"] for r in alone.result().trials)
 
 
-def _finished_trials(study, n, value=1.0):
-    """``n`` complete trials whose val score was ``value`` at every step: the median any real trial falls below."""
+def _finished_trials(study, n, value=1.0, steps=range(60)):
+    """``n`` complete trials whose val score was ``value`` at every one of ``steps`` (by default at every step: the
+    median any real trial falls below)."""
     for _ in range(n):
         study.add_trial(
             optuna.trial.create_trial(
@@ -111,7 +112,7 @@ def _finished_trials(study, n, value=1.0):
                 value=value,
                 params={},
                 distributions={},
-                intermediate_values=dict.fromkeys(range(60), value),
+                intermediate_values=dict.fromkeys(steps, value),
             )
         )
 
@@ -151,12 +152,7 @@ def test_the_members_of_a_stack_prune_each_other(tmp_path, run_sft):
         (f"r{k}", ["rce.epochs=6", "grpo.epochs=0", f"rce.lr={lr}"]) for k, lr in enumerate((1e-5, 3e-3, 3e-2, 0.3))
     ]
     search = _search(tmp_path / "search", run_sft, 5 + len(variants))
-    for _ in range(5):
-        search.study.add_trial(
-            optuna.trial.create_trial(
-                state=S.COMPLETE, value=0.0, params={}, distributions={}, intermediate_values={0: 0.0, 1: 0.0}
-            )
-        )
+    _finished_trials(search.study, 5, value=0.0, steps=(0, 1))
     search.enqueue(variants)
     search.run(time.time() + 600)
     trials = {name: t for name, t in _by_name(search).items()}
