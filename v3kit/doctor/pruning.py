@@ -21,10 +21,11 @@ STACK_ATTR = "stack_id"  # a trial's user attr: the number of its stack's first 
 
 
 class _WithPeers:
-    """A study seen by ``MedianPruner`` with ``peers`` among its finished trials."""
+    """A study seen by ``MedianPruner`` with ``finished`` (its finished trials and the peers, read once) as its
+    finished trials."""
 
-    def __init__(self, study: Any, peers: Sequence[Any]) -> None:
-        self._study, self._peers = study, list(peers)
+    def __init__(self, study: Any, finished: Sequence[Any]) -> None:
+        self._study, self._finished = study, list(finished)
 
     @property
     def direction(self) -> Any:
@@ -33,10 +34,9 @@ class _WithPeers:
     def get_trials(self, deepcopy: bool = True, states: Sequence[Any] | None = None) -> list[Any]:
         from optuna.trial import TrialState
 
-        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
         if states is not None and tuple(states) == (TrialState.COMPLETE,):
-            return [*trials, *self._peers]
-        return trials
+            return list(self._finished)
+        return self._study.get_trials(deepcopy=deepcopy, states=states)
 
 
 class StackMedianPruner:
@@ -59,15 +59,16 @@ class StackMedianPruner:
         step = trial.last_step
         if stack is None or step is None:
             return self._median.prune(study, trial)
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         # the wait for the first finished trials counts finished ones only, as alone (peers join the median only)
-        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < self._startup:
+        if len(finished) < self._startup:
             return False
         peers = [
             t
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if t.number != trial.number and t.user_attrs.get(STACK_ATTR) == stack and step in t.intermediate_values
         ]
-        return self._median.prune(_WithPeers(study, peers), trial)
+        return self._median.prune(_WithPeers(study, [*finished, *peers]), trial)
 
 
 class StackRound:

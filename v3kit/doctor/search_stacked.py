@@ -87,26 +87,26 @@ def signature(own_sft: bool, cfg: RunConfig) -> tuple[Any, ...]:
 
 class ReportOnVal(PruneOnVal):
     """:class:`PruneOnVal` for a stack member: the same reports at the same steps, but the pruner is asked once the
-    stack's round of reports is in (``round``; alone: at once) and its stop is kept (``pruned``) for the stack to
+    stack's round of reports is in (``stack_round``; alone: at once) and its stop is kept (``pruned``) for the stack to
     act on instead of raised; nothing is reported after it."""
 
     pruned = False
-    round: StackRound | None = None
+    stack_round: StackRound | None = None
 
-    def join(self, round: StackRound) -> None:
-        self.round = round
-        round.join(self)
+    def join(self, stack_round: StackRound) -> None:
+        self.stack_round = stack_round
+        stack_round.join(self)
 
     def on_eval(self, row: dict[str, Any]) -> None:
         if self.pruned:
             return
-        if self.round is None:
+        if self.stack_round is None:
             self.pruned = self.observe(row)
             return
         step = self.step
-        self.round.before_report(step)  # (may decide that this member is pruned: then it reports no more)
+        self.stack_round.before_report(step)  # (may decide that this member is pruned: then it reports no more)
         if not self.pruned and self.report(row):
-            self.round.reported(self, step)
+            self.stack_round.reported(self, step)
 
 
 class _Peek:
@@ -294,24 +294,24 @@ def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
             attrs = {"stacked": False, "stack": 1, "run_s": run_s, "stack_s": run_s}
             _tell(study, task, m, outcome, attrs if reason is None else {**attrs, "stack_note": reason})
         return
-    round = StackRound()
+    stack_round = StackRound()
     for m in members:  # the pruner counts the members of one stack as each other's competitors
         m.trial.set_user_attr(STACK_ATTR, members[0].trial.number)
-        m.reporter.join(round)
+        m.reporter.join(stack_round)
     t0 = time.perf_counter()
     try:
         out = run_stacked(
             [m.cfg for m in members],
             sft_checkpoint=None if members[0].own_sft else task.sft,
             splits=search_splits(task),
-            prune=lambda k, epoch, metrics: _judged(round, members[k]),
+            prune=lambda k, epoch, metrics: _judged(stack_round, members[k]),
             callbacks=[[m.reporter] for m in members],
             prune_stages=("sft", "rce", "grpo"),
         )
         results, stacked = list(out.results), out.stacked
     except Exception as e:  # the whole stack failed (a full disk, a bad config): each of its trials failed
         results, stacked = [e] * len(members), False
-    round.settle()  # a last round some member left open (it skipped the step or stopped)
+    stack_round.settle()  # a last round some member left open (it skipped the step or stopped)
     wall = time.perf_counter() - t0
     attrs = {"stacked": stacked, "stack": len(members), "run_s": wall / len(members), "stack_s": wall}
     for m, res in zip(members, results):
@@ -319,11 +319,11 @@ def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
         _tell(study, task, m, outcome, attrs)
 
 
-def _judged(round: StackRound, m: Member) -> bool:
+def _judged(stack_round: StackRound, m: Member) -> bool:
     """Whether the stack should stop ``m`` now (asked at an epoch's end): a round still waiting is decided first,
     with the reports in. In lockstep every live member has reported by then (a no-op), unless one skipped the
     step (a non-finite val score)."""
-    round.settle()
+    stack_round.settle()
     return m.reporter.pruned
 
 
