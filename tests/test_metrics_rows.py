@@ -167,3 +167,110 @@ def test_commit_later_survives_a_rewrite_and_closes_its_descriptor(tmp_path, mon
     with pytest.raises(OSError):
         os.fstat(dup)  # closed after the sync
     MetricsLog(None).commit_later()()  # nothing to sync
+
+
+# ---- the run's log handed from stage to stage (RunContext.metrics_log)
+RCE_ROWS = [
+    {"stage": "rce", "split": "val", "epoch": 0, "step": 0, "acc@1": 0.25, "temperature": 2.0},
+    {"stage": "rce", "split": "train", "epoch": 1, "step": 1, "loss": 0.75, "grad_norm": 1.5},
+]
+
+
+def _stat(path):
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _next_stage(log: MetricsLog) -> bytes:
+    """Start RCE on ``log`` and log its rows; the file's bytes then."""
+    log.start_stage("rce", [])
+    for row in RCE_ROWS:
+        log.add(dict(row))
+    log.close()
+    return (log.path).read_bytes()
+
+
+def test_a_reopened_log_keeps_its_rows_and_a_fresh_stage_leaves_the_file_alone(tmp_path):
+    """The next stage of a run takes the log as the last one left it: no read, and a fresh stage with no row in the
+    file does not rewrite it; what it then writes equals what a log read from the file writes."""
+    import shutil
+
+    log = _logged(tmp_path, "run")
+    log.close()
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    before, rows = _stat(log.path), list(log.rows)
+    again = log.reopen()
+    assert again is log and len(again.rows) == len(rows) and all(a is b for a, b in zip(again.rows, rows))
+    again.start_stage("rce", [])
+    assert _stat(log.path) == before  # not rewritten
+    assert _next_stage(again) == _next_stage(MetricsLog(tmp_path / "copy"))
+
+
+def test_a_reopen_reads_the_file_again_when_another_writer_touched_it(tmp_path):
+    """A row appended, or the file replaced, by someone else after the log closed: the reopened log holds the file's
+    rows, as a log read afresh does."""
+    for how in ("append", "replace"):
+        log = _logged(tmp_path, how)
+        log.close()
+        other = MetricsLog(tmp_path / how)
+        if how == "append":
+            other.add({"stage": "grpo", "split": "train", "epoch": 1, "step": 3, "loss": 0.5})
+        else:
+            other.start_stage("grpo", [])  # drops the grpo rows: a rewrite (a new file under the name)
+        other.close()
+        fresh = MetricsLog(tmp_path / how)
+        log.reopen()
+        assert log.columns == fresh.columns and len(log.rows) == len(fresh.rows)
+        assert all(_same(a[k], b[k]) for a, b in zip(log.rows, fresh.rows) for k in a)
+
+
+def test_a_failed_append_makes_the_next_stage_read_the_file(tmp_path, monkeypatch):
+    """A write that failed (a full disk) leaves a row in memory that the file lacks: the reopened log reads the
+    file, so the lost row is not carried on."""
+    import errno
+    import os
+
+    log = _logged(tmp_path, "run")
+    log.add({"stage": "grpo", "split": "train", "epoch": 1, "step": 3, "loss": 0.5})  # the descriptor is open
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError):
+        log.add({"stage": "grpo", "split": "train", "epoch": 1, "step": 4, "loss": 0.25})
+    monkeypatch.setattr(os, "write", real_write)
+    log.close()
+    assert [r["step"] for r in log.reopen().rows if r["stage"] == "grpo"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["one run", "stacked"])
+def test_a_run_hands_its_log_from_stage_to_stage_and_writes_the_same_files(tmp_path, monkeypatch, stacked):
+    """A whole run (alone, and two stacked) with the log handed from stage to stage writes the same metrics.csv and
+    summary.csv as with every stage reading the file afresh, and reads the file no more (it is new)."""
+    from conftest import tiny_config
+
+    from v3kit.pipeline import run_pipeline
+    from v3kit.pipeline_stacked import run_stacked
+
+    reads = []
+    real_read = MetricsLog._read
+    monkeypatch.setattr(MetricsLog, "_read", staticmethod(lambda path: (reads.append(path), real_read(path))[1]))
+
+    def run(root):
+        cfgs = [tiny_config(root / f"seed{s}", f"seed={s}", "data.split_seed=0") for s in range(2 if stacked else 1)]
+        if stacked:
+            out = run_stacked(cfgs)
+            assert out.stacked and not any(isinstance(r, BaseException) for r in out.results)
+        else:
+            run_pipeline(cfgs[0])
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*.csv"))}
+
+    handed = run(tmp_path / "handed")
+    assert reads == []
+    monkeypatch.setattr(MetricsLog, "reopen", lambda self: MetricsLog(self.path.parent))
+    afresh = run(tmp_path / "afresh")
+    assert len(reads) >= 2  # the stages after SFT read the file
+    assert handed.keys() == afresh.keys() and len(handed) >= 2
+    assert handed == afresh

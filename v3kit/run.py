@@ -33,7 +33,7 @@ from .train.checkpoint import CheckpointError, load_checkpoint, model_from_check
 from .train.device import Runtime, resolve_device, resolve_precision, resolve_threads
 from .train.grpo import run_grpo
 from .train.metrics import evaluate
-from .train.metrics_log import read_metrics_frame
+from .train.metrics_log import MetricsLog, read_metrics_frame
 from .train.model import ModelConfig
 from .train.model_size import count_params
 from .train.rce import final_logit_temperature, run_rce
@@ -208,6 +208,7 @@ class Run:
         self.callbacks = list(callbacks)
         self.resume = resume
         self._training: tuple[Splits, DebiasReport | None] | None = None
+        self._log: MetricsLog | None = None
 
     # ---- what every stage gets
     def use_threads(self) -> None:
@@ -232,7 +233,9 @@ class Run:
         """The run context of a stage (:func:`run_context`); ``overrides``: any of its fields (seed, run_dir,
         resume, callbacks, progress, device, precision, log_every)."""
         ctx = run_context(self.cfg, self.runtime, callbacks=self.callbacks, resume=self.resume, run_dir=self.run_dir)
-        return {**ctx, **overrides}
+        if self._log is None:  # one log for all the run's stages (RunContext.metrics_log)
+            self._log = MetricsLog(self.run_dir)
+        return {**ctx, "metrics_log": self._log, **overrides}
 
     # ---- the stages
     def sft(self, **context: Any) -> StageResult:

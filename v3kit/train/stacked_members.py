@@ -18,7 +18,7 @@ from torch import Tensor
 from .checkpoint import load_checkpoint, load_state_into, require_fields, save_checkpoint
 from .device import as_floats
 from .metrics import evaluate
-from .metrics_log import MetricsLog, call_callbacks
+from .metrics_log import MetricsLog, call_callbacks, stage_log
 from .model import compute_log_probs
 from .optim import nonfinite_error
 from .stacked_losses import Ref
@@ -67,7 +67,7 @@ class Member:
             stage=stage,
             run=run,
             run_dir=run_dir,
-            log=MetricsLog(run_dir),
+            log=stage_log(run.metrics_log, run_dir),
             optimizer=torch.optim.Adam(
                 stage.model.parameters(), lr=stage.cfg.lr, weight_decay=getattr(stage.cfg, "weight_decay", 0.0)
             ),

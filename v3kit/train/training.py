@@ -39,6 +39,7 @@ from .metrics_log import (  # noqa: F401 - Callback, StageResult, split_rows: do
     StageResult,
     call_callbacks,
     split_rows,
+    stage_log,
 )
 from .model import compute_log_probs
 from .optim import (  # noqa: F401 - MAX_*, ON_NONFINITE, the checks: their old path (v3kit.train.training)
@@ -101,6 +102,9 @@ class RunContext:
     device: torch.device | str = "cpu"  # where the model, the reference and the batches live
     precision: str = "fp32"  # "bf16": CUDA autocast of the forward passes
     log_every: int = 10  # steps between host reads of the per-step statistics
+    # the run's metrics log, handed from stage to stage (v3kit.run.Run passes its own): a stage then takes the rows
+    # of the earlier ones from memory instead of reading metrics.csv again (None: each stage reads the file)
+    metrics_log: MetricsLog | None = None
 
 
 class Stage:
@@ -437,7 +441,7 @@ def fit(stage_obj: Stage, run: RunContext) -> StageResult:
     ranks = distributed.current()
     writes = run_dir if ranks.main else None
     train_model = SlicedGrad(model, ranks) if ranks.world > 1 else model
-    log = MetricsLog(writes)
+    log = stage_log(run.metrics_log, writes)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(run.seed)
     torch.manual_seed(run.seed)
