@@ -161,6 +161,31 @@ def test_a_disk_full_error_survives_a_worker_process_whole():
     assert as_disk_full(wrapped).filename == "/d/x.csv" and as_disk_full(RuntimeError("other")) is None
 
 
+def test_a_checkpoints_size_is_counted_only_when_a_write_fails(tmp_path, monkeypatch):
+    """``atomic_write``'s ``size_hint`` may be what counts the bytes (a checkpoint's count walks its payload): it is
+    called only for the error of a failed write, whose message then names the bytes needed."""
+    from v3kit import rundir
+    from v3kit.rundir import DiskFullError, atomic_write
+
+    counted = []
+
+    def size() -> int:
+        counted.append(1)
+        return 4096
+
+    atomic_write(tmp_path / "ok.bin", lambda f: f.write(b"x"), size_hint=size)
+    assert counted == [] and (tmp_path / "ok.bin").read_bytes() == b"x"
+    monkeypatch.setattr(rundir, "free_bytes", lambda path: 100)
+
+    def torn(f) -> None:  # torch.save's zip writer reports a full disk as a RuntimeError
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0")
+
+    with pytest.raises(DiskFullError) as info:
+        atomic_write(tmp_path / "big.pt", torn, size_hint=size)
+    assert counted == [1] and (info.value.needed, info.value.free) == (4096, 100)
+    assert not (tmp_path / "big.pt").exists() and not list(tmp_path.glob(".big.pt.*"))
+
+
 @needs_proc
 def test_import_sft_on_a_full_disk_ends_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
     from v3kit.train.model import ModelConfig, build_model

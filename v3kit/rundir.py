@@ -129,14 +129,17 @@ def disk_full_error(exc: BaseException, path: str | Path, needed: int | None = N
     return exc
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], size_hint: int | None = None) -> Path:
+def atomic_write(
+    path: str | Path, write: Callable[[IO[bytes]], None], size_hint: int | Callable[[], int] | None = None
+) -> Path:
     """Replace ``path`` by what ``write(f)`` writes to a binary file, via a fsynced temp file in the same directory
     and ``os.replace``: a reader (or a resume after a crash) sees the old file or the new one, never a mix. The one
     way v3kit writes any file it may read back (checkpoints, configs, tables, results).
 
-    A full disk raises :class:`DiskFullError` naming ``path`` (and ``size_hint``, the bytes the write needs, when
-    given); the temp file is removed on any failure. A temp file a killed process left (``.<name>.*.tmp``) is removed
-    by :func:`remove_temp_files` when the next run takes the run dir's lock."""
+    A full disk raises :class:`DiskFullError` naming ``path`` and ``size_hint``, the bytes the write needs when
+    given (or what counts them, called only then: a checkpoint's count walks its whole payload); the temp file is
+    removed on any failure. A temp file a killed process left (``.<name>.*.tmp``) is removed by
+    :func:`remove_temp_files` when the next run takes the run dir's lock."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = None
@@ -151,7 +154,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], size_hint
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        err = disk_full_error(e, path, size_hint) if isinstance(e, Exception) else e
+        err = e
+        if isinstance(e, Exception):
+            err = disk_full_error(e, path, size_hint() if callable(size_hint) else size_hint)
         if err is not e:
             raise err from None
         raise

@@ -31,7 +31,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **to_cpu(payload)}
-    return atomic_write(path, lambda f: torch.save(payload, f), size_hint=payload_bytes(payload))
+    return atomic_write(path, lambda f: torch.save(payload, f), size_hint=lambda: payload_bytes(payload))
 
 
 def payload_bytes(obj: Any) -> int:
