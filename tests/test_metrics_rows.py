@@ -67,6 +67,9 @@ def test_packed_rows_follow_rows_added_after_a_pack_and_a_restart_of_the_stage(t
     log.packed_stage_rows("grpo")  # encodes the rows so far once
     log.add({"stage": "grpo", "split": "train", "epoch": 2, "step": 3, "loss": 0.25})
     assert log.packed_stage_rows("grpo") == json.dumps(log.stage_rows("grpo"))
+    assert log.packed_stage_rows("grpo") == json.dumps(log.stage_rows("grpo"))  # nothing new: the same text
+    log.add_many([{"stage": "grpo", "split": "train", "epoch": 2, "step": s, "loss": s / 7} for s in (4, 5, 6)])
+    assert log.packed_stage_rows("grpo") == json.dumps(log.stage_rows("grpo"))
     log.start_stage("grpo", [{"stage": "grpo", "split": "val", "epoch": 0, "step": 0, "acc@1": 0.75}])
     assert json.loads(log.packed_stage_rows("grpo")) == log.stage_rows("grpo")
 

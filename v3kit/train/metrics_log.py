@@ -78,6 +78,7 @@ def call_callbacks(callbacks: Sequence[Any], method: str, *args: Any) -> None:
 
 
 _JSON_EXACT = (str, int, float, bool, type(None))  # what a JSON round trip gives back as it was
+_JSON_EXACT_TYPES = frozenset(_JSON_EXACT)
 
 
 def _cell(value: Any) -> str:
@@ -164,7 +165,7 @@ class MetricsLog:
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
         self._fd: int | None = None  # the append descriptor (raw writes: a failed one can be cut back exactly)
-        self._packed: dict[str, list[str]] = {}  # per stage, the JSON of each of its rows (packed_stage_rows)
+        self._packed: dict[str, tuple[int, list[str]]] = {}  # per stage, its rows' JSON so far (packed_stage_rows)
         # The CSV lines of the first rows under the first ``_width`` columns: a rewrite for new columns pads them
         # instead of formatting every row again (the file is rewritten whenever a row brings a column).
         self._lines: list[str] = []
@@ -243,12 +244,15 @@ class MetricsLog:
         JSON keeps ints, floats (NaN and infinities too, by ``repr``), strings and None exactly; rows holding
         anything else stay a list. :meth:`start_stage` reads either form."""
         rows = self.stage_rows(stage)
-        done = self._packed.setdefault(stage, [])  # a stage's rows are only appended between two start_stage
-        for r in rows[len(done) :]:
-            if not all(type(v) in _JSON_EXACT for v in r.values()):
-                return rows
-            done.append(json.dumps(r))
-        return "[" + ", ".join(done) + "]"  # json.dumps(rows), each row encoded once
+        # (rows encoded, their JSON in chunks): a stage's rows are only appended between two start_stage
+        done, chunks = self._packed.get(stage, (0, []))
+        new = rows[done:]
+        if not {type(v) for r in new for v in r.values()} <= _JSON_EXACT_TYPES:
+            return rows
+        if new:  # the epoch's rows in one call: json.dumps of a list joins its items with ", ", as below
+            chunks.append(json.dumps(new)[1:-1])
+        self._packed[stage] = (len(rows), chunks)
+        return "[" + ", ".join(chunks) + "]"  # json.dumps(rows), each row encoded once
 
     def add(self, row: dict[str, Any]) -> None:
         row = {k: _plain(v) for k, v in row.items()}
