@@ -178,3 +178,43 @@ def test_config_and_pipeline(tmp_path):
     info = read_run_info(tmp_path / "f")
     assert info["debias"] == "candidate_features" and 0 < info["debias_removed_share"] < 1
     assert res.debias is not None and res.debias.line().startswith("reward.debias=candidate_features: removed")
+
+
+def test_the_same_splits_are_debiased_once_per_setting_and_seed(monkeypatch):
+    """A search's trials and a stack's members de-bias the same splits with the same settings: the second call gives
+    the first's result (equal rewards, a copy; an equal report) without computing it again. Another seed, setting,
+    method or val split computes afresh, and the entries go with their training split."""
+    import gc
+
+    from v3kit.data import debias as D
+
+    d = shortcut_world()
+    splits = Splits(train=d.subset(range(200)), val=d.subset(range(200, 250)), test=d.subset(range(250, 300)))
+    calls = []
+    real = D.estimates
+    monkeypatch.setattr(D, "estimates", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    cfg = RewardConfig(debias="candidate_features")
+    first, rep1 = D.debias_report("candidate_features", splits, cfg, seed=0)
+    want = first.clone()
+    first.add_(1.0)  # a caller's change to its copy does not reach the next caller
+    again, rep2 = D.debias_report("candidate_features", splits, cfg, seed=0)
+    assert len(calls) == 1 and torch.equal(again, want) and rep2 == rep1 and rep2 is not rep1
+    assert torch.equal(debias_splits(splits, cfg, seed=0)[0].train.rewards, again) and len(calls) == 1
+    other_val = Splits(train=splits.train, val=d.subset(range(250, 300)), test=splits.test)
+    for method, c, s, sp in [
+        ("candidate_features", cfg, 1, splits),  # another seed: other folds
+        ("candidate_features", RewardConfig(debias="candidate_features", feature_ridge=5.0), 0, splits),
+        ("candidate_prior", RewardConfig(debias="candidate_prior"), 0, splits),
+        ("candidate_features", cfg, 0, other_val),
+    ]:
+        n = len(calls)
+        fresh, _ = D.debias_report(method, sp, c, seed=s)
+        assert len(calls) == n + 1
+        monkeypatch.setattr(D, "_REPORTS", {})  # the same call with nothing kept gives the same numbers
+        assert torch.equal(D.debias_report(method, sp, c, seed=s)[0], fresh)
+    key = id(splits.train)
+    D.debias_report("candidate_features", splits, cfg, seed=0)
+    assert key in D._REPORTS
+    del splits, other_val, sp
+    gc.collect()
+    assert key not in D._REPORTS
