@@ -21,9 +21,8 @@ where val's estimate is fitted on the whole training split (val queries are neve
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -259,7 +258,7 @@ def debias_report(method: str, splits: Splits, cfg: RewardConfig, seed: int = 0)
     if key in done:
         val_ref, rewards, report = done[key]
         if val_ref() is val:  # not another object at a reused id
-            return rewards.clone(), dataclasses.replace(report)
+            return rewards.clone(), replace(report)
     est_train, est_val, share = estimates(method, train, val, cfg, seed)
     rewards = (train.rewards.double() - est_train).float()
     report = DebiasReport(
@@ -270,7 +269,7 @@ def debias_report(method: str, splits: Splits, cfg: RewardConfig, seed: int = 0)
         share,
     )
     done[key] = (weakref.ref(val), rewards, report)
-    return rewards.clone(), dataclasses.replace(report)
+    return rewards.clone(), replace(report)
 
 
 def debias_splits(splits: Splits, cfg: RewardConfig, seed: int = 0) -> tuple[Splits, DebiasReport | None]:

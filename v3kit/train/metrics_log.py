@@ -77,8 +77,7 @@ def call_callbacks(callbacks: Sequence[Any], method: str, *args: Any) -> None:
             fn(*args)
 
 
-_JSON_EXACT = (str, int, float, bool, type(None))  # what a JSON round trip gives back as it was
-_JSON_EXACT_TYPES = frozenset(_JSON_EXACT)
+_JSON_EXACT = frozenset((str, int, float, bool, type(None)))  # what a JSON round trip gives back as it was
 
 
 def _cell(value: Any) -> str:
@@ -247,7 +246,7 @@ class MetricsLog:
         # (rows encoded, their JSON in chunks): a stage's rows are only appended between two start_stage
         done, chunks = self._packed.get(stage, (0, []))
         new = rows[done:]
-        if not {type(v) for r in new for v in r.values()} <= _JSON_EXACT_TYPES:
+        if not {type(v) for r in new for v in r.values()} <= _JSON_EXACT:
             return rows
         if new:  # the epoch's rows in one call: json.dumps of a list joins its items with ", ", as below
             chunks.append(json.dumps(new)[1:-1])
