@@ -277,3 +277,25 @@ def test_a_run_hands_its_log_from_stage_to_stage_and_writes_the_same_files(tmp_p
     assert len(reads) >= 2  # the stages after SFT read the file
     assert handed.keys() == afresh.keys() and len(handed) >= 2
     assert handed == afresh
+
+
+def test_a_stage_sent_to_another_dir_leaves_the_runs_own_log_alone(tmp_path, monkeypatch):
+    """``Run.context(run_dir=...)`` elsewhere neither reads the run's own metrics.csv nor hands its log over: that
+    stage's log is its own dir's. The run's own dir (given as a string too) gets the run's one log."""
+    from conftest import tiny_config
+
+    from v3kit import Run
+
+    reads = []
+    real_read = MetricsLog._read
+    monkeypatch.setattr(MetricsLog, "_read", staticmethod(lambda path: (reads.append(path), real_read(path))[1]))
+    run = Run(tiny_config(tmp_path / "run"))
+    other = run.context(run_dir=tmp_path / "other")
+    assert other.get("metrics_log") is None and other["run_dir"] == tmp_path / "other"
+    assert run.context(run_dir=None).get("metrics_log") is None
+    assert reads == [] and run._log is None
+    own = run.context()["metrics_log"]
+    assert isinstance(own, MetricsLog) and own.path == tmp_path / "run" / "metrics.csv"
+    assert run.context(run_dir=str(tmp_path / "run"))["metrics_log"] is own
+    mine = MetricsLog(tmp_path / "run")
+    assert run.context(metrics_log=mine)["metrics_log"] is mine

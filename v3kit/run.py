@@ -233,9 +233,13 @@ class Run:
         """The run context of a stage (:func:`run_context`); ``overrides``: any of its fields (seed, run_dir,
         resume, callbacks, progress, device, precision, log_every)."""
         ctx = run_context(self.cfg, self.runtime, callbacks=self.callbacks, resume=self.resume, run_dir=self.run_dir)
-        if self._log is None:  # one log for all the run's stages (RunContext.metrics_log)
-            self._log = MetricsLog(self.run_dir)
-        return {**ctx, "metrics_log": self._log, **overrides}
+        other = overrides.get("run_dir", ctx["run_dir"])
+        elsewhere = other is None or Path(other) != Path(ctx["run_dir"])
+        if "metrics_log" not in overrides and not elsewhere:  # a stage writing elsewhere reads that dir's file
+            if self._log is None:  # one log for all the run's stages (RunContext.metrics_log)
+                self._log = MetricsLog(self.run_dir)
+            ctx["metrics_log"] = self._log
+        return {**ctx, **overrides}
 
     # ---- the stages
     def sft(self, **context: Any) -> StageResult:
