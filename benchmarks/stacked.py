@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from v3kit.config import load_config  # noqa: E402
 from v3kit.pipeline import run_pipeline  # noqa: E402
 from v3kit.pipeline_stacked import run_stacked  # noqa: E402
+from v3kit.train import stacked_plan  # noqa: E402
 from v3kit.train.losses import score_log_probs  # noqa: E402
 from v3kit.train.model import ModelConfig, build_model, scores  # noqa: E402
 from v3kit.train.stacked_func import StackedFunc  # noqa: E402
@@ -158,6 +159,37 @@ def bench_stacked(
                 add(section, "memory per stacked member", (big - small) / (k - 2) / 2**20, "MB", 1, note)
 
 
+def bench_sweep(add: Callable[..., None], sizes: list[str], k: int, rounds: int, user: bool) -> None:
+    """The stacked speed-up by the towers' arithmetic: the ``384-d`` world with towers ``HIDDEN-EMB`` (each of
+    ``sizes``), the K runs one after another against stacked, with the CPU's arithmetic limit lifted so every size
+    stacks; ``user``: the same architecture as a user's module (the ``torch.vmap`` stack). The multiply-adds per run
+    and step are ``arithmetic_reason``'s estimate, the number its limit (``CPU_STACK_MAX_MACS``) is compared with."""
+    stacked_plan.CPU_STACK_MAX_MACS = float("inf")
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        run_pipeline(configs("default", 1, tmp, "warm", [*QUICK, "sft.epochs=1"])[0])  # lazy imports
+        for size in sizes:
+            hidden, emb = (int(x) for x in size.split("-"))
+            if user:
+                extra = [f"model.target={USER_TARGET}", f"model.kwargs={{hidden: [{hidden}], emb_dim: {emb}}}"]
+            else:
+                extra = [f"model.hidden=[{hidden}]", f"model.emb_dim={emb}"]
+            cfg = configs("384-d", 1, tmp, "size", extra)[0]
+            model = build_model(cfg.model, 384, 384)
+            # arithmetic_reason's estimate: a batch's candidates (no candidate table here) times the parameters
+            rows = cfg.sft.batch_size * cfg.data.synthetic.group_size
+            macs = rows * sum(p.numel() for p in model.parameters())
+            got = side_by_side("384-d", k, rounds, extra, tmp)
+            section = f"stacked 384-d {size}" + (" (user's module)" if user else "")
+            spread = f"ratios per round {', '.join(f'{r:.2f}' for r in got['ratios'])}"
+            note = f"{macs / 1e6:.0f} M multiply-adds per run and step; {spread}"
+            add(section, "stacked speed-up", statistics.median(got["ratios"]), "x", rounds, note)
+            add(section, f"{k} runs one after another", statistics.median(got["seq"]), "s", rounds)
+            add(section, f"{k} runs stacked", statistics.median(got["stk"]), "s", rounds)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _step_fns(k: int) -> dict[str, Callable[[], None]]:
     """One training step (forward, SFT loss, backward, clipping, Adam) of k members at the default world's size:
     the built-in towers stacked, the user's module stacked by vmap, and k user's modules one after another."""
@@ -219,6 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--user-model", action="store_true", help="the default world and a user's module (torch.func)")
     ap.add_argument("--worlds", default="", help=f"comma-separated, of {', '.join(WORLDS)} (default: default,384-d)")
+    ap.add_argument(
+        "--sweep",
+        default="",
+        help="HIDDEN-EMB,... tower sizes on the 384-d world, each stacked with the CPU limit lifted "
+        "(e.g. 64-32,128-64,192-96,256-128,384-192); with --user-model, as a user's module (vmap)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of each --sweep size")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
@@ -233,9 +272,12 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [w for w in worlds if w not in WORLDS]
         if unknown:
             ap.error(f"--worlds: unknown {unknown}; choose from {list(WORLDS)}")
-    if args.user_model and args.device == "cpu":
-        bench_steps(add, args.k)
-    bench_stacked(args.quick, add, args.k, args.device, worlds)
+    if args.sweep:
+        bench_sweep(add, args.sweep.split(","), args.k, args.rounds, args.user_model)
+    else:
+        if args.user_model and args.device == "cpu":
+            bench_steps(add, args.k)
+        bench_stacked(args.quick, add, args.k, args.device, worlds)
     for r in rows:
         print(f"{r['section']:<26} {r['item']:<30} {r['value']:>9.2f} {r['unit']:<3} {r['n']:>3}  {r['note']}")
 

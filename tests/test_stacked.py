@@ -503,16 +503,24 @@ def test_the_members_left_after_pruning_train_on_as_a_smaller_stack_and_match_th
 
 
 def test_a_stack_whose_arithmetic_it_cannot_save_runs_one_after_another_on_a_cpu(tmp_path, monkeypatch):
-    """The estimate is a batch's candidates times the trainable parameters; over CPU_STACK_MAX_MACS the runs go
-    one after another with the reason as the note (a GPU always stacks)."""
+    """The estimate is a batch's candidates times the trainable parameters; over the limit of the model's stack
+    (CPU_STACK_MAX_MACS for the built-in towers' batched matmuls, CPU_VMAP_MAX_MACS for any other model) the runs
+    go one after another with the reason as the note (a GPU always stacks)."""
     from v3kit.train import stacked_plan
 
     model = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 1))
-    model[1].weight.requires_grad_(False)  # 111 trainable parameters
-    monkeypatch.setattr(stacked_plan, "CPU_STACK_MAX_MACS", 20 * 111)
+    model[1].weight.requires_grad_(False)  # 111 trainable parameters; not the built-in towers: the vmap limit
+    monkeypatch.setattr(stacked_plan, "CPU_VMAP_MAX_MACS", 20 * 111)
+    monkeypatch.setattr(stacked_plan, "CPU_STACK_MAX_MACS", 0.0)
     assert stacked_plan.arithmetic_reason(model, 20, torch.device("cpu")) is None
     assert "about 0 M multiply-adds" in stacked_plan.arithmetic_reason(model, 21, torch.device("cpu"))
     assert stacked_plan.arithmetic_reason(model, 10**9, torch.device("meta")) is None
+    towers = build_model(ModelConfig(hidden=[4], emb_dim=2), 3, 3)
+    n = sum(p.numel() for p in towers.parameters())
+    monkeypatch.setattr(stacked_plan, "CPU_VMAP_MAX_MACS", 0.0)
+    monkeypatch.setattr(stacked_plan, "CPU_STACK_MAX_MACS", 5 * n)  # the built-in towers: the batched-matmul limit
+    assert stacked_plan.arithmetic_reason(towers, 5, torch.device("cpu")) is None
+    assert "multiply-adds per run and step" in stacked_plan.arithmetic_reason(towers, 6, torch.device("cpu"))
     monkeypatch.setattr(stacked_plan, "CPU_STACK_MAX_MACS", 0.0)
     out = run_stacked(_configs(tmp_path, "stk", [["seed=0"], ["seed=1"]], ["grpo.epochs=1"]))
     assert not out.stacked and "multiply-adds per run and step" in out.notes[0], out.notes

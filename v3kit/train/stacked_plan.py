@@ -42,27 +42,33 @@ def sequential_reason(stages: Sequence[Stage], runs: Sequence[RunContext]) -> st
     return None
 
 
-# A stack saves each operation's fixed cost (about 1.5 ms a step on a CPU thread), not arithmetic. Modelling a
-# member's step as that cost plus its own arithmetic, 8 members gain at least 1.5x while the arithmetic stays under
-# about 2 ms a step: about 50 million multiply-adds at a CPU thread's 25 GMAC/s of small matmuls. Measured
-# (benchmarks/stacked.py, benchmarks/investigate_stacked.py) with the estimate of arithmetic_reason: the default
-# world (3 M a step) stacks 3-3.5x, 384-d 64-32 towers (27 M) 2.3x, the stdlib example's 384-d 256-128 towers
-# (134 M) 1.0-1.1x, and slower than alone through vmap.
-CPU_STACK_MAX_MACS = 50e6
+# A stack saves each operation's fixed cost, not arithmetic, so on a CPU thread its gain shrinks as the towers'
+# arithmetic grows. Measured on the whole trainer (``python benchmarks/stacked.py --sweep ...``: 8 seeds of a
+# 2,000-query 384-d table, one after another against stacked, each size's multiply-adds per run and step by
+# arithmetic_reason's estimate; AMD EPYC, 2 cores, one thread; docs/performance.md):
+#   the built-in towers (batched matmuls): 3 M (the default world) 4.6x, 27 M 2.3x, 59 M 2.1-2.2x, 95 M 1.8-2.0x,
+#     134 M 1.8x, 227 M 1.5x;
+#   a user's module (torch.vmap): 59 M 2.0x, 134 M 1.5x.
+# Each limit keeps a stack at least about 1.5x faster than its runs one after another. (Until 2026-12-07 a single
+# limit of 50 M stood on probes of an older, slower stacked trainer, which gained 1.0-1.1x at 134 M.)
+CPU_STACK_MAX_MACS = 200e6  # the built-in towers' stack
+CPU_VMAP_MAX_MACS = 120e6  # any other model's (torch.vmap over its own forward)
 
 
 def arithmetic_reason(model: nn.Module, rows: int, device: torch.device) -> str | None:
     """Why a stack of ``model`` would not pay (None: it would, or ``device`` is not a CPU: a GPU is what a stack
     fills): on a CPU its multiply-adds per run and step, ``rows`` (a batch's candidates) times its trainable
-    parameters (what an MLP's layers cost), are over :data:`CPU_STACK_MAX_MACS`."""
+    parameters (what an MLP's layers cost), are over :data:`CPU_STACK_MAX_MACS` for the built-in towers, over
+    :data:`CPU_VMAP_MAX_MACS` for a model the stack runs through ``torch.vmap``."""
     if torch.device(device).type != "cpu":
         return None
     macs = rows * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if macs <= CPU_STACK_MAX_MACS:
+    limit = CPU_STACK_MAX_MACS if stack_reason([model]) is None else CPU_VMAP_MAX_MACS
+    if macs <= limit:
         return None
     return (
         f"about {macs / 1e6:.0f} M multiply-adds per run and step: on a CPU that is arithmetic, which a stack does "
-        f"not save (it saves each operation's fixed cost; stacks pay below {CPU_STACK_MAX_MACS / 1e6:.0f} M)"
+        f"not save (it saves each operation's fixed cost; stacks of this model pay below {limit / 1e6:.0f} M)"
     )
 
 
