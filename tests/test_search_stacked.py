@@ -272,11 +272,11 @@ def test_a_structure_the_stack_cannot_batch_runs_its_trials_alone(tmp_path, run_
 
 
 def test_a_structure_whose_arithmetic_a_stack_cannot_save_runs_alone_on_a_cpu(tmp_path, run_sft, monkeypatch):
-    """On a CPU a stack saves each operation's fixed cost, not arithmetic: a structure over CPU_STACK_MAX_MACS
+    """On a CPU a stack saves each operation's fixed cost, not arithmetic: a structure over SEARCH_STACK_MAX_MACS
     multiply-adds per run and step runs its trials alone, with the reason recorded."""
     from v3kit.train import stacked_plan
 
-    monkeypatch.setattr(stacked_plan, "CPU_STACK_MAX_MACS", 0.0)
+    monkeypatch.setattr(stacked_plan, "SEARCH_STACK_MAX_MACS", 0.0)
     monkeypatch.setattr(search_stacked, "run_stacked", lambda *a, **kw: pytest.fail("must not stack"))
     search = _search(tmp_path / "search", run_sft, 2)
     search.enqueue(SHARED[:2])
@@ -292,7 +292,7 @@ def test_nothing_stacks_names_why_when_no_structure_of_the_space_would_stack(tmp
 
     task = _search(tmp_path / "small", run_sft, 4).task()
     assert search_stacked.nothing_stacks(task) is None  # TINY's towers stack on a CPU
-    monkeypatch.setattr(stacked_plan, "CPU_STACK_MAX_MACS", 0.0)
+    monkeypatch.setattr(stacked_plan, "SEARCH_STACK_MAX_MACS", 0.0)
     note = search_stacked.nothing_stacks(_search(tmp_path / "none", run_sft, 4).task())
     assert note is not None and "multiply-adds per run and step" in note
     # the run's SFT, and a retrained SFT with normalize (2) x residual off or on with either residual_kind (3)
@@ -318,7 +318,7 @@ def test_stack_auto_runs_the_one_at_a_time_search_when_nothing_would_stack(tmp_p
     from v3kit.doctor.investigate import Investigation
     from v3kit.train import stacked_plan
 
-    monkeypatch.setattr(stacked_plan, "CPU_STACK_MAX_MACS", 0.0)
+    monkeypatch.setattr(stacked_plan, "SEARCH_STACK_MAX_MACS", 0.0)
     monkeypatch.setattr(search_stacked, "run_stacked", lambda *a, **kw: pytest.fail("must not stack"))
     used = []
     real_run = Search.run

@@ -41,6 +41,7 @@ import torch
 from ..config import RunConfig, to_dict
 from ..pipeline_stacked import run_stacked
 from ..provenance import flatten
+from ..train import stacked_plan
 from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 from ..train.device import resolve_device
 from ..train.model import build_model
@@ -173,7 +174,8 @@ def structure_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | N
     with torch.random.fork_rng(devices=[]):
         _, reason = choose_stack([model, copy.deepcopy(model)], train.query_x[:2].float(), train.cand_x[:2].float())
     rows = step_rows(model, train, max(cfg.sft.batch_size, cfg.rce.batch_size, cfg.grpo.batch_size))
-    return reason or arithmetic_reason(model, rows, resolve_device(cfg.device))
+    # the search's own, stricter limit (stacked_plan.SEARCH_STACK_MAX_MACS says why)
+    return reason or arithmetic_reason(model, rows, resolve_device(cfg.device), stacked_plan.SEARCH_STACK_MAX_MACS)
 
 
 # How many structures nothing_stacks builds and probes before it gives up and lets the stacked search decide trial by

@@ -55,17 +55,24 @@ def sequential_reason(stages: Sequence[Stage], runs: Sequence[RunContext]) -> st
 # 1.0-1.1x at 134 M.)
 CPU_STACK_MAX_MACS = 240e6  # the built-in towers' stack
 CPU_VMAP_MAX_MACS = 130e6  # any other model's (torch.vmap over its own forward)
+# investigate's search stacks a structure only under this stricter limit, any model: a search stack fills all its
+# trials with its first trial's structure, so a costly structure takes a stack's worth of the trial cap at a
+# discount of 1.2-1.8x instead of one trial's. Measured on doc_paraphrase (benchmarks/investigate_stacked.py,
+# 2026-12-07): with the search at 240 M, 25 of its 60 trials were linear-residual SFTs (151 M) and --stack auto took
+# 197 s, at 50 M 2 were and it took 102 s, to the same recommendation.
+SEARCH_STACK_MAX_MACS = 50e6
 
 
-def arithmetic_reason(model: nn.Module, rows: int, device: torch.device) -> str | None:
+def arithmetic_reason(model: nn.Module, rows: int, device: torch.device, limit: float | None = None) -> str | None:
     """Why a stack of ``model`` would not pay (None: it would, or ``device`` is not a CPU: a GPU is what a stack
     fills): on a CPU its multiply-adds per run and step, ``rows`` (a batch's candidates) times its trainable
-    parameters (what an MLP's layers cost), are over :data:`CPU_STACK_MAX_MACS` for the built-in towers, over
-    :data:`CPU_VMAP_MAX_MACS` for a model the stack runs through ``torch.vmap``."""
+    parameters (what an MLP's layers cost), are over ``limit``; by default :data:`CPU_STACK_MAX_MACS` for the
+    built-in towers, :data:`CPU_VMAP_MAX_MACS` for a model the stack runs through ``torch.vmap``."""
     if torch.device(device).type != "cpu":
         return None
     macs = rows * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    limit = CPU_STACK_MAX_MACS if stack_reason([model]) is None else CPU_VMAP_MAX_MACS
+    if limit is None:
+        limit = CPU_STACK_MAX_MACS if stack_reason([model]) is None else CPU_VMAP_MAX_MACS
     if macs <= limit:
         return None
     return (
