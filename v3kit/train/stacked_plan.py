@@ -76,8 +76,8 @@ def arithmetic_reason(model: nn.Module, rows: int, device: torch.device, limit: 
     if macs <= limit:
         return None
     return (
-        f"about {macs / 1e6:.0f} M multiply-adds per run and step: on a CPU that is arithmetic, which a stack does "
-        f"not save (it saves each operation's fixed cost; stacks of this model pay below {limit / 1e6:.0f} M)"
+        f"about {macs / 1e6:.0f} M multiply-adds per run and step, over the {limit / 1e6:.0f} M limit here: on a CPU "
+        "that is arithmetic, which a stack does not save (it saves each operation's fixed cost)"
     )
 
 
