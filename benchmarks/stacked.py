@@ -163,8 +163,9 @@ def bench_sweep(add: Callable[..., None], sizes: list[str], k: int, rounds: int,
     """The stacked speed-up by the towers' arithmetic: the ``384-d`` world with towers ``HIDDEN-EMB`` (each of
     ``sizes``), the K runs one after another against stacked, with the CPU's arithmetic limit lifted so every size
     stacks; ``user``: the same architecture as a user's module (the ``torch.vmap`` stack). The multiply-adds per run
-    and step are ``arithmetic_reason``'s estimate, the number its limit (``CPU_STACK_MAX_MACS``) is compared with."""
-    stacked_plan.CPU_STACK_MAX_MACS = float("inf")
+    and step are ``arithmetic_reason``'s estimate, the number its limits (``CPU_STACK_MAX_MACS`` for the built-in
+    towers, ``CPU_VMAP_MAX_MACS`` for a user's module) are compared with."""
+    stacked_plan.CPU_STACK_MAX_MACS = stacked_plan.CPU_VMAP_MAX_MACS = float("inf")
     tmp = Path(tempfile.mkdtemp())
     try:
         run_pipeline(configs("default", 1, tmp, "warm", [*QUICK, "sft.epochs=1"])[0])  # lazy imports
