@@ -340,3 +340,30 @@ def test_source_of_gain_names_the_stage_most_seeds_shipped_and_an_own_sft():
     assert "RCE warm-up" in source_of_gain(frame(["rce", "rce", "grpo"]), "v", own_sft=False)
     assert "SFT model itself" in source_of_gain(frame(["sft", "sft", "grpo"]), "v", own_sft=True)
     assert source_of_gain(frame(["sft", "sft", "grpo"]), "v", own_sft=False) == ""
+
+
+def test_finalists_are_distinct_configs_whatever_the_overrides_spelling():
+    """Two trials that train the same config (an enqueued variant repeats ``select=best_val``; a value spelled
+    ``1e-05`` or ``0.00001``; another order) are one finalist: the next distinct trial takes the second place."""
+    from v3kit.doctor.search import SearchResult, config_key, finalists
+
+    base = ["model.residual=true", "sft.lr=0.001", "select=best_val"]
+    trials = [
+        {"number": 0, "state": "complete", "value": 0.6, "own_sft": True, "overrides": [*base, "grpo.lr=1e-05"]},
+        {  # the same config as trial 0: repeats, another spelling and order
+            "number": 1,
+            "state": "complete",
+            "value": 0.6,
+            "own_sft": True,
+            "overrides": ["grpo.lr=0.00001", *reversed(base), "select=best_val"],
+        },
+        {"number": 2, "state": "complete", "value": 0.5, "own_sft": True, "overrides": [*base, "grpo.lr=2e-05"]},
+        {"number": 3, "state": "complete", "value": 0.7, "own_sft": False, "overrides": [*base, "grpo.lr=1e-05"]},
+        {"number": 4, "state": "pruned", "value": None, "own_sft": True, "overrides": []},
+    ]
+    assert config_key(trials[0]["overrides"]) == config_key(trials[1]["overrides"])
+    assert config_key(["grpo.lr=1e-05", "grpo.lr=2e-05"]) == config_key(["grpo.lr=2e-05"])  # the last value wins
+    assert config_key(["grpo.lr=1e-05"]) != config_key(["grpo.lr=2e-05"])
+    result = SearchResult(trials=trials, counts={}, wall_s=0.0)
+    assert [t["number"] for t in finalists(result, "acc@1", 3)] == [3, 0, 2]  # not the run's SFT: another config
+    assert [t["number"] for t in finalists(result, "acc@1", 2)] == [3, 0]

@@ -272,17 +272,62 @@ def test_a_structure_the_stack_cannot_batch_runs_its_trials_alone(tmp_path, run_
 
 
 def test_a_structure_whose_arithmetic_a_stack_cannot_save_runs_alone_on_a_cpu(tmp_path, run_sft, monkeypatch):
-    """On a CPU a stack saves each operation's fixed cost, not arithmetic: a structure over SEARCH_STACK_MAX_MACS
+    """On a CPU a stack saves each operation's fixed cost, not arithmetic: a structure over the search's limit of
     multiply-adds per run and step runs its trials alone, with the reason recorded."""
     from v3kit.train import stacked_plan
 
     monkeypatch.setattr(stacked_plan, "SEARCH_STACK_MAX_MACS", 0.0)
+    monkeypatch.setattr(stacked_plan, "SEARCH_COST_RATIO", 0.0)
     monkeypatch.setattr(search_stacked, "run_stacked", lambda *a, **kw: pytest.fail("must not stack"))
     search = _search(tmp_path / "search", run_sft, 2)
     search.enqueue(SHARED[:2])
     search.run(time.time() + 600)
     notes = [t.user_attrs.get("stack_note", "") for t in search.study.get_trials(deepcopy=False)]
     assert len(notes) == 2 and all("multiply-adds per run and step" in n for n in notes), notes
+
+
+def test_the_search_limit_is_its_floor_or_a_multiple_of_the_cheapest_structure(tmp_path, run_sft, monkeypatch):
+    """``search_limit`` is SEARCH_STACK_MAX_MACS, or SEARCH_COST_RATIO times the cheapest structure of the space
+    (here the run's SFT towers; a residual model costs more) where that is more; a structure stacks in the search
+    when its multiply-adds are within it and within its grid limit, computed by hand here."""
+    from v3kit.train import stacked_plan
+    from v3kit.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from v3kit.train.model import build_model
+
+    task = _search(tmp_path / "probe", run_sft, 4).task()
+    structures = search_stacked.space_structures(task)
+    macs = {}
+    for own, cfg in structures:
+        s = search_stacked.probe(task, own, cfg)
+        assert s.cpu and s.model_reason is None and s.grid_limit == stacked_plan.CPU_STACK_MAX_MACS
+        # by hand: the largest training batch's candidates (64 groups of 8, no candidate table in the synthetic
+        # world) times the trainable parameters of the model a trial of this structure trains
+        model = build_model(cfg.model, 16, 16) if own else model_from_checkpoint(load_checkpoint(run_sft), run_sft)
+        assert s.macs == 64 * 8 * sum(p.numel() for p in model.parameters())
+        macs[(own, cfg.model.residual, cfg.model.residual_kind if cfg.model.residual else None)] = s.macs
+    cheapest, dearest = min(macs.values()), max(macs.values())
+    assert dearest > cheapest  # the residual models cost more than the plain towers
+    own, cfg = next((o, c) for o, c in structures if search_stacked.probe(task, o, c).macs == dearest)
+
+    def fresh(name, floor, ratio):
+        monkeypatch.setattr(stacked_plan, "SEARCH_STACK_MAX_MACS", floor)
+        monkeypatch.setattr(stacked_plan, "SEARCH_COST_RATIO", ratio)
+        return _search(tmp_path / name, run_sft, 4).task()
+
+    t = fresh("floor", 10 * dearest, 2.0)  # the floor is more than twice the cheapest: it is the limit
+    assert search_stacked.search_limit(t) == 10 * dearest and search_stacked.structure_reason(t, own, cfg) is None
+    ratio = dearest / cheapest
+    t = fresh("ratio_in", 0.0, ratio)  # the dearest structure is exactly the multiple: it stacks
+    assert search_stacked.search_limit(t) == pytest.approx(dearest)
+    assert search_stacked.structure_reason(t, own, cfg) is None
+    t = fresh("ratio_out", 0.0, ratio * 0.99)  # just under: it runs alone, the note names the limit
+    note = search_stacked.structure_reason(t, own, cfg)
+    assert note is not None and f"over the {ratio * 0.99 * cheapest / 1e6:.0f} M limit" in note
+    monkeypatch.setattr(stacked_plan, "CPU_STACK_MAX_MACS", dearest * 0.5)  # never over the grid's own limit
+    t = fresh("grid", 0.0, 10 * ratio)
+    assert search_stacked.structure_reason(t, own, cfg) is not None
+    monkeypatch.setattr(search_stacked, "MAX_PROBED_STRUCTURES", 1)  # too many to probe: the floor alone
+    assert search_stacked.search_limit(fresh("many", 123.0, 10 * ratio)) == 123.0
 
 
 def test_nothing_stacks_names_why_when_no_structure_of_the_space_would_stack(tmp_path, run_sft, monkeypatch):
@@ -293,6 +338,7 @@ def test_nothing_stacks_names_why_when_no_structure_of_the_space_would_stack(tmp
     task = _search(tmp_path / "small", run_sft, 4).task()
     assert search_stacked.nothing_stacks(task) is None  # TINY's towers stack on a CPU
     monkeypatch.setattr(stacked_plan, "SEARCH_STACK_MAX_MACS", 0.0)
+    monkeypatch.setattr(stacked_plan, "SEARCH_COST_RATIO", 0.0)
     note = search_stacked.nothing_stacks(_search(tmp_path / "none", run_sft, 4).task())
     assert note is not None and "multiply-adds per run and step" in note
     # the run's SFT, and a retrained SFT with normalize (2) x residual off or on with either residual_kind (3)
@@ -319,6 +365,7 @@ def test_stack_auto_runs_the_one_at_a_time_search_when_nothing_would_stack(tmp_p
     from v3kit.train import stacked_plan
 
     monkeypatch.setattr(stacked_plan, "SEARCH_STACK_MAX_MACS", 0.0)
+    monkeypatch.setattr(stacked_plan, "SEARCH_COST_RATIO", 0.0)
     monkeypatch.setattr(search_stacked, "run_stacked", lambda *a, **kw: pytest.fail("must not stack"))
     used = []
     real_run = Search.run

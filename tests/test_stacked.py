@@ -359,6 +359,24 @@ def test_a_pruned_member_is_masked_out_and_the_others_are_untouched(tmp_path):
     _assert_same_run(tmp_path / "seq0", tmp_path / "stk0")
 
 
+def test_a_stack_pruned_to_one_member_in_sft_is_still_stacked(tmp_path):
+    """Two members training their own SFT, one pruned after its first SFT epoch: the other trains RCE and GRPO on
+    its own, which is the stack going on, not a fall-back: ``stacked`` stays true and no note says otherwise."""
+    from v3kit.train.stacked_members import MemberPruned
+
+    variants = [["seed=0"], ["seed=1", "sft.lr=0.003"]]
+    prune_stages = ("sft", "rce", "grpo")
+    out = run_stacked(
+        _configs(tmp_path, "stk", variants, []),
+        prune=lambda k, epoch, metrics: k == 1,
+        prune_stages=prune_stages,
+    )
+    kept, pruned = out.results
+    assert isinstance(pruned, MemberPruned) and kept.grpo is not None
+    assert out.stacked and out.notes == [], out.notes
+    assert pd.read_csv(tmp_path / "stk1/metrics.csv")["stage"].unique().tolist() == ["sft"]
+
+
 def test_metrics_log_add_many_writes_the_file_row_by_row_adds_write(tmp_path):
     from v3kit.train.metrics_log import MetricsLog
 

@@ -189,8 +189,9 @@ class _Stack:
         off = prune is None or stages[0].name not in self.prune_stages
         member_prune = None if off else (lambda j, epoch, m: prune(ks[j], epoch, m))
         outcome = fit_stacked(stages, contexts or [self.context(k) for k in ks], prune=member_prune)
-        self.stacked = self.stacked and outcome.stacked
-        if outcome.note:
+        if len(ks) > 1:  # one member left (the others pruned or failed) is not a fall-back: the stack stood till then
+            self.stacked = self.stacked and outcome.stacked
+        if outcome.note and len(ks) > 1:
             self.notes.append(f"{stages[0].name}: {outcome.note}")
         done = {}
         for k, r in zip(ks, outcome.results):

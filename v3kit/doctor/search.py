@@ -25,8 +25,9 @@ from typing import Any, Callable, Sequence
 from .. import pipeline
 from ..ablate.backends import make_backend, worker_config
 from ..ablate.worker import splits_for
-from ..config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, load_config, parse_override, to_dict
 from ..data.contract import Splits
+from ..provenance import flatten
 from ..rundir import UNKNOWN_FILE, DiskFullError, as_disk_full, free_bytes
 from ..train.metrics import METRIC_DIRECTION
 from .pruning import StackMedianPruner
@@ -404,6 +405,17 @@ def _best_intermediate(trial: Any) -> float | None:
     return float(steps[max(steps)]) if steps else None
 
 
+def config_key(overrides: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """The config ``overrides`` train, as the config loader resolves them (values typed, the last value of a key
+    wins; the trials' shared base left out): two override lists that train the same config have one key, whatever
+    their order, spelling or repeats (an enqueued variant repeats ``select=best_val``)."""
+    try:
+        flat = flatten(to_dict(load_config(None, overrides)))
+    except ConfigError:  # not a config on its own: compare what the overrides say
+        flat = {".".join(keys): value for keys, value in map(parse_override, overrides)}
+    return tuple(sorted((k, repr(v)) for k, v in flat.items()))
+
+
 def finalists(result: SearchResult, metric: str, k: int) -> list[dict[str, Any]]:
     """The ``k`` best complete trials on val with distinct configurations (the first of equal ones)."""
     d = METRIC_DIRECTION[metric]
@@ -411,7 +423,7 @@ def finalists(result: SearchResult, metric: str, k: int) -> list[dict[str, Any]]
     done.sort(key=lambda t: (-d * t["value"], t["number"]))
     out, seen = [], set()
     for t in done:
-        key = (t["own_sft"], tuple(sorted(t["overrides"])))
+        key = (t["own_sft"], config_key(t["overrides"]))
         if key in seen:
             continue
         seen.add(key)

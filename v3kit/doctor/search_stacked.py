@@ -47,7 +47,7 @@ from ..train.device import resolve_device
 from ..train.model import build_model
 from ..train.stacked_func import choose_stack
 from ..train.stacked_members import MemberPruned
-from ..train.stacked_plan import arithmetic_reason, step_rows
+from ..train.stacked_plan import cpu_stack_limit, over_limit, step_macs, step_rows
 from .pruning import STACK_ATTR, StackRound
 from .search import (
     PruneOnVal,
@@ -146,14 +146,65 @@ def _member(task: SearchTask, trial: Any) -> Member:
     return Member(trial, own, trial_config(task, trial.number, overrides), ReportOnVal(trial, task.metric))
 
 
-# batch_reason per (search folder, SFT, structure): asked when a sampled trial gets its copies and again when the stack
-# runs, and each answer builds a model (or loads the SFT checkpoint) and probes it
-_REASONS: dict[tuple[str, str, tuple[Any, ...]], str | None] = {}
+@dataclass(frozen=True)
+class Structure:
+    """What the search knows of one structure's models, probed once per search: why they cannot train as one
+    batched model at all (None: they can), their multiply-adds per run and step, the grid's CPU limit for their stack
+    path, and whether they train on a CPU (where the limits apply)."""
+
+    model_reason: str | None
+    macs: float
+    grid_limit: float
+    cpu: bool
+
+
+# Per (search folder, SFT, structure): a probe builds a model (or loads the SFT checkpoint) and tries a stack of it;
+# asked when a sampled trial gets its copies, when its stack runs, and for the search's limit
+_PROBES: dict[tuple[str, str, tuple[Any, ...]], Structure] = {}
+# per (search folder, SFT): the search's CPU limit (search_limit), from every structure of its space
+_LIMITS: dict[tuple[str, str], float] = {}
+_REASONS: dict[tuple[str, str, tuple[Any, ...]], str | None] = {}  # batch_reason's answers
+
+
+def probe(task: SearchTask, own_sft: bool, cfg: RunConfig) -> Structure:
+    """The :class:`Structure` of a trial's structure (whether it trains its own SFT, its config), as the stacked
+    trainer would see it (:func:`v3kit.train.stacked_func.choose_stack`: the built-in towers' batched matmuls, else
+    ``torch.vmap`` when its probe passes); worked out once per structure and search."""
+    key = (str(task.folder), str(task.sft), signature(own_sft, cfg))
+    if key not in _PROBES:
+        train = search_splits(task).train
+        if own_sft:
+            with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG: leave it as it was
+                model = build_model(cfg.model, train.query_dim, train.cand_dim)
+        else:
+            model = model_from_checkpoint(load_checkpoint(task.sft), task.sft)
+        with torch.random.fork_rng(devices=[]):
+            _, reason = choose_stack([model, copy.deepcopy(model)], train.query_x[:2].float(), train.cand_x[:2].float())
+        rows = step_rows(model, train, max(cfg.sft.batch_size, cfg.rce.batch_size, cfg.grpo.batch_size))
+        cpu = resolve_device(cfg.device).type == "cpu"
+        _PROBES[key] = Structure(reason, step_macs(model, rows), cpu_stack_limit(model), cpu)
+    return _PROBES[key]
+
+
+def search_limit(task: SearchTask) -> float:
+    """The most multiply-adds per run and step at which the search stacks a structure on a CPU (and never over the
+    structure's grid limit): :data:`~v3kit.train.stacked_plan.SEARCH_STACK_MAX_MACS`, or
+    :data:`~v3kit.train.stacked_plan.SEARCH_COST_RATIO` times the space's cheapest structure where that is more (the
+    comment there says why); the floor alone when the space has too many structures to probe."""
+    key = (str(task.folder), str(task.sft))
+    if key not in _LIMITS:
+        structures = space_structures(task)
+        floor = stacked_plan.SEARCH_STACK_MAX_MACS
+        if structures is None:
+            _LIMITS[key] = floor
+        else:
+            cheapest = min(probe(task, own, cfg).macs for own, cfg in structures)
+            _LIMITS[key] = max(floor, stacked_plan.SEARCH_COST_RATIO * cheapest)
+    return _LIMITS[key]
 
 
 def batch_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | None:
-    """:func:`structure_reason` of a trial's structure (whether it trains its own SFT, its config), worked out once
-    per structure and search."""
+    """:func:`structure_reason` of a trial's structure, worked out once per structure and search."""
     key = (str(task.folder), str(task.sft), signature(own_sft, cfg))
     if key not in _REASONS:
         _REASONS[key] = structure_reason(task, own_sft, cfg)
@@ -161,56 +212,57 @@ def batch_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | None:
 
 
 def structure_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | None:
-    """Why trials of ``m``'s structure cannot train as one batched model (None: they can), as the stacked trainer
-    would decide (:func:`v3kit.train.stacked_func.choose_stack`: the built-in towers' batched matmuls, else
-    ``torch.vmap`` when its probe passes): such trials run alone, pruned as the one-at-a-time search prunes them,
-    instead of one after another inside a stack that cannot stop them early."""
-    train = search_splits(task).train
-    if own_sft:
-        with torch.random.fork_rng(devices=[]):  # building a model draws from torch's RNG: leave it as it was
-            model = build_model(cfg.model, train.query_dim, train.cand_dim)
-    else:
-        model = model_from_checkpoint(load_checkpoint(task.sft), task.sft)
-    with torch.random.fork_rng(devices=[]):
-        _, reason = choose_stack([model, copy.deepcopy(model)], train.query_x[:2].float(), train.cand_x[:2].float())
-    rows = step_rows(model, train, max(cfg.sft.batch_size, cfg.rce.batch_size, cfg.grpo.batch_size))
-    # the search's own, stricter limit (stacked_plan.SEARCH_STACK_MAX_MACS says why)
-    return reason or arithmetic_reason(model, rows, resolve_device(cfg.device), stacked_plan.SEARCH_STACK_MAX_MACS)
+    """Why trials of this structure cannot train as one batched model (None: they can): its models refuse a stack,
+    or on a CPU their arithmetic is over the search's limit (:func:`search_limit`). Such trials run alone, pruned as
+    the one-at-a-time search prunes them, instead of one after another inside a stack that cannot stop them early."""
+    s = probe(task, own_sft, cfg)
+    if s.model_reason is not None or not s.cpu:
+        return s.model_reason
+    return over_limit(s.macs, min(s.grid_limit, search_limit(task)))
 
 
-# How many structures nothing_stacks builds and probes before it gives up and lets the stacked search decide trial by
-# trial (a space of a few model switches has 2-16)
+# How many structures space_structures builds and probes before it gives up (a space of a few model switches has
+# 2-16): the search's limit is then its floor, and nothing_stacks lets the stacked search decide trial by trial
 MAX_PROBED_STRUCTURES = 64
 
 
-def nothing_stacks(task: SearchTask) -> str | None:
-    """Why no trial of this search could train in a stack (None: some could): every structure the space can give a
-    trial (each combination of ``retrain_sft``, the ``model.*`` choices and the batch-size choices; integers at
-    their low end, the smallest batches and models) is one :func:`structure_reason` refuses. ``--stack auto`` then
-    runs the one-at-a-time search itself: the stacked search would run every trial alone anyway, but along another
-    path (its enqueue order, TPE's constant liar), which on the stdlib example took longer to the same decision."""
+def space_structures(task: SearchTask) -> list[tuple[bool, RunConfig]] | None:
+    """One (trains its own SFT, config) per structure the space can give a trial: each combination of
+    ``retrain_sft``, the ``model.*`` choices and the batch-size choices (integers at their low end, the smallest
+    batches and models); None when there are more than :data:`MAX_PROBED_STRUCTURES` combinations."""
     shape = [
         p
         for p in task.params
         if p.kind == "choices"
         and (p.key == "retrain_sft" or p.key.startswith("model.") or p.key.endswith("batch_size"))
     ]
-    combos = [{}]
+    combos: list[dict[str, Any]] = [{}]
     for p in shape:
         combos = [{**c, p.name: v} for c in combos for v in p.choices]
         if len(combos) > MAX_PROBED_STRUCTURES:
             return None
-    reasons: dict[tuple[Any, ...], str | None] = {}
+    out: dict[tuple[Any, ...], tuple[bool, RunConfig]] = {}
     for fixed in combos:
         own, overrides = trial_overrides(task, _Peek(fixed, {}))
         cfg = trial_config(task, 0, overrides)
-        sig = signature(own, cfg)
-        if sig not in reasons:
-            reasons[sig] = batch_reason(task, own, cfg)
-            if reasons[sig] is None:
-                return None
-    first = next(iter(reasons.values()))
-    return f"no trial's model can train in a stack ({len(reasons)} structures; e.g. {first})"
+        out.setdefault(signature(own, cfg), (own, cfg))
+    return list(out.values())
+
+
+def nothing_stacks(task: SearchTask) -> str | None:
+    """Why no trial of this search could train in a stack (None: some could): every structure the space can give a
+    trial (:func:`space_structures`) is one :func:`structure_reason` refuses. ``--stack auto`` then runs the
+    one-at-a-time search itself: the stacked search would run every trial alone anyway, but along another path (its
+    enqueue order, TPE's constant liar), which on the stdlib example took longer to the same decision."""
+    structures = space_structures(task)
+    if structures is None:
+        return None
+    reasons = []
+    for own, cfg in structures:
+        reasons.append(batch_reason(task, own, cfg))
+        if reasons[-1] is None:
+            return None
+    return f"no trial's model can train in a stack ({len(reasons)} structures; e.g. {reasons[0]})"
 
 
 def _finished(study: Any) -> int:

@@ -55,30 +55,49 @@ def sequential_reason(stages: Sequence[Stage], runs: Sequence[RunContext]) -> st
 # 1.0-1.1x at 134 M.)
 CPU_STACK_MAX_MACS = 240e6  # the built-in towers' stack
 CPU_VMAP_MAX_MACS = 130e6  # any other model's (torch.vmap over its own forward)
-# investigate's search stacks a structure only under this stricter limit, any model: a search stack fills all its
-# trials with its first trial's structure, so a costly structure takes a stack's worth of the trial cap at a
-# discount of 1.2-1.8x instead of one trial's. Measured on doc_paraphrase (benchmarks/investigate_stacked.py,
-# 2026-12-07): with the search at 240 M, 25 of its 60 trials were linear-residual SFTs (151 M) and --stack auto took
-# 197 s, at 50 M 2 were and it took 102 s, to the same recommendation.
+# investigate's search stacks a structure only under a stricter limit, any model: a search stack fills all its trials
+# with its first trial's structure, so a costly structure takes a stack's worth of the trial cap at a discount of
+# 1.2-1.8x where the one-at-a-time search would give it one trial. On doc_paraphrase (benchmarks/investigate_stacked.py,
+# 2026-12-07) a flat 240 M gave 25 of 60 trials to linear-residual SFTs (151 M) and --stack auto took 197 s; at 50 M
+# 2 did and it took 102 s, to the same recommendation. The search's limit is SEARCH_STACK_MAX_MACS or
+# SEARCH_COST_RATIO times the cheapest structure of its space, whichever is more (within the grid's limit above): a
+# stack gains about 2x at these sizes, so its trials cost about what the cheapest trial costs alone. Measured at
+# that rule: the stdlib example (every structure 135-202 M; at 50 M nothing stacked) 1.24x faster than --stack off
+# (282 s / 227 s), doc_paraphrase (the rule gives 55 M: its 51 M MLP-residual SFTs stack) 135 s as at 50 M (136 s),
+# module_routing 3.21x, each to the same kind of recommendation.
 SEARCH_STACK_MAX_MACS = 50e6
+SEARCH_COST_RATIO = 2.0
 
 
-def arithmetic_reason(model: nn.Module, rows: int, device: torch.device, limit: float | None = None) -> str | None:
-    """Why a stack of ``model`` would not pay (None: it would, or ``device`` is not a CPU: a GPU is what a stack
-    fills): on a CPU its multiply-adds per run and step, ``rows`` (a batch's candidates) times its trainable
-    parameters (what an MLP's layers cost), are over ``limit``; by default :data:`CPU_STACK_MAX_MACS` for the
-    built-in towers, :data:`CPU_VMAP_MAX_MACS` for a model the stack runs through ``torch.vmap``."""
-    if torch.device(device).type != "cpu":
-        return None
-    macs = rows * sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if limit is None:
-        limit = CPU_STACK_MAX_MACS if stack_reason([model]) is None else CPU_VMAP_MAX_MACS
+def step_macs(model: nn.Module, rows: int) -> float:
+    """Multiply-adds per run and step of ``model`` on ``rows`` candidates (:func:`step_rows`): rows times its
+    trainable parameters, what an MLP's layers cost."""
+    return float(rows * sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def cpu_stack_limit(model: nn.Module) -> float:
+    """The most multiply-adds per run and step at which a stack of ``model`` pays on a CPU, by its stack path:
+    :data:`CPU_STACK_MAX_MACS` for the built-in towers, :data:`CPU_VMAP_MAX_MACS` for ``torch.vmap``."""
+    return CPU_STACK_MAX_MACS if stack_reason([model]) is None else CPU_VMAP_MAX_MACS
+
+
+def over_limit(macs: float, limit: float) -> str | None:
+    """The note of a stack refused on a CPU for its arithmetic (None: ``macs`` is within ``limit``)."""
     if macs <= limit:
         return None
     return (
         f"about {macs / 1e6:.0f} M multiply-adds per run and step, over the {limit / 1e6:.0f} M limit here: on a CPU "
         "that is arithmetic, which a stack does not save (it saves each operation's fixed cost)"
     )
+
+
+def arithmetic_reason(model: nn.Module, rows: int, device: torch.device, limit: float | None = None) -> str | None:
+    """Why a stack of ``model`` would not pay (None: it would, or ``device`` is not a CPU: a GPU is what a stack
+    fills): on a CPU its multiply-adds per run and step (:func:`step_macs`) are over ``limit``, by default
+    :func:`cpu_stack_limit`."""
+    if torch.device(device).type != "cpu":
+        return None
+    return over_limit(step_macs(model, rows), cpu_stack_limit(model) if limit is None else limit)
 
 
 def step_rows(model: nn.Module, data: GroupData, batch_size: int) -> int:
