@@ -367,3 +367,35 @@ def test_finalists_are_distinct_configs_whatever_the_overrides_spelling():
     result = SearchResult(trials=trials, counts={}, wall_s=0.0)
     assert [t["number"] for t in finalists(result, "acc@1", 3)] == [3, 0, 2]  # not the run's SFT: another config
     assert [t["number"] for t in finalists(result, "acc@1", 2)] == [3, 0]
+
+
+def test_a_variant_that_trains_an_earlier_ones_config_shares_its_trial(tmp_path):
+    """The doctor's switch to a residual head and the ``residual_pipeline`` remedy train one config (the remedy
+    also says ``select=best_val``, which every trial gets): one trial is enqueued, the switch is its alias, kept in
+    the study (a resumed search enqueues nothing again, and a later variant can alias a waiting trial), and the
+    causes table reads the shared trial's score under the switch's name."""
+    from types import SimpleNamespace
+
+    from v3kit.doctor.confirm import causes_from_search
+    from v3kit.doctor.search import ALIASES
+
+    pipeline = ("pipeline", ["model.residual=true", "model.sim_temperature=0.1", "select=best_val"])
+    switch = ("switch", ["model.sim_temperature=0.1", "model.residual=true"])
+    other = ("other", ["grpo.lr=0.0003"])
+    search = _search(tmp_path, tmp_path / "sft.pt", max_trials=4)
+    assert search.enqueue([pipeline, switch, other]) == 2
+    waiting = [t.user_attrs["name"] for t in search.study.get_trials(deepcopy=False)]
+    assert waiting == ["pipeline", "other"] and search.study.user_attrs[ALIASES] == {"switch": "pipeline"}
+    again = _search(tmp_path, tmp_path / "sft.pt", max_trials=4)  # the same study, as a resumed search opens it
+    assert again.enqueue([pipeline, switch, other]) == 0
+    assert again.enqueue([("other_spelled", ["grpo.lr=3.0e-4"]), ("new", ["grpo.lr=0.0004"])]) == 1
+    assert again.study.user_attrs[ALIASES] == {"switch": "pipeline", "other_spelled": "other"}
+    assert again.result().aliases == {"switch": "pipeline", "other_spelled": "other"}
+
+    findings = [SimpleNamespace(check="baselines", triggered=True, message="m")]
+    variants = [SimpleNamespace(name="switch", check="baselines")]
+    trials = [{"name": "run", "best": 0.5}, {"name": "pipeline", "best": 0.75}]
+    (cause,) = causes_from_search(findings, variants, trials, 1, {"switch": "pipeline"})
+    assert cause["remedy"] == "switch" and cause["val_vs_run"] == pytest.approx(0.25)
+    (untried,) = causes_from_search(findings, variants, trials, 1)  # without the alias the switch has no score
+    assert untried["remedy"] is None and untried["val_vs_run"] is None

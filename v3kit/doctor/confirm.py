@@ -12,7 +12,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -220,10 +220,20 @@ def rl_line(table: pd.DataFrame, metric: str, skip: str = "") -> str:
     )
 
 
-def causes_from_search(findings: Sequence[Any], variants: Sequence[Any], trials: Sequence[dict[str, Any]], d: int):
+def causes_from_search(
+    findings: Sequence[Any],
+    variants: Sequence[Any],
+    trials: Sequence[dict[str, Any]],
+    d: int,
+    aliases: Mapping[str, str] | None = None,
+):
     """Each flagged check with its best switch's val score in the search (one seed; a pruned trial's best before
-    it was stopped) minus the run's there: a ranking of the causes, not a verdict (that is the confirm phase's)."""
+    it was stopped) minus the run's there: a ranking of the causes, not a verdict (that is the confirm phase's).
+    ``aliases``: a variant that shared another's trial (it trains the same config) reads that trial's score."""
     val = {t["name"]: t["best"] for t in trials if t.get("best") is not None}
+    for alias, name in (aliases or {}).items():
+        if name in val:
+            val.setdefault(alias, val[name])
     run_val = val.get(RUN)
     out = []
     for f in findings:

@@ -248,6 +248,9 @@ class Investigation:
         top_k, n_seeds = self.fit_confirm(result, deadline)
         self.confirmed = {"finalists": top_k, "seeds": n_seeds}
         whys = {v.name: v.why for v in self.variants}
+        for alias, name in result.aliases.items():  # one trial trained both: say so where the finalist is named
+            if whys.get(name):
+                whys[name] = f"{whys[name]} (also {alias}: the same config)"
         fins = finalist_candidates(
             finalists(result, self.metric, top_k), {c.name for c in refs}, whys, run_values(self.base)
         )
@@ -341,7 +344,9 @@ class Investigation:
             config=str(self.write_config(best)),
             effect_vs_sft=eff_sft,
             effect_vs_run=eff_run,
-            causes=causes_from_search(self.findings, self.variants, self.search_result.trials, d),
+            causes=causes_from_search(
+                self.findings, self.variants, self.search_result.trials, d, self.search_result.aliases
+            ),
             why=why,
             table=table,
             references=references,
@@ -373,6 +378,7 @@ class Investigation:
             "wall_s": round(res.wall_s, 1),
             "stacked": sum(bool(t.get("stacked")) for t in res.trials),  # trials trained in a stack (--stack auto)
             "stack_note": self.stack_note,  # why --stack auto ran the search one trial at a time (None: it did not)
+            "aliases": res.aliases,  # {variant: the variant whose trial it shared}: one config, trained once
             "params": [p.name for p in self.params],
             "importances": importances(res.study),
             "budget_s": self.budget_s,

@@ -38,6 +38,7 @@ JOURNAL = "study.journal"
 TRIAL_SEED = 0  # every trial trains with one seed; the confirm phase retrains the finalists with fresh ones
 OPTUNA_INSTALL = "pip install -e '.[search]'"
 STACK_SIZE = 8  # trials asked of Optuna at once when the search runs as stacks (--stack auto)
+ALIASES = "aliases"  # the study's user attribute: {variant: the variant whose trial it shares} (Search.enqueue)
 
 
 def import_optuna() -> Any:
@@ -127,6 +128,28 @@ class SearchTask:
     base_values: dict[str, Any] = field(default_factory=dict)
     progress: bool = False  # one line per finished trial
     stack_size: int = STACK_SIZE  # trials per stack (read by the stacked search only)
+
+
+class Peek:
+    """An enqueued trial (or a variant about to be) seen through the suggest API, to read what it trains before
+    asking for it: a fixed value where the queue fixed one, else the range's low end (floats do not change a
+    structure)."""
+
+    def __init__(self, fixed: dict[str, Any], user_attrs: dict[str, Any]) -> None:
+        self.fixed, self.user_attrs = dict(fixed), dict(user_attrs)
+
+    @classmethod
+    def waiting(cls, frozen: Any) -> Peek:
+        return cls(frozen.system_attrs.get("fixed_params", {}), frozen.user_attrs)
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
+        return self.fixed.get(name, choices[0])
+
+    def suggest_int(self, name: str, low: int, high: int, **_: Any) -> int:
+        return self.fixed.get(name, low)
+
+    def suggest_float(self, name: str, low: float, high: float, **_: Any) -> float:
+        return self.fixed.get(name, low)
 
 
 def trial_overrides(task: SearchTask, trial: Any) -> tuple[bool, list[str]]:
@@ -277,6 +300,7 @@ class SearchResult:
     counts: dict[str, int]  # complete, pruned, failed, running (stale), waiting
     wall_s: float
     study: Any = None
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)  # variant -> the variant whose trial it shares
 
 
 class Search:
@@ -307,15 +331,34 @@ class Search:
 
     def enqueue(self, variants: Sequence[tuple[str, Sequence[str]]]) -> int:
         """Enqueue each named variant (the run, the remedies, the doctor's switches) once per study: they are the
-        first trials, and they rank the search without gating it. Returns how many were new."""
-        names = {t.user_attrs.get("name") for t in self.study.get_trials(deepcopy=False)}
+        first trials, and they rank the search without gating it. A variant that trains the config of one before it
+        (the remedy ``residual_pipeline`` and the doctor's switch to a residual head, on a run with the default
+        head) is not trained again: it is recorded as that variant's alias (the study's ``aliases``, read back as
+        :attr:`SearchResult.aliases`) and shares its trial. Returns how many were new."""
+        task = self.task()
+        trials = self.study.get_trials(deepcopy=False)
+        aliases: dict[str, str] = dict(self.study.user_attrs.get(ALIASES, {}))
+        names = {t.user_attrs.get("name") for t in trials} | set(aliases)
+        seen: dict[Any, str] = {}
+        for t in trials:
+            if "name" in t.user_attrs:
+                fixed = t.params or t.system_attrs.get("fixed_params", {})
+                seen.setdefault(variant_key(task, fixed, t.user_attrs.get("extra", [])), t.user_attrs["name"])
         new = 0
         for name, overrides in variants:
             if name in names:
                 continue
+            names.add(name)
             values, extra = fixed_point(self.params, list(overrides), self.base)
+            key = variant_key(task, values, extra)
+            if key in seen:
+                aliases[name] = seen[key]
+                continue
+            seen[key] = name
             self.study.enqueue_trial(values, user_attrs={"name": name, "extra": extra})
             new += 1
+        if aliases:
+            self.study.set_user_attr(ALIASES, aliases)
         return new
 
     def _fail_stale(self) -> int:
@@ -396,7 +439,7 @@ class Search:
             for t in trials
             if t.state != S.WAITING
         ]
-        return SearchResult(rows, counts, wall_s, self.study)
+        return SearchResult(rows, counts, wall_s, self.study, dict(self.study.user_attrs.get(ALIASES, {})))
 
 
 def _best_intermediate(trial: Any) -> float | None:
@@ -414,6 +457,13 @@ def config_key(overrides: Sequence[str]) -> tuple[tuple[str, str], ...]:
     except ConfigError:  # not a config on its own: compare what the overrides say
         flat = {".".join(keys): value for keys, value in map(parse_override, overrides)}
     return tuple(sorted((k, repr(v)) for k, v in flat.items()))
+
+
+def variant_key(task: SearchTask, values: dict[str, Any], extra: Sequence[str]) -> tuple[bool, Any]:
+    """What an enqueued variant (its parameter values and extra overrides) trains: whether it trains its own SFT,
+    and the config its overrides resolve to (:func:`config_key`), as its trial would run it."""
+    own, overrides = trial_overrides(task, Peek(values, {"extra": list(extra)}))
+    return own, config_key(overrides)
 
 
 def finalists(result: SearchResult, metric: str, k: int) -> list[dict[str, Any]]:

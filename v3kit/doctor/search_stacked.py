@@ -50,6 +50,7 @@ from ..train.stacked_members import MemberPruned
 from ..train.stacked_plan import cpu_stack_limit, over_limit, step_macs, step_rows
 from .pruning import STACK_ATTR, StackRound
 from .search import (
+    Peek,
     PruneOnVal,
     Search,
     SearchTask,
@@ -108,27 +109,6 @@ class ReportOnVal(PruneOnVal):
         self.stack_round.before_report(step)  # (may decide that this member is pruned: then it reports no more)
         if not self.pruned and self.report(row):
             self.stack_round.reported(self, step)
-
-
-class _Peek:
-    """An enqueued (waiting) trial seen through the suggest API, to read its structure before asking for it: a
-    fixed value where the queue fixed one, else the range's low end (floats do not change a structure)."""
-
-    def __init__(self, fixed: dict[str, Any], user_attrs: dict[str, Any]) -> None:
-        self.fixed, self.user_attrs = dict(fixed), dict(user_attrs)
-
-    @classmethod
-    def waiting(cls, frozen: Any) -> _Peek:
-        return cls(frozen.system_attrs.get("fixed_params", {}), frozen.user_attrs)
-
-    def suggest_categorical(self, name: str, choices: list[Any]) -> Any:
-        return self.fixed.get(name, choices[0])
-
-    def suggest_int(self, name: str, low: int, high: int, **_: Any) -> int:
-        return self.fixed.get(name, low)
-
-    def suggest_float(self, name: str, low: float, high: float, **_: Any) -> float:
-        return self.fixed.get(name, low)
 
 
 @dataclass
@@ -243,7 +223,7 @@ def space_structures(task: SearchTask) -> list[tuple[bool, RunConfig]] | None:
             return None
     out: dict[tuple[Any, ...], tuple[bool, RunConfig]] = {}
     for fixed in combos:
-        own, overrides = trial_overrides(task, _Peek(fixed, {}))
+        own, overrides = trial_overrides(task, Peek(fixed, {}))
         cfg = trial_config(task, 0, overrides)
         out.setdefault(signature(own, cfg), (own, cfg))
     return list(out.values())
@@ -282,7 +262,7 @@ def ask_stack(study: Any, task: SearchTask, n: int) -> list[Member]:
     if waiting:
         count, first = 0, None
         for frozen in waiting[:n]:
-            own, overrides = trial_overrides(task, _Peek.waiting(frozen))
+            own, overrides = trial_overrides(task, Peek.waiting(frozen))
             sig = signature(own, trial_config(task, frozen.number, overrides))
             if first is not None and sig != first:
                 break
@@ -423,7 +403,7 @@ class StackedSearch(Search):
         groups: dict[tuple[Any, ...], list[tuple[str, Sequence[str]]]] = {}
         for name, overrides in variants:
             values, extra = fixed_point(self.params, list(overrides), self.base)
-            peek = _Peek(values, {"extra": extra})
+            peek = Peek(values, {"extra": extra})
             own, full = trial_overrides(task, peek)
             groups.setdefault(signature(own, trial_config(task, 0, full)), []).append((name, overrides))
         return super().enqueue([v for group in groups.values() for v in group])

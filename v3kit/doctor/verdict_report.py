@@ -100,6 +100,7 @@ def verdict_markdown(v: Verdict, run_dir: Path, out: Path) -> str:
         f"{s.get('pruned', 0)} pruned, {s.get('failed', 0)} failed"
         + (f"; {s['stacked']} trained in stacks" if s.get("stacked") else "")
         + (f"; one at a time: {s['stack_note']}" if s.get("stack_note") else "")
+        + "".join(f"; {a} shared {n}'s trial (the same config)" for a, n in (s.get("aliases") or {}).items())
         + f") over {len(s.get('params', []))} parameters in {s.get('wall_s', 0) / 60:.1f} min",
         f"- confirm (test, fresh seeds): {v.runs} runs ({v.run_seconds / 60:.1f} run-minutes); "
         f"{v.wall_s / 60:.1f} min of wall time for both phases in this invocation",
