@@ -568,8 +568,10 @@ def test_plan_sft_stacks_groups_the_sfts_of_one_world_and_structure(tmp_path):
 def test_a_grid_s_sfts_stacked_equal_the_sfts_trained_alone(tmp_path, monkeypatch):
     """Per-seed SFTs and a variant's own SFT train as one stack under ``stack: auto``: each SFT folder holds what
     the one-at-a-time SFT writes (``sft.pt``, its ``sft.hash``, no epoch checkpoints), its metrics equal to
-    float32 rounding, and so do the grid's rows."""
+    float32 rounding, and so do the grid's rows. The runs then train as one stack too, each member from its own
+    SFT checkpoint (4 of them), and each run records the checkpoint it started from."""
     from v3kit.ablate import parse_grid, run_grid
+    from v3kit.ablate.worker import execute_stack as runner_execute_stack
     from v3kit.ablate.worker import train_sft_stack as runner_stack
 
     raw = {
@@ -587,8 +589,16 @@ def test_a_grid_s_sfts_stacked_equal_the_sfts_trained_alone(tmp_path, monkeypatc
     stacked = []
     monkeypatch.setattr(runner, "train_sft", lambda task: pytest.fail("an SFT of the stack trained alone"))
     monkeypatch.setattr(runner, "train_sft_stack", lambda st: (stacked.append(len(st.tasks)), runner_stack(st))[1])
+    run_stacks = []
+    monkeypatch.setattr(runner, "execute_run", lambda task: pytest.fail("a run of the stack ran alone"))
+    monkeypatch.setattr(runner, "execute_stack", lambda st: (run_stacks.append(st.tasks), runner_execute_stack(st))[1])
     auto = run_grid(spec, tmp_path / "auto", progress=False)
     assert stacked == [4]
+    assert len(run_stacks) == 1 and len({t.sft_path for t in run_stacks[0]}) == 4
+    assert auto.frame["stacked"].all() and not off.frame["stacked"].any()
+    for t in run_stacks[0]:  # each run's later stages are recorded as built on its own SFT
+        info = json.loads((Path(t.result_path).parent / "run_info.json").read_text())
+        assert info["sft_checkpoint"] == str(t.sft_path.resolve())
     folders = sorted(p.parent.relative_to(tmp_path / "off") for p in (tmp_path / "off").rglob("sft.hash"))
     assert len(folders) == 4  # 2 variants x 2 seeds, each its own SFT
     assert folders == sorted(p.parent.relative_to(tmp_path / "auto") for p in (tmp_path / "auto").rglob("sft.hash"))

@@ -77,7 +77,7 @@ def share_data_reason(cfgs: Sequence[RunConfig]) -> str | None:
 def run_stacked(
     cfgs: Sequence[RunConfig],
     *,
-    sft_checkpoint: str | Path | None = None,
+    sft_checkpoint: str | Path | Sequence[str | Path] | None = None,
     splits: Splits | None = None,
     resume: bool = False,
     tracking: Sequence[Mapping[str, Any] | None] | None = None,
@@ -86,7 +86,9 @@ def run_stacked(
     prune_stages: Sequence[str] = ("grpo",),
 ) -> StackedRuns:
     """Run every config of ``cfgs`` as :func:`run_pipeline` would (its own ``run_dir``), stacked; see the module
-    docstring. ``tracking``: per config, what ``run_pipeline``'s ``tracking`` is. ``prune``: see
+    docstring. ``sft_checkpoint``: the SFT checkpoint every run starts from, or one per config (the per-seed SFTs of
+    a grid's variant: each run keeps its own frozen reference and old log-probs; their models must be alike to
+    stack). ``tracking``: per config, what ``run_pipeline``'s ``tracking`` is. ``prune``: see
     :func:`v3kit.train.stacked.fit_stacked`, asked after every epoch but the last of the stages in ``prune_stages``
     (a member pruned before GRPO trains no later stage: its run ends there). ``callbacks``: per config, what
     ``run_pipeline``'s ``callbacks`` are (a search's reporter of val scores)."""
@@ -95,33 +97,42 @@ def run_stacked(
     callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in cfgs]
     # given splits are the caller's word that the runs share them (a grid's runs: one split per world)
     reason = "a single run" if len(cfgs) < 2 else None if splits is not None else share_data_reason(cfgs)
+    sfts = _per_run(sft_checkpoint, len(cfgs))
     if reason is not None:
         out: list[PipelineResult | BaseException] = []
-        for c, t, cb in zip(cfgs, tracking, callbacks):
+        for c, t, cb, sft in zip(cfgs, tracking, callbacks, sfts):
             try:
-                out.append(
-                    run_pipeline(
-                        c, sft_checkpoint=sft_checkpoint, splits=splits, resume=resume, tracking=t, callbacks=cb
-                    )
-                )
+                out.append(run_pipeline(c, sft_checkpoint=sft, splits=splits, resume=resume, tracking=t, callbacks=cb))
             except Exception as e:
                 out.append(e)
         return StackedRuns(out, stacked=False, notes=[f"ran one after another: {reason}"])
-    if sft_checkpoint is None and cfgs[0].sft.checkpoint:
-        sft_checkpoint = cfgs[0].sft.checkpoint
-    if sft_checkpoint:
-        ckpt = load_checkpoint(sft_checkpoint)
-        check_finite_checkpoint(ckpt, sft_checkpoint)
-        model_cfg = checkpoint_model_config(ckpt, sft_checkpoint)
-        cfgs = [dataclasses.replace(c, model=model_cfg) for c in cfgs]
+    if sfts[0] is None and cfgs[0].sft.checkpoint:
+        sfts = [cfgs[0].sft.checkpoint] * len(cfgs)
+    if sfts[0] is not None:
+        model_cfgs: dict[str, Any] = {}
+        for path in dict.fromkeys(str(p) for p in sfts):
+            ckpt = load_checkpoint(path)
+            check_finite_checkpoint(ckpt, path)
+            model_cfgs[path] = checkpoint_model_config(ckpt, path)
+        cfgs = [dataclasses.replace(c, model=model_cfgs[str(p)]) for c, p in zip(cfgs, sfts)]
     with contextlib.ExitStack() as stack:
         reporters = []
         for c, t in zip(cfgs, tracking):
             Path(c.run_dir).mkdir(parents=True, exist_ok=True)
             stack.enter_context(RunLock(Path(c.run_dir)))
             reporters.append(stack.enter_context(trackers.reporting(c, c.run_dir, resume=resume, tracking=t)))
-        runs = _Stack(cfgs, reporters, sft_checkpoint, splits, resume, callbacks, tuple(prune_stages))
+        runs = _Stack(cfgs, reporters, sfts, splits, resume, callbacks, tuple(prune_stages))
         return runs.run(prune)
+
+
+def _per_run(sft_checkpoint: str | Path | Sequence[str | Path] | None, n: int) -> list[str | Path | None]:
+    """``run_stacked``'s ``sft_checkpoint`` as one entry per run (None: each run trains its own SFT)."""
+    if sft_checkpoint is None or isinstance(sft_checkpoint, (str, Path)):
+        return [sft_checkpoint] * n
+    sfts = list(sft_checkpoint)
+    if len(sfts) != n or any(p is None for p in sfts):
+        raise ValueError(f"run_stacked needs one SFT checkpoint per config, got {len(sfts)} for {n} configs")
+    return sfts
 
 
 class _NoReporter:
@@ -135,7 +146,7 @@ def train_sft_stacked(cfgs: Sequence[RunConfig], splits: Splits) -> StackedRuns:
     needs per seed or per finalist. One entry per config: the path of its ``sft.pt`` or the exception that stopped
     it. The configs share ``splits``."""
     cfgs = list(cfgs)
-    stack = _Stack(cfgs, [_NoReporter() for _ in cfgs], None, splits, False, [[] for _ in cfgs], ())
+    stack = _Stack(cfgs, [_NoReporter() for _ in cfgs], [None] * len(cfgs), splits, False, [[] for _ in cfgs], ())
     paths = stack.train_sft()
     results: list[Any] = [stack.errors.get(k, paths[k]) for k in range(len(cfgs))]
     return StackedRuns(results, stacked=stack.stacked, notes=stack.notes)
@@ -149,13 +160,14 @@ class _Stack:
         self,
         cfgs: list[RunConfig],
         reporters: list[Any],
-        sft: Any,
+        sfts: list[str | Path | None],  # per run: the SFT checkpoint it starts from (None: it trains its own)
         splits: Splits | None,
         resume: bool,
         callbacks: list[list[Any]],
         prune_stages: tuple[str, ...] = ("grpo",),
     ):
-        self.cfgs, self.reporters, self.sft, self.resume = cfgs, reporters, sft, resume
+        self.cfgs, self.reporters, self.sfts, self.resume = cfgs, reporters, sfts, resume
+        self.given = sfts[0] is not None  # every run starts from a given checkpoint, or every run trains its own
         self.prune_stages = prune_stages
         self.errors: dict[int, BaseException] = {}
         self.notes: list[str] = []
@@ -164,7 +176,7 @@ class _Stack:
         if resume:
             for k, c in enumerate(cfgs):
                 check_resumable(c, c.run_dir)
-                self.recorded[k] = check_same_sft(Path(c.run_dir), sft)
+                self.recorded[k] = check_same_sft(Path(c.run_dir), sfts[k])
         self.splits = splits or prepare_data(cfgs[0])
         self.runs = [
             Run(c, splits=self.splits, callbacks=[*cb, *r.callbacks()], resume=resume, warn=k == 0)
@@ -209,7 +221,7 @@ class _Stack:
         sft_paths = self.train_sft(prune)
         for k in self.live():
             record_sft_checkpoint(
-                Path(self.cfgs[k].run_dir), sft_paths[k], given=bool(self.sft), recorded=self.recorded.get(k)
+                Path(self.cfgs[k].run_dir), sft_paths[k], given=self.given, recorded=self.recorded.get(k)
             )
             record_config(Path(self.cfgs[k].run_dir), self.cfgs[k])
         stage1 = self.stage1(sft_paths)
@@ -241,8 +253,8 @@ class _Stack:
     def train_sft(self, prune: PruneFn | None = None) -> dict[int, Path]:
         """Each run's ``sft.pt``: the given checkpoint, a finished one (on resume), or trained here, stacked, as
         :func:`v3kit.train.sft.train_sft` trains it (under ``select: best_val`` its best val epoch ships)."""
-        if self.sft:
-            return {k: Path(self.sft) for k in range(len(self.cfgs))}
+        if self.given:
+            return {k: Path(str(p)) for k, p in enumerate(self.sfts)}
         paths = {k: Path(c.run_dir) / "sft.pt" for k, c in enumerate(self.cfgs)}
         todo = [k for k in paths if not (self.resume and paths[k].exists())]
         dims = (self.splits.train.query_dim, self.splits.train.cand_dim)

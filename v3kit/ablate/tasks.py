@@ -159,9 +159,10 @@ def _without_numbers(cfg: RunConfig, numbers: dict[str, tuple[str, ...]], salt: 
 
 
 def _structure(task: RunTask) -> str:
-    """What a stack's members must share: the run's config but for its seed and stackable numbers, its world and
-    its SFT checkpoint."""
-    return _without_numbers(task.cfg, STACKABLE_NUMBERS, f"{task.world}:{task.sft_path}")
+    """What a stack's members must share: the run's config but for its seed and stackable numbers, and its world.
+    Not the SFT checkpoint: each member starts from its own (a variant that trains its SFT has one per seed), and
+    the config's ``model`` section, part of the structure, is what makes their models alike."""
+    return _without_numbers(task.cfg, STACKABLE_NUMBERS, task.world)
 
 
 @dataclass

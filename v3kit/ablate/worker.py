@@ -106,7 +106,7 @@ def execute_stack(stack: StackTask) -> dict[str, Any]:
     splits = splits_for(first.split_cfg)
     out = run_stacked(
         [worker_config(t.cfg) for t in stack.tasks],
-        sft_checkpoint=first.sft_path,
+        sft_checkpoint=[t.sft_path for t in stack.tasks],  # each run's own (one per seed for a variant's own SFT)
         splits=splits,
         tracking=[t.tracking for t in stack.tasks],
     )
