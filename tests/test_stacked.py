@@ -377,6 +377,17 @@ def test_a_stack_pruned_to_one_member_in_sft_is_still_stacked(tmp_path):
     assert pd.read_csv(tmp_path / "stk1/metrics.csv")["stage"].unique().tolist() == ["sft"]
 
 
+def test_run_stacked_needs_one_sft_checkpoint_per_config_or_one_for_all(tmp_path):
+    """A list of SFT checkpoints must name one per config (a missing one is not "train your own"): the error names
+    both counts before anything is written."""
+    cfgs = _configs(tmp_path, "stk", [["seed=0"], ["seed=1"], ["seed=2"]], [])
+    with pytest.raises(ValueError, match="one SFT checkpoint per config, got 2 for 3 configs"):
+        run_stacked(cfgs, sft_checkpoint=[tmp_path / "a.pt", tmp_path / "b.pt"])
+    with pytest.raises(ValueError, match="got 3 for 3 configs"):
+        run_stacked(cfgs, sft_checkpoint=[tmp_path / "a.pt", None, tmp_path / "b.pt"])
+    assert not any(Path(c.run_dir).exists() for c in cfgs)
+
+
 def test_metrics_log_add_many_writes_the_file_row_by_row_adds_write(tmp_path):
     from v3kit.train.metrics_log import MetricsLog
 

@@ -126,9 +126,10 @@ def run_stacked(
 
 
 def _per_run(sft_checkpoint: str | Path | Sequence[str | Path] | None, n: int) -> list[str | Path | None]:
-    """``run_stacked``'s ``sft_checkpoint`` as one entry per run (None: each run trains its own SFT)."""
+    """``run_stacked``'s ``sft_checkpoint`` as one entry per run (None, or an empty path as ``run_pipeline`` reads
+    it: each run trains its own SFT)."""
     if sft_checkpoint is None or isinstance(sft_checkpoint, (str, Path)):
-        return [sft_checkpoint] * n
+        return [sft_checkpoint or None] * n
     sfts = list(sft_checkpoint)
     if len(sfts) != n or any(p is None for p in sfts):
         raise ValueError(f"run_stacked needs one SFT checkpoint per config, got {len(sfts)} for {n} configs")
