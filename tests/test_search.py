@@ -377,7 +377,7 @@ def test_a_variant_that_trains_an_earlier_ones_config_shares_its_trial(tmp_path)
     from types import SimpleNamespace
 
     from v3kit.doctor.confirm import causes_from_search
-    from v3kit.doctor.search import ALIASES
+    from v3kit.doctor.search import ALIASES, SearchResult
 
     pipeline = ("pipeline", ["model.residual=true", "model.sim_temperature=0.1", "select=best_val"])
     switch = ("switch", ["model.sim_temperature=0.1", "model.residual=true"])
@@ -395,7 +395,9 @@ def test_a_variant_that_trains_an_earlier_ones_config_shares_its_trial(tmp_path)
     findings = [SimpleNamespace(check="baselines", triggered=True, message="m")]
     variants = [SimpleNamespace(name="switch", check="baselines")]
     trials = [{"name": "run", "best": 0.5}, {"name": "pipeline", "best": 0.75}]
-    (cause,) = causes_from_search(findings, variants, trials, 1, {"switch": "pipeline"})
+    shared = SearchResult(trials=trials, counts={}, wall_s=0.0, aliases={"switch": "pipeline"})
+    (cause,) = causes_from_search(findings, variants, shared, 1)
     assert cause["remedy"] == "switch" and cause["val_vs_run"] == pytest.approx(0.25)
-    (untried,) = causes_from_search(findings, variants, trials, 1)  # without the alias the switch has no score
+    alone = SearchResult(trials=trials, counts={}, wall_s=0.0)  # without the alias the switch has no score
+    (untried,) = causes_from_search(findings, variants, alone, 1)
     assert untried["remedy"] is None and untried["val_vs_run"] is None

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from ..ablate.grid import GridSpec, parse_grid
 from ..ablate.stats import bootstrap_p_value, compare, holm, min_detectable_effect, paired_values
 from ..train.metrics import METRIC_DIRECTION
 from .remedies import RUN
+from .search import SearchResult
 from .verdict_report import SFT_ONLY
 
 CONFIRM_SEED0 = 100  # fresh seeds: the search trained every trial with seed 0
@@ -220,18 +221,12 @@ def rl_line(table: pd.DataFrame, metric: str, skip: str = "") -> str:
     )
 
 
-def causes_from_search(
-    findings: Sequence[Any],
-    variants: Sequence[Any],
-    trials: Sequence[dict[str, Any]],
-    d: int,
-    aliases: Mapping[str, str] | None = None,
-):
+def causes_from_search(findings: Sequence[Any], variants: Sequence[Any], result: SearchResult, d: int):
     """Each flagged check with its best switch's val score in the search (one seed; a pruned trial's best before
     it was stopped) minus the run's there: a ranking of the causes, not a verdict (that is the confirm phase's).
-    ``aliases``: a variant that shared another's trial (it trains the same config) reads that trial's score."""
-    val = {t["name"]: t["best"] for t in trials if t.get("best") is not None}
-    for alias, name in (aliases or {}).items():
+    A variant that shared another's trial (``result.aliases``: it trains the same config) reads that score."""
+    val = {t["name"]: t["best"] for t in result.trials if t.get("best") is not None}
+    for alias, name in result.aliases.items():
         if name in val:
             val.setdefault(alias, val[name])
     run_val = val.get(RUN)

@@ -344,9 +344,7 @@ class Investigation:
             config=str(self.write_config(best)),
             effect_vs_sft=eff_sft,
             effect_vs_run=eff_run,
-            causes=causes_from_search(
-                self.findings, self.variants, self.search_result.trials, d, self.search_result.aliases
-            ),
+            causes=causes_from_search(self.findings, self.variants, self.search_result, d),
             why=why,
             table=table,
             references=references,

@@ -300,7 +300,7 @@ class SearchResult:
     counts: dict[str, int]  # complete, pruned, failed, running (stale), waiting
     wall_s: float
     study: Any = None
-    aliases: dict[str, str] = dataclasses.field(default_factory=dict)  # variant -> the variant whose trial it shares
+    aliases: dict[str, str] = field(default_factory=dict)  # variant -> the variant whose trial it shares
 
 
 class Search:

@@ -143,7 +143,6 @@ class Structure:
 _PROBES: dict[tuple[str, str, tuple[Any, ...]], Structure] = {}
 # per (search folder, SFT): the search's CPU limit (search_limit), from every structure of its space
 _LIMITS: dict[tuple[str, str], float] = {}
-_REASONS: dict[tuple[str, str, tuple[Any, ...]], str | None] = {}  # batch_reason's answers
 
 
 def probe(task: SearchTask, own_sft: bool, cfg: RunConfig) -> Structure:
@@ -181,14 +180,6 @@ def search_limit(task: SearchTask) -> float:
             cheapest = min(probe(task, own, cfg).macs for own, cfg in structures)
             _LIMITS[key] = max(floor, stacked_plan.SEARCH_COST_RATIO * cheapest)
     return _LIMITS[key]
-
-
-def batch_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | None:
-    """:func:`structure_reason` of a trial's structure, worked out once per structure and search."""
-    key = (str(task.folder), str(task.sft), signature(own_sft, cfg))
-    if key not in _REASONS:
-        _REASONS[key] = structure_reason(task, own_sft, cfg)
-    return _REASONS[key]
 
 
 def structure_reason(task: SearchTask, own_sft: bool, cfg: RunConfig) -> str | None:
@@ -239,7 +230,7 @@ def nothing_stacks(task: SearchTask) -> str | None:
         return None
     reasons = []
     for own, cfg in structures:
-        reasons.append(batch_reason(task, own, cfg))
+        reasons.append(structure_reason(task, own, cfg))
         if reasons[-1] is None:
             return None
     return f"no trial's model can train in a stack ({len(reasons)} structures; e.g. {reasons[0]})"
@@ -274,7 +265,7 @@ def ask_stack(study: Any, task: SearchTask, n: int) -> list[Member]:
     if len(fixed) == len(lead.trial.params):  # nothing numeric was sampled: copies would be the same trial
         return [lead]
     if (
-        batch_reason(task, lead.own_sft, lead.cfg) is not None
+        structure_reason(task, lead.own_sft, lead.cfg) is not None
     ):  # copies would run alone: TPE samples the next trials freely
         return [lead]
     for _ in range(n - 1):
@@ -318,7 +309,7 @@ def _alone(task: SearchTask, m: Member) -> tuple[float | BaseException, float]:
 def run_stack(study: Any, task: SearchTask, members: list[Member]) -> None:
     """Train ``members`` (one structure) as one stacked model and tell each trial its result; a lone member runs
     as the one-at-a-time search runs it."""
-    reason = batch_reason(task, members[0].own_sft, members[0].cfg) if len(members) > 1 else None
+    reason = structure_reason(task, members[0].own_sft, members[0].cfg) if len(members) > 1 else None
     if len(members) == 1 or reason is not None:
         if reason is not None and task.progress:
             numbers = ", ".join(str(m.trial.number) for m in members)
