@@ -204,8 +204,8 @@ class _Stack:
         outcome = fit_stacked(stages, contexts or [self.context(k) for k in ks], prune=member_prune)
         if len(ks) > 1:  # one member left (the others pruned or failed) is not a fall-back: the stack stood till then
             self.stacked = self.stacked and outcome.stacked
-        if outcome.note and len(ks) > 1:
-            self.notes.append(f"{stages[0].name}: {outcome.note}")
+            if outcome.note:
+                self.notes.append(f"{stages[0].name}: {outcome.note}")
         done = {}
         for k, r in zip(ks, outcome.results):
             if isinstance(r, BaseException):

@@ -91,13 +91,12 @@ def over_limit(macs: float, limit: float) -> str | None:
     )
 
 
-def arithmetic_reason(model: nn.Module, rows: int, device: torch.device, limit: float | None = None) -> str | None:
+def arithmetic_reason(model: nn.Module, rows: int, device: torch.device) -> str | None:
     """Why a stack of ``model`` would not pay (None: it would, or ``device`` is not a CPU: a GPU is what a stack
-    fills): on a CPU its multiply-adds per run and step (:func:`step_macs`) are over ``limit``, by default
-    :func:`cpu_stack_limit`."""
+    fills): on a CPU its multiply-adds per run and step (:func:`step_macs`) are over :func:`cpu_stack_limit`."""
     if torch.device(device).type != "cpu":
         return None
-    return over_limit(step_macs(model, rows), cpu_stack_limit(model) if limit is None else limit)
+    return over_limit(step_macs(model, rows), cpu_stack_limit(model))
 
 
 def step_rows(model: nn.Module, data: GroupData, batch_size: int) -> int:
