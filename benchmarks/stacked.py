@@ -1,7 +1,7 @@
 """Many runs in one: K whole pipeline runs (SFT, stage 1, RCE, GRPO) trained as one stacked model
 (``v3kit.pipeline_stacked.run_stacked``) against the same K runs one after another (``run_pipeline``), side by side
-in one process, rounds alternating so load from other processes falls on both alike; and the memory each member
-adds, in fresh subprocesses.
+in one process, the stacked run between the two halves of the sequential ones so a drift of the machine's speed
+falls on both alike; and the memory each member adds, in fresh subprocesses.
 
     python benchmarks/stacked.py [--quick] [--device cuda] [--k 8]     (also a section of benchmarks/bench.py)
     python benchmarks/stacked.py --user-model    # the default world with a user's module: the torch.func path,
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,11 +60,16 @@ WORLDS = {
 }
 DEFAULT_WORLDS = ("default", "384-d")
 QUICK = ["data.synthetic.n_queries=600", "sft.epochs=4", "rce.epochs=1", "grpo.epochs=2"]
+# Rounds of each world: this kind of machine (a VM) drifts 15-40% within minutes, so one round's ratio ranges
+# about 3.8-6.5x for the same code; the median of 5 is steadier than of 3.
+ROUNDS = 5
 
 
-def configs(world: str, k: int, root: Path, tag: str, extra: list[str]) -> list[Any]:
+def configs(world: str, k: int, root: Path, tag: str, extra: list[str], first: int = 0) -> list[Any]:
+    """The configs of seeds ``first .. first + k - 1`` of ``world``."""
     sets = ["progress=false", "threads=1", "data.split_seed=0", *WORLDS[world], *extra]
-    return [load_config(None, [*sets, f"seed={s}", f"run_dir={root / tag / f'seed{s}'}"]) for s in range(k)]
+    seeds = range(first, first + k)
+    return [load_config(None, [*sets, f"seed={s}", f"run_dir={root / tag / f'seed{s}'}"]) for s in seeds]
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:
@@ -75,13 +81,16 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
 
 
 def side_by_side(world: str, k: int, rounds: int, extra: list[str], tmp: Path) -> dict[str, Any]:
-    """Seconds of K sequential runs and of the K runs stacked, per round (alternating which goes first)."""
+    """Seconds of K sequential runs and of the K runs stacked, per round. The stacked run sits in the middle of
+    the sequential ones (half of them before it, half after), so a drift of the machine's speed during a round
+    falls on both sides alike; each side is warmed up first (its first call pays one-off costs)."""
     seq, stk = [], []
+    half = k // 2
     for r in range(rounds):
         root = tmp / f"{world}-{r}"
 
-        def sequential(root: Path = root) -> None:
-            for cfg in configs(world, k, root, "seq", extra):
+        def sequential(first: int, n: int, root: Path = root) -> None:
+            for cfg in configs(world, n, root, "seq", extra, first):
                 run_pipeline(cfg)
 
         def stacked(root: Path = root) -> None:
@@ -89,9 +98,10 @@ def side_by_side(world: str, k: int, rounds: int, extra: list[str], tmp: Path) -
             assert out.stacked, out.notes
             assert not [e for e in out.results if isinstance(e, BaseException)]
 
-        order = [(sequential, seq), (stacked, stk)]
-        for fn, into in order if r % 2 == 0 else order[::-1]:
-            into.append(timed(fn))
+        first = timed(partial(sequential, 0, half))
+        stk.append(timed(stacked))
+        second = timed(partial(sequential, half, k - half))
+        seq.append((first[0] + second[0], first[1] + second[1]))
         shutil.rmtree(root, ignore_errors=True)
     ratios = [a[0] / b[0] for a, b in zip(seq, stk)]
     cpu_ratios = [a[1] / b[1] for a, b in zip(seq, stk)]
@@ -137,10 +147,12 @@ def bench_stacked(
     """Rows of the stacked-vs-sequential comparison (``add(section, item, value, unit, n, note)``)."""
     dev = [f"device={device}"] if device != "cpu" else []
     extra = (QUICK if quick else []) + dev
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else ROUNDS
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        run_pipeline(configs("default", 1, tmp, "warm", [*QUICK, "sft.epochs=1", *dev])[0])  # lazy imports
+        warm = [*QUICK, "sft.epochs=1", *dev]
+        run_pipeline(configs("default", 1, tmp, "warm", warm)[0])  # lazy imports, first calls of each path
+        run_stacked(configs("default", 2, tmp, "warm-stacked", warm))
         for world in worlds:
             section = f"stacked {world} x{k}" + (" (quick)" if quick else "")
             got = side_by_side(world, k, rounds, extra, tmp)
