@@ -31,7 +31,7 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,10 +80,18 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def warm_up(tmp: Path, dev: Sequence[str] = ()) -> None:
+    """One small run of each path: the lazy imports and first calls (torch's first Adam step, allocations) that
+    would otherwise fall on whichever side a round times first."""
+    warm = [*QUICK, "sft.epochs=1", *dev]
+    run_pipeline(configs("default", 1, tmp, "warm", warm)[0])
+    run_stacked(configs("default", 2, tmp, "warm-stacked", warm))
+
+
 def side_by_side(world: str, k: int, rounds: int, extra: list[str], tmp: Path) -> dict[str, Any]:
     """Seconds of K sequential runs and of the K runs stacked, per round. The stacked run sits in the middle of
     the sequential ones (half of them before it, half after), so a drift of the machine's speed during a round
-    falls on both sides alike; each side is warmed up first (its first call pays one-off costs)."""
+    falls on both sides alike (callers warm both paths up first: :func:`warm_up`)."""
     seq, stk = [], []
     half = k // 2
     for r in range(rounds):
@@ -150,9 +158,7 @@ def bench_stacked(
     rounds = 1 if quick else ROUNDS
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        warm = [*QUICK, "sft.epochs=1", *dev]
-        run_pipeline(configs("default", 1, tmp, "warm", warm)[0])  # lazy imports, first calls of each path
-        run_stacked(configs("default", 2, tmp, "warm-stacked", warm))
+        warm_up(tmp, dev)
         for world in worlds:
             section = f"stacked {world} x{k}" + (" (quick)" if quick else "")
             got = side_by_side(world, k, rounds, extra, tmp)
@@ -180,7 +186,7 @@ def bench_sweep(add: Callable[..., None], sizes: list[str], k: int, rounds: int,
     stacked_plan.CPU_STACK_MAX_MACS = stacked_plan.CPU_VMAP_MAX_MACS = float("inf")
     tmp = Path(tempfile.mkdtemp())
     try:
-        run_pipeline(configs("default", 1, tmp, "warm", [*QUICK, "sft.epochs=1"])[0])  # lazy imports
+        warm_up(tmp)
         for size in sizes:
             hidden, emb = (int(x) for x in size.split("-"))
             if user:
