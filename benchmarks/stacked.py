@@ -60,8 +60,8 @@ WORLDS = {
 }
 DEFAULT_WORLDS = ("default", "384-d")
 QUICK = ["data.synthetic.n_queries=600", "sft.epochs=4", "rce.epochs=1", "grpo.epochs=2"]
-# Rounds of each world: this kind of machine (a VM) drifts 15-40% within minutes, so one round's ratio ranges
-# about 3.8-6.5x for the same code; the median of 5 is steadier than of 3.
+# Rounds of each world: this kind of machine (a VM) drifts 15-40% within minutes; with the stacked run between the
+# halves, one round's ratio still ranges about 4.2-4.9x for the same code, so the median of 5 is steadier than of 3.
 ROUNDS = 5
 
 
