@@ -116,6 +116,37 @@ def test_other_grpo_switches_match(tmp_path):
     _compare(tmp_path, variants, ["grpo.old_policy=refresh_each_epoch", "rce.reward_norm=zscore"])
 
 
+@pytest.mark.slow
+def test_members_that_differ_in_switches_match_their_sequential_runs(tmp_path, monkeypatch):
+    """One stack whose members differ in switches, not only in numbers: members whose switches share an objective
+    train under one stacked objective per switch setting (objective_key), a member whose switches no stacked
+    objective covers (sampled GRPO) through its own Stage.step, all in the same steps; each matches its own run."""
+    from v3kit.train import stacked
+
+    variants = [
+        ["seed=0"],
+        ["seed=1", "grpo.samples=sampled", "grpo.num_samples=6"],  # its own Stage.step
+        ["seed=2", "grpo.kl_estimator=k2", "rce.reward_norm=zscore"],  # another objective in RCE and GRPO
+        ["seed=0", "grpo.old_policy=refresh_each_epoch", "grpo.kl_beta=0.3"],  # member 0's objective
+        ["seed=1", "reward.debias=candidate_features", "select=best_val"],  # its own training rewards
+        ["seed=2", "grpo.kl_estimator=k2", "grpo.loss_type=cispo"],
+    ]
+    seen = []
+    objectives = stacked._StackedFit._objectives
+
+    def spy(self, live, stages):
+        groups, alone = objectives(self, live, stages)
+        seen.append((self.name, sorted(groups.values()), list(alone)))
+        return groups, alone
+
+    monkeypatch.setattr(stacked._StackedFit, "_objectives", spy)
+    _compare(tmp_path, variants)
+    split = {name: (groups, alone) for name, groups, alone in seen}
+    assert split["sft"] == ([[0, 1, 2, 3, 4, 5]], [])
+    assert split["rce"] == ([[0, 1, 3, 4, 5], [2]], [])
+    assert split["grpo"] == ([[0, 3, 4], [2], [5]], [1])
+
+
 def test_ragged_groups_and_a_ragged_last_batch_are_covered():
     cfg = tiny_config("/nonexistent", *SMALL)
     assert cfg.data.synthetic.min_group_size < cfg.data.synthetic.group_size  # groups of 4..8 candidates
@@ -321,6 +352,52 @@ def test_plan_stacks_groups_seeds_and_numeric_variants_of_one_structure(tmp_path
     with pytest.raises(ValueError, match="stack must be one of"):
         plan_stacks(tasks, "on")
 
+
+
+def test_plan_stacks_stacks_the_runs_left_alone_that_differ_only_in_switches(tmp_path):
+    """A variant with one seed is a structure of its own; the ones that differ only in switches (the doctor's
+    single-switch variants) then stack with each other, after the runs of one structure have stacked."""
+    from v3kit.ablate.grid import parse_grid
+    from v3kit.ablate.tasks import RunTask, plan_stacks
+
+    raw = {
+        "name": "g",
+        "base": ["data.synthetic.n_queries=80"],
+        "seeds": [0],
+        "reference": "seed",
+        "variants": {
+            "seed": [],
+            "kl0": ["grpo.kl_beta=0"],  # numbers only: the run's own structure
+            "sampled": ["grpo.samples=sampled"],
+            "debias": ["reward.debias=candidate_features"],
+            "norm": ["rce.reward_norm=zscore", "grpo.old_policy=refresh_each_epoch"],
+            "ep4": ["grpo.epochs=4"],  # other epochs: cannot share a lockstep stack
+            "wide": ["model.hidden=[128]"],  # another model
+        },
+    }
+    spec = parse_grid(raw)
+    tasks = [
+        RunTask("default", v, 0, spec.resolve("default", v, 0, tmp_path / v), None, tmp_path / "sft.pt", tmp_path, "")
+        for v in spec.variants
+    ]
+    stacks, alone = plan_stacks(tasks)
+    assert [[t.variant for t in s.tasks] for s in stacks] == [["seed", "kl0"], ["sampled", "debias", "norm"]]
+    assert [t.variant for t in alone] == ["ep4", "wide"]
+
+
+def test_the_search_stacks_trials_that_differ_in_switches_not_in_epochs_or_model():
+    from v3kit.doctor.search_stacked import signature
+
+    base = load_config(None, ["seed=0", "run_dir=a"])
+    same = [["seed=3", "run_dir=b", "grpo.kl_beta=0.5"], ["grpo.samples=sampled"], ["reward.debias=candidate_prior"]]
+    same += [["grpo.old_policy=refresh_each_epoch", "select=best_val"], ["model.sim_temperature=0.5"]]
+    for sets in same:
+        assert signature(True, load_config(None, sets)) == signature(True, base), sets
+    other = [["grpo.epochs=3"], ["sft.batch_size=32"], ["model.normalize=true"], ["data.synthetic.n_queries=500"]]
+    other += [["precision=bf16"], ["grpo.on_nonfinite=skip_batch"]]
+    for sets in other:
+        assert signature(True, load_config(None, sets)) != signature(True, base), sets
+    assert signature(False, base) != signature(True, base)
 
 @pytest.mark.slow
 def test_a_grid_stacked_gives_the_rows_of_the_grid_run_alone(tmp_path):

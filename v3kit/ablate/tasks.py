@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable, TypeVar
 from ..config import RunConfig
 from ..provenance import fingerprint, signature
 from ..run import split_seed
+from ..stack_structure import stack_structure
 from .grid import BASE_WORLD, SFT_SECTIONS, GridSpec
 
 
@@ -165,6 +166,14 @@ def _structure(task: RunTask) -> str:
     return _without_numbers(task.cfg, STACKABLE_NUMBERS, task.world)
 
 
+def _mixed_structure(task: RunTask) -> str:
+    """What the runs left alone by :func:`_structure` (a variant with one seed, the last of a split group) must
+    share to stack with each other though they differ in switches: :func:`v3kit.stack_structure.stack_structure`,
+    in one world. They are grouped only after the runs of one structure: those share their stacked objectives
+    (one per switch setting, ``v3kit.train.stacked_losses.objective_key``), which mixing would split."""
+    return fingerprint(stack_structure(task.cfg), task.world)
+
+
 @dataclass
 class SFTStackTask:
     """SFT trainings of one world that train as one stacked model (:func:`plan_sft_stacks`); ``world`` and ``cfg``
@@ -216,11 +225,13 @@ def plan_sft_stacks(tasks: Iterable[SFTTask], stack: str = "auto") -> tuple[list
 
 def plan_stacks(tasks: Iterable[RunTask], stack: str = "auto") -> tuple[list[StackTask], list[RunTask]]:
     """(stacks of two or more runs, runs left to run alone): with ``stack="auto"`` the seeds of a variant and the
-    numeric variants of one structure are grouped, at most :data:`MAX_STACK` per stack; ``"off"`` stacks none."""
+    numeric variants of one structure are grouped, at most :data:`MAX_STACK` per stack, then the runs still alone
+    that differ only in switches (:func:`_mixed_structure`); ``"off"`` stacks none."""
     if stack not in STACK_MODES:
         raise ValueError(f"stack must be one of {STACK_MODES}, got {stack!r}")
     tasks = list(tasks)
     if stack == "off":
         return [], tasks
     stacks, alone = _group(tasks, _structure)
-    return [StackTask(s) for s in stacks], alone
+    more, alone = _group(alone, _mixed_structure)
+    return [StackTask(s) for s in [*stacks, *more]], alone

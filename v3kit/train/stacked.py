@@ -47,7 +47,7 @@ from .metrics_log import call_callbacks
 from .model import INTERFACE_ATTR, Interface
 from .optim import check_on_nonfinite, check_optim_fields, nonfinite_error
 from .stacked_flat import FlatStack
-from .stacked_losses import Ref, member_log_probs, stacked_loss
+from .stacked_losses import Ref, member_log_probs, objective_key, stacked_loss
 from .stacked_members import Member, MemberPruned
 from .stacked_plan import (  # noqa: F401 - arithmetic_reason, step_rows, CPU_STACK_MAX_MACS: also here, as before
     CPU_STACK_MAX_MACS,
@@ -288,36 +288,79 @@ class _StackedFit:
         self, idx: Tensor, live: list[int], pos: list[int], ctxs: list[StepContext]
     ) -> tuple[Tensor, list[bool], list[dict[str, Any]]]:
         """The active members' (``live``, in the stack's rows ``pos``) losses ``[L]`` (detached), whether each has a
-        gradient, and their
-        statistics; ``self._total`` is the sum to differentiate. One stacked objective when the members' switches
-        allow (:mod:`v3kit.train.stacked_losses`), else each member's own ``Stage.step`` on its slice of the scores."""
+        gradient, and their statistics; ``self._total`` is the sum to differentiate. The members whose switches
+        share an objective (:func:`~v3kit.train.stacked_losses.objective_key`) get one stacked objective per
+        key over their rows of the scores (all of them, in the common case of one key); any other member gets its
+        own ``Stage.step`` on its slice of the scores."""
         q, c, mask, labels, rewards, _ = self._parts
         scores = self.tower.scores(q, c) if self.table is None else self.tower.scores(q, c, self.table)
+        stack_idx = idx
         if len(pos) < self.tower.k:  # the stopped members' rows out of the objective (their gradient stays 0)
             scores, mask, labels, rewards = (t[pos] for t in (scores, mask, labels, rewards))
+            idx = idx[pos]
         stages = [self.members[k].stage for k in live]
-        stacked_b = {"index": idx[pos] if len(pos) < self.tower.k else idx, "mask": mask, "labels": labels}
-        stacked_b["rewards"], stacked_b["full"] = rewards, self.full
-        fast = stacked_loss(stages, stacked_b, scores, [ctxs[k] for k in live], self.cache) if self.fast else None
-        if fast is not None:
+        live_ctxs = [ctxs[k] for k in live]
+        groups, alone = self._objectives(live, stages)
+        if len(groups) == 1 and not alone:  # one objective for the whole stack: no slicing
+            b = {"index": idx, "mask": mask, "labels": labels, "rewards": rewards, "full": self.full}
+            fast = stacked_loss(stages, b, scores, live_ctxs, self.cache)
+            assert fast is not None
             self._total = fast[0].sum()
             return fast[0].detach(), [True] * len(live), fast[1]
-        losses, stats = [], []
-        for j, k in enumerate(live):
-            m = self.members[k]
+        parts: list[Tensor] = []  # each group's losses, then each member's own, in the order of `order`
+        order: list[int] = []
+        stats: list[dict[str, Any]] = [{} for _ in live]
+        requires = [True] * len(live)
+        for key, js in groups.items():
+            rows = torch.tensor(js, device=scores.device)
+            b = {"index": idx[rows], "mask": mask[rows], "labels": labels[rows], "rewards": rewards[rows]}
+            b["full"] = self.full
+            own_cache = self.cache.setdefault(("objective", key, tuple(js)), {})
+            sub = [stages[j] for j in js]
+            fast = stacked_loss(sub, b, scores[rows], [live_ctxs[j] for j in js], own_cache)
+            assert fast is not None
+            parts.append(fast[0])
+            order += js
+            for j, st in zip(js, fast[1]):
+                stats[j] = st
+        own_losses = []
+        for j in alone:
+            m = self.members[live[j]]
             self.proxy.current = scores[j]
             own, m.stage.model = m.stage.model, self.proxy
             try:
-                loss, st = m.stage.step(self._batch(pos[j], idx), ctxs[k])
+                loss, st = m.stage.step(self._batch(pos[j], stack_idx), live_ctxs[j])
             finally:
                 m.stage.model = own
-            losses.append(loss.reshape(()))
-            stats.append(st)
+            own_losses.append(loss.reshape(()))
+            requires[j] = own_losses[-1].requires_grad
+            stats[j] = st
+            order.append(j)
         self.proxy.current = None
-        requires = [x.requires_grad for x in losses]
-        grads = [x for x in losses if x.requires_grad]
-        self._total = torch.stack(grads).sum() if grads else None
-        return torch.stack([x.detach() for x in losses]), requires, stats
+        if own_losses:
+            parts.append(torch.stack(own_losses))
+        every = torch.cat(parts) if len(parts) > 1 else parts[0]
+        graded = [p.sum() for p in parts[: len(groups)]] + [x for x in own_losses if x.requires_grad]
+        self._total = torch.stack(graded).sum() if graded else None
+        back = torch.empty(len(order), dtype=torch.long)  # `every` is in `order`: back to the members' order
+        back[torch.tensor(order)] = torch.arange(len(order))
+        return every.detach()[back.to(every.device)], requires, stats
+
+    def _objectives(self, live: list[int], stages: list[Stage]) -> tuple[dict[Any, list[int]], list[int]]:
+        """The live members (positions in ``live``) grouped by :func:`objective_key`, and those left to their own
+        ``Stage.step`` (every member when :attr:`fast` is off); the same for every step of a stage, so kept."""
+        key = ("objectives", tuple(live))
+        if key not in self.cache:
+            groups: dict[Any, list[int]] = {}
+            alone: list[int] = []
+            for j, stage in enumerate(stages):
+                ok = objective_key(stage) if self.fast else None
+                if ok is None:
+                    alone.append(j)
+                else:
+                    groups.setdefault(ok, []).append(j)
+            self.cache[key] = (groups, alone)
+        return self.cache[key]
 
     def _step(self, epoch: int, step: int, start: int) -> None:
         idx = self._batches(start)

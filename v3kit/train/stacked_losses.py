@@ -6,9 +6,12 @@ dimension so that one operation serves K members: at the default world's size a 
 small operations, and GRPO's objective holds as many as the towers themselves. Every quantity equals the sequential
 one within float32 rounding (``tests/test_stacked.py`` checks each against the member's own sequential run).
 
-:func:`stacked_loss` returns None for switches it does not cover (GRPO's ``samples: sampled``, the exact KL, the
-adaptive KL, ``drop_zero_std_groups``, batch-scaled advantages, members that differ in a structural switch); the
-stacked trainer then runs each member's own ``Stage.step`` on its slice of the scores, which covers everything.
+:func:`objective_key` says which members one stacked objective can serve: None for a member whose switches it does
+not cover (GRPO's ``samples: sampled``, the exact KL, the adaptive KL, ``drop_zero_std_groups``, batch-scaled
+advantages), else what the members of one objective must share (the stage, and the switches that change its code:
+GRPO's sampling, KL estimator and reference, loss type, dual clip; RCE's reward normalisation). The stacked trainer
+runs one objective per key over those members' rows of the scores, and each uncovered member's own ``Stage.step`` on
+its slice, which covers everything; :func:`stacked_loss` (all members under one key) returns None otherwise.
 """
 
 from __future__ import annotations
@@ -134,10 +137,8 @@ def _sft(stages: Sequence[Stage], b: dict[str, Tensor], scores: Tensor, cache: S
 
 def _rce(
     stages: Sequence[RCEStage], b: dict[str, Tensor], scores: Tensor, ctxs: Sequence[StepContext], cache: StackCache
-) -> tuple[Tensor, Stats] | None:
+) -> tuple[Tensor, Stats]:
     cfgs = [s.cfg for s in stages]
-    if len({c.reward_norm for c in cfgs}) > 1:
-        return None
     reward_ts, logit_ts = [], []
     for s, ctx in zip(stages, ctxs):  # each member's own schedule, as RCEStage.step
         s.annealed = annealed_temperature(ctx.step, ctx.total_steps, s.cfg.t_start, s.cfg.t_end)
@@ -161,25 +162,32 @@ def _rce(
     return loss, [{"temperature": s.annealed} for s in stages]
 
 
-def _grpo_supported(stages: Sequence[GRPOStage]) -> bool:
-    cfgs = [s.cfg for s in stages]
-    c0 = cfgs[0]
-    for c, s in zip(cfgs, stages):
+def objective_key(stage: Stage) -> tuple[Any, ...] | None:
+    """What members must share to train under one stacked objective (see the module docstring); None: this
+    member's switches need its own ``Stage.step``."""
+    if type(stage) is SFTStage:
+        return (SFTStage,)
+    if type(stage) is RCEStage:
+        return (RCEStage, stage.cfg.reward_norm)
+    if type(stage) is GRPOStage:
+        c = stage.cfg
         if c.samples == "sampled" or c.kl_estimator == "exact" or c.kl_target is not None or c.drop_zero_std_groups:
-            return False
-        if not per_group_advantages(c) or s.terms is None:
-            return False
-        same = (c.samples, c.kl_estimator, c.kl_reference, c.loss_type, c.dual_clip is None)
-        if same != (c0.samples, c0.kl_estimator, c0.kl_reference, c0.loss_type, c0.dual_clip is None):
-            return False
-    return True
+            return None
+        if not per_group_advantages(c) or stage.terms is None:
+            return None
+        return (
+            GRPOStage,
+            c.samples,
+            c.kl_estimator,
+            c.kl_reference,
+            c.loss_type,
+            c.dual_clip is None,
+            stage.ref is None,
+        )
+    return None
 
 
-def _grpo(
-    stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor, cache: StackCache
-) -> tuple[Tensor, Stats] | None:
-    if not _grpo_supported(stages):
-        return None
+def _grpo(stages: Sequence[GRPOStage], b: dict[str, Tensor], scores: Tensor, cache: StackCache) -> tuple[Tensor, Stats]:
     cfgs = [s.cfg for s in stages]
     c0, idx, mask = cfgs[0], b["index"], _mask(b)
     logp = member_log_probs(scores, [s.temperature for s in stages], mask, cache)
@@ -254,14 +262,12 @@ def stacked_loss(
     batches stacked (``index``: ``[K, B]`` rows of each member's data; ``mask``, ``labels``, ``rewards``:
     ``[K, B, ...]``). ``cache``: a dict the caller keeps from step to step (:data:`StackCache`)."""
     cache = {} if cache is None else cache
-    kinds = {type(s) for s in stages}
-    if len(kinds) != 1:
+    keys = {objective_key(s) for s in stages}
+    if len(keys) != 1 or None in keys:
         return None
-    kind = kinds.pop()
+    kind = type(stages[0])
     if kind is SFTStage:
         return _sft(stages, b, scores, cache)
     if kind is RCEStage:
         return _rce(stages, b, scores, ctxs, cache)  # type: ignore[arg-type]
-    if kind is GRPOStage:
-        return _grpo(stages, b, scores, cache)  # type: ignore[arg-type]
-    return None
+    return _grpo(stages, b, scores, cache)  # type: ignore[arg-type]
