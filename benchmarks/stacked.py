@@ -6,6 +6,8 @@ falls on both alike; and the memory each member adds, in fresh subprocesses.
     python benchmarks/stacked.py [--quick] [--device cuda] [--k 8]     (also a section of benchmarks/bench.py)
     python benchmarks/stacked.py --user-model    # the default world with a user's module: the torch.func path,
                                                  # and one training step of each stack (and one after another)
+    python benchmarks/stacked.py --switch-grid   # a grid of 8 single-seed variants that differ only in switches,
+                                                 # run_grid --stack off against auto
 
 Worlds: ``default`` is the default config (3,000 queries x 8 candidates, 16-d, towers 64-32, SFT 15 / RCE 3 /
 GRPO 8 epochs); ``384-d`` is 2,000 queries x 8 candidates with 384-d features and the same built-in towers (the
@@ -263,6 +265,59 @@ def bench_steps(add: Callable[..., None], k: int, rounds: int = 5, steps: int = 
         add(f"one step x{k}", name, med, "ms", rounds, note)
 
 
+# A grid of single-seed variants that differ only in switches, each a structure of its own: v3kit.ablate stacks
+# them by v3kit.stack_structure (one objective per switch setting inside the stack, a member's own step for
+# sampled GRPO), where each ran alone before.
+SWITCH_GRID = {
+    "seed": [],
+    "sampled": ["grpo.samples=sampled"],
+    "debias": ["reward.debias=candidate_features"],
+    "zscore": ["rce.reward_norm=zscore"],
+    "refresh": ["grpo.old_policy=refresh_each_epoch"],
+    "k2": ["grpo.kl_estimator=k2"],
+    "cispo": ["grpo.loss_type=cispo"],
+    "anchored": ["grpo.kl_reference=sft"],
+}
+
+
+def bench_switch_grid(add: Callable[..., None], quick: bool, rounds: int = 3) -> None:
+    """``run_grid`` of :data:`SWITCH_GRID` on the default world, ``--stack off`` against ``auto``, side by side in
+    each round (off, then auto); the rows of both are checked equal to float32 rounding."""
+    from v3kit.ablate import parse_grid, run_grid
+
+    raw = {"name": "switches", "base": ["threads=1", *(QUICK if quick else [])], "seeds": [0], "reference": "seed"}
+    raw["variants"] = SWITCH_GRID
+    offs, autos, stacked = [], [], 0
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        warm_up(tmp)
+        for r in range(1 if quick else rounds):
+            out: dict[str, Any] = {}
+            for mode, times in (("off", offs), ("auto", autos)):
+                t0 = time.perf_counter()
+                out[mode] = run_grid(parse_grid(raw), tmp / f"{mode}{r}", progress=False, stack=mode).frame
+                times.append(time.perf_counter() - t0)
+            keys = ["world", "variant", "seed", "split", "stage", "epoch"]
+            a, b = (out[m].sort_values(keys).reset_index(drop=True) for m in ("off", "auto"))
+            assert a[keys].equals(b[keys]) and not a["stacked"].any()
+            assert ((a["acc@1"] - b["acc@1"]).abs() <= 1e-4).all(), "a stacked row is not its run alone's"
+            stacked = int(b["stacked"].sum())
+    n = len(offs)
+    section = "switch grid x8" + (" (quick)" if quick else "")
+    add(
+        section,
+        "8 variants --stack off",
+        statistics.median(offs),
+        "s",
+        n,
+        f"rounds {', '.join(f'{t:.1f}' for t in offs)}",
+    )
+    note = f"rounds {', '.join(f'{t:.1f}' for t in autos)}; {stacked} of the grid's rows stacked"
+    add(section, "8 variants --stack auto", statistics.median(autos), "s", n, note)
+    ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(offs, autos))
+    add(section, "stacked speed-up", statistics.median(a / b for a, b in zip(offs, autos)), "x", n, f"rounds {ratios}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller worlds, one round")
@@ -277,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
         "(e.g. 64-32,128-64,192-96,256-128,384-192); with --user-model, as a user's module (vmap)",
     )
     ap.add_argument("--rounds", type=int, default=1, help="rounds of each --sweep size")
+    ap.add_argument(
+        "--switch-grid", action="store_true", help="a grid of 8 single-seed switch variants, --stack off against auto"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
@@ -291,7 +349,9 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [w for w in worlds if w not in WORLDS]
         if unknown:
             ap.error(f"--worlds: unknown {unknown}; choose from {list(WORLDS)}")
-    if args.sweep:
+    if args.switch_grid:
+        bench_switch_grid(add, args.quick)
+    elif args.sweep:
         bench_sweep(add, args.sweep.split(","), args.k, args.rounds, args.user_model)
     else:
         if args.user_model and args.device == "cpu":

@@ -1,6 +1,7 @@
 """What K pipeline runs must share to train as one stack (:func:`v3kit.pipeline_stacked.run_stacked`): the one home
-of that rule for everything that groups runs into stacks (``ablate``'s and ``investigate``'s grids,
-``investigate``'s search).
+of that rule. ``ablate``'s planner stacks by it the runs its per-structure grouping leaves alone; investigate's
+search groups its trials by a stricter signature of its own (switches apart too, on measurement:
+:func:`v3kit.doctor.search_stacked.signature`).
 
 A stack trains its members' stages in lockstep on one batched model, so the members must share what shapes those
 steps: the data, the model (its shape and switches; only ``sim_temperature``, a number the objectives read, may

@@ -61,10 +61,10 @@ def add_stack_arg(p: argparse.ArgumentParser) -> None:
         "--stack",
         choices=STACK_MODES,
         default="auto",
-        help="auto: train the seeds of a variant and the numeric variants of one structure as one stacked model, and "
-        "the SFTs of one structure likewise (each run's files as if it ran alone; results.csv's 'stacked' column "
-        "says which did; investigate searches one trial at a time when no trial's model would stack); off: every "
-        "run alone",
+        help="auto: train the seeds of a variant and the numeric variants of one structure as one stacked model "
+        "(then the runs left alone that differ only in switches), and the SFTs of one structure likewise (each "
+        "run's files as if it ran alone; results.csv's 'stacked' column says which did; investigate searches one "
+        "trial at a time when no trial's model would stack); off: every run alone",
     )
 
 

@@ -1,16 +1,18 @@
 """Many runs of one stage trained as one model: :func:`fit_stacked` is :func:`v3kit.train.training.fit` for K
 members that share an architecture and a schedule (the same stage, epochs, batch size and data size) and differ
-in seed (initialisation, batch order, sampling) and numeric hyperparameters (lr, max_grad_norm, and every number a
+in seed (initialisation, batch order, sampling), numeric hyperparameters (lr, max_grad_norm, and every number a
 stage's ``step`` reads from its own config: ``kl_beta``, the clip range, ``label_weight``, the RCE temperatures,
-``sim_temperature``, ``entropy_coef``, ...).
+``sim_temperature``, ``entropy_coef``, ...) and switches (``samples``, ``kl_estimator``, ``old_policy``, their own
+training rewards, ...).
 
 How a stacked step works: every member draws its batch from its own generator exactly as its sequential run would
 (so batch order and GRPO's sampling match), the K batches are gathered at once, one batched forward pass
-(:class:`~v3kit.train.stacked_towers.StackedTowers`) scores them all, and each member's own ``Stage.step`` turns its
-slice of the scores into its loss (its own old policy, reference log-probs, annealed temperature, adaptive KL). One
-backward pass of the summed losses gives every member its own gradient (the members share no weight), which is
-clipped per member; one Adam step over the stack updates them all. Per member, everything else is the sequential
-code: evaluations, ``metrics.csv``, epoch checkpoints (the same files a sequential run writes, resumable by either),
+(:class:`~v3kit.train.stacked_towers.StackedTowers`) scores them all, and the objectives turn each member's slice of
+the scores into its loss (its own old policy, reference log-probs, annealed temperature, adaptive KL): one stacked
+objective per switch setting the members share (:mod:`v3kit.train.stacked_losses`), and a member's own
+``Stage.step`` where no stacked objective covers its switches. One backward pass of the summed losses gives every
+member its own gradient (the members share no weight), which is clipped per member; one Adam step over the stack
+updates them all. Per member, everything else is the sequential code: evaluations, ``metrics.csv``, epoch checkpoints (the same files a sequential run writes, resumable by either),
 non-finite handling and callbacks. A member that fails (a non-finite step with ``on_nonfinite: stop``) or that
 ``prune`` stops is masked out; the others go on.
 
