@@ -119,6 +119,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "v3kit.run",
             "v3kit.pipeline",
             "v3kit.pipeline_stacked",
+            "v3kit.stack_structure",
             "v3kit.stage_reuse",
         ),
     ),
