@@ -12,9 +12,10 @@ the scores into its loss (its own old policy, reference log-probs, annealed temp
 objective per switch setting the members share (:mod:`v3kit.train.stacked_losses`), and a member's own
 ``Stage.step`` where no stacked objective covers its switches. One backward pass of the summed losses gives every
 member its own gradient (the members share no weight), which is clipped per member; one Adam step over the stack
-updates them all. Per member, everything else is the sequential code: evaluations, ``metrics.csv``, epoch checkpoints (the same files a sequential run writes, resumable by either),
-non-finite handling and callbacks. A member that fails (a non-finite step with ``on_nonfinite: stop``) or that
-``prune`` stops is masked out; the others go on.
+updates them all. Per member, everything else is the sequential code: evaluations, ``metrics.csv``, epoch
+checkpoints (the same files a sequential run writes, resumable by either), non-finite handling and callbacks. A
+member that fails (a non-finite step with ``on_nonfinite: stop``) or that ``prune`` stops is masked out; the others
+go on.
 
 This module holds the lockstep loop; each member's own state and bookkeeping (its evaluations, rows, checkpoints
 and result) are :class:`~v3kit.train.stacked_members.Member`'s.
