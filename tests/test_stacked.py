@@ -135,9 +135,12 @@ def test_members_that_differ_in_switches_match_their_sequential_runs(tmp_path, m
     objectives = stacked._StackedFit._objectives
 
     def spy(self, live, stages):
-        groups, alone = objectives(self, live, stages)
-        seen.append((self.name, sorted(groups.values()), list(alone)))
-        return groups, alone
+        groups, alone, back = objectives(self, live, stages)
+        order = [j for _, js, rows in groups for j in js] + alone
+        assert all(rows.tolist() == js for _, js, rows in groups)
+        assert [order[i] for i in back.tolist()] == list(range(len(live)))  # back undoes the groups' order
+        seen.append((self.name, sorted(js for _, js, _ in groups), list(alone)))
+        return groups, alone, back
 
     monkeypatch.setattr(stacked._StackedFit, "_objectives", spy)
     _compare(tmp_path, variants)

@@ -303,19 +303,17 @@ class _StackedFit:
             idx = idx[pos]
         stages = [self.members[k].stage for k in live]
         live_ctxs = [ctxs[k] for k in live]
-        groups, alone = self._objectives(live, stages)
+        groups, alone, back = self._objectives(live, stages)
         if len(groups) == 1 and not alone:  # one objective for the whole stack: no slicing
             b = {"index": idx, "mask": mask, "labels": labels, "rewards": rewards, "full": self.full}
             fast = stacked_loss(stages, b, scores, live_ctxs, self.cache)
             assert fast is not None
             self._total = fast[0].sum()
             return fast[0].detach(), [True] * len(live), fast[1]
-        parts: list[Tensor] = []  # each group's losses, then each member's own, in the order of `order`
-        order: list[int] = []
+        parts: list[Tensor] = []  # each group's losses, then each member's own (the order `back` undoes)
         stats: list[dict[str, Any]] = [{} for _ in live]
         requires = [True] * len(live)
-        for key, js in groups.items():
-            rows = torch.tensor(js, device=scores.device)
+        for key, js, rows in groups:
             b = {"index": idx[rows], "mask": mask[rows], "labels": labels[rows], "rewards": rewards[rows]}
             b["full"] = self.full
             own_cache = self.cache.setdefault(("objective", key, tuple(js)), {})
@@ -323,7 +321,6 @@ class _StackedFit:
             fast = stacked_loss(sub, b, scores[rows], [live_ctxs[j] for j in js], own_cache)
             assert fast is not None
             parts.append(fast[0])
-            order += js
             for j, st in zip(js, fast[1]):
                 stats[j] = st
         own_losses = []
@@ -338,31 +335,36 @@ class _StackedFit:
             own_losses.append(loss.reshape(()))
             requires[j] = own_losses[-1].requires_grad
             stats[j] = st
-            order.append(j)
         self.proxy.current = None
         if own_losses:
             parts.append(torch.stack(own_losses))
         every = torch.cat(parts) if len(parts) > 1 else parts[0]
         graded = [p.sum() for p in parts[: len(groups)]] + [x for x in own_losses if x.requires_grad]
         self._total = torch.stack(graded).sum() if graded else None
-        back = torch.empty(len(order), dtype=torch.long)  # `every` is in `order`: back to the members' order
-        back[torch.tensor(order)] = torch.arange(len(order))
-        return every.detach()[back.to(every.device)], requires, stats
+        return every.detach()[back], requires, stats
 
-    def _objectives(self, live: list[int], stages: list[Stage]) -> tuple[dict[Any, list[int]], list[int]]:
-        """The live members (positions in ``live``) grouped by :func:`objective_key`, and those left to their own
-        ``Stage.step`` (every member when :attr:`fast` is off); the same for every step of a stage, so kept."""
+    def _objectives(
+        self, live: list[int], stages: list[Stage]
+    ) -> tuple[list[tuple[Any, list[int], Tensor]], list[int], Tensor]:
+        """The live members (positions in ``live``) grouped by :func:`objective_key` (each group: its key, its
+        positions and their index tensor), those left to their own ``Stage.step`` (every member when :attr:`fast`
+        is off), and the permutation from the groups' order (then the others') back to the members'; the same for
+        every step of a stage, so kept."""
         key = ("objectives", tuple(live))
         if key not in self.cache:
-            groups: dict[Any, list[int]] = {}
+            by_key: dict[Any, list[int]] = {}
             alone: list[int] = []
             for j, stage in enumerate(stages):
                 ok = objective_key(stage) if self.fast else None
                 if ok is None:
                     alone.append(j)
                 else:
-                    groups.setdefault(ok, []).append(j)
-            self.cache[key] = (groups, alone)
+                    by_key.setdefault(ok, []).append(j)
+            groups = [(k, js, torch.tensor(js, device=self.device)) for k, js in by_key.items()]
+            order = [j for js in by_key.values() for j in js] + alone
+            back = torch.empty(len(order), dtype=torch.long)
+            back[torch.tensor(order)] = torch.arange(len(order))
+            self.cache[key] = (groups, alone, back.to(self.device))
         return self.cache[key]
 
     def _step(self, epoch: int, step: int, start: int) -> None:
