@@ -561,11 +561,12 @@ def test_a_checkpoint_write_that_fails_in_the_background_stops_the_stack_naming_
     assert not (tmp_path / "s0" / "grpo_epoch1.pt").exists()  # the stack stopped before GRPO
 
 
-@pytest.mark.parametrize("model", ["built-in", "vmap"])
+@pytest.mark.parametrize("model", ["built-in", "vmap", "switches"])
 def test_the_members_left_after_pruning_train_on_as_a_smaller_stack_and_match_their_runs(tmp_path, model):
     """Once a quarter of a stack has stopped, the members still training go on as a new, smaller stack (their
     weights, Adam state and step counts carried over): each still equals its sequential run, and a pruned member
-    stops where it was pruned. ``vmap``: the built-in TwoTower in a shape only torch.func stacks."""
+    stops where it was pruned. ``vmap``: the built-in TwoTower in a shape only torch.func stacks; ``switches``:
+    the members left differ in switches (one on its own step, one under another objective than the pruned ones)."""
     from v3kit.train import stacked
 
     made: list[int] = []
@@ -581,6 +582,9 @@ def test_the_members_left_after_pruning_train_on_as_a_smaller_stack_and_match_th
     common = ["grpo.epochs=4"]
     if model == "vmap":
         common += ["model.residual=true", "model.residual_kind=linear", "model.sim_temperature=0.1"]
+    if model == "switches":
+        variants[2] += ["grpo.samples=sampled", "grpo.num_samples=6"]
+        variants[3] += ["grpo.kl_estimator=k2"]
     for cfg in _configs(tmp_path, "seq", variants, common)[2:]:
         run_pipeline(cfg)
     prune_at = {0: 1, 1: 2}  # member -> the GRPO epoch after which it stops
