@@ -74,6 +74,25 @@ def test_packed_rows_follow_rows_added_after_a_pack_and_a_restart_of_the_stage(t
     assert json.loads(log.packed_stage_rows("grpo")) == log.stage_rows("grpo")
 
 
+def test_packed_rows_scan_only_new_rows_yet_match_a_full_scan_whatever_happens_between(tmp_path):
+    """Packing scans only the rows added since its last call; rows of other stages in between, another stage's
+    restart (which rebuilds the row list) and a reload from the file must still give every row of the stage."""
+    log = _logged(tmp_path, "run")
+    rng = __import__("random").Random(1)
+    for i in range(200):
+        what = rng.choice(["grpo", "grpo", "sft", "rce", "pack", "restart_rce", "reload"])
+        if what in ("grpo", "sft", "rce"):
+            log.add_many([{"stage": what, "split": "train", "epoch": 9, "step": i, "loss": i / 3}] * rng.choice([1, 2]))
+        elif what == "restart_rce":
+            kept = [{"stage": "rce", "split": "val", "epoch": 0, "step": 0, "acc@1": i / 9}] * rng.choice([0, 1, 2])
+            log.start_stage("rce", kept)  # the rce block shrinks or grows: later rows move
+        elif what == "reload":
+            log.close()
+            log = MetricsLog(tmp_path / "run")
+        for stage in ("grpo", "sft"):
+            assert log.packed_stage_rows(stage) == json.dumps(log.stage_rows(stage)), (i, what, stage)
+
+
 def test_metrics_csv_stays_exact_as_rows_bring_new_columns(tmp_path):
     """The file after every add/add_many equals the rows formatted from scratch (new columns pad the cached lines
     of earlier rows; cells with commas, quotes and newlines included), read back with the csv module."""
