@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from v3kit.data import GroupData, split_by_query
-from v3kit.data.shortcut import reward_shortcut
+from v3kit.data.shortcut import centre_in_group, centred_features, cross_fit_ridge, fit_ridge, reward_shortcut
 from v3kit.data.synthetic import SyntheticConfig, make_world
 from v3kit.diagnose import diagnose
 
@@ -110,3 +110,42 @@ def test_reward_shortcut_says_whether_it_is_a_candidate_prior_or_label_signal():
     b = _doctor_shortcut(GroupData(q, c, mask, labels, rewards, ids))
     assert b.triggered and "label signal carried by the candidate features" in b.message
     assert "reward.debias=candidate_features" not in b.switches  # the doctor does not offer the harmful de-biasing
+
+
+def _padded_groups(seed: int, n: int = 90, g: int = 5, d: int = 7) -> GroupData:
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, g, d, generator=gen, dtype=torch.float64) * 3
+    mask = torch.ones(n, g, dtype=torch.bool)
+    mask[::4, 3:] = False  # padded groups, of 3 valid candidates
+    rewards = (c[..., :2].sum(-1) + torch.randn(n, g, generator=gen, dtype=torch.float64)).float()
+    labels = torch.zeros(n, dtype=torch.long)
+    return GroupData(torch.randn(n, d, generator=gen), c, mask, labels, rewards, [str(i) for i in range(n)])
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_cross_fit_ridge_equals_a_separate_ridge_on_each_folds_complement(k):
+    """The fits from summed per-fold normal equations against the plain way: a fresh ridge fit on every group not
+    in the fold (and one on all groups), each from its own rows."""
+    data = _padded_groups(k)
+    y = centre_in_group(data.rewards.double(), data.mask)
+    xc = centred_features(data)
+    folds = torch.randperm(len(data), generator=torch.Generator().manual_seed(3)) % k
+    pred, full = cross_fit_ridge(xc, y, data.mask, folds, ridge=0.7)
+    want = torch.zeros_like(y)
+    for f in range(k):
+        w = fit_ridge(xc, y, (folds != f).unsqueeze(1) & data.mask, 0.7)
+        want[folds == f] = xc[folds == f] @ w
+    want[~data.mask] = 0.0
+    torch.testing.assert_close(pred, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(full, fit_ridge(xc, y, data.mask, 0.7), rtol=1e-10, atol=1e-10)
+
+
+def test_centred_features_subtract_each_groups_mean_over_its_valid_candidates_and_leave_the_data_alone():
+    data = _padded_groups(0)
+    before = data.cand_x.clone()
+    got = centred_features(data)
+    assert torch.equal(data.cand_x, before)  # float64 features: the centring works on its own copy
+    for i in (0, 1, 4):  # a padded group (every 4th) and full ones
+        valid = data.cand_x[i][data.mask[i]]
+        torch.testing.assert_close(got[i][data.mask[i]], valid - valid.mean(0), rtol=0, atol=1e-12)
+        assert not got[i][~data.mask[i]].any()

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..bounds import check_max
 from .contract import GroupData, Splits
 from .reward_stats import label_reward_agreement
-from .shortcut import centre_in_group, centred_features, fit_ridge
+from .shortcut import centre_in_group, centred_features, cross_fit_ridge, fit_ridge
 
 # The one home of the de-biasing methods: the estimators of the candidate effect, then with "none" the config values.
 DEBIAS_ESTIMATORS = ("candidate_prior", "candidate_features")
@@ -162,21 +162,22 @@ def _prior_from(fit: GroupData, target: GroupData, shrinkage: float) -> Tensor:
 
 def feature_estimate(data: GroupData, *, folds: int = 5, ridge: float = 1.0, seed: int = 0) -> Tensor:
     """[N, G] cross-fitted ridge prediction of the centred reward from the candidate features (float64)."""
-    y = centre_in_group(data.rewards.double(), data.mask)
-    xc = centred_features(data)
-    fold = _folds(len(data), folds, seed)
-    out = torch.zeros_like(y)
-    for k in range(folds):
-        held = fold == k
-        w = fit_ridge(xc, y, (~held).unsqueeze(1) & data.mask, ridge)
-        out[held] = xc[held] @ w
-    return torch.where(data.mask, out, torch.zeros((), dtype=out.dtype))
+    return _feature_fits(data, folds, ridge, seed)[0]
 
 
 def feature_estimate_from(fit: GroupData, target: GroupData, *, ridge: float = 1.0) -> Tensor:
     """[N, G] the ridge fitted on all of ``fit``, applied to ``target``."""
     y = centre_in_group(fit.rewards.double(), fit.mask)
-    w = fit_ridge(centred_features(fit), y, fit.mask, ridge)
+    return _apply(fit_ridge(centred_features(fit), y, fit.mask, ridge), target)
+
+
+def _feature_fits(data: GroupData, folds: int, ridge: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(:func:`feature_estimate`, the ridge weights fitted on all of ``data``): one pass over the data for both."""
+    y = centre_in_group(data.rewards.double(), data.mask)
+    return cross_fit_ridge(centred_features(data), y, data.mask, _folds(len(data), folds, seed), ridge)
+
+
+def _apply(w: Tensor, target: GroupData) -> Tensor:
     out = centred_features(target) @ w
     return torch.where(target.mask, out, torch.zeros((), dtype=out.dtype))
 
@@ -224,11 +225,8 @@ def estimates(
             share,
         )
     if method == "candidate_features":
-        return (
-            feature_estimate(train, folds=cfg.debias_folds, ridge=cfg.feature_ridge, seed=seed),
-            feature_estimate_from(train, other, ridge=cfg.feature_ridge),
-            None,
-        )
+        est, w = _feature_fits(train, cfg.debias_folds, cfg.feature_ridge, seed)
+        return est, _apply(w, other), None
     raise ValueError(f"reward.debias must be one of {DEBIAS_ESTIMATORS} here, got {method!r}")
 
 
