@@ -1,10 +1,12 @@
 """``v3kit investigate`` with ``--stack off`` against ``--stack auto``: wall time and decision, side by side.
 
     PYTHONPATH=$PWD python benchmarks/investigate_stacked.py [--tasks stdlib,module_routing] [--trials 30]
-        [--budget-minutes 30] [--top-k 2] [--confirm-seeds 3] [--out /tmp/investigate_stacked]
+        [--budget-minutes 30] [--top-k 2] [--confirm-seeds 3] [--rounds 1] [--out /tmp/investigate_stacked]
 
 For each task: one ``v3kit run`` (kept between invocations), then ``v3kit investigate`` on it twice under the same
-budget, trial cap, top-k, confirm seeds and one worker, first ``--stack off`` then ``--stack auto``. Prints, per
+budget, trial cap, top-k, confirm seeds and one worker, first ``--stack off`` then ``--stack auto`` (with
+``--rounds 2``, then ``auto`` and ``off`` again in that order: the speed of a VM drifts 15-20% within minutes, and
+one pair's ratio with it; the ratio is then of both rounds' summed times). Prints, per
 task, the wall time of each, their ratio, the search phase's own wall time and trial counts, each trial's run time
 (its share of its stack's wall time when stacked), and whether both reached the same decision (recommendation and
 recommended variant). Then a probe of the stacks themselves: the largest stack of the ``auto`` search retrained
@@ -188,6 +190,13 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--confirm-seeds", type=int, default=3)
     p.add_argument("--out", default="/tmp/investigate_stacked")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="invocations of each mode, off then auto, then auto then off, ...; the ratio is of their summed times "
+        "(2 or more: a drift of the machine's speed over the rounds falls on both modes)",
+    )
     p.add_argument("--probe-only", action="store_true", help="only the probe, on the outputs of an earlier call")
     args = p.parse_args()
     root = Path(args.out)
@@ -201,23 +210,33 @@ def main() -> None:
             print(f"{task} probe: {json.dumps({k: v for k, v in pr.items() if k != 'overrides'})}", flush=True)
             (root / "results_probe.json").write_text(json.dumps(results, indent=1))
             continue
-        res = {}
-        for stack in ("off", "auto"):
-            out = root / "investigate" / f"{task}_{stack}"
-            if out.exists():
-                subprocess.run(["rm", "-rf", str(out)], check=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            res[stack] = investigate(run_dir, out, stack, args)
-            r = res[stack]
-            print(
-                f"{task} --stack {stack}: {r['wall_s']:.0f} s (search {r['search']['wall_s']:.0f} s, "
-                f"{r['search']['trials']} trials: {r['search']['complete']} complete, {r['search']['pruned']} pruned; "
-                f"median trial {r['trial_run_s_median']:.1f} s; {r['stacked_trials']} stacked) -> "
-                f"{r['recommendation']} {r['variant']}; load {r['load_before']} -> {r['load_after']}",
-                flush=True,
-            )
+        res: dict = {}
+        walls: dict[str, list[float]] = {"off": [], "auto": []}
+        for r in range(args.rounds):
+            # off then auto, then auto then off, ...: a drift of the machine's speed over the rounds falls on both
+            for stack in ("off", "auto") if r % 2 == 0 else ("auto", "off"):
+                out = root / "investigate" / (f"{task}_{stack}" if r == 0 else f"{task}_{stack}_r{r}")
+                if out.exists():
+                    subprocess.run(["rm", "-rf", str(out)], check=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                got = investigate(run_dir, out, stack, args)
+                walls[stack].append(got["wall_s"])
+                if r == 0:
+                    res[stack] = got
+                elif (got["recommendation"], got["what"]) != (res[stack]["recommendation"], res[stack]["what"]):
+                    res.setdefault("rounds_differ", []).append(f"round {r} {stack}: {got['recommendation']}")
+                print(
+                    f"{task} --stack {stack} (round {r + 1}): {got['wall_s']:.0f} s (search "
+                    f"{got['search']['wall_s']:.0f} s, {got['search']['trials']} trials: {got['search']['complete']} "
+                    f"complete, {got['search']['pruned']} pruned; median trial {got['trial_run_s_median']:.1f} s; "
+                    f"{got['stacked_trials']} stacked) -> {got['recommendation']} {got['variant']}; load "
+                    f"{got['load_before']} -> {got['load_after']}",
+                    flush=True,
+                )
+        res["walls"] = walls
+        res["round_ratios"] = [a / b for a, b in zip(walls["off"], walls["auto"])]
         off, auto = res["off"], res["auto"]
-        res["ratio"] = off["wall_s"] / auto["wall_s"]
+        res["ratio"] = sum(walls["off"]) / sum(walls["auto"])  # every round's time, so a drift cancels
         res["search_ratio"] = off["search"]["wall_s"] / max(auto["search"]["wall_s"], 1e-9)
         # a sampled finalist is named by its trial number, which differs from one search to the next: the decision
         # is the recommendation, the variant when it is a named one, and the effect's interval
@@ -228,7 +247,8 @@ def main() -> None:
         res["effects_overlap"] = max(lo_a, lo_b) <= min(hi_a, hi_b)
         results["tasks"][task] = res
         print(
-            f"{task}: off/auto wall {res['ratio']:.2f}x (search {res['search_ratio']:.2f}x); same recommendation: "
+            f"{task}: off/auto wall {res['ratio']:.2f}x (rounds {', '.join(f'{x:.2f}' for x in res['round_ratios'])}; "
+            f"search {res['search_ratio']:.2f}x in round 1); same recommendation: "
             f"{res['same_recommendation']}; same variant: {res['same_variant']} ({off['variant']} vs {auto['variant']}); "
             f"effect vs SFT {a:+.3f} [{lo_a:+.3f}, {hi_a:+.3f}] vs {b:+.3f} [{lo_b:+.3f}, {hi_b:+.3f}]",
             flush=True,
