@@ -199,6 +199,8 @@ def main() -> None:
     )
     p.add_argument("--probe-only", action="store_true", help="only the probe, on the outputs of an earlier call")
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     results = {"args": vars(args), "cpus": os.cpu_count(), "tasks": {}}
