@@ -8,6 +8,7 @@ falls on both alike; and the memory each member adds, in fresh subprocesses.
                                                  # and one training step of each stack (and one after another)
     python benchmarks/stacked.py --switch-grid   # a grid of 8 single-seed variants that differ only in switches,
                                                  # run_grid --stack off against auto
+    python benchmarks/stacked.py --compile       # torch.compile's compile time against the step time it saves
 
 Worlds: ``default`` is the default config (3,000 queries x 8 candidates, 16-d, towers 64-32, SFT 15 / RCE 3 /
 GRPO 8 epochs); ``384-d`` is 2,000 queries x 8 candidates with 384-d features and the same built-in towers (the
@@ -211,23 +212,32 @@ def bench_sweep(add: Callable[..., None], sizes: list[str], k: int, rounds: int,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+STEP_DIMS, STEP_BATCH, STEP_GROUP = 16, 64, 8  # the default world's features, batch and group
+
+
+def _members(k: int, target: str) -> list[Any]:
+    """k models of ``target`` at the default world's size, member j initialised from seed j."""
+    out = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        out.append(build_model(ModelConfig(target=target), STEP_DIMS, STEP_DIMS))
+    return out
+
+
+def _step_batch(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k members' batches of queries, candidates and (all-true) masks at the default world's size."""
+    q = torch.randn(k, STEP_BATCH, STEP_DIMS)
+    c = torch.randn(k, STEP_BATCH, STEP_GROUP, STEP_DIMS)
+    return q, c, torch.ones(k, STEP_BATCH, STEP_GROUP, dtype=torch.bool)
+
+
 def _step_fns(k: int) -> dict[str, Callable[[], None]]:
     """One training step (forward, SFT loss, backward, clipping, Adam) of k members at the default world's size:
     the built-in towers stacked, the user's module stacked by vmap, and k user's modules one after another."""
-    dims, batch, group = 16, 64, 8
-
-    def members(target: str) -> list[Any]:
-        out = []
-        for seed in range(k):
-            torch.manual_seed(seed)
-            out.append(build_model(ModelConfig(target=target), dims, dims))
-        return out
-
-    towers, func = StackedTowers(members("v3kit.model:TwoTower")), StackedFunc(members(USER_TARGET))
-    alone = members(USER_TARGET)
+    towers, func = StackedTowers(_members(k, "v3kit.model:TwoTower")), StackedFunc(_members(k, USER_TARGET))
+    alone = _members(k, USER_TARGET)
     opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in alone]
-    q, c = torch.randn(k, batch, dims), torch.randn(k, batch, group, dims)
-    mask = torch.ones(k, batch, group, dtype=torch.bool)
+    q, c, mask = _step_batch(k)
 
     def stacked(st: Any) -> None:
         st.zero_grad()
@@ -263,6 +273,57 @@ def bench_steps(add: Callable[..., None], k: int, rounds: int = 5, steps: int = 
         med = statistics.median(ms)
         note = f"{seq / med:.2f}x one after another; rounds {', '.join(f'{x:.2f}' for x in ms)}"
         add(f"one step x{k}", name, med, "ms", rounds, note)
+
+
+def compile_probe(k: int, rounds: int = 3, steps: int = 200) -> dict[str, Any]:
+    """In this process: seconds of the first step through ``torch.compile`` (the compile, or the read of torch's
+    compile cache), then ms per stacked step (forward, SFT loss, backward, clipping, Adam) with the forward and
+    loss eager and compiled, in interleaved rounds. Printed as JSON by the child of :func:`bench_compile`."""
+    towers = StackedTowers(_members(k, "v3kit.model:TwoTower"))
+    q, c, mask = _step_batch(k)
+
+    def loss(q: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (-score_log_probs(towers.scores(q, c), 1.0, mask)[..., 0].mean(dim=1)).sum()
+
+    def step(fn: Callable[..., torch.Tensor]) -> None:
+        towers.zero_grad()
+        fn(q, c, mask).backward()
+        towers.clip(torch.ones(k))
+        towers.adam_step([1e-3] * k, [False] * k)
+
+    fns = {"eager": loss, "compiled": torch.compile(loss)}
+    first = timed(lambda: step(fns["compiled"]))[0]
+    got: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in list(fns.items())[:: 1 if r % 2 == 0 else -1]:
+            for _ in range(steps // 10):  # warm up
+                step(fn)
+            got[name].append(timed(lambda fn=fn: [step(fn) for _ in range(steps)])[0] / steps * 1e3)
+    return {"first": first, **{name: statistics.median(ms) for name, ms in got.items()}}
+
+
+def bench_compile(add: Callable[..., None], k: int) -> None:
+    """Whether ``torch.compile`` would pay in a stacked run: :func:`compile_probe` in two fresh processes that
+    share an empty inductor cache (the first compiles, the second reads the cache), against the steps it saves."""
+    code = f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import stacked; "
+    code += f"print(json.dumps(stacked.compile_probe({k})))"
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
+        out = []
+        for _ in ("cold", "warm"):
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+            if res.returncode:
+                raise RuntimeError(res.stderr[-2000:])
+            out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    section = f"torch.compile, one step x{k}"
+    add(section, "first step, empty compile cache", out[0]["first"], "s", 1)
+    add(section, "first step, compile cache warm", out[1]["first"], "s", 1)
+    eager, compiled = out[1]["eager"], out[1]["compiled"]
+    add(section, "stacked step, eager", eager, "ms", 3)
+    add(section, "stacked step, compiled", compiled, "ms", 3, f"{eager / compiled:.2f}x eager")
+    saved = (eager - compiled) / 1e3
+    repay = out[1]["first"] / saved if saved > 0 else float("inf")
+    add(section, "steps to repay a warm compile", repay, "", 1, "a default-world run has 1,221 steps")
 
 
 # A grid of single-seed variants that differ only in switches, each a structure of its own: v3kit.ablate stacks
@@ -335,6 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--switch-grid", action="store_true", help="a grid of 8 single-seed switch variants, --stack off against auto"
     )
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile's compile time against the step time it saves"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
@@ -351,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--worlds: unknown {unknown}; choose from {list(WORLDS)}")
     if args.switch_grid:
         bench_switch_grid(add, args.quick)
+    elif args.compile:
+        bench_compile(add, args.k)
     elif args.sweep:
         bench_sweep(add, args.sweep.split(","), args.k, args.rounds, args.user_model)
     else:
