@@ -231,6 +231,19 @@ def _step_batch(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q, c, torch.ones(k, STEP_BATCH, STEP_GROUP, dtype=torch.bool)
 
 
+def _stacked_loss(st: Any, q: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The members' SFT losses summed: the label's log-prob (candidate 0) under temperature 1."""
+    return (-score_log_probs(st.scores(q, c), 1.0, mask)[..., 0].mean(dim=1)).sum()
+
+
+def _stacked_step(st: Any, loss: Callable[[], torch.Tensor]) -> None:
+    """One step of a stack ``st``: ``loss()``'s backward, every member's clipping (norm 1) and Adam (lr 1e-3)."""
+    st.zero_grad()
+    loss().backward()
+    st.clip(torch.ones(st.k))
+    st.adam_step([1e-3] * st.k, [False] * st.k)
+
+
 def _step_fns(k: int) -> dict[str, Callable[[], None]]:
     """One training step (forward, SFT loss, backward, clipping, Adam) of k members at the default world's size:
     the built-in towers stacked, the user's module stacked by vmap, and k user's modules one after another."""
@@ -240,10 +253,7 @@ def _step_fns(k: int) -> dict[str, Callable[[], None]]:
     q, c, mask = _step_batch(k)
 
     def stacked(st: Any) -> None:
-        st.zero_grad()
-        (-score_log_probs(st.scores(q, c), 1.0, mask)[..., 0].mean(dim=1)).sum().backward()
-        st.clip(torch.ones(k))
-        st.adam_step([1e-3] * k, [False] * k)
+        _stacked_step(st, lambda: _stacked_loss(st, q, c, mask))
 
     def one_after_another() -> None:
         for j, (m, opt) in enumerate(zip(alone, opts)):
@@ -282,16 +292,10 @@ def compile_probe(k: int, rounds: int = 3, steps: int = 200) -> dict[str, Any]:
     towers = StackedTowers(_members(k, "v3kit.model:TwoTower"))
     q, c, mask = _step_batch(k)
 
-    def loss(q: torch.Tensor, c: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (-score_log_probs(towers.scores(q, c), 1.0, mask)[..., 0].mean(dim=1)).sum()
-
     def step(fn: Callable[..., torch.Tensor]) -> None:
-        towers.zero_grad()
-        fn(q, c, mask).backward()
-        towers.clip(torch.ones(k))
-        towers.adam_step([1e-3] * k, [False] * k)
+        _stacked_step(towers, lambda: fn(towers, q, c, mask))
 
-    fns = {"eager": loss, "compiled": torch.compile(loss)}
+    fns = {"eager": _stacked_loss, "compiled": torch.compile(_stacked_loss)}
     first = timed(lambda: step(fns["compiled"]))[0]
     got: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(rounds):
@@ -306,7 +310,8 @@ def bench_compile(add: Callable[..., None], k: int) -> None:
     """Whether ``torch.compile`` would pay in a stacked run: :func:`compile_probe` in two fresh processes that
     share an empty inductor cache (the first compiles, the second reads the cache), against the steps it saves."""
     code = f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import stacked; "
-    code += f"print(json.dumps(stacked.compile_probe({k})))"
+    rounds = 3
+    code += f"print(json.dumps(stacked.compile_probe({k}, {rounds})))"
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "OMP_NUM_THREADS": "1"}
         out = []
@@ -319,8 +324,8 @@ def bench_compile(add: Callable[..., None], k: int) -> None:
     add(section, "first step, empty compile cache", out[0]["first"], "s", 1)
     add(section, "first step, compile cache warm", out[1]["first"], "s", 1)
     eager, compiled = out[1]["eager"], out[1]["compiled"]
-    add(section, "stacked step, eager", eager, "ms", 3)
-    add(section, "stacked step, compiled", compiled, "ms", 3, f"{eager / compiled:.2f}x eager")
+    add(section, "stacked step, eager", eager, "ms", rounds)
+    add(section, "stacked step, compiled", compiled, "ms", rounds, f"{eager / compiled:.2f}x eager")
     saved = (eager - compiled) / 1e3
     repay = out[1]["first"] / saved if saved > 0 else float("inf")
     add(section, "steps to repay a warm compile", repay, "", 1, "a default-world run has 1,221 steps")
